@@ -1,0 +1,341 @@
+"""Configuration: `ModelConfig` (parsed from a checkpoint's config.json) and `EngineConfig`.
+
+Config is read here and nowhere else. `ModelConfig.from_dict` accepts the DeepseekV3 family as
+checkpoints actually ship it:
+
+- DeepSeek-V3/R1, Kimi-K2: a flat DeepseekV3 config (`rope_scaling` + `rope_theta`).
+- transformers >= 5 re-saves: `rope_parameters` (with `rope_theta` and `rope_type` inside).
+- Kimi-K2.5: `KimiK25ForConditionalGeneration` with the text model nested in `text_config`
+  (`model_type: kimi_k2`, read as deepseek_v3); `quantization_config` at either level.
+- `q_lora_rank: null` (no q LoRA; Moonlight / DeepSeek-V2-Lite style).
+- DeepSeek-V3's MTP layer (`num_nextn_predict_layers`) is ignored: layers >= num_hidden_layers
+  are never built or loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "DeepseekV3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "KimiK25ForConditionalGeneration",
+    "KimiK2ForCausalLM",
+)
+_TEXT_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the offending field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters. `factor == 1` with type "default" means plain RoPE."""
+
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a DeepseekV3-style text model (the fields of its config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    architecture: str = "DeepseekV3ForCausalLM"
+    quantization_config: dict | None = None
+    torch_dtype: str | None = None
+
+    # ----- derived quantities -----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values per token per layer in the latent cache: [c (kv_lora_rank) | k_pe (rope)]."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5 * mscale(factor, mscale_all_dim)^2 (applied on both MLA paths)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs.type == "yarn" and rs.mscale_all_dim:
+            m = yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    # ----- parsing -----
+    @classmethod
+    def from_pretrained(cls, path: str) -> ModelConfig:
+        cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(cfg_path):
+            raise ConfigError(f"model: no config.json at {path!r}")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model: {cfg_path} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Parse a raw config.json dict (flat DeepseekV3 or Kimi-K2.5 nested)."""
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        text = raw
+        if "text_config" in raw:
+            text = dict(raw["text_config"])
+            if "quantization_config" not in text and "quantization_config" in raw:
+                text["quantization_config"] = raw["quantization_config"]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if key not in text and key in raw:
+                    text[key] = raw[key]
+        model_type = text.get("model_type", "deepseek_v3")
+        if arch is None:
+            arch = "DeepseekV3ForCausalLM"
+        if arch not in SUPPORTED_ARCHITECTURES or model_type not in _TEXT_MODEL_TYPES:
+            raise ConfigError(
+                f"model: unsupported architecture {arch!r} (model_type {model_type!r}); "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def req(name: str) -> Any:
+            if name not in text or text[name] is None:
+                raise ConfigError(f"model: config.json lacks required field {name!r}")
+            return text[name]
+
+        rope_theta = text.get("rope_theta")
+        rope_raw = text.get("rope_scaling")
+        params = text.get("rope_parameters")
+        if params:
+            rope_theta = params.get("rope_theta", rope_theta)
+            if rope_raw is None and params.get("rope_type", params.get("type")) not in (
+                None,
+                "default",
+            ):
+                rope_raw = params
+        rope = RopeScaling()
+        if rope_raw:
+            rtype = rope_raw.get("rope_type", rope_raw.get("type", "default"))
+            if rtype not in ("yarn", "default", "deepseek_yarn"):
+                raise ConfigError(f"model: rope_scaling type {rtype!r} is not supported")
+            rope = RopeScaling(
+                type="yarn" if rtype != "default" else "default",
+                factor=float(rope_raw.get("factor", 1.0)),
+                original_max_position_embeddings=int(
+                    rope_raw.get("original_max_position_embeddings", 4096)
+                ),
+                beta_fast=float(rope_raw.get("beta_fast", 32)),
+                beta_slow=float(rope_raw.get("beta_slow", 1)),
+                mscale=float(rope_raw.get("mscale", 1.0)),
+                mscale_all_dim=float(rope_raw.get("mscale_all_dim", 0.0)),
+            )
+        eos = text.get("eos_token_id")
+        eos_t: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        n_routed = int(text.get("n_routed_experts") or 0)
+        cfg = cls(
+            vocab_size=int(req("vocab_size")),
+            hidden_size=int(req("hidden_size")),
+            intermediate_size=int(req("intermediate_size")),
+            moe_intermediate_size=int(text.get("moe_intermediate_size") or 0),
+            num_hidden_layers=int(req("num_hidden_layers")),
+            num_attention_heads=int(req("num_attention_heads")),
+            q_lora_rank=text.get("q_lora_rank"),
+            kv_lora_rank=int(req("kv_lora_rank")),
+            qk_nope_head_dim=int(req("qk_nope_head_dim")),
+            qk_rope_head_dim=int(req("qk_rope_head_dim")),
+            v_head_dim=int(req("v_head_dim")),
+            n_routed_experts=n_routed,
+            n_shared_experts=int(text.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(text.get("num_experts_per_tok") or 0),
+            first_k_dense_replace=int(text.get("first_k_dense_replace", 0)),
+            moe_layer_freq=int(text.get("moe_layer_freq", 1)),
+            n_group=int(text.get("n_group") or 1),
+            topk_group=int(text.get("topk_group") or 1),
+            norm_topk_prob=bool(text.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)),
+            scoring_func=text.get("scoring_func", "sigmoid"),
+            topk_method=text.get("topk_method", "noaux_tc"),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope,
+            max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            hidden_act=text.get("hidden_act", "silu"),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            bos_token_id=text.get("bos_token_id"),
+            eos_token_id=eos_t,
+            pad_token_id=text.get("pad_token_id"),
+            architecture=arch,
+            quantization_config=text.get("quantization_config"),
+            torch_dtype=text.get("torch_dtype") or text.get("dtype"),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.hidden_act != "silu":
+            raise ConfigError(f"model: hidden_act {self.hidden_act!r} is not supported (silu only)")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ConfigError(f"model: scoring_func {self.scoring_func!r} is not supported")
+        if self.n_routed_experts:
+            if self.num_experts_per_tok <= 0 or self.num_experts_per_tok > self.n_routed_experts:
+                raise ConfigError("model: num_experts_per_tok must be in [1, n_routed_experts]")
+            if self.n_routed_experts % self.n_group:
+                raise ConfigError("model: n_routed_experts must be divisible by n_group")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ConfigError("model: topk_group must be in [1, n_group]")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError("model: qk_rope_head_dim must be even")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "fp8_e4m3")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "dummy", "safetensors")
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. Keyword names match the CLI flags (`--max-num-seqs` == `max_num_seqs`).
+
+    `model`: a checkpoint directory, "demo" (or None) for the embedded tiny model, or a
+    bench preset name ("k25-tp8-rank", ...) which implies dummy weights.
+    """
+
+    model: str | None = "demo"
+    tokenizer: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    kv_cache_dtype: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    enforce_eager: bool = False
+    cudagraph_capture_sizes: list[int] | None = None
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_waiting_requests: int = 4096
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    kv_cache_memory_bytes: int | None = None  # CPU: KV pool size in bytes when num_kv_blocks unset
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {_KV_CACHE_DTYPES}")
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", f"must be one of {_DTYPES}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise bad("load_format", f"must be one of {_LOAD_FORMATS}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        for name in ("tensor_parallel_size", "data_parallel_size", "block_size", "max_num_seqs",
+                     "max_num_batched_tokens", "max_waiting_requests"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        if self.block_size & (self.block_size - 1):
+            raise bad("block_size", "must be a power of two")
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 1
+        ):
+            raise bad("max_model_len", "must be a positive integer")
+        if self.num_kv_blocks is not None and (
+            not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1
+        ):
+            raise bad("num_kv_blocks", "must be a positive integer")
+        if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.cudagraph_capture_sizes is not None:
+            sizes = self.cudagraph_capture_sizes
+            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+                raise bad("cudagraph_capture_sizes", "must be a non-empty list of positive ints")
+        if not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model in (None, "", "demo")
+
+    @property
+    def kv_cache_is_fp8(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from keyword arguments, rejecting unknown names with a clear error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown engine argument")
+        return cls(**kwargs)

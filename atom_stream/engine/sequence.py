@@ -1,0 +1,129 @@
+"""Sequence state and the step contract between the scheduler and the model runner.
+
+A `Sequence` is one generation stream (one choice of one request). Its tokens are
+`token_ids = prompt + outputs`; `num_computed_tokens` of them have their latent KV in the cache
+(prefix-cache hits included). The scheduler hands the runner a `ScheduledBatch`: for each sequence,
+the next `num_new_tokens` tokens starting at `num_computed_tokens`. The runner returns one sampled
+token for each sequence whose chunk reaches the end of its known tokens (`sample[i]`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from atom_stream.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Sequence:
+    """Mutable per-stream state. Owned by the engine core; not thread-safe."""
+
+    __slots__ = (
+        "request_id", "token_ids", "num_prompt_tokens", "params", "block_table",
+        "num_computed_tokens", "num_cached_tokens", "status", "finish_reason", "stop_reason",
+        "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
+        "first_token_time", "last_token_time", "eos_token_ids",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens  # resolved: min(params.max_tokens, max_model_len - prompt)
+        self.eos_token_ids = eos_token_ids
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.stop_reason: int | str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_preemptions = 0
+        self.logprobs: list | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Known tokens whose KV is not yet computed (prompt remainder, or 1 when decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.name})"
+        )
+
+
+@dataclass
+class ScheduledBatch:
+    """One engine step. Decodes come first, then prefill chunks.
+
+    For sequence i the runner feeds tokens
+    `seqs[i].token_ids[seqs[i].num_computed_tokens : seqs[i].num_computed_tokens + num_new_tokens[i]]`
+    at those positions, writes their latent KV to the slots given by `seqs[i].block_table`, and
+    samples a next token when `sample[i]` (the chunk reaches the last known token).
+    """
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    num_decodes: int = 0  # the first num_decodes entries are single-token decodes
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+@dataclass
+class StepOutput:
+    """What the runner returns for a ScheduledBatch: one entry per sampled sequence, in order.
+
+    `token_ids[j]` is the token sampled for the j-th sequence with `sample[i]` true.
+    `logprobs[j]` (when that sequence asked for them) is `(sampled_logprob, [(id, logprob), ...])`.
+    `prompt_logprobs` maps a sequence index to the logprobs of the chunk's tokens (echo).
+    """
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    prompt_logprobs: dict[int, list] | None = None

@@ -1,0 +1,55 @@
+"""Exceptions shared by the engine and the front ends, with the HTTP status each maps to."""
+
+from __future__ import annotations
+
+
+class AtomStreamError(Exception):
+    """Base class. `status` is the HTTP status the server answers with; `param` the bad field."""
+
+    status: int = 500
+    type: str = "InternalServerError"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(AtomStreamError, ValueError):
+    """The request is malformed or a parameter is out of range (400)."""
+
+    status = 400
+    type = "BadRequestError"
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit in max_model_len (400, param "input_tokens")."""
+
+    def __init__(self, num_tokens: int, max_model_len: int):
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {num_tokens} input tokens. Please reduce the length of the input "
+            f"messages.",
+            param="input_tokens",
+        )
+
+
+class EngineOverloadedError(AtomStreamError):
+    """The waiting queue is full (503 with Retry-After)."""
+
+    status = 503
+    type = "ServiceUnavailableError"
+
+
+class EngineDeadError(AtomStreamError):
+    """The engine loop or a worker rank died; nothing more will be served (503)."""
+
+    status = 503
+    type = "ServiceUnavailableError"
+
+
+class GenerationError(AtomStreamError):
+    """A model step failed for this request; the engine goes on serving others (500)."""
+
+    status = 500
+    type = "InternalServerError"

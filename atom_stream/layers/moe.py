@@ -1,0 +1,64 @@
+"""MoE routing and expert computation: torch reference (CPU) paths.
+
+Routing (model_spec.md §3, HF DeepseekV3TopkRouter): scores = sigmoid(x @ Wg^T) in float32;
+selection uses scores + e_score_correction_bias with group-limited top-k (group score = sum of
+the top-2 biased scores in each group, keep `topk_group` groups, others -inf); the weights are
+the UNBIASED scores of the chosen experts, renormalized when norm_topk_prob (+1e-20), times
+routed_scaling_factor.
+
+Experts are stacked expert-major: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int,
+          topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
+          scoring_func: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] (float32) -> (topk_weights [T, k] float32, topk_ids [T, k] int64)."""
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
+    sel = scores + bias.float() if bias is not None else scores
+    T, E = sel.shape
+    if n_group > 1 and topk_group < n_group:
+        grouped = sel.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(-1)
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        sel = sel.masked_fill(~expert_mask, float("-inf"))
+    topk_ids = sel.topk(top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, topk_ids
+
+
+def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * down(silu(gate(x)) * up(x)) over the chosen experts; x [T, H] -> [T, H].
+
+    Loops over the experts actually chosen (the CPU reference); per-expert math in x's dtype,
+    accumulation in float32."""
+    T, H = x.shape
+    inter = w2.shape[-1]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    tok = order // topk_ids.shape[1]
+    wts = topk_weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tok[start:start + n]
+        h = F.linear(x[rows], w13[e])
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        y = F.linear(act, w2[e])
+        out.index_add_(0, rows, y.float() * wts[start:start + n, None])
+        start += n
+    return out.to(x.dtype)

@@ -1,0 +1,222 @@
+"""Checkpoint loading: safetensors (single file or sharded with model.safetensors.index.json)
+into the model's parameters, or dummy weights.
+
+Name mapping (HF names; model_spec.md §2):
+- Kimi-K2.5 prefixes the text model with `language_model.`; `vision_tower.*` and `mm_projector.*`
+  are skipped without reading their bytes (safetensors reads a tensor only when asked).
+- Per-expert tensors `mlp.experts.E.{gate,up,down}_proj.weight` are stacked expert-major into
+  `mlp.experts.w13` [E, 2I, H] (gate rows then up rows) and `mlp.experts.w2` [E, H, I];
+  transformers-5 fused names `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` also load.
+- Layers >= num_hidden_layers (DeepSeek-V3's MTP layer 61) and rotary buffers are skipped.
+
+Every failure raises one `CheckpointError` that names the file or tensor: a missing tensor, a
+shape mismatch, an unreadable/corrupt file, no weights found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SKIP_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be loaded; the message names the file or tensor."""
+
+
+def normalize_name(name: str) -> str | None:
+    """Map a checkpoint tensor name to our naming, or None to skip it."""
+    if name.startswith(SKIP_PREFIXES) or name.startswith("language_model.vision"):
+        return None
+    if name.startswith("language_model."):
+        name = name[len("language_model."):]
+        if name.startswith(("layers.", "embed_tokens.", "norm.")):
+            name = "model." + name
+    if name.startswith(SKIP_PREFIXES):
+        return None
+    if "rotary_emb" in name or name.endswith(".inv_freq"):
+        return None
+    return name
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (index order when an index exists)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{path}: shard {missing[0]!r} named in the index is missing")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files (and no index) found")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_checkpoint(path: str, progress: bool = True) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
+    """Yields (normalized name, lazy tensor getter, shape) for each tensor to load."""
+    from safetensors import safe_open
+
+    files = checkpoint_files(path)
+    bar = None
+    if progress and len(files) > 1:
+        from tqdm import tqdm
+        bar = tqdm(total=len(files), desc="Loading safetensors shards", unit="shard")
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+            keys = list(handle.keys())
+        except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt headers
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        for key in keys:
+            name = normalize_name(key)
+            if name is None:
+                continue
+
+            def get(handle=handle, key=key, file=file):
+                try:
+                    return handle.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: tensor {key!r} is unreadable ({e})") from None
+
+            try:
+                shape = tuple(handle.get_slice(key).get_shape())
+            except Exception as e:
+                raise CheckpointError(f"{file}: tensor {key!r} is unreadable ({e})") from None
+            yield name, get, shape
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+class WeightLoader:
+    """Copies checkpoint tensors into a model's parameters and checks completeness.
+
+    Quantization methods extend `targets` (layers/quant): for a name they return the parameter
+    and an optional slice to copy into, or a custom loader."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        self.model = model
+        self.num_layers = num_layers
+        self.params = dict(model.named_parameters())
+        self.loaded: set[str] = set()
+        self.custom: list[Callable[[str, Callable, tuple], bool]] = []
+
+    def _copy(self, pname: str, tensor: torch.Tensor, index: tuple = (), src: str = "",
+              part: str = "") -> None:
+        param = self.params.get(pname)
+        if param is None:
+            raise CheckpointError(f"{src}: no parameter {pname!r} in the model")
+        dst = param.data[index] if index else param.data
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{src}: shape mismatch, checkpoint has {tuple(tensor.shape)}, "
+                f"model expects {tuple(dst.shape)}")
+        dst.copy_(tensor.to(dst.dtype))
+        self.loaded.add(f"{pname}#{part}" if part else pname)
+
+    def load_one(self, name: str, get: Callable[[], torch.Tensor], shape: tuple) -> None:
+        m = _LAYER_RE.match(name)
+        if m and int(m.group(1)) >= self.num_layers:
+            return  # MTP / next-n layers are not part of the served model
+        for hook in self.custom:
+            if hook(name, get, shape):
+                return
+        e = _EXPERT_RE.match(name)
+        if e and e.group(4) == "weight":
+            base, idx, proj = e.group(1), int(e.group(2)), e.group(3)
+            w13 = self.params.get(f"{base}.w13")
+            if w13 is None:
+                raise CheckpointError(f"{name}: no experts in the model at {base}")
+            if idx >= w13.shape[0]:
+                raise CheckpointError(f"{name}: expert {idx} out of range ({w13.shape[0]} experts)")
+            inter = w13.shape[1] // 2
+            if proj == "down_proj":
+                self._copy(f"{base}.w2", get(), (idx,), name, f"{idx}.down_proj")
+            else:
+                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                self._copy(f"{base}.w13", get(), (idx, rows), name, f"{idx}.{proj}")
+            return
+        if name.endswith("mlp.experts.gate_up_proj"):
+            self._copy(name[: -len("gate_up_proj")] + "w13", get(), (), name)
+            return
+        if name.endswith("mlp.experts.down_proj"):
+            self._copy(name[: -len("down_proj")] + "w2", get(), (), name)
+            return
+        if name in self.params:
+            self._copy(name, get(), (), name)
+            return
+        if name.endswith(("k_scale", "v_scale", "kv_scale")):
+            return  # KV scales are read by the KV-cache setup, not parameters
+        logger.debug("ignoring checkpoint tensor %s", name)
+
+    def check_complete(self, tie_word_embeddings: bool) -> None:
+        """Raise naming the first checkpoint tensor that never arrived."""
+        missing: list[str] = []
+        for pname, p in self.params.items():
+            if pname in self.loaded or (tie_word_embeddings and pname == "lm_head.weight"):
+                continue
+            if pname.endswith(("experts.w13", "experts.w2")):
+                base = pname.rsplit(".", 1)[0]
+                projs = ("gate_proj", "up_proj") if pname.endswith("w13") else ("down_proj",)
+                missing += [f"{base}.{e}.{proj}.weight" for e in range(p.shape[0])
+                            for proj in projs if f"{pname}#{e}.{proj}" not in self.loaded]
+            else:
+                missing.append(pname)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+
+
+def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embeddings: bool,
+                    extra_hooks: list | None = None) -> None:
+    loader = WeightLoader(model, num_layers)
+    loader.custom.extend(extra_hooks or [])
+    n = 0
+    for name, get, shape in iter_checkpoint(path):
+        loader.load_one(name, get, shape)
+        n += 1
+    if n == 0:
+        raise CheckpointError(f"{path}: no tensors found")
+    loader.check_complete(tie_word_embeddings)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes and dtypes (no files needed beyond config.json).
+
+    Norm weights are 1; linear weights are N(0, 1/sqrt(in)) so activations stay O(1) through any
+    depth; router bias small. Generated on the parameters' device."""
+    gen_device = next(model.parameters()).device
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.int32, torch.uint8, torch.int8) or p.dtype.itemsize == 1:
+            continue  # packed/quantized tensors are filled by their quant method
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith("e_score_correction_bias"):
+            p.data.copy_(torch.randn(p.shape, generator=g, device=gen_device) * 0.01)
+        else:
+            fan_in = p.shape[-1]
+            std = 1.0 if name.endswith("embed_tokens.weight") else fan_in ** -0.5
+            tmp = torch.empty(p.shape, dtype=torch.float32, device=gen_device)
+            tmp.normal_(0.0, std, generator=g)
+            p.data.copy_(tmp)

@@ -1,0 +1,241 @@
+"""DeepseekV3 (Kimi-K2/K2.5, DeepSeek-V3/R1, Moonlight): the model, top to bottom.
+
+Math follows ../shared/reference/model_spec.md §3. One forward runs a flattened step of T tokens
+(decodes first, then prefill chunks; see layers/attention.AttentionMetadata):
+
+    x = embed(ids)
+    for each layer: h = x + MLA(RMSNorm(x)); x = h + FFN(RMSNorm(h))    (FFN: dense or MoE)
+    logits = lm_head(RMSNorm(x))       (only for the rows the runner samples)
+
+MLA keeps one latent cache entry per token, [c | k_pe] (kv_lora_rank + rope dims). Decode tokens
+use the absorbed path (q folded through W_UK, attention over the latent, out through W_UV);
+prefill chunks use the naive path (K/V expanded through kv_b_proj), with the cached prefix read
+back from the latent cache. Both paths use softmax_scale = qk_head_dim^-0.5 * mscale^2.
+Parameter names equal the HF checkpoint names, except routed experts, which are stacked
+expert-major in `mlp.experts.w13` [E, 2I, H] and `mlp.experts.w2` [E, H, I].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atom_stream.config import ModelConfig
+from atom_stream.layers.attention import (
+    AttentionMetadata, gather_kv, mla_decode_ref, mla_prefill_ref, store_kv,
+)
+from atom_stream.layers.linear import Linear, dense_weight
+from atom_stream.layers.moe import experts_ref, route
+from atom_stream.layers.norm import RMSNorm
+from atom_stream.layers.rotary import RotaryEmbedding
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.r = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        H, qk = self.num_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, device=device)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, device)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, dtype=dtype, device=device)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, H * qk, dtype=dtype, device=device)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.rope, dtype=dtype,
+                                         device=device)
+        self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS, dtype, device)
+        self.kv_b_proj = Linear(self.r, H * (self.nope + self.v_dim), dtype=dtype, device=device)
+        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device)
+        self.rotary = rotary
+        self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
+        self.w_uk: torch.Tensor | None = None  # [H, nope, r]
+        self.w_uv: torch.Tensor | None = None  # [H, v, r]
+
+    def process_weights_after_loading(self) -> None:
+        """Split kv_b_proj into the absorbed W_UK / W_UV views (kept in the model dtype)."""
+        w = dense_weight(self.kv_b_proj).view(self.num_heads, self.nope + self.v_dim, self.r)
+        self.w_uk = w[:, : self.nope].contiguous()
+        self.w_uv = w[:, self.nope:].contiguous()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        H = self.num_heads
+        if self.cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(T, H, self.nope + self.rope)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        kv = self.kv_a_proj_with_mqa(x)
+        c = self.kv_a_layernorm(kv[:, : self.r])
+        q_pe = self.rotary(positions, q_pe)
+        k_pe = self.rotary(positions, kv[:, None, self.r:]).squeeze(1)
+        store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
+
+        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
+        nd = md.num_decodes
+        if nd:
+            q_lat = torch.einsum("thn,hnr->thr", q_nope[:nd], self.w_uk)
+            seq_lens = md.decode_seq_lens
+            if seq_lens is None:
+                seq_lens = torch.tensor(md.seq_lens[:nd], device=x.device)
+            o_lat = mla_decode_ref(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], seq_lens,
+                                   self.r, self.scale, self.k_scale)
+            out[:nd] = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), self.w_uv)
+        for i in range(nd, md.num_seqs):
+            s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
+            out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
+                                         kv_cache, md.block_tables[i], md.seq_lens[i])
+        return self.o_proj(out.reshape(T, H * self.v_dim))
+
+    def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len):
+        """Naive path for one chunk: queries are the last q_len of seq_len positions."""
+        q_len = q_nope.shape[0]
+        prefix = seq_len - q_len
+        if prefix:
+            cached = gather_kv(kv_cache, block_table, prefix, c_new.dtype, self.k_scale)
+            c_all = torch.cat([cached[:, : self.r], c_new])
+            k_pe_all = torch.cat([cached[:, self.r:], k_pe_new])
+        else:
+            c_all, k_pe_all = c_new, k_pe_new
+        kv = F.linear(c_all, dense_weight(self.kv_b_proj))
+        kv = kv.view(seq_len, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return mla_prefill_ref(q, k, v, self.scale)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, inter: int, dtype, device=None):
+        super().__init__()
+        self.gate_proj = Linear(hidden, inter, dtype=dtype, device=device)
+        self.up_proj = Linear(hidden, inter, dtype=dtype, device=device)
+        self.down_proj = Linear(inter, hidden, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """`mlp.gate`: weight [E, H] and e_score_correction_bias [E], both kept in float32."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32,
+                                               device=device), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
+
+
+class Experts(nn.Module):
+    """Routed experts stacked expert-major: w13 [E, 2I, H], w2 [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device=None):
+        super().__init__()
+        E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts, self.hidden, self.inter = E, H, inter
+        self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=dtype, device=device),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, H, inter, dtype=dtype, device=device),
+                               requires_grad=False)
+        self.quant_method = None
+
+    def forward(self, x, topk_weights, topk_ids):
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, topk_weights, topk_ids)
+        return experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg, device)
+        self.experts = Experts(cfg, dtype, device)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
+            if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate.weight)
+        weights, ids = route(
+            logits, self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None,
+            top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+            scoring_func=cfg.scoring_func)
+        y = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, rotary: RotaryEmbedding, dtype, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MLA(cfg, rotary, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = (MoE(cfg, dtype, device) if cfg.is_moe_layer(idx)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device))
+
+    def forward(self, x, positions, kv_cache, md):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype, device=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                         device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(cfg, max_positions, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.rotary, dtype, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids, positions, kv_caches, md):
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, cache, md)
+        return self.norm(x)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """The text model. `forward` returns final hidden states [T, hidden];
+    `compute_logits(hidden[rows])` returns float32 logits [N, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg, max_positions, dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], md: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, md)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def process_weights_after_loading(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.process_weights_after_loading()

@@ -1,0 +1,110 @@
+"""SamplingParams: per-request generation settings, validated with errors that name the field."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+MAX_LOGPROBS = 20
+_INT64_MAX = 2**63 - 1
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter. `param` names it (the OpenAI error's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to generate. Defaults follow vLLM (temperature 1, top_p 1, top_k off, min_p 0).
+
+    - `max_tokens=None`: fill the context up to max_model_len.
+    - `top_k <= 0`: no top-k. `temperature == 0`: greedy.
+    - `seed`: per-request generator; the same seed gives the same tokens alone or in any batch.
+    - `logprobs`: None = none; k >= 0 = the sampled token's logprob plus the top k (k <= 20).
+    - `prompt_logprobs`: None or k >= 0, logprobs of the prompt tokens (for echo/loglikelihood).
+    - `stop`: strings matched on the detokenized text (trimmed from the output unless
+      `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self) -> None:
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SamplingParamsError(name, f"must be a finite number, got {v!r}")
+            return float(v)
+
+        def integer(name: str, lo: int, hi: int = _INT64_MAX, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
+
+        integer("n", 1, 128)
+        integer("max_tokens", 1, optional=True)
+        integer("min_tokens", 0)
+        if not 0.0 <= num("temperature") <= 100.0:
+            raise SamplingParamsError("temperature", "must be in [0, 100]")
+        if not 0.0 < num("top_p") <= 1.0:
+            raise SamplingParamsError("top_p", "must be in (0, 1]")
+        integer("top_k", -1, 2**31 - 1)
+        if not 0.0 <= num("min_p") <= 1.0:
+            raise SamplingParamsError("min_p", "must be in [0, 1]")
+        integer("seed", -(2**63), _INT64_MAX, optional=True)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= num(name) <= 2.0:
+                raise SamplingParamsError(name, "must be in [-2, 2]")
+        if not 0.0 < num("repetition_penalty") <= 2.0:
+            raise SamplingParamsError("repetition_penalty", "must be in (0, 2]")
+        integer("logprobs", 0, MAX_LOGPROBS, optional=True)
+        integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
+            raise SamplingParamsError("stop", "must be a string or a list of strings")
+        if len(self.stop) > 16 or any(not s or len(s) > 512 for s in self.stop):
+            raise SamplingParamsError("stop", "at most 16 non-empty strings of <= 512 chars")
+        if not isinstance(self.stop_token_ids, list) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+        ):
+            raise SamplingParamsError("stop_token_ids", "must be a list of non-negative ints")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError("min_tokens", "must not exceed max_tokens")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
