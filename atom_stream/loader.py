@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from atom_stream.layers.parallel import TPInfo, tp
+
 logger = logging.getLogger(__name__)
 
 SKIP_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
@@ -113,8 +115,9 @@ class WeightLoader:
     Quantization methods extend `targets` (layers/quant): for a name they return the parameter
     and an optional slice to copy into, or a custom loader."""
 
-    def __init__(self, model: nn.Module, num_layers: int):
+    def __init__(self, model: nn.Module, num_layers: int, tp_info: TPInfo | None = None):
         self.model = model
+        self.tp = tp_info or tp()
         self.num_layers = num_layers
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
@@ -126,6 +129,10 @@ class WeightLoader:
         if param is None:
             raise CheckpointError(f"{src}: no parameter {pname!r} in the model")
         dst = param.data[index] if index else param.data
+        dim = getattr(param, "tp_dim", None)
+        if self.tp.size > 1 and dim is not None and tensor.dim() > dim:
+            local = tensor.shape[dim] // self.tp.size
+            tensor = tensor.narrow(dim, self.tp.rank * local, local)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"{src}: shape mismatch, checkpoint has {tuple(tensor.shape)}, "
@@ -155,11 +162,17 @@ class WeightLoader:
                 rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
                 self._copy(f"{base}.w13", get(), (idx, rows), name, f"{idx}.{proj}")
             return
-        if name.endswith("mlp.experts.gate_up_proj"):
-            self._copy(name[: -len("gate_up_proj")] + "w13", get(), (), name)
-            return
-        if name.endswith("mlp.experts.down_proj"):
-            self._copy(name[: -len("down_proj")] + "w2", get(), (), name)
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            # transformers-5 fused layout: [E, 2I, H] / [E, H, I]; split into per-expert copies
+            base = name.rsplit(".", 1)[0]
+            full = get()
+            for idx in range(full.shape[0]):
+                if name.endswith("down_proj"):
+                    self.load_one(f"{base}.{idx}.down_proj.weight", lambda t=full[idx]: t, ())
+                else:
+                    half = full.shape[1] // 2
+                    for proj, rows in (("gate_proj", full[idx, :half]), ("up_proj", full[idx, half:])):
+                        self.load_one(f"{base}.{idx}.{proj}.weight", lambda t=rows: t, ())
             return
         if name in self.params:
             self._copy(name, get(), (), name)

@@ -1,8 +1,13 @@
-"""Linear layers. Weights are [out, in] like nn.Linear; quantized formats (layers/quant/) swap in
-their own parameters and `forward` through `quant_method`.
+"""Linear layers, tensor-parallel aware. Weights are [out, in] like nn.Linear; quantized formats
+(layers/quant/) swap in their own parameters and forward through `quant_method`.
 
-Tensor parallelism (issue 9) shards these by rows (column-parallel) or columns (row-parallel);
-with tp_size 1 they are plain linears.
+- "replicated": every rank holds the whole weight (q_a_proj, kv_a_proj_with_mqa, router).
+- "column": each rank holds rows [rank*out/tp, (rank+1)*out/tp) (q_b, kv_b, gate/up, lm_head).
+- "row": each rank holds columns [rank*in/tp, ...) and its partial outputs are summed over the
+  ranks (o_proj, down_proj) unless the caller defers the reduction (`reduce=False`, MoE).
+
+Each parameter carries `tp_dim` (None, 0 or 1): the dimension the loader narrows a checkpoint
+tensor along for this rank.
 """
 
 from __future__ import annotations
@@ -11,26 +16,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom_stream.layers.parallel import all_reduce, tp
+
 
 class Linear(nn.Module):
     """y = x @ W^T (no bias: no DeepseekV3 linear has one)."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, device=None,
+                 parallel: str = "replicated", reduce: bool = True):
         super().__init__()
+        self.tp = tp()
+        self.parallel = parallel
+        self.reduce = reduce and parallel == "row"
+        if parallel == "column":
+            out_features = self.tp.shard(out_features, "output features")
+        elif parallel == "row":
+            in_features = self.tp.shard(in_features, "input features")
+        elif parallel != "replicated":
+            raise ValueError(f"unknown parallel mode {parallel!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
         )
+        self.weight.tp_dim = {"replicated": None, "column": 0, "row": 1}[parallel]
         self.quant_method = None  # set by layers/quant when the checkpoint quantizes this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x)
-        return F.linear(x, self.weight)
+            y = self.quant_method.apply(self, x)
+        else:
+            y = F.linear(x, self.weight)
+        return all_reduce(y, self.tp) if self.reduce else y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}"
+        return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
 
 
 def dense_weight(layer: Linear) -> torch.Tensor:
@@ -38,3 +58,26 @@ def dense_weight(layer: Linear) -> torch.Tensor:
     if layer.quant_method is not None:
         return layer.quant_method.dequantize(layer)
     return layer.weight
+
+
+class VocabEmbedding(nn.Module):
+    """Vocab-parallel embedding: rank r holds rows [r*V/tp, (r+1)*V/tp); out-of-shard ids give
+    zeros locally and the all-reduce fills them in."""
+
+    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.tp = tp()
+        self.local = self.tp.shard(vocab, "vocab_size")
+        self.start = self.tp.rank * self.local
+        self.weight = nn.Parameter(torch.empty(self.local, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.weight.tp_dim = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.local)
+        out = F.embedding(local.clamp(0, self.local - 1), self.weight)
+        out = out * inside[:, None].to(out.dtype)
+        return all_reduce(out, self.tp)

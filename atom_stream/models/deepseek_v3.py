@@ -25,9 +25,10 @@ from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import (
     AttentionMetadata, gather_kv, mla_decode_ref, mla_prefill_ref, store_kv,
 )
-from atom_stream.layers.linear import Linear, dense_weight
+from atom_stream.layers.linear import Linear, VocabEmbedding, dense_weight
 from atom_stream.layers.moe import experts_ref, route
 from atom_stream.layers.norm import RMSNorm
+from atom_stream.layers.parallel import all_gather_last, all_reduce, tp
 from atom_stream.layers.rotary import RotaryEmbedding
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
@@ -37,22 +38,26 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device=None):
         super().__init__()
         self.cfg = cfg
-        self.num_heads = cfg.num_attention_heads
+        self.num_heads = tp().shard(cfg.num_attention_heads, "num_attention_heads")
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.r = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
-        H, qk = self.num_heads, cfg.qk_head_dim
+        H, qk = cfg.num_attention_heads, cfg.qk_head_dim  # global heads; linears shard them
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, device=device)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, device)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, dtype=dtype, device=device)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, dtype=dtype, device=device,
+                                   parallel="column")
         else:
-            self.q_proj = Linear(cfg.hidden_size, H * qk, dtype=dtype, device=device)
+            self.q_proj = Linear(cfg.hidden_size, H * qk, dtype=dtype, device=device,
+                                 parallel="column")
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.rope, dtype=dtype,
                                          device=device)
         self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS, dtype, device)
-        self.kv_b_proj = Linear(self.r, H * (self.nope + self.v_dim), dtype=dtype, device=device)
-        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device)
+        self.kv_b_proj = Linear(self.r, H * (self.nope + self.v_dim), dtype=dtype, device=device,
+                                parallel="column")
+        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device,
+                             parallel="row")
         self.rotary = rotary
         self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
         self.w_uk: torch.Tensor | None = None  # [H, nope, r]
@@ -115,13 +120,15 @@ class MLA(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts; the
+    intermediate dim is split over TP ranks (`reduce=False` leaves the sum to the caller)."""
 
-    def __init__(self, hidden: int, inter: int, dtype, device=None):
+    def __init__(self, hidden: int, inter: int, dtype, device=None, reduce: bool = True):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, dtype=dtype, device=device)
-        self.up_proj = Linear(hidden, inter, dtype=dtype, device=device)
-        self.down_proj = Linear(inter, hidden, dtype=dtype, device=device)
+        self.gate_proj = Linear(hidden, inter, dtype=dtype, device=device, parallel="column")
+        self.up_proj = Linear(hidden, inter, dtype=dtype, device=device, parallel="column")
+        self.down_proj = Linear(inter, hidden, dtype=dtype, device=device, parallel="row",
+                                reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -140,16 +147,20 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked expert-major: w13 [E, 2I, H], w2 [E, H, I]."""
+    """Routed experts stacked expert-major: w13 [E, 2I, H], w2 [E, H, I], where I is this TP
+    rank's share of moe_intermediate_size (`tp_dim` is the dim of the per-expert checkpoint
+    tensor the loader narrows: rows of gate/up [I, H], columns of down [H, I])."""
 
     def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
-        E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        E, H = cfg.n_routed_experts, cfg.hidden_size
+        inter = tp().shard(cfg.moe_intermediate_size, "moe_intermediate_size")
         self.num_experts, self.hidden, self.inter = E, H, inter
         self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=dtype, device=device),
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, inter, dtype=dtype, device=device),
                                requires_grad=False)
+        self.w13.tp_dim, self.w2.tp_dim = 0, 1
         self.quant_method = None
 
     def forward(self, x, topk_weights, topk_ids):
@@ -165,9 +176,11 @@ class MoE(nn.Module):
         self.gate = Router(cfg, device)
         self.experts = Experts(cfg, dtype, device)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device,
+                reduce=False)
             if cfg.n_shared_experts else None
         )
+        self.tp = tp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -180,7 +193,7 @@ class MoE(nn.Module):
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y
+        return all_reduce(y, self.tp)  # one reduction for routed + shared partial sums
 
 
 class DecoderLayer(nn.Module):
@@ -200,9 +213,8 @@ class DecoderLayer(nn.Module):
 class DeepseekV3Model(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype, device=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                         device=device)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                           device=device)
         self.rotary = RotaryEmbedding(cfg, max_positions, device)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, self.rotary, dtype, device) for i in range(cfg.num_hidden_layers))
@@ -223,7 +235,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekV3Model(cfg, max_positions, dtype, device)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device,
+                              parallel="column")
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -232,7 +245,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return all_gather_last(self.lm_head(hidden).float(), self.lm_head.tp)
 
     def process_weights_after_loading(self) -> None:
         if self.config.tie_word_embeddings:
