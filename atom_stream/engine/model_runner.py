@@ -85,11 +85,30 @@ class ModelRunner:
 
         self.kv_dtype = fp8_dtype() if config.kv_cache_is_fp8 else self.dtype
         self.num_kv_blocks = self._num_kv_blocks()
-        shape = (self.num_kv_blocks, self.block_size, cfg.kv_cache_dim)
+        # one extra block at the end: the scratch block that padded rows write into
+        self.scratch_block = self.num_kv_blocks
+        shape = (self.num_kv_blocks + 1, self.block_size, cfg.kv_cache_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
         from atom_stream.layers.sampler import Sampler
         self.sampler = Sampler()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        from atom_stream.engine.graphs import DecodeGraphRunner, default_capture_sizes
+        sizes = self.config.cudagraph_capture_sizes or default_capture_sizes(
+            self.config.max_num_seqs)
+        sizes = [s for s in sizes if s <= self.config.max_num_seqs] or [1]
+        max_blocks = math.ceil(self.max_model_len / self.block_size)
+        self.graphs = DecodeGraphRunner(
+            self.model, self.kv_caches, sizes, max_blocks, self.block_size,
+            scratch_slot=self.scratch_block * self.block_size, scratch_block=self.scratch_block,
+            device=self.device)
+        t0 = time.perf_counter()
+        self.graphs.capture()
+        logger.info("graph capture took %.1fs", time.perf_counter() - t0)
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -100,14 +119,43 @@ class ModelRunner:
         if self.device.type == "cpu":
             budget = self.config.kv_cache_memory_bytes or CPU_KV_POOL_BYTES
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = total * self.config.gpu_memory_utilization - used_by_others
+            budget = self._profile_kv_budget()
         want = self.config.max_num_seqs * math.ceil(self.max_model_len / self.block_size)
         blocks = int(min(budget // bytes_per_block, want))
         if blocks < 1:
             raise ConfigError("gpu_memory_utilization: no memory left for the KV cache")
         return blocks
+
+    @torch.inference_mode()
+    def _profile_kv_budget(self) -> float:
+        """Bytes left for the KV pool: gpu_memory_utilization * total minus what the weights,
+        other processes and a profiling forward at the largest prefill batch use."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = math.ceil(n / self.block_size) + 1
+        cfg = self.model_config
+        tmp = [torch.zeros(blocks, self.block_size, cfg.kv_cache_dim, dtype=self.kv_dtype,
+                           device=dev) for _ in range(cfg.num_hidden_layers)]
+        md = AttentionMetadata(
+            query_start_loc=[0, n], seq_lens=[n],
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            slot_mapping=torch.arange(n, device=dev), num_decodes=0, block_size=self.block_size)
+        ids = torch.randint(0, cfg.vocab_size, (n,), device=dev)
+        hidden = self.model(ids, torch.arange(n, device=dev), tmp, md)
+        self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del tmp, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        ours_now = torch.cuda.memory_allocated(dev)
+        others = total - free - torch.cuda.memory_reserved(dev)
+        budget = total * self.config.gpu_memory_utilization - others - peak
+        logger.info("KV budget %.2f GiB (weights %.2f GiB, profiling peak %.2f GiB)",
+                    budget / 2**30, ours_now / 2**30, peak / 2**30)
+        return budget
 
     # ------------------------------------------------------------------ step
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -129,31 +177,44 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
             max_blocks = max(max_blocks, len(table))
-        tables = torch.zeros(len(batch.seqs), max_blocks, dtype=torch.int32)
+        tables = torch.full((len(batch.seqs), max_blocks), self.scratch_block, dtype=torch.int32)
         for i, seq in enumerate(batch.seqs):
             if seq.block_table:
                 tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         dev = self.device
+        pin = dev.type == "cuda"
+
+        def put(data, dtype):
+            t = torch.tensor(data, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+
         md = AttentionMetadata(
-            query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decodes=batch.num_decodes, block_size=bs,
-            decode_seq_lens=torch.tensor(seq_lens[: batch.num_decodes], device=dev))
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), md)
+            query_start_loc=qsl, seq_lens=seq_lens,
+            block_tables=tables.pin_memory().to(dev, non_blocking=True) if pin else tables,
+            slot_mapping=put(slots, torch.int64), num_decodes=batch.num_decodes, block_size=bs,
+            decode_seq_lens=put(seq_lens[: batch.num_decodes], torch.int32))
+        return put(ids, torch.int64), put(positions, torch.int64), md
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         from atom_stream.layers.sampler import SamplingMetadata
 
         input_ids, positions, md = self.prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, md)
-        rows = [md.query_start_loc[i + 1] - 1 for i, s in enumerate(batch.sample) if s]
         sampled = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
-        prompt_lps = self._prompt_logprobs(batch, hidden, md)
-        if not rows:
-            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
-        logits = self.model.compute_logits(hidden[rows])
+        n = len(batch.seqs)
+        if (self.graphs is not None and batch.num_decodes == n and n <= self.graphs.max_batch):
+            B = self.graphs.load_inputs(input_ids, positions, md.slot_mapping,
+                                        md.decode_seq_lens, md.block_tables)
+            logits, greedy = self.graphs.replay(B)
+            logits = logits[:n]
+            prompt_lps = None
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, md)
+            rows = [md.query_start_loc[i + 1] - 1 for i, s in enumerate(batch.sample) if s]
+            prompt_lps = self._prompt_logprobs(batch, hidden, md)
+            if not rows:
+                return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
+            logits = self.model.compute_logits(hidden[rows])
         meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
         out = self.sampler(logits, meta)
         token_ids = out.token_ids.tolist()
