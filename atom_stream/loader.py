@@ -213,23 +213,42 @@ def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embed
 
 
 @torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None = None) -> None:
     """Random weights of the right shapes and dtypes (no files needed beyond config.json).
 
-    Norm weights are 1; linear weights are N(0, 1/sqrt(in)) so activations stay O(1) through any
-    depth; router bias small. Generated on the parameters' device."""
-    gen_device = next(model.parameters()).device
-    g = torch.Generator(device=gen_device).manual_seed(seed)
+    Each parameter draws from its own generator (seed + crc32 of its name), as the FULL tensor,
+    and a TP rank keeps its shard, so every TP size builds the same model. Norm weights are 1;
+    linear weights N(0, 1/sqrt(in)) so activations stay O(1) at any depth; router bias small."""
+    import zlib
+
+    info = tp_info or tp()
+    dev = next(model.parameters()).device
     for name, p in model.named_parameters():
         if p.dtype in (torch.int32, torch.uint8, torch.int8) or p.dtype.itemsize == 1:
             continue  # packed/quantized tensors are filled by their quant method
-        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+        if name.endswith("norm.weight"):
             p.data.fill_(1.0)
-        elif name.endswith("e_score_correction_bias"):
-            p.data.copy_(torch.randn(p.shape, generator=g, device=gen_device) * 0.01)
+            continue
+        g = torch.Generator(device=dev).manual_seed(seed + zlib.crc32(name.encode()))
+        dim = getattr(p, "tp_dim", None)
+        shape = list(p.shape)
+        is_w13, is_w2 = name.endswith("experts.w13"), name.endswith("experts.w2")
+        if info.size > 1 and dim is not None:
+            shape[1 if is_w13 else 2 if is_w2 else dim] *= info.size
+        if name.endswith("e_score_correction_bias"):
+            full = torch.randn(shape, generator=g, device=dev) * 0.01
         else:
-            fan_in = p.shape[-1]
-            std = 1.0 if name.endswith("embed_tokens.weight") else fan_in ** -0.5
-            tmp = torch.empty(p.shape, dtype=torch.float32, device=gen_device)
-            tmp.normal_(0.0, std, generator=g)
-            p.data.copy_(tmp)
+            std = 1.0 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5
+            full = torch.empty(shape, dtype=torch.float32, device=dev).normal_(0.0, std,
+                                                                               generator=g)
+        if info.size > 1 and dim is not None:
+            r = info.rank
+            if is_w13:
+                inter, local = shape[1] // 2, p.shape[1] // 2
+                full = torch.cat([full[:, r * local:(r + 1) * local],
+                                  full[:, inter + r * local:inter + (r + 1) * local]], dim=1)
+            else:
+                d = 2 if is_w2 else dim
+                local = p.shape[d]
+                full = full.narrow(d, r * local, local)
+        p.data.copy_(full)

@@ -12,11 +12,14 @@ import logging
 import math
 import time
 
+import msgspec
+import numpy as np
 import torch
 
 from atom_stream.config import ConfigError, EngineConfig, ModelConfig
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
+from atom_stream.layers.parallel import TPInfo, tp_context
 from atom_stream.loader import init_dummy_weights, load_checkpoint
 from atom_stream.models import MODEL_REGISTRY
 
@@ -24,6 +27,24 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not given
+
+
+class StepInputs(msgspec.Struct, array_like=True):
+    """One step, flattened on the host: int64/int32 arrays as raw bytes (cheap to encode and
+    broadcast). tables is [len(seq_lens), max_blocks] int32; logit_rows index the flat tokens;
+    prompt_ranges are (batch index, first flat row, n) for prompt logprobs."""
+
+    ids: bytes
+    positions: bytes
+    slots: bytes
+    qsl: list[int]
+    seq_lens: list[int]
+    num_decodes: int
+    tables: bytes
+    max_blocks: int
+    logit_rows: list[int]
+    prompt_ranges: list[tuple[int, int, int]]
+    use_graph: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,8 +74,11 @@ def load_model_config(config: EngineConfig) -> ModelConfig:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    """`tp_info`: this process's tensor-parallel rank (None: single rank)."""
+
+    def __init__(self, config: EngineConfig, tp_info: TPInfo | None = None):
         self.config = config
+        self.tp_info = tp_info or TPInfo()
         self.device = resolve_device(config.device)
         self.model_config = cfg = load_model_config(config)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
@@ -69,15 +93,16 @@ class ModelRunner:
         torch.manual_seed(config.seed)
 
         t0 = time.perf_counter()
-        model_cls = MODEL_REGISTRY[cfg.architecture]
-        self.model = model_cls(cfg, self.max_model_len, self.dtype, self.device)
-        dummy = config.is_demo or config.load_format == "dummy" or not _is_dir(config.model)
-        if dummy:
-            from atom_stream.models.demo import DEMO_SEED
-            init_dummy_weights(self.model, DEMO_SEED if config.is_demo else config.seed)
-        else:
-            load_checkpoint(self.model, config.model, cfg.num_hidden_layers,
-                            cfg.tie_word_embeddings)
+        with tp_context(self.tp_info):
+            model_cls = MODEL_REGISTRY[cfg.architecture]
+            self.model = model_cls(cfg, self.max_model_len, self.dtype, self.device)
+            dummy = config.is_demo or config.load_format == "dummy" or not _is_dir(config.model)
+            if dummy:
+                from atom_stream.models.demo import DEMO_SEED
+                init_dummy_weights(self.model, DEMO_SEED if config.is_demo else config.seed)
+            else:
+                load_checkpoint(self.model, config.model, cfg.num_hidden_layers,
+                                cfg.tie_word_embeddings)
         self.model.process_weights_after_loading()
         self.model.eval()
         logger.info("model %s loaded in %.2fs (%s, %s)", config.model or "demo",
@@ -90,9 +115,9 @@ class ModelRunner:
         shape = (self.num_kv_blocks + 1, self.block_size, cfg.kv_cache_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
-        from atom_stream.layers.sampler import Sampler
-        self.sampler = Sampler()
+        self.sampler = None  # created on first use: only rank 0 samples
         self.graphs = None
+        self.broadcast = None  # set by the TP executor: sends StepInputs to ranks 1..N-1
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
 
@@ -122,6 +147,11 @@ class ModelRunner:
             budget = self._profile_kv_budget()
         want = self.config.max_num_seqs * math.ceil(self.max_model_len / self.block_size)
         blocks = int(min(budget // bytes_per_block, want))
+        if self.tp_info.size > 1:  # every rank must hold the same pool
+            t = torch.tensor([blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN,
+                                         group=self.tp_info.group)
+            blocks = int(t.item())
         if blocks < 1:
             raise ConfigError("gpu_memory_utilization: no memory left for the KV cache")
         return blocks
@@ -158,16 +188,17 @@ class ModelRunner:
         return budget
 
     # ------------------------------------------------------------------ step
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the batch into input ids, positions and attention metadata."""
+    def build_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch on the host (what rank 0 broadcasts to the other TP ranks)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
-        max_blocks = 1
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        max_blocks = max((len(s.block_table) for s in batch.seqs), default=1) or 1
+        tables = np.full((len(batch.seqs), max_blocks), self.scratch_block, dtype=np.int32)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             end = start + n
             ids.extend(seq.token_ids[start:end])
@@ -176,45 +207,74 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            max_blocks = max(max_blocks, len(table))
-        tables = torch.full((len(batch.seqs), max_blocks), self.scratch_block, dtype=torch.int32)
+            tables[i, : len(table)] = table
+        rows = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]
+        prompt_ranges = []
         for i, seq in enumerate(batch.seqs):
-            if seq.block_table:
-                tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            if seq.params.prompt_logprobs is None or i < batch.num_decodes:
+                continue
+            n = min(batch.num_new_tokens[i], seq.num_prompt_tokens - 1 - seq.num_computed_tokens)
+            if n > 0:
+                prompt_ranges.append((i, qsl[i], n))
+        use_graph = (self.graphs is not None and batch.num_decodes == len(batch.seqs)
+                     and len(batch.seqs) <= self.graphs.max_batch and not prompt_ranges)
+        return StepInputs(
+            ids=np.asarray(ids, dtype=np.int64).tobytes(),
+            positions=np.asarray(positions, dtype=np.int64).tobytes(),
+            slots=np.asarray(slots, dtype=np.int64).tobytes(), qsl=qsl, seq_lens=seq_lens,
+            num_decodes=batch.num_decodes, tables=tables.tobytes(), max_blocks=max_blocks,
+            logit_rows=rows, prompt_ranges=prompt_ranges, use_graph=use_graph)
+
+    def _to_device(self, inp: StepInputs):
         dev = self.device
         pin = dev.type == "cuda"
 
-        def put(data, dtype):
-            t = torch.tensor(data, dtype=dtype)
+        def put(arr: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(arr)
             return t.pin_memory().to(dev, non_blocking=True) if pin else t
 
+        tables = np.frombuffer(inp.tables, dtype=np.int32).reshape(len(inp.seq_lens),
+                                                                    inp.max_blocks)
         md = AttentionMetadata(
-            query_start_loc=qsl, seq_lens=seq_lens,
-            block_tables=tables.pin_memory().to(dev, non_blocking=True) if pin else tables,
-            slot_mapping=put(slots, torch.int64), num_decodes=batch.num_decodes, block_size=bs,
-            decode_seq_lens=put(seq_lens[: batch.num_decodes], torch.int32))
-        return put(ids, torch.int64), put(positions, torch.int64), md
+            query_start_loc=inp.qsl, seq_lens=inp.seq_lens, block_tables=put(tables.copy()),
+            slot_mapping=put(np.frombuffer(inp.slots, dtype=np.int64).copy()),
+            num_decodes=inp.num_decodes, block_size=self.block_size,
+            decode_seq_lens=put(np.asarray(inp.seq_lens[: inp.num_decodes], dtype=np.int32)))
+        ids = put(np.frombuffer(inp.ids, dtype=np.int64).copy())
+        positions = put(np.frombuffer(inp.positions, dtype=np.int64).copy())
+        return ids, positions, md
+
+    @torch.inference_mode()
+    def run_inputs(self, inp: StepInputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Every TP rank runs this on the same inputs (collectives inside). Returns the logits of
+        `logit_rows` [N, V] (None if none) and the logits of each prompt-logprob range."""
+        ids, positions, md = self._to_device(inp)
+        if inp.use_graph:
+            B = self.graphs.load_inputs(ids, positions, md.slot_mapping, md.decode_seq_lens,
+                                        md.block_tables)
+            logits, _ = self.graphs.replay(B)
+            return logits[: len(inp.seq_lens)], []
+        hidden = self.model(ids, positions, self.kv_caches, md)
+        prompt_logits = [self.model.compute_logits(hidden[s:s + n])
+                         for _, s, n in inp.prompt_ranges]
+        logits = self.model.compute_logits(hidden[inp.logit_rows]) if inp.logit_rows else None
+        return logits, prompt_logits
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         from atom_stream.layers.sampler import SamplingMetadata
 
-        input_ids, positions, md = self.prepare(batch)
+        inp = self.build_inputs(batch)
+        if self.broadcast is not None:
+            self.broadcast(inp)
+        logits, prompt_logits = self.run_inputs(inp)
+        prompt_lps = self._prompt_logprobs(batch, inp, prompt_logits)
         sampled = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
-        n = len(batch.seqs)
-        if (self.graphs is not None and batch.num_decodes == n and n <= self.graphs.max_batch):
-            B = self.graphs.load_inputs(input_ids, positions, md.slot_mapping,
-                                        md.decode_seq_lens, md.block_tables)
-            logits, greedy = self.graphs.replay(B)
-            logits = logits[:n]
-            prompt_lps = None
-        else:
-            hidden = self.model(input_ids, positions, self.kv_caches, md)
-            rows = [md.query_start_loc[i + 1] - 1 for i, s in enumerate(batch.sample) if s]
-            prompt_lps = self._prompt_logprobs(batch, hidden, md)
-            if not rows:
-                return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
-            logits = self.model.compute_logits(hidden[rows])
+        if logits is None:
+            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
+        if self.sampler is None:
+            from atom_stream.layers.sampler import Sampler
+            self.sampler = Sampler()
         meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
         out = self.sampler(logits, meta)
         token_ids = out.token_ids.tolist()
@@ -228,32 +288,27 @@ class ModelRunner:
                                 (lp[j], list(zip(top_ids[j][:k], top_lps[j][:k]))))
         return StepOutput(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt_lps)
 
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor,
-                         md: AttentionMetadata) -> dict[int, list] | None:
+    @staticmethod
+    def _prompt_logprobs(batch: ScheduledBatch, inp: StepInputs,
+                         prompt_logits: list[torch.Tensor]) -> dict[int, list] | None:
         """For sequences asking prompt_logprobs: for each chunk position p with p+1 in the prompt,
         (logprob of prompt token p+1, top-k [(id, logprob)]). Keyed by batch index."""
-        result = None
-        for i, seq in enumerate(batch.seqs):
+        if not inp.prompt_ranges:
+            return None
+        result: dict[int, list] = {}
+        for (i, _, n), logits in zip(inp.prompt_ranges, prompt_logits):
+            seq = batch.seqs[i]
             k = seq.params.prompt_logprobs
-            if k is None or i < batch.num_decodes:
-                continue
             start = seq.num_computed_tokens
-            n = min(batch.num_new_tokens[i], seq.num_prompt_tokens - 1 - start)
-            if n <= 0:
-                continue
-            s = md.query_start_loc[i]
-            lps = torch.log_softmax(self.model.compute_logits(hidden[s:s + n]), dim=-1)
+            lps = torch.log_softmax(logits, dim=-1)
             targets = torch.tensor(seq.token_ids[start + 1:start + 1 + n], device=lps.device)
             chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
-            entries = []
             if k:
                 top_v, top_i = lps.topk(k, dim=-1)
-                for j in range(n):
-                    entries.append((chosen[j], list(zip(top_i[j].tolist(), top_v[j].tolist()))))
+                result[i] = [(chosen[j], list(zip(top_i[j].tolist(), top_v[j].tolist())))
+                             for j in range(n)]
             else:
-                entries = [(c, []) for c in chosen]
-            result = result or {}
-            result[i] = entries
+                result[i] = [(c, []) for c in chosen]
         return result
 
     def shutdown(self) -> None:

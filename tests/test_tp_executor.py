@@ -1,0 +1,88 @@
+"""TP worker processes on the CPU (gloo): the step broadcast over the shared-memory ring gives
+rank 0 the same logits as a single rank; a dead worker is detected within seconds and leaves no
+orphan process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from atom_stream.config import EngineConfig
+from atom_stream.engine.model_runner import ModelRunner
+from atom_stream.engine.sequence import ScheduledBatch, Sequence
+from atom_stream.engine.shm_ring import ShmRing
+from atom_stream.sampling_params import SamplingParams
+
+
+def _batch(block_size: int, seed: int) -> ScheduledBatch:
+    """Two prefills of random lengths over disjoint, shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randperm(40, generator=g).tolist()
+    seqs, news = [], []
+    for n in (13, 29):
+        s = Sequence(f"r{n}", torch.randint(0, 256, (n,), generator=g).tolist(),
+                     SamplingParams(temperature=0), max_tokens=8)
+        need = -(-n // block_size)
+        s.block_table = [blocks.pop() for _ in range(need)]
+        seqs.append(s)
+        news.append(n)
+    return ScheduledBatch(seqs=seqs, num_new_tokens=news, sample=[True, True], num_decodes=0)
+
+
+def _config(tp: int) -> EngineConfig:
+    return EngineConfig(model="demo", device="cpu", dtype="float32", tensor_parallel_size=tp,
+                        num_kv_blocks=48, block_size=4, max_model_len=256)
+
+
+def test_shm_ring_in_order_with_wraparound():
+    ring = ShmRing(None, num_readers=1, num_slots=2, slot_bytes=64)
+    reader = ShmRing.attach(ring.spec())
+    try:
+        got = []
+        for i in range(7):
+            ring.write(bytes([i]) * (i + 1))
+            got.append(reader.read(0, timeout=1.0))
+        assert got == [bytes([i]) * (i + 1) for i in range(7)]
+        with pytest.raises(ValueError):
+            ring.write(b"x" * 65)
+    finally:
+        reader.unlink()
+        ring.unlink()
+
+
+def test_tp2_logits_match_single_rank():
+    from atom_stream.engine.distributed import TPExecutor
+
+    single = ModelRunner(_config(1))
+    want, _ = single.run_inputs(single.build_inputs(_batch(4, 0)))
+    ex = TPExecutor(_config(2))
+    try:
+        batch = _batch(4, 0)
+        inp = ex.runner.build_inputs(batch)
+        ex._broadcast(inp)
+        got, _ = ex.runner.run_inputs(inp)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        ex.shutdown()
+    assert all(not p.is_alive() for p in ex.procs)
+
+
+def test_dead_worker_is_detected_and_reported():
+    from atom_stream.engine.distributed import TPExecutor
+
+    ex = TPExecutor(_config(2))
+    try:
+        os.kill(ex.procs[0].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while ex.dead is None and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert ex.dead is not None and time.monotonic() - t0 < 10
+        with pytest.raises(RuntimeError, match="died"):
+            ex._broadcast(ex.runner.build_inputs(_batch(4, 1)))
+    finally:
+        ex.shutdown(timeout=2.0)
+    assert all(not p.is_alive() for p in ex.procs)
