@@ -210,6 +210,8 @@ def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embed
     if n == 0:
         raise CheckpointError(f"{path}: no tensors found")
     loader.check_complete(tie_word_embeddings)
+    for hook in extra_hooks or []:  # quant hooks (layers/quant) check their own tensors arrived
+        getattr(hook, "check_complete", lambda: None)()
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from atom_stream.config import ConfigError, EngineConfig, ModelConfig
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
 from atom_stream.layers.parallel import TPInfo, tp_context
+from atom_stream.layers.quant import apply_quantization, quant_init, weight_bytes_report
 from atom_stream.loader import init_dummy_weights, load_checkpoint
 from atom_stream.models import MODEL_REGISTRY
 
@@ -95,18 +96,21 @@ class ModelRunner:
         t0 = time.perf_counter()
         with tp_context(self.tp_info):
             model_cls = MODEL_REGISTRY[cfg.architecture]
-            self.model = model_cls(cfg, self.max_model_len, self.dtype, self.device)
+            with quant_init(cfg):  # layers/quant (issue 8): quantized weights never built dense
+                self.model = model_cls(cfg, self.max_model_len, self.dtype, self.device)
+            quant_hooks = apply_quantization(self.model, cfg)  # packed buffers + loader hooks
             dummy = config.is_demo or config.load_format == "dummy" or not _is_dir(config.model)
             if dummy:
                 from atom_stream.models.demo import DEMO_SEED
                 init_dummy_weights(self.model, DEMO_SEED if config.is_demo else config.seed)
             else:
                 load_checkpoint(self.model, config.model, cfg.num_hidden_layers,
-                                cfg.tie_word_embeddings)
+                                cfg.tie_word_embeddings, extra_hooks=quant_hooks)
         self.model.process_weights_after_loading()
         self.model.eval()
         logger.info("model %s loaded in %.2fs (%s, %s)", config.model or "demo",
                     time.perf_counter() - t0, self.dtype, self.device)
+        logger.info("weight bytes by format: %s", weight_bytes_report(self.model))  # issue 8
 
         self.kv_dtype = fp8_dtype() if config.kv_cache_is_fp8 else self.dtype
         self.num_kv_blocks = self._num_kv_blocks()

@@ -15,11 +15,13 @@ stores are enough on x86-64 and on the CPUs MI355 hosts use; `seq` is written la
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from multiprocessing import shared_memory
 
 _I64 = struct.Struct("<q")
+SPIN_S = 0.05  # busy-wait window before sleeping
 
 
 class RingClosed(Exception):
@@ -125,15 +127,21 @@ class ShmRing:
 
     @staticmethod
     def _wait(ready, timeout: float | None, alive) -> None:
+        """Spin (yielding the CPU) for up to SPIN_S so a step starts within microseconds, then
+        back off to short sleeps so an idle engine costs no CPU."""
         if ready():
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spins = 0
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        n = 0
         while not ready():
-            spins += 1
-            if spins > 2000:
-                time.sleep(min(1e-3, 1e-6 * (spins - 2000)))
-                if alive is not None and spins % 256 == 0 and not alive():
+            n += 1
+            now = time.monotonic()
+            if now - start < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(2e-4 if now - start < 1.0 else 1e-3)
+                if alive is not None and n % 64 == 0 and not alive():
                     raise RuntimeError("a ring reader died")
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and now > deadline:
                 raise TimeoutError("shared-memory ring wait timed out")

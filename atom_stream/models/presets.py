@@ -4,9 +4,9 @@
 MI355 / H200 holds and computes per decode step when 8 GPUs serve the model. Per rank: 64/8 = 8
 attention heads (q_a/kv_a replicated, q_b/kv_b/o split), dense MLP 18432/8, every one of the 384
 experts with intermediate 2048/8 = 256, the shared expert 2048/8, the vocab shard 163840/8. The
-routed experts are INT4 group-32 (Kimi's native compressed-tensors packing) or MXFP4; the rest
-bf16; the KV cache fp8. `-bf16` variants keep bf16 experts and fewer layers (bf16 at full depth
-does not fit one GPU).
+routed experts are INT4 group-32 (Kimi's native compressed-tensors packing), MXFP4 or W4A8
+(FP8 at rest); the rest bf16; the KV cache fp8. `-bf16` variants keep bf16 experts and fewer
+layers (bf16 at full depth does not fit one GPU).
 """
 
 from __future__ import annotations
@@ -53,8 +53,27 @@ MXFP4_EXPERTS = {
                "weight_format": "real_quantized", "weight_merge_groups": None},
 }
 
+# Quark W4A8 (amd/Kimi-K2.5-W4A8 style): INT4 experts converted to FP8 at load, so at rest the
+# experts take 1 B/weight: ~127 GB for one TP8 rank at full depth (the usage guide serves this
+# variant at TP4); leave the KV pool room with gpu_memory_utilization ~0.97.
+W4A8_EXPERTS = {
+    "quant_method": "quark", "quant_mode": "eager_mode",
+    "global_quant_config": {
+        "weight": [{"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False},
+                   {"dtype": "int4", "qscheme": "per_channel", "symmetric": True, "ch_axis": 0,
+                    "is_dynamic": False}],
+        "input_tensors": {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": True},
+        "output_tensors": None, "bias": None},
+    "layer_quant_config": {}, "layer_type_quant_config": {}, "kv_cache_quant_config": {},
+    "exclude": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:.*shared_experts.*",
+                "re:.*layers\\.0\\.mlp.*"],
+    "export": {"kv_cache_group": [], "min_kv_scale": 0.0, "pack_method": "reorder",
+               "weight_format": "real_quantized", "weight_merge_groups": None},
+}
+
 PRESETS: dict[str, dict] = {
     "k25-tp8-rank": dict(_K25_TEXT, quantization_config=INT4_EXPERTS),
     "k25-tp8-rank-mxfp4": dict(_K25_TEXT, quantization_config=MXFP4_EXPERTS),
+    "k25-tp8-rank-w4a8": dict(_K25_TEXT, quantization_config=W4A8_EXPERTS),
     "k25-tp8-rank-bf16": dict(_K25_TEXT, num_hidden_layers=16),
 }

@@ -1,0 +1,15 @@
+"""Quantized checkpoints (issue 8; model_spec.md §4): compressed-tensors INT4 (int4_pack), Quark
+MXFP4 (mxfp4), Quark W4A8 converted to FP8 at load (w4a8), DeepSeek FP8 block (fp8_block), and the
+FP8 KV cache's per-layer k_scale (kv_cache). `config` maps quantization_config to per-layer
+schemes; `apply` wires them into the model and the loader (see its docstring for the sequence).
+"""
+
+from __future__ import annotations
+
+from atom_stream.layers.quant.apply import (
+    QuantLoader, apply_quantization, quant_init, set_activation_quant, weight_bytes_report,
+)
+from atom_stream.layers.quant.config import QuantScheme, parse_quant_config
+
+__all__ = ["QuantLoader", "QuantScheme", "apply_quantization", "parse_quant_config",
+           "quant_init", "set_activation_quant", "weight_bytes_report"]

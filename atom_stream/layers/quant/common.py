@@ -1,0 +1,265 @@
+"""Shared pieces of the quant methods: the method interfaces, TP narrowing of checkpoint tensors,
+the reference MoE loop, FP8 activation quant-dequant, and the bridge to the Triton fused MoE.
+
+Method contracts (one instance per scheme, shared by the layers it quantizes):
+- LinearMethod: `create(layer)` swaps `layer.weight` (a float Parameter) for the format's
+  buffers (memory at rest = the format); `load(layer, suffix, tensor, name)` copies the checkpoint
+  tensor `{layer}.{suffix}`; `dequantize(layer)` -> dense [out, in] in the layer's dtype;
+  `apply(layer, x)` -> x @ W^T (the Linear module adds the TP all-reduce).
+- MoEMethod: the same for the stacked routed experts (`{experts}.{e}.{proj}.{suffix}`, proj in
+  gate_proj/up_proj/down_proj), `apply(experts, x, topk_weights, topk_ids)` -> [T, H].
+Quantized tensors are registered as buffers, not Parameters: the generic loader and
+`init_dummy_weights` see only the float parameters; the quant loader hook owns the rest and
+checks that each arrived. Buffers move with the module like parameters do.
+
+The CPU reference forward dequantizes on the fly (per forward, per chosen expert) and never
+caches dense weights: memory at rest stays packed.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atom_stream.layers.parallel import TPInfo
+from atom_stream.loader import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def real_device(p: torch.Tensor) -> torch.device:
+    """The device a (possibly meta, deferred) parameter is meant for."""
+    return getattr(p, "real_device", p.device)
+
+
+def generator(name: str, device: torch.device, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+
+
+def tp_narrow(t: torch.Tensor, dim: int | None, tp: TPInfo, name: str) -> torch.Tensor:
+    """This rank's slice of a full checkpoint tensor along `dim` (None: replicated)."""
+    if tp.size == 1 or dim is None or t.dim() <= dim:
+        return t
+    n = t.shape[dim]
+    if n % tp.size:
+        raise CheckpointError(f"{name}: dim {dim} ({n}) is not divisible by "
+                                    f"tensor_parallel_size {tp.size}")
+    local = n // tp.size
+    return t.narrow(dim, tp.rank * local, local)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise CheckpointError(f"{name}: shape mismatch, checkpoint has {tuple(src.shape)}, "
+                                    f"model expects {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """Group/channel scales: bf16 as checkpoints ship them, float32 in a float32 model (exact)."""
+    return torch.float32 if model_dtype == torch.float32 else torch.bfloat16
+
+
+class LinearMethod:
+    format = ""
+    suffixes: tuple[str, ...] = ()   # checkpoint tensors each layer must have
+    optional: tuple[str, ...] = ()   # accepted and ignored when present
+
+    def __init__(self, scheme):
+        self.scheme = scheme
+
+    def create(self, layer: nn.Module, name: str) -> None:
+        w = layer.weight
+        layer.quant_dtype = w.dtype
+        layer.quant_tp_dim = getattr(w, "tp_dim", None)
+        device = real_device(w)
+        del layer.weight
+        self.create_buffers(layer, device)
+        layer.quant_method = self
+        self.dummy(layer, generator(name, device))
+
+    def full_shape(self, layer) -> tuple[int, int]:
+        """[out, in] of the whole (unsharded) weight."""
+        out, inp, tp = layer.out_features, layer.in_features, layer.tp.size
+        return (out * tp, inp) if layer.quant_tp_dim == 0 else (
+            (out, inp * tp) if layer.quant_tp_dim == 1 else (out, inp))
+
+    def create_buffers(self, layer, device) -> None:
+        raise NotImplementedError
+
+    def dummy(self, layer, gen: torch.Generator) -> None:
+        """Valid random content (load_format dummy / bench presets); a checkpoint overwrites it."""
+        raise NotImplementedError
+
+    def load(self, layer, suffix: str, tensor: torch.Tensor, name: str) -> None:
+        raise NotImplementedError
+
+    def dequantize(self, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(layer))
+
+
+class MoEMethod:
+    format = ""
+    suffixes: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    def __init__(self, scheme):
+        self.scheme = scheme
+
+    def create(self, experts: nn.Module, name: str, tp: TPInfo) -> None:
+        experts.quant_dtype = experts.w13.dtype
+        experts.quant_tp = tp
+        device = real_device(experts.w13)
+        del experts.w13, experts.w2
+        self.create_buffers(experts, device)
+        experts.quant_method = self
+        self.dummy(experts, generator(name, device))
+
+    def create_buffers(self, experts, device) -> None:
+        raise NotImplementedError
+
+    def dummy(self, experts, gen: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def load(self, experts, idx: int, proj: str, suffix: str, tensor: torch.Tensor,
+             name: str) -> None:
+        raise NotImplementedError
+
+    def apply(self, experts, x, topk_weights, topk_ids) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def proj_rows(experts, proj: str) -> slice:
+    """Rows of w13 that hold gate_proj (first I) or up_proj (next I)."""
+    inter = experts.inter
+    return slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+
+
+def narrow_expert(t: torch.Tensor, proj: str, experts, name: str) -> torch.Tensor:
+    """TP slice of a per-expert tensor: rows of gate/up, columns of down (2-D tensors only;
+    per-row vectors of gate/up are narrowed too, per-row vectors of down and scalars are not)."""
+    tp = experts.quant_tp
+    if t.dim() == 0:
+        return t
+    if proj == "down_proj":
+        return tp_narrow(t, 1, tp, name) if t.dim() == 2 else t
+    return tp_narrow(t, 0, tp, name)
+
+
+def moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             num_experts: int, expert_fn) -> torch.Tensor:
+    """sum_k w_k * expert_fn(e_k, x) over the chosen experts, in the same order and precision as
+    layers/moe.experts_ref (so a weight-only format matches the dequantized model exactly)."""
+    T, H = x.shape
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    tok = order // topk_ids.shape[1]
+    wts = topk_weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tok[start:start + n]
+        y = expert_fn(e, x[rows])
+        out.index_add_(0, rows, y.float() * wts[start:start + n, None])
+        start += n
+    return out.to(x.dtype)
+
+
+def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act_qdq=None):
+    """down(silu(gate(x)) * up(x)); `act_qdq` quant-dequantizes the inputs of both GEMMs."""
+    inter = w2.shape[-1]
+    if act_qdq is not None:
+        x = act_qdq(x)
+    h = F.linear(x, w13)
+    a = F.silu(h[:, :inter]) * h[:, inter:]
+    if act_qdq is not None:
+        a = act_qdq(a)
+    return F.linear(a, w2)
+
+
+# ---------------------------------------------------------------- FP8 activation quant-dequant
+def fp8_qdq_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 e4m3: s = amax(row)/448, x -> fp8(x/s) * s."""
+    xf = x.float()
+    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (q.float() * s).to(x.dtype)
+
+
+def fp8_qdq_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor FP8 e4m3 with the checkpoint's input scale."""
+    s = scale.float()
+    q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (q.float() * s).to(x.dtype)
+
+
+def fp8_qdq_group(x: torch.Tensor, group: int = 128, ue8m0: bool = False) -> torch.Tensor:
+    """DeepSeek FP8 activations (model_spec §4a): per token, per `group` channels,
+    s = max(amax, 1e-4)/448 (rounded up to a power of two when ue8m0)."""
+    n = x.shape[-1]
+    pad = (-n) % group
+    xf = F.pad(x.float(), (0, pad)).unflatten(-1, (-1, group))
+    s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (q.float() * s).flatten(-2)[..., :n].to(x.dtype)
+
+
+# ---------------------------------------------------------------- GPU bridge
+_fused = None
+_warned: set[str] = set()
+
+
+def log_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.info(msg, *args)
+
+
+def fused_moe_kernel():
+    """kernels/fused_moe.fused_moe when that module exists (None otherwise)."""
+    global _fused
+    if _fused is None:
+        try:
+            from atom_stream.kernels.fused_moe import fused_moe
+            _fused = fused_moe
+        except ImportError:
+            _fused = False
+    return _fused or None
+
+
+def try_fused_moe(x, w13, w2, topk_weights, topk_ids, quant: str, **kw):
+    """Run the Triton fused MoE on CUDA/ROCm tensors when available; None -> use the reference.
+
+    Calls `fused_moe(hidden, w13, w2, topk_weights, topk_ids, quant=quant, **kw)` with
+    quant in {"int4_g32" (w*_scale: group scales), "mxfp4" (w*_scale: e8m0 uint8, act_quant),
+    "fp8_tensor" (w*_scale [E] fp32, a*_scale static or None = dynamic per token),
+    "fp8_block" (w*_scale_inv block scales)}."""
+    if not x.is_cuda:
+        return None
+    fn = fused_moe_kernel()
+    if fn is None:
+        log_once(f"nofused:{quant}", "fused_moe kernel unavailable: %s experts run the torch "
+                 "reference path (dequantize per forward)", quant)
+        return None
+    try:
+        return fn(x, w13, w2, topk_weights, topk_ids, quant=quant, **kw)
+    except (TypeError, NotImplementedError) as e:  # kernel without this quant mode
+        log_once(f"fusedfail:{quant}", "fused_moe does not take quant=%s (%s); using the torch "
+                 "reference path", quant, e)
+        return None
