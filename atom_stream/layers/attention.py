@@ -54,11 +54,8 @@ def fp8_dtype() -> torch.dtype:
 def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, entry: torch.Tensor,
              k_scale: float = 1.0) -> None:
     """Write entry [T, D] into the flat slots of kv_cache; quantize when the cache is fp8.
-    Slots < 0 are skipped (padding)."""
+    Padding rows point at the scratch block's slots (no masking: graph-capturable)."""
     flat = kv_cache.view(-1, kv_cache.shape[-1])
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        slot_mapping, entry = slot_mapping[valid], entry[valid]
     if kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
         finfo = torch.finfo(kv_cache.dtype)
         q = (entry.float() / k_scale).clamp(finfo.min, finfo.max).to(kv_cache.dtype)
@@ -81,13 +78,14 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int,
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                    block_tables: torch.Tensor, seq_lens: torch.Tensor, kv_lora_rank: int,
-                   scale: float, k_scale: float = 1.0) -> torch.Tensor:
+                   scale: float, k_scale: float = 1.0, static_len: bool = False) -> torch.Tensor:
     """Absorbed MLA decode: MQA with one latent KV head.
 
     q_lat [B, H, r], q_pe [B, H, d_r]; returns o_lat [B, H, r] = softmax(scale * (q_lat.c +
     q_pe.k_pe)) @ c over each sequence's first seq_lens[b] cached tokens (float32 softmax)."""
     bs = kv_cache.shape[1]
-    max_len = int(seq_lens.max())
+    # static_len: attend over the whole block table (no host sync; graph-capturable)
+    max_len = block_tables.shape[1] * bs if static_len else int(seq_lens.max())
     pos = torch.arange(max_len, device=kv_cache.device)
     blk = block_tables[:, (pos // bs)].long()  # [B, L]
     slots = blk * bs + (pos % bs)

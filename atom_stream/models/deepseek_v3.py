@@ -26,7 +26,7 @@ from atom_stream.layers.attention import (
     AttentionMetadata, gather_kv, mla_decode_ref, mla_prefill_ref, store_kv,
 )
 from atom_stream.layers.linear import Linear, VocabEmbedding, dense_weight
-from atom_stream.layers.moe import experts_ref, route
+from atom_stream.layers.moe import experts_dense_ref, experts_ref, route
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import all_gather_last, all_reduce, tp
 from atom_stream.layers.rotary import RotaryEmbedding
@@ -60,6 +60,8 @@ class MLA(nn.Module):
                              parallel="row")
         self.rotary = rotary
         self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
+        # Triton kernels need power-of-two latent/rope widths >= 16 (512/64 in real models)
+        self.use_kernels = all(d >= 16 and d & (d - 1) == 0 for d in (self.r, self.rope))
         self.w_uk: torch.Tensor | None = None  # [H, nope, r]
         self.w_uv: torch.Tensor | None = None  # [H, v, r]
 
@@ -83,7 +85,11 @@ class MLA(nn.Module):
         c = self.kv_a_layernorm(kv[:, : self.r])
         q_pe = self.rotary(positions, q_pe)
         k_pe = self.rotary(positions, kv[:, None, self.r:]).squeeze(1)
-        store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
+        if self.use_kernels and x.is_cuda:
+            from atom_stream.kernels.kv_store import kv_store
+            kv_store(kv_cache, md.slot_mapping, c, k_pe, self.k_scale, rope_dim=self.rope)
+        else:
+            store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
 
         out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
         nd = md.num_decodes
@@ -91,15 +97,24 @@ class MLA(nn.Module):
             q_lat = torch.einsum("thn,hnr->thr", q_nope[:nd], self.w_uk)
             seq_lens = md.decode_seq_lens
             if seq_lens is None:
-                seq_lens = torch.tensor(md.seq_lens[:nd], device=x.device)
-            o_lat = mla_decode_ref(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], seq_lens,
-                                   self.r, self.scale, self.k_scale)
+                seq_lens = torch.tensor(md.seq_lens[:nd], dtype=torch.int32, device=x.device)
+            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], seq_lens)
             out[:nd] = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), self.w_uv)
         for i in range(nd, md.num_seqs):
             s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
             out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
                                          kv_cache, md.block_tables[i], md.seq_lens[i])
         return self.o_proj(out.reshape(T, H * self.v_dim))
+
+    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens):
+        """Absorbed decode over the paged cache: the Triton kernel on GPUs (split-KV, graph-
+        capturable), the torch reference elsewhere (static length on GPUs so graphs capture)."""
+        if self.use_kernels and q_lat.is_cuda:
+            from atom_stream.kernels.mla_decode import mla_decode
+            return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.scale,
+                              self.k_scale, rope_dim=self.rope)
+        return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
+                              self.k_scale, static_len=q_lat.is_cuda)
 
     def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len):
         """Naive path for one chunk: queries are the last q_len of seq_len positions."""
@@ -166,7 +181,21 @@ class Experts(nn.Module):
     def forward(self, x, topk_weights, topk_ids):
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, topk_weights, topk_ids)
+        if x.is_cuda:
+            fused = _fused_moe()
+            if fused is not None:
+                return fused(x, self.w13, self.w2, topk_weights, topk_ids)
+            return experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids)
         return experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
+
+
+def _fused_moe():
+    """The Triton fused MoE (kernels/fused_moe.py) when present, else None."""
+    try:
+        from atom_stream.kernels.fused_moe import fused_moe
+    except ImportError:
+        return None
+    return fused_moe
 
 
 class MoE(nn.Module):
