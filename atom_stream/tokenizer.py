@@ -1,0 +1,378 @@
+"""Tokenizers: the `Tokenizer` interface, the demo byte-level tokenizer, the Hugging Face adapter
+and `load_tokenizer`, which picks one for a model path.
+
+`load_tokenizer(path)`:
+- `None` / `"demo"`: `DemoTokenizer` (ids 0..255 = raw bytes, specials 256..319, vocab 320, EOS
+  (257, 262), Kimi-like chat format without a default system message or think tags).
+- a directory with `tiktoken.model` + `tokenizer_config.json`: the native Kimi tokenizer
+  (`tokenizers_kimi.KimiTokenizer`; no remote code, nothing imported from the checkpoint). Its chat
+  format is the built-in Kimi renderer, even when the directory ships `chat_template.jinja` or a
+  `chat_template` in tokenizer_config.json, unless `trust_remote_code=True`, in which case the
+  checkpoint's jinja template is rendered (jinja is data, not code: it runs sandboxed).
+- anything else: `transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)`.
+- `chat_template` (a file path or a literal jinja string) overrides the chat format of any of
+  them. A path where nothing loads raises ValueError naming it.
+
+Interface contracts (every tokenizer):
+- `encode(text)` never prepends BOS (`add_special_tokens=True` asks for the HF tokenizer's own
+  prefix); for Kimi/demo, special-token strings in the text become their control ids.
+- `decode(ids, skip_special_tokens=True)`: ids outside [0, vocab_size) raise ValueError; invalid
+  UTF-8 decodes to U+FFFD. decode(encode(s), skip_special_tokens=False) == s for any str s.
+- `token_bytes(id)`: the raw bytes of a byte-level vocabulary's token, None for specials / when
+  the vocabulary is not byte-level. `byte_table(skip)` (cached): bytes for every id, specials as
+  b"" (skip) or their UTF-8 text, or None when not byte-level; the detokenizer's fast path.
+- `eos_token_ids`: tuple, the tokenizer's EOS plus `generation_config.json`'s eos_token_id(s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the form HF byte-level vocabularies
+    store tokens in)."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+BYTE_TO_UNICODE = bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def bytes_to_token_str(b: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[x] for x in b)
+
+
+class Tokenizer(ABC):
+    """What the engine, the servers and the detokenizer need from a tokenizer."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    all_special_ids: frozenset[int]
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def id_to_str(self, token_id: int) -> str:
+        """The vocabulary's string for one id (GPT-2 byte form for byte-level BPE)."""
+
+    @abstractmethod
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool,
+                     **kwargs: Any) -> str: ...
+
+    _chat_template: str | None = None  # a jinja override, rendered instead of _render_chat
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return None
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self.all_special_ids
+
+    def special_text(self, token_id: int) -> str:
+        """The text a special token decodes to when specials are kept."""
+        return self.id_to_str(token_id)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **chat_template_kwargs: Any) -> str:
+        """OpenAI-style messages -> the prompt string. Extra keywords (e.g. `thinking`, `tools`)
+        reach the template."""
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of dicts")
+        if self._chat_template is not None:
+            return self._render_override(messages, add_generation_prompt, chat_template_kwargs)
+        return self._render_chat(messages, add_generation_prompt, **chat_template_kwargs)
+
+    def _render_override(self, messages: list[Message], add_generation_prompt: bool,
+                         kwargs: dict[str, Any]) -> str:
+        return render_jinja(self._chat_template, messages, add_generation_prompt,
+                            self._template_vars(), kwargs)
+
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    **chat_template_kwargs: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt,
+                                                    **chat_template_kwargs))
+
+    def _template_vars(self) -> dict[str, Any]:
+        bos = self.bos_token_id
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        return {"bos_token": self.id_to_str(bos) if bos is not None else "",
+                "eos_token": self.id_to_str(eos) if eos is not None else ""}
+
+    def byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        """Bytes of every id (specials: b"" or their text), cached; None if not byte-level."""
+        cache = self.__dict__.setdefault("_byte_tables", {})
+        if skip_special_tokens not in cache:
+            cache[skip_special_tokens] = self._build_byte_table(skip_special_tokens)
+        return cache[skip_special_tokens]
+
+    def _build_byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        table = []
+        for i in range(self.vocab_size):
+            if self.is_special(i):
+                table.append(b"" if skip_special_tokens else self.special_text(i).encode())
+                continue
+            b = self.token_bytes(i)
+            if b is None:
+                return None
+            table.append(b)
+        return table
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        n = self.vocab_size
+        for t in ids:
+            if not 0 <= t < n:
+                raise ValueError(f"token id {t} is not in [0, {n})")
+        return ids
+
+
+# ------------------------------------------------------------------------------------ demo
+DEMO_SPECIALS = {256: "<|bos|>", 257: "<|eos|>", 258: "<|im_user|>", 259: "<|im_assistant|>",
+                 260: "<|im_system|>", 261: "<|im_middle|>", 262: "<|im_end|>"}
+DEMO_SPECIALS.update({i: f"<|reserved_{i}|>" for i in range(263, 320)})
+
+
+def special_splitter(names: Iterable[str]) -> re.Pattern:
+    """A regex with one capture group matching any of `names` (longest first)."""
+    alts = sorted(names, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, alts)) + ")")
+
+
+class DemoTokenizer(Tokenizer):
+    """The embedded demo model's byte-level tokenizer (see the module docstring)."""
+
+    vocab_size = 320
+    bos_token_id = 256
+    eos_token_ids = (257, 262)
+    all_special_ids = frozenset(range(256, 320))
+
+    def __init__(self, chat_template: str | None = None):
+        self._chat_template = chat_template
+        self._name_to_id = {v: k for k, v in DEMO_SPECIALS.items()}
+        self._split = special_splitter(DEMO_SPECIALS.values())
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        prefix = [self.bos_token_id] if add_special_tokens else []
+        if "<|" not in text:  # fast path: no special names possible
+            return prefix + list(text.encode())
+        ids = prefix
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._name_to_id[part])
+            elif part:
+                ids.extend(part.encode())
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        out = bytearray()
+        for t in self._check_ids(ids):
+            if t < 256:
+                out.append(t)
+            elif not skip_special_tokens:
+                out += DEMO_SPECIALS[t].encode()
+        return out.decode("utf-8", "replace")
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return bytes((token_id,)) if 0 <= token_id < 256 else None
+
+    def id_to_str(self, token_id: int) -> str:
+        if 0 <= token_id < 256:
+            return BYTE_TO_UNICODE[token_id]
+        return DEMO_SPECIALS[token_id]
+
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool,
+                     **kwargs: Any) -> str:
+        from atom_stream.tokenizers_kimi import render_kimi_chat
+        return render_kimi_chat(messages, add_generation_prompt, default_system=None,
+                                think_tags=False, template_kwargs=kwargs)
+
+
+# ------------------------------------------------------------------------------ hugging face
+class HFTokenizer(Tokenizer):
+    """Adapter over a transformers tokenizer. Byte-level BPE vocabularies (ByteLevel decoder)
+    get `token_bytes`, so the detokenizer takes the byte path."""
+
+    def __init__(self, tok: Any, chat_template: str | None = None,
+                 extra_eos: Sequence[int] = ()):
+        self._tok = tok
+        self._chat_template = chat_template
+        self.vocab_size = len(tok)
+        self.bos_token_id = tok.bos_token_id
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        self.eos_token_ids = tuple(dict.fromkeys([*eos, *extra_eos]))
+        self.all_special_ids = frozenset(tok.all_special_ids)
+        self._added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
+        self._byte_level = _has_byte_level_decoder(tok)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens,
+                                clean_up_tokenization_spaces=False)
+
+    def id_to_str(self, token_id: int) -> str:
+        s = self._tok.convert_ids_to_tokens(int(token_id))
+        return s if s is not None else ""
+
+    def special_text(self, token_id: int) -> str:
+        return self._added.get(token_id) or self.id_to_str(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        if not self._byte_level or self.is_special(token_id):
+            return None
+        if token_id in self._added:  # added tokens are stored as plain text
+            return self._added[token_id].encode()
+        try:
+            return bytes(UNICODE_TO_BYTE[c] for c in self.id_to_str(token_id))
+        except KeyError:
+            return None
+
+    def _build_byte_table(self, skip_special_tokens: bool) -> list[bytes] | None:
+        if not self._byte_level:
+            return None
+        strs = self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))  # one batched call
+        table = []
+        for i, s in enumerate(strs):
+            if self.is_special(i):
+                table.append(b"" if skip_special_tokens else self.special_text(i).encode())
+            elif i in self._added:
+                table.append(self._added[i].encode())
+            else:
+                try:
+                    table.append(bytes([UNICODE_TO_BYTE[c] for c in s or ""]))
+                except KeyError:
+                    return None
+        return table
+
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool,
+                     **kwargs: Any) -> str:
+        return self._tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+
+    def _render_override(self, messages: list[Message], add_generation_prompt: bool,
+                         kwargs: dict[str, Any]) -> str:
+        # HF renders the override with its own variables (bos_token, eos_token, ...)
+        return self._render_chat(messages, add_generation_prompt,
+                                 chat_template=self._chat_template, **kwargs)
+
+
+def _has_byte_level_decoder(tok: Any) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        return json.loads(backend.to_str()).get("decoder", {}).get("type") == "ByteLevel"
+    except (ValueError, AttributeError):
+        return False
+
+
+# ------------------------------------------------------------------------------ templates
+def resolve_chat_template(chat_template: str | None) -> str | None:
+    """A file path -> its contents; a literal jinja string -> itself."""
+    if chat_template is None:
+        return None
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in chat_template:
+        raise ValueError(f"chat_template {chat_template!r} is neither a file nor a jinja template")
+    return chat_template
+
+
+def render_jinja(template: str, messages: list[Message], add_generation_prompt: bool,
+                 variables: dict[str, Any], kwargs: dict[str, Any]) -> str:
+    """Render a HF-style chat template (transformers' sandboxed jinja environment)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                        add_generation_prompt=add_generation_prompt,
+                                        **{**variables, **kwargs})
+    return rendered[0]
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def generation_eos_ids(model_dir: str) -> list[int]:
+    """eos_token_id from generation_config.json (int or list), if any."""
+    eos = _read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+# ------------------------------------------------------------------------------ loading
+def load_tokenizer(model_path: str | None, *, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer for `model_path` (see the module docstring for the rules)."""
+    template = resolve_chat_template(chat_template)
+    if model_path is None or model_path == "demo":
+        return DemoTokenizer(chat_template=template)
+    path = os.path.expanduser(model_path)
+    if os.path.isfile(os.path.join(path, "tiktoken.model")) and os.path.isfile(
+            os.path.join(path, "tokenizer_config.json")):
+        from atom_stream.tokenizers_kimi import KimiTokenizer
+        if template is None and trust_remote_code:
+            template = _checkpoint_chat_template(path)
+        try:
+            return _warm(KimiTokenizer(path, chat_template=template,
+                                       extra_eos=generation_eos_ids(path)))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot load the Kimi tokenizer in {model_path!r}: {e}") from e
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"tokenizer path {model_path!r} is a file, not a model directory")
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"no loadable tokenizer at {model_path!r}: {type(e).__name__}: {e}"
+                         ) from e
+    extra = generation_eos_ids(path) if os.path.isdir(path) else []
+    return _warm(HFTokenizer(tok, chat_template=template, extra_eos=extra))
+
+
+def _warm(tok: Tokenizer) -> Tokenizer:
+    """Build the detokenizer's byte tables now (at load, off the event loop), not on the first
+    request."""
+    tok.byte_table(True)
+    tok.byte_table(False)
+    return tok
+
+
+def _checkpoint_chat_template(path: str) -> str | None:
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    tpl = _read_json(os.path.join(path, "tokenizer_config.json")).get("chat_template")
+    return tpl if isinstance(tpl, str) else None

@@ -1,0 +1,237 @@
+"""IncrementalDetokenizer (byte path: demo, Kimi, HF byte-level; text path: forced) and
+StopStringChecker, against whole-text oracles with random texts, chunkings and stop strings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizer_fixtures import write_hf_tokenizer, write_kimi_tokenizer
+
+from atom_stream.detokenizer import IncrementalDetokenizer, StopStringChecker
+from atom_stream.tokenizer import DemoTokenizer, load_tokenizer
+
+FFFD = "\ufffd"
+FAST = settings(max_examples=120, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+# emoji (4 bytes), CJK (3), combining marks, ZWJ sequences, control chars, CRLF
+TRICKY = "😀👩‍👩‍👧 你好世界 e\u0301 \x00\x07\r\n\r\n ½ 𝔘𝔫𝔦 " + "🇫🇷"
+
+
+class TextOnly:
+    """Hides a tokenizer's byte table, forcing the prefix/read-offset text path."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.vocab_size = tok.vocab_size
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    kimi = load_tokenizer(write_kimi_tokenizer(str(tmp_path_factory.mktemp("kimi"))))
+    hf = load_tokenizer(write_hf_tokenizer(str(tmp_path_factory.mktemp("hf"))))
+    demo = DemoTokenizer()
+    return {"demo": demo, "kimi": kimi, "hf": hf, "demo-text": TextOnly(demo),
+            "kimi-text": TextOnly(kimi), "hf-text": TextOnly(hf)}
+
+
+def stream(tok, ids, chunks=None, skip=True, prompt=None):
+    """Push `ids` (one by one, or in the given chunk sizes); returns (deltas, flushed)."""
+    det = IncrementalDetokenizer(tok, prompt_token_ids=prompt, skip_special_tokens=skip)
+    deltas, i = [], 0
+    for n in chunks or [1] * len(ids):
+        deltas.append(det.push(ids[i:i + n]))
+        i += n
+    return deltas, det.flush()
+
+
+def encode(tokenizers, name, text):
+    return tokenizers[name.removesuffix("-text")].encode(text)
+
+
+def test_paths_are_chosen(tokenizers):
+    from atom_stream.detokenizer import _ByteDetokenizer, _TextDetokenizer
+    for name, tok in tokenizers.items():
+        det = IncrementalDetokenizer(tok)
+        assert isinstance(det, IncrementalDetokenizer)
+        assert isinstance(det, _TextDetokenizer if name.endswith("-text") else _ByteDetokenizer)
+
+
+@pytest.mark.parametrize("name", ["demo", "kimi", "hf", "demo-text", "kimi-text", "hf-text"])
+def test_tricky_text_token_by_token(tokenizers, name):
+    ids = encode(tokenizers, name, TRICKY)
+    assert len(ids) > len(TRICKY) // 2  # many characters really are split over tokens
+    deltas, flushed = stream(tokenizers[name], ids, prompt=[104, 105])
+    assert all(FFFD not in d for d in deltas)
+    assert "".join(deltas) + flushed == TRICKY and flushed == ""
+
+
+@FAST
+@given(st.text(), st.randoms(use_true_random=False), st.sampled_from(
+    ["demo", "kimi", "hf", "demo-text", "kimi-text"]))
+def test_random_text_random_chunks(tokenizers, text, rnd, name):
+    ids = encode(tokenizers, name, text)
+    chunks, left = [], len(ids)
+    while left:
+        chunks.append(min(left, rnd.randint(1, 4)))
+        left -= chunks[-1]
+    deltas, flushed = stream(tokenizers[name], ids, chunks)
+    so_far = ""
+    for d in deltas:  # every emission is final: no U+FFFD for a held partial character
+        so_far += d
+        assert text.startswith(so_far)
+    assert so_far + flushed == text
+
+
+@FAST
+@given(st.binary(max_size=40), st.sampled_from(["demo", "demo-text"]))
+def test_invalid_bytes_match_full_decode(tokenizers, data, name):
+    ids = list(data)
+    deltas, flushed = stream(tokenizers[name], ids)
+    assert "".join(deltas) + flushed == data.decode("utf-8", "replace")
+
+
+def test_invalid_bytes_come_out_when_provably_invalid(tokenizers):
+    det = IncrementalDetokenizer(tokenizers["demo"])
+    assert det.push([0xFF]) == FFFD  # can never start a character
+    assert det.push([0xE4, 0xBD]) == ""  # a valid prefix of 你: held
+    assert det.push([0x41]) == FFFD + "A"  # interrupted: invalid now
+    assert det.push([0xE4]) == ""
+    assert det.flush() == FFFD  # unfinished at the end
+    assert det.push([0xE4, 0xBD, 0xA0]) == "你"  # flush reset the state
+
+
+@pytest.mark.parametrize("name", ["demo", "kimi", "hf", "kimi-text"])
+def test_special_tokens_skipped_or_kept(tokenizers, name):
+    tok = tokenizers[name.removesuffix("-text")]
+    eos = tok.eos_token_ids[0]
+    ids = tok.encode("ab") + [eos] + tok.encode("你")
+    skipped, f1 = stream(tokenizers[name], ids, skip=True)
+    kept, f2 = stream(tokenizers[name], ids, skip=False)
+    assert "".join(skipped) + f1 == "ab你"
+    assert "".join(kept) + f2 == "ab" + tok.decode([eos], skip_special_tokens=False) + "你"
+
+
+def test_special_between_partial_bytes_matches_decode(tokenizers):
+    tok = tokenizers["demo"]
+    ids = [0xE4, 0xBD, 262, 0xA0, 97]
+    for skip in (True, False):
+        deltas, flushed = stream(tok, ids, skip=skip)
+        assert "".join(deltas) + flushed == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_out_of_vocab_ids_are_ignored(tokenizers):
+    for name in ("demo", "demo-text"):
+        deltas, flushed = stream(tokenizers[name], [104, 5000, 105, -1])
+        assert "".join(deltas) + flushed == "hi"
+
+
+# ------------------------------------------------------------------------------ stop strings
+def oracle(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """Earliest-ending match in the whole text (ties: the longer stop string)."""
+    best = None
+    for s in stops:
+        i = text.find(s) if s else -1
+        if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0] + len(best[1]),
+                                                                  -len(best[1]))):
+            best = (i, s)
+    if best is None:
+        return text, None
+    i, s = best
+    return text[:i + len(s)] if include else text[:i], s
+
+
+def feed_all(pieces: list[str], stops: list[str], include: bool):
+    chk = StopStringChecker(stops, include)
+    out, matched, emitted_so_far = [], None, []
+    for p in pieces:
+        emit, m = chk.feed(p)
+        out.append(emit)
+        emitted_so_far.append("".join(out))
+        if m is not None:
+            matched = m
+            break
+    if matched is None:
+        out.append(chk.flush())
+    return "".join(out), matched, emitted_so_far
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="abc d", max_size=30),
+       st.lists(st.text(alphabet="abcd", min_size=1, max_size=4), min_size=1, max_size=3),
+       st.booleans(), st.randoms(use_true_random=False))
+def test_stop_checker_matches_oracle_for_any_chunking(text, stops, include, rnd):
+    cuts = sorted(rnd.sample(range(1, len(text)), min(len(text) - 1, rnd.randint(0, 8)))) \
+        if len(text) > 1 else []
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    final, matched, so_far = feed_all(pieces, stops, include)
+    want, want_stop = oracle(text, stops, include)
+    assert (final, matched) == (want, want_stop)
+    # never streams anything that is not part of the final output (no stop-string fragment)
+    assert all(want.startswith(s) for s in so_far)
+
+
+def test_stop_string_spanning_three_tokens(tokenizers):
+    tok = tokenizers["kimi"]
+    stop = "END_OF_ANSWER"
+    text = "The answer is 42. END_OF_ANSWER and more text"
+    ids = tok.encode(text)
+    assert len(tok.encode(stop)) >= 3
+    det = IncrementalDetokenizer(tok)
+    chk = StopStringChecker([stop, "zzz"])
+    emitted, matched = [], None
+    for t in ids:
+        emit, matched = chk.feed(det.push([t]))
+        emitted.append(emit)
+        assert "The answer is 42. ".startswith("".join(emitted))  # no stop fragment, ever
+        if matched:
+            break
+    assert matched == stop
+    assert "".join(emitted) == "The answer is 42. "
+    assert chk.feed("more") == ("", None)
+
+
+def test_stop_hold_back_is_minimal_and_include():
+    chk = StopStringChecker(["world!"])
+    assert chk.feed("hello wor") == ("hello ", None)
+    assert chk.feed("k") == ("work", None)
+    assert chk.feed(" w") == (" ", None)
+    assert chk.flush() == "w" and chk.flush() == ""
+    chk = StopStringChecker(["</s>", "STOP"], include_stop_str_in_output=True)
+    assert chk.feed("a</") == ("a", None)
+    assert chk.feed("s>tail") == ("</s>", "</s>")
+    chk = StopStringChecker(["abcd", "bc"])
+    assert chk.feed("xab") == ("x", None)
+    assert chk.feed("cd") == ("a", "bc")  # "bc" completes first
+    assert StopStringChecker([]).feed("anything") == ("anything", None)
+    assert StopStringChecker([""]).feed("x") == ("x", None)
+
+
+def test_engine_like_flow_random_stream(tokenizers):
+    """Detokenize + stop-check token by token, as the engine does, against the oracle."""
+    rnd = random.Random()
+    tok = tokenizers["kimi"]
+    for _ in range(50):
+        words = ["hello", " world", "你好", "😀", " ", "\n", "END", "E", "N", "D", "é"]
+        text = "".join(rnd.choice(words) for _ in range(rnd.randint(1, 30)))
+        stops = rnd.sample(["END", "好😀", "\n\n", "d E"], rnd.randint(1, 2))
+        det, chk = IncrementalDetokenizer(tok), StopStringChecker(stops)
+        out, matched = [], None
+        ids = tok.encode(text)
+        for k, t in enumerate(ids):
+            piece = det.push([t])
+            if k == len(ids) - 1:
+                piece += det.flush()
+            emit, matched = chk.feed(piece)
+            out.append(emit)
+            assert FFFD not in emit
+            if matched:
+                break
+        if not matched:
+            out.append(chk.flush())
+        assert ("".join(out), matched) == oracle(text, stops, False), (text, stops)
