@@ -29,7 +29,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "block_table",
         "num_computed_tokens", "num_cached_tokens", "status", "finish_reason", "stop_reason",
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
-        "first_token_time", "last_token_time", "eos_token_ids",
+        "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
     )
 
     def __init__(
@@ -47,7 +47,8 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved: min(params.max_tokens, max_model_len - prompt)
         self.eos_token_ids = eos_token_ids
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.block_hashes: list = []  # chained content hashes of this sequence's full blocks
+        self.num_registered_blocks = 0  # leading blocks of block_table known to the prefix cache
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.status = SequenceStatus.WAITING

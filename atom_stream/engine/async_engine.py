@@ -1,0 +1,344 @@
+"""AsyncEngine: the engine loop task on the running (uv)loop, and per-request delta streams.
+
+    async with AsyncEngine(EngineConfig(...)) as engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
+            print(out.text, end="")
+
+Process model (DESIGN.md): one asyncio task drives the synchronous core (`LLMEngine`). Each
+iteration: apply deferred aborts -> `schedule()` on the loop thread -> `runner.execute(batch)` in
+a dedicated ONE-thread executor (the loop stays free for I/O, new requests and aborts while the
+model runs) -> `postprocess()` on the loop thread -> push deltas into the request slots. All core
+state is touched only on the loop thread, and never while a batch executes: an abort that arrives
+mid-step is applied as soon as the step returns (blocks freed then; no new step reads them).
+
+Streams: each request has one output slot holding at most one RequestOutput; when the consumer
+lags, later deltas MERGE into it (vLLM's RequestOutputCollector), so memory is bounded and the
+engine never waits for a reader. Breaking out of `async for` (the generator is closed), cancelling
+the consuming task, or `await engine.abort(id)` aborts the request and frees its blocks.
+
+Errors: InvalidRequestError / PromptTooLongError / EngineOverloadedError are raised by the first
+`__anext__` (before anything is yielded); a failed model step raises GenerationError from the
+affected requests' iterators only; if the loop itself dies, every stream raises EngineDeadError
+and `is_dead` turns true. Long prompts are tokenized in the default thread pool, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from atom_stream.config import EngineConfig
+from atom_stream.engine.llm_engine import LLMEngine
+from atom_stream.engine.outputs import RequestOutput
+from atom_stream.errors import (
+    EngineDeadError,
+    GenerationError,
+    InvalidRequestError,
+)
+from atom_stream.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | list[dict]
+_OFFLOOP_CHARS = 2048  # tokenize longer prompts in a thread
+
+
+class _Slot:
+    """One request's pending output: a single RequestOutput that later deltas merge into."""
+
+    __slots__ = ("exc", "out", "waiter")
+
+    def __init__(self) -> None:
+        self.out: RequestOutput | None = None
+        self.exc: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, out: RequestOutput) -> None:
+        if self.out is None:
+            self.out = out
+        else:
+            self.out.merge(out)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        self.exc = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self) -> RequestOutput:
+        while self.out is None:
+            if self.exc is not None:
+                raise self.exc
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        out, self.out = self.out, None
+        return out
+
+
+class AsyncEngine:
+    """`config` or engine keyword arguments; `runner`/`tokenizer` inject test doubles."""
+
+    def __init__(self, config: EngineConfig | None = None, *, runner: Any = None,
+                 tokenizer: Any = None, skip_tokenizer_init: bool = False, **engine_kwargs: Any):
+        if config is None:
+            config = EngineConfig.from_kwargs(**engine_kwargs)
+        elif engine_kwargs:
+            raise TypeError("pass either an EngineConfig or engine keyword arguments")
+        self.config = config
+        self._core_args = {"runner": runner, "tokenizer": tokenizer,
+                           "skip_tokenizer_init": skip_tokenizer_init}
+        self._core: LLMEngine | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="atom-stream-step")
+        self._slots: dict[str, _Slot] = {}
+        self._pending_aborts: list[str] = []
+        self._in_step = False
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._stopping = False
+        self._closed = False
+        self._dead: BaseException | None = None
+        self._idle: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> AsyncEngine:
+        if self._task is not None:
+            return self
+        loop = asyncio.get_running_loop()
+        # model loading blocks: do it on the step thread (torch state then lives there too)
+        self._core = await loop.run_in_executor(
+            self._executor, functools.partial(LLMEngine, self.config, **self._core_args))
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = loop.create_task(self._run(), name="atom-stream-engine-loop")
+        return self
+
+    async def __aenter__(self) -> AsyncEngine:  # noqa: PYI034
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop: `drain` lets in-flight requests finish (up to `timeout` s), the rest are
+        aborted; then the loop task ends after its current step and the runner shuts down."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._task is not None:
+            if drain and self._dead is None:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._stopping = True
+            self._wakeup.set()
+            with contextlib.suppress(BaseException):  # its failure was already reported
+                await self._task
+            for out in self._core.abort_all():
+                self._deliver(out)
+            for slot in self._slots.values():
+                slot.fail(EngineDeadError("the engine was shut down"))
+            try:
+                await loop.run_in_executor(self._executor, self._core.runner.shutdown)
+            except Exception:
+                logger.exception("runner shutdown failed")
+        await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def core(self) -> LLMEngine:
+        if self._core is None:
+            raise EngineDeadError("the engine is not started; use `async with AsyncEngine(...)`")
+        return self._core
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.core.tokenizer
+
+    @property
+    def model_config(self) -> Any:
+        return self.core.model_config
+
+    @property
+    def metrics(self) -> Any:
+        return self.core.metrics
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None or (self._core is not None and self._core.is_dead)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.core.stats()
+        s["is_dead"] = self.is_dead
+        s["num_streams"] = len(self._slots)
+        return s
+
+    # ------------------------------------------------------------------ requests
+    def _check_alive(self) -> LLMEngine:
+        core = self.core
+        if self.is_dead:
+            raise EngineDeadError(f"the engine is dead: {self._dead or core.runner.dead}")
+        if self._closed:
+            raise EngineDeadError("the engine is shutting down")
+        return core
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None, *,
+                       chat_template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutput deltas until the final one (finish_reason set)."""
+        core = self._check_alive()
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif request_id in self._slots:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        ids = await self._tokenize(prompt, chat_template_kwargs)
+        core = self._check_alive()
+        if request_id in self._slots:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        core.add_request(request_id, ids, params)  # raises for bad/too long/overloaded
+        slot = self._slots[request_id] = _Slot()
+        self._idle.clear()
+        self._wakeup.set()
+        done = False
+        try:
+            while True:
+                out = slot.out
+                if out is not None:  # skip the task switch when output is already there
+                    slot.out = None
+                else:
+                    out = await slot.get()
+                if out.finish_reason is not None:
+                    done = True
+                    if out.finish_reason == "error":
+                        raise GenerationError(out.error or "generation failed")
+                yield out
+                if done:
+                    return
+        finally:
+            if self._slots.get(request_id) is slot:
+                del self._slots[request_id]
+            if not done:
+                self._abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a live request; its stream ends with a finish_reason "abort" delta."""
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        if self._core is None:
+            return
+        if self._in_step:
+            self._pending_aborts.append(request_id)  # the step thread is reading block tables
+            return
+        out = self._core.abort(request_id)
+        if out is not None:
+            self._deliver(out)
+        self._check_idle()
+
+    async def _tokenize(self, prompt: Prompt, chat_template_kwargs: dict | None) -> list[int]:
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt: must not be empty", "prompt")
+            fn = functools.partial(self._need_tokenizer().encode, prompt)
+            size = len(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            fn = functools.partial(self._need_tokenizer().encode_chat, prompt,
+                                   add_generation_prompt=True, **(chat_template_kwargs or {}))
+            size = sum(len(str(m.get("content", ""))) for m in prompt)
+        else:
+            raise InvalidRequestError(
+                "prompt: must be a non-empty string, list of token ids or list of messages",
+                "prompt")
+        try:
+            if size > _OFFLOOP_CHARS:
+                return await asyncio.get_running_loop().run_in_executor(None, fn)
+            return fn()
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidRequestError(f"prompt: {e}", "prompt") from None
+
+    def _need_tokenizer(self) -> Any:
+        tok = self.core.tokenizer
+        if tok is None:
+            raise InvalidRequestError("prompt: text prompts need a tokenizer", "prompt")
+        return tok
+
+    # ------------------------------------------------------------------ the loop task
+    def _deliver(self, out: RequestOutput) -> None:
+        slot = self._slots.get(out.request_id)
+        if slot is not None:
+            slot.put(out)
+
+    def _check_idle(self) -> None:
+        if not self._core.requests:
+            self._idle.set()
+
+    async def _run(self) -> None:
+        core = self._core
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        try:
+            while not self._stopping:
+                if not core.requests:
+                    self._idle.set()
+                    wakeup.clear()
+                    await wakeup.wait()
+                    continue
+                batch = core.schedule()
+                if not batch.seqs:  # nothing schedulable now; never spin the loop
+                    await asyncio.sleep(0.001)
+                    continue
+                self._in_step = True
+                try:
+                    step_out = await loop.run_in_executor(self._executor, core.execute, batch)
+                except Exception as e:  # noqa: BLE001 - fails this batch's requests only
+                    outputs = core.fail(batch, e)
+                else:
+                    outputs = core.postprocess(batch, step_out)
+                finally:
+                    self._in_step = False
+                for out in outputs:
+                    self._deliver(out)
+                if self._pending_aborts:
+                    aborts, self._pending_aborts = self._pending_aborts, []
+                    for rid in aborts:
+                        self._abort(rid)
+                if core.is_dead:
+                    raise EngineDeadError(f"the model runner died: {core.runner.dead}")
+                self._check_idle()
+                await asyncio.sleep(0)  # let consumers, new requests and aborts in
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            logger.exception("engine loop died")
+            self._dead = e
+            self._in_step = False
+            err = e if isinstance(e, EngineDeadError) else EngineDeadError(
+                f"the engine loop died: {type(e).__name__}: {e}")
+            with contextlib.suppress(Exception):
+                core.abort_all()
+            for slot in self._slots.values():
+                slot.fail(err)
+            self._idle.set()

@@ -1,0 +1,216 @@
+"""Paged latent-KV block manager with chained-hash prefix caching.
+
+The KV pool holds `num_blocks` blocks of `block_size` token slots. A sequence owns an ordered
+`block_table`; token position p lives in slot `block_table[p // block_size] * block_size +
+p % block_size`. Every block is in exactly one of three states:
+
+- used:    ref count > 0 (held by one or more running sequences; shared prefix blocks count once);
+- free:    ref count 0 and no content hash (plain free stack);
+- cached:  ref count 0 but still holding the KV of a hashed full block (LRU, evictable).
+
+`num_used + num_free + num_cached == num_blocks` always (`check_invariants`). Allocation takes a
+plain free block first and evicts the least recently released cached block last; both are O(1)
+(a list used as a stack and an OrderedDict used as an LRU queue).
+
+Prefix caching: the content hash of full block i is blake2b(hash of block i-1 || token ids of block
+i) (128 bits, stable across processes), so equal hashes imply equal prefixes. Only FULL blocks whose
+KV has been computed are registered (`register_computed`). `match_prefix` maps the longest chain of
+registered blocks into a fresh sequence's table, but always leaves at least the last known token to
+compute, so the step that finishes the prefill has logits to sample from. A sequence never writes
+into a matched block: matching stops at a block boundary and new tokens go to new blocks.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+from collections import OrderedDict
+
+from atom_stream.engine.sequence import Sequence
+
+
+def hash_block(prev: bytes, tokens: list[int]) -> bytes:
+    """Chained content hash of one full block (stable: no process-dependent hash seed)."""
+    return hashlib.blake2b(prev + array.array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        # stack: pop() hands out low ids first (keeps early tests' block ids readable)
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed; LRU first
+        self._hash_to_block: dict[bytes, int] = {}
+        self.num_used = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens served from cached blocks
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now (plain free + evictable cached)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def record_query(self, num_tokens: int, num_hits: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hits
+
+    # ------------------------------------------------------------------ block primitives
+    def _take(self) -> int:
+        if self._free:
+            bid = self._free.pop()
+        else:
+            bid, _ = self._cached.popitem(last=False)  # evict the least recently released
+            h = self.block_hash[bid]
+            if self._hash_to_block.get(h) == bid:
+                del self._hash_to_block[h]
+            self.block_hash[bid] = None
+        self.ref_counts[bid] = 1
+        self.num_used += 1
+        return bid
+
+    def _release(self, bid: int) -> None:
+        rc = self.ref_counts[bid] - 1
+        self.ref_counts[bid] = rc
+        if rc == 0:
+            self.num_used -= 1
+            if self.block_hash[bid] is not None:
+                self._cached[bid] = None  # most recently released: evicted last
+            else:
+                self._free.append(bid)
+
+    # ------------------------------------------------------------------ sequences
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def max_new_tokens(self, seq: Sequence) -> int:
+        """How many more tokens of `seq` fit in its table plus every allocatable block."""
+        capacity = (len(seq.block_table) + self.num_free_blocks) * self.block_size
+        return capacity - seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow `seq.block_table` to cover `num_new_tokens` more tokens; False (and no change)
+        if the pool cannot."""
+        need = self.blocks_needed(seq, num_new_tokens)
+        if need > len(self._free) + len(self._cached):
+            return False
+        table = seq.block_table
+        for _ in range(need):
+            table.append(self._take())
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references. Tail blocks are released first so that, among one
+        sequence's cached blocks, the prefix head is evicted last."""
+        table = seq.block_table
+        for bid in reversed(table):
+            self._release(bid)
+        table.clear()
+        seq.num_registered_blocks = 0
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The sequence's chained hashes for its first `num_blocks` full blocks (memoized)."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        toks = seq.token_ids
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if i else b"", toks[i * bs:(i + 1) * bs]))
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Map cached blocks into an empty table; set and return num_computed_tokens.
+
+        Leaves at least one token to compute. The caller rolls back with `free` if it cannot
+        schedule the sequence after all."""
+        if not self.enable_prefix_caching or seq.block_table or not self._hash_to_block:
+            return 0
+        limit = (seq.num_tokens - 1) // self.block_size
+        if limit <= 0:
+            return 0
+        hashes = self._hashes(seq, limit)
+        table = seq.block_table
+        lookup = self._hash_to_block
+        for i in range(limit):
+            bid = lookup.get(hashes[i])
+            if bid is None:
+                break
+            if self.ref_counts[bid] == 0:
+                del self._cached[bid]
+                self.num_used += 1
+            self.ref_counts[bid] += 1
+            table.append(bid)
+        seq.num_registered_blocks = len(table)
+        seq.num_computed_tokens = len(table) * self.block_size
+        return seq.num_computed_tokens
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register the sequence's newly completed full blocks in the prefix cache."""
+        full = seq.num_computed_tokens // self.block_size
+        start = seq.num_registered_blocks
+        if full <= start or not self.enable_prefix_caching:
+            return
+        hashes = self._hashes(seq, full)
+        table = seq.block_table
+        lookup = self._hash_to_block
+        for i in range(start, full):
+            bid = table[i]
+            h = hashes[i]
+            if self.block_hash[bid] is None and h not in lookup:
+                # a duplicate of a block cached elsewhere stays unhashed and is freed plainly
+                lookup[h] = bid
+                self.block_hash[bid] = h
+        seq.num_registered_blocks = full
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached (unreferenced) block; returns how many were dropped."""
+        n = len(self._cached)
+        while self._cached:
+            bid, _ = self._cached.popitem(last=False)
+            del self._hash_to_block[self.block_hash[bid]]
+            self.block_hash[bid] = None
+            self._free.append(bid)
+        return n
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self, seqs: list[Sequence] | None = None) -> None:
+        """Recompute the accounting from scratch and assert it (tests call this a lot).
+
+        `seqs`: every live sequence holding blocks; then ref counts must equal table counts."""
+        used = sum(1 for rc in self.ref_counts if rc > 0)
+        assert used == self.num_used, (used, self.num_used)
+        assert used + len(self._free) + len(self._cached) == self.num_blocks
+        assert len(set(self._free)) == len(self._free)
+        for bid in self._free:
+            assert self.ref_counts[bid] == 0 and self.block_hash[bid] is None, bid
+        for bid in self._cached:
+            assert self.ref_counts[bid] == 0 and self.block_hash[bid] is not None, bid
+        for h, bid in self._hash_to_block.items():
+            assert self.block_hash[bid] == h, bid
+        hashed = sum(1 for h in self.block_hash if h is not None)
+        assert hashed == len(self._hash_to_block), (hashed, len(self._hash_to_block))
+        if seqs is not None:
+            refs = [0] * self.num_blocks
+            for s in seqs:
+                for bid in s.block_table:
+                    refs[bid] += 1
+            assert refs == self.ref_counts, "ref counts disagree with block tables"

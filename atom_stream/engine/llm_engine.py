@@ -1,0 +1,361 @@
+"""LLMEngine: the synchronous engine core (no asyncio). AsyncEngine and LLM both drive it.
+
+One step = `schedule()` -> `execute(batch)` (the runner; blocking, the only part AsyncEngine runs
+in its worker thread) -> `postprocess(batch, output)`:
+
+- advance every scheduled sequence (`num_computed_tokens += n`), register its newly full blocks
+  in the prefix cache, append the sampled token;
+- stop checks, in order: EOS (unless `ignore_eos`) and `stop_token_ids` -> "stop" (only once
+  `min_tokens` outputs exist; the stop token stays in token_ids, its text is dropped unless
+  `include_stop_str_in_output`), `max_tokens` or `max_model_len` -> "length";
+- incremental detokenization, then text-level stop strings (held back until ruled out, trimmed
+  when matched: "stop" with `stop_reason` = the string; like token stops, only checked once
+  `min_tokens` outputs exist — earlier text streams unchecked, as in vLLM);
+- one RequestOutput delta per sampled sequence; finished sequences free their blocks at once.
+
+An exception from `execute` fails exactly the sequences of that batch (finish_reason "error",
+the message in `error`) and frees their blocks; later steps go on. `abort(id)` frees at once; the
+caller (AsyncEngine) defers it while a batch is in flight.
+
+A request's length is capped at `max_model_len = min(config/model limit, pool capacity)`, so a
+single sequence always fits the KV pool (no livelock under preemption) and a prompt that could
+never fit is refused up front with PromptTooLongError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from atom_stream.config import EngineConfig
+from atom_stream.engine.block_manager import BlockManager
+from atom_stream.engine.metrics import EngineMetrics
+from atom_stream.engine.outputs import RequestOutput, Usage
+from atom_stream.engine.scheduler import Scheduler
+from atom_stream.engine.sequence import ScheduledBatch, Sequence, StepOutput
+from atom_stream.errors import InvalidRequestError, PromptTooLongError
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_PARAMS = SamplingParams()
+
+
+def _detok_classes():
+    """The incremental detokenizer and stop-string checker (imported lazily)."""
+    from atom_stream.detokenizer import IncrementalDetokenizer, StopStringChecker
+    return IncrementalDetokenizer, StopStringChecker
+
+
+def load_engine_tokenizer(config: EngineConfig):
+    """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
+    (the demo model, or a bench preset that names no directory) the demo byte-level one."""
+    import os
+
+    from atom_stream.tokenizer import load_tokenizer
+    path = config.tokenizer
+    if path is None and not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):
+        path = config.model
+    return load_tokenizer(path, trust_remote_code=config.trust_remote_code,
+                          chat_template=config.chat_template)
+
+
+class _Request:
+    """Engine-side state of one live request (the Sequence plus text bookkeeping)."""
+
+    __slots__ = ("detok", "prompt_logprobs", "sent_first", "seq", "stop")
+
+    def __init__(self, seq: Sequence, detok: Any, stop: Any):
+        self.seq = seq
+        self.detok = detok
+        self.stop = stop
+        self.sent_first = False
+        self.prompt_logprobs: list | None = None
+
+
+class LLMEngine:
+    """`runner`: anything with the ModelRunner contract (tests pass fakes); default: the real
+    runner (`make_executor`). `tokenizer`: a Tokenizer, or None to load the config's one.
+    `skip_tokenizer_init`: token ids in and out only (text is "", stop strings refused)."""
+
+    def __init__(self, config: EngineConfig, *, runner: Any = None, tokenizer: Any = None,
+                 skip_tokenizer_init: bool = False):
+        self.config = config
+        if runner is None:
+            from atom_stream.engine.distributed import make_executor
+            runner = make_executor(config)
+        self.runner = runner
+        self.model_config = runner.model_config
+        limit = config.max_model_len or self.model_config.max_position_embeddings
+        self.block_size = config.block_size
+        self.max_model_len = min(limit, runner.num_kv_blocks * config.block_size)
+        if tokenizer is None and not skip_tokenizer_init:
+            tokenizer = load_engine_tokenizer(config)
+        self.tokenizer = tokenizer
+        self._detok_cls, self._stop_cls = _detok_classes() if tokenizer is not None else (None,
+                                                                                        None)
+        eos = getattr(tokenizer, "eos_token_ids", None) or self.model_config.eos_token_id
+        self.eos_token_ids: tuple[int, ...] = tuple(eos or ())
+        self.block_manager = BlockManager(runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.max_waiting_requests)
+        name = config.served_model_name or config.model or "demo"
+        self.metrics = EngineMetrics(name)
+        self.requests: dict[str, _Request] = {}
+        self._seen_preemptions = 0
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def is_dead(self) -> bool:
+        return bool(getattr(self.runner, "dead", None))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None) -> Sequence:
+        """Validate and queue a request. Raises InvalidRequestError (duplicate id, bad params or
+        token ids), PromptTooLongError, or EngineOverloadedError (waiting queue full)."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        params = _DEFAULT_PARAMS if params is None else params
+        try:
+            params.validate()
+        except SamplingParamsError as e:
+            raise InvalidRequestError(str(e), e.param) from None
+        if params.n != 1:
+            raise InvalidRequestError("n: the engine core generates one choice per request; "
+                                      "submit n requests", "n")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop: stop strings need a tokenizer", "stop")
+        ids = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise InvalidRequestError("prompt: must not be empty", "prompt")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(
+                    f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len)
+        max_tokens = self.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        eos = () if params.ignore_eos else self.eos_token_ids
+        seq = Sequence(request_id, ids, params, max_tokens, eos)
+        detok = stop = None
+        if self._detok_cls is not None:
+            detok = self._detok_cls(self.tokenizer, prompt_token_ids=ids,
+                                    skip_special_tokens=params.skip_special_tokens)
+            if params.stop:
+                stop = self._stop_cls(params.stop, params.include_stop_str_in_output)
+        self.scheduler.add(seq)  # may raise EngineOverloadedError
+        self.requests[request_id] = _Request(seq, detok, stop)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a live request now, freeing its blocks. Returns its final ("abort") delta, or
+        None if the id is not live. Never call while a batch is executing."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        seq = req.seq
+        self.scheduler.finish(seq, "abort")
+        now = time.monotonic()
+        self.metrics.request_finished("abort", now - seq.arrival_time)
+        self._record_step(0, 0, {}, now)  # gauges reflect the freed blocks at once
+        return self._final(req, [], "", "abort", None)
+
+    def _final(self, req: _Request, toks: list[int], text: str, reason: str,
+               stop_reason: Any, error: str | None = None) -> RequestOutput:
+        seq = req.seq
+        out = RequestOutput(seq.request_id, toks, text, reason, stop_reason,
+                            Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_tokens,
+                                  seq.num_cached_tokens), error=error)
+        if not req.sent_first:
+            req.sent_first = True
+            out.prompt_token_ids = seq.prompt_token_ids
+            out.prompt_logprobs = req.prompt_logprobs
+        return out
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """One synchronous step: schedule, execute, postprocess."""
+        batch = self.schedule()
+        if not batch.seqs:
+            self._record_step(0, 0, {}, time.monotonic())
+            return []
+        try:
+            out = self.execute(batch)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests only
+            return self.fail(batch, e)
+        return self.postprocess(batch, out)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            req = self.requests.get(seq.request_id)
+            if req is not None and not req.sent_first:
+                req.prompt_logprobs = None  # recomputed from position 0
+        return batch
+
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        return self.runner.execute(batch)
+
+    def fail(self, batch: ScheduledBatch, exc: BaseException) -> list[RequestOutput]:
+        """Fail the sequences of `batch` after its step raised `exc`."""
+        logger.error("engine step failed for %d requests: %r", len(batch.seqs), exc,
+                     exc_info=exc)
+        msg = f"{type(exc).__name__}: {exc}"
+        outputs = []
+        now = time.monotonic()
+        for seq in batch.seqs:
+            req = self.requests.pop(seq.request_id, None)
+            if req is None:
+                continue
+            self.scheduler.finish(seq, "error")
+            self.metrics.request_finished("error", now - seq.arrival_time)
+            outputs.append(self._final(req, [], "", "error", None, error=msg))
+        self._record_step(0, 0, {}, now)
+        return outputs
+
+    def postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+        now = time.monotonic()
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
+        bs = self.block_size
+        requests = self.requests
+        max_len = self.max_model_len
+        toks = out.token_ids
+        lps = out.logprobs
+        plps = out.prompt_logprobs
+        ttft = self.metrics.ttft
+        outputs: list[RequestOutput] = []
+        finished: list[_Request] = []
+        itl: dict[float, int] = {}
+        n_prompt = 0
+        j = 0
+        for i, seq in enumerate(batch.seqs):
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            if caching and seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * bs:
+                bm.register_computed(seq)
+            req = requests.get(seq.request_id)
+            if req is None:  # ended while the step ran (cannot happen when aborts are deferred)
+                j += batch.sample[i]
+                continue
+            if plps is not None and i in plps and not req.sent_first:
+                if req.prompt_logprobs is None:
+                    req.prompt_logprobs = []
+                req.prompt_logprobs.extend(plps[i])
+            if not batch.sample[i]:
+                continue
+            tok = toks[j]
+            lp = lps[j] if lps is not None else None
+            j += 1
+            token_ids = seq.token_ids
+            token_ids.append(tok)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                ttft.observe(now - seq.arrival_time)
+                n_prompt += seq.num_prompt_tokens
+            else:
+                last = seq.last_token_time
+                itl[last] = itl.get(last, 0) + 1
+            seq.last_token_time = now
+
+            params = seq.params
+            nout = len(token_ids) - seq.num_prompt_tokens
+            reason = None
+            stop_reason = None
+            hide = False
+            if nout >= params.min_tokens and (
+                    tok in seq.eos_token_ids
+                    or (params.stop_token_ids and tok in params.stop_token_ids)):
+                reason = "stop"
+                if tok not in seq.eos_token_ids:
+                    stop_reason = tok
+                hide = not params.include_stop_str_in_output
+            elif nout >= seq.max_tokens or len(token_ids) >= max_len:
+                reason = "length"
+
+            text = ""
+            detok = req.detok
+            if detok is not None:
+                if not hide:
+                    text = detok.push([tok])
+                if reason is not None:
+                    text += detok.flush()
+                stop = req.stop
+                if stop is not None and nout >= params.min_tokens:
+                    text, matched = stop.feed(text)
+                    if matched is not None:
+                        reason = "stop"
+                        stop_reason = matched
+                    elif reason is not None:
+                        text += stop.flush()
+
+            if reason is None:
+                o = RequestOutput(seq.request_id, [tok], text)
+                if not req.sent_first:
+                    req.sent_first = True
+                    o.prompt_token_ids = seq.prompt_token_ids
+                    o.prompt_logprobs = req.prompt_logprobs
+            else:
+                seq.finish_reason = reason
+                seq.stop_reason = stop_reason
+                o = self._final(req, [tok], text, reason, stop_reason)
+                finished.append(req)
+            if lp is not None:
+                o.logprobs = [lp]
+            outputs.append(o)
+
+        for req in finished:
+            seq = req.seq
+            del requests[seq.request_id]
+            self.scheduler.finish(seq)
+            self.metrics.request_finished(seq.finish_reason, now - seq.arrival_time)
+        self._record_step(n_prompt, j, itl, now)
+        return outputs
+
+    def _record_step(self, n_prompt: int, n_gen: int, itl: dict[float, int], now: float) -> None:
+        m = self.metrics
+        for last, count in itl.items():
+            m.itl.observe(now - last, count)
+        sched = self.scheduler
+        bm = self.block_manager
+        new_preemptions = sched.num_preemptions - self._seen_preemptions
+        self._seen_preemptions = sched.num_preemptions
+        m.record_step(num_running=sched.num_running, num_waiting=sched.num_waiting,
+                      kv_usage=bm.usage, hit_rate=bm.hit_rate, prompt_tokens=n_prompt,
+                      generation_tokens=n_gen, preemptions=new_preemptions)
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        m = self.metrics
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": bm.usage,
+            "prefix_cache_hit_rate": bm.hit_rate,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "used_blocks": bm.num_used,
+            "cached_blocks": bm.num_cached_blocks,
+            "total_blocks": bm.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": m.total_prompt_tokens,
+            "generation_tokens": m.total_generation_tokens,
+            "finished": dict(m.finished),
+            "max_model_len": self.max_model_len,
+        }
+
+    def abort_all(self) -> list[RequestOutput]:
+        return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]
+
+    def shutdown(self) -> None:
+        self.abort_all()
+        self.runner.shutdown()
+

@@ -1,0 +1,204 @@
+"""Continuous-batching scheduler: chunked prefill mixed with decodes, preemption by recompute.
+
+Each `schedule()` builds one `ScheduledBatch` under two budgets, `max_num_batched_tokens` (tokens
+in the step) and `max_num_seqs` (running sequences):
+
+1. running sequences with one pending token (decodes), oldest first: 1 token each, so streaming
+   never starves behind long prompts;
+2. running sequences still in their prompt (chunked prefill), oldest first: as many tokens as the
+   budget and the pool allow;
+3. waiting sequences, FCFS (preempted ones sit at the front): a prefix-cache lookup, then the
+   first chunk of their prompt, while the budgets and the pool allow. Nothing is admitted in a
+   step that had to preempt.
+
+When a running sequence needs a block and the pool is empty, the NEWEST running sequence is
+preempted by recompute: its blocks are freed, `num_computed_tokens = 0`, it goes back to the
+front of the waiting queue (its prompt + outputs so far are re-prefilled later; seeded sampling
+depends on (seed, output index) so it continues identically). A victim that was already placed in
+this step's batch is taken out of it again. The oldest running sequence always progresses
+because the engine caps a request's length at the pool's capacity, so there is no livelock.
+
+The scheduler never touches a sequence while a batch is executing: the engine core applies
+`finish`/`abort` between steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from atom_stream.engine.block_manager import BlockManager
+from atom_stream.engine.sequence import ScheduledBatch, Sequence, SequenceStatus
+from atom_stream.errors import EngineOverloadedError
+
+_WAITING = SequenceStatus.WAITING
+_RUNNING = SequenceStatus.RUNNING
+_FINISHED = SequenceStatus.FINISHED
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_waiting_requests: int,
+    ):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting_requests = max_waiting_requests
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self.num_preemptions = 0
+        self._running_dirty = False  # finished sequences still listed in `running`
+
+    # ------------------------------------------------------------------ queues
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        if self._running_dirty:
+            self._compact()
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"the waiting queue is full ({self.max_waiting_requests} requests); retry later")
+        seq.status = _WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str | None = None) -> None:
+        """End a sequence (finished, aborted or failed) and free its blocks at once."""
+        if seq.status == _FINISHED:
+            return
+        if seq.status == _WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        else:
+            self._running_dirty = True  # removed from `running` lazily, in one pass
+        self.bm.free(seq)
+        seq.status = _FINISHED
+        if reason is not None and seq.finish_reason is None:
+            seq.finish_reason = reason
+
+    def _compact(self) -> None:
+        self.running = [s for s in self.running if s.status == _RUNNING]
+        self._running_dirty = False
+
+    def _preempt(self, victim: Sequence) -> None:
+        self.bm.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = _WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> ScheduledBatch:
+        if self._running_dirty:
+            self._compact()
+        bm = self.bm
+        bs = bm.block_size
+        running = self.running
+        budget = self.max_num_batched_tokens
+        scheduled: dict[Sequence, int] = {}  # insertion order = batch order (decodes first)
+        preempted: list[Sequence] = []
+        state = [budget, 0]  # [token budget, number of decodes], shared with _make_room
+
+        # 1. decodes (the hot path: 256 of them per step, one block every block_size steps)
+        has_prefill = False
+        i = 0
+        while i < len(running) and state[0] > 0:
+            seq = running[i]
+            i += 1
+            nc = seq.num_computed_tokens
+            if len(seq.token_ids) - nc != 1:
+                has_prefill = True
+                continue
+            if (nc >= len(seq.block_table) * bs and not bm.allocate(seq, 1)
+                    and not self._make_room(seq, scheduled, preempted, state, lambda b: 1)):
+                continue
+            scheduled[seq] = 1
+            state[0] -= 1
+            state[1] += 1
+
+        # 2. running prefills (chunked), shrunk to what the pool holds before preempting
+        if has_prefill:
+            i = 0
+            while i < len(running) and state[0] > 0:
+                seq = running[i]
+                i += 1
+                pending = len(seq.token_ids) - seq.num_computed_tokens
+                if pending <= 1:
+                    continue
+
+                def chunk(b: int, seq: Sequence = seq, pending: int = pending) -> int:
+                    return min(pending, b, max(bm.max_new_tokens(seq), 1))
+
+                n = chunk(state[0])
+                if not bm.allocate(seq, n):
+                    n = self._make_room(seq, scheduled, preempted, state, chunk)
+                    if not n:
+                        continue
+                scheduled[seq] = n
+                state[0] -= n
+
+        # 3. admissions, FCFS, only in a step that did not have to preempt
+        budget = state[0]
+        if not preempted:
+            waiting = self.waiting
+            while waiting and budget > 0 and len(running) < self.max_num_seqs:
+                seq = waiting[0]
+                first_admission = seq.num_preemptions == 0
+                cached = 0
+                if seq.params.prompt_logprobs is None:  # prompt logprobs need every position
+                    cached = bm.match_prefix(seq)
+                n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+                if not bm.allocate(seq, n):
+                    bm.free(seq)  # roll back the prefix match
+                    seq.num_computed_tokens = 0
+                    break
+                waiting.popleft()
+                if first_admission:
+                    seq.num_cached_tokens = cached
+                    bm.record_query(seq.num_tokens, cached)
+                seq.status = _RUNNING
+                running.append(seq)
+                scheduled[seq] = n
+                budget -= n
+
+        batch = ScheduledBatch(preempted=preempted)
+        nd = state[1]
+        batch.seqs = seqs = list(scheduled)
+        batch.num_new_tokens = nums = list(scheduled.values())
+        batch.sample = [True] * nd + [s.num_computed_tokens + n == len(s.token_ids)
+                                      for s, n in zip(seqs[nd:], nums[nd:])]
+        batch.num_decodes = nd
+        return batch
+
+    def _make_room(self, seq: Sequence, scheduled: dict[Sequence, int],
+                   preempted: list[Sequence], state: list[int], chunk) -> int:
+        """Preempt the newest running sequences until `seq` gets blocks for `chunk(budget)`
+        tokens; returns that many. A victim already in this step's batch is taken out (its
+        budget returned). 0 when `seq` itself was the newest and got preempted."""
+        while True:
+            victim = self.running.pop()
+            if victim in scheduled:
+                if len(victim.token_ids) - victim.num_computed_tokens == 1:
+                    state[1] -= 1  # it was a decode
+                state[0] += scheduled.pop(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return 0
+            n = chunk(state[0])
+            if self.bm.allocate(seq, n):
+                return n

@@ -1,0 +1,122 @@
+"""LLM: the synchronous offline API, a thin wrapper that steps the engine core in a loop.
+
+    llm = LLM()                                   # the embedded demo model
+    outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=16, temperature=0))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].outputs[0].text
+
+`generate` returns one RequestOutput per prompt, in input order, holding the whole completion
+(every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
+stop_reason, usage, logprobs`. A request whose model step failed comes back with
+finish_reason "error" and `error` set (the batch's other results are kept). No event loop needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from atom_stream.config import EngineConfig
+from atom_stream.engine.llm_engine import LLMEngine
+from atom_stream.engine.outputs import RequestOutput
+from atom_stream.errors import InvalidRequestError
+from atom_stream.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = "demo", *, skip_tokenizer_init: bool = False,
+                 **engine_kwargs: Any):
+        config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
+        self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an existing engine core (tests inject runners this way)."""
+        self = cls.__new__(cls)
+        self.engine = engine
+        self._ids = itertools.count()
+        return self
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | None = None,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if prompts is not None and prompt_token_ids is not None:
+            raise InvalidRequestError("pass prompts or prompt_token_ids, not both", "prompts")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            tok = self.engine.tokenizer
+            if tok is None:
+                raise InvalidRequestError("text prompts need a tokenizer", "prompts")
+            token_lists = [tok.encode(p) for p in prompts]
+        elif prompt_token_ids is not None:
+            if prompt_token_ids and isinstance(prompt_token_ids[0], int):
+                prompt_token_ids = [prompt_token_ids]
+            token_lists = [list(p) for p in prompt_token_ids]
+        else:
+            raise InvalidRequestError("pass prompts or prompt_token_ids", "prompts")
+        return self._run(token_lists, sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template_kwargs: dict | None = None,
+             ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; the chat template applied."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise InvalidRequestError("chat needs a tokenizer", "messages")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_lists = [tok.encode_chat(c, add_generation_prompt=True,
+                                       **(chat_template_kwargs or {})) for c in convs]
+        return self._run(token_lists, sampling_params, use_tqdm)
+
+    def _run(self, token_lists: list[list[int]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        n = len(token_lists)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * n
+        else:
+            params = list(sampling_params)
+            if len(params) != n:
+                raise InvalidRequestError(
+                    f"sampling_params: {len(params)} given for {n} prompts", "sampling_params")
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise InvalidRequestError("the engine is busy with other requests", "prompts")
+        ids = [f"llm-{next(self._ids)}" for _ in range(n)]
+        index = {rid: i for i, rid in enumerate(ids)}
+        results: list[RequestOutput | None] = [None] * n
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, desc="generate", unit="req")
+        max_waiting = engine.config.max_waiting_requests
+        nxt = 0
+        try:
+            while nxt < n or engine.has_unfinished_requests():
+                # feed the waiting queue up to its bound instead of failing with overload
+                while nxt < n and engine.scheduler.num_waiting < max_waiting:
+                    engine.add_request(ids[nxt], token_lists[nxt], params[nxt])
+                    nxt += 1
+                for out in engine.step():
+                    i = index[out.request_id]
+                    if results[i] is None:
+                        results[i] = out
+                    else:
+                        results[i].merge(out)
+                    if out.finish_reason is not None and bar is not None:
+                        bar.update(1)
+        except BaseException:
+            engine.abort_all()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
