@@ -210,6 +210,7 @@ class MoE(nn.Module):
             if cfg.n_shared_experts else None
         )
         self.tp = tp()
+        self.record: list | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -219,6 +220,8 @@ class MoE(nn.Module):
             top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
             scoring_func=cfg.scoring_func)
+        if self.record is not None:  # bench/decode.py: the routing actually taken
+            self.record.append(ids)
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,0 +1,191 @@
+"""Decode-step time against the memory roofline floor (issue 7).
+
+Builds the model runner from a preset with dummy weights (`k25-tp8-rank`: one Kimi-K2.5 TP8
+rank at full depth, INT4 experts, bf16 rest, fp8 KV), fills the latent cache with random data,
+and times one decode step at B in {1, 16, 64, 256} and context {1K, 8K}, by graph replay and
+eagerly. The floor is the bytes the step must read over the copy bandwidth measured in the same
+run: the experts actually touched (from the step's real routing) + every non-expert weight
+(attention, dense layer, shared experts, routers, norms, lm_head; B rows of the embedding) + the
+latent KV of every sequence. ratio = floor / step.
+
+    python bench/decode.py --preset k25-tp8-rank [--batches 1,16,64,256] [--ctx 1024,8192]
+
+Prints a table; writes bench/results/decode-<preset>-<gpu>.json rows
+{"batch","ctx","experts_dtype","graphs","step_ms","floor_ms","ratio"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from atom_stream.config import EngineConfig
+from atom_stream.engine.model_runner import ModelRunner
+from atom_stream.engine.sequence import ScheduledBatch, Sequence
+from atom_stream.layers.quant.config import parse_quant_config
+from atom_stream.models.deepseek_v3 import MoE
+from atom_stream.sampling_params import SamplingParams
+
+
+def copy_bandwidth(device, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy: (bytes read + written) / time, in bytes/s (median of 10)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    t = sorted(times[2:])[len(times[2:]) // 2]
+    del src, dst
+    return nbytes / t
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model) -> tuple[int, int, dict[int, int]]:
+    """(non-expert bytes read per step excluding the embedding, embedding row bytes,
+    {moe layer index: bytes per routed expert})."""
+    expert_bytes: dict[int, int] = {}
+    non_expert = 0
+    embed_row = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(("rotary.cos", "rotary.sin")):
+            continue
+        if ".mlp.experts." in name:
+            layer = int(name.split(".")[2])
+            expert_bytes[layer] = expert_bytes.get(layer, 0) + tensor_bytes(t) // t.shape[0]
+        elif name.endswith("embed_tokens.weight"):
+            embed_row = t.shape[1] * t.element_size()
+        else:
+            non_expert += tensor_bytes(t)
+    return non_expert, embed_row, expert_bytes
+
+
+def make_batch(B: int, ctx: int, block_size: int, first_block: int, vocab: int) -> ScheduledBatch:
+    per = math.ceil(ctx / block_size)
+    seqs = []
+    for b in range(B):
+        s = Sequence(f"b{b}", torch.randint(0, vocab, (ctx,)).tolist(),
+                     SamplingParams(temperature=0), max_tokens=1)
+        s.num_computed_tokens = ctx - 1
+        s.block_table = list(range(first_block + b * per, first_block + (b + 1) * per))
+        seqs.append(s)
+    return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * B, sample=[True] * B, num_decodes=B)
+
+
+def time_step(runner: ModelRunner, inp, iters: int) -> float:
+    for _ in range(3):
+        runner.run_inputs(inp)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        runner.run_inputs(inp)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="k25-tp8-rank")
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--ctx", default="1024,8192")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--kv-cache-dtype", default="fp8")
+    ap.add_argument("--eager", action="store_true", help="no graphs at all")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--max-kv-gib", type=float, default=40.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",")]
+    ctxs = [int(x) for x in args.ctx.split(",")]
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+
+    # KV pool: enough for the largest B*ctx that fits the budget
+    kv_elem = 1 if args.kv_cache_dtype == "fp8" else 2
+    from atom_stream.models.presets import PRESETS
+    pc = PRESETS[args.preset]
+    per_tok = (pc["kv_lora_rank"] + pc["qk_rope_head_dim"]) * pc["num_hidden_layers"] * kv_elem
+    budget_tokens = int(args.max_kv_gib * 2**30 / per_tok)
+    runs = [(B, c) for c in ctxs for B in batches]
+    fits = [(B, c) for B, c in runs if B * c <= budget_tokens]
+    max_tokens = max(B * math.ceil(c / args.block_size) * args.block_size for B, c in fits)
+    cfg = EngineConfig(model=args.preset, load_format="dummy", dtype="bfloat16", device="cuda",
+                       kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
+                       num_kv_blocks=max_tokens // args.block_size, max_num_seqs=max(batches),
+                       max_model_len=max(ctxs) + args.block_size, enforce_eager=args.eager,
+                       cudagraph_capture_sizes=sorted({B for B, _ in fits}))
+    t0 = time.perf_counter()
+    runner = ModelRunner(cfg)
+    print(f"runner ready in {time.perf_counter() - t0:.1f}s; graphs={runner.graphs is not None}")
+    for cache in runner.kv_caches:  # never time on zeros
+        for i in range(0, cache.shape[0], 256):
+            chunk = cache[i:i + 256]
+            chunk.copy_((torch.randn(chunk.shape, device=dev) * 0.5).to(cache.dtype))
+    model = runner.model
+    non_expert, embed_row, expert_bytes = weight_bytes(model)
+    q = parse_quant_config(runner.model_config.quantization_config)
+    experts_dtype = "bf16" if q is None else type(q).__name__
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    rows = []
+    for B, ctx in runs:
+        if (B, ctx) not in fits:
+            print(f"skip B={B} ctx={ctx}: KV does not fit the {args.max_kv_gib} GiB budget")
+            continue
+        batch = make_batch(B, ctx, args.block_size, 0, runner.model_config.vocab_size)
+        inp = runner.build_inputs(batch)
+        eager = runner.build_inputs(batch)
+        eager.use_graph = False
+        for m in moes:  # one eager step records the real routing
+            m.record = []
+        runner.run_inputs(eager)
+        touched = sum(int(torch.unique(m.record[0]).numel()) * expert_bytes[i]
+                      for i, m in zip(sorted(expert_bytes), moes))
+        for m in moes:
+            m.record = None
+        kv = B * ctx * per_tok
+        floor_ms = 1e3 * (touched + non_expert + B * embed_row + kv) / bw
+        variants = [(False, eager)]
+        if inp.use_graph:
+            variants.append((True, inp))
+        for graphs, step_inp in variants:
+            if not graphs and inp.use_graph and B != 1:
+                continue  # eager only where there is no graph, or at B=1 for the speed-up
+            ms = time_step(runner, step_inp, args.iters if graphs else max(3, args.iters // 4))
+            rows.append({"batch": B, "ctx": ctx, "experts_dtype": experts_dtype,
+                         "graphs": graphs, "step_ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
+                         "ratio": round(floor_ms / ms, 4),
+                         "bytes": {"experts": touched, "weights": non_expert, "kv": kv},
+                         "copy_GBps": round(bw / 1e9, 1)})
+            r = rows[-1]
+            print(f"B={B:4d} ctx={ctx:5d} graphs={graphs!s:5} step={ms:8.3f} ms "
+                  f"floor={floor_ms:7.3f} ms ratio={r['ratio']:.3f}", flush=True)
+    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    out = args.out or f"bench/results/decode-{args.preset}-{gpu}.json"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s; wrote {out}")
+    print(f"{'B':>4} {'ctx':>6} {'graphs':>6} {'step_ms':>9} {'floor_ms':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>4} {r['ctx']:>6} {r['graphs']!s:>6} {r['step_ms']:>9.3f} "
+              f"{r['floor_ms']:>9.3f} {r['ratio']:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
