@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from itertools import chain
 
 import msgspec
 import numpy as np
@@ -193,25 +194,38 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     def build_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten the batch on the host (what rank 0 broadcasts to the other TP ranks)."""
+        """Flatten the batch on the host (what rank 0 broadcasts to the other TP ranks).
+        Vectorized with numpy: per sequence only list slicing happens in Python."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        max_blocks = max((len(s.block_table) for s in batch.seqs), default=1) or 1
-        tables = np.full((len(batch.seqs), max_blocks), self.scratch_block, dtype=np.int32)
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            end = start + n
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            tables[i, : len(table)] = table
+        seqs = batch.seqs
+        S = len(seqs)
+        news = np.asarray(batch.num_new_tokens, dtype=np.int64)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, S)
+        ends = starts + news
+        qsl_arr = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(news, out=qsl_arr[1:])
+        T = int(qsl_arr[-1])
+        if batch.num_decodes == S:  # decode-only: one token per sequence
+            ids_arr = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int64, S)
+        else:
+            ids_arr = np.fromiter(chain.from_iterable(
+                s.token_ids[a:a + n] for s, a, n in zip(seqs, starts.tolist(), batch.num_new_tokens)),
+                np.int64, T)
+        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, S)
+        max_blocks = int(lens.max()) if S else 1
+        max_blocks = max(max_blocks, 1)
+        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int32,
+                           int(lens.sum()))
+        tables = np.full((S, max_blocks), self.scratch_block, dtype=np.int32)
+        row = np.repeat(np.arange(S), lens)
+        col = np.arange(flat.shape[0]) - np.repeat(np.cumsum(lens) - lens, lens)
+        tables[row, col] = flat
+        seq_of_tok = np.repeat(np.arange(S), news)
+        positions_arr = np.arange(T, dtype=np.int64) - np.repeat(qsl_arr[:-1], news) + \
+            np.repeat(starts, news)
+        slots_arr = tables[seq_of_tok, positions_arr // bs].astype(np.int64) * bs + positions_arr % bs
+        qsl = qsl_arr.tolist()
+        seq_lens = ends.tolist()
         rows = [qsl[i + 1] - 1 for i, s in enumerate(batch.sample) if s]
         prompt_ranges = []
         for i, seq in enumerate(batch.seqs):
@@ -223,9 +237,8 @@ class ModelRunner:
         use_graph = (self.graphs is not None and batch.num_decodes == len(batch.seqs)
                      and len(batch.seqs) <= self.graphs.max_batch and not prompt_ranges)
         return StepInputs(
-            ids=np.asarray(ids, dtype=np.int64).tobytes(),
-            positions=np.asarray(positions, dtype=np.int64).tobytes(),
-            slots=np.asarray(slots, dtype=np.int64).tobytes(), qsl=qsl, seq_lens=seq_lens,
+            ids=ids_arr.tobytes(), positions=positions_arr.tobytes(), slots=slots_arr.tobytes(),
+            qsl=qsl, seq_lens=seq_lens,
             num_decodes=batch.num_decodes, tables=tables.tobytes(), max_blocks=max_blocks,
             logit_rows=rows, prompt_ranges=prompt_ranges, use_graph=use_graph)
 
