@@ -90,7 +90,8 @@ def test_greedy_32_tokens_identical_to_hf(pair):
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, cfg.vocab_size, (13,), generator=g)
     with torch.no_grad():
-        ref = hf.generate(prompt[None], max_new_tokens=32, do_sample=False, min_new_tokens=32,
+        ref = hf.generate(prompt[None], attention_mask=torch.ones(1, len(prompt)),
+                          max_new_tokens=32, do_sample=False, min_new_tokens=32,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     seq = PagedSeq(cfg, seed=9)
     pos, md = seq.step_md(len(prompt), decode=False)
@@ -118,3 +119,23 @@ def test_absorbed_decode_equals_naive_path(pair):
     pos, md = b.step_md(20, decode=False)
     naive = ours.compute_logits(ours(ids, pos, b.caches, md))[-1:]
     assert torch.allclose(dec, naive, rtol=1e-4, atol=1e-5)
+
+
+def test_llm_engine_greedy_matches_hf(tmp_path):
+    """End to end through the engine (scheduler, paged cache of block 4, sampler)."""
+    from atom_stream import LLM, SamplingParams
+
+    hf = write_hf_checkpoint(str(tmp_path), "kimi", seed=12).double()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 320, (n,), generator=g) for n in (5, 18)]
+    llm = LLM(model=str(tmp_path), device="cpu", dtype="float32", block_size=4,
+              skip_tokenizer_init=True,
+              num_kv_blocks=64, max_model_len=128)
+    outs = llm.generate(prompt_token_ids=[p.tolist() for p in prompts],
+                        sampling_params=SamplingParams(temperature=0, max_tokens=32,
+                                                       ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = hf.generate(p[None], attention_mask=torch.ones(1, len(p)), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert list(out.token_ids) == ref
