@@ -301,9 +301,11 @@ def test_metadata_flags():
     V = 100
     md = meta([seq(SamplingParams(temperature=0.0, top_k=5, logprobs=3)),
                seq(SamplingParams(top_k=200, top_p=1.0, seed=5), output=[1, 2]),
-               seq(SamplingParams(top_k=7, logprobs=0))], V)
+               seq(SamplingParams(top_k=7, top_p=0.5, logprobs=0))], V)
     assert md.top_k.tolist() == [5, 0, 7]  # k >= V is off
-    assert md.max_top_k == 7 and not md.no_top_k and md.no_top_p and md.no_min_p
+    assert md.max_top_k == 7 and not md.no_top_k and not md.no_top_p and md.no_min_p
     assert md.random_rows.tolist() == [1, 2] and md.seeded == [(0, seed_key(5, 2))]
-    assert md.max_logprobs == 3 and md.no_penalties and md.no_temperature
+    assert md.top_p_rows.tolist() == [1]  # index among the sampling rows
+    assert md.max_logprobs == 3 and md.logprob_rows.tolist() == [0, 2]
+    assert md.no_penalties and md.no_temperature
     assert md.temperature.tolist() == [1.0, 1.0, 1.0] and md.greedy.tolist() == [True, False, False]

@@ -8,6 +8,7 @@ releases the GIL), so the event loop stays responsive.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -81,6 +82,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, tp_info: TPInfo | None = None):
         self.config = config
         self.tp_info = tp_info or TPInfo()
+        if config.enable_expert_parallel and not self.tp_info.ep:  # EP group = TP group (issue 9)
+            self.tp_info = dataclasses.replace(self.tp_info, ep=True)
         self.device = resolve_device(config.device)
         self.model_config = cfg = load_model_config(config)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
@@ -291,7 +294,7 @@ class ModelRunner:
             return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
         if self.sampler is None:
             from atom_stream.layers.sampler import Sampler
-            self.sampler = Sampler()
+            self.sampler = Sampler(seed=self.config.seed)
         meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
         out = self.sampler(logits, meta)
         token_ids = out.token_ids.tolist()

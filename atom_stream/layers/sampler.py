@@ -102,6 +102,7 @@ class SamplingMetadata:
     max_top_k: int = 0
     max_logprobs: int | None = None
     logprob_rows: Tensor | None = None  # [L] rows asking logprobs, when not all do
+    top_p_rows: Tensor | None = None  # [P] sampling-row indices with top_p < 1, when not all
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int,
@@ -165,6 +166,9 @@ class SamplingMetadata:
         )
         if random_rows and not md.all_random:
             md.random_rows = dev(torch.tensor(random_rows, dtype=torch.int64))
+        p_rows = [j for j, p in enumerate(samp) if p.top_p < 1.0]
+        if p_rows and len(p_rows) < len(samp):
+            md.top_p_rows = dev(torch.tensor(p_rows, dtype=torch.int64))
         if lp_rows and len(lp_rows) < len(seqs):
             md.logprob_rows = dev(torch.tensor(lp_rows, dtype=torch.int64))
         out_tokens = [t for t in out_rows if t.numel()]
@@ -324,8 +328,6 @@ class Sampler:
         vals = idx = None
         if ncand is not None:
             vals, idx = x.topk(min(V, max(ncand, md.max_top_k + 1)), dim=-1)
-        elif not md.no_top_p:
-            vals = x.sort(dim=-1, descending=True).values
         elif not md.no_top_k:
             vals = x.topk(md.max_top_k, dim=-1).values
 
@@ -335,7 +337,15 @@ class Sampler:
             kth = vals.gather(1, (k - 1).clamp(0, vals.shape[1] - 1)[:, None])[:, 0]
             thr = torch.where(k > 0, kth, thr)
         if not md.no_top_p:
-            thr = torch.maximum(thr, self._top_p_threshold(x, vals, thr, sel(md.top_p)))
+            p = sel(md.top_p)
+            if ncand is not None:
+                thr = torch.maximum(thr, self._top_p_threshold(x, vals, thr, p))
+            else:  # sync-free: fully sort the rows that use top-p (known on the host)
+                pr = md.top_p_rows
+                xs, tk, ps = (x, thr, p) if pr is None else (x[pr], thr[pr], p[pr])
+                sv = xs.sort(dim=-1, descending=True).values
+                tp = torch.maximum(tk, self._top_p_threshold(xs, sv, tk, ps))
+                thr = tp if pr is None else thr.index_copy(0, pr, tp)
         if not md.no_min_p:
             row_max = vals[:, 0] if vals is not None else x.amax(-1)
             thr = torch.maximum(thr, row_max + sel(md.min_p).log())
