@@ -7,6 +7,9 @@ Name mapping (HF names; model_spec.md §2):
 - Per-expert tensors `mlp.experts.E.{gate,up,down}_proj.weight` are stacked expert-major into
   `mlp.experts.w13` [E, 2I, H] (gate rows then up rows) and `mlp.experts.w2` [E, H, I];
   transformers-5 fused names `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` also load.
+  Expert parallel: a rank stacks only its experts [start, start + E_local) at the full I; the
+  other experts' per-expert tensors are skipped without reading their bytes (a fused tensor is
+  read whole, then sliced).
 - Layers >= num_hidden_layers (DeepSeek-V3's MTP layer 61) and rotary buffers are skipped.
 
 Every failure raises one `CheckpointError` that names the file or tensor: a missing tensor, a
@@ -153,14 +156,18 @@ class WeightLoader:
             w13 = self.params.get(f"{base}.w13")
             if w13 is None:
                 raise CheckpointError(f"{name}: no experts in the model at {base}")
-            if idx >= w13.shape[0]:
-                raise CheckpointError(f"{name}: expert {idx} out of range ({w13.shape[0]} experts)")
+            start, n_local, n_all = _expert_range(self.model, base, w13)
+            if idx >= n_all:
+                raise CheckpointError(f"{name}: expert {idx} out of range ({n_all} experts)")
+            if not start <= idx < start + n_local:
+                return  # expert parallel: another rank's expert, never read
+            local = idx - start
             inter = w13.shape[1] // 2
             if proj == "down_proj":
-                self._copy(f"{base}.w2", get(), (idx,), name, f"{idx}.down_proj")
+                self._copy(f"{base}.w2", get(), (local,), name, f"{idx}.down_proj")
             else:
                 rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-                self._copy(f"{base}.w13", get(), (idx, rows), name, f"{idx}.{proj}")
+                self._copy(f"{base}.w13", get(), (local, rows), name, f"{idx}.{proj}")
             return
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             # transformers-5 fused layout: [E, 2I, H] / [E, H, I]; split into per-expert copies
@@ -190,13 +197,26 @@ class WeightLoader:
             if pname.endswith(("experts.w13", "experts.w2")):
                 base = pname.rsplit(".", 1)[0]
                 projs = ("gate_proj", "up_proj") if pname.endswith("w13") else ("down_proj",)
-                missing += [f"{base}.{e}.{proj}.weight" for e in range(p.shape[0])
+                start, n_local, _ = _expert_range(self.model, base, p)
+                missing += [f"{base}.{e}.{proj}.weight" for e in range(start, start + n_local)
                             for proj in projs if f"{pname}#{e}.{proj}" not in self.loaded]
             else:
                 missing.append(pname)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+
+
+def _expert_range(model: nn.Module, base: str, w13: torch.Tensor) -> tuple[int, int, int]:
+    """(first global id, local count, global count) of the routed experts module at `base`
+    (expert parallel: this rank's slice; else all of them)."""
+    try:
+        ex = model.get_submodule(base)
+    except AttributeError:
+        ex = None
+    n = w13.shape[0]
+    return (getattr(ex, "expert_start", 0), getattr(ex, "num_local_experts", n),
+            getattr(ex, "num_experts", n))
 
 
 def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embeddings: bool,
@@ -219,7 +239,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None =
     """Random weights of the right shapes and dtypes (no files needed beyond config.json).
 
     Each parameter draws from its own generator (seed + crc32 of its name), as the FULL tensor,
-    and a TP rank keeps its shard, so every TP size builds the same model. Norm weights are 1;
+    and a TP rank keeps its shard (an EP rank its experts), so every TP/EP size builds the same
+    model. Norm weights are 1;
     linear weights N(0, 1/sqrt(in)) so activations stay O(1) at any depth; router bias small."""
     import zlib
 
@@ -235,6 +256,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None =
         dim = getattr(p, "tp_dim", None)
         shape = list(p.shape)
         is_w13, is_w2 = name.endswith("experts.w13"), name.endswith("experts.w2")
+        ep_start, ep_n, ep_all = (_expert_range(model, name.rsplit(".", 1)[0], p)
+                                  if is_w13 or is_w2 else (0, 0, 0))
+        shape[0] = ep_all or shape[0]  # expert parallel: draw every expert, keep ours below
         if info.size > 1 and dim is not None:
             shape[1 if is_w13 else 2 if is_w2 else dim] *= info.size
         if name.endswith("e_score_correction_bias"):
@@ -253,4 +277,6 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None =
                 d = 2 if is_w2 else dim
                 local = p.shape[d]
                 full = full.narrow(d, r * local, local)
+        if ep_n != ep_all:
+            full = full[ep_start:ep_start + ep_n]
         p.data.copy_(full)

@@ -9,8 +9,10 @@ inside it. Only rank 0 samples.
 Failure handling: a watchdog thread on rank 0 polls the workers; when one dies `dead` is set
 within ~0.2 s and the engine fails in-flight requests and reports unhealthy (a collective with a
 dead peer also raises in rank 0's step). Workers exit when rank 0 closes the ring or dies, so no
-orphan is left behind. Multi-node runs use the standard torch.distributed environment
-(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE); see the README.
+orphan is left behind. Everything runs on one node (rendezvous on 127.0.0.1); multi-node launch
+is not implemented (docs/MULTINODE.md). `enable_expert_parallel` reaches every rank through
+the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine passes device "cuda:{i*tp}" and
+data_parallel_size > 1: its ranks use GPUs i*tp + r and a private process group.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner, StepInputs
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.engine.shm_ring import RingClosed, ShmRing
-from atom_stream.layers.parallel import TPInfo
+from atom_stream.layers.parallel import TPInfo, private_group
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +58,34 @@ def _backend() -> str:
 
 
 def _set_device(config: EngineConfig, rank: int) -> EngineConfig:
-    if torch.cuda.is_available() and config.device in ("auto", "cuda"):
-        torch.cuda.set_device(rank)
-        config.device = f"cuda:{rank}"
+    # "cuda:B" (DPEngine: replica i gets B = i*tp) puts rank r on GPU B + r
+    if torch.cuda.is_available() and (config.device in ("auto", "cuda")
+                                      or config.device.startswith("cuda:")):
+        base = int(config.device.partition(":")[2] or 0)
+        torch.cuda.set_device(base + rank)
+        config.device = f"cuda:{base + rank}"
     return config
+
+
+def _init_group(config: EngineConfig, init_method: str, rank: int, world: int):
+    """The TP group for TPInfo.group: None (torch.distributed's default group, initialized here),
+    or, with data_parallel_size > 1 (DPEngine: this process hosts rank 0 of several replicas and
+    may own one default group only), a private group (layers/parallel.private_group)."""
+    if config.data_parallel_size > 1:
+        return private_group(init_method, rank, world, _backend())
+    torch.distributed.init_process_group(_backend(), init_method=init_method, rank=rank,
+                                         world_size=world)
+    return None
+
+
+def _close_group(group) -> None:
+    try:
+        if group is not None:
+            group.shutdown()
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
 
 
 def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
@@ -68,11 +94,10 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
     parent = os.getppid()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     config = _set_device(config, rank)
-    torch.distributed.init_process_group(_backend(), init_method=init_method, rank=rank,
-                                         world_size=world)
+    group = _init_group(config, init_method, rank, world)
     ring = ShmRing.attach(ring_spec)
     try:
-        runner = ModelRunner(config, TPInfo(rank, world))
+        runner = ModelRunner(config, TPInfo(rank, world, group))
         while True:
             try:
                 data = ring.read(rank - 1, timeout=1.0)
@@ -88,10 +113,7 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
             runner.run_inputs(msg.inputs)
     finally:
         ring.unlink()
-        try:
-            torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+        _close_group(group)
 
 
 class TPExecutor:
@@ -114,11 +136,11 @@ class TPExecutor:
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
         self._encoder = msgspec.msgpack.Encoder()
+        self.group = None
         try:
             config = _set_device(config, 0)
-            torch.distributed.init_process_group(_backend(), init_method=init, rank=0,
-                                                 world_size=world)
-            self.runner = ModelRunner(config, TPInfo(0, world))
+            self.group = _init_group(config, init, 0, world)
+            self.runner = ModelRunner(config, TPInfo(0, world, self.group))
         except BaseException:
             self.shutdown()
             raise
@@ -162,15 +184,12 @@ class TPExecutor:
             if p.is_alive():
                 p.kill()
         self.ring.unlink()
-        if torch.distributed.is_initialized():
-            try:
-                torch.distributed.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+        _close_group(self.group)
 
 
 def make_executor(config: EngineConfig):
     """The runner the engine core drives: ModelRunner for one rank, TPExecutor for several."""
     if config.tensor_parallel_size > 1:
         return TPExecutor(config)
-    return ModelRunner(config)
+    # "cuda:i" (a DPEngine replica) becomes this thread's current device, as TP ranks do
+    return ModelRunner(_set_device(config, 0) if config.device.startswith("cuda:") else config)

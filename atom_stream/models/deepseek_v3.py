@@ -28,7 +28,7 @@ from atom_stream.layers.attention import (
 from atom_stream.layers.linear import Linear, VocabEmbedding, dense_weight
 from atom_stream.layers.moe import experts_dense_ref, experts_ref, route
 from atom_stream.layers.norm import RMSNorm
-from atom_stream.layers.parallel import all_gather_last, all_reduce, tp
+from atom_stream.layers.parallel import all_gather_last, all_reduce, local_topk, tp
 from atom_stream.layers.rotary import RotaryEmbedding
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
@@ -164,21 +164,31 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts stacked expert-major: w13 [E, 2I, H], w2 [E, H, I], where I is this TP
     rank's share of moe_intermediate_size (`tp_dim` is the dim of the per-expert checkpoint
-    tensor the loader narrows: rows of gate/up [I, H], columns of down [H, I])."""
+    tensor the loader narrows: rows of gate/up [I, H], columns of down [H, I]).
+
+    Expert parallel (layers/parallel.py): E is this rank's `num_local_experts` (global ids
+    [expert_start, expert_start + E)) and I the full moe_intermediate_size (no tp_dim)."""
 
     def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
         E, H = cfg.n_routed_experts, cfg.hidden_size
-        inter = tp().shard(cfg.moe_intermediate_size, "moe_intermediate_size")
-        self.num_experts, self.hidden, self.inter = E, H, inter
-        self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=dtype, device=device),
+        info = tp()
+        # EP: local experts at the full intermediate size; else all experts, intermediate split
+        self.expert_start, self.num_local_experts = info.expert_range(E)
+        inter = info.moe_tp.shard(cfg.moe_intermediate_size, "moe_intermediate_size")
+        self.num_experts, self.hidden, self.inter = E, H, inter  # num_experts: global count
+        n = self.num_local_experts
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter, H, dtype=dtype, device=device),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(E, H, inter, dtype=dtype, device=device),
+        self.w2 = nn.Parameter(torch.empty(n, H, inter, dtype=dtype, device=device),
                                requires_grad=False)
-        self.w13.tp_dim, self.w2.tp_dim = 0, 1
+        self.w13.tp_dim, self.w2.tp_dim = (0, 1) if info.ep_size == 1 else (None, None)
         self.quant_method = None
 
     def forward(self, x, topk_weights, topk_ids):
+        if self.num_local_experts != self.num_experts:  # EP dispatch: global -> local ids
+            topk_weights, topk_ids = local_topk(topk_weights, topk_ids, self.expert_start,
+                                                self.num_local_experts)
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, topk_weights, topk_ids)
         if x.is_cuda:

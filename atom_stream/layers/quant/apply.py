@@ -92,8 +92,10 @@ class QuantLoader:
             if idx >= experts.num_experts:
                 raise CheckpointError(f"{name}: expert {idx} out of range "
                                       f"({experts.num_experts} experts)")
-            if self._accept(experts.quant_method, suffix, name, prefix):
-                experts.quant_method.load(experts, idx, proj, suffix, get(), name)
+            local = idx - experts.expert_start  # expert parallel: buffers hold our experts only
+            if (self._accept(experts.quant_method, suffix, name, prefix)
+                    and 0 <= local < experts.num_local_experts):  # others' are never read
+                experts.quant_method.load(experts, local, proj, suffix, get(), name)
                 self.arrived.add((prefix, idx, proj, suffix))
             return True
         prefix, _, suffix = name.rpartition(".")
@@ -124,7 +126,7 @@ class QuantLoader:
                 if (prefix, s) not in self.arrived:
                     raise CheckpointError(f"checkpoint is missing tensor '{prefix}.{s}'")
         for prefix, ex in self.experts.items():
-            for e in range(ex.num_experts):
+            for e in range(ex.expert_start, ex.expert_start + ex.num_local_experts):
                 for p in ("gate_proj", "up_proj", "down_proj"):
                     for s in ex.quant_method.suffixes:
                         if (prefix, e, p, s) not in self.arrived:

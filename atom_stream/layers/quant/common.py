@@ -8,6 +8,9 @@ Method contracts (one instance per scheme, shared by the layers it quantizes):
   `apply(layer, x)` -> x @ W^T (the Linear module adds the TP all-reduce).
 - MoEMethod: the same for the stacked routed experts (`{experts}.{e}.{proj}.{suffix}`, proj in
   gate_proj/up_proj/down_proj), `apply(experts, x, topk_weights, topk_ids)` -> [T, H].
+  Buffers hold `experts.num_local_experts` experts (all of them unless expert parallel); `load`
+  gets the LOCAL index (the loader hook maps global ids and skips other ranks' experts) and
+  `apply` gets local top-k ids (Experts.forward remaps them).
 Quantized tensors are registered as buffers, not Parameters: the generic loader and
 `init_dummy_weights` see only the float parameters; the quant loader hook owns the rest and
 checks that each arrived. Buffers move with the module like parameters do.
@@ -119,7 +122,7 @@ class MoEMethod:
 
     def create(self, experts: nn.Module, name: str, tp: TPInfo) -> None:
         experts.quant_dtype = experts.w13.dtype
-        experts.quant_tp = tp
+        experts.quant_tp = tp.moe_tp  # the intermediate split (a single rank under EP)
         device = real_device(experts.w13)
         del experts.w13, experts.w2
         self.create_buffers(experts, device)

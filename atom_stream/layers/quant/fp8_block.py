@@ -96,7 +96,7 @@ class Fp8BlockMoEMethod(_ActQuant, MoEMethod):
 
     def create_buffers(self, experts, device) -> None:
         bn, bk = self.scheme.block
-        E, H, inter = experts.num_experts, experts.hidden, experts.inter
+        E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
         _check_tp(inter, bn, experts.quant_tp.size, "moe_intermediate_size")
         experts.register_buffer("w13_weight", torch.zeros(E, 2 * inter, H, dtype=FP8,
                                                           device=device))

@@ -93,7 +93,7 @@ class Int4MoEMethod(MoEMethod):
 
     def create_buffers(self, experts, device) -> None:
         g = self.scheme.group_size
-        E, H, inter = experts.num_experts, experts.hidden, experts.inter
+        E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
         _check_group(H, g, "hidden_size")
         _check_group(inter, g, "moe_intermediate_size")
         sd = scale_dtype(experts.quant_dtype)

@@ -145,7 +145,7 @@ class Mxfp4MoEMethod(MoEMethod):
     optional = ("input_scale",)
 
     def create_buffers(self, experts, device) -> None:
-        E, H, inter = experts.num_experts, experts.hidden, experts.inter
+        E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
         _check(H, "hidden_size")
         _check(inter, "moe_intermediate_size")
         for name, shape in (("w13_weight", (E, 2 * inter, H // 2)),

@@ -139,7 +139,7 @@ class W4A8MoEMethod(MoEMethod):
             self.suffixes = _PIECES + ("input_scale",)
 
     def create_buffers(self, experts, device) -> None:
-        E, H, inter = experts.num_experts, experts.hidden, experts.inter
+        E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
         experts.register_buffer("w13_weight", torch.zeros(E, 2 * inter, H, dtype=FP8,
                                                           device=device))
         experts.register_buffer("w2_weight", torch.zeros(E, H, inter, dtype=FP8, device=device))

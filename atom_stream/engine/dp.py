@@ -1,0 +1,234 @@
+"""Data parallelism (`-dp N`, `data_parallel_size`): N engine replicas behind one server.
+
+    engine = make_async_engine(config)    # AsyncEngine for dp=1, DPEngine for dp>1
+    async with engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=32)): ...
+
+`DPEngine` has AsyncEngine's public surface (generate/abort/stats/metrics/tokenizer/model_config/
+max_model_len/is_dead/start/shutdown, async context manager) and wraps one AsyncEngine per
+replica, all on the caller's event loop: each replica has its own engine loop task, step thread,
+scheduler, KV pool and model copy. There is no IPC hop: requests go straight to a replica's
+AsyncEngine.
+
+Placement: replica i gets device `cuda:{b + i*tp}` (b: the index in `device="cuda:b"`, else 0),
+and with tensor_parallel_size > 1 its TP ranks use GPUs [b + i*tp, b + (i+1)*tp)
+(engine/distributed.py; each replica's TP group is a private process group, because this
+process hosts rank 0 of every replica). On the CPU every replica uses the CPU.
+
+Balancing: a new request goes to the live replica with the fewest outstanding requests (admitted
+and not yet finished, counted here); ties go round robin. Request ids are unique across replicas.
+Health: `is_dead` is true as soon as any replica is dead (its requests fail with an error; new
+requests go to the live replicas until the server is restarted, as for a dead TP rank).
+
+Metrics: `metrics.registry` exposes every replica's atom_stream:* series with an extra label
+`engine="i"` (vLLM's DP convention); `stats()` sums the replicas and lists each in "replicas".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+
+from atom_stream.config import ConfigError, EngineConfig
+from atom_stream.engine.async_engine import AsyncEngine, Prompt
+from atom_stream.engine.outputs import RequestOutput
+from atom_stream.errors import EngineDeadError, InvalidRequestError
+from atom_stream.sampling_params import SamplingParams
+
+# stats() keys summed over the replicas (the others are derived or taken from replica 0)
+_SUMMED = ("num_running", "num_waiting", "prefix_cache_queries", "prefix_cache_hits",
+           "used_blocks", "cached_blocks", "total_blocks", "num_preemptions", "prompt_tokens",
+           "generation_tokens", "num_streams")
+
+
+def make_async_engine(config: EngineConfig | None = None, **engine_kwargs: Any):
+    """The in-process engine for `config`: AsyncEngine when data_parallel_size is 1, else a
+    DPEngine over data_parallel_size replicas."""
+    if config is None:
+        config = EngineConfig.from_kwargs(**engine_kwargs)
+    elif engine_kwargs:
+        raise TypeError("pass either an EngineConfig or engine keyword arguments")
+    if config.data_parallel_size == 1:
+        return AsyncEngine(config)
+    return DPEngine(config)
+
+
+def replica_configs(config: EngineConfig) -> list[EngineConfig]:
+    """One EngineConfig per replica: the same settings on that replica's device(s)."""
+    dp, tp = config.data_parallel_size, config.tensor_parallel_size
+    dev = config.device
+    if dev == "auto" or dev.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            base = int(dev.partition(":")[2] or 0)
+            need = base + dp * tp
+            if need > torch.cuda.device_count():
+                raise ConfigError(
+                    f"data_parallel_size: {dp} replicas x tensor_parallel_size {tp} from GPU "
+                    f"{base} need {need} GPUs, {torch.cuda.device_count()} visible")
+            return [dataclasses.replace(config, device=f"cuda:{base + i * tp}")
+                    for i in range(dp)]
+        if dev != "auto":
+            raise ConfigError(f"device: {dev!r} requested but no CUDA/ROCm GPU is available")
+    return [dataclasses.replace(config, device="cpu" if dev == "auto" else dev)
+            for _ in range(dp)]
+
+
+class _MergedCollector:
+    """Every replica registry's families, each sample labelled engine="i"."""
+
+    def __init__(self, registries: list[CollectorRegistry]):
+        self.registries = registries
+
+    def describe(self):
+        return []  # names are only known once replicas exist; skip the registry's dup check
+
+    def collect(self):
+        merged: dict[str, Metric] = {}
+        for i, reg in enumerate(self.registries):
+            for fam in reg.collect():
+                out = merged.get(fam.name)
+                if out is None:
+                    out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                    fam.unit)
+                for s in fam.samples:
+                    out.add_sample(s.name, {**s.labels, "engine": str(i)}, s.value,
+                                   s.timestamp, s.exemplar)
+        yield from merged.values()
+
+
+class DPMetrics:
+    """`registry`: the replicas' metrics merged (label engine="i"); `replicas`: their
+    EngineMetrics."""
+
+    def __init__(self, replicas: list[Any]):
+        self.replicas = replicas
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_MergedCollector([m.registry for m in replicas]))
+
+
+class DPEngine:
+    """`config.data_parallel_size` AsyncEngine replicas behind AsyncEngine's interface."""
+
+    def __init__(self, config: EngineConfig | None = None, **engine_kwargs: Any):
+        if config is None:
+            config = EngineConfig.from_kwargs(**engine_kwargs)
+        elif engine_kwargs:
+            raise TypeError("pass either an EngineConfig or engine keyword arguments")
+        self.config = config
+        self.replicas = [AsyncEngine(c) for c in replica_configs(config)]
+        self.outstanding = [0] * len(self.replicas)  # live generate() calls per replica
+        self._owner: dict[str, int] = {}  # live request id -> replica index
+        self._next = 0  # round-robin start among the least loaded
+        self._metrics: DPMetrics | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> DPEngine:
+        """Start every replica (model loads run concurrently, each on its own step thread)."""
+        results = await asyncio.gather(*(r.start() for r in self.replicas),
+                                       return_exceptions=True)
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            await asyncio.gather(*(r.shutdown() for r in self.replicas),
+                                 return_exceptions=True)
+            raise errors[0]
+        return self
+
+    async def __aenter__(self) -> DPEngine:  # noqa: PYI034
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Shut every replica down (concurrently; `drain`/`timeout` as AsyncEngine.shutdown)."""
+        await asyncio.gather(*(r.shutdown(drain=drain, timeout=timeout) for r in self.replicas))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Any:
+        return self.replicas[0].tokenizer
+
+    @property
+    def model_config(self) -> Any:
+        return self.replicas[0].model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return min(r.max_model_len for r in self.replicas)
+
+    @property
+    def metrics(self) -> DPMetrics:
+        if self._metrics is None:
+            self._metrics = DPMetrics([r.metrics for r in self.replicas])
+        return self._metrics
+
+    @property
+    def is_dead(self) -> bool:
+        return any(r.is_dead for r in self.replicas)
+
+    def stats(self) -> dict[str, Any]:
+        per = [r.stats() for r in self.replicas]
+        s: dict[str, Any] = {k: sum(p[k] for p in per) for k in _SUMMED if k in per[0]}
+        s["kv_usage"] = s["used_blocks"] / s["total_blocks"] if s.get("total_blocks") else 0.0
+        q = s.get("prefix_cache_queries", 0)
+        s["prefix_cache_hit_rate"] = s.get("prefix_cache_hits", 0) / q if q else 0.0
+        s["finished"] = {}
+        for p in per:
+            for reason, n in p.get("finished", {}).items():
+                s["finished"][reason] = s["finished"].get(reason, 0) + n
+        s["max_model_len"] = self.max_model_len
+        s["is_dead"] = self.is_dead
+        s["outstanding"] = list(self.outstanding)
+        s["replicas"] = per
+        return s
+
+    # ------------------------------------------------------------------ requests
+    def _pick(self) -> int:
+        """The live replica with the fewest outstanding requests; ties round robin."""
+        n = len(self.replicas)
+        best = None
+        for j in range(n):
+            i = (self._next + j) % n
+            if self.replicas[i].is_dead:
+                continue
+            if best is None or self.outstanding[i] < self.outstanding[best]:
+                best = i
+        if best is None:
+            raise EngineDeadError("every data-parallel replica is dead")
+        self._next = (best + 1) % n
+        return best
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None, *,
+                       chat_template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
+        """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort)."""
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif request_id in self._owner:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        i = self._pick()
+        self._owner[request_id] = i
+        self.outstanding[i] += 1
+        stream = self.replicas[i].generate(prompt, params, request_id,
+                                           chat_template_kwargs=chat_template_kwargs)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # a closed/cancelled consumer aborts the request at once
+            self.outstanding[i] -= 1
+            del self._owner[request_id]
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a live request; its stream ends with a finish_reason "abort" delta."""
+        i = self._owner.get(request_id)
+        if i is not None:
+            await self.replicas[i].abort(request_id)

@@ -1,0 +1,315 @@
+"""Paged MLA decode attention (absorbed form) over the latent KV cache: split-KV + LSE merge.
+
+Math (model_spec §3.6): per sequence b and head h,
+    score(s) = scale * (q_nope[b,h] . c(s) + q_pe[b,h] . k_pe(s)),  s < seq_lens[b]
+    o_latent[b,h] = softmax(score) @ c            (softmax in fp32; V = the latent c)
+`scale` is the model's softmax_scale (192^-0.5 * mscale^2 for Kimi), NOT 576^-0.5.
+
+Shapes and contracts (shared with the model code):
+- q_nope [B, H, R] and q_pe [B, H, DR] (any strides, last dim contiguous); or one q [B, H, R+DR]
+  passed as q_nope with q_pe=None (split at R = D - rope_dim).
+- kv_cache [num_blocks, block_size, D], D = R + DR ([c | k_pe]), contiguous; bf16/fp16/fp32, or
+  float8 (e4m3fn / e4m3fnuz) with a per-layer float k_scale (value = fp8 * k_scale).
+- block_tables [B, max_blocks] int32, seq_lens [B] int32 (0 allowed: output row is 0).
+- returns o_latent [B, H, R] in q's dtype.
+R and DR must be powers of two >= 16 (512 and 64 in the real models).
+
+Kernel shape: stage 1 has grid (head_groups, B, num_splits); each program owns up to BLOCK_H heads
+(one tl.dot M tile: Kimi TP8's 8 heads fill half of it) and a contiguous token range of one
+sequence, reads each cache row once, and uses the c tile for both QK^T and PV. A sequence's split
+length is ceil(len / num_splits) rounded up to BLOCK_N and at least MIN_SPLIT, so short sequences
+use fewer splits; idle programs exit. Stage 2 (grid (H, B, R/BLOCK_R)) merges the active splits'
+partial outputs by log-sum-exp. With num_splits == 1 stage 1 writes the output directly.
+fp8 caches are dequantized tile by tile (x * k_scale in fp32, rounded to fp16) for the dots.
+
+CUDA/HIP-graph capture: no host syncs (no .item()); the grid depends only on B, H and
+num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
+(alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
+
+# Tunables (measured on H200: bench/RESULTS.md). WAVES * SMs programs are aimed at.
+BLOCK_H = 16
+MIN_SPLIT = 64
+MAX_SPLITS = 128
+WAVES = 2
+
+
+@triton.jit
+def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    n = tl.cdiv(seq_len, num_splits)
+    n = tl.cdiv(n, BLOCK_N) * BLOCK_N
+    return tl.maximum(n, MIN_SPLIT)
+
+
+@triton.jit
+def _load_tile(KV, bt_row, n0, end, offs_c, offs_p, R: tl.constexpr, DR: tl.constexpr,
+               CH: tl.constexpr, NC: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw cache rows n0..n0+BLOCK_N of one sequence, masked at `end` (0 beyond): (k_pe, c chunks
+    0..3); chunks past NC repeat chunk 0 and are never used."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nm = (offs_n < end)[:, None]
+    page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
+    row = KV + ((page.to(tl.int64) * PAGE + offs_n % PAGE) * (R + DR))[:, None]
+    kp = tl.load(row + R + offs_p[None, :], mask=nm, other=0.0)
+    c0 = tl.load(row + offs_c[None, :], mask=nm, other=0.0)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if NC > 1:
+        c1 = tl.load(row + CH + offs_c[None, :], mask=nm, other=0.0)
+    if NC > 2:
+        c2 = tl.load(row + 2 * CH + offs_c[None, :], mask=nm, other=0.0)
+        c3 = tl.load(row + 3 * CH + offs_c[None, :], mask=nm, other=0.0)
+    return kp, c0, c1, c2, c3
+
+
+@triton.jit
+def _mla_decode_stage1(
+    QN, QP, KV, BT, LENS, OPART, LSE, OUT,
+    qk_scale, k_scale, out_scale, num_splits, H,
+    stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_bt_b,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    R: tl.constexpr, DR: tl.constexpr, CH: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    DIRECT: tl.constexpr, F16: tl.constexpr,
+):
+    # The latent dim R is handled as NC = R / CH chunks (1, 2 or 4) with one accumulator each:
+    # tl.dot materializes its whole A operand per warp, so a [16, 512] q held across the loop
+    # costs 128 registers/thread and spills; [16, 128] chunks reloaded per tile (L1 hits) don't.
+    NC: tl.constexpr = R // CH
+    hg = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    start = s * split
+    end = tl.minimum(start + split, seq_len)
+    if DIRECT:  # one split: the program always runs (seq_len 0 writes zeros)
+        run = start <= end
+    else:
+        run = start < end
+    if run:
+        heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        offs_c = tl.arange(0, CH)
+        offs_p = tl.arange(0, DR)
+        # compute dtype of the dots: q's dtype, or fp16 for an fp8 cache
+        cdt = tl.float16 if F16 else QN.dtype.element_ty
+        q_ptr = QN + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_c[None, :]
+        qp_ptr = QP + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc0 = tl.zeros([BLOCK_H, CH], tl.float32)
+        if NC > 1:
+            acc1 = tl.zeros([BLOCK_H, CH], tl.float32)
+        if NC > 2:
+            acc2 = tl.zeros([BLOCK_H, CH], tl.float32)
+            acc3 = tl.zeros([BLOCK_H, CH], tl.float32)
+        q_pe = tl.load(qp_ptr, mask=hmask[:, None], other=0.0).to(cdt)
+        bt_row = BT + b * stride_bt_b
+        for n0 in range(start, end, BLOCK_N):
+            kp, c0, c1, c2, c3 = _load_tile(KV, bt_row, n0, end, offs_c, offs_p,
+                                            R, DR, CH, NC, PAGE, BLOCK_N)
+            nmask = n0 + tl.arange(0, BLOCK_N) < end
+            hm = hmask[:, None]
+            if F16:
+                # dequantize in fp32 and round to fp16 (exact for e4m3 when k_scale is a power of
+                # two). Doing real arithmetic here also keeps Triton from moving the fp8->fp16
+                # cast behind the shared-memory load, where the transposed (QK^T) use of an
+                # 8-bit tile needs a register transpose and defeats cp.async pipelining.
+                kp = (kp.to(tl.float32) * k_scale).to(cdt)
+                c0 = (c0.to(tl.float32) * k_scale).to(cdt)
+                c1 = (c1.to(tl.float32) * k_scale).to(cdt)
+                c2 = (c2.to(tl.float32) * k_scale).to(cdt)
+                c3 = (c3.to(tl.float32) * k_scale).to(cdt)
+            qk = tl.dot(q_pe, tl.trans(kp.to(cdt)))
+            c0 = c0.to(cdt)
+            qk = tl.dot(tl.load(q_ptr, mask=hm, other=0.0).to(cdt), tl.trans(c0), qk)
+            if NC > 1:
+                c1 = c1.to(cdt)
+                qk = tl.dot(tl.load(q_ptr + CH, mask=hm, other=0.0).to(cdt), tl.trans(c1), qk)
+            if NC > 2:
+                c2 = c2.to(cdt)
+                qk = tl.dot(tl.load(q_ptr + 2 * CH, mask=hm, other=0.0).to(cdt), tl.trans(c2), qk)
+                c3 = c3.to(cdt)
+                qk = tl.dot(tl.load(q_ptr + 3 * CH, mask=hm, other=0.0).to(cdt), tl.trans(c3), qk)
+            qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pc = p.to(cdt)
+            acc0 = tl.dot(pc, c0, acc0 * alpha[:, None])
+            if NC > 1:
+                acc1 = tl.dot(pc, c1, acc1 * alpha[:, None])
+            if NC > 2:
+                acc2 = tl.dot(pc, c2, acc2 * alpha[:, None])
+                acc3 = tl.dot(pc, c3, acc3 * alpha[:, None])
+            m_i = m_new
+        if DIRECT:
+            norm = out_scale / tl.where(l_i > 0, l_i, 1.0)  # seq_len 0 -> output 0
+            dst = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_c[None, :]
+            odt = OUT.dtype.element_ty
+        else:
+            norm = out_scale / l_i
+            dst = OPART + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_c[None, :]
+            odt = tl.float32
+            tl.store(LSE + b * stride_lb + heads * stride_lh + s, m_i + tl.log2(l_i), mask=hmask)
+        tl.store(dst, (acc0 * norm[:, None]).to(odt), mask=hmask[:, None])
+        if NC > 1:
+            tl.store(dst + CH, (acc1 * norm[:, None]).to(odt), mask=hmask[:, None])
+        if NC > 2:
+            tl.store(dst + 2 * CH, (acc2 * norm[:, None]).to(odt), mask=hmask[:, None])
+            tl.store(dst + 3 * CH, (acc3 * norm[:, None]).to(odt), mask=hmask[:, None])
+
+
+@triton.jit
+def _mla_decode_stage2(
+    OPART, LSE, LENS, OUT, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    rc = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    n_active = tl.cdiv(seq_len, split)  # splits that stage 1 wrote; never read the others
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < n_active
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(smask, tl.exp2(lse - m), 0.0)
+    denom = tl.sum(w, 0)
+    denom = tl.where(denom > 0, denom, 1.0)
+    offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+    parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
+                    + offs_r[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / denom
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_r, o.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None,
+                      device: torch.device | str | None = None) -> int:
+    """Splits per sequence for a decode batch: aim at WAVES * SMs programs, at most MAX_SPLITS,
+    and no more than max_seq_len / MIN_SPLIT. Depends only on host ints (graph-safe)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+    else:
+        sms = 8  # CPU / interpreter: small grids
+    ctas = batch * triton.cdiv(num_heads, BLOCK_H)
+    s = triton.cdiv(WAVES * sms, ctas)
+    if max_seq_len is not None:
+        s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
+    return max(1, min(s, MAX_SPLITS))
+
+
+def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
+                           device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for stage 1 -> 2: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32)."""
+    return (torch.empty(batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32,
+                        device=device),
+            torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device))
+
+
+def _launch_cfg(kv_dtype: torch.dtype, num_heads: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) per cache dtype: the lowest geometric-mean time of 4
+    candidates over the H=8 grid on H200 (bench/RESULTS.md)."""
+    if kv_dtype in _FP8:
+        return 64, 8, 2
+    return 32, 4, 2
+
+
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.Tensor,
+               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+               k_scale: float = 1.0, *, out: torch.Tensor | None = None,
+               num_splits: int | None = None, max_seq_len: int | None = None,
+               workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+               rope_dim: int = 64, config: tuple[int, int, int] | None = None,
+               chunk: int = 128) -> torch.Tensor:
+    """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R]."""
+    if q_pe is None:
+        r = kv_cache.shape[-1] - rope_dim
+        q_nope, q_pe = q_nope[..., :r], q_nope[..., r:]
+    B, H, R = q_nope.shape
+    DR = q_pe.shape[-1]
+    _, page, D = kv_cache.shape
+    assert D == R + DR, f"cache width {D} != {R} + {DR}"
+    assert R >= 16 and DR >= 16 and R & (R - 1) == 0 and DR & (DR - 1) == 0
+    chunk = min(chunk, R)
+    assert R // chunk in (1, 2, 4), "R must be 1, 2 or 4 chunks"
+    assert kv_cache.is_contiguous() and q_nope.stride(-1) == 1 and q_pe.stride(-1) == 1
+    assert block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    if out is None:
+        out = torch.empty(B, H, R, dtype=q_nope.dtype, device=q_nope.device)
+    if num_splits is None:
+        num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device)
+    block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
+    fp8 = kv_cache.dtype in _FP8
+    direct = num_splits == 1
+    if direct:
+        opart = lse = out  # unused
+    else:
+        opart, lse = workspace or alloc_decode_workspace(B, H, R, num_splits, q_nope.device)
+        assert opart.shape[:3] == (B, H, num_splits) and lse.shape == (B, H, num_splits)
+    grid = (triton.cdiv(H, BLOCK_H), B, num_splits)
+    _mla_decode_stage1[grid](
+        q_nope, q_pe, kv_cache, block_tables, seq_lens, opart, lse, out,
+        # fp8: k_scale applied to the tile; otherwise (normally 1.0) folded into the scales
+        float(scale) * _LOG2E * (1.0 if fp8 else float(k_scale)), float(k_scale),
+        1.0 if fp8 else float(k_scale), num_splits, H,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
+        opart.stride(0), opart.stride(1), opart.stride(2) if not direct else 0,
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        R=R, DR=DR, CH=chunk, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=block_n, MIN_SPLIT=MIN_SPLIT,
+        DIRECT=direct, F16=fp8, num_warps=warps, num_stages=stages,
+    )
+    if not direct:
+        block_s = triton.next_power_of_2(num_splits)
+        block_r = min(R, max(16, 4096 // block_s))
+        _mla_decode_stage2[(H, B, R // block_r)](
+            opart, lse, seq_lens, out, num_splits,
+            opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_N=block_n, MIN_SPLIT=MIN_SPLIT, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
+        )
+    return out
+
+
+def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                   k_scale: float = 1.0) -> torch.Tensor:
+    """Plain torch reference (fp32 math, per sequence); returns [B, H, R] in q's dtype."""
+    B, H, R = q_nope.shape
+    page = kv_cache.shape[1]
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
+    out = torch.zeros(B, H, R, dtype=torch.float32, device=q_nope.device)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=kv_cache.device)
+        rows = block_tables[b, pos // page].long() * page + pos % page
+        e = flat[rows].float() * k_scale
+        c, kp = e[:, :R], e[:, R:]
+        s = (q_nope[b].float() @ c.T + q_pe[b].float() @ kp.T) * scale
+        out[b] = torch.softmax(s, dim=-1) @ c
+    return out.to(q_nope.dtype)

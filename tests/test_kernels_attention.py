@@ -1,0 +1,257 @@
+"""Attention kernels (kernels/mla_decode.py, kv_store.py, mla_prefill.py) against torch references.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set here, before the kernel modules
+are decorated) at small shapes with fp32/fp16 dots (the interpreter mishandles bf16 tl.dot).
+`-m gpu` runs them natively in bf16 / fp8 at the real MLA widths (512 + 64, 192 / 128).
+Every check draws fresh random inputs and poisons outputs (and scratch) with NaN first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # a module decorated earlier in compiled mode (imported by another test) must be re-decorated
+    for _name in ("kv_store", "mla_decode", "mla_prefill", "norm_rope"):
+        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
+        if _mod is not None:
+            importlib.reload(_mod)
+
+from atom_stream.kernels import mla_decode as dec
+from atom_stream.kernels.kv_store import kv_store, kv_store_ref
+from atom_stream.kernels.mla_prefill import (
+    mla_prefill_ref,
+    mla_prefill_sdpa,
+    mla_prefill_triton,
+)
+
+cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
+FP8 = torch.float8_e4m3fn
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def make_cache(num_blocks, page, D, dtype, device, k_scale=1.0, gen=None):
+    x = torch.randn(num_blocks, page, D, generator=gen, device=device)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        return (x * 2.0 / k_scale).to(dtype)
+    return x.to(dtype)
+
+
+def make_tables(lens, page, num_blocks, device, gen=None, width=None):
+    """Random, disjoint block tables (default width: the longest sequence + 1 spare column)."""
+    width = width or max(max(-(-n // page) for n in lens), 1) + 1
+    perm = torch.randperm(num_blocks, generator=gen, device="cpu")[: len(lens) * width]
+    return perm.view(len(lens), width).to(torch.int32).to(device)
+
+
+def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, seed,
+               k_scale=1.0, fused_q=False, config=None, chunk=128):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    num_blocks = len(lens) * (max(-(-n // page) for n in lens) + 1) + 3
+    kv = make_cache(num_blocks, page, R + DR, kv_dtype, "cpu", k_scale, gen).to(device)
+    bt = make_tables(lens, page, num_blocks, device, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = (torch.randn(B, H, R + DR, generator=gen) * 0.5).to(q_dtype).to(device)
+    qn, qp = q[..., :R], q[..., R:]
+    scale = 0.1447
+    out = torch.full((B, H, R), float("nan"), dtype=q_dtype, device=device)
+    ws = dec.alloc_decode_workspace(B, H, R, num_splits, device)
+    ws[0].fill_(float("nan"))
+    ws[1].fill_(float("nan"))
+    if fused_q:
+        dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, out=out, num_splits=num_splits,
+                       workspace=ws, rope_dim=DR, config=config, chunk=chunk)
+    else:
+        dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, out=out, num_splits=num_splits,
+                       workspace=ws, config=config, chunk=chunk)
+    ref = dec.mla_decode_ref(qn.float(), qp.float(), kv, bt, seq_lens, scale, k_scale)
+    return out, ref
+
+
+# ------------------------------------------------------------------ CPU (interpreter)
+@cpu_only
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(torch.float32, torch.float32),
+                                              (torch.float16, torch.float16),
+                                              (torch.float32, FP8)])
+@pytest.mark.parametrize("num_splits,R,chunk", [(1, 32, 32), (4, 32, 16), (4, 64, 16),
+                                                (1, 64, 16)])
+def test_decode_interpreted(q_dtype, kv_dtype, num_splits, R, chunk):
+    # H=3 (padded head tile), page 8 < BLOCK_N (tiles span pages), lengths 0/1/odd/long;
+    # R split in 1, 2 and 4 chunks (the real 512 runs as 4 x 128)
+    lens = [0, 1, 37, 300]
+    k_scale = 0.37 if kv_dtype == FP8 else 1.25  # non-fp8 caches fold it into the scales
+    out, ref = run_decode(4, 3, R, 16, 8, lens, q_dtype, kv_dtype, num_splits, "cpu",
+                          seed=hash((str(q_dtype), str(kv_dtype), num_splits, R)) % 2**31,
+                          k_scale=k_scale, chunk=chunk, config=(32, 4, 1))
+    assert torch.all(out[0] == 0), "empty sequence must give 0"
+    # fp8 caches run the dots in fp16 (q and p rounded to fp16)
+    tol = 2e-6 if q_dtype == torch.float32 and kv_dtype != FP8 else 2e-3
+    assert rel_err(out, ref) < tol
+
+
+@cpu_only
+def test_decode_interpreted_many_heads_fused_q():
+    # H=20 > BLOCK_H: two head groups; single q [B, H, R + DR]; page 32 with BLOCK_N 16
+    out, ref = run_decode(2, 20, 16, 16, 32, [150, 70], torch.float32, torch.float32, 3, "cpu",
+                          seed=11, fused_q=True, config=(16, 4, 1), chunk=8)
+    assert rel_err(out, ref) < 2e-6
+
+
+@cpu_only
+def test_num_splits_heuristic():
+    assert dec.decode_num_splits(1, 8, 8192) > 1
+    assert dec.decode_num_splits(1, 8, 10) == 1
+    assert dec.decode_num_splits(4096, 8, 8192) == 1
+    assert dec.decode_num_splits(1, 8) <= dec.MAX_SPLITS
+
+
+@cpu_only
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.float8_e4m3fn,
+                                      torch.float8_e4m3fnuz])
+def test_kv_store_interpreted(kv_dtype):
+    check_kv_store(kv_dtype, torch.float32 if kv_dtype != torch.float16 else torch.float16,
+                   R=32, DR=16, device="cpu", seed=hash(str(kv_dtype)) % 2**31)
+
+
+def check_kv_store(kv_dtype, in_dtype, R, DR, device, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    nb, page, T = 7, 4, 11
+    fp8 = kv_dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+    k_scale = 0.25 if fp8 else 1.0
+    kv = torch.full((nb, page, R + DR), float("nan"), device=device).to(kv_dtype)
+    kv_ref = kv.clone()
+    src = (torch.randn(T, R + DR + 8, generator=gen) * 40).to(in_dtype).to(device)
+    c = src[:, :R]  # strided views, as the model hands them over
+    k_pe = src[:, R + 8:].unsqueeze(1)  # [T, 1, DR]
+    slots = torch.randperm(nb * page, generator=gen)[:T].to(device)
+    slots[3] = -1
+    kv_store(kv, slots, c, k_pe, k_scale)
+    kv_store_ref(kv_ref, slots, c, k_pe, k_scale)
+    # bit-equal to the reference (NaN poison included: untouched slots keep their bytes)
+    assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+    written = torch.zeros(nb * page, dtype=torch.bool, device=device)
+    written[slots[slots >= 0]] = True
+    flat = kv.view(nb * page, -1).float()
+    assert torch.isfinite(flat[written]).all() and flat[~written].isnan().all()
+    # the single-entry form [T, R + DR] gives the same bytes
+    kv2 = torch.full((nb, page, R + DR), float("nan"), device=device).to(kv_dtype)
+    entry = torch.cat([c, k_pe[:, 0]], -1)
+    kv_store(kv2, slots, entry, None, k_scale, rope_dim=DR)
+    assert torch.equal(kv2.view(torch.uint8), kv.view(torch.uint8))
+
+
+def make_prefill(lq, lk, H, Dqk, Dv, dtype, device, seed):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cq = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    ck = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    q = torch.randn(sum(lq), H, Dqk, generator=gen).to(dtype).to(device)
+    kv = torch.randn(sum(lk), H, Dqk + Dv, generator=gen).to(dtype).to(device)
+    return q, kv[..., :Dqk], kv[..., Dqk:], cq, ck
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Dqk", [48, 32])
+def test_prefill_interpreted(dtype, Dqk):
+    lq, lk = [5, 40, 17], [5, 70, 100]  # no prefix, prefix 30, prefix 83
+    q, k, v, cq, ck = make_prefill(lq, lk, 3, Dqk, 32, dtype, "cpu", seed=Dqk + (dtype == torch.float16))
+    out = torch.full((sum(lq), 3, 32), float("nan"), dtype=dtype)
+    mla_prefill_triton(q, k, v, cq, ck, max(lq), 0.2, out=out, block_m=16, block_n=16)
+    ref = mla_prefill_ref(q.float(), k.float(), v.float(), cq, ck, 0.2)
+    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    assert rel_err(out, ref) < tol
+    out2 = torch.full_like(out, float("nan"))
+    mla_prefill_sdpa(q, k, v, cq, ck, max(lq), 0.2, out=out2)
+    assert rel_err(out2, ref) < tol
+
+
+# ------------------------------------------------------------------ GPU (native)
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+@pytest.mark.parametrize("H", [8, 16, 128])
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_decode_gpu(kv_dtype, H, page, splits):
+    lens = [1, 0, 700, 4097, 33]
+    B = len(lens)
+    ns = splits or dec.decode_num_splits(B, H, max(lens), "cuda")
+    k_scale = 0.5 if kv_dtype == FP8 else 1.0
+    out, ref = run_decode(B, H, 512, 64, page, lens, torch.bfloat16, kv_dtype, ns, "cuda",
+                          seed=H * 1000 + page + ns, k_scale=k_scale, fused_q=(H == 16))
+    assert torch.all(out[1] == 0)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+def test_decode_cuda_graph(kv_dtype):
+    """Capture once, then replay with new lengths / tables / queries written into the buffers."""
+    B, H, R, DR, page, max_len = 6, 8, 512, 64, 64, 3000
+    nb = B * (max_len // page + 2) + 4
+    ns = dec.decode_num_splits(B, H, max_len, "cuda")
+    kv = make_cache(nb, page, R + DR, kv_dtype, "cuda")
+    q = torch.empty(B, H, R + DR, dtype=torch.bfloat16, device="cuda")
+    bt = torch.empty(B, max_len // page + 2, dtype=torch.int32, device="cuda")
+    lens = torch.empty(B, dtype=torch.int32, device="cuda")
+    out = torch.empty(B, H, R, dtype=torch.bfloat16, device="cuda")
+    ws = dec.alloc_decode_workspace(B, H, R, ns, "cuda")
+
+    def fill(seed):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        lens_h = torch.randint(1, max_len, (B,), generator=gen).tolist()
+        q.copy_(torch.randn(B, H, R + DR, generator=gen).to(torch.bfloat16))
+        bt.copy_(make_tables(lens_h, page, nb, "cpu", gen, width=bt.shape[1]))
+        lens.copy_(torch.tensor(lens_h, dtype=torch.int32))
+        out.fill_(float("nan"))
+
+    def step():
+        dec.mla_decode(q[..., :R], q[..., R:], kv, bt, lens, 0.14, 1.0, out=out,
+                       num_splits=ns, workspace=ws)
+
+    fill(0)
+    step()  # compile outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for seed in (1, 2, 3):
+        fill(seed)
+        g.replay()
+        ref = dec.mla_decode_ref(q[..., :R].float(), q[..., R:].float(), kv, bt, lens, 0.14)
+        assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+def test_kv_store_gpu(kv_dtype):
+    check_kv_store(kv_dtype, torch.bfloat16, R=512, DR=64, device="cuda",
+                   seed=hash(str(kv_dtype)) % 2**31)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("H", [8, 16])
+def test_prefill_gpu(H):
+    lq, lk = [1, 300, 1000, 77], [1, 300, 2500, 1077]
+    q, k, v, cq, ck = make_prefill(lq, lk, H, 192, 128, torch.bfloat16, "cuda", seed=H)
+    ref = mla_prefill_ref(q.float(), k.float(), v.float(), cq, ck, 0.1447)
+    for fn in (mla_prefill_triton, mla_prefill_sdpa):
+        out = torch.full((sum(lq), H, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+        fn(q, k, v, cq, ck, max(lq), 0.1447, out=out)
+        assert rel_err(out, ref) < 1e-2, fn.__name__
