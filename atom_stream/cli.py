@@ -1,0 +1,310 @@
+"""`atom-stream serve | generate | bench` and the ATOM-compatible server entry point.
+
+    atom-stream serve --model <path> --trust-remote-code -tp 8 --kv_cache_dtype fp8
+    python -m atom_stream.entrypoints.openai_server --model <path> -tp 4 --kv_cache_dtype fp8
+    atom-stream generate --prompt "Hello" --max-tokens 32
+    atom-stream bench <benchmark_serving flags>
+
+Engine flags are EngineConfig's field names (`--max-num-seqs` == `max_num_seqs`). As ATOM's
+FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake_case
+(`--kv_cache_dtype` == `--kv-cache-dtype`, also in `--flag=value` form). Server flags: `--host`
+(127.0.0.1), `--port`/`--server-port` (8000), `--served-model-name`, `--api-key` (repeatable),
+`--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
+`--max-body-bytes`, `--shutdown-timeout`, `--log-level`, `--timeout-keep-alive`,
+`--disable-uvicorn-access-log`, WebSocket limits. ATOM flags that select features this engine
+always has or does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are
+accepted and logged; `--load_dummy` means `--load-format dummy`. No `--model`: the demo model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from atom_stream.config import ConfigError, EngineConfig
+
+logger = logging.getLogger("atom_stream.cli")
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """argparse that reads `--foo_bar` as `--foo-bar` (flag names only, never values)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def normalize(args: Sequence[str]) -> list[str]:
+        out = []
+        for a in args:
+            if a.startswith("--") and len(a) > 2:
+                name, eq, value = a.partition("=")
+                a = name.replace("_", "-") + eq + value
+            out.append(a)
+        return out
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):
+        if args is None:
+            args = sys.argv[1:]
+        return super().parse_known_args(self.normalize(args), namespace)
+
+
+def _int_list(text: str) -> list[int]:
+    """`[1,2,4]`, `1,2,4` or `1 2 4` -> [1, 2, 4] (ATOM passes a JSON-ish list)."""
+    text = text.strip()
+    try:
+        value = json.loads(text) if text.startswith("[") else [
+            int(x) for x in text.replace(",", " ").split()]
+    except (ValueError, json.JSONDecodeError):
+        raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}") from None
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}")
+    return value
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig.__dataclass_fields__
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory or HF-style path; omitted: the embedded demo model")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int,
+                   default=d["tensor_parallel_size"].default)
+    g.add_argument("-dp", "--data-parallel-size", type=int,
+                   default=d["data_parallel_size"].default)
+    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
+                   help="accepted for ATOM compatibility; only 1 is supported")
+    g.add_argument("--enable-expert-parallel", action="store_true")
+    g.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"].default,
+                   choices=["auto", "bf16", "fp8", "fp8_e4m3"])
+    g.add_argument("--dtype", default=d["dtype"].default,
+                   choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=d["device"].default, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--block-size", type=int, default=d["block_size"].default)
+    g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=d["max_num_batched_tokens"].default)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   default=d["gpu_memory_utilization"].default)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None)
+    g.add_argument("--load-format", default=d["load_format"].default,
+                   choices=["auto", "dummy", "safetensors"])
+    g.add_argument("--load-dummy", nargs="?", const="empty", default=None,
+                   help="ATOM spelling of --load-format dummy")
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_true", default=d["enable_prefix_caching"].default)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    g.add_argument("--seed", type=int, default=d["seed"].default)
+    g.add_argument("--max-waiting-requests", type=int,
+                   default=d["max_waiting_requests"].default,
+                   help="waiting-queue bound; beyond it requests get 503 + Retry-After")
+    g.add_argument("--chat-template", default=None, help="a Jinja template file or string")
+    # ATOM flags for features that are fixed here; accepted so ATOM command lines run
+    g.add_argument("--level", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--cudagraph-mode", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--enable-chunked-prefill", dest="chunked_prefill", action="store_true",
+                   default=None, help=argparse.SUPPRESS)
+    g.add_argument("--no-enable-chunked-prefill", dest="chunked_prefill",
+                   action="store_false", help=argparse.SUPPRESS)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", "--server-port", dest="port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--api-key", action="append", default=[],
+                   help="require this key (Authorization: Bearer); repeat for several keys")
+    g.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None)
+    g.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    g.add_argument("--ws-max-frame-bytes", type=int, default=None)
+    g.add_argument("--ws-max-requests", type=int, default=1024,
+                   help="live requests per WebSocket connection")
+    g.add_argument("--ws-ping-interval", type=float, default=20.0)
+    g.add_argument("--ws-ping-timeout", type=float, default=20.0)
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on SIGTERM")
+    g.add_argument("--timeout-keep-alive", type=int, default=5)
+    g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    if args.pipeline_parallel_size != 1:
+        raise ConfigError("pipeline_parallel_size: only 1 is supported (use -tp)")
+    for flag, value in (("--level", args.level), ("--cudagraph-mode", args.cudagraph_mode),
+                        ("--[no-]enable-chunked-prefill", args.chunked_prefill)):
+        if value is not None:
+            logger.info("%s accepted for ATOM compatibility; this engine always uses chunked "
+                        "prefill and its own decode graphs", flag)
+    served = getattr(args, "served_model_name", None)
+    return EngineConfig(
+        model=args.model or "demo", tokenizer=args.tokenizer,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, device=args.device,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
+        cudagraph_capture_sizes=args.cudagraph_capture_sizes,
+        load_format="dummy" if args.load_dummy else args.load_format,
+        trust_remote_code=args.trust_remote_code,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        max_waiting_requests=args.max_waiting_requests,
+        served_model_name=served[0] if served else None, chat_template=args.chat_template,
+    )
+
+
+def server_config_from_args(args: argparse.Namespace) -> Any:
+    from atom_stream.server.app import ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, api_keys=list(args.api_key),
+        served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+        ws_max_frame_bytes=args.ws_max_frame_bytes, ws_max_requests=args.ws_max_requests,
+        ws_ping_interval=args.ws_ping_interval or None,
+        ws_ping_timeout=args.ws_ping_timeout or None, shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=args.timeout_keep_alive,
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {},
+    )
+
+
+def serve_parser(prog: str = "atom-stream serve") -> FlexibleArgumentParser:
+    p = FlexibleArgumentParser(prog=prog, description="OpenAI-compatible SSE + WebSocket server")
+    add_engine_args(p)
+    add_server_args(p)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    lvl = logging.DEBUG if level in ("debug", "trace") else getattr(logging, level.upper())
+    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve") -> int:
+    p = serve_parser(prog)
+    args = p.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        engine_config = engine_config_from_args(args)
+        server_config = server_config_from_args(args)
+    except (ConfigError, ValueError) as e:
+        p.error(str(e))
+    from atom_stream.server.app import run_server
+
+    run_server(engine_config, server_config)
+    return 0
+
+
+def generate(argv: Sequence[str] | None = None) -> int:
+    p = FlexibleArgumentParser(prog="atom-stream generate",
+                               description="stream one completion in-process (no server)")
+    add_engine_args(p)
+    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    _setup_logging(args.log_level)
+    text = args.prompt if args.prompt is not None else args.prompt_pos
+    if not text:
+        p.error("give a prompt (--prompt TEXT)")
+    try:
+        config = engine_config_from_args(args)
+        from atom_stream.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, ignore_eos=args.ignore_eos,
+                                seed=args.seed)
+    except (ConfigError, ValueError) as e:
+        p.error(str(e))
+    prompt: Any = [{"role": "user", "content": text}] if args.chat else text
+
+    async def run() -> None:
+        from atom_stream.engine.dp import make_async_engine
+
+        async with make_async_engine(config) as engine:
+            async for out in engine.generate(prompt, params):
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+                if out.finish_reason is not None:
+                    u = out.usage
+                    sys.stdout.write("\n")
+                    sys.stderr.write(f"[finish_reason={out.finish_reason} prompt_tokens="
+                                     f"{u.prompt_tokens} completion_tokens="
+                                     f"{u.completion_tokens}]\n")
+
+    import asyncio
+
+    asyncio.run(run())
+    return 0
+
+
+def bench(argv: Sequence[str]) -> int:
+    try:
+        from atom_stream.benchmarks.benchmark_serving import main as bench_main
+    except ImportError:
+        print("atom-stream bench: atom_stream.benchmarks.benchmark_serving is not available",
+              file=sys.stderr)
+        return 2
+    result = bench_main(list(argv))
+    return result if isinstance(result, int) else 0
+
+
+USAGE = """usage: atom-stream {serve,generate,bench} [flags]
+
+  serve      OpenAI-compatible SSE + WebSocket server (atom-stream serve --help)
+  generate   stream one completion in-process
+  bench      the serving benchmark (python -m atom_stream.benchmarks.benchmark_serving)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        if rest and not rest[0].startswith("-"):  # `atom-stream serve <model>` (vLLM style)
+            rest = ["--model", rest[0], *rest[1:]]
+        return serve(rest)
+    if cmd == "generate":
+        return generate(rest)
+    if cmd == "bench":
+        return bench(rest)
+    print(f"atom-stream: unknown command {cmd!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

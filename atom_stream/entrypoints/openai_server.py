@@ -1,0 +1,23 @@
+"""`python -m atom_stream.entrypoints.openai_server`: ATOM's server command line, unchanged.
+
+    python -m atom_stream.entrypoints.openai_server --model <path> --trust-remote-code \
+        -tp 8 --kv_cache_dtype fp8
+
+The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case,
+`--server-port`/`--port` (8000), `--host` (127.0.0.1), plus `--api-key` and friends.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from atom_stream.cli import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(argv, prog="python -m atom_stream.entrypoints.openai_server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Wire types: OpenAI-compatible requests/responses/stream chunks and the native WebSocket frames.
+
+Everything on the wire is a msgspec Struct so that decoding validates (a type error names its JSON
+path, which becomes the OpenAI error's `param`) and encoding is one C call with reusable encoders.
+
+OpenAI shapes follow vLLM (about v0.10) byte for byte where clients may care:
+
+- chat chunks are dumped like pydantic's `exclude_unset=True`: fields left at `UNSET` are omitted,
+  so the role chunk is `{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,
+  "finish_reason":null}` and only the finish chunk carries `stop_reason`;
+- completion chunks are dumped with every field (`exclude_unset=False`), so each carries
+  `"stop_reason":null` and a top-level `"usage":null`; the final usage chunk omits nulls;
+- usage is `{"prompt_tokens","total_tokens","completion_tokens"}` in that order.
+
+Unknown request fields are ignored (OpenAI clients send many); known fields are type-checked.
+
+WebSocket frames (DESIGN.md, `/v1/ws`) are tagged unions on `"type"`; the same Structs encode to
+JSON (subprotocol `atom-stream.v1.json`) and MessagePack (`atom-stream.v1.msgpack`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI requests
+# ----------------------------------------------------------------------------------------------
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class ContentPart(Struct, kw_only=True):
+    """One part of a list-valued message content; only text parts are served (text backbone)."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Struct, kw_only=True, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingRequest(Struct, kw_only=True):
+    """Fields shared by chat and completions (OpenAI plus vLLM's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = None
+    request_id: str | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest, kw_only=True):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingRequest, kw_only=True):
+    # str | list[int] | list[str] | list[list[int]]: msgspec unions allow one array type, so the
+    # shape is checked by the handler.
+    prompt: str | list[Any]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+class TokenizeRequest(Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI responses
+# ----------------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int
+
+
+class UsageInfo(Struct):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobToken(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatLogprobToken]
+
+
+class CompletionLogprobs(Struct):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class DeltaMessage(Struct):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatStreamChoice(Struct):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None | UnsetType = UNSET
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | UnsetType = UNSET
+
+
+class CompletionStreamChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionChunk(Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionUsageChunk(Struct):
+    """The final usage chunk of a completions stream (vLLM dumps it with exclude_none)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo
+
+
+class ResponseMessage(Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class ChatCompletionResponse(Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class CompletionResponse(Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class ModelCard(Struct):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "atom-stream"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class TokenizeResponse(Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | UnsetType = UNSET
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
+
+
+class ErrorInfo(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------------------------
+# WebSocket frames (/v1/ws)
+# ----------------------------------------------------------------------------------------------
+
+WS_JSON = "atom-stream.v1.json"
+WS_MSGPACK = "atom-stream.v1.msgpack"
+WS_SUBPROTOCOLS = (WS_JSON, WS_MSGPACK)
+
+
+class WsGenerate(Struct, tag_field="type", tag="generate", kw_only=True):
+    id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class WsCancel(Struct, tag_field="type", tag="cancel", kw_only=True):
+    id: str
+
+
+class WsAuth(Struct, tag_field="type", tag="auth", kw_only=True):
+    api_key: str
+
+
+ClientFrame = WsGenerate | WsCancel | WsAuth
+
+
+class WsUsage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class WsDelta(Struct, tag_field="type", tag="delta"):
+    id: str
+    text: str
+    token_ids: list[int]
+    # [[logprob, [[token_id, logprob], ...]], ...] aligned with token_ids; only when asked for
+    logprobs: list[Any] | UnsetType = UNSET
+
+
+class WsDone(Struct, tag_field="type", tag="done"):
+    id: str
+    finish_reason: str
+    usage: WsUsage
+    stop_reason: int | str | None | UnsetType = UNSET
+
+
+class WsError(Struct, tag_field="type", tag="error"):
+    id: str | None
+    code: int
+    message: str
+    param: str | UnsetType = UNSET
+
+
+ServerFrame = WsDelta | WsDone | WsError
+
+
+def validation_param(err: msgspec.ValidationError) -> str | None:
+    """`Expected int, got str - at $.messages[0].role` -> `messages[0].role` (None at the root)."""
+    msg = str(err)
+    at = msg.rfind(" - at `$")
+    if at < 0:
+        return None
+    path = msg[at + 8 : -1].lstrip(".")
+    return path or None

@@ -1,0 +1,193 @@
+"""The starlette app and its uvicorn launch. The app's lifespan owns the AsyncEngine.
+
+    app = build_app(EngineConfig(model="demo", device="cpu"), ServerConfig(port=8000))
+    run_server(engine_config, server_config)          # uvicorn, uvloop + httptools, blocking
+
+One process, one event loop (DESIGN.md): uvicorn runs the lifespan on its (uv)loop, the lifespan
+starts the engine there, so the engine loop task, HTTP handlers and WebSocket connections share
+that loop and no IPC sits between the front end and the scheduler.
+
+Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; WebSocket /v1/ws; GET /health
+(200 `{"status":"ok"}`, 503 when the engine is dead or not started), /version, /metrics
+(Prometheus text), POST /tokenize, /detokenize. Unknown routes and methods answer with the OpenAI
+error body (404/405). `--api-key` guards /v1/* (auth.py).
+
+Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
+`shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
+requests still running are aborted and their streams end with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+
+from atom_stream.config import EngineConfig
+from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
+from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
+from atom_stream.server.openai import OpenAIServing
+from atom_stream.server.responses import HTTPError, json_response
+from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
+
+logger = logging.getLogger("atom_stream.server")
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("atom-stream")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.1.0"
+
+
+@dataclass
+class ServerConfig:
+    """Front-end settings (the CLI's server flags). Engine settings live in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    served_model_name: list[str] | None = None
+    max_body_bytes: int = 8 << 20
+    ws_max_frame_bytes: int | None = None  # default: max_body_bytes
+    ws_max_requests: int = 1024  # live requests per WebSocket connection
+    ws_ping_interval: float | None = 20.0
+    ws_ping_timeout: float | None = 20.0
+    ws_auth_timeout_s: float = 10.0
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    access_log: bool = True
+    timeout_keep_alive: int = 5
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ws_max_frame_bytes is None:
+            self.ws_max_frame_bytes = self.max_body_bytes
+        for name in ("max_body_bytes", "ws_max_frame_bytes", "ws_max_requests"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be a positive integer")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+class ServerState:
+    """What the handlers share: configs, the engine (set by the lifespan), metrics, auth."""
+
+    def __init__(self, engine_config: EngineConfig, config: ServerConfig):
+        self.engine_config = engine_config
+        self.config = config
+        names = config.served_model_name or [engine_config.served_model_name
+                                             or engine_config.model or "demo"]
+        self.model_names: list[str] = list(names)
+        self.engine: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop (lifespan)
+        self.metrics = FrontendMetrics(self.model_names[0])
+        self.key_checker = KeyChecker(config.api_keys)
+        self.started = int(time.time())
+
+
+def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *,
+              engine: Any = None) -> Starlette:
+    """The ASGI app. `engine`: an already started AsyncEngine to serve (not shut down by the
+    app); by default the lifespan builds one from `engine_config` and owns it."""
+    config = config or ServerConfig()
+    state = ServerState(engine_config, config)
+    serving = OpenAIServing(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        owned = engine is None
+        if owned:
+            from atom_stream.engine.dp import make_async_engine
+
+            eng = make_async_engine(engine_config)  # DPEngine when data_parallel_size > 1
+            await eng.start()
+        else:
+            eng = engine
+        state.engine = eng
+        state.loop = asyncio.get_running_loop()
+        logger.info("atom-stream serving %s (max_model_len %d) on http://%s:%d",
+                    state.model_names[0], eng.max_model_len, config.host, config.port)
+        try:
+            yield
+        finally:
+            if owned:
+                await eng.shutdown(drain=True, timeout=config.shutdown_timeout)
+
+    async def health(request: Request) -> Response:
+        eng = state.engine
+        if eng is None or eng.is_dead:
+            what = "not started" if eng is None else "dead"
+            return HTTPError(503, f"the engine is {what}").response()
+        return json_response({"status": "ok"})
+
+    async def version(request: Request) -> Response:
+        return json_response({"version": package_version()})
+
+    async def metrics(request: Request) -> Response:
+        eng = state.engine
+        registry = eng.metrics.registry if eng is not None else None
+        return Response(state.metrics.render(registry), media_type=CONTENT_TYPE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", None) or "error"
+        if status == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        return HTTPError(status, detail).response()
+
+    routes = [
+        Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
+        Route("/v1/completions", serving.completions, methods=["POST"]),
+        Route("/v1/models", serving.models, methods=["GET"]),
+        WebSocketRoute("/v1/ws", WebSocketEndpoint(state)),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", serving.tokenize, methods=["POST"]),
+        Route("/detokenize", serving.detokenize, methods=["POST"]),
+    ]
+    middleware = []
+    if state.key_checker:
+        middleware.append(Middleware(APIKeyMiddleware, checker=state.key_checker))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={StarletteHTTPException: http_error})
+    app.state.server = state
+    return app
+
+
+def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
+    import uvicorn
+
+    frame = int(config.ws_max_frame_bytes or config.max_body_bytes)
+    return uvicorn.Config(
+        app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        ws=BatchingWebSocketProtocol, lifespan="on", log_level=config.log_level.lower(),
+        access_log=config.access_log, timeout_keep_alive=config.timeout_keep_alive,
+        timeout_graceful_shutdown=config.shutdown_timeout,
+        # protocol-level cap; frames between ws_max_frame_bytes and this get an error frame
+        ws_max_size=2 * frame + (64 << 10), ws_ping_interval=config.ws_ping_interval,
+        ws_ping_timeout=config.ws_ping_timeout,
+        ws_per_message_deflate=False,  # token frames are tiny: compression costs more CPU
+    )
+
+
+def run_server(engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (blocking)."""
+    import uvicorn
+
+    config = config or ServerConfig()
+    server = uvicorn.Server(uvicorn_config(build_app(engine_config, config), config))
+    server.run()

@@ -1,0 +1,481 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, ...
+
+Request path (both completion routes): read the body under `--max-body-bytes` (413) -> msgspec
+decode into the request Struct (type errors -> 400 naming the JSON path) -> model name check
+(404) -> SamplingParams (400 naming the parameter) -> `engine.generate(...)` once per choice
+(n > 1 and batched completion prompts fan out into child requests `<id>-<k>`; a child's seed is
+`seed + k`, as vLLM) -> the first delta of every choice is awaited before answering, so errors the
+engine raises before its first yield (prompt too long -> 400 `input_tokens`, overload -> 503 +
+Retry-After, bad token ids -> 400) become proper HTTP errors instead of stream events.
+
+Streaming answers are produced by `openai_stream.py` (vLLM's SSE bytes); non-streaming answers
+are collected here while a watcher cancels the work if the client disconnects (the engine stream
+is closed, which aborts the request and frees its blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from atom_stream.engine.outputs import RequestOutput
+from atom_stream.errors import GenerationError, InvalidRequestError
+from atom_stream.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    ResponseMessage,
+    TokenizeRequest,
+    TokenizeResponse,
+    UsageInfo,
+    validation_param,
+)
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.server import openai_stream
+from atom_stream.server.responses import (
+    ClientGone,
+    HTTPError,
+    SSEResponse,
+    json_response,
+    read_body,
+    until_disconnect,
+)
+
+_DECODERS = {
+    cls: msgspec.json.Decoder(cls)
+    for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+}
+_OFFLOOP_CHARS = 2048  # tokenize longer texts in a thread (never block the loop)
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "prompt_logprobs")
+
+
+def decode_request(cls: type, body: bytes) -> Any:
+    if not body:
+        raise HTTPError(400, "the request body is empty; expected a JSON object")
+    try:
+        return _DECODERS[cls].decode(body)
+    except msgspec.ValidationError as e:
+        raise HTTPError(400, f"invalid request: {e}", validation_param(e)) from None
+    except msgspec.DecodeError as e:
+        raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
+    """ChatMessage Structs -> the plain dicts chat templates take (text parts joined)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise HTTPError(400, f"content part type {part.type!r} is not supported; "
+                                    "this server serves text only", f"{param}[{i}].content")
+                texts.append(part.text)
+            content = "".join(texts)
+        d = msgspec.to_builtins(m)
+        d["content"] = content if content is not None else ""
+        out.append(d)
+    if not out:
+        raise HTTPError(400, "messages must not be empty", param)
+    return out
+
+
+def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool
+                          ) -> SamplingParams:
+    """Request fields -> SamplingParams; errors name the request's field, not ours."""
+    kw: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
+                          "skip_special_tokens": req.skip_special_tokens,
+                          "include_stop_str_in_output": req.include_stop_str_in_output}
+    renames: dict[str, str] = {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.stop_token_ids:
+        kw["stop_token_ids"] = list(req.stop_token_ids)
+    if chat:
+        if req.max_completion_tokens is not None:
+            kw["max_tokens"] = req.max_completion_tokens
+            renames["max_tokens"] = "max_completion_tokens"
+        else:
+            kw["max_tokens"] = req.max_tokens
+        if req.logprobs:
+            kw["logprobs"] = req.top_logprobs or 0
+            renames["logprobs"] = "top_logprobs"
+        elif req.top_logprobs:
+            raise HTTPError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    else:
+        kw["max_tokens"] = req.max_tokens
+        if req.logprobs is not None:
+            kw["logprobs"] = req.logprobs
+            if req.echo and req.prompt_logprobs is None:
+                kw["prompt_logprobs"] = req.logprobs
+    if req.stream_options is not None and not req.stream:
+        raise HTTPError(400, "stream_options can only be set when stream is true",
+                        "stream_options")
+    try:
+        return SamplingParams(**kw)
+    except SamplingParamsError as e:
+        param = renames.get(e.param, e.param)
+        raise HTTPError(400, str(e).replace(f"{e.param}:", f"{param}:", 1), param) from None
+
+
+def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
+    """str | [int] | [str] | [[int]] -> a list of engine prompts (a batch of one or more)."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(is_ids(p) for p in prompt):
+        return list(prompt)
+    raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a "
+                    "list of token-id lists (non-empty)", "prompt")
+
+
+@dataclass
+class Choice:
+    """One child stream: its first delta (already awaited) and the rest of the generator."""
+
+    index: int
+    first: RequestOutput
+    gen: AsyncIterator[RequestOutput]
+    prompt_key: int = 0  # which prompt of a batch (n choices share one)
+    prompt_text: str | None = None
+
+
+@dataclass
+class Collected:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    usage: Any = None
+
+
+async def iterate(choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield (choice index, delta) from every choice until all have finished."""
+    if len(choices) == 1:
+        c = choices[0]
+        try:
+            yield c.index, c.first
+            if c.first.finish_reason is None:
+                async for out in c.gen:
+                    yield c.index, out
+        finally:
+            await c.gen.aclose()  # type: ignore[attr-defined]  # aborts if unfinished
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice) -> None:
+        try:
+            queue.put_nowait((c.index, c.first))
+            if c.first.finish_reason is None:
+                async for out in c.gen:
+                    queue.put_nowait((c.index, out))
+        except Exception as e:  # noqa: BLE001 - surfaced to the consumer
+            queue.put_nowait((c.index, e))
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(pump(c)) for c in choices]
+    remaining = len(choices)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            if item.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their generators are closed
+
+
+async def close_choices(choices: list[Choice]) -> None:
+    """Close every child stream (a request still running is aborted by its generator)."""
+    for c in choices:
+        try:
+            await c.gen.aclose()  # type: ignore[attr-defined]
+        except RuntimeError:  # still running in a task being cancelled; it closes itself
+            pass
+
+
+class OpenAIServing:
+    """The route handlers; `state` is the app's ServerState (engine, config, metrics)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def engine(self) -> Any:
+        return self.state.engine
+
+    def _model(self, requested: str | None) -> str:
+        names = self.state.model_names
+        if requested and requested not in names:
+            raise HTTPError(404, f"The model `{requested}` does not exist.", "model")
+        return names[0]
+
+    def _error(self, route: str, exc: BaseException) -> Response:
+        err = HTTPError.from_exception(exc)
+        self.state.metrics.request(route, err.status)
+        return err.response()
+
+    async def _offloop(self, fn: Any, size: int) -> Any:
+        if size > _OFFLOOP_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        return fn()
+
+    async def _start(self, prompts: list[Any], params: SamplingParams, rid: str,
+                     template_kwargs: dict | None) -> list[Choice]:
+        """Submit every child request and await each one's first delta (errors surface here)."""
+        engine = self.engine
+        n = params.n
+        total = len(prompts) * n
+        gens = []
+        for p_idx, prompt in enumerate(prompts):
+            for i in range(n):
+                child = params
+                if n > 1:
+                    seed = None if params.seed is None else params.seed + i
+                    child = msgspec.structs.replace(params, n=1, seed=seed)
+                child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
+                gens.append(engine.generate(prompt, child, child_id,
+                                            chat_template_kwargs=template_kwargs))
+        if total == 1:
+            firsts: list[Any] = [await _first(gens[0])]
+        else:
+            firsts = list(await asyncio.gather(*(_first(g) for g in gens),
+                                               return_exceptions=True))
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            for g in gens:
+                await g.aclose()
+            raise failed
+        return [Choice(k, f, g, k // n) for k, (f, g) in enumerate(zip(firsts, gens))]
+
+    async def _collect(self, choices: list[Choice]) -> list[Collected]:
+        results = [Collected() for _ in choices]
+        try:
+            async for i, out in iterate(choices):
+                r = results[i]
+                r.text.append(out.text)
+                r.token_ids.extend(out.token_ids)
+                if out.logprobs:
+                    r.logprobs.extend(out.logprobs)
+                if out.prompt_token_ids is not None:
+                    r.prompt_ids = out.prompt_token_ids
+                if out.prompt_logprobs is not None:
+                    r.prompt_logprobs = out.prompt_logprobs
+                if out.finish_reason is not None:
+                    if out.finish_reason == "abort":
+                        raise GenerationError("the request was aborted (server shutting down)")
+                    r.finish_reason, r.stop_reason, r.usage = (out.finish_reason,
+                                                               out.stop_reason, out.usage)
+        finally:
+            await close_choices(choices)
+        return results
+
+    @staticmethod
+    def _usage(choices: list[Choice], results: list[Collected]) -> UsageInfo:
+        first = {c.prompt_key: r.usage for c, r in zip(choices, results) if r.usage}
+        prompt_tokens = sum(u.prompt_tokens for u in first.values())
+        completion = sum(r.usage.completion_tokens for r in results if r.usage)
+        usage = UsageInfo(prompt_tokens, prompt_tokens + completion, completion)
+        cached = sum(u.cached_tokens for u in first.values())
+        if cached:
+            usage.prompt_tokens_details = PromptTokensDetails(cached)
+        return usage
+
+    # ---------------------------------------------------------------- chat
+    async def chat_completions(self, request: Request) -> Response:
+        route = "/v1/chat/completions"
+        choices: list[Choice] = []
+        try:
+            req = decode_request(ChatCompletionRequest, await read_body(
+                request, self.state.config.max_body_bytes))
+            model = self._model(req.model)
+            params = build_sampling_params(req, chat=True)
+            messages = messages_to_dicts(req.messages)
+            kwargs = {**self.state.config.default_chat_template_kwargs,
+                      **(req.chat_template_kwargs or {})} or None
+            if req.continue_final_message:
+                raise HTTPError(400, "continue_final_message is not supported",
+                                "continue_final_message")
+            prompt: Any = messages
+            if not req.add_generation_prompt:
+                tok = self.engine.tokenizer
+                size = sum(len(m["content"]) for m in messages)
+                prompt = await self._offloop(
+                    lambda: tok.encode_chat(messages, add_generation_prompt=False,
+                                            **(kwargs or {})), size)
+            rid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+            choices = await self._start([prompt], params, rid, kwargs)
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            return self._error(route, e)
+        self.state.metrics.request(route, 200)
+        echo = ""
+        if req.echo and messages[-1].get("role") == "assistant":
+            echo = messages[-1]["content"]
+        ctx = openai_stream.StreamContext(rid, int(time.time()), model, self.engine.tokenizer,
+                                          params.logprobs)
+        if req.stream:
+            opts = req.stream_options
+            return SSEResponse(openai_stream.chat_stream(
+                ctx, choices, echo, bool(opts and opts.include_usage),
+                bool(opts and opts.continuous_usage_stats)),
+                on_disconnect=self.state.metrics.http_disconnects.inc,
+                gauge=self.state.metrics.sse_streams)
+        try:
+            results = await until_disconnect(request, self._collect(choices))
+        except ClientGone:
+            self.state.metrics.http_disconnects.inc()
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001
+            return self._error(route, e)
+        out = []
+        for i, r in enumerate(results):
+            lp = (openai_stream.chat_logprobs(ctx, r.token_ids, r.logprobs)
+                  if params.logprobs is not None else None)
+            out.append(ChatChoice(i, ResponseMessage("assistant", echo + "".join(r.text)), lp,
+                                  r.finish_reason, r.stop_reason))
+        return json_response(ChatCompletionResponse(rid, "chat.completion", ctx.created, model,
+                                                    out, self._usage(choices, results)))
+
+    # ---------------------------------------------------------------- completions
+    async def completions(self, request: Request) -> Response:
+        route = "/v1/completions"
+        try:
+            req = decode_request(CompletionRequest, await read_body(
+                request, self.state.config.max_body_bytes))
+            model = self._model(req.model)
+            if req.suffix:
+                raise HTTPError(400, "suffix is not supported", "suffix")
+            params = build_sampling_params(req, chat=False)
+            prompts = completion_prompts(req.prompt)
+            rid = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+            choices = await self._start(prompts, params, rid, None)
+        except Exception as e:  # noqa: BLE001
+            return self._error(route, e)
+        self.state.metrics.request(route, 200)
+        tok = self.engine.tokenizer
+        for c in choices:
+            p = prompts[c.index // params.n]
+            if req.echo:
+                c.prompt_text = p if isinstance(p, str) else tok.decode(
+                    p, skip_special_tokens=False)
+        ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs)
+        if req.stream:
+            opts = req.stream_options
+            return SSEResponse(openai_stream.completion_stream(
+                ctx, choices, req.echo, bool(opts and opts.include_usage),
+                bool(opts and opts.continuous_usage_stats)),
+                on_disconnect=self.state.metrics.http_disconnects.inc,
+                gauge=self.state.metrics.sse_streams)
+        try:
+            results = await until_disconnect(request, self._collect(choices))
+        except ClientGone:
+            self.state.metrics.http_disconnects.inc()
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001
+            return self._error(route, e)
+        out = []
+        for c, r in zip(choices, results):
+            text = "".join(r.text)
+            ids, lps = r.token_ids, r.logprobs
+            if req.echo:
+                text = (c.prompt_text or "") + text
+                ids = (r.prompt_ids or []) + ids
+                lps = openai_stream.pad_prompt_logprobs(r.prompt_logprobs, r.prompt_ids) + lps
+            lp = (openai_stream.completion_logprobs(ctx, ids, lps, 0)
+                  if params.logprobs is not None else None)
+            out.append(CompletionChoice(c.index, text, lp, r.finish_reason, r.stop_reason))
+        return json_response(CompletionResponse(rid, "text_completion", ctx.created, model, out,
+                                                self._usage(choices, results)))
+
+    # ---------------------------------------------------------------- small routes
+    async def models(self, request: Request) -> Response:
+        engine = self.engine
+        root = self.state.engine_config.model or "demo"
+        cards = [ModelCard(id=name, created=self.state.started, root=root,
+                           max_model_len=engine.max_model_len)
+                 for name in self.state.model_names]
+        return json_response(ModelList(cards))
+
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            req = decode_request(TokenizeRequest, await read_body(
+                request, self.state.config.max_body_bytes))
+            self._model(req.model)
+            tok = self.engine.tokenizer
+            if req.messages is not None:
+                messages = messages_to_dicts(req.messages)
+                kwargs = {**self.state.config.default_chat_template_kwargs,
+                          **(req.chat_template_kwargs or {})}
+                size = sum(len(m["content"]) for m in messages)
+                ids = await self._offloop(lambda: tok.encode_chat(
+                    messages, add_generation_prompt=req.add_generation_prompt, **kwargs), size)
+            elif req.prompt is not None:
+                ids = await self._offloop(lambda: tok.encode(req.prompt), len(req.prompt))
+            else:
+                raise HTTPError(400, "give either prompt or messages", "prompt")
+            resp = TokenizeResponse(len(ids), self.engine.max_model_len, list(ids))
+            if req.return_token_strs:
+                resp.token_strs = [tok.id_to_str(t) for t in ids]
+        except Exception as e:  # noqa: BLE001
+            return self._error("/tokenize", e)
+        return json_response(resp)
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            req = decode_request(DetokenizeRequest, await read_body(
+                request, self.state.config.max_body_bytes))
+            self._model(req.model)
+            vocab = self.engine.model_config.vocab_size
+            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
+            tok = self.engine.tokenizer
+            text = await self._offloop(lambda: tok.decode(req.tokens), len(req.tokens) * 4)
+        except Exception as e:  # noqa: BLE001
+            return self._error("/detokenize", e)
+        return json_response(DetokenizeResponse(text))
+
+
+async def _first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        raise GenerationError("the engine ended the request without output") from None

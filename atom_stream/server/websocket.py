@@ -1,0 +1,442 @@
+"""/v1/ws: the native WebSocket protocol (DESIGN.md), many requests multiplexed on one socket.
+
+Subprotocols: `atom-stream.v1.json` (text frames) and `atom-stream.v1.msgpack` (binary frames);
+a client that offers none gets JSON, one that offers only others is refused. Frames (protocol.py):
+
+    client -> server  {"type":"generate","id",prompt|prompt_token_ids|messages,"params":{...}}
+                      {"type":"cancel","id"}   {"type":"auth","api_key"}
+    server -> client  {"type":"delta","id","text","token_ids"[,"logprobs"]}
+                      {"type":"done","id","finish_reason","usage":{..}[,"stop_reason"]}
+                      {"type":"error","id"|null,"code","message"[,"param"]}
+
+Per request a task drives `engine.generate()` and merges its deltas into the connection's outbox
+(one pending entry per live request). One writer task per connection drains the outbox in FIFO
+order. uvicorn's send waits while the socket's write buffer is above its high-water mark, so a slow
+reader stalls only the writer: deltas keep merging into the pending entries (a slow client gets
+fewer, larger delta frames) and memory stays bounded by the live requests' own output (at most
+`--ws-max-requests` per connection).
+
+Errors never kill the connection: a malformed, unknown or oversized frame, a duplicate live id, an
+invalid parameter or an engine refusal gets an `error` frame (`code` is the HTTP status the same
+problem gets over HTTP; 429/503 for overload) and everything else goes on. `cancel` aborts the
+request in the engine; its stream ends with `done` (finish_reason "abort"). Closing the socket
+cancels every request task, which aborts the requests and frees their KV blocks.
+
+Auth: with `--api-key`, either the handshake carried a valid `Authorization` header (checked by
+the middleware) or the first frame must be `auth`; frames before it get 401 error frames, a wrong
+key gets a 401 error frame and close code 1008, and no auth within `auth_timeout_s` closes (1008).
+uvicorn sends keepalive pings (`--ws-ping-interval`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections import deque
+from typing import Any
+
+import msgspec
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+
+from atom_stream.protocol import (
+    WS_JSON,
+    WS_MSGPACK,
+    WS_SUBPROTOCOLS,
+    ClientFrame,
+    WsAuth,
+    WsCancel,
+    WsDelta,
+    WsDone,
+    WsError,
+    WsGenerate,
+    WsUsage,
+    validation_param,
+)
+from atom_stream.sampling_params import SamplingParams
+from atom_stream.server.auth import AUTH_SCOPE_KEY
+from atom_stream.server.openai import messages_to_dicts
+from atom_stream.server.responses import HTTPError
+
+logger = logging.getLogger(__name__)
+_MAX_ID_LEN = 256
+_conn_counter = itertools.count()
+_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n"}
+
+
+class _Live:
+    """One live request of a connection (also the outbox key: ids may be reused after done)."""
+
+    __slots__ = ("cancelled", "done", "id", "logprobs", "queued", "task", "text", "token_ids")
+
+    def __init__(self, cid: str):
+        self.id = cid
+        self.task: asyncio.Task | None = None
+        self.cancelled = False
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.done: WsDone | WsError | None = None  # the request's last frame
+        self.queued = False
+
+
+class _Connection:
+    def __init__(self, state: Any, scope: Any, receive: Any, send: Any, binary: bool):
+        self.state = state
+        self.engine = state.engine
+        self.cfg = state.config
+        self.receive = receive
+        self._send = send
+        self.binary = binary
+        if binary:
+            self.encode = msgspec.msgpack.Encoder().encode
+            self.decoder = msgspec.msgpack.Decoder(ClientFrame)
+            self.loose = msgspec.msgpack.Decoder()
+        else:
+            self.encode = msgspec.json.Encoder().encode
+            self.decoder = msgspec.json.Decoder(ClientFrame)
+            self.loose = msgspec.json.Decoder()
+        self.prefix = f"ws{next(_conn_counter)}-"
+        self.live: dict[str, _Live] = {}
+        self.outbox: dict[_Live, None] = {}  # insertion-ordered set of entries with output
+        self.errors: deque[WsError] = deque()
+        self.wake = asyncio.Event()
+        self.batch = SEND_BATCH in scope.get("extensions", {})
+        self.authed = scope.get(AUTH_SCOPE_KEY) != "pending"
+        self.closed = False
+        self.close_code: int | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ sending
+    async def send_frame(self, frame: Any) -> None:
+        await self._send_raw(self.encode(frame))
+
+    def error(self, rid: str | None, code: int, message: str, param: str | None = None) -> None:
+        self.errors.append(WsError(rid, code, message, param if param else msgspec.UNSET))
+        self.wake.set()
+
+    def _queue(self, live: _Live) -> None:
+        if not live.queued:
+            live.queued = True
+            self.outbox[live] = None
+            self.wake.set()
+
+    async def writer(self) -> None:
+        try:
+            await self._write_loop()
+        except ClientDisconnected:
+            pass  # the receive loop sees the disconnect and aborts every request
+        except Exception:  # a bug must not leave a silent, half-dead connection
+            logger.exception("websocket writer failed; closing the connection")
+            with contextlib.suppress(Exception):
+                await self._send({"type": "websocket.close", "code": 1011})
+
+    async def _write_loop(self) -> None:
+        """Drain errors and pending entries; everything ready goes out in one batch (one
+        socket write) when the server offers the send-batch extension."""
+        outbox, errors, encode = self.outbox, self.errors, self.encode
+        batch = self.batch
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while outbox or errors:
+                frames: list[bytes] = [encode(e) for e in errors]
+                errors.clear()
+                while outbox:
+                    live = next(iter(outbox))
+                    del outbox[live]
+                    live.queued = False
+                    text, ids, lps, done = live.text, live.token_ids, live.logprobs, live.done
+                    if ids or text:
+                        live.text, live.token_ids = [], []
+                        if lps is not None:
+                            live.logprobs = []
+                        frames.append(encode(WsDelta(
+                            live.id, text[0] if len(text) == 1 else "".join(text), ids,
+                            msgspec.UNSET if lps is None else lps)))
+                    if done is not None:
+                        live.done = None
+                        frames.append(encode(done))
+                if batch:
+                    await self._send({"type": SEND_BATCH, "frames": frames,
+                                      "binary": self.binary})
+                else:
+                    for data in frames:
+                        await self._send_raw(data)
+
+    async def _send_raw(self, data: bytes) -> None:
+        if self.binary:
+            await self._send({"type": "websocket.send", "bytes": data})
+        else:
+            await self._send({"type": "websocket.send", "text": data.decode()})
+
+    # ------------------------------------------------------------------ requests
+    async def run_request(self, live: _Live, prompt: Any, params: SamplingParams,
+                          template_kwargs: dict | None) -> None:
+        engine = self.engine
+        rid = self.prefix + live.id
+        metrics = self.state.metrics
+        metrics.ws_streams.inc()
+        try:
+            gen = engine.generate(prompt, params, rid, chat_template_kwargs=template_kwargs)
+            try:
+                async for out in gen:
+                    if live.cancelled and out.finish_reason is None:
+                        await engine.abort(rid)  # the stream ends with an "abort" delta
+                    if out.token_ids:
+                        live.token_ids.extend(out.token_ids)
+                        if out.logprobs is not None:
+                            if live.logprobs is None:
+                                live.logprobs = []
+                            live.logprobs.extend(out.logprobs)
+                    if out.text:
+                        live.text.append(out.text)
+                    if out.finish_reason is not None:
+                        u = out.usage
+                        usage = (WsUsage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+                                 if u is not None else WsUsage(0, 0, 0))
+                        live.done = WsDone(live.id, out.finish_reason, usage,
+                                           out.stop_reason if out.stop_reason is not None
+                                           else msgspec.UNSET)
+                    self._queue(live)
+            finally:
+                await gen.aclose()  # aborts in the engine if unfinished
+        except asyncio.CancelledError:
+            if self.closed:
+                metrics.ws_disconnects.inc()
+            raise
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            err = HTTPError.from_exception(e)
+            # after any delta still pending for this id, in place of its done frame
+            live.done = WsError(live.id, err.status, err.message, err.param or msgspec.UNSET)
+            self._queue(live)
+        finally:
+            metrics.ws_streams.dec()
+            if self.live.get(live.id) is live:
+                del self.live[live.id]
+
+    def on_generate(self, frame: WsGenerate) -> None:
+        cid = frame.id
+        if not cid or len(cid) > _MAX_ID_LEN:
+            self.error(cid or None, 400, f"id must be a non-empty string of at most "
+                       f"{_MAX_ID_LEN} characters", "id")
+            return
+        if cid in self.live:
+            self.error(cid, 400, f"duplicate id: request {cid!r} is still live on this "
+                       "connection (it goes on)", "id")
+            return
+        if len(self.live) >= self.cfg.ws_max_requests:
+            self.error(cid, 429, f"too many live requests on this connection "
+                       f"(limit {self.cfg.ws_max_requests})")
+            return
+        given = [x is not None for x in (frame.prompt, frame.prompt_token_ids, frame.messages)]
+        if sum(given) != 1:
+            self.error(cid, 400, "give exactly one of prompt, prompt_token_ids, messages",
+                       "prompt")
+            return
+        try:
+            unknown = sorted(set(frame.params) - _PARAM_NAMES)
+            if unknown:
+                raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
+            params = SamplingParams(**frame.params)
+            prompt: Any = frame.prompt
+            if frame.prompt_token_ids is not None:
+                prompt = frame.prompt_token_ids
+            elif frame.messages is not None:
+                prompt = messages_to_dicts(frame.messages)
+            kwargs = frame.chat_template_kwargs
+            if frame.messages is not None and self.cfg.default_chat_template_kwargs:
+                kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
+        except Exception as e:  # noqa: BLE001
+            err = HTTPError.from_exception(e)
+            param = err.param
+            if param and not param.startswith("params.") and param not in ("prompt", "id"):
+                param = f"params.{param}"
+            self.error(cid, err.status, err.message, param)
+            return
+        live = self.live[cid] = _Live(cid)
+        live.task = asyncio.get_running_loop().create_task(
+            self.run_request(live, prompt, params, kwargs))
+
+    def on_frame(self, data: bytes | str) -> None:
+        size = len(data)
+        if size > self.cfg.ws_max_frame_bytes:
+            self.error(_sniff_id(data), 413, f"frame of {size} bytes exceeds the limit of "
+                       f"{self.cfg.ws_max_frame_bytes} bytes")
+            return
+        if self.binary and isinstance(data, str):
+            self.error(None, 400, "this connection speaks atom-stream.v1.msgpack: send binary "
+                       "MessagePack frames")
+            return
+        try:
+            frame = self.decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            rid, raw = None, None
+            with contextlib.suppress(Exception):  # not decodable at all: no id to report
+                raw = self.loose.decode(data)
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+                rid = raw["id"]
+            param = validation_param(e) if isinstance(e, msgspec.ValidationError) else None
+            self.error(rid, 400, f"malformed frame: {e}", param)
+            return
+        if type(frame) is WsAuth:
+            checker = self.state.key_checker
+            if checker and not checker.check(frame.api_key):
+                self.error(None, 401, "invalid API key")
+                self.close_code = 1008
+                return
+            self.authed = True
+            return
+        if not self.authed:
+            self.error(getattr(frame, "id", None), 401,
+                       "unauthorized: send {\"type\": \"auth\", \"api_key\": ...} first")
+            return
+        if type(frame) is WsCancel:
+            live = self.live.get(frame.id)
+            if live is not None and not live.cancelled:
+                # the stream then ends with a "done" frame, finish_reason "abort"; a request
+                # not yet in the engine is aborted at its first delta (run_request)
+                live.cancelled = True
+                self._spawn(self.engine.abort(self.prefix + live.id))
+            return
+        self.on_generate(frame)
+
+    # ------------------------------------------------------------------ the connection
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self.writer())
+        metrics = self.state.metrics
+        metrics.ws_connections.inc()
+        try:
+            while self.close_code is None:
+                timeout = None if self.authed else self.cfg.ws_auth_timeout_s
+                try:
+                    message = await asyncio.wait_for(self.receive(), timeout)
+                except TimeoutError:
+                    self.error(None, 401, "no auth frame received in time")
+                    self.close_code = 1008
+                    break
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                if data is None:
+                    data = message.get("text")
+                if data is not None:
+                    self.on_frame(data)
+        finally:
+            self.closed = True
+            tasks = [lv.task for lv in self.live.values() if lv.task is not None]
+            for t in tasks:
+                t.cancel()  # closing the socket aborts every request of the connection
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            metrics.ws_connections.dec()
+            if self.close_code is None:
+                writer.cancel()
+        if self.close_code is not None:  # flush the error frame, then close
+            try:
+                await asyncio.wait_for(self._drain(writer), 2.0)
+                await self._send({"type": "websocket.close", "code": self.close_code})
+            except Exception:  # noqa: BLE001 - the peer is gone already
+                writer.cancel()
+
+    async def _drain(self, writer: asyncio.Task) -> None:
+        while (self.errors or self.outbox) and not writer.done():
+            await asyncio.sleep(0.005)
+        writer.cancel()
+
+
+_JSON_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+
+
+def _sniff_id(data: bytes | str) -> str | None:
+    """The request id of an oversized frame, if it appears in its first KiB (the SDK and
+    msgspec put it right after "type"); the frame itself is never parsed."""
+    head = data[:1024]
+    if isinstance(head, str):
+        head = head.encode("utf-8", "replace")
+    m = _JSON_ID.search(head)
+    if m:
+        return m.group(1).decode("utf-8", "replace")
+    at = head.find(b"\xa2id")  # msgpack: fixstr "id", then a fixstr/str8 value
+    if at >= 0 and at + 3 < len(head):
+        tag = head[at + 3]
+        if 0xA0 <= tag <= 0xBF:
+            start, n = at + 4, tag - 0xA0
+        elif tag == 0xD9 and at + 4 < len(head):
+            start, n = at + 5, head[at + 4]
+        else:
+            return None
+        if start + n <= len(head):
+            return head[start:start + n].decode("utf-8", "replace")
+    return None
+
+
+class WebSocketEndpoint:
+    """The raw ASGI app mounted at /v1/ws."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        offered = list(scope.get("subprotocols") or ())
+        chosen = next((p for p in offered if p in WS_SUBPROTOCOLS), None)
+        if offered and chosen is None:
+            self.state.metrics.request("/v1/ws", 403)
+            await send({"type": "websocket.close", "code": 1002})
+            return
+        if self.state.engine is None or self.state.engine.is_dead:
+            self.state.metrics.request("/v1/ws", 503)
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        self.state.metrics.request("/v1/ws", 101)
+        await send({"type": "websocket.accept", "subprotocol": chosen})
+        conn = _Connection(self.state, scope, receive, send, binary=(chosen == WS_MSGPACK))
+        await conn.run()
+
+
+SEND_BATCH = "atom_stream.websocket.send_batch"
+
+
+class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol plus one ASGI extension, `SEND_BATCH`:
+    `{"type": SEND_BATCH, "frames": [bytes, ...], "binary": bool}` sends every payload as its
+    own WebSocket message (text frames for JSON) with ONE transport write. All the deltas of an
+    engine step for one connection then cost one syscall instead of one per request; the wire
+    format is unchanged. Flow control and close semantics are uvicorn's."""
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        self.scope["extensions"][SEND_BATCH] = {}  # the app task has not started yet
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != SEND_BATCH:
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected()
+        if not self.handshake_complete or self.close_sent or self.initial_response:
+            raise RuntimeError(f"{SEND_BATCH} before accept or after close")
+        put = self.conn.send_binary if message["binary"] else self.conn.send_text
+        try:
+            for data in message["frames"]:
+                put(data)
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(self.conn.data_to_send()))
+
+
+__all__ = ["WS_JSON", "WS_MSGPACK", "BatchingWebSocketProtocol", "WebSocketEndpoint"]

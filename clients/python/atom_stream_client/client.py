@@ -1,0 +1,267 @@
+"""AsyncClient: many concurrent generation streams over one atom-stream WebSocket.
+
+    async with AsyncClient("ws://127.0.0.1:8000/v1/ws", api_key=None) as client:
+        async for delta in client.generate("Hello", max_tokens=16):
+            print(delta.text, end="")
+        result = await client.complete(prompt_token_ids=[1, 2, 3], max_tokens=8)
+        async for delta in client.chat([{"role": "user", "content": "Hi"}]):
+            ...
+
+- `generate(prompt | prompt_token_ids= | messages=, **params)` returns a `Stream`: iterate it for
+  `Delta` frames; after the last one `stream.done` holds the `Done` frame (finish_reason, usage).
+  Params are the server's sampling parameters (max_tokens, temperature, top_p, top_k, min_p, seed,
+  stop, stop_token_ids, ignore_eos, logprobs, ...).
+- Leaving the `async for` early (break, exception, task cancelled) sends a `cancel` frame; so does
+  `await stream.cancel()`.
+- One reader task demultiplexes frames by id into per-stream queues; a request's `error` frame
+  raises the matching `RequestError` from its iterator; a closed socket raises
+  `ConnectionClosedError` from every open stream.
+- `protocol="msgpack"` (default, binary frames) or `"json"` (text frames). A URL of the form
+  `http://host:port` is turned into `ws://host:port/v1/ws`. With `api_key` the handshake carries
+  `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from atom_stream_client.errors import (
+    AtomStreamClientError,
+    AuthenticationError,
+    ConnectionClosedError,
+    error_for,
+)
+from atom_stream_client.messages import (
+    JSON,
+    MSGPACK,
+    Cancel,
+    Completion,
+    Delta,
+    Done,
+    Error,
+    Generate,
+    ServerFrame,
+)
+
+
+def ws_url(url: str) -> str:
+    if url.startswith(("http://", "https://")):
+        url = "ws" + url[4:]
+    if url.startswith(("ws://", "wss://")) and url.split("://", 1)[1].count("/") == 0:
+        url = url.rstrip("/") + "/v1/ws"
+    return url
+
+
+class Stream:
+    """One request's stream of `Delta`s (see the module docstring)."""
+
+    def __init__(self, client: AsyncClient, request_id: str, frame: Generate):
+        self.client = client
+        self.id = request_id
+        self._frame = frame
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._started = False
+        self.done: Done | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.done.finish_reason if self.done else None
+
+    @property
+    def usage(self) -> Any:
+        return self.done.usage if self.done else None
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        if self._started:
+            raise AtomStreamClientError(f"stream {self.id!r} can be iterated only once")
+        self._started = True
+        client = self.client
+        await client._submit(self)
+        finished = False
+        try:
+            while True:
+                item = await self._queue.get()
+                if type(item) is Delta:
+                    yield item
+                elif type(item) is Done:
+                    self.done = item
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise item
+        finally:
+            client._streams.pop(self.id, None)
+            if not finished:
+                client._cancel_nowait(self.id)
+
+    async def cancel(self) -> None:
+        """Ask the server to abort; iteration then ends with finish_reason "abort"."""
+        await self.client._send(Cancel(self.id))
+
+    async def collect(self) -> Completion:
+        text: list[str] = []
+        ids: list[int] = []
+        async for d in self:
+            text.append(d.text)
+            ids.extend(d.token_ids)
+        assert self.done is not None
+        return Completion(self.id, "".join(text), ids, self.done.finish_reason, self.done.usage,
+                          self.done.stop_reason)
+
+
+class AsyncClient:
+    def __init__(self, url: str = "ws://127.0.0.1:8000/v1/ws", api_key: str | None = None, *,
+                 protocol: str = "msgpack", open_timeout: float = 10.0,
+                 ping_interval: float | None = 20.0):
+        if protocol not in ("msgpack", "json"):
+            raise ValueError("protocol must be 'msgpack' or 'json'")
+        self.url = ws_url(url)
+        self.api_key = api_key
+        self.binary = protocol == "msgpack"
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        if self.binary:
+            self._encode = msgspec.msgpack.Encoder().encode
+            self._decode = msgspec.msgpack.Decoder(ServerFrame).decode
+        else:
+            self._encode = msgspec.json.Encoder().encode
+            self._decode = msgspec.json.Decoder(ServerFrame).decode
+        self._ws: ClientConnection | None = None
+        self._reader: asyncio.Task | None = None
+        self._streams: dict[str, Stream] = {}
+        self._ids = itertools.count()
+        self._closed_exc: BaseException | None = None
+        self._bg: set[asyncio.Task] = set()
+        self._connect_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self) -> AsyncClient:
+        if self._ws is not None:
+            return self
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._ws is not None:
+                return self
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            try:
+                self._ws = await connect(
+                    self.url, subprotocols=[MSGPACK if self.binary else JSON],
+                    additional_headers=headers, compression=None, max_size=None,
+                    open_timeout=self.open_timeout, ping_interval=self.ping_interval)
+            except Exception as e:
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                if status == 401:
+                    raise AuthenticationError("the server refused the API key", 401) from e
+                raise ConnectionClosedError(f"cannot connect to {self.url}: {e}") from e
+            self._closed_exc = None
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        return self
+
+    async def close(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+    async def __aenter__(self) -> AsyncClient:  # noqa: PYI034 - Self needs 3.11; SDK: 3.10+
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read_loop(self) -> None:
+        ws = self._ws
+        assert ws is not None
+        exc: BaseException = ConnectionClosedError("the connection closed")
+        try:
+            async for raw in ws:
+                frame = self._decode(raw)
+                stream = self._streams.get(frame.id) if frame.id is not None else None
+                if type(frame) is Error:
+                    err = error_for(frame.code, frame.message, frame.id, frame.param)
+                    if stream is not None:
+                        stream._queue.put_nowait(err)
+                    elif frame.id is None and frame.code == 401:
+                        exc = err
+                    continue
+                if stream is not None:
+                    stream._queue.put_nowait(frame)
+        except ConnectionClosed as e:
+            exc = ConnectionClosedError(f"the connection closed: {e}")
+        except Exception as e:  # noqa: BLE001 - undecodable frame: the protocol is broken
+            exc = ConnectionClosedError(f"bad frame from the server: {e}")
+        finally:
+            self._closed_exc = exc
+            self._ws = None
+            for stream in list(self._streams.values()):
+                stream._queue.put_nowait(exc)
+
+    async def _send(self, frame: Any) -> None:
+        ws = self._ws
+        if ws is None:
+            raise self._closed_exc or ConnectionClosedError("not connected")
+        data = self._encode(frame)
+        try:
+            await ws.send(data if self.binary else data.decode())
+        except ConnectionClosed as e:
+            raise ConnectionClosedError(f"the connection closed: {e}") from e
+
+    def _cancel_nowait(self, request_id: str) -> None:
+        if self._ws is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._send(Cancel(request_id)))
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task) -> None:
+        self._bg.discard(task)
+        if not task.cancelled():
+            task.exception()  # a cancel on a closed socket is moot
+
+    async def _submit(self, stream: Stream) -> None:
+        await self.connect()
+        if stream.id in self._streams:
+            raise AtomStreamClientError(f"request id {stream.id!r} is already live")
+        self._streams[stream.id] = stream
+        try:
+            await self._send(stream._frame)
+        except BaseException:
+            self._streams.pop(stream.id, None)
+            raise
+
+    # ------------------------------------------------------------------ requests
+    def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+                 messages: list[dict[str, Any]] | None = None, id: str | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None, **params: Any) -> Stream:
+        if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
+        rid = id if id is not None else f"r{next(self._ids)}"
+        frame = Generate(id=rid, prompt=prompt, prompt_token_ids=prompt_token_ids,
+                         messages=messages, params=params,
+                         chat_template_kwargs=chat_template_kwargs)
+        return Stream(self, rid, frame)
+
+    def chat(self, messages: list[dict[str, Any]], **params: Any) -> Stream:
+        return self.generate(messages=messages, **params)
+
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Generate and return the whole result."""
+        return await self.generate(prompt, **kwargs).collect()

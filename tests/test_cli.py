@@ -1,0 +1,189 @@
+"""The command line: the Kimi-K2.5 usage guide's server commands parse as written (kebab and snake
+spellings), server flags map to ServerConfig, `bench` delegates, and for real: the ATOM entry
+point serves the demo model in a subprocess, every docs/QUICKSTART.md snippet runs against it,
+SIGTERM shuts it down cleanly, and `atom-stream generate` streams in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from serving_helpers import free_port
+
+from atom_stream import cli
+from atom_stream.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUIDE_COMMANDS = [  # kimi-k25-usage-guide.md, verbatim apart from the line continuations
+    "--model <path-to-Kimi-K2.5-MXFP4> --trust-remote-code -tp 8 --kv_cache_dtype fp8",
+    "--model <path-to-Kimi-K2.5-W4A8> --trust-remote-code -tp 4 --kv_cache_dtype fp8",
+    "--model moonshotai/Kimi-K2.5 --trust-remote-code -tp 4 --kv_cache_dtype fp8",
+]
+
+
+def parse(argv: str):
+    args = cli.serve_parser().parse_args(shlex.split(argv))
+    return cli.engine_config_from_args(args), cli.server_config_from_args(args)
+
+
+@pytest.mark.parametrize("line", GUIDE_COMMANDS)
+def test_usage_guide_command_lines(line):
+    engine, server = parse(line)
+    model = shlex.split(line)[1]
+    assert engine.model == model and engine.trust_remote_code
+    assert engine.tensor_parallel_size == int(line.split("-tp ")[1].split()[0])
+    assert engine.kv_cache_dtype == "fp8"
+    assert (server.host, server.port) == ("127.0.0.1", 8000)
+
+
+def test_flag_spellings_and_server_flags():
+    a, _ = parse("--kv-cache-dtype fp8 --max_num_seqs=8 --max-model-len 2048 --block_size 32 "
+                 "--enforce_eager --gpu-memory-utilization 0.5 --cudagraph_capture_sizes "
+                 "[1,2,4] --no-enable-prefix-caching --load_dummy --max_waiting_requests 7 "
+                 "--tensor_parallel_size 2 --chat_template /tmp/t.jinja --seed 3")
+    assert (a.kv_cache_dtype, a.max_num_seqs, a.max_model_len, a.block_size) == ("fp8", 8, 2048,
+                                                                                 32)
+    assert a.enforce_eager and a.gpu_memory_utilization == 0.5
+    assert a.cudagraph_capture_sizes == [1, 2, 4] and not a.enable_prefix_caching
+    assert a.load_format == "dummy" and a.max_waiting_requests == 7
+    assert a.tensor_parallel_size == 2 and a.chat_template == "/tmp/t.jinja" and a.seed == 3
+    b, s = parse("--server-port 9001 --host 0.0.0.0 --api-key k1 --api_key k2 "
+                 "--served-model-name kimi --max-body-bytes 1000 --shutdown_timeout 5 "
+                 "--log-level debug --default-chat-template-kwargs '{\"thinking\":false}' "
+                 "--level 3 --cudagraph-mode FULL --no-enable_chunked_prefill")
+    assert b.model == "demo" and b.served_model_name == "kimi"  # no --model: the demo model
+    assert (s.host, s.port, s.api_keys) == ("0.0.0.0", 9001, ["k1", "k2"])
+    assert s.served_model_name == ["kimi"] and s.max_body_bytes == 1000
+    assert s.shutdown_timeout == 5 and s.log_level == "debug"
+    assert s.default_chat_template_kwargs == {"thinking": False}
+    assert parse("--port 1234")[1].port == 1234
+    with pytest.raises(ConfigError):
+        parse("-pp 2")
+    with pytest.raises(SystemExit):
+        parse("--kv_cache_dtype int3")
+    with pytest.raises(SystemExit):
+        parse("--max-num-seq 4")  # no abbreviations: a typo is an error, not a guess
+
+
+def test_bench_delegates(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("atom_stream.benchmarks.benchmark_serving")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "atom_stream.benchmarks.benchmark_serving", fake)
+    assert cli.main(["bench", "--backend", "vllm", "--num-prompts", "3"]) == 0
+    assert seen == [["--backend", "vllm", "--num-prompts", "3"]]
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main([]) == 2 and "serve" in capsys.readouterr().out
+
+
+def _snippets(lang: str) -> list[str]:
+    with open(os.path.join(ROOT, "docs", "QUICKSTART.md")) as f:
+        text = f.read()
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.DOTALL)
+
+
+@contextlib.contextmanager
+def served(argv: list[str], port: int, log_path) -> Iterator[str]:
+    """Run a server command line in a subprocess until the block ends; then SIGTERM it and check
+    it shut down gracefully."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        yield base
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal (exit status of SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        text = log_path.read_text()
+        assert "Application shutdown complete" in text and "Traceback" not in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_quickstart_snippets_run(tmp_path):
+    """docs/QUICKSTART.md as written: its serve command (on a free port), then every snippet
+    (and the SDK README's)."""
+    port = free_port()
+    fix = lambda s: s.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace(
+        "--port 8000", f"--port {port}")
+    bash = _snippets("bash")
+    serve_cmd, kimi_cmd, curl = bash
+    assert serve_cmd.startswith("atom-stream serve") and curl.startswith("curl -N")
+    # the Kimi-K2.5 launch (needs the checkpoint): parses to the usage guide's settings
+    kimi = shlex.split(kimi_cmd.replace("\\\n", " "))
+    assert kimi[:3] == ["python", "-m", "atom_stream.entrypoints.openai_server"]
+    engine, _ = parse(shlex.join(kimi[3:]))
+    assert (engine.tensor_parallel_size, engine.kv_cache_dtype) == (8, "fp8")
+    assert engine.trust_remote_code
+    argv = shlex.split(fix(serve_cmd))
+    argv = [os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:]]
+    with served(argv, port, tmp_path / "server.log"):
+        out = subprocess.run(["bash", "-c", fix(curl)], capture_output=True, timeout=120,
+                             check=True).stdout
+        assert out.startswith(b"data: {") and out.endswith(b"data: [DONE]\n\n")
+        assert b'"usage":{"prompt_tokens"' in out
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [os.path.join(ROOT, "clients", "python"), ROOT])}
+        python = _snippets("python")
+        assert len(python) == 3
+        outs = []
+        for snippet in python:
+            r = subprocess.run([sys.executable, "-c", fix(snippet)], capture_output=True,
+                               timeout=300, env=env, text=True, check=False)
+            assert r.returncode == 0, r.stderr
+            outs.append(r.stdout)
+        assert re.search(r"\n\[\d+ tokens\]\n$", outs[0]), outs[0]  # openai: usage chunk
+        assert re.search(r"\n\[8, 8, 8, 8, 8, 8, 8, 8\]\n$", outs[1]), outs[1]  # WS SDK
+        assert re.search(r"\n\[(stop|length), \d+ tokens\]\n$", outs[2]), outs[2]  # in-process
+        with open(os.path.join(ROOT, "clients", "python", "README.md")) as f:
+            sdk_readme = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+        assert len(sdk_readme) == 1
+        r = subprocess.run([sys.executable, "-c", fix(sdk_readme[0])], capture_output=True,
+                           timeout=120, env=env, text=True, check=False)
+        assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr
+
+
+def test_atom_entrypoint_serves(tmp_path):
+    """python -m atom_stream.entrypoints.openai_server with the usage guide's flags (demo model,
+    one rank, a small KV pool)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "atom_stream.entrypoints.openai_server", "--trust-remote-code",
+            "-tp", "1", "--kv_cache_dtype", "fp8", "--server-port", str(port),
+            "--num_kv_blocks", "512", "--log-level", "info", "--device", "cpu",
+            "--disable-uvicorn-access-log"]
+    with served(argv, port, tmp_path / "server.log") as base:
+        r = httpx.post(base + "/v1/completions", json={"model": "demo", "prompt": "Hi",
+                                                       "max_tokens": 3, "ignore_eos": True},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_generate_command():
+    r = subprocess.run([sys.executable, "-m", "atom_stream", "generate", "--prompt", "Hi",
+                        "--max_tokens", "4", "--device", "cpu", "--num-kv-blocks", "64"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "finish_reason=length" in r.stderr and "completion_tokens=4" in r.stderr

@@ -1,0 +1,389 @@
+"""OpenAI-compatible HTTP API against a real uvicorn server (demo model, CPU, free port).
+
+Covers: the official `openai` package streaming chat and completions with include_usage; streamed
+and non-streamed greedy text agree; SSE bytes framed exactly as vLLM frames them; n, logprobs,
+echo, stop, seed, continuous usage; every error status (400 naming the param, prompt too long,
+404, 413 while reading, 503 + Retry-After on overload, 503 health when dead, an error event then
+[DONE] after the stream began) with the server serving normally afterwards; a client disconnect
+aborts the request (KV blocks back to zero); /tokenize, /detokenize, /v1/models, /version,
+/metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+from serving_helpers import running_server
+
+CHAT = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with running_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with running_server({"max_num_seqs": 1, "max_waiting_requests": 1}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """Split an SSE body into event payloads, asserting vLLM's exact framing."""
+    assert raw.endswith(b"data: [DONE]\n\n")
+    parts = raw.split(b"\n\n")
+    assert parts[-1] == b""
+    events = []
+    for p in parts[:-1]:
+        assert p.startswith(b"data: "), p
+        assert b"\n" not in p
+        events.append(p[len(b"data: "):])
+    return events
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status and err["param"] == param and err["message"]
+    return err
+
+
+# ------------------------------------------------------------------------------- openai SDK
+def test_openai_sdk_chat_stream_with_usage_matches_non_stream(oai):
+    stream = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=8,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "length" and all(f is None for f in finish[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 8
+    full = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=8, temperature=0)
+    assert full.choices[0].message.content == text
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 8 and full.choices[0].finish_reason == "length"
+    assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
+
+
+def test_openai_sdk_completion_stream_with_usage_matches_non_stream(oai):
+    stream = oai.completions.create(model="demo", prompt="Once upon a time", max_tokens=8,
+                                    temperature=0, stream=True,
+                                    stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == len("Once upon a time")  # byte-level tokenizer
+    full = oai.completions.create(model="demo", prompt="Once upon a time", max_tokens=8,
+                                  temperature=0)
+    assert full.choices[0].text == text and full.usage.completion_tokens == 8
+
+
+# ------------------------------------------------------------------------------- SSE bytes
+def test_chat_sse_bytes_match_vllm(http):
+    body = {"model": "demo", "messages": CHAT, "max_tokens": 6, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read()
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]"
+    first = json.loads(events[0])
+    rid, created = first["id"], first["created"]
+    head = (b'{"id":"%s","object":"chat.completion.chunk","created":%d,"model":"demo",'
+            b'"choices":[' % (rid.encode(), created))
+    assert events[0] == head + (b'{"index":0,"delta":{"role":"assistant","content":""},'
+                                b'"logprobs":null,"finish_reason":null}]}')
+    text = ""
+    for ev in events[1:-3]:
+        m = re.fullmatch(re.escape(head) + rb'\{"index":0,"delta":\{"content":(".*")\},'
+                         rb'"logprobs":null,"finish_reason":null\}\]\}', ev)
+        assert m, ev
+        text += json.loads(m.group(1))
+    m = re.fullmatch(re.escape(head) + rb'\{"index":0,"delta":\{"content":(".*")\},'
+                     rb'"logprobs":null,"finish_reason":"length","stop_reason":null\}\]\}',
+                     events[-3])
+    assert m, events[-3]
+    text += json.loads(m.group(1))
+    usage = json.loads(events[-2])["usage"]
+    assert events[-2] == head[:-len(b'"choices":[')] + (
+        b'"choices":[],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":6}}'
+        % (usage["prompt_tokens"], usage["prompt_tokens"] + 6))
+    full = http.post("/v1/chat/completions", json={**body, "stream": False,
+                                                   "stream_options": None}).json()
+    assert full["choices"][0]["message"]["content"] == text
+
+
+def test_completion_sse_bytes_match_vllm(http):
+    body = {"model": "demo", "prompt": "abc", "max_tokens": 4, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        raw = r.read()
+    events = sse_events(raw)
+    first = json.loads(events[0])
+    head = (b'{"id":"%s","object":"text_completion","created":%d,"model":"demo","choices":'
+            % (first["id"].encode(), first["created"]))
+    for ev in events[:-2]:
+        assert re.fullmatch(re.escape(head) + rb'\[\{"index":0,"text":".*","logprobs":null,'
+                            rb'"finish_reason":null,"stop_reason":null\}\],"usage":null\}', ev), ev
+    assert re.fullmatch(re.escape(head) + rb'\[\{"index":0,"text":".*","logprobs":null,'
+                        rb'"finish_reason":"length","stop_reason":null\}\],"usage":null\}',
+                        events[-2]), events[-2]
+    assert events[-1] == b"[DONE]"  # no include_usage: no usage chunk
+
+
+def test_continuous_usage_and_n(http):
+    body = {"messages": CHAT, "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 7,
+            "stream": True, "stream_options": {"include_usage": True,
+                                               "continuous_usage_stats": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = sse_events(r.read())
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
+    assert all("usage" in c for c in chunks)
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 2 and all(c["usage"]["completion_tokens"] == 3 for c in finals)
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    full = http.post("/v1/chat/completions", json={**body, "stream": False,
+                                                   "stream_options": None}).json()
+    assert [c["index"] for c in full["choices"]] == [0, 1]
+    assert full["usage"]["completion_tokens"] == 6
+
+
+# ------------------------------------------------------------------------------- features
+def test_logprobs_echo_stop_seed(http, oai, srv):
+    r = oai.chat.completions.create(model="demo", messages=CHAT, max_tokens=3, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in content)
+    c = http.post("/v1/completions", json={"prompt": "abcd", "max_tokens": 2, "temperature": 0,
+                                           "logprobs": 1, "echo": True}).json()
+    choice = c["choices"][0]
+    assert choice["text"].startswith("abcd")
+    lp = choice["logprobs"]
+    assert lp["tokens"][:4] == ["a", "b", "c", "d"] and len(lp["tokens"]) == 6
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x is not None for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"][:4] == [0, 1, 2, 3]
+    # stop token id: whatever greedy produces first becomes a stop token
+    tokens = http.post("/tokenize", json={"prompt": "xyz"}).json()["tokens"]
+    assert tokens == [ord("x"), ord("y"), ord("z")]
+
+    async def first_token() -> int:
+        from atom_stream.sampling_params import SamplingParams
+
+        async for out in srv.engine.generate(tokens, SamplingParams(max_tokens=1,
+                                                                    temperature=0)):
+            return out.token_ids[0]
+
+    tok = srv.call(first_token())
+    stopped = http.post("/v1/completions", json={
+        "prompt": "xyz", "max_tokens": 4, "temperature": 0, "stop_token_ids": [tok],
+        "ignore_eos": True}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["stop_reason"] == tok
+    assert stopped["usage"]["completion_tokens"] == 1
+    # a stop string: cut where it first appears, reported as the stop_reason
+    text = http.post("/v1/completions", json={"prompt": "xyz", "max_tokens": 12,
+                                              "temperature": 0, "ignore_eos": True}).json()
+    full = text["choices"][0]["text"]
+    needle = next((full[k:k + 2] for k in range(2, len(full) - 1)
+                   if full[k:k + 2].isprintable() and "\ufffd" not in full[k:k + 2]), None)
+    assert needle is not None, full  # the demo model's greedy text is fixed (seeded weights)
+    cut = http.post("/v1/completions", json={
+        "prompt": "xyz", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        "stop": [needle]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["stop_reason"] == needle
+    assert cut["text"] == full[:full.index(needle)]
+    # seeded sampling is reproducible; other sampling knobs are accepted
+    body = {"prompt": "seed", "max_tokens": 5, "temperature": 1.0, "seed": 1234, "top_k": 20,
+            "min_p": 0.01, "top_p": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+            "repetition_penalty": 1.1, "ignore_eos": True}
+    a = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    b = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == b
+    chat = http.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_completion_tokens": 2, "max_tokens": 50, "temperature": 0,
+        "chat_template_kwargs": {"thinking": False}}).json()
+    assert chat["usage"]["completion_tokens"] == 2
+
+
+def test_batched_completion_prompts(http):
+    r = http.post("/v1/completions", json={"prompt": ["ab", "cde"], "max_tokens": 2,
+                                           "temperature": 0}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert r["usage"]["prompt_tokens"] == 5 and r["usage"]["completion_tokens"] == 4
+
+
+def test_small_routes(http, srv):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert "version" in http.get("/version").json()
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "demo"
+    assert models["data"][0]["max_model_len"] == srv.engine.max_model_len
+    t = http.post("/tokenize", json={"prompt": "hi", "return_token_strs": True}).json()
+    assert t == {"count": 2, "max_model_len": srv.engine.max_model_len, "tokens": [104, 105],
+                 "token_strs": ["h", "i"]}
+    chat_ids = http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+    assert chat_ids == srv.engine.tokenizer.encode_chat(CHAT, add_generation_prompt=True)
+    assert http.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    metrics = http.get("/metrics").text
+    for name in ("atom_stream:num_requests_running", "atom_stream:kv_cache_usage_perc",
+                 "atom_stream:time_to_first_token_seconds_bucket",
+                 "atom_stream:request_success_total", "atom_stream:http_requests_total"):
+        assert name in metrics
+
+
+# ------------------------------------------------------------------------------- errors
+def test_errors_then_serves_normally(http, srv):
+    url = "/v1/completions"
+    assert_error(http.post(url, json={"prompt": "x", "temperature": "hot"}), 400, "temperature")
+    assert_error(http.post(url, json={"prompt": "x", "temperature": 500}), 400, "temperature")
+    assert_error(http.post(url, json={"prompt": "x", "top_p": 0}), 400, "top_p")
+    assert_error(http.post(url, json={"prompt": "x", "logprobs": 99}), 400, "logprobs")
+    assert_error(http.post(url, json={"prompt": "x", "stop": [1]}), 400, "stop[0]")
+    assert_error(http.post(url, json={"prompt": [True]}), 400, "prompt")
+    assert_error(http.post(url, json={"prompt": [5000]}), 400, "prompt")
+    assert_error(http.post(url, json={"temperature": 0}), 400, None)  # prompt missing
+    assert_error(http.post(url, content=b"{not json"), 400, None)
+    assert_error(http.post(url, json={"prompt": "x", "stream_options": {}}), 400,
+                 "stream_options")
+    chat = "/v1/chat/completions"
+    assert_error(http.post(chat, json={"messages": CHAT, "max_completion_tokens": 0}), 400,
+                 "max_completion_tokens")
+    assert_error(http.post(chat, json={"messages": CHAT, "top_logprobs": 2}), 400,
+                 "top_logprobs")
+    assert_error(http.post(chat, json={"messages": CHAT, "logprobs": True,
+                                       "top_logprobs": 50}), 400, "top_logprobs")
+    assert_error(http.post(chat, json={"messages": [{"role": 1}]}), 400, "messages[0].role")
+    assert_error(http.post(chat, json={"messages": []}), 400, "messages")
+    err = assert_error(http.post(url, json={"prompt": "x" * 5000}), 400, "input_tokens")
+    assert "maximum context length is 4096" in err["message"]
+    assert_error(http.post(chat, json={"model": "gpt-9", "messages": CHAT}), 404, "model")
+    assert_error(http.get("/v1/nothing"), 404, None)
+    # 413: declared too large, and (chunked, no Content-Length) cut off while reading
+    limit = srv.config.max_body_bytes
+    assert_error(http.post(url, content=b"x" * (limit + 1)), 413, None)
+
+    def chunks():
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    assert_error(http.post(url, content=chunks()), 413, None)
+    ok = http.post(url, json={"prompt": "fine", "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert srv.wait_idle()["used_blocks"] == 0
+
+
+def test_error_after_stream_start_is_event_then_done(http, srv):
+    rid = "cmpl-abort-me"
+    body = {"prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+            "request_id": rid}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        it = r.iter_raw()
+        next(it)
+        srv.call(srv.engine.abort(rid))  # e.g. shutdown: the request ends under our feet
+        raw = b"".join(it)
+    events = sse_events(raw)
+    err = json.loads(events[-2])
+    assert set(err) == {"error"} and err["error"]["code"] == 500
+    assert events[-1] == b"[DONE]"
+    assert srv.wait_idle()["used_blocks"] == 0
+
+
+def _read_some_then_drop(port: int, body: dict, stream: bool) -> None:
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n" % len(data) + data)
+    if stream:
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(65536)
+    else:
+        time.sleep(0.3)
+    s.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts(srv, stream):
+    before = srv.stats()["finished"]["abort"]
+    body = {"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": stream}
+    _read_some_then_drop(srv.port, body, stream)
+    deadline = time.monotonic() + 20
+    while srv.stats()["finished"]["abort"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = srv.wait_idle()
+    assert s["finished"]["abort"] == before + 1
+    assert s["used_blocks"] == 0 and s["kv_usage"] == 0.0 and s["num_running"] == 0
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert re.search(r'atom_stream:client_disconnects_total\{[^}]*interface="http"[^}]*\} '
+                     r'[1-9]', metrics)
+    assert re.search(r'atom_stream:streams_open\{[^}]*interface="sse"[^}]*\} 0\.0', metrics)
+    assert re.search(r'atom_stream:kv_cache_usage_perc\{[^}]*\} 0\.0', metrics)
+
+
+def test_overload_503_retry_after_and_dead_health(tiny):
+    srv = tiny
+    body = {"prompt": "busy", "max_tokens": 400, "ignore_eos": True}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            first = asyncio.ensure_future(c.post("/v1/completions", json=body))
+            await asyncio.sleep(0.5)  # let it start running
+            rest = await asyncio.gather(*(c.post("/v1/completions",
+                                                 json={**body, "max_tokens": 2})
+                                          for _ in range(4)))
+            return [await first, *rest]
+
+    results = asyncio.run(flood())
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(503) >= 2 and 200 in codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "ServiceUnavailableError"
+    srv.wait_idle(60)
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 1})
+    assert ok.status_code == 200
+
+    # a dead engine: /health answers 503 (the engine's own flag, set as a crash would)
+    async def kill(dead: BaseException | None) -> None:
+        srv.engine._dead = dead
+
+    srv.call(kill(RuntimeError("simulated crash")))
+    try:
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 503
+    finally:
+        srv.call(kill(None))
+    assert httpx.get(srv.url + "/health").status_code == 200
