@@ -294,3 +294,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.process_weights_after_loading()
+            experts = getattr(layer.mlp, "experts", None)
+            method = getattr(experts, "quant_method", None)
+            if hasattr(method, "finalize"):  # e.g. repack 4-bit experts for the GPU kernel
+                method.finalize(experts)

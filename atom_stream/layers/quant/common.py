@@ -266,3 +266,17 @@ def try_fused_moe(x, w13, w2, topk_weights, topk_ids, quant: str, **kw):
         log_once(f"fusedfail:{quant}", "fused_moe does not take quant=%s (%s); using the torch "
                  "reference path", quant, e)
         return None
+
+
+def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
+    """On GPUs, replace the checkpoint-layout 4-bit expert tensors by the fused-MoE kernel's
+    layout (still 4 bits/weight; kernels/fused_moe.repack_*_moe), one tensor at a time so the
+    peak stays one layer's experts. The CPU keeps the checkpoint layout (reference path)."""
+    w13 = getattr(experts, w13_name)
+    if not w13.is_cuda or fused_moe_kernel() is None:
+        return
+    for name in (w13_name, w2_name):
+        packed = repack(getattr(experts, name))
+        setattr(experts, name, None)
+        experts.register_buffer(name + "_kernel", packed)
+    experts.kernel_layout = True

@@ -17,7 +17,7 @@ import torch
 from atom_stream.config import ConfigError
 from atom_stream.layers.quant.common import (
     CheckpointError, LinearMethod, MoEMethod, copy_into, moe_loop, narrow_expert,
-    proj_rows, scale_dtype, swiglu_expert, tp_narrow, try_fused_moe,
+    proj_rows, repack_for_kernel, scale_dtype, swiglu_expert, tp_narrow, try_fused_moe,
 )
 
 _SHIFTS = tuple(range(0, 32, 4))
@@ -130,7 +130,16 @@ class Int4MoEMethod(MoEMethod):
         return (dequantize_int4(experts.w13_weight_packed[e], experts.w13_weight_scale[e], g, dt),
                 dequantize_int4(experts.w2_weight_packed[e], experts.w2_weight_scale[e], g, dt))
 
+    def finalize(self, experts) -> None:
+        from atom_stream.kernels.fused_moe import repack_int4_moe
+        repack_for_kernel(experts, "w13_weight_packed", "w2_weight_packed", repack_int4_moe)
+
     def apply(self, experts, x, topk_weights, topk_ids):
+        if getattr(experts, "kernel_layout", False):  # GPU: repacked at load
+            from atom_stream.kernels.fused_moe import fused_moe
+            return fused_moe(x, experts.w13_weight_packed_kernel, experts.w2_weight_packed_kernel,
+                             topk_weights, topk_ids, quant=f"int4_g{self.scheme.group_size}",
+                             w13_scale=experts.w13_weight_scale, w2_scale=experts.w2_weight_scale)
         y = try_fused_moe(x, experts.w13_weight_packed, experts.w2_weight_packed, topk_weights,
                           topk_ids, quant=f"int4_g{self.scheme.group_size}",
                           w13_scale=experts.w13_weight_scale, w2_scale=experts.w2_weight_scale)

@@ -24,7 +24,7 @@ import torch
 from atom_stream.config import ConfigError
 from atom_stream.layers.quant.common import (
     LinearMethod, MoEMethod, copy_into, log_once, moe_loop, narrow_expert, proj_rows,
-    swiglu_expert, tp_narrow, try_fused_moe,
+    repack_for_kernel, swiglu_expert, tp_narrow, try_fused_moe,
 )
 
 GROUP = 32
@@ -166,7 +166,18 @@ class Mxfp4MoEMethod(MoEMethod):
         else:
             copy_into(getattr(experts, f"w13_{suffix}")[idx, proj_rows(experts, proj)], t, name)
 
+    def finalize(self, experts) -> None:
+        from atom_stream.kernels.fused_moe import has_fp4_mma, repack_mxfp4_moe
+        if not has_fp4_mma(experts.w13_weight.device):  # FP4 MMA GPUs take the raw layout
+            repack_for_kernel(experts, "w13_weight", "w2_weight", repack_mxfp4_moe)
+
     def apply(self, experts, x, topk_weights, topk_ids):
+        if getattr(experts, "kernel_layout", False):  # GPU without FP4 units: repacked at load
+            from atom_stream.kernels.fused_moe import fused_moe
+            return fused_moe(x, experts.w13_weight_kernel, experts.w2_weight_kernel, topk_weights,
+                             topk_ids, quant="mxfp4", w13_scale=experts.w13_weight_scale,
+                             w2_scale=experts.w2_weight_scale,
+                             act_quant=self.scheme.act == "mxfp4")
         y = try_fused_moe(x, experts.w13_weight, experts.w2_weight, topk_weights, topk_ids,
                           quant="mxfp4", w13_scale=experts.w13_weight_scale,
                           w2_scale=experts.w2_weight_scale, act_quant=self.scheme.act == "mxfp4")
