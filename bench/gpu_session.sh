@@ -14,5 +14,5 @@ if [[ $what == all || $what == tests ]]; then
 fi
 if [[ $what == all || $what == decode ]]; then
   timeout 420 python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
-      --out "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+      --iters 10 --out "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
 fi
