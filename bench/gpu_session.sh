@@ -5,6 +5,8 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
+# no pip install here: map kernels/ to atom_stream.kernels as the package build does
+[ -e atom_stream/kernels ] || ln -s ../kernels atom_stream/kernels
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 what=${1:-all}
