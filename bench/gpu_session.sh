@@ -11,10 +11,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 what=${1:-all}
 if [[ $what == all || $what == tests ]]; then
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py \
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py \
       tests/test_kernels_moe.py tests/test_ep_kernels.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == all || $what == decode ]]; then
-  timeout 420 python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
+  timeout 380 python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
       --iters 10 --out "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
 fi

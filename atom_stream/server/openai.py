@@ -76,6 +76,8 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise HTTPError(400, f"invalid request: {e}", validation_param(e)) from None
     except msgspec.DecodeError as e:
         raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # issue 10 fuzzing: deeply nested arrays in Any fields were a 500
+        raise HTTPError(400, "the request body is nested too deeply") from None
 
 
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:

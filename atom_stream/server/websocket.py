@@ -279,7 +279,8 @@ class _Connection:
             return
         try:
             frame = self.decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        # RecursionError: a deeply nested frame (issue 10 fuzzing) must be an error frame too
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as e:
             rid, raw = None, None
             with contextlib.suppress(Exception):  # not decodable at all: no id to report
                 raw = self.loose.decode(data)
