@@ -194,7 +194,10 @@ class Experts(nn.Module):
         if x.is_cuda:
             fused = _fused_moe()
             if fused is not None:
-                return fused(x, self.w13, self.w2, topk_weights, topk_ids)
+                try:
+                    return fused(x, self.w13, self.w2, topk_weights, topk_ids)
+                except (ValueError, NotImplementedError):
+                    pass  # shapes the kernel's tiles do not divide (tiny test models)
             return experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids)
         return experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
 
