@@ -1,0 +1,258 @@
+"""Fused-MoE kernel benchmark at Kimi-K2.5 TP8 per-rank shapes (issue 6, MoE half).
+
+    python bench/kernels_moe.py [--formats int4,mxfp4,mxfp4_w4a4,bf16,fp8] [--budget-s S]
+
+Shapes: hidden 7168, 384 experts, expert intermediate 256 per rank (w13 [384, 512, 7168],
+w2 [384, 7168, 256]), top-8 with uniform random routing, M = 1, 16, 64, 256 tokens.
+Timing: CUDA-graph replays of fused_moe over ROT different routings/inputs (so repeated calls
+don't hit L2), median of several replays; routing itself is not timed (kernels/moe_routing.py).
+bytes = the touched experts' weights + scales (distinct experts of each routing, averaged) +
+activations in and out; ratio = bytes / time / copy bandwidth (a 2 GiB device copy, bytes read +
+written, measured in the same run). moe_rows() is what bench/kernels.py calls. For int4 and MXFP4
+it times the CANDIDATES tile/path configs and reports the fastest (fused_moe's defaults were then
+set to those winners), plus the first GEMM alone; every timing goes to --sweep-out
+(bench/results/kernels-moe-sweep-h200.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+H, E, I, TOPK = 7168, 384, 256, 8
+MS = (1, 16, 64, 256)
+KEYS = ("kernel", "batch", "ctx", "m", "time_us", "bytes", "copy_GBps", "ratio")
+
+
+def time_calls(calls, min_replay_us: float = 2000.0, replays: int = 9) -> float:
+    """Median µs per call from CUDA-graph replays of `calls` (one per rotated input set)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for c in calls:
+        c()
+    e1.record()
+    e1.synchronize()
+    est = max(e0.elapsed_time(e1) * 1e3 / len(calls), 1.0)
+    repeat = max(1, min(int(min_replay_us / (est * len(calls))) + 1, max(1, 256 // len(calls))))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(repeat):
+            for c in calls:
+                c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / (repeat * len(calls)))
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """GB/s (bytes read + written) of a 2 GiB device copy: the faster of an eager copy_ and a
+    graph-replayed elementwise copy kernel. (A graph-captured copy_ is a memcpy node on the copy
+    engine: 2765 GB/s on the H200 on 2026-11-29, below what kernels stream.)"""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    t_kernel = time_calls([lambda: torch.mul(src, 1.0, out=dst)], min_replay_us=5000.0)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    eager = []
+    for _ in range(7):
+        e0.record()
+        dst.copy_(src)
+        e1.record()
+        e1.synchronize()
+        eager.append(e0.elapsed_time(e1) * 1e3)
+    t = min(t_kernel, statistics.median(eager))
+    return 2 * nbytes / (t * 1e-6) / 1e9
+
+
+def make_weights(fmt: str, dev) -> dict:
+    """Random expert weights of the real per-rank sizes, already in the kernel layout."""
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def words(*s):
+        return torch.randint(-2**31, 2**31 - 1, s, generator=g, device=dev, dtype=torch.int32)
+
+    def u8(lo, hi, *s):
+        return torch.randint(lo, hi, s, generator=g, device=dev, dtype=torch.int32).to(torch.uint8)
+
+    if fmt == "bf16":
+        return {"w13": (torch.randn(E, 2 * I, H, generator=g, device=dev) * 0.02).bfloat16(),
+                    "w2": (torch.randn(E, H, I, generator=g, device=dev) * 0.05).bfloat16()}
+    if fmt == "fp8":
+        return {"w13": torch.randn(E, 2 * I, H, generator=g, device=dev).to(torch.float8_e4m3fn),
+                    "w2": torch.randn(E, H, I, generator=g, device=dev).to(torch.float8_e4m3fn),
+                    "w13_scale": torch.full((E, 2 * I // 128, H // 128), 0.01, device=dev),
+                    "w2_scale": torch.full((E, H // 128, I // 128), 0.03, device=dev),
+                    "quant": "fp8_block"}
+    if fmt == "int4":
+        return {"w13": words(E, 2 * I, H // 128, 16), "w2": words(E, H, I // 128, 16),
+                    "w13_scale": (torch.rand(E, 2 * I, H // 32, generator=g, device=dev) * 0.004
+                               + 0.002).bfloat16(),
+                    "w2_scale": (torch.rand(E, H, I // 32, generator=g, device=dev) * 0.01
+                              + 0.005).bfloat16(), "quant": "int4_g32"}
+    if fmt == "mxfp4":
+        return {"w13": words(E, 2 * I, H // 128, 16), "w2": words(E, H, I // 128, 16),
+                    "w13_scale": u8(117, 121, E, 2 * I, H // 32), "w2_scale": u8(119, 123, E, H, I // 32),
+                    "quant": "mxfp4"}
+    raise ValueError(fmt)
+
+
+def expert_bytes(w: dict) -> int:
+    tot = 0
+    for k in ("w13", "w2", "w13_scale", "w2_scale"):
+        if k in w:
+            t = w[k]
+            tot += t[0].numel() * t.element_size()
+    return tot
+
+
+def make_sets(M: int, rot: int, dev):
+    sets = []
+    for _ in range(rot):
+        ids = torch.rand(M, E, device=dev).topk(TOPK, dim=-1).indices.int()
+        tw = torch.rand(M, TOPK, device=dev)
+        x = torch.randn(M, H, device=dev).bfloat16()
+        sets.append((x, tw, ids, torch.empty(M, H, device=dev, dtype=torch.bfloat16)))
+    distinct = statistics.mean(s[2].unique().numel() for s in sets)
+    return sets, distinct
+
+
+def bench_one(w: dict, M: int, rot: int, config=None, act=None) -> tuple[float, float]:
+    """(µs per fused_moe call, mean distinct experts touched)."""
+    from atom_stream.kernels.fused_moe import fused_moe
+    sets, distinct = make_sets(M, rot, "cuda")
+    kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
+    calls = [lambda s=s: fused_moe(s[0], w["w13"], w["w2"], s[1], s[2], out=s[3], config=config,
+                                   activation_quant=act, **kw) for s in sets]
+    return time_calls(calls), distinct
+
+
+def row(kernel, M, t_us, distinct, ebytes, copy_gbps) -> dict:
+    nbytes = int(distinct * ebytes + 2 * M * H * 2)
+    return {"kernel": kernel, "batch": None, "ctx": None, "m": M, "time_us": round(t_us, 3),
+            "bytes": nbytes, "copy_GBps": round(copy_gbps, 1),
+            "ratio": round(nbytes / (t_us * 1e-6) / (copy_gbps * 1e9), 4)}
+
+
+FORMATS = {"int4": "moe_int4", "mxfp4": "moe_mxfp4", "mxfp4_w4a4": "moe_mxfp4_w4a4",
+           "bf16": "moe_bf16", "fp8": "moe_fp8"}
+# Candidate configs per M for the 4-bit formats, as overrides of fused_moe's defaults ({} = the
+# defaults); moe_rows reports the fastest, the sweep file keeps every candidate's time.
+# gemv_max picks the path. (The 2026-11-29 sweep ran against the defaults before they were set to
+# its winners; bench/RESULTS.md lists the effective config of each row.)
+CANDIDATES = {
+    1: [{}, {"G1": 16, "GC": 4}, {"G2": 16}, {"gemv_max": 0}],
+    16: [{}, {"G1": 16, "GC": 4}, {"G2": 64, "GW2": 8}, {"gemv_max": 0}],
+    64: [{}, {"gemv_max": 64}, {"BN1": 128, "W1": 8}, {"BN1": 32, "BK1": 256}],
+    256: [{}, {"BN1": 128, "W1": 8}, {"BN1": 128, "W1": 8, "BN2": 128, "W2": 8},
+          {"S1": 4, "BN2": 128}, {"OFFS": 0}],
+}
+
+
+def _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, **extra):
+    t0 = time.time()
+    try:
+        t, d = bench_one(w, M, rot=32 if M <= 16 else 8, config=cfg, act=act)
+    except Exception as e:  # noqa: BLE001 -- a failing candidate must not stop the others
+        rec = {"kernel": FORMATS[fmt], "m": M, "config": cfg,
+               "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        t = d = None
+    else:
+        rec = dict(row(FORMATS[fmt], M, t, d, eb, copy_gbps), config=cfg, **extra)
+    rec["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(rec), flush=True)
+    if log is not None:
+        log.append(rec)
+    return t, d
+
+
+def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8"),
+             copy_gbps=None, budget_s: float = float("inf"), log: list | None = None) -> list:
+    """Rows for bench/kernels.py. `arg`: the copy bandwidth in GB/s (bench/kernels.py passes it)
+    or a device; measured here when not given. int4/MXFP4 try CANDIDATES (until budget_s has
+    passed) and report the fastest; every timing is appended to `log`."""
+    if isinstance(arg, (int, float)):
+        copy_gbps = float(arg)
+    if copy_gbps is None:
+        copy_gbps = copy_bandwidth()
+    deadline = time.time() + budget_s
+    rows = []
+    for fmt in formats:
+        act = "mxfp4" if fmt == "mxfp4_w4a4" else None
+        w = make_weights("mxfp4" if act else fmt, "cuda")
+        eb = expert_bytes(w)
+        for M in MS:
+            best = None
+            for i, cfg in enumerate(CANDIDATES[M] if fmt in ("int4", "mxfp4") else [{}]):
+                if i and time.time() > deadline:
+                    break
+                t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, d, cfg)
+            if best is None:
+                continue
+            rows.append(row(FORMATS[fmt], M, best[0], best[1], eb, copy_gbps))
+            print("ROW", json.dumps(dict(rows[-1], config=best[2])), flush=True)
+            if time.time() < deadline:  # where the time goes: the first GEMM alone
+                _measure(w, M, dict(best[2], stop_after="gate_up"), act, fmt, eb, copy_gbps, log,
+                         part="gate_up only (bytes: whole MoE)")
+        del w
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows) -> None:
+    print(f"{'kernel':<16}{'m':>5}{'time_us':>10}{'MB':>9}{'GB/s':>8}{'copy':>7}{'ratio':>7}")
+    for r in rows:
+        gbs = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
+        print(f"{r['kernel']:<16}{r['m']:>5}{r['time_us']:>10.2f}{r['bytes'] / 1e6:>9.2f}"
+              f"{gbs:>8.0f}{r['copy_GBps']:>7.0f}{r['ratio']:>7.3f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="int4,mxfp4,mxfp4_w4a4,bf16,fp8")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="stop trying alternative configs after this many seconds")
+    ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
+                                                        "kernels-moe-sweep-h200.json"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels-moe-h200.json"))
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench/kernels_moe.py needs a GPU"
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s", flush=True)
+    log: list = []
+    try:
+        rows = moe_rows(copy_gbps, formats=tuple(args.formats.split(",")),
+                        budget_s=args.budget_s, log=log)
+    finally:
+        os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
+        with open(args.sweep_out, "w") as f:
+            json.dump(log, f, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump([{k: r[k] for k in KEYS} for r in rows], f, indent=1)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

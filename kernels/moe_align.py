@@ -1,0 +1,108 @@
+"""Sort/align (token, k) pairs by expert into blocks of BLOCK_M rows, on the device, in one program.
+
+Pairs: p = m * KP + k for token m and selection column k (KP = top_k + n_shared; column
+k >= top_k is the shared expert n_routed + k - top_k, weight 1.0).
+
+moe_align(topk_ids [M, top_k] int32/int64, num_experts, block_m, *, n_shared=0)
+    -> (sorted_pairs [max_blocks * block_m] int32, block_expert [max_blocks] int32)
+- num_experts counts every expert (routed + shared), i.e. w13.shape[0].
+- Expert e's pairs fill blocks block_start[e] .. (in pair order: deterministic), blocks in
+  expert order; unused rows hold the sentinel M * KP, unused blocks expert -1.
+- max_blocks = min(P, E) + P // block_m (`max_blocks()`) with P = M * KP: the upper bound of
+  sum_e ceil(count_e / block_m) for any ids, so the grid of the GEMMs that read these tables is a
+  function of shapes only (CUDA/HIP-graph capturable: no host syncs, no data-dependent shapes).
+One program (a few microseconds at M=256 x 8); the chunked histogram/rank keeps it deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pair_expert(IDS, stride_im, p, valid, TOPK: tl.constexpr, KP: tl.constexpr,
+                N_ROUTED: tl.constexpr):
+    """Expert of pair p (int32 tensor); shared columns k >= TOPK map to N_ROUTED + k - TOPK."""
+    m = p // KP
+    k = p % KP
+    routed = valid & (k < TOPK)
+    e = tl.load(IDS + m.to(tl.int64) * stride_im + k, mask=routed, other=0).to(tl.int32)
+    return tl.where(k < TOPK, e, N_ROUTED + k - TOPK)
+
+
+@triton.jit
+def _align_kernel(
+    IDS, SORTED, BLKEXP, CURSOR, stride_im, num_pairs, max_blocks,
+    TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr, E: tl.constexpr,
+    NBINS: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
+):
+    sentinel = num_pairs
+    for s in range(0, max_blocks * BM, FILL):
+        o = s + tl.arange(0, FILL)
+        tl.store(SORTED + o, tl.zeros((FILL,), tl.int32) + sentinel, mask=o < max_blocks * BM)
+    for s in range(0, max_blocks, FILL):
+        o = s + tl.arange(0, FILL)
+        tl.store(BLKEXP + o, tl.full((FILL,), -1, tl.int32), mask=o < max_blocks)
+    # histogram (invalid lanes go to bin E, ignored)
+    counts = tl.zeros((NBINS,), tl.int32)
+    for s in range(0, num_pairs, CHUNK):
+        p = s + tl.arange(0, CHUNK)
+        ok = p < num_pairs
+        e = tl.where(ok, pair_expert(IDS, stride_im, p, ok, TOPK, KP, N_ROUTED), E)
+        counts += tl.histogram(e, NBINS)
+    bins = tl.arange(0, NBINS)
+    counts = tl.where(bins < E, counts, 0)
+    nb = (counts + BM - 1) // BM
+    bstart = tl.cumsum(nb, 0) - nb
+    for i in range(tl.max(nb, 0)):
+        tl.store(BLKEXP + bstart + i, bins, mask=nb > i)
+    cursor = bstart * BM
+    tl.store(CURSOR + bins, cursor)
+    tl.debug_barrier()
+    r = tl.arange(0, CHUNK)
+    for s in range(0, num_pairs, CHUNK):
+        p = s + r
+        ok = p < num_pairs
+        e = tl.where(ok, pair_expert(IDS, stride_im, p, ok, TOPK, KP, N_ROUTED), E)
+        before = (e[:, None] == e[None, :]) & (r[None, :] < r[:, None])
+        rank = tl.sum(before.to(tl.int32), axis=1)
+        pos = tl.load(CURSOR + e, mask=ok, other=0) + rank
+        tl.store(SORTED + pos, p, mask=ok)
+        cursor += tl.histogram(e, NBINS)
+        tl.debug_barrier()
+        tl.store(CURSOR + bins, cursor)
+        tl.debug_barrier()
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    return min(num_pairs, num_experts) + num_pairs // block_m
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_shared: int = 0,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32."""
+    M, top_k = topk_ids.shape
+    kp = top_k + n_shared
+    P = M * kp
+    nblk = max_blocks(P, num_experts, block_m)
+    dev = topk_ids.device
+    if out is None:
+        sorted_pairs = torch.empty(nblk * block_m, dtype=torch.int32, device=dev)
+        block_expert = torch.empty(nblk, dtype=torch.int32, device=dev)
+    else:
+        sorted_pairs, block_expert = out
+        if sorted_pairs.numel() < nblk * block_m or block_expert.numel() < nblk:
+            raise ValueError(f"moe_align: buffers smaller than {nblk} blocks of {block_m}")
+    nbins = triton.next_power_of_2(num_experts + 1)
+    cursor = torch.empty(nbins, dtype=torch.int32, device=dev)
+    if topk_ids.stride(-1) != 1:
+        topk_ids = topk_ids.contiguous()
+    _align_kernel[(1,)](
+        topk_ids, sorted_pairs, block_expert, cursor, topk_ids.stride(0), P, nblk,
+        TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
+        BM=block_m, CHUNK=128, FILL=1024, num_warps=8,
+    )
+    return sorted_pairs, block_expert
