@@ -25,6 +25,7 @@ and `is_dead` turns true. Long prompts are tokenized in the default thread pool,
 from __future__ import annotations
 
 import asyncio
+import sys
 import concurrent.futures
 import contextlib
 import functools
@@ -118,6 +119,11 @@ class AsyncEngine:
         if self._task is not None:
             return self
         loop = asyncio.get_running_loop()
+        # The step thread runs Python model code between torch ops and holds the GIL meanwhile;
+        # a 1 ms switch interval (CPython's default is 5 ms) lets the loop thread in sooner,
+        # which keeps streaming latency low while a long prefill runs.
+        if sys.getswitchinterval() > 0.001:
+            sys.setswitchinterval(0.001)
         # model loading blocks: do it on the step thread (torch state then lives there too)
         self._core = await loop.run_in_executor(
             self._executor, functools.partial(LLMEngine, self.config, **self._core_args))
