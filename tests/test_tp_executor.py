@@ -86,3 +86,28 @@ def test_dead_worker_is_detected_and_reported():
     finally:
         ex.shutdown(timeout=2.0)
     assert all(not p.is_alive() for p in ex.procs)
+
+
+async def test_killing_a_worker_fails_requests_and_marks_the_engine_dead():
+    """Through the AsyncEngine: a TP worker killed mid-generation ends the in-flight request
+    with an error within 10 s, and the engine reports itself dead (the server's /health 503)."""
+    import asyncio
+
+    from atom_stream import AsyncEngine, SamplingParams
+    from atom_stream.errors import AtomStreamError
+
+    cfg = _config(2)
+    async with AsyncEngine(cfg) as engine:
+        ex = engine.core.runner
+        got = 0
+        t_kill = None
+        with pytest.raises(AtomStreamError):
+            async for out in engine.generate(list(range(1, 9)), SamplingParams(
+                    max_tokens=200, ignore_eos=True, temperature=0)):
+                got += len(out.token_ids)
+                if got >= 3 and t_kill is None:
+                    os.kill(ex.procs[0].pid, signal.SIGKILL)
+                    t_kill = time.monotonic()
+                await asyncio.sleep(0)
+        assert t_kill is not None and time.monotonic() - t_kill < 10
+        assert engine.is_dead
