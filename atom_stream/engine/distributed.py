@@ -165,7 +165,18 @@ class TPExecutor:
         self.ring.write(self._encoder.encode(StepMessage(inputs)), alive=self._alive)
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        return self.runner.execute(batch)
+        try:
+            return self.runner.execute(batch)
+        except Exception:
+            # a collective raises as soon as a peer dies: record the death now, not at the
+            # watchdog's next poll, so the engine reports dead before anyone asks again
+            deadline = time.monotonic() + 1.0
+            while self.dead is None and time.monotonic() < deadline:
+                for p in self.procs:
+                    if not p.is_alive():
+                        self.dead = f"TP worker {p.name} died (exit code {p.exitcode})"
+                time.sleep(0.02)
+            raise
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
