@@ -99,6 +99,24 @@ def time_step(runner: ModelRunner, inp, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18) -> None:
+    """Kernel time breakdown of one replayed step: where the step goes, and how much of it is
+    GPU idle (step time minus summed kernel time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.run_inputs(inp)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.run_inputs(inp)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"--- B={B} ctx={ctx}: {total / 1e3:.3f} ms of kernels in one step")
+    for e in events[:top]:
+        print(f"{e.device_time_total / 1e3:9.3f} ms {e.count:6d}x  {e.key[:90]}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="k25-tp8-rank")
@@ -110,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-kv-gib", type=float, default=40.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the top GPU kernels of one graph-replayed step per B")
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     ctxs = [int(x) for x in args.ctx.split(",")]
@@ -175,6 +195,8 @@ def main(argv=None) -> None:
             r = rows[-1]
             print(f"B={B:4d} ctx={ctx:5d} graphs={graphs!s:5} step={ms:8.3f} ms "
                   f"floor={floor_ms:7.3f} ms ratio={r['ratio']:.3f}", flush=True)
+        if args.profile and inp.use_graph:
+            profile_step(runner, inp, B, ctx)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     out = args.out or f"bench/results/decode-{args.preset}-{gpu}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
