@@ -37,18 +37,15 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int,
     return weights * routed_scaling_factor, topk_ids
 
 
-def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k * down(silu(gate(x)) * up(x)) over the chosen experts; x [T, H] -> [T, H].
-
-    Loops over the experts actually chosen (the CPU reference); per-expert math in x's dtype,
-    accumulation in float32."""
+def moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             num_experts: int, expert_fn) -> torch.Tensor:
+    """sum_k w_k * expert_fn(e_k, x_rows) over the experts actually chosen (the CPU reference
+    loop shared by the dense and quantized expert paths); accumulation in float32."""
     T, H = x.shape
-    inter = w2.shape[-1]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     tok = order // topk_ids.shape[1]
     wts = topk_weights.reshape(-1)[order]
     start = 0
@@ -56,12 +53,23 @@ def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
         if n == 0:
             continue
         rows = tok[start:start + n]
-        h = F.linear(x[rows], w13[e])
-        act = F.silu(h[:, :inter]) * h[:, inter:]
-        y = F.linear(act, w2[e])
+        y = expert_fn(e, x[rows])
         out.index_add_(0, rows, y.float() * wts[start:start + n, None])
         start += n
     return out.to(x.dtype)
+
+
+def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * down(silu(gate(x)) * up(x)) over the chosen experts; x [T, H] -> [T, H];
+    per-expert math in x's dtype."""
+    inter = w2.shape[-1]
+
+    def expert(e: int, xs: torch.Tensor) -> torch.Tensor:
+        h = F.linear(xs, w13[e])
+        return F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+
+    return moe_loop(x, topk_weights, topk_ids, w13.shape[0], expert)
 
 
 def experts_dense_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -26,8 +26,10 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+
 from torch import nn
 
+from atom_stream.layers.moe import moe_loop  # noqa: F401  (re-exported for the formats)
 from atom_stream.layers.parallel import TPInfo
 from atom_stream.loader import CheckpointError
 
@@ -158,28 +160,6 @@ def narrow_expert(t: torch.Tensor, proj: str, experts, name: str) -> torch.Tenso
     if proj == "down_proj":
         return tp_narrow(t, 1, tp, name) if t.dim() == 2 else t
     return tp_narrow(t, 0, tp, name)
-
-
-def moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-             num_experts: int, expert_fn) -> torch.Tensor:
-    """sum_k w_k * expert_fn(e_k, x) over the chosen experts, in the same order and precision as
-    layers/moe.experts_ref (so a weight-only format matches the dequantized model exactly)."""
-    T, H = x.shape
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    flat_ids = topk_ids.reshape(-1)
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    tok = order // topk_ids.shape[1]
-    wts = topk_weights.reshape(-1)[order]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = tok[start:start + n]
-        y = expert_fn(e, x[rows])
-        out.index_add_(0, rows, y.float() * wts[start:start + n, None])
-        start += n
-    return out.to(x.dtype)
 
 
 def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act_qdq=None):
