@@ -355,18 +355,12 @@ class OpenAIServing:
                                           params.logprobs)
         if req.stream:
             opts = req.stream_options
-            return SSEResponse(openai_stream.chat_stream(
+            return self._sse(openai_stream.chat_stream(
                 ctx, choices, echo, bool(opts and opts.include_usage),
-                bool(opts and opts.continuous_usage_stats)),
-                on_disconnect=self.state.metrics.http_disconnects.inc,
-                gauge=self.state.metrics.sse_streams)
-        try:
-            results = await until_disconnect(request, self._collect(choices))
-        except ClientGone:
-            self.state.metrics.http_disconnects.inc()
-            return Response(status_code=499)
-        except Exception as e:  # noqa: BLE001
-            return self._error(route, e)
+                bool(opts and opts.continuous_usage_stats)))
+        results = await self._collect_or_error(request, route, choices)
+        if isinstance(results, Response):
+            return results
         out = []
         for i, r in enumerate(results):
             lp = (openai_stream.chat_logprobs(ctx, r.token_ids, r.logprobs)
@@ -375,6 +369,20 @@ class OpenAIServing:
                                   r.finish_reason, r.stop_reason))
         return json_response(ChatCompletionResponse(rid, "chat.completion", ctx.created, model,
                                                     out, self._usage(choices, results)))
+
+    def _sse(self, frames) -> SSEResponse:
+        return SSEResponse(frames, on_disconnect=self.state.metrics.http_disconnects.inc,
+                           gauge=self.state.metrics.sse_streams)
+
+    async def _collect_or_error(self, request: Request, route: str, choices):
+        """Await every choice's final output; a client that left gets 499, an error its body."""
+        try:
+            return await until_disconnect(request, self._collect(choices))
+        except ClientGone:
+            self.state.metrics.http_disconnects.inc()
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001
+            return self._error(route, e)
 
     # ---------------------------------------------------------------- completions
     async def completions(self, request: Request) -> Response:
@@ -401,18 +409,12 @@ class OpenAIServing:
         ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs)
         if req.stream:
             opts = req.stream_options
-            return SSEResponse(openai_stream.completion_stream(
+            return self._sse(openai_stream.completion_stream(
                 ctx, choices, req.echo, bool(opts and opts.include_usage),
-                bool(opts and opts.continuous_usage_stats)),
-                on_disconnect=self.state.metrics.http_disconnects.inc,
-                gauge=self.state.metrics.sse_streams)
-        try:
-            results = await until_disconnect(request, self._collect(choices))
-        except ClientGone:
-            self.state.metrics.http_disconnects.inc()
-            return Response(status_code=499)
-        except Exception as e:  # noqa: BLE001
-            return self._error(route, e)
+                bool(opts and opts.continuous_usage_stats)))
+        results = await self._collect_or_error(request, route, choices)
+        if isinstance(results, Response):
+            return results
         out = []
         for c, r in zip(choices, results):
             text = "".join(r.text)
