@@ -387,3 +387,21 @@ def test_overload_503_retry_after_and_dead_health(tiny):
     finally:
         srv.call(kill(None))
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_token_without_text_still_sends_a_chunk(http, route):
+    """vLLM sends a chunk for every step that produced tokens, with "" when the text is held
+    back (here: the first token's text could start the stop string) — never silently merged."""
+    body = {"model": "demo", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    body.update({"prompt": "abc"} if route == "/v1/completions" else {"messages": CHAT})
+    full = http.post(route, json=body).json()["choices"][0]
+    text = full.get("text", full.get("message", {}).get("content"))
+    assert text and text[0].isprintable()
+    with http.stream("POST", route, json={**body, "stream": True,
+                                          "stop": [text[0] + "\u0001"]}) as r:
+        chunks = [json.loads(e) for e in sse_events(r.read())[:-1]]
+    deltas = [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content"))
+              for c in chunks if c["choices"] and "role" not in c["choices"][0].get("delta", {})]
+    assert deltas[0] == ""  # the held-back first token still made a chunk
+    assert "".join(deltas) == text

@@ -14,8 +14,9 @@ Chat (`object: "chat.completion.chunk"`, dumped like pydantic's exclude_unset):
 
 Completions use `object: "text_completion"`, `choices[{index,text,logprobs,finish_reason,
 stop_reason}]` and a top-level `"usage":null` on every chunk (exclude_unset=False); no role chunk.
-With `continuous_usage_stats` every chunk carries the running usage. Deltas with no new text are
-skipped (unless logprobs were asked for). An error after the 200 goes out as
+With `continuous_usage_stats` every chunk carries the running usage. As in vLLM, every delta that
+carries tokens is sent, also when its text is empty (a partial UTF-8 character, text held back
+for a stop string); only deltas without tokens are skipped. An error after the 200 goes out as
 `data: {"error": {...}}` followed by `data: [DONE]`.
 
 Hot path: a content chunk without logprobs or running usage is `prefix + json(text) + suffix`,
@@ -177,7 +178,7 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                 completion[i] += len(out.token_ids)
                 if out.finish_reason is None:
                     if fast:
-                        if out.text:
+                        if out.text or out.token_ids:  # vLLM: a chunk per step with tokens
                             t = templates.get(i)
                             if t is None:
                                 t = templates[i] = _cut(ChatCompletionChunk(
@@ -252,7 +253,7 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                     lps = pad_prompt_logprobs(out.prompt_logprobs, pids) + (
                         lps or [None] * len(out.token_ids))
                 elif out.finish_reason is None and fast:
-                    if text:
+                    if text or ids:  # vLLM sends "" when a token adds no text yet
                         t = templates.get(i)
                         if t is None:
                             t = templates[i] = _cut(CompletionChunk(
