@@ -211,6 +211,42 @@ class DemoTokenizer(Tokenizer):
                                 think_tags=False, template_kwargs=kwargs)
 
 
+class PresetTokenizer(DemoTokenizer):
+    """The demo tokenizer stretched to a bench preset's vocabulary (`k25-tp8-rank`: 20,480 ids,
+    dummy weights, no tokenizer files). Ids 0..319 are the demo's; every id from 320 up decodes
+    to a fixed ASCII word (" t<hex id>"), so any sampled id streams as text. encode() never
+    produces those ids (it is the demo's), which keeps decode(encode(s)) == s."""
+
+    def __init__(self, vocab_size: int, chat_template: str | None = None):
+        super().__init__(chat_template)
+        if vocab_size < DemoTokenizer.vocab_size:
+            raise ValueError(f"preset vocab {vocab_size} is smaller than the demo's 320")
+        self.vocab_size = vocab_size
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = self._check_ids(ids)
+        if all(t < 320 for t in ids):
+            return super().decode(ids, skip_special_tokens)
+        out = bytearray()
+        for t in ids:
+            b = self.token_bytes(t)
+            if b is not None:
+                out += b
+            elif not skip_special_tokens:
+                out += DEMO_SPECIALS[t].encode()
+        return out.decode("utf-8", "replace")
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        if 320 <= token_id < self.vocab_size:
+            return b" t%x" % token_id
+        return super().token_bytes(token_id)
+
+    def id_to_str(self, token_id: int) -> str:
+        if 320 <= token_id < self.vocab_size:
+            return "".join(BYTE_TO_UNICODE[c] for c in self.token_bytes(token_id))
+        return super().id_to_str(token_id)
+
+
 # ------------------------------------------------------------------------------ hugging face
 class HFTokenizer(Tokenizer):
     """Adapter over a transformers tokenizer. Byte-level BPE vocabularies (ByteLevel decoder)

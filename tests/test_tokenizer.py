@@ -357,3 +357,28 @@ def test_loader_errors_name_the_path(tmp_path):
     (bad / "tiktoken.model").write_text("not base64 at all\n")
     with pytest.raises(ValueError, match="bad"):
         load_tokenizer(str(bad))
+
+
+def test_preset_tokenizer_streams_every_id_of_a_preset_vocab():
+    """Bench presets (k25-tp8-rank: 20,480 ids, no tokenizer files) get the demo tokenizer
+    stretched to their vocab: every id decodes, incrementally too; encode stays the demo's."""
+    import random
+
+    from atom_stream.config import EngineConfig
+    from atom_stream.detokenizer import IncrementalDetokenizer
+    from atom_stream.engine.llm_engine import load_engine_tokenizer
+    from atom_stream.tokenizer import PresetTokenizer
+
+    tok = load_engine_tokenizer(EngineConfig(model="k25-tp8-rank", load_format="dummy"))
+    assert isinstance(tok, PresetTokenizer) and tok.vocab_size == 20480
+    rng = random.Random(7)
+    ids = [rng.randrange(20480) for _ in range(200)] + [65, 0x4E2D >> 8]
+    text = tok.decode(ids)
+    assert tok.decode([12345]) == " t3039" and tok.decode([65, 1000]) == "A t3e8"
+    detok = IncrementalDetokenizer(tok, prompt_token_ids=[72, 105])
+    streamed = "".join(detok.push([t]) for t in ids) + detok.flush()
+    assert streamed == text
+    assert tok.decode(tok.encode("héllo <|im_end|>"), skip_special_tokens=False) == \
+        "héllo <|im_end|>"
+    with pytest.raises(ValueError):
+        tok.decode([20480])

@@ -50,13 +50,19 @@ def _detok_classes():
 
 def load_engine_tokenizer(config: EngineConfig):
     """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
-    (the demo model, or a bench preset that names no directory) the demo byte-level one."""
+    the demo model) the demo byte-level one; a bench preset gets it stretched to its vocab."""
     import os
 
     from atom_stream.tokenizer import load_tokenizer
     path = config.tokenizer
     if path is None and not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):
         path = config.model
+    if path is None and not config.is_demo:
+        from atom_stream.models.presets import PRESETS
+        if config.model in PRESETS:  # dummy-weight bench preset: ids past the demo's 320
+            from atom_stream.tokenizer import PresetTokenizer
+            return PresetTokenizer(PRESETS[config.model]["vocab_size"],
+                                   chat_template=config.chat_template)
     return load_tokenizer(path, trust_remote_code=config.trust_remote_code,
                           chat_template=config.chat_template)
 
