@@ -50,7 +50,7 @@ def _detok_classes():
 
 def load_engine_tokenizer(config: EngineConfig):
     """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
-    the demo model) the demo byte-level one; a bench preset gets it stretched to its vocab."""
+    the demo byte-level one (a bench preset gets it stretched to its vocab)."""
     import os
 
     from atom_stream.tokenizer import load_tokenizer
