@@ -214,14 +214,28 @@ class DemoTokenizer(Tokenizer):
 class PresetTokenizer(DemoTokenizer):
     """The demo tokenizer stretched to a bench preset's vocabulary (`k25-tp8-rank`: 20,480 ids,
     dummy weights, no tokenizer files). Ids 0..319 are the demo's; every id from 320 up decodes
-    to a fixed ASCII word (" t<hex id>"), so any sampled id streams as text. encode() never
-    produces those ids (it is the demo's), which keeps decode(encode(s)) == s."""
+    to a fixed ASCII word (" t<hex id>", lowercase, no leading zero), so any sampled id streams
+    as text, and encode() maps such a word back to its id (other text: the demo's bytes and
+    specials), so random benchmark prompts keep their token counts and decode(encode(s)) == s."""
+
+    _WORD = re.compile(r"( t[1-9a-f][0-9a-f]{2,4})(?![0-9a-f])")
 
     def __init__(self, vocab_size: int, chat_template: str | None = None):
         super().__init__(chat_template)
         if vocab_size < DemoTokenizer.vocab_size:
             raise ValueError(f"preset vocab {vocab_size} is smaller than the demo's 320")
         self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if " t" not in text:
+            return super().encode(text, add_special_tokens)
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for i, part in enumerate(self._WORD.split(text)):
+            if i % 2 and 320 <= (t := int(part[2:], 16)) < self.vocab_size:
+                ids.append(t)
+            elif part:
+                ids.extend(super().encode(part))
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = self._check_ids(ids)

@@ -36,8 +36,10 @@ for CONC in $CONCS; do
       --request-rate=inf --ignore-eos \
       --save-result --result-dir="$R" --result-filename="$PRESET-vllm-c$CONC.json" \
       --percentile-metrics="ttft,tpot,itl,e2el" --metric-percentiles=50,99 --disable-tqdm \
-      --metadata num_prompts_per_conc=$PPC 2>&1 | grep -E "throughput|TTFT|TPOT|ITL|Successful|Failed|Duration" \
+      --metadata num_prompts_per_conc=$PPC > "$R/bench-c$CONC.log" 2>&1
+  grep -E "throughput|Median|P99|Successful|Failed|Duration" "$R/bench-c$CONC.log" \
       | sed "s/^/c=$CONC /" | tee -a "$R/summary.txt"
+  grep -q "Successful" "$R/bench-c$CONC.log" || tail -20 "$R/bench-c$CONC.log"
 done
 curl -s "localhost:$PORT/metrics" | grep -E "^atom_stream_(num_preemptions|generation_tokens)" > "$R/metrics.txt"
 kill -INT $SERVER; wait $SERVER

@@ -380,5 +380,11 @@ def test_preset_tokenizer_streams_every_id_of_a_preset_vocab():
     assert streamed == text
     assert tok.decode(tok.encode("héllo <|im_end|>"), skip_special_tokens=False) == \
         "héllo <|im_end|>"
+    words = [rng.randrange(320, 20480) for _ in range(300)]
+    assert tok.encode(tok.decode(words)) == words  # benchmark prompts keep their lengths
+    for s in (" t3039a", " t0ff t1", " t13f", " t5000", "x t3039", " t3039\u00e9"):
+        assert tok.decode(tok.encode(s), skip_special_tokens=False) == s
+    assert tok.encode(" t140") == [320] and tok.encode(" t13f") == list(b" t13f")
+    assert tok.encode(" t5000") == list(b" t5000")  # 0x5000 = 20480: past the vocab
     with pytest.raises(ValueError):
         tok.decode([20480])
