@@ -45,12 +45,25 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x)
+        elif _skinny_ok(x, self.weight):
+            from atom_stream.kernels.skinny_gemm import skinny_linear
+            y = skinny_linear(x, self.weight)
         else:
             y = F.linear(x, self.weight)
         return all_reduce(y, self.tp) if self.reduce else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
+
+
+SKINNY_MAX_M = 16  # decode batches up to this many rows use kernels/skinny_gemm.py on GPUs
+
+
+def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The Triton skinny GEMM serves GPU decode-size products (measured faster than cuBLAS's
+    split-K GEMMs: bench/skinny_gemm.py, bench/RESULTS.md); torch's F.linear elsewhere."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
 
 
 def dense_weight(layer: Linear) -> torch.Tensor:
