@@ -1,6 +1,13 @@
 """Fused-MoE kernel benchmark at Kimi-K2.5 TP8 per-rank shapes (issue 6, MoE half).
 
-    python bench/kernels_moe.py [--formats int4,mxfp4,mxfp4_w4a4,bf16,fp8] [--budget-s S]
+    python bench/kernels_moe.py [--formats int4,mxfp4,mxfp4_w4a4,bf16,fp8,w4a8] [--ms 1,16,64,256]
+                                [--budget-s S]
+
+The lead's comparison run (split-K GEMV variant vs the default at M=1; W4A8 fp8 rows; < 4 min):
+    python bench/kernels_moe.py --formats w4a8,int4,mxfp4 --budget-s 120
+(bench/notes_fused_moe.md has the predictions.) "w4a8" = fused_moe's "fp8_tensor" format (W4A8
+after its load-time conversion: fp8 e4m3 weights, one scale per expert and tensor, fp8
+activations with dynamic per-token scales).
 
 Shapes: hidden 7168, 384 experts, expert intermediate 256 per rank (w13 [384, 512, 7168],
 w2 [384, 7168, 256]), top-8 with uniform random routing, M = 1, 16, 64, 256 tokens.
@@ -102,6 +109,11 @@ def make_weights(fmt: str, dev) -> dict:
                     "w13_scale": torch.full((E, 2 * I // 128, H // 128), 0.01, device=dev),
                     "w2_scale": torch.full((E, H // 128, I // 128), 0.03, device=dev),
                     "quant": "fp8_block"}
+    if fmt == "w4a8":
+        return {"w13": torch.randn(E, 2 * I, H, generator=g, device=dev).to(torch.float8_e4m3fn),
+                "w2": torch.randn(E, H, I, generator=g, device=dev).to(torch.float8_e4m3fn),
+                "w13_scale": torch.full((E,), 0.002, device=dev),
+                "w2_scale": torch.full((E,), 0.004, device=dev), "quant": "fp8_tensor"}
     if fmt == "int4":
         return {"w13": words(E, 2 * I, H // 128, 16), "w2": words(E, H, I // 128, 16),
                     "w13_scale": (torch.rand(E, 2 * I, H // 32, generator=g, device=dev) * 0.004
@@ -153,17 +165,26 @@ def row(kernel, M, t_us, distinct, ebytes, copy_gbps) -> dict:
 
 
 FORMATS = {"int4": "moe_int4", "mxfp4": "moe_mxfp4", "mxfp4_w4a4": "moe_mxfp4_w4a4",
-           "bf16": "moe_bf16", "fp8": "moe_fp8"}
+           "bf16": "moe_bf16", "fp8": "moe_fp8", "w4a8": "moe_w4a8_fp8"}
 # Candidate configs per M for the 4-bit formats, as overrides of fused_moe's defaults ({} = the
 # defaults); moe_rows reports the fastest, the sweep file keeps every candidate's time.
 # gemv_max picks the path. (The 2026-11-29 sweep ran against the defaults before they were set to
 # its winners; bench/RESULTS.md lists the effective config of each row.)
+# M=1: the split-K GEMV gate_up variants (SK must divide H / (128 GC) = 7 / 14 / 28 here).
 CANDIDATES = {
-    1: [{}, {"G1": 16, "GC": 4}, {"G2": 16}, {"gemv_max": 0}],
+    1: [{}, {"SK": 7}, {"GC": 4, "SK": 2}, {"GC": 2, "SK": 4}, {"G1": 16, "GC": 4}, {"G2": 16},
+        {"gemv_max": 0}],
     16: [{}, {"G1": 16, "GC": 4}, {"G2": 64, "GW2": 8}, {"gemv_max": 0}],
     64: [{}, {"gemv_max": 64}, {"BN1": 128, "W1": 8}, {"BN1": 32, "BK1": 256}],
     256: [{}, {"BN1": 128, "W1": 8}, {"BN1": 128, "W1": 8, "BN2": 128, "W2": 8},
           {"S1": 4, "BN2": 128}, {"OFFS": 0}],
+}
+# W4A8 (fp8_tensor): GEMV (default up to M=8) vs tensor-core direct, GEMV tiles; sorted tiles.
+CANDIDATES_FP8C = {
+    1: [{}, {"FG1": 4}, {"FG1": 16, "FBK1": 256}, {"FBK1": 1024}, {"FG2": 16}, {"gemv_max": 0}],
+    16: [{}, {"gemv_max": 16}, {"BN1": 32}],
+    64: [{}, {"BN1": 64, "W1": 8}],
+    256: [{}, {"BN1": 64, "W1": 8}, {"BN2": 128}],
 }
 
 
@@ -184,8 +205,17 @@ def _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, **extra):
     return t, d
 
 
+def _candidates(fmt: str, M: int) -> list:
+    if fmt in ("int4", "mxfp4"):
+        return CANDIDATES[M]
+    if fmt == "w4a8":
+        return CANDIDATES_FP8C[M]
+    return [{}]
+
+
 def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8"),
-             copy_gbps=None, budget_s: float = float("inf"), log: list | None = None) -> list:
+             copy_gbps=None, budget_s: float = float("inf"), log: list | None = None,
+             ms=MS) -> list:
     """Rows for bench/kernels.py. `arg`: the copy bandwidth in GB/s (bench/kernels.py passes it)
     or a device; measured here when not given. int4/MXFP4 try CANDIDATES (until budget_s has
     passed) and report the fastest; every timing is appended to `log`."""
@@ -199,9 +229,9 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
         act = "mxfp4" if fmt == "mxfp4_w4a4" else None
         w = make_weights("mxfp4" if act else fmt, "cuda")
         eb = expert_bytes(w)
-        for M in MS:
+        for M in ms:
             best = None
-            for i, cfg in enumerate(CANDIDATES[M] if fmt in ("int4", "mxfp4") else [{}]):
+            for i, cfg in enumerate(_candidates(fmt, M)):
                 if i and time.time() > deadline:
                     break
                 t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log)
@@ -227,9 +257,24 @@ def print_table(rows) -> None:
               f"{gbs:>8.0f}{r['copy_GBps']:>7.0f}{r['ratio']:>7.3f}")
 
 
+def print_sweep(log) -> None:
+    """Every candidate's time next to its format's default ({}) at the same M."""
+    base = {(r["kernel"], r["m"]): r["time_us"] for r in log
+            if r.get("config") == {} and "time_us" in r}
+    print(f"{'kernel':<16}{'m':>5}{'time_us':>10}{'vs {}':>8}  config")
+    for r in log:
+        t = r.get("time_us")
+        b = base.get((r["kernel"], r["m"]))
+        rel = f"{t / b:8.2f}" if t and b else f"{'-':>8}"
+        tt = f"{t:10.2f}" if t else f"{'ERROR':>10}"
+        print(f"{r['kernel']:<16}{r['m']:>5}{tt}{rel}  {json.dumps(r.get('config'))}"
+              f"{'  ' + r['part'] if 'part' in r else ''}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", default="int4,mxfp4,mxfp4_w4a4,bf16,fp8")
+    ap.add_argument("--formats", default="int4,mxfp4,mxfp4_w4a4,bf16,fp8,w4a8")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
@@ -243,7 +288,8 @@ def main(argv=None) -> None:
     log: list = []
     try:
         rows = moe_rows(copy_gbps, formats=tuple(args.formats.split(",")),
-                        budget_s=args.budget_s, log=log)
+                        budget_s=args.budget_s, log=log,
+                        ms=tuple(int(v) for v in args.ms.split(",")))
     finally:
         os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
         with open(args.sweep_out, "w") as f:
@@ -251,6 +297,7 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump([{k: r[k] for k in KEYS} for r in rows], f, indent=1)
+    print_sweep(log)
     print_table(rows)
 
 

@@ -18,6 +18,8 @@ Formats (per expert, [N, K] = [out, in]):
   as the nibble q+8 (q in [-8, 7]); scale bf16 [N, K/32]; W = q * s[n, k//32].
 - MXFP4 (Quark/OCP): uint8 [N, K/2], element 2i in the low nibble, e2m1 code (bit 3 = sign,
   magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}); e8m0 uint8 [N, K/32], scale 2^(e-127).
+- "fp8_channel" / "fp8_tensor": float8_e4m3fn [N, K] + fp32 scale per row [N] or per tensor;
+  W = q * s[n]; activations fp8 per token (qdq_fp8_token) or static (qdq_fp8_static).
 
 Kernel layouts (repack at load time, still 4 bits/weight, scales unchanged):
 - int4 "kernel" layout: int32 [..., N, K/128, 16]. In chunk c (128 channels of K), word t holds
@@ -229,6 +231,38 @@ def qdq_fp8_act(x: torch.Tensor, group: int = 128) -> torch.Tensor:
     return ((xf / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)[..., :K]
 
 
+# ------------------------------------------------------------------------ FP8 per channel (§4d)
+def quant_fp8_channel(w: torch.Tensor, per_tensor: bool = False):
+    """float [..., N, K] -> (float8_e4m3fn [..., N, K], fp32 scale [..., N] or [...] when
+    per_tensor): s = amax / 448 over the row (or the whole [N, K]), W = q * s (fused_moe's
+    "fp8_channel" / "fp8_tensor"; W4A8 after w4a8.py's load-time conversion)."""
+    a = w.float().abs().amax(-1)
+    if per_tensor:
+        a = a.amax(-1)
+    s = (a / FP8_MAX).clamp(min=1e-12)
+    full = s[..., None, None] if per_tensor else s[..., None]
+    return (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def dequant_fp8_channel(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """q [..., N, K] * scale [..., N] (per channel) or [...] (per tensor) -> float32."""
+    full = s.float()[..., None, None] if s.dim() == q.dim() - 2 else s.float()[..., None]
+    return q.float() * full
+
+
+def qdq_fp8_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token e4m3 over the whole row, s = max(amax/448, 1e-12) (w4a8.py), float32."""
+    xf = x.float()
+    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+
+def qdq_fp8_static(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor e4m3 with the scalar scale s, float32."""
+    s = s.float()
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+
+
 # ------------------------------------------------------------------------ the MoE itself
 def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """Per-expert pair lists, each padded to block_m: list of (expert, [pair ids]) blocks."""
@@ -243,12 +277,15 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, act_qdq=None,
-                  n_shared: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                  act_qdq2=None, n_shared: int = 0,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Dequantized-weight reference: y = sum_k w_k down(silu(gate x) * up x), in `dtype`.
 
     w13 [E, 2I, H] / w2 [E, H, I] are float (already dequantized); act_qdq (optional) is applied
-    to the expert inputs and to the intermediate activation (dynamic activation quantization).
+    to the expert inputs and (unless act_qdq2 is given) to the intermediate activation (dynamic
+    activation quantization); act_qdq2: the intermediate's own (e.g. a static scale).
     """
+    act_qdq2 = act_qdq2 or act_qdq
     E = w13.shape[0]
     tw, ids = with_shared(topk_weights, topk_ids, E - n_shared, n_shared)
     inter = w2.shape[-1]
@@ -260,7 +297,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         tok, kk = (ids == e).nonzero(as_tuple=True)
         h = xd[tok] @ w13[e].to(dtype).T
         a = F.silu(h[:, :inter]) * h[:, inter:]
-        if act_qdq is not None:
-            a = act_qdq(a.float()).to(dtype)
+        if act_qdq2 is not None:
+            a = act_qdq2(a.float()).to(dtype)
         out.index_add_(0, tok, (a @ w2[e].to(dtype).T) * tw[tok, kk].to(dtype)[:, None])
     return out

@@ -4,7 +4,9 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set here, before 
 are decorated) at small shapes with fp16/fp32 activations (the interpreter mishandles bf16 dots).
 `-m gpu` runs them natively in bf16 at wider shapes, plus a CUDA-graph capture/replay check.
 4-bit formats run the GEMV path for small M (default M <= 8) and the tensor-core path otherwise
-(direct mode without align up to 16 tokens, then sorted); all three are checked.
+(direct mode without align up to 16 tokens, then sorted); all three are checked, also with a
+token that repeats an expert id (expert parallel). FP8C ("fp8_tensor"/"fp8_channel", W4A8):
+tests/test_w4a8_kernel.py.
 Every check draws fresh random inputs (never zeros) and poisons outputs before the run; the
 fused-MoE references dequantize the weights and compute in float64.
 """
@@ -21,7 +23,8 @@ import torch
 GPU = torch.cuda.is_available()
 if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("moe_routing", "moe_align", "fused_moe"):  # re-decorate under the interpreter
+    for _name in ("moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc",
+                  "fused_moe_gemv", "fused_moe_fp8", "fused_moe"):  # re-decorate, in import order
         _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
         if _mod is not None:
             importlib.reload(_mod)
@@ -159,12 +162,18 @@ CASES = [  # (format, activation_quant, x dtype, tolerance)
 QDQ = {None: None, "fp8": R.qdq_fp8_act, "mxfp4": R.qdq_mxfp4}
 
 
-def check_fused(fmt, aq, xdt, tol, M, E, H, I, k, n_shared=0, config=None, seed=0):
+def check_fused(fmt, aq, xdt, tol, M, E, H, I, k, n_shared=0, config=None, seed=0,
+                repeat=False):
     gen = torch.Generator().manual_seed(seed)
     kw, w13, w2 = make_experts(fmt, E, H, I, gen)
     x = torch.randn(M, H, generator=gen).to(xdt).to(DEV)
     ids = rand_ids(M, k, E - n_shared, gen)
     tw = (torch.rand(M, k, generator=gen) + 0.1).to(DEV)
+    if repeat:  # expert parallel: other ranks' picks become local 0 at weight 0 (column 2 here
+        # repeats column 0 at weight 0); token 0 also repeats an expert at a nonzero weight
+        ids[:, 2] = ids[:, 0]
+        tw[:, 2] = 0.0
+        ids[0, 1] = ids[0, 0]
     out = torch.full((M, H), float("nan"), dtype=xdt, device=DEV)
     y = fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, activation_quant=aq,
                   n_shared=n_shared, out=out, config=config, **kw)
@@ -192,6 +201,35 @@ def test_fused_moe_tensor_core_direct_mode(fmt, aq, xdt, tol):
     # 4-bit formats at M <= 16 through the tensor-core kernels without align (gemv_max=0)
     check_fused(fmt, aq, xdt, tol, 5, E=8, H=256, I=128, k=3, config=dict(FAST, gemv_max=0),
                 seed=11)
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", CASES)
+def test_fused_moe_direct_mode_repeated_ids(fmt, aq, xdt, tol):
+    # tensor-core direct mode (M <= 16, no align) with a token repeating an expert id (at weight
+    # 0 and > 0); intermediates poisoned with NaN so an unwritten y row reaches the output
+    check_fused(fmt, aq, xdt, tol, 5, E=8, H=256, I=128, k=3, seed=21, repeat=True,
+                config=dict(FAST, gemv_max=0, poison=True))
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", [c for c in CASES if c[0] in ("int4_g32", "mxfp4")]
+                         + [("bf16", None, torch.float16, 5e-3)])
+@pytest.mark.parametrize("M", [2, 19])
+def test_fused_moe_gemv_and_sorted_repeated_ids(fmt, aq, xdt, tol, M):
+    # the same routing through GEMV (4-bit, M=2) and sorted mode (M=19)
+    check_fused(fmt, aq, xdt, tol, M, E=8, H=256, I=128, k=3, seed=22 + M, repeat=True,
+                config=dict(FAST, poison=True))
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", [c for c in CASES
+                                            if c[0] in ("int4_g32", "mxfp4") and c[1] is None])
+@pytest.mark.parametrize("M,sk", [(1, 2), (3, 4)])
+def test_fused_moe_gemv_split_k(fmt, aq, xdt, tol, M, sk):
+    # the split-K GEMV gate_up (atomic fp32 partial sums, SiLU*mul formed in the down kernel)
+    check_fused(fmt, aq, xdt, tol, M, E=8, H=512, I=128, k=3, seed=30 + M,
+                config=dict(FAST, GC=1, SK=sk, poison=True), repeat=M > 2)
 
 
 @cpu_only

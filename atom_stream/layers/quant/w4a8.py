@@ -17,7 +17,9 @@ w2_weight_scale [E] (1 B/weight, by design).
 
 Serving: FP8 per-tensor MoE. Activations: dynamic per token (s = amax(row)/448; a refinement of
 per-tensor dynamic that keeps a token's output independent of its batch), or static per tensor
-with the max over experts of the checkpoint input_scale (what a fused kernel takes).
+with the max over experts of the checkpoint input_scale (what a fused kernel takes). On CUDA
+the experts run kernels/fused_moe.py's "fp8_tensor" format (the same quantization math, fp8 x
+fp8 products summed in fp32; CUDA-graph capturable); the CPU runs `apply_ref` (torch).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 
 from atom_stream.layers.quant.common import (
     FP8, FP8_MAX, CheckpointError, LinearMethod, MoEMethod, copy_into, fp8_qdq_per_token,
-    fp8_qdq_static, moe_loop, narrow_expert, proj_rows, swiglu_expert, tp_narrow,
-    try_fused_moe,
+    fp8_qdq_static, fused_moe_kernel, moe_loop, narrow_expert, proj_rows, swiglu_expert,
+    tp_narrow,
 )
 
 REORDER = (0, 2, 4, 6, 1, 3, 5, 7)        # nibble i holds element REORDER[i]
@@ -185,14 +187,24 @@ class W4A8MoEMethod(MoEMethod):
             getattr(experts, f"{group}_weight_scale")[idx] = s
 
     def apply(self, experts, x, topk_weights, topk_ids):
+        """CUDA: the Triton fused MoE ("fp8_tensor": graph capturable, no host syncs); the CPU,
+        and shapes the kernel does not tile (H or I not a multiple of 32): `apply_ref`."""
+        static = self.scheme.act == "fp8_static"
+        fused = fused_moe_kernel() if x.is_cuda and _kernel_shapes(experts) else None
+        if fused is not None:
+            return fused(x, experts.w13_weight, experts.w2_weight, topk_weights, topk_ids,
+                         quant="fp8_tensor", w13_scale=experts.w13_weight_scale,
+                         w2_scale=experts.w2_weight_scale,
+                         a13_scale=experts.w13_input_scale.max() if static else None,
+                         a2_scale=experts.w2_input_scale.max() if static else None)
+        return self.apply_ref(experts, x, topk_weights, topk_ids)
+
+    def apply_ref(self, experts, x, topk_weights, topk_ids):
+        """The torch reference: per chosen expert, dequantize to the model dtype, quant-dequant
+        the activations (per token, or static with the max input scale over experts)."""
         static = self.scheme.act == "fp8_static"
         a13 = experts.w13_input_scale.max() if static else None
         a2 = experts.w2_input_scale.max() if static else None
-        y = try_fused_moe(x, experts.w13_weight, experts.w2_weight, topk_weights, topk_ids,
-                          quant="fp8_tensor", w13_scale=experts.w13_weight_scale,
-                          w2_scale=experts.w2_weight_scale, a13_scale=a13, a2_scale=a2)
-        if y is not None:
-            return y
         dt = experts.quant_dtype
 
         def expert(e, xs):
@@ -206,3 +218,9 @@ class W4A8MoEMethod(MoEMethod):
             return torch.nn.functional.linear(fp8_qdq_static(a, a2), w2)
 
         return moe_loop(x, topk_weights, topk_ids, experts.num_experts, expert)
+
+
+def _kernel_shapes(experts) -> bool:
+    """fused_moe's FP8C path tiles H and I in multiples of 32 and reads e4m3fn weights."""
+    return (experts.hidden % 32 == 0 and experts.inter % 32 == 0
+            and experts.w13_weight.dtype == torch.float8_e4m3fn)

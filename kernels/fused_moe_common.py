@@ -1,0 +1,221 @@
+"""Shared Triton helpers of the fused MoE (kernels/fused_moe.py): format codes, dequantization
+and quantization primitives, and the tensor-core K-loop step `_step` / `_mm` for every format.
+
+Format codes (constexpr FMT): FLOAT (bf16/fp16/fp32 weights), FP8 (fp8 128x128 blocks), INT4
+(repacked int4 g32), MXFP4 (repacked MXFP4), MXFP4_DS (raw Quark MXFP4 via tl.dot_scaled), FP8C
+(fp8 e4m3 with a per-output-channel or per-tensor scale, fp8 activations with a per-token or
+static per-tensor scale; the caller applies both scales after the K loop, see `_step`).
+Activation quantization (constexpr ACT): A_NONE, A_FP8, A_MXFP4. MMA operand dtype (MDT): BF16,
+F16, F32 (the interpreter runs bf16 dots as F32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+FLOAT, FP8, INT4, MXFP4, MXFP4_DS, FP8C = 0, 1, 2, 3, 4, 5  # weight formats (constexpr FMT)
+A_NONE, A_FP8, A_MXFP4 = 0, 1, 2  # activation quantization (constexpr ACT)
+BF16, F16, F32 = 0, 1, 2  # MMA operand dtype (constexpr MDT)
+_SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _dot(a, b, acc, MDT: tl.constexpr):
+    if MDT == 0:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif MDT == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _pow2(biased):
+    """2^(biased - 127) as fp32 for an int32 biased exponent in [1, 254]."""
+    return (biased << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mx_quant(a):
+    """a fp32 [G, 32, N] -> (e2m1 codes int32 [G, 32, N] (bit 3 = sign), e8m0 int32 [G, N])."""
+    amax = tl.max(tl.abs(a), axis=1)
+    biased = ((amax.to(tl.int32, bitcast=True) + 0x200000) & 0x7F800000) >> 23
+    e = tl.minimum(tl.maximum(biased - 129, -127), 126)
+    y = a * _pow2(127 - e)[:, None, :]  # exact: a power of two
+    mag = tl.abs(y)
+    code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
+            + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
+            + (mag > 5.0).to(tl.int32))
+    return code | tl.where(y < 0, 8, 0), e + 127
+
+
+@triton.jit
+def _e2m1_value(code):
+    """int32 codes -> fp32 e2m1 values (fp16 bit pattern of value * 2^-14, then rescaled)."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 -> fp32 on the e4m3 grid, round-half-even (|v| <= 448), so that the cast to fp8
+    is exact (the Triton interpreter's fp32->e4m3 cast mishandles mantissa carries)."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    sub = ((v * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _x_to_fp16(x):
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _fp8_qv(x, s):
+    """fp32 x / s (IEEE division), clamped to +-448 and rounded to the e4m3 grid: the values
+    torch's `(x / s).clamp(-448, 448).to(float8_e4m3fn)` gives, as fp32 (exact in fp8)."""
+    v = tl.math.div_rn(x, s)
+    return _round_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
+
+
+@triton.jit
+def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+               ASTATIC: tl.constexpr):
+    """fp8 activation scales [BM] of rows x_row (element offsets) of a row-major [*, K] tensor:
+    static: the scalar at AS; dynamic per token: max(amax(|row|) / 448, 1e-12) (w4a8.py's
+    fp8_qdq_per_token). Rows with x_ok False get 1e-12 (their loads are masked anyway)."""
+    if ASTATIC:
+        return tl.zeros((BM,), tl.float32) + tl.load(AS).to(tl.float32)
+    amax = tl.zeros((BM,), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(Xp + x_row[:, None] + k[None, :], mask=x_ok[:, None], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    return tl.maximum(tl.math.div_rn(amax, tl.zeros((BM,), tl.float32) + 448.0), 1e-12)
+
+
+@triton.jit
+def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
+          R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
+          ACT: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr):
+    """acc[R, BM] += W[rows, k0:k0+BK] @ X[k0:k0+BK, tokens] for one weight format.
+    FP8C: XSC [BM] are the tokens' fp8 activation scales; acc gets the unscaled fp8 x fp8 dot
+    (the caller multiplies by the weight-row and activation scales once, after the K loop)."""
+    if FMT == 0:  # float weights
+        k = k0 + tl.arange(0, BK)
+        w = tl.load(Wp + row_w[:, None] + k[None, :], mask=wm[:, None], other=0.0)
+        x = tl.load(Xp + x_row[None, :] + k[:, None], mask=x_ok[None, :], other=0.0)
+        acc = _dot(w, x, acc, MDT)
+    elif FMT == 1:  # fp8 block 128x128, BK == 128
+        k = k0 + tl.arange(0, BK)
+        w = tl.load(Wp + row_w[:, None] + k[None, :], mask=wm[:, None], other=0.0)
+        s = tl.load(Sp + row_s + k0 // 128, mask=wm, other=0.0)
+        x = tl.load(Xp + x_row[None, :] + k[:, None], mask=x_ok[None, :], other=0.0)
+        if ACT == 1:
+            xf = x.to(tl.float32)
+            sa = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-4) / 448.0
+            xq = _round_e4m3(xf / sa[None, :]).to(tl.float8e4nv)
+            d = tl.dot(w, xq)
+            acc += d * s[:, None] * sa[None, :]
+        else:
+            d = _dot(w, x, tl.zeros((R, BM), tl.float32), MDT)
+            acc += d * s[:, None]
+    elif FMT == 5:  # fp8 per-channel / per-tensor weights, fp8 per-token activations
+        k = k0 + tl.arange(0, BK)
+        w = tl.load(Wp + row_w[:, None] + k[None, :], mask=wm[:, None], other=0.0)
+        x = tl.load(Xp + x_row[None, :] + k[:, None], mask=x_ok[None, :], other=0.0)
+        xq = _fp8_qv(x.to(tl.float32), XSC[None, :]).to(tl.float8e4nv)
+        acc = tl.dot(w, xq, acc)
+    elif FMT == 4:  # raw MXFP4 via tl.dot_scaled (FP4 matrix units), BK == 128
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        kg = k0 // 32 + tl.arange(0, BK // 32)
+        w = tl.load(Wp + row_w[:, None] + kb[None, :], mask=wm[:, None], other=0)
+        ws = tl.load(Sp + row_s[:, None] + kg[None, :], mask=wm[:, None], other=127)
+        if ACT == 2:
+            xq = tl.load(Xp + x_row[None, :] + kb[:, None], mask=x_ok[None, :], other=0)
+            xs = tl.load(XSp + xs_row[:, None] + kg[None, :], mask=x_ok[:, None], other=127)
+            acc = tl.dot_scaled(w, ws, "e2m1", xq, xs, "e2m1", acc)
+        else:
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(Xp + x_row[None, :] + k[:, None], mask=x_ok[None, :], other=0.0)
+            if MDT == 0:
+                acc = tl.dot_scaled(w, ws, "e2m1", x.to(tl.bfloat16), None, "bf16", acc)
+            else:
+                acc = tl.dot_scaled(w, ws, "e2m1", _x_to_fp16(x), None, "fp16", acc)
+    else:  # repacked int4 / mxfp4: BK = 128 * chunks; 4 scale groups of 32 per chunk
+        t = tl.arange(0, 16)
+        for cc in tl.static_range(BK // 128):
+            c = k0 // 128 + cc
+            w = tl.load(Wp + row_w[:, None] + c * 16 + t[None, :], mask=wm[:, None], other=0)
+            for j in tl.static_range(4):
+                kx = c * 128 + 32 * j + tl.arange(0, 32)
+                x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
+                if FMT == 2:
+                    s = tl.load(Sp + row_s + c * 4 + j, mask=wm, other=0.0).to(tl.float32)
+                    if MDT == 2:
+                        q = (w >> (4 * j)) & 0x000F000F
+                        lo = ((q & 0xFFFF) - 8).to(tl.float32)
+                        hi = ((q >> 16) - 8).to(tl.float32)
+                        wj = tl.join(lo, hi).reshape(R, 32)
+                        d = _dot(wj, x, tl.zeros((R, BM), tl.float32), MDT)
+                        acc += d * s[:, None]
+                    else:
+                        # nibble n -> 16-bit float of (magic + n): bf16 128+n / fp16 1024+n; the
+                        # offset (magic + 8) * sum(x) is removed after the dot
+                        if MDT == 0:
+                            v = ((w >> (4 * j)) & 0x000F000F) | 0x43004300
+                            off = 136.0
+                            fdt = tl.bfloat16
+                        else:
+                            v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400
+                            off = 1032.0
+                            fdt = tl.float16
+                        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+                        wj = wj.to(fdt, bitcast=True)
+                        if OFFS == 1:  # exact: (magic + n) - (magic + 8) = n - 8
+                            d = _dot((wj - off).to(fdt), x, tl.zeros((R, BM), tl.float32), MDT)
+                            acc += d * s[:, None]
+                        else:
+                            d = _dot(wj, x, tl.zeros((R, BM), tl.float32), MDT)
+                            xs = tl.sum(x.to(fdt).to(tl.float32), axis=0)
+                            acc += (d - off * xs[None, :]) * s[:, None]
+                else:  # FMT == 3: e2m1 -> fp16 bits of value * 2^-14 (subnormals for e = 0)
+                    e8 = tl.load(Sp + row_s + c * 4 + j, mask=wm, other=127).to(tl.int32)
+                    sw = _pow2(tl.minimum(e8 + 14, 254))
+                    v = (((w << (9 - 3 * j)) & 0x0E000E00) | ((w << (3 - j)) & _SIGN))
+                    wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+                    wj = wj.to(tl.float16, bitcast=True)
+                    if MDT == 2:
+                        d = _dot(wj, x, tl.zeros((R, BM), tl.float32), 2)
+                    else:
+                        d = _dot(wj, _x_to_fp16(x), tl.zeros((R, BM), tl.float32), 1)
+                    if ACT == 2:  # x holds e2m1 values; their scales per (token, group)
+                        ea = tl.load(XSp + xs_row + c * 4 + j, mask=x_ok, other=127)
+                        ea = ea.to(tl.int32)
+                        sa = tl.where(ea > 0, _pow2(tl.maximum(ea, 1)), 5.877471754111438e-39)
+                        acc += d * sw[:, None] * sa[None, :]
+                    else:
+                        acc += d * sw[:, None]
+    return acc
+
+
+@triton.jit
+def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
+        K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
+        OFFS: tl.constexpr):
+    if UNROLL:
+        for i in tl.static_range(K // BK):
+            acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS)
+    else:
+        for i in range(K // BK):
+            acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS)
+    return acc
