@@ -17,18 +17,27 @@ checks that each arrived. Buffers move with the module like parameters do.
 
 The CPU reference forward dequantizes on the fly (per forward, per chosen expert) and never
 caches dense weights: memory at rest stays packed.
+
+Platform FP8 (MI300): checkpoints store float8_e4m3fn; MI300 (gfx94x) computes in e4m3fnuz
+(layers/attention.fp8_dtype decides; MI355 gfx950 and NVIDIA use e4m3fn). `fp8_to_platform`
+converts at load without changing any dequantized value: the same bits read as fnuz are worth
+half (exponent bias 8 instead of 7, subnormals included), so the multiplier doubles, and 0x80
+(-0.0 in fn, NaN in fnuz) becomes 0x00. `force_platform_fp8(dtype)` overrides the platform
+choice (CPU tests of the MI300 path).
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from torch import nn
 
+from atom_stream.layers.attention import fp8_dtype
 from atom_stream.layers.moe import moe_loop  # noqa: F401  (re-exported for the formats)
 from atom_stream.layers.parallel import TPInfo
 from atom_stream.loader import CheckpointError
@@ -172,6 +181,60 @@ def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act_qdq=
     if act_qdq is not None:
         a = act_qdq(a)
     return F.linear(a, w2)
+
+
+# ---------------------------------------------------------------- platform FP8 (e4m3fnuz)
+FNUZ = torch.float8_e4m3fnuz
+_forced_fp8: list[torch.dtype] = []
+
+
+def platform_fp8_dtype() -> torch.dtype:
+    """The FP8 dtype FP8 weights are kept in here: e4m3fnuz on MI300, else e4m3fn (or the dtype
+    of the innermost `force_platform_fp8`)."""
+    return _forced_fp8[-1] if _forced_fp8 else fp8_dtype()
+
+
+@contextmanager
+def force_platform_fp8(dtype: torch.dtype):
+    """Make platform_fp8_dtype() return `dtype` inside the block (tests: the MI300 conversion on
+    a CPU). Affects quantized layers created and tensors loaded inside it."""
+    if dtype not in (FP8, FNUZ):
+        raise ValueError(f"force_platform_fp8: {dtype} is not float8_e4m3fn/fnuz")
+    _forced_fp8.append(dtype)
+    try:
+        yield
+    finally:
+        _forced_fp8.pop()
+
+
+def e4m3fn_to_fnuz(w: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float8_e4m3fnuz with the same bits (value / 2, exactly), except 0x80
+    (-0.0, NaN in fnuz) -> 0x00 (+0). fn NaNs (0x7F/0xFF) become +-240: checkpoints have none."""
+    if w.dtype != FP8:
+        raise TypeError(f"e4m3fn_to_fnuz: expected float8_e4m3fn, got {w.dtype}")
+    bits = w.view(torch.uint8)
+    bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    return bits.view(FNUZ)
+
+
+def fp8_scale_to_platform(scale: torch.Tensor, target: torch.dtype | None = None) -> torch.Tensor:
+    """The multiplier that goes with `fp8_to_platform`'s weight: doubled on e4m3fnuz (exact)."""
+    return scale * 2.0 if (target or platform_fp8_dtype()) == FNUZ else scale
+
+
+def fp8_to_platform(w: torch.Tensor, scale: torch.Tensor | None = None,
+                    target: torch.dtype | None = None):
+    """(e4m3fn weight, its multiplier: value = w * scale) -> the same values in the platform's
+    FP8: unchanged on e4m3fn platforms, (e4m3fn_to_fnuz(w), scale * 2) on MI300. `scale` may be
+    None (convert the scale separately with fp8_scale_to_platform). Returns (w, scale).
+
+    Call it wherever a checkpoint FP8 tensor (or one re-quantized to e4m3fn at load, as W4A8
+    does) is stored into a buffer of dtype platform_fp8_dtype()."""
+    target = target or platform_fp8_dtype()
+    if target == FP8:
+        return w, scale
+    w = e4m3fn_to_fnuz(w)
+    return w, (None if scale is None else fp8_scale_to_platform(scale, target))
 
 
 # ---------------------------------------------------------------- FP8 activation quant-dequant

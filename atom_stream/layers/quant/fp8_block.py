@@ -12,6 +12,16 @@ Activations: dynamic FP8 per token and per bk channels, s = max(amax, 1e-4)/448 
 when `scale_fmt: ue8m0`), as in production. `method.act_quant = False` (see
 quant.set_activation_quant) turns that off, leaving the weight-only dequantized math: the CPU
 tests use it to show exact equivalence with the dequantized model.
+
+Dense linears on the kernel path (CUDA/ROCm tensors, or forced under TRITON_INTERPRET=1):
+kernels/fp8_linear.fp8_block_linear reads the fp8 weight and applies the block scales in its K
+loop (no dequantized copy): "w8a8" (fp8 x fp8 dot, the activation quant above done by
+kernels/norm_rope.per_token_group_quant_fp8) when act_quant and the GPU has fp8 dots, else
+"weight_only". The CPU reference path dequantizes per forward (and quant-dequantizes x).
+
+MI300 (e4m3fnuz): weights are stored in common.platform_fp8_dtype(); checkpoint e4m3fn tensors
+are converted as they load (common.fp8_to_platform: same bits, 0x80 -> 0, scale_inv * 2), so
+every dequantized value is unchanged.
 """
 
 from __future__ import annotations
@@ -22,9 +32,11 @@ import torch
 
 from atom_stream.config import ConfigError
 from atom_stream.layers.quant.common import (
-    FP8, LinearMethod, MoEMethod, copy_into, fp8_qdq_group, moe_loop, narrow_expert,
-    swiglu_expert, tp_narrow, try_fused_moe,
+    FP8, LinearMethod, MoEMethod, copy_into, fp8_qdq_group, fp8_scale_to_platform,
+    fp8_to_platform, log_once, moe_loop, narrow_expert, platform_fp8_dtype, swiglu_expert,
+    tp_narrow, try_fused_moe,
 )
+from atom_stream.models import kernel_path
 
 
 def dequantize_fp8_block(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int],
@@ -47,8 +59,46 @@ def _check_tp(n_local: int, b: int, tp_size: int, what: str) -> None:
 
 
 def _dummy(w: torch.Tensor, s: torch.Tensor, fan_in: int, gen) -> None:
-    w.copy_(torch.randn(w.shape, generator=gen, device=w.device).to(FP8))
-    s.fill_(fan_in ** -0.5)
+    """Random e4m3fn values, converted like a checkpoint: the same dequantized weights on every
+    platform."""
+    q, scale = fp8_to_platform(torch.randn(w.shape, generator=gen, device=w.device).to(FP8),
+                               torch.full((), fan_in ** -0.5, device=s.device), w.dtype)
+    w.copy_(q)
+    s.copy_(scale.expand(s.shape))
+
+
+def _load_fp8(dst: torch.Tensor, suffix: str, t: torch.Tensor, name: str,
+              wdtype: torch.dtype) -> None:
+    """Copy a checkpoint `weight` (e4m3fn) or `weight_scale_inv` into `dst`, converted for the
+    module's fp8 weight dtype `wdtype` (fnuz: same bits, scale * 2) without changing the
+    dequantized values."""
+    if suffix == "weight":
+        t = fp8_to_platform(t if t.dtype == FP8 else t.to(FP8), target=wdtype)[0]
+    else:
+        t = fp8_scale_to_platform(t.float(), wdtype)
+    copy_into(dst, t, name)
+
+
+def _fp8_buffers(module, wname: str, wshape, sname: str, sshape, device) -> None:
+    """Register an fp8 weight in the platform's FP8 dtype and its fp32 scale_inv."""
+    module.register_buffer(wname, torch.zeros(*wshape, dtype=platform_fp8_dtype(),
+                                              device=device))
+    module.register_buffer(sname, torch.ones(*sshape, device=device))
+
+
+_fp8_linear = None
+
+
+def fp8_linear_kernel():
+    """kernels/fp8_linear (None when Triton is unavailable)."""
+    global _fp8_linear
+    if _fp8_linear is None:
+        try:
+            from atom_stream.kernels import fp8_linear
+            _fp8_linear = fp8_linear
+        except ImportError:
+            _fp8_linear = False
+    return _fp8_linear or None
 
 
 class _ActQuant:
@@ -71,22 +121,44 @@ class Fp8BlockLinearMethod(_ActQuant, LinearMethod):
             _check_tp(out, bn, layer.tp.size, "the output features")
         if layer.quant_tp_dim == 1:
             _check_tp(inp, bk, layer.tp.size, "the input features")
-        layer.register_buffer("weight", torch.zeros(out, inp, dtype=FP8, device=device))
-        layer.register_buffer("weight_scale_inv", torch.ones(_blocks(out, bn), _blocks(inp, bk),
-                                                             device=device))
+        _fp8_buffers(layer, "weight", (out, inp), "weight_scale_inv",
+                     (_blocks(out, bn), _blocks(inp, bk)), device)
 
     def dummy(self, layer, gen) -> None:
         _dummy(layer.weight, layer.weight_scale_inv, self.full_shape(layer)[1], gen)
 
     def load(self, layer, suffix, tensor, name) -> None:
-        copy_into(getattr(layer, suffix), tp_narrow(tensor, layer.quant_tp_dim, layer.tp, name),
-                  name)
+        _load_fp8(getattr(layer, suffix), suffix,
+                  tp_narrow(tensor, layer.quant_tp_dim, layer.tp, name), name, layer.weight.dtype)
 
     def dequantize(self, layer) -> torch.Tensor:
         return dequantize_fp8_block(layer.weight, layer.weight_scale_inv, self.scheme.block,
                                     layer.quant_dtype)
 
+    def kernel_mode(self, x: torch.Tensor) -> str | None:
+        """"w8a8" / "weight_only" when kernels/fp8_linear runs this forward, None: the torch
+        reference (CPU, or a block the kernel does not tile: bk must be a power of two >= 16)."""
+        bk = self.scheme.block[1]
+        if (not kernel_path.active(x) or bk < 16 or bk & (bk - 1)
+                or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+            return None
+        kern = fp8_linear_kernel()
+        if kern is None:
+            log_once("nofp8linear", "kernels/fp8_linear unavailable: FP8 block linears "
+                     "dequantize per forward")
+            return None
+        if self.act_quant and not kern.fp8_dot_supported(x.device):
+            log_once("fp8wonly", "no fp8 dot on %s: FP8 block linears run weight-only (bf16 "
+                     "activations, not quantized)", x.device)
+            return "weight_only"
+        return "w8a8" if self.act_quant else "weight_only"
+
     def apply(self, layer, x):
+        mode = self.kernel_mode(x)
+        if mode is not None:
+            return fp8_linear_kernel().fp8_block_linear(
+                x, layer.weight, layer.weight_scale_inv, self.scheme.block, mode=mode,
+                ue8m0=self.scheme.ue8m0)
         return super().apply(layer, self.qdq(x))
 
 
@@ -98,13 +170,10 @@ class Fp8BlockMoEMethod(_ActQuant, MoEMethod):
         bn, bk = self.scheme.block
         E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
         _check_tp(inter, bn, experts.quant_tp.size, "moe_intermediate_size")
-        experts.register_buffer("w13_weight", torch.zeros(E, 2 * inter, H, dtype=FP8,
-                                                          device=device))
-        experts.register_buffer("w2_weight", torch.zeros(E, H, inter, dtype=FP8, device=device))
-        experts.register_buffer("w13_weight_scale_inv", torch.ones(
-            E, 2 * _blocks(inter, bn), _blocks(H, bk), device=device))
-        experts.register_buffer("w2_weight_scale_inv", torch.ones(
-            E, _blocks(H, bn), _blocks(inter, bk), device=device))
+        _fp8_buffers(experts, "w13_weight", (E, 2 * inter, H), "w13_weight_scale_inv",
+                     (E, 2 * _blocks(inter, bn), _blocks(H, bk)), device)
+        _fp8_buffers(experts, "w2_weight", (E, H, inter), "w2_weight_scale_inv",
+                     (E, _blocks(H, bn), _blocks(inter, bk)), device)
 
     def dummy(self, experts, gen) -> None:
         _dummy(experts.w13_weight, experts.w13_weight_scale_inv, experts.hidden, gen)
@@ -113,16 +182,18 @@ class Fp8BlockMoEMethod(_ActQuant, MoEMethod):
 
     def load(self, experts, idx, proj, suffix, tensor, name) -> None:
         t = narrow_expert(tensor, proj, experts, name)
+        wdt = experts.w13_weight.dtype
         if proj == "down_proj":
-            copy_into(getattr(experts, f"w2_{suffix}")[idx], t, name)
+            _load_fp8(getattr(experts, f"w2_{suffix}")[idx], suffix, t, name, wdt)
             return
         half = 0 if proj == "gate_proj" else 1
         if suffix == "weight":
             n = experts.inter
-            copy_into(experts.w13_weight[idx, half * n:(half + 1) * n], t, name)
+            dst = experts.w13_weight[idx, half * n:(half + 1) * n]
         else:
             nb = _blocks(experts.inter, self.scheme.block[0])
-            copy_into(experts.w13_weight_scale_inv[idx, half * nb:(half + 1) * nb], t, name)
+            dst = experts.w13_weight_scale_inv[idx, half * nb:(half + 1) * nb]
+        _load_fp8(dst, suffix, t, name, wdt)
 
     def expert_weights(self, experts, e: int):
         block, dt, n = self.scheme.block, experts.quant_dtype, experts.inter

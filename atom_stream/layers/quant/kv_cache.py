@@ -5,7 +5,9 @@ default 1.0; Kimi-K2.5 ships `kv_cache_scheme: null`). Accepted names: any
 `model.layers.N.self_attn[.<sub>].{k_scale,kv_scale}` (vLLM/NVFP4 exports put them under
 `self_attn`, `self_attn.attn` or `self_attn.k_proj`); a per-head vector is reduced to its max.
 `v_scale` is read and dropped (no separate V cache). Scales are calibrated for e4m3fn (max 448);
-on e4m3fnuz platforms (MI300, max 240) they are doubled, as vLLM does.
+on e4m3fnuz platforms (MI300, max 240; common.platform_fp8_dtype, which tests may force) a
+checkpoint k_scale is doubled, as vLLM does (x / (2 k) stays within 224 < 240); the default 1.0
+is not (vLLM neither).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from __future__ import annotations
 import logging
 import re
 
-import torch
 from torch import nn
 
-from atom_stream.layers.attention import fp8_dtype
+from atom_stream.layers.quant.common import FNUZ, platform_fp8_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class KvScaleHook:
         if layer is None:
             return True  # a layer we do not serve (MTP)
         scale = float(get().float().reshape(-1).max())
-        if fp8_dtype() == torch.float8_e4m3fnuz:
+        if platform_fp8_dtype() == FNUZ:
             scale *= 2.0
         layer.k_scale = scale
         self.loaded[int(m.group(1))] = scale

@@ -1,0 +1,86 @@
+"""The one switch between the model's two forward paths, and the router GEMM of the fast path.
+
+- Reference path (CPU engine, parity tests): plain torch ops in HF's order (layers/*.py).
+- Kernel path (every CUDA/ROCm tensor): residual carried through the layers and fused with the
+  RMSNorms (kernels/norm_rope.fused_add_rmsnorm), RoPE in place (rope_interleaved_), one GEMM
+  for q_a/kv_a, the router GEMM in the model dtype with fp32 output + one routing kernel
+  (kernels/moe_routing), batched GEMMs for W_UK/W_UV, the Triton KV store and MLA decode.
+  Every op on its decode path is CUDA-graph capturable (no host syncs, no data-dependent
+  shapes). Both paths compute the same math; outputs agree to the model dtype's rounding.
+
+`active(x)` is true for CUDA tensors, or for any tensor after `set_force_kernels(True)`: CPU tests
+force it under TRITON_INTERPRET=1 (set before the kernel modules are imported); forcing it on a
+CPU without the interpreter makes Triton fail at the first launch.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+_force = False
+
+
+def set_force_kernels(on: bool) -> None:
+    """Force the kernel path for CPU tensors too (tests under TRITON_INTERPRET=1)."""
+    global _force
+    _force = bool(on)
+
+
+@contextmanager
+def force_kernels(on: bool = True):
+    """Context manager form of set_force_kernels; restores the previous setting."""
+    global _force
+    prev = _force
+    _force = bool(on)
+    try:
+        yield
+    finally:
+        _force = prev
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether the forward over `x` takes the kernel path."""
+    return x.is_cuda or _force
+
+
+@functools.lru_cache(maxsize=8)
+def _mm_fp32_out_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=float32) runs for `dtype` operands on `device` (cuBLAS /
+    hipBLASLt in recent torch; not the CPU). Probed once per device, outside graph capture (the
+    runner's warm-up forward comes first)."""
+    try:
+        a = torch.ones(1, 16, dtype=dtype, device=device)
+        return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x [N, K] @ weight[M, K]^T as float32 [N, M] straight from one GEMM (fp32 accumulate, no
+    rounding to x's dtype; used for the lm_head logits), or None where the backend lacks a
+    mixed-output mm and x is not already float32 (the caller keeps its own path)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    if x.dtype == weight.dtype and _mm_fp32_out_ok(x.device, x.dtype):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return None
+
+
+def router_logits(x: torch.Tensor, weight_lp: torch.Tensor, weight_fp32: torch.Tensor
+                  ) -> torch.Tensor:
+    """Router logits [T, E] float32 from x [T, H] (model dtype).
+
+    weight_lp [E, H] is the router weight in x's dtype (the checkpoint stores it in bf16, so the
+    copy is exact), weight_fp32 the reference's float32 weight. Fast: one GEMM reading the
+    bf16 weight, fp32 accumulate and fp32 output. Where the backend has no mixed-output mm,
+    the reference's fp32 GEMM (never logits rounded to bf16, which would flip near-tied experts).
+    """
+    if x.dtype == torch.float32:
+        return F.linear(x, weight_fp32)
+    if _mm_fp32_out_ok(x.device, x.dtype):
+        return torch.mm(x, weight_lp.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight_fp32)
