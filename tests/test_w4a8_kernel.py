@@ -224,3 +224,28 @@ def test_w4a8_apply_cuda_graph_matches_reference(static):
         g.replay()
         ref = method.apply_ref(ex, x.cpu(), tw.cpu(), ids.cpu())
         assert rel_err(y, ref.float()) < 2e-2
+
+
+def test_w4a8_loads_as_fnuz_on_mi300_with_identical_outputs(tmp_path):
+    """MI300 (e4m3fnuz forced): W4A8's load-time FP8 weights are stored as fnuz with doubled
+    scales (layers/quant/common.fp8_to_platform) and the model's logits equal the e4m3fn load's."""
+    import quant_writers as qw
+    from test_quant_formats import build, run
+
+    from atom_stream.layers.quant import common
+
+    src, q = str(tmp_path / "src"), str(tmp_path / "q")
+    qw.make_tiny_hf(src, "kimi", seed=5)
+    qw.write_quantized(src, q, "w4a8")
+    fn_model = build(q)
+    with common.force_platform_fp8(torch.float8_e4m3fnuz):
+        uz_model = build(q)
+    ex_fn = fn_model.model.model.layers[1].mlp.experts
+    ex_uz = uz_model.model.model.layers[1].mlp.experts
+    assert ex_fn.w13_weight.dtype == torch.float8_e4m3fn
+    assert ex_uz.w13_weight.dtype == ex_uz.w2_weight.dtype == torch.float8_e4m3fnuz
+    assert torch.equal(ex_uz.w13_weight_scale, 2 * ex_fn.w13_weight_scale)
+    assert torch.equal(ex_uz.w13_weight.float() * ex_uz.w13_weight_scale[:, None, None],
+                       ex_fn.w13_weight.float() * ex_fn.w13_weight_scale[:, None, None])
+    (lf, tf), (lu, tu) = run(fn_model), run(uz_model)
+    assert tf == tu and torch.equal(lf, lu)

@@ -28,8 +28,8 @@ import torch
 
 from atom_stream.layers.quant.common import (
     FP8, FP8_MAX, CheckpointError, LinearMethod, MoEMethod, copy_into, fp8_qdq_per_token,
-    fp8_qdq_static, fused_moe_kernel, moe_loop, narrow_expert, proj_rows, swiglu_expert,
-    tp_narrow,
+    fp8_qdq_static, fp8_to_platform, fused_moe_kernel, moe_loop, narrow_expert,
+    platform_fp8_dtype, proj_rows, swiglu_expert, tp_narrow,
 )
 
 REORDER = (0, 2, 4, 6, 1, 3, 5, 7)        # nibble i holds element REORDER[i]
@@ -90,14 +90,14 @@ class W4A8LinearMethod(LinearMethod):
 
     def create_buffers(self, layer, device) -> None:
         layer.register_buffer("weight", torch.zeros(layer.out_features, layer.in_features,
-                                                    dtype=FP8, device=device))
+                                                    dtype=platform_fp8_dtype(), device=device))
         layer.register_buffer("weight_scale", torch.ones((), device=device))
         if self.scheme.act == "fp8_static":
             layer.register_buffer("input_scale", torch.ones((), device=device))
 
     def dummy(self, layer, gen) -> None:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen,
-                                       device=layer.weight.device).to(FP8))
+                                       device=layer.weight.device).to(layer.weight.dtype))
         layer.weight_scale.fill_(self.full_shape(layer)[1] ** -0.5)
 
     def load(self, layer, suffix, tensor, name) -> None:
@@ -119,7 +119,8 @@ class W4A8LinearMethod(LinearMethod):
                 raise CheckpointError(f"{name}: shape mismatch, checkpoint has "
                                       f"{tuple(w.shape)}, model expects {want}")
             s = amax_scale(w)
-            layer.weight.copy_(to_fp8(w, s))
+            q, s = fp8_to_platform(to_fp8(w, s), s, layer.weight.dtype)
+            layer.weight.copy_(q)  # e4m3fn, or e4m3fnuz on MI300 with the scale doubled
             layer.weight_scale.copy_(s)
 
     def dequantize(self, layer) -> torch.Tensor:
@@ -142,9 +143,10 @@ class W4A8MoEMethod(MoEMethod):
 
     def create_buffers(self, experts, device) -> None:
         E, H, inter = experts.num_local_experts, experts.hidden, experts.inter
-        experts.register_buffer("w13_weight", torch.zeros(E, 2 * inter, H, dtype=FP8,
+        fp8 = platform_fp8_dtype()  # e4m3fnuz on MI300 (common.fp8_to_platform)
+        experts.register_buffer("w13_weight", torch.zeros(E, 2 * inter, H, dtype=fp8,
                                                           device=device))
-        experts.register_buffer("w2_weight", torch.zeros(E, H, inter, dtype=FP8, device=device))
+        experts.register_buffer("w2_weight", torch.zeros(E, H, inter, dtype=fp8, device=device))
         names = ("w13_weight_scale", "w2_weight_scale") + (
             ("w13_input_scale", "w2_input_scale") if self.scheme.act == "fp8_static" else ())
         for name in names:
@@ -152,7 +154,7 @@ class W4A8MoEMethod(MoEMethod):
 
     def dummy(self, experts, gen) -> None:
         for w in (experts.w13_weight, experts.w2_weight):
-            w.copy_(torch.randn(w.shape, generator=gen, device=w.device).to(FP8))
+            w.copy_(torch.randn(w.shape, generator=gen, device=w.device).to(w.dtype))
         experts.w13_weight_scale.fill_(experts.hidden ** -0.5)
         experts.w2_weight_scale.fill_((experts.inter * experts.quant_tp.size) ** -0.5)
 
@@ -183,8 +185,9 @@ class W4A8MoEMethod(MoEMethod):
             dst = experts.w2_weight if group == "w2" else experts.w13_weight
             for p, w in zip(projs, ws):
                 rows = slice(None) if group == "w2" else proj_rows(experts, p)
-                copy_into(dst[idx, rows], to_fp8(w, s), name)
-            getattr(experts, f"{group}_weight_scale")[idx] = s
+                q, s_dst = fp8_to_platform(to_fp8(w, s), s, dst.dtype)
+                copy_into(dst[idx, rows], q, name)
+            getattr(experts, f"{group}_weight_scale")[idx] = s_dst
 
     def apply(self, experts, x, topk_weights, topk_ids):
         """CUDA: the Triton fused MoE ("fp8_tensor": graph capturable, no host syncs); the CPU,
