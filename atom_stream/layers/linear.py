@@ -45,11 +45,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x)
-        elif _skinny_ok(x, self.weight):
-            from atom_stream.kernels.skinny_gemm import skinny_linear
-            y = skinny_linear(x, self.weight)
         else:
-            y = F.linear(x, self.weight)
+            y = dense_linear(x, self.weight)
         return all_reduce(y, self.tp) if self.reduce else y
 
     def extra_repr(self) -> str:
@@ -64,6 +61,15 @@ def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     split-K GEMMs: bench/skinny_gemm.py, bench/RESULTS.md); torch's F.linear elsewhere."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M and x.dtype == w.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T for an unquantized weight [out, in]: the skinny Triton GEMM for GPU decode sizes,
+    torch's F.linear otherwise."""
+    if _skinny_ok(x, w):
+        from atom_stream.kernels.skinny_gemm import skinny_linear
+        return skinny_linear(x, w)
+    return F.linear(x, w)
 
 
 def dense_weight(layer: Linear) -> torch.Tensor:

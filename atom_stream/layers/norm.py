@@ -1,4 +1,12 @@
-"""RMSNorm as HF computes it: normalize in float32, cast back, then scale by the weight."""
+"""RMSNorm as HF computes it: normalize in float32, cast back, then scale by the weight.
+
+`RMSNorm.forward(x)` is the torch reference (CPU engine). `RMSNorm.fused(x, residual)` is the
+kernel path (models/kernel_path.py): one Triton launch (kernels/norm_rope.fused_add_rmsnorm)
+that first adds the residual in x's dtype (HF's `h = x + sublayer(x)`) and returns
+(normed, residual_out) with residual_out = x + residual (x itself when residual is None).
+x [..., D] may be a strided view whose last dim is contiguous (e.g. the q_a slice of the fused
+q_a/kv_a GEMM output); normed is a new contiguous tensor in x's dtype.
+"""
 
 from __future__ import annotations
 
@@ -22,3 +30,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel path: (rms_norm(x + residual), x + residual); see the module docstring."""
+        # imported per call: tests reload the kernel module under TRITON_INTERPRET=1
+        from atom_stream.kernels.norm_rope import fused_add_rmsnorm
+        return fused_add_rmsnorm(x, residual, self.weight, self.eps)

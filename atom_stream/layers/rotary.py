@@ -43,7 +43,8 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds cos/sin caches [max_pos, rope_dim/2] (float32) and rotates q_pe/k_pe."""
+    """Holds cos/sin caches [max_pos, rope_dim/2] (float32) and rotates q_pe/k_pe: `forward`
+    returns a rotated copy (torch reference), `rotate_` rotates in place (kernel path)."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int, device=None):
         super().__init__()
@@ -56,6 +57,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [T, ..., rope_dim] at positions [T]; returns the rotated tensor in x's dtype."""
         return apply_interleaved_rope(x, self.cos[positions], self.sin[positions])
+
+    def rotate_(self, positions: torch.Tensor, q_pe: torch.Tensor,
+                k_pe: torch.Tensor | None = None) -> None:
+        """Kernel path: rotate q_pe [T, H, rope_dim] and k_pe [T, rope_dim] | [T, 1, rope_dim]
+        in place (one Triton launch; strided views with a contiguous last dim, e.g. the rope
+        slice of q and of the kv_a output). Same math as forward (fp32, cast back)."""
+        # imported per call: tests reload the kernel module under TRITON_INTERPRET=1
+        from atom_stream.kernels.norm_rope import rope_interleaved_
+        rope_interleaved_(q_pe, k_pe, self.cos, self.sin, positions)
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,14 @@ prefill chunks use the naive path (K/V expanded through kv_b_proj), with the cac
 back from the latent cache. Both paths use softmax_scale = qk_head_dim^-0.5 * mscale^2.
 Parameter names equal the HF checkpoint names, except routed experts, which are stacked
 expert-major in `mlp.experts.w13` [E, 2I, H] and `mlp.experts.w2` [E, H, I].
+
+Two forward paths, chosen per step by models/kernel_path.active(x) (CUDA tensors, or forced for
+interpreter tests): the torch reference above, and the kernel path, which carries the residual
+through the layers vLLM-style (`DecoderLayer.forward(x, residual) -> (sublayer_out, residual)`,
+each RMSNorm fused with the preceding residual add), fuses gate/up GEMMs of dense MLPs and
+shared experts, routes with a model-dtype router GEMM (fp32 output) and one routing kernel, and
+runs MLA as in models/mla.py. Same math and rounding points (HF: add in the model dtype,
+normalize in fp32, cast, multiply by the weight); no host syncs on the decode path.
 """
 
 from __future__ import annotations
@@ -22,116 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from atom_stream.config import ModelConfig
-from atom_stream.layers.attention import (
-    AttentionMetadata, gather_kv, mla_decode_ref, mla_prefill_ref, store_kv,
-)
-from atom_stream.layers.linear import Linear, VocabEmbedding, dense_weight
+from atom_stream.layers.attention import AttentionMetadata
+from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear
 from atom_stream.layers.moe import experts_dense_ref, experts_ref, route
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import all_gather_last, all_reduce, local_topk, tp
 from atom_stream.layers.rotary import RotaryEmbedding
-
-LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
-
-
-class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device=None):
-        super().__init__()
-        self.cfg = cfg
-        self.num_heads = tp().shard(cfg.num_attention_heads, "num_attention_heads")
-        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.r = cfg.kv_lora_rank
-        self.scale = cfg.softmax_scale
-        H, qk = cfg.num_attention_heads, cfg.qk_head_dim  # global heads; linears shard them
-        if cfg.q_lora_rank:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, device=device)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, device)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, dtype=dtype, device=device,
-                                   parallel="column")
-        else:
-            self.q_proj = Linear(cfg.hidden_size, H * qk, dtype=dtype, device=device,
-                                 parallel="column")
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.rope, dtype=dtype,
-                                         device=device)
-        self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS, dtype, device)
-        self.kv_b_proj = Linear(self.r, H * (self.nope + self.v_dim), dtype=dtype, device=device,
-                                parallel="column")
-        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device,
-                             parallel="row")
-        self.rotary = rotary
-        self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
-        # Triton kernels need power-of-two latent/rope widths >= 16 (512/64 in real models)
-        self.use_kernels = all(d >= 16 and d & (d - 1) == 0 for d in (self.r, self.rope))
-        self.w_uk: torch.Tensor | None = None  # [H, nope, r]
-        self.w_uv: torch.Tensor | None = None  # [H, v, r]
-
-    def process_weights_after_loading(self) -> None:
-        """Split kv_b_proj into the absorbed W_UK / W_UV views (kept in the model dtype)."""
-        w = dense_weight(self.kv_b_proj).view(self.num_heads, self.nope + self.v_dim, self.r)
-        self.w_uk = w[:, : self.nope].contiguous()
-        self.w_uv = w[:, self.nope:].contiguous()
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        H = self.num_heads
-        if self.cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        else:
-            q = self.q_proj(x)
-        q = q.view(T, H, self.nope + self.rope)
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
-        kv = self.kv_a_proj_with_mqa(x)
-        c = self.kv_a_layernorm(kv[:, : self.r])
-        q_pe = self.rotary(positions, q_pe)
-        k_pe = self.rotary(positions, kv[:, None, self.r:]).squeeze(1)
-        if self.use_kernels and x.is_cuda:
-            from atom_stream.kernels.kv_store import kv_store
-            kv_store(kv_cache, md.slot_mapping, c, k_pe, self.k_scale, rope_dim=self.rope)
-        else:
-            store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
-
-        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
-        nd = md.num_decodes
-        if nd:
-            q_lat = torch.einsum("thn,hnr->thr", q_nope[:nd], self.w_uk)
-            seq_lens = md.decode_seq_lens
-            if seq_lens is None:
-                seq_lens = torch.tensor(md.seq_lens[:nd], dtype=torch.int32, device=x.device)
-            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], seq_lens)
-            out[:nd] = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), self.w_uv)
-        for i in range(nd, md.num_seqs):
-            s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
-            out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
-                                         kv_cache, md.block_tables[i], md.seq_lens[i])
-        return self.o_proj(out.reshape(T, H * self.v_dim))
-
-    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens):
-        """Absorbed decode over the paged cache: the Triton kernel on GPUs (split-KV, graph-
-        capturable), the torch reference elsewhere (static length on GPUs so graphs capture)."""
-        if self.use_kernels and q_lat.is_cuda:
-            from atom_stream.kernels.mla_decode import mla_decode
-            return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.scale,
-                              self.k_scale, rope_dim=self.rope)
-        return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
-                              self.k_scale, static_len=q_lat.is_cuda)
-
-    def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len):
-        """Naive path for one chunk: queries are the last q_len of seq_len positions."""
-        q_len = q_nope.shape[0]
-        prefix = seq_len - q_len
-        if prefix:
-            cached = gather_kv(kv_cache, block_table, prefix, c_new.dtype, self.k_scale)
-            c_all = torch.cat([cached[:, : self.r], c_new])
-            k_pe_all = torch.cat([cached[:, self.r:], k_pe_new])
-        else:
-            c_all, k_pe_all = c_new, k_pe_new
-        kv = F.linear(c_all, dense_weight(self.kv_b_proj))
-        kv = kv.view(seq_len, self.num_heads, self.nope + self.v_dim)
-        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        return mla_prefill_ref(q, k, v, self.scale)
+from atom_stream.models import kernel_path
+from atom_stream.models.mla import LATENT_NORM_EPS, MLA, fuse_linear_weights  # noqa: F401
 
 
 class MLP(nn.Module):
@@ -144,21 +50,44 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, dtype=dtype, device=device, parallel="column")
         self.down_proj = Linear(inter, hidden, dtype=dtype, device=device, parallel="row",
                                 reduce=reduce)
+        self.w_gate_up: torch.Tensor | None = None  # [2 * inter, hidden] (kernel path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def process_weights_after_loading(self) -> None:
+        """Fuse gate/up into one weight (unquantized only) for the kernel path's single GEMM."""
+        self.w_gate_up = fuse_linear_weights(self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] (this rank's partial sum when reduce=False), plus `add`
+        [T, hidden] when given (the kernel path folds it into the down GEMM's epilogue)."""
+        if self.w_gate_up is not None and kernel_path.active(x):
+            gu = dense_linear(x, self.w_gate_up)
+            inter = self.w_gate_up.shape[0] // 2
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            down = self.down_proj
+            if add is not None and down.quant_method is None and not down.reduce:
+                return torch.addmm(add, act, down.weight.t())  # add + act @ W^T, one launch
+            y = down(act)
+        else:
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if add is None else add + y
 
 
 class Router(nn.Module):
-    """`mlp.gate`: weight [E, H] and e_score_correction_bias [E], both kept in float32."""
+    """`mlp.gate`: weight [E, H] and e_score_correction_bias [E], both kept in float32; the
+    kernel path reads `weight_lp`, a model-dtype copy (exact: checkpoints store it in bf16)."""
 
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
         E = cfg.n_routed_experts
+        self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32,
                                                device=device), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(E, dtype=torch.float32, device=device), requires_grad=False)
+        self.weight_lp: torch.Tensor | None = None  # [E, H] model dtype (kernel path)
+
+    def process_weights_after_loading(self) -> None:
+        self.weight_lp = self.weight.detach().to(self.dtype)  # the same tensor when fp32
 
 
 class Experts(nn.Module):
@@ -198,7 +127,7 @@ class Experts(nn.Module):
                     return fused(x, self.w13, self.w2, topk_weights, topk_ids)
                 except (ValueError, NotImplementedError):
                     pass  # shapes the kernel's tiles do not divide (tiny test models)
-            return experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids)
+            return experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids.long())
         return experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
@@ -215,7 +144,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
         self.cfg = cfg
-        self.gate = Router(cfg, device)
+        self.gate = Router(cfg, dtype, device)
         self.experts = Experts(cfg, dtype, device)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device,
@@ -226,18 +155,30 @@ class MoE(nn.Module):
         self.record: list | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]: routed experts + shared expert, one TP reduction.
+        topk ids are int64 on the reference path and int32 from the routing kernel."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.weight)
-        weights, ids = route(
-            logits, self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None,
-            top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-            scoring_func=cfg.scoring_func)
+        bias = self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None
+        E, G = cfg.n_routed_experts, cfg.n_group
+        fast = kernel_path.active(x) and self.gate.weight_lp is not None
+        if fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2):
+            from atom_stream.kernels.moe_routing import moe_routing
+            logits = kernel_path.router_logits(x, self.gate.weight_lp, self.gate.weight)
+            weights, ids = moe_routing(
+                logits, bias, top_k=cfg.num_experts_per_tok, n_group=G,
+                topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                routed_scaling_factor=cfg.routed_scaling_factor)
+        else:
+            logits = F.linear(x.float(), self.gate.weight)
+            weights, ids = route(
+                logits, bias, top_k=cfg.num_experts_per_tok, n_group=G, topk_group=cfg.topk_group,
+                norm_topk_prob=cfg.norm_topk_prob,
+                routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func)
         if self.record is not None:  # bench/decode.py: the routing actually taken
             self.record.append(ids)
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = self.shared_experts(x, add=y)
         return all_reduce(y, self.tp)  # one reduction for routed + shared partial sums
 
 
@@ -250,9 +191,21 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoE(cfg, dtype, device) if cfg.is_moe_layer(idx)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device))
 
-    def forward(self, x, positions, kv_cache, md):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                kv_cache: torch.Tensor, md: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kernel path: x is the previous sublayer's output [T, hidden] (the embeddings, with
+        residual None, for layer 0) and residual the running sum; returns (this layer's FFN
+        output, the residual stream before it) -- the next RMSNorm adds them.
+        Reference path: residual must be None; returns (the layer's output, None)."""
+        if kernel_path.active(x):
+            h, residual = self.input_layernorm.fused(x, residual)
+            h = self.self_attn(h, positions, kv_cache, md)
+            h, residual = self.post_attention_layernorm.fused(h, residual)
+            return self.mlp(h), residual
+        assert residual is None
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x)), None
 
 
 class DeepseekV3Model(nn.Module):
@@ -267,8 +220,11 @@ class DeepseekV3Model(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, md):
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, cache, md)
+            x, residual = layer(x, residual, positions, cache, md)
+        if residual is not None:  # kernel path: the last FFN output joins the residual here
+            return self.norm.fused(x, residual)[0]
         return self.norm(x)
 
 
@@ -290,13 +246,26 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return all_gather_last(self.lm_head(hidden).float(), self.lm_head.tp)
+        """hidden [N, hidden] -> float32 logits [N, vocab]. The kernel path takes them in fp32
+        straight from the GEMM where the backend can (one launch, no bf16 rounding)."""
+        head = self.lm_head
+        if kernel_path.active(hidden) and head.quant_method is None:
+            logits = kernel_path.linear_fp32_out(hidden, head.weight)
+            if logits is not None:
+                return all_gather_last(logits, head.tp)
+        return all_gather_last(head(hidden).float(), head.tp)
 
     def process_weights_after_loading(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.process_weights_after_loading()
+            mlp = layer.mlp
+            for dense in (mlp, getattr(mlp, "shared_experts", None)):
+                if isinstance(dense, MLP):
+                    dense.process_weights_after_loading()
+            if isinstance(mlp, MoE):
+                mlp.gate.process_weights_after_loading()
             experts = getattr(layer.mlp, "experts", None)
             method = getattr(experts, "quant_method", None)
             if hasattr(method, "finalize"):  # e.g. repack 4-bit experts for the GPU kernel

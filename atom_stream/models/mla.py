@@ -1,0 +1,228 @@
+"""Multi-head latent attention (MLA) of DeepseekV3 / Kimi: the reference and the kernel path.
+
+Math: model_spec.md §3. Per token x [T, hidden] (T = decode tokens first, then prefill chunks;
+layers/attention.AttentionMetadata):
+
+    q    = q_b(RMSNorm(q_a(x)))  (or q_proj(x))   -> [T, H, nope + rope]
+    kv   = kv_a_proj_with_mqa(x)                  -> [T, r + rope]; c = RMSNorm(kv[:, :r])
+    q_pe, k_pe = RoPE(q[..., nope:]), RoPE(kv[:, r:])
+    cache[slot] = [c | k_pe]                      (latent cache [blocks, block_size, r + rope])
+    decode (absorbed): q_lat = q_nope @ W_UK [H, nope, r]; o_lat = MQA over the latent cache;
+                       o = o_lat @ W_UV^T        (W_UV [H, v, r])
+    prefill (naive):   K/V expanded through kv_b_proj over the cached prefix + the chunk
+    out  = o_proj(o.reshape(T, H * v))            -> [T, hidden]
+softmax_scale = qk_head_dim^-0.5 * mscale^2 on both paths.
+
+Kernel path (models/kernel_path.active): q_a_proj and kv_a_proj_with_mqa run as one GEMM over a
+fused [q_lora + r + rope, hidden] weight (unquantized layers only; the two Linears keep views
+into it), the latent norms are one Triton launch each on strided views, RoPE rotates q_pe and
+k_pe in place, W_UK/W_UV are batched GEMMs over [H, T, *] views writing straight into the
+output, and the Triton KV store / MLA decode run when r and rope are powers of two >= 16 (their
+kernels' constraint; otherwise the torch versions, graph-capturable via static lengths). The RoPE
+kernel needs a power-of-two number of pairs (else the torch rotation is copied back in place).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atom_stream.config import ModelConfig
+from atom_stream.layers.attention import (
+    AttentionMetadata,
+    gather_kv,
+    mla_decode_ref,
+    mla_prefill_ref,
+    store_kv,
+)
+from atom_stream.layers.linear import Linear, dense_linear, dense_weight
+from atom_stream.layers.norm import RMSNorm
+from atom_stream.layers.parallel import tp
+from atom_stream.layers.rotary import RotaryEmbedding
+from atom_stream.models import kernel_path
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
+
+
+def fuse_linear_weights(*layers: Linear) -> torch.Tensor | None:
+    """Concatenate unquantized Linears' weights along the output dim into one [sum out, in]
+    tensor and re-point each layer's weight at its rows (a view: no extra memory at rest, the
+    layers' own forward is unchanged). None when any layer is quantized (its weight is a
+    packed format) or the weights differ in dtype/device."""
+    if any(lyr.quant_method is not None for lyr in layers):
+        return None
+    ws = [lyr.weight for lyr in layers]
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+        return None
+    fused = torch.cat([w.detach() for w in ws], 0)
+    start = 0
+    for lyr, w in zip(layers, ws):
+        n = w.shape[0]
+        p = nn.Parameter(fused[start:start + n], requires_grad=False)
+        p.__dict__.update(w.__dict__)  # tp_dim and other loader attributes
+        lyr.weight = p
+        start += n
+    return fused
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = tp().shard(cfg.num_attention_heads, "num_attention_heads")
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.r = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        H, qk = cfg.num_attention_heads, cfg.qk_head_dim  # global heads; linears shard them
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, device=device)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype, device)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk, dtype=dtype, device=device,
+                                   parallel="column")
+        else:
+            self.q_proj = Linear(cfg.hidden_size, H * qk, dtype=dtype, device=device,
+                                 parallel="column")
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.rope, dtype=dtype,
+                                         device=device)
+        self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS, dtype, device)
+        self.kv_b_proj = Linear(self.r, H * (self.nope + self.v_dim), dtype=dtype, device=device,
+                                parallel="column")
+        self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device,
+                             parallel="row")
+        self.rotary = rotary
+        self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
+        # Triton KV store / MLA decode need power-of-two latent/rope widths >= 16 (512/64 in
+        # the real models); on the kernel path with other widths their torch versions run
+        self.use_kernels = all(d >= 16 and d & (d - 1) == 0 for d in (self.r, self.rope))
+        half = self.rope // 2  # the RoPE kernel takes a power-of-two number of pairs
+        self.rope_kernel_ok = half > 0 and half & (half - 1) == 0
+        self.w_uk: torch.Tensor | None = None  # [H, nope, r]
+        self.w_uv: torch.Tensor | None = None  # [H, v, r]
+        self.w_qkv_a: torch.Tensor | None = None  # [q_lora + r + rope, hidden] (kernel path)
+
+    def process_weights_after_loading(self) -> None:
+        """Split kv_b_proj into the absorbed W_UK / W_UV (kept in the model dtype) and fuse the
+        q_a / kv_a weights for the kernel path's single GEMM."""
+        w = dense_weight(self.kv_b_proj).view(self.num_heads, self.nope + self.v_dim, self.r)
+        self.w_uk = w[:, : self.nope].contiguous()
+        self.w_uv = w[:, self.nope:].contiguous()
+        if self.cfg.q_lora_rank:
+            self.w_qkv_a = fuse_linear_weights(self.q_a_proj, self.kv_a_proj_with_mqa)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; writes the T new latent entries into kv_cache."""
+        if kernel_path.active(x):
+            return self._forward_kernels(x, positions, kv_cache, md)
+        T = x.shape[0]
+        H = self.num_heads
+        if self.cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(T, H, self.nope + self.rope)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        kv = self.kv_a_proj_with_mqa(x)
+        c = self.kv_a_layernorm(kv[:, : self.r])
+        q_pe = self.rotary(positions, q_pe)
+        k_pe = self.rotary(positions, kv[:, None, self.r:]).squeeze(1)
+        store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
+
+        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
+        nd = md.num_decodes
+        if nd:
+            q_lat = torch.einsum("thn,hnr->thr", q_nope[:nd], self.w_uk)
+            o_lat = mla_decode_ref(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
+                                   self._decode_lens(md, x.device), self.r, self.scale,
+                                   self.k_scale, static_len=q_lat.is_cuda)
+            out[:nd] = torch.einsum("thr,hvr->thv", o_lat.to(x.dtype), self.w_uv)
+        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
+        return self.o_proj(out.reshape(T, H * self.v_dim))
+
+    def _forward_kernels(self, x, positions, kv_cache, md):
+        """The kernel path (module docstring); same math as forward."""
+        T = x.shape[0]
+        H, r = self.num_heads, self.r
+        if self.cfg.q_lora_rank:
+            ql = self.cfg.q_lora_rank
+            if self.w_qkv_a is not None:  # one GEMM; q_c / kv are views of its output
+                qkv = dense_linear(x, self.w_qkv_a)
+                q_c, kv = qkv[:, :ql], qkv[:, ql:]
+            else:
+                q_c, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm.fused(q_c, None)[0])
+        else:
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        q = q.view(T, H, self.nope + self.rope)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        c = self.kv_a_layernorm.fused(kv[:, :r], None)[0]
+        k_pe = kv[:, r:]
+        if self.rope_kernel_ok:
+            self.rotary.rotate_(positions, q_pe, k_pe)  # in place on the q / kv_a outputs
+        else:
+            q_pe.copy_(self.rotary(positions, q_pe))
+            k_pe.copy_(self.rotary(positions, k_pe[:, None]).squeeze(1))
+        if self.use_kernels:
+            from atom_stream.kernels.kv_store import kv_store
+            kv_store(kv_cache, md.slot_mapping, c, k_pe, self.k_scale, rope_dim=self.rope)
+        else:
+            store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
+
+        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
+        nd = md.num_decodes
+        if nd:
+            # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
+            q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
+            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
+                                 self._decode_lens(md, x.device))
+            # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
+            torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
+                      out=out[:nd].transpose(0, 1))
+        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
+        return self.o_proj(out.view(T, H * self.v_dim))
+
+    @staticmethod
+    def _decode_lens(md: AttentionMetadata, device) -> torch.Tensor:
+        """Context lengths [num_decodes] int32 of the decode rows (device tensor)."""
+        nd = md.num_decodes
+        seq_lens = md.decode_seq_lens
+        if seq_lens is None:  # eager callers without a device copy (never inside a graph)
+            return torch.tensor(md.seq_lens[:nd], dtype=torch.int32, device=device)
+        return seq_lens[:nd].to(torch.int32)  # no-op for the runner's int32 buffer
+
+    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens):
+        """Kernel-path absorbed decode over the paged cache: the Triton kernel (split-KV,
+        graph-capturable; q_lat/q_pe may be strided), or the torch reference at widths the kernel
+        does not take (static length on GPUs so graphs capture)."""
+        if self.use_kernels:
+            from atom_stream.kernels.mla_decode import mla_decode
+            return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens.to(torch.int32),
+                              self.scale, self.k_scale, rope_dim=self.rope)
+        return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
+                              self.k_scale, static_len=q_lat.is_cuda)
+
+    def _prefill(self, out, q_nope, q_pe, c, k_pe, kv_cache, md):
+        """Naive path for every prefill chunk (rows after the decodes), written into out."""
+        for i in range(md.num_decodes, md.num_seqs):
+            s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
+            out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
+                                         kv_cache, md.block_tables[i], md.seq_lens[i])
+
+    def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len):
+        """Naive path for one chunk: queries are the last q_len of seq_len positions."""
+        q_len = q_nope.shape[0]
+        prefix = seq_len - q_len
+        if prefix:
+            cached = gather_kv(kv_cache, block_table, prefix, c_new.dtype, self.k_scale)
+            c_all = torch.cat([cached[:, : self.r], c_new])
+            k_pe_all = torch.cat([cached[:, self.r:], k_pe_new])
+        else:
+            c_all, k_pe_all = c_new, k_pe_new
+        kv = F.linear(c_all, dense_weight(self.kv_b_proj))
+        kv = kv.view(seq_len, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return mla_prefill_ref(q, k, v, self.scale)

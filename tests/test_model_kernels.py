@@ -1,0 +1,370 @@
+"""The model's kernel path (models/kernel_path.py) against its torch reference path.
+
+One tiny DeepseekV3 (dims the Triton kernels take: kv_lora 32, rope 16; 8 experts in 4 groups,
+dense first layer, shared expert; q_lora 32 and q_lora None), the same random weights in two
+models: the reference runs the torch path on the CPU, the other runs the kernel path (forced on
+the CPU under TRITON_INTERPRET=1, set before the kernel modules are imported; natively on CUDA
+with `-m gpu`). Two steps over scattered paged caches (block 4): a prefill of three sequences,
+then a mixed batch (two decodes + a chunk with a cached prefix + a new prompt). Checked each step:
+hidden states, logits and every written cache slot (norm-relative), unwritten slots bit-equal,
+the routing seen by the `record` hook, and (spy) that every kernel really ran.
+
+fp32 (CPU): the paths agree to 2e-5 and the routing is token-dependent and identical. fp32 on
+GPUs: 2e-3 (mla_decode's tl.dot runs fp32 operands in TF32, Triton's default) with the decisive
+routing described next.
+bf16: one bf16 ulp is 4e-3 and a random 2-layer model amplifies rounding: the bf16 reference is
+itself ~1e-2 from an fp32 run of the same weights, and a near-tied expert choice flips on a
+1-ulp difference (a whole row then differs). So in bf16 (a) the selection is made decisive by a
+correction bias of distinct powers of two (gaps > any sigmoid difference; the weights stay token-
+dependent; fp32 covers token-dependent selection), (b) the two paths must agree to 4e-2, and
+(c) the kernel path must be as accurate as the reference against the fp32 run (error <= 1.5x the
+reference's + 2e-3 on GPUs; the decode kernel rounds its softmax tile to bf16 for the PV dot).
+Interpreter caveats (CPU, bf16): Triton 3.x's interpreter casts fp32 -> bf16 by truncation, not
+round-to-nearest-even (measured: every kernel-side bf16 store equals the truncated fp32 value),
+so there the kernel path's error against fp32 is ~1.5x the reference's and (c) allows 2x; and it
+mis-computes bf16 tl.dot (kernels/mla_decode gives garbage in bf16), so the CPU bf16 run calls
+mla_decode on fp32 copies of q and the cache (same values) and casts back. `-m gpu` runs
+everything natively.
+
+Op count: the kernel path's decode step launches at most OP_BUDGET torch compute ops per layer
+(measured with the dispatcher; the reference's count is printed beside). Fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _name in ("kv_store", "norm_rope", "moe_routing", "mla_decode"):  # kv_store first
+        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
+        if _mod is not None:
+            importlib.reload(_mod)
+
+from atom_stream.kernels import kv_store as kvs_mod
+from atom_stream.kernels import mla_decode as mla_mod
+from atom_stream.kernels import moe_routing as routing_mod
+from atom_stream.kernels import norm_rope as nr_mod
+
+from atom_stream.config import ModelConfig
+from atom_stream.layers.attention import AttentionMetadata
+from atom_stream.loader import init_dummy_weights
+from atom_stream.models import kernel_path
+from atom_stream.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM, MoE
+
+cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
+BLOCK, NUM_BLOCKS, MAX_POS = 4, 48, 128
+# fp32 on GPUs: Triton's tl.dot takes fp32 operands in TF32 by default (mla_decode), ~1e-3
+TOL = {torch.float32: 2e-3 if GPU else 2e-5, torch.bfloat16: 4e-2}
+
+
+def tiny_config(q_lora: int | None, **over) -> ModelConfig:
+    raw = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "q_lora_rank": q_lora, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+        "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": MAX_POS, "hidden_act": "silu",
+        "rope_scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    }
+    raw.update(over)
+    return ModelConfig.from_dict(raw)
+
+
+def build_models(cfg: ModelConfig, dtype, device, seed: int, decisive_routing: bool = False,
+                 with_fp32: bool = False):
+    """(reference model on the CPU, kernel-path model on `device`[, fp32 reference]) with equal
+    weights. Norm weights and correction biases are randomized; router weights are bf16 values,
+    as in real checkpoints (so the kernel path's model-dtype router copy is exact).
+    decisive_routing: bias = 2.5 * 2^perm(E), so every selection is decided by the bias."""
+    ref = DeepseekV3ForCausalLM(cfg, MAX_POS, dtype)
+    init_dummy_weights(ref, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    E = cfg.n_routed_experts
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(2.5 * 2.0 ** torch.randperm(E, generator=g).float() if decisive_routing
+                        else 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(p.to(torch.bfloat16).float())
+    models = [ref, DeepseekV3ForCausalLM(cfg, MAX_POS, dtype, device)]
+    if with_fp32:
+        models.append(DeepseekV3ForCausalLM(cfg, MAX_POS, torch.float32))
+    for m in models:
+        if m is not ref:
+            m.load_state_dict(ref.state_dict())
+        m.process_weights_after_loading()
+        m.eval()
+    return models
+
+
+class Pool:
+    """Scattered paged caches, one set per model, initialized with the same garbage."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+        shape = (NUM_BLOCKS, BLOCK, cfg.kv_cache_dim)
+        init = [torch.randn(shape, generator=g).to(dtype) for _ in range(cfg.num_hidden_layers)]
+        self.ref = [c.clone() for c in init]
+        self.fast = [c.clone().to(device) for c in init]
+        self.fp32 = [c.float() for c in init]
+        self.tables: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+        self.device = device
+
+    def step(self, parts: list[tuple[int, int]], num_decodes: int):
+        """parts: (seq id, new tokens), decodes (1 token each) first. Returns positions and
+        metadata for the reference (CPU) and the kernel-path device."""
+        qsl, seq_lens, slots, pos = [0], [], [], []
+        for sid, n in parts:
+            start = self.lens.get(sid, 0)
+            table = self.tables.setdefault(sid, [])
+            while len(table) * BLOCK < start + n:
+                table.append(self.free.pop())
+            for p in range(start, start + n):
+                slots.append(table[p // BLOCK] * BLOCK + p % BLOCK)
+                pos.append(p)
+            self.lens[sid] = start + n
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+        width = max(len(self.tables[sid]) for sid, _ in parts)
+        bt = torch.tensor([self.tables[sid] + [0] * (width - len(self.tables[sid]))
+                           for sid, _ in parts], dtype=torch.int32)
+        out = []
+        for dev in ("cpu", self.device):
+            md = AttentionMetadata(qsl, seq_lens, bt.to(dev), torch.tensor(slots).to(dev),
+                                   num_decodes, BLOCK,
+                                   decode_seq_lens=torch.tensor(seq_lens[:num_decodes],
+                                                                dtype=torch.int32).to(dev))
+            out.append((torch.tensor(pos).to(dev), md))
+        return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the kernel entry points the model calls (it imports them per call)."""
+    calls = collections.Counter()
+    for mod, name in ((nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
+                      (routing_mod, "moe_routing"), (kvs_mod, "kv_store"),
+                      (mla_mod, "mla_decode")):
+        fn = getattr(mod, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(mod, name, wrapped)
+    return calls
+
+
+def upcast_mla_decode(monkeypatch):
+    """CPU bf16 only: the interpreter mis-computes bf16 tl.dot; run mla_decode on fp32 copies."""
+    fn = mla_mod.mla_decode
+
+    def run(q_nope, q_pe, kv_cache, *a, **k):
+        return fn(q_nope.float(), q_pe.float(), kv_cache.float(), *a, **k).to(q_nope.dtype)
+    monkeypatch.setattr(mla_mod, "mla_decode", run)
+
+
+def run_parity(q_lora, dtype, device, seed, spy, **dims):
+    cfg = tiny_config(q_lora, **dims)
+    bf16 = dtype != torch.float32
+    decisive = bf16 or GPU  # GPU fp32: TF32 attention noise could flip a near-tied expert
+    ref, fast, *r32 = build_models(cfg, dtype, device, seed, decisive_routing=decisive,
+                                   with_fp32=bf16)
+    pool = Pool(cfg, dtype, device, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    moes = [(a.mlp, b.mlp) for a, b in zip(ref.model.layers, fast.model.layers)
+            if isinstance(a.mlp, MoE)]
+    steps = [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2)]
+    written = torch.zeros(NUM_BLOCKS * BLOCK, dtype=torch.bool)  # slots of all steps so far
+    tol = TOL[dtype]
+    for parts, nd in steps:
+        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
+        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
+        for a, b in moes:
+            a.record, b.record = [], []
+        h_ref = ref(ids, pos_r, pool.ref, md_r)
+        with kernel_path.force_kernels(not GPU):
+            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
+        lg_ref, lg_fast = ref.compute_logits(h_ref), fast.compute_logits(h_fast)
+        assert torch.isfinite(h_fast).all() and h_fast.dtype == dtype
+        assert rel(h_fast, h_ref) < tol, f"hidden: {rel(h_fast, h_ref):.2e}"
+        assert rel(lg_fast, lg_ref) < tol, f"logits: {rel(lg_fast, lg_ref):.2e}"
+        if r32:
+            h32 = r32[0](ids, pos_r, pool.fp32, md_r)
+            e_fast, e_ref = rel(h_fast, h32), rel(h_ref, h32)
+            bound = (1.5 if GPU else 2.0) * e_ref + 2e-3
+            assert e_fast <= bound, f"vs fp32: {e_fast:.2e} (reference {e_ref:.2e})"
+        for a, b in moes:  # the routing actually taken, in the record hook
+            ra, rb = a.record[0].sort(-1).values, b.record[0].long().cpu().sort(-1).values
+            assert torch.equal(ra, rb)
+            assert decisive or ra.unique(dim=0).shape[0] > 1  # token-dependent selection
+        written[md_r.slot_mapping] = True
+        for layer, (cr, cf) in enumerate(zip(pool.ref, pool.fast)):
+            cr, cf = cr.view(-1, cfg.kv_cache_dim), cf.view(-1, cfg.kv_cache_dim).cpu()
+            assert torch.equal(cr[~written], cf[~written]), f"layer {layer}: stray writes"
+            assert rel(cf[written], cr[written]) < tol, f"layer {layer} cache"
+    n = cfg.num_hidden_layers
+    attn = fast.model.layers[0].self_attn
+    # per step: 2 norms per layer + final, and the latent norms (q_a only with q_lora)
+    assert spy["fused_add_rmsnorm"] == 2 * (2 * n + 1 + n * (2 if q_lora else 1))
+    assert spy["rope_interleaved_"] == 2 * n * attn.rope_kernel_ok
+    assert spy["kv_store"] == 2 * n * attn.use_kernels
+    assert spy["mla_decode"] == n * attn.use_kernels  # step 2 only
+    assert spy["moe_routing"] == 2 * len(moes)
+    if q_lora:
+        assert all(lyr.self_attn.w_qkv_a is not None for lyr in fast.model.layers)
+
+
+@cpu_only
+@pytest.mark.parametrize("q_lora", [32, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_matches_reference_interpreter(q_lora, dtype, spy, monkeypatch):
+    if dtype == torch.bfloat16:
+        upcast_mla_decode(monkeypatch)
+    run_parity(q_lora, dtype, "cpu", seed=3 if q_lora else 4, spy=spy)
+
+
+@pytest.mark.parametrize("dims", [{"kv_lora_rank": 16, "qk_rope_head_dim": 8},
+                                  {"kv_lora_rank": 24, "qk_rope_head_dim": 12}],
+                         ids=["demo-widths", "odd-rope"])
+def test_kernel_path_torch_fallbacks(dims, spy):
+    """Widths the attention kernels do not take (the demo model's kv_lora 32 / rope 8 on GPUs):
+    the kernel path keeps its fused norms/routing and runs the torch KV store / decode
+    (and, for rope 12 = 6 pairs, the torch rotation copied back in place)."""
+    run_parity(32, torch.float32, "cuda" if GPU else "cpu", seed=7, spy=spy, **dims)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("q_lora", [32, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_matches_reference_gpu(q_lora, dtype, spy):
+    run_parity(q_lora, dtype, "cuda", seed=5 if q_lora else 6, spy=spy)
+
+
+def test_reference_path_untouched_on_cpu(spy):
+    """Unforced, a CPU forward never calls a kernel (the CPU engine's reference path)."""
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=8)
+    pool = Pool(cfg, torch.float32, "cpu", 9)
+    (pos, md), _ = pool.step([(0, 6)], 0)
+    ref(torch.arange(6), pos, pool.ref, md)
+    assert sum(spy.values()) == 0
+
+
+def test_fused_weights_are_views():
+    """q_a/kv_a and gate/up fusion keeps one copy: the Linears' weights alias the fused one."""
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=10)
+    attn = ref.model.layers[0].self_attn
+    assert attn.w_qkv_a.shape == (32 + 32 + 16, 64)
+    assert attn.q_a_proj.weight.data_ptr() == attn.w_qkv_a.data_ptr()
+    assert torch.equal(attn.w_qkv_a[32:], attn.kv_a_proj_with_mqa.weight)
+    mlp = ref.model.layers[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == mlp.w_gate_up.data_ptr()
+    assert torch.equal(mlp.w_gate_up[96:], mlp.up_proj.weight)
+
+
+# --------------------------------------------------------------------------- op counts
+# torch compute ops per decoder layer of a pure decode step (kernel path), measured with the
+# dispatcher (views and allocations excluded; each Triton launch and the routed experts count
+# one). Update these when a change removes ops; a change that adds ops fails here.
+OP_BUDGET = {"dense": 16, "moe": 20}
+
+
+def count_decode_ops(model, pool, cfg, force: bool):
+    """Per decoder layer: Counter of op names on one decode step of 4 sequences."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    current = {"layer": None}
+    counts: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if (current["layer"] is not None and not func.is_view
+                    and name not in ("empty", "empty_strided", "empty_like", "lift_fresh",
+                                     "detach", "alias")):
+                counts[current["layer"]][name] += 1
+            return func(*args, **(kwargs or {}))
+
+    def opaque(fn, label):
+        def run(*a, **k):
+            if current["layer"] is not None:
+                counts[current["layer"]][label] += 1
+            with _disable_current_modes():
+                return fn(*a, **k)
+        return run
+
+    patches = [(nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
+               (routing_mod, "moe_routing"), (kvs_mod, "kv_store"), (mla_mod, "mla_decode")]
+    saved = [(m, n, getattr(m, n)) for m, n in patches]
+    hooks = []
+    try:
+        for m, n, fn in saved:
+            setattr(m, n, opaque(fn, "triton:" + n))
+        for i, layer in enumerate(model.model.layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda mod, a, i=i: current.update(layer=i)))
+            hooks.append(layer.register_forward_hook(lambda *a: current.update(layer=None)))
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.experts.forward = opaque(layer.mlp.experts.forward, "experts")
+        (pos, md), _ = pool.step([(s, 1) for s in range(4)], 4)
+        # no_grad, not inference_mode: under inference_mode composite ops (linear, einsum, to)
+        # reach the mode undecomposed; here they show as the ops that launch kernels
+        with torch.no_grad(), kernel_path.force_kernels(force), Count():
+            model.model(torch.arange(4), pos, pool.ref, md)
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+@cpu_only
+def test_decode_op_count_per_layer(capsys):
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.bfloat16, "cpu", seed=12)
+    pool = Pool(cfg, torch.bfloat16, "cpu", 13)
+    (pos, md), _ = pool.step([(s, 5 + s) for s in range(4)], 0)
+    ref(torch.arange(pos.shape[0]) % 256, pos, pool.ref, md)
+    (pos, md), _ = pool.step([(s, 1) for s in range(4)], 4)
+    with kernel_path.force_kernels():  # warm-up: one-time probes (router mm) stay uncounted
+        ref(torch.arange(4), pos, pool.ref, md)
+    totals = {}
+    for force in (False, True):
+        counts = count_decode_ops(ref, pool, cfg, force)
+        for kind, i in (("dense", 0), ("moe", 1)):
+            totals[(force, kind)] = sum(counts[i].values())
+            with capsys.disabled():
+                print(f"\n{'kernel' if force else 'reference'} {kind} layer: "
+                      f"{totals[(force, kind)]} ops {dict(counts[i])}")
+        if force:
+            assert counts[1]["triton:moe_routing"] == 1 and counts[1]["triton:mla_decode"] == 1
+    for kind, budget in OP_BUDGET.items():
+        assert totals[(True, kind)] <= budget, f"{kind}: {totals[(True, kind)]} > {budget}"
+        assert totals[(True, kind)] < totals[(False, kind)] / 2
+    assert isinstance(ref.model.layers[1], DecoderLayer)
