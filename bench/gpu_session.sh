@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# One device call: install the wheels the GPU machine lacks, run the GPU tests, then the
-# decode roofline bench and the kernel bench. Logs and JSON go to $OUT.
+# One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
+# atom_stream.kernels, then run the named sections, each under its own time limit, logging to
+# $OUT. Sections: tests | tests-engine | skinny | decode | profile | moe | fp8lin | attn | idle
+#   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
-# no pip install here: map kernels/ to atom_stream.kernels as the package build does
 [ -e atom_stream/kernels ] || ln -s ../kernels atom_stream/kernels
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-what=${1:-all}
-if [[ $what == all || $what == tests ]]; then
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py \
-      tests/test_kernels_moe.py tests/test_ep_kernels.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
-fi
-if [[ $what == all || $what == decode ]]; then
-  timeout 380 python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
-      --iters 10 --out "$OUT/decode.json" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
-fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+PY="python3 -m pytest -q -p no:cacheprovider -o addopts="
+sec() {  # sec NAME LIMIT_S COMMAND...: run, keep the log, print its tail
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc $(( $(date +%s) - t0 ))s"; grep -v Warning "$OUT/$name.log" | tail -${TAIL:-14}
+}
+sections=("$@"); [ ${#sections[@]} -eq 0 ] && sections=(tests decode)
+for what in "${sections[@]}"; do case $what in
+  tests) sec tests ${T_TESTS:-240} $PY -m gpu -x --maxfail=20 tests/test_skinny_gemm.py \
+      tests/test_model_kernels.py tests/test_gpu_engine.py tests/test_gpu_engine_core.py \
+      tests/test_kernels_norm_rope.py tests/test_fp8_linear.py tests/test_w4a8_kernel.py \
+      tests/test_kernels_moe.py tests/test_ep_kernels.py tests/test_quant_gpu.py ;;
+  skinny) sec skinny ${T_SKINNY:-150} python3 bench/skinny_gemm.py --out "$OUT/skinny-gemm-h200.json" ;;
+  decode) sec decode ${T_DECODE:-240} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
+      --batches "${BATCHES:-1,16,64,256}" --ctx "${CTX:-1024,8192}" --iters 10 --out "$OUT/decode.json" ;;
+  profile) sec profile ${T_PROFILE:-200} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
+      --batches 1,64 --ctx 1024 --iters 5 --profile --out "$OUT/decode-profile.json" ;;
+  moe) sec moe ${T_MOE:-240} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-w4a8,int4,mxfp4}" \
+      --budget-s 150 --out "$OUT/kernels-moe-h200.json" --sweep-out "$OUT/kernels-moe-sweep-h200.json" ;;
+  fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
+  idle) sec idle ${T_IDLE:-200} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
+      --batches 1,16,64 --ctx 1024 --steps 30 --modes "${MODES:-async,sync}" --out "$OUT/engine_idle.json" ;;
+  *) echo "unknown section $what" ;;
+esac; done
