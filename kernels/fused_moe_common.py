@@ -119,7 +119,7 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
         x = tl.load(Xp + x_row[None, :] + k[:, None], mask=x_ok[None, :], other=0.0)
         if ACT == 1:
             xf = x.to(tl.float32)
-            sa = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-4) / 448.0
+            sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-4), 448.0)
             xq = _round_e4m3(xf / sa[None, :]).to(tl.float8e4nv)
             d = tl.dot(w, xq)
             acc += d * s[:, None] * sa[None, :]

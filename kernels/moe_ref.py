@@ -39,6 +39,13 @@ import torch.nn.functional as F
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP8_MAX = 448.0
+
+
+def exact_div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c with IEEE division on every device. (On CUDA, torch turns division by a Python
+    scalar into multiplication by its reciprocal, which differs in the last bit for some x; the
+    kernels divide with div_rn, so references built this way match them bit for bit.)"""
+    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
 GROUP = 32  # int4 and MXFP4 group size along K
 CHUNK = 128  # K channels per repacked chunk
 
@@ -207,7 +214,7 @@ def quant_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     pn, pk = (-N) % block, (-K) % block
     wp = F.pad(w.float(), (0, pk, 0, pn))
     t = wp.unflatten(-1, (-1, block)).unflatten(-3, (-1, block))  # [.., nb, b, kb, b]
-    s = t.abs().amax(dim=(-3, -1)).clamp(min=1e-8) / FP8_MAX
+    s = exact_div(t.abs().amax(dim=(-3, -1)).clamp(min=1e-8), FP8_MAX)
     q = (t / s.unsqueeze(-1).unsqueeze(-3)).to(torch.float8_e4m3fn)
     return q.flatten(-4, -3).flatten(-2)[..., :N, :K].contiguous(), s
 
@@ -227,7 +234,7 @@ def qdq_fp8_act(x: torch.Tensor, group: int = 128) -> torch.Tensor:
     """DeepSeek dynamic activation quant per token and `group` channels: s = max(amax,1e-4)/448."""
     K = x.shape[-1]
     xf = F.pad(x.float(), (0, (-K) % group)).unflatten(-1, (-1, group))
-    s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX
+    s = exact_div(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4), FP8_MAX)
     return ((xf / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)[..., :K]
 
 
@@ -239,7 +246,7 @@ def quant_fp8_channel(w: torch.Tensor, per_tensor: bool = False):
     a = w.float().abs().amax(-1)
     if per_tensor:
         a = a.amax(-1)
-    s = (a / FP8_MAX).clamp(min=1e-12)
+    s = exact_div(a, FP8_MAX).clamp(min=1e-12)
     full = s[..., None, None] if per_tensor else s[..., None]
     return (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
 
@@ -253,7 +260,7 @@ def dequant_fp8_channel(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def qdq_fp8_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token e4m3 over the whole row, s = max(amax/448, 1e-12) (w4a8.py), float32."""
     xf = x.float()
-    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    s = exact_div(xf.abs().amax(-1, keepdim=True), FP8_MAX).clamp(min=1e-12)
     return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .kv_store import fp8_min_exp, fp8_round
+from .moe_ref import exact_div
 
 
 @triton.jit
@@ -172,7 +173,7 @@ def per_token_group_quant_fp8_ref(x, group=128, ue8m0=False, fp8_dtype=torch.flo
     fmax = torch.finfo(fp8_dtype).max
     pad = (-K) % group
     xf = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (-1, group))
-    s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / fmax
+    s = exact_div(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4), fmax)
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (xf / s).clamp(-fmax, fmax).to(fp8_dtype).flatten(-2)[..., :K]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
+from atom_stream.kernels.moe_ref import exact_div
 from atom_stream.layers.attention import fp8_dtype
 from atom_stream.layers.moe import moe_loop  # noqa: F401  (re-exported for the formats)
 from atom_stream.layers.parallel import TPInfo
@@ -241,7 +242,7 @@ def fp8_to_platform(w: torch.Tensor, scale: torch.Tensor | None = None,
 def fp8_qdq_per_token(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token FP8 e4m3: s = amax(row)/448, x -> fp8(x/s) * s."""
     xf = x.float()
-    s = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    s = exact_div(xf.abs().amax(-1, keepdim=True), FP8_MAX).clamp(min=1e-12)
     q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return (q.float() * s).to(x.dtype)
 
@@ -259,7 +260,7 @@ def fp8_qdq_group(x: torch.Tensor, group: int = 128, ue8m0: bool = False) -> tor
     n = x.shape[-1]
     pad = (-n) % group
     xf = F.pad(x.float(), (0, pad)).unflatten(-1, (-1, group))
-    s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX
+    s = exact_div(xf.abs().amax(-1, keepdim=True).clamp(min=1e-4), FP8_MAX)
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -313,13 +314,17 @@ def try_fused_moe(x, w13, w2, topk_weights, topk_ids, quant: str, **kw):
 
 def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
     """On GPUs, replace the checkpoint-layout 4-bit expert tensors by the fused-MoE kernel's
-    layout (still 4 bits/weight; kernels/fused_moe.repack_*_moe), one tensor at a time so the
+    layout (still 4 bits/weight; kernels/fused_moe.repack_*_moe), one layer at a time so the
     peak stays one layer's experts. The CPU keeps the checkpoint layout (reference path)."""
     w13 = getattr(experts, w13_name)
     if not w13.is_cuda or fused_moe_kernel() is None:
         return
-    for name in (w13_name, w2_name):
-        packed = repack(getattr(experts, name))
+    try:  # both first: a shape the kernel layout cannot tile leaves the layer untouched
+        packed = [repack(getattr(experts, name)) for name in (w13_name, w2_name)]
+    except ValueError as e:  # K not a multiple of 128 (tiny test models): the torch path
+        logger.info("experts kept in the checkpoint layout: %s", e)
+        return
+    for name, p in zip((w13_name, w2_name), packed):
         setattr(experts, name, None)
-        experts.register_buffer(name + "_kernel", packed)
+        experts.register_buffer(name + "_kernel", p)
     experts.kernel_layout = True

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from atom_stream.layers.quant.common import (
-    FP8, FP8_MAX, CheckpointError, LinearMethod, MoEMethod, copy_into, fp8_qdq_per_token,
-    fp8_qdq_static, fp8_to_platform, fused_moe_kernel, moe_loop, narrow_expert,
-    platform_fp8_dtype, proj_rows, swiglu_expert, tp_narrow,
+    FP8, FP8_MAX, CheckpointError, LinearMethod, MoEMethod, copy_into, exact_div,
+    fp8_qdq_per_token, fp8_qdq_static, fp8_to_platform, fused_moe_kernel, moe_loop,
+    narrow_expert, platform_fp8_dtype, proj_rows, swiglu_expert, tp_narrow,
 )
 
 REORDER = (0, 2, 4, 6, 1, 3, 5, 7)        # nibble i holds element REORDER[i]
@@ -65,7 +65,7 @@ def to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def amax_scale(*ws: torch.Tensor) -> torch.Tensor:
     amax = torch.stack([w.abs().amax() for w in ws]).amax()
-    return (amax / FP8_MAX).clamp(min=1e-12).float()
+    return exact_div(amax.float(), FP8_MAX).clamp(min=1e-12)
 
 
 _PIECES = ("weight", "weight_scale", "weight_scale_2")
