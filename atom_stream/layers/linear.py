@@ -53,12 +53,15 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
 
 
-SKINNY_MAX_M = 16  # decode batches up to this many rows use kernels/skinny_gemm.py on GPUs
+# Decode batches up to this many rows would use kernels/skinny_gemm.py on GPUs. Off (0): on the
+# H200 cuBLAS was as fast or faster at every decode projection shape but lm_head and q_b
+# (bench/skinny_gemm.py, bench/RESULTS.md); each of these small GEMMs is launch/latency-bound
+# (4-13 us for 0.5-30 MB), not bandwidth-bound. Kept for MI355, where it is untested.
+SKINNY_MAX_M = 0
 
 
 def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The Triton skinny GEMM serves GPU decode-size products (measured faster than cuBLAS's
-    split-K GEMMs: bench/skinny_gemm.py, bench/RESULTS.md); torch's F.linear elsewhere."""
+    """Whether x @ w^T goes to the Triton skinny GEMM (GPU, at most SKINNY_MAX_M rows)."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M and x.dtype == w.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
 
