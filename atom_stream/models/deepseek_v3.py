@@ -60,15 +60,22 @@ class MLP(nn.Module):
         """x [T, hidden] -> [T, hidden] (this rank's partial sum when reduce=False), plus `add`
         [T, hidden] when given (the kernel path folds it into the down GEMM's epilogue)."""
         if self.w_gate_up is not None and kernel_path.active(x):
-            gu = dense_linear(x, self.w_gate_up)
-            inter = self.w_gate_up.shape[0] // 2
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
-            down = self.down_proj
-            if add is not None and down.quant_method is None and not down.reduce:
-                return torch.addmm(add, act, down.weight.t())  # add + act @ W^T, one launch
-            y = down(act)
-        else:
-            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_add(self.act(x), add)
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if add is None else add + y
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernel path, first half: silu(gate(x)) * up(x) [T, inter] from one gate/up GEMM."""
+        gu = dense_linear(x, self.w_gate_up)
+        inter = self.w_gate_up.shape[0] // 2
+        return F.silu(gu[:, :inter]) * gu[:, inter:]
+
+    def down_add(self, act: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        """Kernel path, second half: down(act) (+ add, folded into the GEMM when possible)."""
+        down = self.down_proj
+        if add is not None and down.quant_method is None and not down.reduce:
+            return torch.addmm(add, act, down.weight.t())  # add + act @ W^T, one launch
+        y = down(act)
         return y if add is None else add + y
 
 
@@ -161,6 +168,16 @@ class MoE(nn.Module):
         bias = self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None
         E, G = cfg.n_routed_experts, cfg.n_group
         fast = kernel_path.active(x) and self.gate.weight_lp is not None
+        shared, side = self.shared_experts, None
+        if shared is not None and shared.w_gate_up is not None and x.is_cuda:
+            # GPU: the shared expert's gate/up GEMM + SiLU*mul run on a side stream while the
+            # router, routing and routed experts run here (each alone is latency-bound at
+            # decode sizes; CUDA/HIP graphs capture the fork/join); its down GEMM then adds
+            # the routed output in one addmm.
+            main, side = torch.cuda.current_stream(x.device), kernel_path.side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                act = shared.act(x)
         if fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2):
             from atom_stream.kernels.moe_routing import moe_routing
             logits = kernel_path.router_logits(x, self.gate.weight_lp, self.gate.weight)
@@ -177,8 +194,12 @@ class MoE(nn.Module):
         if self.record is not None:  # bench/decode.py: the routing actually taken
             self.record.append(ids)
         y = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            y = self.shared_experts(x, add=y)
+        if side is not None:  # join: the shared expert's first half ran beside the routing
+            main.wait_stream(side)
+            act.record_stream(main)
+            y = shared.down_add(act, y)
+        elif shared is not None:
+            y = shared(x, add=y)
         return all_reduce(y, self.tp)  # one reduction for routed + shared partial sums
 
 

@@ -84,3 +84,16 @@ def router_logits(x: torch.Tensor, weight_lp: torch.Tensor, weight_fp32: torch.T
     if _mm_fp32_out_ok(x.device, x.dtype):
         return torch.mm(x, weight_lp.t(), out_dtype=torch.float32)
     return F.linear(x.float(), weight_fp32)
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra stream per GPU for work that overlaps the main stream inside a layer (fork with
+    side.wait_stream(main), join with main.wait_stream(side); graphs capture both)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    s = _side_streams.get(idx)
+    if s is None:
+        s = _side_streams[idx] = torch.cuda.Stream(device=idx)
+    return s
