@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -76,6 +77,19 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _env_port() -> int | None:
+    """MASTER_PORT (torch.distributed's variable) as the --master-port default."""
+    value = os.environ.get("MASTER_PORT")
+    return int(value) if value and value.isdigit() else None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig.__dataclass_fields__
     g = p.add_argument_group("engine")
@@ -90,6 +104,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1,
                    help="accepted for ATOM compatibility; only 1 is supported")
     g.add_argument("--enable-expert-parallel", action="store_true")
+    # multi-node (engine/multinode.py, docs/MULTINODE.md); vLLM's and SGLang's spellings
+    g.add_argument("--nnodes", type=int, default=d["nnodes"].default)
+    g.add_argument("--node-rank", type=int, default=d["node_rank"].default)
+    g.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
+                   help="node 0's address (default: $MASTER_ADDR)")
+    g.add_argument("--master-port", type=int, default=_env_port(),
+                   help="rendezvous port on node 0 (default: $MASTER_PORT)")
+    g.add_argument("--dist-init-addr", type=_host_port, default=None,
+                   help="HOST:PORT, the same as --master-addr HOST --master-port PORT")
+    g.add_argument("--headless", action="store_true",
+                   help="nodes 1..nnodes-1: run this node's TP ranks only, no server")
     g.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"].default,
                    choices=["auto", "bf16", "fp8", "fp8_e4m3"])
     g.add_argument("--dtype", default=d["dtype"].default,
@@ -114,6 +139,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action="store_true", default=d["enable_prefix_caching"].default)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")
+    g.add_argument("--async-scheduling", dest="async_scheduling", action="store_true",
+                   default=None, help="schedule step N+1 before step N's tokens reach the host "
+                   "(default: on for a single rank)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g.add_argument("--max-waiting-requests", type=int,
                    default=d["max_waiting_requests"].default,
@@ -173,6 +202,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format="dummy" if args.load_dummy else args.load_format,
         trust_remote_code=args.trust_remote_code,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        async_scheduling=args.async_scheduling,
+        nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.dist_init_addr[0] if args.dist_init_addr else args.master_addr,
+        master_port=args.dist_init_addr[1] if args.dist_init_addr else args.master_port,
+        headless=args.headless,
         max_waiting_requests=args.max_waiting_requests,
         served_model_name=served[0] if served else None, chat_template=args.chat_template,
     )
@@ -214,6 +248,10 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve") ->
         server_config = server_config_from_args(args)
     except (ConfigError, ValueError) as e:
         p.error(str(e))
+    if engine_config.headless:  # a multi-node worker node: TP ranks only, no server
+        from atom_stream.engine.multinode import run_node
+
+        return run_node(engine_config)
     from atom_stream.server.app import run_server
 
     run_server(engine_config, server_config)

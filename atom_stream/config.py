@@ -264,6 +264,14 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    # multi-node TP (engine/multinode.py): this is node `node_rank` of `nnodes`, each hosting
+    # tensor_parallel_size / nnodes ranks; all rendezvous at master_addr:master_port (node 0).
+    # headless: this node runs TP ranks only (nodes 1..nnodes-1; node 0 runs the server)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    headless: bool = False
     kv_cache_dtype: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -283,6 +291,9 @@ class EngineConfig:
     served_model_name: str | None = None
     chat_template: str | None = None
     kv_cache_memory_bytes: int | None = None  # CPU: KV pool size in bytes when num_kv_blocks unset
+    # the CPU runs one step behind the device (engine/pipeline.py); None = on when the runner
+    # supports it (single rank), False = the synchronous loop
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -322,6 +333,37 @@ class EngineConfig:
                 raise bad("cudagraph_capture_sizes", "must be a non-empty list of positive ints")
         if not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
+        self._validate_nodes(bad)
+        if self.async_scheduling not in (None, True, False):
+            raise bad("async_scheduling", "must be true, false or null (auto)")
+
+    def _validate_nodes(self, bad) -> None:
+        """Multi-node fields (engine/multinode.py)."""
+        for name in ("nnodes", "node_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "nnodes" else 0):
+                raise bad(name, "must be a positive integer" if name == "nnodes"
+                          else "must be a non-negative integer")
+        if self.node_rank >= self.nnodes:
+            raise bad("node_rank", f"must be below nnodes ({self.nnodes})")
+        if self.headless and self.node_rank == 0:
+            raise bad("headless", "node 0 runs the server; --headless is for --node-rank >= 1")
+        if self.node_rank > 0 and not self.headless:
+            raise bad("node_rank", "nodes other than 0 run TP ranks only: add --headless")
+        if self.nnodes == 1:
+            return
+        if self.tensor_parallel_size % self.nnodes:
+            raise bad("nnodes", f"must divide tensor_parallel_size ({self.tensor_parallel_size})")
+        if self.data_parallel_size > 1:
+            raise bad("nnodes", "multi-node runs one TP engine (data_parallel_size 1); for data "
+                      "parallelism run one server per node")
+        if not self.master_addr:
+            raise bad("master_addr", "node 0's address is required with nnodes > 1 "
+                      "(--master-addr or MASTER_ADDR)")
+        if (not isinstance(self.master_port, int) or isinstance(self.master_port, bool)
+                or not 0 < self.master_port < 65536):
+            raise bad("master_port", "a TCP port is required with nnodes > 1 "
+                      "(--master-port or MASTER_PORT)")
 
     @property
     def is_demo(self) -> bool:

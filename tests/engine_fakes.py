@@ -9,6 +9,11 @@ computes what a request must produce alone. Seeded non-greedy requests draw from
 index, context), like the real sampler.
 
 `ScriptedRunner` emits fixed per-request token scripts (stop strings, UTF-8 tests).
+
+`FakeKVRunner(pipelined=True)` also offers the async-scheduling split (`supports_async`,
+`launch(batch, prev)` / `collect(handle)`, see model_runner.py): a decode input that is still a
+PLACEHOLDER is taken from `prev`'s sampled ids (a missing or wrong `prev` raises), like the
+device gather of the real runner. `execute` is `collect(launch(batch))` in both modes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 
 from atom_stream.config import ModelConfig
-from atom_stream.engine.sequence import ScheduledBatch, StepOutput
+from atom_stream.engine.sequence import PLACEHOLDER, ScheduledBatch, StepOutput
 from atom_stream.models.demo import DEMO_CONFIG
 
 DEMO_MODEL_CONFIG = ModelConfig.from_dict(DEMO_CONFIG)
@@ -44,9 +49,18 @@ def next_token(context: list[int], seed: int | None, out_index: int, eos_every: 
     return h % 250  # plain byte ids, never a special token by accident
 
 
+class FakeHandle:
+    """A launched fake step: the sampled ids (`rows`: Sequence -> index) and logprobs."""
+
+    def __init__(self, token_ids: list[int], rows: dict, logprobs: list | None):
+        self.token_ids = token_ids
+        self.rows = rows
+        self.logprobs = logprobs
+
+
 class FakeKVRunner:
     def __init__(self, num_kv_blocks: int = 64, block_size: int = 16, *, eos_every: int = 0,
-                 delay: float = 0.0, max_position: int = 4096):
+                 delay: float = 0.0, max_position: int = 4096, pipelined: bool = False):
         self.model_config = dataclasses.replace(DEMO_MODEL_CONFIG,
                                                 max_position_embeddings=max_position)
         self.num_kv_blocks = num_kv_blocks
@@ -57,7 +71,10 @@ class FakeKVRunner:
         self.corruptions = 0
         self.steps = 0
         self.fail_next = 0  # raise in the next N execute() calls
-        self.fail_if = None  # callable(batch) -> bool: raise for this batch
+        self.fail_if = None  # callable(batch) -> bool: raise for this batch (in launch)
+        self.fail_collect_if = None  # callable(handle) -> bool: raise in collect
+        self.supports_async = pipelined
+        self.pending_inputs = 0  # decode inputs taken from the previous handle (pipelined)
         self.threads: set[str] = set()
         self.shut = False
 
@@ -68,6 +85,15 @@ class FakeKVRunner:
         return p.seed if p.seed is not None else 12345
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
+        return self.collect(self.launch(batch))
+
+    def collect(self, handle: FakeHandle) -> StepOutput:
+        self.threads.add(threading.current_thread().name)
+        if self.fail_collect_if is not None and self.fail_collect_if(handle):
+            raise RuntimeError("injected collect failure")
+        return StepOutput(token_ids=list(handle.token_ids), logprobs=handle.logprobs)
+
+    def launch(self, batch: ScheduledBatch, prev: FakeHandle | None = None) -> FakeHandle:
         self.threads.add(threading.current_thread().name)
         self.steps += 1
         if self.fail_next:
@@ -80,22 +106,32 @@ class FakeKVRunner:
         bs = self.block_size
         kv = self.kv
         out = []
+        rows = {}
         logprobs = []
         any_lp = False
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+        for i, (seq, n, sample) in enumerate(zip(batch.seqs, batch.num_new_tokens,
+                                                 batch.sample)):
             start = seq.num_computed_tokens
             table = seq.block_table
             assert len(table) * bs >= start + n, "block table too short"
+            known = seq.token_ids[:start + n]
+            if PLACEHOLDER in known[start:]:  # the previous step's token, "on the device"
+                assert i < batch.num_decodes and n == 1, "placeholder outside a decode"
+                assert prev is not None, "pending input without the previous handle"
+                known[start] = prev.token_ids[prev.rows[seq]]
+                self.pending_inputs += 1
+            assert PLACEHOLDER not in known, "placeholder in the context"
             for p in range(start, start + n):
-                kv[table[p // bs] * bs + p % bs] = (seq.token_ids[p], p)
+                kv[table[p // bs] * bs + p % bs] = (known[p], p)
             if not sample:
                 continue
             ctx = [kv[table[p // bs] * bs + p % bs] for p in range(start + n)]
             toks = []
             for p, e in enumerate(ctx):
-                if e is None or e[1] != p or e[0] != seq.token_ids[p]:
+                if e is None or e[1] != p or e[0] != known[p]:
                     self.corruptions += 1
                 toks.append(-1 if e is None else e[0])
+            rows[seq] = len(out)
             out.append(next_token(toks, self._seed(seq), seq.num_output_tokens, self.eos_every))
             k = seq.params.logprobs
             if k is not None:
@@ -103,7 +139,7 @@ class FakeKVRunner:
                 logprobs.append((-0.5, [(out[-1], -0.5)] * k))
             else:
                 logprobs.append(None)
-        return StepOutput(token_ids=out, logprobs=logprobs if any_lp else None)
+        return FakeHandle(out, rows, logprobs if any_lp else None)
 
     def reference(self, prompt: list[int], max_tokens: int, seed: int | None = None,
                   ignore_eos: bool = False) -> list[int]:

@@ -156,16 +156,23 @@ def test_reader_that_never_reads_does_not_slow_others(srv):
 
 def test_injected_step_exception_fails_only_that_step(srv):
     core = srv.engine.core
-    real = core.execute
+    real_execute, real_launch = core.execute, core.launch
     armed = threading.Event()
 
-    def flaky(batch):
+    def fault():
         if armed.is_set():
             armed.clear()
             raise RuntimeError("injected GPU fault")
-        return real(batch)
 
-    core.execute = flaky
+    def flaky_execute(batch):  # the synchronous loop
+        fault()
+        return real_execute(batch)
+
+    def flaky_launch(batch, prev=None):  # the async-scheduling loop
+        fault()
+        return real_launch(batch, prev)
+
+    core.execute, core.launch = flaky_execute, flaky_launch
     try:
         # a long request runs first; the fault hits a step it is part of
         with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream(
@@ -182,7 +189,7 @@ def test_injected_step_exception_fails_only_that_step(srv):
         assert _timed_completion(srv.url) > 0
         assert httpx.get(srv.url + "/health").status_code == 200
     finally:
-        core.execute = real
+        core.execute, core.launch = real_execute, real_launch
     s = srv.wait_idle()
     assert s["used_blocks"] == 0 and not s["is_dead"], s
 

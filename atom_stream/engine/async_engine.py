@@ -11,6 +11,12 @@ model runs) -> `postprocess()` on the loop thread -> push deltas into the reques
 state is touched only on the loop thread, and never while a batch executes: an abort that arrives
 mid-step is applied as soon as the step returns (blocks freed then; no new step reads them).
 
+With async scheduling (`core.async_scheduling`, engine/pipeline.py) an iteration is: [drain] ->
+schedule N+1 -> `runner.launch(N+1, prev=N)` in the executor (returns once the device work is
+enqueued) -> commit N+1 -> `runner.collect(N)` in the executor (waits for N's CUDA event, off the
+loop) -> postprocess N on the loop while the device runs N+1 -> deliver. Aborts are deferred only
+while `launch` runs (it reads the sequences); `collect` reads only its handle.
+
 Streams: each request has one output slot holding at most one RequestOutput; when the consumer
 lags, later deltas MERGE into it (vLLM's RequestOutputCollector), so memory is bounded and the
 engine never waits for a reader. Breaking out of `async for` (the generator is closed), cancelling
@@ -301,32 +307,82 @@ class AsyncEngine:
         if not self._core.requests:
             self._idle.set()
 
+    async def _step_sync(self, core: LLMEngine) -> None:
+        batch = core.schedule()
+        if not batch.seqs:  # nothing schedulable now; never spin the loop
+            await asyncio.sleep(0.001)
+            return
+        self._in_step = True
+        try:
+            step_out = await asyncio.get_running_loop().run_in_executor(
+                self._executor, core.execute, batch)
+        except Exception as e:  # noqa: BLE001 - fails this batch's requests only
+            outputs = core.fail(batch, e)
+        else:
+            outputs = core.postprocess(batch, step_out)
+        finally:
+            self._in_step = False
+        for out in outputs:
+            self._deliver(out)
+
+    async def _step_pipelined(self, core: LLMEngine) -> None:
+        """Schedule and launch N+1, then collect and postprocess N (engine/pipeline.py)."""
+        pipe = core.pipeline
+        if pipe.must_drain():
+            await self._collect(pipe.take())
+        prev = pipe.take()
+        batch = core.schedule()
+        error: Exception | None = None
+        if batch.seqs:
+            self._in_step = True  # launch reads the sequences: defer aborts
+            try:
+                handle = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, core.launch, batch,
+                    prev.handle if prev is not None else None)
+            except Exception as e:  # noqa: BLE001 - fails this batch's requests only
+                error = e
+            else:
+                pipe.launched(batch, handle)
+            finally:
+                self._in_step = False
+        if prev is not None:
+            await self._collect(prev)  # the device runs N+1 meanwhile
+        if error is not None:
+            for out in core.fail(batch, error):
+                self._deliver(out)
+        if not batch.seqs and prev is None:  # nothing schedulable now; never spin the loop
+            await asyncio.sleep(0.001)
+
+    async def _collect(self, inflight) -> None:
+        """Collect a launched step in the executor (waits for its event off the loop), then
+        postprocess it on the loop and deliver. Aborts may run meanwhile: `collect` reads only
+        the handle, and a row of a request that ended is discarded."""
+        if inflight is None:
+            return
+        core = self._core
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._executor, core.collect, inflight.handle)
+        except Exception as e:  # noqa: BLE001 - fails that step's requests only
+            out = e
+        for o in core.pipeline.finish(inflight, out):
+            self._deliver(o)
+
     async def _run(self) -> None:
         core = self._core
-        loop = asyncio.get_running_loop()
         wakeup = self._wakeup
+        pipelined = core.async_scheduling
         try:
             while not self._stopping:
-                if not core.requests:
+                if not core.requests and core.pipeline.inflight is None:
                     self._idle.set()
                     wakeup.clear()
                     await wakeup.wait()
                     continue
-                batch = core.schedule()
-                if not batch.seqs:  # nothing schedulable now; never spin the loop
-                    await asyncio.sleep(0.001)
-                    continue
-                self._in_step = True
-                try:
-                    step_out = await loop.run_in_executor(self._executor, core.execute, batch)
-                except Exception as e:  # noqa: BLE001 - fails this batch's requests only
-                    outputs = core.fail(batch, e)
+                if pipelined:
+                    await self._step_pipelined(core)
                 else:
-                    outputs = core.postprocess(batch, step_out)
-                finally:
-                    self._in_step = False
-                for out in outputs:
-                    self._deliver(out)
+                    await self._step_sync(core)
                 if self._pending_aborts:
                     aborts, self._pending_aborts = self._pending_aborts, []
                     for rid in aborts:
@@ -335,6 +391,7 @@ class AsyncEngine:
                     raise EngineDeadError(f"the model runner died: {core.runner.dead}")
                 self._check_idle()
                 await asyncio.sleep(0)  # let consumers, new requests and aborts in
+            await self._collect(core.pipeline.take())  # stopping: nothing left on the device
         except asyncio.CancelledError:
             raise
         except BaseException as e:
@@ -344,6 +401,7 @@ class AsyncEngine:
             err = e if isinstance(e, EngineDeadError) else EngineDeadError(
                 f"the engine loop died: {type(e).__name__}: {e}")
             with contextlib.suppress(Exception):
+                core.pipeline.take()  # drop an in-flight step (its requests are aborted next)
                 core.abort_all()
             for slot in self._slots.values():
                 slot.fail(err)

@@ -15,7 +15,12 @@ in its worker thread) -> `postprocess(batch, output)`:
 
 An exception from `execute` fails exactly the sequences of that batch (finish_reason "error",
 the message in `error`) and frees their blocks; later steps go on. `abort(id)` frees at once; the
-caller (AsyncEngine) defers it while a batch is in flight.
+caller (AsyncEngine) defers it while the runner reads the sequences (execute / launch).
+
+Async scheduling (`async_scheduling`, engine/pipeline.py): the runner's `launch`/`collect` split
+lets step N+1 be scheduled and launched before step N is postprocessed; `postprocess(...,
+committed=True)` then finds N already committed and overwrites placeholders instead of appending.
+`step()` stays synchronous (it drains the pipeline first); `pipeline.step()` is the pipelined one.
 
 A request's length is capped at `max_model_len = min(config/model limit, pool capacity)`, so a
 single sequence always fits the KV pool (no livelock under preemption) and a prompt that could
@@ -32,6 +37,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.block_manager import BlockManager
 from atom_stream.engine.metrics import EngineMetrics
 from atom_stream.engine.outputs import RequestOutput, Usage
+from atom_stream.engine.pipeline import Pipeline
 from atom_stream.engine.scheduler import Scheduler
 from atom_stream.engine.sequence import ScheduledBatch, Sequence, StepOutput
 from atom_stream.errors import InvalidRequestError, PromptTooLongError
@@ -111,6 +117,13 @@ class LLMEngine:
         self.metrics = EngineMetrics(name)
         self.requests: dict[str, _Request] = {}
         self._seen_preemptions = 0
+        supported = bool(getattr(runner, "supports_async", False))
+        want = config.async_scheduling
+        if want and not supported:
+            logger.warning("async_scheduling: this runner (tensor parallel?) has no launch/"
+                           "collect split; using the synchronous loop")
+        self.async_scheduling = supported if want is None else bool(want and supported)
+        self.pipeline = Pipeline(self)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -118,7 +131,7 @@ class LLMEngine:
         return bool(getattr(self.runner, "dead", None))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.pipeline.inflight is not None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None) -> Sequence:
@@ -163,12 +176,15 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a live request now, freeing its blocks. Returns its final ("abort") delta, or
-        None if the id is not live. Never call while a batch is executing."""
+        None if the id is not live. Never call while the runner reads the sequences (`execute`,
+        `launch`); while a launched step is only in flight (async scheduling) it is safe: its
+        uncollected tokens are dropped and its row of that step is discarded."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         seq = req.seq
         self.scheduler.finish(seq, "abort")
+        seq.drop_placeholders()
         now = time.monotonic()
         self.metrics.request_finished("abort", now - seq.arrival_time)
         self._record_step(0, 0, {}, now)  # gauges reflect the freed blocks at once
@@ -188,10 +204,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """One synchronous step: schedule, execute, postprocess."""
+        """One synchronous step: schedule, execute, postprocess. If a pipelined step is in
+        flight, this call only collects and postprocesses it."""
+        if self.pipeline.inflight is not None:
+            return self.pipeline.drain()
         batch = self.schedule()
         if not batch.seqs:
-            self._record_step(0, 0, {}, time.monotonic())
+            self.record_idle_step()
             return []
         try:
             out = self.execute(batch)
@@ -210,6 +229,17 @@ class LLMEngine:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         return self.runner.execute(batch)
 
+    def launch(self, batch: ScheduledBatch, prev: Any = None) -> Any:
+        """Async scheduling: enqueue `batch` (runner.launch; `prev` = the in-flight handle)."""
+        return self.runner.launch(batch, prev)
+
+    def collect(self, handle: Any) -> StepOutput:
+        """Async scheduling: wait for a launched step's results (blocking; off the loop)."""
+        return self.runner.collect(handle)
+
+    def record_idle_step(self) -> None:
+        self._record_step(0, 0, {}, time.monotonic())
+
     def fail(self, batch: ScheduledBatch, exc: BaseException) -> list[RequestOutput]:
         """Fail the sequences of `batch` after its step raised `exc`."""
         logger.error("engine step failed for %d requests: %r", len(batch.seqs), exc,
@@ -218,16 +248,22 @@ class LLMEngine:
         outputs = []
         now = time.monotonic()
         for seq in batch.seqs:
-            req = self.requests.pop(seq.request_id, None)
-            if req is None:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.seq is not seq:  # ended already (the id may be reused)
                 continue
+            del self.requests[seq.request_id]
             self.scheduler.finish(seq, "error")
+            seq.drop_placeholders()
             self.metrics.request_finished("error", now - seq.arrival_time)
             outputs.append(self._final(req, [], "", "error", None, error=msg))
         self._record_step(0, 0, {}, now)
         return outputs
 
-    def postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
+    def postprocess(self, batch: ScheduledBatch, out: StepOutput,
+                    committed: bool = False) -> list[RequestOutput]:
+        """Apply a step's output. `committed`: the batch was committed at launch (async
+        scheduling): counts are not advanced again and sampled tokens overwrite the oldest
+        placeholder; a sequence that ended meanwhile has its row discarded."""
         now = time.monotonic()
         bm = self.block_manager
         caching = bm.enable_prefix_caching
@@ -244,13 +280,21 @@ class LLMEngine:
         n_prompt = 0
         j = 0
         for i, seq in enumerate(batch.seqs):
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            if caching and seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * bs:
-                bm.register_computed(seq)
             req = requests.get(seq.request_id)
-            if req is None:  # ended while the step ran (cannot happen when aborts are deferred)
-                j += batch.sample[i]
-                continue
+            if committed:
+                seq.num_uncollected -= batch.num_new_tokens[i]
+                if req is None or req.seq is not seq:  # ended while in flight: discard the row
+                    j += batch.sample[i]
+                    continue
+                if caching:
+                    self._register_collected(seq)
+            else:
+                seq.num_computed_tokens += batch.num_new_tokens[i]
+                if caching and seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * bs:
+                    bm.register_computed(seq)
+                if req is None or req.seq is not seq:  # ended while the step ran (cannot
+                    j += batch.sample[i]               # happen when aborts are deferred)
+                    continue
             if plps is not None and i in plps and not req.sent_first:
                 if req.prompt_logprobs is None:
                     req.prompt_logprobs = []
@@ -261,7 +305,15 @@ class LLMEngine:
             lp = lps[j] if lps is not None else None
             j += 1
             token_ids = seq.token_ids
-            token_ids.append(tok)
+            if committed:
+                assert seq.num_placeholders > 0, seq
+                pos = len(token_ids) - seq.num_placeholders  # the oldest placeholder
+                token_ids[pos] = tok
+                seq.num_placeholders -= 1
+                n_known = pos + 1
+            else:
+                token_ids.append(tok)
+                n_known = len(token_ids)
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 ttft.observe(now - seq.arrival_time)
@@ -272,7 +324,7 @@ class LLMEngine:
             seq.last_token_time = now
 
             params = seq.params
-            nout = len(token_ids) - seq.num_prompt_tokens
+            nout = n_known - seq.num_prompt_tokens
             reason = None
             stop_reason = None
             hide = False
@@ -283,7 +335,7 @@ class LLMEngine:
                 if tok not in seq.eos_token_ids:
                     stop_reason = tok
                 hide = not params.include_stop_str_in_output
-            elif nout >= seq.max_tokens or len(token_ids) >= max_len:
+            elif nout >= seq.max_tokens or n_known >= max_len:
                 reason = "length"
 
             text = ""
@@ -311,6 +363,7 @@ class LLMEngine:
             else:
                 seq.finish_reason = reason
                 seq.stop_reason = stop_reason
+                seq.drop_placeholders()  # a launched next step's token is wasted, never shown
                 o = self._final(req, [tok], text, reason, stop_reason)
                 finished.append(req)
             if lp is not None:
@@ -324,6 +377,21 @@ class LLMEngine:
             self.metrics.request_finished(seq.finish_reason, now - seq.arrival_time)
         self._record_step(n_prompt, j, itl, now)
         return outputs
+
+    def _register_collected(self, seq: Sequence) -> None:
+        """Register the full blocks computed by COLLECTED steps only (not the launched one's:
+        if it failed, garbage KV would be served from the cache). All their tokens are known."""
+        n = seq.num_computed_tokens
+        done = n - seq.num_uncollected
+        if done < (seq.num_registered_blocks + 1) * self.block_size:
+            return
+        # register_computed reads num_computed_tokens; set it for the call (loop thread only,
+        # and no runner call reads the sequences now)
+        seq.num_computed_tokens = done
+        try:
+            self.block_manager.register_computed(seq)
+        finally:
+            seq.num_computed_tokens = n
 
     def _record_step(self, n_prompt: int, n_gen: int, itl: dict[float, int], now: float) -> None:
         m = self.metrics

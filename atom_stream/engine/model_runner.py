@@ -4,6 +4,16 @@ Contract (engine core <-> runner): `execute(batch) -> StepOutput` is blocking an
 one worker thread; it reads the sequences (tokens, computed counts, block tables, params) and
 never mutates them. On the CPU it runs the torch reference paths in the worker thread (torch
 releases the GIL), so the event loop stays responsive.
+
+Async scheduling (single rank, `supports_async`): `execute` = `collect(launch(batch))`.
+- `launch(batch, prev) -> StepHandle` reads the sequences (only while it runs: the caller keeps
+  them unchanged meanwhile), enqueues the forward and the sampler, and returns without waiting
+  for the device. Decode rows whose input is a `PLACEHOLDER` (the token `prev` sampled, not yet
+  on the host) take it from `prev.token_ids` with a gather on the device: no host sync. The
+  sampled ids (and logprobs) are copied to pinned host memory with non_blocking copies, then a
+  CUDA event is recorded. On the CPU the forward runs synchronously inside `launch`.
+- `collect(handle) -> StepOutput` waits for that event (call it off the event loop) and does the
+  `.tolist()` work. It reads only the handle, never a sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +40,23 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not given
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A launched step. `rows`: each sampled Sequence -> its row of `token_ids` [n] int64 (on the
+    device; the next launch gathers pending inputs from it). `host_ids`/`logprobs`/`prompt` are
+    host copies, complete once `event` (None on the CPU) has fired; `lp_ks[j]` is row j's
+    `params.logprobs`; `prompt` holds (batch index, k, chosen [m], top values [m, k] | None,
+    top ids [m, k] | None) per prompt-logprob range."""
+
+    rows: dict = dataclasses.field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
+    host_ids: torch.Tensor | None = None
+    logprobs: tuple | None = None
+    lp_ks: list = dataclasses.field(default_factory=list)
+    prompt: list = dataclasses.field(default_factory=list)
+    event: object = None
 
 
 class StepInputs(msgspec.Struct, array_like=True):
@@ -245,14 +272,21 @@ class ModelRunner:
             num_decodes=batch.num_decodes, tables=tables.tobytes(), max_blocks=max_blocks,
             logit_rows=rows, prompt_ranges=prompt_ranges, use_graph=use_graph)
 
+    def _put(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+            else t
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of device tensor t that completes asynchronously (pinned memory, ready
+        once an event recorded after it fires); t itself on the CPU."""
+        if t.device.type == "cpu":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
     def _to_device(self, inp: StepInputs):
-        dev = self.device
-        pin = dev.type == "cuda"
-
-        def put(arr: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(arr)
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
-
+        put = self._put
         tables = np.frombuffer(inp.tables, dtype=np.int32).reshape(len(inp.seq_lens),
                                                                     inp.max_blocks)
         md = AttentionMetadata(
@@ -264,11 +298,43 @@ class ModelRunner:
         positions = put(np.frombuffer(inp.positions, dtype=np.int64).copy())
         return ids, positions, md
 
-    @torch.inference_mode()
     def run_inputs(self, inp: StepInputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Every TP rank runs this on the same inputs (collectives inside). Returns the logits of
         `logit_rows` [N, V] (None if none) and the logits of each prompt-logprob range."""
+        return self._run(inp, None)
+
+    @property
+    def supports_async(self) -> bool:
+        """launch/collect with device-side inputs: a single rank only (TP ranks get the input
+        ids in the broadcast StepInputs, so they must be on the host)."""
+        return self.broadcast is None
+
+    def _pending_rows(self, batch: ScheduledBatch, inp: StepInputs, prev: StepHandle | None):
+        """(flat rows, rows of prev.token_ids, prev.token_ids) for the inputs that are still
+        PLACEHOLDERs, or None. Only decodes (flat row == batch index) may have one."""
+        ids = np.frombuffer(inp.ids, dtype=np.int64)
+        rows = np.flatnonzero(ids < 0)
+        if not rows.size:
+            return None
+        if prev is None or prev.token_ids is None:
+            raise RuntimeError("a decode input is still on the device but no previous step "
+                               "was given")
+        if int(rows[-1]) >= batch.num_decodes:
+            raise RuntimeError("a pending input token outside the decode rows")
+        try:
+            src = [prev.rows[batch.seqs[r]] for r in rows.tolist()]
+        except KeyError:
+            raise RuntimeError("a pending input token was not sampled by the previous step") \
+                from None
+        return rows, np.asarray(src, dtype=np.int64), prev.token_ids
+
+    @torch.inference_mode()
+    def _run(self, inp: StepInputs, pending) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         ids, positions, md = self._to_device(inp)
+        if pending is not None:
+            rows, src, prev_ids = pending
+            # on the device, stream-ordered after the previous step's sampler: no host sync
+            ids.index_copy_(0, self._put(rows), prev_ids.index_select(0, self._put(src)))
         if inp.use_graph:
             B = self.graphs.load_inputs(ids, positions, md.slot_mapping, md.decode_seq_lens,
                                         md.block_tables)
@@ -280,55 +346,84 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inp.logit_rows]) if inp.logit_rows else None
         return logits, prompt_logits
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue one step (see the module docstring); `prev`: the previous step's handle when
+        some decode inputs are its uncollected tokens."""
         from atom_stream.layers.sampler import SamplingMetadata
 
         inp = self.build_inputs(batch)
+        pending = self._pending_rows(batch, inp, prev)
         if self.broadcast is not None:
+            if pending is not None:
+                raise RuntimeError("async scheduling needs a single rank")
             self.broadcast(inp)
-        logits, prompt_logits = self.run_inputs(inp)
-        prompt_lps = self._prompt_logprobs(batch, inp, prompt_logits)
-        sampled = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
-        if logits is None:
-            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
-        if self.sampler is None:
-            from atom_stream.layers.sampler import Sampler
-            self.sampler = Sampler(seed=self.config.seed)
-        meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
-        out = self.sampler(logits, meta)
-        token_ids = out.token_ids.tolist()
-        logprobs = None
-        if out.logprobs is not None:
-            lp, top_ids, top_lps = (t.tolist() for t in out.logprobs)
-            logprobs = []
-            for j, seq in enumerate(sampled):
-                k = seq.params.logprobs
-                logprobs.append(None if k is None else
-                                (lp[j], list(zip(top_ids[j][:k], top_lps[j][:k]))))
-        return StepOutput(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt_lps)
+        logits, prompt_logits = self._run(inp, pending)
+        handle = StepHandle(prompt=self._prompt_logprobs(batch, inp, prompt_logits))
+        if logits is not None:
+            sampled = [seq for seq, s in zip(batch.seqs, batch.sample) if s]
+            if self.sampler is None:
+                from atom_stream.layers.sampler import Sampler
+                self.sampler = Sampler(seed=self.config.seed)
+            meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
+            out = self.sampler(logits, meta)
+            handle.rows = {seq: j for j, seq in enumerate(sampled)}
+            handle.token_ids = out.token_ids
+            handle.host_ids = self._to_host(out.token_ids)
+            if out.logprobs is not None:
+                handle.logprobs = tuple(self._to_host(t) for t in out.logprobs)
+                handle.lp_ks = [seq.params.logprobs for seq in sampled]
+        if self.device.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        return handle
 
-    @staticmethod
-    def _prompt_logprobs(batch: ScheduledBatch, inp: StepInputs,
-                         prompt_logits: list[torch.Tensor]) -> dict[int, list] | None:
+    def collect(self, handle: StepHandle) -> StepOutput:
+        """Wait for the step's host copies (blocking: call it off the event loop) and convert
+        them. Reads only `handle`."""
+        if handle.event is not None:
+            handle.event.synchronize()
+        prompt_lps = None
+        if handle.prompt:
+            prompt_lps = {}
+            for i, k, chosen, top_v, top_i in handle.prompt:
+                c = chosen.tolist()
+                if k:
+                    tv, ti = top_v.tolist(), top_i.tolist()
+                    prompt_lps[i] = [(c[j], list(zip(ti[j], tv[j]))) for j in range(len(c))]
+                else:
+                    prompt_lps[i] = [(x, []) for x in c]
+        if handle.host_ids is None:
+            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
+        logprobs = None
+        if handle.logprobs is not None:
+            lp, top_ids, top_lps = (t.tolist() for t in handle.logprobs)
+            logprobs = [None if k is None else (lp[j], list(zip(top_ids[j][:k], top_lps[j][:k])))
+                        for j, k in enumerate(handle.lp_ks)]
+        return StepOutput(token_ids=handle.host_ids.tolist(), logprobs=logprobs,
+                          prompt_logprobs=prompt_lps)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, inp: StepInputs,
+                         prompt_logits: list[torch.Tensor]) -> list:
         """For sequences asking prompt_logprobs: for each chunk position p with p+1 in the prompt,
-        (logprob of prompt token p+1, top-k [(id, logprob)]). Keyed by batch index."""
-        if not inp.prompt_ranges:
-            return None
-        result: dict[int, list] = {}
+        the logprob of prompt token p+1 and the top k, as StepHandle.prompt entries (host copies
+        in flight; `collect` builds the (logprob, [(id, logprob)]) lists keyed by batch index)."""
+        result = []
         for (i, _, n), logits in zip(inp.prompt_ranges, prompt_logits):
             seq = batch.seqs[i]
             k = seq.params.prompt_logprobs
             start = seq.num_computed_tokens
             lps = torch.log_softmax(logits, dim=-1)
             targets = torch.tensor(seq.token_ids[start + 1:start + 1 + n], device=lps.device)
-            chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
+            chosen = self._to_host(lps.gather(1, targets[:, None])[:, 0])
+            top_v = top_i = None
             if k:
-                top_v, top_i = lps.topk(k, dim=-1)
-                result[i] = [(chosen[j], list(zip(top_i[j].tolist(), top_v[j].tolist())))
-                             for j in range(n)]
-            else:
-                result[i] = [(c, []) for c in chosen]
+                top = lps.topk(k, dim=-1)
+                top_v, top_i = self._to_host(top.values), self._to_host(top.indices)
+            result.append((i, k, chosen, top_v, top_i))
         return result
 
     def shutdown(self) -> None:

@@ -20,6 +20,13 @@ because the engine caps a request's length at the pool's capacity, so there is n
 
 The scheduler never touches a sequence while a batch is executing: the engine core applies
 `finish`/`abort` between steps.
+
+Async scheduling (engine/pipeline.py): the previous step is committed but not yet collected, so
+a decode's input may be a placeholder (its value is still on the device); it is scheduled and
+allocated like any decode. A sequence whose uncollected token is its last by count
+(`final_token_pending`: max_tokens / max_model_len) is never scheduled again, and a waiting
+sequence that still holds a placeholder (preempted right after being launched) is not admitted
+until the engine has written that token.
 """
 
 from __future__ import annotations
@@ -123,6 +130,8 @@ class Scheduler:
             if len(seq.token_ids) - nc != 1:
                 has_prefill = True
                 continue
+            if seq.final_token_pending:  # finishes when its step is collected: no wasted slot
+                continue
             if (nc >= len(seq.block_table) * bs and not bm.allocate(seq, 1)
                     and not self._make_room(seq, scheduled, preempted, state, lambda b: 1)):
                 continue
@@ -157,6 +166,8 @@ class Scheduler:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 seq = waiting[0]
+                if seq.num_placeholders:  # its prompt+outputs are not all on the host yet
+                    break
                 first_admission = seq.num_preemptions == 0
                 cached = 0
                 if seq.params.prompt_logprobs is None:  # prompt logprobs need every position

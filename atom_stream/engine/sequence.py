@@ -5,6 +5,14 @@ A `Sequence` is one generation stream (one choice of one request). Its tokens ar
 (prefix-cache hits included). The scheduler hands the runner a `ScheduledBatch`: for each sequence,
 the next `num_new_tokens` tokens starting at `num_computed_tokens`. The runner returns one sampled
 token for each sequence whose chunk reaches the end of its known tokens (`sample[i]`).
+
+Async scheduling (engine/pipeline.py): a launched step is committed at once (its tokens counted
+in `num_computed_tokens`, each token it samples appended as a `PLACEHOLDER` entry), so the next
+step is scheduled before this one's sampled ids reach the host. `token_ids` may therefore end in
+`num_placeholders` (0-2) placeholders, the oldest first; postprocessing overwrites the oldest
+one with the real id. Everything that counts tokens (block allocation, seeded output index,
+max_tokens) counts them; nothing reads their values on the host (the runner takes them from the
+previous step's device tensor).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from atom_stream.sampling_params import SamplingParams
+
+PLACEHOLDER = -1  # token_ids entry of a sampled token still on the device (never a real id)
 
 
 class SequenceStatus(enum.IntEnum):
@@ -30,6 +40,7 @@ class Sequence:
         "num_computed_tokens", "num_cached_tokens", "status", "finish_reason", "stop_reason",
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
         "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
+        "num_placeholders", "num_uncollected", "final_token_pending",
     )
 
     def __init__(
@@ -59,6 +70,16 @@ class Sequence:
         self.last_token_time: float | None = None
         self.num_preemptions = 0
         self.logprobs: list | None = None
+        # async scheduling (see the module docstring); all 0/False on the synchronous path
+        self.num_placeholders = 0  # trailing PLACEHOLDER entries of token_ids
+        self.num_uncollected = 0  # of num_computed_tokens: fed by launched, uncollected steps
+        self.final_token_pending = False  # the launched step samples its last token (by count)
+
+    def drop_placeholders(self) -> None:
+        """Forget sampled-but-uncollected tokens (the request ended; they are wasted)."""
+        if self.num_placeholders:
+            del self.token_ids[-self.num_placeholders:]
+            self.num_placeholders = 0
 
     @property
     def num_tokens(self) -> int:

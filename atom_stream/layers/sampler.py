@@ -55,6 +55,13 @@ _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def needs_host_tokens(p) -> bool:
+    """Whether sampling for params `p` reads the values of earlier tokens (the penalties), so an
+    async-scheduled step must wait until the previous step's token is on the host."""
+    return (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0)
+
+
 def _splitmix64(z: int) -> int:
     z = (z + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -132,6 +139,10 @@ class SamplingMetadata:
                 if p.seed is not None:
                     seeded.append((len(random_rows), seed_key(p.seed, seq.num_output_tokens)))
                 random_rows.append(i)
+            if seq.num_placeholders and needs_host_tokens(p):
+                # async scheduling drains the pipeline first (engine/pipeline.py); a placeholder
+                # (-1) here would silently penalize the previous row's last token
+                raise ValueError(f"{seq.request_id}: penalties over a token still on the device")
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 out_rows.append(torch.tensor(seq.output_token_ids, dtype=torch.int64) + i * V)
             if p.repetition_penalty != 1.0:
