@@ -173,9 +173,9 @@ def main(argv=None) -> None:
     copy_end = copy_bandwidth()
     print(f"copy bandwidth at the end: {copy_end:.0f} GB/s", flush=True)
     copy_gbps = max(copy_gbps, copy_end)
-    rows = [make_row(r["kernel"], r["batch"], r["ctx"], r["m"], r["time_us"], r["bytes"],
-                     copy_gbps) for r in rows]
-    done = {r["kernel"] for r in rows}
+    rows = [{**r, **make_row(r["kernel"], r["batch"], r["ctx"], r["m"], r["time_us"], r["bytes"],
+                             copy_gbps)} for r in rows]  # extra keys (decode "variant") kept
+    done = {r["kernel"] for r in rows}  # decode: a best-v1 and a best-v2 row per case
     old = []
     if os.path.exists(args.out):
         with open(args.out) as f:

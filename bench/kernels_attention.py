@@ -7,18 +7,26 @@ reads a different set of cache blocks (>= 256 MB rotated per graph replay) so no
 from the 60 MB L2. Decode rows use m = heads per rank. Prefill rows (m = new tokens per
 sequence, ctx = keys per sequence) compare the Triton kernel with torch SDPA; their ratio is
 nominal (compute-bound), TFLOP/s is printed. Also kv_store, add+RMSNorm, RoPE, fp8 group quant.
-tune_configs() picks the decode launch config per cache dtype (checked against the reference,
-lowest geometric-mean time over the H=8 grid) before the rows; split_sweep() then times split
-counts for information.
+Decode (decode_rows): every variant of decode_variants() (v1; v2 fused / kernel merge, 4 launch
+configs, fp8 modes 0-3, P = 1x / 2x / 4x SMs) is first checked against the reference on a mixed
+batch (failures are not timed), then timed on every case; the rows are the best v1 and the best
+v2 per case (field "variant": label and split/item count S), and a v1-vs-v2 table is printed.
+Standalone (decode only, ~3 min on H200):
+    python3 bench/kernels_attention.py --out $OUT/decode.json --sweep-out $OUT/decode_sweep.json
+split_sweep() times v1 split counts for information (bench/kernels.py --sweep).
 """
 
 from __future__ import annotations
 
+import argparse  # noqa: I001 (bench/kernels.py must load before atom_stream.kernels)
 import json
 import math
+import os
 import time
 
 import torch
+from kernels import copy_bandwidth, make_row, time_calls  # first: makes atom_stream.kernels load
+
 from atom_stream.kernels import mla_decode as dec
 from atom_stream.kernels.kv_store import kv_store
 from atom_stream.kernels.mla_prefill import mla_prefill_sdpa, mla_prefill_triton
@@ -27,8 +35,6 @@ from atom_stream.kernels.norm_rope import (
     per_token_group_quant_fp8,
     rope_interleaved_,
 )
-
-from kernels import make_row, time_calls  # (bench/kernels.py runs first: it imports this module)
 
 PAGE = 64
 R, DR = 512, 64
@@ -73,26 +79,43 @@ class DecodeSetup:
         self.bytes = (kv_bytes + self.q.numel() * 2 + self.out.numel() * 2
                       + self.B * width * 4 + self.B * 4)
 
-    def time(self, splits=None, config=None):
-        S = splits or dec.decode_num_splits(self.B, self.H, max(self.lens), "cuda")
-        ws = dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda") if S > 1 else None
+    def splits(self, variant="v2"):
+        return dec.decode_num_splits(self.B, self.H, None if variant == "v2" else max(self.lens),
+                                     "cuda", variant=variant)
+
+    def _call(self, bt, S, config, ws, **kw):
         q, out = self.q, self.out
+        return lambda: dec.mla_decode(q[..., :R], q[..., R:], self.pool, bt, self.seq_lens, SCALE,
+                                      self.k_scale, out=out, num_splits=S, workspace=ws,
+                                      config=config, **kw)
 
-        def call(bt):
-            return lambda: dec.mla_decode(q[..., :R], q[..., R:], self.pool, bt, self.seq_lens,
-                                          SCALE, self.k_scale, out=out, num_splits=S,
-                                          workspace=ws, config=config)
-        return time_calls([call(bt) for bt in self.tables]), S
+    def time(self, splits=None, config=None, **kw):
+        """Median us per call (CUDA-graph replays over the rotated tables); kw: variant, merge,
+        fp8_mode. Returns (time, splits)."""
+        variant = kw.get("variant", "v2")
+        S = splits or self.splits(variant)
+        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant)
+              if S > 1 else None)
+        return time_calls([self._call(bt, S, config, ws, **kw) for bt in self.tables]), S
 
-    def check(self, splits=None, config=None) -> float:
+    def check(self, splits=None, config=None, **kw) -> float:
+        """rel err vs the reference on the first table set (output poisoned first; twice, so a
+        fused merge's counters are exercised across launches)."""
+        variant = kw.get("variant", "v2")
         bt = self.tables[0]
-        S = splits or dec.decode_num_splits(self.B, self.H, max(self.lens), "cuda")
-        self.out.fill_(float("nan"))
-        dec.mla_decode(self.q[..., :R], self.q[..., R:], self.pool, bt, self.seq_lens, SCALE,
-                       self.k_scale, out=self.out, num_splits=S, config=config)
+        S = splits or self.splits(variant)
+        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant)
+              if S > 1 else None)
         ref = dec.mla_decode_ref(self.q[..., :R].float(), self.q[..., R:].float(), self.pool,
-                                 bt, self.seq_lens, SCALE, self.k_scale)
-        return float((self.out.double() - ref.double()).norm() / ref.double().norm())
+                                 bt, self.seq_lens, SCALE, self.k_scale).double()
+        err = 0.0
+        for _ in range(2):
+            self.out.fill_(float("nan"))
+            self._call(bt, S, config, ws, **kw)()
+            o = self.out.double()
+            e = float((o - ref).norm() / ref.norm())
+            err = max(err, float("inf") if math.isnan(e) else e)
+        return err
 
 
 def _dt_name(kv_dtype):
@@ -104,89 +127,140 @@ EXTRA = [(B, 8192, H) for H in (16, 128) for B in (1, 64)]  # (B, ctx, H)
 VARLEN = (64, 16384)  # B sequences of 1..max tokens
 PREFILL_SHAPES = [([4096], [4096]), ([2048], [8192]), ([1024] * 4, [1024] * 4)]  # (lq, lk)
 SMALL_T = ((256, 8192), (256, 4096))  # tokens for kv_store; for norm / quant / rope
-CHOSEN: dict[str, tuple[int, int, int]] = {}  # filled by tune_configs (else the code default)
+CHOSEN: dict[str, str] = {}  # dtype -> label of the v2 variant that won most rows
+DECODE_BUDGET_S = 170.0  # past this, rows time only v1 and the v2 default
 
 
-def tune_configs(copy_gbps, log=None):
-    """Per cache dtype: check each SWEEP_CFGS entry against the reference, time it on the H=8
-    grid at the heuristic split count, keep the lowest geometric-mean time."""
+def decode_variants(name, B, H):
+    """[(label, kwargs for DecodeSetup.time)]: v1 as before, then v2 launch configs, merges,
+    fp8 modes and work-item counts P (splits) around the defaults; the first v2 entry is what
+    mla_decode() does by default."""
+    cfg0 = dec._launch_cfg(FP8 if name == "fp8" else torch.bfloat16, H)
+    P = dec.decode_num_splits(B, H, None, "cuda")
+    auto = "fused" if 2 * P <= dec.FUSED_MAX_S * B else "kernel"
+    other = "kernel" if auto == "fused" else "fused"
+    v = [("v1", dict(variant="v1", config=cfg0)),
+         (f"v2 {auto} {cfg0}", dict(variant="v2", config=cfg0)),
+         (f"v2 {other} {cfg0}", dict(variant="v2", config=cfg0, merge=other))]
+    cfgs = [(32, 4, 2), (64, 8, 2), (16, 4, 2), (32, 4, 3)]
+    v += [(f"v2 {auto} {c}", dict(variant="v2", config=c)) for c in cfgs if c != cfg0]
+    if name == "fp8":
+        v += [(f"v2 {auto} {cfg0} fp8_mode={m}", dict(variant="v2", config=cfg0, fp8_mode=m))
+              for m in (0, 2, 3)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    groups = -(-H // dec.BLOCK_H)
+    for mult in (1, 4):
+        p = max(1, -(-mult * sms // groups))
+        m = "fused" if 2 * p <= dec.FUSED_MAX_S * B else "kernel"
+        v.append((f"v2 {m} {cfg0} P={p}", dict(variant="v2", config=cfg0, splits=p)))
+    return v
+
+
+def check_variants(log=None):
+    """Every variant of each dtype against the reference on a small mixed-length batch (and an
+    H=128 one); returns the labels that failed (they are not timed)."""
+    bad = set()
     for dt in (torch.bfloat16, FP8):
         name = _dt_name(dt)
-        small = DecodeSetup(dt, [1000, 2047, 77, 0], 8)
-        ok = []
-        for cfg in SWEEP_CFGS[name]:
-            err = max(small.check(s, cfg) for s in (1, 5))
-            print(f"  tune check {name} {cfg}: rel err {err:.1e}", flush=True)
-            if err < 2e-2:
-                ok.append(cfg)
-        del small
-        if not ok:
-            print(f"  tune {name}: no config passed the check; using the code default", flush=True)
-            continue
-        logt = {cfg: 0.0 for cfg in ok}
-        for B, ctx in GRID:
-            setup = DecodeSetup(dt, [ctx] * B, 8)
-            line = []
-            for cfg in ok:
-                t, S = setup.time(config=cfg)
-                logt[cfg] += math.log(t)
-                line.append(f"{cfg}:{t:.1f}")
-                if log is not None:
-                    log.append({**make_row(f"tune_{name}", B, ctx, 8, t, setup.bytes, copy_gbps),
-                                "cfg": list(cfg), "splits": S})
-            print(f"  tune {name} B={B} ctx={ctx} splits={S}: " + " ".join(line), flush=True)
+        for H, lens in ((8, [1000, 2047, 77, 0, 5000, 1, 333]), (128, [700, 0, 3000])):
+            setup = DecodeSetup(dt, lens, H)
+            for label, kw in decode_variants(name, len(lens), H):
+                kw = dict(kw)
+                S = kw.pop("splits", None)
+                try:
+                    err = setup.check(S, **kw)
+                except Exception as e:  # noqa: BLE001 (reported; the variant is skipped)
+                    print(f"  check {name} H={H} {label}: {type(e).__name__}: {e}", flush=True)
+                    err = float("inf")
+                ok = err < 2e-2
+                print(f"  check {name} H={H} {label}: rel err {err:.1e}{'' if ok else '  FAILED'}",
+                      flush=True)
+                if not ok:
+                    bad.add((name, label.split(" P=")[0]))
             del setup
-        CHOSEN[name] = min(logt, key=logt.get)
-        print(f"  tune {name}: chosen {CHOSEN[name]}", flush=True)
+    return bad
 
 
-def decode_rows(copy_gbps):
-    rows = []
-    cases = [(dt, B, ctx, 8) for dt in (torch.bfloat16, FP8) for B, ctx in GRID]
-    cases += [(dt, B, ctx, H) for dt in (torch.bfloat16, FP8) for B, ctx, H in EXTRA]
-    for dt, B, ctx, H in cases:
-        setup = DecodeSetup(dt, [ctx] * B, H)
-        cfg = CHOSEN.get(_dt_name(dt))
-        t, S = setup.time(config=cfg)
-        name = f"mla_decode_{_dt_name(dt)}" + (f"_h{H}" if H != 8 else "")
-        rows.append(make_row(name, B, ctx, H, t, setup.bytes, copy_gbps))
-        print(f"  {name} B={B} ctx={ctx} H={H} splits={S} cfg={cfg}: {t:.2f} us "
-              f"ratio {rows[-1]['ratio']:.3f}", flush=True)
-        del setup
+def decode_rows(copy_gbps, log=None):
+    """Every decode case x every variant that passed the check; rows: the best v1 and the best
+    v2 variant per case (JSON field "variant"); `log` gets every timing."""
+    t0 = time.time()
+    log = log if log is not None else []
+    bad = check_variants()
+    print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
+    rows, table, wins = [], [], {}
+    cases = [(dt, [ctx] * B, 8) for dt in (torch.bfloat16, FP8) for B, ctx in GRID]
+    cases += [(dt, [ctx] * B, H) for dt in (torch.bfloat16, FP8) for B, ctx, H in EXTRA]
     gen = torch.Generator().manual_seed(0)
-    lens = torch.randint(1, VARLEN[1] + 1, (VARLEN[0],), generator=gen).tolist()
-    for dt in (torch.bfloat16, FP8):
-        setup = DecodeSetup(dt, lens, 8)
-        cfg = CHOSEN.get(_dt_name(dt))
-        t, S = setup.time(config=cfg)
-        err = setup.check(config=cfg)
-        name = f"mla_decode_{_dt_name(dt)}_varlen"
-        rows.append(make_row(name, len(lens), sum(lens) // len(lens), 8, t, setup.bytes,
-                             copy_gbps))
-        print(f"  {name} (lens 1..{VARLEN[1]}) splits={S}: {t:.2f} us ratio {rows[-1]['ratio']:.3f} "
-              f"rel err {err:.2e}", flush=True)
+    vlens = torch.randint(1, VARLEN[1] + 1, (VARLEN[0],), generator=gen).tolist()
+    cases += [(dt, vlens, 8) for dt in (torch.bfloat16, FP8)]
+    for dt, lens, H in cases:
+        name, B = _dt_name(dt), len(lens)
+        varlen = len(set(lens)) > 1
+        kname = f"mla_decode_{name}" + (f"_h{H}" if H != 8 else "") + ("_varlen" if varlen else "")
+        ctx = sum(lens) // B
+        setup = DecodeSetup(dt, lens, H)
+        best = {}
+        variants = decode_variants(name, B, H)
+        if time.time() - t0 > DECODE_BUDGET_S:
+            variants = variants[:2]
+        for label, kw in variants:
+            if (name, label.split(" P=")[0]) in bad:
+                continue
+            kw = dict(kw)
+            S = kw.pop("splits", None)
+            try:
+                t, S = setup.time(S, **kw)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {kname} B={B} {label}: {type(e).__name__}: {e}", flush=True)
+                continue
+            row = {**make_row(kname, B, ctx, H, t, setup.bytes, copy_gbps),
+                   "variant": f"{label} S={S}"}
+            log.append(row)
+            v = kw["variant"]
+            if v not in best or t < best[v]["time_us"]:
+                best[v] = row
+        line = " | ".join(f"{r['variant']}: {r['time_us']:.1f} us ({r['ratio']:.2f})"
+                          for r in best.values())
+        print(f"  {kname} B={B} ctx={ctx} H={H}: {line}", flush=True)
+        rows += list(best.values())
+        if "v1" in best and "v2" in best:
+            table.append((kname, B, ctx, H, best["v1"], best["v2"]))
+            key = best["v2"]["variant"].rsplit(" S=", 1)[0]
+            wins.setdefault(name, {}).setdefault(key, 0)
+            wins[name][key] += 1
         del setup
+    for name, w in wins.items():
+        CHOSEN[name] = max(w, key=w.get)
+    print(f"\n{'kernel':<26}{'B':>5}{'ctx':>7}{'H':>5}{'v1 us':>10}{'v2 us':>10}{'v1 ratio':>10}"
+          f"{'v2 ratio':>10}{'speedup':>9}  best v2 variant")
+    for kname, B, ctx, H, r1, r2 in table:
+        print(f"{kname:<26}{B:>5}{ctx:>7}{H:>5}{r1['time_us']:>10.1f}{r2['time_us']:>10.1f}"
+              f"{r1['ratio']:>10.3f}{r2['ratio']:>10.3f}{r1['time_us'] / r2['time_us']:>9.2f}  "
+              f"{r2['variant']}")
+    print(f"  decode section: {time.time() - t0:.0f} s; v2 variants winning most rows: {CHOSEN}",
+          flush=True)
     return rows
 
 
 def split_sweep(copy_gbps, out_path=None, log=None, budget_s=100.0):
-    """Informational: the chosen config at split counts 1, 2, 4, ... on the H=8 grid."""
+    """Informational: v1 at split counts 1, 2, 4, ... on the H=8 grid."""
     t0 = time.time()
     log = log if log is not None else []
     for dt in (torch.bfloat16, FP8):
         name = _dt_name(dt)
-        cfg = CHOSEN.get(name)
+        cfg = None
         for B, ctx in GRID:
             if time.time() - t0 > budget_s:
                 print("  split sweep: budget exhausted", flush=True)
                 break
             setup = DecodeSetup(dt, [ctx] * B, 8)
-            heur = dec.decode_num_splits(B, 8, ctx, "cuda")
+            heur = dec.decode_num_splits(B, 8, ctx, "cuda", variant="v1")
             cands = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128)
                             if s <= max(1, ctx // dec.MIN_SPLIT) and B * s <= 2048} | {heur})
             line = []
             for s in cands:
-                t, _ = setup.time(splits=s, config=cfg)
+                t, _ = setup.time(splits=s, config=cfg, variant="v1")
                 line.append(f"{s}:{t:.1f}")
                 log.append({**make_row(f"splits_{name}", B, ctx, 8, t, setup.bytes, copy_gbps),
                             "cfg": list(cfg) if cfg else None, "splits": s})
@@ -308,11 +382,11 @@ def small_rows(copy_gbps):
 
 def attention_rows(copy_gbps, tune=True, log=None):
     """All attention rows; a section that fails is reported and skipped (the others still
-    count: one bad launch must not cost a whole device run)."""
+    count: one bad launch must not cost a whole device run). `tune` is kept for the CLI: the
+    decode section always sweeps its variants."""
     t0 = time.time()
     rows = []
-    sections = ([lambda c: tune_configs(c, log) or []] if tune else []) + [
-        decode_rows, prefill_rows, small_rows]
+    sections = [lambda c: decode_rows(c, log), prefill_rows, small_rows]
     for section in sections:
         try:
             rows += section(copy_gbps)
@@ -320,3 +394,32 @@ def attention_rows(copy_gbps, tune=True, log=None):
             print(f"SECTION FAILED: {type(e).__name__}: {e}", flush=True)
         print(f"  ... {time.time() - t0:.0f} s", flush=True)
     return rows
+
+
+def main(argv=None) -> None:
+    """Decode only: python bench/kernels_attention.py --out PATH [--sweep-out PATH]."""
+    ap = argparse.ArgumentParser(description="MLA decode: v1 vs v2 variants (one table)")
+    ap.add_argument("--out", required=True, help="JSON rows (best v1 and best v2 per case)")
+    ap.add_argument("--sweep-out", default=None, help="JSON of every timing")
+    args = ap.parse_args(argv)
+    import triton
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {triton.__version__}", flush=True)
+    copy_gbps = copy_bandwidth(warm_s=1.0)
+    print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s", flush=True)
+    log = []
+    rows = decode_rows(copy_gbps, log)
+    copy_end = copy_bandwidth()
+    print(f"copy bandwidth at the end: {copy_end:.0f} GB/s (ratios use the start value)",
+          flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    if args.sweep_out:
+        with open(args.sweep_out, "w") as f:
+            json.dump(log, f, indent=1)
+    print(f"wrote {len(rows)} rows to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,15 +25,32 @@ fp8 caches are dequantized tile by tile (x * k_scale in fp32, rounded to fp16) f
 CUDA/HIP-graph capture: no host syncs (no .item()); the grid depends only on B, H and
 num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
 (alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
+
+Variants (`variant=`): "v2" (default; kernels/mla_decode_sched.py) balances a work list computed
+on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
+in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
+caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
+3 = bare cast).
+"v1" is the split-per-sequence kernel above (kept for comparison). The two variants' workspaces
+differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
+buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
+need their own workspace.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from atom_stream.kernels import mla_decode_sched as _v2
+
+if _v2.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
 
 _LOG2E = 1.4426950408889634
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
@@ -43,6 +60,12 @@ BLOCK_H = 16
 MIN_SPLIT = 64
 MAX_SPLITS = 128
 WAVES = 2
+# v2: P = V2_WAVES * SMs work items per head group; the fused merge takes <= FUSED_MAX_S items per
+# sequence (above FUSED_MAX_S / 2 items per sequence on average the merge kernel is used).
+V2_WAVES = 2
+V2_MIN_CHUNK = 64
+FUSED_MAX_S = 16
+VARIANTS = ("v1", "v2")
 
 
 @triton.jit
@@ -207,27 +230,51 @@ def _sm_count(device_index: int) -> int:
 
 
 def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None,
-                      device: torch.device | str | None = None) -> int:
-    """Splits per sequence for a decode batch: aim at WAVES * SMs programs, at most MAX_SPLITS,
-    and no more than max_seq_len / MIN_SPLIT. Depends only on host ints (graph-safe)."""
+                      device: torch.device | str | None = None, variant: str = "v2") -> int:
+    """v1: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
+    MIN_SPLIT). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
+    B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe)."""
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     else:
         sms = 8  # CPU / interpreter: small grids
-    ctas = batch * triton.cdiv(num_heads, BLOCK_H)
-    s = triton.cdiv(WAVES * sms, ctas)
+    groups = triton.cdiv(num_heads, BLOCK_H)
+    if variant == "v2":
+        p = triton.cdiv(V2_WAVES * sms, groups)
+        if max_seq_len is not None:
+            p = min(p, batch * triton.cdiv(max(max_seq_len, 1), V2_MIN_CHUNK))
+        return max(1, p)
+    s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:
         s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
     return max(1, min(s, MAX_SPLITS))
 
 
 def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
-                           device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scratch for stage 1 -> 2: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32)."""
+                           device, variant: str = "v2") -> tuple[torch.Tensor, ...]:
+    """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
+    v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros)."""
+    if variant == "v2":
+        return _v2.alloc_sched_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H,
+                                         device)
     return (torch.empty(batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32,
                         device=device),
             torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device))
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _v2_workspace(B, H, R, P, device):
+    """Per-call partials (torch.empty: no kernel) + a cached zeroed counter buffer."""
+    groups = triton.cdiv(H, BLOCK_H)
+    key = (str(device), B * groups)
+    cnt = _COUNTERS.get(key)
+    if cnt is None:
+        cnt = _COUNTERS[key] = torch.zeros(B * groups, dtype=torch.int32, device=device)
+    return (torch.empty(P + B, H, R, dtype=torch.float32, device=device),
+            torch.empty(P + B, H, dtype=torch.float32, device=device), cnt)
 
 
 def _launch_cfg(kv_dtype: torch.dtype, num_heads: int) -> tuple[int, int, int]:
@@ -238,14 +285,22 @@ def _launch_cfg(kv_dtype: torch.dtype, num_heads: int) -> tuple[int, int, int]:
     return 32, 4, 2
 
 
+def _fp8_bias(kv_dtype: torch.dtype) -> int:
+    return 8 if "fnuz" in str(kv_dtype) else 7
+
+
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.Tensor,
                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                k_scale: float = 1.0, *, out: torch.Tensor | None = None,
                num_splits: int | None = None, max_seq_len: int | None = None,
-               workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+               workspace: tuple[torch.Tensor, ...] | None = None,
                rope_dim: int = 64, config: tuple[int, int, int] | None = None,
-               chunk: int = 128) -> torch.Tensor:
-    """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R]."""
+               chunk: int = 128, variant: str = "v2", merge: str | None = None,
+               fp8_mode: int = 1) -> torch.Tensor:
+    """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
+    v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);
+    fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py)."""
+    assert variant in VARIANTS, variant
     if q_pe is None:
         r = kv_cache.shape[-1] - rope_dim
         q_nope, q_pe = q_nope[..., :r], q_nope[..., r:]
@@ -261,9 +316,34 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     if out is None:
         out = torch.empty(B, H, R, dtype=q_nope.dtype, device=q_nope.device)
     if num_splits is None:
-        num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device)
+        num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device, variant)
     block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
     fp8 = kv_cache.dtype in _FP8
+    if variant == "v2":
+        P = num_splits
+        if merge is None:
+            merge = "fused" if 2 * P <= FUSED_MAX_S * B else "kernel"
+        assert merge in ("fused", "kernel") and fp8_mode in (0, 1, 2, 3)
+        if P == 1:  # every sequence is one item: no partials, no counters
+            ws = (out, out, seq_lens)
+        else:
+            ws = workspace or _v2_workspace(B, H, R, P, q_nope.device)
+        qk, ks, os_ = float(scale) * _LOG2E * float(k_scale), float(k_scale), float(k_scale)
+        cvt = 0
+        if fp8:
+            cvt = (1, 3, 2, 0)[fp8_mode]
+            if fp8_mode == 0:  # k_scale applied per element
+                qk, os_ = float(scale) * _LOG2E, 1.0
+            elif fp8_mode == 1:  # folded; the tile is multiplied by 1.0 (see _cvt)
+                ks = 1.0
+            elif fp8_mode == 2:  # fp16 holds fp8 * 2^(bias - 15)
+                f = float(2 ** (15 - _fp8_bias(kv_cache.dtype)))
+                qk, os_ = qk * f, os_ * f
+        return _v2.launch_v2(
+            q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk, ks, os_, P, ws,
+            f16=fp8, cvt=cvt, merge=merge == "fused" and P > 1, block_h=BLOCK_H,
+            block_n=block_n, warps=warps, stages=stages, chunk=chunk, min_chunk=V2_MIN_CHUNK,
+            max_s=FUSED_MAX_S if merge == "fused" else MAX_SPLITS)
     direct = num_splits == 1
     if direct:
         opart = lse = out  # unused

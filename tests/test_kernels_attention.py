@@ -1,9 +1,13 @@
-"""Attention kernels (kernels/mla_decode.py, kv_store.py, mla_prefill.py) against torch references.
+"""Attention kernels (kernels/mla_decode.py + mla_decode_sched.py, kv_store.py, mla_prefill.py)
+against torch references.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set here, before the kernel modules
 are decorated) at small shapes with fp32/fp16 dots (the interpreter mishandles bf16 tl.dot).
 `-m gpu` runs them natively in bf16 / fp8 at the real MLA widths (512 + 64, 192 / 128).
 Every check draws fresh random inputs and poisons outputs (and scratch) with NaN first.
+Decode runs both variants: "v1" (split per sequence, two launches) and "v2" (device work list;
+fused last-arriver merge or merge kernel; fp8 modes 0-3); v2 checks also that the partial slots
+written are exactly the schedule's multi-item sequences and that the counters end at zero.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ GPU = torch.cuda.is_available()
 if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"
     # a module decorated earlier in compiled mode (imported by another test) must be re-decorated
-    for _name in ("kv_store", "mla_decode", "mla_prefill", "norm_rope"):
+    for _name in ("kv_store", "mla_decode_sched", "mla_decode", "mla_prefill", "norm_rope"):
         _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
         if _mod is not None:
             importlib.reload(_mod)
 
 from atom_stream.kernels import mla_decode as dec
+from atom_stream.kernels import mla_decode_sched as sched
 from atom_stream.kernels.kv_store import kv_store, kv_store_ref
 from atom_stream.kernels.mla_prefill import (
     mla_prefill_ref,
@@ -58,7 +63,8 @@ def make_tables(lens, page, num_blocks, device, gen=None, width=None):
 
 
 def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, seed,
-               k_scale=1.0, fused_q=False, config=None, chunk=128):
+               k_scale=1.0, fused_q=False, config=None, chunk=128, variant="v1", merge=None,
+               fp8_mode=1, ws=None):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_blocks = len(lens) * (max(-(-n // page) for n in lens) + 1) + 3
     kv = make_cache(num_blocks, page, R + DR, kv_dtype, "cpu", k_scale, gen).to(device)
@@ -68,17 +74,31 @@ def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, s
     qn, qp = q[..., :R], q[..., R:]
     scale = 0.1447
     out = torch.full((B, H, R), float("nan"), dtype=q_dtype, device=device)
-    ws = dec.alloc_decode_workspace(B, H, R, num_splits, device)
+    if ws is None:
+        ws = dec.alloc_decode_workspace(B, H, R, num_splits, device, variant=variant)
     ws[0].fill_(float("nan"))
     ws[1].fill_(float("nan"))
+    kw = dict(out=out, num_splits=num_splits, workspace=ws, config=config, chunk=chunk,
+              variant=variant, merge=merge, fp8_mode=fp8_mode)
     if fused_q:
-        dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, out=out, num_splits=num_splits,
-                       workspace=ws, rope_dim=DR, config=config, chunk=chunk)
+        dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, rope_dim=DR, **kw)
     else:
-        dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, out=out, num_splits=num_splits,
-                       workspace=ws, config=config, chunk=chunk)
+        dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, **kw)
     ref = dec.mla_decode_ref(qn.float(), qp.float(), kv, bt, seq_lens, scale, k_scale)
     return out, ref
+
+
+def check_v2_scratch(ws, lens, P, block_n, merge):
+    """Slots written == items of multi-item sequences (schedule_ref); counters back at zero."""
+    max_s = dec.FUSED_MAX_S if merge == "fused" else dec.MAX_SPLITS
+    max_s = min(max_s, 1 << P.bit_length()) if merge == "fused" else max_s
+    items = sched.schedule_ref(lens, P, block_n, dec.V2_MIN_CHUNK, max_s)
+    per_seq = {b: sum(1 for i in items if i[0] == b) for b in range(len(lens))}
+    want = {k for k, it in enumerate(items) if per_seq[it[0]] > 1}
+    got = set(torch.nonzero(~ws[1].isnan().all(1)).flatten().tolist())
+    assert got == want, (got, want)
+    assert torch.all(ws[2] == 0), "counters must be reset for the next launch"
+    return want
 
 
 # ------------------------------------------------------------------ CPU (interpreter)
@@ -112,10 +132,71 @@ def test_decode_interpreted_many_heads_fused_q():
 
 @cpu_only
 def test_num_splits_heuristic():
-    assert dec.decode_num_splits(1, 8, 8192) > 1
+    assert dec.decode_num_splits(1, 8, 8192, variant="v1") > 1
+    assert dec.decode_num_splits(1, 8, 10, variant="v1") == 1
+    assert dec.decode_num_splits(4096, 8, 8192, variant="v1") == 1
+    assert dec.decode_num_splits(1, 8, variant="v1") <= dec.MAX_SPLITS
+    # v2: P = V2_WAVES * SMs (8 on CPU) per head group, capped by B * max_len / V2_MIN_CHUNK
+    assert dec.decode_num_splits(64, 8) == dec.V2_WAVES * 8
+    assert dec.decode_num_splits(64, 128) == dec.V2_WAVES  # 8 head groups
     assert dec.decode_num_splits(1, 8, 10) == 1
-    assert dec.decode_num_splits(4096, 8, 8192) == 1
-    assert dec.decode_num_splits(1, 8) <= dec.MAX_SPLITS
+
+
+@cpu_only
+def test_schedule_ref_balances():
+    # uniform: equal items, no more than P; short sequences at large B: one item each (direct)
+    items = sched.schedule_ref([8192] * 64, 264, 32, 64, 16)
+    assert len(items) == 256 and {e - s for _, s, e in items} == {2048}
+    assert len(sched.schedule_ref([1024] * 256, 264, 32, 64, 16)) == 256
+    gen = torch.Generator().manual_seed(5)
+    lens = torch.randint(0, 16384, (64,), generator=gen).tolist() + [0]
+    items = sched.schedule_ref(lens, 264, 32, 64, 128)
+    assert len(items) <= 264 + len(lens)
+    assert max(e - s for _, s, e in items) <= 1.6 * sum(lens) / 264 + 32
+    # every token of every sequence is covered exactly once; empty sequences get one item
+    for b, n in enumerate(lens):
+        spans = sorted((s, e) for bb, s, e in items if bb == b)
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a[1] == c[0] for a, c in zip(spans, spans[1:]))
+
+
+@cpu_only
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("q_dtype,kv_dtype,fp8_mode", [
+    (torch.float32, torch.float32, 1), (torch.float16, torch.float16, 1),
+    (torch.float32, FP8, 0), (torch.float32, FP8, 1), (torch.float32, FP8, 2),
+    (torch.float32, FP8, 3)])
+def test_decode_v2_interpreted(merge, q_dtype, kv_dtype, fp8_mode):
+    # odd batch, H=3, page 8 < BLOCK_N, lengths 0 / 1 / odd / long; P=6 splits 700 in 4, 260 in 2
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    P = 6
+    k_scale = 0.37 if kv_dtype == FP8 else 1.25
+    seed = hash((merge, str(q_dtype), str(kv_dtype), fp8_mode)) % 2**31
+    ws = dec.alloc_decode_workspace(7, 3, 32, P, "cpu", variant="v2")
+    out, ref = run_decode(7, 3, 32, 16, 8, lens, q_dtype, kv_dtype, P, "cpu", seed=seed,
+                          k_scale=k_scale, chunk=16, config=(16, 4, 1), variant="v2",
+                          merge=merge, fp8_mode=fp8_mode, ws=ws)
+    assert torch.all(out[0] == 0), "empty sequence must give 0"
+    tol = 2e-6 if q_dtype == torch.float32 and kv_dtype != FP8 else 2e-3
+    assert rel_err(out, ref) < tol
+    assert len(check_v2_scratch(ws, lens, P, 16, merge)) == 6  # the merge path ran
+
+
+@cpu_only
+def test_decode_v2_replay_and_direct():
+    """Same workspace twice with new inputs (the fused merge's counters must reset), then
+    num_splits=1 (one item per sequence: no partials) and a fused q at R=64 in 4 chunks."""
+    lens = [150, 0, 70, 3]
+    ws = dec.alloc_decode_workspace(4, 20, 16, 5, "cpu", variant="v2")
+    for seed in (21, 22):
+        out, ref = run_decode(4, 20, 16, 16, 32, lens, torch.float32, torch.float32, 5, "cpu",
+                              seed=seed, config=(16, 4, 1), chunk=8, variant="v2",
+                              merge="fused", ws=ws, fused_q=True)
+        assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
+        check_v2_scratch(ws, lens, 5, 16, "fused")
+    out, ref = run_decode(3, 3, 64, 16, 8, [77, 0, 9], torch.float32, torch.float32, 1, "cpu",
+                          seed=23, config=(16, 4, 1), chunk=16, variant="v2")
+    assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
 
 
 @cpu_only
@@ -185,31 +266,58 @@ def test_prefill_interpreted(dtype, Dqk):
 @pytest.mark.parametrize("H", [8, 16, 128])
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-def test_decode_gpu(kv_dtype, H, page, splits):
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_decode_gpu(kv_dtype, H, page, splits, variant):
     lens = [1, 0, 700, 4097, 33]
     B = len(lens)
-    ns = splits or dec.decode_num_splits(B, H, max(lens), "cuda")
+    ns = splits or dec.decode_num_splits(B, H, max(lens), "cuda", variant=variant)
     k_scale = 0.5 if kv_dtype == FP8 else 1.0
     out, ref = run_decode(B, H, 512, 64, page, lens, torch.bfloat16, kv_dtype, ns, "cuda",
-                          seed=H * 1000 + page + ns, k_scale=k_scale, fused_q=(H == 16))
+                          seed=H * 1000 + page + ns, k_scale=k_scale, fused_q=(H == 16),
+                          variant=variant)
     assert torch.all(out[1] == 0)
     assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("kv_dtype,fp8_mode", [(torch.bfloat16, 1), (FP8, 0), (FP8, 1), (FP8, 2),
+                                               (FP8, 3)])
+@pytest.mark.parametrize("merge", ["fused", "kernel"])
+@pytest.mark.parametrize("cfg", [(32, 4, 2), (64, 8, 2), (16, 4, 2)])
+def test_decode_v2_gpu(kv_dtype, fp8_mode, merge, cfg):
+    """Every v2 path at the real widths: odd batch, empty and long sequences, 3 launch configs;
+    the written slots must match the schedule and the counters end at zero."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
+    B, H = len(lens), 8
+    P = dec.decode_num_splits(B, H, None, "cuda")
+    ws = dec.alloc_decode_workspace(B, H, 512, P, "cuda", variant="v2")
+    for seed in (1, 2):  # twice on one workspace: the counters must have been reset
+        out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, P, "cuda",
+                              seed=seed, k_scale=0.5 if kv_dtype == FP8 else 1.0,
+                              variant="v2", merge=merge, fp8_mode=fp8_mode, config=cfg, ws=ws)
+        assert torch.all(out[0] == 0)
+        assert rel_err(out, ref) < 1e-2
+        check_v2_scratch(ws, lens, P, cfg[0], merge)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
-def test_decode_cuda_graph(kv_dtype):
-    """Capture once, then replay with new lengths / tables / queries written into the buffers."""
+@pytest.mark.parametrize("variant,merge", [("v1", None), ("v2", "fused"), ("v2", "kernel")])
+def test_decode_cuda_graph(kv_dtype, variant, merge):
+    """Capture once, then replay with new lengths / tables / queries written into the buffers
+    (v2 fused: the counters reset inside the graph)."""
     B, H, R, DR, page, max_len = 6, 8, 512, 64, 64, 3000
     nb = B * (max_len // page + 2) + 4
-    ns = dec.decode_num_splits(B, H, max_len, "cuda")
+    ns = dec.decode_num_splits(B, H, max_len, "cuda", variant=variant)
     kv = make_cache(nb, page, R + DR, kv_dtype, "cuda")
     q = torch.empty(B, H, R + DR, dtype=torch.bfloat16, device="cuda")
     bt = torch.empty(B, max_len // page + 2, dtype=torch.int32, device="cuda")
     lens = torch.empty(B, dtype=torch.int32, device="cuda")
     out = torch.empty(B, H, R, dtype=torch.bfloat16, device="cuda")
-    ws = dec.alloc_decode_workspace(B, H, R, ns, "cuda")
+    ws = dec.alloc_decode_workspace(B, H, R, ns, "cuda", variant=variant)
 
     def fill(seed):
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -221,7 +329,7 @@ def test_decode_cuda_graph(kv_dtype):
 
     def step():
         dec.mla_decode(q[..., :R], q[..., R:], kv, bt, lens, 0.14, 1.0, out=out,
-                       num_splits=ns, workspace=ws)
+                       num_splits=ns, workspace=ws, variant=variant, merge=merge)
 
     fill(0)
     step()  # compile outside capture
@@ -234,6 +342,8 @@ def test_decode_cuda_graph(kv_dtype):
         g.replay()
         ref = dec.mla_decode_ref(q[..., :R].float(), q[..., R:].float(), kv, bt, lens, 0.14)
         assert rel_err(out, ref) < 1e-2
+        if variant == "v2":
+            assert torch.all(ws[2] == 0)
 
 
 @pytest.mark.gpu
