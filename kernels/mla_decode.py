@@ -26,12 +26,12 @@ CUDA/HIP-graph capture: no host syncs (no .item()); the grid depends only on B, 
 num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
 (alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
 
-Variants (`variant=`): "v2" (default; kernels/mla_decode_sched.py) balances a work list computed
-on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
+Variants (`variant=`, default DEFAULT_VARIANT = "v1"): "v2" (kernels/mla_decode_sched.py)
+balances a work list computed on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
 in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
 caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
 3 = bare cast).
-"v1" is the split-per-sequence kernel above (kept for comparison). The two variants' workspaces
+"v1" is the split-per-sequence kernel above. The two variants' workspaces
 differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
 buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
 need their own workspace.
@@ -66,6 +66,11 @@ V2_WAVES = 2
 V2_MIN_CHUNK = 64
 FUSED_MAX_S = 16
 VARIANTS = ("v1", "v2")
+# v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
+# TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
+# >= 512K (B=256@1K 141 vs 167 us, B=64@8K 313 vs 364 us), which one captured graph per batch
+# size cannot select by context length.
+DEFAULT_VARIANT = "v1"
 
 
 @triton.jit
@@ -230,7 +235,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None,
-                      device: torch.device | str | None = None, variant: str = "v2") -> int:
+                      device: torch.device | str | None = None,
+                      variant: str = DEFAULT_VARIANT) -> int:
     """v1: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
     MIN_SPLIT). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
     B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe)."""
@@ -252,7 +258,7 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
 
 
 def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
-                           device, variant: str = "v2") -> tuple[torch.Tensor, ...]:
+                           device, variant: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, ...]:
     """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
     v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros)."""
     if variant == "v2":
@@ -295,7 +301,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                num_splits: int | None = None, max_seq_len: int | None = None,
                workspace: tuple[torch.Tensor, ...] | None = None,
                rope_dim: int = 64, config: tuple[int, int, int] | None = None,
-               chunk: int = 128, variant: str = "v2", merge: str | None = None,
+               chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
                fp8_mode: int = 1) -> torch.Tensor:
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
     v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);

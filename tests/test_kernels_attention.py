@@ -137,9 +137,9 @@ def test_num_splits_heuristic():
     assert dec.decode_num_splits(4096, 8, 8192, variant="v1") == 1
     assert dec.decode_num_splits(1, 8, variant="v1") <= dec.MAX_SPLITS
     # v2: P = V2_WAVES * SMs (8 on CPU) per head group, capped by B * max_len / V2_MIN_CHUNK
-    assert dec.decode_num_splits(64, 8) == dec.V2_WAVES * 8
-    assert dec.decode_num_splits(64, 128) == dec.V2_WAVES  # 8 head groups
-    assert dec.decode_num_splits(1, 8, 10) == 1
+    assert dec.decode_num_splits(64, 8, variant="v2") == dec.V2_WAVES * 8
+    assert dec.decode_num_splits(64, 128, variant="v2") == dec.V2_WAVES  # 8 head groups
+    assert dec.decode_num_splits(1, 8, 10, variant="v2") == 1
 
 
 @cpu_only

@@ -169,11 +169,11 @@ class MoE(nn.Module):
         E, G = cfg.n_routed_experts, cfg.n_group
         fast = kernel_path.active(x) and self.gate.weight_lp is not None
         shared, side = self.shared_experts, None
-        if shared is not None and shared.w_gate_up is not None and x.is_cuda:
-            # GPU: the shared expert's gate/up GEMM + SiLU*mul run on a side stream while the
-            # router, routing and routed experts run here (each alone is latency-bound at
-            # decode sizes; CUDA/HIP graphs capture the fork/join); its down GEMM then adds
-            # the routed output in one addmm.
+        if (shared is not None and shared.w_gate_up is not None and x.is_cuda
+                and kernel_path.SIDE_STREAM):
+            # GPU, opt-in: the shared expert's gate/up GEMM + SiLU*mul run on a side stream
+            # while the router, routing and routed experts run here (CUDA/HIP graphs capture
+            # the fork/join); its down GEMM then adds the routed output in one addmm.
             main, side = torch.cuda.current_stream(x.device), kernel_path.side_stream(x.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
