@@ -4,6 +4,7 @@
     python -m atom_stream.entrypoints.openai_server --model <path> -tp 4 --kv_cache_dtype fp8
     atom-stream generate --prompt "Hello" --max-tokens 32
     atom-stream bench <benchmark_serving flags>
+    atom-stream serve --model <path> -tp 16 --nnodes 2 --node-rank 1 --dist-init-addr A:P --headless
 
 Engine flags are EngineConfig's field names (`--max-num-seqs` == `max_num_seqs`). As ATOM's
 FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake_case

@@ -1,14 +1,28 @@
 """Cost of broadcasting one decode step's inputs to the TP workers (issue 9 target: < 50 µs per
 step at 256 running requests).
 
-Measures, per step: msgspec encode of StepInputs + shared-memory ring write on rank 0 (what
-the engine loop pays), and the reader side (ring read + decode) in a separate process, for 256
-decode sequences at context 1K and 8K (block size 16). Prints a table; writes
-bench/results/broadcast.json.
+A simulated steady decode stream: B sequences around context C (block size 16); every step each
+sequence gains a token (a new block every 16 steps, staggered), and every 4th step one sequence
+finishes and a new one of the same context joins at the end. The same stream is broadcast twice
+in the same run:
+
+- `full`:  the old wire format, the whole StepInputs (block tables included) every step;
+- `delta`: engine/step_codec.py, block-table rows unchanged since the last step not resent.
+
+Per step it measures on rank 0 (what the engine loop pays): encode (+ the row-identity list the
+executor passes) and the shared-memory ring write; in a separate reader process: ring read +
+decode (for `delta`: + rebuilding the tables). Figures are per-step medians (`sender_mean`: the
+mean, which includes preemption spikes on a shared machine); `delivered_us` (write -> the reader
+has it) is dominated by scheduling noise on a small shared machine. A second table: rank 0's cost
+of the cross-node relay (gloo broadcast to one remote node leader, over localhost). Prints;
+writes bench/results/broadcast.json.
+
+    python bench/broadcast.py [--steps 2000]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -17,82 +31,210 @@ import time
 import msgspec
 import numpy as np
 
-from atom_stream.engine.distributed import ShutdownMessage, StepMessage, _DECODER
 from atom_stream.engine.model_runner import StepInputs
 from atom_stream.engine.shm_ring import ShmRing
+from atom_stream.engine.step_codec import StepDecoder, StepEncoder
+
+BLOCK = 16
+SCRATCH = 1 << 20
 
 
-def make_inputs(batch: int, ctx: int, block_size: int) -> StepInputs:
-    rng = np.random.default_rng(0)
-    nb = -(-ctx // block_size)
-    tables = rng.integers(0, 1 << 20, size=(batch, nb), dtype=np.int32)
-    return StepInputs(
-        ids=rng.integers(0, 163840, batch, dtype=np.int64).tobytes(),
-        positions=np.full(batch, ctx - 1, dtype=np.int64).tobytes(),
-        slots=rng.integers(0, 1 << 24, batch, dtype=np.int64).tobytes(),
-        qsl=list(range(batch + 1)), seq_lens=[ctx] * batch, num_decodes=batch,
-        tables=tables.tobytes(), max_blocks=nb, logit_rows=list(range(batch)),
-        prompt_ranges=[], use_graph=True)
+class FullStep(msgspec.Struct, array_like=True, tag=True):
+    """The pre-delta message (StepMessage of engine/distributed.py before issue 9)."""
+
+    inputs: StepInputs
 
 
-def reader(spec, n: int, out) -> None:
+class FullShutdown(msgspec.Struct, array_like=True, tag=True):
+    pass
+
+
+class Seq:
+    """A running sequence (identity matters, as for the engine's Sequence objects)."""
+
+    __slots__ = ("blocks", "len")
+
+    def __init__(self, length: int, blocks: list[int]):
+        self.len = length
+        self.blocks = blocks
+
+
+class DecodeStream:
+    """Steady decode with churn; `next()` -> (StepInputs, the row objects)."""
+
+    def __init__(self, batch: int, ctx: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.ctx = ctx
+        self.seqs = [self._new(ctx - int(self.rng.integers(0, 512))) for _ in range(batch)]
+        self.step = 0
+
+    def _new(self, length: int) -> Seq:
+        return Seq(length, self.rng.integers(0, SCRATCH, -(-length // BLOCK)).tolist())
+
+    def next(self) -> tuple[StepInputs, list]:
+        self.step += 1
+        for s in self.seqs:
+            s.len += 1
+            if s.len > len(s.blocks) * BLOCK:
+                s.blocks.append(int(self.rng.integers(0, SCRATCH)))
+        if self.step % 4 == 0 and len(self.seqs) > 1:
+            del self.seqs[int(self.rng.integers(0, len(self.seqs)))]
+            self.seqs.append(self._new(self.ctx - int(self.rng.integers(0, 512))))
+        S = len(self.seqs)
+        M = max(len(s.blocks) for s in self.seqs)
+        tables = np.full((S, M), SCRATCH, dtype=np.int32)
+        for i, s in enumerate(self.seqs):
+            tables[i, :len(s.blocks)] = s.blocks
+        lens = [s.len for s in self.seqs]
+        pos = np.asarray(lens, dtype=np.int64) - 1
+        slots = tables[np.arange(S), pos // BLOCK].astype(np.int64) * BLOCK + pos % BLOCK
+        inp = StepInputs(
+            ids=self.rng.integers(0, 163840, S, dtype=np.int64).tobytes(),
+            positions=pos.tobytes(), slots=slots.tobytes(), qsl=list(range(S + 1)),
+            seq_lens=lens, num_decodes=S, tables=tables.tobytes(), max_blocks=M,
+            logit_rows=list(range(S)), prompt_ranges=[], use_graph=True)
+        return inp, list(self.seqs)
+
+
+def reader(spec, mode: str, out) -> None:
     ring = ShmRing.attach(spec)
-    t = 0.0
-    for _ in range(n + 1):
+    full_dec = msgspec.msgpack.Decoder(FullStep | FullShutdown)
+    dec = StepDecoder()
+    times = []
+    while True:
         data = ring.read(0)
         t0 = time.perf_counter()
-        msg = _DECODER.decode(data)
-        t += time.perf_counter() - t0
-        if isinstance(msg, ShutdownMessage):
+        if mode == "full":
+            msg = full_dec.decode(data)
+            done = isinstance(msg, FullShutdown)
+        else:
+            done = dec.decode(data) is None
+        if done:
             break
-    out.put(t)
+        times.append(time.perf_counter() - t0)
+    out.put(float(np.median(times[20:] or times)))
     ring.unlink()
 
 
-def measure(batch: int, ctx: int, steps: int = 2000) -> dict:
-    enc = msgspec.msgpack.Encoder()
-    inp = make_inputs(batch, ctx, 16)
+def measure(batch: int, ctx: int, mode: str, steps: int) -> dict:
+    stream = DecodeStream(batch, ctx)
+    enc = StepEncoder()
+    full_enc = msgspec.msgpack.Encoder()
     ring = ShmRing(None, num_readers=1, num_slots=8, slot_bytes=8 << 20)
-    q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=reader, args=(ring.spec(), steps, q))
+    ctx_mp = mp.get_context("spawn")
+    q = ctx_mp.Queue()
+    p = ctx_mp.Process(target=reader, args=(ring.spec(), mode, q))
     p.start()
-    t_enc = t_write = t_rtt = 0.0
-    size = 0
-    for i in range(steps):
+    t_enc, t_write, t_rtt = [], [], []
+    total = 0
+    warm = 20
+    for i in range(steps + warm):
+        inp, seqs = stream.next()  # untimed: the scheduler's and build_inputs' work
         t0 = time.perf_counter()
-        data = enc.encode(StepMessage(inp))
+        if mode == "full":
+            data = full_enc.encode(FullStep(inp))
+        else:
+            data = enc.encode(inp, seqs)
         t1 = time.perf_counter()
         ring.write(data, alive=p.is_alive)
         t2 = time.perf_counter()
-        # untimed for the sender: wait until the reader has taken it (engine steps are ms apart)
-        while ring._get(8) < i + 1:
+        while ring._get(8) < i + 1:  # untimed for the sender: steps are ms apart
             pass
-        t_rtt += time.perf_counter() - t1
-        t_enc += t1 - t0
-        t_write += t2 - t1
-        size = len(data)
-    ring.write(enc.encode(ShutdownMessage()))
-    t_read_decode = q.get()
+        if i >= warm:
+            t_rtt.append(time.perf_counter() - t1)
+            t_enc.append(t1 - t0)
+            t_write.append(t2 - t1)
+            total += len(data)
+    ring.write(full_enc.encode(FullShutdown()) if mode == "full" else enc.encode_shutdown())
+    t_read = q.get()
     p.join()
     ring.unlink()
-    return {"batch": batch, "ctx": ctx, "bytes": size,
-            "encode_us": 1e6 * t_enc / steps, "write_us": 1e6 * t_write / steps,
-            "sender_us": 1e6 * (t_enc + t_write) / steps,
-            "delivered_us": 1e6 * t_rtt / steps,
-            "reader_decode_us": 1e6 * t_read_decode / steps}
+    enc_a, write_a = np.asarray(t_enc), np.asarray(t_write)
+    return {"mode": mode, "batch": batch, "ctx": ctx, "bytes": total // steps,
+            "encode_us": 1e6 * np.median(enc_a), "write_us": 1e6 * np.median(write_a),
+            "sender_us": 1e6 * np.median(enc_a + write_a),
+            "sender_mean_us": 1e6 * np.mean(enc_a + write_a),
+            "delivered_us": 1e6 * np.median(t_rtt), "reader_decode_us": 1e6 * t_read}
+
+
+def relay_reader(port: int, mode: str) -> None:
+    import torch
+
+    from atom_stream.engine.multinode import NodeLayout, RelayLink, new_relay_group
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1,
+                                         world_size=2)
+    link = RelayLink(new_relay_group(NodeLayout(2, 2)))
+    full_dec = msgspec.msgpack.Decoder(FullStep | FullShutdown)
+    dec = StepDecoder()
+    while True:
+        data = link.recv()
+        if (isinstance(full_dec.decode(data), FullShutdown) if mode == "full"
+                else dec.decode(data) is None):
+            break
+    torch.distributed.destroy_process_group()
+
+
+def measure_relay(batch: int, ctx: int, mode: str, steps: int) -> dict:
+    """Rank 0's cost of the cross-node relay (engine/multinode.RelayLink: gloo broadcast to a
+    remote node leader), here over localhost TCP: encode + send per step."""
+    import socket
+
+    import torch
+
+    from atom_stream.engine.multinode import NodeLayout, RelayLink, new_relay_group
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = mp.get_context("spawn").Process(target=relay_reader, args=(port, mode))
+    p.start()
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                         world_size=2)
+    link = RelayLink(new_relay_group(NodeLayout(2, 2)))
+    stream, enc, full_enc = DecodeStream(batch, ctx), StepEncoder(), msgspec.msgpack.Encoder()
+    times, total = [], 0
+    for i in range(steps + 20):
+        inp, seqs = stream.next()
+        t0 = time.perf_counter()
+        data = full_enc.encode(FullStep(inp)) if mode == "full" else enc.encode(inp, seqs)
+        link.send(data)
+        if i >= 20:
+            times.append(time.perf_counter() - t0)
+            total += len(data)
+        time.sleep(2e-4)  # steps are apart; let the receiver drain
+    link.send(full_enc.encode(FullShutdown()) if mode == "full" else enc.encode_shutdown())
+    p.join()
+    torch.distributed.destroy_process_group()
+    return {"mode": mode, "batch": batch, "ctx": ctx, "bytes": total // steps,
+            "relay_send_us": 1e6 * float(np.median(times)),
+            "relay_send_mean_us": 1e6 * float(np.mean(times))}
 
 
 def main() -> None:
-    rows = [measure(256, 1024), measure(256, 8192), measure(64, 8192), measure(1, 8192)]
-    print(f"{'batch':>6} {'ctx':>6} {'bytes':>9} {'encode_us':>10} {'write_us':>9} "
-          f"{'sender_us':>10} {'delivered_us':>12} {'reader_decode_us':>17}")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2000)
+    args = ap.parse_args()
+    rows = [measure(b, c, mode, args.steps)
+            for b, c in ((256, 1024), (256, 8192), (64, 8192), (1, 8192))
+            for mode in ("full", "delta")]
+    print(f"{'mode':>6} {'batch':>6} {'ctx':>6} {'bytes':>9} {'encode_us':>10} {'write_us':>9} "
+          f"{'sender_us':>10} {'sender_mean':>11} {'delivered_us':>12} {'reader_decode_us':>17}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['ctx']:>6} {r['bytes']:>9} {r['encode_us']:>10.1f} "
-              f"{r['write_us']:>9.1f} {r['sender_us']:>10.1f} {r['delivered_us']:>12.1f} "
-              f"{r['reader_decode_us']:>17.1f}")
+        print(f"{r['mode']:>6} {r['batch']:>6} {r['ctx']:>6} {r['bytes']:>9} "
+              f"{r['encode_us']:>10.1f} {r['write_us']:>9.1f} {r['sender_us']:>10.1f} "
+              f"{r['sender_mean_us']:>11.1f} "
+              f"{r['delivered_us']:>12.1f} {r['reader_decode_us']:>17.1f}")
+    relay = [measure_relay(256, 8192, mode, args.steps // 4) for mode in ("full", "delta")]
+    print("\ncross-node relay (gloo broadcast, localhost): rank 0's encode + send per step")
+    print(f"{'mode':>6} {'batch':>6} {'ctx':>6} {'bytes':>9} {'send_us':>9} {'send_mean':>10}")
+    for r in relay:
+        print(f"{r['mode']:>6} {r['batch']:>6} {r['ctx']:>6} {r['bytes']:>9} "
+              f"{r['relay_send_us']:>9.1f} {r['relay_send_mean_us']:>10.1f}")
     os.makedirs("bench/results", exist_ok=True)
     with open("bench/results/broadcast.json", "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"steps": args.steps, "cpus": os.cpu_count(), "rows": rows, "relay": relay},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

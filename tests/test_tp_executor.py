@@ -1,6 +1,7 @@
 """TP worker processes on the CPU (gloo): the step broadcast over the shared-memory ring gives
-rank 0 the same logits as a single rank; a dead worker is detected within seconds and leaves no
-orphan process."""
+rank 0 the same logits as a single rank, and many engine steps with block-table deltas
+(engine/step_codec.py) keep the worker in lockstep (same tokens as a single rank); a dead worker
+is detected within seconds and leaves no orphan process."""
 
 from __future__ import annotations
 
@@ -111,3 +112,28 @@ async def test_killing_a_worker_fails_requests_and_marks_the_engine_dead():
                 await asyncio.sleep(0)
         assert t_kill is not None and time.monotonic() - t_kill < 10
         assert engine.is_dead
+
+
+def test_tp2_engine_with_table_deltas_matches_single_rank():
+    """Many steps through the worker: block-table deltas (forced on for these small tables)
+    reach rank 1 and it stays in lockstep, so the tokens equal a single rank's."""
+    from atom_stream.engine.step_codec import StepEncoder
+    from atom_stream.llm import LLM
+
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 5 * i)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
+          "max_model_len": 256}
+    single = LLM("demo", **kw)
+    want = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=params)]
+    single.engine.shutdown()
+    llm = LLM("demo", tensor_parallel_size=2, **kw)
+    try:
+        ex = llm.engine.runner
+        ex._encoder = StepEncoder(min_delta_cells=1)
+        got = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+        assert ex._encoder.num_delta >= 5, (ex._encoder.num_delta, ex._encoder.num_full)
+        assert ex.dead is None
+    finally:
+        llm.engine.shutdown()
+    assert got == want

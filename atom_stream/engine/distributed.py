@@ -2,17 +2,24 @@
 
 Rank 0 (the engine's process) and every worker build the same `ModelRunner` over their shard
 (torch.distributed: NCCL on CUDA, RCCL on ROCm, gloo on the CPU). Each step rank 0 flattens the
-batch into `StepInputs`, broadcasts it over a shared-memory ring (msgspec msgpack, fixed-size
-slots), and every rank runs the same forward (graph replay on GPUs), meeting in the collectives
-inside it. Only rank 0 samples.
+batch into `StepInputs`, encodes it once (engine/step_codec.py: msgspec msgpack, block-table rows
+unchanged since the last step are not resent), writes the bytes into the node's shared-memory ring
+(fixed-size slots), and every rank runs the same forward (graph replay on GPUs), meeting in the
+collectives inside it. Only rank 0 samples.
 
-Failure handling: a watchdog thread on rank 0 polls the workers; when one dies `dead` is set
-within ~0.2 s and the engine fails in-flight requests and reports unhealthy (a collective with a
-dead peer also raises in rank 0's step). Workers exit when rank 0 closes the ring or dies, so no
-orphan is left behind. Everything runs on one node (rendezvous on 127.0.0.1); multi-node launch
-is not implemented (docs/MULTINODE.md). `enable_expert_parallel` reaches every rank through
-the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine passes device "cuda:{i*tp}" and
-data_parallel_size > 1: its ranks use GPUs i*tp + r and a private process group.
+Several nodes (`nnodes` > 1, engine/multinode.py): node k hosts ranks [k*L, (k+1)*L) with
+L = tensor_parallel_size / nnodes; all ranks rendezvous at master_addr:master_port; rank 0 also
+broadcasts the step bytes over a gloo group of the node leaders (ranks k*L), each of which relays
+them into its own node's ring. Nodes 1.. are started by the headless command (`run_node`).
+
+Failure handling: a watchdog thread on rank 0 polls the local workers and the remote nodes'
+heartbeats; when one dies `dead` is set (~0.2 s for a local worker, HEARTBEAT_TIMEOUT_S for a
+silent node, at once when a step fails with a dead peer) and the engine fails in-flight requests
+and reports unhealthy (a gloo collective with a dead peer also raises in rank 0's step). Workers
+exit when rank 0 closes the ring or dies, so no orphan is left behind. `enable_expert_parallel`
+reaches every rank through the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine
+passes device "cuda:{i*tp}" and data_parallel_size > 1: its ranks use GPUs i*tp + r and a
+private process group.
 """
 
 from __future__ import annotations
@@ -23,28 +30,21 @@ import socket
 import threading
 import time
 
-import msgspec
 import torch
 import torch.multiprocessing as mp
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner, StepInputs
+from atom_stream.engine.multinode import NodeLayout, RelayLink, RemoteMonitor, new_relay_group
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.engine.shm_ring import RingClosed, ShmRing
+from atom_stream.engine.step_codec import StepDecoder, StepEncoder
 from atom_stream.layers.parallel import TPInfo, private_group
 
 logger = logging.getLogger(__name__)
 
-
-class StepMessage(msgspec.Struct, array_like=True, tag=True):
-    inputs: StepInputs
-
-
-class ShutdownMessage(msgspec.Struct, array_like=True, tag=True):
-    pass
-
-
-_DECODER = msgspec.msgpack.Decoder(StepMessage | ShutdownMessage)
+RING_SLOTS = 4
+RING_SLOT_BYTES = 8 << 20
 
 
 def _free_port() -> int:
@@ -57,13 +57,13 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _set_device(config: EngineConfig, rank: int) -> EngineConfig:
-    # "cuda:B" (DPEngine: replica i gets B = i*tp) puts rank r on GPU B + r
+def _set_device(config: EngineConfig, local_rank: int) -> EngineConfig:
+    # "cuda:B" (DPEngine: replica i gets B = i*tp) puts local rank r on GPU B + r
     if torch.cuda.is_available() and (config.device in ("auto", "cuda")
                                       or config.device.startswith("cuda:")):
         base = int(config.device.partition(":")[2] or 0)
-        torch.cuda.set_device(base + rank)
-        config.device = f"cuda:{base + rank}"
+        torch.cuda.set_device(base + local_rank)
+        config.device = f"cuda:{base + local_rank}"
     return config
 
 
@@ -88,104 +88,85 @@ def _close_group(group) -> None:
         pass
 
 
-def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
+def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str,
                  ring_spec: tuple) -> None:
-    """Entry point of TP rank `rank` (1..world-1)."""
+    """Entry point of a non-leader rank (local rank 1..L-1 of its node): reads every step from
+    the node's ring."""
     parent = os.getppid()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    config = _set_device(config, rank)
-    group = _init_group(config, init_method, rank, world)
+    layout = NodeLayout.of(config)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // layout.local_size))
+    config = _set_device(config, local_rank)
+    group = _init_group(config, init_method, rank, layout.world)
+    if layout.nnodes > 1:
+        new_relay_group(layout)  # a collective call: every rank takes part, members or not
     ring = ShmRing.attach(ring_spec)
+    decoder = StepDecoder()
     try:
-        runner = ModelRunner(config, TPInfo(rank, world, group))
+        runner = ModelRunner(config, TPInfo(rank, layout.world, group))
         while True:
             try:
-                data = ring.read(rank - 1, timeout=1.0)
+                data = ring.read(local_rank - 1, timeout=1.0)
             except TimeoutError:
-                if os.getppid() != parent:  # rank 0 is gone: do not linger as an orphan
+                if os.getppid() != parent:  # the node's leader is gone: do not linger
                     return
                 continue
             except RingClosed:
                 return
-            msg = _DECODER.decode(data)
-            if isinstance(msg, ShutdownMessage):
+            inputs = decoder.decode(data)
+            if inputs is None:
                 return
-            runner.run_inputs(msg.inputs)
+            runner.run_inputs(inputs)
     finally:
         ring.unlink()
         _close_group(group)
 
 
-class TPExecutor:
-    """The ModelRunner contract (`execute`, `num_kv_blocks`, `model_config`, `shutdown`) for
-    tensor_parallel_size > 1 on one node."""
+class LocalWorkers:
+    """The other ranks of this node (global ranks first+1 .. first+L-1 on local GPUs 1..L-1):
+    spawned processes fed through the node's shared-memory ring. `poll()` reports a death."""
 
-    def __init__(self, config: EngineConfig):
-        world = config.tensor_parallel_size
-        self.world = world
-        self.ring = ShmRing(None, num_readers=world - 1, num_slots=4, slot_bytes=8 << 20)
-        init = f"tcp://127.0.0.1:{_free_port()}"
+    def __init__(self, config: EngineConfig, layout: NodeLayout, init_method: str):
+        n = layout.local_size - 1
+        self.ring = ShmRing(None, num_readers=n, num_slots=RING_SLOTS,
+                            slot_bytes=RING_SLOT_BYTES) if n else None
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, name=f"atom-stream-tp{r}",
-                                  args=(config, r, world, init, self.ring.spec()), daemon=True)
-                      for r in range(1, world)]
+        first = layout.first_rank
+        self.procs = [ctx.Process(target=_worker_main, name=f"atom-stream-tp{first + i}",
+                                  args=(config, first + i, i, init_method, self.ring.spec()),
+                                  daemon=True)
+                      for i in range(1, n + 1)]
         for p in self.procs:
             p.start()
         self.dead: str | None = None
-        self._stop = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
-        self._watchdog.start()
-        self._encoder = msgspec.msgpack.Encoder()
-        self.group = None
-        try:
-            config = _set_device(config, 0)
-            self.group = _init_group(config, init, 0, world)
-            self.runner = ModelRunner(config, TPInfo(0, world, self.group))
-        except BaseException:
-            self.shutdown()
-            raise
-        self.runner.broadcast = self._broadcast
-        self.model_config = self.runner.model_config
-        self.num_kv_blocks = self.runner.num_kv_blocks
-        self.max_model_len = self.runner.max_model_len
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.2):
+    def poll(self) -> str | None:
+        """A message naming the first local worker that exited, else None (sticky)."""
+        if self.dead is None:
             for p in self.procs:
-                if not p.is_alive() and self.dead is None:
+                if not p.is_alive():
                     self.dead = f"TP worker {p.name} died (exit code {p.exitcode})"
-                    logger.error(self.dead)
+                    break
+        return self.dead
 
-    def _alive(self) -> bool:
-        return self.dead is None
+    def write(self, data: bytes) -> None:
+        if self.ring is not None:
+            self.ring.write(data, alive=lambda: self.poll() is None)
 
-    def _broadcast(self, inputs: StepInputs) -> None:
-        if self.dead:
-            raise RuntimeError(self.dead)
-        self.ring.write(self._encoder.encode(StepMessage(inputs)), alive=self._alive)
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
 
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        try:
-            return self.runner.execute(batch)
-        except Exception:
-            # a collective raises as soon as a peer dies: record the death now, not at the
-            # watchdog's next poll, so the engine reports dead before anyone asks again
-            deadline = time.monotonic() + 1.0
-            while self.dead is None and time.monotonic() < deadline:
-                for p in self.procs:
-                    if not p.is_alive():
-                        self.dead = f"TP worker {p.name} died (exit code {p.exitcode})"
-                time.sleep(0.02)
-            raise
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        try:
-            if self.dead is None:
-                self.ring.write(self._encoder.encode(ShutdownMessage()), timeout=timeout)
-        except Exception:  # noqa: BLE001 - a dead reader: we terminate below
-            pass
-        self.ring.close()
+    def shutdown(self, goodbye: bytes | None, timeout: float = 10.0) -> None:
+        """Send `goodbye` (the shutdown message; None: already sent, or not deliverable), close
+        the ring, join the workers (terminate/kill stragglers) and release the ring."""
+        if goodbye is not None and self.ring is not None and self.poll() is None:
+            try:
+                self.ring.write(goodbye, timeout=timeout)
+            except Exception:  # noqa: BLE001 - a dead reader: we terminate below
+                pass
+        if self.ring is not None:
+            self.ring.close()
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -194,7 +175,122 @@ class TPExecutor:
                 p.join(2.0)
             if p.is_alive():
                 p.kill()
-        self.ring.unlink()
+        if self.ring is not None:
+            self.ring.unlink()
+
+
+class TPExecutor:
+    """The ModelRunner contract (`execute`, `num_kv_blocks`, `model_config`, `shutdown`) for
+    tensor_parallel_size > 1: this process is rank 0 (node 0's leader)."""
+
+    def __init__(self, config: EngineConfig):
+        layout = self.layout = NodeLayout.of(config)
+        self.world = layout.world
+        init = layout.init_method() or f"tcp://127.0.0.1:{_free_port()}"
+        self.local = LocalWorkers(config, layout, init)
+        self.procs = self.local.procs
+        self.ring = self.local.ring
+        self.dead: str | None = None
+        self.remote: RemoteMonitor | None = None
+        self.relay: RelayLink | None = None
+        self._encoder = StepEncoder()
+        self._rows: list | None = None
+        self._stop = threading.Event()
+        self._check_lock = threading.Lock()
+        self._deaths: list[str] = []
+        self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
+        self._watchdog.start()
+        self.group = None
+        try:
+            config = _set_device(config, 0)
+            self.group = _init_group(config, init, 0, layout.world)
+            if layout.nnodes > 1:
+                self.relay = RelayLink(new_relay_group(layout))
+            self.runner = ModelRunner(config, TPInfo(0, layout.world, self.group))
+            if layout.nnodes > 1:
+                remote = RemoteMonitor(layout)
+                remote.check_config_digests(config)
+                self.remote = remote  # the watchdog starts polling it
+        except BaseException:
+            self.shutdown()
+            raise
+        self.runner.broadcast = self._broadcast
+        self.model_config = self.runner.model_config
+        self.num_kv_blocks = self.runner.num_kv_blocks
+        self.max_model_len = self.runner.max_model_len
+
+    def _died(self, why: str) -> None:
+        """Add a death to `dead` (all of them are reported: a local worker that died because a
+        remote node vanished mid-collective is listed with that node)."""
+        with self._check_lock:
+            if why not in self._deaths:
+                self._deaths.append(why)
+                self.dead = "; ".join(self._deaths)
+                logger.error(why)
+
+    def _check(self) -> None:
+        for why in (self.local.poll(), self.remote.poll() if self.remote else None):
+            if why:
+                self._died(why)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self._check()
+            except Exception as e:  # noqa: BLE001 - the store is rank 0's: should not fail
+                logger.warning("TP watchdog: %s", e)
+
+    def _alive(self) -> bool:
+        return self.dead is None
+
+    def _broadcast(self, inputs: StepInputs) -> None:
+        if self.dead:
+            raise RuntimeError(self.dead)
+        data = self._encoder.encode(inputs, self._rows)
+        try:
+            if self.relay is not None:
+                try:
+                    self.relay.send(data)
+                except Exception as e:
+                    # the leaders' gloo group only fails when a remote leader is gone
+                    self._died(f"lost a remote node (step relay failed): {e}")
+                    raise RuntimeError(self.dead) from e
+            if self.ring is not None:
+                self.ring.write(data, alive=self._alive)
+        except BaseException:
+            self._encoder.reset()  # some rank may have missed it: the next step goes whole
+            raise
+
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        self._rows = batch.seqs  # row identities for the block-table delta
+        try:
+            return self.runner.execute(batch)
+        except Exception:
+            # a collective raises as soon as a peer dies: record the death now, not at the
+            # watchdog's next poll, so the engine reports dead before anyone asks again
+            if self.remote is not None:
+                self.remote.failed_at = time.monotonic()
+            deadline = time.monotonic() + (2.0 if self.remote is not None else 1.0)
+            while time.monotonic() < deadline:
+                self._check()
+                if self.dead and (self.remote is None or self.remote.lost):
+                    break
+                time.sleep(0.02)
+            if self.remote is not None:
+                self.remote.failed_at = None
+            raise
+        finally:
+            self._rows = None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        goodbye = self._encoder.encode_shutdown() if self.dead is None else None
+        if goodbye is not None and self.relay is not None:
+            try:
+                self.relay.send(goodbye)
+            except Exception as e:  # noqa: BLE001 - a remote node is gone; its leader exits alone
+                logger.debug("shutdown message not relayed: %s", e)
+        self.local.shutdown(goodbye, timeout)
         _close_group(self.group)
 
 
