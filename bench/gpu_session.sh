@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | attn | skinny | decode | profile | moe | fp8lin | attn | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | serve | attn | skinny | decode | profile | moe | fp8lin | attn | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -27,6 +27,14 @@ for what in "${sections[@]}"; do case $what in
       tests/test_async_scheduling.py tests/test_model_kernels.py tests/test_gpu_engine.py \
       tests/test_gpu_engine_core.py tests/test_quant_gpu.py tests/test_w4a8_kernel.py \
       tests/test_fp8_linear.py tests/test_kernels_norm_rope.py ;;
+  tests3) sec tests3 ${T_TESTS:-150} $PY -m gpu --maxfail=30 tests/test_async_scheduling.py \
+      tests/test_gpu_engine.py tests/test_gpu_engine_core.py tests/test_model_kernels.py \
+      tests/test_quant_gpu.py tests/test_w4a8_kernel.py tests/test_kernels_norm_rope.py \
+      "tests/test_fp8_linear.py::test_kernel_real_shapes_gpu" ;;
+  sidestream) for v in 0 1; do ATOM_STREAM_SIDE_STREAM=$v sec side$v ${T_DECODE:-60} \
+      python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
+      --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done ;;
+  serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?" ;;
   attn) sec attn ${T_ATTN:-200} python3 bench/kernels_attention.py --out "$OUT/kernels-attn-h200.json" \
       --sweep-out "$OUT/kernels-attn-sweep-h200.json" ;;
   skinny) sec skinny ${T_SKINNY:-150} python3 bench/skinny_gemm.py --out "$OUT/skinny-gemm-h200.json" ;;
