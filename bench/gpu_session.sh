@@ -31,9 +31,9 @@ for what in "${sections[@]}"; do case $what in
       tests/test_gpu_engine.py tests/test_gpu_engine_core.py tests/test_model_kernels.py \
       tests/test_quant_gpu.py tests/test_w4a8_kernel.py tests/test_kernels_norm_rope.py \
       "tests/test_fp8_linear.py::test_kernel_real_shapes_gpu" ;;
-  sidestream) for v in 0 1; do ATOM_STREAM_SIDE_STREAM=$v sec side$v ${T_DECODE:-60} \
+  sidestream) for v in 0 1; do export ATOM_STREAM_SIDE_STREAM=$v; sec side$v ${T_DECODE:-60} \
       python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
-      --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done ;;
+      --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done; export ATOM_STREAM_SIDE_STREAM=0 ;;
   serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?" ;;
   attn) sec attn ${T_ATTN:-200} python3 bench/kernels_attention.py --out "$OUT/kernels-attn-h200.json" \
       --sweep-out "$OUT/kernels-attn-sweep-h200.json" ;;
