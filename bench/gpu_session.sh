@@ -34,7 +34,8 @@ for what in "${sections[@]}"; do case $what in
   sidestream) for v in 0 1; do export ATOM_STREAM_SIDE_STREAM=$v; sec side$v ${T_DECODE:-60} \
       python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
       --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done; export ATOM_STREAM_SIDE_STREAM=0 ;;
-  serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?" ;;
+  serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?"
+      tar czf "$OUT/serving.tgz" -C "$OUT" serving && rm -rf "$OUT/serving" ;;  # <= 8 files return
   attn) sec attn ${T_ATTN:-200} python3 bench/kernels_attention.py --out "$OUT/kernels-attn-h200.json" \
       --sweep-out "$OUT/kernels-attn-sweep-h200.json" ;;
   skinny) sec skinny ${T_SKINNY:-150} python3 bench/skinny_gemm.py --out "$OUT/skinny-gemm-h200.json" ;;
@@ -45,7 +46,8 @@ for what in "${sections[@]}"; do case $what in
   moe) sec moe ${T_MOE:-240} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-w4a8,int4,mxfp4}" \
       --budget-s 150 --out "$OUT/kernels-moe-h200.json" --sweep-out "$OUT/kernels-moe-sweep-h200.json" ;;
   fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
-  idle) sec idle ${T_IDLE:-200} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
-      --batches 1,16,64 --ctx 1024 --steps 30 --modes "${MODES:-async,sync}" --out "$OUT/engine_idle.json" ;;
+  idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
+      sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
+      --batches 1,16,64 --ctx 1024 --steps 30 --modes $m --out "$OUT/engine_idle-$m.json"; done ;;
   *) echo "unknown section $what" ;;
 esac; done

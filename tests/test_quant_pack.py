@@ -96,3 +96,16 @@ def test_fp8_block_dequant_matches_writer():
     assert s.shape == (2, 3)
     assert torch.equal(dequantize_fp8_block(q, s, (128, 128), torch.float32),
                        qw.fp8_block_dequant(q, s))
+
+
+def test_repack_chunked_equals_whole_layer():
+    """The GPU load path repacks 4-bit experts 16 at a time (bounded temporaries): the result
+    must equal repacking the whole layer at once, for an expert count not divisible by 16."""
+    from atom_stream.kernels.moe_ref import repack_int4, repack_mxfp4
+    from atom_stream.layers.quant.common import _repack_chunked
+
+    g = torch.Generator().manual_seed(3)
+    w4 = torch.randint(-2**31, 2**31 - 1, (37, 64, 32), generator=g, dtype=torch.int32)
+    assert torch.equal(_repack_chunked(repack_int4, w4), repack_int4(w4))
+    fp4 = torch.randint(0, 256, (37, 64, 128), generator=g, dtype=torch.int32).to(torch.uint8)
+    assert torch.equal(_repack_chunked(repack_mxfp4, fp4), repack_mxfp4(fp4))

@@ -191,7 +191,10 @@ def test_kernel_equals_w4a8_reference_float32(M, cfg_path, static):
                                     (77, "sorted")])
 @pytest.mark.parametrize("per_tensor", [True, False])
 def test_fp8c_gpu(M, path, per_tensor):
-    check(M, path, per_tensor=per_tensor, xdt=torch.bfloat16, tol=1e-2, E=64, H=1024, I=256, k=8,
+    # dynamic: the intermediate's per-token fp8 scale comes from the kernel's fp32 sums but from
+    # bf16-rounded values in the reference, so ~1% of its fp8 codes land one step (6-12%) apart:
+    # measured 1.1-1.4% rel L2 on the H200 (2e-2 stated); static scales stay under 1e-2
+    check(M, path, per_tensor=per_tensor, xdt=torch.bfloat16, tol=2e-2, E=64, H=1024, I=256, k=8,
           seed=M, config={"BN1": 16, "BN2": 64, "FG1": 8, "FG2": 32})
     check(M, path, per_tensor=per_tensor, static=True, xdt=torch.bfloat16, tol=1e-2, E=64,
           H=1024, I=256, k=8, seed=M + 1, repeat=True, config={"BN1": 16, "BN2": 64})

@@ -312,6 +312,19 @@ def try_fused_moe(x, w13, w2, topk_weights, topk_ids, quant: str, **kw):
         return None
 
 
+def _repack_chunked(repack, w: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """repack(w) over `chunk` experts at a time: the repack unpacks nibbles into wide integer
+    temporaries (a whole K2.5 layer's w13 at once peaked ~36 GB above the weights on the H200),
+    so the transient stays ~chunk/E of that."""
+    out = None
+    for i in range(0, w.shape[0], chunk):
+        r = repack(w[i:i + chunk])
+        if out is None:
+            out = torch.empty((w.shape[0],) + tuple(r.shape[1:]), dtype=r.dtype, device=r.device)
+        out[i:i + chunk] = r
+    return out
+
+
 def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
     """On GPUs, replace the checkpoint-layout 4-bit expert tensors by the fused-MoE kernel's
     layout (still 4 bits/weight; kernels/fused_moe.repack_*_moe), one layer at a time so the
@@ -320,7 +333,7 @@ def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
     if not w13.is_cuda or fused_moe_kernel() is None:
         return
     try:  # both first: a shape the kernel layout cannot tile leaves the layer untouched
-        packed = [repack(getattr(experts, name)) for name in (w13_name, w2_name)]
+        packed = [_repack_chunked(repack, getattr(experts, name)) for name in (w13_name, w2_name)]
     except ValueError as e:  # K not a multiple of 128 (tiny test models): the torch path
         logger.info("experts kept in the checkpoint layout: %s", e)
         return
