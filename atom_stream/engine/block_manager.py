@@ -125,6 +125,7 @@ class BlockManager:
         for bid in reversed(table):
             self._release(bid)
         table.clear()
+        seq.table_epoch += 1  # the runner's persistent table copy resyncs this row
         seq.num_registered_blocks = 0
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:

@@ -77,6 +77,73 @@ class StepInputs(msgspec.Struct, array_like=True):
     use_graph: bool
 
 
+class _Row:
+    """One sequence's row: `synced` leading entries of list `table` copied; epoch; last gather."""
+
+    __slots__ = ("epoch", "row", "seen", "synced", "table")
+
+    def __init__(self, row: int, table: list[int], epoch: int):
+        self.row, self.table, self.synced, self.epoch, self.seen = row, table, 0, epoch, 0
+
+
+class BlockTableRows:
+    """Persistent int32 copy of live sequences' block tables, one row per Sequence (identity),
+    padded with `pad`. `gather(seqs)` -> ([S, max_blocks] int32, max_blocks), equal to
+    flattening every table from scratch, in O(blocks appended since the last gather + S *
+    max_blocks memcpy). Contract: a table changes only by `append`, by `clear()` in
+    BlockManager.free (bumps `seq.table_epoch`) or by assigning a new list; the last two (or a
+    table shorter than the copy) resync the row. Invariant: row[synced:] == pad. Every SWEEP
+    gathers, rows of finished sequences or not gathered in SWEEP steps are freed."""
+
+    SWEEP = 32
+
+    def __init__(self, pad: int, rows: int = 16, width: int = 16):
+        self.pad, self.step, self.entries = pad, 0, {}  # entries: Sequence -> _Row
+        self.table = np.full((rows, width), pad, dtype=np.int32)
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    def gather(self, seqs) -> tuple[np.ndarray, int]:
+        self.step = step = self.step + 1
+        if step % self.SWEEP == 0:
+            self._sweep()
+        entries, idx, max_blocks = self.entries, [], 1
+        for s in seqs:
+            bt = s.block_table
+            n = len(bt)
+            e = entries.get(s)
+            if e is None:
+                if not self.free_rows:
+                    self._grow(2 * self.table.shape[0], self.table.shape[1])
+                e = entries[s] = _Row(self.free_rows.pop(), bt, s.table_epoch)
+            elif e.epoch != s.table_epoch or e.table is not bt or n < e.synced:  # reset
+                self.table[e.row, :e.synced] = self.pad
+                e.synced, e.epoch, e.table = 0, s.table_epoch, bt
+            if n != e.synced:
+                if n > self.table.shape[1]:  # at least double, so widening stays rare
+                    self._grow(self.table.shape[0], max(n, 2 * self.table.shape[1]))
+                self.table[e.row, e.synced:n] = bt[e.synced:n]
+                e.synced = n
+            e.seen = step
+            idx.append(e.row)
+            max_blocks = max(max_blocks, n)
+        return self.table[idx, :max_blocks], max_blocks
+
+    def _grow(self, rows: int, width: int) -> None:
+        old = self.table
+        r, w = old.shape
+        self.table = np.full((rows, width), self.pad, dtype=np.int32)
+        self.table[:r, :w] = old
+        self.free_rows += range(rows - 1, r - 1, -1)
+
+    def _sweep(self) -> None:
+        horizon = self.step - self.SWEEP
+        for seq, e in list(self.entries.items()):
+            if e.seen <= horizon or seq.is_finished:
+                self.table[e.row, :e.synced] = self.pad
+                self.free_rows.append(e.row)
+                del self.entries[seq]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,7 +292,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     def build_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch on the host (what rank 0 broadcasts to the other TP ranks).
-        Vectorized with numpy: per sequence only list slicing happens in Python."""
+        Vectorized with numpy: per sequence only list slicing happens in Python; the block
+        tables come from a persistent copy updated incrementally (BlockTableRows)."""
         bs = self.block_size
         seqs = batch.seqs
         S = len(seqs)
@@ -241,15 +309,10 @@ class ModelRunner:
             ids_arr = np.fromiter(chain.from_iterable(
                 s.token_ids[a:a + n] for s, a, n in zip(seqs, starts.tolist(), batch.num_new_tokens)),
                 np.int64, T)
-        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, S)
-        max_blocks = int(lens.max()) if S else 1
-        max_blocks = max(max_blocks, 1)
-        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int32,
-                           int(lens.sum()))
-        tables = np.full((S, max_blocks), self.scratch_block, dtype=np.int32)
-        row = np.repeat(np.arange(S), lens)
-        col = np.arange(flat.shape[0]) - np.repeat(np.cumsum(lens) - lens, lens)
-        tables[row, col] = flat
+        btr = getattr(self, "_block_rows", None)  # lazy: also works on a bare namespace
+        if btr is None:
+            btr = self._block_rows = BlockTableRows(self.scratch_block)
+        tables, max_blocks = btr.gather(seqs)  # [S, max_blocks] int32, scratch-padded
         seq_of_tok = np.repeat(np.arange(S), news)
         positions_arr = np.arange(T, dtype=np.int64) - np.repeat(qsl_arr[:-1], news) + \
             np.repeat(starts, news)

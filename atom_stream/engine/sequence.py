@@ -40,7 +40,7 @@ class Sequence:
         "num_computed_tokens", "num_cached_tokens", "status", "finish_reason", "stop_reason",
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
         "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
-        "num_placeholders", "num_uncollected", "final_token_pending",
+        "num_placeholders", "num_uncollected", "final_token_pending", "table_epoch",
     )
 
     def __init__(
@@ -58,6 +58,9 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved: min(params.max_tokens, max_model_len - prompt)
         self.eos_token_ids = eos_token_ids
         self.block_table: list[int] = []
+        # bumped by BlockManager.free (table cleared): lets the runner's persistent block-table
+        # copy detect a reset even if the table regrew before its next step
+        self.table_epoch = 0
         self.block_hashes: list = []  # chained content hashes of this sequence's full blocks
         self.num_registered_blocks = 0  # leading blocks of block_table known to the prefix cache
         self.num_computed_tokens = 0
