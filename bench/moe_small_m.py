@@ -1,0 +1,159 @@
+"""Small-M 4-bit fused MoE: kernels/moe_small_m.py against kernels/fused_moe.py, same run.
+
+    python3 bench/moe_small_m.py --out $OUT/moe-small-m-h200.json [--budget-s 100]
+
+Shapes: Kimi-K2.5 TP8 rank (H=7168, I=256, E=384, top-8, uniform random routing), repacked
+int4 g32 and MXFP4 experts (bench/kernels_moe.make_weights), M = 1, 4, 16, 64, 256 tokens.
+Timing: bench/kernels.time_calls (median of CUDA-graph replays) over ROT different routings and
+inputs (32 for M <= 16, else 8) so the experts' weights miss L2; routing not timed. bytes = the
+touched experts' weights + scales (distinct experts per routing, averaged) + x in + y out;
+ratio = bytes / time / the copy bandwidth measured at the start of this run.
+For each M: fused_moe with its defaults, then moe_small_m's default and a few candidate
+configs (CANDIDATES, until --budget-s), then the best candidate's gate_up kernel alone. Before
+timing, every (format, M) checks moe_small_m against fused_moe on one routing, and at M = 1 and
+16 against moe_small_m_ref (float64); a failed check marks the row ("check": "FAIL ...").
+Prints every timing as it goes and a table at the end; --out gets the rows (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# bench/kernels.py first: it makes atom_stream.kernels importable on a bare GPU box
+from kernels import copy_bandwidth, make_row, print_table, time_calls  # noqa: I001
+from kernels_moe import TOPK, E, H, I, expert_bytes, make_sets, make_weights
+from atom_stream.kernels.fused_moe import fused_moe
+from atom_stream.kernels.moe_small_m import default_config, moe_small_m, moe_small_m_ref
+
+MS = (1, 4, 16, 64, 256)
+# overrides of moe_small_m.default_config ({} = the default); predictions in
+# bench/notes_moe_small_m.md
+CANDIDATES = {  # kept short: every config is a fresh Triton compile (~2-4 s each)
+    1: [{}, {"SK": 1}, {"BN": 4}, {"BN2": 16}],
+    4: [{}, {"SK": 7}, {"BN": 8}],
+    16: [{}, {"BT": 2}, {"BN": 8}],
+    64: [{}, {"BT": 1}, {"BN": 8}],
+    256: [{}, {"BN": 8}],
+}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm())
+
+
+def check(fmt, w, M) -> str:
+    """moe_small_m vs fused_moe (and vs the float64 reference at M = 1, 16) on one routing."""
+    x, tw, ids, _ = make_sets(M, 1, "cuda")[0][0]
+    kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
+    y_old = fused_moe(x, w["w13"], w["w2"], tw, ids, **kw)
+    y_new = torch.full_like(y_old, float("nan"))
+    moe_small_m(x, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], tw, ids, fmt,
+                {"poison": True}, out=y_new)
+    msgs = [f"vs fused_moe {rel_err(y_new, y_old):.2e}"]
+    ok = rel_err(y_new, y_old) < 2e-2
+    if M in (1, 16):
+        ref = moe_small_m_ref(x, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], tw, ids, fmt)
+        err = rel_err(y_new, ref)
+        msgs.append(f"vs float64 ref {err:.2e} (fused_moe {rel_err(y_old, ref):.2e})")
+        ok = ok and err < 1e-2
+    return ("ok " if ok else "FAIL ") + ", ".join(msgs)
+
+
+def calls_for(fn, sets):
+    return [lambda s=s: fn(s) for s in sets]
+
+
+def run_m(fmt, w, M, copy, deadline, t_start, log) -> list:
+    """Rows of one (format, M): fused_moe, moe_small_m default, best candidate."""
+    kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
+    w13, w2, s13, s2 = w["w13"], w["w2"], w["w13_scale"], w["w2_scale"]
+    status = check(fmt, w, M)
+    print(f"{fmt} M={M} check: {status}", flush=True)
+    sets, distinct = make_sets(M, 32 if M <= 16 else 8, "cuda")
+    nbytes = int(distinct * expert_bytes(w) + 2 * M * H * 2)
+    rows = []
+
+    def rec(name, t, cfg=None, part=None):
+        r = dict(make_row(f"{name}_{fmt}", 0, 0, M, t, nbytes, copy), check=status)
+        if cfg is not None:
+            r["config"] = cfg
+        if part:
+            r["part"] = part
+        log.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+    def new(cfg):
+        return calls_for(lambda s: moe_small_m(s[0], w13, w2, s13, s2, s[1], s[2], fmt, cfg,
+                                               out=s[3]), sets)
+
+    old = time_calls(calls_for(lambda s: fused_moe(s[0], w13, w2, s[1], s[2], out=s[3], **kw),
+                               sets))
+    rows.append(rec("fused_moe", old))
+    best = default = None
+    for i, cfg in enumerate(CANDIDATES.get(M, [{}])):
+        if i and time.time() > deadline:
+            break
+        try:
+            t = time_calls(new(cfg))
+        except Exception as e:  # noqa: BLE001 -- a failing candidate must not stop the rest
+            print(f"{fmt} M={M} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        r = rec("small_m", t, dict(default_config(M, H, I, TOPK), **cfg))
+        if i == 0:
+            rows.append(r)
+            default = t
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best is None:
+        return rows
+    rows.append(rec("small_m_best", best[0], dict(default_config(M, H, I, TOPK), **best[1])))
+    if time.time() < deadline:  # where the time goes: gate_up alone
+        t = time_calls(new(dict(best[1], stop_after="gate_up")))
+        rec("small_m_gate_up_only", t, best[1], part="gate_up only (bytes: whole MoE)")
+    print(f"== {fmt} M={M}: fused_moe {old:.1f} us, moe_small_m default {default} us, best "
+          f"{best[0]:.1f} us {best[1]}  [{time.time() - t_start:.0f} s]", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="int4,mxfp4")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--budget-s", type=float, default=100.0,
+                    help="stop trying non-default candidates after this many seconds")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "moe-small-m-h200.json"))
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench/moe_small_m.py needs a GPU"
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    copy = copy_bandwidth(warm_s=1.0)
+    print(f"copy bandwidth (read + write): {copy:.0f} GB/s", flush=True)
+    rows, log = [], []
+    fmts = args.formats.split(",")
+    weights = {fmt: make_weights(fmt, "cuda") for fmt in fmts}  # ~1.2 GB each
+    for M in (int(m) for m in args.ms.split(",")):  # M outer: the budget cuts both formats alike
+        for fmt in fmts:
+            rows += run_m(fmt, weights[fmt], M, copy, deadline, t_start, log)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"copy_GBps": copy, "E": E, "H": H, "I": I, "top_k": TOPK, "rows": rows,
+                   "log": log}, f, indent=1)
+    print(f"total {time.time() - t_start:.0f} s; table (ratio vs the in-run copy):")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
