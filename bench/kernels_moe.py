@@ -5,6 +5,8 @@
 
 The lead's comparison run (split-K GEMV variant vs the default at M=1; W4A8 fp8 rows; < 4 min):
     python bench/kernels_moe.py --formats w4a8,int4,mxfp4 --budget-s 120
+Issue 6, tensor-core paths old vs new (TC_CANDIDATES; bench/notes_fused_moe_tc.md; < 4 min):
+    python bench/kernels_moe.py --formats int4,mxfp4 --ms 16,64,256 --set tc --budget-s 170
 (bench/notes_fused_moe.md has the predictions.) "w4a8" = fused_moe's "fp8_tensor" format (W4A8
 after its load-time conversion: fp8 e4m3 weights, one scale per expert and tensor, fp8
 activations with dynamic per-token scales).
@@ -179,6 +181,31 @@ CANDIDATES = {
     256: [{}, {"BN1": 128, "W1": 8}, {"BN1": 128, "W1": 8, "BN2": 128, "W2": 8},
           {"S1": 4, "BN2": 128}, {"OFFS": 0}],
 }
+# Issue 6 (tensor-core paths at M = 16 / 64 / 256, bench/notes_fused_moe_tc.md): the DQ variants
+# of the K loop (group scales folded into the 16-bit weight operand; DQ=2 one MMA per 128-K
+# chunk) and 2-warp programs (Triton then emits mma.sync instead of wgmma on Hopper: no
+# warpgroup waits and fences per scale group); XM=1: direct mode (M=16) loads only the routed
+# tokens' activation rows; DU=0: the down kernel's K loop pipelined instead of unrolled (its
+# loads then all issue up front instead of one scale group at a time). `--set tc` runs old ({} =
+# the defaults) then the new candidates in order of predicted gain; `--set all` CANDIDATES.
+_PIPE = {"DU": 0, "BK2": 128, "S2": 3}  # the down kernel's K loop pipelined (2 iterations)
+_NEW = dict(_PIPE, DQ=1, W1=2, W2=2)
+TC_CANDIDATES = {
+    16: [{}, dict(_NEW, BN1=32, XM=1), dict(_NEW, BN1=16, XM=1),
+         dict(_NEW, BN1=32, BN2=32, XM=1), dict(_PIPE, DQ=1, XM=1), dict(_PIPE)],
+    64: [{}, dict(_NEW, BN1=32), dict(_NEW, BN1=16), dict(_NEW, BN1=32, BN2=32),
+         dict(_PIPE, DQ=1), dict(_PIPE), {}],  # {} twice: the run-to-run spread
+}
+TC_CANDIDATES[256] = TC_CANDIDATES[64]
+# --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
+TC_EXTRA = {
+    16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
+         dict(_NEW, BN1=32, S1=4, XM=1), {"DQ": 2, "XM": 1}, {"DQ": 1}],
+    64: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32}, dict(_NEW, BN1=32, S1=4),
+         dict(_PIPE, DQ=2), {"DQ": 1}, dict(_NEW, BN1=64)],
+}
+TC_EXTRA[256] = TC_EXTRA[64]
+OLDNEW: list = []  # cset "tc"/"tcx": the default's row and the fastest other one's, per fmt and M
 # W4A8 (fp8_tensor): GEMV (default up to M=8) vs tensor-core direct, GEMV tiles; sorted tiles.
 CANDIDATES_FP8C = {
     1: [{}, {"FG1": 4}, {"FG1": 16, "FBK1": 256}, {"FBK1": 1024}, {"FG2": 16}, {"gemv_max": 0}],
@@ -205,8 +232,10 @@ def _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, **extra):
     return t, d
 
 
-def _candidates(fmt: str, M: int) -> list:
+def _candidates(fmt: str, M: int, cset: str = "all") -> list:
     if fmt in ("int4", "mxfp4"):
+        if cset in ("tc", "tcx") and M in TC_CANDIDATES:
+            return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
         return CANDIDATES[M]
     if fmt == "w4a8":
         return CANDIDATES_FP8C[M]
@@ -215,10 +244,12 @@ def _candidates(fmt: str, M: int) -> list:
 
 def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8"),
              copy_gbps=None, budget_s: float = float("inf"), log: list | None = None,
-             ms=MS) -> list:
+             ms=MS, cset: str = "all") -> list:
     """Rows for bench/kernels.py. `arg`: the copy bandwidth in GB/s (bench/kernels.py passes it)
-    or a device; measured here when not given. int4/MXFP4 try CANDIDATES (until budget_s has
-    passed) and report the fastest; every timing is appended to `log`."""
+    or a device; measured here when not given. int4/MXFP4 try CANDIDATES (cset "all") or
+    TC_CANDIDATES (cset "tc", at the M it lists; "tcx" adds TC_EXTRA), until budget_s has
+    passed, and report the fastest; every timing is appended to `log`. cset "tc"/"tcx" also
+    prints "OLDNEW" lines: the default config ({}) against the fastest other candidate."""
     if isinstance(arg, (int, float)):
         copy_gbps = float(arg)
     if copy_gbps is None:
@@ -230,15 +261,25 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
         w = make_weights("mxfp4" if act else fmt, "cuda")
         eb = expert_bytes(w)
         for M in ms:
-            best = None
-            for i, cfg in enumerate(_candidates(fmt, M)):
+            best = best_old = best_new = None
+            for i, cfg in enumerate(_candidates(fmt, M, cset)):
                 if i and time.time() > deadline:
                     break
                 t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log)
                 if t is not None and (best is None or t < best[0]):
                     best = (t, d, cfg)
+                if t is not None and cfg == {} and (best_old is None or t < best_old[0]):
+                    best_old = (t, d, cfg)
+                if t is not None and cfg and (best_new is None or t < best_new[0]):
+                    best_new = (t, d, cfg)
             if best is None:
                 continue
+            for tag, b in (("old", best_old), ("new", best_new)):
+                if cset in ("tc", "tcx") and b is not None:
+                    r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
+                             config=b[2])
+                    OLDNEW.append(r)
+                    print("OLDNEW", json.dumps(r), flush=True)
             rows.append(row(FORMATS[fmt], M, best[0], best[1], eb, copy_gbps))
             print("ROW", json.dumps(dict(rows[-1], config=best[2])), flush=True)
             if time.time() < deadline:  # where the time goes: the first GEMM alone
@@ -271,12 +312,31 @@ def print_sweep(log) -> None:
               f"{'  ' + r['part'] if 'part' in r else ''}")
 
 
+def print_oldnew(rows) -> None:
+    """Old (default config) vs new (fastest other candidate) per format and M; the issue-6 targets
+    are ratio >= 0.5 at M = 16 / 64 and >= 0.7 at M = 256."""
+    old = {(r["kernel"].split("@")[0], r["m"]): r for r in rows if r["kernel"].endswith("@old")}
+    print(f"{'kernel':<12}{'m':>5}{'old_us':>9}{'new_us':>9}{'speedup':>8}{'ratio':>7}{'new':>7}"
+          "  new config")
+    for r in rows:
+        if not r["kernel"].endswith("@new"):
+            continue
+        k = r["kernel"].split("@")[0]
+        o = old.get((k, r["m"]))
+        ot, orat = (o["time_us"], o["ratio"]) if o else (float("nan"), float("nan"))
+        print(f"{k:<12}{r['m']:>5}{ot:>9.1f}{r['time_us']:>9.1f}{ot / r['time_us']:>8.2f}"
+              f"{orat:>7.3f}{r['ratio']:>7.3f}  {json.dumps(r['config'])}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int4,mxfp4,mxfp4_w4a4,bf16,fp8,w4a8")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
+    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx"),
+                    help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
+                    "tcx = TC_CANDIDATES + TC_EXTRA")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
                                                         "kernels-moe-sweep-h200.json"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels-moe-h200.json"))
@@ -289,7 +349,7 @@ def main(argv=None) -> None:
     try:
         rows = moe_rows(copy_gbps, formats=tuple(args.formats.split(",")),
                         budget_s=args.budget_s, log=log,
-                        ms=tuple(int(v) for v in args.ms.split(",")))
+                        ms=tuple(int(v) for v in args.ms.split(",")), cset=args.set)
     finally:
         os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
         with open(args.sweep_out, "w") as f:
@@ -299,6 +359,8 @@ def main(argv=None) -> None:
         json.dump([{k: r[k] for k in KEYS} for r in rows], f, indent=1)
     print_sweep(log)
     print_table(rows)
+    if OLDNEW:
+        print_oldnew(OLDNEW)
 
 
 if __name__ == "__main__":

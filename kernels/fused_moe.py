@@ -116,6 +116,15 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     SK: split-K of the 4-bit GEMV gate_up (kernels/fused_moe_gemv.py; 1 = off, the measured
     default; the variant is compared in bench/kernels_moe.py, predictions in
     bench/notes_fused_moe.md).
+    DQ (tensor-core K loop of repacked int4 / weight-only MXFP4 with 16-bit activations,
+    kernels/fused_moe_common.py): 0 = each scale group's MMA into a fresh fp32 partial, scaled
+    and added (the measured default); 1 = the group scale folded into the 16-bit weight operand,
+    every MMA accumulates in place (int4 then rounds q * s to bf16 once; MXFP4 stays exact, in
+    bf16 MMAs instead of fp16); 2 = as 1 with one MMA per 128-K chunk. XM=1: direct mode's
+    gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
+    gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
+    unrolled (1, measured) or pipelined (0, with BK2 < I). DQ/XM/W=2/DU=0 are unmeasured
+    candidates (bench/kernels_moe.py --set tc; predictions in bench/notes_fused_moe_tc.md).
     FP8C (not yet measured: bench/notes_fused_moe.md): GEMV FG1/FG2 rows per program and
     FBK1/FBK2 K per iteration, gemv_max 8 like the 4-bit formats; tensor cores as fp8_block
     with tiles fitted to H and I (multiples of 32)."""
@@ -139,7 +148,8 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
-            "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1}
+            "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
+            "DU": 1}
 
 
 def _mdt(dtype: torch.dtype) -> int:

@@ -101,10 +101,107 @@ def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.co
 
 
 @triton.jit
+def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr):
+    """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
+    [R, 16] -> the scaled weights [R, 32] as 16-bit floats for one MMA with K = 32: bf16 when
+    MDT == 0, else fp16 (int4 only). s [R]: the group's scale (int4: the bf16 scale; MXFP4: the
+    e8m0 byte as int32).
+    int4: nibble n -> 16-bit float of magic + n (bf16 128 + n / fp16 1024 + n) by one OR into
+    the mantissa; (magic + n) - (magic + 8) = n - 8 exactly; times the scale: one rounding to
+    the 16-bit format (bf16: relative 2^-9, like the bf16 activations; fp16: scales below 2^-14
+    lose bits as fp16 subnormals).
+    MXFP4 (bf16 only): the 3 magnitude bits go to bits 6..8 (the bf16 bit pattern of
+    e2m1 * 2^-126; the zero-exponent code lands on a subnormal, exactly), the sign to bit 15;
+    times 2^63 and 2^(e - 64) (powers of two: exact for e8m0 e in [1, 191], the clamp). (Leaving
+    the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
+    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md.)"""
+    if FMT == 2:
+        if MDT == 0:
+            v = ((w >> (4 * j)) & 0x000F000F) | 0x43004300
+            off = 136.0
+            fdt = tl.bfloat16
+        else:
+            v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400
+            off = 1032.0
+            fdt = tl.float16
+        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32).to(fdt, bitcast=True)
+        return (wj - off).to(fdt) * s.to(fdt)[:, None]
+    else:
+        if j == 3:
+            v = ((w >> 3) & 0x01C001C0) | (w & _SIGN)
+        else:
+            v = ((w << (6 - 3 * j)) & 0x01C001C0) | ((w << (3 - j)) & _SIGN)
+        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+        wj = wj.to(tl.bfloat16, bitcast=True) * 9.223372036854775808e18  # 2^63, exact
+        sb = ((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16)  # bf16 2^(e - 64)
+        return wj * sb.to(tl.bfloat16, bitcast=True)[:, None]
+
+
+@triton.jit
+def _dot16(w, x, acc, MDT: tl.constexpr):
+    """acc += w @ x with 16-bit operands: bf16 (MDT 0) or fp16 (int4 with fp16 activations)."""
+    if MDT == 0:
+        return tl.dot(w, x.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(w, x.to(tl.float16), acc)
+
+
+@triton.jit
+def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
+            BM: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
+            DQ: tl.constexpr):
+    """DQ >= 1 step for repacked int4 / MXFP4 weight-only: acc[R, BM] += W[rows, k0:k0+BK] @
+    X[k0:k0+BK, tokens] with the group scales folded into the 16-bit weight operand (`_dq16`),
+    so every MMA accumulates into acc directly: no per-group fp32 partial, no per-group wait on
+    the MMA and rescale of the accumulator (what DQ=0 does). DQ=1: one MMA per scale group
+    (K = 32); DQ=2: one per 128-K chunk (groups interleaved along K, x rows permuted to match).
+    The 4 scales of a chunk are one [R, 4] load."""
+    t = tl.arange(0, 16)
+    for cc in tl.static_range(BK // 128):
+        c = k0 // 128 + cc
+        w = tl.load(Wp + row_w[:, None] + c * 16 + t[None, :], mask=wm[:, None], other=0)
+        sg = c * 4 + tl.arange(0, 4)
+        if FMT == 2:  # bf16 scales, used as they are
+            s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=0.0)
+        else:
+            s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=127)
+            s4 = s4.to(tl.int32)
+        s02, s13 = tl.split(tl.reshape(s4, (R, 2, 2)))  # [R, 2]: groups (0, 2) and (1, 3)
+        s0, s2 = tl.split(s02)
+        s1, s3 = tl.split(s13)
+        if DQ == 2:  # one MMA with K = 128 per chunk: the 4 groups interleaved along K
+            # (column 4m + 2s + s2 = element m of group s + 2 s2), x rows permuted to match
+            wa = tl.join(_dq16(w, 0, s0, R, FMT, MDT), _dq16(w, 1, s1, R, FMT, MDT))
+            wb = tl.join(_dq16(w, 2, s2, R, FMT, MDT), _dq16(w, 3, s3, R, FMT, MDT))
+            wc = tl.reshape(tl.join(wa, wb), (R, 128))
+            kx = c * 128 + tl.arange(0, 128)
+            x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
+            x = tl.reshape(tl.permute(tl.reshape(x, (2, 2, 32, BM)), (2, 1, 0, 3)), (128, BM))
+            acc = _dot16(wc, x, acc, MDT)
+        else:
+            for j in tl.static_range(4):
+                kx = c * 128 + 32 * j + tl.arange(0, 32)
+                x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
+                if j == 0:
+                    sj = s0
+                elif j == 1:
+                    sj = s1
+                elif j == 2:
+                    sj = s2
+                else:
+                    sj = s3
+                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT), x, acc, MDT)
+    return acc
+
+
+@triton.jit
 def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
-          ACT: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr):
+          ACT: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr, DQ: tl.constexpr = 0):
     """acc[R, BM] += W[rows, k0:k0+BK] @ X[k0:k0+BK, tokens] for one weight format.
+    DQ=1 (repacked int4 with bf16/fp16 MMAs, MXFP4 with bf16 MMAs; weight-only): `_step4s`
+    instead (group scales applied to the 16-bit weight operand, one accumulator chain); other
+    cases ignore DQ.
     FP8C: XSC [BM] are the tokens' fp8 activation scales; acc gets the unscaled fp8 x fp8 dot
     (the caller multiplies by the weight-row and activation scales once, after the K loop)."""
     if FMT == 0:  # float weights
@@ -148,6 +245,9 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                 acc = tl.dot_scaled(w, ws, "e2m1", x.to(tl.bfloat16), None, "bf16", acc)
             else:
                 acc = tl.dot_scaled(w, ws, "e2m1", _x_to_fp16(x), None, "fp16", acc)
+    elif DQ >= 1 and ACT == 0 and (MDT == 0 or (MDT == 1 and FMT == 2)):
+        acc = _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R, BM, BK, FMT, MDT,
+                       DQ)
     else:  # repacked int4 / mxfp4: BK = 128 * chunks; 4 scale groups of 32 per chunk
         t = tl.arange(0, 16)
         for cc in tl.static_range(BK // 128):
@@ -209,13 +309,14 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
 def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
         K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
-        OFFS: tl.constexpr):
+        OFFS: tl.constexpr, DQ: tl.constexpr = 0):
+    """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop)."""
     if UNROLL:
         for i in tl.static_range(K // BK):
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
-                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS)
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ)
     else:
         for i in range(K // BK):
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
-                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS)
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ)
     return acc

@@ -8,7 +8,11 @@ Blocks (grid axis 0):
   of its expert (row-major over [M, KP]); its rows are all M tokens, masked by "token routes to
   e". A token may hold the same expert in several columns (expert parallel maps other ranks'
   picks to local 0 at weight 0): the down kernel then writes its result into EVERY such pair's
-  row of y, and the reduce weights each with its own routing weight.
+  row of y, and the reduce weights each with its own routing weight. cfg "XM": 1 loads only
+  the routed tokens' rows of x in the gate_up (the other rows' activations are then zeros;
+  the down kernel never reads them).
+K loop (kernels/fused_moe_common.py `_mm`): cfg "DQ" picks how 4-bit weights are dequantized
+(see fused_moe.default_config).
 Intermediates: the activation per row slot (slot = b * BM + row), y [P, H] per pair; the reduce
 writes out[m] = sum_k w[m, k] y[m * KP + k] in fp32. FP8C (fp8 per-channel/per-tensor weights):
 per-token activation scales (`_row_scale`) and the weight-row scale multiply the fp8 x fp8 dot
@@ -48,17 +52,20 @@ def _gate_up_kernel(
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, NBI: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
     ACT_Q: tl.constexpr, MDT: tl.constexpr, DIRECT: tl.constexpr, ACT_OUT: tl.constexpr,
-    OFFS: tl.constexpr, ASTATIC: tl.constexpr,
+    OFFS: tl.constexpr, ASTATIC: tl.constexpr, DQ: tl.constexpr, XM: tl.constexpr,
 ):
     b = tl.program_id(0)
     jt = tl.program_id(1)
     mr = tl.arange(0, BM)
     if DIRECT:  # block b = pair b; it runs only for the first pair of its expert
-        e, _, first = _direct_hits(IDS, stride_im, b, M, TOPK, KP, KPP, N_ROUTED, BM)
+        e, hit, first = _direct_hits(IDS, stride_im, b, M, TOPK, KP, KPP, N_ROUTED, BM)
         if not first:
             return
         tok = mr
-        x_ok = mr < M
+        if XM:  # only the tokens routed to e (the others' rows are never read: zeros)
+            x_ok = tl.sum(hit.to(tl.int32), axis=1) > 0
+        else:
+            x_ok = mr < M
         st_ok = mr < BM  # every row slot is written (rows >= M hold 0)
     else:
         e = tl.load(BLKEXP + b)
@@ -86,7 +93,7 @@ def _gate_up_kernel(
     acc = tl.zeros((2 * BN, BM), tl.float32)
     acc = _mm(acc, W + e64 * stride_we, S + e64 * stride_se, rows * W_ROW, row_s, r >= 0,
               X, x_row, x_ok, XS, tok.to(tl.int64) * stride_xsm, xsc,
-              H, 2 * BN, BM, BK, FMT, ACT_Q, MDT, False, OFFS)
+              H, 2 * BN, BM, BK, FMT, ACT_Q, MDT, False, OFFS, DQ)
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
@@ -119,9 +126,11 @@ def _down_block_kernel(
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, A_ROW: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
     ACT_Q: tl.constexpr, MDT: tl.constexpr, DIRECT: tl.constexpr, OFFS: tl.constexpr,
-    ASTATIC: tl.constexpr,
+    ASTATIC: tl.constexpr, DQ: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """y[pair, n-tile] = down_e(act rows of block b); blocks as in _gate_up_kernel."""
+    """y[pair, n-tile] = down_e(act rows of block b); blocks as in _gate_up_kernel. UNROLL: the
+    K loop over I unrolled (1), or a loop the Triton pipeliner multi-buffers (0: its loads
+    are issued num_stages - 1 iterations ahead instead of one group at a time)."""
     b = tl.program_id(0)
     jt = tl.program_id(1)
     mr = tl.arange(0, BM)
@@ -149,7 +158,7 @@ def _down_block_kernel(
         xsc = tl.zeros((BM,), tl.float32)
     acc = _mm(tl.zeros((BN, BM), tl.float32), W + e64 * stride_we, S + e64 * stride_se,
               n.to(tl.int64) * W_ROW, row_s, n >= 0, ACT, slot * A_ROW, ok, ACTS,
-              slot * (I // 32), xsc, I, BN, BM, BK, FMT, ACT_Q, MDT, True, OFFS)
+              slot * (I // 32), xsc, I, BN, BM, BK, FMT, ACT_Q, MDT, UNROLL, OFFS, DQ)
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
@@ -251,7 +260,8 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     a_sc = empty((slots, I // 32), torch.uint8, dev, poison) if act_out else a_buf
     common = {"TOPK": top_k, "KP": kp, "N_ROUTED": E - n_shared,
               "KPP": triton.next_power_of_2(kp), "BM": BM, "FMT": fmt, "ACT_Q": act, "MDT": mdt,
-              "DIRECT": direct, "OFFS": cfg["OFFS"], "ASTATIC": astatic}
+              "DIRECT": direct, "OFFS": cfg["OFFS"], "ASTATIC": astatic,
+              "DQ": cfg["DQ"]}
     BN1, BN2 = cfg["BN1"], cfg["BN2"]
     if I % BN1 or H % BN2 or H % cfg["BK1"] or I % cfg["BK2"]:
         raise ValueError(f"fused_moe: tiles {cfg} do not divide H={H}, I={I}")
@@ -259,14 +269,16 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, a_buf, a_sc, a13,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
-        ACT_OUT=act_out, num_warps=cfg["W1"], num_stages=cfg["S1"], **common)
+        ACT_OUT=act_out, XM=cfg["XM"], num_warps=cfg["W1"], num_stages=cfg["S1"],
+        **common)
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
     y = empty((P, H), out.dtype, dev, poison)
     _down_block_kernel[(nblk, H // BN2)](
         a_buf, a_sc, w2, s2, topk_ids, sorted_pairs, block_expert, y, a2, M, P,
         topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
-        A_ROW=a_row, BN=BN2, BK=cfg["BK2"], num_warps=cfg["W2"], num_stages=cfg["S2"],
+        A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
+        num_stages=cfg["S2"],
         **common)
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_weights.stride(0), out.stride(0),

@@ -241,6 +241,90 @@ def test_fused_moe_shared_expert_and_default_tiles(M, cfg):
                 config=cfg, seed=5 + M)
 
 
+# DQ variants of the tensor-core K loop (kernels/fused_moe_common.py `_step4s`): group scales
+# folded into the 16-bit weight operand (DQ=1: one MMA per scale group; DQ=2: one MMA per 128-K
+# chunk with K interleaved); 2 warps (mma.sync on Hopper) is a config like any other. The
+# interpreter runs the int4 fp16 branch (bf16 elementwise math is broken in the interpreter; the
+# bf16 branches run in the GPU tests below). MXFP4 with fp16 activations and fp32 activations
+# ignore DQ (the checks make sure the flag does not break them).
+DQ_CFGS = [{"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "BN2": 32, "XM": 1}, {"DQ": 2},
+           {"DQ": 2, "BK1": 256, "BK2": 128}]
+
+
+@cpu_only
+@pytest.mark.parametrize("dq", DQ_CFGS, ids=["dq1", "dq1w2xm", "dq2", "dq2bk"])
+@pytest.mark.parametrize("fmt,xdt,tol", [("int4_g32", torch.float16, 5e-3),
+                                         ("int4_g32", torch.float32, 1e-5),
+                                         ("mxfp4", torch.float16, 5e-3)], ids=["i4h", "i4f", "mxh"])
+@pytest.mark.parametrize("M", [5, 19])  # direct mode (gemv_max=0) at 5, sorted at 19
+def test_fused_moe_dq_variants(dq, fmt, xdt, tol, M):
+    check_fused(fmt, None, xdt, tol, M, E=8, H=256, I=128, k=3, seed=40 + M, repeat=True,
+                config=dict(FAST, gemv_max=0, poison=True, **dq))
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", CASES)
+def test_fused_moe_direct_mode_routed_rows_only(fmt, aq, xdt, tol):
+    # XM=1: direct-mode gate_up loads only the rows of tokens routed to its expert (the others
+    # are zeros and never read by the down kernel); every format, repeated ids, poisoned
+    check_fused(fmt, aq, xdt, tol, 6, E=8, H=256, I=128, k=3, seed=23, repeat=True,
+                config=dict(FAST, gemv_max=0, poison=True, XM=1))
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", [c for c in CASES if c[0] != "mxfp4_raw"])
+@pytest.mark.parametrize("dq", [0, 1])
+def test_fused_moe_down_pipelined(fmt, aq, xdt, tol, dq):
+    # DU=0: the down kernel's K loop over I as a (pipelined) loop of 2 iterations, not unrolled;
+    # with the DQ=1 K loop, 2 warps, sorted mode, repeated ids, poisoned intermediates
+    check_fused(fmt, aq, xdt, tol, 19, E=8, H=256, I=256, k=3, seed=50 + dq, repeat=True,
+                config=dict(FAST, poison=True, DU=0, BK2=128, S2=3, DQ=dq, W2=2))
+
+
+@cpu_only
+def test_fused_moe_dq_int4_fp16_is_scaled_in_fp16():
+    # DQ=1 rounds each scaled int4 weight to fp16 once (q * s), DQ=0 keeps q exact and scales
+    # the fp32 partial sums: both match the float64 reference, and they differ from each other
+    # (so the DQ path really ran), by no more than fp16 weight rounding allows
+    outs = []
+    for dq in (0, 1):
+        gen = torch.Generator().manual_seed(7)
+        kw, w13, w2 = make_experts("int4_g32", 8, 256, 128, gen)
+        x = torch.randn(19, 256, generator=gen).half()
+        ids = rand_ids(19, 3, 8, gen)
+        tw = torch.rand(19, 3, generator=gen) + 0.1
+        outs.append(fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids,
+                              config=dict(FAST, DQ=dq), **kw).double())
+    ref = R.fused_moe_ref(x, w13, w2, tw, ids)
+    assert rel_err(outs[0], ref) < 5e-3 and rel_err(outs[1], ref) < 5e-3
+    assert not torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], outs[0]) < 2e-3
+
+
+def test_mxfp4_bf16_bit_trick_matches_dequant():
+    # torch mirror of `_dq16`'s MXFP4 bf16 branch (the interpreter cannot run bf16 math):
+    # kernel-layout word -> bf16 bits of e2m1 * 2^-126 per 16-bit half, times 2^63 and
+    # 2^(e - 64) in bf16 = the exact dequantized weight, for every e8m0 byte in [1, 191]
+    gen = torch.Generator().manual_seed(8)
+    p = torch.randint(0, 256, (191, 64), generator=gen, dtype=torch.uint8)
+    e8 = torch.arange(1, 192, dtype=torch.uint8)[:, None].expand(191, 4).contiguous()
+    k = R.repack_mxfp4(p)[:, 0, :]  # [191, 16] words of one 128-K chunk
+    want = R.dequant_mxfp4(p, e8).unflatten(-1, (4, 16, 2))  # [row, j, t, h]
+    sign = -2147450880
+    for j in range(4):
+        if j == 3:
+            v = ((k >> 3) & 0x01C001C0) | (k & sign)
+        else:
+            v = ((k << (6 - 3 * j)) & 0x01C001C0) | ((k << (3 - j)) & sign)
+        scale = ((e8[:, j].int() + 63) << 7).to(torch.int16).view(torch.bfloat16)
+        for h in range(2):
+            bits = ((v >> (16 * h)) & 0xFFFF).to(torch.int32)
+            b = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(torch.bfloat16)
+            got = (b * 2.0 ** 63) * scale[:, None]
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got.float(), want[:, j, :, h])
+
+
 def test_fused_moe_rejects_raw_int4_layout():
     w = torch.zeros(2, 256, 32, dtype=torch.int32)
     x = torch.randn(1, 256)
@@ -368,3 +452,42 @@ def test_fused_moe_cuda_graph_replay(M):
         g.replay()
         ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu())
         assert rel_err(y.cpu(), ref) < 1e-2
+
+
+_REAL = {}
+
+
+def real_experts(fmt):
+    """Kimi-K2.5 TP8 rank shapes (H 7168, I 256) with 32 experts (the reference dequantizes
+    every expert in float64 on the CPU), built once per format."""
+    if fmt not in _REAL:
+        _REAL[fmt] = make_experts(fmt, 32, 7168, 256, torch.Generator().manual_seed(99))
+    kw, w13, w2 = _REAL[fmt]
+    return dict(kw), w13, w2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["int4_g32", "mxfp4"])
+@pytest.mark.parametrize("M", [16, 256])
+@pytest.mark.parametrize("cfg", [
+    {}, {"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "DU": 0, "BK2": 128, "S2": 3},
+    {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64}],
+    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2"])
+def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
+    # bf16 activations through the bf16 DQ branches (int4 scaled in bf16, MXFP4 exact in bf16),
+    # both tensor-core modes (direct at M=16), a token repeating an expert at weight 0 and > 0,
+    # intermediates poisoned
+    gen = torch.Generator().manual_seed(M + len(cfg))
+    kw, w13, w2 = real_experts(fmt)
+    x = torch.randn(M, 7168, generator=gen).bfloat16().cuda()
+    ids = rand_ids(M, 8, 32, gen)
+    tw = (torch.rand(M, 8, generator=gen) + 0.1).cuda()
+    ids[:, 2] = ids[:, 0]
+    tw[:, 2] = 0.0
+    ids[0, 1] = ids[0, 0]
+    out = torch.full((M, 7168), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, out=out,
+              config=dict(cfg, gemv_max=0, poison=True), **kw)
+    ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu())
+    assert rel_err(out.cpu(), ref) < 1e-2
