@@ -261,6 +261,16 @@ class PresetTokenizer(DemoTokenizer):
         return super().id_to_str(token_id)
 
 
+def preset_tokenizer(model: str | None, chat_template: str | None = None
+                     ) -> PresetTokenizer | None:
+    """The tokenizer of a dummy-weight bench preset (`models/presets.py`) named `model`, or
+    None when `model` is not a preset. The server and the benchmark client both use it."""
+    from atom_stream.models.presets import PRESETS
+    if model not in PRESETS:
+        return None
+    return PresetTokenizer(PRESETS[model]["vocab_size"], chat_template=chat_template)
+
+
 # ------------------------------------------------------------------------------ hugging face
 class HFTokenizer(Tokenizer):
     """Adapter over a transformers tokenizer. Byte-level BPE vocabularies (ByteLevel decoder)

@@ -10,6 +10,8 @@ import random
 
 import pytest
 import torch
+from test_engine_core import mixed_requests as requests
+from test_engine_core import run as run_all
 
 from atom_stream import EngineConfig, SamplingParams
 from atom_stream.engine.async_engine import AsyncEngine
@@ -28,22 +30,8 @@ def gpu_engine(**kw) -> LLMEngine:
 
 
 def run(engine: LLMEngine, reqs) -> dict[str, RequestOutput]:
-    for rid, ids, p in reqs:
-        engine.add_request(rid, ids, p)
-    merged: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            merged.setdefault(o.request_id, RequestOutput(o.request_id)).merge(o)
-    engine.block_manager.check_invariants([])
-    assert engine.block_manager.num_used == 0
-    return merged
-
-
-def requests(n: int, seed: int, max_len: int = 150):
-    rng = random.Random(seed)
-    return [(f"r{i}", [rng.randrange(256) for _ in range(rng.randint(3, max_len))],
-             SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True))
-            for i in range(n)]
+    """Submit all, step to completion, check no block leaked; {id: merged output}."""
+    return run_all(engine, reqs)[0]
 
 
 def test_batch_invariance_with_graphs_preemption_and_chunked_prefill():

@@ -56,11 +56,11 @@ def resolve_tokenizer_path(model: str, tokenizer: str | None) -> str | None:
 
 
 def get_tokenizer(model: str, tokenizer: str | None = None, *, trust_remote_code: bool = False):
-    from atom_stream.models.presets import PRESETS
-    from atom_stream.tokenizer import PresetTokenizer, load_tokenizer
+    from atom_stream.tokenizer import load_tokenizer, preset_tokenizer
 
-    if tokenizer is None and model in PRESETS:  # dummy-weight bench preset: the server's own
-        return PresetTokenizer(PRESETS[model]["vocab_size"])
+    preset = preset_tokenizer(model) if tokenizer is None else None
+    if preset is not None:  # dummy-weight bench preset: the server's own tokenizer
+        return preset
     return load_tokenizer(
         resolve_tokenizer_path(model, tokenizer), trust_remote_code=trust_remote_code
     )

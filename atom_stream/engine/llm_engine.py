@@ -64,11 +64,10 @@ def load_engine_tokenizer(config: EngineConfig):
     if path is None and not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):
         path = config.model
     if path is None and not config.is_demo:
-        from atom_stream.models.presets import PRESETS
-        if config.model in PRESETS:  # dummy-weight bench preset: ids past the demo's 320
-            from atom_stream.tokenizer import PresetTokenizer
-            return PresetTokenizer(PRESETS[config.model]["vocab_size"],
-                                   chat_template=config.chat_template)
+        from atom_stream.tokenizer import preset_tokenizer
+        tok = preset_tokenizer(config.model, config.chat_template)
+        if tok is not None:  # dummy-weight bench preset: ids past the demo's 320
+            return tok
     return load_tokenizer(path, trust_remote_code=config.trust_remote_code,
                           chat_template=config.chat_template)
 

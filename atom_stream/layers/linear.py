@@ -62,7 +62,8 @@ SKINNY_MAX_M = 0
 
 def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w^T goes to the Triton skinny GEMM (GPU, at most SKINNY_MAX_M rows)."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M and x.dtype == w.dtype
+    return (SKINNY_MAX_M > 0 and x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M
+            and x.dtype == w.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
 
 
