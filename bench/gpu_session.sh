@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | serve | attn | skinny | decode | profile | moe | fp8lin | attn | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | fp8lin | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -45,6 +45,15 @@ for what in "${sections[@]}"; do case $what in
       --batches 1,64 --ctx 1024 --iters 5 --profile --out "$OUT/decode-profile.json" ;;
   moe) sec moe ${T_MOE:-240} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-w4a8,int4,mxfp4}" \
       --budget-s 150 --out "$OUT/kernels-moe-h200.json" --sweep-out "$OUT/kernels-moe-sweep-h200.json" ;;
+  smallm) sec smallm-test ${T_TESTS:-150} $PY -m gpu tests/test_moe_small_m.py
+      sec smallm ${T_MOE:-200} python3 bench/moe_small_m.py --budget-s 150 \
+      --out "$OUT/moe-small-m-h200.json" ;;
+  moetc) sec moetc-test ${T_TESTS:-200} $PY -m gpu tests/test_kernels_moe.py
+      sec moetc ${T_MOE:-240} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4,mxfp4}" \
+      --ms 16,64,256 --set tc --budget-s 170 --out "$OUT/kernels-moe-tc-h200.json" \
+      --sweep-out "$OUT/kernels-moe-tc-sweep-h200.json" ;;
+  tests4) sec tests4 ${T_TESTS:-240} $PY -m gpu --maxfail=30 tests/test_w4a8_kernel.py \
+      tests/test_quant_gpu.py tests/test_kernels_attention.py ;;
   fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
       sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
