@@ -124,7 +124,9 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
     gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
     unrolled (1, measured) or pipelined (0, with BK2 < I). DQ/XM/W=2/DU=0 are unmeasured
-    candidates (bench/kernels_moe.py --set tc; predictions in bench/notes_fused_moe_tc.md).
+    candidates until session 3; measured on the H200 (bench/kernels_moe.py --set tc, bench/RESULTS.md
+    "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
+    M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
     FP8C (not yet measured: bench/notes_fused_moe.md): GEMV FG1/FG2 rows per program and
     FBK1/FBK2 K per iteration, gemv_max 8 like the 4-bit formats; tensor cores as fp8_block
     with tiles fitted to H and I (multiples of 32)."""
@@ -143,13 +145,20 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         bn1, bk1, bk2, bn2 = _fit(bn1, I, 16), _fit(bk1, H, 32), _fit(bk2, I, 32), _fit(64, H, 16)
     w1 = 8 if bn1 >= 64 and not four_bit else 4
     g1, gc = (8, 8) if P <= 32 else (16, 4)  # M=1: 8 rows x 8 chunks; M=16: 16 x 4 (measured)
+    tc4 = {}
+    if four_bit and act == 0:  # session-3 H200 A/B (bench/RESULTS.md): 1.09-1.21x at M=16..256
+        tc4 = {"DQ": 1, "DU": 0, "BK2": 128, "S2": 3}
+        if M <= 16 or fmt == MXFP4:  # mma.sync + narrow tiles won at small M and for MXFP4
+            tc4.update(W1=2, W2=2, BN1=16 if fmt == INT4 else 32)
+        if M <= 16:
+            tc4["XM"] = 1
     return {"BM": 16, "BN1": bn1, "BK1": bk1, "W1": w1, "S1": 3, "BN2": bn2, "BK2": bk2, "W2": 4,
             "S2": 2, "BH": 1024, "direct": M <= 16, "OFFS": 1,
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
             "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
-            "DU": 1}
+            "DU": 1} | tc4
 
 
 def _mdt(dtype: torch.dtype) -> int:
