@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | fp8lin | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | fp8lin | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -34,6 +34,9 @@ for what in "${sections[@]}"; do case $what in
   sidestream) for v in 0 1; do export ATOM_STREAM_SIDE_STREAM=$v; sec side$v ${T_DECODE:-60} \
       python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
       --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done; export ATOM_STREAM_SIDE_STREAM=0 ;;
+  ab) for v in 0 1; do export $AB_VAR=$v; sec ab-$v ${T_DECODE:-60} \
+      python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
+      --ctx 1024 --iters 20 ${DECODE_EXTRA:-} --out "$OUT/decode-ab$v.json"; done; unset $AB_VAR ;;
   serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?"
       tar czf "$OUT/serving.tgz" -C "$OUT" serving && rm -rf "$OUT/serving" ;;  # <= 8 files return
   attn) sec attn ${T_ATTN:-200} python3 bench/kernels_attention.py --out "$OUT/kernels-attn-h200.json" \
