@@ -20,9 +20,14 @@ k_pe in place, W_UK/W_UV are batched GEMMs over [H, T, *] views writing straight
 output, and the Triton KV store / MLA decode run when r and rope are powers of two >= 16 (their
 kernels' constraint; otherwise the torch versions, graph-capturable via static lengths). The RoPE
 kernel needs a power-of-two number of pairs (else the torch rotation is copied back in place).
+With FUSED_PROLOGUE (ATOM_STREAM_FUSED_PROLOGUE=1, default off) and the fused q_a/kv_a weight at
+those widths, one kernel (kernels/mla_prologue.py) does both latent norms, k_pe's RoPE and the
+KV store; q_pe's RoPE stays a separate in-place launch after q_b (4 launches -> 2).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,10 @@ from atom_stream.layers.parallel import tp
 from atom_stream.layers.rotary import RotaryEmbedding
 from atom_stream.models import kernel_path
 
+# The fused MLA prologue (kernels/mla_prologue.py: q_a norm, kv_a norm, k_pe RoPE and the KV store
+# in one launch) on the kernel path: off unless ATOM_STREAM_FUSED_PROLOGUE=1, until a same-run
+# GPU A/B (bench/RESULTS.md) shows it faster. Read at import; tests flip the module attribute.
+FUSED_PROLOGUE = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "0") == "1"
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -144,7 +153,31 @@ class MLA(nn.Module):
     def _forward_kernels(self, x, positions, kv_cache, md):
         """The kernel path (module docstring); same math as forward."""
         T = x.shape[0]
-        H, r = self.num_heads, self.r
+        H = self.num_heads
+        if FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None:
+            q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md)
+        else:
+            q, c, k_pe = self._prologue(x, positions, kv_cache, md)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
+        nd = md.num_decodes
+        if nd:
+            # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
+            q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
+            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
+                                 self._decode_lens(md, x.device))
+            # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
+            # (o_lat is already in q's = x's dtype: the .to is a no-op, no launch)
+            torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
+                      out=out[:nd].transpose(0, 1))
+        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
+        return self.o_proj(out.view(T, H * self.v_dim))
+
+    def _prologue(self, x, positions, kv_cache, md):
+        """Kernel path up to the attention: q [T, H, nope + rope] (q_pe rotated), c [T, r] and
+        k_pe [T, rope] (normed / rotated), the new entries stored in kv_cache. Launches: the
+        q_a/kv_a GEMM, 2 latent norms, q_b, one RoPE (q_pe and k_pe), the KV store."""
+        T, r = x.shape[0], self.r
         if self.cfg.q_lora_rank:
             ql = self.cfg.q_lora_rank
             if self.w_qkv_a is not None:  # one GEMM; q_c / kv are views of its output
@@ -155,8 +188,8 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm.fused(q_c, None)[0])
         else:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
-        q = q.view(T, H, self.nope + self.rope)
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        q = q.view(T, self.num_heads, self.nope + self.rope)
+        q_pe = q[..., self.nope:]
         c = self.kv_a_layernorm.fused(kv[:, :r], None)[0]
         k_pe = kv[:, r:]
         if self.rope_kernel_ok:
@@ -169,19 +202,24 @@ class MLA(nn.Module):
             kv_store(kv_cache, md.slot_mapping, c, k_pe, self.k_scale, rope_dim=self.rope)
         else:
             store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
+        return q, c, k_pe
 
-        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
-        nd = md.num_decodes
-        if nd:
-            # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
-            q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
-            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
-                                 self._decode_lens(md, x.device))
-            # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
-            torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
-                      out=out[:nd].transpose(0, 1))
-        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
-        return self.o_proj(out.view(T, H * self.v_dim))
+    def _prologue_fused(self, x, positions, kv_cache, md):
+        """_prologue with the fused MLA prologue kernel (FUSED_PROLOGUE; needs the fused q_a/kv_a
+        weight and the attention kernels' widths): the q_a/kv_a GEMM, ONE launch for both
+        latent norms + k_pe's RoPE + the KV store (c / k_pe normed and rotated in place in
+        the GEMM output), q_b, then q_pe's RoPE in place."""
+        T, r, ql = x.shape[0], self.r, self.cfg.q_lora_rank
+        from atom_stream.kernels.mla_prologue import mla_prologue
+        qkv = dense_linear(x, self.w_qkv_a)
+        kv = qkv[:, ql:]
+        q_n = mla_prologue(qkv[:, :ql], kv, self.q_a_layernorm.weight,
+                           self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
+                           self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
+                           positions, kv_cache, md.slot_mapping, self.k_scale)
+        q = self.q_b_proj(q_n).view(T, self.num_heads, self.nope + self.rope)
+        self.rotary.rotate_(positions, q[..., self.nope:])  # use_kernels: rope_kernel_ok too
+        return q, kv[:, :r], kv[:, r:]
 
     @staticmethod
     def _decode_lens(md: AttentionMetadata, device) -> torch.Tensor:
