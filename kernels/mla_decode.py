@@ -31,6 +31,9 @@ balances a work list computed on the device (num_splits = P, the work items per 
 in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
 caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
 3 = bare cast).
+"v3" (kernels/mla_decode_v3.py): v1's splits with the merge in the same launch (last arriver,
+S <= V3_FUSED_MAX_S) and an fp8 path that loads the tile into registers and converts it once
+(fp8 -> fp16, k_scale folded out; fp8_path="regs", or "cpasync"). Unmeasured on a GPU yet.
 "v1" is the split-per-sequence kernel above. The two variants' workspaces
 differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
 buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
@@ -46,11 +49,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from atom_stream.kernels import mla_decode_sched as _v2
+from atom_stream.kernels import mla_decode_v3 as _v3
 
 if _v2.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
     _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
+if _v3.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    _v3 = importlib.reload(_v3)
 
 _LOG2E = 1.4426950408889634
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
@@ -65,7 +70,10 @@ WAVES = 2
 V2_WAVES = 2
 V2_MIN_CHUNK = 64
 FUSED_MAX_S = 16
-VARIANTS = ("v1", "v2")
+# v3: v1's splits, merged in the same launch (last arriver) when S <= V3_FUSED_MAX_S; S in
+# (V3_FUSED_MAX_S, 2 * V3_FUSED_MAX_S) is lowered to V3_FUSED_MAX_S (B=16 @8K: 17 -> 16).
+V3_FUSED_MAX_S = 16
+VARIANTS = ("v1", "v2", "v3")
 # v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
 # TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
 # >= 512K (B=256@1K 141 vs 167 us, B=64@8K 313 vs 364 us), which one captured graph per batch
@@ -254,16 +262,21 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
     s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:
         s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
+    if variant == "v3" and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
+        s = V3_FUSED_MAX_S  # one launch instead of two, ~wave-sized grid kept
     return max(1, min(s, MAX_SPLITS))
 
 
 def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
                            device, variant: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, ...]:
     """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
-    v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros)."""
+    v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros);
+    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros)."""
     if variant == "v2":
         return _v2.alloc_sched_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H,
                                          device)
+    if variant == "v3":
+        return _v3.alloc_v3_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H, device)
     return (torch.empty(batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32,
                         device=device),
             torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device))
@@ -291,6 +304,32 @@ def _launch_cfg(kv_dtype: torch.dtype, num_heads: int) -> tuple[int, int, int]:
     return 32, 4, 2
 
 
+def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int, int]:
+    """v3 (BLOCK_N, num_warps, num_stages) from shapes only (graph-safe). UNMEASURED: chosen from
+    the offline sm_90 compile (registers, shared memory, CTAs per SM; bench/notes_mla_decode.md);
+    the bench's `--set variants` times the alternatives."""
+    if kv_dtype in _FP8:
+        # regs: 245 registers, no spills, 1 CTA/SM, 36 KB of loads in flight per SM ((32, 4, 1)
+        # spills 248 B; (32, 8, 1) 175 regs but half the bytes in flight)
+        return (64, 8, 1) if fp8_path == 1 else (32, 4, 2)
+    return 32, 4, 2
+
+
+_V3_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _v3_workspace(B, H, R, S, device):
+    """Per-call partials (torch.empty: no kernel) + a cached zeroed counter buffer (the kernel
+    leaves it zero)."""
+    groups = triton.cdiv(H, BLOCK_H)
+    key = (str(device), B * groups)
+    cnt = _V3_COUNTERS.get(key)
+    if cnt is None:
+        cnt = _V3_COUNTERS[key] = torch.zeros(B * groups, dtype=torch.int32, device=device)
+    return (torch.empty(B, H, S, R, dtype=torch.float32, device=device),
+            torch.empty(B, H, S, dtype=torch.float32, device=device), cnt)
+
+
 def _fp8_bias(kv_dtype: torch.dtype) -> int:
     return 8 if "fnuz" in str(kv_dtype) else 7
 
@@ -302,10 +341,12 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                workspace: tuple[torch.Tensor, ...] | None = None,
                rope_dim: int = 64, config: tuple[int, int, int] | None = None,
                chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
-               fp8_mode: int = 1) -> torch.Tensor:
+               fp8_mode: int = 1, fp8_path: str = "regs") -> torch.Tensor:
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
     v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);
-    fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py)."""
+    fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
+    v3 only: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
+    fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py)."""
     assert variant in VARIANTS, variant
     if q_pe is None:
         r = kv_cache.shape[-1] - rope_dim
@@ -323,8 +364,24 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         out = torch.empty(B, H, R, dtype=q_nope.dtype, device=q_nope.device)
     if num_splits is None:
         num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device, variant)
-    block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
     fp8 = kv_cache.dtype in _FP8
+    if variant == "v3":
+        assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
+        path = 1 if fp8_path == "regs" else 0
+        S = num_splits
+        if merge is None:
+            merge = "fused" if S <= V3_FUSED_MAX_S else "kernel"
+        block_n, warps, stages = config or _v3_cfg(kv_cache.dtype, B, path)
+        ws = None
+        if S > 1:
+            ws = workspace or _v3_workspace(B, H, R, S, q_nope.device)
+        # k_scale folded out of the tile for every cache dtype: scores and output scaled once
+        return _v3.launch_v3(
+            q_nope, q_pe, kv_cache, block_tables, seq_lens, out,
+            float(scale) * _LOG2E * float(k_scale), float(k_scale), S, ws, f16=fp8,
+            fp8_path=path, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n,
+            warps=warps, stages=stages, chunk=chunk, min_split=MIN_SPLIT)
+    block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
     if variant == "v2":
         P = num_splits
         if merge is None:

@@ -5,9 +5,11 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set here, before 
 are decorated) at small shapes with fp32/fp16 dots (the interpreter mishandles bf16 tl.dot).
 `-m gpu` runs them natively in bf16 / fp8 at the real MLA widths (512 + 64, 192 / 128).
 Every check draws fresh random inputs and poisons outputs (and scratch) with NaN first.
-Decode runs both variants: "v1" (split per sequence, two launches) and "v2" (device work list;
-fused last-arriver merge or merge kernel; fp8 modes 0-3); v2 checks also that the partial slots
-written are exactly the schedule's multi-item sequences and that the counters end at zero.
+Decode runs every variant: "v1" (split per sequence, two launches), "v2" (device work list;
+fused last-arriver merge or merge kernel; fp8 modes 0-3) and "v3" (v1's splits, fused
+last-arriver merge or merge kernel, fp8 through registers or cp.async); v2/v3 check also that
+the partial slots written are exactly the multi-split sequences' and that the counters end at
+zero (and run twice on one workspace).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def make_tables(lens, page, num_blocks, device, gen=None, width=None):
 
 def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, seed,
                k_scale=1.0, fused_q=False, config=None, chunk=128, variant="v1", merge=None,
-               fp8_mode=1, ws=None):
+               fp8_mode=1, ws=None, fp8_path="regs"):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_blocks = len(lens) * (max(-(-n // page) for n in lens) + 1) + 3
     kv = make_cache(num_blocks, page, R + DR, kv_dtype, "cpu", k_scale, gen).to(device)
@@ -79,7 +81,7 @@ def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, s
     ws[0].fill_(float("nan"))
     ws[1].fill_(float("nan"))
     kw = dict(out=out, num_splits=num_splits, workspace=ws, config=config, chunk=chunk,
-              variant=variant, merge=merge, fp8_mode=fp8_mode)
+              variant=variant, merge=merge, fp8_mode=fp8_mode, fp8_path=fp8_path)
     if fused_q:
         dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, rope_dim=DR, **kw)
     else:
@@ -199,6 +201,69 @@ def test_decode_v2_replay_and_direct():
     assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
 
 
+def check_v3_scratch(ws, lens, S, block_n):
+    """Partial slots written == the active splits of multi-split sequences; counters at zero."""
+    want = set()
+    for b, n in enumerate(lens):
+        per = -(-n // S)
+        split = max(-(-per // block_n) * block_n, dec.MIN_SPLIT)
+        act = -(-n // split)
+        if act > 1:
+            want |= {(b, s) for s in range(act)}
+    got = {tuple(x) for x in torch.nonzero(~ws[1].isnan().all(1)).tolist()}
+    assert got == want, (got, want)
+    assert torch.all(ws[2] == 0), "counters must be reset for the next launch"
+    return want
+
+
+@cpu_only
+@pytest.mark.parametrize("merge,q_dtype,kv_dtype,fp8_path", [
+    ("fused", torch.float32, torch.float32, "regs"),
+    ("kernel", torch.float32, torch.float32, "regs"),
+    ("fused", torch.float16, torch.float16, "regs"),
+    ("fused", torch.float32, FP8, "regs"), ("kernel", torch.float32, FP8, "regs"),
+    ("fused", torch.float32, FP8, "cpasync"),
+    ("fused", torch.float32, torch.float8_e4m3fnuz, "regs")])
+def test_decode_v3_interpreted(merge, q_dtype, kv_dtype, fp8_path):
+    # odd batch, H=3, page 8 < BLOCK_N; S=6: 700 -> 6 splits, 260 -> 5 (>= MIN_SPLIT each),
+    # 37/5/9/1 direct, 0 -> zeros.
+    # Two launches on one workspace with fresh inputs (the fused merge must reset its counters).
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    S = 6
+    fp8 = kv_dtype in (FP8, torch.float8_e4m3fnuz)
+    k_scale = 0.37 if fp8 else 1.25
+    ws = dec.alloc_decode_workspace(7, 3, 32, S, "cpu", variant="v3")
+    for rep in range(2):
+        seed = hash((merge, str(q_dtype), str(kv_dtype), fp8_path, rep)) % 2**31
+        out, ref = run_decode(7, 3, 32, 16, 8, lens, q_dtype, kv_dtype, S, "cpu", seed=seed,
+                              k_scale=k_scale, chunk=16, config=(16, 4, 1), variant="v3",
+                              merge=merge, fp8_path=fp8_path, ws=ws)
+        assert torch.all(out[0] == 0), "empty sequence must give 0"
+        # fp8 caches: dots in fp16 (q and p rounded to fp16), k_scale applied in fp32
+        tol = 2e-6 if q_dtype == torch.float32 and not fp8 else 2e-3
+        assert rel_err(out, ref) < tol
+        assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # the merge path ran
+
+
+@cpu_only
+def test_decode_v3_many_heads_direct_and_splits():
+    """H=20 (two head groups, one counter each), fused q, R=64 in 4 chunks; then S=1 (no
+    workspace at all) and the heuristic's split counts."""
+    lens = [150, 0, 70, 3]
+    out, ref = run_decode(4, 20, 64, 16, 32, lens, torch.float32, torch.float32, 3, "cpu",
+                          seed=31, config=(16, 4, 1), chunk=16, variant="v3", fused_q=True)
+    assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
+    out, ref = run_decode(3, 3, 32, 16, 8, [77, 0, 9], torch.float32, torch.float32, 1, "cpu",
+                          seed=32, config=(16, 4, 1), chunk=16, variant="v3")
+    assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
+    # v3 lowers S just above V3_FUSED_MAX_S to it (one launch); otherwise v1's count
+    cap = dec.V3_FUSED_MAX_S
+    for B, L in ((1, 8192), (2, 8192), (4, 300), (64, 8192)):
+        s1 = dec.decode_num_splits(B, 8, L, variant="v1")
+        s3 = dec.decode_num_splits(B, 8, L, variant="v3")
+        assert s3 == (cap if cap < s1 < 2 * cap else s1)
+
+
 @cpu_only
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.float8_e4m3fn,
                                       torch.float8_e4m3fnuz])
@@ -266,7 +331,7 @@ def test_prefill_interpreted(dtype, Dqk):
 @pytest.mark.parametrize("H", [8, 16, 128])
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
 def test_decode_gpu(kv_dtype, H, page, splits, variant):
     lens = [1, 0, 700, 4097, 33]
     B = len(lens)
@@ -305,7 +370,8 @@ def test_decode_v2_gpu(kv_dtype, fp8_mode, merge, cfg):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
-@pytest.mark.parametrize("variant,merge", [("v1", None), ("v2", "fused"), ("v2", "kernel")])
+@pytest.mark.parametrize("variant,merge", [("v1", None), ("v2", "fused"), ("v2", "kernel"),
+                                           ("v3", "fused"), ("v3", "kernel")])
 def test_decode_cuda_graph(kv_dtype, variant, merge):
     """Capture once, then replay with new lengths / tables / queries written into the buffers
     (v2 fused: the counters reset inside the graph)."""
@@ -342,8 +408,33 @@ def test_decode_cuda_graph(kv_dtype, variant, merge):
         g.replay()
         ref = dec.mla_decode_ref(q[..., :R].float(), q[..., R:].float(), kv, bt, lens, 0.14)
         assert rel_err(out, ref) < 1e-2
-        if variant == "v2":
+        if variant in ("v2", "v3"):
             assert torch.all(ws[2] == 0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype,fp8_path", [(torch.bfloat16, "regs"), (FP8, "regs"),
+                                               (FP8, "cpasync")])
+@pytest.mark.parametrize("merge,cfg,S", [
+    (None, None, 4), (None, None, 16), (None, None, 40), ("kernel", None, 16),
+    (None, (16, 4, 1), 16), (None, (32, 8, 1), 16), (None, (32, 4, 2), 4)])
+def test_decode_v3_gpu(kv_dtype, fp8_path, merge, cfg, S):
+    """Every v3 path at the real widths (Kimi TP8: H=8, page 64): odd batch, empty and long
+    sequences, the fused-merge buckets (S <= 4, <= 16) and many splits; twice on one workspace
+    (counters reset); the written partial slots must be exactly the active splits."""
+    gen = torch.Generator().manual_seed(S)
+    lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
+    B, H = len(lens), 8
+    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="v3")
+    for seed in (1, 2):
+        out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
+                              seed=seed, k_scale=0.5 if kv_dtype == FP8 else 1.0, variant="v3",
+                              merge=merge, fp8_path=fp8_path, config=cfg, ws=ws)
+        assert torch.all(out[0] == 0)
+        assert rel_err(out, ref) < 1e-2
+        path = 1 if fp8_path == "regs" else 0
+        check_v3_scratch(ws, lens, S, (cfg or dec._v3_cfg(kv_dtype, B, path))[0])
 
 
 @pytest.mark.gpu

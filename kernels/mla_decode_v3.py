@@ -1,0 +1,312 @@
+"""Paged MLA decode, variant "v3": v1's split per sequence, an in-kernel merge, a leaner fp8 path.
+
+Same math and tensor contracts as kernels/mla_decode.py (its docstring); mla_decode(variant="v3")
+dispatches here. Grid (head_groups, B, S) as v1: sequence b's split length is
+ceil(len / S) rounded up to BLOCK_N and >= MIN_SPLIT, so n_b = cdiv(len, split) <= S splits are
+active and the rest exit at once. What differs from v1:
+
+- One launch when S <= FUSED_MAX_S (MERGE == 1). A sequence with n_b <= 1 is written directly
+  by split 0 (no partials; len 0 -> zeros). Otherwise each active split stores its partial
+  (o normalized, lse base 2) into opart[b, :, s] / lse[b, :, s], then (CTA barrier, one acq_rel
+  atomic per CTA) bumps counter[b, head group]; the last arriver merges the n_b partials (.cg
+  loads: written by other CTAs of this launch) and resets the counter to 0, so the next launch /
+  CUDA-graph replay starts from zeros. The merge is one straight-line pass: all loads of the
+  [BLOCK_S, BLOCK_H, R / MC] tiles are issued before the sums (no run-time loop: v2's 32-step
+  merge loop paid one L2 round trip per step, ~20 us). S > FUSED_MAX_S (B=1, B=16 at long
+  contexts): v1's separate merge kernel (MERGE == 0), which spreads the merge over H x R / 256
+  CTAs.
+- fp8 caches: k_scale is folded out of the per-element path (scores x qk_scale * k_scale, the
+  output x k_scale once). FP8_PATH 1 ("regs"): the tile is loaded global -> registers (16-byte
+  loads), converted fp8 -> fp16 (one cvt per two values, no fp32 round trip) and stored to
+  shared memory once per dot; the next tile's loads are issued before this tile's dots (a
+  register double buffer, num_stages=1), so there is no cp.async staging buffer and no
+  shared-memory read of the fp8 bytes. FP8_PATH 0 ("cpasync"): v1's cp.async pipeline with the
+  plain fp16 cast times a run-time 1.0 (v2's fp8_mode 1).
+- 16/32-bit caches run v1's loop unchanged (cp.async pipeline, both dots from one buffer).
+
+Workspace (alloc_v3_workspace): opart [B, H, S, R] fp32, lse [B, H, S] fp32, counters
+[B * head_groups] int32 (zero before the first launch; kernels leave them zero). Concurrent
+launches on different streams need separate workspaces.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# mla_decode.py reloads this module when the interpreter setting changed since it was imported
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    n = tl.cdiv(seq_len, num_splits)
+    n = tl.cdiv(n, BLOCK_N) * BLOCK_N
+    return tl.maximum(n, MIN_SPLIT)
+
+
+@triton.jit
+def _load_tile(KV, bt_row, n0, end, offs_c, offs_p, R: tl.constexpr, DR: tl.constexpr,
+               CH: tl.constexpr, NC: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw cache rows n0..n0+BLOCK_N (masked at `end`, 0 beyond): (k_pe, c chunks 0..3); chunks
+    past NC repeat chunk 0 and are never used."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nm = (offs_n < end)[:, None]
+    page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
+    row = KV + ((page.to(tl.int64) * PAGE + offs_n % PAGE) * (R + DR))[:, None]
+    kp = tl.load(row + R + offs_p[None, :], mask=nm, other=0.0)
+    c0 = tl.load(row + offs_c[None, :], mask=nm, other=0.0)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if NC > 1:
+        c1 = tl.load(row + CH + offs_c[None, :], mask=nm, other=0.0)
+    if NC > 2:
+        c2 = tl.load(row + 2 * CH + offs_c[None, :], mask=nm, other=0.0)
+        c3 = tl.load(row + 3 * CH + offs_c[None, :], mask=nm, other=0.0)
+    return kp, c0, c1, c2, c3
+
+
+@triton.jit
+def _cvt(x, one, cdt: tl.constexpr, F16: tl.constexpr, FP8_PATH: tl.constexpr):
+    """Cache tile -> dot dtype. fp8 + cp.async path: cast times a run-time 1.0 (a bare cast lets
+    Triton sink it behind the shared-memory load, where the transposed 8-bit operand breaks the
+    pipeline; see bench/notes_mla_decode.md). Otherwise a plain cast."""
+    if F16 and FP8_PATH == 0:
+        return x.to(cdt) * tl.cast(one, cdt)
+    return x.to(cdt)
+
+
+@triton.jit
+def _attend(q_ptr, q_pe, hm, kp, c0, c1, c2, c3, nmask, m_i, l_i, acc0, acc1, acc2, acc3,
+            qk_scale, one, cdt: tl.constexpr, CH: tl.constexpr, NC: tl.constexpr,
+            F16: tl.constexpr, FP8_PATH: tl.constexpr):
+    """One tile of online softmax; the converted c chunks serve both QK^T and PV."""
+    kp = _cvt(kp, one, cdt, F16, FP8_PATH)
+    c0 = _cvt(c0, one, cdt, F16, FP8_PATH)
+    qk = tl.dot(q_pe, tl.trans(kp))
+    qk = tl.dot(tl.load(q_ptr, mask=hm, other=0.0).to(cdt), tl.trans(c0), qk)
+    if NC > 1:
+        c1 = _cvt(c1, one, cdt, F16, FP8_PATH)
+        qk = tl.dot(tl.load(q_ptr + CH, mask=hm, other=0.0).to(cdt), tl.trans(c1), qk)
+    if NC > 2:
+        c2 = _cvt(c2, one, cdt, F16, FP8_PATH)
+        qk = tl.dot(tl.load(q_ptr + 2 * CH, mask=hm, other=0.0).to(cdt), tl.trans(c2), qk)
+        c3 = _cvt(c3, one, cdt, F16, FP8_PATH)
+        qk = tl.dot(tl.load(q_ptr + 3 * CH, mask=hm, other=0.0).to(cdt), tl.trans(c3), qk)
+    qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    pc = p.to(cdt)
+    acc0 = tl.dot(pc, c0, acc0 * alpha[:, None])
+    if NC > 1:
+        acc1 = tl.dot(pc, c1, acc1 * alpha[:, None])
+    if NC > 2:
+        acc2 = tl.dot(pc, c2, acc2 * alpha[:, None])
+        acc3 = tl.dot(pc, c3, acc3 * alpha[:, None])
+    return m_new, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_o(dst, acc0, acc1, acc2, acc3, norm, hm, CH: tl.constexpr, NC: tl.constexpr):
+    odt = dst.dtype.element_ty
+    tl.store(dst, (acc0 * norm[:, None]).to(odt), mask=hm)
+    if NC > 1:
+        tl.store(dst + CH, (acc1 * norm[:, None]).to(odt), mask=hm)
+    if NC > 2:
+        tl.store(dst + 2 * CH, (acc2 * norm[:, None]).to(odt), mask=hm)
+        tl.store(dst + 3 * CH, (acc3 * norm[:, None]).to(odt), mask=hm)
+
+
+@triton.jit
+def _merge_fused(part_row, lse_row, out_row, heads, hmask, n_act, stride_ph, stride_ps,
+                 stride_lh, stride_oh, R: tl.constexpr, BLOCK_S: tl.constexpr, MC: tl.constexpr):
+    """out[heads] = sum_s w_s * partial_s (w from the lse values), R / MC column blocks of
+    [BLOCK_S, BLOCK_H, MC], unrolled so the loads of all blocks can be in flight together (.cg:
+    the partials were written by other CTAs of this launch)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    m2 = (offs_s < n_act)[:, None] & hmask[None, :]
+    lse = tl.load(lse_row + heads[None, :] * stride_lh + offs_s[:, None], mask=m2,
+                  other=float("-inf"), cache_modifier=".cg")
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.where(m2, tl.exp2(lse - mx[None, :]), 0.0)
+    den = tl.sum(w, 0)
+    w3 = (w / tl.where(den > 0, den, 1.0)[None, :])[:, :, None]
+    m3 = m2[:, :, None]
+    offs_r = tl.arange(0, MC)
+    src = (part_row + heads[None, :, None] * stride_ph + offs_s[:, None, None] * stride_ps
+           + offs_r[None, None, :])
+    dst = out_row + heads[:, None] * stride_oh + offs_r[None, :]
+    for j in tl.static_range(R // MC):
+        parts = tl.load(src + j * MC, mask=m3, other=0.0, cache_modifier=".cg")
+        o = tl.sum(parts * w3, 0)
+        tl.store(dst + j * MC, o.to(out_row.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _mla_decode_v3(
+    QN, QP, KV, BT, LENS, OPART, LSE, CNT, OUT,
+    qk_scale, one, out_scale, num_splits, H,
+    stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_bt_b,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    R: tl.constexpr, DR: tl.constexpr, CH: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+    MERGE: tl.constexpr, F16: tl.constexpr, FP8_PATH: tl.constexpr, BLOCK_S: tl.constexpr,
+    MC: tl.constexpr,
+):
+    NC: tl.constexpr = R // CH
+    hg = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    n_act = tl.cdiv(seq_len, split)
+    start = s * split
+    end = tl.minimum(start + split, seq_len)
+    direct = n_act <= 1
+    if direct:
+        run = s == 0  # split 0 writes the whole sequence (len 0: zeros)
+    else:
+        run = s < n_act
+    if run:
+        heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        hm = hmask[:, None]
+        offs_c = tl.arange(0, CH)
+        offs_p = tl.arange(0, DR)
+        cdt: tl.constexpr = tl.float16 if F16 else QN.dtype.element_ty
+        q_ptr = QN + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_c[None, :]
+        q_pe = tl.load(QP + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :],
+                       mask=hm, other=0.0).to(cdt)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc0 = tl.zeros([BLOCK_H, CH], tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        bt_row = BT + b * stride_bt_b
+        if F16 and FP8_PATH == 1:
+            # register double buffer: the next tile's loads are in flight during this tile's math
+            kp_n, c0_n, c1_n, c2_n, c3_n = _load_tile(KV, bt_row, start, end, offs_c, offs_p,
+                                                      R, DR, CH, NC, PAGE, BLOCK_N)
+            for n0 in range(start, end, BLOCK_N):
+                kp, c0, c1, c2, c3 = kp_n, c0_n, c1_n, c2_n, c3_n
+                kp_n, c0_n, c1_n, c2_n, c3_n = _load_tile(KV, bt_row, n0 + BLOCK_N, end, offs_c,
+                                                          offs_p, R, DR, CH, NC, PAGE, BLOCK_N)
+                nmask = n0 + tl.arange(0, BLOCK_N) < end
+                m_i, l_i, acc0, acc1, acc2, acc3 = _attend(
+                    q_ptr, q_pe, hm, kp, c0, c1, c2, c3, nmask, m_i, l_i, acc0, acc1, acc2, acc3,
+                    qk_scale, one, cdt, CH, NC, F16, FP8_PATH)
+        else:
+            for n0 in range(start, end, BLOCK_N):
+                kp, c0, c1, c2, c3 = _load_tile(KV, bt_row, n0, end, offs_c, offs_p,
+                                                R, DR, CH, NC, PAGE, BLOCK_N)
+                nmask = n0 + tl.arange(0, BLOCK_N) < end
+                m_i, l_i, acc0, acc1, acc2, acc3 = _attend(
+                    q_ptr, q_pe, hm, kp, c0, c1, c2, c3, nmask, m_i, l_i, acc0, acc1, acc2, acc3,
+                    qk_scale, one, cdt, CH, NC, F16, FP8_PATH)
+        if direct:
+            norm = out_scale / tl.where(l_i > 0, l_i, 1.0)
+            _store_o(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_c[None, :],
+                     acc0, acc1, acc2, acc3, norm, hm, CH, NC)
+        else:
+            tl.store(LSE + b * stride_lb + heads * stride_lh + s, m_i + tl.log2(l_i), mask=hmask)
+            _store_o(OPART + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps
+                     + offs_c[None, :], acc0, acc1, acc2, acc3, out_scale / l_i, hm, CH, NC)
+            if MERGE:
+                # every warp's partial stores precede the (one-thread, release) atomic
+                tl.debug_barrier()
+                cnt_ptr = CNT + b * tl.num_programs(0) + hg
+                if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_act - 1:
+                    _merge_fused(OPART + b * stride_pb, LSE + b * stride_lb,
+                                 OUT + b * stride_ob, heads, hmask, n_act, stride_ph, stride_ps,
+                                 stride_lh, stride_oh, R, BLOCK_S, MC)
+                    tl.store(cnt_ptr, 0)  # ready for the next launch / replay
+
+
+@triton.jit
+def _mla_merge_v3(
+    OPART, LSE, LENS, OUT, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """MERGE == 0: grid (H, B, R / BLOCK_R); sequences with one active split were written by the
+    attention kernel."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    rc = tl.program_id(2)
+    seq_len = tl.load(LENS + b)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    n_act = tl.cdiv(seq_len, split)
+    if n_act > 1:
+        offs_s = tl.arange(0, BLOCK_S)
+        smask = offs_s < n_act
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=smask,
+                      other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.where(smask, tl.exp2(lse - m), 0.0)
+        w = w / tl.sum(w, 0)
+        offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+        parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
+                        + offs_r[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(parts * w[:, None], 0)
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_r, o.to(OUT.dtype.element_ty))
+
+
+def alloc_v3_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
+                       block_h: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(opart [B, H, S, R] fp32, lse [B, H, S] fp32, counters [B * head_groups] int32 zeros)."""
+    return (torch.empty(batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32,
+                        device=device),
+            torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device),
+            torch.zeros(batch * triton.cdiv(num_heads, block_h), dtype=torch.int32,
+                        device=device))
+
+
+def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
+              num_splits, workspace, *, f16, fp8_path, merge, block_h, block_n, warps, stages,
+              chunk, min_split):
+    """Launch the v3 kernel(s); scales already folded by the caller (see the module docstring)."""
+    B, H, R = q_nope.shape
+    DR = q_pe.shape[-1]
+    page = kv_cache.shape[1]
+    S = num_splits
+    if S == 1:
+        opart = lse = out  # never touched: every sequence is direct
+        cnt = seq_lens
+        strides = (0, 0, 0, 0, 0)
+    else:
+        opart, lse, cnt = workspace
+        assert opart.shape == (B, H, S, R) and lse.shape == (B, H, S)
+        assert cnt.numel() >= B * triton.cdiv(H, block_h) and cnt.dtype == torch.int32
+        strides = (opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
+                   lse.stride(1))
+    merge = bool(merge) and S > 1
+    # fused merge tile [bs, block_h, mc] of ~2K fp32 values; bs 4 or 16 (fewer compiles)
+    bs = (4 if S <= 4 else max(16, triton.next_power_of_2(S))) if merge else 1
+    mc = max(16, min(R, 2048 // (bs * block_h)))
+    if f16 and fp8_path == 1:
+        stages = 1  # the register double buffer replaces the cp.async pipeline
+    _mla_decode_v3[(triton.cdiv(H, block_h), B, S)](
+        q_nope, q_pe, kv_cache, block_tables, seq_lens, opart, lse, cnt, out,
+        qk_scale, 1.0, out_scale, S, H,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
+        *strides, out.stride(0), out.stride(1),
+        R=R, DR=DR, CH=chunk, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
+        MERGE=int(merge), F16=f16, FP8_PATH=fp8_path, BLOCK_S=bs, MC=mc,
+        num_warps=warps, num_stages=stages,
+    )
+    if S > 1 and not merge:
+        block_s = triton.next_power_of_2(S)
+        block_r = min(R, max(16, 4096 // block_s))
+        _mla_merge_v3[(H, B, R // block_r)](
+            opart, lse, seq_lens, out, S, *strides, out.stride(0), out.stride(1),
+            BLOCK_N=block_n, MIN_SPLIT=min_split, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
+        )
+    return out
