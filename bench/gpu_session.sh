@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | fp8lin | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | mlav3 | gtests | fp8lin | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -57,6 +57,11 @@ for what in "${sections[@]}"; do case $what in
       --sweep-out "$OUT/kernels-moe-tc-sweep-h200.json" ;;
   tests4) sec tests4 ${T_TESTS:-240} $PY -m gpu --maxfail=30 tests/test_w4a8_kernel.py \
       tests/test_quant_gpu.py tests/test_kernels_attention.py ;;
+  mlav3) sec mlav3 ${T_ATTN:-200} python3 bench/kernels_attention.py --set variants --budget-s 120 \
+      --out "$OUT/kernels-attn-v3-h200.json" ;;
+  gtests) sec gtests ${T_TESTS:-200} $PY -m gpu --maxfail=30 tests/test_silu_mul.py \
+      tests/test_mla_prologue.py tests/test_moe_small_m.py tests/test_model_kernels.py \
+      "tests/test_kernels_attention.py" -k "${GTESTS_K:-not nothing}" ;;
   fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
       sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
