@@ -8,11 +8,22 @@ Timing: bench/kernels.time_calls (median of CUDA-graph replays) over ROT differe
 inputs (32 for M <= 16, else 8) so the experts' weights miss L2; routing not timed. bytes = the
 touched experts' weights + scales (distinct experts per routing, averaged) + x in + y out;
 ratio = bytes / time / the copy bandwidth measured at the start of this run.
-For each M: fused_moe with its defaults, then moe_small_m's default and a few candidate
-configs (CANDIDATES, until --budget-s), then the best candidate's gate_up kernel alone. Before
-timing, every (format, M) checks moe_small_m against fused_moe on one routing, and at M = 1 and
-16 against moe_small_m_ref (float64); a failed check marks the row ("check": "FAIL ...").
+For each M: fused_moe without its small-M path (small_m_max 0), then moe_small_m's default and
+a few candidate configs (CANDIDATES, until --budget-s), then the best candidate's gate_up kernel
+alone. Before timing, every (format, M) checks moe_small_m against fused_moe on one routing,
+and at M = 1 and 16 against moe_small_m_ref (float64); a failed check marks the row
+("check": "FAIL ...").
 Prints every timing as it goes and a table at the end; --out gets the rows (JSON).
+
+    python3 bench/moe_small_m.py --sweep --budget-s 110 --out $OUT/moe-small-m-sweep-h200.json
+
+--sweep: M = 1 and 4, int4 and mxfp4, the configs of SWEEP (the new knobs VT / DW / PDL and
+the tile knobs around them; predictions in bench/notes_moe_small_m.md). Every config is first
+compiled in --jobs spawned processes (Triton's disk cache; the timing process then only loads
+the cubins), checked against the default config's output on one routing (rel < 1e-3: both are
+fp32 sums of the same products), timed, and its gate_up alone timed once per distinct gate_up
+variant (down = total - gate_up). After --budget-s no new config is timed; the table (config,
+us, ratio, gate_up-only us) and the JSON are written in any case.
 """
 
 from __future__ import annotations
@@ -45,6 +56,117 @@ CANDIDATES = {  # kept short: every config is a fresh Triton compile (~2-4 s eac
 }
 
 
+# --sweep (M -> overrides); the first is the current default. VT: vector-id epilogue / split-K
+# tail, DW: all-pairs down kernel, PDL: down as a programmatic dependent launch
+_DW = {"VT": 1, "DW": 1}
+SWEEP = {
+    1: [{}, {"BN2": 16}, {"PDL": 1}, {"VT": 1}, dict(_DW, BN2=8), dict(_DW, BN2=16),
+        dict(_DW, BN2=32, W2=8), dict(_DW, BN2=16, W2=8), dict(_DW, BN2=8, PDL=1),
+        dict(_DW, BN2=16, PDL=1), dict(_DW, BN2=16, PDL=1, SK=1), dict(_DW, BN2=16, PDL=1, BN=4),
+        dict(_DW, BN2=16, PDL=1, CH=4, SK=14), dict(_DW, BN2=16, PDL=1, CH=4, SK=7),
+        dict(_DW, BN2=16, PDL=1, W1=2)],
+    4: [{}, {"BN": 8}, {"VT": 1}, dict(_DW, BN2=8), dict(_DW, BN2=16), dict(_DW, BN2=16, PDL=1),
+        dict(_DW, BN2=16, PDL=1, BN=8), dict(_DW, BN2=32, W2=8, PDL=1), dict(_DW, BN2=16, SK=7)],
+}
+_GU_KEYS = ("BN", "CH", "SK", "BT", "W1", "S1", "VT")  # what the gate_up kernel depends on
+_WARM: dict = {}
+
+
+def _warm(task) -> str:
+    """Spawned worker: compile one (fmt, M, config) by running it once (fills Triton's disk
+    cache for the timing process)."""
+    fmt, M, cfg = task
+    try:
+        if fmt not in _WARM:
+            _WARM[fmt] = make_weights(fmt, "cuda")
+        w = _WARM[fmt]
+        x, tw, ids, out = make_sets(M, 1, "cuda")[0][0]
+        if cfg is None:  # the GEMV baseline
+            kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
+            fused_moe(x, w["w13"], w["w2"], tw, ids, out=out, config={"small_m_max": 0}, **kw)
+            torch.cuda.synchronize()
+            return "ok"
+        for c in (cfg, dict(cfg, stop_after="gate_up")):
+            moe_small_m(x, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], tw, ids, fmt, c,
+                        out=out)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 -- reported, the timing run then skips it
+        return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(tasks, jobs: int) -> dict:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+        return dict(zip(map(repr, tasks), ex.map(_warm, tasks)))
+
+
+def sweep(args, copy, t_start) -> list:
+    """--sweep: rows of every (fmt, M, config) timed before the deadline."""
+    fmts, ms = args.formats.split(","), [1, 4]
+    tasks = [(f, M, c) for M in ms for f in fmts for c in [None] + SWEEP[M]]
+    warm = precompile(tasks, args.jobs) if args.jobs > 0 else {}
+    print(f"precompiled {len(tasks)} configs in {time.time() - t_start:.0f} s", flush=True)
+    deadline = t_start + args.budget_s
+    rows = []
+    for M in ms:
+        for fmt in fmts:
+            rows += sweep_one(fmt, M, make_weights(fmt, "cuda"), copy, warm, deadline)
+    return rows
+
+
+def sweep_one(fmt, M, w, copy, warm, deadline) -> list:
+    kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
+    w13, w2, s13, s2 = w["w13"], w["w2"], w["w13_scale"], w["w2_scale"]
+    sets, distinct = make_sets(M, 32, "cuda")
+    nbytes = int(distinct * expert_bytes(w) + 2 * M * H * 2)
+    rows = []
+
+    def run(cfg, s):
+        return moe_small_m(s[0], w13, w2, s13, s2, s[1], s[2], fmt, cfg, out=s[3])
+
+    def row(name, t, cfg, **extra):
+        r = dict(make_row(f"{name}_{fmt}", 0, 0, M, t, nbytes, copy), config=cfg, **extra)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+
+    t = time_calls(calls_for(lambda s: fused_moe(s[0], w13, w2, s[1], s[2], out=s[3],
+                                                 config={"small_m_max": 0}, **kw), sets))
+    row("fused_moe_gemv", t, None)
+    base = run({}, sets[0]).clone()
+    gu_done = {}
+    for cfg in SWEEP[M]:
+        if time.time() > deadline:
+            print(f"budget: skipped {fmt} M={M} {cfg}", flush=True)
+            continue
+        why = warm.get(repr((fmt, M, cfg)), "ok")
+        if why != "ok":
+            print(f"{fmt} M={M} {cfg}: precompile failed: {why}", flush=True)
+            continue
+        try:
+            err = rel_err(run(cfg, sets[0]), base)
+            t = time_calls(calls_for(lambda s, c=cfg: run(c, s), sets))
+            key = tuple(cfg.get(k) for k in _GU_KEYS)
+            if key not in gu_done:
+                gu_done[key] = time_calls(calls_for(
+                    lambda s, c=dict(cfg, stop_after="gate_up"): run(c, s), sets))
+        except Exception as e:  # noqa: BLE001 -- one failing config must not stop the rest
+            print(f"{fmt} M={M} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        row("small_m", t, cfg, gate_up_us=round(gu_done[key], 3),
+            check=("ok" if err < 1e-3 else "FAIL") + f" vs default {err:.1e}")
+    return rows
+
+
+def print_sweep(rows) -> None:
+    print(f"{'kernel':<22}{'M':>3} {'config':<58}{'us':>8}{'ratio':>7}{'gate_up':>9}  check")
+    for r in rows:
+        cfg = json.dumps(r["config"]).replace('"', "") if r["config"] is not None else "-"
+        print(f"{r['kernel']:<22}{r['m']:>3} {cfg:<58}{r['time_us']:>8.1f}{r['ratio']:>7.3f}"
+              f"{r.get('gate_up_us', float('nan')):>9.1f}  {r.get('check', '')}")
+
+
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -56,7 +178,7 @@ def check(fmt, w, M) -> str:
     """moe_small_m vs fused_moe (and vs the float64 reference at M = 1, 16) on one routing."""
     x, tw, ids, _ = make_sets(M, 1, "cuda")[0][0]
     kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
-    y_old = fused_moe(x, w["w13"], w["w2"], tw, ids, **kw)
+    y_old = fused_moe(x, w["w13"], w["w2"], tw, ids, config={"small_m_max": 0}, **kw)
     y_new = torch.full_like(y_old, float("nan"))
     moe_small_m(x, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], tw, ids, fmt,
                 {"poison": True}, out=y_new)
@@ -98,8 +220,8 @@ def run_m(fmt, w, M, copy, deadline, t_start, log) -> list:
         return calls_for(lambda s: moe_small_m(s[0], w13, w2, s13, s2, s[1], s[2], fmt, cfg,
                                                out=s[3]), sets)
 
-    old = time_calls(calls_for(lambda s: fused_moe(s[0], w13, w2, s[1], s[2], out=s[3], **kw),
-                               sets))
+    old = time_calls(calls_for(lambda s: fused_moe(s[0], w13, w2, s[1], s[2], out=s[3],
+                                                   config={"small_m_max": 0}, **kw), sets))
     rows.append(rec("fused_moe", old))
     best = default = None
     for i, cfg in enumerate(CANDIDATES.get(M, [{}])):
@@ -134,6 +256,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=100.0,
                     help="stop trying non-default candidates after this many seconds")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "moe-small-m-h200.json"))
+    ap.add_argument("--sweep", action="store_true", help="the SWEEP configs at M = 1, 4")
+    ap.add_argument("--jobs", type=int, default=8, help="--sweep: compile processes (0: none)")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench/moe_small_m.py needs a GPU"
     t_start = time.time()
@@ -141,6 +265,15 @@ def main(argv=None) -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     copy = copy_bandwidth(warm_s=1.0)
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s", flush=True)
+    if args.sweep:
+        rows = sweep(args, copy, t_start)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"copy_GBps": copy, "E": E, "H": H, "I": I, "top_k": TOPK, "sweep": SWEEP,
+                       "rows": rows}, f, indent=1, default=str)
+        print(f"total {time.time() - t_start:.0f} s; ratio vs the in-run copy bandwidth:")
+        print_sweep(rows)
+        return
     rows, log = [], []
     fmts = args.formats.split(",")
     weights = {fmt: make_weights(fmt, "cuda") for fmt in fmts}  # ~1.2 GB each

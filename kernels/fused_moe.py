@@ -37,6 +37,12 @@ Weight-only mxfp4 on the tensor-core path runs fp16 MMAs: activations are cast t
 to +-65504). Anything else raises NotImplementedError.
 
 Paths (chosen per call from M; default_config has the measured H200 choices):
+- small-M (int4_g32 / repacked mxfp4 weight-only, bf16 activations and output (out may also be
+  fp32), bf16 / e8m0 scales, M <= small_m_max, default 4; 0 disables): kernels/moe_small_m.py,
+  2 launches: gate_up once per DISTINCT expert (tokens compacted on the device; split-K 7 at
+  M=1) and a down kernel per (token, H tile). Measured H200 (bench/results/moe-small-m-h200.json,
+  Kimi-K2.5 TP8 rank): int4 M=1 25.2 us vs GEMV 31.1, M=4 72.4 vs 92.2; mxfp4 M=1 26.6 vs 27.2,
+  M=4 71.2 vs 79.6. config "small_m": dict of moe_small_m overrides ("poison" is passed on).
 - GEMV (4-bit formats and FP8C, M <= gemv_max): gate_up per (token, expert) pair on CUDA cores
   in fp32, then a down kernel per (token, H tile) that sums the token's experts with the routing
   weights and writes y: 2 launches (kernels/fused_moe_gemv.py, kernels/fused_moe_fp8.py).
@@ -127,6 +133,12 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     candidates until session 3; measured on the H200 (bench/kernels_moe.py --set tc, bench/RESULTS.md
     "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
     M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
+    small_m_max (4-bit weight-only, bf16 x): M up to which kernels/moe_small_m.py runs instead of
+    GEMV (0 = off); "small_m" = its config overrides. Measured H200, Kimi-K2.5 TP8 rank, CUDA-graph
+    replay (bench/results/moe-small-m-h200.json, copy 4250 GB/s): int4 M=1 GEMV 31.1 us vs
+    small-M 25.2 (gate_up alone 15.5, so down ~9.5; ratio 0.23), M=4 92.2 vs 72.4; mxfp4 M=1 27.2
+    vs 26.6, M=4 79.6 vs 71.2; M=16 small-M 231 us vs the tensor cores' 222 (192 with the
+    session-3 tc defaults) and 2-6x slower at M >= 64: hence 4.
     FP8C (not yet measured: bench/notes_fused_moe.md): GEMV FG1/FG2 rows per program and
     FBK1/FBK2 K per iteration, gemv_max 8 like the 4-bit formats; tensor cores as fp8_block
     with tiles fitted to H and I (multiples of 32)."""
@@ -158,7 +170,8 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
             "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
-            "DU": 1} | tc4
+            "DU": 1, "small_m_max": 4 if four_bit and act == A_NONE else 0,
+            "small_m": None} | tc4
 
 
 def _mdt(dtype: torch.dtype) -> int:
@@ -191,6 +204,23 @@ def _fp8c_scales(w13, w2, w13_scale, w2_scale, a13_scale, a2_scale, H, I):
     a13 = a13_scale.reshape(1).float() if static else s13
     a2 = a2_scale.reshape(1).float() if static else s2
     return s13, s2, rows[0], rows[1], a13, a2, static
+
+
+def _small_m_ok(fmt, act, M, hidden, w13, s13, s2, out, cfg) -> bool:
+    """True when kernels/moe_small_m.py takes the call: 4-bit repacked weights, weight-only,
+    bf16 activations, out bf16/fp32 with unit column stride, the scale dtypes it reads (int4
+    bf16, MXFP4 e8m0 uint8) contiguous, and 0 < M <= small_m_max. Anything else: GEMV / tc."""
+    if fmt not in (INT4, MXFP4) or act != A_NONE or not 0 < M <= cfg.get("small_m_max", 0):
+        return False
+    sdt = torch.bfloat16 if fmt == INT4 else torch.uint8
+    return (hidden.dtype == torch.bfloat16 and w13.dim() == 4 and s13.dtype == sdt
+            and s2.dtype == sdt and s13.is_contiguous() and s2.is_contiguous()
+            and out.dtype in (torch.bfloat16, torch.float32) and out.stride(1) == 1)
+
+
+def _pass_on(cfg: dict) -> dict:
+    """fused_moe config keys that moe_small_m also understands (tests, benchmarks)."""
+    return {k: cfg[k] for k in ("poison", "stop_after") if cfg.get(k)}
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -271,6 +301,12 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         mdt = F32 if hidden.dtype == torch.float32 else F16
         if cfg["BN1"] % 32:
             cfg["BN1"] = 32
+    if _small_m_ok(fmt, act, M, hidden, w13, s13, s2, out, cfg):
+        from . import moe_small_m as sm  # lazy: a module attribute, so tests can spy on it
+        return sm.moe_small_m(hidden, w13, w2, s13, s2, topk_weights, topk_ids,
+                              "int4" if fmt == INT4 else "mxfp4",
+                              dict(cfg.get("small_m") or {}, **_pass_on(cfg)), n_shared=n_shared,
+                              out=out)
     if fmt in (INT4, MXFP4) and M <= cfg["gemv_max"]:
         return gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, act,
                          act_out, fmt, cfg, H, I, top_k, kp, E - n_shared)

@@ -30,8 +30,13 @@ The semaphore buffer is cached per device and size class (never freed) and left 
 every launch: calls with SK > 1 that may run concurrently on different streams of one device
 would share it (not the case in the engine: one stream per device).
 config (overrides of default_config): BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
-W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); "poison": True
-fills act with NaN first (tests); "stop_after": "gate_up" (benchmarks). out may be given in
+W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); candidates,
+default 0 = off until an H200 A/B (bench/moe_small_m.py --sweep, bench/notes_moe_small_m.md):
+VT=1 gate_up epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent
+loads), DW=1 the down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1
+the down kernel is a programmatic dependent launch (its weight loads overlap the gate_up's
+tail; act is read after griddepcontrol.wait; CUDA only, never under the interpreter); "poison":
+True fills act with NaN first (tests); "stop_after": "gate_up" (benchmarks). out may be given in
 bf16 (the contract) or fp32 (exactness checks: no final rounding).
 """
 
@@ -40,7 +45,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .moe_small_m_kernels import INT4, MXFP4, _down_kernel, _gate_up_kernel
+from .moe_small_m_kernels import INT4, MXFP4, _down_all_kernel, _down_kernel, _gate_up_kernel
 
 __all__ = ["default_config", "moe_small_m", "moe_small_m_ref"]
 
@@ -50,9 +55,11 @@ _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_ke
 
 
 def default_config(M: int, H: int, I: int, top_k: int) -> dict:
-    """Predicted (not yet measured) choices, bench/notes_moe_small_m.md: at M = 1 split-K 7 over
-    H (1792 gate_up programs of 8 KB: the whole w13 in flight); larger M: no split; 2 tokens per
-    weight pass from M = 33 (an expert gets ~1.1 tokens at M=16, ~1.8 at M=64 with top-8/384)."""
+    """Choices predicted before the first H200 run and kept by it (bench/notes_moe_small_m.md;
+    measured int4 M=1 25.2 us, SK=1 25.4, BN2=16 24.8; M=4 BN 4 72.4, BN 8 71.1): at M = 1
+    split-K 7 over H (1792 gate_up programs of 8 KB: the whole w13 in flight); larger M: no
+    split; 2 tokens per weight pass from M = 33 (an expert gets ~1.1 tokens at M=16, ~1.8 at
+    M=64 with top-8/384)."""
     ch = max(c for c in (8, 4, 2, 1) if (H // 128) % c == 0)
     niter = H // (128 * ch)
     sk = max(d for d in range(1, 9) if niter % d == 0) if M == 1 else 1
@@ -61,7 +68,8 @@ def default_config(M: int, H: int, I: int, top_k: int) -> dict:
     # ~245: 4 CTAs of 4 warps per SM instead of 2, for the ALU-bound M >= 4; sm_90 SASS)
     bn = max(b for b in ((8, 4, 2, 1) if M == 1 else (4, 2, 1)) if I % b == 0)
     bn2 = max(b for b in (32, 16, 8, 4, 2, 1) if H % b == 0)
-    return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1}
+    return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
+            "VT": 0, "DW": 0, "PDL": 0}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -150,18 +158,33 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
         part = sem = act  # unused
     mc = cfg.get("MC") or min(triton.next_power_of_2(max(M, 1)), 64)  # token chunk, id scans
     pc = cfg.get("PC") or min(triton.next_power_of_2(max(P, 2)), 256)  # pair chunk
+    kp2 = triton.next_power_of_2(kp)
+    pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not triton_interpreted() else 0
+    stop = cfg.get("stop_after") == "gate_up"
     _gate_up_kernel[(P, I // bn, sk)](
         x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
         v13.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared,
         BN=bn, CH=ch, SK=sk, BT=1 if M == 1 else bt, MC=mc, PC=pc, FMT=code, EARLY=M == 1,
+        VT=1 if cfg.get("VT") else 0, KP2=kp2, PDL=0 if stop else pdl,
         num_warps=cfg["W1"], num_stages=cfg["S1"])
-    if cfg.get("stop_after") == "gate_up":
+    if stop:
         return out
-    _down_kernel[(M, H // bn2)](
-        act, w2, v2, ids, tw, out, _MAGIC, ids.stride(0), tw.stride(0), out.stride(0), w2.stride(0),
-        v2.stride(0), H=H, I=I, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, BN=bn2, FMT=code,
-        num_warps=cfg["W2"], num_stages=cfg["S2"])
+    args = (act, w2, v2, ids, tw, out, _MAGIC, ids.stride(0), tw.stride(0), out.stride(0),
+            w2.stride(0), v2.stride(0))
+    meta = {"H": H, "I": I, "TOPK": top_k, "KP": kp, "N_ROUTED": E - n_shared, "BN": bn2,
+            "FMT": code, "PDL": pdl, "num_warps": cfg["W2"], "num_stages": cfg["S2"]}
+    if pdl:
+        meta["launch_pdl"] = True
+    if cfg.get("DW"):
+        _down_all_kernel[(M, H // bn2)](*args, KP2=kp2, **meta)
+    else:
+        _down_kernel[(M, H // bn2)](*args, **meta)
     return out
+
+
+def triton_interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dequant(w: torch.Tensor, s: torch.Tensor, fmt: str) -> torch.Tensor:

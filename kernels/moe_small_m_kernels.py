@@ -21,6 +21,11 @@ import triton.language as tl
 
 from .moe_align import pair_expert
 
+try:  # programmatic dependent launch (config "PDL"); absent from old Triton versions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
 INT4, MXFP4 = 2, 3
 _SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
 _HI = tl.constexpr(-65536)  # 0xFFFF0000 as int32
@@ -85,25 +90,8 @@ def _split4(t):
 
 @triton.jit
 def _dot8(wl, wh, xw, j: tl.constexpr, FMT: tl.constexpr):
-    """sum over (tr, h) of value(element j, h of word tr) * x, for the 4 words of each
-    [..., 4 (tr)] vector: 8 products as one FFMA chain, unscaled. wl/wh: _prep'ed weight words
-    [R, CH, 4, 4]; xw: int32 words of x (bf16 pairs) [1, CH, 4, 4] -> [R, CH, 4] fp32."""
-    w0, w1, w2, w3 = _split4(wl)
-    h0, h1, h2, h3 = _split4(wh)
-    x0, x1, x2, x3 = _split4(xw)
-    q0, q1 = _dq(w0, h0, j, FMT)
-    part = q0 * _bf16_lo(x0)
-    part += q1 * _bf16_hi(x0)
-    q0, q1 = _dq(w1, h1, j, FMT)
-    part += q0 * _bf16_lo(x1)
-    part += q1 * _bf16_hi(x1)
-    q0, q1 = _dq(w2, h2, j, FMT)
-    part += q0 * _bf16_lo(x2)
-    part += q1 * _bf16_hi(x2)
-    q0, q1 = _dq(w3, h3, j, FMT)
-    part += q0 * _bf16_lo(x3)
-    part += q1 * _bf16_hi(x3)
-    return part
+    """_dot8f with x as int32 words of bf16 pairs [1, CH, 4, 4] (widened exactly here)."""
+    return _dot8f(wl, wh, _bf16_lo(xw), _bf16_hi(xw), j, FMT)
 
 
 @triton.jit
@@ -214,8 +202,11 @@ def _slot_token(IDS, stride_im, e, slot, M, TOPK: tl.constexpr, KP: tl.constexpr
 
 @triton.jit
 def _first_pair(IDS, stride_im, tok, ok, e, TOPK: tl.constexpr, KP: tl.constexpr,
-                N_ROUTED: tl.constexpr):
+                N_ROUTED: tl.constexpr, KP2: tl.constexpr, VT: tl.constexpr):
     """Pair id tok * KP + (first column of token tok whose expert is e), int64 scalar."""
+    if VT:
+        k, hit = _col_hits(IDS, stride_im, tok, ok, e, TOPK, KP, N_ROUTED, KP2)
+        return tok.to(tl.int64) * KP + tl.min(tl.where(hit, k, KP), 0)
     kf = KP
     for kk in tl.static_range(KP):
         k = KP - 1 - kk
@@ -226,19 +217,37 @@ def _first_pair(IDS, stride_im, tok, ok, e, TOPK: tl.constexpr, KP: tl.constexpr
 
 @triton.jit
 def _store_act(ACT, IDS, stride_im, y, tok, ok, e, jt, I: tl.constexpr, TOPK: tl.constexpr,
-               KP: tl.constexpr, N_ROUTED: tl.constexpr, BN: tl.constexpr):
+               KP: tl.constexpr, N_ROUTED: tl.constexpr, BN: tl.constexpr, KP2: tl.constexpr,
+               VT: tl.constexpr):
     """y [2BN] = (gate rows, up rows) sums of column tile jt of token tok -> silu(gate) * up in
     fp32, stored for EVERY pair p = (tok, k) whose expert is e into act row p, in the DOWN
     order: channel n = 128c + 32j + 2t + h at 128c + 32j + 16h + t (so the down kernel reads
-    16-byte vectors of 4 consecutive t)."""
+    16-byte vectors of 4 consecutive t). VT=1: one vector id load, one [KP2, BN] store."""
     g, u = tl.split(tl.permute(tl.reshape(y, (2, BN)), (1, 0)))
     a = g / (1.0 + tl.exp(-g)) * u
     n = jt * BN + tl.arange(0, BN)
     pos = (n // 32) * 32 + (n % 2) * 16 + (n % 32) // 2
-    for k in tl.static_range(KP):
-        p = tok * KP + k
-        hit = (pair_expert(IDS, stride_im, p, ok, TOPK, KP, N_ROUTED) == e) & ok
-        tl.store(ACT + p.to(tl.int64) * I + pos, a, mask=_bmask(pos, hit))
+    if VT:
+        k, hit = _col_hits(IDS, stride_im, tok, ok, e, TOPK, KP, N_ROUTED, KP2)
+        p = tok.to(tl.int64) * KP + k
+        tl.store(ACT + p[:, None] * I + pos[None, :], tl.broadcast_to(a[None, :], (KP2, BN)),
+                 mask=hit[:, None] & (pos[None, :] >= 0))
+    else:
+        for k in tl.static_range(KP):
+            p = tok * KP + k
+            hit = (pair_expert(IDS, stride_im, p, ok, TOPK, KP, N_ROUTED) == e) & ok
+            tl.store(ACT + p.to(tl.int64) * I + pos, a, mask=_bmask(pos, hit))
+
+
+@triton.jit
+def _col_hits(IDS, stride_im, tok, ok, e, TOPK: tl.constexpr, KP: tl.constexpr,
+              N_ROUTED: tl.constexpr, KP2: tl.constexpr):
+    """(k [KP2], hit [KP2]): the columns k < KP of token tok whose expert is e, from ONE
+    vector load of the token's ids (VT=1: no chain of dependent scalar loads in the tail)."""
+    k = tl.arange(0, KP2)
+    valid = (k < KP) & _bmask(k, ok)
+    hit = (pair_expert(IDS, stride_im, tok * KP + k, valid, TOPK, KP, N_ROUTED) == e) & valid
+    return k, hit
 
 
 @triton.jit
@@ -261,9 +270,13 @@ def _gate_up_kernel(
     I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     N_ROUTED: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, SK: tl.constexpr,
     BT: tl.constexpr, MC: tl.constexpr, PC: tl.constexpr, FMT: tl.constexpr,
-    EARLY: tl.constexpr,
+    EARLY: tl.constexpr, VT: tl.constexpr = 0, KP2: tl.constexpr = 1, PDL: tl.constexpr = 0,
 ):
-    """Grid (P, I / BN, SK); BT (tokens per weight pass) is 1 or 2. See kernels/moe_small_m.py."""
+    """Grid (P, I / BN, SK); BT (tokens per weight pass) is 1 or 2. See kernels/moe_small_m.py.
+    VT=1: the epilogue / split-K tail read a token's KP ids as one vector (KP2 = next power of
+    2 >= KP) instead of KP dependent scalar loads. PDL=1: let the down kernel launch now."""
+    if PDL:
+        gdc_launch_dependents()
     b = tl.program_id(0)
     jt = tl.program_id(1)
     ks = tl.program_id(2)
@@ -336,16 +349,18 @@ def _gate_up_kernel(
                     acc1 += _dot8(wl, wh, _sel4(xb0, xb1, xb2, xb3, j), j, FMT) * sj
         y0 = tl.sum(tl.sum(acc0, axis=2), axis=1)  # [2BN]
         if SK == 1:
-            _store_act(ACT, IDS, stride_im, y0, tok0, ok0, e, jt, I, TOPK, KP, N_ROUTED, BN)
+            _store_act(ACT, IDS, stride_im, y0, tok0, ok0, e, jt, I, TOPK, KP, N_ROUTED, BN, KP2,
+                     VT)
         else:
-            pp = _first_pair(IDS, stride_im, tok0, ok0, e, TOPK, KP, N_ROUTED)
+            pp = _first_pair(IDS, stride_im, tok0, ok0, e, TOPK, KP, N_ROUTED, KP2, VT)
             tl.store(PART + (ks * P + pp) * (2 * I) + rows, y0, mask=_bmask(rows, ok0))
         if BT == 2:
             y1 = tl.sum(tl.sum(acc1, axis=2), axis=1)
             if SK == 1:
-                _store_act(ACT, IDS, stride_im, y1, tok1, ok1, e, jt, I, TOPK, KP, N_ROUTED, BN)
+                _store_act(ACT, IDS, stride_im, y1, tok1, ok1, e, jt, I, TOPK, KP, N_ROUTED, BN,
+                         KP2, VT)
             else:
-                pp = _first_pair(IDS, stride_im, tok1, ok1, e, TOPK, KP, N_ROUTED)
+                pp = _first_pair(IDS, stride_im, tok1, ok1, e, TOPK, KP, N_ROUTED, KP2, VT)
                 tl.store(PART + (ks * P + pp) * (2 * I) + rows, y1, mask=_bmask(rows, ok1))
     if SK > 1:
         # split-K fix-up: the last of the SK programs of (b, jt) sums the partials (acq_rel
@@ -362,21 +377,24 @@ def _gate_up_kernel(
                     ok = b >= 0
                 else:
                     tok, ok = _slot_token(IDS, stride_im, e, t, M, TOPK, KP, N_ROUTED, MC)
-                pp = _first_pair(IDS, stride_im, tok, ok, e, TOPK, KP, N_ROUTED)
+                pp = _first_pair(IDS, stride_im, tok, ok, e, TOPK, KP, N_ROUTED, KP2, VT)
                 y = tl.zeros((2 * BN,), tl.float32)
                 for k2 in range(SK):
                     y += tl.load(PART + (k2 * P + pp) * (2 * I) + rows, volatile=True)
-                _store_act(ACT, IDS, stride_im, y, tok, ok, e, jt, I, TOPK, KP, N_ROUTED, BN)
+                _store_act(ACT, IDS, stride_im, y, tok, ok, e, jt, I, TOPK, KP, N_ROUTED, BN, KP2,
+                         VT)
 
 
 @triton.jit
 def _down_kernel(
     ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om, stride_we, stride_se,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-    N_ROUTED: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr,
+    N_ROUTED: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Grid (M, H / BN): out[m, tile] = sum over the KP pairs of token m of weight x
-    down_e(act[pair]) in fp32 (act in the down order of _store_act), stored in OUT's dtype."""
+    down_e(act[pair]) in fp32 (act in the down order of _store_act), stored in OUT's dtype.
+    PDL=1 (launched as a programmatic dependent of the gate_up): the first pair's weights are
+    requested before griddepcontrol.wait, act only after it."""
     m = tl.program_id(0)
     jt = tl.program_id(1)
     CH: tl.constexpr = I // 128
@@ -388,6 +406,8 @@ def _down_kernel(
     e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
     w_n = tl.load(W + e * stride_we + n[:, None, None, None] * (I // 8) + c4 * 16 + t4)
     s_n = tl.load(_scale_ptrs(S + e * stride_se + n * (I // 32), BN, CH))
+    if PDL:
+        gdc_wait()
     for k in tl.static_range(KP):
         p = m * KP + k
         w = w_n
@@ -406,4 +426,49 @@ def _down_kernel(
             part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
             acc += part * (_scales(s, j, FMT) * wt)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _down_all_kernel(
+    ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om, stride_we, stride_se,
+    H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    N_ROUTED: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr, KP2: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """_down_kernel (config DW=1) with ALL KP pairs of the token in one [KP2, BN, CH, 4, 4]
+    tile: one vector load of the ids, then every pair's weights, scales and routing weights
+    requested at once (the loop version keeps one pair in flight: 8 dependent DRAM trips at
+    M=1); act after griddepcontrol.wait when PDL. Columns k >= KP are masked (weight 0)."""
+    m = tl.program_id(0)
+    jt = tl.program_id(1)
+    CH: tl.constexpr = I // 128
+    k = tl.arange(0, KP2)
+    kok = k < KP
+    e = tl.where(kok, pair_expert(IDS, stride_im, m * KP + k, kok, TOPK, KP, N_ROUTED), 0)
+    k5 = k[:, None, None, None, None]
+    n = (jt * BN + tl.arange(0, BN)).to(tl.int64)
+    c5 = tl.arange(0, CH)[None, None, :, None, None]
+    t5 = (4 * tl.arange(0, 4)[None, None, None, :, None]
+          + tl.arange(0, 4)[None, None, None, None, :])
+    row = e.to(tl.int64)[:, None] * stride_we + n[None, :] * (I // 8)  # [KP2, BN]
+    wmask = tl.broadcast_to(k5 < KP, (KP2, BN, CH, 4, 4))
+    w = tl.load(W + row[:, :, None, None, None] + c5 * 16 + t5, mask=wmask, other=0)
+    srow = e.to(tl.int64)[:, None] * stride_se + n[None, :] * (I // 32)
+    s = tl.load(tl.broadcast_to(S + srow[:, :, None, None, None] + 4 * c5
+                                + tl.arange(0, 4)[None, None, None, None, :],
+                                (KP2, BN, CH, 4, 4)), mask=wmask, other=0)
+    wt = tl.load(TW + m.to(tl.int64) * stride_tm + k, mask=k < TOPK, other=0.0).to(tl.float32)
+    wt = tl.where(kok & (k >= TOPK), 1.0, wt)[:, None, None, None]
+    if PDL:
+        gdc_wait()
+    p = (m * KP + tl.minimum(k, KP - 1)).to(tl.int64)  # k >= KP: any valid row, weight 0
+    Ap = tl.broadcast_to(ACT + p[:, None, None, None, None] * I + c5 * 128 + t5,
+                         (KP2, BN, CH, 4, 4))
+    wl, wh = _prep(w, MAGIC, FMT)
+    acc = tl.zeros((KP2, BN, CH, 4), tl.float32)
+    for j in tl.static_range(4):
+        part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
+        acc += part * (_scales(s, j, FMT) * wt)
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
     tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))

@@ -23,12 +23,16 @@ import torch
 GPU = torch.cuda.is_available()
 if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("moe_align", "moe_small_m_kernels", "moe_small_m"):  # re-decorate, in order
+    for _name in ("moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc",
+                  "fused_moe_gemv", "fused_moe_fp8", "moe_small_m_kernels", "moe_small_m",
+                  "fused_moe"):  # re-decorate, in import order
         _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
         if _mod is not None:
             importlib.reload(_mod)
 
 from atom_stream.kernels import moe_ref as R
+from atom_stream.kernels import moe_small_m as SM
+from atom_stream.kernels.fused_moe import fused_moe
 from atom_stream.kernels.moe_small_m import (
     default_config,
     moe_small_m,
@@ -125,6 +129,8 @@ ONE = {"BN": 128, "BN2": 256, "CH": 2}
 @pytest.mark.parametrize("M,k,cfg", [
     (1, 4, {"SK": 2, "CH": 1}),  # split-K: partials + semaphore fix-up, prefetch across steps
     (3, 4, {"BT": 2}),  # two tokens per weight pass, a half-empty tile
+    (1, 3, {"SK": 2, "CH": 1, "VT": 1, "DW": 1}),  # vector-id tail, all-pairs down, KP2 > KP
+    (3, 4, {"BT": 2, "VT": 1, "DW": 1}),
 ])
 def test_interpreted_exact_fp32_out(fmt, M, k, cfg):
     # fp32 output: no final rounding, so the dequantization and sums must be exact to fp32.
@@ -140,6 +146,7 @@ def test_interpreted_exact_fp32_out(fmt, M, k, cfg):
     ("mxfp4", 3, 16, 4, {"BT": 1, "BN": 64}),
     ("int4", 16, 16, 2, {"BT": 2, "MC": 4}),  # token scans in chunks of 4
     ("mxfp4", 24, 4, 2, {"BT": 2, "MC": 8, "PC": 8}),  # ~12 tokens per expert: token loops
+    ("int4", 5, 4, 3, {"VT": 1, "DW": 1, "BT": 1, "MC": 4}),  # KP2 = 4 > KP = 3
 ])
 def test_interpreted_bf16(fmt, M, E, k, cfg):
     H = 256 if cfg.get("SK", 1) > 1 else 128
@@ -153,6 +160,9 @@ def test_shared_expert_and_reference_agree():
     # at the GPU shapes equals fused_moe_ref on the dense dequantized weights
     err = check("int4", 2, E=10, H=256, I=128, k=2, config=ONE, seed=5, n_shared=2)
     assert err < 1e-2
+    for M, cfg in ((1, {"VT": 1, "DW": 1, "SK": 2, "CH": 1}), (3, {"VT": 1, "DW": 1})):
+        check("mxfp4", M=M, E=11, H=256, I=128, k=3, config=dict(ONE, **cfg),
+              seed=8, n_shared=2, out_dtype=torch.float32, tol=1e-5)
     gen = torch.Generator().manual_seed(6)
     (w13, w2, s13, s2), (d13, d2) = make_experts("mxfp4", 8, 128, 128, gen)
     x = torch.randn(3, 128, generator=gen).bfloat16()
@@ -191,6 +201,82 @@ def test_rejects_bad_inputs():
     assert (7168 // (128 * cfg["CH"])) % cfg["SK"] == 0 and 256 % cfg["BN"] == 0
 
 
+def fused_both(fmt, M, E, H, I, k, seed, n_shared=0, small_cfg=None, dev=None):
+    """fused_moe on one fresh routing with the small-M path on (small_m_max=4, counted through a
+    spy on moe_small_m) and off (0: the GEMV path): (y_on, y_off, float64 ref, calls)."""
+    dev = dev or DEV
+    gen = torch.Generator().manual_seed(seed)
+    dense = dev == "cpu"
+    (w13, w2, s13, s2), (d13, d2) = make_experts(fmt, E, H, I, gen, dense=dense)
+    x = torch.randn(M, H, generator=gen).bfloat16().to(dev)
+    ids, tw = make_routing(M, k, E - n_shared, gen)
+    quant = "int4_g32" if fmt == "int4" else "mxfp4"
+    calls = []
+    real = SM.moe_small_m
+
+    def spy(*a, **kw):
+        calls.append(a[7])
+        return real(*a, **kw)
+
+    ys = []
+    SM.moe_small_m = spy
+    try:
+        for on in (4, 0):
+            out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device=dev)
+            cfg = {"small_m_max": on, "poison": True, "small_m": small_cfg,
+                   "G1": 64, "G2": 128, "GC": H // 128}  # few GEMV programs (interpreter)
+            y = fused_moe(x, w13, w2, tw, ids, quant=quant, w13_scale=s13, w2_scale=s2,
+                          n_shared=n_shared, out=out, config=cfg)
+            assert y is out
+            ys.append(y)
+    finally:
+        SM.moe_small_m = real
+    if dense:
+        ref = R.fused_moe_ref(x.cpu(), d13, d2, tw.cpu(), ids.cpu(), n_shared=n_shared)
+    else:
+        ref = moe_small_m_ref(x, w13, w2, s13, s2, tw, ids, fmt, n_shared=n_shared)
+    return ys[0], ys[1], ref, calls
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt,M,k,n_shared,cfg", [
+    ("int4", 1, 4, 0, {"BN": 64, "BN2": 256, "CH": 1, "SK": 2}),  # split-K, EARLY prefetch
+    ("mxfp4", 1, 3, 1, {"BN": 128, "BN2": 256}),  # a shared expert
+    ("int4", 4, 4, 0, {"BN": 128, "BN2": 256}),  # token compaction, repeated ids
+    ("mxfp4", 3, 2, 0, {"BN": 128, "BN2": 256, "BT": 2}),
+])
+def test_fused_moe_dispatches_small_m(fmt, M, k, n_shared, cfg):
+    # fused_moe at M <= small_m_max (4-bit, weight-only, bf16) runs moe_small_m, and it equals
+    # fused_moe with the path disabled (GEMV) and the float64 reference
+    y_on, y_off, ref, calls = fused_both(fmt, M, E=12, H=256, I=128, k=k, seed=40 + M,
+                                         n_shared=n_shared, small_cfg=cfg)
+    assert calls == [fmt]  # only the small_m_max=4 call went there
+    assert rel_err(y_on, ref) < 1e-2 and rel_err(y_off, ref) < 1e-2
+    assert rel_err(y_on, y_off) < 1e-2
+
+
+@cpu_only
+def test_fused_moe_small_m_not_taken():
+    # M > small_m_max, fp16 activations, w4a4: never the small-M path
+    gen = torch.Generator().manual_seed(3)
+    (w13, w2, s13, s2), _ = make_experts("mxfp4", 8, 128, 128, gen)
+    ids, tw = make_routing(5, 2, 8, gen)
+    calls = []
+    real = SM.moe_small_m
+    SM.moe_small_m = lambda *a, **kw: calls.append(1)
+    try:
+        cfg = {"G1": 64, "G2": 128, "GC": 1, "BN1": 64, "BN2": 128}
+        x = torch.randn(5, 128, generator=gen).bfloat16()
+        fused_moe(x, w13, w2, tw, ids, quant="mxfp4", w13_scale=s13, w2_scale=s2, config=cfg)
+        fused_moe(x[:1].half(), w13, w2, tw[:1], ids[:1], quant="mxfp4", w13_scale=s13,
+                  w2_scale=s2, config=cfg)
+        fused_moe(x[:1], w13, w2, tw[:1], ids[:1], quant="mxfp4", w13_scale=s13, w2_scale=s2,
+                  activation_quant="mxfp4", config=cfg)
+    finally:
+        SM.moe_small_m = real
+    assert calls == []
+
+
 # ------------------------------------------------------------------------------- GPU
 H_, I_, E_, K_ = 7168, 256, 384, 8  # Kimi-K2.5 TP8 rank
 
@@ -219,14 +305,28 @@ def test_gpu_real_shape(fmt, M):
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
 @pytest.mark.parametrize("M,cfg", [(1, {"SK": 1}), (1, {"SK": 7, "BN": 4}), (4, {"SK": 7}),
-                                   (16, {"BT": 2, "BN": 8}), (64, {"BT": 1, "BN2": 16})])
+                                   (16, {"BT": 2, "BN": 8}), (64, {"BT": 1, "BN2": 16}),
+                                   (1, {"VT": 1, "DW": 1, "PDL": 1, "W2": 8}),
+                                   (4, {"VT": 1, "DW": 1, "PDL": 1, "BN2": 16}),
+                                   (1, {"PDL": 1}), (16, {"VT": 1, "DW": 1, "BT": 2})])
 def test_gpu_variants(fmt, M, cfg):
     check_real(fmt, M, cfg, seed=100 + M)
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("M,cfg", [(1, {"SK": 2, "CH": 4}), (40, {"BT": 2})])
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_gpu_fused_moe_dispatch_real_shape(fmt, M):
+    y_on, y_off, ref, calls = fused_both(fmt, M, E_, H_, I_, K_, seed=200 + M, dev="cuda")
+    assert calls == [fmt]
+    assert rel_err(y_on, ref) < 1e-2 and rel_err(y_on, y_off) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("M,cfg", [(1, {"SK": 2, "CH": 4}), (40, {"BT": 2}),
+                                   (1, {"SK": 2, "CH": 4, "VT": 1, "DW": 1, "PDL": 1})])
 def test_gpu_cuda_graph_replay(M, cfg):
     # split-K at M=1: the semaphores must come back to 0 after every replay
     gen = torch.Generator().manual_seed(M)
