@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | tests4 | mlav3 | gtests | fp8lin | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | tests4 | mlav3 | gtests | fp8lin | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -57,6 +57,9 @@ for what in "${sections[@]}"; do case $what in
       --sweep-out "$OUT/kernels-moe-tc-sweep-h200.json" ;;
   tests4) sec tests4 ${T_TESTS:-240} $PY -m gpu --maxfail=30 tests/test_w4a8_kernel.py \
       tests/test_quant_gpu.py tests/test_kernels_attention.py ;;
+  smsweep) sec smsweep-test ${T_TESTS:-150} $PY -m gpu tests/test_moe_small_m.py
+      sec smsweep ${T_MOE:-150} python3 bench/moe_small_m.py --sweep --budget-s 110 \
+      --out "$OUT/moe-small-m-sweep-h200.json" ;;
   mlav3) sec mlav3 ${T_ATTN:-200} python3 bench/kernels_attention.py --set variants --budget-s 120 \
       --out "$OUT/kernels-attn-v3-h200.json" ;;
   gtests) sec gtests ${T_TESTS:-200} $PY -m gpu --maxfail=30 tests/test_silu_mul.py \
