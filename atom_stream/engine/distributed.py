@@ -2,10 +2,10 @@
 
 Rank 0 (the engine's process) and every worker build the same `ModelRunner` over their shard
 (torch.distributed: NCCL on CUDA, RCCL on ROCm, gloo on the CPU). Each step rank 0 flattens the
-batch into `StepInputs`, encodes it once (engine/step_codec.py: msgspec msgpack, block-table rows
-unchanged since the last step are not resent), writes the bytes into the node's shared-memory ring
-(fixed-size slots), and every rank runs the same forward (graph replay on GPUs), meeting in the
-collectives inside it. Only rank 0 samples.
+batch into `StepInputs`, encodes it once (engine/step_codec.py: msgspec msgpack; of the block
+tables only the cells rank 0's BlockTableRows wrote since the last step travel), writes the bytes
+into the node's shared-memory ring (fixed-size slots), and every rank runs the same forward (graph
+replay on GPUs), meeting in the collectives inside it. Only rank 0 samples.
 
 Several nodes (`nnodes` > 1, engine/multinode.py): node k hosts ranks [k*L, (k+1)*L) with
 L = tensor_parallel_size / nnodes; all ranks rendezvous at master_addr:master_port; rank 0 also
@@ -194,7 +194,6 @@ class TPExecutor:
         self.remote: RemoteMonitor | None = None
         self.relay: RelayLink | None = None
         self._encoder = StepEncoder()
-        self._rows: list | None = None
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._deaths: list[str] = []
@@ -246,8 +245,9 @@ class TPExecutor:
     def _broadcast(self, inputs: StepInputs) -> None:
         if self.dead:
             raise RuntimeError(self.dead)
-        data = self._encoder.encode(inputs, self._rows)
         try:
+            # the runner's BlockTableRows made inputs.tables: the codec sends only its writes
+            data = self._encoder.encode(inputs, getattr(self.runner, "_block_rows", None))
             if self.relay is not None:
                 try:
                     self.relay.send(data)
@@ -262,7 +262,6 @@ class TPExecutor:
             raise
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        self._rows = batch.seqs  # row identities for the block-table delta
         try:
             return self.runner.execute(batch)
         except Exception:
@@ -279,8 +278,6 @@ class TPExecutor:
             if self.remote is not None:
                 self.remote.failed_at = None
             raise
-        finally:
-            self._rows = None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from atom_stream.config import ConfigError, EngineConfig, ModelConfig
+from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
 from atom_stream.layers.parallel import TPInfo, tp_context
@@ -77,71 +78,6 @@ class StepInputs(msgspec.Struct, array_like=True):
     use_graph: bool
 
 
-class _Row:
-    """One sequence's row: `synced` leading entries of list `table` copied; epoch; last gather."""
-
-    __slots__ = ("epoch", "row", "seen", "synced", "table")
-
-    def __init__(self, row: int, table: list[int], epoch: int):
-        self.row, self.table, self.synced, self.epoch, self.seen = row, table, 0, epoch, 0
-
-
-class BlockTableRows:
-    """Persistent int32 copy of live sequences' block tables, one row per Sequence (identity),
-    padded with `pad`. `gather(seqs)` -> ([S, max_blocks] int32, max_blocks), equal to
-    flattening every table from scratch, in O(blocks appended since the last gather + S *
-    max_blocks memcpy). Contract: a table changes only by `append`, by `clear()` in
-    BlockManager.free (bumps `seq.table_epoch`) or by assigning a new list; the last two (or a
-    table shorter than the copy) resync the row. Invariant: row[synced:] == pad. Every SWEEP
-    gathers, rows of finished sequences or not gathered in SWEEP steps are freed."""
-
-    SWEEP = 32
-
-    def __init__(self, pad: int, rows: int = 16, width: int = 16):
-        self.pad, self.step, self.entries = pad, 0, {}  # entries: Sequence -> _Row
-        self.table = np.full((rows, width), pad, dtype=np.int32)
-        self.free_rows = list(range(rows - 1, -1, -1))
-
-    def gather(self, seqs) -> tuple[np.ndarray, int]:
-        self.step = step = self.step + 1
-        if step % self.SWEEP == 0:
-            self._sweep()
-        entries, idx, max_blocks = self.entries, [], 1
-        for s in seqs:
-            bt = s.block_table
-            n = len(bt)
-            e = entries.get(s)
-            if e is None:
-                if not self.free_rows:
-                    self._grow(2 * self.table.shape[0], self.table.shape[1])
-                e = entries[s] = _Row(self.free_rows.pop(), bt, s.table_epoch)
-            elif e.epoch != s.table_epoch or e.table is not bt or n < e.synced:  # reset
-                self.table[e.row, :e.synced] = self.pad
-                e.synced, e.epoch, e.table = 0, s.table_epoch, bt
-            if n != e.synced:
-                if n > self.table.shape[1]:  # at least double, so widening stays rare
-                    self._grow(self.table.shape[0], max(n, 2 * self.table.shape[1]))
-                self.table[e.row, e.synced:n] = bt[e.synced:n]
-                e.synced = n
-            e.seen = step
-            idx.append(e.row)
-            max_blocks = max(max_blocks, n)
-        return self.table[idx, :max_blocks], max_blocks
-
-    def _grow(self, rows: int, width: int) -> None:
-        old = self.table
-        r, w = old.shape
-        self.table = np.full((rows, width), self.pad, dtype=np.int32)
-        self.table[:r, :w] = old
-        self.free_rows += range(rows - 1, r - 1, -1)
-
-    def _sweep(self) -> None:
-        horizon = self.step - self.SWEEP
-        for seq, e in list(self.entries.items()):
-            if e.seen <= horizon or seq.is_finished:
-                self.table[e.row, :e.synced] = self.pad
-                self.free_rows.append(e.row)
-                del self.entries[seq]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,72 +1,81 @@
-"""Wire format of the TP step broadcast: StepInputs with block-table deltas (issue 9).
+"""Wire format of the TP step broadcast: StepInputs whose block tables travel as the writes that
+rank 0's BlockTableRows made since the last step (issue 9).
 
 Rank 0 encodes each step once (`StepEncoder.encode`) and every other rank decodes every message
 in order (`StepDecoder.decode`), whether it arrives through the node's shared-memory ring or
-relayed from another node. In steady decode the block tables ([S, max_blocks] int32, 512 KiB at
-256 requests x 8K context) barely change between steps: a row gains a block every block_size
-steps and the batch loses or gains a row now and then. So the encoder remembers the table it sent
-last and sends, instead of the table:
+relayed from another node. The tables of a step ([S, max_blocks] int32, 512 KiB at 256 requests
+x 8K context) are `BlockTableRows.table[idx, :max_blocks]` on rank 0 (engine/block_rows.py), and
+that persistent [R, W] table changes only where its gather writes: a row gains a block every
+block_size steps, a new sequence fills a free row, a reset or a sweep pads a row again. The
+table records those writes (`dirty`: per row the hull of the columns set since the encoder last
+took them, and the prefix set back to pad), so, like vLLM V1's scheduler output that carries only
+new block ids with workers keeping per-request tables, every decoder keeps a mirror of the [R, W]
+table and a message carries (`TableSync`):
 
-    ref   int32 [S]: the row of the previous table each new row starts from (-1: none);
-                     empty bytes = "row i from row i" (identity; rows past the old end: none)
-    fill  int32:     the value of cells with no source (new rows, columns past the old width)
-    unit  4 | 8:     patch granularity in bytes (8: the table is patched as int64 pairs)
-    idx   int32 [n]: flat indices (in units) of the base [S, max_blocks] that differ from it
-    vals  [n]:       their new values (int32 or int64 as `unit`)
+    shape   (R, W):        the persistent table's shape after this step (it only grows)
+    segs    [k] x (row, lo, hi, clear) per dirty row: row[:clear] = pad, then
+    vals    int32 [n]:     row[lo:hi] = these, ranges concatenated in order (n = sum(hi - lo))
+    idx     int64 [S]:     the persistent row of each batch row
+    base    int:           the message epoch the mirror must hold (-1: a snapshot: start from a
+                           table of `pad`; segs then cover every live row's synced prefix)
 
-The base is `prev[ref]` cut or padded to the new width with `fill`; base + patch is the table,
-byte for byte. A full table is sent instead when that is not larger (first step, after
-`reset()`, tiny tables, heavy churn). Rows are matched by identity of the objects passed as
-`rows` (the batch's Sequence objects; the encoder holds the previous list so ids are not reused
-while it matters) and by position otherwise. Matching only affects the size of the patch, never
-the result.
+Decoder: the clears and sets into the mirror, then tables = mirror[idx, :max_blocks] (when idx
+and max_blocks repeat the last step's, only the changed cells of the last output are patched).
+Neither side compares or scans whole tables: the encoder's cost is O(k + n) plus the msgpack of
+the rest of StepInputs; in steady decode k ~ S / block_size + a new row now and then. The
+decoder's is that plus one copy of the tables (the bytes it hands out), or a gather + a copy
+when the batch rows changed.
 
-Contract: for every message m_k, `StepDecoder.decode(m_k)` returns a StepInputs equal (msgspec
-equality: every field, `tables` byte-identical) to the one passed to `encode` for m_k, provided the
-decoder saw m_1..m_{k-1} of the same encoder. Each message names the epoch of the table it
-patches; a decoder in another state raises `CodecError` instead of building a wrong table.
+Contract: for every message m_j, `StepDecoder.decode(m_j)` returns a StepInputs equal (msgspec
+equality: every field, `tables` byte-identical bytes) to the one passed to `encode` for m_j,
+provided the decoder saw m_1..m_{j-1} of the same encoder and `source` is the BlockTableRows
+whose latest gather produced `inputs.tables` (the encoder installs and takes the source's
+`dirty` dict; if anything else replaces it, the next message is a snapshot). A delta names the epoch it applies to; a decoder in another state (a lost or
+reordered message, no mirror) or a malformed message raises `CodecError`, never returns a wrong
+table. Debug check (`check=True`, or env ATOM_STREAM_CHECK_TABLES=1): each message also carries
+the CRC-32 of the tables and the decoder verifies it (a pass over the tables on both sides).
 
-Cost: vectorized numpy; Python loops only over runs of consecutive rows (at most MAX_RUNS). The
-encoder compares the whole table with the last one in place (reads both, copies neither); the
-decoder patches its own copy in place and hands out one bytes copy. So on one node the delta
-saves the copies of the table (msgpack, ring, reader) but not a pass over it; its main gain is
-the bytes: ~10 KB instead of ~560 KB per step at 256 x 8K, which is what crosses the network in
-the multi-node relay (engine/multinode.py).
+qsl and logit_rows equal to range(S + 1) / range(S) (every decode-only step) travel as one
+flag: msgpack lists of ints cost more to decode than to rebuild.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+import os
+import zlib
 
 import msgspec
 import numpy as np
 
+from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.model_runner import StepInputs
 
-MIN_DELTA_CELLS = 1024  # smaller tables are sent whole: a delta would not pay for itself
-MAX_RUNS = 32  # more row runs than this (a reshuffled batch): compare against a built base
+IOTA_QSL, IOTA_LOGITS = 1, 2  # WireStep.iota bits
 
 
 class CodecError(RuntimeError):
-    """A delta does not apply to the decoder's state (a message was lost or reordered)."""
+    """A message does not apply to the decoder's state (lost, reordered or malformed)."""
 
 
-class TableDelta(msgspec.Struct, array_like=True):
-    base: int  # epoch of the table this delta applies to
-    ref: bytes
-    fill: int
-    unit: int
-    idx: bytes
+class TableSync(msgspec.Struct, array_like=True):
+    """How a decoder rebuilds `inputs.tables` from its mirror (module docstring)."""
+
+    base: int
+    pad: int
+    shape: tuple[int, int]
+    segs: list[tuple[int, int, int, int]]  # a msgpack list: cheaper than bytes at k ~ 16
     vals: bytes
+    idx: bytes
+    crc: int = -1
 
 
 class WireStep(msgspec.Struct, array_like=True, tag=True):
-    """One step. `inputs.tables` is b"" when `delta` is set."""
+    """One step. `inputs.tables` is b"" when `sync` is set; `iota` bits: the lists rebuilt."""
 
     epoch: int
     inputs: StepInputs
-    delta: TableDelta | None = None
+    sync: TableSync | None = None
+    iota: int = 0
 
 
 class WireShutdown(msgspec.Struct, array_like=True, tag=True):
@@ -76,194 +85,212 @@ class WireShutdown(msgspec.Struct, array_like=True, tag=True):
 _DECODER = msgspec.msgpack.Decoder(WireStep | WireShutdown)
 
 
-def _base(prev: np.ndarray, ref: np.ndarray | None, out: np.ndarray, fill: int) -> None:
-    """Fill `out` [rows, cols]: row i = prev[ref[i]] (ref None: prev[i]), cut or padded with
-    `fill` to cols; rows with no source (ref < 0, or past prev's end) = fill."""
-    rows, cols = out.shape
-    w = min(cols, prev.shape[1])
-    out[:, w:] = fill
-    if ref is None:
-        n = min(rows, prev.shape[0])
-        out[:n, :w] = prev[:n, :w]
-        out[n:, :w] = fill
-    else:
-        ok = ref >= 0
-        out[ok, :w] = prev[ref[ok], :w]
-        out[~ok, :w] = fill
+def _check_default() -> bool:
+    return os.environ.get("ATOM_STREAM_CHECK_TABLES") == "1"
 
 
-def _units(a: np.ndarray, unit: int) -> np.ndarray:
-    """The flat view of a contiguous int32 array in patch units (int32, or int64 pairs)."""
-    return a.reshape(-1).view(np.int64 if unit == 8 else np.int32)
+def _flat(a: np.ndarray) -> memoryview:
+    """A 1-D int32 memoryview of C-contiguous int32 array `a` (slices copy with no numpy call:
+    per range a memoryview slice costs ~0.1 µs, a numpy call on a tiny array ~1-4 µs)."""
+    if not a.flags.c_contiguous:  # reshape would copy: writes through the view would be lost
+        raise TypeError("expected a C-contiguous array")
+    m = memoryview(a.reshape(-1))
+    if m.format != "i" or m.itemsize != 4:
+        raise TypeError(f"expected a C int32 buffer, got {m.format!r}")
+    return m
+
+
+class _Iota:
+    """Cached list(range(n)) for the recent n: comparing against it is cheap, building is not."""
+
+    def __init__(self) -> None:
+        self._lists: dict[int, list[int]] = {}
+
+    def __call__(self, n: int) -> list[int]:
+        got = self._lists.get(n)
+        if got is None:
+            if len(self._lists) > 8:  # batch sizes drift: keep a few
+                self._lists.clear()
+            got = self._lists[n] = list(range(n))
+        return got
 
 
 class StepEncoder:
-    """Rank 0's side. Not thread-safe: one step thread calls encode/encode_shutdown/reset."""
+    """Rank 0's side. Not thread-safe: the step thread calls encode/encode_shutdown/reset.
+    `num_delta` / `num_full` count messages with a table delta / with whole tables or a
+    snapshot. `min_delta_cells`: steps whose tables have fewer cells go whole (and the next
+    delta starts from a snapshot); 0: never."""
 
-    def __init__(self, min_delta_cells: int = MIN_DELTA_CELLS) -> None:
+    def __init__(self, min_delta_cells: int = 0, check: bool | None = None) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self.min_delta_cells = min_delta_cells
+        self.check = _check_default() if check is None else check
         self.epoch = 0
-        self.num_delta = 0  # messages sent with a table delta / with the full table
+        self.num_delta = 0
         self.num_full = 0
-        self._prev: np.ndarray | None = None  # [S, M] view of the last tables sent
-        self._prev_rows: list | None = None
-        self._prev_ids: tuple[np.ndarray, np.ndarray] | None = None  # sorted ids, their order
-        self._cur_ids: tuple[np.ndarray, np.ndarray] | None = None
+        self._dirty: dict | None = None  # the dict we installed as source.dirty; None: snapshot
+        self._iota = _Iota()
+        self._flat_of: np.ndarray | None = None  # the source table _flat views
+        self._flat: memoryview | None = None
 
     def reset(self) -> None:
-        """Forget the last table (the next message carries a full table). Call it when a
-        message may not have reached every decoder."""
-        self._prev = None
-        self._prev_rows = None
-        self._prev_ids = None
+        """Forget what the decoders hold (the next message with a source is a snapshot). Call it
+        when a message may not have reached every decoder."""
+        self._dirty = None
 
-    def encode(self, inputs: StepInputs, rows: Sequence | None = None) -> bytes:
-        """msgpack bytes of `inputs` for `StepDecoder.decode`. `rows` (optional): one object per
-        table row naming its sequence (the batch's Sequence objects), compared with `==`; used
-        only to find the previous row of each sequence."""
+    def encode(self, inputs: StepInputs, source: BlockTableRows | None = None) -> bytes:
+        """msgpack bytes of `inputs` for `StepDecoder.decode`. `source`: the BlockTableRows whose
+        latest gather produced `inputs.tables` (None: the tables travel whole)."""
         S, M = len(inputs.seq_lens), inputs.max_blocks
-        table = np.frombuffer(inputs.tables, dtype=np.int32).reshape(S, M)
-        rows = list(rows) if rows is not None and len(rows) == S else None
-        same_rows = rows is not None and rows == self._prev_rows
-        self._cur_ids = None
-        delta = None
-        if self._prev is not None and S * M >= self.min_delta_cells:
-            delta = self._delta(table, rows, same_rows)
-        self.epoch += 1
-        if delta is not None:
-            inputs = msgspec.structs.replace(inputs, tables=b"")
-            self.num_delta += 1
-        else:
-            self.num_full += 1
-        data = self._enc.encode(WireStep(self.epoch, inputs, delta))
-        self._prev = table  # a view on the caller's immutable bytes: no copy
-        if not same_rows:
-            self._prev_ids = self._cur_ids  # None: computed on demand
-        self._prev_rows = rows
-        return data
+        ok = False
+        try:
+            sync = None
+            if source is not None and S * M >= self.min_delta_cells:
+                if len(source.last_idx) != S:
+                    raise CodecError(f"source gathered {len(source.last_idx)} rows, step has {S}")
+                sync = self._sync(source)
+            else:
+                self._dirty = None  # the decoders drop their mirror on a whole table
+            iota = 0
+            if inputs.qsl == self._iota(S + 1):
+                iota |= IOTA_QSL
+            if inputs.logit_rows == self._iota(S):
+                iota |= IOTA_LOGITS
+            if sync is not None or iota:
+                if sync is not None and self.check:
+                    sync.crc = zlib.crc32(inputs.tables)
+                inputs = msgspec.structs.replace(
+                    inputs, tables=b"" if sync is not None else inputs.tables,
+                    qsl=[] if iota & IOTA_QSL else inputs.qsl,
+                    logit_rows=[] if iota & IOTA_LOGITS else inputs.logit_rows)
+            self.epoch += 1
+            data = self._enc.encode(WireStep(self.epoch, inputs, sync, iota))
+            if sync is not None and sync.base >= 0:
+                self.num_delta += 1
+            else:
+                self.num_full += 1
+            ok = True
+            return data
+        finally:
+            if not ok:  # the source's dirty ranges may be gone with this message: resync
+                self.reset()
 
     def encode_shutdown(self) -> bytes:
         return self._enc.encode(WireShutdown())
 
-    # ------------------------------------------------------------------ internals
-    def _match(self, rows: list) -> np.ndarray:
-        """ref for `rows`: the index of the same object among the previous rows, else -1."""
-        if self._prev_ids is None:
-            self._prev_ids = _sorted_ids(self._prev_rows)
-        ids, order = self._prev_ids
-        self._cur_ids = _sorted_ids(rows)  # the next step's previous rows
-        if not len(ids):
-            return np.full(len(rows), -1, dtype=np.int32)
-        keys = np.fromiter(map(id, rows), np.int64, len(rows))
-        pos = np.minimum(np.searchsorted(ids, keys), len(ids) - 1)
-        return np.where(ids[pos] == keys, order[pos], -1).astype(np.int32)
-
-    def _delta(self, table: np.ndarray, rows: list | None,
-               same_rows: bool) -> TableDelta | None:
-        prev = self._prev
-        S, M = table.shape
-        S0, M0 = prev.shape
-        # int64 pairs halve the compare and the patch; they need rows of even, unchanged width
-        unit = 8 if M % 2 == 0 and M == M0 else 4
-        new_u = _units(table, unit)
-        fill = 0
-        if (S, M) == (S0, M0) and (rows is None or same_rows):
-            # steady decode: the same rows, each maybe one block longer. One vectorized compare.
-            positional = True
-            idx = np.flatnonzero(np.not_equal(new_u, _units(prev, unit)))
-        else:
-            if rows is None or self._prev_rows is None:
-                ref = np.arange(S, dtype=np.int32)
-                ref[S0:] = -1
-            else:
-                ref = self._match(rows)
-            positional = S <= S0 and np.array_equal(ref, np.arange(S))
-            # scratch (the pad value) is the largest id in a padded table's last column
-            fill = int(table[:, -1].max())
-            idx = self._changed_rows(table, ref, fill, unit)
-            if idx is None:  # rows reshuffled: compare against a built base
-                base = np.empty((S, M), dtype=np.int32)
-                _base(prev, None if positional else ref, base, fill)
-                idx = np.flatnonzero(np.not_equal(new_u, _units(base, unit)))
-        if idx.size * (4 + unit) + (0 if positional else 4 * S) >= table.nbytes:
-            return None  # dense change: the full table is smaller
-        return TableDelta(base=self.epoch, ref=b"" if positional else ref.tobytes(),
-                          fill=fill, unit=unit, idx=idx.astype(np.int32).tobytes(),
-                          vals=new_u[idx].tobytes())
-
-    def _changed_rows(self, table: np.ndarray, ref: np.ndarray, fill: int,
-                      unit: int) -> np.ndarray | None:
-        """Changed unit indices of `table` against the base that `ref`/`fill` describe,
-        compared run by run in place (no base copy); None beyond MAX_RUNS runs of rows."""
-        S, M = table.shape
-        prev = self._prev
-        neg = ref < 0
-        same_run = (ref[1:] == ref[:-1] + 1) & ~neg[:-1] | (neg[1:] & neg[:-1])
-        bounds = [0, *(np.flatnonzero(~same_run) + 1).tolist(), S]
-        if len(bounds) > MAX_RUNS + 1:
-            return None
-        parts = []
-        if M == prev.shape[1]:  # flat runs of whole rows, in patch units
-            new_u, prev_u = _units(table, unit), _units(prev, unit)
-            fill_u = np.array([fill, fill], np.int32).view(np.int64)[0] if unit == 8 else fill
-            row = M * 4 // unit
-            for a, b in itertools.pairwise(bounds):
-                c = int(ref[a])
-                old = fill_u if c < 0 else prev_u[c * row:(c + b - a) * row]
-                parts.append(np.flatnonzero(np.not_equal(new_u[a * row:b * row], old)) + a * row)
-            return np.concatenate(parts)
-        w = min(M, prev.shape[1])  # width changed (unit 4): the common columns, then the rest
-        for a, b in itertools.pairwise(bounds):
-            c = int(ref[a])
-            old = fill if c < 0 else prev[c:c + b - a, :w]
-            r, col = np.nonzero(np.not_equal(table[a:b, :w], old))
-            parts.append((r + a) * M + col)
-        if M > w:
-            r, col = np.nonzero(np.not_equal(table[:, w:], fill))
-            parts.append(r * M + col + w)
-        return np.concatenate(parts)
-
-
-def _sorted_ids(rows: list) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter(map(id, rows), np.int64, len(rows))
-    order = np.argsort(ids, kind="stable")
-    return ids[order], order
+    def _sync(self, src: BlockTableRows) -> TableSync:
+        table = src.table
+        W = table.shape[1]
+        if self._dirty is not None and src.dirty is self._dirty:
+            base, dirty = self.epoch, src.dirty
+        else:  # snapshot: every live row's synced prefix (all other cells are pad)
+            base, dirty = -1, {e.row: (e.row, 0, e.synced, 0)
+                               for e in src.entries.values() if e.synced}
+        # from here on the source records its writes for the next message
+        src.dirty = self._dirty = {}
+        if self._flat_of is not table:  # the table is replaced when it grows
+            self._flat_of, self._flat = table, _flat(table)
+        flat = self._flat
+        segs = list(dirty.values())
+        return TableSync(
+            base=base, pad=src.pad, shape=table.shape, segs=segs,
+            vals=b"".join([flat[r * W + lo:r * W + hi] for r, lo, hi, _ in segs]),
+            idx=src.last_idx.tobytes())
 
 
 class StepDecoder:
     """A receiving rank's side: decodes every message of one StepEncoder, in order. Keeps the
-    last table in a bytearray, patched in place in steady decode (one copy per step: the bytes
-    handed out)."""
+    mirror [R, W] int32 of rank 0's BlockTableRows.table and the last tables it handed out
+    ([S, M], patched in place while the batch rows repeat: one copy per step, the bytes)."""
 
     def __init__(self) -> None:
         self.epoch = 0
-        self._buf: bytearray | None = None
-        self._table: np.ndarray | None = None  # [S, M] view of _buf
+        self._mirror: np.ndarray | None = None
+        self._mflat: memoryview | None = None  # _flat(_mirror)
+        self._pad: memoryview | None = None  # W cells of pad
+        self._out: np.ndarray | None = None  # the last tables, [S, M]
+        self._oflat: memoryview | None = None
+        self._out_idx = b""  # the idx bytes _out was gathered with
+        self._inv: list[int] | None = None  # [R]: batch position of each mirror row, else -1
 
     def decode(self, data: bytes | memoryview) -> StepInputs | None:
         """The StepInputs of a step message, or None for a shutdown message."""
         msg = _DECODER.decode(data)
         if isinstance(msg, WireShutdown):
             return None
-        inp, d = msg.inputs, msg.delta
-        S, M = len(inp.seq_lens), inp.max_blocks
-        if d is None:
-            self._buf = bytearray(inp.tables)
-            self._table = np.frombuffer(self._buf, dtype=np.int32).reshape(S, M)
+        inp, sync = msg.inputs, msg.sync
+        S = len(inp.seq_lens)
+        if msg.iota & IOTA_QSL:
+            inp.qsl = list(range(S + 1))
+        if msg.iota & IOTA_LOGITS:
+            inp.logit_rows = list(range(S))
+        if sync is None:
+            self._mirror = self._out = None  # the encoder sends a snapshot before a delta
         else:
-            if self._table is None or d.base != self.epoch:
-                raise CodecError(f"step delta for table epoch {d.base}, decoder holds "
-                                 f"{self.epoch if self._table is not None else 'none'}")
-            if d.ref or self._table.shape != (S, M):
-                buf = bytearray(4 * S * M)
-                table = np.frombuffer(buf, dtype=np.int32).reshape(S, M)
-                ref = np.frombuffer(d.ref, dtype=np.int32) if d.ref else None
-                _base(self._table, ref, table, d.fill)
-                self._buf, self._table = buf, table
-            dt = np.int64 if d.unit == 8 else np.int32
-            _units(self._table, d.unit)[np.frombuffer(d.idx, dtype=np.int32)] = np.frombuffer(
-                d.vals, dtype=dt)
-            inp.tables = bytes(self._buf)
+            try:
+                inp.tables = self._apply(sync, S, inp.max_blocks)
+            except (ValueError, IndexError, TypeError) as e:  # inconsistent sizes
+                self._mirror = self._out = None
+                raise CodecError(f"malformed table sync: {e}") from e
+            if sync.crc >= 0 and zlib.crc32(inp.tables) != sync.crc:
+                self._mirror = self._out = None
+                raise CodecError("tables differ from rank 0's (CRC mismatch)")
         self.epoch = msg.epoch
         return inp
+
+    def _apply(self, sync: TableSync, S: int, M: int) -> bytes:
+        R, W = sync.shape
+        mirror = self._mirror
+        if sync.base < 0:
+            mirror = None
+        elif mirror is None or sync.base != self.epoch:
+            raise CodecError(f"step delta for table epoch {sync.base}, decoder holds "
+                             f"{self.epoch if mirror is not None else 'none'}")
+        if mirror is None or mirror.shape != (R, W):  # a snapshot, or rank 0's table grew
+            r, w = (0, 0) if mirror is None else mirror.shape
+            if R < r or W < w:
+                raise CodecError(f"table shrank from {mirror.shape} to {(R, W)}")
+            grown = np.full((R, W), sync.pad, dtype=np.int32)  # rank 0's _grow pads alike
+            if mirror is not None:
+                grown[:r, :w] = mirror
+            mirror = self._mirror = grown
+            self._mflat, self._out = _flat(mirror), None
+            self._pad = _flat(np.full(W, sync.pad, dtype=np.int32))
+        if not 1 <= M <= W:
+            raise ValueError(f"max_blocks {M} outside 1..{W}")
+        mflat, pad, vals, o = self._mflat, self._pad, memoryview(sync.vals).cast("i"), 0
+        segs = sync.segs
+        for r, lo, hi, clear in segs:  # k ~ S / block_size in decode: a loop beats numpy
+            if not (0 <= r < R and 0 <= lo <= hi <= W and 0 <= clear <= W):
+                raise ValueError(f"dirty range {(r, lo, hi, clear)} outside {(R, W)}")
+            b = r * W
+            if clear:  # before the set range: a reset row is padded, then refilled
+                mflat[b:b + clear] = pad[:clear]
+            mflat[b + lo:b + hi] = vals[o:o + hi - lo]
+            o += hi - lo
+        if o != len(vals):
+            raise ValueError(f"{len(vals)} values for {o} cells")
+        out, inv = self._out, self._inv
+        if (out is not None and inv is not None and sync.idx == self._out_idx
+                and out.shape == (S, M)):
+            # the same batch rows: copy the changed cells that are in the last tables
+            oflat = self._oflat
+            for r, lo, hi, clear in segs:
+                p = inv[r]
+                h = min(max(hi, clear), M)
+                if clear:
+                    lo = 0
+                if p >= 0 and h > lo:
+                    oflat[p * M + lo:p * M + h] = mflat[r * W + lo:r * W + h]
+            return out.tobytes()
+        idx = np.frombuffer(sync.idx, dtype=np.int64)
+        if len(idx) != S or (S and (idx.min() < 0 or idx.max() >= R)):
+            raise ValueError(f"batch rows {len(idx)} (step has {S}) or outside 0..{R - 1}")
+        self._out = out = mirror[idx, :M]
+        self._oflat, self._out_idx = _flat(out), sync.idx
+        inv_a = np.full(R, -1, dtype=np.int64)
+        pos = np.arange(S)
+        inv_a[idx] = pos
+        # a row listed twice has one inverse: patching would miss the other copy
+        self._inv = inv_a.tolist() if (inv_a[idx] == pos).all() else None
+        return out.tobytes()
