@@ -27,7 +27,6 @@ import torch
 from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner
 from atom_stream.engine.sequence import ScheduledBatch, Sequence
-from atom_stream.layers.quant.config import parse_quant_config
 from atom_stream.models.deepseek_v3 import MoE
 from atom_stream.sampling_params import SamplingParams
 
@@ -99,6 +98,16 @@ def time_step(runner: ModelRunner, inp, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def experts_format(moes) -> str:
+    """"int4" | "mxfp4" | "w4a8" | "fp8_block" | "bf16": the routed experts' weight format
+    (from the experts' quant method class, e.g. Int4MoEMethod -> "int4")."""
+    method = moes[0].experts.quant_method if moes else None
+    if method is None:
+        return "bf16"
+    name = type(method).__name__.removesuffix("MoEMethod")
+    return {"Fp8Block": "fp8_block"}.get(name, name.lower())
+
+
 def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18) -> None:
     """Kernel time breakdown of one replayed step: where the step goes, and how much of it is
     GPU idle (step time minus summed kernel time)."""
@@ -159,9 +168,8 @@ def main(argv=None) -> None:
             chunk.copy_((torch.randn(chunk.shape, device=dev) * 0.5).to(cache.dtype))
     model = runner.model
     non_expert, embed_row, expert_bytes = weight_bytes(model)
-    q = parse_quant_config(runner.model_config.quantization_config)
-    experts_dtype = "bf16" if q is None else type(q).__name__
     moes = [m for m in model.modules() if isinstance(m, MoE)]
+    experts_dtype = experts_format(moes)
     rows = []
     for B, ctx in runs:
         if (B, ctx) not in fits:

@@ -67,7 +67,9 @@ def default_config(M: int, H: int, I: int, top_k: int) -> dict:
     # M = 1: 8 gate + 8 up rows (72 registers); else 4 + 4 rows (~120 registers instead of
     # ~245: 4 CTAs of 4 warps per SM instead of 2, for the ALU-bound M >= 4; sm_90 SASS)
     bn = max(b for b in ((8, 4, 2, 1) if M == 1 else (4, 2, 1)) if I % b == 0)
-    bn2 = max(b for b in (32, 16, 8, 4, 2, 1) if H % b == 0)
+    # BN2 16 at M=1: 24.8-25.0 vs 25.2-25.9 µs (int4), 24.6-24.9 vs 26.6-26.9 (mxfp4) in two
+    # H200 runs (bench/RESULTS.md, session 3); 32 elsewhere
+    bn2 = max(b for b in ((16, 8, 4, 2, 1) if M == 1 else (32, 16, 8, 4, 2, 1)) if H % b == 0)
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
             "VT": 0, "DW": 0, "PDL": 0}
 
