@@ -245,93 +245,6 @@ def decode_rows(copy_gbps, log=None):
     return rows
 
 
-VARIANT_SHAPES = [(1, 1024), (1, 8192), (16, 8192), (64, 1024), (64, 8192), (256, 1024),
-                  (256, 8192)]
-
-
-def set_variants(name, B):
-    """`--set variants`: [(label, kwargs for DecodeSetup.time)], most important first (the
-    budget guard keeps only the first two). v3 = kernels/mla_decode_v3.py."""
-    v = [("v1", dict(variant="v1")), ("v3", dict(variant="v3"))]
-    if name == "fp8":
-        v += [("v3 cpasync 32,4,2", dict(variant="v3", fp8_path="cpasync", config=(32, 4, 2))),
-              ("v3 regs 32,8,1", dict(variant="v3", config=(32, 8, 1))),
-              ("v3 regs 16,4,1", dict(variant="v3", config=(16, 4, 1)))]
-    v.append(("v3 merge=kernel", dict(variant="v3", merge="kernel")))
-    return v
-
-
-def variants_set(copy_gbps, budget_s=170.0):
-    """v1 vs v3 (and v3's alternatives) at Kimi TP8 shapes, bf16 and fp8; each variant is
-    first checked against the reference on a mixed batch at 3 split counts (fused S <= 4,
-    fused S <= 16, merge kernel), failures are not timed. Rows past `budget_s` time only v1
-    and v3. Returns every timing (JSON rows with "variant")."""
-    t0 = time.time()
-    rows, table, labels = [], [], []
-    bad = set()
-    for dt in (torch.bfloat16, FP8):
-        name = _dt_name(dt)
-        setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
-        for label, kw in set_variants(name, 7):
-            for S in (3, 16, 40):
-                try:
-                    err = setup.check(S, **kw)
-                except Exception as e:  # noqa: BLE001 (reported; the variant is skipped)
-                    print(f"  check {name} {label} S={S}: {type(e).__name__}: {e}", flush=True)
-                    err = float("inf")
-                ok = err < 2e-2
-                print(f"  check {name} {label} S={S}: rel err {err:.1e}{'' if ok else ' FAILED'}",
-                      flush=True)
-                if not ok:
-                    bad.add((name, label))
-        del setup
-    print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
-    for dt in (torch.bfloat16, FP8):
-        name = _dt_name(dt)
-        for B, ctx in VARIANT_SHAPES:
-            setup = DecodeSetup(dt, [ctx] * B, 8)
-            variants = set_variants(name, B)
-            if time.time() - t0 > budget_s:
-                variants = variants[:2]
-                print(f"  budget: {name} B={B} ctx={ctx} times v1 and v3 only", flush=True)
-            res = {}
-            for label, kw in variants:
-                if (name, label) in bad:
-                    continue
-                kw = dict(kw)
-                v = kw["variant"]
-                S = dec.decode_num_splits(B, 8, ctx, "cuda", variant=v)
-                try:
-                    t, S = setup.time(S, **kw)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} B={B} ctx={ctx} {label}: {type(e).__name__}: {e}",
-                          flush=True)
-                    continue
-                row = {**make_row(f"mla_decode_{name}", B, ctx, 8, t, setup.bytes, copy_gbps),
-                       "variant": label, "splits": S}
-                rows.append(row)
-                res[label] = row
-                if label not in labels:
-                    labels.append(label)
-            line = " | ".join(f"{k}: {r['time_us']:.1f} us ({r['ratio']:.2f})"
-                              for k, r in res.items())
-            print(f"  {name} B={B} ctx={ctx}: {line}  [{time.time() - t0:.0f} s]", flush=True)
-            table.append((name, B, ctx, res))
-            del setup
-    print("\nus (ratio vs copy bandwidth); S = splits of v1 / v3")
-    print(f"{'cache':<6}{'B':>5}{'ctx':>6}{'S':>8}" + "".join(f"{lb:>22}" for lb in labels)
-          + f"{'v1/v3':>7}")
-    for name, B, ctx, res in table:
-        ss = "/".join(str(res[k]["splits"]) for k in ("v1", "v3") if k in res)
-        cells = "".join(f"{res[lb]['time_us']:>13.1f} ({res[lb]['ratio']:.2f})" if lb in res
-                        else f"{'-':>22}" for lb in labels)
-        sp = (f"{res['v1']['time_us'] / res['v3']['time_us']:>7.2f}"
-              if "v1" in res and "v3" in res else f"{'-':>7}")
-        print(f"{name:<6}{B:>5}{ctx:>6}{ss:>8}{cells}{sp}")
-    print(f"  variants set: {time.time() - t0:.0f} s", flush=True)
-    return rows
-
-
 def split_sweep(copy_gbps, out_path=None, log=None, budget_s=100.0):
     """Informational: v1 at split counts 1, 2, 4, ... on the H=8 grid."""
     t0 = time.time()
@@ -494,6 +407,9 @@ def main(argv=None) -> None:
                     help="variants: v1 vs v3 (+ v3 alternatives) at 7 shapes x bf16/fp8 only")
     ap.add_argument("--budget-s", type=float, default=120.0,
                     help="--set variants: past this many seconds rows time only v1 and v3")
+    ap.add_argument("--dtypes", default="bf16,fp8", help="--set variants: caches to time")
+    ap.add_argument("--merge-kernel", action="store_true",
+                    help="--set variants: every v3 alternative with the separate merge kernel")
     args = ap.parse_args(argv)
     import triton
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
@@ -502,7 +418,9 @@ def main(argv=None) -> None:
     print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s", flush=True)
     log = []
     if args.set == "variants":
-        rows = variants_set(copy_gbps, args.budget_s)
+        from attn_variants import variants_set  # bench/attn_variants.py
+
+        rows = variants_set(copy_gbps, args.budget_s, args.dtypes.split(","), args.merge_kernel)
         log = rows
     else:
         rows = decode_rows(copy_gbps, log)
