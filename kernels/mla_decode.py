@@ -26,14 +26,17 @@ CUDA/HIP-graph capture: no host syncs (no .item()); the grid depends only on B, 
 num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
 (alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
 
-Variants (`variant=`, default DEFAULT_VARIANT = "v1"): "v2" (kernels/mla_decode_sched.py)
+Variants (`variant=`, default DEFAULT_VARIANT = "auto": "v3" with the separate merge kernel for
+fp8 caches, "v1" otherwise, by the session-3 H200 measurement in bench/RESULTS.md): "v2" (kernels/mla_decode_sched.py)
 balances a work list computed on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
 in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
 caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
 3 = bare cast).
 "v3" (kernels/mla_decode_v3.py): v1's splits with the merge in the same launch (last arriver,
 S <= V3_FUSED_MAX_S) and an fp8 path that loads the tile into registers and converts it once
-(fp8 -> fp16, k_scale folded out; fp8_path="regs", or "cpasync"). Unmeasured on a GPU yet.
+(fp8 -> fp16, k_scale folded out; fp8_path="regs", or "cpasync"). Measured on the H200: the
+fused merge is 25-120 µs slower than a merge kernel; with merge="kernel" the fp8 path is
+1.02-1.11x faster than v1's at every Kimi TP8 shape (bf16: slower than v1).
 "v1" is the split-per-sequence kernel above. The two variants' workspaces
 differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
 buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
@@ -73,12 +76,24 @@ FUSED_MAX_S = 16
 # v3: v1's splits, merged in the same launch (last arriver) when S <= V3_FUSED_MAX_S; S in
 # (V3_FUSED_MAX_S, 2 * V3_FUSED_MAX_S) is lowered to V3_FUSED_MAX_S (B=16 @8K: 17 -> 16).
 V3_FUSED_MAX_S = 16
-VARIANTS = ("v1", "v2", "v3")
+VARIANTS = ("auto", "v1", "v2", "v3")
 # v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
 # TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
 # >= 512K (B=256@1K 141 vs 167 us, B=64@8K 313 vs 364 us), which one captured graph per batch
 # size cannot select by context length.
-DEFAULT_VARIANT = "v1"
+# Session 3 (bench/RESULTS.md): fp8 caches take v3 with merge="kernel" (B=64@8K 328.6 vs 362.5
+# us, B=256@8K 1072 vs 1186, B=16@8K 79.2 vs 87.3), bf16 caches keep v1.
+DEFAULT_VARIANT = "auto"
+
+
+def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
+    """(concrete variant, default merge) for `variant`; "auto" -> ("v3", "kernel") for fp8
+    caches, ("v1", None) otherwise (kv_dtype None: v1)."""
+    if variant != "auto":
+        return variant, None
+    if kv_dtype is not None and kv_dtype in _FP8:
+        return "v3", "kernel"
+    return "v1", None
 
 
 @triton.jit
@@ -244,10 +259,13 @@ def _sm_count(device_index: int) -> int:
 
 def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None,
                       device: torch.device | str | None = None,
-                      variant: str = DEFAULT_VARIANT) -> int:
+                      variant: str = DEFAULT_VARIANT,
+                      kv_dtype: torch.dtype | None = None) -> int:
     """v1: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
     MIN_SPLIT). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
-    B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe)."""
+    B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe). "auto" resolves
+    with kv_dtype (resolve_variant)."""
+    variant = resolve_variant(variant, kv_dtype)[0]
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
@@ -268,10 +286,13 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
 
 
 def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
-                           device, variant: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, ...]:
+                           device, variant: str = DEFAULT_VARIANT,
+                           kv_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
     v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros);
-    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros)."""
+    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros).
+    "auto" resolves with kv_dtype (resolve_variant): pass the cache's dtype."""
+    variant = resolve_variant(variant, kv_dtype)[0]
     if variant == "v2":
         return _v2.alloc_sched_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H,
                                          device)
@@ -348,6 +369,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     v3 only: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
     fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py)."""
     assert variant in VARIANTS, variant
+    variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
+    merge = merge or auto_merge
     if q_pe is None:
         r = kv_cache.shape[-1] - rope_dim
         q_nope, q_pe = q_nope[..., :r], q_nope[..., r:]
