@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
-from kernels_attention import FP8, DecodeSetup, _dt_name, dec, make_row
+from kernels_attention import FP8, DecodeSetup, _dt_name, check_variant, dec, make_row
 
 VARIANT_SHAPES = [(1, 1024), (1, 8192), (16, 8192), (64, 1024), (64, 8192), (256, 1024),
                   (256, 8192)]
@@ -45,15 +45,7 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
         setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
         for label, kw in set_variants(name, 7, merge_kernel):
             for S in (3, 16, 40):
-                try:
-                    err = setup.check(S, **kw)
-                except Exception as e:  # noqa: BLE001 (reported; the variant is skipped)
-                    print(f"  check {name} {label} S={S}: {type(e).__name__}: {e}", flush=True)
-                    err = float("inf")
-                ok = err < 2e-2
-                print(f"  check {name} {label} S={S}: rel err {err:.1e}{'' if ok else ' FAILED'}",
-                      flush=True)
-                if not ok:
+                if not check_variant(setup, S, kw, f"{name} {label} S={S}"):
                     bad.add((name, label))
         del setup
     print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
