@@ -144,6 +144,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="schedule step N+1 before step N's tokens reach the host "
                    "(default: on for a single rank)")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    g.add_argument("--watchdog-timeout", type=float, default=d["watchdog_timeout"].default,
+                   help="TP: seconds a step may take before a rank counts as hung and the "
+                   "engine is marked dead")
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g.add_argument("--max-waiting-requests", type=int,
                    default=d["max_waiting_requests"].default,
@@ -203,7 +206,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         load_format="dummy" if args.load_dummy else args.load_format,
         trust_remote_code=args.trust_remote_code,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, watchdog_timeout=args.watchdog_timeout,
         nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.dist_init_addr[0] if args.dist_init_addr else args.master_addr,
         master_port=args.dist_init_addr[1] if args.dist_init_addr else args.master_port,

@@ -294,6 +294,10 @@ class EngineConfig:
     # the CPU runs one step behind the device (engine/pipeline.py); None = on when the runner
     # supports it (single rank), False = the synchronous loop
     async_scheduling: bool | None = None
+    # TP: a step that has not finished after this many seconds means a rank is hung (alive but
+    # stuck, e.g. inside a collective): the engine is marked dead, its requests fail, /health
+    # turns 503 and the local workers are killed (SGLang's --watchdog-timeout, same default)
+    watchdog_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -336,6 +340,10 @@ class EngineConfig:
         self._validate_nodes(bad)
         if self.async_scheduling not in (None, True, False):
             raise bad("async_scheduling", "must be true, false or null (auto)")
+        if (isinstance(self.watchdog_timeout, bool)
+                or not isinstance(self.watchdog_timeout, (int, float))
+                or not self.watchdog_timeout > 0):
+            raise bad("watchdog_timeout", "must be a positive number of seconds")
 
     def _validate_nodes(self, bad) -> None:
         """Multi-node fields (engine/multinode.py)."""

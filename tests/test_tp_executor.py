@@ -114,6 +114,47 @@ async def test_killing_a_worker_fails_requests_and_marks_the_engine_dead():
         assert engine.is_dead
 
 
+async def test_hung_worker_trips_the_step_watchdog():
+    """A TP worker that is alive but stuck (SIGSTOP) mid-generation: after watchdog_timeout the
+    in-flight request ends with an error, the engine reports dead with a message naming the
+    hang, and shutdown leaves no process behind (the stopped worker is killed)."""
+    import asyncio
+    from dataclasses import replace
+
+    from atom_stream import AsyncEngine, SamplingParams
+    from atom_stream.errors import AtomStreamError
+
+    cfg = replace(_config(2), watchdog_timeout=2.0)
+    async with AsyncEngine(cfg) as engine:
+        ex = engine.core.runner
+        got, t_stop = 0, None
+        try:
+            with pytest.raises(AtomStreamError):
+                async for out in engine.generate(list(range(1, 9)), SamplingParams(
+                        max_tokens=400, ignore_eos=True, temperature=0)):
+                    got += len(out.token_ids)
+                    if got >= 3 and t_stop is None:
+                        os.kill(ex.procs[0].pid, signal.SIGSTOP)
+                        t_stop = time.monotonic()
+                    await asyncio.sleep(0)
+            assert t_stop is not None and time.monotonic() - t_stop < 10
+            assert engine.is_dead and "hung" in str(ex.dead)
+        finally:
+            for p in ex.procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGCONT)
+    assert all(not p.is_alive() for p in ex.procs)
+
+
+def test_watchdog_timeout_is_validated():
+    from dataclasses import replace
+
+    from atom_stream.config import ConfigError
+
+    with pytest.raises(ConfigError, match="watchdog_timeout"):
+        replace(_config(2), watchdog_timeout=0)
+
+
 def test_tp2_engine_with_table_deltas_matches_single_rank():
     """Many steps through the worker: block-table deltas (forced on for these small tables)
     reach rank 1 and it stays in lockstep, so the tokens equal a single rank's."""

@@ -307,6 +307,23 @@ class AsyncEngine:
         if not self._core.requests:
             self._idle.set()
 
+    async def _runner_call(self, fn, *args):
+        """fn(*args) on the runner's executor thread. With a TP executor (it has a step
+        watchdog), a runner that turns dead while fn is stuck (a hung rank) raises
+        EngineDeadError here instead of waiting for the thread."""
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        core = self._core
+        if getattr(core.runner, "watchdog_timeout", None) is None:
+            return await fut
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=0.25)
+            if done:
+                return fut.result()
+            if core.is_dead:
+                # the thread ends when the killed workers fail its collective; nobody waits
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise EngineDeadError(f"the model runner died: {core.runner.dead}")
+
     async def _step_sync(self, core: LLMEngine) -> None:
         batch = core.schedule()
         if not batch.seqs:  # nothing schedulable now; never spin the loop
@@ -314,8 +331,7 @@ class AsyncEngine:
             return
         self._in_step = True
         try:
-            step_out = await asyncio.get_running_loop().run_in_executor(
-                self._executor, core.execute, batch)
+            step_out = await self._runner_call(core.execute, batch)
         except Exception as e:  # noqa: BLE001 - fails this batch's requests only
             outputs = core.fail(batch, e)
         else:
@@ -336,9 +352,8 @@ class AsyncEngine:
         if batch.seqs:
             self._in_step = True  # launch reads the sequences: defer aborts
             try:
-                handle = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, core.launch, batch,
-                    prev.handle if prev is not None else None)
+                handle = await self._runner_call(
+                    core.launch, batch, prev.handle if prev is not None else None)
             except Exception as e:  # noqa: BLE001 - fails this batch's requests only
                 error = e
             else:
@@ -361,8 +376,7 @@ class AsyncEngine:
             return
         core = self._core
         try:
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._executor, core.collect, inflight.handle)
+            out = await self._runner_call(core.collect, inflight.handle)
         except Exception as e:  # noqa: BLE001 - fails that step's requests only
             out = e
         for o in core.pipeline.finish(inflight, out):

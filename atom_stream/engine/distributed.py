@@ -15,7 +15,10 @@ them into its own node's ring. Nodes 1.. are started by the headless command (`r
 Failure handling: a watchdog thread on rank 0 polls the local workers and the remote nodes'
 heartbeats; when one dies `dead` is set (~0.2 s for a local worker, HEARTBEAT_TIMEOUT_S for a
 silent node, at once when a step fails with a dead peer) and the engine fails in-flight requests
-and reports unhealthy (a gloo collective with a dead peer also raises in rank 0's step). Workers
+and reports unhealthy (a gloo collective with a dead peer also raises in rank 0's step). A rank
+that is alive but hung (stopped, or stuck inside a collective) is caught by the same thread: a
+step still running after `watchdog_timeout` seconds sets `dead` and kills the local workers, so
+rank 0's blocked collective or ring write fails instead of waiting forever. Workers
 exit when rank 0 closes the ring or dies, so no orphan is left behind. `enable_expert_parallel`
 reaches every rank through the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine
 passes device "cuda:{i*tp}" and data_parallel_size > 1: its ranks use GPUs i*tp + r and a
@@ -197,6 +200,8 @@ class TPExecutor:
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._deaths: list[str] = []
+        self.watchdog_timeout = float(config.watchdog_timeout)
+        self._step_t0: float | None = None  # monotonic start of the running step
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
         self.group = None
@@ -231,6 +236,12 @@ class TPExecutor:
         for why in (self.local.poll(), self.remote.poll() if self.remote else None):
             if why:
                 self._died(why)
+        t0 = self._step_t0
+        if t0 is not None and self.dead is None and \
+                time.monotonic() - t0 > self.watchdog_timeout:
+            self._died(f"a TP step has not finished in {self.watchdog_timeout:g} s "
+                       f"(--watchdog-timeout): a rank is hung")
+            self.local.kill()  # unblocks rank 0's collective / ring write with an error
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
@@ -262,6 +273,7 @@ class TPExecutor:
             raise
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
+        self._step_t0 = time.monotonic()
         try:
             return self.runner.execute(batch)
         except Exception:
@@ -278,6 +290,8 @@ class TPExecutor:
             if self.remote is not None:
                 self.remote.failed_at = None
             raise
+        finally:
+            self._step_t0 = None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
