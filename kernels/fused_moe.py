@@ -60,6 +60,8 @@ first (tests: a read of an unwritten element reaches the output).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .fused_moe_common import (
@@ -107,6 +109,11 @@ def has_fp4_mma(device: torch.device) -> bool:
 
 _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4_g32": INT4,
            "int4": INT4, "mxfp4": MXFP4, "fp8_tensor": FP8C, "fp8_channel": FP8C}
+
+
+# M up to which 4-bit weight-only calls take kernels/moe_small_m.py (measured faster at M=1 and
+# 4); ATOM_STREAM_MOE_SMALL_M_MAX=0 turns it off for A/B runs of whole decode steps
+SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
 
 
 def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0) -> dict:
@@ -170,7 +177,7 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
             "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
-            "DU": 1, "small_m_max": 4 if four_bit and act == A_NONE else 0,
+            "DU": 1, "small_m_max": SMALL_M_MAX if four_bit and act == A_NONE else 0,
             "small_m": None} | tc4
 
 
