@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -65,11 +65,13 @@ for what in "${sections[@]}"; do case $what in
       --merge-kernel --budget-s 130 --out "$OUT/kernels-attn-v3mk-h200.json" ;;
   ladder) sec ladder ${T_LADDER:-150} python3 bench/moe_gemv_ladder.py --budget-s 95 \
       --out "$OUT/moe-gemv-ladder-h200.json" ;;  # TAIL=60 for the whole table
+  mlaladder) sec mlaladder ${T_MLALADDER:-170} python3 bench/mla_decode_ladder.py --budget-s 100 \
+      --out "$OUT/mla-decode-ladder-h200.json" ;;  # TAIL=120 for the whole table
   mlav3) sec mlav3 ${T_ATTN:-200} python3 bench/kernels_attention.py --set variants --budget-s 120 \
       --out "$OUT/kernels-attn-v3-h200.json" ;;
   gtests) sec gtests ${T_TESTS:-200} $PY -m gpu --maxfail=30 tests/test_silu_mul.py \
       tests/test_mla_prologue.py tests/test_moe_small_m.py tests/test_moe_gemv_ladder.py \
-      tests/test_model_kernels.py \
+      tests/test_mla_decode_ladder.py tests/test_model_kernels.py \
       "tests/test_kernels_attention.py" -k "${GTESTS_K:-not nothing}" ;;
   fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
