@@ -34,7 +34,7 @@ for what in "${sections[@]}"; do case $what in
   sidestream) for v in 0 1; do export ATOM_STREAM_SIDE_STREAM=$v; sec side$v ${T_DECODE:-60} \
       python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
       --ctx 1024 --iters 20 --out "$OUT/decode-side$v.json"; done; export ATOM_STREAM_SIDE_STREAM=0 ;;
-  ab) for v in 0 1; do export $AB_VAR=$v; sec ab-$v ${T_DECODE:-60} \
+  ab) for v in ${AB_VALS:-0 1}; do export $AB_VAR=$v; sec ab-$v ${T_DECODE:-60} \
       python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,64}" \
       --ctx 1024 --iters 20 ${DECODE_EXTRA:-} --out "$OUT/decode-ab$v.json"; done; unset $AB_VAR ;;
   serve) OUT=$OUT timeout ${T_SERVE:-300} bash bench/serve_gpu.sh; echo "=== serve rc=$?"

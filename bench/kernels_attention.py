@@ -138,7 +138,7 @@ def decode_variants(name, B, H):
     fp8 modes and work-item counts P (splits) around the defaults; the first v2 entry is what
     mla_decode() does by default."""
     cfg0 = dec._launch_cfg(FP8 if name == "fp8" else torch.bfloat16, H)
-    P = dec.decode_num_splits(B, H, None, "cuda")
+    P = dec.decode_num_splits(B, H, None, "cuda", variant="v2")  # what variant="v2" picks
     auto = "fused" if 2 * P <= dec.FUSED_MAX_S * B else "kernel"
     other = "kernel" if auto == "fused" else "fused"
     v = [("v1", dict(variant="v1", config=cfg0)),

@@ -172,10 +172,13 @@ FORMATS = {"int4": "moe_int4", "mxfp4": "moe_mxfp4", "mxfp4_w4a4": "moe_mxfp4_w4
 # defaults); moe_rows reports the fastest, the sweep file keeps every candidate's time.
 # gemv_max picks the path. (The 2026-11-29 sweep ran against the defaults before they were set to
 # its winners; bench/RESULTS.md lists the effective config of each row.)
-# M=1: the split-K GEMV gate_up variants (SK must divide H / (128 GC) = 7 / 14 / 28 here).
+# M=1: the small-M kernel (the default since session 3), the split-K GEMV gate_up variants (SK
+# must divide H / (128 GC) = 7 / 14 / 28 here; small_m_max 0 so the GEMV path runs) and the
+# tensor cores.
+_GEMV = {"small_m_max": 0}
 CANDIDATES = {
-    1: [{}, {"SK": 7}, {"GC": 4, "SK": 2}, {"GC": 2, "SK": 4}, {"G1": 16, "GC": 4}, {"G2": 16},
-        {"gemv_max": 0}],
+    1: [{}, _GEMV, {**_GEMV, "SK": 7}, {**_GEMV, "GC": 4, "SK": 2}, {**_GEMV, "GC": 2, "SK": 4},
+        {**_GEMV, "G1": 16, "GC": 4}, {**_GEMV, "G2": 16}, {**_GEMV, "gemv_max": 0}],
     16: [{}, {"G1": 16, "GC": 4}, {"G2": 64, "GW2": 8}, {"gemv_max": 0}],
     64: [{}, {"gemv_max": 64}, {"BN1": 128, "W1": 8}, {"BN1": 32, "BK1": 256}],
     256: [{}, {"BN1": 128, "W1": 8}, {"BN1": 128, "W1": 8, "BN2": 128, "W2": 8},

@@ -41,6 +41,6 @@ for CONC in $CONCS; do
       | sed "s/^/c=$CONC /" | tee -a "$R/summary.txt"
   grep -q "Successful" "$R/bench-c$CONC.log" || tail -20 "$R/bench-c$CONC.log"
 done
-curl -s "localhost:$PORT/metrics" | grep -E "^atom_stream_(num_preemptions|generation_tokens)" > "$R/metrics.txt"
+curl -s "localhost:$PORT/metrics" | grep -E "^atom_stream:(num_preemptions|generation_tokens)" > "$R/metrics.txt"
 kill -INT $SERVER; wait $SERVER
 tail -5 "$R/server.log"

@@ -35,7 +35,7 @@ caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 
 "v3" (kernels/mla_decode_v3.py): v1's splits with the merge in the same launch (last arriver,
 S <= V3_FUSED_MAX_S) and an fp8 path that loads the tile into registers and converts it once
 (fp8 -> fp16, k_scale folded out; fp8_path="regs", or "cpasync"). Measured on the H200: the
-fused merge is 25-120 µs slower than a merge kernel; with merge="kernel" the fp8 path is
+fused merge is 7-113 µs slower than a merge kernel; with merge="kernel" the fp8 path is
 1.02-1.11x faster than v1's at every Kimi TP8 shape (bf16: slower than v1).
 "v1" is the split-per-sequence kernel above. The two variants' workspaces
 differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
@@ -76,6 +76,7 @@ FUSED_MAX_S = 16
 # v3: v1's splits, merged in the same launch (last arriver) when S <= V3_FUSED_MAX_S; S in
 # (V3_FUSED_MAX_S, 2 * V3_FUSED_MAX_S) is lowered to V3_FUSED_MAX_S (B=16 @8K: 17 -> 16).
 V3_FUSED_MAX_S = 16
+CPU_SMS = 8  # the "SM count" the split heuristics assume off-GPU (interpreter: small grids)
 VARIANTS = ("auto", "v1", "v2", "v3")
 # v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
 # TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
@@ -87,11 +88,14 @@ DEFAULT_VARIANT = "auto"
 
 
 def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
-    """(concrete variant, default merge) for `variant`; "auto" -> ("v3", "kernel") for fp8
-    caches, ("v1", None) otherwise (kv_dtype None: v1)."""
+    """(concrete variant, default merge) for `variant`; "auto" -> ("v3", "kernel") for e4m3fn
+    caches (measured on the H200), ("v1", None) for the rest, e4m3fnuz (MI300) included until an
+    A/B there. "auto" needs the cache dtype: the variants' split counts and workspaces differ."""
     if variant != "auto":
         return variant, None
-    if kv_dtype is not None and kv_dtype in _FP8:
+    if kv_dtype is None:
+        raise ValueError("variant='auto' needs kv_dtype (the cache's dtype) to resolve")
+    if kv_dtype == getattr(torch, "float8_e4m3fn", None):
         return "v3", "kernel"
     return "v1", None
 
@@ -270,7 +274,7 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     else:
-        sms = 8  # CPU / interpreter: small grids
+        sms = CPU_SMS  # CPU / interpreter: small grids
     groups = triton.cdiv(num_heads, BLOCK_H)
     if variant == "v2":
         p = triton.cdiv(V2_WAVES * sms, groups)
@@ -326,9 +330,11 @@ def _launch_cfg(kv_dtype: torch.dtype, num_heads: int) -> tuple[int, int, int]:
 
 
 def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int, int]:
-    """v3 (BLOCK_N, num_warps, num_stages) from shapes only (graph-safe). UNMEASURED: chosen from
-    the offline sm_90 compile (registers, shared memory, CTAs per SM; bench/notes_mla_decode.md);
-    the bench's `--set variants` times the alternatives."""
+    """v3 (BLOCK_N, num_warps, num_stages) from shapes only (graph-safe; `batch` unused so far).
+    Chosen from the offline sm_90 compile (bench/notes_mla_decode.md); measured on the H200 with
+    the merge kernel (bench/results/kernels-attn-v3mk-h200.json): the fp8 "regs" (64, 8, 1) is
+    fastest at B=1/64, cpasync (32, 4, 2) 2-4% faster at B=16@8K and B=256 but 10-27% slower at
+    B=64 (not adopted: one config per path until a per-batch sweep says otherwise)."""
     if kv_dtype in _FP8:
         # regs: 245 registers, no spills, 1 CTA/SM, 36 KB of loads in flight per SM ((32, 4, 1)
         # spills 248 B; (32, 8, 1) 175 regs but half the bytes in flight)
@@ -371,6 +377,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     assert variant in VARIANTS, variant
     variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
     merge = merge or auto_merge
+    want = 2 if variant == "v1" else 3
+    if workspace is not None and len(workspace) != want:
+        raise ValueError(f"mla_decode: a {variant} workspace has {want} tensors, got "
+                         f"{len(workspace)} (allocate it with the same variant / kv_dtype)")
     if q_pe is None:
         r = kv_cache.shape[-1] - rope_dim
         q_nope, q_pe = q_nope[..., :r], q_nope[..., r:]
@@ -434,7 +444,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     if direct:
         opart = lse = out  # unused
     else:
-        opart, lse = workspace or alloc_decode_workspace(B, H, R, num_splits, q_nope.device)
+        opart, lse = workspace or alloc_decode_workspace(B, H, R, num_splits, q_nope.device,
+                                                          variant="v1")
         assert opart.shape[:3] == (B, H, num_splits) and lse.shape == (B, H, num_splits)
     grid = (triton.cdiv(H, BLOCK_H), B, num_splits)
     _mla_decode_stage1[grid](

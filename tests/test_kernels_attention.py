@@ -256,9 +256,19 @@ def test_decode_v3_many_heads_direct_and_splits():
     out, ref = run_decode(3, 3, 32, 16, 8, [77, 0, 9], torch.float32, torch.float32, 1, "cpu",
                           seed=32, config=(16, 4, 1), chunk=16, variant="v3")
     assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
-    # v3 lowers S just above V3_FUSED_MAX_S to it (one launch); otherwise v1's count
+
+
+@cpu_only
+def test_v3_split_lowering_at_h200_scale(monkeypatch):
+    """v3 lowers S just above V3_FUSED_MAX_S to it; otherwise v1's count. With the CPU's small
+    SM count S never exceeds 16, so the heuristic runs here as on a 132-SM GPU."""
+    monkeypatch.setattr(dec, "CPU_SMS", 132)
     cap = dec.V3_FUSED_MAX_S
-    for B, L in ((1, 8192), (2, 8192), (4, 300), (64, 8192)):
+    assert dec.decode_num_splits(16, 8, 8192, variant="v1") == 17  # B=16 @8K on the H200
+    assert dec.decode_num_splits(16, 8, 8192, variant="v3") == cap
+    assert dec.decode_num_splits(8, 8, 8192, variant="v3") == \
+        dec.decode_num_splits(8, 8, 8192, variant="v1") == 33
+    for B, L in ((1, 8192), (2, 8192), (4, 300), (12, 8192), (64, 8192)):
         s1 = dec.decode_num_splits(B, 8, L, variant="v1")
         s3 = dec.decode_num_splits(B, 8, L, variant="v3")
         assert s3 == (cap if cap < s1 < 2 * cap else s1)
@@ -283,6 +293,22 @@ def test_decode_auto_variant_is_the_measured_choice(kv_dtype):
                              k_scale=0.5, variant=want, merge=merge)
     assert torch.equal(auto, explicit)
     assert (auto - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 1e-4
+
+
+@cpu_only
+def test_decode_auto_needs_the_cache_dtype_and_a_matching_workspace():
+    """MI300's e4m3fnuz stays on v1 until measured there; 'auto' without a dtype and a
+    workspace of another variant are errors, not a wrong launch."""
+    assert dec.resolve_variant("auto", torch.float8_e4m3fnuz) == ("v1", None)
+    assert dec.resolve_variant("v2", None) == ("v2", None)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        dec.decode_num_splits(2, 8, 100, "cpu")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        dec.alloc_decode_workspace(2, 8, 32, 3, "cpu")
+    ws_v1 = dec.alloc_decode_workspace(3, 4, 32, 3, "cpu", variant="v1")
+    with pytest.raises(ValueError, match="workspace"):
+        run_decode(3, 4, 32, 16, 16, [70, 1, 33], torch.float32, torch.float8_e4m3fn, 3, "cpu",
+                   seed=42, k_scale=0.5, variant="auto", ws=ws_v1)
 
 
 @cpu_only
@@ -377,7 +403,7 @@ def test_decode_v2_gpu(kv_dtype, fp8_mode, merge, cfg):
     gen = torch.Generator().manual_seed(7)
     lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
     B, H = len(lens), 8
-    P = dec.decode_num_splits(B, H, None, "cuda")
+    P = dec.decode_num_splits(B, H, None, "cuda", variant="v1")
     ws = dec.alloc_decode_workspace(B, H, 512, P, "cuda", variant="v2")
     for seed in (1, 2):  # twice on one workspace: the counters must have been reset
         out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, P, "cuda",

@@ -404,9 +404,11 @@ GPU_CASES = [("bf16", None, 1e-2), ("fp8_block", None, 1e-2), ("fp8_block", "fp8
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("fmt,aq,tol", GPU_CASES)
-@pytest.mark.parametrize("M", [1, 77])
-def test_fused_moe_gpu(fmt, aq, tol, M):
-    check_fused(fmt, aq, torch.bfloat16, tol, M, E=64, H=1024, I=256, k=8, seed=M)
+@pytest.mark.parametrize("M,config", [(1, None), (1, {"small_m_max": 0}), (77, None)])
+def test_fused_moe_gpu(fmt, aq, tol, M, config):
+    # M=1: the default (the small-M kernel for 4-bit weight-only) and the GEMV path
+    check_fused(fmt, aq, torch.bfloat16, tol, M, E=64, H=1024, I=256, k=8, seed=M,
+                config=config)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -139,11 +140,14 @@ async def test_hung_worker_trips_the_step_watchdog():
                     await asyncio.sleep(0)
             assert t_stop is not None and time.monotonic() - t_stop < 10
             assert engine.is_dead and "hung" in str(ex.dead)
+            ex.procs[0].join(5)  # the watchdog killed the stopped worker (not our cleanup)
+            assert ex.procs[0].exitcode == -signal.SIGKILL
         finally:
             for p in ex.procs:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGCONT)
     assert all(not p.is_alive() for p in ex.procs)
+    assert not any(t.name == "atom-stream-runner-shutdown" for t in threading.enumerate())
 
 
 def test_watchdog_timeout_is_validated():
@@ -156,7 +160,7 @@ def test_watchdog_timeout_is_validated():
 
 
 def test_tp2_engine_with_table_deltas_matches_single_rank():
-    """Many steps through the worker: block-table deltas (forced on for these small tables)
+    """Many steps through the worker: block-table deltas (the encoder's default, also for these small tables)
     reach rank 1 and it stays in lockstep, so the tokens equal a single rank's."""
     from atom_stream.engine.step_codec import StepEncoder
     from atom_stream.llm import LLM

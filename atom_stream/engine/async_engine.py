@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -166,11 +167,37 @@ class AsyncEngine:
                 self._deliver(out)
             for slot in self._slots.values():
                 slot.fail(EngineDeadError("the engine was shut down"))
+            if self._core.is_dead:
+                # the runner's own thread may still be stuck in a hung step (a TP collective):
+                # shut the runner down beside it, bounded, and do not wait for that thread
+                await self._shutdown_dead_runner(loop)
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                return
             try:
                 await loop.run_in_executor(self._executor, self._core.runner.shutdown)
             except Exception:
                 logger.exception("runner shutdown failed")
         await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+    async def _shutdown_dead_runner(self, loop, timeout: float = 30.0) -> None:
+        """runner.shutdown on a daemon thread (it kills the workers, which also fails a
+        collective stuck in the executor's thread with gloo), waited for at most `timeout` s."""
+        done = asyncio.Event()
+
+        def run() -> None:
+            try:
+                self._core.runner.shutdown()
+            except Exception:  # noqa: BLE001 - reported; the engine is dead anyway
+                logger.exception("runner shutdown failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed after a timeout
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=run, name="atom-stream-runner-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            logger.error("runner shutdown still blocked after %.0f s; giving up on it", timeout)
 
     # ------------------------------------------------------------------ properties
     @property

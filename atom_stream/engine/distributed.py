@@ -18,7 +18,9 @@ silent node, at once when a step fails with a dead peer) and the engine fails in
 and reports unhealthy (a gloo collective with a dead peer also raises in rank 0's step). A rank
 that is alive but hung (stopped, or stuck inside a collective) is caught by the same thread: a
 step still running after `watchdog_timeout` seconds sets `dead` and kills the local workers, so
-rank 0's blocked collective or ring write fails instead of waiting forever. Workers
+rank 0's blocked ring write, or gloo collective, fails instead of waiting forever (an NCCL/RCCL
+collective may stay blocked until that library's timeout; the engine no longer waits for it:
+AsyncEngine stops awaiting a dead runner's step and shuts the runner down beside it). Workers
 exit when rank 0 closes the ring or dies, so no orphan is left behind. `enable_expert_parallel`
 reaches every rank through the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine
 passes device "cuda:{i*tp}" and data_parallel_size > 1: its ranks use GPUs i*tp + r and a
