@@ -12,22 +12,15 @@ scale index cannot hide); outputs poisoned with NaN before each run.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kv_store", "norm_rope", "fp8_linear"):  # dependencies first
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu("kv_store", "norm_rope", "fp8_linear")  # dependencies first
 
 from atom_stream.kernels import fp8_linear as fl
 from atom_stream.layers.quant import (

@@ -14,21 +14,13 @@ zero (and run twice on one workspace).
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # a module decorated earlier in compiled mode (imported by another test) must be re-decorated
-    for _name in ("kv_store", "mla_decode_sched", "mla_decode", "mla_prefill", "norm_rope"):
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu(
+    "kv_store", "mla_decode_sched", "mla_decode", "mla_prefill", "norm_rope")
 
 from atom_stream.kernels import mla_decode as dec
 from atom_stream.kernels import mla_decode_sched as sched

@@ -13,21 +13,14 @@ fused-MoE references dequantize the weights and compute in float64.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc",
-                  "fused_moe_gemv", "fused_moe_fp8", "fused_moe"):  # re-decorate, in import order
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+# re-decorate, in import order
+GPU = interpret_without_gpu(
+    "moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc", "fused_moe_gemv", "fused_moe_fp8", "fused_moe")
 
 from atom_stream.kernels import moe_ref as R
 from atom_stream.kernels.fused_moe import (

@@ -6,20 +6,12 @@ CPU: TRITON_INTERPRET=1 (set before the kernel modules are decorated), fp32/fp16
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kv_store", "norm_rope"):  # kv_store first: norm_rope imports from it
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu("kv_store", "norm_rope")  # kv_store first: norm_rope imports from it
 
 from atom_stream.kernels import norm_rope as nr
 

@@ -14,20 +14,12 @@ fp32 (`-m gpu` runs bf16 and fp8 at the real 512 + 64 widths).
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("mla_decode_sched", "mla_decode_v3", "mla_decode", "mla_decode_ladder"):
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu("mla_decode_sched", "mla_decode_v3", "mla_decode", "mla_decode_ladder")
 
 from atom_stream.kernels.mla_decode_ladder import ladder_launch, ladder_reference, split_bounds
 

@@ -20,20 +20,13 @@ q_lora 1536, r 512, rope 64).
 from __future__ import annotations
 
 import collections
-import importlib
 import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kv_store", "norm_rope", "mla_prologue"):  # dependencies first
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu("kv_store", "norm_rope", "mla_prologue")  # dependencies first
 
 from atom_stream.kernels import kv_store as kvs_mod
 from atom_stream.kernels import mla_decode as mla_mod

@@ -13,20 +13,12 @@ moe_ref.fused_moe_ref on the dense dequantized weights and moe_small_m_ref on th
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("moe_align", "moe_small_m_kernels", "moe_gemv_ladder"):  # import order
-        _mod = sys.modules.get(f"atom_stream.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+GPU = interpret_without_gpu("moe_align", "moe_small_m_kernels", "moe_gemv_ladder")  # import order
 
 from atom_stream.kernels import moe_ref as R
 from atom_stream.kernels.moe_gemv_ladder import (

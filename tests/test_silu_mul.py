@@ -3,19 +3,12 @@ the model's shared-expert / dense widths. Fresh random inputs; outputs poisoned 
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    _mod = sys.modules.get("atom_stream.kernels.silu_mul")
-    if _mod is not None:
-        importlib.reload(_mod)
+GPU = interpret_without_gpu("silu_mul")
 
 from atom_stream.kernels import silu_mul as sm
 

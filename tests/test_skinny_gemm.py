@@ -7,19 +7,12 @@ unwritten element fails; split-K on and off, M from 1 to 16, N not a multiple of
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from kernel_interp import interpret_without_gpu
 
-GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-    _mod = sys.modules.get("atom_stream.kernels.skinny_gemm")
-    if _mod is not None:
-        importlib.reload(_mod)
+GPU = interpret_without_gpu("skinny_gemm")
 
 from atom_stream.kernels import skinny_gemm as sg
 
