@@ -59,6 +59,9 @@ if _v2.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
     _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
 if _v3.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
     _v3 = importlib.reload(_v3)
+# one definition of the split length and the paged tile load, shared by v1 and v3 (decorated in
+# the current interpreter mode by the reload above)
+_split_len, _load_tile = _v3._split_len, _v3._load_tile
 
 _LOG2E = 1.4426950408889634
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
@@ -98,35 +101,6 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
     if kv_dtype == getattr(torch, "float8_e4m3fn", None):
         return "v3", "kernel"
     return "v1", None
-
-
-@triton.jit
-def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
-    n = tl.cdiv(seq_len, num_splits)
-    n = tl.cdiv(n, BLOCK_N) * BLOCK_N
-    return tl.maximum(n, MIN_SPLIT)
-
-
-@triton.jit
-def _load_tile(KV, bt_row, n0, end, offs_c, offs_p, R: tl.constexpr, DR: tl.constexpr,
-               CH: tl.constexpr, NC: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Raw cache rows n0..n0+BLOCK_N of one sequence, masked at `end` (0 beyond): (k_pe, c chunks
-    0..3); chunks past NC repeat chunk 0 and are never used."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nm = (offs_n < end)[:, None]
-    page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
-    row = KV + ((page.to(tl.int64) * PAGE + offs_n % PAGE) * (R + DR))[:, None]
-    kp = tl.load(row + R + offs_p[None, :], mask=nm, other=0.0)
-    c0 = tl.load(row + offs_c[None, :], mask=nm, other=0.0)
-    c1 = c0
-    c2 = c0
-    c3 = c0
-    if NC > 1:
-        c1 = tl.load(row + CH + offs_c[None, :], mask=nm, other=0.0)
-    if NC > 2:
-        c2 = tl.load(row + 2 * CH + offs_c[None, :], mask=nm, other=0.0)
-        c3 = tl.load(row + 3 * CH + offs_c[None, :], mask=nm, other=0.0)
-    return kp, c0, c1, c2, c3
 
 
 @triton.jit

@@ -90,28 +90,35 @@ def test_dead_worker_is_detected_and_reported():
     assert all(not p.is_alive() for p in ex.procs)
 
 
+async def signal_worker_mid_stream(engine, pid: int, sig: int, sent: dict) -> None:
+    """Stream a greedy request and send `sig` to `pid` once 3 tokens arrived (time in
+    sent["at"]); the stream is expected to end with an error, which propagates."""
+    import asyncio
+
+    from atom_stream import SamplingParams
+
+    got = 0
+    async for out in engine.generate(list(range(1, 9)), SamplingParams(
+            max_tokens=400, ignore_eos=True, temperature=0)):
+        got += len(out.token_ids)
+        if got >= 3 and "at" not in sent:
+            os.kill(pid, sig)
+            sent["at"] = time.monotonic()
+        await asyncio.sleep(0)
+
+
 async def test_killing_a_worker_fails_requests_and_marks_the_engine_dead():
     """Through the AsyncEngine: a TP worker killed mid-generation ends the in-flight request
     with an error within 10 s, and the engine reports itself dead (the server's /health 503)."""
-    import asyncio
-
-    from atom_stream import AsyncEngine, SamplingParams
+    from atom_stream import AsyncEngine
     from atom_stream.errors import AtomStreamError
 
     cfg = _config(2)
     async with AsyncEngine(cfg) as engine:
-        ex = engine.core.runner
-        got = 0
-        t_kill = None
+        ex, sent = engine.core.runner, {}
         with pytest.raises(AtomStreamError):
-            async for out in engine.generate(list(range(1, 9)), SamplingParams(
-                    max_tokens=200, ignore_eos=True, temperature=0)):
-                got += len(out.token_ids)
-                if got >= 3 and t_kill is None:
-                    os.kill(ex.procs[0].pid, signal.SIGKILL)
-                    t_kill = time.monotonic()
-                await asyncio.sleep(0)
-        assert t_kill is not None and time.monotonic() - t_kill < 10
+            await signal_worker_mid_stream(engine, ex.procs[0].pid, signal.SIGKILL, sent)
+        assert time.monotonic() - sent["at"] < 10
         assert engine.is_dead
 
 
@@ -119,26 +126,18 @@ async def test_hung_worker_trips_the_step_watchdog():
     """A TP worker that is alive but stuck (SIGSTOP) mid-generation: after watchdog_timeout the
     in-flight request ends with an error, the engine reports dead with a message naming the
     hang, and shutdown leaves no process behind (the stopped worker is killed)."""
-    import asyncio
     from dataclasses import replace
 
-    from atom_stream import AsyncEngine, SamplingParams
+    from atom_stream import AsyncEngine
     from atom_stream.errors import AtomStreamError
 
     cfg = replace(_config(2), watchdog_timeout=2.0)
     async with AsyncEngine(cfg) as engine:
-        ex = engine.core.runner
-        got, t_stop = 0, None
+        ex, sent = engine.core.runner, {}
         try:
             with pytest.raises(AtomStreamError):
-                async for out in engine.generate(list(range(1, 9)), SamplingParams(
-                        max_tokens=400, ignore_eos=True, temperature=0)):
-                    got += len(out.token_ids)
-                    if got >= 3 and t_stop is None:
-                        os.kill(ex.procs[0].pid, signal.SIGSTOP)
-                        t_stop = time.monotonic()
-                    await asyncio.sleep(0)
-            assert t_stop is not None and time.monotonic() - t_stop < 10
+                await signal_worker_mid_stream(engine, ex.procs[0].pid, signal.SIGSTOP, sent)
+            assert time.monotonic() - sent["at"] < 10
             assert engine.is_dead and "hung" in str(ex.dead)
             ex.procs[0].join(5)  # the watchdog killed the stopped worker (not our cleanup)
             assert ex.procs[0].exitcode == -signal.SIGKILL
