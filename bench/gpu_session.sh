@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -73,6 +73,12 @@ for what in "${sections[@]}"; do case $what in
       tests/test_mla_prologue.py tests/test_moe_small_m.py tests/test_moe_gemv_ladder.py \
       tests/test_mla_decode_ladder.py tests/test_model_kernels.py \
       "tests/test_kernels_attention.py" -k "${GTESTS_K:-not nothing}" ;;
+  m1) sec m1-test ${T_TESTS:-150} $PY -m gpu tests/test_moe_m1_gate_up.py
+      sec m1 ${T_MOE:-150} python3 bench/moe_small_m.py --m1-kernel --budget-s 110 \
+      --out "$OUT/moe-m1-gate-up-h200.json" ;;
+  mlaf8) sec mlaf8-test ${T_TESTS:-150} $PY -m gpu tests/test_mla_decode_ladder.py -k "f8"
+      sec mlaf8 ${T_MLALADDER:-170} python3 bench/mla_decode_ladder.py --budget-s 100 \
+      --groups 1,2,7,8,9,10,11 --out "$OUT/mla-decode-ladder-f8-h200.json" ;;
   fp8lin) sec fp8lin ${T_FP8:-120} python3 bench/fp8_linear.py --out "$OUT/fp8_linear.json" ;;
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
       sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \

@@ -24,6 +24,13 @@ the cubins), checked against the default config's output on one routing (rel < 1
 fp32 sums of the same products), timed, and its gate_up alone timed once per distinct gate_up
 variant (down = total - gate_up). After --budget-s no new config is timed; the table (config,
 us, ratio, gate_up-only us) and the JSON are written in any case.
+
+    python3 bench/moe_small_m.py --m1-kernel --budget-s 110 --out $OUT/moe-m1-gate-up-h200.json
+
+--m1-kernel: the --sweep machinery at M = 1 over M1_SWEEP: the old small-M gate_up ({"M1": 0})
+and the M=1 gate_up of kernels/moe_m1_gate_up.py ({"M1": 1}, env ATOM_STREAM_MOE_M1_KERNEL)
+at its default MR 4 and neighbours, each with the same down kernel: total and gate_up-only us
+side by side; first, each path is checked against fused_moe (GEMV) and the float64 reference.
 """
 
 from __future__ import annotations
@@ -68,7 +75,13 @@ SWEEP = {
     4: [{}, {"BN": 8}, {"VT": 1}, dict(_DW, BN2=8), dict(_DW, BN2=16), dict(_DW, BN2=16, PDL=1),
         dict(_DW, BN2=16, PDL=1, BN=8), dict(_DW, BN2=32, W2=8, PDL=1), dict(_DW, BN2=16, SK=7)],
 }
-_GU_KEYS = ("BN", "CH", "SK", "BT", "W1", "S1", "VT")  # what the gate_up kernel depends on
+# --m1-kernel (M = 1 only): old gate_up vs the M=1 kernel (MR rows per program, full K)
+_M1 = {"M1": 1}
+M1_SWEEP = {1: [{"M1": 0}, _M1, dict(_M1, MR=2), dict(_M1, MR=8), dict(_M1, W1=2),
+                dict(_M1, W1=8), dict(_M1, MR=8, W1=8), dict(_M1, CH=4), dict(_M1, S1=2),
+                dict(_M1, PDL=1), {"M1": 0, "PDL": 1}]}
+# what the gate_up kernels depend on
+_GU_KEYS = ("M1", "MR", "BN", "CH", "SK", "BT", "W1", "S1", "VT")
 _WARM: dict = {}
 
 
@@ -102,21 +115,35 @@ def precompile(tasks, jobs: int) -> dict:
         return dict(zip(map(repr, tasks), ex.map(_warm, tasks)))
 
 
-def sweep(args, copy, t_start) -> list:
-    """--sweep: rows of every (fmt, M, config) timed before the deadline."""
-    fmts, ms = args.formats.split(","), [1, 4]
-    tasks = [(f, M, c) for M in ms for f in fmts for c in [None] + SWEEP[M]]
+def sweep(args, copy, t_start, table=None) -> list:
+    """--sweep / --m1-kernel: rows of every (fmt, M, config) of table (M -> configs) timed
+    before the deadline."""
+    table = table or SWEEP
+    fmts, ms = args.formats.split(","), sorted(table)
+    tasks = [(f, M, c) for M in ms for f in fmts for c in [None] + table[M]]
     warm = precompile(tasks, args.jobs) if args.jobs > 0 else {}
     print(f"precompiled {len(tasks)} configs in {time.time() - t_start:.0f} s", flush=True)
     deadline = t_start + args.budget_s
     rows = []
     for M in ms:
         for fmt in fmts:
-            rows += sweep_one(fmt, M, make_weights(fmt, "cuda"), copy, warm, deadline)
+            w = make_weights(fmt, "cuda")
+            new = sweep_one(fmt, M, w, copy, warm, deadline, table[M])
+            if table is M1_SWEEP:  # each path against GEMV and float64 (rows: "ref_check")
+                for m1 in (0, 1):
+                    try:
+                        status = check(fmt, w, M, {"M1": m1})
+                    except Exception as e:  # noqa: BLE001 -- reported, not fatal
+                        status = f"FAIL {type(e).__name__}: {str(e)[:200]}"
+                    print(f"{fmt} M={M} M1={m1} check: {status}", flush=True)
+                    for r in new:
+                        if r["config"] is not None and int(r["config"].get("M1", -1)) == m1:
+                            r["ref_check"] = status
+            rows += new
     return rows
 
 
-def sweep_one(fmt, M, w, copy, warm, deadline) -> list:
+def sweep_one(fmt, M, w, copy, warm, deadline, configs) -> list:
     kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
     w13, w2, s13, s2 = w["w13"], w["w2"], w["w13_scale"], w["w2_scale"]
     sets, distinct = make_sets(M, 32, "cuda")
@@ -136,7 +163,7 @@ def sweep_one(fmt, M, w, copy, warm, deadline) -> list:
     row("fused_moe_gemv", t, None)
     base = run({}, sets[0]).clone()
     gu_done = {}
-    for cfg in SWEEP[M]:
+    for cfg in configs:
         if time.time() > deadline:
             print(f"budget: skipped {fmt} M={M} {cfg}", flush=True)
             continue
@@ -174,14 +201,15 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def check(fmt, w, M) -> str:
-    """moe_small_m vs fused_moe (and vs the float64 reference at M = 1, 16) on one routing."""
+def check(fmt, w, M, cfg=None) -> str:
+    """moe_small_m (config cfg) vs fused_moe (and vs the float64 reference at M = 1, 16) on
+    one routing."""
     x, tw, ids, _ = make_sets(M, 1, "cuda")[0][0]
     kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
     y_old = fused_moe(x, w["w13"], w["w2"], tw, ids, config={"small_m_max": 0}, **kw)
     y_new = torch.full_like(y_old, float("nan"))
     moe_small_m(x, w["w13"], w["w2"], w["w13_scale"], w["w2_scale"], tw, ids, fmt,
-                {"poison": True}, out=y_new)
+                dict(cfg or {}, poison=True), out=y_new)
     msgs = [f"vs fused_moe {rel_err(y_new, y_old):.2e}"]
     ok = rel_err(y_new, y_old) < 2e-2
     if M in (1, 16):
@@ -257,7 +285,10 @@ def main(argv=None) -> None:
                     help="stop trying non-default candidates after this many seconds")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "moe-small-m-h200.json"))
     ap.add_argument("--sweep", action="store_true", help="the SWEEP configs at M = 1, 4")
-    ap.add_argument("--jobs", type=int, default=8, help="--sweep: compile processes (0: none)")
+    ap.add_argument("--m1-kernel", action="store_true",
+                    help="M = 1: old gate_up vs kernels/moe_m1_gate_up.py (M1_SWEEP)")
+    ap.add_argument("--jobs", type=int, default=8,
+                    help="--sweep / --m1-kernel: compile processes (0: none)")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench/moe_small_m.py needs a GPU"
     t_start = time.time()
@@ -265,11 +296,12 @@ def main(argv=None) -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     copy = copy_bandwidth(warm_s=1.0)
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s", flush=True)
-    if args.sweep:
-        rows = sweep(args, copy, t_start)
+    if args.sweep or args.m1_kernel:
+        table = M1_SWEEP if args.m1_kernel else SWEEP
+        rows = sweep(args, copy, t_start, table)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"copy_GBps": copy, "E": E, "H": H, "I": I, "top_k": TOPK, "sweep": SWEEP,
+            json.dump({"copy_GBps": copy, "E": E, "H": H, "I": I, "top_k": TOPK, "sweep": table,
                        "rows": rows}, f, indent=1, default=str)
         print(f"total {time.time() - t_start:.0f} s; ratio vs the in-run copy bandwidth:")
         print_sweep(rows)

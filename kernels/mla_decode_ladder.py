@@ -29,6 +29,12 @@ Tile paths (`path`), as in the real kernels:
             num_stages forced to 1) and v3's plain fp8 -> fp16 cast (k_scale folded into the
             score / output scales)
   "cpasync" v1's loop with v3's cast x.fp16 * 1.0 (run-time 1.0: keeps the cast in registers)
+  "f8"      no conversion at all: fp8 MMAs on the raw cache tiles (v1's loop). q is scaled per
+            head (max |q| -> 224, inside e4m3fn's 448 and e4m3fnuz's 240) and split once per
+            program into q1 = fp8(q) + q2 = fp8(q - q1) (two fp8 dots per chunk: ~2^-8 relative
+            error, about bf16's); p likewise p1 + p2 for PV. "f8p1": p1 only (one PV dot per
+            chunk, ~2^-4 per weight); "f8qk": fp8 QK^T, PV on the tile converted to fp16
+            (cpasync's cast); "f8r": "f8" on the regs loop (register double buffer).
 16-bit caches run every path's loop with no conversion (the real kernels: v1's "v1" path).
 The rungs call the real kernels' jit helpers (mla_decode._load_tile / _split_len /
 _mla_decode_stage2, mla_decode_v3._cvt / _attend), so they run the same instructions.
@@ -55,7 +61,11 @@ from .mla_decode_v3 import _attend, _cvt
 __all__ = ["LEVELS", "PATHS", "is_fp8", "ladder_launch", "ladder_reference", "split_bounds"]
 
 LEVELS = {0: "read", 1: "convert", 2: "qk", 3: "softmax", 4: "pv", 5: "merge"}
-PATHS = {"v1": (0, 0), "regs": (1, 1), "cpasync": (0, 2)}  # path -> (LOOP, CVT)
+# path -> (LOOP, CVT, F8DOT); F8DOT: 0 fp16/bf16 dots on converted tiles, 1 fp8 QK^T (q split)
+# + fp8 PV with p1 only, 2 fp8 QK^T + fp8 PV (p split), 3 fp8 QK^T + PV on the converted tile
+PATHS = {"v1": (0, 0, 0), "regs": (1, 1, 0), "cpasync": (0, 2, 0), "f8": (0, 1, 2),
+         "f8p1": (0, 1, 1), "f8qk": (0, 2, 3), "f8r": (1, 1, 2)}
+_Q8_MAX = 224.0  # per-head |q| maximum after scaling: fits e4m3fn (448) and e4m3fnuz (240)
 _LOG2E = 1.4426950408889634
 
 
@@ -76,6 +86,90 @@ def _conv(x, k_scale, one, cdt: tl.constexpr, F16: tl.constexpr, CVT: tl.constex
 
 
 @triton.jit
+def _split8(x, fdt: tl.constexpr):
+    """fp32 x -> (x1, x2) in fp8 with x ~ x1 + x2 (x2 = the rounding residual of x1)."""
+    x1 = x.to(fdt)
+    return x1, (x - x1.to(tl.float32)).to(fdt)
+
+
+@triton.jit
+def _q_split(QP, q_ptr, qp_off, hm, CH: tl.constexpr, NC: tl.constexpr, fdt: tl.constexpr):
+    """q of one head group scaled to max |q| = _Q8_MAX per head and split into fp8 pairs, once
+    per program: (qs [BLOCK_H] fp32 = the scale to multiply scores by, pe1, pe2, c0_1, c0_2, ...,
+    c3_1, c3_2); chunks past NC repeat chunk 0 and are never used."""
+    qpe = tl.load(QP + qp_off, mask=hm, other=0.0).to(tl.float32)
+    q0 = tl.load(q_ptr, mask=hm, other=0.0).to(tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    amax = tl.maximum(tl.max(tl.abs(qpe), 1), tl.max(tl.abs(q0), 1))
+    if NC > 1:
+        q1 = tl.load(q_ptr + CH, mask=hm, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(q1), 1))
+    if NC > 2:
+        q2 = tl.load(q_ptr + 2 * CH, mask=hm, other=0.0).to(tl.float32)
+        q3 = tl.load(q_ptr + 3 * CH, mask=hm, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(q2), 1), tl.max(tl.abs(q3), 1)))
+    qs = tl.where(amax > 0, amax / 224.0, 1.0)
+    inv = (1.0 / qs)[:, None]
+    pe1, pe2 = _split8(qpe * inv, fdt)
+    a1, a2 = _split8(q0 * inv, fdt)
+    b1, b2 = _split8(q1 * inv, fdt)
+    c1, c2 = _split8(q2 * inv, fdt)
+    d1, d2 = _split8(q3 * inv, fdt)
+    return qs, pe1, pe2, a1, a2, b1, b2, c1, c2, d1, d2
+
+
+@triton.jit
+def _qk_f8(pe1, pe2, a1, a2, b1, b2, c1, c2, d1, d2, kp, t0, t1, t2, t3, NC: tl.constexpr):
+    """Unscaled scores [BLOCK_H, BLOCK_N] fp32 from raw fp8 tiles: sum over chunks of
+    (q1 + q2) @ tile^T, two fp8 MMAs per chunk into one fp32 accumulator."""
+    kt = tl.trans(kp)
+    qk = tl.dot(pe1, kt)
+    qk = tl.dot(pe2, kt, qk)
+    kt = tl.trans(t0)
+    qk = tl.dot(a1, kt, qk)
+    qk = tl.dot(a2, kt, qk)
+    if NC > 1:
+        kt = tl.trans(t1)
+        qk = tl.dot(b1, kt, qk)
+        qk = tl.dot(b2, kt, qk)
+    if NC > 2:
+        kt = tl.trans(t2)
+        qk = tl.dot(c1, kt, qk)
+        qk = tl.dot(c2, kt, qk)
+        kt = tl.trans(t3)
+        qk = tl.dot(d1, kt, qk)
+        qk = tl.dot(d2, kt, qk)
+    return qk
+
+
+@triton.jit
+def _softmax_step(qk, nmask, m_i, l_i):
+    """One online-softmax step on scaled scores (log2 units): (p, alpha, m_new, l_new)."""
+    qk = tl.where(nmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _pv_f8(p, t, acc, alpha, one, F8DOT: tl.constexpr):
+    """acc * alpha + p @ t for one chunk: F8DOT 1 fp8(p) @ raw tile; 2 (p1 + p2) @ raw tile;
+    3 fp16(p) @ fp16(tile) (cpasync's cast)."""
+    acc = acc * alpha[:, None]
+    if F8DOT == 3:
+        return tl.dot(p.to(tl.float16), _cvt(t, one, tl.float16, True, 0), acc)
+    fdt: tl.constexpr = t.dtype
+    p1 = p.to(fdt)
+    acc = tl.dot(p1, t, acc)
+    if F8DOT == 2:
+        acc = tl.dot((p - p1.to(tl.float32)).to(fdt), t, acc)
+    return acc
+
+
+@triton.jit
 def _ladder_kernel(
     QN, QP, KV, BT, LENS, VAL, OPART, LSE,
     qk_scale, k_scale, one, out_scale, num_splits, H,
@@ -84,11 +178,12 @@ def _ladder_kernel(
     R: tl.constexpr, DR: tl.constexpr, CH: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
     LEVEL: tl.constexpr, LOOP: tl.constexpr, CVT: tl.constexpr, F16: tl.constexpr,
-    AF16: tl.constexpr, APATH: tl.constexpr,
+    AF16: tl.constexpr, APATH: tl.constexpr, F8DOT: tl.constexpr,
 ):
     """Levels 0-4 of the module docstring. LEVEL 0: KV is the int32 view of the cache and R, DR,
     CH are counted in int32 words. AF16 / APATH: v3 _attend's F16 / FP8_PATH (it converts raw
-    tiles itself; for v1's dequant (CVT 0) the tiles are converted first and AF16 is False)."""
+    tiles itself; for v1's dequant (CVT 0) the tiles are converted first and AF16 is False).
+    F8DOT > 0 (fp8 caches, LEVEL >= 2): the fp8-MMA paths of PATHS, q split once up front."""
     NC: tl.constexpr = R // CH
     hg = tl.program_id(0)
     b = tl.program_id(1)
@@ -106,9 +201,13 @@ def _ladder_kernel(
         cdt: tl.constexpr = tl.float16 if F16 else QN.dtype.element_ty
         q_ptr = QN + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_c[None, :]
         vidx = (hg * tl.num_programs(1) + b) * num_splits + s
-        if LEVEL >= 2:
-            q_pe = tl.load(QP + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :],
-                           mask=hm, other=0.0).to(cdt)
+        qp_off = b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
+        if LEVEL >= 2 and F8DOT == 0:
+            q_pe = tl.load(QP + qp_off, mask=hm, other=0.0).to(cdt)
+        if LEVEL >= 2 and F8DOT > 0:
+            qs, pe1, pe2, qa1, qa2, qb1, qb2, qc1, qc2, qd1, qd2 = _q_split(
+                QP, q_ptr, qp_off, hm, CH, NC, KV.dtype.element_ty)
+            qsc = qs * qk_scale
         if LEVEL == 0:
             acc = tl.zeros([BLOCK_N, CH], tl.int32)
             accp = tl.zeros([BLOCK_N, DR], tl.int32)
@@ -146,6 +245,20 @@ def _ladder_kernel(
                     t += c2 + c3
                 acc += t
                 accp += kp
+            elif F8DOT > 0 and LEVEL >= 2:  # levels 2-4 on the fp8-MMA paths
+                qk = _qk_f8(pe1, pe2, qa1, qa2, qb1, qb2, qc1, qc2, qd1, qd2, kp, c0, c1, c2, c3,
+                            NC) * qsc[:, None]
+                if LEVEL == 2:
+                    sacc += tl.where(nmask[None, :], qk, 0.0)
+                else:
+                    p, alpha, m_i, l_i = _softmax_step(qk, nmask, m_i, l_i)
+                    if LEVEL == 4:
+                        acc0 = _pv_f8(p, c0, acc0, alpha, one, F8DOT)
+                        if NC > 1:
+                            acc1 = _pv_f8(p, c1, acc1, alpha, one, F8DOT)
+                        if NC > 2:
+                            acc2 = _pv_f8(p, c2, acc2, alpha, one, F8DOT)
+                            acc3 = _pv_f8(p, c3, acc3, alpha, one, F8DOT)
             elif LEVEL == 4:
                 if CVT == 0:
                     kp = _conv(kp, k_scale, one, cdt, F16, CVT)
@@ -186,12 +299,7 @@ def _ladder_kernel(
                     if LEVEL == 2:
                         sacc += tl.where(nmask[None, :], qk * qk_scale, 0.0)
                     else:
-                        qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(qk, 1))
-                        alpha = tl.exp2(m_i - m_new)
-                        p = tl.exp2(qk - m_new[:, None])
-                        l_i = l_i * alpha + tl.sum(p, 1)
-                        m_i = m_new
+                        p, alpha, m_i, l_i = _softmax_step(qk * qk_scale, nmask, m_i, l_i)
         if LEVEL <= 1:
             tl.store(VAL + vidx, tl.sum(tl.sum(acc, 1), 0) + tl.sum(tl.sum(accp, 1), 0))
         if LEVEL == 2:
@@ -229,7 +337,7 @@ def ladder_launch(level: int, q_nope, q_pe, kv_cache, block_tables, seq_lens, sc
     (opart [B, H, S, R] fp32, lse [B, H, S] fp32); level 5 -> out [B, H, R] (q's dtype), using
     workspace as scratch. Returns that output."""
     assert level in LEVELS and path in PATHS, (level, path)
-    loop, cvt = PATHS[path]
+    loop, cvt, f8dot = PATHS[path]
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     _, page, D = kv_cache.shape
@@ -239,6 +347,7 @@ def ladder_launch(level: int, q_nope, q_pe, kv_cache, block_tables, seq_lens, sc
     chunk = min(chunk, R)
     assert R // chunk in (1, 2, 4)
     fp8 = is_fp8(kv_cache.dtype)
+    assert fp8 or not f8dot, f"path {path!r} needs an fp8 cache"
     block_n, warps, stages = config
     if loop == 1:
         stages = 1  # the register double buffer replaces the cp.async pipeline
@@ -271,7 +380,8 @@ def ladder_launch(level: int, q_nope, q_pe, kv_cache, block_tables, seq_lens, sc
         block_tables.stride(0), *pstr,
         R=r_, DR=dr_, CH=ch_, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
         LEVEL=min(level, 4), LOOP=loop, CVT=cvt, F16=fp8, AF16=fp8 and cvt != 0,
-        APATH=1 if cvt == 1 else 0, num_warps=warps, num_stages=stages,
+        APATH=1 if cvt == 1 else 0, F8DOT=f8dot if level >= 2 else 0, num_warps=warps,
+        num_stages=stages,
     )
     if level <= 3:
         return val

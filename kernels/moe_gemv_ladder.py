@@ -5,7 +5,8 @@ down work, so that the H200 time each piece adds can be read off a table. All ru
 read probe's simple shape (bench/moe_read_probe.py): a program owns R weight rows of ONE expert
 over a K chunk, the expert id is loaded on the device from ids, no semaphores, no token scans.
 The per-step tile, the int4 magic-number / MXFP4 dequant, the scale and x tiles are the small-M
-kernel's own helpers (kernels/moe_small_m_kernels.py), so a rung runs those exact instructions.
+kernel's own helpers (kernels/moe_small_m_kernels.py), so a rung runs those exact instructions;
+L3/L4's loop and L4's epilogue are the production M=1 gate_up's (kernels/moe_m1_gate_up.py).
 
 Shapes (one token): x bf16 [H] (or [1, H]); ids int32 [TOPK] (distinct or not: every column is
 its own pair); tw fp32 [TOPK] routing weights. Weights in the kernel layout of kernels/moe_ref.py:
@@ -42,18 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_small_m_kernels import (
-    INT4,
-    MXFP4,
-    _dot8,
-    _dot8f,
-    _dq,
-    _prep,
-    _scale_ptrs,
-    _scales,
-    _split4,
-    _x4,
-)
+from .moe_m1_gate_up import _act_pos, _gate_up_rows, _rows_dot, _silu_store, _tile_ptrs
+from .moe_small_m_kernels import INT4, MXFP4, _dot8f, _dq, _prep, _scale_ptrs, _scales, _split4
 
 __all__ = ["DOWN_LEVELS", "LEVELS", "act_natural", "default_ch", "down_reference", "down_rung",
            "gate_up_reference", "gate_up_rung"]
@@ -99,73 +90,53 @@ def _gu_kernel(X, W, S, IDS, OUT, ACT, MAGIC, stride_we, stride_se,
     """Grid (TOPK * 2I/R, SK). See the module docstring (LEVEL 0..4)."""
     NRT: tl.constexpr = 2 * I // R
     NIT: tl.constexpr = H // (128 * CH) // SK
-    HR: tl.constexpr = R // 2
     pid = tl.program_id(0)
     ks = tl.program_id(1)
     k = pid // NRT
     rt = pid % NRT
     it0 = ks * NIT
     e = tl.load(IDS + k).to(tl.int64)  # the dependent id load of the real kernels
-    r = tl.arange(0, R)
     if LEVEL >= 4:  # R/2 gate rows and the matching R/2 up rows
-        rows = tl.where(r >= HR, I + rt * HR + r - HR, rt * HR + r).to(tl.int64)
+        rows = _gate_up_rows(rt, I, R)
     else:  # R consecutive rows (contiguous bytes at full K)
-        rows = (rt * R + r).to(tl.int64)
-    c4 = tl.arange(0, CH)[None, :, None, None]
-    t4 = 4 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
-    Wp = W + e * stride_we + rows[:, None, None, None] * (H // 8) + c4 * 16 + t4
-    w_n = tl.load(Wp + it0 * (CH * 16))
-    if LEVEL >= 2:
-        Sp = _scale_ptrs(S + e * stride_se + rows * (H // 32), R, CH)
-        s_n = tl.load(Sp + it0 * (CH * 4))
-    if LEVEL >= 3:
-        a0, a1, a2, a3 = _x4(X, 0, it0, R, CH)
-    if LEVEL == 0:
-        acci = tl.zeros((R, CH, 4, 4), tl.int32)
+        rows = (rt * R + tl.arange(0, R)).to(tl.int64)
+    Wp, Sp = _tile_ptrs(W, S, e, rows, stride_we, stride_se, H, R, CH)
+    if LEVEL >= 3:  # the production M=1 gate_up's loop (kernels/moe_m1_gate_up.py)
+        y = _rows_dot(X, Wp, Sp, it0, MAGIC, R, CH, NIT, FMT)
     else:
-        acc = tl.zeros((R, CH, 4), tl.float32)
-    for it in range(it0, it0 + NIT):
-        # explicit double buffering as in the small-M kernel: step it+1's loads (predicated
-        # off after the last step) are issued before step it's arithmetic
-        more = (tl.zeros((1,), tl.int32) + it + 1) < it0 + NIT  # a tensor (interpreter)
-        w = w_n
-        w_n = tl.load(Wp + (it + 1) * (CH * 16), mask=more, other=0)
+        w_n = tl.load(Wp + it0 * (CH * 16))
+        if LEVEL == 2:
+            s_n = tl.load(Sp + it0 * (CH * 4))
         if LEVEL == 0:
-            acci += w
+            acci = tl.zeros((R, CH, 4, 4), tl.int32)
         else:
-            if LEVEL >= 2:
-                s = s_n
-                s_n = tl.load(Sp + (it + 1) * (CH * 4), mask=more, other=0)
-            if LEVEL >= 3:
-                xa0, xa1, xa2, xa3 = a0, a1, a2, a3
-                a0, a1, a2, a3 = _x4(X, 0, it0 + (it + 1 - it0) % NIT, R, CH)  # wrapped
-            wl, wh = _prep(w, MAGIC, FMT)
-            for j in tl.static_range(4):
-                if LEVEL == 1:
-                    acc += _sum8(wl, wh, j, FMT) * _unit(j, FMT)
-                elif LEVEL == 2:
-                    acc += _sum8(wl, wh, j, FMT) * _scales(s, j, FMT)
-                else:
-                    if j == 0:
-                        xj = xa0
-                    elif j == 1:
-                        xj = xa1
-                    elif j == 2:
-                        xj = xa2
+            acc = tl.zeros((R, CH, 4), tl.float32)
+        for it in range(it0, it0 + NIT):
+            # explicit double buffering as in the small-M kernel: step it+1's loads
+            # (predicated off after the last step) are issued before step it's arithmetic
+            more = (tl.zeros((1,), tl.int32) + it + 1) < it0 + NIT  # a tensor (interpreter)
+            w = w_n
+            w_n = tl.load(Wp + (it + 1) * (CH * 16), mask=more, other=0)
+            if LEVEL == 0:
+                acci += w
+            else:
+                if LEVEL == 2:
+                    s = s_n
+                    s_n = tl.load(Sp + (it + 1) * (CH * 4), mask=more, other=0)
+                wl, wh = _prep(w, MAGIC, FMT)
+                for j in tl.static_range(4):
+                    if LEVEL == 1:
+                        acc += _sum8(wl, wh, j, FMT) * _unit(j, FMT)
                     else:
-                        xj = xa3
-                    acc += _dot8(wl, wh, xj, j, FMT) * _scales(s, j, FMT)
-    if LEVEL == 0:
-        y = tl.sum(tl.sum(tl.sum(acci, axis=3), axis=2), axis=1)
-    else:
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
+                        acc += _sum8(wl, wh, j, FMT) * _scales(s, j, FMT)
+        if LEVEL == 0:
+            y = tl.sum(tl.sum(tl.sum(acci, axis=3), axis=2), axis=1)
+        else:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [R]
     if LEVEL < 4 or SK > 1:
         tl.store(OUT + (ks * TOPK + k) * (2 * I) + rows, y)
     else:
-        g, u = tl.split(tl.permute(tl.reshape(y, (2, HR)), (1, 0)))
-        a = g / (1.0 + tl.exp(-g)) * u
-        n = rt * HR + tl.arange(0, HR)
-        tl.store(ACT + k * I + (n // 32) * 32 + (n % 2) * 16 + (n % 32) // 2, a)
+        _silu_store(ACT + k * I, y, rt, R // 2)
 
 
 @triton.jit
@@ -180,8 +151,7 @@ def _silu_reduce_kernel(PART, ACT, I: tl.constexpr, TOPK: tl.constexpr, SK: tl.c
     for ks in tl.static_range(SK):
         g += tl.load(PART + (ks * TOPK + k) * (2 * I) + n)
         u += tl.load(PART + (ks * TOPK + k) * (2 * I) + I + n)
-    a = g / (1.0 + tl.exp(-g)) * u
-    tl.store(ACT + k * I + (n // 32) * 32 + (n % 2) * 16 + (n % 32) // 2, a)
+    tl.store(ACT + k * I + _act_pos(n), g / (1.0 + tl.exp(-g)) * u)
 
 
 @triton.jit

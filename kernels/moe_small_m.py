@@ -26,10 +26,15 @@ capturable), kernels in kernels/moe_small_m_kernels.py:
    (an acq_rel atomic on a per-(b, jt) semaphore that it resets to 0) sums them.
 2. down, grid (M, H / BN2): each program sums its token's KP pairs (routing weight folded into
    the group scale) and writes out[m, tile].
+At M == 1 with config "M1" on (default: env ATOM_STREAM_MOE_M1_KERNEL=1; off until an H200
+A/B), launch 1 is kernels/moe_m1_gate_up.py instead (the ladder's rung L4: grid KP * 2I / MR,
+MR/2 gate + MR/2 up rows per program over the full K in CH-chunk steps, no split-K, no
+semaphores, no duplicate scan: every pair computes its own act row); same act, same down.
 The semaphore buffer is cached per device and size class (never freed) and left all-zero by
 every launch: calls with SK > 1 that may run concurrently on different streams of one device
 would share it (not the case in the engine: one stream per device).
-config (overrides of default_config): BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
+config (overrides of default_config): M1, MR (the M=1 kernel's switch and rows per program; it
+also takes CH, W1, S1, PDL), BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
 W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); candidates,
 default 0 = off until an H200 A/B (bench/moe_small_m.py --sweep, bench/notes_moe_small_m.md):
 VT=1 gate_up epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent
@@ -42,6 +47,8 @@ bf16 (the contract) or fp32 (exactness checks: no final rounding).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -52,6 +59,9 @@ __all__ = ["default_config", "moe_small_m", "moe_small_m_ref"]
 _FMTS = {"int4": INT4, "int4_g32": INT4, "mxfp4": MXFP4}
 _SEMS: dict = {}
 _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_kernels._prep)
+# M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default); "0" until the
+# H200 A/B (bench/moe_small_m.py --m1-kernel) decides
+M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "0") == "1"
 
 
 def default_config(M: int, H: int, I: int, top_k: int) -> dict:
@@ -70,8 +80,9 @@ def default_config(M: int, H: int, I: int, top_k: int) -> dict:
     # BN2 16 at M=1: 24.8-25.0 vs 25.2-25.9 µs (int4), 24.6-24.9 vs 26.6-26.9 (mxfp4) in two
     # H200 runs (bench/RESULTS.md, session 3); 32 elsewhere
     bn2 = max(b for b in ((16, 8, 4, 2, 1) if M == 1 else (32, 16, 8, 4, 2, 1)) if H % b == 0)
+    # M1 / MR: the M=1 gate_up kernel (ladder L4 at R4 SK1 CH8 W4: 10.3 us int4, 11.6 MXFP4)
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0}
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(M == 1 and M1_KERNEL), "MR": 4}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -135,7 +146,9 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
         return out
     cfg = dict(default_config(M, H, I, top_k), **(config or {}))
     bn, ch, sk, bt, bn2 = cfg["BN"], cfg["CH"], cfg["SK"], cfg["BT"], cfg["BN2"]
-    if I % bn or (H // 128) % ch or (H // (128 * ch)) % sk or H % bn2 or bt not in (1, 2):
+    m1 = M == 1 and bool(cfg.get("M1"))  # (SK, BN, BT are the other gate_up kernel's)
+    if (I % bn or (H // 128) % ch or (not m1 and (H // (128 * ch)) % sk) or H % bn2
+            or bt not in (1, 2)):
         raise ValueError(f"moe_small_m: config {cfg} does not tile H={H}, I={I}")
     for key in ("BN", "CH", "BN2", "MC", "PC"):
         v = cfg.get(key)
@@ -153,7 +166,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     act = torch.empty(P, I, dtype=torch.float32, device=dev)
     if cfg.get("poison"):
         act.fill_(float("nan"))
-    if sk > 1:
+    if sk > 1 and not m1:
         part = torch.empty(sk, P, 2 * I, dtype=torch.float32, device=dev)
         sem = _semaphores(P * (I // bn), dev)
     else:
@@ -163,12 +176,17 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     kp2 = triton.next_power_of_2(kp)
     pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not triton_interpreted() else 0
     stop = cfg.get("stop_after") == "gate_up"
-    _gate_up_kernel[(P, I // bn, sk)](
-        x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
-        v13.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared,
-        BN=bn, CH=ch, SK=sk, BT=1 if M == 1 else bt, MC=mc, PC=pc, FMT=code, EARLY=M == 1,
-        VT=1 if cfg.get("VT") else 0, KP2=kp2, PDL=0 if stop else pdl,
-        num_warps=cfg["W1"], num_stages=cfg["S1"])
+    if m1:
+        from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used
+        m1_gate_up(x32, w13, v13, ids, act, code, top_k=top_k, n_shared=n_shared, R=cfg["MR"],
+                   CH=ch, warps=cfg["W1"], stages=cfg["S1"], pdl=0 if stop else pdl)
+    else:
+        _gate_up_kernel[(P, I // bn, sk)](
+            x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0),
+            w13.stride(0), v13.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared,
+            BN=bn, CH=ch, SK=sk, BT=1 if M == 1 else bt, MC=mc, PC=pc, FMT=code, EARLY=M == 1,
+            VT=1 if cfg.get("VT") else 0, KP2=kp2, PDL=0 if stop else pdl,
+            num_warps=cfg["W1"], num_stages=cfg["S1"])
     if stop:
         return out
     args = (act, w2, v2, ids, tw, out, _MAGIC, ids.stride(0), tw.stride(0), out.stride(0),
