@@ -1,7 +1,7 @@
 """M=1 gate_up of the small-M 4-bit MoE: one launch, full K per program, no split-K, no scans.
 
-Used by kernels/moe_small_m.py at M == 1 when config "M1" is on (env
-ATOM_STREAM_MOE_M1_KERNEL=1; default off until an H200 A/B): it replaces the small-M
+Used by kernels/moe_small_m.py at M == 1 when config "M1" is on (the default;
+ATOM_STREAM_MOE_M1_KERNEL=0 turns it off): it replaces the small-M
 _gate_up_kernel and feeds the small-M down kernel unchanged. The structure is the measurement
 ladder's rung L4 (kernels/moe_gemv_ladder.py, bench/notes_moe_gemv_ladder.md; measured there at
 R4 SK1 CH8 W4: 10.3 us int4, 11.6 us MXFP4, vs 12.9-14.0 us at the small-M kernel's own tile).

@@ -26,8 +26,8 @@ capturable), kernels in kernels/moe_small_m_kernels.py:
    (an acq_rel atomic on a per-(b, jt) semaphore that it resets to 0) sums them.
 2. down, grid (M, H / BN2): each program sums its token's KP pairs (routing weight folded into
    the group scale) and writes out[m, tile].
-At M == 1 with config "M1" on (default: env ATOM_STREAM_MOE_M1_KERNEL=1; off until an H200
-A/B), launch 1 is kernels/moe_m1_gate_up.py instead (the ladder's rung L4: grid KP * 2I / MR,
+At M == 1 with config "M1" on (default; env ATOM_STREAM_MOE_M1_KERNEL=0 turns it off: H200,
+bench/RESULTS.md session 4: 24.0 -> 19.8 us int4, decode step B=1 6.46 -> 6.33 ms), launch 1 is kernels/moe_m1_gate_up.py instead (the ladder's rung L4: grid KP * 2I / MR,
 MR/2 gate + MR/2 up rows per program over the full K in CH-chunk steps, no split-K, no
 semaphores, no duplicate scan: every pair computes its own act row); same act, same down.
 The semaphore buffer is cached per device and size class (never freed) and left all-zero by
@@ -61,7 +61,7 @@ _SEMS: dict = {}
 _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_kernels._prep)
 # M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default); "0" until the
 # H200 A/B (bench/moe_small_m.py --m1-kernel) decides
-M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "0") == "1"
+M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
 
 
 def default_config(M: int, H: int, I: int, top_k: int) -> dict:

@@ -134,7 +134,7 @@ def test_env_switch_and_dispatch(monkeypatch):
     finally:
         monkeypatch.undo()  # the environment as it was, then the module as it reads it
         importlib.reload(SM)
-    on = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "0") == "1"
+    on = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
     assert SM.M1_KERNEL is on and SM.default_config(1, 7168, 256, 8)["M1"] == int(on)
 
 
