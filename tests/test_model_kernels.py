@@ -33,6 +33,7 @@ Op count: the kernel path's decode step launches at most OP_BUDGET torch compute
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
@@ -50,7 +51,9 @@ from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import AttentionMetadata
 from atom_stream.loader import init_dummy_weights
 from atom_stream.models import kernel_path
+from atom_stream.models import mla as mla_model
 from atom_stream.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM, MoE
+from atom_stream.models.mla import MLA
 
 cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
@@ -362,3 +365,75 @@ def test_decode_op_count_per_layer(capsys):
         assert totals[(True, kind)] <= budget, f"{kind}: {totals[(True, kind)]} > {budget}"
         assert totals[(True, kind)] < totals[(False, kind)] / 2
     assert isinstance(ref.model.layers[1], DecoderLayer)
+
+
+# --------------------------------------------------------------------------- ABSORB_QB
+def run_absorbed(dtype, device, seed, fused_prologue, monkeypatch):
+    """W_UK folded into q_b (mla.ABSORB_QB, set before loading): decode-only steps take
+    q_lat | q_pe from the folded GEMM (no W_UK bmm), mixed / prefill steps keep q_b; hidden
+    states and logits match the reference path at every step."""
+    monkeypatch.setattr(mla_model, "ABSORB_QB", True)
+    monkeypatch.setattr(mla_model, "FUSED_PROLOGUE", fused_prologue)
+    if dtype == torch.bfloat16 and not GPU:
+        upcast_mla_decode(monkeypatch)
+    cfg = tiny_config(32)
+    ref, fast = build_models(cfg, dtype, device, seed, decisive_routing=True)
+    assert all(lyr.self_attn.w_q_abs is not None for lyr in fast.model.layers)
+    assert fast.model.layers[0].self_attn.w_q_abs.shape == (4 * (32 + 16), 32)
+    seen = []
+    real = MLA._q_b
+    monkeypatch.setattr(MLA, "_q_b", lambda self, q_n, absorbed:
+                        seen.append(absorbed) or real(self, q_n, absorbed))
+    pool = Pool(cfg, dtype, device, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    decode = [(s, 1) for s in range(3)]
+    steps = [([(0, 5), (1, 9), (2, 6)], 0), (decode, 3), ([(0, 1), (3, 4)], 1), (decode, 3)]
+    for parts, nd in steps:
+        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
+        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
+        h_ref = ref(ids, pos_r, pool.ref, md_r)
+        with kernel_path.force_kernels(not GPU):
+            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
+        assert torch.isfinite(h_fast).all()
+        assert rel(h_fast, h_ref) < TOL[dtype], f"hidden: {rel(h_fast, h_ref):.2e}"
+        assert rel(fast.compute_logits(h_fast), ref.compute_logits(h_ref)) < TOL[dtype]
+    n = cfg.num_hidden_layers
+    assert seen == [False] * n + [True] * n + [False] * n + [True] * n
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,fused_prologue", [(torch.float32, False),
+                                                  (torch.float32, True),
+                                                  (torch.bfloat16, False)])
+def test_absorbed_q_matches_reference_interpreter(dtype, fused_prologue, monkeypatch):
+    run_absorbed(dtype, "cpu", 21, fused_prologue, monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_q_matches_reference_gpu(dtype, monkeypatch):
+    run_absorbed(dtype, "cuda", 22, False, monkeypatch)
+
+
+def test_absorbed_q_weight_math_and_size_guard(monkeypatch):
+    """The folded weight is W_UK^T @ q_b's nope rows per head + q_b's rope rows; over
+    ABSORB_QB_MAX_BYTES it is not built (the q_b + bmm path stays)."""
+    monkeypatch.setattr(mla_model, "ABSORB_QB", True)
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=23)
+    attn = ref.model.layers[0].self_attn
+    H, n, r, pe = attn.num_heads, attn.nope, attn.r, attn.rope
+    wq = attn.q_b_proj.weight.view(H, n + pe, 32).double()
+    w = attn.w_q_abs.view(H, r + pe, 32).double()
+    want = torch.einsum("hnr,hnj->hrj", attn.w_uk.double(), wq[:, :n])
+    assert rel(w[:, :r], want) < 1e-6 and torch.equal(w[:, r:], wq[:, n:])
+    monkeypatch.setattr(mla_model, "ABSORB_QB_MAX_BYTES", H * (r + pe) * 32 * 4 - 1)
+    attn.process_weights_after_loading()
+    assert attn.w_q_abs is None
+
+
+def test_absorb_switch_default_off():
+    """Off unless ATOM_STREAM_ABSORB_QB=1 (the lead flips the default after a GPU A/B)."""
+    env = os.environ.get("ATOM_STREAM_ABSORB_QB", "0")
+    assert mla_model.ABSORB_QB == (env == "1")

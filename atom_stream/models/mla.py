@@ -51,6 +51,15 @@ from atom_stream.models import kernel_path
 # in one launch) on the kernel path: off unless ATOM_STREAM_FUSED_PROLOGUE=1, until a same-run
 # GPU A/B (bench/RESULTS.md) shows it faster. Read at import; tests flip the module attribute.
 FUSED_PROLOGUE = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "0") == "1"
+# Decode-only batches on the kernel path can take q_lat and q_pe from ONE GEMM over a
+# precomputed [H * (r + rope), q_lora] weight: W_UK folded into q_b's nope rows (fp32 product,
+# rounded once to the model dtype) beside q_b's rope rows. One launch fewer per layer (the W_UK
+# bmm) for ~3x q_b's bytes (Kimi TP8 rank: 14.2 MB vs 4.7 + 1 MB). Off unless
+# ATOM_STREAM_ABSORB_QB=1 until a same-run GPU A/B; read at load (process_weights_after_loading)
+# and built only when the folded weight is at most ABSORB_QB_MAX_BYTES per layer (DeepSeek at
+# TP1, 128 heads, would need 226 MB per layer). Tests flip the module attribute before loading.
+ABSORB_QB = os.environ.get("ATOM_STREAM_ABSORB_QB", "0") == "1"
+ABSORB_QB_MAX_BYTES = 64 << 20
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -110,6 +119,7 @@ class MLA(nn.Module):
         self.w_uk: torch.Tensor | None = None  # [H, nope, r]
         self.w_uv: torch.Tensor | None = None  # [H, v, r]
         self.w_qkv_a: torch.Tensor | None = None  # [q_lora + r + rope, hidden] (kernel path)
+        self.w_q_abs: torch.Tensor | None = None  # [H * (r + rope), q_lora] (ABSORB_QB)
 
     def process_weights_after_loading(self) -> None:
         """Split kv_b_proj into the absorbed W_UK / W_UV (kept in the model dtype) and fuse the
@@ -119,6 +129,20 @@ class MLA(nn.Module):
         self.w_uv = w[:, self.nope:].contiguous()
         if self.cfg.q_lora_rank:
             self.w_qkv_a = fuse_linear_weights(self.q_a_proj, self.kv_a_proj_with_mqa)
+            self.w_q_abs = self._absorbed_q_weight() if ABSORB_QB else None
+
+    def _absorbed_q_weight(self) -> torch.Tensor | None:
+        """[H * (r + rope), q_lora] in the model dtype: per head, W_UK^T @ q_b's nope rows
+        (q_lat = W_UK^T q_nope, so q_lat = that @ q_c), then q_b's rope rows unchanged. None
+        when it would exceed ABSORB_QB_MAX_BYTES."""
+        H, n, r, pe = self.num_heads, self.nope, self.r, self.rope
+        wq = dense_weight(self.q_b_proj)
+        ql, dt = wq.shape[1], self.w_uk.dtype
+        if H * (r + pe) * ql * dt.itemsize > ABSORB_QB_MAX_BYTES:
+            return None
+        wq = wq.view(H, n + pe, ql)
+        w_lat = torch.einsum("hnr,hnj->hrj", self.w_uk.float(), wq[:, :n].float())
+        return torch.cat([w_lat.to(dt), wq[:, n:].to(dt)], 1).reshape(H * (r + pe), ql)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
@@ -154,16 +178,20 @@ class MLA(nn.Module):
         """The kernel path (module docstring); same math as forward."""
         T = x.shape[0]
         H = self.num_heads
-        if FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None:
-            q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md)
-        else:
-            q, c, k_pe = self._prologue(x, positions, kv_cache, md)
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
-        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
         nd = md.num_decodes
+        # decode-only batch with the folded weight: q comes out as [T, H, r + rope] (q_lat | q_pe)
+        absorbed = self.w_q_abs is not None and nd == T
+        if FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None:
+            q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed)
+        else:
+            q, c, k_pe = self._prologue(x, positions, kv_cache, md, absorbed)
+        q_nope, q_pe = q[..., : -self.rope], q[..., -self.rope:]
+        out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
         if nd:
-            # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
-            q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
+            if absorbed:
+                q_lat = q_nope
+            else:  # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
+                q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
             o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
                                  self._decode_lens(md, x.device))
             # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
@@ -173,10 +201,19 @@ class MLA(nn.Module):
         self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
         return self.o_proj(out.view(T, H * self.v_dim))
 
-    def _prologue(self, x, positions, kv_cache, md):
-        """Kernel path up to the attention: q [T, H, nope + rope] (q_pe rotated), c [T, r] and
-        k_pe [T, rope] (normed / rotated), the new entries stored in kv_cache. Launches: the
-        q_a/kv_a GEMM, 2 latent norms, q_b, one RoPE (q_pe and k_pe), the KV store."""
+    def _q_b(self, q_n, absorbed: bool):
+        """q [T, H, nope + rope] from the normed q latent, or with `absorbed` (the folded
+        weight) [T, H, r + rope] = (q_lat | q_pe)."""
+        T = q_n.shape[0]
+        if absorbed:
+            return dense_linear(q_n, self.w_q_abs).view(T, self.num_heads, self.r + self.rope)
+        return self.q_b_proj(q_n).view(T, self.num_heads, self.nope + self.rope)
+
+    def _prologue(self, x, positions, kv_cache, md, absorbed=False):
+        """Kernel path up to the attention: q [T, H, nope + rope] (absorbed: [T, H, r + rope],
+        see _q_b; q_pe = the last rope dims, rotated), c [T, r] and k_pe [T, rope] (normed /
+        rotated), the new entries stored in kv_cache. Launches: the q_a/kv_a GEMM, 2 latent
+        norms, q_b (or the folded GEMM), one RoPE (q_pe and k_pe), the KV store."""
         T, r = x.shape[0], self.r
         if self.cfg.q_lora_rank:
             ql = self.cfg.q_lora_rank
@@ -185,11 +222,11 @@ class MLA(nn.Module):
                 q_c, kv = qkv[:, :ql], qkv[:, ql:]
             else:
                 q_c, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-            q = self.q_b_proj(self.q_a_layernorm.fused(q_c, None)[0])
+            q = self._q_b(self.q_a_layernorm.fused(q_c, None)[0], absorbed)
         else:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
-        q = q.view(T, self.num_heads, self.nope + self.rope)
-        q_pe = q[..., self.nope:]
+            q = q.view(T, self.num_heads, self.nope + self.rope)
+        q_pe = q[..., -self.rope:]
         c = self.kv_a_layernorm.fused(kv[:, :r], None)[0]
         k_pe = kv[:, r:]
         if self.rope_kernel_ok:
@@ -204,12 +241,12 @@ class MLA(nn.Module):
             store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
         return q, c, k_pe
 
-    def _prologue_fused(self, x, positions, kv_cache, md):
+    def _prologue_fused(self, x, positions, kv_cache, md, absorbed=False):
         """_prologue with the fused MLA prologue kernel (FUSED_PROLOGUE; needs the fused q_a/kv_a
         weight and the attention kernels' widths): the q_a/kv_a GEMM, ONE launch for both
         latent norms + k_pe's RoPE + the KV store (c / k_pe normed and rotated in place in
         the GEMM output), q_b, then q_pe's RoPE in place."""
-        T, r, ql = x.shape[0], self.r, self.cfg.q_lora_rank
+        r, ql = self.r, self.cfg.q_lora_rank
         from atom_stream.kernels.mla_prologue import mla_prologue
         qkv = dense_linear(x, self.w_qkv_a)
         kv = qkv[:, ql:]
@@ -217,8 +254,8 @@ class MLA(nn.Module):
                            self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
                            self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
                            positions, kv_cache, md.slot_mapping, self.k_scale)
-        q = self.q_b_proj(q_n).view(T, self.num_heads, self.nope + self.rope)
-        self.rotary.rotate_(positions, q[..., self.nope:])  # use_kernels: rope_kernel_ok too
+        q = self._q_b(q_n, absorbed)
+        self.rotary.rotate_(positions, q[..., -self.rope:])  # use_kernels: rope_kernel_ok too
         return q, kv[:, :r], kv[:, r:]
 
     @staticmethod
