@@ -108,9 +108,11 @@ def experts_format(moes) -> str:
     return {"Fp8Block": "fp8_block"}.get(name, name.lower())
 
 
-def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18) -> None:
+def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18, seq: int = 0
+                 ) -> None:
     """Kernel time breakdown of one replayed step: where the step goes, and how much of it is
-    GPU idle (step time minus summed kernel time)."""
+    GPU idle (step time minus summed kernel time); `seq` > 0 also lists that many kernels in
+    launch order with their gaps."""
     from torch.profiler import ProfilerActivity, profile
 
     runner.run_inputs(inp)
@@ -124,6 +126,19 @@ def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18) -> N
     print(f"--- B={B} ctx={ctx}: {total / 1e3:.3f} ms of kernels in one step")
     for e in events[:top]:
         print(f"{e.device_time_total / 1e3:9.3f} ms {e.count:6d}x  {e.key[:90]}")
+    if seq:  # the first `seq` kernels in launch order: maps kernel names to the layer's ops
+        kern = [e for e in prof.events() if e.device_type.name == "CUDA"
+                and e.device_time_total > 0]
+        kern.sort(key=lambda e: e.time_range.start)
+        t0 = kern[0].time_range.start if kern else 0
+        print(f"--- B={B}: the first {min(seq, len(kern))} kernels in order "
+              "(start us from the first, duration us, gap to the previous end)")
+        prev_end = t0
+        for e in kern[:seq]:
+            gap = e.time_range.start - prev_end
+            print(f"{e.time_range.start - t0:9.1f} {e.device_time_total:7.1f} {gap:6.1f}  "
+                  f"{e.name[:80]}")
+            prev_end = e.time_range.end
 
 
 def main(argv=None) -> None:
@@ -139,6 +154,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="also print the top GPU kernels of one graph-replayed step per B")
+    ap.add_argument("--profile-seq", type=int, default=0,
+                    help="with --profile: also list the first N kernels in launch order")
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     ctxs = [int(x) for x in args.ctx.split(",")]
@@ -204,7 +221,7 @@ def main(argv=None) -> None:
             print(f"B={B:4d} ctx={ctx:5d} graphs={graphs!s:5} step={ms:8.3f} ms "
                   f"floor={floor_ms:7.3f} ms ratio={r['ratio']:.3f}", flush=True)
         if args.profile and inp.use_graph:
-            profile_step(runner, inp, B, ctx)
+            profile_step(runner, inp, B, ctx, seq=args.profile_seq)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     out = args.out or f"bench/results/decode-{args.preset}-{gpu}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)

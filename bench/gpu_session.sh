@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -73,6 +73,9 @@ for what in "${sections[@]}"; do case $what in
       tests/test_mla_prologue.py tests/test_moe_small_m.py tests/test_moe_gemv_ladder.py \
       tests/test_mla_decode_ladder.py tests/test_model_kernels.py \
       "tests/test_kernels_attention.py" -k "${GTESTS_K:-not nothing}" ;;
+  profseq) sec profseq ${T_PROFILE:-120} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
+      --batches "${BATCHES:-1}" --ctx 1024 --iters 5 --profile --profile-seq ${SEQ:-70} \
+      --out "$OUT/decode-profseq.json" ;;
   m1) sec m1-test ${T_TESTS:-150} $PY -m gpu tests/test_moe_m1_gate_up.py
       sec m1 ${T_MOE:-150} python3 bench/moe_small_m.py --m1-kernel --budget-s 110 \
       --out "$OUT/moe-m1-gate-up-h200.json" ;;
