@@ -50,6 +50,7 @@ from atom_stream.kernels import silu_mul as silu_mod
 from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import AttentionMetadata
 from atom_stream.loader import init_dummy_weights
+from atom_stream.models import deepseek_v3 as dsv3
 from atom_stream.models import kernel_path
 from atom_stream.models import mla as mla_model
 from atom_stream.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM, MoE
@@ -437,3 +438,56 @@ def test_absorb_switch_default_off():
     """Off unless ATOM_STREAM_ABSORB_QB=1 (the lead flips the default after a GPU A/B)."""
     env = os.environ.get("ATOM_STREAM_ABSORB_QB", "0")
     assert mla_model.ABSORB_QB == (env == "1")
+
+
+# --------------------------------------------------------------------------- FUSE_ROUTER_SHARED
+def run_router_shared(dtype, device, seed, monkeypatch):
+    """Router + shared gate/up as one fp32-output GEMM (FUSE_ROUTER_SHARED, set before
+    loading): the parity run of run_parity (prefill, then a mixed step), plus: the fused weight
+    is what the router copy and the shared gate/up Linears view, and the fused path ran."""
+    monkeypatch.setattr(dsv3, "FUSE_ROUTER_SHARED", True)
+    calls = collections.Counter()
+    real = MoE._router_and_shared
+
+    def spy_fused(self, x):
+        res = real(self, x)
+        calls["fused" if res is not None else "fallback"] += 1
+        return res
+    monkeypatch.setattr(MoE, "_router_and_shared", spy_fused)
+    cfg = tiny_config(32)
+    ref, fast = build_models(cfg, dtype, device, seed, decisive_routing=True)
+    moe = fast.model.layers[1].mlp
+    W = moe.w_router_shared
+    assert W is not None and W.shape == (8 + 2 * 24, 64)
+    assert moe.gate.weight_lp.data_ptr() == W.data_ptr()
+    assert moe.shared_experts.gate_proj.weight.data_ptr() == W[8:].data_ptr()
+    assert torch.equal(moe.shared_experts.up_proj.weight, W[8 + 24:])
+    pool = Pool(cfg, dtype, device, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    for parts, nd in [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2)]:
+        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
+        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
+        h_ref = ref(ids, pos_r, pool.ref, md_r)
+        with kernel_path.force_kernels(not GPU):
+            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
+        assert torch.isfinite(h_fast).all()
+        assert rel(h_fast, h_ref) < TOL[dtype], f"hidden: {rel(h_fast, h_ref):.2e}"
+        assert rel(fast.compute_logits(h_fast), ref.compute_logits(h_ref)) < TOL[dtype]
+    assert calls == {"fused": 2}  # one MoE layer, two steps
+
+
+@cpu_only
+def test_router_shared_fused_matches_reference_interpreter(monkeypatch):
+    run_router_shared(torch.float32, "cpu", 25, monkeypatch)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_shared_fused_matches_reference_gpu(dtype, monkeypatch):
+    run_router_shared(dtype, "cuda", 26, monkeypatch)
+
+
+def test_router_shared_switch_default_off():
+    env = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "0")
+    assert dsv3.FUSE_ROUTER_SHARED == (env == "1")

@@ -25,6 +25,8 @@ normalize in fp32, cast, multiply by the weight); no host syncs on the decode pa
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,6 +149,13 @@ def _fused_moe():
     return fused_moe
 
 
+# Kernel path: the router GEMM and the shared expert's gate/up GEMM read the same x, so with
+# ATOM_STREAM_FUSE_ROUTER_SHARED=1 they are one GEMM over [E + 2I_shared, H] with fp32 output
+# (the logits as before; SiLU*mul reads the shared half in fp32): one launch fewer per MoE layer.
+# Off until a same-run GPU A/B; read at load (MoE.process_weights_after_loading).
+FUSE_ROUTER_SHARED = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "0") == "1"
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
@@ -160,6 +169,37 @@ class MoE(nn.Module):
         )
         self.tp = tp()
         self.record: list | None = None
+        self.w_router_shared: torch.Tensor | None = None  # [E + 2I_shared, H] (FUSE_ROUTER_SHARED)
+
+    def process_weights_after_loading(self) -> None:
+        """Router copy first, then (FUSE_ROUTER_SHARED, shared gate/up fused and unquantized, same
+        dtype) one [E + 2I, H] weight that the router copy and the shared gate/up Linears view
+        (no extra memory at rest)."""
+        self.gate.process_weights_after_loading()
+        shared, lp = self.shared_experts, self.gate.weight_lp
+        if not (FUSE_ROUTER_SHARED and shared is not None and shared.w_gate_up is not None
+                and lp.dtype == shared.w_gate_up.dtype):
+            return
+        E, inter = lp.shape[0], shared.gate_proj.weight.shape[0]
+        fused = torch.cat([lp, shared.w_gate_up.detach()], 0)
+        self.gate.weight_lp = fused[:E]
+        for lyr, start in ((shared.gate_proj, E), (shared.up_proj, E + inter)):
+            p = nn.Parameter(fused[start:start + inter], requires_grad=False)
+            p.__dict__.update(lyr.weight.__dict__)  # tp_dim and other loader attributes
+            lyr.weight = p
+        shared.w_gate_up = fused[E:]
+        self.w_router_shared = fused
+
+    def _router_and_shared(self, x: torch.Tensor):
+        """FUSE_ROUTER_SHARED: (logits [T, E] fp32 view, shared act [T, I] in x's dtype) from one
+        fp32-output GEMM, or None where the backend has no such GEMM (the caller's path runs)."""
+        out = kernel_path.linear_fp32_out(x, self.w_router_shared)
+        if out is None:
+            return None
+        from atom_stream.kernels.silu_mul import silu_mul
+        E = self.cfg.n_routed_experts
+        act = torch.empty(x.shape[0], (out.shape[1] - E) // 2, dtype=x.dtype, device=x.device)
+        return out[:, :E], silu_mul(out[:, E:], out=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]: routed experts + shared expert, one TP reduction.
@@ -178,9 +218,16 @@ class MoE(nn.Module):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 act = shared.act(x)
-        if fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2):
+        kernel_routing = fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2)
+        fused = None
+        if kernel_routing and side is None and self.w_router_shared is not None:
+            fused = self._router_and_shared(x)
+        if kernel_routing:
             from atom_stream.kernels.moe_routing import moe_routing
-            logits = kernel_path.router_logits(x, self.gate.weight_lp, self.gate.weight)
+            if fused is not None:
+                logits, act = fused
+            else:
+                logits = kernel_path.router_logits(x, self.gate.weight_lp, self.gate.weight)
             weights, ids = moe_routing(
                 logits, bias, top_k=cfg.num_experts_per_tok, n_group=G,
                 topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
@@ -197,6 +244,8 @@ class MoE(nn.Module):
         if side is not None:  # join: the shared expert's first half ran beside the routing
             main.wait_stream(side)
             act.record_stream(main)
+            y = shared.down_add(act, y)
+        elif fused is not None:  # its first half came out of the router GEMM
             y = shared.down_add(act, y)
         elif shared is not None:
             y = shared(x, add=y)
@@ -286,7 +335,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 if isinstance(dense, MLP):
                     dense.process_weights_after_loading()
             if isinstance(mlp, MoE):
-                mlp.gate.process_weights_after_loading()
+                mlp.process_weights_after_loading()  # the router copy (+ FUSE_ROUTER_SHARED)
             experts = getattr(layer.mlp, "experts", None)
             method = getattr(experts, "quant_method", None)
             if hasattr(method, "finalize"):  # e.g. repack 4-bit experts for the GPU kernel
