@@ -43,6 +43,8 @@ Paths (chosen per call from M; default_config has the measured H200 choices):
   M=1) and a down kernel per (token, H tile). Measured H200 (bench/results/moe-small-m-h200.json,
   Kimi-K2.5 TP8 rank): int4 M=1 25.2 us vs GEMV 31.1, M=4 72.4 vs 92.2; mxfp4 M=1 26.6 vs 27.2,
   M=4 71.2 vs 79.6. config "small_m": dict of moe_small_m overrides ("poison" is passed on).
+  ATOM_STREAM_MOE_PAIR_M_MAX=N > 1 raises small_m_max to N (moe_small_m's per-pair gate_up at
+  2 <= M <= N; A/B: bench/moe_small_m.py --pair-m).
 - GEMV (4-bit formats and FP8C, M <= gemv_max): gate_up per (token, expert) pair on CUDA cores
   in fp32, then a down kernel per (token, H tile) that sums the token's experts with the routing
   weights and writes y: 2 launches (kernels/fused_moe_gemv.py, kernels/fused_moe_fp8.py).
@@ -116,6 +118,14 @@ _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4
 SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
 
 
+def small_m_max() -> int:
+    """Default config "small_m_max": SMALL_M_MAX, or moe_small_m.PAIR_M_MAX where that is
+    larger and > 1 (ATOM_STREAM_MOE_PAIR_M_MAX: its per-pair gate_up up to that M; 1 = off, so
+    SMALL_M_MAX=0 still means GEMV at M=1). Read from the module at call time (tests reload it)."""
+    from . import moe_small_m as sm
+    return max(SMALL_M_MAX, sm.PAIR_M_MAX if sm.PAIR_M_MAX > 1 else 0)
+
+
 def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0) -> dict:
     """Tiles and path, set from the H200 measurements in bench/RESULTS.md (2026-11-29).
 
@@ -177,7 +187,7 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
             "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
-            "DU": 1, "small_m_max": SMALL_M_MAX if four_bit and act == A_NONE else 0,
+            "DU": 1, "small_m_max": small_m_max() if four_bit and act == A_NONE else 0,
             "small_m": None} | tc4
 
 

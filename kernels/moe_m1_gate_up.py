@@ -1,27 +1,31 @@
-"""M=1 gate_up of the small-M 4-bit MoE: one launch, full K per program, no split-K, no scans.
+"""Per-pair gate_up of the small-M 4-bit MoE: one launch, full K per program, no split-K, no scans.
 
-Used by kernels/moe_small_m.py at M == 1 when config "M1" is on (the default;
-ATOM_STREAM_MOE_M1_KERNEL=0 turns it off): it replaces the small-M
-_gate_up_kernel and feeds the small-M down kernel unchanged. The structure is the measurement
-ladder's rung L4 (kernels/moe_gemv_ladder.py, bench/notes_moe_gemv_ladder.md; measured there at
-R4 SK1 CH8 W4: 10.3 us int4, 11.6 us MXFP4, vs 12.9-14.0 us at the small-M kernel's own tile).
+Used by kernels/moe_small_m.py when config "M1" is on: by default at M == 1
+(ATOM_STREAM_MOE_M1_KERNEL=0 turns that off) and at 2 <= M <= ATOM_STREAM_MOE_PAIR_M_MAX
+(default 1: never). It replaces the small-M _gate_up_kernel and feeds the small-M down kernel
+unchanged. The structure is the measurement ladder's rung L4 (kernels/moe_gemv_ladder.py,
+bench/notes_moe_gemv_ladder.md; measured there at R4 SK1 CH8 W4: 10.3 us int4, 11.6 us MXFP4,
+vs 12.9-14.0 us at the small-M kernel's own tile).
 
 m1_gate_up(x32, w13, s13v, ids, act, fmt_code, *, top_k, n_shared, R, CH, warps, stages, pdl)
-- x32: the ONE token's hidden bf16 [1, H] viewed as int32 [1, H/2] (bf16 pairs, aligned);
+- x32: the M tokens' hidden bf16 [M, H] viewed as int32 [M, H/2] (bf16 pairs, unit column
+  stride, even row stride and offset: any row stride);
 - w13 int32 [E, 2I, H/128, 16] (gate rows then up rows, repack_int4_moe / repack_mxfp4_moe
   layout, kernels/moe_ref.py); s13v: int4 bf16 scales [E, 2I, H/32] viewed as int16, or MXFP4
   e8m0 uint8 [E, 2I, H/32]; fmt_code INT4 / MXFP4 (kernels/moe_small_m_kernels.py);
-- ids [1, top_k] int32/int64 (contiguous); pair k < top_k is expert ids[0, k], pair
-  k >= top_k is shared expert E - n_shared + k - top_k (moe_align.pair_expert);
-- act fp32 [KP, I] (KP = top_k + n_shared), written whole: act[k] = silu(gate_e x) * up_e x in
-  the DOWN order of moe_small_m_kernels._store_act (channel n at (n//32)*32 + (n%2)*16 +
-  (n%32)//2), exactly what the small-M down kernel reads for token 0.
-Grid (KP * 2I / R,): program (k, rt) owns R/2 gate rows and the matching R/2 up rows of pair
-k's expert over the full K, in H / (128 CH) double-buffered steps of a [R, CH, 4, 4] int32
-tile. Every pair computes its own act row, so a repeated expert id (expert parallelism) is
-right without any duplicate scan (it just reads that expert twice). Grid a function of
-(top_k, n_shared, I, R) only: CUDA-graph capturable. R: a power of 2 >= 2 with I % (R/2) == 0;
-CH: a power of 2 dividing H/128.
+- ids [M, top_k] int32/int64, unit column stride; pair p = m * KP + k (KP = top_k + n_shared):
+  k < top_k is expert ids[m, k], k >= top_k the shared expert E - n_shared + k - top_k
+  (moe_align.pair_expert);
+- act fp32 [M * KP, I], written whole: act[p] = silu(gate_e x_m) * up_e x_m in the DOWN order
+  of moe_small_m_kernels._store_act (channel n at (n//32)*32 + (n%2)*16 + (n%32)//2), exactly
+  what the small-M down kernel reads for token m's pairs (rows m * KP .. m * KP + KP - 1).
+Grid (M * KP * 2I / R,): program (p, rt) owns R/2 gate rows and the matching R/2 up rows of
+pair p's expert over the full K, with token m = p // KP's x row, in H / (128 CH)
+double-buffered steps of a [R, CH, 4, 4] int32 tile. Every pair computes its own act row, so a
+repeated expert id (inside a token: expert parallelism; across tokens: M > 1) is right without
+any duplicate scan (it just reads that expert again). At M == 1 this is the M=1 kernel as it
+was (m = 0). Grid a function of (M, top_k, n_shared, I, R) only: CUDA-graph capturable. R: a
+power of 2 >= 2 with I % (R/2) == 0; CH: a power of 2 dividing H/128.
 The jit helpers (_act_pos, _gate_up_rows, _tile_ptrs, _rows_dot, _silu_store) are the ladder's
 rung L3/L4 code, moved here; kernels/moe_gemv_ladder.py imports them.
 """
@@ -77,10 +81,10 @@ def _tile_ptrs(W, S, e, rows, stride_we, stride_se, H: tl.constexpr, R: tl.const
 @triton.jit
 def _rows_dot(X, Wp, Sp, it0, MAGIC, R: tl.constexpr, CH: tl.constexpr, NIT: tl.constexpr,
               FMT: tl.constexpr):
-    """fp32 [R]: the dequantized weight rows at Wp / Sp (_tile_ptrs) dotted with x (X: int32
-    bf16 pairs, token row 0) over steps it0 .. it0 + NIT - 1 (128 CH channels each). Explicit
-    double buffering as in the small-M kernel: step it+1's loads (predicated off after the
-    last step; x's index wraps) are issued before step it's arithmetic."""
+    """fp32 [R]: the dequantized weight rows at Wp / Sp (_tile_ptrs) dotted with x (X: the
+    token's row, int32 bf16 pairs) over steps it0 .. it0 + NIT - 1 (128 CH channels each).
+    Explicit double buffering as in the small-M kernel: step it+1's loads (predicated off after
+    the last step; x's index wraps) are issued before step it's arithmetic."""
     w_n = tl.load(Wp + it0 * (CH * 16))
     s_n = tl.load(Sp + it0 * (CH * 4))
     a0, a1, a2, a3 = _x4(X, 0, it0, R, CH)
@@ -109,37 +113,44 @@ def _silu_store(ACT_ROW, y, rt, HR: tl.constexpr):
 
 
 @triton.jit
-def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_we, stride_se,
+def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, stride_se,
                        I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                        N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
                        FMT: tl.constexpr, PDL: tl.constexpr):
-    """Grid (KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a programmatic
+    """Grid (M * KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a programmatic
     dependent launch) may start now; it reads act only after griddepcontrol.wait."""
     if PDL:
         gdc_launch_dependents()
     NRT: tl.constexpr = 2 * I // R
     pid = tl.program_id(0)
-    k = pid // NRT
+    p = pid // NRT  # pair m * KP + k
     rt = pid % NRT
-    e = pair_expert(IDS, 0, k, k >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
+    e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
     Wp, Sp = _tile_ptrs(W, S, e, _gate_up_rows(rt, I, R), stride_we, stride_se, H, R, CH)
-    y = _rows_dot(X, Wp, Sp, 0, MAGIC, R, CH, H // (128 * CH), FMT)
-    _silu_store(ACT + k.to(tl.int64) * I, y, rt, R // 2)
+    xm = X + (p // KP).to(tl.int64) * stride_xm  # token m's x row
+    y = _rows_dot(xm, Wp, Sp, 0, MAGIC, R, CH, H // (128 * CH), FMT)
+    _silu_store(ACT + p.to(tl.int64) * I, y, rt, R // 2)
 
 
 def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: torch.Tensor,
                act: torch.Tensor, fmt_code: int, *, top_k: int, n_shared: int = 0, R: int = 4,
                CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0) -> torch.Tensor:
-    """Launch the M=1 gate_up (module docstring) and return act. No allocation, no host sync.
-    Inputs are trusted to be checked by the caller (moe_small_m._check) except the tile."""
+    """Launch the per-pair gate_up (module docstring) for the M = ids.shape[0] tokens and
+    return act. No allocation, no host sync. Inputs are trusted to be checked by the caller
+    (moe_small_m._check) except the tile, act and the unit column strides."""
     E, two_i, nc, _ = w13.shape
-    H, I, kp = nc * 128, two_i // 2, top_k + n_shared
+    H, I, kp, M = nc * 128, two_i // 2, top_k + n_shared, ids.shape[0]
     if R < 2 or R & (R - 1) or I % (R // 2) or CH & (CH - 1) or nc % CH:
         raise ValueError(f"m1_gate_up: R={R}, CH={CH} do not tile H={H}, I={I}")
-    if tuple(act.shape) != (kp, I) or act.dtype != torch.float32 or not act.is_contiguous():
-        raise ValueError(f"m1_gate_up: act {act.dtype} {tuple(act.shape)}: want fp32 [{kp}, {I}]")
-    _m1_gate_up_kernel[(kp * two_i // R,)](
-        x32, w13, s13v, ids, act, _MAGIC, w13.stride(0), s13v.stride(0), I=I, H=H, TOPK=top_k,
-        KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH, FMT=fmt_code, PDL=pdl, num_warps=warps,
-        num_stages=stages)
+    if (tuple(act.shape) != (M * kp, I) or act.dtype != torch.float32
+            or not act.is_contiguous()):
+        raise ValueError(f"m1_gate_up: act {act.dtype} {tuple(act.shape)}: want fp32 "
+                         f"[{M * kp}, {I}]")
+    if x32.shape[0] != M or x32.stride(1) != 1 or (top_k and ids.stride(1) != 1):
+        raise ValueError(f"m1_gate_up: x {tuple(x32.shape)} / ids {tuple(ids.shape)}: want "
+                         f"[{M}, H/2] and unit column strides")
+    _m1_gate_up_kernel[(M * kp * two_i // R,)](
+        x32, w13, s13v, ids, act, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
+        s13v.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH,
+        FMT=fmt_code, PDL=pdl, num_warps=warps, num_stages=stages)
     return act

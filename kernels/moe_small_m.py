@@ -26,23 +26,28 @@ capturable), kernels in kernels/moe_small_m_kernels.py:
    (an acq_rel atomic on a per-(b, jt) semaphore that it resets to 0) sums them.
 2. down, grid (M, H / BN2): each program sums its token's KP pairs (routing weight folded into
    the group scale) and writes out[m, tile].
-At M == 1 with config "M1" on (default; env ATOM_STREAM_MOE_M1_KERNEL=0 turns it off: H200,
-bench/RESULTS.md session 4: 24.0 -> 19.8 us int4, decode step B=1 6.46 -> 6.33 ms), launch 1 is kernels/moe_m1_gate_up.py instead (the ladder's rung L4: grid KP * 2I / MR,
-MR/2 gate + MR/2 up rows per program over the full K in CH-chunk steps, no split-K, no
-semaphores, no duplicate scan: every pair computes its own act row); same act, same down.
+With config "M1" on, launch 1 is the per-pair gate_up of kernels/moe_m1_gate_up.py instead (the
+ladder's rung L4: grid P * 2I / MR, MR/2 gate + MR/2 up rows of one pair's expert per program
+over the full K in CH-chunk steps, no split-K, no semaphores, no duplicate scan: every pair
+computes its own act row, a repeated expert is read again); same act, same down. Default on at
+M == 1 (env ATOM_STREAM_MOE_M1_KERNEL=0 turns it off: H200, bench/RESULTS.md session 4: 24.0 ->
+19.8 us int4, decode step B=1 6.46 -> 6.33 ms) and at 2 <= M <= PAIR_M_MAX (env
+ATOM_STREAM_MOE_PAIR_M_MAX, default 1: nowhere; kernels/fused_moe.py then routes 4-bit
+weight-only calls up to that M here; A/B: bench/moe_small_m.py --pair-m). The down kernel's
+grid (M, H / BN2) and act [P, I] have no limit in M (tested up to 32, CUDA graphs included).
 The semaphore buffer is cached per device and size class (never freed) and left all-zero by
 every launch: calls with SK > 1 that may run concurrently on different streams of one device
 would share it (not the case in the engine: one stream per device).
-config (overrides of default_config): M1, MR (the M=1 kernel's switch and rows per program; it
-also takes CH, W1, S1, PDL), BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
-W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); candidates,
-default 0 = off until an H200 A/B (bench/moe_small_m.py --sweep, bench/notes_moe_small_m.md):
-VT=1 gate_up epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent
-loads), DW=1 the down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1
-the down kernel is a programmatic dependent launch (its weight loads overlap the gate_up's
-tail; act is read after griddepcontrol.wait; CUDA only, never under the interpreter); "poison":
-True fills act with NaN first (tests); "stop_after": "gate_up" (benchmarks). out may be given in
-bf16 (the contract) or fp32 (exactness checks: no final rounding).
+config (overrides of default_config): M1, MR (the per-pair kernel's switch, at any M, and rows per
+program; it also takes CH, W1, S1, PDL), BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
+W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); candidates, default
+0 = off until an H200 A/B (bench/moe_small_m.py --sweep, bench/notes_moe_small_m.md): VT=1 gate_up
+epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DW=1 the
+down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1 the down kernel is a
+programmatic dependent launch (its weight loads overlap the gate_up's tail; act is read after
+griddepcontrol.wait; CUDA only, never under the interpreter); "poison": True fills act with NaN
+first (tests); "stop_after": "gate_up" (benchmarks). out may be given in bf16 (the contract) or fp32
+(exactness checks: no final rounding).
 """
 
 from __future__ import annotations
@@ -59,9 +64,12 @@ __all__ = ["default_config", "moe_small_m", "moe_small_m_ref"]
 _FMTS = {"int4": INT4, "int4_g32": INT4, "mxfp4": MXFP4}
 _SEMS: dict = {}
 _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_kernels._prep)
-# M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default); "0" until the
-# H200 A/B (bench/moe_small_m.py --m1-kernel) decides
+# M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default; H200 A/B:
+# bench/moe_small_m.py --m1-kernel, bench/RESULTS.md session 4)
 M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
+# 2 <= M <= PAIR_M_MAX take it too (and fused_moe sends them here); 1 (off) until the H200 A/B
+# (bench/moe_small_m.py --pair-m) decides
+PAIR_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_PAIR_M_MAX", "1"))
 
 
 def default_config(M: int, H: int, I: int, top_k: int) -> dict:
@@ -80,9 +88,11 @@ def default_config(M: int, H: int, I: int, top_k: int) -> dict:
     # BN2 16 at M=1: 24.8-25.0 vs 25.2-25.9 µs (int4), 24.6-24.9 vs 26.6-26.9 (mxfp4) in two
     # H200 runs (bench/RESULTS.md, session 3); 32 elsewhere
     bn2 = max(b for b in ((16, 8, 4, 2, 1) if M == 1 else (32, 16, 8, 4, 2, 1)) if H % b == 0)
-    # M1 / MR: the M=1 gate_up kernel (ladder L4 at R4 SK1 CH8 W4: 10.3 us int4, 11.6 MXFP4)
+    # M1 / MR: the per-pair gate_up kernel (ladder L4 at R4 SK1 CH8 W4: 10.3 us int4, 11.6
+    # MXFP4 at M=1)
+    m1 = (M == 1 and M1_KERNEL) or 1 < M <= PAIR_M_MAX
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0, "M1": int(M == 1 and M1_KERNEL), "MR": 4}
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": 4}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -146,7 +156,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
         return out
     cfg = dict(default_config(M, H, I, top_k), **(config or {}))
     bn, ch, sk, bt, bn2 = cfg["BN"], cfg["CH"], cfg["SK"], cfg["BT"], cfg["BN2"]
-    m1 = M == 1 and bool(cfg.get("M1"))  # (SK, BN, BT are the other gate_up kernel's)
+    m1 = bool(cfg.get("M1"))  # the per-pair gate_up (SK, BN, BT are the other kernel's)
     if (I % bn or (H // 128) % ch or (not m1 and (H // (128 * ch)) % sk) or H % bn2
             or bt not in (1, 2)):
         raise ValueError(f"moe_small_m: config {cfg} does not tile H={H}, I={I}")
