@@ -38,13 +38,14 @@ to +-65504). Anything else raises NotImplementedError.
 
 Paths (chosen per call from M; default_config has the measured H200 choices):
 - small-M (int4_g32 / repacked mxfp4 weight-only, bf16 activations and output (out may also be
-  fp32), bf16 / e8m0 scales, M <= small_m_max, default 4; 0 disables): kernels/moe_small_m.py,
+  fp32), bf16 / e8m0 scales, M <= small_m_max, default 8 (see below); 0 disables):
+  kernels/moe_small_m.py,
   2 launches: gate_up once per DISTINCT expert (tokens compacted on the device; split-K 7 at
   M=1) and a down kernel per (token, H tile). Measured H200 (bench/results/moe-small-m-h200.json,
   Kimi-K2.5 TP8 rank): int4 M=1 25.2 us vs GEMV 31.1, M=4 72.4 vs 92.2; mxfp4 M=1 26.6 vs 27.2,
   M=4 71.2 vs 79.6. config "small_m": dict of moe_small_m overrides ("poison" is passed on).
-  ATOM_STREAM_MOE_PAIR_M_MAX=N > 1 raises small_m_max to N (moe_small_m's per-pair gate_up at
-  2 <= M <= N; A/B: bench/moe_small_m.py --pair-m).
+  ATOM_STREAM_MOE_PAIR_M_MAX=N > 1 (default 8) raises small_m_max to N (moe_small_m's per-pair
+  gate_up at 2 <= M <= N; A/B: bench/moe_small_m.py --pair-m); 1 gives SMALL_M_MAX (4).
 - GEMV (4-bit formats and FP8C, M <= gemv_max): gate_up per (token, expert) pair on CUDA cores
   in fp32, then a down kernel per (token, H tile) that sums the token's experts with the routing
   weights and writes y: 2 launches (kernels/fused_moe_gemv.py, kernels/fused_moe_fp8.py).

@@ -32,7 +32,7 @@ over the full K in CH-chunk steps, no split-K, no semaphores, no duplicate scan:
 computes its own act row, a repeated expert is read again); same act, same down. Default on at
 M == 1 (env ATOM_STREAM_MOE_M1_KERNEL=0 turns it off: H200, bench/RESULTS.md session 4: 24.0 ->
 19.8 us int4, decode step B=1 6.46 -> 6.33 ms) and at 2 <= M <= PAIR_M_MAX (env
-ATOM_STREAM_MOE_PAIR_M_MAX, default 1: nowhere; kernels/fused_moe.py then routes 4-bit
+ATOM_STREAM_MOE_PAIR_M_MAX, default 8; 1 = nowhere; kernels/fused_moe.py then routes 4-bit
 weight-only calls up to that M here; A/B: bench/moe_small_m.py --pair-m). The down kernel's
 grid (M, H / BN2) and act [P, I] have no limit in M (tested up to 32, CUDA graphs included).
 The semaphore buffer is cached per device and size class (never freed) and left all-zero by
@@ -67,9 +67,10 @@ _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_ke
 # M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default; H200 A/B:
 # bench/moe_small_m.py --m1-kernel, bench/RESULTS.md session 4)
 M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
-# 2 <= M <= PAIR_M_MAX take it too (and fused_moe sends them here); 1 (off) until the H200 A/B
-# (bench/moe_small_m.py --pair-m) decides
-PAIR_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_PAIR_M_MAX", "1"))
+# 2 <= M <= PAIR_M_MAX take it too (and fused_moe sends them here). Default 8 from the H200 runs
+# (bench/RESULTS.md session 4): kernel 1.12-1.42x at M = 2..8, a tie at 16 (int4; MXFP4 0.88x),
+# 0.77x at 32; decode step B=4 9.14 -> 8.14 ms, B=8 13.32 -> 10.62 ms. 1 = off.
+PAIR_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_PAIR_M_MAX", "8"))
 
 
 def default_config(M: int, H: int, I: int, top_k: int) -> dict:

@@ -488,6 +488,6 @@ def test_router_shared_fused_matches_reference_gpu(dtype, monkeypatch):
     run_router_shared(dtype, "cuda", 26, monkeypatch)
 
 
-def test_router_shared_switch_default_off():
-    env = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "0")
+def test_router_shared_switch_default_on():
+    env = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "1")
     assert dsv3.FUSE_ROUTER_SHARED == (env == "1")

@@ -13,7 +13,6 @@ up to fp32 summation order).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from kernel_interp import interpret_without_gpu
@@ -24,7 +23,7 @@ GPU = interpret_without_gpu(
 
 from atom_stream.kernels import moe_ref as R
 from atom_stream.kernels import moe_small_m as SM
-from atom_stream.kernels.fused_moe import fused_moe
+from atom_stream.kernels.fused_moe import fused_moe, small_m_max
 from atom_stream.kernels.moe_small_m import (
     default_config,
     moe_small_m,
@@ -249,16 +248,18 @@ def test_fused_moe_dispatches_small_m(fmt, M, k, n_shared, cfg):
 
 @cpu_only
 def test_fused_moe_small_m_not_taken():
-    # M > small_m_max, fp16 activations, w4a4: never the small-M path
+    # M > small_m_max (the default: 8 with ATOM_STREAM_MOE_PAIR_M_MAX's default), fp16
+    # activations, w4a4: never the small-M path
+    M = small_m_max() + 1
     gen = torch.Generator().manual_seed(3)
     (w13, w2, s13, s2), _ = make_experts("mxfp4", 8, 128, 128, gen)
-    ids, tw = make_routing(5, 2, 8, gen)
+    ids, tw = make_routing(M, 2, 8, gen)
     calls = []
     real = SM.moe_small_m
     SM.moe_small_m = lambda *a, **kw: calls.append(1)
     try:
         cfg = {"G1": 64, "G2": 128, "GC": 1, "BN1": 64, "BN2": 128}
-        x = torch.randn(5, 128, generator=gen).bfloat16()
+        x = torch.randn(M, 128, generator=gen).bfloat16()
         fused_moe(x, w13, w2, tw, ids, quant="mxfp4", w13_scale=s13, w2_scale=s2, config=cfg)
         fused_moe(x[:1].half(), w13, w2, tw[:1], ids[:1], quant="mxfp4", w13_scale=s13,
                   w2_scale=s2, config=cfg)

@@ -152,8 +152,9 @@ def _fused_moe():
 # Kernel path: the router GEMM and the shared expert's gate/up GEMM read the same x, so with
 # ATOM_STREAM_FUSE_ROUTER_SHARED=1 they are one GEMM over [E + 2I_shared, H] with fp32 output
 # (the logits as before; SiLU*mul reads the shared half in fp32): one launch fewer per MoE layer.
-# Off until a same-run GPU A/B; read at load (MoE.process_weights_after_loading).
-FUSE_ROUTER_SHARED = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "0") == "1"
+# On by default (H200 same-run A/B, bench/RESULTS.md session 4: B=1 5.99 -> 5.86 ms, never
+# slower at B = 4, 8, 64); =0 keeps two GEMMs. Read at load (MoE.process_weights_after_loading).
+FUSE_ROUTER_SHARED = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "1") == "1"
 
 
 class MoE(nn.Module):
