@@ -369,6 +369,22 @@ def test_decode_op_count_per_layer(capsys):
 
 
 # --------------------------------------------------------------------------- ABSORB_QB
+def compare_steps(ref, fast, cfg, dtype, device, seed, steps):
+    """Run `steps` ((seq id, new tokens) parts, num_decodes) on both models over fresh pools:
+    hidden states and logits of the kernel path within TOL of the reference at every step."""
+    pool = Pool(cfg, dtype, device, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    for parts, nd in steps:
+        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
+        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
+        h_ref = ref(ids, pos_r, pool.ref, md_r)
+        with kernel_path.force_kernels(not GPU):
+            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
+        assert torch.isfinite(h_fast).all()
+        assert rel(h_fast, h_ref) < TOL[dtype], f"hidden: {rel(h_fast, h_ref):.2e}"
+        assert rel(fast.compute_logits(h_fast), ref.compute_logits(h_ref)) < TOL[dtype]
+
+
 def run_absorbed(dtype, device, seed, fused_prologue, monkeypatch):
     """W_UK folded into q_b (mla.ABSORB_QB, set before loading): decode-only steps take
     q_lat | q_pe from the folded GEMM (no W_UK bmm), mixed / prefill steps keep q_b; hidden
@@ -385,19 +401,9 @@ def run_absorbed(dtype, device, seed, fused_prologue, monkeypatch):
     real = MLA._q_b
     monkeypatch.setattr(MLA, "_q_b", lambda self, q_n, absorbed:
                         seen.append(absorbed) or real(self, q_n, absorbed))
-    pool = Pool(cfg, dtype, device, seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
     decode = [(s, 1) for s in range(3)]
     steps = [([(0, 5), (1, 9), (2, 6)], 0), (decode, 3), ([(0, 1), (3, 4)], 1), (decode, 3)]
-    for parts, nd in steps:
-        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
-        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
-        h_ref = ref(ids, pos_r, pool.ref, md_r)
-        with kernel_path.force_kernels(not GPU):
-            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
-        assert torch.isfinite(h_fast).all()
-        assert rel(h_fast, h_ref) < TOL[dtype], f"hidden: {rel(h_fast, h_ref):.2e}"
-        assert rel(fast.compute_logits(h_fast), ref.compute_logits(h_ref)) < TOL[dtype]
+    compare_steps(ref, fast, cfg, dtype, device, seed, steps)
     n = cfg.num_hidden_layers
     assert seen == [False] * n + [True] * n + [False] * n + [True] * n
 
@@ -462,17 +468,8 @@ def run_router_shared(dtype, device, seed, monkeypatch):
     assert moe.gate.weight_lp.data_ptr() == W.data_ptr()
     assert moe.shared_experts.gate_proj.weight.data_ptr() == W[8:].data_ptr()
     assert torch.equal(moe.shared_experts.up_proj.weight, W[8 + 24:])
-    pool = Pool(cfg, dtype, device, seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
-    for parts, nd in [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2)]:
-        (pos_r, md_r), (pos_f, md_f) = pool.step(parts, nd)
-        ids = torch.randint(0, cfg.vocab_size, (len(pos_r),), generator=g)
-        h_ref = ref(ids, pos_r, pool.ref, md_r)
-        with kernel_path.force_kernels(not GPU):
-            h_fast = fast(ids.to(device), pos_f, pool.fast, md_f)
-        assert torch.isfinite(h_fast).all()
-        assert rel(h_fast, h_ref) < TOL[dtype], f"hidden: {rel(h_fast, h_ref):.2e}"
-        assert rel(fast.compute_logits(h_fast), ref.compute_logits(h_ref)) < TOL[dtype]
+    compare_steps(ref, fast, cfg, dtype, device, seed,
+                  [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2)])
     assert calls == {"fused": 2}  # one MoE layer, two steps
 
 

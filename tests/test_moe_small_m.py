@@ -35,6 +35,16 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
 DEV = "cuda" if GPU else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def split_k_gate_up(monkeypatch):
+    """This file tests the small-M split-K gate_up (config "M1" 0) and the dispatch as it was
+    built for it (small-M at M <= SMALL_M_MAX): the per-pair gate_up that the defaults now
+    take at M <= 8 (ATOM_STREAM_MOE_M1_KERNEL / _PAIR_M_MAX) has tests/test_moe_m1_gate_up.py
+    (and its many small programs make these shapes slow under the interpreter)."""
+    monkeypatch.setattr(SM, "M1_KERNEL", False)
+    monkeypatch.setattr(SM, "PAIR_M_MAX", 1)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     assert torch.isfinite(a).all(), "non-finite output (unwritten element or intermediate?)"
@@ -248,8 +258,8 @@ def test_fused_moe_dispatches_small_m(fmt, M, k, n_shared, cfg):
 
 @cpu_only
 def test_fused_moe_small_m_not_taken():
-    # M > small_m_max (the default: 8 with ATOM_STREAM_MOE_PAIR_M_MAX's default), fp16
-    # activations, w4a4: never the small-M path
+    # M > small_m_max (SMALL_M_MAX here: split_k_gate_up), fp16 activations, w4a4: never the
+    # small-M path
     M = small_m_max() + 1
     gen = torch.Generator().manual_seed(3)
     (w13, w2, s13, s2), _ = make_experts("mxfp4", 8, 128, 128, gen)

@@ -146,6 +146,10 @@ async def test_hung_worker_trips_the_step_watchdog():
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGCONT)
     assert all(not p.is_alive() for p in ex.procs)
+    # the shutdown thread wakes the loop as its last act, so it may not have returned yet
+    for t in threading.enumerate():
+        if t.name == "atom-stream-runner-shutdown":
+            t.join(10)
     assert not any(t.name == "atom-stream-runner-shutdown" for t in threading.enumerate())
 
 
