@@ -120,11 +120,12 @@ SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
 
 
 def small_m_max() -> int:
-    """Default config "small_m_max": SMALL_M_MAX, or moe_small_m.PAIR_M_MAX where that is
-    larger and > 1 (ATOM_STREAM_MOE_PAIR_M_MAX: its per-pair gate_up up to that M; 1 = off, so
-    SMALL_M_MAX=0 still means GEMV at M=1). Read from the module at call time (tests reload it)."""
+    """Default config "small_m_max": 0 when ATOM_STREAM_MOE_SMALL_M_MAX=0 (the small-M path off
+    at every M, whatever PAIR_M_MAX says), else SMALL_M_MAX or moe_small_m.PAIR_M_MAX where that
+    is larger (ATOM_STREAM_MOE_PAIR_M_MAX: its per-pair gate_up up to that M; 1 = off). Read
+    from the module at call time (tests reload it)."""
     from . import moe_small_m as sm
-    return max(SMALL_M_MAX, sm.PAIR_M_MAX if sm.PAIR_M_MAX > 1 else 0)
+    return 0 if SMALL_M_MAX == 0 else max(SMALL_M_MAX, sm.PAIR_M_MAX)
 
 
 def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0) -> dict:

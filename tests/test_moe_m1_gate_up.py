@@ -241,6 +241,17 @@ def test_env_pair_m_max_dispatch(sm_env, m1_calls):
 
 
 @cpu_only
+def test_small_m_max_zero_turns_the_small_m_path_off(sm_env, monkeypatch):
+    # ATOM_STREAM_MOE_SMALL_M_MAX=0 (the README's A/B switch) means no small-M path at any M,
+    # also with the per-pair gate_up's PAIR_M_MAX above it
+    sm_env(ATOM_STREAM_MOE_PAIR_M_MAX="8")
+    assert FM.small_m_max() == max(8, FM.SMALL_M_MAX)
+    monkeypatch.setattr(FM, "SMALL_M_MAX", 0)
+    assert FM.small_m_max() == 0
+    assert FM.default_config(FM.INT4, 1, 8, 384, 7168, 256)["small_m_max"] == 0
+
+
+@cpu_only
 def test_fused_moe_takes_m1_path(m1_calls):
     # fused_moe at M=1 with small_m {"M1": 1}: the new gate_up, equal to the GEMV path
     y_on, y_off, ref, sm_calls = fused_both(
