@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -76,6 +76,9 @@ for what in "${sections[@]}"; do case $what in
   profseq) sec profseq ${T_PROFILE:-120} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
       --batches "${BATCHES:-1}" --ctx 1024 --iters 5 --profile --profile-seq ${SEQ:-70} \
       --out "$OUT/decode-profseq.json" ;;
+  tcladder) sec tcladder-test ${T_TESTS:-120} $PY -m gpu tests/test_moe_tc_ladder.py
+      sec tcladder ${T_LADDER:-260} python3 bench/moe_tc_ladder.py --budget-s ${BUDGET:-200} \
+      --ms "${MS:-64,256}" --out "$OUT/moe-tc-ladder-h200.json" ;;
   pairm) sec pairm ${T_MOE:-150} python3 bench/moe_small_m.py --pair-m --budget-s 100 --jobs 12 \
       --out "$OUT/moe-pair-m-h200.json" ;;
   m1) sec m1-test ${T_TESTS:-150} $PY -m gpu tests/test_moe_m1_gate_up.py
