@@ -7,7 +7,8 @@ touched experts' int4 weights at ~0.45 of copy (bench/RESULTS.md, session 3), th
 likewise. The rungs of bench/moe_tc_ladder_kernels.py keep its grid and per-program tiles and
 add one piece of its work at a time (G0 weight words, G1 + scale and activation loads, G2 +
 dequantization, G3 the whole gate_up), each also on a row-tiled copy of the weights ("t":
-contiguous R x 64-byte blocks per chunk) and with a persistent grid ("p": k x SMs programs
+contiguous R x 64-byte blocks per chunk; "wN" / "sN": words / scales in tiles of N consecutive
+rows, the layout every kernel could share) and with a persistent grid ("p": k x SMs programs
 looping over the tiles). PROD is the production `_gate_up_kernel` itself on the same tables.
 
 Shapes: Kimi-K2.5 TP8 rank (H 7168, I 256, E 384, top-8), random int4 words and bf16 scales,
@@ -16,7 +17,7 @@ uniform random routing (8 rotated sets: past the 50 MB L2), align tables compute
 the rung reads (distinct experts x (G0: words; G1+: words + scales)) / time / copy bandwidth in
 the same run. Check (G3, PROD): four real slots against torch on the dequantized expert. After
 --budget-s nothing new is timed; the table and JSON rows {"m", "rung", "BN", "warps", "stages",
-"tiled", "nprog", "time_us", "bytes", "ratio", "copy_GBps", "check"} are written in any case.
+"tiled", "nprog", "wt", "st", "time_us", "bytes", "ratio", "copy_GBps", "check"} are written in any case.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 H, I, E, TOPK, ROT, BM = 7168, 256, 384, 8, 8, 16
 DEV = "cuda"
 # (BN, warps, stages): M=64/256 int4 production tiles first, then the M<=16 / MXFP4 ones
-CONFIGS = [(64, 4, 3), (32, 2, 3), (16, 2, 3), (64, 4, 4)]
-# (name, rung, tiled, persistent programs per SM (0: one program per tile))
-RUNGS = [("PROD", None, False, 0), ("G0", 0, False, 0), ("G0t", 0, True, 0),
-         ("G1", 1, False, 0), ("G2", 2, False, 0), ("G3", 3, False, 0), ("G3t", 3, True, 0),
-         ("G3p2", 3, False, 2), ("G3p3", 3, False, 3), ("G3tp3", 3, True, 3),
-         ("G0p3", 0, False, 3)]
+CONFIGS = [(64, 4, 3), (32, 2, 3), (16, 2, 3)]
+# (name, rung, pair-tiled, persistent programs per SM (0: one per tile), word tile rows, scale
+# tile rows): "t" = `tile_weights` (a program's 2 BN rows as one block per chunk), "wN" / "sN" =
+# `tile_rows` copies of the words / scales with N consecutive rows per tile
+RUNGS = [("PROD", None, False, 0, 0, 0), ("G0", 0, False, 0, 0, 0), ("G0w16", 0, False, 0, 16, 0),
+         ("G1", 1, False, 0, 0, 0), ("G1t", 1, True, 0, 0, 0), ("G1w16s16", 1, False, 0, 16, 16),
+         ("G3", 3, False, 0, 0, 0), ("G3t", 3, True, 0, 0, 0), ("G3w16", 3, False, 0, 16, 0),
+         ("G3w32", 3, False, 0, 32, 0), ("G3w16s16", 3, False, 0, 16, 16),
+         ("G3w32s32", 3, False, 0, 32, 32), ("G3w64s64", 3, False, 0, 64, 64),
+         ("G3w16s64", 3, False, 0, 16, 64), ("G3w16s16p3", 3, False, 3, 16, 16)]
 
 
 def make_data(dev, M: int):
@@ -114,7 +119,11 @@ def main(argv=None) -> None:
     for M in ms:
         w13, s13, sets_of[M], distinct_of[M] = make_data(DEV, M)  # same weights (seed 0)
     tiled = {}
-    print(f"{'M':>4} {'rung':<6}{'BN':>4}{'W':>3}{'S':>3}{'us':>9}{'ratio':>7}{'vs PROD':>8}  check")
+    s13v = s13.view(E, 2 * I, H // 128, 4)
+    for T in sorted({r[4] for r in RUNGS if r[4]} | {r[5] for r in RUNGS if r[5]}):
+        tiled["w", T] = L.tile_rows(w13, T)
+        tiled["s", T] = L.tile_rows(s13v, T)
+    print(f"{'M':>4} {'rung':<11}{'BN':>4}{'W':>3}{'S':>3}{'us':>9}{'ratio':>7}{'vs PROD':>8}  check")
     for BN, warps, stages in cfgs:
         if BN not in tiled:
             tiled[BN] = L.tile_weights(w13, BN)
@@ -126,19 +135,20 @@ def main(argv=None) -> None:
             out = torch.empty(nblk * (I // BN), device=DEV)
             act = torch.empty(nblk * BM, I, device=DEV, dtype=torch.bfloat16)
             prod_t = None
-            for name, rung, til, k in RUNGS:
+            for name, rung, til, k, wt, st in RUNGS:
                 if time.time() - t0 > args.budget_s:
                     print(f"budget: skipped M={M} {name} BN{BN}", flush=True)
                     continue
-                w = tiled[BN] if til else w13
+                w = tiled[BN] if til else (tiled["w", wt] if wt else w13)
+                sc = tiled["s", st] if st else s13
                 if rung is None:
                     calls = [prod_call(x, w13, s13, ids, sp, be, act, BN, warps, stages)
                              for x, ids, sp, be in sets]
                 else:
                     kw = {"top_k": TOPK, "BN": BN, "warps": warps, "stages": stages,
-                          "tiled": til, "nprog": k * nsm}
-                    calls = [lambda x=x, sp=sp, be=be, r=rung, w=w, o=out, a=act, kw=kw:
-                             L.gate_up_rung(r, x, w, s13, sp, be, o, a, **kw)
+                          "tiled": til, "nprog": k * nsm, "wt": wt, "st": st}
+                    calls = [lambda x=x, sp=sp, be=be, r=rung, w=w, sc=sc, o=out, a=act, kw=kw:
+                             L.gate_up_rung(r, x, w, sc, sp, be, o, a, **kw)
                              for x, _ids, sp, be in sets]
                 chk = "-"
                 try:
@@ -157,10 +167,10 @@ def main(argv=None) -> None:
                 nb = nbytes[0 if rung == 0 else 1]
                 ratio = nb / (t * 1e-6) / (copy * 1e9)
                 vs = f"{prod_t / t:8.2f}" if prod_t else f"{'-':>8}"
-                print(f"{M:>4} {name:<6}{BN:>4}{warps:>3}{stages:>3}{t:>9.2f}{ratio:>7.3f}{vs}"
+                print(f"{M:>4} {name:<11}{BN:>4}{warps:>3}{stages:>3}{t:>9.2f}{ratio:>7.3f}{vs}"
                       f"  {chk}", flush=True)
                 rows.append({"m": M, "rung": name, "BN": BN, "warps": warps, "stages": stages,
-                             "tiled": til, "nprog": k * nsm, "time_us": round(t, 2),
+                             "tiled": til, "nprog": k * nsm, "wt": wt, "st": st, "time_us": round(t, 2),
                              "bytes": nb, "ratio": round(ratio, 4), "copy_GBps": round(copy),
                              "distinct": distinct, "check": chk})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

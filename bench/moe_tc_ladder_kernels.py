@@ -38,7 +38,8 @@ def _xor(a, b):
 @triton.jit
 def _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, tile, num_pairs, stride_xm, stride_we,
              stride_se, H: tl.constexpr, I: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr, RUNG: tl.constexpr, TILED: tl.constexpr, MDT: tl.constexpr):
+             BN: tl.constexpr, RUNG: tl.constexpr, TILED: tl.constexpr, MDT: tl.constexpr,
+             WT: tl.constexpr, ST: tl.constexpr):
     NJ: tl.constexpr = I // BN
     R: tl.constexpr = 2 * BN
     NCH: tl.constexpr = H // 128
@@ -54,13 +55,21 @@ def _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, tile, num_pairs, stride_xm, stri
         up = r >= BN
         n = jt * BN + tl.where(up, r - BN, r)
         rows = tl.where(up, I + n, n).to(tl.int64)
-        row_s = rows * (H // 32)
+        if ST:
+            row_s = ((rows // ST) * (NCH * ST) + rows % ST) * 4
+            SCS: tl.constexpr = ST * 4
+        else:
+            row_s = rows * (H // 32)
+            SCS: tl.constexpr = 4
         e64 = e.to(tl.int64)
         Wp = W + e64 * stride_we
         Sp = S + e64 * stride_se
         if TILED:
             row_w = (jt * NCH * R + r).to(tl.int64) * 16
             CS: tl.constexpr = R * 16
+        elif WT:
+            row_w = ((rows // WT) * (NCH * WT) + rows % WT) * 16
+            CS: tl.constexpr = WT * 16
         else:
             row_w = rows * (NCH * 16)
             CS: tl.constexpr = 16
@@ -70,7 +79,7 @@ def _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, tile, num_pairs, stride_xm, stri
             acc = tl.zeros((R, BM), tl.float32)
             for c in range(NCH):
                 acc = _step4s(acc, c * 128, Wp, Sp, row_w, row_s, r >= 0, X, x_row, x_ok, R, BM,
-                              128, 2, MDT, 1, CS)
+                              128, 2, MDT, 1, CS, SCS)
             g, u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))
             a = g / (1.0 + tl.exp(-g)) * u
             slot = (b * BM + mr).to(tl.int64)
@@ -90,7 +99,7 @@ def _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, tile, num_pairs, stride_xm, stri
             accb = tl.zeros((R, 16), tl.float32)
             for c in range(NCH):
                 w = tl.load(Wp + row_w[:, None] + c * CS + t[None, :])
-                s4 = tl.load(Sp + row_s[:, None] + c * 4 + tl.arange(0, 4)[None, :])
+                s4 = tl.load(Sp + row_s[:, None] + c * SCS + tl.arange(0, 4)[None, :])
                 accs += s4.to(tl.float32)
                 s02, s13 = tl.split(tl.reshape(s4, (R, 2, 2)))
                 s0, s2 = tl.split(s02)
@@ -121,15 +130,15 @@ def _gu_ladder_kernel(X, W, S, SORTED, BLKEXP, OUT, ACT, num_pairs, ntiles, stri
                       stride_we, stride_se, H: tl.constexpr, I: tl.constexpr, KP: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, RUNG: tl.constexpr,
                       TILED: tl.constexpr, PERSIST: tl.constexpr, NPROG: tl.constexpr,
-                      MDT: tl.constexpr):
+                      MDT: tl.constexpr, WT: tl.constexpr, ST: tl.constexpr):
     pid = tl.program_id(0)
     if PERSIST:
         for tile in range(pid, ntiles, NPROG):
             _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, tile, num_pairs, stride_xm, stride_we,
-                     stride_se, H, I, KP, BM, BN, RUNG, TILED, MDT)
+                     stride_se, H, I, KP, BM, BN, RUNG, TILED, MDT, WT, ST)
     else:
         _gu_tile(X, W, S, SORTED, BLKEXP, OUT, ACT, pid, num_pairs, stride_xm, stride_we,
-                 stride_se, H, I, KP, BM, BN, RUNG, TILED, MDT)
+                 stride_se, H, I, KP, BM, BN, RUNG, TILED, MDT, WT, ST)
 
 
 def tile_weights(w13: torch.Tensor, BN: int) -> torch.Tensor:
@@ -144,20 +153,29 @@ def tile_weights(w13: torch.Tensor, BN: int) -> torch.Tensor:
 
 def gate_up_rung(rung: int, x, w13, s13, sorted_pairs, block_expert, out, act, *, top_k: int,
                  BN: int, BM: int = 16, warps: int = 4, stages: int = 3, tiled: bool = False,
-                 nprog: int = 0, mdt: int = 0):
+                 nprog: int = 0, mdt: int = 0, wt: int = 0, st: int = 0):
     """Launch one rung. x [M, H] bf16; w13 [E, 2I, H/128, 16] int32 (or its `tile_weights`
     copy when tiled); s13 [E, 2I, H/32] bf16; out fp32 [ntiles] (G0-G2); act [slots, I] (G3);
     nprog > 0: persistent with that many programs; mdt 0: bf16 dequantized weights and MMAs
-    (production), 1: fp16 (the interpreter's tests: it mishandles bf16 dots)."""
+    (production), 1: fp16 (the interpreter's tests: it mishandles bf16 dots); wt / st > 0: w13
+    / s13 are the `tile_rows` copies with that many rows per tile (tiled must be False)."""
     M, H = x.shape
-    I = s13.shape[1] // 2
+    I = s13[0].numel() // (H // 32) // 2  # s13 may be a tiled copy
     ntiles = block_expert.numel() * (I // BN)
     grid = min(nprog, ntiles) if nprog else ntiles
     _gu_ladder_kernel[(grid,)](
         x, w13, s13, sorted_pairs, block_expert, out, act, M * top_k, ntiles, x.stride(0),
         w13.stride(0), s13.stride(0), H=H, I=I, KP=top_k, BM=BM, BN=BN, RUNG=rung,
-        TILED=tiled, PERSIST=nprog > 0, NPROG=max(nprog, 1), MDT=mdt, num_warps=warps,
-        num_stages=stages)
+        TILED=tiled, PERSIST=nprog > 0, NPROG=max(nprog, 1), MDT=mdt, WT=wt, ST=st,
+        num_warps=warps, num_stages=stages)
+
+
+def tile_rows(t: torch.Tensor, T: int) -> torch.Tensor:
+    """[E, N, K/128, C] (words: C = 16; scales viewed [E, N, K/128, 4]) -> [E, N/T, K/128, T, C]:
+    tiles of T consecutive rows, chunk-major inside a tile (row n, chunk c at tile n // T, row
+    n % T of chunk c's contiguous T x C block)."""
+    E, N, nch, C = t.shape
+    return t.reshape(E, N // T, T, nch, C).permute(0, 1, 3, 2, 4).contiguous()
 
 
 def dequant(w13: torch.Tensor, s13: torch.Tensor) -> torch.Tensor:

@@ -149,20 +149,21 @@ def _dot16(w, x, acc, MDT: tl.constexpr):
 @triton.jit
 def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
             BM: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
-            DQ: tl.constexpr, CS: tl.constexpr = 16):
+            DQ: tl.constexpr, CS: tl.constexpr = 16, SCS: tl.constexpr = 4):
     """DQ >= 1 step for repacked int4 / MXFP4 weight-only: acc[R, BM] += W[rows, k0:k0+BK] @
     X[k0:k0+BK, tokens] with the group scales folded into the 16-bit weight operand (`_dq16`),
     so every MMA accumulates into acc directly: no per-group fp32 partial, no per-group wait on
     the MMA and rescale of the accumulator (what DQ=0 does). DQ=1: one MMA per scale group
     (K = 32); DQ=2: one per 128-K chunk (groups interleaved along K, x rows permuted to match).
     The 4 scales of a chunk are one [R, 4] load. CS: words between a row's consecutive 128-K
-    chunks (16: the repacked [rows, K / 128, 16] layout; R * 16 for a row-tiled copy, whose
-    row_w then points at the row inside its tile)."""
+    chunks (16: the repacked [rows, K / 128, 16] layout; T * 16 for a row-tiled copy with T rows
+    per tile, whose row_w then points at the row inside its tile); SCS likewise for the scales
+    (4: row-major [rows, K / 32]; T * 4 tiled)."""
     t = tl.arange(0, 16)
     for cc in tl.static_range(BK // 128):
         c = k0 // 128 + cc
         w = tl.load(Wp + row_w[:, None] + c * CS + t[None, :], mask=wm[:, None], other=0)
-        sg = c * 4 + tl.arange(0, 4)
+        sg = c * SCS + tl.arange(0, 4)
         if FMT == 2:  # bf16 scales, used as they are
             s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=0.0)
         else:

@@ -45,18 +45,30 @@ def draw(seed: int):
     return x.to(DEV), w13.to(DEV), s13.to(DEV), d13, sp, be
 
 
-def launch(rung, x, w13, s13, sp, be, *, BN, tiled, nprog):
+def launch(rung, x, w13, s13, sp, be, *, BN, tiled, nprog, wt=0, st=0):
     I = s13.shape[1] // 2
     ntiles = be.numel() * (I // BN)
     out = torch.full((ntiles,), float("nan"), device=DEV)
     act = torch.full((be.numel() * 16, I), float("nan"), device=DEV, dtype=torch.bfloat16)
-    w = L.tile_weights(w13, BN) if tiled else w13
-    L.gate_up_rung(rung, x, w, s13, sp, be, out, act, top_k=SHAPE["TOPK"], BN=BN, tiled=tiled,
-                   nprog=nprog, mdt=MDT, warps=4 if BN >= 32 else 2)
+    w = L.tile_weights(w13, BN) if tiled else (L.tile_rows(w13, wt) if wt else w13)
+    E, N, K = s13.shape
+    s = L.tile_rows(s13.view(E, N, K // 4, 4), st) if st else s13
+    L.gate_up_rung(rung, x, w, s, sp, be, out, act, top_k=SHAPE["TOPK"], BN=BN, tiled=tiled,
+                   nprog=nprog, mdt=MDT, warps=4 if BN >= 32 else 2, wt=wt, st=st)
     return out.cpu(), act.cpu()
 
 
 OPTS = [(False, 0), (True, 0), (False, 3), (True, 5)]
+LAYOUTS = [(16, 0), (8, 16), (32, 32)]  # (word tile rows, scale tile rows)
+
+
+def test_tile_rows_layout():
+    w13 = draw(2)[1].cpu()
+    t = L.tile_rows(w13, 8)
+    E, nt, nch, T, C = t.shape
+    assert (nt, T, C) == (w13.shape[1] // 8, 8, 16)
+    for e, n, c in [(0, 0, 0), (E - 1, w13.shape[1] - 1, nch - 1), (1, 13, 1)]:
+        assert torch.equal(t[e, n // 8, c, n % 8], w13[e, n, c])
 
 
 def test_tile_weights_layout():
@@ -73,11 +85,12 @@ def test_tile_weights_layout():
 
 
 @pytest.mark.parametrize("rung", [0, 1, 2])
-@pytest.mark.parametrize("tiled,nprog", [OPTS[0], OPTS[3]])
-def test_read_rungs(rung, tiled, nprog):
-    x, w13, s13, d13, sp, be = draw(10 + rung + 3 * tiled)
+@pytest.mark.parametrize("tiled,nprog,wt,st", [(*OPTS[0], 0, 0), (*OPTS[3], 0, 0),
+                                               (False, 0, 16, 16)])
+def test_read_rungs(rung, tiled, nprog, wt, st):
+    x, w13, s13, d13, sp, be = draw(10 + rung + 3 * tiled + wt)
     BN = 16
-    out, _ = launch(rung, x, w13, s13, sp, be, BN=BN, tiled=tiled, nprog=nprog)
+    out, _ = launch(rung, x, w13, s13, sp, be, BN=BN, tiled=tiled, nprog=nprog, wt=wt, st=st)
     ref = L.ref_rung_sums(rung, x.cpu(), w13.cpu(), s13.cpu(), d13, sp, be,
                           top_k=SHAPE["TOPK"], BN=BN, mdt=MDT)
     assert ref, "no real block"
@@ -89,13 +102,14 @@ def test_read_rungs(rung, tiled, nprog):
             assert abs(float(out[tile]) - want) <= 1e-5 * max(abs(want), 1.0), (tile, want)
 
 
-@pytest.mark.parametrize("tiled,nprog", OPTS)
+@pytest.mark.parametrize("tiled,nprog,wt,st", [(*o, 0, 0) for o in OPTS]
+                         + [(False, 0, *lay) for lay in LAYOUTS] + [(False, 3, 16, 16)])
 @pytest.mark.parametrize("BN", [8, 16])
-def test_gate_up_rung(tiled, nprog, BN):
+def test_gate_up_rung(tiled, nprog, wt, st, BN):
     if GPU and BN < 16:
         pytest.skip("the GPU check runs the production tile heights")
-    x, w13, s13, d13, sp, be = draw(20 + BN + tiled + nprog)
-    _, act = launch(3, x, w13, s13, sp, be, BN=BN, tiled=tiled, nprog=nprog)
+    x, w13, s13, d13, sp, be = draw(20 + BN + tiled + nprog + wt + st)
+    _, act = launch(3, x, w13, s13, sp, be, BN=BN, tiled=tiled, nprog=nprog, wt=wt, st=st)
     wq = d13.to(torch.float16 if MDT else torch.bfloat16).float()
     ref = L.ref_gate_up(x.cpu(), wq, sp, be, top_k=SHAPE["TOPK"])
     real = ~torch.isnan(ref[:, 0])
