@@ -236,6 +236,8 @@ def _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, **extra):
 
 
 def _candidates(fmt: str, M: int, cset: str = "all") -> list:
+    if cset == "default":
+        return [{}]
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -247,28 +249,36 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
 
 def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8"),
              copy_gbps=None, budget_s: float = float("inf"), log: list | None = None,
-             ms=MS, cset: str = "all") -> list:
+             ms=MS, cset: str = "all", w13_tiles=(1,)) -> list:
     """Rows for bench/kernels.py. `arg`: the copy bandwidth in GB/s (bench/kernels.py passes it)
     or a device; measured here when not given. int4/MXFP4 try CANDIDATES (cset "all") or
     TC_CANDIDATES (cset "tc", at the M it lists; "tcx" adds TC_EXTRA), until budget_s has
     passed, and report the fastest; every timing is appended to `log`. cset "tc"/"tcx" also
-    prints "OLDNEW" lines: the default config ({}) against the fastest other candidate."""
+    prints "OLDNEW" lines: the default config ({}) against the fastest other candidate; cset
+    "default" times {} only. w13_tiles: each int4/MXFP4 format is timed with its gate_up
+    weights row-major (1) and/or row-tiled with that many rows (kernels/fused_moe.tile_w13);
+    rows and log records carry "w13_tile"."""
     if isinstance(arg, (int, float)):
         copy_gbps = float(arg)
     if copy_gbps is None:
         copy_gbps = copy_bandwidth()
     deadline = time.time() + budget_s
     rows = []
-    for fmt in formats:
+    from atom_stream.kernels.fused_moe import tile_w13
+    for fmt, tile in [(f, t) for f in formats for t in w13_tiles]:
         act = "mxfp4" if fmt == "mxfp4_w4a4" else None
         w = make_weights("mxfp4" if act else fmt, "cuda")
         eb = expert_bytes(w)
+        if tile > 1 and fmt in ("int4", "mxfp4", "mxfp4_w4a4"):
+            w["w13"], w["w13_scale"] = tile_w13(w["w13"], w["w13_scale"], tile)
+        elif tile > 1:
+            continue
         for M in ms:
             best = best_old = best_new = None
             for i, cfg in enumerate(_candidates(fmt, M, cset)):
                 if i and time.time() > deadline:
                     break
-                t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log)
+                t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, w13_tile=tile)
                 if t is not None and (best is None or t < best[0]):
                     best = (t, d, cfg)
                 if t is not None and cfg == {} and (best_old is None or t < best_old[0]):
@@ -283,32 +293,34 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
                              config=b[2])
                     OLDNEW.append(r)
                     print("OLDNEW", json.dumps(r), flush=True)
-            rows.append(row(FORMATS[fmt], M, best[0], best[1], eb, copy_gbps))
+            rows.append(dict(row(FORMATS[fmt], M, best[0], best[1], eb, copy_gbps),
+                             w13_tile=tile))
             print("ROW", json.dumps(dict(rows[-1], config=best[2])), flush=True)
             if time.time() < deadline:  # where the time goes: the first GEMM alone
                 _measure(w, M, dict(best[2], stop_after="gate_up"), act, fmt, eb, copy_gbps, log,
-                         part="gate_up only (bytes: whole MoE)")
+                         part="gate_up only (bytes: whole MoE)", w13_tile=tile)
         del w
         torch.cuda.empty_cache()
     return rows
 
 
 def print_table(rows) -> None:
-    print(f"{'kernel':<16}{'m':>5}{'time_us':>10}{'MB':>9}{'GB/s':>8}{'copy':>7}{'ratio':>7}")
+    print(f"{'kernel':<16}{'m':>5}{'tile':>5}{'time_us':>10}{'MB':>9}{'GB/s':>8}{'copy':>7}"
+          f"{'ratio':>7}")
     for r in rows:
         gbs = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
-        print(f"{r['kernel']:<16}{r['m']:>5}{r['time_us']:>10.2f}{r['bytes'] / 1e6:>9.2f}"
-              f"{gbs:>8.0f}{r['copy_GBps']:>7.0f}{r['ratio']:>7.3f}")
+        print(f"{r['kernel']:<16}{r['m']:>5}{r.get('w13_tile', 1):>5}{r['time_us']:>10.2f}"
+              f"{r['bytes'] / 1e6:>9.2f}{gbs:>8.0f}{r['copy_GBps']:>7.0f}{r['ratio']:>7.3f}")
 
 
 def print_sweep(log) -> None:
     """Every candidate's time next to its format's default ({}) at the same M."""
-    base = {(r["kernel"], r["m"]): r["time_us"] for r in log
+    base = {(r["kernel"], r["m"], r.get("w13_tile")): r["time_us"] for r in log
             if r.get("config") == {} and "time_us" in r}
     print(f"{'kernel':<16}{'m':>5}{'time_us':>10}{'vs {}':>8}  config")
     for r in log:
         t = r.get("time_us")
-        b = base.get((r["kernel"], r["m"]))
+        b = base.get((r["kernel"], r["m"], r.get("w13_tile")))
         rel = f"{t / b:8.2f}" if t and b else f"{'-':>8}"
         tt = f"{t:10.2f}" if t else f"{'ERROR':>10}"
         print(f"{r['kernel']:<16}{r['m']:>5}{tt}{rel}  {json.dumps(r.get('config'))}"
@@ -337,9 +349,11 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
-    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx"),
+    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
-                    "tcx = TC_CANDIDATES + TC_EXTRA")
+                    "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only")
+    ap.add_argument("--w13-tiles", default="1",
+                    help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
                                                         "kernels-moe-sweep-h200.json"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels-moe-h200.json"))
@@ -352,7 +366,8 @@ def main(argv=None) -> None:
     try:
         rows = moe_rows(copy_gbps, formats=tuple(args.formats.split(",")),
                         budget_s=args.budget_s, log=log,
-                        ms=tuple(int(v) for v in args.ms.split(",")), cset=args.set)
+                        ms=tuple(int(v) for v in args.ms.split(",")), cset=args.set,
+                        w13_tiles=tuple(int(v) for v in args.w13_tiles.split(",")))
     finally:
         os.makedirs(os.path.dirname(os.path.abspath(args.sweep_out)), exist_ok=True)
         with open(args.sweep_out, "w") as f:

@@ -28,6 +28,8 @@ Weight layout contract (per expert [out, in]; see kernels/moe_ref.py for the bit
 - "int4_g32": REPACKED compressed-tensors int4, w13 int32 [E, 2I, H/128, 16], w2 int32
   [E, H, I/128, 16] (repack_int4_moe), scales bf16 [E, N, K/32] as in the checkpoint; 4 bits per
   weight, weight-only (bf16 activations). The raw [E, N, K/8] layout raises NotImplementedError.
+- "int4_g32" / repacked "mxfp4" w13 may instead be ROW-TILED with its scales (tile_w13: words
+  [E, 2I/T, H/128, T, 16], scales [E, 2I/T, H/128, T, 4]); every path reads it (same results).
 - "mxfp4": REPACKED Quark MXFP4 int32 [E, N, K/128, 16] (repack_mxfp4_moe), e8m0 uint8 scales
   [E, N, K/32]: in-kernel dequantization to fp16 (GPUs without FP4 matrix units, e.g. H200);
   or the RAW Quark uint8 [E, N, K/2] on GPUs with FP4 units (tl.dot_scaled; CUDA cc >= 10,
@@ -85,9 +87,10 @@ from .fused_moe_common import (
 from .fused_moe_fp8 import _fit, fp8_gemv_path
 from .fused_moe_gemv import gemv_path
 from .fused_moe_tc import _pick, act_quant_mxfp4, tc_path
-from .moe_ref import repack_int4, repack_mxfp4
+from .moe_ref import repack_int4, repack_mxfp4, tile_rows, untile_rows
 
-__all__ = ["default_config", "fused_moe", "has_fp4_mma", "repack_int4_moe", "repack_mxfp4_moe"]
+__all__ = ["default_config", "fused_moe", "has_fp4_mma", "repack_int4_moe", "repack_mxfp4_moe",
+           "tile_w13", "untile_w13"]
 
 
 def repack_int4_moe(w_packed: torch.Tensor) -> torch.Tensor:
@@ -98,6 +101,38 @@ def repack_int4_moe(w_packed: torch.Tensor) -> torch.Tensor:
 def repack_mxfp4_moe(w: torch.Tensor) -> torch.Tensor:
     """Quark uint8 [E, N, K/2] -> kernel layout int32 [E, N, K/128, 16] (for GPUs without FP4)."""
     return repack_mxfp4(w).contiguous()
+
+
+def tile_w13(w13: torch.Tensor, s13: torch.Tensor, T: int = 16):
+    """Repacked 4-bit gate_up words int32 [E, 2I, H/128, 16] and group scales [E, 2I, H/32]
+    (int4 bf16 / MXFP4 e8m0) -> their row-tiled copies [E, 2I/T, H/128, T, 16] and
+    [E, 2I/T, H/128, T, 4]: one 128-K chunk of T consecutive rows is one contiguous block
+    (T x 64 bytes of words), instead of T rows 64 bytes each, H/2 bytes apart. Every 4-bit path
+    of fused_moe reads either layout (the 5-dim shape says which); the tensor-core gate_up
+    streams the tiled one 1.4-1.5x faster on the H200 (bench/moe_tc_ladder.py,
+    bench/RESULTS.md session 5)."""
+    E, N, nch, _ = w13.shape
+    return tile_rows(w13, T), tile_rows(s13.reshape(E, N, nch, 4), T)
+
+
+def untile_w13(w13t: torch.Tensor, s13t: torch.Tensor):
+    """Inverse of tile_w13: (words [E, 2I, H/128, 16], scales [E, 2I, H/32])."""
+    w = untile_rows(w13t)
+    return w, untile_rows(s13t).reshape(w.shape[0], w.shape[1], -1)
+
+
+def w13_tile(w13: torch.Tensor, s13: torch.Tensor | None) -> int:
+    """Rows per tile of a 4-bit w13 (1: the row-major [E, 2I, H/128, 16] layout; T: tile_w13's
+    [E, 2I/T, H/128, T, 16], whose scales must be tiled alike)."""
+    if w13.dim() != 5:
+        return 1
+    T = w13.shape[3]
+    if (s13 is None or s13.dim() != 5 or tuple(s13.shape[:4]) != tuple(w13.shape[:4])
+            or s13.shape[4] != 4 or w13.shape[4] != 16):
+        raise ValueError(f"fused_moe: row-tiled w13 {tuple(w13.shape)} needs scales tiled "
+                         f"alike [E, 2I/T, H/128, T, 4], got "
+                         f"{None if s13 is None else tuple(s13.shape)}")
+    return T
 
 
 def has_fp4_mma(device: torch.device) -> bool:
@@ -232,7 +267,7 @@ def _small_m_ok(fmt, act, M, hidden, w13, s13, s2, out, cfg) -> bool:
     if fmt not in (INT4, MXFP4) or act != A_NONE or not 0 < M <= cfg.get("small_m_max", 0):
         return False
     sdt = torch.bfloat16 if fmt == INT4 else torch.uint8
-    return (hidden.dtype == torch.bfloat16 and w13.dim() == 4 and s13.dtype == sdt
+    return (hidden.dtype == torch.bfloat16 and w13.dim() in (4, 5) and s13.dtype == sdt
             and s2.dtype == sdt and s13.is_contiguous() and s2.is_contiguous()
             and out.dtype in (torch.bfloat16, torch.float32) and out.stride(1) == 1)
 
@@ -267,7 +302,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         raise NotImplementedError(f"fused_moe: static activation scales with quant={quant!r}")
     M, H = hidden.shape
     E = w13.shape[0]
-    if fmt in (INT4, MXFP4) and w13.dim() == 4:
+    n13 = w13.shape[1] if w13.dim() > 1 else 0  # 2I (rows)
+    wt = 1
+    if fmt in (INT4, MXFP4) and w13.dim() in (4, 5):
+        wt = w13_tile(w13, w13_scale)
+        n13 = w13.shape[1] * wt
         wh, I = w13.shape[2] * 128, w2.shape[2] * 128
         w_row1, s_row1, w_row2, s_row2 = H // 8, H // 32, I // 8, I // 32
     elif fmt == MXFP4 and w13.dtype == torch.uint8:
@@ -284,7 +323,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         s_row1, s_row2 = (H // 128, I // 128) if fmt == FP8 else (0, 0)
         if fmt == FP8 and (block not in (None, (128, 128), [128, 128]) or H % 128 or I % 128):
             raise NotImplementedError(f"fp8_block: block {block}, H {H}, I {I}")
-    if wh != H or w13.shape[1] != 2 * I or tuple(w2.shape[:2]) != (E, H):
+    if wh != H or n13 != 2 * I or tuple(w2.shape[:2]) != (E, H):
         raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} vs H={H}")
     if fmt != FLOAT and (w13_scale is None or w2_scale is None):
         raise ValueError(f"fused_moe: quant={quant!r} needs w13_scale and w2_scale")
@@ -328,11 +367,11 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                               out=out)
     if fmt in (INT4, MXFP4) and M <= cfg["gemv_max"]:
         return gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, act,
-                         act_out, fmt, cfg, H, I, top_k, kp, E - n_shared)
+                         act_out, fmt, cfg, H, I, top_k, kp, E - n_shared, wt)
     if fmt == FP8C and M <= cfg["gemv_max"]:
         return fp8_gemv_path(x, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, cfg, H,
                              I, top_k, kp, E - n_shared, s_row1, s_row2, astatic)
     return tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out,
                    fmt=fmt, act=act, act_out=act_out, mdt=mdt, cfg=cfg, H=H, I=I, top_k=top_k,
                    kp=kp, E=E, n_shared=n_shared, w_row1=w_row1, s_row1=s_row1, w_row2=w_row2,
-                   s_row2=s_row2, astatic=astatic)
+                   s_row2=s_row2, astatic=astatic, wt=wt)

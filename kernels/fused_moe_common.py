@@ -25,6 +25,15 @@ FP8_MAX = 448.0
 
 
 @triton.jit
+def _wrow(rows, NCH: tl.constexpr, WT: tl.constexpr, C: tl.constexpr):
+    """Element offset of chunk 0 of `rows` in one expert's 4-bit words (C = 16 int32 per 128-K
+    chunk) or group scales (C = 4 per chunk): tiles of WT consecutive rows, chunk-major inside
+    a tile ([N / WT, NCH, WT, C]); WT = 1 is the row-major [N, NCH, C] layout. A row's chunk c
+    is then at + c * WT * C (fused_moe.tile_w13 writes the tiled copy)."""
+    return ((rows // WT) * (NCH * WT) + rows % WT) * C
+
+
+@triton.jit
 def _dot(a, b, acc, MDT: tl.constexpr):
     if MDT == 0:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
@@ -200,13 +209,15 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
 @triton.jit
 def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
-          ACT: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr, DQ: tl.constexpr = 0):
+          ACT: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr, DQ: tl.constexpr = 0,
+          CS: tl.constexpr = 16, SCS: tl.constexpr = 4):
     """acc[R, BM] += W[rows, k0:k0+BK] @ X[k0:k0+BK, tokens] for one weight format.
     DQ=1 (repacked int4 with bf16/fp16 MMAs, MXFP4 with bf16 MMAs; weight-only): `_step4s`
     instead (group scales applied to the 16-bit weight operand, one accumulator chain); other
     cases ignore DQ.
     FP8C: XSC [BM] are the tokens' fp8 activation scales; acc gets the unscaled fp8 x fp8 dot
-    (the caller multiplies by the weight-row and activation scales once, after the K loop)."""
+    (the caller multiplies by the weight-row and activation scales once, after the K loop).
+    CS / SCS (repacked int4 / MXFP4): a row's chunk stride in words / scales (`_wrow`)."""
     if FMT == 0:  # float weights
         k = k0 + tl.arange(0, BK)
         w = tl.load(Wp + row_w[:, None] + k[None, :], mask=wm[:, None], other=0.0)
@@ -250,17 +261,17 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                 acc = tl.dot_scaled(w, ws, "e2m1", _x_to_fp16(x), None, "fp16", acc)
     elif DQ >= 1 and ACT == 0 and (MDT == 0 or (MDT == 1 and FMT == 2)):
         acc = _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R, BM, BK, FMT, MDT,
-                       DQ)
+                       DQ, CS, SCS)
     else:  # repacked int4 / mxfp4: BK = 128 * chunks; 4 scale groups of 32 per chunk
         t = tl.arange(0, 16)
         for cc in tl.static_range(BK // 128):
             c = k0 // 128 + cc
-            w = tl.load(Wp + row_w[:, None] + c * 16 + t[None, :], mask=wm[:, None], other=0)
+            w = tl.load(Wp + row_w[:, None] + c * CS + t[None, :], mask=wm[:, None], other=0)
             for j in tl.static_range(4):
                 kx = c * 128 + 32 * j + tl.arange(0, 32)
                 x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
                 if FMT == 2:
-                    s = tl.load(Sp + row_s + c * 4 + j, mask=wm, other=0.0).to(tl.float32)
+                    s = tl.load(Sp + row_s + c * SCS + j, mask=wm, other=0.0).to(tl.float32)
                     if MDT == 2:
                         q = (w >> (4 * j)) & 0x000F000F
                         lo = ((q & 0xFFFF) - 8).to(tl.float32)
@@ -289,7 +300,7 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                             xs = tl.sum(x.to(fdt).to(tl.float32), axis=0)
                             acc += (d - off * xs[None, :]) * s[:, None]
                 else:  # FMT == 3: e2m1 -> fp16 bits of value * 2^-14 (subnormals for e = 0)
-                    e8 = tl.load(Sp + row_s + c * 4 + j, mask=wm, other=127).to(tl.int32)
+                    e8 = tl.load(Sp + row_s + c * SCS + j, mask=wm, other=127).to(tl.int32)
                     sw = _pow2(tl.minimum(e8 + 14, 254))
                     v = (((w << (9 - 3 * j)) & 0x0E000E00) | ((w << (3 - j)) & _SIGN))
                     wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
@@ -312,14 +323,15 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
 def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
         K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
-        OFFS: tl.constexpr, DQ: tl.constexpr = 0):
+        OFFS: tl.constexpr, DQ: tl.constexpr = 0, CS: tl.constexpr = 16,
+        SCS: tl.constexpr = 4):
     """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop)."""
     if UNROLL:
         for i in tl.static_range(K // BK):
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
-                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ)
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ, CS, SCS)
     else:
         for i in range(K // BK):
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
-                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ)
+                        XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ, CS, SCS)
     return acc

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _SIGN, _e2m1_value, _mx_quant, _pow2
+from .fused_moe_common import _SIGN, _e2m1_value, _mx_quant, _pow2, _wrow
 from .fused_moe_tc import _pick, empty
 from .moe_align import pair_expert
 
@@ -87,7 +87,7 @@ def _gemv_gate_up_kernel(
     X, XS, W, S, IDS, ACT, ACTS, stride_xm, stride_xsm, stride_im, stride_we, stride_se,
     I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     N_ROUTED: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, FMT: tl.constexpr,
-    ACT_Q: tl.constexpr, ACT_OUT: tl.constexpr, SK: tl.constexpr,
+    ACT_Q: tl.constexpr, ACT_OUT: tl.constexpr, SK: tl.constexpr, WT: tl.constexpr = 1,
 ):
     p = tl.program_id(0)
     jt = tl.program_id(1)
@@ -98,8 +98,8 @@ def _gemv_gate_up_kernel(
     r = tl.arange(0, 2 * BN)
     up = r >= BN
     rows = tl.where(up, I + jt * BN + r - BN, jt * BN + r).to(tl.int64)
-    Wp = W + e * stride_we + rows[:, None, None] * (H // 8)
-    Sp = S + e * stride_se + rows[:, None] * (H // 32)
+    Wp = W + e * stride_we + _wrow(rows, H // 128, WT, 16)[:, None, None]  # WT: fused_moe_common
+    Sp = S + e * stride_se + _wrow(rows, H // 128, WT, 4)[:, None]
     Xp = X + m * stride_xm
     XSp = XS + m * stride_xsm
     c3 = tl.arange(0, CH)[None, :, None]
@@ -107,10 +107,10 @@ def _gemv_gate_up_kernel(
     acc = tl.zeros((2 * BN, CH, 16), tl.float32)
     for it in range(it0, it0 + NIT):
         c = it * CH + c3  # chunk index [1, CH, 1]
-        w, wh = _prep4(tl.load(Wp + c * 16 + t3), FMT)  # [R, CH, 16] int32
+        w, wh = _prep4(tl.load(Wp + c * (WT * 16) + t3), FMT)  # [R, CH, 16] int32
         for j in tl.static_range(4):
             c2 = it * CH + tl.arange(0, CH)[None, :]
-            s = _gscale(Sp, c2 * 4 + j, r[:, None] >= 0, FMT, j)[:, :, None]  # [R, CH, 1]
+            s = _gscale(Sp, c2 * (WT * 4) + j, r[:, None] >= 0, FMT, j)[:, :, None]  # [R, CH, 1]
             x0, x1 = _xpair(Xp, XSp, c * 128 + 32 * j + 2 * t3, ACT_Q)  # [1, CH, 16] each
             acc += _dq4_pair(w, wh, j, x0, x1, FMT) * s
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [2BN]
@@ -174,9 +174,10 @@ def _gemv_down_kernel(
 
 
 def gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, act, act_out,
-              fmt, cfg, H, I, top_k, kp, n_routed):
+              fmt, cfg, H, I, top_k, kp, n_routed, wt: int = 1):
     """Small-M 4-bit path: gate_up GEMV per (token, expert) pair, then down GEMV per token that
-    sums its experts with the routing weights in fp32 and writes the output (2 launches)."""
+    sums its experts with the routing weights in fp32 and writes the output (2 launches). wt:
+    rows per tile of w13's words and scales (1: row-major)."""
     M = x.shape[0]
     P = M * kp
     g1, gw1, gc_max = cfg["G1"], cfg["GW1"], cfg["GC"]
@@ -198,7 +199,7 @@ def gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, a
     _gemv_gate_up_kernel[(P, I // g1, sk)](
         x, xs, w13, s13, topk_ids, a_buf, a_sc, x.stride(0), stride_xs, topk_ids.stride(0),
         w13.stride(0), s13.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=n_routed, BN=g1,
-        CH=gc, FMT=fmt, ACT_Q=act, ACT_OUT=1 if act_out else 0, SK=sk, num_warps=gw1,
+        CH=gc, FMT=fmt, ACT_Q=act, ACT_OUT=1 if act_out else 0, SK=sk, WT=wt, num_warps=gw1,
         num_stages=cfg["GS1"])
     if cfg.get("stop_after") == "gate_up":
         return out

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _e2m1_value, _mm, _mx_quant, _row_scale
+from .fused_moe_common import _e2m1_value, _mm, _mx_quant, _row_scale, _wrow
 from .moe_align import max_blocks, moe_align, pair_expert
 
 
@@ -53,6 +53,7 @@ def _gate_up_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
     ACT_Q: tl.constexpr, MDT: tl.constexpr, DIRECT: tl.constexpr, ACT_OUT: tl.constexpr,
     OFFS: tl.constexpr, ASTATIC: tl.constexpr, DQ: tl.constexpr, XM: tl.constexpr,
+    WT: tl.constexpr = 1,
 ):
     b = tl.program_id(0)
     jt = tl.program_id(1)
@@ -80,8 +81,12 @@ def _gate_up_kernel(
     up = r >= BN
     n = jt * BN + tl.where(up, r - BN, r)
     rows = tl.where(up, I + n, n).to(tl.int64)
+    row_w = rows * W_ROW
     if FMT == 1:
         row_s = tl.where(up, NBI + n // 128, n // 128).to(tl.int64) * S_ROW
+    elif FMT == 2 or FMT == 3:  # repacked 4-bit: row-major (WT = 1) or row-tiled (fused_moe)
+        row_w = _wrow(rows, H // 128, WT, 16)
+        row_s = _wrow(rows, H // 128, WT, 4)
     else:
         row_s = rows * S_ROW
     e64 = e.to(tl.int64)
@@ -91,9 +96,9 @@ def _gate_up_kernel(
     else:
         xsc = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((2 * BN, BM), tl.float32)
-    acc = _mm(acc, W + e64 * stride_we, S + e64 * stride_se, rows * W_ROW, row_s, r >= 0,
+    acc = _mm(acc, W + e64 * stride_we, S + e64 * stride_se, row_w, row_s, r >= 0,
               X, x_row, x_ok, XS, tok.to(tl.int64) * stride_xsm, xsc,
-              H, 2 * BN, BM, BK, FMT, ACT_Q, MDT, False, OFFS, DQ)
+              H, 2 * BN, BM, BK, FMT, ACT_Q, MDT, False, OFFS, DQ, WT * 16, WT * 4)
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
@@ -238,8 +243,9 @@ def _pick(cands, n):
 
 def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, *, fmt,
             act, act_out, mdt, cfg, H, I, top_k, kp, E, n_shared, w_row1, s_row1, w_row2,
-            s_row2, astatic):
-    """Launch (align,) gate_up, down, reduce; see the module docstring."""
+            s_row2, astatic, wt: int = 1):
+    """Launch (align,) gate_up, down, reduce; see the module docstring. wt: rows per tile of
+    the 4-bit w13 words and scales (1: row-major; fused_moe.tile_w13)."""
     M = x.shape[0]
     P = M * kp
     BM = cfg["BM"]
@@ -269,7 +275,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, a_buf, a_sc, a13,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
-        ACT_OUT=act_out, XM=cfg["XM"], num_warps=cfg["W1"], num_stages=cfg["S1"],
+        ACT_OUT=act_out, XM=cfg["XM"], WT=wt, num_warps=cfg["W1"], num_stages=cfg["S1"],
         **common)
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out

@@ -12,7 +12,8 @@ m1_gate_up(x32, w13, s13v, ids, act, fmt_code, *, top_k, n_shared, R, CH, warps,
   stride, even row stride and offset: any row stride);
 - w13 int32 [E, 2I, H/128, 16] (gate rows then up rows, repack_int4_moe / repack_mxfp4_moe
   layout, kernels/moe_ref.py); s13v: int4 bf16 scales [E, 2I, H/32] viewed as int16, or MXFP4
-  e8m0 uint8 [E, 2I, H/32]; fmt_code INT4 / MXFP4 (kernels/moe_small_m_kernels.py);
+  e8m0 uint8 [E, 2I, H/32]; fmt_code INT4 / MXFP4 (kernels/moe_small_m_kernels.py); or both
+  as row-tiled copies (fused_moe.tile_w13: [E, 2I/T, H/128, T, 16 | 4]);
 - ids [M, top_k] int32/int64, unit column stride; pair p = m * KP + k (KP = top_k + n_shared):
   k < top_k is expert ids[m, k], k >= top_k the shared expert E - n_shared + k - top_k
   (moe_align.pair_expert);
@@ -36,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_moe_common import _wrow
 from .moe_align import pair_expert
 from .moe_small_m_kernels import (
     _dot8,
@@ -68,25 +70,27 @@ def _gate_up_rows(rt, I: tl.constexpr, R: tl.constexpr):
 
 @triton.jit
 def _tile_ptrs(W, S, e, rows, stride_we, stride_se, H: tl.constexpr, R: tl.constexpr,
-               CH: tl.constexpr):
+               CH: tl.constexpr, WT: tl.constexpr = 1):
     """(weight pointers [R, CH, 4, 4] int32, scale pointers [R, CH, 4, 4]) of step 0 of rows
-    `rows` [R] of expert e (int64); step `it` is + it * CH * 16 / + it * CH * 4."""
+    `rows` [R] of expert e (int64); step `it` is + it * CH * WT * 16 / + it * CH * WT * 4 (WT:
+    rows per tile of the words / scales, 1 = row-major: fused_moe_common._wrow)."""
     c4 = tl.arange(0, CH)[None, :, None, None]
     t4 = 4 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
-    Wp = W + e * stride_we + rows[:, None, None, None] * (H // 8) + c4 * 16 + t4
-    Sp = _scale_ptrs(S + e * stride_se + rows * (H // 32), R, CH)
+    Wp = (W + e * stride_we + _wrow(rows, H // 128, WT, 16)[:, None, None, None]
+          + c4 * (WT * 16) + t4)
+    Sp = _scale_ptrs(S + e * stride_se + _wrow(rows, H // 128, WT, 4), R, CH, WT * 4)
     return Wp, Sp
 
 
 @triton.jit
 def _rows_dot(X, Wp, Sp, it0, MAGIC, R: tl.constexpr, CH: tl.constexpr, NIT: tl.constexpr,
-              FMT: tl.constexpr):
+              FMT: tl.constexpr, WT: tl.constexpr = 1):
     """fp32 [R]: the dequantized weight rows at Wp / Sp (_tile_ptrs) dotted with x (X: the
     token's row, int32 bf16 pairs) over steps it0 .. it0 + NIT - 1 (128 CH channels each).
     Explicit double buffering as in the small-M kernel: step it+1's loads (predicated off after
     the last step; x's index wraps) are issued before step it's arithmetic."""
-    w_n = tl.load(Wp + it0 * (CH * 16))
-    s_n = tl.load(Sp + it0 * (CH * 4))
+    w_n = tl.load(Wp + it0 * (CH * WT * 16))
+    s_n = tl.load(Sp + it0 * (CH * WT * 4))
     a0, a1, a2, a3 = _x4(X, 0, it0, R, CH)
     acc = tl.zeros((R, CH, 4), tl.float32)
     for it in range(it0, it0 + NIT):
@@ -94,8 +98,8 @@ def _rows_dot(X, Wp, Sp, it0, MAGIC, R: tl.constexpr, CH: tl.constexpr, NIT: tl.
         w = w_n
         s = s_n
         xa0, xa1, xa2, xa3 = a0, a1, a2, a3
-        w_n = tl.load(Wp + (it + 1) * (CH * 16), mask=more, other=0)
-        s_n = tl.load(Sp + (it + 1) * (CH * 4), mask=more, other=0)
+        w_n = tl.load(Wp + (it + 1) * (CH * WT * 16), mask=more, other=0)
+        s_n = tl.load(Sp + (it + 1) * (CH * WT * 4), mask=more, other=0)
         a0, a1, a2, a3 = _x4(X, 0, it0 + (it + 1 - it0) % NIT, R, CH)
         wl, wh = _prep(w, MAGIC, FMT)
         for j in tl.static_range(4):
@@ -116,9 +120,10 @@ def _silu_store(ACT_ROW, y, rt, HR: tl.constexpr):
 def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, stride_se,
                        I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                        N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
-                       FMT: tl.constexpr, PDL: tl.constexpr):
+                       FMT: tl.constexpr, PDL: tl.constexpr, WT: tl.constexpr = 1):
     """Grid (M * KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a programmatic
-    dependent launch) may start now; it reads act only after griddepcontrol.wait."""
+    dependent launch) may start now; it reads act only after griddepcontrol.wait. WT: rows per
+    tile of the words / scales (1: row-major)."""
     if PDL:
         gdc_launch_dependents()
     NRT: tl.constexpr = 2 * I // R
@@ -126,9 +131,9 @@ def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we
     p = pid // NRT  # pair m * KP + k
     rt = pid % NRT
     e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
-    Wp, Sp = _tile_ptrs(W, S, e, _gate_up_rows(rt, I, R), stride_we, stride_se, H, R, CH)
+    Wp, Sp = _tile_ptrs(W, S, e, _gate_up_rows(rt, I, R), stride_we, stride_se, H, R, CH, WT)
     xm = X + (p // KP).to(tl.int64) * stride_xm  # token m's x row
-    y = _rows_dot(xm, Wp, Sp, 0, MAGIC, R, CH, H // (128 * CH), FMT)
+    y = _rows_dot(xm, Wp, Sp, 0, MAGIC, R, CH, H // (128 * CH), FMT, WT)
     _silu_store(ACT + p.to(tl.int64) * I, y, rt, R // 2)
 
 
@@ -137,8 +142,14 @@ def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: to
                CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0) -> torch.Tensor:
     """Launch the per-pair gate_up (module docstring) for the M = ids.shape[0] tokens and
     return act. No allocation, no host sync. Inputs are trusted to be checked by the caller
-    (moe_small_m._check) except the tile, act and the unit column strides."""
-    E, two_i, nc, _ = w13.shape
+    (moe_small_m._check) except the tile, act and the unit column strides. w13 / s13v may be
+    the row-tiled copies ([E, 2I / T, H / 128, T, 16] / [E, 2I / T, H / 128, T, 4]:
+    fused_moe.tile_w13)."""
+    if w13.dim() == 5:
+        E, nt, nc, wt, _ = w13.shape
+        two_i = nt * wt
+    else:
+        (E, two_i, nc, _), wt = w13.shape, 1
     H, I, kp, M = nc * 128, two_i // 2, top_k + n_shared, ids.shape[0]
     if R < 2 or R & (R - 1) or I % (R // 2) or CH & (CH - 1) or nc % CH:
         raise ValueError(f"m1_gate_up: R={R}, CH={CH} do not tile H={H}, I={I}")
@@ -152,5 +163,5 @@ def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: to
     _m1_gate_up_kernel[(M * kp * two_i // R,)](
         x32, w13, s13v, ids, act, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
         s13v.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH,
-        FMT=fmt_code, PDL=pdl, num_warps=warps, num_stages=stages)
+        FMT=fmt_code, PDL=pdl, WT=wt, num_warps=warps, num_stages=stages)
     return act

@@ -128,6 +128,22 @@ def unrepack_int4(w: torch.Tensor) -> torch.Tensor:
     return _natural_order(nib.unflatten(-1, (2, 4)))
 
 
+def tile_rows(t: torch.Tensor, T: int) -> torch.Tensor:
+    """[..., N, K/128, C] -> [..., N/T, K/128, T, C]: tiles of T consecutive rows, chunk-major
+    inside a tile, so one 128-K chunk of a tile is one contiguous T x C block (the row-tiled
+    4-bit layout: words C = 16 int32, group scales C = 4; fused_moe.tile_w13)."""
+    *lead, N, nch, C = t.shape
+    if N % T:
+        raise ValueError(f"tile_rows: {N} rows do not split into tiles of {T}")
+    return t.reshape(*lead, N // T, T, nch, C).transpose(-3, -2).contiguous()
+
+
+def untile_rows(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of tile_rows: [..., N/T, K/128, T, C] -> [..., N, K/128, C]."""
+    *lead, nt, nch, T, C = t.shape
+    return t.transpose(-3, -2).reshape(*lead, nt * T, nch, C)
+
+
 def dequant_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [..., N, K] + scale [..., N, K/32] -> float32 [..., N, K]."""
     return (q.float().unflatten(-1, (-1, GROUP)) * scale.float().unsqueeze(-1)).flatten(-2)

@@ -13,7 +13,8 @@ expert id (expert parallel maps other ranks' picks to a local expert at weight 0
 Weights: the SAME tensors fused_moe takes (kernels/fused_moe.py, layouts in kernels/moe_ref.py):
 - w13 int32 [E, 2I, H/128, 16] (gate rows then up rows), w2 int32 [E, H, I/128, 16], the kernel
   layout of repack_int4_moe / repack_mxfp4_moe;
-- int4: s13 bf16 [E, 2I, H/32], s2 bf16 [E, H, I/32]; mxfp4: e8m0 uint8 scales, same shapes.
+- int4: s13 bf16 [E, 2I, H/32], s2 bf16 [E, H, I/32]; mxfp4: e8m0 uint8 scales, same shapes;
+- or w13 and s13 row-tiled (fused_moe.tile_w13: [E, 2I/T, H/128, T, 16] / [.., T, 4]).
 H % 128 == 0, I % 128 == 0, all contiguous.
 
 Two launches, no host sync, grid a function of (M, top_k, config) only (CUDA/HIP-graph
@@ -114,27 +115,31 @@ def _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt):
         raise NotImplementedError(f"moe_small_m: fmt={fmt!r} (int4 or mxfp4)")
     if hidden.dtype != torch.bfloat16 or hidden.dim() != 2:
         raise NotImplementedError(f"moe_small_m: hidden must be bf16 [M, H], got {hidden.dtype}")
-    if w13.dtype != torch.int32 or w13.dim() != 4 or w2.dtype != torch.int32 or w2.dim() != 4:
+    if (w13.dtype != torch.int32 or w13.dim() not in (4, 5) or w2.dtype != torch.int32
+            or w2.dim() != 4):
         raise NotImplementedError("moe_small_m: weights must be in the repacked kernel layout "
-                                  "(repack_int4_moe / repack_mxfp4_moe)")
+                                  "(repack_int4_moe / repack_mxfp4_moe, w13 maybe tile_w13's)")
     M, H = hidden.shape
-    E, two_i = w13.shape[:2]
+    T = w13.shape[3] if w13.dim() == 5 else 1
+    E, two_i = w13.shape[0], w13.shape[1] * T
     I = two_i // 2
-    if (w13.shape[2] * 128 != H or tuple(w13.shape[2:]) != (H // 128, 16)
+    w13_tail = (H // 128, T, 16) if T > 1 else (H // 128, 16)
+    if (w13.shape[2] * 128 != H or tuple(w13.shape[2:]) != w13_tail
             or tuple(w2.shape) != (E, H, I // 128, 16) or I % 128 or two_i % 2):
         raise ValueError(f"moe_small_m: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} vs H={H}")
     sdt = torch.bfloat16 if _FMTS[fmt] == INT4 else torch.uint8
-    for s, n, k, name in ((s13, 2 * I, H, "s13"), (s2, H, I, "s2")):
-        if s.dtype != sdt or tuple(s.shape) != (E, n, k // 32):
+    s13_shape = (E, two_i // T, H // 128, T, 4) if T > 1 else (E, two_i, H // 32)
+    for s, want, name in ((s13, s13_shape, "s13"), (s2, (E, H, I // 32), "s2")):
+        if s.dtype != sdt or tuple(s.shape) != want:
             raise ValueError(f"moe_small_m: {name} {s.dtype} {tuple(s.shape)}: want {sdt} "
-                             f"[{E}, {n}, {k // 32}]")
+                             f"{list(want)}")
     for t in (w13, w2, s13, s2):
         if not t.is_contiguous():
             raise ValueError("moe_small_m: weights and scales must be contiguous")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(f"moe_small_m: topk {tuple(topk_ids.shape)} / "
                          f"{tuple(topk_weights.shape)} vs M={M}")
-    return M, H, E, I
+    return M, H, E, I, T
 
 
 def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor,
@@ -142,7 +147,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
                 fmt: str = "int4", config: dict | None = None, *, n_shared: int = 0,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """See the module docstring."""
-    M, H, E, I = _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt)
+    M, H, E, I, wt = _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt)
     code = _FMTS[fmt]
     top_k = topk_ids.shape[1]
     kp = top_k + n_shared
@@ -196,7 +201,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
             x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0),
             w13.stride(0), v13.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared,
             BN=bn, CH=ch, SK=sk, BT=1 if M == 1 else bt, MC=mc, PC=pc, FMT=code, EARLY=M == 1,
-            VT=1 if cfg.get("VT") else 0, KP2=kp2, PDL=0 if stop else pdl,
+            VT=1 if cfg.get("VT") else 0, KP2=kp2, PDL=0 if stop else pdl, WT=wt,
             num_warps=cfg["W1"], num_stages=cfg["S1"])
     if stop:
         return out
@@ -219,7 +224,9 @@ def triton_interpreted() -> bool:
 
 
 def _dequant(w: torch.Tensor, s: torch.Tensor, fmt: str) -> torch.Tensor:
-    from .moe_ref import dequant_int4, dequant_mxfp4, unrepack_int4, unrepack_mxfp4
+    from .moe_ref import dequant_int4, dequant_mxfp4, unrepack_int4, unrepack_mxfp4, untile_rows
+    if w.dim() == 4:  # one expert's row-tiled w13 and scales
+        w, s = untile_rows(w), untile_rows(s).flatten(-2)
     if _FMTS[fmt] == INT4:
         return dequant_int4(unrepack_int4(w), s)
     return dequant_mxfp4(unrepack_mxfp4(w), s)
@@ -233,7 +240,7 @@ def moe_small_m_ref(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt="int4"
     import torch.nn.functional as F
 
     from .moe_ref import with_shared
-    E = w13.shape[0]
+    E = w13.shape[0]  # (w13 / s13 may be row-tiled: _dequant)
     tw, ids = with_shared(topk_weights, topk_ids, E - n_shared, n_shared)
     I = w2.shape[2] * 128
     xd = hidden.to(dtype)

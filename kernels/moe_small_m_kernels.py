@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fused_moe_common import _wrow
 from .moe_align import pair_expert
 
 try:  # programmatic dependent launch (config "PDL"); absent from old Triton versions
@@ -133,15 +134,16 @@ def _scales(s, j: tl.constexpr, FMT: tl.constexpr):
 
 
 @triton.jit
-def _scale_ptrs(Srow, R: tl.constexpr, CH: tl.constexpr):
+def _scale_ptrs(Srow, R: tl.constexpr, CH: tl.constexpr, SCS: tl.constexpr = 4):
     """Scale pointers [R, CH, 4 (tq), 4 (tr = j)] for chunks 0..CH-1 of the rows at Srow [R]
-    (bf16 viewed as int16, or e8m0 uint8; 4 groups of a chunk contiguous), broadcast over tq
+    (bf16 viewed as int16, or e8m0 uint8; 4 groups of a chunk contiguous; SCS: a row's chunk
+    stride, 4 row-major, WT * 4 row-tiled: fused_moe_common._wrow), broadcast over tq
     on purpose: the tile then has the weight tile's shape and contiguity, so the load gets its
     layout (no shared-memory conversion per step), and the repeated addresses inside a thread
     are merged into one load by the compiler."""
     c4 = tl.arange(0, CH)[None, :, None, None]
     tr = tl.arange(0, 4)[None, None, None, :]
-    return tl.broadcast_to(Srow[:, None, None, None] + 4 * c4 + tr, (R, CH, 4, 4))
+    return tl.broadcast_to(Srow[:, None, None, None] + SCS * c4 + tr, (R, CH, 4, 4))
 
 
 @triton.jit
@@ -271,10 +273,12 @@ def _gate_up_kernel(
     N_ROUTED: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, SK: tl.constexpr,
     BT: tl.constexpr, MC: tl.constexpr, PC: tl.constexpr, FMT: tl.constexpr,
     EARLY: tl.constexpr, VT: tl.constexpr = 0, KP2: tl.constexpr = 1, PDL: tl.constexpr = 0,
+    WT: tl.constexpr = 1,
 ):
     """Grid (P, I / BN, SK); BT (tokens per weight pass) is 1 or 2. See kernels/moe_small_m.py.
     VT=1: the epilogue / split-K tail read a token's KP ids as one vector (KP2 = next power of
-    2 >= KP) instead of KP dependent scalar loads. PDL=1: let the down kernel launch now."""
+    2 >= KP) instead of KP dependent scalar loads. PDL=1: let the down kernel launch now.
+    WT: rows per tile of the w13 words / scales (1: row-major; fused_moe_common._wrow)."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -288,12 +292,13 @@ def _gate_up_kernel(
     rows = tl.where(r >= BN, I + jt * BN + r - BN, jt * BN + r).to(tl.int64)
     c4 = tl.arange(0, CH)[None, :, None, None]
     t4 = 4 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
-    Wp = W + e64 * stride_we + rows[:, None, None, None] * (H // 8) + c4 * 16 + t4
-    Sp = _scale_ptrs(S + e64 * stride_se + rows * (H // 32), 2 * BN, CH)
+    Wp = (W + e64 * stride_we + _wrow(rows, H // 128, WT, 16)[:, None, None, None]
+          + c4 * (WT * 16) + t4)
+    Sp = _scale_ptrs(S + e64 * stride_se + _wrow(rows, H // 128, WT, 4), 2 * BN, CH, WT * 4)
     if EARLY:  # M = 1 (BT = 1): the token is 0, so start streaming weights, scales and x
         # before the duplicate check (a duplicate is rare) and skip the token scans
-        w_n = tl.load(Wp + it0 * (CH * 16))
-        s_n = tl.load(Sp + it0 * (CH * 4))
+        w_n = tl.load(Wp + it0 * (CH * WT * 16))
+        s_n = tl.load(Sp + it0 * (CH * WT * 4))
         a0, a1, a2, a3 = _x4(X, 0, it0, 2 * BN, CH)
     # run only for the first pair of expert e (row-major over [M, KP])
     earlier = 0
@@ -325,8 +330,8 @@ def _gate_up_kernel(
             acc1 = tl.zeros((2 * BN, CH, 4), tl.float32)
             b0, b1, b2, b3 = _x4(X, xr1, it0, 2 * BN, CH)
         if not EARLY:  # (M = 1 has one token tile, loaded above)
-            w_n = tl.load(Wp + it0 * (CH * 16))
-            s_n = tl.load(Sp + it0 * (CH * 4))
+            w_n = tl.load(Wp + it0 * (CH * WT * 16))
+            s_n = tl.load(Sp + it0 * (CH * WT * 4))
         for it in range(it0, it0 + NIT):
             # explicit double buffering: step it+1's loads (predicated off after the last
             # step) are issued before step it's arithmetic
@@ -335,8 +340,8 @@ def _gate_up_kernel(
             w = w_n
             s = s_n
             xa0, xa1, xa2, xa3 = a0, a1, a2, a3
-            w_n = tl.load(Wp + (it + 1) * (CH * 16), mask=more, other=0)
-            s_n = tl.load(Sp + (it + 1) * (CH * 4), mask=more, other=0)
+            w_n = tl.load(Wp + (it + 1) * (CH * WT * 16), mask=more, other=0)
+            s_n = tl.load(Sp + (it + 1) * (CH * WT * 4), mask=more, other=0)
             a0, a1, a2, a3 = _x4(X, xr0, nxw, 2 * BN, CH)
             if BT == 2:
                 xb0, xb1, xb2, xb3 = b0, b1, b2, b3

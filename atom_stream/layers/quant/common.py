@@ -325,10 +325,24 @@ def _repack_chunked(repack, w: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     return out
 
 
-def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
+def w13_tile_rows() -> int:
+    """ATOM_STREAM_MOE_W13_TILE: rows per tile of the repacked 4-bit gate_up weights and scales
+    (kernels/fused_moe.tile_w13; 1 = row-major). Read at load time."""
+    import os
+    t = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "1"))
+    if t < 1 or t & (t - 1):
+        raise ValueError(f"ATOM_STREAM_MOE_W13_TILE={t}: a power of 2 >= 1")
+    return t
+
+
+def repack_for_kernel(experts, w13_name: str, w2_name: str, repack,
+                      w13_scale_name: str | None = None) -> None:
     """On GPUs, replace the checkpoint-layout 4-bit expert tensors by the fused-MoE kernel's
     layout (still 4 bits/weight; kernels/fused_moe.repack_*_moe), one layer at a time so the
-    peak stays one layer's experts. The CPU keeps the checkpoint layout (reference path)."""
+    peak stays one layer's experts. The CPU keeps the checkpoint layout (reference path).
+    With w13_scale_name and w13_tile_rows() = T > 1 (dividing 2I), the gate_up words and that
+    scale buffer are then row-tiled in place of the row-major ones (kernels/fused_moe.tile_w13;
+    no extra memory kept)."""
     w13 = getattr(experts, w13_name)
     if not w13.is_cuda or fused_moe_kernel() is None:
         return
@@ -337,6 +351,11 @@ def repack_for_kernel(experts, w13_name: str, w2_name: str, repack) -> None:
     except ValueError as e:  # K not a multiple of 128 (tiny test models): the torch path
         logger.info("experts kept in the checkpoint layout: %s", e)
         return
+    T = w13_tile_rows() if w13_scale_name else 1
+    if T > 1 and packed[0].shape[1] % T == 0:
+        from atom_stream.kernels.fused_moe import tile_w13
+        packed[0], scale = tile_w13(packed[0], getattr(experts, w13_scale_name), T)
+        setattr(experts, w13_scale_name, scale)
     for name, p in zip((w13_name, w2_name), packed):
         setattr(experts, name, None)
         experts.register_buffer(name + "_kernel", p)

@@ -140,7 +140,8 @@ class Int4MoEMethod(MoEMethod):
 
     def finalize(self, experts) -> None:
         from atom_stream.kernels.fused_moe import repack_int4_moe
-        repack_for_kernel(experts, "w13_weight_packed", "w2_weight_packed", repack_int4_moe)
+        repack_for_kernel(experts, "w13_weight_packed", "w2_weight_packed", repack_int4_moe,
+                          "w13_weight_scale")
 
     def apply(self, experts, x, topk_weights, topk_ids):
         if getattr(experts, "kernel_layout", False):  # GPU: repacked at load

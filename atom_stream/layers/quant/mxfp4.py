@@ -169,7 +169,8 @@ class Mxfp4MoEMethod(MoEMethod):
     def finalize(self, experts) -> None:
         from atom_stream.kernels.fused_moe import has_fp4_mma, repack_mxfp4_moe
         if not has_fp4_mma(experts.w13_weight.device):  # FP4 MMA GPUs take the raw layout
-            repack_for_kernel(experts, "w13_weight", "w2_weight", repack_mxfp4_moe)
+            repack_for_kernel(experts, "w13_weight", "w2_weight", repack_mxfp4_moe,
+                              "w13_weight_scale")
 
     def apply(self, experts, x, topk_weights, topk_ids):
         if getattr(experts, "kernel_layout", False):  # GPU without FP4 units: repacked at load

@@ -1,0 +1,115 @@
+"""Row-tiled 4-bit gate_up weights (kernels/fused_moe.tile_w13) on every fused_moe path.
+
+Each case draws fresh int4 codes / MXFP4 bytes (packed with kernels/moe_ref.py), runs fused_moe
+on the row-major repacked weights and again on their tile_w13 copy (outputs poisoned with NaN
+first), and requires the two outputs BIT-identical (same arithmetic, only the addresses
+change), and the row-major output within METHOD.md's bf16 tolerance of the float64 reference
+(so identical also means right). Paths: M=1 (the M=1 gate_up kernel), M=3 (per-pair), M=4 with
+the split-K small-M gate_up, M=5 GEMV, M=16 tensor cores direct, M=40 tensor cores sorted
+(DQ 1 on the GPU, the DQ 0 K loop under the interpreter), and T = 8 / 16 / 32. CPU: interpreter
+at H=256, I=128, E=8, top-2; `-m gpu`: the same shapes natively plus the Kimi-K2.5 TP8 rank rows
+(H=7168, I=256) at M=1 / 16 / 64. Also: tile_w13 / untile_w13 round-trip, and a row-tiled w13
+with row-major scales is a clear ValueError.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_interp import interpret_without_gpu
+
+GPU = interpret_without_gpu(
+    "moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc", "fused_moe_gemv",
+    "fused_moe_fp8", "moe_small_m_kernels", "moe_m1_gate_up", "moe_small_m", "fused_moe")
+
+from atom_stream.kernels import moe_ref as R
+from atom_stream.kernels import moe_small_m as SM
+from atom_stream.kernels.fused_moe import fused_moe, tile_w13, untile_w13
+
+DEV = "cuda" if GPU else "cpu"
+pytestmark = [pytest.mark.gpu] if GPU else []
+QUANT = {"int4": "int4_g32", "mxfp4": "mxfp4"}
+# (M, config): the path each M takes with these overrides
+# (wide small-M tiles: fewer programs under the interpreter)
+PATHS = [(1, {"small_m": {"MR": 16}}), (3, {"small_m": {"MR": 16}}),
+         (4, {"small_m": {"M1": 0, "BN": 16}}), (5, {"small_m_max": 0}),
+         (16, {"small_m_max": 0, "gemv_max": 0}), (40, None)]
+
+
+def experts(fmt, E, H, I, gen):
+    if fmt == "int4":
+        q13 = torch.randint(-8, 8, (E, 2 * I, H), generator=gen)
+        q2 = torch.randint(-8, 8, (E, H, I), generator=gen)
+        s13 = ((torch.rand(E, 2 * I, H // 32, generator=gen) + 0.5) / (4 * H ** 0.5)).bfloat16()
+        s2 = ((torch.rand(E, H, I // 32, generator=gen) + 0.5) / (4 * I ** 0.5)).bfloat16()
+        w = (R.repack_int4(R.pack_int4(q13)), R.repack_int4(R.pack_int4(q2)), s13, s2)
+        d = (R.dequant_int4(q13, s13), R.dequant_int4(q2, s2))
+    else:
+        m13 = torch.randint(0, 256, (E, 2 * I, H // 2), generator=gen, dtype=torch.uint8)
+        m2 = torch.randint(0, 256, (E, H, I // 2), generator=gen, dtype=torch.uint8)
+        e13 = torch.randint(112, 124, (E, 2 * I, H // 32), generator=gen, dtype=torch.uint8)
+        e2 = torch.randint(116, 126, (E, H, I // 32), generator=gen, dtype=torch.uint8)
+        w = (R.repack_mxfp4(m13), R.repack_mxfp4(m2), e13, e2)
+        d = (R.dequant_mxfp4(m13, e13), R.dequant_mxfp4(m2, e2))
+    return tuple(t.contiguous().to(DEV) for t in w), d
+
+
+def run(fmt, M, E, H, I, k, T, config, seed):
+    gen = torch.Generator().manual_seed(seed)
+    (w13, w2, s13, s2), (d13, d2) = experts(fmt, E, H, I, gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).int().to(DEV)
+    tw = (torch.rand(M, k, generator=gen) + 0.1).to(DEV)
+    x = (torch.randn(M, H, generator=gen) * 0.5).bfloat16().to(DEV)
+    cfg = dict(config or {}, poison=True)
+    outs = []
+    for w, s in ((w13, s13), tile_w13(w13, s13, T)):
+        out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device=DEV)
+        fused_moe(x, w, w2, tw, ids, quant=QUANT[fmt], w13_scale=s, w2_scale=s2, out=out,
+                  config=cfg)
+        outs.append(out.cpu())
+    ref = R.fused_moe_ref(x.cpu().double(), d13.double(), d2.double(), tw.cpu().double(),
+                          ids.cpu().long())
+    return outs, ref
+
+
+@pytest.fixture(autouse=True)
+def small_m_paths(monkeypatch):
+    """The per-pair gate_up up to M = 3 (the default reaches 8; the interpreter is slow)."""
+    monkeypatch.setattr(SM, "PAIR_M_MAX", 3)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+@pytest.mark.parametrize("M,config", PATHS)
+def test_tiled_equals_row_major(fmt, M, config):
+    T = {1: 16, 3: 8, 4: 32, 5: 16, 16: 8, 40: 16}[M]
+    (row, tiled), ref = run(fmt, M, 8, 256, 128, 2, T, config, seed=M + 100 * (fmt == "int4"))
+    assert torch.isfinite(row).all() and torch.isfinite(tiled).all(), "output left unwritten"
+    assert torch.equal(row, tiled), float((row.double() - tiled.double()).abs().max())
+    assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.skipif(not GPU, reason="real shapes natively only")
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_tiled_real_rows_gpu(fmt, M):
+    (row, tiled), ref = run(fmt, M, 64, 7168, 256, 8, 16, None, seed=M)
+    assert torch.equal(row, tiled)
+    assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_tile_round_trip_and_errors():
+    gen = torch.Generator().manual_seed(7)
+    (w13, w2, s13, s2), _ = experts("int4", 4, 256, 128, gen)
+    wt, st = tile_w13(w13, s13, 16)
+    assert tuple(wt.shape) == (4, 256 // 16, 2, 16, 16) and tuple(st.shape) == (4, 16, 2, 16, 4)
+    w, s = untile_w13(wt, st)
+    assert torch.equal(w, w13) and torch.equal(s, s13)
+    # row n, chunk c of expert e sits at tile n // 16, slot n % 16 of chunk c
+    assert torch.equal(wt[1, 3, 1, 5], w13[1, 3 * 16 + 5, 1])
+    x = torch.randn(2, 256).bfloat16().to(DEV)
+    ids = torch.zeros(2, 4, dtype=torch.int32, device=DEV)
+    tw = torch.ones(2, 4, device=DEV)
+    with pytest.raises(ValueError, match="tiled alike"):
+        fused_moe(x, wt, w2, tw, ids, quant="int4_g32", w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="tiles of"):
+        tile_w13(w13, s13, 24)
