@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tiletests
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -83,6 +83,12 @@ for what in "${sections[@]}"; do case $what in
       sec tile ${T_MOE:-170} python3 bench/kernels_moe.py --formats int4,mxfp4 --set default \
       --ms "${MS:-1,4,8,16,64,256}" --w13-tiles 1,16 --out "$OUT/kernels-moe-tile-h200.json" \
       --sweep-out "$OUT/kernels-moe-tile-sweep-h200.json" ;;
+  tilesweep) sec tilesweep-sm ${T_MOE:-120} python3 bench/kernels_moe.py --formats int4,mxfp4 \
+      --set tile --ms 1,4,8 --w13-tiles 1,16 --budget-s 100 --out "$OUT/tile-sm.json" \
+      --sweep-out "$OUT/tile-sm-sweep.json"
+      sec tilesweep-tc ${T_MOE:-120} python3 bench/kernels_moe.py --formats int4,mxfp4 \
+      --set tile --ms 16,64,256 --w13-tiles 16 --budget-s 100 --out "$OUT/tile-tc.json" \
+      --sweep-out "$OUT/tile-tc-sweep.json" ;;
   tiletests) ATOM_STREAM_MOE_W13_TILE=16 sec tiletests ${T_TESTS:-150} $PY -m gpu \
       --maxfail=10 tests/test_quant_gpu.py tests/test_gpu_engine.py tests/test_model_kernels.py ;;
   pairm) sec pairm ${T_MOE:-150} python3 bench/moe_small_m.py --pair-m --budget-s 100 --jobs 12 \

@@ -200,6 +200,13 @@ TC_CANDIDATES = {
          dict(_PIPE, DQ=1), dict(_PIPE), {}],  # {} twice: the run-to-run spread
 }
 TC_CANDIDATES[256] = TC_CANDIDATES[64]
+# --set tile (session 5: the row-tiled gate_up layout, --w13-tiles): the per-pair / M=1 gate_up's
+# rows per program (MR: MR/2 gate + MR/2 up rows, i.e. MR/2 x 64 contiguous bytes per chunk of a
+# tile) and CH; the tensor-core tiles (MXFP4 defaults to BN1 32 on 2 warps; int4 64 on 4)
+_SM = [{"small_m": {"MR": mr}} for mr in (8, 16, 32)] + [{"small_m": {"MR": 16, "CH": 4}}]
+_TCT = [{"BN1": 64, "W1": 4}, {"BN1": 32, "W1": 2}, {"BN1": 16, "W1": 2}, {"S1": 4}]
+TILE_CANDIDATES = {1: [{}] + _SM, 4: [{}] + _SM, 8: [{}] + _SM, 16: [{}] + _TCT,
+                   64: [{}] + _TCT, 256: [{}] + _TCT}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -238,6 +245,8 @@ def _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, **extra):
 def _candidates(fmt: str, M: int, cset: str = "all") -> list:
     if cset == "default":
         return [{}]
+    if cset == "tile":
+        return TILE_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -349,9 +358,10 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
-    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default"),
+    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default", "tile"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
-                    "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only")
+                    "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
+                    "TILE_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
