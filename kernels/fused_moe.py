@@ -163,7 +163,8 @@ def small_m_max() -> int:
     return 0 if SMALL_M_MAX == 0 else max(SMALL_M_MAX, sm.PAIR_M_MAX)
 
 
-def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0) -> dict:
+def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0,
+                   wt: int = 1) -> dict:
     """Tiles and path, set from the H200 measurements in bench/RESULTS.md (2026-11-29).
 
     gemv: the CUDA-core path (4-bit formats, M <= gemv_max): G1/G2 weight rows per program
@@ -218,6 +219,11 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             tc4.update(W1=2, W2=2, BN1=16 if fmt == INT4 else 32)
         if M <= 16:
             tc4["XM"] = 1
+        # row-tiled w13 (wt > 1, tile_w13): 64-row gate_up tiles on 4 warps win for int4 at
+        # M <= 16 (141 vs 158 us) and MXFP4 above (M=64 365 vs 371, M=256 553 vs 579 us); the
+        # rest ties (H200, bench/kernels_moe.py --set tile, bench/RESULTS.md session 5)
+        if wt > 1 and ((fmt == INT4 and M <= 16) or (fmt == MXFP4 and M > 16)):
+            tc4.update(BN1=64, W1=4)
     return {"BM": 16, "BN1": bn1, "BK1": bk1, "W1": w1, "S1": 3, "BN2": bn2, "BK2": bk2, "W2": 4,
             "S2": 2, "BH": 1024, "direct": M <= 16, "OFFS": 1,
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,
@@ -343,7 +349,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    cfg = dict(default_config(fmt, M, P, E, H, I, act), **(config or {}))
+    cfg = dict(default_config(fmt, M, P, E, H, I, act, wt), **(config or {}))
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()

@@ -74,12 +74,15 @@ M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
 PAIR_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_PAIR_M_MAX", "8"))
 
 
-def default_config(M: int, H: int, I: int, top_k: int) -> dict:
+def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
     """Choices predicted before the first H200 run and kept by it (bench/notes_moe_small_m.md;
     measured int4 M=1 25.2 us, SK=1 25.4, BN2=16 24.8; M=4 BN 4 72.4, BN 8 71.1): at M = 1
     split-K 7 over H (1792 gate_up programs of 8 KB: the whole w13 in flight); larger M: no
     split; 2 tokens per weight pass from M = 33 (an expert gets ~1.1 tokens at M=16, ~1.8 at
-    M=64 with top-8/384)."""
+    M=64 with top-8/384). wt > 1 (row-tiled w13, fused_moe.tile_w13): the per-pair gate_up reads
+    MR/2 consecutive rows x 64 bytes per chunk of a tile, so wider programs: MR 8 at M=1, 16
+    above (H200, bench/RESULTS.md session 5: int4 M=1 19.4 / M=4 57.0 / M=8 93.7 us vs 19.1 /
+    60.9 / 100.9 row-major at MR 4; at MR 4 the tiled layout was 4-11% slower)."""
     ch = max(c for c in (8, 4, 2, 1) if (H // 128) % c == 0)
     niter = H // (128 * ch)
     sk = max(d for d in range(1, 9) if niter % d == 0) if M == 1 else 1
@@ -93,8 +96,9 @@ def default_config(M: int, H: int, I: int, top_k: int) -> dict:
     # M1 / MR: the per-pair gate_up kernel (ladder L4 at R4 SK1 CH8 W4: 10.3 us int4, 11.6
     # MXFP4 at M=1)
     m1 = (M == 1 and M1_KERNEL) or 1 < M <= PAIR_M_MAX
+    mr = 4 if wt == 1 else (8 if M == 1 else 16)
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": 4}
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -160,7 +164,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
                          f"[{M}, {H}] with unit column stride")
     if M == 0:
         return out
-    cfg = dict(default_config(M, H, I, top_k), **(config or {}))
+    cfg = dict(default_config(M, H, I, top_k, wt), **(config or {}))
     bn, ch, sk, bt, bn2 = cfg["BN"], cfg["CH"], cfg["SK"], cfg["BT"], cfg["BN2"]
     m1 = bool(cfg.get("M1"))  # the per-pair gate_up (SK, BN, BT are the other kernel's)
     if (I % bn or (H // 128) % ch or (not m1 and (H // (128 * ch)) % sk) or H % bn2

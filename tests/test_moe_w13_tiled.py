@@ -8,7 +8,8 @@ change), and the row-major output within METHOD.md's bf16 tolerance of the float
 the split-K small-M gate_up, M=5 GEMV, M=16 tensor cores direct, M=40 tensor cores sorted
 (DQ 1 on the GPU, the DQ 0 K loop under the interpreter), and T = 8 / 16 / 32. CPU: interpreter
 at H=256, I=128, E=8, top-2; `-m gpu`: the same shapes natively plus the Kimi-K2.5 TP8 rank rows
-(H=7168, I=256) at M=1 / 16 / 64. Also: tile_w13 / untile_w13 round-trip, and a row-tiled w13
+(H=7168, I=256) at M=1 / 16 / 64 with pinned tiles; each layout with its own default
+tiles against the reference. Also: tile_w13 / untile_w13 round-trip, and a row-tiled w13
 with row-major scales is a clear ValueError.
 """
 
@@ -30,10 +31,13 @@ DEV = "cuda" if GPU else "cpu"
 pytestmark = [pytest.mark.gpu] if GPU else []
 QUANT = {"int4": "int4_g32", "mxfp4": "mxfp4"}
 # (M, config): the path each M takes with these overrides
-# (wide small-M tiles: fewer programs under the interpreter)
+# (wide small-M tiles: fewer programs under the interpreter; tiles pinned, since the defaults
+# differ by layout and another tile may round differently on the GPU's MMAs)
 PATHS = [(1, {"small_m": {"MR": 16}}), (3, {"small_m": {"MR": 16}}),
          (4, {"small_m": {"M1": 0, "BN": 16}}), (5, {"small_m_max": 0}),
-         (16, {"small_m_max": 0, "gemv_max": 0}), (40, None)]
+         (16, {"small_m_max": 0, "gemv_max": 0, "BN1": 32, "W1": 2}),
+         (40, {"BN1": 32, "W1": 2})]
+PINNED = {"BN1": 64, "W1": 4, "W2": 4, "small_m": {"MR": 8}}
 
 
 def experts(fmt, E, H, I, gen):
@@ -54,18 +58,17 @@ def experts(fmt, E, H, I, gen):
     return tuple(t.contiguous().to(DEV) for t in w), d
 
 
-def run(fmt, M, E, H, I, k, T, config, seed):
+def run(fmt, M, E, H, I, k, T, config, seed, tiled_config=None):
     gen = torch.Generator().manual_seed(seed)
     (w13, w2, s13, s2), (d13, d2) = experts(fmt, E, H, I, gen)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)]).int().to(DEV)
     tw = (torch.rand(M, k, generator=gen) + 0.1).to(DEV)
     x = (torch.randn(M, H, generator=gen) * 0.5).bfloat16().to(DEV)
-    cfg = dict(config or {}, poison=True)
     outs = []
-    for w, s in ((w13, s13), tile_w13(w13, s13, T)):
+    for (w, s), c in (((w13, s13), config), (tile_w13(w13, s13, T), tiled_config or config)):
         out = torch.full((M, H), float("nan"), dtype=torch.bfloat16, device=DEV)
         fused_moe(x, w, w2, tw, ids, quant=QUANT[fmt], w13_scale=s, w2_scale=s2, out=out,
-                  config=cfg)
+                  config=dict(c or {}, poison=True))
         outs.append(out.cpu())
     ref = R.fused_moe_ref(x.cpu().double(), d13.double(), d2.double(), tw.cpu().double(),
                           ids.cpu().long())
@@ -88,11 +91,21 @@ def test_tiled_equals_row_major(fmt, M, config):
     assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+@pytest.mark.parametrize("M", [1, 16, 40])
+def test_tiled_default_configs(fmt, M):
+    """Each layout with its own default tiles (fused_moe / moe_small_m default_config's wt)."""
+    (row, tiled), ref = run(fmt, M, 8, 256, 128, 2, 16, None, seed=7 * M)
+    for out in (row, tiled):
+        assert torch.isfinite(out).all()
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.skipif(not GPU, reason="real shapes natively only")
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_tiled_real_rows_gpu(fmt, M):
-    (row, tiled), ref = run(fmt, M, 64, 7168, 256, 8, 16, None, seed=M)
+    (row, tiled), ref = run(fmt, M, 64, 7168, 256, 8, 16, PINNED, seed=M)
     assert torch.equal(row, tiled)
     assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
 

@@ -327,9 +327,11 @@ def _repack_chunked(repack, w: torch.Tensor, chunk: int = 16) -> torch.Tensor:
 
 def w13_tile_rows() -> int:
     """ATOM_STREAM_MOE_W13_TILE: rows per tile of the repacked 4-bit gate_up weights and scales
-    (kernels/fused_moe.tile_w13; 1 = row-major). Read at load time."""
+    (kernels/fused_moe.tile_w13; 1 = row-major). Read at load time. Default 16: decode step
+    k25-tp8-rank int4 B=16 16.67 -> 14.84 ms, B=64 32.27 -> 27.24, B=256 52.35 -> 46.04 in one
+    H200 run (bench/RESULTS.md session 5)."""
     import os
-    t = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "1"))
+    t = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "16"))
     if t < 1 or t & (t - 1):
         raise ValueError(f"ATOM_STREAM_MOE_W13_TILE={t}: a power of 2 >= 1")
     return t
