@@ -26,6 +26,7 @@ GPU = interpret_without_gpu(
 from atom_stream.kernels import moe_ref as R
 from atom_stream.kernels import moe_small_m as SM
 from atom_stream.kernels.fused_moe import fused_moe, tile_w13, untile_w13
+from test_moe_small_m import make_experts as experts  # (w13, w2, s13, s2) on DEV, (d13, d2)
 
 DEV = "cuda" if GPU else "cpu"
 pytestmark = [pytest.mark.gpu] if GPU else []
@@ -38,24 +39,6 @@ PATHS = [(1, {"small_m": {"MR": 16}}), (3, {"small_m": {"MR": 16}}),
          (16, {"small_m_max": 0, "gemv_max": 0, "BN1": 32, "W1": 2}),
          (40, {"BN1": 32, "W1": 2})]
 PINNED = {"BN1": 64, "W1": 4, "W2": 4, "small_m": {"MR": 8}}
-
-
-def experts(fmt, E, H, I, gen):
-    if fmt == "int4":
-        q13 = torch.randint(-8, 8, (E, 2 * I, H), generator=gen)
-        q2 = torch.randint(-8, 8, (E, H, I), generator=gen)
-        s13 = ((torch.rand(E, 2 * I, H // 32, generator=gen) + 0.5) / (4 * H ** 0.5)).bfloat16()
-        s2 = ((torch.rand(E, H, I // 32, generator=gen) + 0.5) / (4 * I ** 0.5)).bfloat16()
-        w = (R.repack_int4(R.pack_int4(q13)), R.repack_int4(R.pack_int4(q2)), s13, s2)
-        d = (R.dequant_int4(q13, s13), R.dequant_int4(q2, s2))
-    else:
-        m13 = torch.randint(0, 256, (E, 2 * I, H // 2), generator=gen, dtype=torch.uint8)
-        m2 = torch.randint(0, 256, (E, H, I // 2), generator=gen, dtype=torch.uint8)
-        e13 = torch.randint(112, 124, (E, 2 * I, H // 32), generator=gen, dtype=torch.uint8)
-        e2 = torch.randint(116, 126, (E, H, I // 32), generator=gen, dtype=torch.uint8)
-        w = (R.repack_mxfp4(m13), R.repack_mxfp4(m2), e13, e2)
-        d = (R.dequant_mxfp4(m13, e13), R.dequant_mxfp4(m2, e2))
-    return tuple(t.contiguous().to(DEV) for t in w), d
 
 
 def run(fmt, M, E, H, I, k, T, config, seed, tiled_config=None):
