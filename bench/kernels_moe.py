@@ -274,14 +274,13 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
     deadline = time.time() + budget_s
     rows = []
     from atom_stream.kernels.fused_moe import tile_w13
-    for fmt, tile in [(f, t) for f in formats for t in w13_tiles]:
+    four_bit = ("int4", "mxfp4", "mxfp4_w4a4")
+    for fmt, tile in [(f, t) for f in formats for t in w13_tiles if t == 1 or f in four_bit]:
         act = "mxfp4" if fmt == "mxfp4_w4a4" else None
         w = make_weights("mxfp4" if act else fmt, "cuda")
         eb = expert_bytes(w)
-        if tile > 1 and fmt in ("int4", "mxfp4", "mxfp4_w4a4"):
+        if tile > 1:
             w["w13"], w["w13_scale"] = tile_w13(w["w13"], w["w13_scale"], tile)
-        elif tile > 1:
-            continue
         for M in ms:
             best = best_old = best_new = None
             for i, cfg in enumerate(_candidates(fmt, M, cset)):

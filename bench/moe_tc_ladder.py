@@ -41,7 +41,7 @@ DEV = "cuda"
 CONFIGS = [(64, 4, 3), (32, 2, 3), (16, 2, 3)]
 # (name, rung, pair-tiled, persistent programs per SM (0: one per tile), word tile rows, scale
 # tile rows): "t" = `tile_weights` (a program's 2 BN rows as one block per chunk), "wN" / "sN" =
-# `tile_rows` copies of the words / scales with N consecutive rows per tile
+# kernels/moe_ref.tile_rows copies of the words / scales with N consecutive rows per tile
 RUNGS = [("PROD", None, False, 0, 0, 0), ("G0", 0, False, 0, 0, 0), ("G0w16", 0, False, 0, 16, 0),
          ("G1", 1, False, 0, 0, 0), ("G1t", 1, True, 0, 0, 0), ("G1w16s16", 1, False, 0, 16, 16),
          ("G3", 3, False, 0, 0, 0), ("G3t", 3, True, 0, 0, 0), ("G3w16", 3, False, 0, 16, 0),
@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="", help="indices into CONFIGS, e.g. 0,1 (all)")
     args = ap.parse_args(argv)
     import moe_tc_ladder_kernels as L
+    from atom_stream.kernels import moe_ref as R
     from kernels_moe import copy_bandwidth, time_calls
     copy = copy_bandwidth()
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -121,8 +122,8 @@ def main(argv=None) -> None:
     tiled = {}
     s13v = s13.view(E, 2 * I, H // 128, 4)
     for T in sorted({r[4] for r in RUNGS if r[4]} | {r[5] for r in RUNGS if r[5]}):
-        tiled["w", T] = L.tile_rows(w13, T)
-        tiled["s", T] = L.tile_rows(s13v, T)
+        tiled["w", T] = R.tile_rows(w13, T)
+        tiled["s", T] = R.tile_rows(s13v, T)
     print(f"{'M':>4} {'rung':<11}{'BN':>4}{'W':>3}{'S':>3}{'us':>9}{'ratio':>7}{'vs PROD':>8}  check")
     for BN, warps, stages in cfgs:
         if BN not in tiled:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from atom_stream.kernels import moe_ref as R
 from atom_stream.kernels.fused_moe_common import _dq16, _step4s
 
 
@@ -158,7 +157,8 @@ def gate_up_rung(rung: int, x, w13, s13, sorted_pairs, block_expert, out, act, *
     copy when tiled); s13 [E, 2I, H/32] bf16; out fp32 [ntiles] (G0-G2); act [slots, I] (G3);
     nprog > 0: persistent with that many programs; mdt 0: bf16 dequantized weights and MMAs
     (production), 1: fp16 (the interpreter's tests: it mishandles bf16 dots); wt / st > 0: w13
-    / s13 are the `tile_rows` copies with that many rows per tile (tiled must be False)."""
+    / s13 are kernels/moe_ref.tile_rows copies with that many rows per tile (tiled must be
+    False)."""
     M, H = x.shape
     I = s13[0].numel() // (H // 32) // 2  # s13 may be a tiled copy
     ntiles = block_expert.numel() * (I // BN)
@@ -168,20 +168,6 @@ def gate_up_rung(rung: int, x, w13, s13, sorted_pairs, block_expert, out, act, *
         w13.stride(0), s13.stride(0), H=H, I=I, KP=top_k, BM=BM, BN=BN, RUNG=rung,
         TILED=tiled, PERSIST=nprog > 0, NPROG=max(nprog, 1), MDT=mdt, WT=wt, ST=st,
         num_warps=warps, num_stages=stages)
-
-
-def tile_rows(t: torch.Tensor, T: int) -> torch.Tensor:
-    """[E, N, K/128, C] (words: C = 16; scales viewed [E, N, K/128, 4]) -> [E, N/T, K/128, T, C]:
-    tiles of T consecutive rows, chunk-major inside a tile (row n, chunk c at tile n // T, row
-    n % T of chunk c's contiguous T x C block)."""
-    E, N, nch, C = t.shape
-    return t.reshape(E, N // T, T, nch, C).permute(0, 1, 3, 2, 4).contiguous()
-
-
-def dequant(w13: torch.Tensor, s13: torch.Tensor) -> torch.Tensor:
-    """Kernel-layout words + bf16 scales -> fp32 weights [E, 2I, H] (exact products), through
-    kernels/moe_ref's unpacking (tests build the words from drawn codes with its packers)."""
-    return R.dequant_int4(R.unrepack_int4(w13.cpu()), s13.cpu())
 
 
 def _block_rows(sorted_pairs, block_expert, P: int, top_k: int, BM: int):

@@ -87,7 +87,7 @@ from .fused_moe_common import (
 from .fused_moe_fp8 import _fit, fp8_gemv_path
 from .fused_moe_gemv import gemv_path
 from .fused_moe_tc import _pick, act_quant_mxfp4, tc_path
-from .moe_ref import repack_int4, repack_mxfp4, tile_rows, untile_rows
+from .moe_ref import repack_int4, repack_mxfp4, tile_rows, untile_rows, w13_tile
 
 __all__ = ["default_config", "fused_moe", "has_fp4_mma", "repack_int4_moe", "repack_mxfp4_moe",
            "tile_w13", "untile_w13"]
@@ -119,20 +119,6 @@ def untile_w13(w13t: torch.Tensor, s13t: torch.Tensor):
     """Inverse of tile_w13: (words [E, 2I, H/128, 16], scales [E, 2I, H/32])."""
     w = untile_rows(w13t)
     return w, untile_rows(s13t).reshape(w.shape[0], w.shape[1], -1)
-
-
-def w13_tile(w13: torch.Tensor, s13: torch.Tensor | None) -> int:
-    """Rows per tile of a 4-bit w13 (1: the row-major [E, 2I, H/128, 16] layout; T: tile_w13's
-    [E, 2I/T, H/128, T, 16], whose scales must be tiled alike)."""
-    if w13.dim() != 5:
-        return 1
-    T = w13.shape[3]
-    if (s13 is None or s13.dim() != 5 or tuple(s13.shape[:4]) != tuple(w13.shape[:4])
-            or s13.shape[4] != 4 or w13.shape[4] != 16):
-        raise ValueError(f"fused_moe: row-tiled w13 {tuple(w13.shape)} needs scales tiled "
-                         f"alike [E, 2I/T, H/128, T, 4], got "
-                         f"{None if s13 is None else tuple(s13.shape)}")
-    return T
 
 
 def has_fp4_mma(device: torch.device) -> bool:

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .fused_moe_common import _wrow
 from .moe_align import pair_expert
+from .moe_ref import w13_tile
 from .moe_small_m_kernels import (
     _dot8,
     _prep,
@@ -145,11 +146,9 @@ def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: to
     (moe_small_m._check) except the tile, act and the unit column strides. w13 / s13v may be
     the row-tiled copies ([E, 2I / T, H / 128, T, 16] / [E, 2I / T, H / 128, T, 4]:
     fused_moe.tile_w13)."""
-    if w13.dim() == 5:
-        E, nt, nc, wt, _ = w13.shape
-        two_i = nt * wt
-    else:
-        (E, two_i, nc, _), wt = w13.shape, 1
+    wt = w13_tile(w13, s13v)
+    E, nt, nc = w13.shape[:3]
+    two_i = nt * wt
     H, I, kp, M = nc * 128, two_i // 2, top_k + n_shared, ids.shape[0]
     if R < 2 or R & (R - 1) or I % (R // 2) or CH & (CH - 1) or nc % CH:
         raise ValueError(f"m1_gate_up: R={R}, CH={CH} do not tile H={H}, I={I}")

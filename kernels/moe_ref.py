@@ -144,6 +144,20 @@ def untile_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-3, -2).reshape(*lead, nt * T, nch, C)
 
 
+def w13_tile(w13: torch.Tensor, s13: torch.Tensor | None) -> int:
+    """Rows per tile of a repacked 4-bit w13 (1: the row-major [E, 2I, H/128, 16] layout; T:
+    tile_rows' [E, 2I/T, H/128, T, 16], whose scales must be tiled alike [E, 2I/T, H/128, T, 4];
+    ValueError otherwise)."""
+    if w13.dim() != 5:
+        return 1
+    T = w13.shape[3]
+    if (s13 is None or s13.dim() != 5 or tuple(s13.shape[:4]) != tuple(w13.shape[:4])
+            or s13.shape[4] != 4 or w13.shape[4] != 16):
+        raise ValueError(f"row-tiled w13 {tuple(w13.shape)} needs scales tiled alike "
+                         f"[E, 2I/T, H/128, T, 4], got {None if s13 is None else tuple(s13.shape)}")
+    return T
+
+
 def dequant_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [..., N, K] + scale [..., N, K/32] -> float32 [..., N, K]."""
     return (q.float().unflatten(-1, (-1, GROUP)) * scale.float().unsqueeze(-1)).flatten(-2)

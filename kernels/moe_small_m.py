@@ -58,6 +58,7 @@ import os
 import torch
 import triton
 
+from .moe_ref import w13_tile
 from .moe_small_m_kernels import INT4, MXFP4, _down_all_kernel, _down_kernel, _gate_up_kernel
 
 __all__ = ["default_config", "moe_small_m", "moe_small_m_ref"]
@@ -124,7 +125,7 @@ def _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt):
         raise NotImplementedError("moe_small_m: weights must be in the repacked kernel layout "
                                   "(repack_int4_moe / repack_mxfp4_moe, w13 maybe tile_w13's)")
     M, H = hidden.shape
-    T = w13.shape[3] if w13.dim() == 5 else 1
+    T = w13_tile(w13, s13)
     E, two_i = w13.shape[0], w13.shape[1] * T
     I = two_i // 2
     w13_tail = (H // 128, T, 16) if T > 1 else (H // 128, 16)

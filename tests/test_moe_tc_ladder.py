@@ -50,9 +50,9 @@ def launch(rung, x, w13, s13, sp, be, *, BN, tiled, nprog, wt=0, st=0):
     ntiles = be.numel() * (I // BN)
     out = torch.full((ntiles,), float("nan"), device=DEV)
     act = torch.full((be.numel() * 16, I), float("nan"), device=DEV, dtype=torch.bfloat16)
-    w = L.tile_weights(w13, BN) if tiled else (L.tile_rows(w13, wt) if wt else w13)
+    w = L.tile_weights(w13, BN) if tiled else (R.tile_rows(w13, wt) if wt else w13)
     E, N, K = s13.shape
-    s = L.tile_rows(s13.view(E, N, K // 4, 4), st) if st else s13
+    s = R.tile_rows(s13.view(E, N, K // 4, 4), st) if st else s13
     L.gate_up_rung(rung, x, w, s, sp, be, out, act, top_k=SHAPE["TOPK"], BN=BN, tiled=tiled,
                    nprog=nprog, mdt=MDT, warps=4 if BN >= 32 else 2, wt=wt, st=st)
     return out.cpu(), act.cpu()
@@ -64,7 +64,7 @@ LAYOUTS = [(16, 0), (8, 16), (32, 32)]  # (word tile rows, scale tile rows)
 
 def test_tile_rows_layout():
     w13 = draw(2)[1].cpu()
-    t = L.tile_rows(w13, 8)
+    t = R.tile_rows(w13, 8)
     E, nt, nch, T, C = t.shape
     assert (nt, T, C) == (w13.shape[1] // 8, 8, 16)
     for e, n, c in [(0, 0, 0), (E - 1, w13.shape[1] - 1, nch - 1), (1, 13, 1)]:

@@ -29,6 +29,7 @@ choice (CPU tests of the MI300 path).
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from contextlib import contextmanager
 
@@ -330,7 +331,6 @@ def w13_tile_rows() -> int:
     (kernels/fused_moe.tile_w13; 1 = row-major). Read at load time. Default 16: decode step
     k25-tp8-rank int4 B=16 16.67 -> 14.84 ms, B=64 32.27 -> 27.24, B=256 52.35 -> 46.04 in one
     H200 run (bench/RESULTS.md session 5)."""
-    import os
     t = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "16"))
     if t < 1 or t & (t - 1):
         raise ValueError(f"ATOM_STREAM_MOE_W13_TILE={t}: a power of 2 >= 1")
