@@ -71,6 +71,34 @@ def weight_bytes(model) -> tuple[int, int, dict[int, int]]:
     return non_expert, embed_row, expert_bytes
 
 
+def fill_kv_random(runner: ModelRunner) -> None:
+    """Random latent cache (never time attention on zeros)."""
+    for cache in runner.kv_caches:
+        for i in range(0, cache.shape[0], 256):
+            chunk = cache[i:i + 256]
+            chunk.copy_((torch.randn(chunk.shape, device=chunk.device) * 0.5).to(cache.dtype))
+
+
+def kv_bytes_per_token(preset: dict, kv_cache_dtype: str) -> int:
+    """Latent cache bytes per token over all layers (every TP rank holds the whole latent)."""
+    elem = 1 if kv_cache_dtype == "fp8" else 2
+    return (preset["kv_lora_rank"] + preset["qk_rope_head_dim"]) * preset["num_hidden_layers"] * elem
+
+
+def touched_expert_bytes(runner: ModelRunner, eager_inp, moes, expert_bytes: dict[int, int]
+                         ) -> int:
+    """Run one eager step recording each MoE layer's routing; the bytes of the distinct experts
+    it touched (per rank: `expert_bytes` are this rank's shards)."""
+    for m in moes:
+        m.record = []
+    runner.run_inputs(eager_inp)
+    touched = sum(int(torch.unique(m.record[0]).numel()) * expert_bytes[i]
+                  for i, m in zip(sorted(expert_bytes), moes))
+    for m in moes:
+        m.record = None
+    return touched
+
+
 def make_batch(B: int, ctx: int, block_size: int, first_block: int, vocab: int) -> ScheduledBatch:
     per = math.ceil(ctx / block_size)
     seqs = []
@@ -163,10 +191,8 @@ def main(argv=None) -> None:
     bw = copy_bandwidth(dev)
 
     # KV pool: enough for the largest B*ctx that fits the budget
-    kv_elem = 1 if args.kv_cache_dtype == "fp8" else 2
     from atom_stream.models.presets import PRESETS
-    pc = PRESETS[args.preset]
-    per_tok = (pc["kv_lora_rank"] + pc["qk_rope_head_dim"]) * pc["num_hidden_layers"] * kv_elem
+    per_tok = kv_bytes_per_token(PRESETS[args.preset], args.kv_cache_dtype)
     budget_tokens = int(args.max_kv_gib * 2**30 / per_tok)
     runs = [(B, c) for c in ctxs for B in batches]
     fits = [(B, c) for B, c in runs if B * c <= budget_tokens]
@@ -179,10 +205,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     runner = ModelRunner(cfg)
     print(f"runner ready in {time.perf_counter() - t0:.1f}s; graphs={runner.graphs is not None}")
-    for cache in runner.kv_caches:  # never time on zeros
-        for i in range(0, cache.shape[0], 256):
-            chunk = cache[i:i + 256]
-            chunk.copy_((torch.randn(chunk.shape, device=dev) * 0.5).to(cache.dtype))
+    fill_kv_random(runner)
     model = runner.model
     non_expert, embed_row, expert_bytes = weight_bytes(model)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -196,13 +219,7 @@ def main(argv=None) -> None:
         inp = runner.build_inputs(batch)
         eager = runner.build_inputs(batch)
         eager.use_graph = False
-        for m in moes:  # one eager step records the real routing
-            m.record = []
-        runner.run_inputs(eager)
-        touched = sum(int(torch.unique(m.record[0]).numel()) * expert_bytes[i]
-                      for i, m in zip(sorted(expert_bytes), moes))
-        for m in moes:
-            m.record = None
+        touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
         kv = B * ctx * per_tok
         floor_ms = 1e3 * (touched + non_expert + B * embed_row + kv) / bw
         variants = [(False, eager)]

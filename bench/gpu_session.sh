@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | topo
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
+# several GPUs: NVLink multicast stays off (device/KINDS.md)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -e atom_stream/kernels ] || ln -s ../kernels atom_stream/kernels
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -103,5 +105,9 @@ for what in "${sections[@]}"; do case $what in
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
       sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
       --batches 1,16,64 --ctx 1024 --steps 30 --modes $m --out "$OUT/engine_idle-$m.json"; done ;;
+  tptests) sec tptests ${T_TESTS:-240} $PY -m gpu tests/test_tp_gpu.py ;;
+  tpdecode) sec tpdecode ${T_DECODE:-300} python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" \
+      --batches "${BATCHES:-1,16,64}" --ctx "${CTX:-1024,8192}" --iters 10 --out "$OUT/decode-tp.json" ;;
+  topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done

@@ -7,14 +7,19 @@ experts with intermediate 2048/8 = 256, the shared expert 2048/8, the vocab shar
 routed experts are INT4 group-32 (Kimi's native compressed-tensors packing), MXFP4 or W4A8
 (FP8 at rest); the rest bf16; the KV cache fp8. `-bf16` variants keep bf16 experts and fewer
 layers (bf16 at full depth does not fit one GPU).
+
+Several GPUs (issue 11): `k25-tp4-rank` is one TP4 rank (16 heads, expert intermediate 512,
+vocab shard 163840/4): served with `--tensor-parallel-size 2`, each GPU holds exactly one TP8
+rank's shapes (ranks 0-1 of a TP8 group) and the pair all-reduces as TP8 ranks do. `k25` is the
+whole text model: at `--tensor-parallel-size 8` each GPU holds one TP8 rank.
 """
 
 from __future__ import annotations
 
-_K25_TEXT = {
+_K25_FULL = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "vocab_size": 163840 // 8, "hidden_size": 7168, "intermediate_size": 18432 // 8,
-    "moe_intermediate_size": 2048 // 8, "num_hidden_layers": 61, "num_attention_heads": 64 // 8,
+    "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 64,
     "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
     "v_head_dim": 128, "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8,
     "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
@@ -25,6 +30,18 @@ _K25_TEXT = {
     "max_position_embeddings": 262144, "rms_norm_eps": 1e-5, "hidden_act": "silu",
     "tie_word_embeddings": False, "bos_token_id": 163584, "eos_token_id": 163585,
 }
+
+_SPLIT = ("vocab_size", "intermediate_size", "moe_intermediate_size", "num_attention_heads")
+
+
+def k25_rank(tp: int) -> dict:
+    """One rank of Kimi-K2.5's text model at tensor parallel `tp`: the TP-split dims (heads,
+    dense and expert intermediate, vocab) divided by `tp`; q_a / kv_a, the 384 experts, hidden
+    size and depth unchanged."""
+    return dict(_K25_FULL, **{k: _K25_FULL[k] // tp for k in _SPLIT})
+
+
+_K25_TEXT = k25_rank(8)
 
 INT4_EXPERTS = {
     "quant_method": "compressed-tensors", "format": "pack-quantized",
@@ -76,4 +93,7 @@ PRESETS: dict[str, dict] = {
     "k25-tp8-rank-mxfp4": dict(_K25_TEXT, quantization_config=MXFP4_EXPERTS),
     "k25-tp8-rank-w4a8": dict(_K25_TEXT, quantization_config=W4A8_EXPERTS),
     "k25-tp8-rank-bf16": dict(_K25_TEXT, num_hidden_layers=16),
+    "k25-tp4-rank": dict(k25_rank(4), quantization_config=INT4_EXPERTS),
+    "k25-tp4-rank-mxfp4": dict(k25_rank(4), quantization_config=MXFP4_EXPERTS),
+    "k25": dict(_K25_FULL, quantization_config=INT4_EXPERTS),
 }
