@@ -186,8 +186,14 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
             with open(out, "w") as f:
                 json.dump(rows, f, indent=1)
         torch.distributed.barrier()
+        runner.shutdown()
     finally:
-        torch.distributed.destroy_process_group()
+        from atom_stream.engine.distributed import _close_group
+        t0 = time.perf_counter()
+        _close_group(None, timeout=20.0)
+        if lead:
+            print(f"process group teardown: {time.perf_counter() - t0:.1f}s", flush=True)
+        os._exit(0)  # rows are written; never wait on a teardown that overran
 
 
 def main(argv=None) -> None:

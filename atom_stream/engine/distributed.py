@@ -83,14 +83,28 @@ def _init_group(config: EngineConfig, init_method: str, rank: int, world: int):
     return None
 
 
-def _close_group(group) -> None:
-    try:
-        if group is not None:
-            group.shutdown()
-        elif torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort at exit
-        pass
+GROUP_CLOSE_TIMEOUT_S = 15.0
+
+
+def _close_group(group, timeout: float = GROUP_CLOSE_TIMEOUT_S) -> None:
+    """Tear down the TP process group, best effort, waiting at most `timeout` s: an NCCL/RCCL
+    teardown can block on a peer that is gone or stuck (the engine's shutdown must not), so it
+    runs in a daemon thread that is abandoned, with a warning, when it overruns."""
+    def close():
+        try:
+            if group is not None:
+                group.shutdown()
+            elif torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - best effort at exit
+            logger.debug("process group teardown: %s", e)
+
+    t = threading.Thread(target=close, name="tp-group-close", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        logger.warning("TP process group teardown still blocked after %.0f s; abandoned",
+                       timeout)
 
 
 def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str,
@@ -106,6 +120,7 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
         new_relay_group(layout)  # a collective call: every rank takes part, members or not
     ring = ShmRing.attach(ring_spec)
     decoder = StepDecoder()
+    runner = None
     try:
         runner = ModelRunner(config, TPInfo(rank, layout.world, group))
         while True:
@@ -123,6 +138,8 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
             runner.run_inputs(inputs)
     finally:
         ring.unlink()
+        if runner is not None:
+            runner.shutdown()  # graphs hold collectives: released before the group
         _close_group(group)
 
 
@@ -304,6 +321,9 @@ class TPExecutor:
             except Exception as e:  # noqa: BLE001 - a remote node is gone; its leader exits alone
                 logger.debug("shutdown message not relayed: %s", e)
         self.local.shutdown(goodbye, timeout)
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown()  # graphs hold collectives: released before the group
         _close_group(self.group)
 
 

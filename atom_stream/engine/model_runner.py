@@ -426,6 +426,13 @@ class ModelRunner:
         return result
 
     def shutdown(self) -> None:
+        """Drop the decode graphs and the KV pool. The graphs go first and the device is
+        synchronized: under TP a captured graph holds NCCL/RCCL collectives, and the process
+        group must not be torn down under a graph that may still run."""
+        if self.graphs is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.graphs = None
         self.kv_caches = []
 
 
