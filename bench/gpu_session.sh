@@ -105,7 +105,8 @@ for what in "${sections[@]}"; do case $what in
   idle) for m in ${MODES:-async sync}; do  # one process per mode: two engines do not fit
       sec idle-$m ${T_IDLE:-100} python3 bench/engine_idle.py --preset "${PRESET:-k25-tp8-rank}" \
       --batches 1,16,64 --ctx 1024 --steps 30 --modes $m --out "$OUT/engine_idle-$m.json"; done ;;
-  tptests) sec tptests ${T_TESTS:-240} $PY -m gpu -v -x --timeout 100 tests/test_tp_gpu.py ;;
+  tptests) sec tptests ${T_TESTS:-240} $PY -m gpu -v -x --timeout 100 tests/test_tp_gpu.py \
+      "tests/test_gpu_engine.py::test_moe_reference_loop_under_graph_capture_matches_eager" ;;
   tpdecode) sec tpdecode ${T_DECODE:-300} python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" \
       --batches "${BATCHES:-1,16,64}" --ctx "${CTX:-1024,8192}" --iters 10 --out "$OUT/decode-tp.json" ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;

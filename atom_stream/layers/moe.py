@@ -40,9 +40,19 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int,
 def moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              num_experts: int, expert_fn) -> torch.Tensor:
     """sum_k w_k * expert_fn(e_k, x_rows) over the experts actually chosen (the CPU reference
-    loop shared by the dense and quantized expert paths); accumulation in float32."""
+    loop shared by the dense and quantized expert paths); accumulation in float32.
+
+    While a CUDA/HIP graph is being captured (a model whose experts have no kernel layout, e.g. a
+    tiny checkpoint with hidden % 128 != 0) the per-expert row counts cannot go to the host, so
+    every expert runs on every row with the rows' weight for it (0 where not chosen): the same
+    sum in the same expert order, graph-safe, E times the work."""
     T, H = x.shape
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        for e in range(num_experts):
+            w = (topk_weights.float() * (topk_ids == e)).sum(-1)
+            out += expert_fn(e, x).float() * w[:, None]
+        return out.to(x.dtype)
     flat_ids = topk_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
