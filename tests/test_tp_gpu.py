@@ -1,6 +1,6 @@
 """Tensor parallel on the GPUs of one host (issue 11; `pytest -m gpu`, needs >= 2 GPUs): the
 engine at TP = every GPU (NCCL; 2 on an nvidia-h200-x2) gives the TP=1 greedy tokens on tiny
-checkpoints, in float32, with graph replay and eagerly, dense and INT4 experts; engine-core
+checkpoints, in float32, with graph replay and eagerly, dense, INT4 and MXFP4 experts; engine-core
 properties hold under TP on GPUs (prefix-cache hits and batch composition do not change tokens;
 an aborted request leaves the others' tokens and frees its KV blocks)."""
 
@@ -54,17 +54,21 @@ def _run(path: str, tp: int, prompts, **kw):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """{"dense": bf16-free float32 checkpoint, "int4": its compressed-tensors INT4 twin}."""
+    """{"dense": a float32 checkpoint, "int4" / "mxfp4": its compressed-tensors INT4 and Quark
+    MXFP4 twins}."""
     root = tmp_path_factory.mktemp("tp_gpu")
     src = str(root / "dense")
     # expert intermediate 64: 64 / WORLD per rank stays a multiple of 16
     qw.make_tiny_hf(src, "deepseek", seed=11, moe_intermediate_size=64, intermediate_size=128)
-    qw.write_quantized(src, str(root / "int4"), "int4")
-    return {"dense": src, "int4": str(root / "int4")}
+    out = {"dense": src}
+    for fmt in ("int4", "mxfp4"):
+        qw.write_quantized(src, str(root / fmt), fmt)
+        out[fmt] = str(root / fmt)
+    return out
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
-@pytest.mark.parametrize("which", ["dense", "int4"])
+@pytest.mark.parametrize("which", ["dense", "int4", "mxfp4"])
 def test_tp_all_gpus_matches_tp1(ckpts, which, eager):
     prompts = _prompts(6, 3)
     want = _run(ckpts[which], 1, prompts, enforce_eager=eager)

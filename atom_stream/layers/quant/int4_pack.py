@@ -25,7 +25,8 @@ _SHIFTS = tuple(range(0, 32, 4))
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., n/8] -> int8 [..., n] with values in [-8, 7]."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    # arange, not torch.tensor(_SHIFTS): no host-to-device copy (graph capture forbids one)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nib = (packed.unsqueeze(-1) >> shifts) & 0xF
     return (nib.to(torch.int8) - 8).flatten(-2)
 

@@ -31,13 +31,23 @@ GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _LUT = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32)
 _BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # midpoints between values
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, copied once: a forward under graph capture must not copy from the host
+    (the warm-up forwards before capture fill this cache)."""
+    key = (id(t), device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = t.to(device)
+    return _ON_DEVICE[key]
 _TIES_UP = (0.75, 1.75, 3.5)  # midpoints whose even neighbour is the upper one
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n/2] -> float32 [..., n] e2m1 values (element 2i from the low nibble)."""
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
-    return _LUT.to(packed.device)[codes.long()]
+    return _on(_LUT, packed.device)[codes.long()]
 
 
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
@@ -61,7 +71,7 @@ def shared_exponent(amax: torch.Tensor) -> torch.Tensor:
 def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Codes (uint8, sign in bit 3) of v rounded to e2m1, ties to even, saturating at 6."""
     mag = v.abs()
-    idx = torch.bucketize(mag, _BOUNDS.to(v.device), right=False)
+    idx = torch.bucketize(mag, _on(_BOUNDS, v.device), right=False)
     tie_up = torch.zeros_like(mag, dtype=torch.bool)
     for t in _TIES_UP:
         tie_up |= mag == t
@@ -85,7 +95,7 @@ def mxfp4_qdq(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"MXFP4 activations need a multiple of {GROUP} channels, got {n}")
     g = x.float().unflatten(-1, (-1, GROUP))
     scale = torch.exp2(shared_exponent(g.abs().amax(-1)).float()).unsqueeze(-1)
-    v = _LUT.to(x.device)[round_e2m1(g / scale).long()] * scale
+    v = _on(_LUT, x.device)[round_e2m1(g / scale).long()] * scale
     return v.flatten(-2).to(x.dtype)
 
 

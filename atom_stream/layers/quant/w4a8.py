@@ -39,7 +39,7 @@ _SHIFTS = tuple(range(0, 32, 4))
 
 def unpack_int4_reorder(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., n/8] (Quark reorder, two's complement) -> int8 [..., n] in [-8, 7]."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)  # no H2D copy
     nib = (packed.unsqueeze(-1) >> shifts) & 0xF
     vals = torch.where(nib >= 8, nib - 16, nib)
     return vals[..., list(_INVERSE)].flatten(-2).to(torch.int8)
