@@ -54,15 +54,19 @@ def _run(path: str, tp: int, prompts, **kw):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """{"dense": a float32 checkpoint, "int4" / "mxfp4": its compressed-tensors INT4 and Quark
-    MXFP4 twins}."""
+    """{"dense": a float32 "deepseek"-flavour checkpoint (grouped routing, two dense layers),
+    "int4" / "mxfp4": compressed-tensors INT4 and Quark MXFP4 writes of a "kimi"-flavour one}."""
     root = tmp_path_factory.mktemp("tp_gpu")
     src = str(root / "dense")
     # expert intermediate 64: 64 / WORLD per rank stays a multiple of 16
     qw.make_tiny_hf(src, "deepseek", seed=11, moe_intermediate_size=64, intermediate_size=128)
     out = {"dense": src}
+    # the quantized twins start from the "kimi" flavour: the writers' configs assume its layout
+    # (layer 0 dense; layer 2's experts left unquantized by the MXFP4 exclude list)
+    kimi = str(root / "kimi")
+    qw.make_tiny_hf(kimi, "kimi", seed=12, moe_intermediate_size=64, intermediate_size=128)
     for fmt in ("int4", "mxfp4"):
-        qw.write_quantized(src, str(root / fmt), fmt)
+        qw.write_quantized(kimi, str(root / fmt), fmt)
         out[fmt] = str(root / fmt)
     return out
 
