@@ -185,3 +185,41 @@ def test_tp2_engine_with_table_deltas_matches_single_rank():
     finally:
         llm.engine.shutdown()
     assert got == want
+
+
+def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
+    """Async scheduling under TP: decode inputs that are the previous step's uncollected tokens
+    reach rank 1 through a device broadcast from rank 0 inside the step. Pipelined TP=2 gives the
+    synchronous TP=2 and the single-rank tokens (greedy, mixed prompt lengths so prefills run
+    beside in-flight decodes), and the broadcast really ran."""
+    from dataclasses import replace
+
+    from test_async_scheduling import TOK, drive
+
+    from atom_stream.engine import model_runner as mr
+    from atom_stream.engine.llm_engine import LLMEngine
+
+    calls = []
+    real = mr.broadcast_from_first
+    monkeypatch.setattr(mr, "broadcast_from_first",
+                        lambda x, info: calls.append(x.shape[0]) or real(x, info))
+    g = torch.Generator().manual_seed(21)
+    reqs = [(f"q{i}", torch.randint(1, 250, (int(n),), generator=g).tolist(),
+             SamplingParams(temperature=0, max_tokens=10 + i, ignore_eos=True))
+            for i, n in enumerate(torch.randint(2, 30, (5,), generator=g))]
+
+    def run(tp: int, pipelined: bool):
+        cfg = replace(_config(tp), async_scheduling=pipelined, max_num_batched_tokens=24)
+        engine = LLMEngine(cfg, tokenizer=TOK)
+        try:
+            merged, _ = drive(engine, reqs, pipelined)
+            assert getattr(engine.runner, "dead", None) is None
+        finally:
+            engine.shutdown()
+        return {rid: o.token_ids for rid, o in merged.items()}
+
+    want = run(1, False)
+    assert run(2, False) == want
+    assert not calls
+    assert run(2, True) == want
+    assert calls, "no pending decode ids were broadcast"

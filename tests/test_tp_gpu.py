@@ -2,7 +2,8 @@
 engine at TP = every GPU (NCCL; 2 on an nvidia-h200-x2) gives the TP=1 greedy tokens on tiny
 checkpoints, in float32, with graph replay and eagerly, dense, INT4 and MXFP4 experts; engine-core
 properties hold under TP on GPUs (prefix-cache hits and batch composition do not change tokens;
-an aborted request leaves the others' tokens and frees its KV blocks)."""
+an aborted request leaves the others' tokens and frees its KV blocks); async scheduling under TP
+gives the sync loop's tokens."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ def test_tp_prefix_cache_batch_invariance_and_abort(ckpts):
         engine.block_manager.check_invariants()
     finally:
         llm.engine.shutdown()
+
+
+def test_tp_async_scheduling_matches_sync(ckpts):
+    """Pipelined (async) scheduling at TP = every GPU, graphs on: the previous step's sampled ids
+    reach the other ranks by an NCCL broadcast inside the step; tokens equal the sync loop's."""
+    from test_async_scheduling import drive
+
+    from atom_stream import EngineConfig, SamplingParams
+    from atom_stream.engine.llm_engine import LLMEngine
+
+    g = torch.Generator().manual_seed(9)
+    reqs = [(f"a{i}", torch.randint(0, 256, (int(n),), generator=g).tolist(),
+             SamplingParams(temperature=0, max_tokens=12 + i, ignore_eos=True))
+            for i, n in enumerate(torch.randint(3, 40, (6,), generator=g))]
+
+    def run(pipelined: bool):
+        cfg = EngineConfig(model=ckpts["dense"], device=DEVICE, dtype="float32",
+                           tensor_parallel_size=WORLD, num_kv_blocks=128, max_model_len=256,
+                           max_num_seqs=8, block_size=16, async_scheduling=pipelined)
+        engine = LLMEngine(cfg, skip_tokenizer_init=True)
+        try:
+            merged, _ = drive(engine, reqs, pipelined)
+        finally:
+            engine.shutdown()
+        return {rid: o.token_ids for rid, o in merged.items()}
+
+    assert run(True) == run(False)

@@ -29,6 +29,7 @@ private process group.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -220,7 +221,9 @@ class TPExecutor:
         self._check_lock = threading.Lock()
         self._deaths: list[str] = []
         self.watchdog_timeout = float(config.watchdog_timeout)
-        self._step_t0: float | None = None  # monotonic start of the running step
+        # monotonic launch times of the steps launched and not yet collected, oldest first
+        # (async scheduling keeps up to two: N+1 is launched before N is collected)
+        self._inflight: collections.deque[float] = collections.deque()
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
         self.group = None
@@ -255,7 +258,7 @@ class TPExecutor:
         for why in (self.local.poll(), self.remote.poll() if self.remote else None):
             if why:
                 self._died(why)
-        t0 = self._step_t0
+        t0 = self._inflight[0] if self._inflight else None
         if t0 is not None and self.dead is None and \
                 time.monotonic() - t0 > self.watchdog_timeout:
             self._died(f"a TP step has not finished in {self.watchdog_timeout:g} s "
@@ -291,26 +294,47 @@ class TPExecutor:
             self._encoder.reset()  # some rank may have missed it: the next step goes whole
             raise
 
+    @property
+    def supports_async(self) -> bool:
+        return self.runner.supports_async
+
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        self._step_t0 = time.monotonic()
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch: ScheduledBatch, prev=None):
+        """Async scheduling: rank 0's `ModelRunner.launch` (the inputs reach the other ranks
+        through `_broadcast`; pending decode ids through a device broadcast inside the step)."""
+        self._inflight.append(time.monotonic())
         try:
-            return self.runner.execute(batch)
+            return self.runner.launch(batch, prev)
         except Exception:
-            # a collective raises as soon as a peer dies: record the death now, not at the
-            # watchdog's next poll, so the engine reports dead before anyone asks again
-            if self.remote is not None:
-                self.remote.failed_at = time.monotonic()
-            deadline = time.monotonic() + (2.0 if self.remote is not None else 1.0)
-            while time.monotonic() < deadline:
-                self._check()
-                if self.dead and (self.remote is None or self.remote.lost):
-                    break
-                time.sleep(0.02)
-            if self.remote is not None:
-                self.remote.failed_at = None
+            self._inflight.pop()
+            self._after_failure()
+            raise
+
+    def collect(self, handle) -> StepOutput:
+        try:
+            return self.runner.collect(handle)
+        except Exception:
+            self._after_failure()
             raise
         finally:
-            self._step_t0 = None
+            if self._inflight:
+                self._inflight.popleft()
+
+    def _after_failure(self) -> None:
+        """A collective raises as soon as a peer dies: record the death now, not at the
+        watchdog's next poll, so the engine reports dead before anyone asks again."""
+        if self.remote is not None:
+            self.remote.failed_at = time.monotonic()
+        deadline = time.monotonic() + (2.0 if self.remote is not None else 1.0)
+        while time.monotonic() < deadline:
+            self._check()
+            if self.dead and (self.remote is None or self.remote.lost):
+                break
+            time.sleep(0.02)
+        if self.remote is not None:
+            self.remote.failed_at = None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -119,8 +119,8 @@ class LLMEngine:
         supported = bool(getattr(runner, "supports_async", False))
         want = config.async_scheduling
         if want and not supported:
-            logger.warning("async_scheduling: this runner (tensor parallel?) has no launch/"
-                           "collect split; using the synchronous loop")
+            logger.warning("async_scheduling: this runner has no launch/collect split; using "
+                           "the synchronous loop")
         self.async_scheduling = supported if want is None else bool(want and supported)
         self.pipeline = Pipeline(self)
 

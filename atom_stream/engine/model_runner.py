@@ -5,13 +5,16 @@ one worker thread; it reads the sequences (tokens, computed counts, block tables
 never mutates them. On the CPU it runs the torch reference paths in the worker thread (torch
 releases the GIL), so the event loop stays responsive.
 
-Async scheduling (single rank, `supports_async`): `execute` = `collect(launch(batch))`.
+Async scheduling (`supports_async`): `execute` = `collect(launch(batch))`.
 - `launch(batch, prev) -> StepHandle` reads the sequences (only while it runs: the caller keeps
   them unchanged meanwhile), enqueues the forward and the sampler, and returns without waiting
   for the device. Decode rows whose input is a `PLACEHOLDER` (the token `prev` sampled, not yet
   on the host) take it from `prev.token_ids` with a gather on the device: no host sync. The
   sampled ids (and logprobs) are copied to pinned host memory with non_blocking copies, then a
   CUDA event is recorded. On the CPU the forward runs synchronously inside `launch`.
+  Under TP the other ranks get those rows as PLACEHOLDERs too (the StepInputs broadcast carries
+  host values only): every rank sees them in the ids and takes part in one broadcast of the
+  device ids from rank 0, after rank 0's gather (`_run`), still with no host sync.
 - `collect(handle) -> StepOutput` waits for that event (call it off the event loop) and does the
   `.tolist()` work. It reads only the handle, never a sequence.
 """
@@ -32,7 +35,7 @@ from atom_stream.config import ConfigError, EngineConfig, ModelConfig
 from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
-from atom_stream.layers.parallel import TPInfo, tp_context
+from atom_stream.layers.parallel import TPInfo, broadcast_from_first, tp_context
 from atom_stream.layers.quant import apply_quantization, quant_init, weight_bytes_report
 from atom_stream.loader import init_dummy_weights, load_checkpoint
 from atom_stream.models import MODEL_REGISTRY
@@ -304,9 +307,8 @@ class ModelRunner:
 
     @property
     def supports_async(self) -> bool:
-        """launch/collect with device-side inputs: a single rank only (TP ranks get the input
-        ids in the broadcast StepInputs, so they must be on the host)."""
-        return self.broadcast is None
+        """launch/collect with device-side inputs (any TP size: see the module docstring)."""
+        return True
 
     def _pending_rows(self, batch: ScheduledBatch, inp: StepInputs, prev: StepHandle | None):
         """(flat rows, rows of prev.token_ids, prev.token_ids) for the inputs that are still
@@ -334,6 +336,10 @@ class ModelRunner:
             rows, src, prev_ids = pending
             # on the device, stream-ordered after the previous step's sampler: no host sync
             ids.index_copy_(0, self._put(rows), prev_ids.index_select(0, self._put(src)))
+        if self.tp_info.size > 1 and (np.frombuffer(inp.ids, dtype=np.int64) < 0).any():
+            # rank 0 holds the pending tokens (sampled on its device); every rank sees the
+            # same PLACEHOLDERs in the broadcast inputs, so all of them take part
+            broadcast_from_first(ids, self.tp_info)
         if inp.use_graph:
             B = self.graphs.load_inputs(ids, positions, md.slot_mapping, md.decode_seq_lens,
                                         md.block_tables)
@@ -357,8 +363,6 @@ class ModelRunner:
         inp = self.build_inputs(batch)
         pending = self._pending_rows(batch, inp, prev)
         if self.broadcast is not None:
-            if pending is not None:
-                raise RuntimeError("async scheduling needs a single rank")
             self.broadcast(inp)
         logits, prompt_logits = self._run(inp, pending)
         handle = StepHandle(prompt=self._prompt_logprobs(batch, inp, prompt_logits))

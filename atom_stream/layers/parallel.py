@@ -91,6 +91,13 @@ def all_reduce(x: torch.Tensor, info: TPInfo) -> torch.Tensor:
     return x
 
 
+def broadcast_from_first(x: torch.Tensor, info: TPInfo) -> torch.Tensor:
+    """Overwrite x on every TP rank with TP rank 0's x, in place (no-op at size 1)."""
+    if info.size > 1:
+        torch.distributed.broadcast(x, group=info.group, group_src=0)
+    return x
+
+
 def all_gather_last(x: torch.Tensor, info: TPInfo) -> torch.Tensor:
     """Concatenate each rank's x along the last dim in rank order (no-op at size 1)."""
     if info.size == 1:
