@@ -17,6 +17,9 @@ Per row, from rank 0 (the collectives keep the ranks in step):
 
     python bench/decode_tp.py --preset k25-tp4-rank --tp 2 --batches 1,16,64 --ctx 1024,8192
 
+With ATOM_STREAM_SYMM_ALLREDUCE=1 the model's (and comm_ms's) all-reduces go one-shot over
+symmetric memory (layers/symm_allreduce.py) instead of NCCL; rows say which ("symm_allreduce").
+
 Prints a table; writes bench/results/decode-tp<N>-<preset>-<gpu>.json rows {"tp","batch","ctx",
 "experts_dtype","graphs","step_ms","floor_ms","floor_rank_ms","comm_ms","ratio","ratio_rank"}.
 """
@@ -49,16 +52,19 @@ from decode import (
 
 
 class CollectiveRecorder:
-    """Records (op, shape, dtype) of every torch.distributed all_reduce / all_gather issued while
-    active (layers/parallel.py calls them through the torch.distributed module)."""
+    """Records (op, shape, dtype) of every all-reduce / all-gather issued while active: the
+    process group's (layers/parallel.py calls them through the torch.distributed module) and the
+    one-shot symmetric-memory all-reduce's (SymmAllReduce.sum_)."""
 
     def __init__(self):
         self.ops: list[tuple[str, tuple, torch.dtype]] = []
 
     def __enter__(self):
+        from atom_stream.layers.symm_allreduce import SymmAllReduce
+
         dist = torch.distributed
-        self._saved = dist.all_reduce, dist.all_gather
-        ar, ag = self._saved
+        self._saved = dist.all_reduce, dist.all_gather, SymmAllReduce.sum_
+        ar, ag, sym = self._saved
 
         def all_reduce(t, *a, **k):
             self.ops.append(("all_reduce", tuple(t.shape), t.dtype))
@@ -68,27 +74,37 @@ class CollectiveRecorder:
             self.ops.append(("all_gather", tuple(t.shape), t.dtype))
             return ag(parts, t, *a, **k)
 
-        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        def sum_(obj, t):
+            self.ops.append(("all_reduce", tuple(t.shape), t.dtype))
+            return sym(obj, t)
+
+        dist.all_reduce, dist.all_gather, SymmAllReduce.sum_ = all_reduce, all_gather, sum_
         return self
 
     def __exit__(self, *exc):
-        torch.distributed.all_reduce, torch.distributed.all_gather = self._saved
+        from atom_stream.layers.symm_allreduce import SymmAllReduce
+        torch.distributed.all_reduce, torch.distributed.all_gather, SymmAllReduce.sum_ = \
+            self._saved
 
 
-def time_collectives(ops, world: int, device, iters: int = 20) -> float:
-    """ms of one replay of a CUDA graph issuing `ops` (same shapes, dtypes and order)."""
+def time_collectives(ops, info, device, iters: int = 20) -> float:
+    """ms of one replay of a CUDA graph issuing `ops` (same shapes, dtypes and order), the
+    all-reduces through layers/parallel.all_reduce(t, info) as the model issues them (the
+    one-shot path where info.fast_ar takes the tensor)."""
+    from atom_stream.layers.parallel import all_reduce
+
     bufs = []
     for op, shape, dtype in ops:
         t = torch.randn(shape, device=device).to(dtype)
-        parts = [torch.empty_like(t) for _ in range(world)] if op == "all_gather" else None
+        parts = [torch.empty_like(t) for _ in range(info.size)] if op == "all_gather" else None
         bufs.append((op, t, parts))
 
     def issue():
         for op, t, parts in bufs:
             if op == "all_reduce":
-                torch.distributed.all_reduce(t)
+                all_reduce(t, info)
             else:
-                torch.distributed.all_gather(parts, t)
+                torch.distributed.all_gather(parts, t, group=info.group)
 
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -159,7 +175,7 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
             eager.use_graph = False
             with CollectiveRecorder() as rec:
                 touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
-            comm_ms = time_collectives(rec.ops, world, dev)
+            comm_ms = time_collectives(rec.ops, runner.tp_info, dev)
             kv = B * ctx * per_tok
             floor_rank = 1e3 * (touched + non_expert + B * embed_row + kv) / bw
             for graphs, step_inp in [(True, inp), (False, eager)]:
@@ -170,7 +186,8 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
                 torch.distributed.barrier()
                 ms = time_step(runner, step_inp, args.iters if graphs else max(3, args.iters // 4))
                 floor = floor_rank + comm_ms
-                rows.append({"tp": world, "batch": B, "ctx": ctx, "experts_dtype": experts_dtype,
+                rows.append({"tp": world, "symm_allreduce": runner.tp_info.fast_ar is not None,
+                             "batch": B, "ctx": ctx, "experts_dtype": experts_dtype,
                              "graphs": graphs, "step_ms": round(ms, 4), "floor_ms": round(floor, 4),
                              "floor_rank_ms": round(floor_rank, 4), "comm_ms": round(comm_ms, 4),
                              "ratio": round(floor / ms, 4), "ratio_rank": round(floor_rank / ms, 4),
@@ -222,8 +239,10 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\nTP={world} {args.preset}; copy bandwidth {rows[0]['copy_GBps'] if rows else '?'} "
-          f"GB/s per GPU; wrote {out}")
+    symm = bool(rows and rows[0]["symm_allreduce"])
+    kind = "one-shot symmetric memory" if symm else "NCCL"
+    print(f"\nTP={world} {args.preset}, all-reduce: {kind}; copy bandwidth "
+          f"{rows[0]['copy_GBps'] if rows else '?'} GB/s per GPU; wrote {out}")
     print(f"{'B':>4} {'ctx':>6} {'graphs':>6} {'step_ms':>9} {'floor_ms':>9} {'rank_ms':>8} "
           f"{'comm_ms':>8} {'ratio':>6} {'r_rank':>6}")
     for r in rows:

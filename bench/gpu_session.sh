@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | topo
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -109,6 +109,9 @@ for what in "${sections[@]}"; do case $what in
       "tests/test_gpu_engine.py::test_moe_reference_loop_under_graph_capture_matches_eager" ;;
   tpdecode) sec tpdecode ${T_DECODE:-300} python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" \
       --batches "${BATCHES:-1,16,64}" --ctx "${CTX:-1024,8192}" --iters 10 --out "$OUT/decode-tp.json" ;;
+  tpab) for v in ${AB_VALS:-0 1}; do ATOM_STREAM_SYMM_ALLREDUCE=$v sec tpab-$v ${T_DECODE:-200} \
+      python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" --batches "${BATCHES:-1,16,64}" \
+      --ctx "${CTX:-1024}" --iters 20 --out "$OUT/decode-tp-symm$v.json"; done ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done

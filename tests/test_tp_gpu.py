@@ -144,3 +144,80 @@ def test_tp_async_scheduling_matches_sync(ckpts):
         return {rid: o.token_ids for rid, o in merged.items()}
 
     assert run(True) == run(False)
+
+
+def _symm_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from atom_stream.layers.symm_allreduce import try_create
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=dev)
+    try:
+        sym = try_create(None, dev, max_bytes=1 << 20)
+        assert sym is not None, "symmetric memory unavailable on this GPU machine"
+        g = torch.Generator(device=dev).manual_seed(100 + rank)  # different data per rank
+        errs = {}
+        for shape, dtype in [((1, 7168), torch.bfloat16), ((64, 7168), torch.bfloat16),
+                             ((3, 5), torch.float32)]:
+            x = torch.randn(shape, device=dev, generator=g).to(dtype)
+            want = x.clone()
+            dist.all_reduce(want)
+            got = sym.sum_(x.clone())
+            errs[f"eager{shape}"] = float((got.float() - want.float()).abs().max())
+            # graph replay on fresh data: the captured kernel reads the static input each time
+            static = torch.empty_like(x)
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                static.copy_(x)
+                sym.sum_(static)  # warm-up outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    sym.sum_(static)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            fresh = torch.randn(shape, device=dev, generator=g).to(dtype)
+            static.copy_(fresh)
+            graph.replay()
+            want2 = fresh.clone()
+            dist.all_reduce(want2)
+            torch.cuda.synchronize(dev)
+            errs[f"graph{shape}"] = float((static.float() - want2.float()).abs().max())
+            assert sym.eligible(x) and not sym.eligible(torch.empty(1 << 19, device=dev))
+        torch.save(errs, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_symm_allreduce_matches_nccl(tmp_path):
+    """The one-shot symmetric-memory all-reduce (layers/symm_allreduce.py) gives NCCL's sums on
+    every rank, eagerly and replayed from a graph on fresh data (sums of WORLD bf16 values:
+    equal up to the summation order, one bf16 rounding)."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path}/rendezvous"
+    mp.start_processes(_symm_worker, args=(WORLD, init, str(tmp_path / "errs")), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    for rank in range(WORLD):
+        errs = torch.load(tmp_path / f"errs.{rank}")
+        for k, e in errs.items():
+            tol = 1e-5 if "(3, 5)" in k else 0.0625 * (WORLD - 1)
+            assert e <= tol, (rank, k, e)
+
+
+def test_tp_symm_allreduce_engine_matches_tp1(ckpts, monkeypatch):
+    """The engine with ATOM_STREAM_SYMM_ALLREDUCE=1 (every rank's all-reduces one-shot) gives the
+    TP=1 greedy tokens in float32, graphs on."""
+    from atom_stream.engine import model_runner
+
+    prompts = _prompts(6, 7)
+    want = _run(ckpts["dense"], 1, prompts)
+    monkeypatch.setenv("ATOM_STREAM_SYMM_ALLREDUCE", "1")  # the spawned ranks read it
+    monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", True)  # rank 0, already imported
+    llm = _llm(ckpts["dense"], WORLD)
+    try:
+        assert llm.engine.runner.runner.tp_info.fast_ar is not None
+        assert _greedy(llm, prompts) == want
+    finally:
+        llm.engine.shutdown()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from itertools import chain
 
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not given
+# TP on GPUs: decode-sized all-reduces as one-shot kernels over symmetric (peer) memory
+# (layers/symm_allreduce.py) instead of NCCL/RCCL. Off until a same-run A/B says otherwise.
+SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "0") == "1"
 
 
 @dataclasses.dataclass
@@ -118,6 +122,10 @@ class ModelRunner:
         if config.enable_expert_parallel and not self.tp_info.ep:  # EP group = TP group (issue 9)
             self.tp_info = dataclasses.replace(self.tp_info, ep=True)
         self.device = resolve_device(config.device)
+        if self.tp_info.size > 1 and self.device.type == "cuda" and SYMM_ALLREDUCE:
+            from atom_stream.layers.symm_allreduce import try_create  # a collective: all ranks
+            self.tp_info = dataclasses.replace(
+                self.tp_info, fast_ar=try_create(self.tp_info.group, self.device))
         self.model_config = cfg = load_model_config(config)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
         if config.max_model_len is None:

@@ -32,6 +32,9 @@ class TPInfo:
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup (None: the default group)
     ep: bool = False  # expert parallel over these same ranks (see the module docstring)
+    # layers/symm_allreduce.SymmAllReduce over `group`, or None: all_reduce uses it for the
+    # tensors it takes (one-shot over peer memory), the process group for the rest
+    fast_ar: Any = None
 
     @property
     def ep_size(self) -> int:
@@ -87,7 +90,10 @@ _DEFAULT = TPInfo()
 def all_reduce(x: torch.Tensor, info: TPInfo) -> torch.Tensor:
     """Sum x over the TP ranks in place (no-op at size 1)."""
     if info.size > 1:
-        torch.distributed.all_reduce(x, group=info.group)
+        if info.fast_ar is not None and info.fast_ar.eligible(x):
+            info.fast_ar.sum_(x)
+        else:
+            torch.distributed.all_reduce(x, group=info.group)
     return x
 
 
