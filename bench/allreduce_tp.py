@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 
 import torch
 import torch.multiprocessing as mp
@@ -57,9 +58,11 @@ def _rank_main(rank: int, world: int, init: str, batches: list[int], out: str) -
             with open(out, "w") as f:
                 json.dump(rows, f, indent=1)
         torch.distributed.barrier()
-    finally:
         torch.cuda.synchronize(dev)
-        os._exit(0)  # no teardown wait: the rows are written
+    except BaseException:  # noqa: BLE001 - reported, then this rank exits non-zero
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # no teardown wait: the rows are written
 
 
 def main(argv=None) -> None:

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.multiprocessing as mp
@@ -203,14 +204,15 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
             with open(out, "w") as f:
                 json.dump(rows, f, indent=1)
         torch.distributed.barrier()
-        runner.shutdown()
-    finally:
-        from atom_stream.engine.distributed import _close_group
-        t0 = time.perf_counter()
-        _close_group(None, timeout=20.0)
-        if lead:
-            print(f"process group teardown: {time.perf_counter() - t0:.1f}s", flush=True)
-        os._exit(0)  # rows are written; never wait on a teardown that overran
+    except BaseException:  # noqa: BLE001 - reported, then this rank exits non-zero
+        traceback.print_exc()
+        os._exit(1)  # a peer left waiting in a collective is ended by the parent's join
+    from atom_stream.engine.distributed import _close_group
+    t0 = time.perf_counter()
+    _close_group(None, timeout=20.0, runner=runner)
+    if lead:
+        print(f"TP teardown: {time.perf_counter() - t0:.1f}s", flush=True)
+    os._exit(0)  # rows are written; never wait on a teardown that overran
 
 
 def main(argv=None) -> None:

@@ -209,7 +209,9 @@ def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
             for i, n in enumerate(torch.randint(2, 30, (5,), generator=g))]
 
     def run(tp: int, pipelined: bool):
-        cfg = replace(_config(tp), async_scheduling=pipelined, max_num_batched_tokens=24)
+        # a rank stuck without its broadcast partner fails in seconds, not the default 300
+        cfg = replace(_config(tp), async_scheduling=pipelined, max_num_batched_tokens=24,
+                      watchdog_timeout=30.0)
         engine = LLMEngine(cfg, tokenizer=TOK)
         try:
             merged, _ = drive(engine, reqs, pipelined)

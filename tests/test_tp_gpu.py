@@ -45,12 +45,25 @@ def _greedy(llm, prompts, n=16):
     return [list(o.token_ids) for o in outs]
 
 
+def _runner(llm):
+    """Rank 0's ModelRunner (the TP executor's, or the engine's own at TP=1)."""
+    r = llm.engine.runner
+    return getattr(r, "runner", r)
+
+
 def _run(path: str, tp: int, prompts, **kw):
+    import time
+
     llm = _llm(path, tp, **kw)
     try:
+        if not kw.get("enforce_eager"):
+            assert _runner(llm).graphs is not None, "no decode graphs captured"
         return _greedy(llm, prompts)
     finally:
+        t0 = time.monotonic()
         llm.engine.shutdown()
+        # every rank tears down together: no wait on the workers' join timeout
+        assert time.monotonic() - t0 < 8.0, f"TP={tp} shutdown took {time.monotonic() - t0:.1f}s"
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +132,19 @@ def test_tp_prefix_cache_batch_invariance_and_abort(ckpts):
         llm.engine.shutdown()
 
 
-def test_tp_async_scheduling_matches_sync(ckpts):
+def test_tp_async_scheduling_matches_sync(ckpts, monkeypatch):
     """Pipelined (async) scheduling at TP = every GPU, graphs on: the previous step's sampled ids
     reach the other ranks by an NCCL broadcast inside the step; tokens equal the sync loop's."""
     from test_async_scheduling import drive
 
     from atom_stream import EngineConfig, SamplingParams
+    from atom_stream.engine import model_runner as mr
     from atom_stream.engine.llm_engine import LLMEngine
+
+    calls = []
+    real = mr.broadcast_from_first
+    monkeypatch.setattr(mr, "broadcast_from_first",
+                        lambda x, info: calls.append(x.shape[0]) or real(x, info))
 
     g = torch.Generator().manual_seed(9)
     reqs = [(f"a{i}", torch.randint(0, 256, (int(n),), generator=g).tolist(),
@@ -143,7 +162,10 @@ def test_tp_async_scheduling_matches_sync(ckpts):
             engine.shutdown()
         return {rid: o.token_ids for rid, o in merged.items()}
 
-    assert run(True) == run(False)
+    sync = run(False)
+    assert not calls
+    assert run(True) == sync
+    assert calls, "no pending decode ids were broadcast"
 
 
 def _symm_worker(rank: int, world: int, init: str, out: str) -> None:

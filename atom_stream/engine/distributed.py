@@ -29,7 +29,6 @@ private process group.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import socket
@@ -87,25 +86,31 @@ def _init_group(config: EngineConfig, init_method: str, rank: int, world: int):
 GROUP_CLOSE_TIMEOUT_S = 15.0
 
 
-def _close_group(group, timeout: float = GROUP_CLOSE_TIMEOUT_S) -> None:
-    """Tear down the TP process group, best effort, waiting at most `timeout` s: an NCCL/RCCL
-    teardown can block on a peer that is gone or stuck (the engine's shutdown must not), so it
-    runs in a daemon thread that is abandoned, with a warning, when it overruns."""
+def _close_group(group, timeout: float = GROUP_CLOSE_TIMEOUT_S, runner=None,
+                 sync: bool = True) -> None:
+    """Tear down this rank's side of TP, best effort, waiting at most `timeout` s: first
+    `runner.shutdown(sync)` (its graphs hold collectives), then the process group. Every rank
+    of a node tears down at about the same time (NCCL/RCCL teardown may wait for the peers), and
+    a teardown can block on a peer that is gone or stuck, which the engine's shutdown must not:
+    so it runs in a daemon thread that is abandoned, with a warning, when it overruns. `sync`
+    False (a peer is dead): no device synchronize, which could wait on a collective forever."""
     def close():
         try:
+            if runner is not None:
+                runner.shutdown(sync=sync)
             if group is not None:
                 group.shutdown()
             elif torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         except Exception as e:  # noqa: BLE001 - best effort at exit
-            logger.debug("process group teardown: %s", e)
+            logger.debug("TP teardown: %s", e)
 
     t = threading.Thread(target=close, name="tp-group-close", daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():
-        logger.warning("TP process group teardown still blocked after %.0f s; abandoned",
-                       timeout)
+        logger.warning("TP teardown still blocked after %.0f s; abandoned (this process keeps "
+                       "its process group)", timeout)
 
 
 def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str,
@@ -139,9 +144,7 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
             runner.run_inputs(inputs)
     finally:
         ring.unlink()
-        if runner is not None:
-            runner.shutdown()  # graphs hold collectives: released before the group
-        _close_group(group)
+        _close_group(group, runner=runner)  # graphs hold collectives: released before the group
 
 
 class LocalWorkers:
@@ -180,16 +183,19 @@ class LocalWorkers:
             if p.is_alive():
                 p.kill()
 
-    def shutdown(self, goodbye: bytes | None, timeout: float = 10.0) -> None:
+    def shutdown(self, goodbye: bytes | None, timeout: float = 10.0, before_join=None) -> None:
         """Send `goodbye` (the shutdown message; None: already sent, or not deliverable), close
-        the ring, join the workers (terminate/kill stragglers) and release the ring."""
+        the ring, run `before_join()` (the leader's own teardown, which the workers' may wait
+        for), join the workers (terminate/kill stragglers) and release the ring."""
         if goodbye is not None and self.ring is not None and self.poll() is None:
             try:
                 self.ring.write(goodbye, timeout=timeout)
-            except Exception:  # noqa: BLE001 - a dead reader: we terminate below
-                pass
+            except Exception as e:  # noqa: BLE001 - a dead reader: we terminate below
+                logger.debug("shutdown message not delivered: %s", e)
         if self.ring is not None:
             self.ring.close()
+        if before_join is not None:
+            before_join()
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -221,9 +227,11 @@ class TPExecutor:
         self._check_lock = threading.Lock()
         self._deaths: list[str] = []
         self.watchdog_timeout = float(config.watchdog_timeout)
-        # monotonic launch times of the steps launched and not yet collected, oldest first
-        # (async scheduling keeps up to two: N+1 is launched before N is collected)
-        self._inflight: collections.deque[float] = collections.deque()
+        # monotonic start of the `launch` running now, and launch times of the launched steps
+        # whose device work may still run, by id(handle), until collected (async scheduling
+        # keeps up to two: N+1 is launched before N is collected)
+        self._launch_t0: float | None = None
+        self._inflight: dict[int, float] = {}
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
         self.group = None
@@ -258,12 +266,24 @@ class TPExecutor:
         for why in (self.local.poll(), self.remote.poll() if self.remote else None):
             if why:
                 self._died(why)
-        t0 = self._inflight[0] if self._inflight else None
+        t0 = self._oldest_step()
         if t0 is not None and self.dead is None and \
                 time.monotonic() - t0 > self.watchdog_timeout:
             self._died(f"a TP step has not finished in {self.watchdog_timeout:g} s "
                        f"(--watchdog-timeout): a rank is hung")
             self.local.kill()  # unblocks rank 0's collective / ring write with an error
+
+    def _oldest_step(self) -> float | None:
+        """Start of the oldest step not yet known finished (None: none). Read from the
+        watchdog thread while the engine's thread mutates the dict: a racing read skips."""
+        try:
+            times = [*self._inflight.values()]
+        except RuntimeError:  # changed size during iteration
+            times = []
+        t = self._launch_t0
+        if t is not None:
+            times.append(t)
+        return min(times, default=None)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
@@ -304,13 +324,17 @@ class TPExecutor:
     def launch(self, batch: ScheduledBatch, prev=None):
         """Async scheduling: rank 0's `ModelRunner.launch` (the inputs reach the other ranks
         through `_broadcast`; pending decode ids through a device broadcast inside the step)."""
-        self._inflight.append(time.monotonic())
+        t0 = self._launch_t0 = time.monotonic()
         try:
-            return self.runner.launch(batch, prev)
+            handle = self.runner.launch(batch, prev)
         except Exception:
-            self._inflight.pop()
             self._after_failure()
             raise
+        finally:
+            self._launch_t0 = None
+        if getattr(handle, "event", None) is not None:  # device work may still be running
+            self._inflight[id(handle)] = t0
+        return handle
 
     def collect(self, handle) -> StepOutput:
         try:
@@ -319,8 +343,7 @@ class TPExecutor:
             self._after_failure()
             raise
         finally:
-            if self._inflight:
-                self._inflight.popleft()
+            self._inflight.pop(id(handle), None)
 
     def _after_failure(self) -> None:
         """A collective raises as soon as a peer dies: record the death now, not at the
@@ -344,11 +367,13 @@ class TPExecutor:
                 self.relay.send(goodbye)
             except Exception as e:  # noqa: BLE001 - a remote node is gone; its leader exits alone
                 logger.debug("shutdown message not relayed: %s", e)
-        self.local.shutdown(goodbye, timeout)
+        # rank 0 tears down while the workers do (NCCL teardown may wait for every rank),
+        # then joins them; with a dead peer, no device sync (it could wait on a collective)
         runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.shutdown()  # graphs hold collectives: released before the group
-        _close_group(self.group)
+        sync = self.dead is None
+        self.local.shutdown(goodbye, timeout, before_join=lambda: _close_group(
+            self.group, runner=runner, sync=sync))
+        self._inflight.clear()
 
 
 def make_executor(config: EngineConfig):

@@ -437,12 +437,13 @@ class ModelRunner:
             result.append((i, k, chosen, top_v, top_i))
         return result
 
-    def shutdown(self) -> None:
-        """Drop the decode graphs and the KV pool. The graphs go first and the device is
-        synchronized: under TP a captured graph holds NCCL/RCCL collectives, and the process
-        group must not be torn down under a graph that may still run."""
+    def shutdown(self, sync: bool = True) -> None:
+        """Drop the decode graphs and the KV pool. The graphs go first and (`sync`) the device
+        is synchronized: under TP a captured graph holds NCCL/RCCL collectives, and the process
+        group must not be torn down under a graph that may still run. `sync=False` where a TP
+        peer is dead (a synchronize could wait on its collective forever)."""
         if self.graphs is not None:
-            if self.device.type == "cuda":
+            if sync and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.graphs = None
         self.kv_caches = []

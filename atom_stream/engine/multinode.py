@@ -250,7 +250,14 @@ def run_node(config: EngineConfig) -> int:
         local.kill()
         os._exit(1)
 
-    hb = None
+    hb = runner = None
+    closed = False
+
+    def close() -> None:  # this leader's teardown, while its workers do theirs
+        nonlocal closed
+        closed = True
+        _close_group(group, runner=runner)
+
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // layout.local_size))
         cfg = _set_device(config, 0)
@@ -267,7 +274,7 @@ def run_node(config: EngineConfig) -> int:
             local.write(data)
             inputs = decoder.decode(data)
             if inputs is None:
-                local.shutdown(None)
+                local.shutdown(None, before_join=close)
                 return 0
             runner.run_inputs(inputs)
     except Exception as e:  # report, clean up, exit non-zero
@@ -279,4 +286,5 @@ def run_node(config: EngineConfig) -> int:
     finally:
         if hb is not None:
             hb.stop()
-        _close_group(group)
+        if not closed:
+            _close_group(group, runner=runner, sync=False)

@@ -50,8 +50,9 @@ def moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         for e in range(num_experts):
-            w = (topk_weights.float() * (topk_ids == e)).sum(-1)
-            out += expert_fn(e, x).float() * w[:, None]
+            w = (topk_weights.float() * (topk_ids == e)).sum(-1)[:, None]
+            # where, not a product: an unchosen row's non-finite output must add nothing
+            out += torch.where(w != 0, expert_fn(e, x).float() * w, 0.0)
         return out.to(x.dtype)
     flat_ids = topk_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
