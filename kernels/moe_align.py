@@ -12,9 +12,17 @@ moe_align(topk_ids [M, top_k] int32/int64, num_experts, block_m, *, n_shared=0)
   sum_e ceil(count_e / block_m) for any ids, so the grid of the GEMMs that read these tables is a
   function of shapes only (CUDA/HIP-graph capturable: no host syncs, no data-dependent shapes).
 One program (a few microseconds at M=256 x 8); the chunked histogram/rank keeps it deterministic.
+
+The parallel form (`parallel=True`, or ATOM_STREAM_MOE_ALIGN_PAR=1; P <= PAR_MAX_PAIRS) is one
+launch of cdiv(P, 128) programs with the same output: each program histograms all P ids itself
+(block starts, and its chunk's offset inside each expert from the chunks before it), so the
+programs never wait on each other; see `_align_par_kernel`. The single program spent ~26 µs per
+MoE layer at B=64 on an H200 (bench/RESULTS.md, session 5); the parallel one is not measured yet.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -76,14 +84,73 @@ def _align_kernel(
         tl.debug_barrier()
 
 
+@triton.jit
+def _align_par_kernel(
+    IDS, SORTED, BLKEXP, stride_im, num_pairs, max_blocks,
+    TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr, E: tl.constexpr,
+    NBINS: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, PMAX: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    """Program c of cdiv(P, CHUNK): every program reads all P expert ids (P <= PMAX) and
+    derives the block layout itself (no communication between programs); it then writes the
+    pairs of its own chunk, the padding rows and block entries of the experts e with
+    e % nprog == c, and its share of the unused tail. All writes are disjoint: no ordering."""
+    c = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    bins = tl.arange(0, NBINS)
+    q = tl.arange(0, PMAX)
+    okq = q < num_pairs
+    eq = tl.where(okq, pair_expert(IDS, stride_im, q, okq, TOPK, KP, N_ROUTED), E)
+    counts = tl.where(bins < E, tl.histogram(eq, NBINS), 0)
+    nb = (counts + BM - 1) // BM
+    bstart = tl.cumsum(nb, 0) - nb
+    start = c * CHUNK
+    # pairs of expert e in the chunks before this one: this chunk's offset inside e's rows
+    before = tl.histogram(tl.where(q < start, eq, E), NBINS)
+    base = bstart * BM + before
+    r = tl.arange(0, CHUNK)
+    p = start + r
+    ok = p < num_pairs
+    e = tl.where(ok, pair_expert(IDS, stride_im, p, ok, TOPK, KP, N_ROUTED), E)
+    rank = tl.sum(((e[:, None] == e[None, :]) & (r[None, :] < r[:, None])).to(tl.int32), axis=1)
+    pos = tl.gather(base, e, 0) + rank
+    tl.store(SORTED + pos, p, mask=ok)
+    # this program's experts: their block entries and padding rows
+    mine = (bins < E) & (bins % nprog == c)
+    for i in range(tl.max(tl.where(mine, nb, 0), 0)):
+        tl.store(BLKEXP + bstart + i, bins, mask=mine & (nb > i))
+    j = tl.arange(0, BM)
+    row = bstart[:, None] * BM + counts[:, None] + j[None, :]
+    pad = mine[:, None] & (j[None, :] < (nb * BM - counts)[:, None])
+    tl.store(SORTED + row, tl.zeros((NBINS, BM), tl.int32) + num_pairs, mask=pad)
+    # the unused blocks after the last expert's: sentinel rows, expert -1
+    used = tl.sum(nb, 0)
+    for s in range(used * BM + c * FILL, max_blocks * BM, nprog * FILL):
+        o = s + tl.arange(0, FILL)
+        tl.store(SORTED + o, tl.zeros((FILL,), tl.int32) + num_pairs, mask=o < max_blocks * BM)
+    for s in range(used + c * FILL, max_blocks, nprog * FILL):
+        o = s + tl.arange(0, FILL)
+        tl.store(BLKEXP + o, tl.full((FILL,), -1, tl.int32), mask=o < max_blocks)
+
+
+# the one-launch parallel form takes P <= PAR_MAX_PAIRS (every program reads all P ids); larger
+# P (long prefills) keeps the single-program kernel. Off until a same-run A/B
+# (ATOM_STREAM_MOE_ALIGN_PAR=1): its output is identical (tests/test_kernels_moe.py).
+PAR_MAX_PAIRS = 4096
+ALIGN_PAR = os.environ.get("ATOM_STREAM_MOE_ALIGN_PAR", "0") == "1"
+PAR_CHUNK = 128
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return min(num_pairs, num_experts) + num_pairs // block_m
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_shared: int = 0,
-              out: tuple[torch.Tensor, torch.Tensor] | None = None,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None, parallel: bool | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32."""
+    """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32.
+    `parallel`: the one-launch multi-program form (None: ATOM_STREAM_MOE_ALIGN_PAR; only for
+    P <= PAR_MAX_PAIRS); same output either way."""
     M, top_k = topk_ids.shape
     kp = top_k + n_shared
     P = M * kp
@@ -97,9 +164,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
         if sorted_pairs.numel() < nblk * block_m or block_expert.numel() < nblk:
             raise ValueError(f"moe_align: buffers smaller than {nblk} blocks of {block_m}")
     nbins = triton.next_power_of_2(num_experts + 1)
-    cursor = torch.empty(nbins, dtype=torch.int32, device=dev)
     if topk_ids.stride(-1) != 1:
         topk_ids = topk_ids.contiguous()
+    if (ALIGN_PAR if parallel is None else parallel) and P <= PAR_MAX_PAIRS:
+        _align_par_kernel[(triton.cdiv(P, PAR_CHUNK),)](
+            topk_ids, sorted_pairs, block_expert, topk_ids.stride(0), P, nblk,
+            TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
+            BM=block_m, CHUNK=PAR_CHUNK, PMAX=max(16, triton.next_power_of_2(P)), FILL=256,
+            num_warps=4,
+        )
+        return sorted_pairs, block_expert
+    cursor = torch.empty(nbins, dtype=torch.int32, device=dev)
     _align_kernel[(1,)](
         topk_ids, sorted_pairs, block_expert, cursor, topk_ids.stride(0), P, nblk,
         TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,

@@ -81,15 +81,18 @@ def test_routing_bias_selects_but_does_not_weight():
 
 
 # ------------------------------------------------------------------------------- align
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "parallel"])
 @pytest.mark.parametrize("M,k,E,S,BM", [(1, 8, 32, 0, 16), (20, 4, 16, 0, 16), (37, 3, 9, 1, 4),
-                                        (300, 8, 64, 0, 16)])
-def test_align(M, k, E, S, BM):
+                                        (300, 8, 64, 0, 16), (70, 8, 384, 1, 16)])
+def test_align(M, k, E, S, BM, parallel):
+    """Both forms (one program; one launch of cdiv(P, 128) programs) against the reference, with
+    poisoned outputs; (300, 8, 64) spans 19 programs, (70, 8, 384, 1) a Kimi-like 385 experts."""
     gen = torch.Generator().manual_seed(M * E)
     ids = rand_ids(M, k, E - S, gen)
     nblk = max_blocks(M * (k + S), E, BM)
     sp = torch.full((nblk * BM,), -7, dtype=torch.int32, device=DEV)
     be = torch.full((nblk,), -7, dtype=torch.int32, device=DEV)
-    moe_align(ids, E, BM, n_shared=S, out=(sp, be))
+    moe_align(ids, E, BM, n_shared=S, out=(sp, be), parallel=parallel)
     idsx = R.with_shared(torch.rand(M, k), ids.cpu(), E - S, S)[1]
     ref = R.moe_align_ref(idsx, E, BM)
     P = M * (k + S)
@@ -99,6 +102,28 @@ def test_align(M, k, E, S, BM):
     assert (be[len(ref):] == -1).all() and (sp[len(ref) * BM:] == P).all()
     pad = torch.cat([sp[b * BM:(b + 1) * BM][len(r[1]):] for b, r in enumerate(ref)])
     assert (pad == P).all()
+
+
+def test_align_parallel_equals_one_program_on_skewed_routing():
+    """Skewed routing (most tokens on a few hot experts: many blocks for one expert, most
+    experts empty) across several programs: the parallel form's tables equal the one-program
+    form's, sentinel rows and unused blocks included (outputs poisoned differently)."""
+    gen = torch.Generator().manual_seed(3)
+    M, k, E, BM = 200, 8, 96, 16
+    hot = torch.randperm(E, generator=gen)[:k]
+    ids = rand_ids(M, k, E, gen).cpu()
+    skew = torch.rand(M, generator=gen) < 0.8
+    ids[skew] = hot[torch.argsort(torch.rand(int(skew.sum()), k, generator=gen), dim=1)].int()
+    ids = ids.to(DEV)
+    nblk = max_blocks(M * k, E, BM)
+    outs = []
+    for parallel, poison in ((False, -7), (True, -9)):
+        sp = torch.full((nblk * BM,), poison, dtype=torch.int32, device=DEV)
+        be = torch.full((nblk,), poison, dtype=torch.int32, device=DEV)
+        moe_align(ids, E, BM, out=(sp, be), parallel=parallel)
+        outs.append((sp.cpu(), be.cpu()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert (outs[1][1] >= -1).all() and (outs[1][0] >= 0).all()
 
 
 # ------------------------------------------------------------------------------- fused MoE
