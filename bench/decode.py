@@ -99,6 +99,36 @@ def touched_expert_bytes(runner: ModelRunner, eager_inp, moes, expert_bytes: dic
     return touched
 
 
+def plan_runs(preset: str, kv_cache_dtype: str, batches: list[int], ctxs: list[int],
+              max_kv_gib: float, block_size: int) -> tuple[int, list, list, int]:
+    """(KV bytes per token, every (B, ctx), those whose KV fits max_kv_gib, the pool's tokens:
+    enough for the largest fitting B x ctx)."""
+    from atom_stream.models.presets import PRESETS
+    per_tok = kv_bytes_per_token(PRESETS[preset], kv_cache_dtype)
+    budget_tokens = int(max_kv_gib * 2**30 / per_tok)
+    runs = [(B, c) for c in ctxs for B in batches]
+    fits = [(B, c) for B, c in runs if B * c <= budget_tokens]
+    max_tokens = max(B * math.ceil(c / block_size) * block_size for B, c in fits)
+    return per_tok, runs, fits, max_tokens
+
+
+def describe_model(runner: ModelRunner):
+    """(non-expert bytes, embedding row bytes, {layer: bytes per expert}, MoE modules, experts'
+    format) of the runner's model (this rank's shard)."""
+    non_expert, embed_row, expert_bytes = weight_bytes(runner.model)
+    moes = [m for m in runner.model.modules() if isinstance(m, MoE)]
+    return non_expert, embed_row, expert_bytes, moes, experts_format(moes)
+
+
+def step_inputs(runner: ModelRunner, B: int, ctx: int, block_size: int):
+    """(graph inputs, eager inputs) of one decode step of B sequences at context ctx."""
+    batch = make_batch(B, ctx, block_size, 0, runner.model_config.vocab_size)
+    inp = runner.build_inputs(batch)
+    eager = runner.build_inputs(batch)
+    eager.use_graph = False
+    return inp, eager
+
+
 def make_batch(B: int, ctx: int, block_size: int, first_block: int, vocab: int) -> ScheduledBatch:
     per = math.ceil(ctx / block_size)
     seqs = []
@@ -190,13 +220,8 @@ def main(argv=None) -> None:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
 
-    # KV pool: enough for the largest B*ctx that fits the budget
-    from atom_stream.models.presets import PRESETS
-    per_tok = kv_bytes_per_token(PRESETS[args.preset], args.kv_cache_dtype)
-    budget_tokens = int(args.max_kv_gib * 2**30 / per_tok)
-    runs = [(B, c) for c in ctxs for B in batches]
-    fits = [(B, c) for B, c in runs if B * c <= budget_tokens]
-    max_tokens = max(B * math.ceil(c / args.block_size) * args.block_size for B, c in fits)
+    per_tok, runs, fits, max_tokens = plan_runs(args.preset, args.kv_cache_dtype, batches, ctxs,
+                                                 args.max_kv_gib, args.block_size)
     cfg = EngineConfig(model=args.preset, load_format="dummy", dtype="bfloat16", device="cuda",
                        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                        num_kv_blocks=max_tokens // args.block_size, max_num_seqs=max(batches),
@@ -206,19 +231,13 @@ def main(argv=None) -> None:
     runner = ModelRunner(cfg)
     print(f"runner ready in {time.perf_counter() - t0:.1f}s; graphs={runner.graphs is not None}")
     fill_kv_random(runner)
-    model = runner.model
-    non_expert, embed_row, expert_bytes = weight_bytes(model)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    experts_dtype = experts_format(moes)
+    non_expert, embed_row, expert_bytes, moes, experts_dtype = describe_model(runner)
     rows = []
     for B, ctx in runs:
         if (B, ctx) not in fits:
             print(f"skip B={B} ctx={ctx}: KV does not fit the {args.max_kv_gib} GiB budget")
             continue
-        batch = make_batch(B, ctx, args.block_size, 0, runner.model_config.vocab_size)
-        inp = runner.build_inputs(batch)
-        eager = runner.build_inputs(batch)
-        eager.use_graph = False
+        inp, eager = step_inputs(runner, B, ctx, args.block_size)
         touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
         kv = B * ctx * per_tok
         floor_ms = 1e3 * (touched + non_expert + B * embed_row + kv) / bw

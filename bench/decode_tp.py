@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -42,13 +41,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from decode import (
     copy_bandwidth,
-    experts_format,
+    describe_model,
     fill_kv_random,
-    kv_bytes_per_token,
-    make_batch,
+    plan_runs,
+    step_inputs,
     time_step,
     touched_expert_bytes,
-    weight_bytes,
 )
 
 
@@ -134,8 +132,6 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
     from atom_stream.config import EngineConfig
     from atom_stream.engine.model_runner import ModelRunner
     from atom_stream.layers.parallel import TPInfo
-    from atom_stream.models.deepseek_v3 import MoE
-    from atom_stream.models.presets import PRESETS
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -146,11 +142,8 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
         bw = copy_bandwidth(dev)
         batches = [int(x) for x in args.batches.split(",")]
         ctxs = [int(x) for x in args.ctx.split(",")]
-        per_tok = kv_bytes_per_token(PRESETS[args.preset], args.kv_cache_dtype)
-        budget_tokens = int(args.max_kv_gib * 2**30 / per_tok)
-        runs = [(B, c) for c in ctxs for B in batches]
-        fits = [(B, c) for B, c in runs if B * c <= budget_tokens]
-        max_tokens = max(B * math.ceil(c / args.block_size) * args.block_size for B, c in fits)
+        per_tok, _, fits, max_tokens = plan_runs(args.preset, args.kv_cache_dtype, batches,
+                                                 ctxs, args.max_kv_gib, args.block_size)
         cfg = EngineConfig(model=args.preset, load_format="dummy", dtype="bfloat16",
                            device=f"cuda:{rank}", tensor_parallel_size=world,
                            kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
@@ -163,17 +156,11 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
             print(f"TP={world}: rank 0 ready in {time.perf_counter() - t0:.1f}s; "
                   f"graphs={runner.graphs is not None}", flush=True)
         fill_kv_random(runner)
-        model = runner.model
-        non_expert, embed_row, expert_bytes = weight_bytes(model)
-        moes = [m for m in model.modules() if isinstance(m, MoE)]
-        experts_dtype = experts_format(moes)
+        non_expert, embed_row, expert_bytes, moes, experts_dtype = describe_model(runner)
         rows = []
         for B, ctx in fits:
             torch.manual_seed(1000 * B + ctx)  # every rank: the same batch
-            batch = make_batch(B, ctx, args.block_size, 0, runner.model_config.vocab_size)
-            inp = runner.build_inputs(batch)
-            eager = runner.build_inputs(batch)
-            eager.use_graph = False
+            inp, eager = step_inputs(runner, B, ctx, args.block_size)
             with CollectiveRecorder() as rec:
                 touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
             comm_ms = time_collectives(rec.ops, runner.tp_info, dev)

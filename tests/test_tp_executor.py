@@ -187,6 +187,18 @@ def test_tp2_engine_with_table_deltas_matches_single_rank():
     assert got == want
 
 
+def count_id_broadcasts(monkeypatch) -> list[int]:
+    """Rank 0's device broadcasts of pending decode ids (model_runner.broadcast_from_first),
+    counted: the list gets one entry (the ids' length) per call."""
+    from atom_stream.engine import model_runner as mr
+
+    calls: list[int] = []
+    real = mr.broadcast_from_first
+    monkeypatch.setattr(mr, "broadcast_from_first",
+                        lambda x, info: calls.append(x.shape[0]) or real(x, info))
+    return calls
+
+
 def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
     """Async scheduling under TP: decode inputs that are the previous step's uncollected tokens
     reach rank 1 through a device broadcast from rank 0 inside the step. Pipelined TP=2 gives the
@@ -196,13 +208,9 @@ def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
 
     from test_async_scheduling import TOK, drive
 
-    from atom_stream.engine import model_runner as mr
     from atom_stream.engine.llm_engine import LLMEngine
 
-    calls = []
-    real = mr.broadcast_from_first
-    monkeypatch.setattr(mr, "broadcast_from_first",
-                        lambda x, info: calls.append(x.shape[0]) or real(x, info))
+    calls = count_id_broadcasts(monkeypatch)
     g = torch.Generator().manual_seed(21)
     reqs = [(f"q{i}", torch.randint(1, 250, (int(n),), generator=g).tolist(),
              SamplingParams(temperature=0, max_tokens=10 + i, ignore_eos=True))

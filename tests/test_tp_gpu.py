@@ -136,15 +136,12 @@ def test_tp_async_scheduling_matches_sync(ckpts, monkeypatch):
     """Pipelined (async) scheduling at TP = every GPU, graphs on: the previous step's sampled ids
     reach the other ranks by an NCCL broadcast inside the step; tokens equal the sync loop's."""
     from test_async_scheduling import drive
+    from test_tp_executor import count_id_broadcasts
 
     from atom_stream import EngineConfig, SamplingParams
-    from atom_stream.engine import model_runner as mr
     from atom_stream.engine.llm_engine import LLMEngine
 
-    calls = []
-    real = mr.broadcast_from_first
-    monkeypatch.setattr(mr, "broadcast_from_first",
-                        lambda x, info: calls.append(x.shape[0]) or real(x, info))
+    calls = count_id_broadcasts(monkeypatch)
 
     g = torch.Generator().manual_seed(9)
     reqs = [(f"a{i}", torch.randint(0, 256, (int(n),), generator=g).tolist(),
