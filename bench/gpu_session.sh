@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -112,6 +112,17 @@ for what in "${sections[@]}"; do case $what in
   tpab) for v in ${AB_VALS:-0 1}; do ATOM_STREAM_SYMM_ALLREDUCE=$v sec tpab-$v ${T_DECODE:-200} \
       python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" --batches "${BATCHES:-1,16,64}" \
       --ctx "${CTX:-1024}" --iters 20 --out "$OUT/decode-tp-symm$v.json"; done ;;
+  downab) sec downtest ${T_TESTS:-120} $PY -m gpu tests/test_kernels_moe.py -k "align or real_shape_dq"
+      sec down ${T_MOE:-200} python3 bench/kernels_moe.py --formats int4 --set down \
+      --ms "${MS:-64,256,16}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
+      --out "$OUT/kernels-moe-down.json" --sweep-out "$OUT/kernels-moe-down-sweep.json"
+      CFG=$(python3 bench/moe_best_config.py "$OUT/kernels-moe-down-sweep.json" --ms 64,256 \
+      2> "$OUT/down-pick.log"); echo "=== picked ATOM_STREAM_MOE_CFG=$CFG"; cat "$OUT/down-pick.log"
+      for v in default picked; do c='{}'; [ $v = picked ] && c=$CFG
+        [ $v = picked ] && [ "$CFG" = '{}' ] && break
+        ATOM_STREAM_MOE_CFG=$c sec decode-$v ${T_DECODE:-100} python3 bench/decode.py \
+        --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-16,64,256}" --ctx 1024 --iters 20 \
+        --out "$OUT/decode-down-$v.json"; done ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done

@@ -207,6 +207,17 @@ _SM = [{"small_m": {"MR": mr}} for mr in (8, 16, 32)] + [{"small_m": {"MR": 16, 
 _TCT = [{"BN1": 64, "W1": 4}, {"BN1": 32, "W1": 2}, {"BN1": 16, "W1": 2}, {"S1": 4}]
 TILE_CANDIDATES = {1: [{}] + _SM, 4: [{}] + _SM, 8: [{}] + _SM, 16: [{}] + _TCT,
                    64: [{}] + _TCT, 256: [{}] + _TCT}
+# --set down (session 7): the sorted path's align in its one-launch form (AP) and the down
+# kernel's tiles on top of it (BN2 rows x BK2 K per program, W2 warps, S2 stages, DU unrolled);
+# "stop_after" times align + gate_up alone, so down + reduce = the whole minus that
+_AP = {"AP": True}
+_DOWN = [{}, _AP, dict(_AP, stop_after="gate_up"), {"stop_after": "gate_up"},
+         dict(_AP, BN2=128), dict(_AP, BN2=128, W2=8), dict(_AP, BN2=256, W2=8),
+         dict(_AP, BN2=32), dict(_AP, BK2=256, DU=1), dict(_AP, BK2=256, DU=0, S2=2),
+         dict(_AP, BN2=128, BK2=256, DU=1, W2=8), dict(_AP, S2=4), dict(_AP, W2=2),
+         dict(_AP, BN2=128, S2=4), {}]  # {} twice: the run-to-run spread
+DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
+                   64: _DOWN, 256: _DOWN}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -247,6 +258,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return [{}]
     if cset == "tile":
         return TILE_CANDIDATES.get(M, [{}])
+    if cset == "down":
+        return DOWN_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -287,6 +300,8 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
                 if i and time.time() > deadline:
                     break
                 t, d = _measure(w, M, cfg, act, fmt, eb, copy_gbps, log, w13_tile=tile)
+                if cfg.get("stop_after"):  # a part of the MoE, never the fastest whole
+                    continue
                 if t is not None and (best is None or t < best[0]):
                     best = (t, d, cfg)
                 if t is not None and cfg == {} and (best_old is None or t < best_old[0]):
@@ -296,7 +311,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx") and b is not None:
+                if cset in ("tc", "tcx", "down") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -357,10 +372,10 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
-    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default", "tile"),
+    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default", "tile", "down"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
-                    "TILE_CANDIDATES")
+                    "TILE_CANDIDATES, down = DOWN_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

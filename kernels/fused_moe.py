@@ -65,6 +65,7 @@ first (tests: a read of an unwritten element reaches the output).
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -140,6 +141,19 @@ _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4
 SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
 
 
+def env_config() -> dict:
+    """ATOM_STREAM_MOE_CFG: a JSON object of default_config keys applied over the defaults at
+    every M (a benchmarking knob: a decode-step A/B of tiles found by bench/kernels_moe.py
+    without a code change), e.g. '{"BN2": 128, "W2": 8, "AP": true}'. Read at call time."""
+    raw = os.environ.get("ATOM_STREAM_MOE_CFG", "").strip()
+    if not raw:
+        return {}
+    cfg = json.loads(raw)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"ATOM_STREAM_MOE_CFG must be a JSON object, got {raw!r}")
+    return cfg
+
+
 def small_m_max() -> int:
     """Default config "small_m_max": 0 when ATOM_STREAM_MOE_SMALL_M_MAX=0 (the small-M path off
     at every M, whatever PAIR_M_MAX says), else SMALL_M_MAX or moe_small_m.PAIR_M_MAX where that
@@ -174,6 +188,7 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     candidates until session 3; measured on the H200 (bench/kernels_moe.py --set tc, bench/RESULTS.md
     "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
     M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
+    AP: sorted mode's moe_align in its one-launch parallel form (None: ATOM_STREAM_MOE_ALIGN_PAR).
     small_m_max (4-bit weight-only, bf16 x): M up to which kernels/moe_small_m.py runs instead of
     GEMV (0 = off); "small_m" = its config overrides. Measured H200, Kimi-K2.5 TP8 rank, CUDA-graph
     replay (bench/results/moe-small-m-h200.json, copy 4250 GB/s): int4 M=1 GEMV 31.1 us vs
@@ -335,7 +350,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    cfg = dict(default_config(fmt, M, P, E, H, I, act, wt), **(config or {}))
+    cfg = default_config(fmt, M, P, E, H, I, act, wt) | env_config() | (config or {})
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()

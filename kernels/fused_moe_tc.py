@@ -256,7 +256,8 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     if direct:
         sorted_pairs = block_expert = topk_ids  # unused
     else:
-        sorted_pairs, block_expert = moe_align(topk_ids, E, BM, n_shared=n_shared)
+        sorted_pairs, block_expert = moe_align(topk_ids, E, BM, n_shared=n_shared,
+                                               parallel=cfg.get("AP"))
     slots = nblk * BM
     if act_out == 2:
         a_buf, a_row = empty((slots, I // 2), torch.uint8, dev, poison), I // 2

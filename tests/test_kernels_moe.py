@@ -14,6 +14,8 @@ fused-MoE references dequantize the weights and compute in float64.
 from __future__ import annotations
 
 
+import json
+
 import pytest
 import torch
 from kernel_interp import interpret_without_gpu
@@ -300,6 +302,30 @@ def test_fused_moe_down_pipelined(fmt, aq, xdt, tol, dq):
 
 
 @cpu_only
+def test_fused_moe_env_config_reaches_the_kernels(monkeypatch):
+    # ATOM_STREAM_MOE_CFG (a decode-step A/B knob) overrides the defaults; "AP" sends sorted
+    # mode's align to the one-launch form; an explicit config still wins over the env
+    import atom_stream.kernels.fused_moe_tc as tc
+    seen = []
+    real = tc.moe_align
+
+    def spy(*a, **kw):
+        seen.append(kw.get("parallel"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tc, "moe_align", spy)
+    monkeypatch.setenv("ATOM_STREAM_MOE_CFG", json.dumps(dict(FAST, AP=True, poison=True)))
+    check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3, seed=61,
+                repeat=True)
+    check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3, seed=62,
+                config={"AP": False})
+    assert seen == [True, False]
+    monkeypatch.setenv("ATOM_STREAM_MOE_CFG", "[1]")
+    with pytest.raises(ValueError, match="JSON object"):
+        check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3)
+
+
+@cpu_only
 def test_fused_moe_dq_int4_fp16_is_scaled_in_fp16():
     # DQ=1 rounds each scaled int4 weight to fp16 once (q * s), DQ=0 keeps q exact and scales
     # the fp32 partial sums: both match the float64 reference, and they differ from each other
@@ -492,8 +518,10 @@ def real_experts(fmt):
 @pytest.mark.parametrize("M", [16, 256])
 @pytest.mark.parametrize("cfg", [
     {}, {"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "DU": 0, "BK2": 128, "S2": 3},
-    {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64}],
-    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2"])
+    {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64},
+    {"AP": True, "BN2": 128, "W2": 8}, {"AP": True, "BN2": 256, "W2": 8},
+    {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1}],
+    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk"])
 def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
     # bf16 activations through the bf16 DQ branches (int4 scaled in bf16, MXFP4 exact in bf16),
     # both tensor-core modes (direct at M=16), a token repeating an expert at weight 0 and > 0,
