@@ -150,7 +150,7 @@ def env_config() -> dict:
         return {}
     cfg = json.loads(raw)
     if not isinstance(cfg, dict):
-        raise ValueError(f"ATOM_STREAM_MOE_CFG must be a JSON object, got {raw!r}")
+        raise ValueError(f"ATOM_STREAM_MOE_CFG must be a JSON object, got {raw!r}")  # noqa: TRY004
     return cfg
 
 
