@@ -225,18 +225,19 @@ def test_symm_allreduce_matches_nccl(tmp_path):
             assert e <= tol, (rank, k, e)
 
 
-def test_tp_symm_allreduce_engine_matches_tp1(ckpts, monkeypatch):
-    """The engine with ATOM_STREAM_SYMM_ALLREDUCE=1 (every rank's all-reduces one-shot) gives the
-    TP=1 greedy tokens in float32, graphs on."""
+@pytest.mark.parametrize("symm", ["1", "0"], ids=["one-shot", "nccl"])
+def test_tp_symm_allreduce_engine_matches_tp1(ckpts, monkeypatch, symm):
+    """The engine with ATOM_STREAM_SYMM_ALLREDUCE=1 (the default: every rank's all-reduces
+    one-shot) and =0 (NCCL kept) gives the TP=1 greedy tokens in float32, graphs on."""
     from atom_stream.engine import model_runner
 
     prompts = _prompts(6, 7)
     want = _run(ckpts["dense"], 1, prompts)
-    monkeypatch.setenv("ATOM_STREAM_SYMM_ALLREDUCE", "1")  # the spawned ranks read it
-    monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", True)  # rank 0, already imported
+    monkeypatch.setenv("ATOM_STREAM_SYMM_ALLREDUCE", symm)  # the spawned ranks read it
+    monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", symm == "1")  # rank 0, already imported
     llm = _llm(ckpts["dense"], WORLD)
     try:
-        assert llm.engine.runner.runner.tp_info.fast_ar is not None
+        assert (llm.engine.runner.runner.tp_info.fast_ar is not None) == (symm == "1")
         assert _greedy(llm, prompts) == want
     finally:
         llm.engine.shutdown()

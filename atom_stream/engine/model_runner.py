@@ -46,8 +46,11 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not given
 # TP on GPUs: decode-sized all-reduces as one-shot kernels over symmetric (peer) memory
-# (layers/symm_allreduce.py) instead of NCCL/RCCL. Off until a same-run A/B says otherwise.
-SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "0") == "1"
+# (layers/symm_allreduce.py) instead of NCCL/RCCL; =0 keeps NCCL/RCCL. On by default since the
+# session-7 A/B on two H200s (bench/RESULTS.md): a step's collectives alone 2.36 -> 0.94 ms at
+# B=1, the TP=2 decode step 7.93 -> 7.57 ms at B=1, equal at B=16 / 64. Platforms without
+# symmetric memory keep NCCL/RCCL (try_create: every rank agrees first).
+SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "1") == "1"
 
 
 @dataclasses.dataclass
