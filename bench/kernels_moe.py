@@ -207,15 +207,20 @@ _SM = [{"small_m": {"MR": mr}} for mr in (8, 16, 32)] + [{"small_m": {"MR": 16, 
 _TCT = [{"BN1": 64, "W1": 4}, {"BN1": 32, "W1": 2}, {"BN1": 16, "W1": 2}, {"S1": 4}]
 TILE_CANDIDATES = {1: [{}] + _SM, 4: [{}] + _SM, 8: [{}] + _SM, 16: [{}] + _TCT,
                    64: [{}] + _TCT, 256: [{}] + _TCT}
-# --set down (session 7): the sorted path's align in its one-launch form (AP) and the down
-# kernel's tiles on top of it (BN2 rows x BK2 K per program, W2 warps, S2 stages, DU unrolled);
-# "stop_after" times align + gate_up alone, so down + reduce = the whole minus that
+# --set down (session 7): round 1 timed the sorted path's align in its one-launch form (AP) and
+# the down kernel's tiles (BN2 rows x BK2 K per program, W2 warps, S2 stages, DU unrolled) over
+# the then defaults (DOWN_R1; AP and int4 BN2 128 won and are the defaults since); round 2
+# (DOWN_CANDIDATES) times what is left around the new defaults, for int4 and MXFP4.
+# "stop_after": align + gate_up alone, so down + reduce = the whole minus that.
 _AP = {"AP": True}
-_DOWN = [{}, _AP, dict(_AP, stop_after="gate_up"), {"stop_after": "gate_up"},
-         dict(_AP, BN2=128), dict(_AP, BN2=128, W2=8), dict(_AP, BN2=256, W2=8),
-         dict(_AP, BN2=32), dict(_AP, BK2=256, DU=1), dict(_AP, BK2=256, DU=0, S2=2),
-         dict(_AP, BN2=128, BK2=256, DU=1, W2=8), dict(_AP, S2=4), dict(_AP, W2=2),
-         dict(_AP, BN2=128, S2=4), {}]  # {} twice: the run-to-run spread
+DOWN_R1 = [{}, _AP, dict(_AP, stop_after="gate_up"), {"stop_after": "gate_up"},
+           dict(_AP, BN2=128), dict(_AP, BN2=128, W2=8), dict(_AP, BN2=256, W2=8),
+           dict(_AP, BN2=32), dict(_AP, BK2=256, DU=1), dict(_AP, BK2=256, DU=0, S2=2),
+           dict(_AP, BN2=128, BK2=256, DU=1, W2=8), dict(_AP, S2=4), dict(_AP, W2=2),
+           dict(_AP, BN2=128, S2=4), {}]  # {} twice: the run-to-run spread
+_DOWN = [{}, {"stop_after": "gate_up"}, {"W2": 2}, {"W2": 2, "BN2": 128}, {"W2": 2, "BN2": 64},
+         {"W2": 4, "BN2": 128}, {"W2": 2, "BN2": 128, "S2": 4}, {"BN2": 256, "W2": 4},
+         {"AP": False}, {}]
 DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
                    64: _DOWN, 256: _DOWN}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)

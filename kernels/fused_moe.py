@@ -225,6 +225,11 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # rest ties (H200, bench/kernels_moe.py --set tile, bench/RESULTS.md session 5)
         if wt > 1 and ((fmt == INT4 and M <= 16) or (fmt == MXFP4 and M > 16)):
             tc4.update(BN1=64, W1=4)
+        # int4 sorted mode: 128-row down tiles (H200, session 7, with the parallel align: M=64
+        # 324 -> 309 us, M=256 438 -> 419; decode step B=64 28.3 -> 26.3 ms, B=256 46.8 ->
+        # 40.6 with both; bench/kernels_moe.py --set down, bench/RESULTS.md)
+        if fmt == INT4 and M > 16:
+            tc4["BN2"] = 128
     return {"BM": 16, "BN1": bn1, "BK1": bk1, "W1": w1, "S1": 3, "BN2": bn2, "BK2": bk2, "W2": 4,
             "S2": 2, "BH": 1024, "direct": M <= 16, "OFFS": 1,
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,

@@ -11,13 +11,15 @@ moe_align(topk_ids [M, top_k] int32/int64, num_experts, block_m, *, n_shared=0)
 - max_blocks = min(P, E) + P // block_m (`max_blocks()`) with P = M * KP: the upper bound of
   sum_e ceil(count_e / block_m) for any ids, so the grid of the GEMMs that read these tables is a
   function of shapes only (CUDA/HIP-graph capturable: no host syncs, no data-dependent shapes).
-One program (a few microseconds at M=256 x 8); the chunked histogram/rank keeps it deterministic.
+One program (the chunked histogram/rank keeps it deterministic): ~26 µs per MoE layer at B=64,
+~100 µs at M=256 x 9 pairs on an H200 (bench/RESULTS.md, sessions 5 and 7).
 
-The parallel form (`parallel=True`, or ATOM_STREAM_MOE_ALIGN_PAR=1; P <= PAR_MAX_PAIRS) is one
+The parallel form (the default: `parallel=None` and ATOM_STREAM_MOE_ALIGN_PAR unset or 1, or
+`parallel=True`; any P) is one
 launch of cdiv(P, 128) programs with the same output: each program histograms all P ids itself
 (block starts, and its chunk's offset inside each expert from the chunks before it), so the
-programs never wait on each other; see `_align_par_kernel`. The single program spent ~26 µs per
-MoE layer at B=64 on an H200 (bench/RESULTS.md, session 5); the parallel one is not measured yet.
+programs never wait on each other; see `_align_par_kernel`. Measured in the whole MoE (session 7):
+M=64 344 -> 324 µs, M=256 533 -> 438 µs (align + gate_up alone 352 -> 252 µs).
 """
 
 from __future__ import annotations
@@ -88,26 +90,29 @@ def _align_kernel(
 def _align_par_kernel(
     IDS, SORTED, BLKEXP, stride_im, num_pairs, max_blocks,
     TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr, E: tl.constexpr,
-    NBINS: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, PMAX: tl.constexpr,
+    NBINS: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, SCAN: tl.constexpr,
     FILL: tl.constexpr,
 ):
-    """Program c of cdiv(P, CHUNK): every program reads all P expert ids (P <= PMAX) and
+    """Program c of cdiv(P, CHUNK): every program reads all P expert ids (SCAN at a time) and
     derives the block layout itself (no communication between programs); it then writes the
     pairs of its own chunk, the padding rows and block entries of the experts e with
     e % nprog == c, and its share of the unused tail. All writes are disjoint: no ordering."""
     c = tl.program_id(0)
     nprog = tl.num_programs(0)
     bins = tl.arange(0, NBINS)
-    q = tl.arange(0, PMAX)
-    okq = q < num_pairs
-    eq = tl.where(okq, pair_expert(IDS, stride_im, q, okq, TOPK, KP, N_ROUTED), E)
-    counts = tl.where(bins < E, tl.histogram(eq, NBINS), 0)
+    start = c * CHUNK
+    counts = tl.zeros((NBINS,), tl.int32)
+    before = tl.zeros((NBINS,), tl.int32)  # pairs of expert e in the chunks before this one
+    for s in range(0, num_pairs, SCAN):
+        q = s + tl.arange(0, SCAN)
+        okq = q < num_pairs
+        eq = tl.where(okq, pair_expert(IDS, stride_im, q, okq, TOPK, KP, N_ROUTED), E)
+        counts += tl.histogram(eq, NBINS)
+        before += tl.histogram(tl.where(q < start, eq, E), NBINS)
+    counts = tl.where(bins < E, counts, 0)
     nb = (counts + BM - 1) // BM
     bstart = tl.cumsum(nb, 0) - nb
-    start = c * CHUNK
-    # pairs of expert e in the chunks before this one: this chunk's offset inside e's rows
-    before = tl.histogram(tl.where(q < start, eq, E), NBINS)
-    base = bstart * BM + before
+    base = bstart * BM + before  # this chunk's offset inside each expert's rows
     r = tl.arange(0, CHUNK)
     p = start + r
     ok = p < num_pairs
@@ -133,11 +138,13 @@ def _align_par_kernel(
         tl.store(BLKEXP + o, tl.full((FILL,), -1, tl.int32), mask=o < max_blocks)
 
 
-# the one-launch parallel form takes P <= PAR_MAX_PAIRS (every program reads all P ids); larger
-# P (long prefills) keeps the single-program kernel. Off until a same-run A/B
-# (ATOM_STREAM_MOE_ALIGN_PAR=1): its output is identical (tests/test_kernels_moe.py).
-PAR_MAX_PAIRS = 4096
-ALIGN_PAR = os.environ.get("ATOM_STREAM_MOE_ALIGN_PAR", "0") == "1"
+# The one-launch parallel form: every program reads all P ids, PAR_SCAN at a time (one pass
+# for decode batches; long prefills loop). Its output is identical (tests/test_kernels_moe.py).
+# On by default since the session-7 H200 A/B (bench/RESULTS.md): int4 MoE at M=256 533 ->
+# 438 µs (align + gate_up 352 -> 252 µs), M=64 344 -> 324 µs; ATOM_STREAM_MOE_ALIGN_PAR=0
+# keeps the one-program kernel (which walks the P pairs in 128-pair steps, one after another).
+PAR_SCAN = 4096
+ALIGN_PAR = os.environ.get("ATOM_STREAM_MOE_ALIGN_PAR", "1") == "1"
 PAR_CHUNK = 128
 
 
@@ -149,8 +156,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
               out: tuple[torch.Tensor, torch.Tensor] | None = None, parallel: bool | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32.
-    `parallel`: the one-launch multi-program form (None: ATOM_STREAM_MOE_ALIGN_PAR; only for
-    P <= PAR_MAX_PAIRS); same output either way."""
+    `parallel`: the one-launch multi-program form (None: ATOM_STREAM_MOE_ALIGN_PAR); same
+    output either way."""
     M, top_k = topk_ids.shape
     kp = top_k + n_shared
     P = M * kp
@@ -166,11 +173,12 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
     nbins = triton.next_power_of_2(num_experts + 1)
     if topk_ids.stride(-1) != 1:
         topk_ids = topk_ids.contiguous()
-    if (ALIGN_PAR if parallel is None else parallel) and P <= PAR_MAX_PAIRS:
+    if ALIGN_PAR if parallel is None else parallel:
         _align_par_kernel[(triton.cdiv(P, PAR_CHUNK),)](
             topk_ids, sorted_pairs, block_expert, topk_ids.stride(0), P, nblk,
             TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
-            BM=block_m, CHUNK=PAR_CHUNK, PMAX=max(16, triton.next_power_of_2(P)), FILL=256,
+            BM=block_m, CHUNK=PAR_CHUNK, SCAN=min(PAR_SCAN, max(16, triton.next_power_of_2(P))),
+            FILL=256,
             num_warps=4,
         )
         return sorted_pairs, block_expert

@@ -13,7 +13,6 @@ fused-MoE references dequantize the weights and compute in float64.
 
 from __future__ import annotations
 
-
 import json
 
 import pytest
@@ -83,12 +82,18 @@ def test_routing_bias_selects_but_does_not_weight():
 
 
 # ------------------------------------------------------------------------------- align
-@pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "parallel"])
+@pytest.mark.parametrize("parallel", [False, True, "scan64"],
+                         ids=["one-program", "parallel", "parallel-scan64"])
 @pytest.mark.parametrize("M,k,E,S,BM", [(1, 8, 32, 0, 16), (20, 4, 16, 0, 16), (37, 3, 9, 1, 4),
                                         (300, 8, 64, 0, 16), (70, 8, 384, 1, 16)])
-def test_align(M, k, E, S, BM, parallel):
+def test_align(M, k, E, S, BM, parallel, monkeypatch):
     """Both forms (one program; one launch of cdiv(P, 128) programs) against the reference, with
-    poisoned outputs; (300, 8, 64) spans 19 programs, (70, 8, 384, 1) a Kimi-like 385 experts."""
+    poisoned outputs; (300, 8, 64) spans 19 programs, (70, 8, 384, 1) a Kimi-like 385 experts.
+    "scan64": the parallel form reading the ids 64 at a time (the loop long prefills take)."""
+    if parallel == "scan64":
+        import atom_stream.kernels.moe_align as A
+        monkeypatch.setattr(A, "PAR_SCAN", 64)
+        parallel = True
     gen = torch.Generator().manual_seed(M * E)
     ids = rand_ids(M, k, E - S, gen)
     nblk = max_blocks(M * (k + S), E, BM)
