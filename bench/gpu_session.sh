@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -127,6 +127,8 @@ for what in "${sections[@]}"; do case $what in
   down2) sec down2 ${T_MOE:-170} python3 bench/kernels_moe.py --formats int4,mxfp4 --set down \
       --ms "${MS:-64,256}" --w13-tiles 16 --budget-s ${BUDGET:-130} --out /tmp/kernels-moe-down2.json \
       --sweep-out "$OUT/kernels-moe-down2-sweep.json" ;;
+  kernels) cp bench/results/kernels-h200.json "$OUT/"  # rows not rerun are kept
+      sec kernels ${T_KERNELS:-300} python3 bench/kernels.py --out "$OUT/kernels-h200.json" ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done

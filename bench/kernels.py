@@ -136,6 +136,8 @@ def print_table(rows) -> None:
 
 
 def _call_moe(copy_gbps):
+    """MoE rows at the shipped defaults: the 4-bit formats with their gate_up weights row-tiled
+    as the loader stores them (ATOM_STREAM_MOE_W13_TILE, default 16), the others row-major."""
     try:
         import kernels_moe
     except ImportError:
@@ -143,8 +145,12 @@ def _call_moe(copy_gbps):
     fn = getattr(kernels_moe, "moe_rows", None)
     if fn is None:
         return []
-    params = inspect.signature(fn).parameters
-    return list(fn(copy_gbps) if params else fn())
+    if "cset" not in inspect.signature(fn).parameters:
+        return list(fn(copy_gbps))
+    tile = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "16"))
+    return (list(fn(copy_gbps, formats=("int4", "mxfp4", "mxfp4_w4a4"), cset="default",
+                    w13_tiles=(tile,)))
+            + list(fn(copy_gbps, formats=("bf16", "fp8", "w4a8"), cset="default")))
 
 
 def main(argv=None) -> None:
