@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels | prefill | ttft
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -129,6 +129,13 @@ for what in "${sections[@]}"; do case $what in
       --sweep-out "$OUT/kernels-moe-down2-sweep.json" ;;
   kernels) cp bench/results/kernels-h200.json "$OUT/"  # rows not rerun are kept
       sec kernels ${T_KERNELS:-300} python3 bench/kernels.py --out "$OUT/kernels-h200.json" ;;
+  prefill) sec prefill ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4,mxfp4}" \
+      --set prefill --ms "${MS:-1024,8192,4096}" --w13-tiles 16 --budget-s ${BUDGET:-160} \
+      --out /tmp/kernels-moe-prefill.json --sweep-out "$OUT/kernels-moe-prefill-sweep.json" ;;
+  ttft) sec ttft ${T_TTFT:-150} python3 bench/prefill.py --lens "${LENS:-930,931,1017,4096,8192}" \
+      --profile 1024 --out "$OUT/prefill.json"
+      ATOM_STREAM_MOE_ALIGN_PAR=0 ATOM_STREAM_MOE_CFG='{"BN2": 64}' sec ttft-old ${T_TTFT_OLD:-90} \
+      python3 bench/prefill.py --lens 930,4096 --out "$OUT/prefill-old.json" ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done

@@ -223,6 +223,13 @@ _DOWN = [{}, {"stop_after": "gate_up"}, {"W2": 2}, {"W2": 2, "BN2": 128}, {"W2":
          {"AP": False}, {}]
 DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
                    64: _DOWN, 256: _DOWN}
+# --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
+# mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
+# block, the MMA's N side) and the wider tiles a larger BM can feed
+_PF = [{}, {"stop_after": "gate_up"}, {"BM": 32}, {"BM": 64}, {"BM": 64, "stop_after": "gate_up"},
+       {"BM": 64, "W1": 8, "W2": 8}, {"BM": 64, "BN1": 128, "W1": 8}, {"BM": 128, "W1": 8, "W2": 8},
+       {"BM": 64, "BN2": 64}, {"BM": 64, "S1": 2, "S2": 2}]
+PREFILL_CANDIDATES = {1024: _PF, 4096: _PF, 8192: _PF}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -265,6 +272,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return TILE_CANDIDATES.get(M, [{}])
     if cset == "down":
         return DOWN_CANDIDATES.get(M, [{}])
+    if cset == "prefill":
+        return PREFILL_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -316,7 +325,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down") and b is not None:
+                if cset in ("tc", "tcx", "down", "prefill") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -377,10 +386,11 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
-    ap.add_argument("--set", default="all", choices=("all", "tc", "tcx", "default", "tile", "down"),
+    ap.add_argument("--set", default="all",
+                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
-                    "TILE_CANDIDATES, down = DOWN_CANDIDATES")
+                    "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

@@ -307,6 +307,18 @@ def test_fused_moe_down_pipelined(fmt, aq, xdt, tol, dq):
 
 
 @cpu_only
+@pytest.mark.parametrize("fmt,xdt,tol", [("int4_g32", torch.float16, 5e-3),
+                                         ("mxfp4", torch.float16, 5e-3),
+                                         ("bf16", torch.float16, 5e-3)], ids=["i4", "mx", "bf"])
+@pytest.mark.parametrize("BM,M", [(32, 70), (64, 150), (128, 150)])
+def test_fused_moe_sorted_mode_wide_blocks(fmt, xdt, tol, BM, M):
+    # prefill-sized blocks (BM tokens per expert block, the MMA's N side): several blocks per
+    # expert, partial last blocks, a token repeating an expert, poisoned intermediates
+    check_fused(fmt, None, xdt, tol, M, E=8, H=256, I=128, k=3, seed=70 + BM, repeat=True,
+                config=dict(FAST, BM=BM, poison=True))
+
+
+@cpu_only
 def test_fused_moe_env_config_reaches_the_kernels(monkeypatch):
     # ATOM_STREAM_MOE_CFG (a decode-step A/B knob) overrides the defaults; "AP" sends sorted
     # mode's align to the one-launch form; an explicit config still wins over the env

@@ -1,0 +1,126 @@
+"""Prefill step time on one GPU: where time-to-first-token goes (issue 7).
+
+    python3 bench/prefill.py [--preset k25-tp8-rank] [--lens 930,931,1017,4096,8192]
+                             [--profile 1024] [--out prefill.json]
+
+Builds the runner from a preset with dummy weights (fp8 KV, eager: prefill never replays a
+graph) and runs ONE sequence's prompt of each length as one chunk from position 0, the way the
+scheduler feeds a new request (lengths above --max-num-batched-tokens, 8192 by default, would be
+split by the scheduler; give them as separate lengths). Per length: the first call (cold: any
+kernel compiled or autotuned for a new shape shows up here; lengths of the serving benchmark's
+random range, 820-1024, are distinct shapes) and the median of --iters warm calls, CUDA events.
+tokens/s = length / warm time. weights_floor_ms = every weight byte of the rank read once / copy
+bandwidth (a memory floor only; at these lengths the MoE and attention are compute-bound).
+--profile N: torch.profiler kernel totals of one warm prefill of N tokens.
+JSON rows {"len", "first_ms", "warm_ms", "tok_per_s", "weights_floor_ms"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from decode import copy_bandwidth, weight_bytes  # noqa: E402
+
+from atom_stream.config import EngineConfig  # noqa: E402
+from atom_stream.engine.model_runner import ModelRunner  # noqa: E402
+from atom_stream.engine.sequence import ScheduledBatch, Sequence  # noqa: E402
+from atom_stream.sampling_params import SamplingParams  # noqa: E402
+
+
+def prefill_batch(n: int, block_size: int, vocab: int, seed: int) -> ScheduledBatch:
+    """One new sequence of n prompt tokens, all in this step, sampling its first token."""
+    g = torch.Generator().manual_seed(seed)
+    s = Sequence(f"p{n}-{seed}", torch.randint(0, vocab, (n,), generator=g).tolist(),
+                 SamplingParams(temperature=0), max_tokens=1)
+    s.num_computed_tokens = 0
+    s.block_table = list(range(math.ceil(n / block_size)))
+    return ScheduledBatch(seqs=[s], num_new_tokens=[n], sample=[True], num_decodes=0)
+
+
+def timed(runner: ModelRunner, inp) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    runner.run_inputs(inp)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def profile(runner: ModelRunner, inp, top: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    runner.run_inputs(inp)
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.run_inputs(inp)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"--- prefill profile: {total / 1e3:.3f} ms of kernels")
+    for e in events[:top]:
+        print(f"{e.device_time_total / 1e3:9.3f} ms {e.count:6d}x  {e.key[:90]}")
+
+
+@torch.inference_mode()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="k25-tp8-rank")
+    ap.add_argument("--lens", default="930,931,1017,4096,8192")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--profile", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "prefill-h200.json"))
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench/prefill.py needs a GPU"
+    lens = [int(v) for v in args.lens.split(",")]
+    longest = max(lens + [args.profile])
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    cfg = EngineConfig(model=args.preset, load_format="dummy", dtype="bfloat16", device="cuda",
+                       kv_cache_dtype="fp8", block_size=args.block_size,
+                       num_kv_blocks=math.ceil(longest / args.block_size) + 1, max_num_seqs=1,
+                       max_model_len=longest + args.block_size, enforce_eager=True,
+                       max_num_batched_tokens=max(8192, longest))
+    t0 = time.perf_counter()
+    runner = ModelRunner(cfg)
+    print(f"runner ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    non_expert, _, expert_bytes = weight_bytes(runner.model)
+    all_w = non_expert + sum(expert_bytes.values()) * runner.model_config.n_routed_experts
+    floor = 1e3 * all_w / bw
+    vocab = runner.model_config.vocab_size
+    rows = []
+    for i, n in enumerate(lens):
+        inp = runner.build_inputs(prefill_batch(n, args.block_size, vocab, i))
+        first = timed(runner, inp)
+        warm = sorted(timed(runner, inp) for _ in range(args.iters))[args.iters // 2]
+        rows.append({"len": n, "first_ms": round(first, 3), "warm_ms": round(warm, 3),
+                     "tok_per_s": round(n / warm * 1e3), "weights_floor_ms": round(floor, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.profile:
+        profile(runner, runner.build_inputs(prefill_batch(args.profile, args.block_size, vocab,
+                                                          99)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s; weights {all_w / 1e9:.2f} GB")
+    print(f"{'len':>6} {'first_ms':>10} {'warm_ms':>9} {'tok/s':>8} {'w_floor':>8}")
+    for r in rows:
+        print(f"{r['len']:>6} {r['first_ms']:>10.2f} {r['warm_ms']:>9.2f} {r['tok_per_s']:>8} "
+              f"{r['weights_floor_ms']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
