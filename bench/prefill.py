@@ -30,12 +30,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from decode import copy_bandwidth, weight_bytes  # noqa: E402
+from decode import copy_bandwidth, weight_bytes
 
-from atom_stream.config import EngineConfig  # noqa: E402
-from atom_stream.engine.model_runner import ModelRunner  # noqa: E402
-from atom_stream.engine.sequence import ScheduledBatch, Sequence  # noqa: E402
-from atom_stream.sampling_params import SamplingParams  # noqa: E402
+from atom_stream.config import EngineConfig
+from atom_stream.engine.model_runner import ModelRunner
+from atom_stream.engine.sequence import ScheduledBatch, Sequence
+from atom_stream.sampling_params import SamplingParams
 
 
 def prefill_batch(n: int, block_size: int, vocab: int, seed: int) -> ScheduledBatch:
@@ -59,7 +59,8 @@ def timed(runner: ModelRunner, inp) -> float:
 
 
 def profile(runner: ModelRunner, inp, top: int = 20) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
 
     runner.run_inputs(inp)
     torch.cuda.synchronize()
