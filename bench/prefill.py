@@ -12,16 +12,20 @@ random range, 820-1024, are distinct shapes) and the median of --iters warm call
 tokens/s = length / warm time. weights_floor_ms = every weight byte of the rank read once / copy
 bandwidth (a memory floor only; at these lengths the MoE and attention are compute-bound).
 --profile N: torch.profiler kernel totals of one warm prefill of N tokens.
-JSON rows {"len", "first_ms", "warm_ms", "tok_per_s", "weights_floor_ms"}.
+Triton kernels compiled by each first call are listed (new entries of the Triton cache; the run
+uses a fresh empty cache directory unless --keep-cache), so a cold first call names its cause.
+JSON rows {"len", "first_ms", "warm_ms", "tok_per_s", "weights_floor_ms", "compiled"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -36,6 +40,22 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner
 from atom_stream.engine.sequence import ScheduledBatch, Sequence
 from atom_stream.sampling_params import SamplingParams
+
+
+def triton_cache_dir() -> str:
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton",
+                                                              "cache")
+
+
+def compiled_kernels() -> set[str]:
+    """'<hash dir>/<kernel name>' of every compiled kernel in the Triton cache."""
+    root, found = triton_cache_dir(), set()
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            for f in os.listdir(os.path.join(root, d)):
+                if f.endswith(".json") and not f.startswith("__grp__"):
+                    found.add(f"{d}/{f[:-5]}")
+    return found
 
 
 def prefill_batch(n: int, block_size: int, vocab: int, seed: int) -> ScheduledBatch:
@@ -83,9 +103,13 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--profile", type=int, default=0)
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="use the usual Triton cache (default: a fresh empty one)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "prefill-h200.json"))
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench/prefill.py needs a GPU"
+    if not args.keep_cache:  # read when a kernel compiles: set before the first one
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
     lens = [int(v) for v in args.lens.split(",")]
     longest = max(lens + [args.profile])
     dev = torch.device("cuda")
@@ -105,10 +129,13 @@ def main(argv=None) -> None:
     rows = []
     for i, n in enumerate(lens):
         inp = runner.build_inputs(prefill_batch(n, args.block_size, vocab, i))
+        before = compiled_kernels()
         first = timed(runner, inp)
+        new = collections.Counter(k.split("/", 1)[1] for k in compiled_kernels() - before)
         warm = sorted(timed(runner, inp) for _ in range(args.iters))[args.iters // 2]
         rows.append({"len": n, "first_ms": round(first, 3), "warm_ms": round(warm, 3),
-                     "tok_per_s": round(n / warm * 1e3), "weights_floor_ms": round(floor, 3)})
+                     "tok_per_s": round(n / warm * 1e3), "weights_floor_ms": round(floor, 3),
+                     "compiled": dict(new)})
         print(json.dumps(rows[-1]), flush=True)
     if args.profile:
         profile(runner, runner.build_inputs(prefill_batch(args.profile, args.block_size, vocab,

@@ -43,6 +43,7 @@ GPU = interpret_without_gpu("kv_store", "norm_rope", "moe_routing", "mla_decode"
 
 from atom_stream.kernels import kv_store as kvs_mod
 from atom_stream.kernels import mla_decode as mla_mod
+from atom_stream.kernels import mla_prefill as prefill_mod
 from atom_stream.kernels import moe_routing as routing_mod
 from atom_stream.kernels import norm_rope as nr_mod
 from atom_stream.kernels import silu_mul as silu_mod
@@ -164,7 +165,7 @@ def spy(monkeypatch):
     calls = collections.Counter()
     for mod, name in ((nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
                       (routing_mod, "moe_routing"), (kvs_mod, "kv_store"),
-                      (mla_mod, "mla_decode")):
+                      (mla_mod, "mla_decode"), (prefill_mod, "mla_prefill")):
         fn = getattr(mod, name)
 
         def wrapped(*a, _fn=fn, _name=name, **k):
@@ -230,6 +231,8 @@ def run_parity(q_lora, dtype, device, seed, spy, **dims):
     assert spy["kv_store"] == 2 * n * attn.use_kernels
     assert spy["mla_decode"] == n * attn.use_kernels  # step 2 only
     assert spy["moe_routing"] == 2 * len(moes)
+    # the Triton prefill attention: 16-bit on GPUs only (3 prompts, then 2 chunks, per layer)
+    assert spy["mla_prefill"] == (5 * n if GPU and bf16 else 0)
     if q_lora:
         assert all(lyr.self_attn.w_qkv_a is not None for lyr in fast.model.layers)
 
@@ -488,3 +491,41 @@ def test_router_shared_fused_matches_reference_gpu(dtype, monkeypatch):
 def test_router_shared_switch_default_on():
     env = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "1")
     assert dsv3.FUSE_ROUTER_SHARED == (env == "1")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("lq,lk", [(300, 300), (77, 1100), (1, 64)])
+def test_prefill_attention_kernel_matches_reference_gpu(lq, lk):
+    """The model's prefill attention on GPUs (Triton flash kernel, Kimi dims: 8 heads, qk 192
+    = 128 + 64, v 128 as a strided view of the kv_b output) against the float32 reference, with
+    and without a cached prefix; fresh random bf16 inputs."""
+    from atom_stream.layers.attention import mla_prefill_ref
+
+    g = torch.Generator(device="cuda").manual_seed(lq + lk)
+    q = torch.randn(lq, 8, 192, generator=g, device="cuda").bfloat16()
+    k = torch.randn(lk, 8, 192, generator=g, device="cuda").bfloat16()
+    kv = torch.randn(lk, 8, 256, generator=g, device="cuda").bfloat16()
+    v = kv[..., 128:]
+    assert mla_model._prefill_kernel_ok(q, v)
+    assert not mla_model._prefill_kernel_ok(q.float(), v.float())
+    got = mla_model._prefill_attention_kernel(q, k, v, 192 ** -0.5)
+    want = mla_prefill_ref(q, k, v, 192 ** -0.5)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert rel(got, want) < 1e-2
+
+
+def test_prefill_kernel_dims():
+    """Which head dims the Triton prefill takes (CPU tensors never: the check is CUDA-only)."""
+    ok = mla_model._prefill_kernel_ok
+    assert not ok(torch.zeros(1, 1, 192, dtype=torch.bfloat16),
+                  torch.zeros(1, 1, 128, dtype=torch.bfloat16))
+
+    class Fake:  # shape/dtype/is_cuda only
+        def __init__(self, d, dtype=torch.bfloat16):
+            self.shape, self.dtype, self.is_cuda = (1, 1, d), dtype, True
+
+    assert ok(Fake(192), Fake(128)) and ok(Fake(32), Fake(16)) and ok(Fake(256), Fake(128))
+    assert not ok(Fake(24), Fake(16))  # 16 + 8: the 8 part is below a dot's K of 16
+    assert not ok(Fake(192), Fake(96)) and not ok(Fake(200), Fake(128))
+    assert not ok(Fake(192, torch.float32), Fake(128, torch.float32))

@@ -63,6 +63,32 @@ ABSORB_QB_MAX_BYTES = 64 << 20
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _prefill_kernel_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether kernels/mla_prefill.py's Triton kernel takes this chunk: CUDA/HIP, 16-bit
+    (float32 keeps the reference: the kernel's dots would run in TF32), v's head dim a power of
+    two >= 16 and q/k's a power of two or the sum of two (192 = 128 + 64), each >= 16."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    d, dv = q.shape[-1], v.shape[-1]
+    hi = 1 << (d.bit_length() - 1)
+    return _pow2(dv) and _pow2(hi) and (d == hi or _pow2(d - hi))
+
+
+def _prefill_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """mla_prefill_ref's contract (q [Lq, H, d], the last Lq of k/v's Lk positions, causal),
+    by the Triton flash kernel: one sequence, bottom-right causal over a cached prefix."""
+    from atom_stream.kernels.mla_prefill import mla_prefill
+
+    lq, lk = q.shape[0], k.shape[0]
+    cu = torch.tensor([0, lq, 0, lk], dtype=torch.int32).to(q.device, non_blocking=True)
+    return mla_prefill(q, k, v, cu[:2], cu[2:], lq, scale)
+
+
 def fuse_linear_weights(*layers: Linear) -> torch.Tensor | None:
     """Concatenate unquantized Linears' weights along the output dim into one [sum out, in]
     tensor and re-point each layer's weight at its rows (a view: no extra memory at rest, the
@@ -198,7 +224,7 @@ class MLA(nn.Module):
             # (o_lat is already in q's = x's dtype: the .to is a no-op, no launch)
             torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
                       out=out[:nd].transpose(0, 1))
-        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md)
+        self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md, kernels=True)
         return self.o_proj(out.view(T, H * self.v_dim))
 
     def _q_b(self, q_n, absorbed: bool):
@@ -278,14 +304,17 @@ class MLA(nn.Module):
         return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
                               self.k_scale, static_len=q_lat.is_cuda)
 
-    def _prefill(self, out, q_nope, q_pe, c, k_pe, kv_cache, md):
-        """Naive path for every prefill chunk (rows after the decodes), written into out."""
+    def _prefill(self, out, q_nope, q_pe, c, k_pe, kv_cache, md, kernels: bool = False):
+        """Naive path for every prefill chunk (rows after the decodes), written into out.
+        kernels: the attention itself by the Triton flash kernel where it applies
+        (`_prefill_kernel_ok`), else the float32 reference."""
         for i in range(md.num_decodes, md.num_seqs):
             s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
             out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
-                                         kv_cache, md.block_tables[i], md.seq_lens[i])
+                                         kv_cache, md.block_tables[i], md.seq_lens[i], kernels)
 
-    def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len):
+    def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len,
+                     kernels: bool = False):
         """Naive path for one chunk: queries are the last q_len of seq_len positions."""
         q_len = q_nope.shape[0]
         prefix = seq_len - q_len
@@ -300,4 +329,6 @@ class MLA(nn.Module):
         k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
         k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if kernels and _prefill_kernel_ok(q, v):
+            return _prefill_attention_kernel(q, k, v, self.scale)
         return mla_prefill_ref(q, k, v, self.scale)
