@@ -230,6 +230,11 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # 40.6 with both; bench/kernels_moe.py --set down, bench/RESULTS.md)
         if fmt == INT4 and M > 16:
             tc4["BN2"] = 128
+        # int4 prefill-sized M: blocks of more tokens per expert (each block re-reads its
+        # expert's weights): M=1024 BM 16/32/64 801/576/735 us, M=4096 2589/1825/1740, M=8192
+        # 5048/3726/3040 (H200, session 7, bench/kernels_moe.py --set prefill)
+        if fmt == INT4 and M > 512:
+            tc4["BM"] = 64 if M > 2048 else 32
     return {"BM": 16, "BN1": bn1, "BK1": bk1, "W1": w1, "S1": 3, "BN2": bn2, "BK2": bk2, "W2": 4,
             "S2": 2, "BH": 1024, "direct": M <= 16, "OFFS": 1,
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,

@@ -318,6 +318,24 @@ def test_fused_moe_sorted_mode_wide_blocks(fmt, xdt, tol, BM, M):
                 config=dict(FAST, BM=BM, poison=True))
 
 
+def test_default_block_rows_grow_with_prefill_m():
+    # int4: 16 tokens per expert block up to M=512, then 32, then 64 above 2048 (measured);
+    # MXFP4 keeps 16 (not measured)
+    from atom_stream.kernels.fused_moe import default_config
+    from atom_stream.kernels.fused_moe_common import INT4, MXFP4
+    bm = {M: default_config(INT4, M, M * 9, 385, 7168, 256, 0, 16)["BM"]
+          for M in (16, 256, 512, 513, 2048, 2049, 8192)}
+    assert bm == {16: 16, 256: 16, 512: 16, 513: 32, 2048: 32, 2049: 64, 8192: 64}
+    assert default_config(MXFP4, 8192, 8192 * 9, 385, 7168, 256, 0, 16)["BM"] == 16
+
+
+@cpu_only
+def test_fused_moe_int4_prefill_defaults():
+    # M > 512 at the default block rows (32 tokens), int4 sorted mode, poisoned intermediates
+    check_fused("int4_g32", None, torch.float16, 5e-3, 600, E=8, H=256, I=128, k=3, seed=81,
+                repeat=True, config=dict(FAST, poison=True))
+
+
 @cpu_only
 def test_fused_moe_env_config_reaches_the_kernels(monkeypatch):
     # ATOM_STREAM_MOE_CFG (a decode-step A/B knob) overrides the defaults; "AP" sends sorted
