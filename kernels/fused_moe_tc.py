@@ -44,7 +44,13 @@ def _direct_hits(IDS, stride_im, b, M, TOPK: tl.constexpr, KP: tl.constexpr,
     return e, hit, first
 
 
-@triton.jit
+# token counts are not specialized on (Triton would compile a new variant whenever M or the
+# pair count changes divisibility by 16: a multi-second first prefill for every new prompt
+# length class, bench/RESULTS.md session 7)
+_TOKEN_ARGS = ["M", "num_pairs"]
+
+
+@triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _gate_up_kernel(
     X, XS, W, S, IDS, SORTED, BLKEXP, ACT, ACTS, AS,
     M, num_pairs, stride_xm, stride_xsm, stride_im, stride_we, stride_se,
@@ -124,7 +130,7 @@ def _gate_up_kernel(
                      mask=st_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _down_block_kernel(
     ACT, ACTS, W, S, IDS, SORTED, BLKEXP, Y, AS, M, num_pairs, stride_im, stride_we, stride_se,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KPP: tl.constexpr,

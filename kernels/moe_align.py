@@ -42,7 +42,8 @@ def pair_expert(IDS, stride_im, p, valid, TOPK: tl.constexpr, KP: tl.constexpr,
     return tl.where(k < TOPK, e, N_ROUTED + k - TOPK)
 
 
-@triton.jit
+# pair and block counts vary with the batch: no per-divisibility variants (fused_moe_tc)
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
 def _align_kernel(
     IDS, SORTED, BLKEXP, CURSOR, stride_im, num_pairs, max_blocks,
     TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr, E: tl.constexpr,
@@ -86,7 +87,7 @@ def _align_kernel(
         tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
 def _align_par_kernel(
     IDS, SORTED, BLKEXP, stride_im, num_pairs, max_blocks,
     TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr, E: tl.constexpr,

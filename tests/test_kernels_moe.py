@@ -574,3 +574,21 @@ def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
               config=dict(cfg, gemv_max=0, poison=True), **kw)
     ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu())
     assert rel_err(out.cpu(), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("M", [600, 2100])
+def test_fused_moe_gpu_prefill_block_rows(M):
+    # int4 at prefill M with the default 32 / 64-token expert blocks (real Kimi rank shapes,
+    # 32 experts so every expert holds many pairs), a repeated expert, poisoned intermediates
+    gen = torch.Generator().manual_seed(M)
+    kw, w13, w2 = real_experts("int4_g32")
+    x = torch.randn(M, 7168, generator=gen).bfloat16().cuda()
+    ids = rand_ids(M, 8, 32, gen)
+    tw = (torch.rand(M, 8, generator=gen) + 0.1).cuda()
+    ids[0, 1] = ids[0, 0]
+    out = torch.full((M, 7168), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, out=out, config={"poison": True}, **kw)
+    ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu())
+    assert rel_err(out.cpu(), ref) < 1e-2
