@@ -51,6 +51,10 @@ CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not
 # B=1, the TP=2 decode step 7.93 -> 7.57 ms at B=1, equal at B=16 / 64. Platforms without
 # symmetric memory keep NCCL/RCCL (try_create: every rank agrees first).
 SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "1") == "1"
+# Prefill lengths run once at GPU start-up after the profiling forward (at the largest prefill
+# batch): one per MoE expert-block class below it (int4: 16 tokens per block up to 512, 32 up
+# to 2048, then 64), so no request pays a kernel compile (~3.5 s each on an H200).
+WARMUP_PREFILL_LENS = (1024, 256)
 
 
 @dataclasses.dataclass
@@ -209,6 +213,27 @@ class ModelRunner:
         return blocks
 
     @torch.inference_mode()
+    def _prefill_warmup(self, kv_caches: list[torch.Tensor], max_tokens: int) -> list[int]:
+        """One prefill forward at each of WARMUP_PREFILL_LENS below max_tokens (KV written into
+        `kv_caches`, scratch caches of at least max_tokens slots): kernels whose compiled
+        variant depends on the token count (the MoE's expert-block rows, kernels/fused_moe
+        default_config) compile now, not at the first request of that size (a cold compile is
+        seconds of time to first token: bench/RESULTS.md session 7). Every TP rank runs the
+        same lengths (collectives inside). Returns the lengths run."""
+        dev = kv_caches[0].device
+        lens = [w for w in WARMUP_PREFILL_LENS if w < max_tokens]
+        blocks = kv_caches[0].shape[0]
+        for w in lens:
+            md = AttentionMetadata(
+                query_start_loc=[0, w], seq_lens=[w],
+                block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+                slot_mapping=torch.arange(w, device=dev), num_decodes=0,
+                block_size=self.block_size)
+            ids = torch.randint(0, self.model_config.vocab_size, (w,), device=dev)
+            self.model(ids, torch.arange(w, device=dev), kv_caches, md)
+        return lens
+
+    @torch.inference_mode()
     def _profile_kv_budget(self) -> float:
         """Bytes left for the KV pool: gpu_memory_utilization * total minus what the weights,
         other processes and a profiling forward at the largest prefill batch use."""
@@ -227,9 +252,11 @@ class ModelRunner:
         ids = torch.randint(0, cfg.vocab_size, (n,), device=dev)
         hidden = self.model(ids, torch.arange(n, device=dev), tmp, md)
         self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        del hidden
+        self._prefill_warmup(tmp, n)  # smaller than the forward above: the peak stands
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        del tmp, hidden
+        del tmp
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         ours_now = torch.cuda.memory_allocated(dev)
