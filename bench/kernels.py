@@ -118,8 +118,14 @@ def copy_bandwidth(nbytes: int = 2 << 30, warm_s: float = 0.0) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def _int_or_none(v):
+    return None if v is None else int(v)
+
+
 def make_row(kernel, batch, ctx, m, time_us, nbytes, copy_gbps) -> dict:
-    return {"kernel": kernel, "batch": int(batch), "ctx": int(ctx), "m": int(m),
+    """One JSON row; batch / ctx / m are None where they do not apply (MoE rows: m only)."""
+    return {"kernel": kernel, "batch": _int_or_none(batch), "ctx": _int_or_none(ctx),
+            "m": _int_or_none(m),
             "time_us": round(float(time_us), 3), "bytes": int(nbytes),
             "copy_GBps": round(float(copy_gbps), 1),
             "ratio": round(float(nbytes) / (time_us * 1e-6) / (copy_gbps * 1e9), 4)}
