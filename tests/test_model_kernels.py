@@ -529,3 +529,32 @@ def test_prefill_kernel_dims():
     assert not ok(Fake(24), Fake(16))  # 16 + 8: the 8 part is below a dot's K of 16
     assert not ok(Fake(192), Fake(96)) and not ok(Fake(200), Fake(128))
     assert not ok(Fake(192, torch.float32), Fake(128, torch.float32))
+
+
+def test_prefill_kernel_that_does_not_fit_falls_back(monkeypatch, caplog):
+    """A GPU whose shared memory the prefill kernel's tiles exceed (Triton OutOfResources):
+    this chunk and every later one take the float32 reference, with one warning."""
+    from triton.runtime.errors import OutOfResources
+
+    from atom_stream.layers.attention import mla_prefill_ref
+
+    def too_big(*a, **k):
+        raise OutOfResources(172032, 163840, "shared memory")
+
+    monkeypatch.setattr(prefill_mod, "mla_prefill", too_big)
+    monkeypatch.setattr(mla_model, "_PREFILL_KERNEL_FAILED", False)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(6, 2, 32, generator=g), torch.randn(9, 2, 32, generator=g)
+    v = torch.randn(9, 2, 16, generator=g)
+    with caplog.at_level("WARNING"):
+        got = mla_model._prefill_attention_kernel(q, k, v, 0.2)
+    assert torch.equal(got, mla_prefill_ref(q, k, v, 0.2))
+    assert "does not fit" in caplog.text and mla_model._PREFILL_KERNEL_FAILED
+
+    class Fake:
+        def __init__(self, d):
+            self.shape, self.dtype, self.is_cuda = (1, 1, d), torch.bfloat16, True
+
+    assert not mla_model._prefill_kernel_ok(Fake(192), Fake(128))
+    monkeypatch.setattr(mla_model, "_PREFILL_KERNEL_FAILED", False)
+    assert mla_model._prefill_kernel_ok(Fake(192), Fake(128))

@@ -27,6 +27,7 @@ KV store; q_pe's RoPE stays a separate in-place launch after q_b (4 launches -> 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -47,6 +48,8 @@ from atom_stream.layers.parallel import tp
 from atom_stream.layers.rotary import RotaryEmbedding
 from atom_stream.models import kernel_path
 
+logger = logging.getLogger(__name__)
+
 # The fused MLA prologue (kernels/mla_prologue.py: q_a norm, kv_a norm, k_pe RoPE and the KV store
 # in one launch) on the kernel path: off unless ATOM_STREAM_FUSED_PROLOGUE=1, until a same-run
 # GPU A/B (bench/RESULTS.md) shows it faster. Read at import; tests flip the module attribute.
@@ -63,6 +66,9 @@ ABSORB_QB_MAX_BYTES = 64 << 20
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
+_PREFILL_KERNEL_FAILED = False  # set once the Triton prefill failed to fit this GPU
+
+
 def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
@@ -71,7 +77,7 @@ def _prefill_kernel_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether kernels/mla_prefill.py's Triton kernel takes this chunk: CUDA/HIP, 16-bit
     (float32 keeps the reference: the kernel's dots would run in TF32), v's head dim a power of
     two >= 16 and q/k's a power of two or the sum of two (192 = 128 + 64), each >= 16."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+    if _PREFILL_KERNEL_FAILED or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     d, dv = q.shape[-1], v.shape[-1]
     hi = 1 << (d.bit_length() - 1)
@@ -82,11 +88,19 @@ def _prefill_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scale: float) -> torch.Tensor:
     """mla_prefill_ref's contract (q [Lq, H, d], the last Lq of k/v's Lk positions, causal),
     by the Triton flash kernel: one sequence, bottom-right causal over a cached prefix."""
+    global _PREFILL_KERNEL_FAILED
+    from triton.runtime.errors import OutOfResources
+
     from atom_stream.kernels.mla_prefill import mla_prefill
 
     lq, lk = q.shape[0], k.shape[0]
     cu = torch.tensor([0, lq, 0, lk], dtype=torch.int32).to(q.device, non_blocking=True)
-    return mla_prefill(q, k, v, cu[:2], cu[2:], lq, scale)
+    try:
+        return mla_prefill(q, k, v, cu[:2], cu[2:], lq, scale)
+    except OutOfResources as e:  # a GPU whose shared memory the kernel's tiles exceed
+        _PREFILL_KERNEL_FAILED = True
+        logger.warning("MLA prefill kernel does not fit this GPU (%s): torch reference", e)
+        return mla_prefill_ref(q, k, v, scale)
 
 
 def fuse_linear_weights(*layers: Linear) -> torch.Tensor | None:
