@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels | prefill | ttft
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels | prefill | ttft | downladder
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -136,6 +136,9 @@ for what in "${sections[@]}"; do case $what in
       --profile 1024 --out "$OUT/prefill.json"
       ATOM_STREAM_MOE_ALIGN_PAR=0 ATOM_STREAM_MOE_CFG='{"BN2": 64}' sec ttft-old ${T_TTFT_OLD:-90} \
       python3 bench/prefill.py --lens 930,4096 --out "$OUT/prefill-old.json" ;;
+  downladder) sec downladder-test ${T_TESTS:-90} $PY -m gpu tests/test_moe_down_ladder.py
+      sec downladder ${T_LADDER:-200} python3 bench/moe_down_ladder.py --budget-s ${BUDGET:-150} \
+      --out "$OUT/moe-down-ladder-h200.json" ;;
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
   *) echo "unknown section $what" ;;
 esac; done
