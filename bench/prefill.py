@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from decode import copy_bandwidth, weight_bytes
+from decode import copy_bandwidth, profile_step, weight_bytes
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner
@@ -76,23 +76,6 @@ def timed(runner: ModelRunner, inp) -> float:
     b.record()
     b.synchronize()
     return a.elapsed_time(b)
-
-
-def profile(runner: ModelRunner, inp, top: int = 20) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof_ctx
-
-    runner.run_inputs(inp)
-    torch.cuda.synchronize()
-    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
-        runner.run_inputs(inp)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in events)
-    print(f"--- prefill profile: {total / 1e3:.3f} ms of kernels")
-    for e in events[:top]:
-        print(f"{e.device_time_total / 1e3:9.3f} ms {e.count:6d}x  {e.key[:90]}")
 
 
 @torch.inference_mode()
@@ -137,9 +120,10 @@ def main(argv=None) -> None:
                      "tok_per_s": round(n / warm * 1e3), "weights_floor_ms": round(floor, 3),
                      "compiled": dict(new)})
         print(json.dumps(rows[-1]), flush=True)
-    if args.profile:
-        profile(runner, runner.build_inputs(prefill_batch(args.profile, args.block_size, vocab,
-                                                          99)))
+    if args.profile:  # one prefill step, as decode.py profiles a decode step
+        profile_step(runner, runner.build_inputs(prefill_batch(args.profile, args.block_size,
+                                                               vocab, 99)), 1, args.profile,
+                     top=20)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
