@@ -128,7 +128,8 @@ for what in "${sections[@]}"; do case $what in
       --ms "${MS:-64,256}" --w13-tiles 16 --budget-s ${BUDGET:-130} --out /tmp/kernels-moe-down2.json \
       --sweep-out "$OUT/kernels-moe-down2-sweep.json" ;;
   kernels) cp bench/results/kernels-h200.json "$OUT/"  # rows not rerun are kept
-      sec kernels ${T_KERNELS:-300} python3 bench/kernels.py --out "$OUT/kernels-h200.json" ;;
+      sec kernels ${T_KERNELS:-300} python3 bench/kernels.py ${KERNELS_ARGS:---no-tune} \
+      --out "$OUT/kernels-h200.json" ;;
   prefill) sec prefill ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4,mxfp4}" \
       --set prefill --ms "${MS:-1024,8192,4096}" --w13-tiles 16 --budget-s ${BUDGET:-160} \
       --out /tmp/kernels-moe-prefill.json --sweep-out "$OUT/kernels-moe-prefill-sweep.json" ;;

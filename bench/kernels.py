@@ -162,7 +162,9 @@ def _call_moe(copy_gbps):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("all", "attention", "moe"), default="all")
-    ap.add_argument("--no-tune", action="store_true", help="skip the decode config tuning")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="decode: time v1, the production path and the v2 default only (no "
+                    "variant sweep; the whole run then fits one device call with the MoE rows)")
     ap.add_argument("--sweep", action="store_true", help="finally, time decode split counts")
     ap.add_argument("--sweep-out", default=None, help="JSON file for tuning/sweep timings")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernels-h200.json"))

@@ -9,8 +9,10 @@ sequence, ctx = keys per sequence) compare the Triton kernel with torch SDPA; th
 nominal (compute-bound), TFLOP/s is printed. Also kv_store, add+RMSNorm, RoPE, fp8 group quant.
 Decode (decode_rows): every variant of decode_variants() (v1; v2 fused / kernel merge, 4 launch
 configs, fp8 modes 0-3, P = 1x / 2x / 4x SMs) is first checked against the reference on a mixed
-batch (failures are not timed), then timed on every case; the rows are the best v1 and the best
-v2 per case (field "variant": label and split/item count S), and a v1-vs-v2 table is printed.
+batch (failures are not timed), then timed on every case; the rows are the best v1, the
+production path ("production": mla_decode's variant="auto", v3 + merge kernel on e4m3fn
+caches) and the best v2 per case (field "variant": label and split/item count S), and a
+v1-vs-v2 table is printed.
 Standalone (decode only, ~3 min on H200):
     python3 bench/kernels_attention.py --out $OUT/decode.json --sweep-out $OUT/decode_sweep.json
 v1 vs v3 (kernels/mla_decode_v3.py) and v3's alternatives at 7 H=8 shapes, ~3 min:
@@ -83,7 +85,7 @@ class DecodeSetup:
 
     def splits(self, variant="v2"):
         return dec.decode_num_splits(self.B, self.H, None if variant == "v2" else max(self.lens),
-                                     "cuda", variant=variant)
+                                     "cuda", variant=variant, kv_dtype=self.kv_dtype)
 
     def _call(self, bt, S, config, ws, **kw):
         q, out = self.q, self.out
@@ -96,8 +98,8 @@ class DecodeSetup:
         fp8_mode. Returns (time, splits)."""
         variant = kw.get("variant", "v2")
         S = splits or self.splits(variant)
-        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant)
-              if S > 1 else None)
+        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant,
+                                         kv_dtype=self.kv_dtype) if S > 1 else None)
         return time_calls([self._call(bt, S, config, ws, **kw) for bt in self.tables]), S
 
     def check(self, splits=None, config=None, **kw) -> float:
@@ -106,8 +108,8 @@ class DecodeSetup:
         variant = kw.get("variant", "v2")
         bt = self.tables[0]
         S = splits or self.splits(variant)
-        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant)
-              if S > 1 else None)
+        ws = (dec.alloc_decode_workspace(self.B, self.H, R, S, "cuda", variant=variant,
+                                         kv_dtype=self.kv_dtype) if S > 1 else None)
         ref = dec.mla_decode_ref(self.q[..., :R].float(), self.q[..., R:].float(), self.pool,
                                  bt, self.seq_lens, SCALE, self.k_scale).double()
         err = 0.0
@@ -142,6 +144,7 @@ def decode_variants(name, B, H):
     auto = "fused" if 2 * P <= dec.FUSED_MAX_S * B else "kernel"
     other = "kernel" if auto == "fused" else "fused"
     v = [("v1", dict(variant="v1", config=cfg0)),
+         ("production", dict(variant="auto")),  # what the model runs (v3 on e4m3fn caches)
          (f"v2 {auto} {cfg0}", dict(variant="v2", config=cfg0)),
          (f"v2 {other} {cfg0}", dict(variant="v2", config=cfg0, merge=other))]
     cfgs = [(32, 4, 2), (64, 8, 2), (16, 4, 2), (32, 4, 3)]
@@ -158,15 +161,15 @@ def decode_variants(name, B, H):
     return v
 
 
-def check_variants(log=None):
-    """Every variant of each dtype against the reference on a small mixed-length batch (and an
-    H=128 one); returns the labels that failed (they are not timed)."""
+def check_variants(log=None, limit: int | None = None):
+    """Every variant (the first `limit`) of each dtype against the reference on a small
+    mixed-length batch (and an H=128 one); returns the labels that failed (not timed)."""
     bad = set()
     for dt in (torch.bfloat16, FP8):
         name = _dt_name(dt)
         for H, lens in ((8, [1000, 2047, 77, 0, 5000, 1, 333]), (128, [700, 0, 3000])):
             setup = DecodeSetup(dt, lens, H)
-            for label, kw in decode_variants(name, len(lens), H):
+            for label, kw in decode_variants(name, len(lens), H)[:limit]:
                 kw = dict(kw)
                 S = kw.pop("splits", None)
                 if not check_variant(setup, S, kw, f"{name} H={H} {label}"):
@@ -188,12 +191,14 @@ def check_variant(setup, S, kw, tag: str) -> bool:
     return ok
 
 
-def decode_rows(copy_gbps, log=None):
-    """Every decode case x every variant that passed the check; rows: the best v1 and the best
-    v2 variant per case (JSON field "variant"); `log` gets every timing."""
+def decode_rows(copy_gbps, log=None, quick: bool = False):
+    """Every decode case x every variant that passed the check; rows: the best v1, the
+    production path ("auto": v3 on e4m3fn caches, else v1) and the best v2 variant per case
+    (JSON field "variant"); `log` gets every timing. quick: v1, production and the v2 default
+    only (no sweep)."""
     t0 = time.time()
     log = log if log is not None else []
-    bad = check_variants()
+    bad = check_variants(limit=3 if quick else None)
     print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
     rows, table, wins = [], [], {}
     cases = [(dt, [ctx] * B, 8) for dt in (torch.bfloat16, FP8) for B, ctx in GRID]
@@ -209,8 +214,8 @@ def decode_rows(copy_gbps, log=None):
         setup = DecodeSetup(dt, lens, H)
         best = {}
         variants = decode_variants(name, B, H)
-        if time.time() - t0 > DECODE_BUDGET_S:
-            variants = variants[:2]
+        if quick or time.time() - t0 > DECODE_BUDGET_S:
+            variants = variants[:3]  # v1, production, the v2 default
         for label, kw in variants:
             if (name, label.split(" P=")[0]) in bad:
                 continue
@@ -389,11 +394,11 @@ def small_rows(copy_gbps):
 
 def attention_rows(copy_gbps, tune=True, log=None):
     """All attention rows; a section that fails is reported and skipped (the others still
-    count: one bad launch must not cost a whole device run). `tune` is kept for the CLI: the
-    decode section always sweeps its variants."""
+    count: one bad launch must not cost a whole device run). tune=False (bench/kernels.py
+    --no-tune): the decode section times v1, the production path and the v2 default only."""
     t0 = time.time()
     rows = []
-    sections = [lambda c: decode_rows(c, log), prefill_rows, small_rows]
+    sections = [lambda c: decode_rows(c, log, quick=not tune), prefill_rows, small_rows]
     for section in sections:
         try:
             rows += section(copy_gbps)
