@@ -9,7 +9,9 @@ layers/attention.AttentionMetadata):
     cache[slot] = [c | k_pe]                      (latent cache [blocks, block_size, r + rope])
     decode (absorbed): q_lat = q_nope @ W_UK [H, nope, r]; o_lat = MQA over the latent cache;
                        o = o_lat @ W_UV^T        (W_UV [H, v, r])
-    prefill (naive):   K/V expanded through kv_b_proj over the cached prefix + the chunk
+    prefill (naive):   K/V expanded through kv_b_proj over the cached prefix + the chunk;
+                       causal attention by kernels/mla_prefill.py's Triton flash kernel on
+                       GPUs in 16-bit (`_prefill_kernel_ok`), else the float32 reference
     out  = o_proj(o.reshape(T, H * v))            -> [T, hidden]
 softmax_scale = qk_head_dim^-0.5 * mscale^2 on both paths.
 
