@@ -57,6 +57,14 @@ SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "1") == "1"
 WARMUP_PREFILL_LENS = (1024, 256)
 
 
+def use_symm_allreduce(config: EngineConfig, tp_info: TPInfo, device: torch.device) -> bool:
+    """Whether this TP group tries the one-shot all-reduce: several ranks on GPUs of ONE node
+    (it reads peers' memory over P2P; a group spanning nodes, `nnodes` > 1, keeps NCCL/RCCL)
+    and SYMM_ALLREDUCE. Same answer on every rank (a collective follows)."""
+    return (SYMM_ALLREDUCE and tp_info.size > 1 and device.type == "cuda"
+            and config.nnodes == 1)
+
+
 @dataclasses.dataclass
 class StepHandle:
     """A launched step. `rows`: each sampled Sequence -> its row of `token_ids` [n] int64 (on the
@@ -129,7 +137,7 @@ class ModelRunner:
         if config.enable_expert_parallel and not self.tp_info.ep:  # EP group = TP group (issue 9)
             self.tp_info = dataclasses.replace(self.tp_info, ep=True)
         self.device = resolve_device(config.device)
-        if self.tp_info.size > 1 and self.device.type == "cuda" and SYMM_ALLREDUCE:
+        if use_symm_allreduce(config, self.tp_info, self.device):
             from atom_stream.layers.symm_allreduce import try_create  # a collective: all ranks
             self.tp_info = dataclasses.replace(
                 self.tp_info, fast_ar=try_create(self.tp_info.group, self.device))

@@ -1,5 +1,6 @@
-"""ModelRunner._prefill_warmup: the start-up prefills that compile size-dependent kernels before
-the first request (run on GPUs after the profiling forward; exercised here on the CPU)."""
+"""ModelRunner start-up choices, exercised on the CPU: `_prefill_warmup` (the prefills that
+compile size-dependent kernels before the first request, run on GPUs after the profiling
+forward) and `use_symm_allreduce` (which TP groups try the one-shot all-reduce)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,23 @@ def test_prefill_warmup_runs_each_length_below_the_profile_size(monkeypatch):
         assert flat[:40].abs().sum(-1).gt(0).all() and not flat[40:].any()
     # the runner's own pool is untouched
     assert all(not k.any() for k in runner.kv_caches)
+
+
+def test_one_shot_all_reduce_only_for_tp_on_gpus_of_one_node(monkeypatch):
+    """The symmetric-memory all-reduce reads peers' memory over P2P: only TP groups of one node
+    on GPUs try it (multi-node TP keeps NCCL/RCCL), and ATOM_STREAM_SYMM_ALLREDUCE=0 turns it
+    off."""
+    from atom_stream.layers.parallel import TPInfo
+
+    use = model_runner.use_symm_allreduce
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    one = EngineConfig(model="demo", tensor_parallel_size=2)
+    two = EngineConfig(model="demo", tensor_parallel_size=2, nnodes=2, master_addr="10.0.0.1",
+                      master_port=29500)
+    monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", True)
+    assert use(one, TPInfo(0, 2, None), cuda)
+    assert not use(two, TPInfo(0, 2, None), cuda)
+    assert not use(one, TPInfo(0, 2, None), cpu)
+    assert not use(one, TPInfo(), cuda)
+    monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", False)
+    assert not use(one, TPInfo(0, 2, None), cuda)
