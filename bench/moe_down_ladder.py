@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -83,7 +82,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench/moe_down_ladder.py needs a GPU"
     import moe_down_ladder_kernels as L
-    from kernels_moe import copy_bandwidth, time_calls
+    from kernels_moe import copy_bandwidth
+    from ladder_common import rung_row, time_rung, write_rows
     copy = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  copy {copy:.0f} GB/s", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -116,34 +116,24 @@ def main(argv=None) -> None:
                                                num_pairs=P, BN=BN, warps=warps, stages=stages,
                                                wt=wt)
                              for _ids, sp, be, act, y in sets]
-                chk = "-"
-                try:
-                    if rung is None or rung == 3:
-                        _ids, sp, be, act, y = sets[0]
-                        y.fill_(float("nan"))
-                        calls[0]()
-                        chk = check_y(y, act, w2, s2, sp, be, P)
-                    t = time_calls(calls)
-                except Exception as e:  # noqa: BLE001 -- one failing rung must not stop the rest
-                    print(f"{M:>4} {name:<7} BN{BN}: {type(e).__name__}: {str(e)[:300]}",
-                          flush=True)
+                check = None
+                if rung is None or rung == 3:
+                    def check(c=calls[0], s=sets[0], P=P):
+                        s[4].fill_(float("nan"))
+                        c()
+                        return check_y(s[4], s[3], w2, s2, s[1], s[2], P)
+                got = time_rung(calls, check, tag=f"{M:>4} {name:<7} BN{BN}")
+                if got is None:
                     continue
+                t, chk = got
                 if rung is None:
                     prod_t = t
-                nb = nbytes[0 if rung == 0 else 1]
-                ratio = nb / (t * 1e-6) / (copy * 1e9)
-                vs = f"{prod_t / t:8.2f}" if prod_t else f"{'-':>8}"
-                print(f"{M:>4} {name:<7}{BN:>4}{warps:>3}{stages:>3}{t:>9.2f}{ratio:>7.3f}{vs}"
-                      f"  {chk}", flush=True)
-                rows.append({"m": M, "rung": name, "BN": BN, "warps": warps, "stages": stages,
-                             "wt": wt, "time_us": round(t, 2), "bytes": nb,
-                             "ratio": round(ratio, 4), "copy_GBps": round(copy),
-                             "distinct": distinct, "check": chk})
+                rows.append(rung_row(f"{M:>4} {name:<7}{BN:>4}{warps:>3}{stages:>3}", t,
+                                     nbytes[0 if rung == 0 else 1], copy, prod_t, chk, m=M,
+                                     rung=name, BN=BN, warps=warps, stages=stages, wt=wt,
+                                     distinct=distinct))
         del sets
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out} ({len(rows)} rows, {time.time() - t0:.0f} s)")
+    write_rows(args.out, rows, t0)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ the same run. Check (G3, PROD): four real slots against torch on the dequantized
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -109,7 +108,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import moe_tc_ladder_kernels as L
     from atom_stream.kernels import moe_ref as R
-    from kernels_moe import copy_bandwidth, time_calls
+    from kernels_moe import copy_bandwidth
+    from ladder_common import rung_row, time_rung, write_rows
     copy = copy_bandwidth()
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device: {torch.cuda.get_device_name()}  copy {copy:.0f} GB/s  SMs {nsm}", flush=True)
@@ -151,33 +151,23 @@ def main(argv=None) -> None:
                     calls = [lambda x=x, sp=sp, be=be, r=rung, w=w, sc=sc, o=out, a=act, kw=kw:
                              L.gate_up_rung(r, x, w, sc, sp, be, o, a, **kw)
                              for x, _ids, sp, be in sets]
-                chk = "-"
-                try:
-                    if rung is None or rung == 3:
-                        act.fill_(float("nan"))
-                        calls[0]()
-                        x, _ids, sp, be = sets[0]
-                        chk = check_act(act, x, w13, s13, sp, be, M)
-                    t = time_calls(calls)
-                except Exception as e:  # noqa: BLE001 -- one failing rung must not stop the rest
-                    print(f"{M:>4} {name:<6} BN{BN}: {type(e).__name__}: {str(e)[:300]}",
-                          flush=True)
+                check = None
+                if rung is None or rung == 3:
+                    def check(c=calls[0], s=sets[0], a=act, M=M):
+                        a.fill_(float("nan"))
+                        c()
+                        return check_act(a, s[0], w13, s13, s[2], s[3], M)
+                got = time_rung(calls, check, tag=f"{M:>4} {name:<6} BN{BN}")
+                if got is None:
                     continue
+                t, chk = got
                 if rung is None:
                     prod_t = t
-                nb = nbytes[0 if rung == 0 else 1]
-                ratio = nb / (t * 1e-6) / (copy * 1e9)
-                vs = f"{prod_t / t:8.2f}" if prod_t else f"{'-':>8}"
-                print(f"{M:>4} {name:<11}{BN:>4}{warps:>3}{stages:>3}{t:>9.2f}{ratio:>7.3f}{vs}"
-                      f"  {chk}", flush=True)
-                rows.append({"m": M, "rung": name, "BN": BN, "warps": warps, "stages": stages,
-                             "tiled": til, "nprog": k * nsm, "wt": wt, "st": st, "time_us": round(t, 2),
-                             "bytes": nb, "ratio": round(ratio, 4), "copy_GBps": round(copy),
-                             "distinct": distinct, "check": chk})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {args.out} ({len(rows)} rows, {time.time() - t0:.0f} s)")
+                rows.append(rung_row(f"{M:>4} {name:<11}{BN:>4}{warps:>3}{stages:>3}", t,
+                                     nbytes[0 if rung == 0 else 1], copy, prod_t, chk, m=M,
+                                     rung=name, BN=BN, warps=warps, stages=stages, tiled=til,
+                                     nprog=k * nsm, wt=wt, st=st, distinct=distinct))
+    write_rows(args.out, rows, t0)
 
 
 if __name__ == "__main__":
