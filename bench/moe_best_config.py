@@ -6,7 +6,7 @@ SWEEP.json: the list bench/kernels_moe.py writes with --sweep-out (records {"ker
 "config", "time_us", ...}). Considers whole-MoE configs only (no "stop_after"), measured at
 every M of --ms for that kernel; score = geometric mean over those M of time / the default's
 ({} ; the fastest of its repeats). Prints the winning config as one line of JSON, for
-ATOM_STREAM_MOE_CFG (kernels/fused_moe.env_config) in a decode-step A/B; prints {} when none
+ATOM_STREAM_MOE_CFG (kernels/fused_moe.ENV_CONFIG) in a decode-step A/B; prints {} when none
 is faster than the defaults by --min-gain at every M. The reasoning goes to stderr.
 """
 

@@ -141,17 +141,22 @@ _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4
 SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
 
 
-def env_config() -> dict:
-    """ATOM_STREAM_MOE_CFG: a JSON object of default_config keys applied over the defaults at
-    every M (a benchmarking knob: a decode-step A/B of tiles found by bench/kernels_moe.py
-    without a code change), e.g. '{"BN2": 128, "W2": 8, "AP": true}'. Read at call time."""
-    raw = os.environ.get("ATOM_STREAM_MOE_CFG", "").strip()
+def parse_env_config(raw: str | None) -> dict:
+    """ATOM_STREAM_MOE_CFG's value -> the dict (empty when unset); ValueError unless a JSON
+    object."""
+    raw = (raw or "").strip()
     if not raw:
         return {}
     cfg = json.loads(raw)
     if not isinstance(cfg, dict):
         raise ValueError(f"ATOM_STREAM_MOE_CFG must be a JSON object, got {raw!r}")  # noqa: TRY004
     return cfg
+
+
+# ATOM_STREAM_MOE_CFG: a JSON object of default_config keys applied over the defaults at every M
+# (a benchmarking knob: a decode-step A/B of tiles found by bench/kernels_moe.py without a code
+# change), e.g. '{"BN2": 128, "W2": 8, "AP": true}'. Read at import, like the other switches.
+ENV_CONFIG = parse_env_config(os.environ.get("ATOM_STREAM_MOE_CFG"))
 
 
 def small_m_max() -> int:
@@ -360,7 +365,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    cfg = default_config(fmt, M, P, E, H, I, act, wt) | env_config() | (config or {})
+    cfg = default_config(fmt, M, P, E, H, I, act, wt) | ENV_CONFIG | (config or {})
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()

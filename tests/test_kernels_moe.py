@@ -340,6 +340,7 @@ def test_fused_moe_int4_prefill_defaults():
 def test_fused_moe_env_config_reaches_the_kernels(monkeypatch):
     # ATOM_STREAM_MOE_CFG (a decode-step A/B knob) overrides the defaults; "AP" sends sorted
     # mode's align to the one-launch form; an explicit config still wins over the env
+    import atom_stream.kernels.fused_moe as fm
     import atom_stream.kernels.fused_moe_tc as tc
     seen = []
     real = tc.moe_align
@@ -349,15 +350,27 @@ def test_fused_moe_env_config_reaches_the_kernels(monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(tc, "moe_align", spy)
-    monkeypatch.setenv("ATOM_STREAM_MOE_CFG", json.dumps(dict(FAST, AP=True, poison=True)))
+    # read at import: the module attribute as the variable's value would make it
+    monkeypatch.setattr(fm, "ENV_CONFIG",
+                        fm.parse_env_config(json.dumps(dict(FAST, AP=True, poison=True))))
     check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3, seed=61,
                 repeat=True)
     check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3, seed=62,
                 config={"AP": False})
     assert seen == [True, False]
-    monkeypatch.setenv("ATOM_STREAM_MOE_CFG", "[1]")
     with pytest.raises(ValueError, match="JSON object"):
-        check_fused("int4_g32", None, torch.float16, 5e-3, 19, E=8, H=256, I=128, k=3)
+        fm.parse_env_config("[1]")
+    assert fm.parse_env_config(None) == {} and fm.parse_env_config("  ") == {}
+    # and the variable itself, read when the module is imported
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ATOM_STREAM_MOE_CFG='{"AP": true, "BN2": 128}')
+    code = ("from atom_stream.kernels import fused_moe as f; import json; "
+            "print(json.dumps(f.ENV_CONFIG))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out) == {"AP": True, "BN2": 128}
 
 
 @cpu_only
