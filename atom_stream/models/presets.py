@@ -10,8 +10,10 @@ layers (bf16 at full depth does not fit one GPU).
 
 Several GPUs (issue 11): `k25-tp4-rank` is one TP4 rank (16 heads, expert intermediate 512,
 vocab shard 163840/4): served with `--tensor-parallel-size 2`, each GPU holds exactly one TP8
-rank's shapes (ranks 0-1 of a TP8 group) and the pair all-reduces as TP8 ranks do. `k25` is the
-whole text model: at `--tensor-parallel-size 8` each GPU holds one TP8 rank.
+rank's shapes (ranks 0-1 of a TP8 group) and the pair all-reduces as TP8 ranks do;
+`k25-tp2-rank` (32 heads, expert intermediate 1024) at `--tensor-parallel-size 4` does the same
+on four GPUs (ranks 0-3, 4-way all-reduces). `k25` is the whole text model: at
+`--tensor-parallel-size 8` each GPU holds one TP8 rank.
 """
 
 from __future__ import annotations
@@ -95,5 +97,6 @@ PRESETS: dict[str, dict] = {
     "k25-tp8-rank-bf16": dict(_K25_TEXT, num_hidden_layers=16),
     "k25-tp4-rank": dict(k25_rank(4), quantization_config=INT4_EXPERTS),
     "k25-tp4-rank-mxfp4": dict(k25_rank(4), quantization_config=MXFP4_EXPERTS),
+    "k25-tp2-rank": dict(k25_rank(2), quantization_config=INT4_EXPERTS),
     "k25": dict(_K25_FULL, quantization_config=INT4_EXPERTS),
 }
