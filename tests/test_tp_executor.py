@@ -233,3 +233,37 @@ def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
     assert not calls
     assert run(2, True) == want
     assert calls, "no pending decode ids were broadcast"
+
+
+def test_tp2_in_a_process_that_already_has_a_default_group(tmp_path):
+    """An application that initialized torch.distributed itself (or an earlier engine whose stuck
+    teardown abandoned its group) can still start a TP engine: the ranks form a private group,
+    give the single rank's tokens, and shutdown leaves the application's default group alone."""
+    import torch.distributed as dist
+
+    from atom_stream.llm import LLM
+
+    prompts = [[(5 * i + j) % 250 + 1 for j in range(4 + 3 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
+          "max_model_len": 256}
+    single = LLM("demo", **kw)
+    want = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=params)]
+    single.engine.shutdown()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/app", rank=0, world_size=1)
+    try:
+        llm = LLM("demo", tensor_parallel_size=2, **kw)
+        try:
+            assert llm.engine.runner.private_group
+            got = [o.token_ids
+                   for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+        finally:
+            llm.engine.shutdown()
+        assert got == want
+        assert dist.is_initialized()  # the application's group survives the engine
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0]
+    finally:
+        dist.destroy_process_group()

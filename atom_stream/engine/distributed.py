@@ -38,7 +38,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from atom_stream.config import EngineConfig
+from atom_stream.config import ConfigError, EngineConfig
 from atom_stream.engine.model_runner import ModelRunner, StepInputs
 from atom_stream.engine.multinode import NodeLayout, RelayLink, RemoteMonitor, new_relay_group
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
@@ -72,11 +72,14 @@ def _set_device(config: EngineConfig, local_rank: int) -> EngineConfig:
     return config
 
 
-def _init_group(config: EngineConfig, init_method: str, rank: int, world: int):
+def _init_group(config: EngineConfig, init_method: str, rank: int, world: int,
+                private: bool = False):
     """The TP group for TPInfo.group: None (torch.distributed's default group, initialized here),
-    or, with data_parallel_size > 1 (DPEngine: this process hosts rank 0 of several replicas and
-    may own one default group only), a private group (layers/parallel.private_group)."""
-    if config.data_parallel_size > 1:
+    or a private group (layers/parallel.private_group) when `private` (the leader's process
+    already had a default group: the application's own, or one a stuck teardown abandoned) or
+    with data_parallel_size > 1 (DPEngine: this process hosts rank 0 of several replicas and may
+    own one default group only). Every rank of the group must make the same choice."""
+    if private or config.data_parallel_size > 1:
         return private_group(init_method, rank, world, _backend())
     torch.distributed.init_process_group(_backend(), init_method=init_method, rank=rank,
                                          world_size=world)
@@ -114,14 +117,14 @@ def _close_group(group, timeout: float = GROUP_CLOSE_TIMEOUT_S, runner=None,
 
 
 def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str,
-                 ring_spec: tuple) -> None:
+                 ring_spec: tuple, private_group: bool = False) -> None:
     """Entry point of a non-leader rank (local rank 1..L-1 of its node): reads every step from
     the node's ring."""
     parent = os.getppid()
     layout = NodeLayout.of(config)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // layout.local_size))
     config = _set_device(config, local_rank)
-    group = _init_group(config, init_method, rank, layout.world)
+    group = _init_group(config, init_method, rank, layout.world, private_group)
     if layout.nnodes > 1:
         new_relay_group(layout)  # a collective call: every rank takes part, members or not
     ring = ShmRing.attach(ring_spec)
@@ -149,16 +152,19 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
 
 class LocalWorkers:
     """The other ranks of this node (global ranks first+1 .. first+L-1 on local GPUs 1..L-1):
-    spawned processes fed through the node's shared-memory ring. `poll()` reports a death."""
+    spawned processes fed through the node's shared-memory ring. `poll()` reports a death.
+    `private_group`: the workers join the leader's private TP group (_init_group)."""
 
-    def __init__(self, config: EngineConfig, layout: NodeLayout, init_method: str):
+    def __init__(self, config: EngineConfig, layout: NodeLayout, init_method: str,
+                 private_group: bool = False):
         n = layout.local_size - 1
         self.ring = ShmRing(None, num_readers=n, num_slots=RING_SLOTS,
                             slot_bytes=RING_SLOT_BYTES) if n else None
         ctx = mp.get_context("spawn")
         first = layout.first_rank
         self.procs = [ctx.Process(target=_worker_main, name=f"atom-stream-tp{first + i}",
-                                  args=(config, first + i, i, init_method, self.ring.spec()),
+                                  args=(config, first + i, i, init_method, self.ring.spec(),
+                                        private_group),
                                   daemon=True)
                       for i in range(1, n + 1)]
         for p in self.procs:
@@ -216,7 +222,15 @@ class TPExecutor:
         layout = self.layout = NodeLayout.of(config)
         self.world = layout.world
         init = layout.init_method() or f"tcp://127.0.0.1:{_free_port()}"
-        self.local = LocalWorkers(config, layout, init)
+        # a default group already in this process (the application's, or one an earlier
+        # engine's stuck teardown abandoned) cannot be initialized again: use a private one
+        private = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if private and layout.nnodes > 1:
+            raise ConfigError("tensor parallel over several nodes needs torch.distributed's "
+                              "default process group, and this process already initialized it; "
+                              "start the engine in a process without one")
+        self.private_group = private
+        self.local = LocalWorkers(config, layout, init, private)
         self.procs = self.local.procs
         self.ring = self.local.ring
         self.dead: str | None = None
@@ -237,7 +251,7 @@ class TPExecutor:
         self.group = None
         try:
             config = _set_device(config, 0)
-            self.group = _init_group(config, init, 0, layout.world)
+            self.group = _init_group(config, init, 0, layout.world, private)
             if layout.nnodes > 1:
                 self.relay = RelayLink(new_relay_group(layout))
             self.runner = ModelRunner(config, TPInfo(0, layout.world, self.group))
