@@ -50,5 +50,6 @@ def test_one_shot_all_reduce_only_for_tp_on_gpus_of_one_node(monkeypatch):
     assert not use(two, TPInfo(0, 2, None), cuda)
     assert not use(one, TPInfo(0, 2, None), cpu)
     assert not use(one, TPInfo(), cuda)
+    assert not use(one, TPInfo(0, 2, object()), cuda)  # a private group (DP replicas)
     monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", False)
     assert not use(one, TPInfo(0, 2, None), cuda)

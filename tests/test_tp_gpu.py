@@ -72,13 +72,15 @@ def ckpts(tmp_path_factory):
     "int4" / "mxfp4": compressed-tensors INT4 and Quark MXFP4 writes of a "kimi"-flavour one}."""
     root = tmp_path_factory.mktemp("tp_gpu")
     src = str(root / "dense")
-    # expert intermediate 64: 64 / WORLD per rank stays a multiple of 16
-    qw.make_tiny_hf(src, "deepseek", seed=11, moe_intermediate_size=64, intermediate_size=128)
+    # expert intermediate 32 per rank: a multiple of 16 and of the INT4 / MXFP4 group of 32
+    # (TP=4 over an intermediate of 64 left 16 per rank: a ConfigError)
+    inter = 32 * WORLD
+    qw.make_tiny_hf(src, "deepseek", seed=11, moe_intermediate_size=inter, intermediate_size=128)
     out = {"dense": src}
     # the quantized twins start from the "kimi" flavour: the writers' configs assume its layout
     # (layer 0 dense; layer 2's experts left unquantized by the MXFP4 exclude list)
     kimi = str(root / "kimi")
-    qw.make_tiny_hf(kimi, "kimi", seed=12, moe_intermediate_size=64, intermediate_size=128)
+    qw.make_tiny_hf(kimi, "kimi", seed=12, moe_intermediate_size=inter, intermediate_size=128)
     for fmt in ("int4", "mxfp4"):
         qw.write_quantized(kimi, str(root / fmt), fmt)
         out[fmt] = str(root / fmt)

@@ -59,10 +59,12 @@ WARMUP_PREFILL_LENS = (1024, 256)
 
 def use_symm_allreduce(config: EngineConfig, tp_info: TPInfo, device: torch.device) -> bool:
     """Whether this TP group tries the one-shot all-reduce: several ranks on GPUs of ONE node
-    (it reads peers' memory over P2P; a group spanning nodes, `nnodes` > 1, keeps NCCL/RCCL)
-    and SYMM_ALLREDUCE. Same answer on every rank (a collective follows)."""
+    (it reads peers' memory over P2P; a group spanning nodes, `nnodes` > 1, keeps NCCL/RCCL),
+    over torch.distributed's default group (symmetric memory rendezvouses by a registered group
+    name, which the private groups of layers/parallel.private_group lack), and SYMM_ALLREDUCE.
+    Same answer on every rank (a collective follows)."""
     return (SYMM_ALLREDUCE and tp_info.size > 1 and device.type == "cuda"
-            and config.nnodes == 1)
+            and config.nnodes == 1 and tp_info.group is None)
 
 
 @dataclasses.dataclass
