@@ -44,3 +44,6 @@ done
 curl -s "localhost:$PORT/metrics" | grep -E "^atom_stream:(num_preemptions|generation_tokens)" > "$R/metrics.txt"
 kill -INT $SERVER; wait $SERVER
 tail -5 "$R/server.log"
+# kernels compiled on a request's path (engine/compile_watch.py): TTFT / ITL outliers
+echo "Triton compiles after start-up: $(grep -c 'Triton compiled' "$R/server.log")" | tee -a "$R/summary.txt"
+grep 'Triton compiled' "$R/server.log" | cut -c1-400 | head -20 | tee -a "$R/summary.txt"

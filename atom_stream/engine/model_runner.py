@@ -186,6 +186,9 @@ class ModelRunner:
         self.broadcast = None  # set by the TP executor: sends StepInputs to ranks 1..N-1
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
+        if self.device.type == "cuda":  # from here on a Triton compile is a request's wait
+            from atom_stream.engine import compile_watch
+            compile_watch.watch()
 
     def _capture_graphs(self) -> None:
         from atom_stream.engine.graphs import DecodeGraphRunner, default_capture_sizes

@@ -1,0 +1,86 @@
+"""engine/compile_watch: after `watch()`, every Triton compile is logged and counted, hooks
+installed before keep being called; on a GPU a real new specialization is seen."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from atom_stream.engine import compile_watch
+
+knobs = pytest.importorskip("triton.knobs")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A clean watch state; the knobs' hooks restored afterwards."""
+    rt = knobs.runtime
+    monkeypatch.setattr(rt, "jit_cache_hook", rt.jit_cache_hook)
+    monkeypatch.setattr(rt, "jit_post_compile_hook", rt.jit_post_compile_hook)
+    monkeypatch.setattr(compile_watch, "_installed", False)
+    monkeypatch.setattr(compile_watch, "stats", compile_watch.CompileStats())
+    return rt
+
+
+class _Info:  # the shape of triton.runtime.jit.JitFunctionInfo
+    name = "my_kernel"
+
+
+def _compile_event(rt, repr_: str, warmup: bool = False):
+    """What JITFunction._do_compile does around one compile: both hooks, keyword arguments."""
+    kw = {"key": ("k",), "repr": repr_, "fn": _Info(), "compile": {},
+          "is_manual_warmup": warmup, "already_compiled": False}
+    rt.jit_cache_hook(**kw)
+    rt.jit_post_compile_hook(**kw)
+
+
+def test_compiles_after_watch_are_logged_counted_and_chain_earlier_hooks(fresh, caplog):
+    rt = fresh
+    seen = []
+    rt.jit_cache_hook = lambda **kw: seen.append(("before", kw["repr"]))
+    rt.jit_post_compile_hook = lambda **kw: seen.append(("after", kw["repr"]))
+    assert compile_watch.watch() and compile_watch.watch()  # idempotent: hooks wrapped once
+    with caplog.at_level(logging.WARNING, logger="atom_stream.engine.compile_watch"):
+        _compile_event(rt, "my_kernel[num_warps=4](M: i32)")
+        _compile_event(rt, "my_kernel[num_warps=4](M: i32)", warmup=True)  # explicit warmup
+    assert seen == [("before", "my_kernel[num_warps=4](M: i32)"),
+                    ("after", "my_kernel[num_warps=4](M: i32)")] * 2
+    st = compile_watch.stats
+    assert st.count == 1 and [n for n, _ in st.recent] == ["my_kernel"] and st.seconds >= 0
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "my_kernel" in msgs[0] and "M: i32" in msgs[0]
+
+
+def test_stats_keep_the_most_recent():
+    st = compile_watch.CompileStats()
+    for i in range(st.KEEP + 5):
+        st.add(f"k{i}", 0.5)
+    assert st.count == st.KEEP + 5 and st.seconds == pytest.approx(0.5 * (st.KEEP + 5))
+    assert len(st.recent) == st.KEEP and st.recent[-1][0] == f"k{st.KEEP + 4}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_real_new_specialization_is_seen_on_the_gpu(fresh):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scale(x_ptr, n, F: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) * F, mask=m)
+
+    x = torch.randn(100, device="cuda")
+    want = x * 3
+    _scale[(1,)](x, 100, F=1, BLOCK=128)  # compiled before the watch: not counted
+    x.copy_(want / 3)
+    assert compile_watch.watch()
+    _scale[(1,)](x, 100, F=1, BLOCK=128)  # cached: no compile
+    assert compile_watch.stats.count == 0
+    x.copy_(want / 3)
+    _scale[(1,)](x, 100, F=3, BLOCK=128)  # a new constexpr: one compile
+    torch.testing.assert_close(x, want)
+    assert compile_watch.stats.count == 1 and compile_watch.stats.recent[0][0] == "_scale"
