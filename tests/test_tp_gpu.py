@@ -230,16 +230,24 @@ def test_symm_allreduce_matches_nccl(tmp_path):
 @pytest.mark.parametrize("symm", ["1", "0"], ids=["one-shot", "nccl"])
 def test_tp_symm_allreduce_engine_matches_tp1(ckpts, monkeypatch, symm):
     """The engine with ATOM_STREAM_SYMM_ALLREDUCE=1 (the default: every rank's all-reduces
-    one-shot) and =0 (NCCL kept) gives the TP=1 greedy tokens in float32, graphs on."""
+    one-shot) and =0 (NCCL kept) gives the TP=1 greedy tokens in float32, graphs on. An engine
+    after the first one-shot engine of this process keeps NCCL (symm_allreduce.try_create):
+    in a full run of this file the earlier tests' first engine was the one-shot one."""
+    import torch.distributed as dist
+
     from atom_stream.engine import model_runner
+    from atom_stream.layers import symm_allreduce
 
     prompts = _prompts(6, 7)
     want = _run(ckpts["dense"], 1, prompts)
     monkeypatch.setenv("ATOM_STREAM_SYMM_ALLREDUCE", symm)  # the spawned ranks read it
     monkeypatch.setattr(model_runner, "SYMM_ALLREDUCE", symm == "1")  # rank 0, already imported
+    used_before = bool(symm_allreduce._RENDEZVOUSED)
     llm = _llm(ckpts["dense"], WORLD)
     try:
-        assert (llm.engine.runner.runner.tp_info.fast_ar is not None) == (symm == "1")
+        assert dist.is_initialized()
+        fast = llm.engine.runner.runner.tp_info.fast_ar is not None
+        assert fast == (symm == "1" and not used_before), (symm, used_before)
         assert _greedy(llm, prompts) == want
     finally:
         llm.engine.shutdown()

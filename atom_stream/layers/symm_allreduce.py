@@ -51,22 +51,42 @@ class SymmAllReduce:
         return x
 
 
+# Names of the process groups this process has rendezvoused symmetric memory over. A TP engine
+# torn down and started again in the same process (tests, notebooks) gets a new default group
+# under the old name ("0"), and a second engine's one-shot all-reduces over it hung the leader
+# on four H200s (bench/RESULTS.md "Session 8"): such an engine keeps NCCL/RCCL instead.
+_RENDEZVOUSED: set[str] = set()
+
+
+def _all_agree(ok: bool, group, device: torch.device) -> bool:
+    """MIN over the group of every rank's `ok` (a collective)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return int(flag.item()) == 1
+
+
 def try_create(group, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
                ) -> SymmAllReduce | None:
-    """A SymmAllReduce, or None (logged) where symmetric memory is unavailable. Every rank must
-    call it (it rendezvouses), and every rank must get the same answer: a rank that fails after
-    others succeeded would leave the group mismatched, so the outcome is agreed by a MIN
-    all-reduce over the group before anyone uses it."""
-    ok, sym = 1, None
+    """A SymmAllReduce, or None (logged) where symmetric memory is unavailable or this process
+    already used it over a group of the same name. Every rank must call it, and every rank gets
+    the same answer: the ranks first agree that none of them used the name before (only then
+    does anyone rendezvous), and afterwards that every rank's construction succeeded (a rank
+    that failed after others succeeded would leave the group mismatched); both by a MIN
+    all-reduce over the group."""
+    name = (group if group is not None else torch.distributed.group.WORLD).group_name
+    if not _all_agree(name not in _RENDEZVOUSED, group, device):
+        logger.warning("a TP group named %r used symmetric memory earlier in one of these "
+                       "processes: this engine keeps the process group's all-reduce", name)
+        return None
+    ok, sym = True, None
     try:
         sym = SymmAllReduce(group, device, max_bytes)
+        _RENDEZVOUSED.add(name)
     except Exception as e:  # noqa: BLE001 - platform without symmetric memory: keep NCCL/RCCL
         logger.warning("symmetric-memory all-reduce unavailable (%s): using the process "
                        "group's all-reduce", e)
-        ok = 0
-    flag = torch.tensor([ok], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
-    if int(flag.item()) != 1:
+        ok = False
+    if not _all_agree(ok, group, device):
         return None
     logger.info("one-shot symmetric-memory all-reduce for tensors up to %d bytes", max_bytes)
     return sym
