@@ -558,3 +558,17 @@ def test_prefill_kernel_that_does_not_fit_falls_back(monkeypatch, caplog):
     assert not mla_model._prefill_kernel_ok(Fake(192), Fake(128))
     monkeypatch.setattr(mla_model, "_PREFILL_KERNEL_FAILED", False)
     assert mla_model._prefill_kernel_ok(Fake(192), Fake(128))
+
+
+def test_prefill_cu_seqlens_made_once_per_step_and_sequence():
+    """AttentionMetadata.prefill_cu_seqlens: [0, q_len, 0, seq_len] of a prefill chunk, built by
+    the first layer that asks and the same tensor for every later layer of the step."""
+    from atom_stream.layers.attention import AttentionMetadata
+
+    md = AttentionMetadata([0, 1, 6, 13], [40, 5, 30], torch.zeros(3, 4, dtype=torch.int32),
+                           torch.zeros(13, dtype=torch.int64), 1, 16)
+    cpu = torch.device("cpu")
+    a, b = md.prefill_cu_seqlens(1, cpu), md.prefill_cu_seqlens(2, cpu)
+    assert a.tolist() == [0, 5, 0, 5] and b.tolist() == [0, 7, 0, 30]
+    assert a.dtype == torch.int32
+    assert md.prefill_cu_seqlens(1, cpu) is a and md.prefill_cu_seqlens(2, cpu) is b

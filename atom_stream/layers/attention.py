@@ -13,7 +13,7 @@ p % block_size`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,21 @@ class AttentionMetadata:
     block_size: int
     # tensors derived once per step (device), used by the batched decode gather
     decode_seq_lens: torch.Tensor | None = None
+    # per-step device tensors built by the first layer that needs them, reused by the others
+    # (e.g. a prefill chunk's cu_seqlens: one H2D copy per step, not one per layer)
+    step_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prefill_cu_seqlens(self, i: int, device: torch.device) -> torch.Tensor:
+        """Sequence i's (a prefill chunk) [0, q_len, 0, seq_len] int32 on `device`: cu_seqlens_q
+        and cu_seqlens_k of a one-sequence varlen attention call."""
+        key = ("prefill_cu", i, device)
+        cu = self.step_cache.get(key)
+        if cu is None:
+            q_len = self.query_start_loc[i + 1] - self.query_start_loc[i]
+            cu = torch.tensor([0, q_len, 0, self.seq_lens[i]], dtype=torch.int32).to(
+                device, non_blocking=True)
+            self.step_cache[key] = cu
+        return cu
 
     @property
     def num_seqs(self) -> int:

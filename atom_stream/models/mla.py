@@ -87,16 +87,19 @@ def _prefill_kernel_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _prefill_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              scale: float) -> torch.Tensor:
+                              scale: float, cu: torch.Tensor | None = None) -> torch.Tensor:
     """mla_prefill_ref's contract (q [Lq, H, d], the last Lq of k/v's Lk positions, causal),
-    by the Triton flash kernel: one sequence, bottom-right causal over a cached prefix."""
+    by the Triton flash kernel: one sequence, bottom-right causal over a cached prefix.
+    cu: [0, Lq, 0, Lk] int32 on q's device (AttentionMetadata.prefill_cu_seqlens), or None
+    (made here)."""
     global _PREFILL_KERNEL_FAILED
     from triton.runtime.errors import OutOfResources
 
     from atom_stream.kernels.mla_prefill import mla_prefill
 
     lq, lk = q.shape[0], k.shape[0]
-    cu = torch.tensor([0, lq, 0, lk], dtype=torch.int32).to(q.device, non_blocking=True)
+    if cu is None:
+        cu = torch.tensor([0, lq, 0, lk], dtype=torch.int32).to(q.device, non_blocking=True)
     try:
         return mla_prefill(q, k, v, cu[:2], cu[2:], lq, scale)
     except OutOfResources as e:  # a GPU whose shared memory the kernel's tiles exceed
@@ -326,12 +329,15 @@ class MLA(nn.Module):
         (`_prefill_kernel_ok`), else the float32 reference."""
         for i in range(md.num_decodes, md.num_seqs):
             s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
+            cu = md.prefill_cu_seqlens(i, q_nope.device) if kernels and q_nope.is_cuda else None
             out[s:e] = self._prefill_one(q_nope[s:e], q_pe[s:e], c[s:e], k_pe[s:e],
-                                         kv_cache, md.block_tables[i], md.seq_lens[i], kernels)
+                                         kv_cache, md.block_tables[i], md.seq_lens[i], kernels,
+                                         cu)
 
     def _prefill_one(self, q_nope, q_pe, c_new, k_pe_new, kv_cache, block_table, seq_len,
-                     kernels: bool = False):
-        """Naive path for one chunk: queries are the last q_len of seq_len positions."""
+                     kernels: bool = False, cu: torch.Tensor | None = None):
+        """Naive path for one chunk: queries are the last q_len of seq_len positions. cu: the
+        chunk's cu_seqlens for the Triton kernel (AttentionMetadata.prefill_cu_seqlens)."""
         q_len = q_nope.shape[0]
         prefix = seq_len - q_len
         if prefix:
@@ -346,5 +352,5 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         if kernels and _prefill_kernel_ok(q, v):
-            return _prefill_attention_kernel(q, k, v, self.scale)
+            return _prefill_attention_kernel(q, k, v, self.scale, cu)
         return mla_prefill_ref(q, k, v, self.scale)
