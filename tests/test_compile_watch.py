@@ -84,3 +84,16 @@ def test_a_real_new_specialization_is_seen_on_the_gpu(fresh):
     _scale[(1,)](x, 100, F=3, BLOCK=128)  # a new constexpr: one compile
     torch.testing.assert_close(x, want)
     assert compile_watch.stats.count == 1 and compile_watch.stats.recent[0][0] == "_scale"
+
+
+def test_metrics_expose_the_compile_counts(fresh):
+    from prometheus_client import generate_latest
+
+    from atom_stream.engine.metrics import EngineMetrics
+
+    m = EngineMetrics("demo")
+    compile_watch.stats.add("k", 1.25)
+    compile_watch.stats.add("k", 0.5)
+    text = generate_latest(m.registry).decode()
+    assert 'atom_stream:triton_compiles_total{model_name="demo"} 2.0' in text
+    assert 'atom_stream:triton_compile_seconds_total{model_name="demo"} 1.75' in text

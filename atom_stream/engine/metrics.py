@@ -7,7 +7,10 @@ Names (DESIGN.md; vLLM's with our prefix), every one labelled `model_name`:
 - counters `atom_stream:prompt_tokens_total`, `atom_stream:generation_tokens_total`,
   `atom_stream:request_success_total{finished_reason}`, `atom_stream:num_preemptions_total`;
 - histograms `atom_stream:time_to_first_token_seconds`, `atom_stream:inter_token_latency_seconds`,
-  `atom_stream:e2e_request_latency_seconds`.
+  `atom_stream:e2e_request_latency_seconds`;
+- counters `atom_stream:triton_compiles_total` / `atom_stream:triton_compile_seconds_total`:
+  Triton kernels this process (TP rank 0) compiled after GPU start-up, each on some request's
+  path (engine/compile_watch.py; 0 on the CPU).
 
 Each engine owns a `CollectorRegistry` (several engines in one process do not clash); the server
 serves `prometheus_client.generate_latest(engine.metrics.registry)`. The histograms are a small
@@ -22,7 +25,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -66,6 +69,30 @@ class BatchHistogram:
         yield fam
 
 
+class CompileCounters:
+    """Read engine/compile_watch.stats at scrape time (a registry collector)."""
+
+    def __init__(self, prefix: str, labels: dict[str, str], registry: CollectorRegistry):
+        self.prefix = prefix
+        self._labels = labels
+        registry.register(self)
+
+    def describe(self):
+        return list(self._families(0, 0.0))
+
+    def collect(self):
+        from atom_stream.engine import compile_watch
+        return self._families(compile_watch.stats.count, compile_watch.stats.seconds)
+
+    def _families(self, count: int, seconds: float):
+        for name, doc, value in (
+                ("triton_compiles", "Triton kernels compiled after start-up.", count),
+                ("triton_compile_seconds", "Seconds spent in those compiles.", seconds)):
+            fam = CounterMetricFamily(self.prefix + name, doc, labels=list(self._labels))
+            fam.add_metric(list(self._labels.values()), value)
+            yield fam
+
+
 class EngineMetrics:
     def __init__(self, model_name: str = "demo", registry: CollectorRegistry | None = None):
         self.model_name = model_name
@@ -98,6 +125,7 @@ class EngineMetrics:
         self.e2e = BatchHistogram(p + "e2e_request_latency_seconds",
                                   "End-to-end request latency in seconds.", E2E_BUCKETS, labels,
                                   reg)
+        self.compiles = CompileCounters(p, labels, reg)
         # plain totals for stats() (reading Prometheus children back is not a public API)
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
