@@ -267,3 +267,17 @@ def test_tp2_in_a_process_that_already_has_a_default_group(tmp_path):
         assert t.tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_rendezvous_port_is_below_the_ephemeral_range():
+    """The TP store's port is one the kernel never gives a connecting socket as its local port
+    (a worker connecting early cannot self-connect on it), and it is free."""
+    import socket
+
+    from atom_stream.engine.distributed import _ephemeral_low, _free_port
+
+    for _ in range(5):
+        port = _free_port()
+        assert 1024 < port < _ephemeral_low()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

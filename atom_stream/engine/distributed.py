@@ -52,7 +52,33 @@ RING_SLOTS = 4
 RING_SLOT_BYTES = 8 << 20
 
 
-def _free_port() -> int:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out as a connection's local port (Linux:
+    ip_local_port_range; 32768 elsewhere or when unreadable)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_port(tries: int = 64) -> int:
+    """A free TCP port on 127.0.0.1 for the TP rendezvous store, BELOW the ephemeral range: the
+    workers start connecting to the store before rank 0 listens on it, and a client's own
+    ephemeral local port can be that very port (a TCP self-connect), after which rank 0's
+    listen fails with EADDRINUSE (seen on four H200s). Ports the kernel never hands out as local
+    ports cannot collide that way. Falls back to an ephemeral port when none is found."""
+    import random
+
+    low = max(1025, min(_ephemeral_low(), 65536) - 12000)
+    high = max(low + 1, min(_ephemeral_low(), 65536) - 1)
+    for port in random.Random().sample(range(low, high), min(tries, high - low)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
