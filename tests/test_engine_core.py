@@ -239,12 +239,12 @@ def test_length_limits_and_prompt_validation():
 
 
 def test_waiting_queue_overload_raises():
-    eng = fake_engine(max_waiting_requests=2)
-    eng.add_request("a", [1], GREEDY)
-    eng.add_request("b", [1], GREEDY)
+    eng = fake_engine(max_num_seqs=1, max_waiting_requests=2)
+    for rid in "abc":  # one can start at the next step, two wait
+        eng.add_request(rid, [1], GREEDY)
     with pytest.raises(EngineOverloadedError):
-        eng.add_request("c", [1], GREEDY)
-    assert "c" not in eng.requests
+        eng.add_request("d", [1], GREEDY)
+    assert "d" not in eng.requests
 
 
 def test_step_exception_fails_only_that_batch_and_engine_keeps_serving():

@@ -176,12 +176,18 @@ def test_no_admission_in_a_step_that_preempted():
 
 
 def test_waiting_queue_is_bounded():
-    _, sched = make(max_waiting=3)
-    for i in range(3):
-        sched.add(seq(str(i), 4))
+    """max_waiting requests may WAIT beyond those the next step can start (free running slots):
+    an idle engine with 2 slots takes 2 + 3, deterministically, before any step."""
+    _, sched = make(max_seqs=2, max_waiting=3)
+    for i in range(5):
+        sched.add(seq(str(i), 4, base=10 * i))
     with pytest.raises(EngineOverloadedError):
         sched.add(seq("x", 4))
-    assert sched.num_waiting == 3
+    assert sched.num_waiting == 5
+    advance(sched, sched.schedule())  # two start running: 3 left waiting, no slot free
+    assert sched.num_running == 2 and sched.num_waiting == 3
+    with pytest.raises(EngineOverloadedError):
+        sched.add(seq("y", 4))
 
 
 def test_finish_and_abort_free_blocks_at_once():

@@ -74,7 +74,13 @@ class Scheduler:
         return bool(self.waiting) or self.num_running > 0
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting_requests:
+        """Queue a request, or refuse it (EngineOverloadedError) when max_waiting_requests would
+        WAIT: the requests that the next step can start (free running slots, up to
+        max_num_seqs) do not count against the queue. So a burst into an idle engine admits
+        max_num_seqs + max_waiting_requests whether or not a step ran in between (counting
+        every queued request made the admitted number depend on that race)."""
+        free = max(0, self.max_num_seqs - self.num_running)
+        if len(self.waiting) >= self.max_waiting_requests + free:
             raise EngineOverloadedError(
                 f"the waiting queue is full ({self.max_waiting_requests} requests); retry later")
         seq.status = _WAITING
