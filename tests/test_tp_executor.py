@@ -162,20 +162,30 @@ def test_watchdog_timeout_is_validated():
         replace(_config(2), watchdog_timeout=0)
 
 
+LLM_KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
+          "max_model_len": 256}
+
+
+def _greedy_prompts(mult: int, base: int, step: int, n: int, max_tokens: int):
+    """n prompts of growing length, greedy params, and a single rank's (TP=1) tokens for them."""
+    from atom_stream.llm import LLM
+
+    prompts = [[(mult * i + j) % 250 + 1 for j in range(base + step * i)] for i in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    single = LLM("demo", **LLM_KW)
+    want = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=params)]
+    single.engine.shutdown()
+    return prompts, params, want
+
+
 def test_tp2_engine_with_table_deltas_matches_single_rank():
     """Many steps through the worker: block-table deltas (the encoder's default, also for these small tables)
     reach rank 1 and it stays in lockstep, so the tokens equal a single rank's."""
     from atom_stream.engine.step_codec import StepEncoder
     from atom_stream.llm import LLM
 
-    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 5 * i)] for i in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
-          "max_model_len": 256}
-    single = LLM("demo", **kw)
-    want = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=params)]
-    single.engine.shutdown()
-    llm = LLM("demo", tensor_parallel_size=2, **kw)
+    prompts, params, want = _greedy_prompts(7, 3, 5, 4, 12)
+    llm = LLM("demo", tensor_parallel_size=2, **LLM_KW)
     try:
         ex = llm.engine.runner
         ex._encoder = StepEncoder(min_delta_cells=1)
@@ -243,17 +253,11 @@ def test_tp2_in_a_process_that_already_has_a_default_group(tmp_path):
 
     from atom_stream.llm import LLM
 
-    prompts = [[(5 * i + j) % 250 + 1 for j in range(4 + 3 * i)] for i in range(3)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
-          "max_model_len": 256}
-    single = LLM("demo", **kw)
-    want = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=params)]
-    single.engine.shutdown()
+    prompts, params, want = _greedy_prompts(5, 4, 3, 3, 6)
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/app", rank=0, world_size=1)
     try:
-        llm = LLM("demo", tensor_parallel_size=2, **kw)
+        llm = LLM("demo", tensor_parallel_size=2, **LLM_KW)
         try:
             assert llm.engine.runner.private_group
             got = [o.token_ids
