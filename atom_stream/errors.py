@@ -34,6 +34,20 @@ class PromptTooLongError(InvalidRequestError):
         )
 
 
+class MaxTokensTooLargeError(InvalidRequestError):
+    """The prompt plus the requested max_tokens exceed max_model_len (400, param "max_tokens";
+    vLLM's OpenAI server message). Raised only for requests that ask for the check (the HTTP
+    API); the engine otherwise caps max_tokens at the context left."""
+
+    def __init__(self, max_tokens: int, max_model_len: int, num_tokens: int):
+        super().__init__(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has "
+            f"{num_tokens} input tokens ({max_tokens} > {max_model_len} - {num_tokens}).",
+            param="max_tokens",
+        )
+
+
 class EngineOverloadedError(AtomStreamError):
     """The waiting queue is full (503 with Retry-After)."""
 

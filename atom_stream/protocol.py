@@ -31,7 +31,10 @@ from msgspec import UNSET, Struct, UnsetType
 
 
 class StreamOptions(Struct, kw_only=True):
-    include_usage: bool | None = False
+    """vLLM's defaults: a given stream_options object asks for the usage chunk unless it says
+    include_usage false; continuous_usage_stats needs include_usage."""
+
+    include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
 
 

@@ -302,9 +302,9 @@ def test_errors_then_serves_normally(http, srv):
 
 
 def test_error_after_stream_start_is_event_then_done(http, srv):
-    rid = "cmpl-abort-me"
+    rid = "cmpl-abort-me"  # the engine's id: vLLM's "cmpl-" + the request's request_id
     body = {"prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True,
-            "request_id": rid}
+            "request_id": "abort-me"}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         it = r.iter_raw()
@@ -405,3 +405,81 @@ def test_token_without_text_still_sends_a_chunk(http, route):
               for c in chunks if c["choices"] and "role" not in c["choices"][0].get("delta", {})]
     assert deltas[0] == ""  # the held-back first token still made a chunk
     assert "".join(deltas) == text
+
+
+# ------------------------------------------------------------- vLLM validation rules (review)
+def test_max_tokens_past_the_context_is_a_400(http, srv):
+    """vLLM refuses a max_tokens (or max_completion_tokens) that does not fit the context left
+    after the prompt, with its message and param "max_tokens"; one that fits is served."""
+    max_len = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    n_prompt = http.post("/tokenize", json={"prompt": "hello"}).json()["count"]
+    too_big = max_len - n_prompt + 1
+    err = assert_error(http.post("/v1/completions", json={"prompt": "hello",
+                                                          "max_tokens": too_big}), 400,
+                       "max_tokens")
+    assert err["message"] == (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {too_big}. This model's maximum "
+        f"context length is {max_len} tokens and your request has {n_prompt} input tokens "
+        f"({too_big} > {max_len} - {n_prompt}).")
+    chat = {"messages": CHAT, "max_completion_tokens": 10 ** 6}
+    assert_error(http.post("/v1/chat/completions", json=chat), 400, "max_tokens")
+    ok = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": too_big - 1,
+                                            "stop_token_ids": list(range(256))})
+    assert ok.status_code == 200, ok.text
+    assert srv.wait_idle()["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_non_json_content_type_is_a_400(http, ctype):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    headers = {"content-type": ctype} if ctype else {}
+    for route in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        err = assert_error(http.post(route, content=body, headers=headers), 400, None)
+        assert err["message"] == "Unsupported Media Type: Only 'application/json' is allowed"
+        assert err["type"] == "Bad Request"
+    ok = http.post("/v1/completions", content=body,
+                   headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def _usage_frames(http, stream_options: dict) -> list:
+    body = {"messages": CHAT, "max_tokens": 3, "stream": True, "stream_options": stream_options}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = sse_events(r.read())
+    assert events[-1] == b"[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_stream_options_defaults_follow_vllm(http):
+    """A given stream_options object means include_usage true unless it says false; per-chunk
+    usage (continuous_usage_stats) only together with include_usage."""
+    frames = _usage_frames(http, {})
+    assert frames[-1]["choices"] == [] and frames[-1]["usage"]["completion_tokens"] == 3
+    assert all("usage" not in f for f in frames[:-1])
+    frames = _usage_frames(http, {"continuous_usage_stats": True})
+    assert frames[-1]["choices"] == [] and all("usage" in f for f in frames)
+    frames = _usage_frames(http, {"include_usage": False, "continuous_usage_stats": True})
+    assert all("usage" not in f for f in frames) and frames[-1]["choices"]
+
+
+def test_prompt_logprobs_with_stream_is_a_400(http):
+    for route, body in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": CHAT})):
+        err = assert_error(http.post(route, json={**body, "max_tokens": 2, "stream": True,
+                                                  "prompt_logprobs": 1}), 400,
+                           "prompt_logprobs")
+        assert err["type"] == "Bad Request"
+
+
+def test_request_id_is_prefixed_and_schema_errors_are_bad_request(http):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1,
+                                                "request_id": "abc"})
+    assert r.status_code == 200 and r.json()["id"] == "chatcmpl-abc"
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "request_id": "abc"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-abc"
+    err = assert_error(http.post("/v1/chat/completions", json={"messages": "hi"}), 400,
+                       "messages")
+    assert err["type"] == "Bad Request"
+    err = assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": -1}),
+                       400, "temperature")
+    assert err["type"] == "BadRequestError"  # a value out of range, not a schema error

@@ -31,11 +31,11 @@ and `is_dead` turns true. Long prompts are tokenized in the default thread pool,
 from __future__ import annotations
 
 import asyncio
-import sys
 import concurrent.futures
 import contextlib
 import functools
 import logging
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -243,8 +243,11 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
-                       chat_template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield RequestOutput deltas until the final one (finish_reason set)."""
+                       chat_template_kwargs: dict | None = None,
+                       strict_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutput deltas until the final one (finish_reason set).
+        `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
+        the context left after the prompt instead of capping it (the OpenAI server's rule)."""
         core = self._check_alive()
         if request_id is None:
             request_id = uuid.uuid4().hex
@@ -254,7 +257,8 @@ class AsyncEngine:
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        core.add_request(request_id, ids, params)  # raises for bad/too long/overloaded
+        core.add_request(request_id, ids, params,  # raises for bad/too long/overloaded
+                         strict_max_tokens=strict_max_tokens)
         slot = self._slots[request_id] = _Slot()
         self._idle.clear()
         self._wakeup.set()

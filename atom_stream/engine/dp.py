@@ -208,7 +208,8 @@ class DPEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
-                       chat_template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
+                       chat_template_kwargs: dict | None = None,
+                       strict_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort)."""
         if request_id is None:
             request_id = uuid.uuid4().hex
@@ -218,7 +219,8 @@ class DPEngine:
         self._owner[request_id] = i
         self.outstanding[i] += 1
         stream = self.replicas[i].generate(prompt, params, request_id,
-                                           chat_template_kwargs=chat_template_kwargs)
+                                           chat_template_kwargs=chat_template_kwargs,
+                                           strict_max_tokens=strict_max_tokens)
         try:
             async for out in stream:
                 yield out

@@ -40,7 +40,11 @@ from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.pipeline import Pipeline
 from atom_stream.engine.scheduler import Scheduler
 from atom_stream.engine.sequence import ScheduledBatch, Sequence, StepOutput
-from atom_stream.errors import InvalidRequestError, PromptTooLongError
+from atom_stream.errors import (
+    InvalidRequestError,
+    MaxTokensTooLargeError,
+    PromptTooLongError,
+)
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -133,9 +137,12 @@ class LLMEngine:
         return bool(self.requests) or self.pipeline.inflight is not None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams | None = None) -> Sequence:
+                    params: SamplingParams | None = None, *,
+                    strict_max_tokens: bool = False) -> Sequence:
         """Validate and queue a request. Raises InvalidRequestError (duplicate id, bad params or
-        token ids), PromptTooLongError, or EngineOverloadedError (waiting queue full)."""
+        token ids), PromptTooLongError, MaxTokensTooLargeError (with `strict_max_tokens`: the
+        prompt plus params.max_tokens exceed max_model_len; without it max_tokens is capped at
+        the context left), or EngineOverloadedError (waiting queue full)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         params = _DEFAULT_PARAMS if params is None else params
@@ -160,6 +167,8 @@ class LLMEngine:
             raise PromptTooLongError(len(ids), self.max_model_len)
         max_tokens = self.max_model_len - len(ids)
         if params.max_tokens is not None:
+            if strict_max_tokens and params.max_tokens > max_tokens:
+                raise MaxTokensTooLargeError(params.max_tokens, self.max_model_len, len(ids))
             max_tokens = min(max_tokens, params.max_tokens)
         eos = () if params.ignore_eos else self.eos_token_ids
         seq = Sequence(request_id, ids, params, max_tokens, eos)

@@ -50,6 +50,7 @@ from atom_stream.protocol import (
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 from atom_stream.server import openai_stream
 from atom_stream.server.responses import (
+    VALIDATION_TYPE,
     ClientGone,
     HTTPError,
     SSEResponse,
@@ -67,17 +68,32 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_
                     "frequency_penalty", "repetition_penalty", "prompt_logprobs")
 
 
+def _invalid(message: str, param: str | None = None) -> HTTPError:
+    """A request-schema error (vLLM's RequestValidationError: 400, type "Bad Request")."""
+    return HTTPError(400, message, param, type=VALIDATION_TYPE)
+
+
 def decode_request(cls: type, body: bytes) -> Any:
     if not body:
-        raise HTTPError(400, "the request body is empty; expected a JSON object")
+        raise _invalid("the request body is empty; expected a JSON object")
     try:
         return _DECODERS[cls].decode(body)
     except msgspec.ValidationError as e:
-        raise HTTPError(400, f"invalid request: {e}", validation_param(e)) from None
+        raise _invalid(f"invalid request: {e}", validation_param(e)) from None
     except msgspec.DecodeError as e:
-        raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+        raise _invalid(f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # issue 10 fuzzing: deeply nested arrays in Any fields were a 500
-        raise HTTPError(400, "the request body is nested too deeply") from None
+        raise _invalid("the request body is nested too deeply") from None
+
+
+def stream_usage(opts: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a request's stream_options as vLLM applies
+    them: usage only when the object is given (include_usage then defaults to true), and
+    per-chunk usage only together with include_usage."""
+    if opts is None:
+        return False, False
+    include = bool(opts.include_usage)
+    return include, include and bool(opts.continuous_usage_stats)
 
 
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
@@ -126,7 +142,7 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
             kw["logprobs"] = req.top_logprobs or 0
             renames["logprobs"] = "top_logprobs"
         elif req.top_logprobs:
-            raise HTTPError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+            raise _invalid("top_logprobs requires logprobs to be true", "top_logprobs")
     else:
         kw["max_tokens"] = req.max_tokens
         if req.logprobs is not None:
@@ -134,8 +150,10 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
             if req.echo and req.prompt_logprobs is None:
                 kw["prompt_logprobs"] = req.logprobs
     if req.stream_options is not None and not req.stream:
-        raise HTTPError(400, "stream_options can only be set when stream is true",
-                        "stream_options")
+        raise _invalid("stream_options can only be set when stream is true", "stream_options")
+    if req.stream and req.prompt_logprobs is not None:
+        raise _invalid("prompt_logprobs is not supported when stream is true",
+                       "prompt_logprobs")
     try:
         return SamplingParams(**kw)
     except SamplingParamsError as e:
@@ -275,7 +293,8 @@ class OpenAIServing:
                     child = msgspec.structs.replace(params, n=1, seed=seed)
                 child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
                 gens.append(engine.generate(prompt, child, child_id,
-                                            chat_template_kwargs=template_kwargs))
+                                            chat_template_kwargs=template_kwargs,
+                                            strict_max_tokens=True))
         if total == 1:
             firsts: list[Any] = [await _first(gens[0])]
         else:
@@ -343,7 +362,7 @@ class OpenAIServing:
                 prompt = await self._offloop(
                     lambda: tok.encode_chat(messages, add_generation_prompt=False,
                                             **(kwargs or {})), size)
-            rid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+            rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"  # vLLM's prefixing
             choices = await self._start([prompt], params, rid, kwargs)
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(route, e)
@@ -356,8 +375,7 @@ class OpenAIServing:
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.chat_stream(
-                ctx, choices, echo, bool(opts and opts.include_usage),
-                bool(opts and opts.continuous_usage_stats)))
+                ctx, choices, echo, *stream_usage(opts)))
         results = await self._collect_or_error(request, route, choices)
         if isinstance(results, Response):
             return results
@@ -395,7 +413,7 @@ class OpenAIServing:
                 raise HTTPError(400, "suffix is not supported", "suffix")
             params = build_sampling_params(req, chat=False)
             prompts = completion_prompts(req.prompt)
-            rid = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+            rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
             choices = await self._start(prompts, params, rid, None)
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
@@ -410,8 +428,7 @@ class OpenAIServing:
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.completion_stream(
-                ctx, choices, req.echo, bool(opts and opts.include_usage),
-                bool(opts and opts.continuous_usage_stats)))
+                ctx, choices, req.echo, *stream_usage(opts)))
         results = await self._collect_or_error(request, route, choices)
         if isinstance(results, Response):
             return results

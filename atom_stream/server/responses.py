@@ -78,7 +78,15 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(_ENCODER.encode(obj), status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+# vLLM answers request-schema failures (its pydantic RequestValidationError: bad JSON, wrong
+# types, the request's own validators, a non-JSON content type) with this type string, and
+# out-of-range sampling values with "BadRequestError"
+VALIDATION_TYPE = "Bad Request"
+
+
+async def read_body(request: Request, limit: int, require_json: bool = True) -> bytes:
+    """The body, at most `limit` bytes (413 beyond, checked first); with `require_json` a
+    Content-Type other than application/json (parameters aside) is a 400, as in vLLM."""
     too_big = HTTPError(413, f"request body exceeds the limit of {limit} bytes "
                              "(--max-body-bytes)", headers={"Connection": "close"})
     declared = request.headers.get("content-length")
@@ -91,6 +99,11 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    if require_json:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            raise HTTPError(400, "Unsupported Media Type: Only 'application/json' is allowed",
+                            type=VALIDATION_TYPE)
     return b"".join(chunks)
 
 
