@@ -42,19 +42,21 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[str] | None = None,
+    def generate(self, prompts: Any = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
+        """`prompts`: one prompt or a list of them, each a string, a list of token ids, or
+        vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by keyword
+        (`prompt_token_ids`: one list of ids or several)."""
         if prompts is not None and prompt_token_ids is not None:
             raise InvalidRequestError("pass prompts or prompt_token_ids, not both", "prompts")
         if prompts is not None:
-            if isinstance(prompts, str):
+            if isinstance(prompts, (str, dict)) or (
+                    isinstance(prompts, (list, tuple)) and prompts
+                    and isinstance(prompts[0], int)):
                 prompts = [prompts]
-            tok = self.engine.tokenizer
-            if tok is None:
-                raise InvalidRequestError("text prompts need a tokenizer", "prompts")
-            token_lists = [tok.encode(p) for p in prompts]
+            token_lists = [self._prompt_ids(p) for p in prompts]
         elif prompt_token_ids is not None:
             if prompt_token_ids and isinstance(prompt_token_ids[0], int):
                 prompt_token_ids = [prompt_token_ids]
@@ -62,6 +64,25 @@ class LLM:
         else:
             raise InvalidRequestError("pass prompts or prompt_token_ids", "prompts")
         return self._run(token_lists, sampling_params, use_tqdm)
+
+    def _prompt_ids(self, p: Any) -> list[int]:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                return list(p["prompt_token_ids"])
+            if "prompt" in p:
+                p = p["prompt"]
+            else:
+                raise InvalidRequestError("a dict prompt needs 'prompt' or 'prompt_token_ids'",
+                                          "prompts")
+        if isinstance(p, str):
+            tok = self.engine.tokenizer
+            if tok is None:
+                raise InvalidRequestError("text prompts need a tokenizer", "prompts")
+            return tok.encode(p)
+        if isinstance(p, (list, tuple)):
+            return list(p)  # token ids: checked by the engine
+        raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, "
+                                  f"got {type(p).__name__}", "prompts")
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -80,7 +101,7 @@ class LLM:
              sampling_params: SamplingParams | Seq[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         n = len(token_lists)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
             params = [sampling_params or SamplingParams()] * n
         else:
             params = list(sampling_params)

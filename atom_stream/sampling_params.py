@@ -72,6 +72,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
 
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):  # "false" would be truthy: the opposite of the intent
+                raise SamplingParamsError(name, f"must be true or false, got {v!r}")
         integer("n", 1, 128)
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)

@@ -378,3 +378,17 @@ class EngineMachine(RuleBasedStateMachine):
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", ["ignore_eos", "include_stop_str_in_output",
+                                  "skip_special_tokens"])
+@pytest.mark.parametrize("value", ["false", 0, 1, None, []])
+def test_boolean_params_must_be_booleans(name, value):
+    """A non-boolean where a boolean belongs is an error naming the field ("false" is truthy:
+    taken as is it would mean the opposite of what the client sent)."""
+    from atom_stream.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams(**{name: value})
+    assert e.value.param == name
+    assert getattr(SamplingParams(**{name: True}), name) is True

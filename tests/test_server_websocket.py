@@ -150,6 +150,17 @@ async def test_bad_frames_get_error_frames_and_connection_goes_on(srv):
                      "input_tokens")
         await expect({"type": "generate", "id": "p5", "prompt_token_ids": [99999]}, "p5", 400,
                      "prompt")
+        # a string where a boolean belongs ("false" would be truthy: EOS ignored)
+        await expect({"type": "generate", "id": "p6", "prompt": "z",
+                      "params": {"ignore_eos": "false"}}, "p6", 400, "params.ignore_eos")
+        await expect({"type": "generate", "id": "p7", "prompt": "z",
+                      "params": {"prompt_logprobs": 1}}, "p7", 400, "params.prompt_logprobs")
+        # the limit counts UTF-8 bytes: 3 bytes per character here, under the limit in chars
+        await expect({"type": "generate", "id": "wide", "prompt": "€" * (FRAME_LIMIT // 2)},
+                     "wide", 413)
+        await ws.send(msgspec.json.encode({"type": "generate", "id": "bin", "prompt": "z"}))
+        f = await c.until(lambda f: f["type"] == "error")
+        assert f["code"] == 400 and "text JSON frames" in f["message"], f
         # the live request kept streaming through all of that; it and a new one finish
         await c.send({"type": "cancel", "id": "live"})
         await c.send({"type": "generate", "id": "after", "prompt": "ok",

@@ -147,9 +147,16 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         params = _DEFAULT_PARAMS if params is None else params
         try:
+            if isinstance(params, dict):  # SGLang-style plain dict: same fields and checks
+                params = SamplingParams(**params)
+            elif not isinstance(params, SamplingParams):
+                raise InvalidRequestError(f"params: must be SamplingParams or a dict, got "
+                                          f"{type(params).__name__}", "params")
             params.validate()
         except SamplingParamsError as e:
             raise InvalidRequestError(str(e), e.param) from None
+        except TypeError as e:  # an unknown field in a dict
+            raise InvalidRequestError(f"params: {e}", "params") from None
         if params.n != 1:
             raise InvalidRequestError("n: the engine core generates one choice per request; "
                                       "submit n requests", "n")

@@ -65,7 +65,8 @@ from atom_stream.server.responses import HTTPError
 logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
-_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n"}
+# n: one choice per request id; prompt_logprobs: delta/done frames have no field for them
+_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n", "prompt_logprobs"}
 
 
 class _Live:
@@ -244,6 +245,10 @@ class _Connection:
                        "prompt")
             return
         try:
+            if "prompt_logprobs" in frame.params:
+                raise HTTPError(400, "prompt_logprobs is not served over the WebSocket (no "
+                                "frame carries them): use /v1/completions with echo",
+                                "params.prompt_logprobs")
             unknown = sorted(set(frame.params) - _PARAM_NAMES)
             if unknown:
                 raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
@@ -268,7 +273,9 @@ class _Connection:
             self.run_request(live, prompt, params, kwargs))
 
     def on_frame(self, data: bytes | str) -> None:
-        size = len(data)
+        # the limit is in bytes: a text frame's UTF-8 size, not its character count
+        size = len(data) if isinstance(data, bytes) or data.isascii() else len(
+            data.encode("utf-8", "surrogatepass"))
         if size > self.cfg.ws_max_frame_bytes:
             self.error(_sniff_id(data), 413, f"frame of {size} bytes exceeds the limit of "
                        f"{self.cfg.ws_max_frame_bytes} bytes")
@@ -276,6 +283,10 @@ class _Connection:
         if self.binary and isinstance(data, str):
             self.error(None, 400, "this connection speaks atom-stream.v1.msgpack: send binary "
                        "MessagePack frames")
+            return
+        if not self.binary and isinstance(data, bytes):
+            self.error(None, 400, "this connection speaks atom-stream.v1.json: send text JSON "
+                       "frames")
             return
         try:
             frame = self.decoder.decode(data)

@@ -1,0 +1,51 @@
+"""atom_stream.LLM.generate / AsyncEngine.generate take the prompt and parameter forms vLLM and
+SGLang users write: token ids positionally, vLLM's {"prompt_token_ids"} / {"prompt"} dicts, a
+plain dict of sampling parameters; anything else is a clear InvalidRequestError."""
+
+from __future__ import annotations
+
+import pytest
+
+from atom_stream import LLM, SamplingParams
+from atom_stream.config import EngineConfig
+from atom_stream.engine.async_engine import AsyncEngine
+from atom_stream.errors import InvalidRequestError
+
+KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
+PARAMS = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llm = LLM("demo", **KW)
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_prompt_forms_give_the_same_tokens(llm):
+    p = SamplingParams(**PARAMS)
+    want = [o.token_ids for o in llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p)]
+    for prompts in ([[5, 6, 7]], [5, 6, 7], [{"prompt_token_ids": [5, 6, 7]}],
+                    {"prompt_token_ids": [5, 6, 7]}):
+        assert [o.token_ids for o in llm.generate(prompts, p)] == want, prompts
+    assert [o.token_ids for o in llm.generate([5, 6, 7], dict(PARAMS))] == want
+    text = [o.token_ids for o in llm.generate("abc", p)]
+    assert [o.token_ids for o in llm.generate([{"prompt": "abc"}], p)] == text
+
+
+@pytest.mark.parametrize("prompts", [[3.5], [{"text": "x"}], [None]])
+def test_bad_prompt_forms_are_clear_errors(llm, prompts):
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        llm.generate(prompts, SamplingParams(**PARAMS))
+    assert not llm.engine.has_unfinished_requests()
+
+
+async def test_async_engine_takes_a_params_dict():
+    async with AsyncEngine(EngineConfig(model="demo", **KW)) as eng:
+        outs = [o async for o in eng.generate([5, 6, 7], dict(PARAMS))]
+        assert sum(len(o.token_ids) for o in outs) == 4 and outs[-1].finish_reason == "length"
+        for bad in ({"bogus": 1}, {"max_tokens": "4"}, "max_tokens=4"):
+            with pytest.raises(InvalidRequestError):
+                async for _ in eng.generate([5, 6], bad):
+                    pass
+        assert eng.stats()["used_blocks"] == 0
