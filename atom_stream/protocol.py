@@ -78,6 +78,14 @@ class _SamplingRequest(Struct, kw_only=True):
     prompt_logprobs: int | None = None
     request_id: str | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # structured output: accepted so a request asking for it gets a clear 400 (not served)
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):
@@ -90,6 +98,11 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # tools are rendered into the prompt by the chat template; tool calls are not parsed, so
+    # tool_choice other than "none" is refused
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingRequest, kw_only=True):

@@ -28,6 +28,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     - `prompt_logprobs`: None or k >= 0, logprobs of the prompt tokens (for echo/loglikelihood).
     - `stop`: strings matched on the detokenized text (trimmed from the output unless
       `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
+    - `logit_bias`: token id (JSON: its string) -> a value in [-100, 100] added to its logit;
+      `allowed_token_ids`: sample only among these ids (OpenAI / vLLM).
     """
 
     n: int = 1
@@ -48,10 +50,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.logit_bias, dict):  # JSON keys are strings: "50256" -> 50256
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    tid = int(k)
+                except (TypeError, ValueError):
+                    raise SamplingParamsError("logit_bias", f"key {k!r} is not a token id") from None
+                bias[tid] = v
+            self.logit_bias = bias
         self.validate()
 
     @property
@@ -104,6 +117,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise SamplingParamsError("stop_token_ids", "must be a list of non-negative ints")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError("min_tokens", "must not exceed max_tokens")
+        if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or any(
+                isinstance(k, bool) or not isinstance(k, int) or k < 0
+                or isinstance(v, bool) or not isinstance(v, (int, float))
+                or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items())):
+            raise SamplingParamsError("logit_bias", "must map token ids to numbers in "
+                                      "[-100, 100]")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                       for t in self.allowed_token_ids)):
+            raise SamplingParamsError("allowed_token_ids",
+                                      "must be a non-empty list of non-negative ints")
 
     @property
     def uses_penalties(self) -> bool:

@@ -42,6 +42,11 @@ def ref_penalize(row: list[float], s: Sequence) -> list[float]:
             out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
     for t, c in Counter(s.output_token_ids).items():
         out[t] -= p.frequency_penalty * c + p.presence_penalty
+    for t, b in (p.logit_bias or {}).items():
+        out[t] += b
+    if p.allowed_token_ids:
+        allowed = set(p.allowed_token_ids)
+        out = [v if t in allowed else -math.inf for t, v in enumerate(out)]
     if s.num_output_tokens < p.min_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
             out[t] = -math.inf
@@ -238,8 +243,13 @@ def test_penalties_match_scalar_reference():
             frequency_penalty=rng.choice([0.0, 0.5, -1.0]),
             presence_penalty=rng.choice([0.0, 1.5, -0.5]),
             min_tokens=rng.choice([0, 100]), max_tokens=200, stop_token_ids=[11],
-            ignore_eos=i % 2 == 0)
+            ignore_eos=i % 2 == 0,
+            logit_bias=rng.choice([None, {str(rng.randrange(V)): rng.uniform(-100, 100)
+                                          for _ in range(5)}]),
+            allowed_token_ids=rng.choice([None, rng.sample(range(V), 7)]))
         seqs.append(seq(p, prompt, output, rid=str(i)))
+    seqs[0].params.logit_bias = {3: 50.0, 4: -50.0}  # both kinds in every run
+    seqs[1].params.allowed_token_ids = [5, 6, 7, 11]
     md = meta(seqs, V)
     assert not md.no_penalties
     x = logits.clone()

@@ -483,3 +483,39 @@ def test_request_id_is_prefixed_and_schema_errors_are_bad_request(http):
     err = assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": -1}),
                        400, "temperature")
     assert err["type"] == "BadRequestError"  # a value out of range, not a schema error
+
+
+def test_logit_bias_and_allowed_token_ids(http):
+    """OpenAI's logit_bias (token id strings -> [-100, 100]) and vLLM's allowed_token_ids steer
+    sampling; out-of-vocabulary ids and out-of-range values are 400s naming the field."""
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    r = http.post("/v1/completions", json={**body, "logit_bias": {"65": 100}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AAAA", r.text
+    r = http.post("/v1/completions", json={**body, "temperature": 1.0, "seed": 3,
+                                           "allowed_token_ids": [66, 67]})
+    assert r.status_code == 200 and set(r.json()["choices"][0]["text"]) <= {"B", "C"}, r.text
+    vocab = 1 << 20
+    assert_error(http.post("/v1/completions", json={**body, "logit_bias": {str(vocab): 1}}),
+                 400, "logit_bias")
+    assert_error(http.post("/v1/completions", json={**body, "logit_bias": {"65": 101}}),
+                 400, "logit_bias")
+    assert_error(http.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 2, "allowed_token_ids": []}), 400, "allowed_token_ids")
+
+
+def test_structured_output_and_tool_choice_are_clear_400s(http):
+    base = {"messages": CHAT, "max_tokens": 2}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"guided_choice": ["a", "b"]}, "guided_choice"),
+                         ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
+                         ({"tools": tools, "tool_choice": {"type": "function",
+                                                           "function": {"name": "f"}}},
+                          "tool_choice")):
+        assert_error(http.post("/v1/chat/completions", json={**base, **extra}), 400, param)
+    for extra in ({"response_format": {"type": "text"}}, {"tools": tools},
+                  {"tools": tools, "tool_choice": "none"}):
+        r = http.post("/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 200, (extra, r.text)
+    assert_error(http.post("/v1/completions", json={
+        "prompt": "x", "response_format": {"type": "json_schema"}}), 400, "response_format")

@@ -164,6 +164,12 @@ class LLMEngine:
             raise InvalidRequestError("stop: stop strings need a tokenizer", "stop")
         ids = list(prompt_token_ids)
         vocab = self.model_config.vocab_size
+        for name, toks in (("logit_bias", params.logit_bias or ()),
+                           ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in toks if t >= vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name}: {bad} is not a token id in [0, {vocab})",
+                                          name)
         if not ids:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
         for t in ids:

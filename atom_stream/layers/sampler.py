@@ -12,8 +12,9 @@ Semantics (vLLM's), all in float32:
      default "raw_logprobs"): the sampled token's, and the top k sorted by value.
   2. Penalties on the raw logits: repetition (tokens in prompt or output: positive logits divided
      by r, negative ones multiplied), then frequency (- count * f) and presence (- p if count > 0)
-     over OUTPUT tokens. Rows below `min_tokens` get their stop tokens (eos unless ignore_eos, and
-     stop_token_ids) set to -inf, greedy rows included.
+     over OUTPUT tokens; then logit_bias (added) and allowed_token_ids (every other id -inf).
+     Rows below `min_tokens` get their stop tokens (eos unless ignore_eos, and stop_token_ids)
+     set to -inf, greedy rows included.
   3. Greedy rows (temperature < 1e-5): argmax of the penalized logits (first index on ties).
   4. Other rows: logits / temperature, then one keep-threshold per row (values equal to it are
      kept, so ties never split): top-k (>= the k-th largest), top-p on the top-k-renormalized
@@ -99,6 +100,10 @@ class SamplingMetadata:
     out_count: Tensor | None = None  # [U] f32
     seen_pos: Tensor | None = None
     banned_pos: Tensor | None = None
+    bias_pos: Tensor | None = None  # logit_bias: flat positions and their values [N] f32
+    bias_val: Tensor | None = None
+    allow_rows: Tensor | None = None  # rows with allowed_token_ids, and their allowed positions
+    allow_pos: Tensor | None = None
     all_greedy: bool = False
     all_random: bool = True
     no_penalties: bool = True  # nothing in 2. (min_tokens bans included)
@@ -123,6 +128,10 @@ class SamplingMetadata:
         out_rows: list[Tensor] = []
         seen_rows: list[Tensor] = []
         banned: list[int] = []
+        bias_pos: list[int] = []
+        bias_val: list[float] = []
+        allow_rows: list[int] = []
+        allow_pos: list[int] = []
         max_lp = None
         lp_rows: list[int] = []
         for i, seq in enumerate(seqs):
@@ -152,6 +161,12 @@ class SamplingMetadata:
                 if not p.ignore_eos:
                     stops.update(seq.eos_token_ids)
                 banned.extend(i * V + t for t in stops if t < V)
+            if p.logit_bias:
+                bias_pos.extend(i * V + t for t in p.logit_bias)
+                bias_val.extend(float(v) for v in p.logit_bias.values())
+            if p.allowed_token_ids:
+                allow_rows.append(i)
+                allow_pos.extend(i * V + t for t in p.allowed_token_ids)
             if p.logprobs is not None:
                 lp_rows.append(i)
                 max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)
@@ -190,7 +205,14 @@ class SamplingMetadata:
             md.seen_pos = dev(torch.cat(seen_rows))
         if banned:
             md.banned_pos = dev(torch.tensor(banned, dtype=torch.int64))
-        md.no_penalties = md.out_pos is None and md.seen_pos is None and md.banned_pos is None
+        if bias_pos:
+            md.bias_pos = dev(torch.tensor(bias_pos, dtype=torch.int64))
+            md.bias_val = dev(torch.tensor(bias_val, dtype=torch.float32))
+        if allow_rows:
+            md.allow_rows = dev(torch.tensor(allow_rows, dtype=torch.int64))
+            md.allow_pos = dev(torch.tensor(allow_pos, dtype=torch.int64))
+        md.no_penalties = (md.out_pos is None and md.seen_pos is None and md.banned_pos is None
+                           and md.bias_pos is None and md.allow_rows is None)
         return md
 
 
@@ -447,7 +469,8 @@ class Sampler:
 
 
 def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
-    """In-place penalties and min_tokens bans on x [B, V] float32 (see the module docstring)."""
+    """In-place penalties, logit_bias, allowed_token_ids and min_tokens bans on x [B, V]
+    float32 (see the module docstring), in that order."""
     V = x.shape[1]
     flat = x.view(-1)
     if md.seen_pos is not None:
@@ -458,6 +481,12 @@ def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
     if md.out_pos is not None:
         row = md.out_pos // V
         flat[md.out_pos] -= md.frequency_penalty[row] * md.out_count + md.presence_penalty[row]
+    if md.bias_pos is not None:
+        flat.index_add_(0, md.bias_pos, md.bias_val)
+    if md.allow_rows is not None:
+        kept = flat[md.allow_pos]
+        x[md.allow_rows] = _NEG_INF
+        flat[md.allow_pos] = kept
     if md.banned_pos is not None:
         flat[md.banned_pos] = _NEG_INF
 

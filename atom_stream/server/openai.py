@@ -86,6 +86,32 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise _invalid("the request body is nested too deeply") from None
 
 
+def refuse_structured_output(req: Any) -> None:
+    """Structured output (response_format json_object / json_schema, guided_*) is not served:
+    a clear 400 rather than unconstrained text under a 200."""
+    rf = req.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise HTTPError(400, f"response_format {rf.get('type')!r} is not supported: this "
+                        "server has no structured-output decoding; use type 'text'",
+                        "response_format")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            raise HTTPError(400, f"{name} is not supported: this server has no "
+                            "structured-output decoding", name)
+
+
+def chat_tools_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The request's tools for the chat template ({"tools": [...]}, or {}); tool_choice other
+    than "none" needs tool-call parsing, which this server does not do: a 400."""
+    choice = req.tool_choice
+    if choice is not None and choice != "none":
+        what = choice if isinstance(choice, str) else "named"
+        raise HTTPError(400, f"tool_choice {what!r} is not supported: this server does not "
+                        "parse tool calls (tool_choice 'none' renders the tools into the prompt)",
+                        "tool_choice")
+    return {"tools": req.tools} if req.tools else {}
+
+
 def stream_usage(opts: Any) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats) of a request's stream_options as vLLM applies
     them: usage only when the object is given (include_usage then defaults to true), and
@@ -132,6 +158,11 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.stop_token_ids:
         kw["stop_token_ids"] = list(req.stop_token_ids)
+    if req.logit_bias:
+        kw["logit_bias"] = dict(req.logit_bias)
+    if req.allowed_token_ids is not None:
+        kw["allowed_token_ids"] = list(req.allowed_token_ids)
+    refuse_structured_output(req)
     if chat:
         if req.max_completion_tokens is not None:
             kw["max_tokens"] = req.max_completion_tokens
@@ -351,7 +382,7 @@ class OpenAIServing:
             params = build_sampling_params(req, chat=True)
             messages = messages_to_dicts(req.messages)
             kwargs = {**self.state.config.default_chat_template_kwargs,
-                      **(req.chat_template_kwargs or {})} or None
+                      **(req.chat_template_kwargs or {}), **chat_tools_kwargs(req)} or None
             if req.continue_final_message:
                 raise HTTPError(400, "continue_final_message is not supported",
                                 "continue_final_message")
