@@ -519,3 +519,21 @@ def test_structured_output_and_tool_choice_are_clear_400s(http):
         assert r.status_code == 200, (extra, r.text)
     assert_error(http.post("/v1/completions", json={
         "prompt": "x", "response_format": {"type": "json_schema"}}), 400, "response_format")
+
+
+def test_logprob_tokens_are_decoded_text(http):
+    """Logprob tokens are each token decoded on its own, as vLLM reports them (a space is " ",
+    not the byte-level vocabulary's "Ġ"); text_offset then indexes the returned text."""
+    r = http.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3, "echo": True,
+                                           "logprobs": 1, "temperature": 0})
+    choice = r.json()["choices"][0]
+    toks = choice["logprobs"]["tokens"]
+    assert toks[:3] == ["a", " ", "b"], toks
+    offs = choice["logprobs"]["text_offset"]
+    assert offs[:3] == [0, 1, 2] and offs == sorted(offs)
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": 4, "logprobs": True,
+                                                "temperature": 0, "logit_bias": {"32": 100}})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [" "] * 4
+    assert all(c["bytes"] == [32] for c in content)

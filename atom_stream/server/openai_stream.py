@@ -71,9 +71,12 @@ class StreamContext:
         self._strs: dict[int, str] = {}
 
     def token_str(self, tid: int) -> str:
+        """A token's text as vLLM reports it in logprobs: the token decoded on its own (" hello",
+        not the vocabulary's "Ġhello"; a partial UTF-8 sequence decodes to U+FFFD), specials
+        as their text. Its "bytes" are this string's UTF-8."""
         s = self._strs.get(tid)
         if s is None:
-            s = self.tokenizer.id_to_str(tid)
+            s = self.tokenizer.decode([tid], skip_special_tokens=False)
             try:
                 s.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates cannot go into JSON
