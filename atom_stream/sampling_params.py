@@ -92,8 +92,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         integer("n", 1, 128)
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)
-        if not 0.0 <= num("temperature") <= 100.0:
-            raise SamplingParamsError("temperature", "must be in [0, 100]")
+        if not 0.0 <= num("temperature"):  # vLLM: any finite value >= 0
+            raise SamplingParamsError("temperature", "must be >= 0")
         if not 0.0 < num("top_p") <= 1.0:
             raise SamplingParamsError("top_p", "must be in (0, 1]")
         integer("top_k", -1, 2**31 - 1)
@@ -103,14 +103,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= num(name) <= 2.0:
                 raise SamplingParamsError(name, "must be in [-2, 2]")
-        if not 0.0 < num("repetition_penalty") <= 2.0:
-            raise SamplingParamsError("repetition_penalty", "must be in (0, 2]")
+        if not 0.0 < num("repetition_penalty"):  # vLLM: any finite value > 0
+            raise SamplingParamsError("repetition_penalty", "must be > 0")
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)
         integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
         if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
             raise SamplingParamsError("stop", "must be a string or a list of strings")
-        if len(self.stop) > 16 or any(not s or len(s) > 512 for s in self.stop):
-            raise SamplingParamsError("stop", "at most 16 non-empty strings of <= 512 chars")
+        # bounded (the stop matcher's work per token grows with them), looser than before
+        if len(self.stop) > 64 or any(not s or len(s) > 1024 for s in self.stop):
+            raise SamplingParamsError("stop", "at most 64 non-empty strings of <= 1024 chars")
         if not isinstance(self.stop_token_ids, list) or any(
             isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids
         ):
