@@ -9,12 +9,14 @@
 Engine flags are EngineConfig's field names (`--max-num-seqs` == `max_num_seqs`). As ATOM's
 FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake_case
 (`--kv_cache_dtype` == `--kv-cache-dtype`, also in `--flag=value` form). Server flags: `--host`
-(127.0.0.1), `--port`/`--server-port` (8000), `--served-model-name`, `--api-key` (repeatable),
+(127.0.0.1), `--port`/`--server-port` (8000; under the ATOM entry point `--port` is ATOM's
+internal engine port, unused, and HTTP is `--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--shutdown-timeout`, `--log-level`, `--timeout-keep-alive`,
 `--disable-uvicorn-access-log`, WebSocket limits. ATOM flags that select features this engine
 always has or does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are
-accepted and logged; `--load_dummy` means `--load-format dummy`. No `--model`: the demo model.
+accepted and logged (`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means
+`--load-format dummy`. No `--model`: the demo model.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default=d["load_format"].default,
                    choices=["auto", "dummy", "safetensors"])
     g.add_argument("--load-dummy", nargs="?", const="empty", default=None,
-                   help="ATOM spelling of --load-format dummy")
+                   choices=["empty", "zero", "xavier"],
+                   help="ATOM spelling of --load-format dummy (weights are random either way)")
     g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_true", default=d["enable_prefix_caching"].default)
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
@@ -161,10 +164,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action="store_false", help=argparse.SUPPRESS)
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
+def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> None:
+    """`atom_ports`: ATOM's meaning (its openai_server): the HTTP port is `--server-port` and
+    `--port` is ATOM's internal engine port (accepted, unused here); otherwise (`atom-stream
+    serve`, as `vllm serve`) `--port` and `--server-port` both name the HTTP port."""
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", "--server-port", dest="port", type=int, default=8000)
+    if atom_ports:
+        g.add_argument("--server-port", dest="port", type=int, default=8000)
+        g.add_argument("--port", dest="atom_engine_port", type=int, default=None,
+                       help="ATOM's internal engine port: accepted, unused (HTTP: --server-port)")
+    else:
+        g.add_argument("--port", "--server-port", dest="port", type=int, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None)
     g.add_argument("--api-key", action="append", default=[],
                    help="require this key (Authorization: Bearer); repeat for several keys")
@@ -183,14 +194,26 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
 
+_CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_AND_PIECEWISE", "AF_PIECEWISE")
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     if args.pipeline_parallel_size != 1:
         raise ConfigError("pipeline_parallel_size: only 1 is supported (use -tp)")
-    for flag, value in (("--level", args.level), ("--cudagraph-mode", args.cudagraph_mode),
+    mode = (args.cudagraph_mode or "").upper()
+    if mode and mode not in _CUDAGRAPH_MODES:
+        raise ConfigError(f"cudagraph_mode: {args.cudagraph_mode!r} is not one of "
+                          f"{', '.join(_CUDAGRAPH_MODES)}")
+    enforce_eager = args.enforce_eager or mode == "NONE"  # ATOM: NONE = no graphs
+    for flag, value in (("--level", args.level),
+                        ("--cudagraph-mode", args.cudagraph_mode if mode != "NONE" else None),
                         ("--[no-]enable-chunked-prefill", args.chunked_prefill)):
         if value is not None:
             logger.info("%s accepted for ATOM compatibility; this engine always uses chunked "
                         "prefill and its own decode graphs", flag)
+    if args.load_dummy in ("zero", "xavier"):
+        logger.info("--load_dummy %s: dummy weights here are always random (seeded)",
+                    args.load_dummy)
     served = getattr(args, "served_model_name", None)
     return EngineConfig(
         model=args.model or "demo", tokenizer=args.tokenizer,
@@ -201,7 +224,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=args.enforce_eager,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enforce_eager=enforce_eager,
         cudagraph_capture_sizes=args.cudagraph_capture_sizes,
         load_format="dummy" if args.load_dummy else args.load_format,
         trust_remote_code=args.trust_remote_code,
@@ -231,10 +254,11 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def serve_parser(prog: str = "atom-stream serve") -> FlexibleArgumentParser:
+def serve_parser(prog: str = "atom-stream serve", atom_ports: bool = False
+                 ) -> FlexibleArgumentParser:
     p = FlexibleArgumentParser(prog=prog, description="OpenAI-compatible SSE + WebSocket server")
     add_engine_args(p)
-    add_server_args(p)
+    add_server_args(p, atom_ports)
     return p
 
 
@@ -243,9 +267,13 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve") -> int:
-    p = serve_parser(prog)
+def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
+          atom_ports: bool = False) -> int:
+    p = serve_parser(prog, atom_ports)
     args = p.parse_args(argv)
+    if getattr(args, "atom_engine_port", None) is not None:
+        logger.info("--port %d is ATOM's internal engine port: unused here; the HTTP port is "
+                    "--server-port (%d)", args.atom_engine_port, args.port)
     _setup_logging(args.log_level)
     try:
         engine_config = engine_config_from_args(args)

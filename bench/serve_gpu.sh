@@ -16,7 +16,7 @@ PPC=${PROMPTS_PER_CONC:-10}; CONCS=${CONCS:-"1 4 16 64"}; PORT=${PORT:-8000}
 MAXC=$(echo $CONCS | tr ' ' '\n' | sort -n | tail -1)
 python3 -m atom_stream.entrypoints.openai_server --model "$PRESET" --load-format dummy \
     --kv_cache_dtype fp8 --max-num-seqs "$MAXC" --max-model-len $(( (ISL + OSL) * 2 )) \
-    --port "$PORT" --disable-uvicorn-access-log ${SERVER_ARGS:-} > "$R/server.log" 2>&1 &
+    --server-port "$PORT" --disable-uvicorn-access-log ${SERVER_ARGS:-} > "$R/server.log" 2>&1 &
 SERVER=$!
 t0=$(date +%s)
 until curl -sf "localhost:$PORT/health" > /dev/null; do

@@ -1,9 +1,9 @@
 """A real atom-stream server in a subprocess, for end-to-end tests of the benchmark and lm_eval.
 
-`live_server()` starts `python -m atom_stream.entrypoints.openai_server --port P` with no --model
-(the embedded demo model on the CPU) on a free loopback port, waits for GET /health == 200, and
-yields (base_url, served_model_name); the process is terminated (then killed) on exit. The
-server's output goes to a log file whose tail is shown when start-up fails.
+`live_server()` starts `python -m atom_stream.entrypoints.openai_server --server-port P` with
+no --model (the embedded demo model on the CPU) on a free loopback port, waits for GET /health
+== 200, and yields (base_url, served_model_name); the process is terminated (then killed) on
+exit. The server's output goes to a log file whose tail is shown when start-up fails.
 `ATOM_STREAM_TEST_BASE_URL` points the tests at an already running server instead.
 """
 
@@ -55,7 +55,7 @@ def live_server(*extra_args: str) -> Iterator[tuple[str, str]]:
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
         "w+", prefix="atom-stream-server-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "atom_stream.entrypoints.openai_server", "--host", "127.0.0.1",
-           "--port", str(port), *extra_args]
+           "--server-port", str(port), *extra_args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=offline_env(), stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

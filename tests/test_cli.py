@@ -188,3 +188,25 @@ def test_generate_command():
                        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr
     assert "finish_reason=length" in r.stderr and "completion_tokens=4" in r.stderr
+
+
+def test_atom_port_meanings_cudagraph_none_and_load_dummy_values():
+    """ATOM's entry point: HTTP on --server-port, --port is ATOM's internal engine port (unused);
+    `atom-stream serve`: --port is HTTP (as `vllm serve`). --cudagraph-mode NONE means eager;
+    --load_dummy takes ATOM's three values only."""
+    atom = cli.serve_parser("openai_server", atom_ports=True)
+    a = atom.parse_args(shlex.split("--server-port 8000 --port 8006"))
+    assert cli.server_config_from_args(a).port == 8000 and a.atom_engine_port == 8006
+    assert cli.server_config_from_args(atom.parse_args([])).port == 8000
+    _, s = parse("--port 8006")
+    assert s.port == 8006
+    e, _ = parse("--cudagraph-mode NONE")
+    assert e.enforce_eager
+    e, _ = parse("--cudagraph_mode FULL")
+    assert not e.enforce_eager
+    with pytest.raises(ConfigError, match="cudagraph_mode"):
+        parse("--cudagraph-mode SOMETIMES")
+    e, _ = parse("--load_dummy xavier")
+    assert e.load_format == "dummy"
+    with pytest.raises(SystemExit):
+        parse("--load_dummy banana")

@@ -4,7 +4,8 @@
         -tp 8 --kv_cache_dtype fp8
 
 The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case,
-`--server-port`/`--port` (8000), `--host` (127.0.0.1), plus `--api-key` and friends.
+`--host` (127.0.0.1), plus `--api-key` and friends; as in ATOM, the HTTP port is
+`--server-port` (8000) and `--port` is ATOM's internal engine port (accepted, unused).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from atom_stream.cli import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return serve(argv, prog="python -m atom_stream.entrypoints.openai_server")
+    return serve(argv, prog="python -m atom_stream.entrypoints.openai_server", atom_ports=True)
 
 
 if __name__ == "__main__":
