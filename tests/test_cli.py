@@ -210,3 +210,15 @@ def test_atom_port_meanings_cudagraph_none_and_load_dummy_values():
     assert e.load_format == "dummy"
     with pytest.raises(SystemExit):
         parse("--load_dummy banana")
+
+
+def test_start_up_failure_is_one_line_not_a_traceback():
+    """A bad --model fails start-up with one error line naming the problem, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "atom_stream.entrypoints.openai_server",
+                        "--model", "/nonexistent/model", "--device", "cpu",
+                        "--server-port", str(free_port())],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "atom-stream could not start: ConfigError: model:" in out, out
+    assert "Traceback" not in out, out

@@ -113,7 +113,14 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
             from atom_stream.engine.dp import make_async_engine
 
             eng = make_async_engine(engine_config)  # DPEngine when data_parallel_size > 1
-            await eng.start()
+            try:
+                await eng.start()
+            except Exception as e:
+                # one line for the operator (QuietStartupFailure), the traceback at debug level
+                app.state.startup_error = (f"atom-stream could not start: "
+                                           f"{type(e).__name__}: {e}")
+                logger.debug("start-up failure", exc_info=True)
+                raise
         else:
             eng = engine
         state.engine = eng
@@ -184,10 +191,33 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
     )
 
 
+class QuietStartupFailure:
+    """ASGI wrapper: a failed start-up (a bad --model, no GPU for --device cuda, ...) is reported
+    by uvicorn as the one line the lifespan left in `app.state.startup_error`, not as the
+    traceback Starlette puts in the lifespan.startup.failed message."""
+
+    def __init__(self, app: Starlette):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_quietly(message):
+            line = getattr(self.app.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and line:
+                message = {**message, "message": line}
+            await send(message)
+
+        return await self.app(scope, receive, send_quietly)
+
+
 def run_server(engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (blocking)."""
+    """Serve until SIGINT/SIGTERM (blocking). A failed start-up exits with uvicorn's status 3
+    after one error line."""
     import uvicorn
 
     config = config or ServerConfig()
-    server = uvicorn.Server(uvicorn_config(build_app(engine_config, config), config))
+    app = build_app(engine_config, config)
+    server = uvicorn.Server(uvicorn_config(QuietStartupFailure(app), config))
     server.run()
