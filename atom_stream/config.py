@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +250,33 @@ class ModelConfig:
 _KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "fp8_e4m3")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy", "safetensors")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a text-only engine reads from a checkpoint (weights skipped for dummy loads)
+_HUB_FILES = ["*.json", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(model: str | None, load_format: str = "auto") -> str | None:
+    """A Hugging Face hub id ("moonshotai/Kimi-K2.5", as the usage guide's BF16 command gives)
+    -> its snapshot directory: the local cache first, then a download (huggingface_hub; no
+    download with HF_HUB_OFFLINE=1). Local paths, "demo" and bench presets pass through.
+    Raises ConfigError naming the model when it cannot be resolved."""
+    if (not model or model == "demo" or os.path.exists(model) or not _HUB_ID.match(model)
+            or model.startswith((".", "/"))):
+        return model
+    from atom_stream.models.presets import PRESETS
+    if model in PRESETS:
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+        patterns = _HUB_FILES + ([] if load_format == "dummy" else ["*.safetensors"])
+        try:
+            return snapshot_download(model, allow_patterns=patterns, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not (fully) cached: fetch it
+            return snapshot_download(model, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access, ...
+        raise ConfigError(f"model: {model!r} is not a local directory, and as a Hugging Face "
+                          f"hub id it could not be found in the cache or downloaded "
+                          f"({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -301,6 +329,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        self.model = resolve_model_path(self.model, self.load_format)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

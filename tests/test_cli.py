@@ -222,3 +222,31 @@ def test_start_up_failure_is_one_line_not_a_traceback():
     assert r.returncode != 0
     assert "atom-stream could not start: ConfigError: model:" in out, out
     assert "Traceback" not in out, out
+
+
+def test_hub_id_resolves_from_the_hugging_face_cache(tmp_path):
+    """--model org/name (the usage guide's BF16 command form) loads the cached snapshot, offline;
+    an id neither local nor cached is a ConfigError naming it."""
+    import quant_writers as qw
+
+    snap = tmp_path / "models--acme--tiny-ds" / "snapshots" / ("a" * 40)
+    qw.make_tiny_hf(str(snap), "deepseek", seed=5)
+    (tmp_path / "models--acme--tiny-ds" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-ds" / "refs" / "main").write_text("a" * 40)
+    code = ("from atom_stream import LLM, SamplingParams\n"
+            "llm = LLM('acme/tiny-ds', device='cpu', dtype='float32', num_kv_blocks=32,"
+            " skip_tokenizer_init=True)\n"
+            "print(llm.engine.config.model)\n"
+            "out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams("
+            "max_tokens=3, temperature=0, ignore_eos=True))\n"
+            "print(len(out[0].token_ids))\n"
+            "from atom_stream.config import ConfigError, EngineConfig\n"
+            "try:\n    EngineConfig(model='acme/not-there')\n"
+            "except ConfigError as e:\n    print('ERR', e)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0] == str(snap) and lines[1] == "3", r.stdout
+    assert lines[2].startswith("ERR model: 'acme/not-there' is not a local directory"), r.stdout
