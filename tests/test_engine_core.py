@@ -4,6 +4,7 @@ failures, aborts, metrics (fake runners); a hypothesis state machine with no blo
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -392,3 +393,10 @@ def test_boolean_params_must_be_booleans(name, value):
         SamplingParams(**{name: value})
     assert e.value.param == name
     assert getattr(SamplingParams(**{name: True}), name) is True
+
+
+def test_max_model_len_above_the_kv_pool_is_lowered_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="atom_stream.engine.llm_engine"):
+        eng = fake_engine(num_kv_blocks=4, block_size=16, max_model_len=256)
+    assert eng.max_model_len == 64
+    assert any("max_model_len 256 lowered to 64" in r.getMessage() for r in caplog.records)

@@ -104,7 +104,13 @@ class LLMEngine:
         self.model_config = runner.model_config
         limit = config.max_model_len or self.model_config.max_position_embeddings
         self.block_size = config.block_size
-        self.max_model_len = min(limit, runner.num_kv_blocks * config.block_size)
+        capacity = runner.num_kv_blocks * config.block_size
+        self.max_model_len = min(limit, capacity)
+        if capacity < limit:  # vLLM refuses to start here; serving shorter requests is kinder
+            logger.warning("max_model_len %d lowered to %d: the KV pool (%d blocks of %d) holds "
+                           "no more; raise gpu_memory_utilization / num_kv_blocks or lower "
+                           "max_model_len", limit, capacity, runner.num_kv_blocks,
+                           config.block_size)
         if tokenizer is None and not skip_tokenizer_init:
             tokenizer = load_engine_tokenizer(config)
         self.tokenizer = tokenizer
