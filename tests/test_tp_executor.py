@@ -285,3 +285,21 @@ def test_rendezvous_port_is_below_the_ephemeral_range():
         assert 1024 < port < _ephemeral_low()
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_bad_config_fails_every_rank_with_one_line_each():
+    """A configuration error every rank meets (max_model_len past the model's) is the leader's
+    ConfigError and one log line from the worker, not a traceback per rank."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig()\n"
+            "from atom_stream import LLM\nfrom atom_stream.config import ConfigError\n"
+            "try:\n    LLM('demo', tensor_parallel_size=2, device='cpu', dtype='float32',"
+            " num_kv_blocks=16, max_model_len=10 ** 7)\n"
+            "except ConfigError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("ERR max_model_len"), r.stdout + r.stderr
+    assert "TP rank 1 could not start: ConfigError: max_model_len" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr

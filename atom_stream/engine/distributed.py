@@ -45,6 +45,7 @@ from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.engine.shm_ring import RingClosed, ShmRing
 from atom_stream.engine.step_codec import StepDecoder, StepEncoder
 from atom_stream.layers.parallel import TPInfo, private_group
+from atom_stream.loader import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,12 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
     decoder = StepDecoder()
     runner = None
     try:
-        runner = ModelRunner(config, TPInfo(rank, layout.world, group))
+        try:
+            runner = ModelRunner(config, TPInfo(rank, layout.world, group))
+        except (ConfigError, CheckpointError) as e:
+            # rank 0 reports the same error: one line here, not one traceback per rank
+            logger.error("TP rank %d could not start: %s: %s", rank, type(e).__name__, e)
+            raise SystemExit(1) from None
         while True:
             try:
                 data = ring.read(local_rank - 1, timeout=1.0)
