@@ -243,6 +243,8 @@ def test_batched_completion_prompts(http):
 
 def test_small_routes(http, srv):
     assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ping").json() == http.post("/ping").json() == {"status": "ok"}
+    assert http.get("/load").json() == {"server_load": 0}
     assert "version" in http.get("/version").json()
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "demo"

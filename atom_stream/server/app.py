@@ -140,6 +140,12 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
             return HTTPError(503, f"the engine is {what}").response()
         return json_response({"status": "ok"})
 
+    async def load(request: Request) -> Response:
+        """vLLM's /load: the requests in flight (streams the engine serves now)."""
+        eng = state.engine
+        n = 0 if eng is None else int(eng.stats().get("num_streams", 0))
+        return json_response({"server_load": n})
+
     async def version(request: Request) -> Response:
         return json_response({"version": package_version()})
 
@@ -161,6 +167,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/v1/models", serving.models, methods=["GET"]),
         WebSocketRoute("/v1/ws", WebSocketEndpoint(state)),
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),  # SageMaker's health route (vLLM)
+        Route("/load", load, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", serving.tokenize, methods=["POST"]),
