@@ -259,7 +259,8 @@ def resolve_model_path(model: str | None, load_format: str = "auto") -> str | No
     """A Hugging Face hub id ("moonshotai/Kimi-K2.5", as the usage guide's BF16 command gives)
     -> its snapshot directory: the local cache first, then a download (huggingface_hub; no
     download with HF_HUB_OFFLINE=1). Local paths, "demo" and bench presets pass through.
-    Raises ConfigError naming the model when it cannot be resolved."""
+    Raises ConfigError naming the model when it cannot be resolved. Called where an engine
+    starts (LLMEngine, a multi-node worker node), not when a config is parsed."""
     if (not model or model == "demo" or os.path.exists(model) or not _HUB_ID.match(model)
             or model.startswith((".", "/"))):
         return model
@@ -329,7 +330,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.validate()
-        self.model = resolve_model_path(self.model, self.load_format)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

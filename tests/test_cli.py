@@ -240,8 +240,8 @@ def test_hub_id_resolves_from_the_hugging_face_cache(tmp_path):
             "out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams("
             "max_tokens=3, temperature=0, ignore_eos=True))\n"
             "print(len(out[0].token_ids))\n"
-            "from atom_stream.config import ConfigError, EngineConfig\n"
-            "try:\n    EngineConfig(model='acme/not-there')\n"
+            "from atom_stream.config import ConfigError\n"
+            "try:\n    LLM('acme/not-there', device='cpu')\n"
             "except ConfigError as e:\n    print('ERR', e)\n")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

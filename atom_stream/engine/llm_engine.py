@@ -33,7 +33,7 @@ import logging
 import time
 from typing import Any
 
-from atom_stream.config import EngineConfig
+from atom_stream.config import EngineConfig, resolve_model_path
 from atom_stream.engine.block_manager import BlockManager
 from atom_stream.engine.metrics import EngineMetrics
 from atom_stream.engine.outputs import RequestOutput, Usage
@@ -99,6 +99,7 @@ class LLMEngine:
         self.config = config
         if runner is None:
             from atom_stream.engine.distributed import make_executor
+            config.model = resolve_model_path(config.model, config.load_format)  # hub ids
             runner = make_executor(config)
         self.runner = runner
         self.model_config = runner.model_config

@@ -233,11 +233,13 @@ def run_node(config: EngineConfig) -> int:
     """The headless command of node `config.node_rank` >= 1: run this node's leader rank here,
     spawn the node's other ranks, relay rank 0's steps to them until rank 0 shuts down (exit 0)
     or a rank dies (exit 1). Blocks."""
+    from atom_stream.config import resolve_model_path
     from atom_stream.engine.distributed import LocalWorkers, _close_group, _init_group, _set_device
     from atom_stream.engine.model_runner import ModelRunner
     from atom_stream.engine.step_codec import StepDecoder
     from atom_stream.layers.parallel import TPInfo
 
+    config.model = resolve_model_path(config.model, config.load_format)  # hub ids
     layout = NodeLayout.of(config)
     init = layout.init_method()
     logger.info("node %d/%d: ranks %d..%d, rendezvous %s", layout.node_rank, layout.nnodes,
