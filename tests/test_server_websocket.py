@@ -144,6 +144,10 @@ async def test_bad_frames_get_error_frames_and_connection_goes_on(srv):
                       "params": {"temperature": -1}}, "p1", 400, "params.temperature")
         await expect({"type": "generate", "id": "p2", "prompt": "z",
                       "params": {"bogus": 1}}, "p2", 400, "params.bogus")
+        await expect({"type": "generate", "id": "p8", "messages": []}, "p8", 400, "messages")
+        await expect({"type": "generate", "id": "p9", "messages": [
+            {"role": "user", "content": [{"type": "image_url"}]}]}, "p9", 400,
+            "messages[0].content")
         await expect({"type": "generate", "id": "p3", "prompt": "z", "messages": []}, "p3",
                      400, "prompt")
         await expect({"type": "generate", "id": "p4", "prompt": "q" * 5000}, "p4", 400,

@@ -67,6 +67,9 @@ _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
 # n: one choice per request id; prompt_logprobs: delta/done frames have no field for them
 _PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n", "prompt_logprobs"}
+# generate-frame fields an error may name as they are (everything else is under "params.")
+_FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
+                           "chat_template_kwargs"})
 
 
 class _Live:
@@ -264,7 +267,8 @@ class _Connection:
         except Exception as e:  # noqa: BLE001
             err = HTTPError.from_exception(e)
             param = err.param
-            if param and not param.startswith("params.") and param not in ("prompt", "id"):
+            root = (param or "").split("[", 1)[0].split(".", 1)[0]
+            if param and root != "params" and root not in _FRAME_FIELDS:
                 param = f"params.{param}"
             self.error(cid, err.status, err.message, param)
             return
