@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from decode_tp import time_collectives
+from report import print_table, save_rows
 
 HIDDEN, LAYERS, VOCAB = 7168, 61, 163840
 
@@ -81,13 +82,10 @@ def main(argv=None) -> None:
     with open(part) as f:
         rows = json.load(f)
     out = args.out or f"bench/results/allreduce-tp{world}-h200.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"{'B':>4} {'impl':>5} {'comm ms/step':>12} {'us/collective':>13}")
-    for r in rows:
-        print(f"{r['batch']:>4} {r['impl']:>5} {r['step_comm_ms']:>12.3f} "
-              f"{r['us_per_allreduce']:>13.2f}")
+    save_rows(out, rows)
+    print_table(rows, [("B", "batch", 4, ""), ("impl", "impl", 5, ""),
+                       ("comm ms/step", "step_comm_ms", 12, ".3f"),
+                       ("us/collective", "us_per_allreduce", 13, ".2f")])
 
 
 if __name__ == "__main__":

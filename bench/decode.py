@@ -17,12 +17,11 @@ Prints a table; writes bench/results/decode-<preset>-<gpu>.json rows
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 import torch
+from report import print_table, save_rows  # bench/report.py (the script's folder)
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner
@@ -260,14 +259,12 @@ def main(argv=None) -> None:
             profile_step(runner, inp, B, ctx, seq=args.profile_seq)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     out = args.out or f"bench/results/decode-{args.preset}-{gpu}.json"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
+    save_rows(out, rows)
     print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s; wrote {out}")
-    print(f"{'B':>4} {'ctx':>6} {'graphs':>6} {'step_ms':>9} {'floor_ms':>9} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['batch']:>4} {r['ctx']:>6} {r['graphs']!s:>6} {r['step_ms']:>9.3f} "
-              f"{r['floor_ms']:>9.3f} {r['ratio']:>6.3f}")
+    print_table(rows, [("B", "batch", 4, ""), ("ctx", "ctx", 6, ""),
+                       ("graphs", lambda r: str(r["graphs"]), 6, ""),
+                       ("step_ms", "step_ms", 9, ".3f"), ("floor_ms", "floor_ms", 9, ".3f"),
+                       ("ratio", "ratio", 6, ".3f")])
 
 
 if __name__ == "__main__":

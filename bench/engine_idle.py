@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import time
 
 import torch
+from report import print_table, save_rows  # bench/report.py (the script's folder)
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine import graphs as graphs_mod
@@ -135,13 +134,11 @@ def main(argv=None) -> None:
         rows += asyncio.run(run_mode(EngineConfig(**kw), batches, args.ctx, args.steps, marks,
                                      vocab, mode))
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"{'B':>4} {'ctx':>6} {'async':>6} {'step_ms':>9} {'busy_ms':>9} {'idle':>7}")
-    for r in rows:
-        print(f"{r['batch']:>4} {r['ctx']:>6} {r['async']!s:>6} {r['step_ms']:>9.3f} "
-              f"{r['busy_ms']:>9.3f} {100 * r['idle']:>6.1f}%")
+    save_rows(args.out, rows)
+    print_table(rows, [("B", "batch", 4, ""), ("ctx", "ctx", 6, ""),
+                       ("async", lambda r: str(r["async"]), 6, ""),
+                       ("step_ms", "step_ms", 9, ".3f"), ("busy_ms", "busy_ms", 9, ".3f"),
+                       ("idle", lambda r: f"{100 * r['idle']:.1f}%", 7, "")])
 
 
 if __name__ == "__main__":

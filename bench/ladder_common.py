@@ -3,9 +3,9 @@ rung with its optional check, its table line and JSON row, and writing the rows.
 
 from __future__ import annotations
 
-import json
-import os
 import time
+
+from report import save_rows
 
 
 def time_rung(calls, check=None, *, tag: str = "") -> tuple[float, str] | None:
@@ -33,7 +33,5 @@ def rung_row(label: str, t: float, nbytes: int, copy: float, prod_t: float | Non
 
 
 def write_rows(path: str, rows: list, t0: float) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    save_rows(path, rows)
     print(f"wrote {path} ({len(rows)} rows, {time.time() - t0:.0f} s)")

@@ -29,6 +29,7 @@ E, TOPK, SHARED, BM, ROT = 384, 8, 1, 16, 8
 def main(argv=None) -> None:
     from atom_stream.kernels.moe_align import max_blocks, moe_align
     from kernels_moe import time_calls
+    from report import print_table, save_rows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="16,64,256,1024,4096,8192")
@@ -59,13 +60,12 @@ def main(argv=None) -> None:
                      "parallel_us": round(t[True], 2), "speedup": round(t[False] / t[True], 2),
                      "identical": same})
         print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"{'M':>6}{'pairs':>8}{'one-prog us':>13}{'parallel us':>13}{'speedup':>9}  same")
-    for r in rows:
-        print(f"{r['m']:>6}{r['pairs']:>8}{r['one_program_us']:>13.2f}{r['parallel_us']:>13.2f}"
-              f"{r['speedup']:>9.2f}  {r['identical']}")
+    save_rows(args.out, rows)
+    print_table(rows, [("M", "m", 6, ""), ("pairs", "pairs", 8, ""),
+                       ("one-prog us", "one_program_us", 13, ".2f"),
+                       ("parallel us", "parallel_us", 13, ".2f"),
+                       ("speedup", "speedup", 9, ".2f"),
+                       ("same", lambda r: str(r["identical"]), 6, "")], sep="")
     if not all(r["identical"] for r in rows):
         sys.exit(1)
 

@@ -35,6 +35,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from decode import copy_bandwidth, profile_step, weight_bytes
+from report import print_table, save_rows
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.model_runner import ModelRunner
@@ -124,14 +125,11 @@ def main(argv=None) -> None:
         profile_step(runner, runner.build_inputs(prefill_batch(args.profile, args.block_size,
                                                                vocab, 99)), 1, args.profile,
                      top=20)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+    save_rows(args.out, rows)
     print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s; weights {all_w / 1e9:.2f} GB")
-    print(f"{'len':>6} {'first_ms':>10} {'warm_ms':>9} {'tok/s':>8} {'w_floor':>8}")
-    for r in rows:
-        print(f"{r['len']:>6} {r['first_ms']:>10.2f} {r['warm_ms']:>9.2f} {r['tok_per_s']:>8} "
-              f"{r['weights_floor_ms']:>8.2f}")
+    print_table(rows, [("len", "len", 6, ""), ("first_ms", "first_ms", 10, ".2f"),
+                       ("warm_ms", "warm_ms", 9, ".2f"), ("tok/s", "tok_per_s", 8, ""),
+                       ("w_floor", "weights_floor_ms", 8, ".2f")])
 
 
 if __name__ == "__main__":
