@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | downab | align | down2 | kernels | prefill | ttft | downladder | allreduce
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | down2 | kernels | prefill | ttft | downladder | allreduce
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -112,17 +112,20 @@ for what in "${sections[@]}"; do case $what in
   tpab) for v in ${AB_VALS:-0 1}; do ATOM_STREAM_SYMM_ALLREDUCE=$v sec tpab-$v ${T_DECODE:-200} \
       python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" --batches "${BATCHES:-1,16,64}" \
       --ctx "${CTX:-1024}" --iters 20 --out "$OUT/decode-tp-symm$v.json"; done ;;
-  downab) sec downtest ${T_TESTS:-120} $PY -m gpu tests/test_kernels_moe.py -k "align or real_shape_dq"
-      sec down ${T_MOE:-200} python3 bench/kernels_moe.py --formats int4 --set down \
-      --ms "${MS:-64,256,16}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
-      --out "$OUT/kernels-moe-down.json" --sweep-out "$OUT/kernels-moe-down-sweep.json"
-      CFG=$(python3 bench/moe_best_config.py "$OUT/kernels-moe-down-sweep.json" --ms 64,256 \
-      2> "$OUT/down-pick.log"); echo "=== picked ATOM_STREAM_MOE_CFG=$CFG"; cat "$OUT/down-pick.log"
-      for v in default picked; do c='{}'; [ $v = picked ] && c=$CFG
-        [ $v = picked ] && [ "$CFG" = '{}' ] && break
-        ATOM_STREAM_MOE_CFG=$c sec decode-$v ${T_DECODE:-100} python3 bench/decode.py \
-        --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-16,64,256}" --ctx 1024 --iters 20 \
-        --out "$OUT/decode-down-$v.json"; done ;;
+  moeab) CFGS='{}'  # sweep each SET, pick its winner (int4, every pick-M), A/B all in the step
+      for set in ${SETS:-down l2p}; do
+        case $set in down) ms=64,256 pm=64,256 ;; l2p) ms=1,4,8 pm=1 ;; *) ms=$MS pm=$MS ;; esac
+        sec sweep-$set ${T_MOE:-150} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4,mxfp4}" \
+        --set $set --ms $ms --w13-tiles 16 --budget-s ${BUDGET:-110} --out "/tmp/km-$set.json" \
+        --sweep-out "$OUT/kernels-moe-$set-sweep.json"
+        c=$(python3 bench/moe_best_config.py "$OUT/kernels-moe-$set-sweep.json" --ms $pm \
+        2> "$OUT/pick-$set.log"); cat "$OUT/pick-$set.log"
+        CFGS=$(python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1]) | json.loads(sys.argv[2])))' "$CFGS" "$c")
+      done; echo "=== picked ATOM_STREAM_MOE_CFG=$CFGS"
+      if [ "$CFGS" != '{}' ]; then for v in default picked; do c='{}'; [ $v = picked ] && c=$CFGS
+        ATOM_STREAM_MOE_CFG=$c sec decode-$v ${T_DECODE:-110} python3 bench/decode.py \
+        --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-1,4,64,256}" --ctx 1024 --iters 20 \
+        --out "$OUT/decode-moe-$v.json"; done; fi ;;
   align) sec align ${T_ALIGN:-90} python3 bench/moe_align_bench.py --out "$OUT/moe-align.json" ;;
   down2) sec down2 ${T_MOE:-170} python3 bench/kernels_moe.py --formats int4,mxfp4 --set down \
       --ms "${MS:-64,256}" --w13-tiles 16 --budget-s ${BUDGET:-130} --out /tmp/kernels-moe-down2.json \
