@@ -78,7 +78,7 @@ class LLM:
             tok = self.engine.tokenizer
             if tok is None:
                 raise InvalidRequestError("text prompts need a tokenizer", "prompts")
-            return tok.encode(p)
+            return tok.encode(p, add_special_tokens=True)  # as vLLM: an HF DeepSeek BOS
         if isinstance(p, (list, tuple)):
             return list(p)  # token ids: checked by the engine
         raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, "

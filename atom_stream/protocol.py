@@ -113,6 +113,7 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's extra field: the tokenizer's own prefix (BOS)
 
 
 class TokenizeRequest(Struct, kw_only=True):

@@ -14,8 +14,11 @@ and `load_tokenizer`, which picks one for a model path.
   them. A path where nothing loads raises ValueError naming it.
 
 Interface contracts (every tokenizer):
-- `encode(text)` never prepends BOS (`add_special_tokens=True` asks for the HF tokenizer's own
-  prefix); for Kimi/demo, special-token strings in the text become their control ids.
+- `encode(text)` never prepends BOS. `add_special_tokens=True` asks for what the checkpoint's
+  own tokenizer adds to a text prompt, as vLLM's completions do: an HF tokenizer its own
+  (DeepSeek-V3: BOS), Kimi nothing (its TikTokenTokenizer has no BOS rule:
+  reference/model_spec.md "no BOS is added"), the demo / preset tokenizers nothing (Kimi-like).
+  For Kimi/demo, special-token strings in the text become their control ids.
 - `decode(ids, skip_special_tokens=True)`: ids outside [0, vocab_size) raise ValueError; invalid
   UTF-8 decodes to U+FFFD. decode(encode(s), skip_special_tokens=False) == s for any str s.
 - `token_bytes(id)`: the raw bytes of a byte-level vocabulary's token, None for specials / when
@@ -176,7 +179,7 @@ class DemoTokenizer(Tokenizer):
         self._split = special_splitter(DEMO_SPECIALS.values())
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        prefix = [self.bos_token_id] if add_special_tokens else []
+        prefix: list[int] = []  # Kimi-like: no BOS even with add_special_tokens
         if "<|" not in text:  # fast path: no special names possible
             return prefix + list(text.encode())
         ids = prefix
@@ -229,7 +232,7 @@ class PresetTokenizer(DemoTokenizer):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if " t" not in text:
             return super().encode(text, add_special_tokens)
-        ids = [self.bos_token_id] if add_special_tokens else []
+        ids: list[int] = []  # as the demo: no BOS
         for i, part in enumerate(self._WORD.split(text)):
             if i % 2 and 320 <= (t := int(part[2:], 16)) < self.vocab_size:
                 ids.append(t)

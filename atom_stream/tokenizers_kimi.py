@@ -170,7 +170,9 @@ class KimiTokenizer(Tokenizer):
         self._chat_template = chat_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        """add_special_tokens adds nothing: Kimi's TikTokenTokenizer has no BOS rule (HF's
+        default build_inputs_with_special_tokens), so vLLM's completions send no BOS either."""
+        ids: list[int] = []
         enc = self._enc.encode
         for piece in split_runs(text):
             ids.extend(enc(piece, allowed_special="all", disallowed_special=()))

@@ -49,3 +49,26 @@ async def test_async_engine_takes_a_params_dict():
                 async for _ in eng.generate([5, 6], bad):
                     pass
         assert eng.stats()["used_blocks"] == 0
+
+
+async def test_text_prompts_get_the_tokenizers_own_prefix(tmp_path):
+    # as vLLM: a text prompt is encoded with add_special_tokens=True, so a DeepSeek-style HF
+    # tokenizer (BOS post-processor) gives it a BOS; AsyncEngine.generate(add_special_tokens=
+    # False) and token-id prompts get none (the demo / Kimi tokenizers add none: test_tokenizer)
+    from tokenizer_fixtures import write_hf_tokenizer
+    path = write_hf_tokenizer(str(tmp_path / "tok"), add_bos=True)
+    llm = LLM("demo", tokenizer=path, **KW)
+    try:
+        tok = llm.engine.tokenizer
+        ids = tok.encode("hello world")
+        (out,) = llm.generate("hello world", SamplingParams(**PARAMS))
+        assert out.prompt_token_ids == [tok.bos_token_id, *ids]
+        (out,) = llm.generate([ids], SamplingParams(**PARAMS))
+        assert out.prompt_token_ids == ids
+    finally:
+        llm.engine.shutdown()
+    async with AsyncEngine(EngineConfig(model="demo", tokenizer=path, **KW)) as eng:
+        for add, want in ((True, [tok.bos_token_id, *ids]), (False, ids)):
+            outs = [o async for o in eng.generate("hello world", dict(PARAMS),
+                                                  add_special_tokens=add)]
+            assert outs[0].prompt_token_ids == want, add

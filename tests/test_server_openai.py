@@ -539,3 +539,24 @@ def test_logprob_tokens_are_decoded_text(http):
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content] == [" "] * 4
     assert all(c["bytes"] == [32] for c in content)
+
+
+def test_completions_and_tokenize_add_the_tokenizers_bos(tmp_path_factory):
+    """vLLM's add_special_tokens (default true) on /v1/completions and /tokenize: a DeepSeek-style
+    HF tokenizer's BOS is prepended to a text prompt unless the request says false; chat is
+    unchanged (its template writes the BOS)."""
+    from tokenizer_fixtures import write_hf_tokenizer
+    path = write_hf_tokenizer(str(tmp_path_factory.mktemp("bos")), add_bos=True)
+    with running_server({"tokenizer": path}) as s, httpx.Client(base_url=s.url,
+                                                               timeout=60) as c:
+        plain = c.post("/tokenize", json={"prompt": "hello world",
+                                          "add_special_tokens": False}).json()["tokens"]
+        with_bos = c.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+        assert len(plain) == 2 and with_bos[1:] == plain and with_bos[0] not in plain
+        for extra, n in (({}, 3), ({"add_special_tokens": False}, 2)):
+            r = c.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 2,
+                                                "temperature": 0, **extra})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == n, extra
+        chat = c.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+        assert chat.count(with_bos[0]) == 1

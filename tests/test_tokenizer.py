@@ -59,7 +59,7 @@ def test_demo_ids_and_specials():
     assert tok.all_special_ids == frozenset(range(256, 320))
     assert tok.encode("é<|im_end|>a<|reserved_300|>") == [0xC3, 0xA9, 262, 97, 300]
     assert tok.encode("<|im_end") == list(b"<|im_end")  # not a complete special name
-    assert tok.encode("x", add_special_tokens=True) == [256, 120]
+    assert tok.encode("x", add_special_tokens=True) == [120]  # Kimi-like: no BOS rule
     assert tok.decode([104, 262, 105]) == "hi"
     assert tok.decode([104, 262, 105], skip_special_tokens=False) == "h<|im_end|>i"
     assert tok.token_bytes(0xE4) == b"\xe4" and tok.token_bytes(262) is None
@@ -104,7 +104,8 @@ def test_kimi_special_slots_and_ids(kimi):
     assert kimi.all_special_ids == frozenset(range(n, n + 256))
     assert kimi.encode("a<|im_end|>b") == [97, n + 2, 98]
     assert kimi.encode("x") == [120]  # no BOS
-    assert kimi.encode("x", add_special_tokens=True) == [n, 120]
+    # Kimi's TikTokenTokenizer has no BOS rule: vLLM's completions send none either
+    assert kimi.encode("x", add_special_tokens=True) == [120]
     assert kimi.decode([97, n + 2, 98]) == "ab"
     assert kimi.decode([97, n + 2, 98], skip_special_tokens=False) == "a<|im_end|>b"
     assert kimi.token_bytes(n + 2) is None and kimi.token_bytes(0x41) == b"A"
@@ -314,6 +315,17 @@ def test_kimi_template_selection(tmp_path):
 
 
 # ------------------------------------------------------------------------------ hf + loader
+def test_hf_tokenizer_own_prefix_only_when_asked(tmp_path):
+    # a DeepSeek-style tokenizer (BOS post-processor): add_special_tokens=True gives its BOS,
+    # the default none; the fixture without the rule adds nothing either way
+    bos = load_tokenizer(write_hf_tokenizer(str(tmp_path / "b"), add_bos=True))
+    plain = load_tokenizer(write_hf_tokenizer(str(tmp_path / "p")))
+    ids = plain.encode("hello world")
+    assert bos.encode("hello world") == ids
+    assert bos.encode("hello world", add_special_tokens=True) == [bos.bos_token_id, *ids]
+    assert plain.encode("hello world", add_special_tokens=True) == ids
+
+
 def test_hf_tokenizer(hf):
     assert hf.eos_token_ids == (hf.encode("</s>")[0], 7)
     assert hf.bos_token_id == hf.encode("<s>")[0]

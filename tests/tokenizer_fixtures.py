@@ -77,10 +77,13 @@ HF_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
 
 
-def write_hf_tokenizer(path: str, *, generation_eos: list[int] | None = None) -> str:
+def write_hf_tokenizer(path: str, *, generation_eos: list[int] | None = None,
+                       add_bos: bool = False) -> str:
     """A byte-level BPE tokenizer (256 byte tokens + merges for "he", "ll", "hello", " world")
-    with bos <s>, eos </s> and extra specials <|start|>, <|end|>; saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    with bos <s>, eos </s> and extra specials <|start|>, <|end|>; saved with save_pretrained.
+    add_bos: a post-processor prepends <s> when special tokens are asked for (as DeepSeek-V3's
+    tokenizer, add_bos_token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     from atom_stream.tokenizer import BYTE_TO_UNICODE, bytes_to_token_str
@@ -96,6 +99,9 @@ def write_hf_tokenizer(path: str, *, generation_eos: list[int] | None = None) ->
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    additional_special_tokens=["<|start|>", "<|end|>"])
+    if add_bos:
+        fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", fast.bos_token_id)])
     fast.chat_template = HF_CHAT_TEMPLATE
     fast.save_pretrained(path)
     if generation_eos is not None:

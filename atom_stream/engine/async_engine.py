@@ -244,16 +244,19 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
                        chat_template_kwargs: dict | None = None,
-                       strict_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
+                       strict_max_tokens: bool = False,
+                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutput deltas until the final one (finish_reason set).
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
-        the context left after the prompt instead of capping it (the OpenAI server's rule)."""
+        the context left after the prompt instead of capping it (the OpenAI server's rule).
+        `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
+        tokenizer's BOS; nothing for Kimi), as vLLM's completions by default."""
         core = self._check_alive()
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        ids = await self._tokenize(prompt, chat_template_kwargs)
+        ids = await self._tokenize(prompt, chat_template_kwargs, add_special_tokens)
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
@@ -298,14 +301,16 @@ class AsyncEngine:
             self._deliver(out)
         self._check_idle()
 
-    async def _tokenize(self, prompt: Prompt, chat_template_kwargs: dict | None) -> list[int]:
+    async def _tokenize(self, prompt: Prompt, chat_template_kwargs: dict | None,
+                        add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt: must not be empty", "prompt")
-            fn = functools.partial(self._need_tokenizer().encode, prompt)
+            fn = functools.partial(self._need_tokenizer().encode, prompt,
+                                   add_special_tokens=add_special_tokens)
             size = len(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             fn = functools.partial(self._need_tokenizer().encode_chat, prompt,

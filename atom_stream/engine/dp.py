@@ -209,7 +209,8 @@ class DPEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
                        chat_template_kwargs: dict | None = None,
-                       strict_max_tokens: bool = False) -> AsyncIterator[RequestOutput]:
+                       strict_max_tokens: bool = False,
+                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort)."""
         if request_id is None:
             request_id = uuid.uuid4().hex
@@ -220,7 +221,8 @@ class DPEngine:
         self.outstanding[i] += 1
         stream = self.replicas[i].generate(prompt, params, request_id,
                                            chat_template_kwargs=chat_template_kwargs,
-                                           strict_max_tokens=strict_max_tokens)
+                                           strict_max_tokens=strict_max_tokens,
+                                           add_special_tokens=add_special_tokens)
         try:
             async for out in stream:
                 yield out

@@ -310,7 +310,8 @@ class OpenAIServing:
         return fn()
 
     async def _start(self, prompts: list[Any], params: SamplingParams, rid: str,
-                     template_kwargs: dict | None) -> list[Choice]:
+                     template_kwargs: dict | None, add_special_tokens: bool = True
+                     ) -> list[Choice]:
         """Submit every child request and await each one's first delta (errors surface here)."""
         engine = self.engine
         n = params.n
@@ -325,7 +326,8 @@ class OpenAIServing:
                 child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
                 gens.append(engine.generate(prompt, child, child_id,
                                             chat_template_kwargs=template_kwargs,
-                                            strict_max_tokens=True))
+                                            strict_max_tokens=True,
+                                            add_special_tokens=add_special_tokens))
         if total == 1:
             firsts: list[Any] = [await _first(gens[0])]
         else:
@@ -445,7 +447,7 @@ class OpenAIServing:
             params = build_sampling_params(req, chat=False)
             prompts = completion_prompts(req.prompt)
             rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
-            choices = await self._start(prompts, params, rid, None)
+            choices = await self._start(prompts, params, rid, None, req.add_special_tokens)
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
         self.state.metrics.request(route, 200)
@@ -500,7 +502,8 @@ class OpenAIServing:
                 ids = await self._offloop(lambda: tok.encode_chat(
                     messages, add_generation_prompt=req.add_generation_prompt, **kwargs), size)
             elif req.prompt is not None:
-                ids = await self._offloop(lambda: tok.encode(req.prompt), len(req.prompt))
+                ids = await self._offloop(lambda: tok.encode(
+                    req.prompt, add_special_tokens=req.add_special_tokens), len(req.prompt))
             else:
                 raise HTTPError(400, "give either prompt or messages", "prompt")
             resp = TokenizeResponse(len(ids), self.engine.max_model_len, list(ids))
