@@ -113,8 +113,8 @@ for what in "${sections[@]}"; do case $what in
       python3 bench/decode_tp.py --preset "${TP_PRESET:-k25-tp4-rank}" --batches "${BATCHES:-1,16,64}" \
       --ctx "${CTX:-1024}" --iters 20 --out "$OUT/decode-tp-symm$v.json"; done ;;
   moeab) CFGS='{}'  # sweep each SET, pick its winner (int4, every pick-M), A/B all in the step
-      for set in ${SETS:-down l2p}; do
-        case $set in down) ms=64,256 pm=64,256 ;; l2p) ms=1,4,8 pm=1 ;; *) ms=$MS pm=$MS ;; esac
+      for set in ${SETS:-down}; do
+        case $set in down) ms=64,256 pm=64,256 ;; *) ms=$MS pm=${PICK_MS:-$MS} ;; esac
         sec sweep-$set ${T_MOE:-150} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4,mxfp4}" \
         --set $set --ms $ms --w13-tiles 16 --budget-s ${BUDGET:-110} --out "/tmp/km-$set.json" \
         --sweep-out "$OUT/kernels-moe-$set-sweep.json"

@@ -210,7 +210,7 @@ TILE_CANDIDATES = {1: [{}] + _SM, 4: [{}] + _SM, 8: [{}] + _SM, 16: [{}] + _TCT,
 # --set down (session 7): round 1 timed the sorted path's align in its one-launch form (AP) and
 # the down kernel's tiles (BN2 rows x BK2 K per program, W2 warps, S2 stages, DU unrolled) over
 # the then defaults (DOWN_R1; AP and int4 BN2 128 won and are the defaults since); round 2
-# (DOWN_R2) timed what was left around the new defaults, for int4 and MXFP4 (nothing won).
+# (DOWN_CANDIDATES) times what is left around the new defaults, for int4 and MXFP4.
 # "stop_after": align + gate_up alone, so down + reduce = the whole minus that.
 _AP = {"AP": True}
 DOWN_R1 = [{}, _AP, dict(_AP, stop_after="gate_up"), {"stop_after": "gate_up"},
@@ -221,18 +221,8 @@ DOWN_R1 = [{}, _AP, dict(_AP, stop_after="gate_up"), {"stop_after": "gate_up"},
 _DOWN = [{}, {"stop_after": "gate_up"}, {"W2": 2}, {"W2": 2, "BN2": 128}, {"W2": 2, "BN2": 64},
          {"W2": 4, "BN2": 128}, {"W2": 2, "BN2": 128, "S2": 4}, {"BN2": 256, "W2": 4},
          {"AP": False}, {}]
-DOWN_R2 = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
-           64: _DOWN, 256: _DOWN}
-# round 3 (session 9, DOWN_CANDIDATES): the persistent down kernel (DP programs per SM looping
-# over (block, row tile) work items, so one tile's weight loads overlap the last one's MMAs)
-_DP = [{}, {"DP": 2}, {"DP": 4}, {"DP": 1}, {"DP": 2, "S2": 4}, {"DP": 4, "S2": 2},
-       {"DP": 2, "BN2": 64}, {"DP": 4, "BN2": 64, "W2": 2}, {"DP": 2, "W2": 8}, {"DP": 8},
-       {"stop_after": "gate_up"}, {}]
-DOWN_CANDIDATES = {64: _DP, 256: _DP}
-# --set l2p (session 9): the per-pair gate_up (M <= 8) also reads each pair's down weights once
-# so that the down kernel finds them in L2 (small-M config L2P: prefetch programs per pair)
-_L2P = [{}] + [{"small_m": {"L2P": n}} for n in (32, 64, 16, 128)] + [{}]
-L2P_CANDIDATES = {1: _L2P, 4: _L2P, 8: _L2P}
+DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
+                   64: _DOWN, 256: _DOWN}
 # --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
 # mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
 # block, the MMA's N side) and the wider tiles a larger BM can feed
@@ -284,8 +274,6 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return DOWN_CANDIDATES.get(M, [{}])
     if cset == "prefill":
         return PREFILL_CANDIDATES.get(M, [{}])
-    if cset == "l2p":
-        return L2P_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -337,7 +325,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down", "prefill", "l2p") and b is not None:
+                if cset in ("tc", "tcx", "down", "prefill") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -399,11 +387,10 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
-                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "l2p"),
+                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
-                    "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, l2p = "
-                    "L2P_CANDIDATES")
+                    "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

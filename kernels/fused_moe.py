@@ -194,9 +194,6 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
     M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
     AP: sorted mode's moe_align in its one-launch parallel form (None: ATOM_STREAM_MOE_ALIGN_PAR).
-    DP: sorted mode's down GEMM as a persistent kernel of DP programs per SM looping over
-    (block, row tile) work items (fused_moe_tc._down_persist_kernel; 0 = one program per tile,
-    `_down_block_kernel`); unmeasured candidate (bench/kernels_moe.py --set down, session 9).
     small_m_max (4-bit weight-only, bf16 x): M up to which kernels/moe_small_m.py runs instead of
     GEMV (0 = off); "small_m" = its config overrides. Measured H200, Kimi-K2.5 TP8 rank, CUDA-graph
     replay (bench/results/moe-small-m-h200.json, copy 4250 GB/s): int4 M=1 GEMV 31.1 us vs
@@ -248,7 +245,7 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,
             "GC": _pick([c for c in (8, 4, 2, 1) if c <= gc], max(H // 128, 1)), "GW1": 4,
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
-            "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0, "DP": 0,
+            "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
             "DU": 1, "small_m_max": small_m_max() if four_bit and act == A_NONE else 0,
             "small_m": None} | tc4
 

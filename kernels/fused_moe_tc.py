@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_linear import _num_sms
 from .fused_moe_common import _e2m1_value, _mm, _mx_quant, _row_scale, _wrow
 from .moe_align import max_blocks, moe_align, pair_expert
 
@@ -131,32 +130,6 @@ def _gate_up_kernel(
                      mask=st_ok[:, None])
 
 
-@triton.jit
-def _down_tile(e, slot, ok, n, ACT, ACTS, W, S, AS, stride_we, stride_se, I: tl.constexpr,
-               W_ROW: tl.constexpr, S_ROW: tl.constexpr, A_ROW: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr, ACT_Q: tl.constexpr,
-               MDT: tl.constexpr, OFFS: tl.constexpr, ASTATIC: tl.constexpr, DQ: tl.constexpr,
-               UNROLL: tl.constexpr):
-    """[BN, BM] fp32: expert e's down rows n (int32 [BN]) times the activation rows `slot`
-    (int64 [BM]; rows with ok False read as zeros)."""
-    if FMT == 1:
-        row_s = (n // 128).to(tl.int64) * S_ROW
-    else:
-        row_s = n.to(tl.int64) * S_ROW
-    e64 = e.to(tl.int64)
-    if FMT == 5:
-        xsc = _row_scale(ACT, slot * A_ROW, ok, AS, I, BM, BK, ASTATIC)
-    else:
-        xsc = tl.zeros((BM,), tl.float32)
-    acc = _mm(tl.zeros((BN, BM), tl.float32), W + e64 * stride_we, S + e64 * stride_se,
-              n.to(tl.int64) * W_ROW, row_s, n >= 0, ACT, slot * A_ROW, ok, ACTS,
-              slot * (I // 32), xsc, I, BN, BM, BK, FMT, ACT_Q, MDT, UNROLL, OFFS, DQ)
-    if FMT == 5:
-        ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
-        acc = acc * ws[:, None] * xsc[None, :]
-    return acc
-
-
 @triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _down_block_kernel(
     ACT, ACTS, W, S, IDS, SORTED, BLKEXP, Y, AS, M, num_pairs, stride_im, stride_we, stride_se,
@@ -185,9 +158,22 @@ def _down_block_kernel(
         ok = pair < num_pairs
     slot = (b * BM + mr).to(tl.int64)
     n = jt * BN + tl.arange(0, BN)
-    yv = _down_tile(e, slot, ok, n, ACT, ACTS, W, S, AS, stride_we, stride_se, I, W_ROW, S_ROW,
-                    A_ROW, BM, BN, BK, FMT, ACT_Q, MDT, OFFS, ASTATIC, DQ, UNROLL
-                    ).to(Y.dtype.element_ty)
+    if FMT == 1:
+        row_s = (n // 128).to(tl.int64) * S_ROW
+    else:
+        row_s = n.to(tl.int64) * S_ROW
+    e64 = e.to(tl.int64)
+    if FMT == 5:
+        xsc = _row_scale(ACT, slot * A_ROW, ok, AS, I, BM, BK, ASTATIC)
+    else:
+        xsc = tl.zeros((BM,), tl.float32)
+    acc = _mm(tl.zeros((BN, BM), tl.float32), W + e64 * stride_we, S + e64 * stride_se,
+              n.to(tl.int64) * W_ROW, row_s, n >= 0, ACT, slot * A_ROW, ok, ACTS,
+              slot * (I // 32), xsc, I, BN, BM, BK, FMT, ACT_Q, MDT, UNROLL, OFFS, DQ)
+    if FMT == 5:
+        ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
+        acc = acc * ws[:, None] * xsc[None, :]
+    yv = acc.to(Y.dtype.element_ty)
     if DIRECT:
         # one store per selection column: a token that repeats e gets the result in each of
         # its pairs (summing the k's of the hits would address a wrong pair and leave these
@@ -199,43 +185,6 @@ def _down_block_kernel(
                      mask=hk[None, :])
     else:
         tl.store(Y + pair[None, :].to(tl.int64) * H + n[:, None], yv, mask=ok[None, :])
-
-
-@triton.jit(do_not_specialize=["num_pairs", "nblk"])
-def _down_persist_kernel(
-    ACT, ACTS, W, S, SORTED, BLKEXP, Y, AS, num_pairs, nblk, stride_we, stride_se,
-    H: tl.constexpr, I: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr,
-    A_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    FMT: tl.constexpr, ACT_Q: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr,
-    ASTATIC: tl.constexpr, DQ: tl.constexpr, STAGES: tl.constexpr, CNT: tl.constexpr,
-):
-    """Sorted mode's down GEMM on a fixed grid (cfg "DP" programs per SM): program p takes the
-    tiles w = p, p + G, ... of the used blocks x H // BN row tiles (w // NT = block, w % NT =
-    tile), so the pipeliner issues the next tile's weight loads while this tile multiplies,
-    where `_down_block_kernel`'s one-tile programs each wait out a whole load latency (I = 256
-    is one or two K steps). The K loop is unrolled: this tile loop is the innermost loop.
-    Used blocks are a prefix of BLKEXP (moe_align fills them in expert order), counted first."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    used = tl.sum((tl.load(BLKEXP + tl.arange(0, CNT), mask=tl.arange(0, CNT) < nblk,
-                           other=-1) >= 0).to(tl.int32), axis=0)
-    for s in range(CNT, nblk, CNT):
-        o = s + tl.arange(0, CNT)
-        used += tl.sum((tl.load(BLKEXP + o, mask=o < nblk, other=-1) >= 0).to(tl.int32),
-                       axis=0)
-    NT: tl.constexpr = H // BN
-    mr = tl.arange(0, BM)
-    for w in tl.range(pid, used * NT, G, num_stages=STAGES):
-        b = w // NT
-        n = (w - b * NT) * BN + tl.arange(0, BN)
-        e = tl.load(BLKEXP + b)
-        pair = tl.load(SORTED + b * BM + mr)
-        ok = pair < num_pairs
-        slot = (b * BM + mr).to(tl.int64)
-        yv = _down_tile(e, slot, ok, n, ACT, ACTS, W, S, AS, stride_we, stride_se, I, W_ROW,
-                        S_ROW, A_ROW, BM, BN, BK, FMT, ACT_Q, MDT, OFFS, ASTATIC, DQ, True)
-        tl.store(Y + pair[None, :].to(tl.int64) * H + n[:, None], yv.to(Y.dtype.element_ty),
-                 mask=ok[None, :])
 
 
 @triton.jit
@@ -338,20 +287,12 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
     y = empty((P, H), out.dtype, dev, poison)
-    if cfg.get("DP") and not direct:
-        grid = min(nblk * (H // BN2), int(cfg["DP"] * _num_sms(dev)))
-        _down_persist_kernel[(grid,)](
-            a_buf, a_sc, w2, s2, sorted_pairs, block_expert, y, a2, P, nblk, w2.stride(0),
-            s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2, A_ROW=a_row, BM=BM, BN=BN2,
-            BK=cfg["BK2"], FMT=fmt, ACT_Q=act, MDT=mdt, OFFS=cfg["OFFS"], ASTATIC=astatic,
-            DQ=cfg["DQ"], STAGES=cfg["S2"], CNT=1024, num_warps=cfg["W2"], num_stages=cfg["S2"])
-    else:
-        _down_block_kernel[(nblk, H // BN2)](
-            a_buf, a_sc, w2, s2, topk_ids, sorted_pairs, block_expert, y, a2, M, P,
-            topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
-            A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
-            num_stages=cfg["S2"],
-            **common)
+    _down_block_kernel[(nblk, H // BN2)](
+        a_buf, a_sc, w2, s2, topk_ids, sorted_pairs, block_expert, y, a2, M, P,
+        topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
+        A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
+        num_stages=cfg["S2"],
+        **common)
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_weights.stride(0), out.stride(0),
                                  H=H, TOPK=top_k, KP=kp, BH=bh, num_warps=4)

@@ -118,42 +118,17 @@ def _silu_store(ACT_ROW, y, rt, HR: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch(q, IDS, W2, S2, SINK, stride_im, stride_w2e, stride_s2e, TOPK: tl.constexpr,
-                 KP: tl.constexpr, N_ROUTED: tl.constexpr, L2P: tl.constexpr,
-                 NW2: tl.constexpr, NS2: tl.constexpr, CW: tl.constexpr):
-    """Prefetch program q: chunk q % L2P of pair q // L2P's down weights (its expert's NW2
-    w2 words then NS2 scale words, CW words per chunk) read once, so that they sit in L2 when
-    the down kernel reads them; the sum goes to SINK[q] (never read: it keeps the loads)."""
-    p = q // L2P
-    e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
-    o = (q % L2P) * CW + tl.arange(0, CW)
-    w = tl.load(W2 + e * stride_w2e + o, mask=o < NW2, other=0)
-    sc = tl.load(S2 + e * stride_s2e + (o - NW2), mask=(o >= NW2) & (o < NW2 + NS2), other=0)
-    tl.store(SINK + q, tl.sum(w ^ sc, axis=0))
-
-
-@triton.jit(do_not_specialize=["n_pf"])
 def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, stride_se,
-                       W2, S2, SINK, n_pf, stride_w2e, stride_s2e,
                        I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                        N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
-                       FMT: tl.constexpr, PDL: tl.constexpr, WT: tl.constexpr = 1,
-                       L2P: tl.constexpr = 0, NW2: tl.constexpr = 0, NS2: tl.constexpr = 0,
-                       CW: tl.constexpr = 1):
-    """Grid (n_pf + M * KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a
-    programmatic dependent launch) may start now; it reads act only after griddepcontrol.wait.
-    WT: rows per tile of the words / scales (1: row-major). L2P > 0: the first n_pf = M * KP *
-    L2P programs are `_l2_prefetch`es of the pairs' down weights (W2 / S2 as int32 words)."""
+                       FMT: tl.constexpr, PDL: tl.constexpr, WT: tl.constexpr = 1):
+    """Grid (M * KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a programmatic
+    dependent launch) may start now; it reads act only after griddepcontrol.wait. WT: rows per
+    tile of the words / scales (1: row-major)."""
     if PDL:
         gdc_launch_dependents()
     NRT: tl.constexpr = 2 * I // R
     pid = tl.program_id(0)
-    if L2P > 0:
-        if pid < n_pf:
-            _l2_prefetch(pid, IDS, W2, S2, SINK, stride_im, stride_w2e, stride_s2e, TOPK, KP,
-                         N_ROUTED, L2P, NW2, NS2, CW)
-            return
-        pid -= n_pf
     p = pid // NRT  # pair m * KP + k
     rt = pid % NRT
     e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
@@ -165,17 +140,12 @@ def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we
 
 def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: torch.Tensor,
                act: torch.Tensor, fmt_code: int, *, top_k: int, n_shared: int = 0, R: int = 4,
-               CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0,
-               l2p: int = 0, w2: torch.Tensor | None = None,
-               s2v: torch.Tensor | None = None) -> torch.Tensor:
+               CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0) -> torch.Tensor:
     """Launch the per-pair gate_up (module docstring) for the M = ids.shape[0] tokens and
-    return act. No allocation (but the l2p sink), no host sync. Inputs are trusted to be
-    checked by the caller (moe_small_m._check) except the tile, act and the unit column
-    strides. w13 / s13v may be the row-tiled copies ([E, 2I / T, H / 128, T, 16] / [E, 2I / T,
-    H / 128, T, 4]: fused_moe.tile_w13). l2p > 0: l2p more programs per pair read that pair's
-    down weights (w2 int32 [E, H, I / 128, 16], s2v its scales: any dtype, contiguous per
-    expert) once, to have them in L2 for the down kernel (the M = 1 gate_up leaves most of the
-    memory bandwidth idle: bench/RESULTS.md session 4's read probe)."""
+    return act. No allocation, no host sync. Inputs are trusted to be checked by the caller
+    (moe_small_m._check) except the tile, act and the unit column strides. w13 / s13v may be
+    the row-tiled copies ([E, 2I / T, H / 128, T, 16] / [E, 2I / T, H / 128, T, 4]:
+    fused_moe.tile_w13)."""
     wt = w13_tile(w13, s13v)
     E, nt, nc = w13.shape[:3]
     two_i = nt * wt
@@ -189,25 +159,8 @@ def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: to
     if x32.shape[0] != M or x32.stride(1) != 1 or (top_k and ids.stride(1) != 1):
         raise ValueError(f"m1_gate_up: x {tuple(x32.shape)} / ids {tuple(ids.shape)}: want "
                          f"[{M}, H/2] and unit column strides")
-    n_pf, nw2, ns2, cw, sink, w2w, s2w = 0, 0, 0, 1, act, act, act
-    if l2p:
-        w2w, s2w = _words(w2), _words(s2v)
-        nw2, ns2 = w2w[0].numel(), s2w[0].numel()
-        cw = triton.next_power_of_2(triton.cdiv(nw2 + ns2, l2p))
-        n_pf = M * kp * l2p
-        sink = torch.empty(n_pf, dtype=torch.int32, device=act.device)
-    _m1_gate_up_kernel[(n_pf + M * kp * two_i // R,)](
+    _m1_gate_up_kernel[(M * kp * two_i // R,)](
         x32, w13, s13v, ids, act, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
-        s13v.stride(0), w2w, s2w, sink, n_pf, w2w.stride(0), s2w.stride(0), I=I, H=H,
-        TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH, FMT=fmt_code, PDL=pdl, WT=wt,
-        L2P=l2p, NW2=nw2, NS2=ns2, CW=cw, num_warps=warps, num_stages=stages)
+        s13v.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH,
+        FMT=fmt_code, PDL=pdl, WT=wt, num_warps=warps, num_stages=stages)
     return act
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """[E, ...] with each expert's slice contiguous, as int32 words [E, n] (bytes % 4 == 0)."""
-    flat = t.reshape(t.shape[0], -1)
-    if flat.stride(1) != 1 or (flat.shape[1] * t.element_size()) % 4:
-        raise ValueError(f"m1_gate_up: l2p needs whole int32 words per expert, got "
-                         f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
-    return flat.view(torch.int32)

@@ -46,9 +46,7 @@ W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2);
 epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DW=1 the
 down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1 the down kernel is a
 programmatic dependent launch (its weight loads overlap the gate_up's tail; act is read after
-griddepcontrol.wait; CUDA only, never under the interpreter), L2P > 0 (with M1) the gate_up
-launch also reads every pair's down weights once, L2P programs per pair, so the down kernel finds
-them in L2 (kernels/moe_m1_gate_up.py); "poison": True fills act with NaN
+griddepcontrol.wait; CUDA only, never under the interpreter); "poison": True fills act with NaN
 first (tests); "stop_after": "gate_up" (benchmarks). out may be given in bf16 (the contract) or fp32
 (exactness checks: no final rounding).
 """
@@ -101,7 +99,7 @@ def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
     m1 = (M == 1 and M1_KERNEL) or 1 < M <= PAIR_M_MAX
     mr = 4 if wt == 1 else (8 if M == 1 else 16)
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr, "L2P": 0}
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -202,8 +200,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     if m1:
         from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used
         m1_gate_up(x32, w13, v13, ids, act, code, top_k=top_k, n_shared=n_shared, R=cfg["MR"],
-                   CH=ch, warps=cfg["W1"], stages=cfg["S1"], pdl=0 if stop else pdl,
-                   l2p=int(cfg.get("L2P") or 0), w2=w2, s2v=v2)
+                   CH=ch, warps=cfg["W1"], stages=cfg["S1"], pdl=0 if stop else pdl)
     else:
         _gate_up_kernel[(P, I // bn, sk)](
             x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0),
