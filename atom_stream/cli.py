@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from atom_stream import envs
 from atom_stream.config import ConfigError, EngineConfig
 
 logger = logging.getLogger("atom_stream.cli")
@@ -89,7 +89,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def _env_port() -> int | None:
     """MASTER_PORT (torch.distributed's variable) as the --master-port default."""
-    value = os.environ.get("MASTER_PORT")
+    value = envs.text("MASTER_PORT")
     return int(value) if value and value.isdigit() else None
 
 
@@ -110,7 +110,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     # multi-node (engine/multinode.py, docs/MULTINODE.md); vLLM's and SGLang's spellings
     g.add_argument("--nnodes", type=int, default=d["nnodes"].default)
     g.add_argument("--node-rank", type=int, default=d["node_rank"].default)
-    g.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
+    g.add_argument("--master-addr", default=envs.text("MASTER_ADDR"),
                    help="node 0's address (default: $MASTER_ADDR)")
     g.add_argument("--master-port", type=int, default=_env_port(),
                    help="rendezvous port on node 0 (default: $MASTER_PORT)")

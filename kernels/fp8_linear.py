@@ -45,16 +45,16 @@ weight [N, K] fp8, scale_inv [ceil(N/bn), ceil(K/bk)] fp32 -> [..., N] in x.dtyp
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from .norm_rope import per_token_group_quant_fp8, per_token_group_quant_fp8_ref
 
-_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERP = envs.triton_interpreted()
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if hasattr(torch, n))
 BF16, F16, F32 = 0, 1, 2  # weight-only MMA operand dtype (constexpr MDT)
 

@@ -66,10 +66,10 @@ first (tests: a read of an unwritten element reaches the output).
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
+from .. import envs
 from .fused_moe_common import (
     _INTERP,
     A_FP8,
@@ -138,7 +138,7 @@ _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4
 
 # M up to which 4-bit weight-only calls take kernels/moe_small_m.py (measured faster at M=1 and
 # 4); ATOM_STREAM_MOE_SMALL_M_MAX=0 turns it off for A/B runs of whole decode steps
-SMALL_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_SMALL_M_MAX", "4"))
+SMALL_M_MAX = envs.integer("ATOM_STREAM_MOE_SMALL_M_MAX")
 
 
 def parse_env_config(raw: str | None) -> dict:
@@ -156,7 +156,7 @@ def parse_env_config(raw: str | None) -> dict:
 # ATOM_STREAM_MOE_CFG: a JSON object of default_config keys applied over the defaults at every M
 # (a benchmarking knob: a decode-step A/B of tiles found by bench/kernels_moe.py without a code
 # change), e.g. '{"BN2": 128, "W2": 8, "AP": true}'. Read at import, like the other switches.
-ENV_CONFIG = parse_env_config(os.environ.get("ATOM_STREAM_MOE_CFG"))
+ENV_CONFIG = parse_env_config(envs.text("ATOM_STREAM_MOE_CFG"))
 
 
 def small_m_max() -> int:

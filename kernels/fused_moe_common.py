@@ -11,16 +11,16 @@ F16, F32 (the interpreter runs bf16 dots as F32).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from .. import envs
 
 FLOAT, FP8, INT4, MXFP4, MXFP4_DS, FP8C = 0, 1, 2, 3, 4, 5  # weight formats (constexpr FMT)
 A_NONE, A_FP8, A_MXFP4 = 0, 1, 2  # activation quantization (constexpr ACT)
 BF16, F16, F32 = 0, 1, 2  # MMA operand dtype (constexpr MDT)
 _SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
-_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERP = envs.triton_interpreted()
 FP8_MAX = 448.0
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 import triton
@@ -55,9 +54,11 @@ import triton.language as tl
 from atom_stream.kernels import mla_decode_sched as _v2
 from atom_stream.kernels import mla_decode_v3 as _v3
 
-if _v2.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+from .. import envs
+
+if _v2.INTERPRET != envs.triton_interpreted():
     _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
-if _v3.INTERPRET != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+if _v3.INTERPRET != envs.triton_interpreted():
     _v3 = importlib.reload(_v3)
 # one definition of the split length and the paged tile load, shared by v1 and v3 (decorated in
 # the current interpreter mode by the reload above)

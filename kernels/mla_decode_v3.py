@@ -31,14 +31,14 @@ launches on different streams need separate workspaces.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .. import envs
+
 # mla_decode.py reloads this module when the interpreter setting changed since it was imported
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = envs.triton_interpreted()
 
 
 @triton.jit

@@ -24,11 +24,11 @@ M=64 344 -> 324 µs, M=256 533 -> 438 µs (align + gate_up alone 352 -> 252 µs)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import envs
 
 
 @triton.jit
@@ -145,7 +145,7 @@ def _align_par_kernel(
 # 438 µs (align + gate_up 352 -> 252 µs), M=64 344 -> 324 µs; ATOM_STREAM_MOE_ALIGN_PAR=0
 # keeps the one-program kernel (which walks the P pairs in 128-pair steps, one after another).
 PAR_SCAN = 4096
-ALIGN_PAR = os.environ.get("ATOM_STREAM_MOE_ALIGN_PAR", "1") == "1"
+ALIGN_PAR = envs.flag("ATOM_STREAM_MOE_ALIGN_PAR")
 PAR_CHUNK = 128
 
 

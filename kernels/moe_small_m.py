@@ -53,11 +53,10 @@ first (tests); "stop_after": "gate_up" (benchmarks). out may be given in bf16 (t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from .. import envs
 from .moe_ref import w13_tile
 from .moe_small_m_kernels import INT4, MXFP4, _down_all_kernel, _down_kernel, _gate_up_kernel
 
@@ -68,11 +67,11 @@ _SEMS: dict = {}
 _MAGIC = 0x4B000000  # fp32 2^23: a run-time argument on purpose (moe_small_m_kernels._prep)
 # M == 1 takes kernels/moe_m1_gate_up.py for the gate_up (config "M1"'s default; H200 A/B:
 # bench/moe_small_m.py --m1-kernel, bench/RESULTS.md session 4)
-M1_KERNEL = os.environ.get("ATOM_STREAM_MOE_M1_KERNEL", "1") == "1"
+M1_KERNEL = envs.flag("ATOM_STREAM_MOE_M1_KERNEL")
 # 2 <= M <= PAIR_M_MAX take it too (and fused_moe sends them here). Default 8 from the H200 runs
 # (bench/RESULTS.md session 4): kernel 1.12-1.42x at M = 2..8, a tie at 16 (int4; MXFP4 0.88x),
 # 0.77x at 32; decode step B=4 9.14 -> 8.14 ms, B=8 13.32 -> 10.62 ms. 1 = off.
-PAIR_M_MAX = int(os.environ.get("ATOM_STREAM_MOE_PAIR_M_MAX", "8"))
+PAIR_M_MAX = envs.integer("ATOM_STREAM_MOE_PAIR_M_MAX")
 
 
 def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
@@ -195,7 +194,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     mc = cfg.get("MC") or min(triton.next_power_of_2(max(M, 1)), 64)  # token chunk, id scans
     pc = cfg.get("PC") or min(triton.next_power_of_2(max(P, 2)), 256)  # pair chunk
     kp2 = triton.next_power_of_2(kp)
-    pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not triton_interpreted() else 0
+    pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not envs.triton_interpreted() else 0
     stop = cfg.get("stop_after") == "gate_up"
     if m1:
         from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used
@@ -221,11 +220,6 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     else:
         _down_kernel[(M, H // bn2)](*args, **meta)
     return out
-
-
-def triton_interpreted() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _dequant(w: torch.Tensor, s: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -43,6 +43,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from atom_stream import envs
+
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
 _mp_decode = msgspec.msgpack.Decoder().decode
@@ -104,7 +106,7 @@ class Session:
 
 def auth_headers() -> dict[str, str]:
     # ATOM sends "Bearer None" when OPENAI_API_KEY is unset; we send no header at all then.
-    key = os.environ.get("OPENAI_API_KEY")
+    key = envs.text("OPENAI_API_KEY")
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 

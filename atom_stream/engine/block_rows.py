@@ -8,9 +8,9 @@ class records (`dirty`), so neither side compares or resends whole tables.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from atom_stream import envs
 
 
 class _Row:
@@ -40,7 +40,7 @@ class BlockTableRows:
     its sequence's list and raises AssertionError when a table changed outside the contract."""
 
     SWEEP = 32
-    check = os.environ.get("ATOM_STREAM_CHECK_TABLES") == "1"
+    check = envs.flag("ATOM_STREAM_CHECK_TABLES")
 
     def __init__(self, pad: int, rows: int = 16, width: int = 16):
         self.pad, self.step, self.entries = pad, 0, {}  # entries: Sequence -> _Row

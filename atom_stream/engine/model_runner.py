@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from itertools import chain
 
@@ -32,6 +31,7 @@ import msgspec
 import numpy as np
 import torch
 
+from atom_stream import envs
 from atom_stream.config import ConfigError, EngineConfig, ModelConfig
 from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
@@ -50,7 +50,7 @@ CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not
 # session-7 A/B on two H200s (bench/RESULTS.md): a step's collectives alone 2.36 -> 0.94 ms at
 # B=1, the TP=2 decode step 7.93 -> 7.57 ms at B=1, equal at B=16 / 64. Platforms without
 # symmetric memory keep NCCL/RCCL (try_create: every rank agrees first).
-SYMM_ALLREDUCE = os.environ.get("ATOM_STREAM_SYMM_ALLREDUCE", "1") == "1"
+SYMM_ALLREDUCE = envs.flag("ATOM_STREAM_SYMM_ALLREDUCE")
 # Prefill lengths run once at GPU start-up after the profiling forward (at the largest prefill
 # batch): one per MoE expert-block class below it (int4: 16 tokens per block up to 512, 32 up
 # to 2048, then 64), so no request pays a kernel compile (~3.5 s each on an H200).

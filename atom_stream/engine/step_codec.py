@@ -41,12 +41,12 @@ flag: msgpack lists of ints cost more to decode than to rebuild.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import msgspec
 import numpy as np
 
+from atom_stream import envs
 from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.model_runner import StepInputs
 
@@ -86,7 +86,7 @@ _DECODER = msgspec.msgpack.Decoder(WireStep | WireShutdown)
 
 
 def _check_default() -> bool:
-    return os.environ.get("ATOM_STREAM_CHECK_TABLES") == "1"
+    return envs.flag("ATOM_STREAM_CHECK_TABLES")
 
 
 def _flat(a: np.ndarray) -> memoryview:

@@ -25,12 +25,11 @@ normalize in fp32, cast, multiply by the weight); no host syncs on the decode pa
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom_stream import envs
 from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import AttentionMetadata
 from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear
@@ -154,7 +153,7 @@ def _fused_moe():
 # (the logits as before; SiLU*mul reads the shared half in fp32): one launch fewer per MoE layer.
 # On by default (H200 same-run A/B, bench/RESULTS.md session 4: B=1 5.99 -> 5.86 ms, never
 # slower at B = 4, 8, 64); =0 keeps two GEMMs. Read at load (MoE.process_weights_after_loading).
-FUSE_ROUTER_SHARED = os.environ.get("ATOM_STREAM_FUSE_ROUTER_SHARED", "1") == "1"
+FUSE_ROUTER_SHARED = envs.flag("ATOM_STREAM_FUSE_ROUTER_SHARED")
 
 
 class MoE(nn.Module):

@@ -16,11 +16,12 @@ CPU without the interpreter makes Triton fail at the first launch.
 from __future__ import annotations
 
 import functools
-import os
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from atom_stream import envs
 
 _force = False
 
@@ -90,7 +91,7 @@ def router_logits(x: torch.Tensor, weight_lp: torch.Tensor, weight_fp32: torch.T
 # The shared expert on a side stream (models/deepseek_v3.MoE): off unless
 # ATOM_STREAM_SIDE_STREAM=1. Its first H200 run measured B=1 decode 7.46 ms vs 6.76 ms without
 # (confounded with another change); bench/decode.py compares both settings in one session.
-SIDE_STREAM = os.environ.get("ATOM_STREAM_SIDE_STREAM", "0") == "1"
+SIDE_STREAM = envs.flag("ATOM_STREAM_SIDE_STREAM")
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 

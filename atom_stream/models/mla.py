@@ -30,12 +30,12 @@ KV store; q_pe's RoPE stays a separate in-place launch after q_b (4 launches -> 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom_stream import envs
 from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import (
     AttentionMetadata,
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 # The fused MLA prologue (kernels/mla_prologue.py: q_a norm, kv_a norm, k_pe RoPE and the KV store
 # in one launch) on the kernel path: off unless ATOM_STREAM_FUSED_PROLOGUE=1, until a same-run
 # GPU A/B (bench/RESULTS.md) shows it faster. Read at import; tests flip the module attribute.
-FUSED_PROLOGUE = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "0") == "1"
+FUSED_PROLOGUE = envs.flag("ATOM_STREAM_FUSED_PROLOGUE")
 # Decode-only batches on the kernel path can take q_lat and q_pe from ONE GEMM over a
 # precomputed [H * (r + rope), q_lora] weight: W_UK folded into q_b's nope rows (fp32 product,
 # rounded once to the model dtype) beside q_b's rope rows. One launch fewer per layer (the W_UK
@@ -63,7 +63,7 @@ FUSED_PROLOGUE = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "0") == "1"
 # ATOM_STREAM_ABSORB_QB=1 until a same-run GPU A/B; read at load (process_weights_after_loading)
 # and built only when the folded weight is at most ABSORB_QB_MAX_BYTES per layer (DeepSeek at
 # TP1, 128 heads, would need 226 MB per layer). Tests flip the module attribute before loading.
-ABSORB_QB = os.environ.get("ATOM_STREAM_ABSORB_QB", "0") == "1"
+ABSORB_QB = envs.flag("ATOM_STREAM_ABSORB_QB")
 ABSORB_QB_MAX_BYTES = 64 << 20
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 

@@ -29,15 +29,14 @@ choice (CPU tests of the MI300 path).
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
+from atom_stream import envs
 from atom_stream.kernels.moe_ref import exact_div
 from atom_stream.layers.attention import fp8_dtype
 from atom_stream.layers.moe import moe_loop  # noqa: F401  (re-exported for the formats)
@@ -331,7 +330,7 @@ def w13_tile_rows() -> int:
     (kernels/fused_moe.tile_w13; 1 = row-major). Read at load time. Default 16: decode step
     k25-tp8-rank int4 B=16 16.67 -> 14.84 ms, B=64 32.27 -> 27.24, B=256 52.35 -> 46.04 in one
     H200 run (bench/RESULTS.md session 5)."""
-    t = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "16"))
+    t = envs.integer("ATOM_STREAM_MOE_W13_TILE")
     if t < 1 or t & (t - 1):
         raise ValueError(f"ATOM_STREAM_MOE_W13_TILE={t}: a power of 2 >= 1")
     return t
