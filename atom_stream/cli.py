@@ -121,7 +121,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"].default,
                    choices=["auto", "bf16", "fp8", "fp8_e4m3"])
     g.add_argument("--dtype", default=d["dtype"].default,
-                   choices=["auto", "float32", "bfloat16", "float16"])
+                   choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
     g.add_argument("--device", default=d["device"].default, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--block-size", type=int, default=d["block_size"].default)
     g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)

@@ -249,6 +249,11 @@ class ModelConfig:
 
 _KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "fp8_e4m3")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vLLM's --dtype spellings (and torch dtypes, in-process) -> ours
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "fp16": "float16", "bf16": "bfloat16",
+                  "fp32": "float32"}
+_BOOL_FIELDS = ("enable_expert_parallel", "headless", "enforce_eager", "trust_remote_code",
+                "enable_prefix_caching")
 _LOAD_FORMATS = ("auto", "dummy", "safetensors")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a text-only engine reads from a checkpoint (weights skipped for dummy loads)
@@ -315,7 +320,7 @@ class EngineConfig:
     load_format: str = "auto"
     trust_remote_code: bool = False
     enable_prefix_caching: bool = True
-    seed: int = 0
+    seed: int | None = 0  # None: a random seed, drawn once (every rank and replica shares it)
     max_waiting_requests: int = 4096
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -329,6 +334,12 @@ class EngineConfig:
     watchdog_timeout: float = 300.0
 
     def __post_init__(self) -> None:
+        dt = self.dtype
+        if not isinstance(dt, str) and str(dt).startswith("torch."):  # torch.float16 etc.
+            dt = str(dt)[len("torch."):]
+        self.dtype = _DTYPE_ALIASES.get(dt, dt) if isinstance(dt, str) else dt
+        if self.seed is None:
+            self.seed = int.from_bytes(os.urandom(4), "little") >> 1
         self.validate()
 
     def validate(self) -> None:
@@ -350,22 +361,25 @@ class EngineConfig:
                 raise bad(name, "must be a positive integer")
         if self.block_size & (self.block_size - 1):
             raise bad("block_size", "must be a power of two")
-        if self.max_model_len is not None and (
-            not isinstance(self.max_model_len, int) or self.max_model_len < 1
-        ):
-            raise bad("max_model_len", "must be a positive integer")
-        if self.num_kv_blocks is not None and (
-            not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1
-        ):
-            raise bad("num_kv_blocks", "must be a positive integer")
-        if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
-            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        for name in ("max_model_len", "num_kv_blocks"):
+            if getattr(self, name) is not None and not count(getattr(self, name)):
+                raise bad(name, "must be a positive integer")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        gmu = self.gpu_memory_utilization
+        if isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0.0 < gmu <= 1.0:
+            raise bad("gpu_memory_utilization", "must be a number in (0, 1]")
         if self.cudagraph_capture_sizes is not None:
             sizes = self.cudagraph_capture_sizes
-            if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            if (not isinstance(sizes, (list, tuple)) or not sizes
+                    or not all(count(s) for s in sizes)):
                 raise bad("cudagraph_capture_sizes", "must be a non-empty list of positive ints")
-        if not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "must be an integer or null (random)")
         self._validate_nodes(bad)
         if self.async_scheduling not in (None, True, False):
             raise bad("async_scheduling", "must be true, false or null (auto)")

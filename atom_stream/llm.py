@@ -8,11 +8,14 @@
 (every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
 stop_reason, usage, logprobs`. A request whose model step failed comes back with
 finish_reason "error" and `error` set (the batch's other results are kept). No event loop needed.
+`shutdown()` (or `with LLM(...) as llm:`) stops the engine: TP worker processes, their shared
+memory, the KV pool; it also runs at interpreter exit, and a second call does nothing.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -29,14 +32,29 @@ class LLM:
         config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
         self._ids = itertools.count()
+        # call-once: shutdown(), or at exit (a TP engine's workers and shared memory)
+        self._finalizer: weakref.finalize | None = weakref.finalize(self, self.engine.shutdown)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> LLM:
-        """Wrap an existing engine core (tests inject runners this way)."""
+        """Wrap an existing engine core (tests inject runners this way; the caller owns its
+        shutdown)."""
         self = cls.__new__(cls)
         self.engine = engine
         self._ids = itertools.count()
+        self._finalizer = None
         return self
+
+    def shutdown(self) -> None:
+        """Stop the engine (see the module docstring); idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> LLM:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self) -> Any:

@@ -260,6 +260,22 @@ class CompletionResponse(Struct):
     usage: UsageInfo
 
 
+class ModelPermission(Struct):
+    """vLLM's model_permission object (one per card, fixed values)."""
+    id: str
+    created: int
+    object: str = "model_permission"
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(Struct):
     id: str
     object: str = "model"
@@ -268,7 +284,7 @@ class ModelCard(Struct):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
-    permission: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    permission: list[ModelPermission] = msgspec.field(default_factory=list)
 
 
 class ModelList(Struct):

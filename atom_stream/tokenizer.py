@@ -105,9 +105,17 @@ class Tokenizer(ABC):
         reach the template."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts")
-        if self._chat_template is not None:
-            return self._render_override(messages, add_generation_prompt, chat_template_kwargs)
-        return self._render_chat(messages, add_generation_prompt, **chat_template_kwargs)
+        try:
+            if self._chat_template is not None:
+                return self._render_override(messages, add_generation_prompt,
+                                             chat_template_kwargs)
+            return self._render_chat(messages, add_generation_prompt, **chat_template_kwargs)
+        except Exception as e:
+            # a jinja TemplateError (the template's raise_exception, an undefined name) is the
+            # request's fault: a ValueError (400, as vLLM answers it), not an internal error
+            if type(e).__module__.split(".", 1)[0] == "jinja2":
+                raise ValueError(f"chat template error: {e}") from None
+            raise
 
     def _render_override(self, messages: list[Message], add_generation_prompt: bool,
                          kwargs: dict[str, Any]) -> str:

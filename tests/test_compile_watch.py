@@ -26,6 +26,20 @@ def fresh(monkeypatch):
     return rt
 
 
+class caplogger:
+    """The compile_watch WARNING records logged inside the block (a GPU test without caplog)."""
+
+    def __enter__(self) -> list:
+        self.records: list = []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        compile_watch.logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        compile_watch.logger.removeHandler(self.handler)
+
+
 class _Info:  # the shape of triton.runtime.jit.JitFunctionInfo
     name = "my_kernel"
 
@@ -53,6 +67,25 @@ def test_compiles_after_watch_are_logged_counted_and_chain_earlier_hooks(fresh, 
     assert st.count == 1 and [n for n, _ in st.recent] == ["my_kernel"] and st.seconds >= 0
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "my_kernel" in msgs[0] and "M: i32" in msgs[0]
+
+
+def test_the_warning_names_the_specialization_by_argument(fresh, caplog):
+    # the compile kwargs Triton 3.6+ passes: signature by name, constexprs and the attributes
+    # keyed by argument index (its own repr names none of them)
+    rt = fresh
+    assert compile_watch.watch()
+    kw = {"key": ("k",), "repr": "my_kernel[num_warps=4](x_ptr: ())", "fn": _Info(),
+          "is_manual_warmup": False, "already_compiled": False,
+          "compile": {"signature": {"x_ptr": "*fp32", "n": "i32", "F": "constexpr",
+                                    "BLOCK": "constexpr"},
+                      "constants": {(2,): 3, (3,): 128},
+                      "configs": [{(0,): [["tt.divisibility", 16]],
+                                   (1,): [["tt.divisibility", 16]]}]}}
+    with caplog.at_level(logging.WARNING, logger="atom_stream.engine.compile_watch"):
+        rt.jit_cache_hook(**kw)
+        rt.jit_post_compile_hook(**kw)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.endswith("F=3, BLOCK=128, x_ptr:divisibility=16, n:divisibility=16"), msg
 
 
 def test_stats_keep_the_most_recent():
@@ -83,9 +116,11 @@ def test_a_real_new_specialization_is_seen_on_the_gpu(fresh):
     _scale[(1,)](x, 100, F=1, BLOCK=128)  # cached: no compile
     assert compile_watch.stats.count == 0
     x.copy_(want / 3)
-    _scale[(1,)](x, 100, F=3, BLOCK=128)  # a new constexpr: one compile
+    with caplogger() as records:
+        _scale[(1,)](x, 100, F=3, BLOCK=128)  # a new constexpr: one compile
     torch.testing.assert_close(x, want)
     assert compile_watch.stats.count == 1
+    assert any("F=3" in r.getMessage() for r in records), [r.getMessage() for r in records]
     assert compile_watch.stats.recent[0][0].rsplit(".", 1)[-1] == "_scale"  # a qualname
 
 
@@ -98,5 +133,5 @@ def test_metrics_expose_the_compile_counts(fresh):
     compile_watch.stats.add("k", 1.25)
     compile_watch.stats.add("k", 0.5)
     text = generate_latest(m.registry).decode()
-    assert 'atom_stream:triton_compiles_total{model_name="demo"} 2.0' in text
-    assert 'atom_stream:triton_compile_seconds_total{model_name="demo"} 1.75' in text
+    assert 'atom_stream:triton_compiles_total{engine="0",model_name="demo"} 2.0' in text
+    assert 'atom_stream:triton_compile_seconds_total{engine="0",model_name="demo"} 1.75' in text

@@ -93,3 +93,29 @@ def test_engine_config_error_names_the_field(field, value):
 def test_engine_config_unknown_kwarg():
     with pytest.raises(ConfigError, match="max_num_seq"):
         EngineConfig.from_kwargs(max_num_seq=4)
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"enforce_eager": "no"}, "enforce_eager"), ({"enable_prefix_caching": "false"},
+                                                  "enable_prefix_caching"),
+    ({"trust_remote_code": 2}, "trust_remote_code"), ({"max_model_len": True}, "max_model_len"),
+    ({"num_kv_blocks": True}, "num_kv_blocks"), ({"cudagraph_capture_sizes": [True]},
+                                                  "cudagraph_capture_sizes"),
+    ({"gpu_memory_utilization": "abc"}, "gpu_memory_utilization"),
+    ({"gpu_memory_utilization": None}, "gpu_memory_utilization"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"), ({"seed": 1.5}, "seed"),
+    ({"dtype": "int8"}, "dtype")])
+def test_wrong_types_are_config_errors_naming_the_field(kw, name):
+    # a string "false" must not turn a feature on; a bool is not a count
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        EngineConfig(**kw)
+
+
+def test_vllm_spellings_of_dtype_and_seed():
+    import torch
+    for given, want in (("half", "float16"), ("float", "float32"), (torch.bfloat16, "bfloat16"),
+                        (torch.float32, "float32"), ("auto", "auto")):
+        assert EngineConfig(dtype=given).dtype == want, given
+    seeds = {EngineConfig(seed=None).seed for _ in range(4)}
+    assert all(isinstance(s, int) for s in seeds) and len(seeds) > 1  # drawn, then fixed
+    assert EngineConfig(seed=7).seed == 7

@@ -297,10 +297,10 @@ def test_metrics_in_own_registry_with_design_names():
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_sum"):
         assert f"atom_stream:{name}" in text, name
-    assert 'atom_stream:request_success_total{finished_reason="length",model_name="m1"} 1.0' \
-        in text
-    assert 'atom_stream:generation_tokens_total{model_name="m1"} 3.0' in text
-    assert 'atom_stream:inter_token_latency_seconds_count{model_name="m1"} 2.0' in text
+    assert ('atom_stream:request_success_total{engine="0",finished_reason="length",'
+            'model_name="m1"} 1.0') in text
+    assert 'atom_stream:generation_tokens_total{engine="0",model_name="m1"} 3.0' in text
+    assert 'atom_stream:inter_token_latency_seconds_count{engine="0",model_name="m1"} 2.0' in text
     assert "m1" not in generate_latest(e2.metrics.registry).decode()
 
 
@@ -395,8 +395,15 @@ def test_boolean_params_must_be_booleans(name, value):
     assert getattr(SamplingParams(**{name: True}), name) is True
 
 
-def test_max_model_len_above_the_kv_pool_is_lowered_with_a_warning(caplog):
+def test_max_model_len_above_the_kv_pool(caplog):
+    # asked for: refused at start-up, as vLLM (it used to be lowered silently); the model's
+    # own limit (max_model_len unset): lowered to what the pool holds, with a warning
+    from atom_stream.config import ConfigError
+    with pytest.raises(ConfigError, match="max_model_len: 256 tokens do not fit"):
+        fake_engine(num_kv_blocks=4, block_size=16, max_model_len=256)
     with caplog.at_level(logging.WARNING, logger="atom_stream.engine.llm_engine"):
-        eng = fake_engine(num_kv_blocks=4, block_size=16, max_model_len=256)
-    assert eng.max_model_len == 64
-    assert any("max_model_len 256 lowered to 64" in r.getMessage() for r in caplog.records)
+        eng = fake_engine(num_kv_blocks=4, block_size=16)
+    limit = eng.model_config.max_position_embeddings
+    assert limit > 64 and eng.max_model_len == 64
+    assert any(f"max_model_len {limit} (the model's) lowered to 64" in r.getMessage()
+               for r in caplog.records)

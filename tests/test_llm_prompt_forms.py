@@ -72,3 +72,11 @@ async def test_text_prompts_get_the_tokenizers_own_prefix(tmp_path):
             outs = [o async for o in eng.generate("hello world", dict(PARAMS),
                                                   add_special_tokens=add)]
             assert outs[0].prompt_token_ids == want, add
+
+
+def test_llm_shutdown_is_idempotent_and_a_context_manager():
+    with LLM("demo", **KW) as llm:
+        (out,) = llm.generate([5, 6, 7], SamplingParams(**PARAMS))
+        assert len(out.token_ids) == 4
+    assert llm.engine.runner.kv_caches == []  # the KV pool was dropped
+    llm.shutdown()  # again: nothing

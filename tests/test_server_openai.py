@@ -249,6 +249,9 @@ def test_small_routes(http, srv):
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "demo"
     assert models["data"][0]["max_model_len"] == srv.engine.max_model_len
+    (perm,) = models["data"][0]["permission"]  # vLLM's one model_permission object
+    assert perm["object"] == "model_permission" and perm["allow_sampling"] is True
+    assert perm["id"].startswith("modelperm-") and perm["organization"] == "*"
     t = http.post("/tokenize", json={"prompt": "hi", "return_token_strs": True}).json()
     assert t == {"count": 2, "max_model_len": srv.engine.max_model_len, "tokens": [104, 105],
                  "token_strs": ["h", "i"]}
@@ -560,3 +563,45 @@ def test_completions_and_tokenize_add_the_tokenizers_bos(tmp_path_factory):
             assert r.json()["usage"]["prompt_tokens"] == n, extra
         chat = c.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
         assert chat.count(with_bos[0]) == 1
+
+
+def test_requests_that_can_never_fit_and_filled_max_tokens_are_400s(http, tiny):
+    """A batch of more requests than the server holds at once (max_num_seqs +
+    max_waiting_requests) is a 400 before any is queued (it used to crowd the queue until its
+    own 503); min_tokens past the max_tokens filled from the context left is a 400 as vLLM's;
+    a text content part without text says so."""
+    with httpx.Client(base_url=tiny.url, timeout=60) as c:  # 1 slot + 1 waiting
+        assert_error(c.post("/v1/completions", json={"prompt": ["a", "b", "c"],
+                                                      "max_tokens": 1}), 400, "prompt")
+        assert_error(c.post("/v1/completions", json={"prompt": "a", "n": 3,
+                                                      "max_tokens": 1}), 400, "n")
+        r = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    err = assert_error(http.post("/v1/completions", json={
+        "prompt": "x" * 4000, "min_tokens": 200, "max_tokens": None}), 400, "min_tokens")
+    assert "context left" in err["message"]
+    assert http.post("/v1/completions", json={"prompt": "x" * 4000, "min_tokens": 2,
+                                              "max_tokens": None}).status_code == 200
+    err = assert_error(http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text"}]}]}), 400,
+        "messages[0].content")
+    assert "needs a 'text'" in err["message"]
+
+
+def test_chat_template_errors_are_400s(tmp_path_factory):
+    """A template's raise_exception (or an undefined name) is the request's fault: 400 as in
+    vLLM, on chat and /tokenize; the server goes on."""
+    tpl = tmp_path_factory.mktemp("tpl") / "t.jinja"
+    tpl.write_text("{% for m in messages %}{% if loop.index0 % 2 == 1 and m['role'] == 'user' %}"
+                   "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}"
+                   "{% endfor %}")
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with running_server({"chat_template": str(tpl)}) as s, httpx.Client(base_url=s.url,
+                                                                  timeout=60) as c:
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": two_users,
+                                                                "max_tokens": 2}), 400,
+                           "messages")
+        assert "roles must alternate" in err["message"]
+        assert_error(c.post("/tokenize", json={"messages": two_users}), 400, None)
+        r = c.post("/v1/chat/completions", json={"messages": two_users[:1], "max_tokens": 2})
+        assert r.status_code == 200, r.text

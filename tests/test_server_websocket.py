@@ -153,7 +153,7 @@ async def test_bad_frames_get_error_frames_and_connection_goes_on(srv):
         await expect({"type": "generate", "id": "p4", "prompt": "q" * 5000}, "p4", 400,
                      "input_tokens")
         await expect({"type": "generate", "id": "p5", "prompt_token_ids": [99999]}, "p5", 400,
-                     "prompt")
+                     "prompt_token_ids")
         # a string where a boolean belongs ("false" would be truthy: EOS ignored)
         await expect({"type": "generate", "id": "p6", "prompt": "z",
                       "params": {"ignore_eos": "false"}}, "p6", 400, "params.ignore_eos")
@@ -179,8 +179,27 @@ async def test_bad_frames_get_error_frames_and_connection_goes_on(srv):
         await ws.send("text on a msgpack connection")
         f = msgspec.msgpack.decode(await ws.recv())
         assert f["type"] == "error" and f["code"] == 400
+        await c.send({"type": "generate", "id": "live", "prompt": "x",
+                      "params": {"max_tokens": 3000, "ignore_eos": True}})
+        await c.until(lambda f: f["id"] == "live")
+        # a MessagePack string that is not UTF-8 (prompt, then a cancel's id): error frames,
+        # the live request goes on
+        await ws.send(b"\x83\xa4type\xa8generate\xa2id\xa3bad\xa6prompt\xa5a\xed\xa0\x80b")
+        f = await c.until(lambda f: f["type"] == "error")
+        assert f["code"] == 400 and "malformed" in f["message"], f
+        await ws.send(b"\x82\xa4type\xa6cancel\xa2id\xa3\xff\xfe\xfd")
+        f = await c.until(lambda f: f["type"] == "error")
+        assert f["code"] == 400, f
+        # an error the engine raises names the frame's field: params.allowed_token_ids
+        await c.send({"type": "generate", "id": "a", "prompt": "z",
+                      "params": {"allowed_token_ids": [10 ** 6]}})
+        f = await c.until(lambda f: f["type"] == "error")
+        assert (f["id"], f.get("param")) == ("a", "params.allowed_token_ids"), f
+        await c.send({"type": "cancel", "id": "live"})
         await c.send({"type": "generate", "id": "m", "prompt": "ok", "params": {"max_tokens": 1}})
-        await c.until(lambda f: f["type"] == "done")
+        while not all(any(f["type"] == "done" for f in c.of(r)) for r in ("live", "m")):
+            await c.recv()
+        assert c.of("live")[-1]["finish_reason"] == "abort"
     assert srv.wait_idle()["used_blocks"] == 0
 
 

@@ -37,7 +37,7 @@ def _batch(block_size: int, seed: int) -> ScheduledBatch:
 
 def _config(tp: int) -> EngineConfig:
     return EngineConfig(model="demo", device="cpu", dtype="float32", tensor_parallel_size=tp,
-                        num_kv_blocks=48, block_size=4, max_model_len=256)
+                        num_kv_blocks=64, block_size=4, max_model_len=256)
 
 
 def test_shm_ring_in_order_with_wraparound():
@@ -163,7 +163,7 @@ def test_watchdog_timeout_is_validated():
 
 
 LLM_KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "block_size": 4,
-          "max_model_len": 256}
+          "max_model_len": 192}  # the pool's 48 x 4 tokens
 
 
 def _greedy_prompts(mult: int, base: int, step: int, n: int, max_tokens: int):

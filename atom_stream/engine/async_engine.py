@@ -223,6 +223,11 @@ class AsyncEngine:
         return self.core.max_model_len
 
     @property
+    def max_live_requests(self) -> int:
+        """The most requests it can hold at once (running slots + the waiting queue's bound)."""
+        return self.config.max_num_seqs + self.config.max_waiting_requests
+
+    @property
     def is_dead(self) -> bool:
         return self._dead is not None or (self._core is not None and self._core.is_dead)
 
@@ -325,7 +330,8 @@ class AsyncEngine:
                 return await asyncio.get_running_loop().run_in_executor(None, fn)
             return fn()
         except (ValueError, TypeError, KeyError) as e:
-            raise InvalidRequestError(f"prompt: {e}", "prompt") from None
+            field = "prompt" if isinstance(prompt, str) else "messages"
+            raise InvalidRequestError(f"{field}: {e}", field) from None
 
     def _need_tokenizer(self) -> Any:
         tok = self.core.tokenizer

@@ -49,6 +49,30 @@ def _name(kw: dict) -> str:
     return getattr(fn, "name", None) or str(kw.get("repr", "?")).split("[", 1)[0]
 
 
+def _describe(kw: dict) -> str:
+    """The compile's specialization by argument name: constexpr values and the integer / pointer
+    attributes (tt.divisibility=16, ...) Triton keyed it on. Triton's own `repr` does not name
+    them (3.6: "(QN: ()"); falls back to it where the structures differ."""
+    try:
+        comp = kw.get("compile") or {}
+        sig = comp.get("signature") or {}
+        names = list(sig) if isinstance(sig, dict) else []
+
+        def name(k) -> str:
+            i = k[0] if isinstance(k, tuple) and k else k
+            return names[i] if isinstance(i, int) and 0 <= i < len(names) else str(k)
+
+        parts = [f"{name(k)}={v}" for k, v in (comp.get("constants") or {}).items()]
+        for k, attrs in ((comp.get("configs") or [{}])[0] or {}).items():
+            tags = ",".join(f"{str(a[0]).rsplit('.', 1)[-1]}={a[1]}" for a in attrs)
+            parts.append(f"{name(k)}:{tags}")
+        if parts:
+            return ", ".join(parts)[:2000]
+    except Exception:  # noqa: BLE001 - a description must never break a compile
+        pass
+    return str(kw.get("repr"))
+
+
 def _before(prev):
     def hook(**kw):
         if not kw.get("is_manual_warmup"):
@@ -67,7 +91,7 @@ def _after(prev):
             name = _name(kw)
             stats.add(name, dt)
             logger.warning("Triton compiled %s after start-up (%.2f s on a request's path): %s",
-                           name, dt, kw.get("repr"))
+                           name, dt, _describe(kw))
         return prev(**kw) if prev is not None else None
     return hook
 

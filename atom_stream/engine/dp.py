@@ -165,6 +165,10 @@ class DPEngine:
         return min(r.max_model_len for r in self.replicas)
 
     @property
+    def max_live_requests(self) -> int:
+        return sum(r.max_live_requests for r in self.replicas)
+
+    @property
     def metrics(self) -> DPMetrics:
         if self._metrics is None:
             self._metrics = DPMetrics([r.metrics for r in self.replicas])

@@ -29,11 +29,12 @@ never fit is refused up front with PromptTooLongError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
-from atom_stream.config import EngineConfig, resolve_model_path
+from atom_stream.config import ConfigError, EngineConfig, resolve_model_path
 from atom_stream.engine.block_manager import BlockManager
 from atom_stream.engine.metrics import EngineMetrics
 from atom_stream.engine.outputs import RequestOutput, Usage
@@ -97,6 +98,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner: Any = None, tokenizer: Any = None,
                  skip_tokenizer_init: bool = False):
         self.config = config
+        explicit_len = config.max_model_len is not None  # the runner may fill it in
         if runner is None:
             from atom_stream.engine.distributed import make_executor
             config.model = resolve_model_path(config.model, config.load_format)  # hub ids
@@ -107,11 +109,18 @@ class LLMEngine:
         self.block_size = config.block_size
         capacity = runner.num_kv_blocks * config.block_size
         self.max_model_len = min(limit, capacity)
-        if capacity < limit:  # vLLM refuses to start here; serving shorter requests is kinder
-            logger.warning("max_model_len %d lowered to %d: the KV pool (%d blocks of %d) holds "
-                           "no more; raise gpu_memory_utilization / num_kv_blocks or lower "
-                           "max_model_len", limit, capacity, runner.num_kv_blocks,
-                           config.block_size)
+        if capacity < limit and explicit_len:  # as vLLM: a length asked for must fit
+            with contextlib.suppress(Exception):
+                runner.shutdown()
+            raise ConfigError(
+                f"max_model_len: {limit} tokens do not fit the KV cache ({runner.num_kv_blocks} "
+                f"blocks of {config.block_size} = {capacity} tokens); raise "
+                f"gpu_memory_utilization / num_kv_blocks or lower max_model_len")
+        if capacity < limit:  # the model's own limit: serve what the pool holds
+            logger.warning("max_model_len %d (the model's) lowered to %d: the KV pool (%d "
+                           "blocks of %d) holds no more; raise gpu_memory_utilization / "
+                           "num_kv_blocks to serve longer", limit, capacity,
+                           runner.num_kv_blocks, config.block_size)
         if tokenizer is None and not skip_tokenizer_init:
             tokenizer = load_engine_tokenizer(config)
         self.tokenizer = tokenizer
@@ -190,6 +199,12 @@ class LLMEngine:
             if strict_max_tokens and params.max_tokens > max_tokens:
                 raise MaxTokensTooLargeError(params.max_tokens, self.max_model_len, len(ids))
             max_tokens = min(max_tokens, params.max_tokens)
+        elif strict_max_tokens and params.min_tokens > max_tokens:
+            # max_tokens filled from the context left: min_tokens past it cannot be met (vLLM
+            # checks min_tokens against the filled max_tokens too)
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({max_tokens}: "
+                f"the context left after the {len(ids)}-token prompt)", "min_tokens")
         eos = () if params.ignore_eos else self.eos_token_ids
         seq = Sequence(request_id, ids, params, max_tokens, eos)
         detok = stop = None
@@ -306,6 +321,7 @@ class LLMEngine:
         finished: list[_Request] = []
         itl: dict[float, int] = {}
         n_prompt = 0
+        n_gen = 0  # tokens delivered (rows of ended requests are skipped: never counted)
         j = 0
         for i, seq in enumerate(batch.seqs):
             req = requests.get(seq.request_id)
@@ -332,6 +348,7 @@ class LLMEngine:
             tok = toks[j]
             lp = lps[j] if lps is not None else None
             j += 1
+            n_gen += 1
             token_ids = seq.token_ids
             if committed:
                 assert seq.num_placeholders > 0, seq
@@ -403,7 +420,7 @@ class LLMEngine:
             del requests[seq.request_id]
             self.scheduler.finish(seq)
             self.metrics.request_finished(seq.finish_reason, now - seq.arrival_time)
-        self._record_step(n_prompt, j, itl, now)
+        self._record_step(n_prompt, n_gen, itl, now)
         return outputs
 
     def _register_collected(self, seq: Sequence) -> None:
@@ -458,6 +475,11 @@ class LLMEngine:
         return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]
 
     def shutdown(self) -> None:
+        """Abort every request and stop the runner (TP workers, KV pool); a second call does
+        nothing."""
+        if getattr(self, "_shut_down", False):
+            return
+        self._shut_down = True
         self.abort_all()
         self.runner.shutdown()
 

@@ -1,6 +1,7 @@
 """EngineMetrics: the Prometheus metrics the engine core keeps, in the engine's own registry.
 
-Names (DESIGN.md; vLLM's with our prefix), every one labelled `model_name`:
+Names (DESIGN.md; vLLM's with our prefix), every one labelled `model_name` and `engine` ("0";
+DPEngine's merged registry: the replica index, as vLLM's data-parallel ranks):
 
 - gauges `atom_stream:num_requests_running`, `atom_stream:num_requests_waiting`,
   `atom_stream:kv_cache_usage_perc` (0..1), `atom_stream:prefix_cache_hit_rate` (0..1, tokens);
@@ -98,14 +99,16 @@ class EngineMetrics:
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
-        lbl = ["model_name"]
+        # vLLM labels every series model_name and engine (the DP rank; "0" for one engine;
+        # DPEngine relabels each replica's samples engine="i")
+        lbl = ["model_name", "engine"]
         p = "atom_stream:"
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(p + name, doc, lbl, registry=reg).labels(model_name)
+            return Gauge(p + name, doc, lbl, registry=reg).labels(model_name, "0")
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(p + name, doc, lbl, registry=reg).labels(model_name)
+            return Counter(p + name, doc, lbl, registry=reg).labels(model_name, "0")
 
         self.num_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -115,9 +118,9 @@ class EngineMetrics:
         self.generation_tokens = counter("generation_tokens_total", "Generated tokens.")
         self.preemptions = counter("num_preemptions_total", "Preemptions by recompute.")
         success = Counter(p + "request_success_total", "Finished requests by finish reason.",
-                          ["model_name", "finished_reason"], registry=reg)
-        self._success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
-        labels = {"model_name": model_name}
+                          ["model_name", "engine", "finished_reason"], registry=reg)
+        self._success = {r: success.labels(model_name, "0", r) for r in FINISH_REASONS}
+        labels = {"model_name": model_name, "engine": "0"}
         self.ttft = BatchHistogram(p + "time_to_first_token_seconds",
                                    "Time to first token in seconds.", TTFT_BUCKETS, labels, reg)
         self.itl = BatchHistogram(p + "inter_token_latency_seconds",

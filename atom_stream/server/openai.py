@@ -40,6 +40,7 @@ from atom_stream.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ModelPermission,
     PromptTokensDetails,
     ResponseMessage,
     TokenizeRequest,
@@ -130,7 +131,10 @@ def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> l
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type != "text" or part.text is None:
+                if part.type == "text" and part.text is None:
+                    raise HTTPError(400, "a content part of type 'text' needs a 'text' string",
+                                    f"{param}[{i}].content")
+                if part.type != "text":
                     raise HTTPError(400, f"content part type {part.type!r} is not supported; "
                                     "this server serves text only", f"{param}[{i}].content")
                 texts.append(part.text)
@@ -316,6 +320,13 @@ class OpenAIServing:
         engine = self.engine
         n = params.n
         total = len(prompts) * n
+        cap = getattr(engine, "max_live_requests", None)
+        if cap is not None and total > cap:
+            # could never all be admitted: refuse before queueing any (it would crowd out
+            # other clients' requests until its own 503)
+            raise HTTPError(400, f"{len(prompts)} prompt(s) x n={n} = {total} requests exceed "
+                            f"what the server holds at once ({cap}: max_num_seqs + "
+                            f"max_waiting_requests)", "n" if n > 1 else "prompt")
         gens = []
         for p_idx, prompt in enumerate(prompts):
             for i in range(n):
@@ -484,7 +495,9 @@ class OpenAIServing:
         engine = self.engine
         root = self.state.engine_config.model or "demo"
         cards = [ModelCard(id=name, created=self.state.started, root=root,
-                           max_model_len=engine.max_model_len)
+                           max_model_len=engine.max_model_len, permission=[ModelPermission(
+                               f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}",
+                               self.state.started)])
                  for name in self.state.model_names]
         return json_response(ModelList(cards))
 

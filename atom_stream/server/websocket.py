@@ -72,6 +72,20 @@ _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
                            "chat_template_kwargs"})
 
 
+def _frame_param(param: str | None, prompt_field: str) -> str | None:
+    """An error's param as the generate frame names it: sampling parameters under "params.",
+    the engine's "prompt" as the prompt field the frame gave (prompt / prompt_token_ids /
+    messages), frame fields and vLLM's "input_tokens" (prompt too long) as they are."""
+    if not param:
+        return param
+    root = param.split("[", 1)[0].split(".", 1)[0]
+    if root == "prompt":
+        return prompt_field + param[len("prompt"):]
+    if root == "params" or root in _FRAME_FIELDS or root == "input_tokens":  # vLLM's name
+        return param
+    return f"params.{param}"
+
+
 class _Live:
     """One live request of a connection (also the outbox key: ids may be reused after done)."""
 
@@ -185,7 +199,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ requests
     async def run_request(self, live: _Live, prompt: Any, params: SamplingParams,
-                          template_kwargs: dict | None) -> None:
+                          template_kwargs: dict | None, prompt_field: str = "prompt") -> None:
         engine = self.engine
         rid = self.prefix + live.id
         metrics = self.state.metrics
@@ -221,7 +235,8 @@ class _Connection:
         except Exception as e:  # noqa: BLE001 - reported to this request only
             err = HTTPError.from_exception(e)
             # after any delta still pending for this id, in place of its done frame
-            live.done = WsError(live.id, err.status, err.message, err.param or msgspec.UNSET)
+            live.done = WsError(live.id, err.status, err.message,
+                                _frame_param(err.param, prompt_field) or msgspec.UNSET)
             self._queue(live)
         finally:
             metrics.ws_streams.dec()
@@ -243,6 +258,8 @@ class _Connection:
                        f"(limit {self.cfg.ws_max_requests})")
             return
         given = [x is not None for x in (frame.prompt, frame.prompt_token_ids, frame.messages)]
+        field = ("prompt", "prompt_token_ids", "messages")[given.index(True)] if any(
+            given) else "prompt"
         if sum(given) != 1:
             self.error(cid, 400, "give exactly one of prompt, prompt_token_ids, messages",
                        "prompt")
@@ -266,15 +283,11 @@ class _Connection:
                 kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
         except Exception as e:  # noqa: BLE001
             err = HTTPError.from_exception(e)
-            param = err.param
-            root = (param or "").split("[", 1)[0].split(".", 1)[0]
-            if param and root != "params" and root not in _FRAME_FIELDS:
-                param = f"params.{param}"
-            self.error(cid, err.status, err.message, param)
+            self.error(cid, err.status, err.message, _frame_param(err.param, field))
             return
         live = self.live[cid] = _Live(cid)
         live.task = asyncio.get_running_loop().create_task(
-            self.run_request(live, prompt, params, kwargs))
+            self.run_request(live, prompt, params, kwargs, field))
 
     def on_frame(self, data: bytes | str) -> None:
         # the limit is in bytes: a text frame's UTF-8 size, not its character count
@@ -294,8 +307,10 @@ class _Connection:
             return
         try:
             frame = self.decoder.decode(data)
-        # RecursionError: a deeply nested frame (issue 10 fuzzing) must be an error frame too
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as e:
+        # RecursionError: a deeply nested frame (issue 10 fuzzing) must be an error frame too;
+        # UnicodeDecodeError: a MessagePack string that is not UTF-8 (msgspec raises it bare)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
+                UnicodeDecodeError) as e:
             rid, raw = None, None
             with contextlib.suppress(Exception):  # not decodable at all: no id to report
                 raw = self.loose.decode(data)
