@@ -104,7 +104,11 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
     return "v1", None
 
 
-@triton.jit
+# split count and workspace strides vary with the batch: no per-divisibility variants (v3 too)
+_SPLIT_ARGS = ["num_splits", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _mla_decode_stage1(
     QN, QP, KV, BT, LENS, OPART, LSE, OUT,
     qk_scale, k_scale, out_scale, num_splits, H,
@@ -204,7 +208,7 @@ def _mla_decode_stage1(
             tl.store(dst + 3 * CH, (acc3 * norm[:, None]).to(odt), mask=hmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _mla_decode_stage2(
     OPART, LSE, LENS, OUT, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
@@ -444,6 +448,23 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             BLOCK_N=block_n, MIN_SPLIT=MIN_SPLIT, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
         )
     return out
+
+
+def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
+                  kv_dtype: torch.dtype, q_dtype: torch.dtype, device, max_batch: int) -> int:
+    """Run `mla_decode` once at every batch size 1..max_batch on a tiny cache, so that each
+    Triton variant the decode attention compiles (per batch size: tile config, split count,
+    merge mode) exists before serving: an eager step (decodes beside a prefill chunk, at a
+    batch size no CUDA graph covers) would otherwise compile on a request's path. Returns the
+    number of calls; the outputs are discarded."""
+    dev = torch.device(device)
+    cache = torch.zeros(2, block_size, kv_lora_rank + rope_dim, device=dev).to(kv_dtype)
+    for b in range(1, max_batch + 1):
+        q = torch.zeros(b, num_heads, kv_lora_rank, dtype=q_dtype, device=dev)
+        qp = torch.zeros(b, num_heads, rope_dim, dtype=q_dtype, device=dev)
+        mla_decode(q, qp, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev),
+                   torch.ones(b, dtype=torch.int32, device=dev), 1.0, rope_dim=rope_dim)
+    return max_batch
 
 
 def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,

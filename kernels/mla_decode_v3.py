@@ -149,7 +149,13 @@ def _merge_fused(part_row, lse_row, out_row, heads, hmask, n_act, stride_ph, str
         tl.store(dst + j * MC, o.to(out_row.dtype.element_ty), mask=hmask[:, None])
 
 
-@triton.jit
+# the split count and the workspace strides (multiples of it) vary with the batch: no
+# per-divisibility variants, or an eager step at a new batch size compiles on a request's path
+# (~1 s: bench/RESULTS.md session 9's serving run)
+_SPLIT_ARGS = ["num_splits", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _mla_decode_v3(
     QN, QP, KV, BT, LENS, OPART, LSE, CNT, OUT,
     qk_scale, one, out_scale, num_splits, H,
@@ -230,7 +236,7 @@ def _mla_decode_v3(
                     tl.store(cnt_ptr, 0)  # ready for the next launch / replay
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _mla_merge_v3(
     OPART, LSE, LENS, OUT, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -145,6 +145,15 @@ def _align_par_kernel(
 # 438 µs (align + gate_up 352 -> 252 µs), M=64 344 -> 324 µs; ATOM_STREAM_MOE_ALIGN_PAR=0
 # keeps the one-program kernel (which walks the P pairs in 128-pair steps, one after another).
 PAR_SCAN = 4096
+SMALL_SCAN = 1024
+
+
+def par_scan(num_pairs: int) -> int:
+    """The parallel align's scan width: two classes only (each a compiled variant), both met
+    at GPU start-up (decode graphs / the warm-up prefills: model_runner.WARMUP_PREFILL_LENS),
+    so an eager step of a new size compiles nothing (session 9's serving run paid ~1 s for a
+    per-power-of-two width)."""
+    return SMALL_SCAN if num_pairs <= SMALL_SCAN else PAR_SCAN
 ALIGN_PAR = envs.flag("ATOM_STREAM_MOE_ALIGN_PAR")
 PAR_CHUNK = 128
 
@@ -178,7 +187,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
         _align_par_kernel[(triton.cdiv(P, PAR_CHUNK),)](
             topk_ids, sorted_pairs, block_expert, topk_ids.stride(0), P, nblk,
             TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
-            BM=block_m, CHUNK=PAR_CHUNK, SCAN=min(PAR_SCAN, max(16, triton.next_power_of_2(P))),
+            BM=block_m, CHUNK=PAR_CHUNK, SCAN=par_scan(P),
             FILL=256,
             num_warps=4,
         )

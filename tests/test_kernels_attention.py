@@ -125,6 +125,23 @@ def test_decode_interpreted_many_heads_fused_q():
 
 
 @cpu_only
+@cpu_only
+def test_warmup_decode_runs_every_batch_size(monkeypatch):
+    # one mla_decode call per batch size 1..max_batch at the model's widths (what the runner's
+    # start-up warm-up compiles; on the CPU the interpreter runs them)
+    calls = []
+    real = dec.mla_decode
+
+    def spy(q, qp, cache, bt, lens, scale, **kw):
+        calls.append((q.shape, qp.shape, cache.dtype, int(lens.sum())))
+        return real(q, qp, cache, bt, lens, scale, **kw)
+
+    monkeypatch.setattr(dec, "mla_decode", spy)
+    assert dec.warmup_decode(2, 32, 16, 4, torch.float32, torch.float32, "cpu", 3) == 3
+    assert [c[0] for c in calls] == [(b, 2, 32) for b in (1, 2, 3)]
+    assert all(c[1][-1] == 16 and c[2] == torch.float32 for c in calls)
+
+
 def test_num_splits_heuristic():
     assert dec.decode_num_splits(1, 8, 8192, variant="v1") > 1
     assert dec.decode_num_splits(1, 8, 10, variant="v1") == 1
@@ -474,6 +491,28 @@ def test_decode_v3_gpu(kv_dtype, fp8_path, merge, cfg, S):
         assert rel_err(out, ref) < 1e-2
         path = 1 if fp8_path == "regs" else 0
         check_v3_scratch(ws, lens, S, (cfg or dec._v3_cfg(kv_dtype, B, path))[0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
+def test_warmup_decode_leaves_nothing_to_compile_gpu(kv_dtype):
+    """After warmup_decode(max_batch=40) at the Kimi TP8 widths, decode at other batch sizes
+    and real (random) lengths compiles no Triton kernel (engine/compile_watch counts), and is
+    still right; the split count and workspace strides are not specialized on."""
+    from atom_stream.engine import compile_watch
+    dec.warmup_decode(8, 512, 64, 64, kv_dtype, torch.bfloat16, "cuda", 40)
+    assert compile_watch.watch()
+    before = compile_watch.stats.count
+    for B in (7, 13, 29, 37):
+        gen = torch.Generator().manual_seed(B)
+        lens = torch.randint(1, 3000, (B,), generator=gen).tolist()
+        variant = dec.resolve_variant("auto", kv_dtype)[0]  # what the model's call runs
+        S = dec.decode_num_splits(B, 8, None, "cuda", variant)
+        out, ref = run_decode(B, 8, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
+                              seed=B, variant=variant)
+        assert rel_err(out, ref) < 1e-2
+    assert compile_watch.stats.count == before, compile_watch.stats.recent[-4:]
 
 
 @pytest.mark.gpu

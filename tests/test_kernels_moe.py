@@ -605,3 +605,13 @@ def test_fused_moe_gpu_prefill_block_rows(M):
     fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, out=out, config={"poison": True}, **kw)
     ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu())
     assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def test_parallel_align_scan_has_two_classes_both_warmed_up():
+    # each scan width is a compiled variant: two, the small one met by the 64-token warm-up
+    # prefill (64 x 9 pairs), the large one by the 256 / 1024-token ones (Kimi: top-8 + shared)
+    from atom_stream.kernels.moe_align import PAR_SCAN, SMALL_SCAN, par_scan
+
+    from atom_stream.engine.model_runner import WARMUP_PREFILL_LENS
+    assert {par_scan(p) for p in range(1, 20000, 7)} == {SMALL_SCAN, PAR_SCAN}
+    assert {par_scan(m * 9) for m in WARMUP_PREFILL_LENS} == {SMALL_SCAN, PAR_SCAN}

@@ -53,8 +53,9 @@ CPU_KV_POOL_BYTES = 512 * 2**20  # default CPU KV pool when num_kv_blocks is not
 SYMM_ALLREDUCE = envs.flag("ATOM_STREAM_SYMM_ALLREDUCE")
 # Prefill lengths run once at GPU start-up after the profiling forward (at the largest prefill
 # batch): one per MoE expert-block class below it (int4: 16 tokens per block up to 512, 32 up
-# to 2048, then 64), so no request pays a kernel compile (~3.5 s each on an H200).
-WARMUP_PREFILL_LENS = (1024, 256)
+# to 2048, then 64), so no request pays a kernel compile (~3.5 s each on an H200); 64: the
+# parallel align's small scan class (<= 1024 pairs, kernels/moe_align.par_scan)
+WARMUP_PREFILL_LENS = (1024, 256, 64)
 
 
 def use_symm_allreduce(config: EngineConfig, tp_info: TPInfo, device: torch.device) -> bool:
@@ -186,9 +187,27 @@ class ModelRunner:
         self.broadcast = None  # set by the TP executor: sends StepInputs to ranks 1..N-1
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
+        if self.device.type == "cuda":
+            self._decode_attention_warmup()
         if self.device.type == "cuda":  # from here on a Triton compile is a request's wait
             from atom_stream.engine import compile_watch
             compile_watch.watch()
+
+    def _decode_attention_warmup(self) -> None:
+        """Eager steps (decodes beside a prefill chunk; every step with --enforce-eager) run the
+        MLA decode kernel at any batch size up to max_num_seqs, and its compiled variant
+        depends on the batch size: compile them all now (kernels/mla_decode.warmup_decode;
+        session 9's serving run met four such compiles, ~1 s each, on requests' paths)."""
+        from atom_stream.models.mla import MLA
+        attn = next((m for m in self.model.modules() if isinstance(m, MLA)), None)
+        if attn is None or not attn.use_kernels:
+            return
+        from atom_stream.kernels.mla_decode import warmup_decode
+        t0 = time.perf_counter()
+        n = warmup_decode(attn.num_heads, attn.r, attn.rope, self.block_size, self.kv_dtype,
+                          self.dtype, self.device, self.config.max_num_seqs)
+        logger.info("decode attention warm-up: %d batch sizes in %.1fs", n,
+                    time.perf_counter() - t0)
 
     def _capture_graphs(self) -> None:
         from atom_stream.engine.graphs import DecodeGraphRunner, default_capture_sizes
