@@ -104,11 +104,13 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
     return "v1", None
 
 
-# split count and workspace strides vary with the batch: no per-divisibility variants (v3 too)
+# split count, workspace strides and the block-table row stride vary with the batch: no
+# per-divisibility variants (v3 too)
 _SPLIT_ARGS = ["num_splits", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
+_TABLE_ARGS = [*_SPLIT_ARGS, "stride_bt_b"]  # the attention kernel (merges take no table)
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_TABLE_ARGS)
 def _mla_decode_stage1(
     QN, QP, KV, BT, LENS, OPART, LSE, OUT,
     qk_scale, k_scale, out_scale, num_splits, H,

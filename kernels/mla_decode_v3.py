@@ -149,13 +149,15 @@ def _merge_fused(part_row, lse_row, out_row, heads, hmask, n_act, stride_ph, str
         tl.store(dst + j * MC, o.to(out_row.dtype.element_ty), mask=hmask[:, None])
 
 
-# the split count and the workspace strides (multiples of it) vary with the batch: no
+# the split count, the workspace strides (multiples of it) and the block-table row stride (an
+# eager step's table is as wide as its longest sequence) vary with the batch: no
 # per-divisibility variants, or an eager step at a new batch size compiles on a request's path
 # (~1 s: bench/RESULTS.md session 9's serving run)
 _SPLIT_ARGS = ["num_splits", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
+_TABLE_ARGS = [*_SPLIT_ARGS, "stride_bt_b"]  # the attention kernel (merges take no table)
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_TABLE_ARGS)
 def _mla_decode_v3(
     QN, QP, KV, BT, LENS, OPART, LSE, CNT, OUT,
     qk_scale, one, out_scale, num_splits, H,

@@ -19,8 +19,10 @@ def fresh(monkeypatch):
     """A clean watch state; the knobs' hooks restored afterwards."""
     knobs = pytest.importorskip("triton.knobs")
     rt = knobs.runtime
-    monkeypatch.setattr(rt, "jit_cache_hook", rt.jit_cache_hook)
-    monkeypatch.setattr(rt, "jit_post_compile_hook", rt.jit_post_compile_hook)
+    # no hooks: an engine (or test) earlier in this process may have installed the watch,
+    # whose hooks would count into the fresh stats below
+    monkeypatch.setattr(rt, "jit_cache_hook", None)
+    monkeypatch.setattr(rt, "jit_post_compile_hook", None)
     monkeypatch.setattr(compile_watch, "_installed", False)
     monkeypatch.setattr(compile_watch, "stats", compile_watch.CompileStats())
     return rt

@@ -38,7 +38,8 @@ def test_batch_invariance_with_graphs_preemption_and_chunked_prefill():
     reqs = requests(48, 0)
     alone = gpu_engine(num_kv_blocks=64, enable_prefix_caching=False, max_num_seqs=8)
     expected = {rid: run(alone, [(rid, ids, p)])[rid].token_ids for rid, ids, p in reqs}
-    crowd = gpu_engine(num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32)
+    crowd = gpu_engine(num_kv_blocks=24, max_num_batched_tokens=64, max_num_seqs=32,
+                       max_model_len=384)  # the pool's 24 x 16 tokens
     assert crowd.runner.graphs is not None
     got = run(crowd, reqs)
     assert crowd.stats()["num_preemptions"] > 0
