@@ -19,7 +19,7 @@ event loop (so every push is a few dict/list lookups and one C call).
   that could still begin a stop string is held back, so no part of a stop string is streamed
   before it is ruled out. On a match (it may span any number of feeds), `emit` ends right before
   the stop string (or includes it with include_stop_str_in_output) and `matched` is the string;
-  the earliest-ending match wins (ties: the longer one), so the result does not depend on how
+  the earliest-ending match wins (ties: the first listed, as vLLM), so the result does not depend on how
   the text was chunked. Later feeds return ("", None).
 - `flush() -> str`: the held text, when the stream ends for another reason (length/eos).
 """
@@ -143,18 +143,20 @@ class StopStringChecker:
         buf = self._held + new_text if self._held else new_text
         if not buf:
             return "", None
-        best: tuple[int, int, str] | None = None  # (end, -len, stop)
-        for s in self._stops:
+        best: tuple[int, int, str] | None = None  # (end, index in the list, stop)
+        for k, s in enumerate(self._stops):
             i = buf.find(s)
             if i >= 0:
-                key = (i + len(s), -len(s), s)
+                key = (i + len(s), k, s)
                 if best is None or key < best:
                     best = key
         if best is not None:
-            end, neg_len, s = best
+            # the stop that ends first; of stops ending at the same character, the first
+            # listed (vLLM checks the stops in request order)
+            end, _, s = best
             self._done = True
             self._held = ""
-            return (buf[:end] if self._include else buf[:end + neg_len]), s
+            return (buf[:end] if self._include else buf[:end - len(s)]), s
         hold = len(buf)
         for s in self._stops:  # the longest suffix of buf that is a proper prefix of s
             first = s[0]

@@ -133,12 +133,11 @@ def test_out_of_vocab_ids_are_ignored(tokenizers):
 
 # ------------------------------------------------------------------------------ stop strings
 def oracle(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
-    """Earliest-ending match in the whole text (ties: the longer stop string)."""
+    """Earliest-ending match in the whole text (ties: the first listed, as vLLM)."""
     best = None
-    for s in stops:
+    for s in dict.fromkeys(stops):
         i = text.find(s) if s else -1
-        if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0] + len(best[1]),
-                                                                  -len(best[1]))):
+        if i >= 0 and (best is None or i + len(s) < best[0] + len(best[1])):
             best = (i, s)
     if best is None:
         return text, None
@@ -235,3 +234,10 @@ def test_engine_like_flow_random_stream(tokenizers):
         if not matched:
             out.append(chk.flush())
         assert ("".join(out), matched) == oracle(text, stops, False), (text, stops)
+
+
+def test_stops_ending_together_the_first_listed_wins():
+    # vLLM checks stops in request order: "b" (listed first) beats "ab" ending at the same char
+    assert feed_all(["c", "a", "b"], ["b", "ab"], False)[:2] == ("ca", "b")
+    assert feed_all(["c", "a", "b"], ["b", "ab"], True)[:2] == ("cab", "b")
+    assert feed_all(["cab"], ["ab", "b"], False)[:2] == ("c", "ab")

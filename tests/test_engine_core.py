@@ -198,6 +198,24 @@ def test_utf8_multibyte_characters_stream_without_replacement_chars():
     assert out.text == "héllo 世" and all("\ufffd" not in d.text for d in deltas)
 
 
+def test_stop_strings_after_min_tokens_and_not_on_a_stop_tokens_text():
+    # vLLM: stop strings are checked once len(output) > min_tokens, so with min_tokens 3 the
+    # "b" of output token 3 does not stop, the next one (token 5) does
+    out, _ = collect(script_engine("cababbacbbaa"), SamplingParams(max_tokens=12, stop=["b"],
+                                                                   min_tokens=3))
+    assert (out.text, out.stop_reason, len(out.token_ids)) == ("caba", "b", 5)
+    out, _ = collect(script_engine("cababbacbbaa"), SamplingParams(max_tokens=12, stop=["b"]))
+    assert (out.text, len(out.token_ids)) == ("ca", 3)
+    # a stop token's own text (include_stop_str_in_output) is not searched for stop strings:
+    # the stop reason stays the token (vLLM's stop_terminated)
+    out, _ = collect(script_engine([99, 97, 98]), SamplingParams(
+        max_tokens=9, stop_token_ids=[97], stop=["a"], include_stop_str_in_output=True))
+    assert (out.text, out.stop_reason) == ("ca", 97)
+    out, _ = collect(script_engine([99, 120, 97, 98]), SamplingParams(
+        max_tokens=9, stop_token_ids=[97], stop=["xa"], include_stop_str_in_output=True))
+    assert (out.text, out.stop_reason) == ("cxa", 97)  # the held "x" goes out unchecked
+
+
 def test_eos_stop_token_ids_min_tokens_and_ignore_eos():
     out, _ = collect(script_engine([65, 66, EOS, 67]), SamplingParams(max_tokens=9))
     assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == (

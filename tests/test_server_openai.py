@@ -605,3 +605,35 @@ def test_chat_template_errors_are_400s(tmp_path_factory):
         assert_error(c.post("/tokenize", json={"messages": two_users}), 400, None)
         r = c.post("/v1/chat/completions", json={"messages": two_users[:1], "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_logprobs_put_the_sampled_token_first_as_vllm(http):
+    """vLLM's sampler puts the sampled token first in each position's logprobs: completions'
+    top_logprobs dicts start with it, chat's top_logprobs list is the first top_logprobs
+    entries of that order (a sampled token outside the top k leads and displaces the k-th).
+    allowed_token_ids makes the sampled tokens unlikely under the raw logprobs."""
+    base = {"max_tokens": 3, "temperature": 1, "seed": 1, "allowed_token_ids": [97, 98, 99]}
+    lp = http.post("/v1/completions", json={"prompt": "hi", "logprobs": 1, **base}
+                   ).json()["choices"][0]["logprobs"]
+    for tok, val, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert next(iter(top.items())) == (tok, val) and len(top) <= 2
+    content = http.post("/v1/chat/completions", json={
+        "messages": CHAT, "logprobs": True, "top_logprobs": 2, **base}
+        ).json()["choices"][0]["logprobs"]["content"]
+    assert any(c["top_logprobs"][0]["token"] == c["token"] for c in content)
+    for c in content:
+        assert len(c["top_logprobs"]) == 2
+        assert c["top_logprobs"][0] == {"token": c["token"], "logprob": c["logprob"],
+                                        "bytes": c["bytes"]}
+
+
+def test_chat_stream_role_chunks_then_echo_chunks(http):
+    """n > 1 with echo: vLLM sends every choice's role chunk, then every choice's echo."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "pre"}]
+    raw = http.post("/v1/chat/completions", json={"messages": msgs, "echo": True, "n": 2,
+                                                  "max_tokens": 2, "stream": True}).content
+    head = [json.loads(e) for e in sse_events(raw)[:4]]
+    got = [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in head]
+    assert got == [(0, {"role": "assistant", "content": ""}),
+                   (1, {"role": "assistant", "content": ""}),
+                   (0, {"content": "pre"}), (1, {"content": "pre"})], got

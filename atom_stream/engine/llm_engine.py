@@ -9,8 +9,9 @@ in its worker thread) -> `postprocess(batch, output)`:
   `min_tokens` outputs exist; the stop token stays in token_ids, its text is dropped unless
   `include_stop_str_in_output`), `max_tokens` or `max_model_len` -> "length";
 - incremental detokenization, then text-level stop strings (held back until ruled out, trimmed
-  when matched: "stop" with `stop_reason` = the string; like token stops, only checked once
-  `min_tokens` outputs exist — earlier text streams unchecked, as in vLLM);
+  when matched: "stop" with `stop_reason` = the string; checked from output token
+  min_tokens + 1 on, as vLLM's `len(output_token_ids) > min_tokens`; earlier text streams
+  unchecked; not on the text of a token that stopped the request);
 - one RequestOutput delta per sampled sequence; finished sequences free their blocks at once.
 
 An exception from `execute` fails exactly the sequences of that batch (finish_reason "error",
@@ -391,7 +392,13 @@ class LLMEngine:
                 if reason is not None:
                     text += detok.flush()
                 stop = req.stop
-                if stop is not None and nout >= params.min_tokens:
+                if stop is not None and reason == "stop":
+                    # ended by a stop token: its text (include_stop_str_in_output) is not
+                    # searched for stop strings (vLLM: stop_terminated); held text goes out
+                    text = stop.flush() + text
+                elif stop is not None and nout > params.min_tokens:
+                    # stop strings count from the token after min_tokens, as vLLM's
+                    # len(output_token_ids) > min_tokens
                     text, matched = stop.feed(text)
                     if matched is not None:
                         reason = "stop"

@@ -103,6 +103,12 @@ def _clamp(x: float) -> float:
     return max(_MIN_LOGPROB, x)
 
 
+def _sampled_first(tid: int, sampled: float, tops: list, k: int) -> list:
+    """A position's (token, logprob) entries in vLLM's order: the sampled token first (its
+    sampler puts it first), then the top k without it."""
+    return [(tid, sampled)] + [(t, v) for t, v in tops[:k] if t != tid]
+
+
 def chat_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list | None
                   ) -> ChatLogprobs:
     k = ctx.logprobs or 0
@@ -111,7 +117,9 @@ def chat_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list | Non
         sampled, tops = lp
         s = ctx.token_str(tid)
         top = []
-        for t, v in tops[:k]:
+        # vLLM: the first top_logprobs entries of that order (the sampled token leads, so a
+        # sampled token outside the top k displaces the k-th)
+        for t, v in _sampled_first(tid, sampled, tops, k)[:k]:
             ts = ctx.token_str(t)
             top.append(TopLogprob(ts, _clamp(v), list(ts.encode())))
         content.append(ChatLogprobToken(s, _clamp(sampled), list(s.encode()), top))
@@ -140,8 +148,10 @@ def completion_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list
             continue
         sampled, tops = lp
         out.token_logprobs.append(_clamp(sampled))
-        top = {ctx.token_str(t): _clamp(v) for t, v in tops[:k]}
-        top.setdefault(s, _clamp(sampled))
+        top: dict[str, float] = {}
+        for t, v in _sampled_first(tid, sampled, tops, k):  # vLLM: up to k + 1 entries
+            top[ctx.token_str(t)] = _clamp(v)  # as its dict comprehension: a repeated string
+            # keeps its first place and takes the later value
         out.top_logprobs.append(top)
     return out
 
@@ -169,11 +179,10 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
 
     tail: list[bytes] = []
     try:
-        head = []
-        for c in choices:
-            head.append(chunk(c.index, DeltaMessage(role="assistant", content="")))
-            if echo:
-                head.append(chunk(c.index, DeltaMessage(content=echo)))
+        # vLLM: every choice's role chunk, then every choice's echo chunk
+        head = [chunk(c.index, DeltaMessage(role="assistant", content="")) for c in choices]
+        if echo:
+            head += [chunk(c.index, DeltaMessage(content=echo)) for c in choices]
         yield b"".join(head)
         finished = 0
         async with contextlib.aclosing(iterate(choices)) as stream:
