@@ -80,6 +80,7 @@ class _SamplingRequest(Struct, kw_only=True):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:{id}"
     # structured output: accepted so a request asking for it gets a clear 400 (not served)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None

@@ -637,3 +637,20 @@ def test_chat_stream_role_chunks_then_echo_chunks(http):
     assert got == [(0, {"role": "assistant", "content": ""}),
                    (1, {"role": "assistant", "content": ""}),
                    (0, {"content": "pre"}), (1, {"content": "pre"})], got
+
+
+def test_return_tokens_as_token_ids(http):
+    """vLLM's return_tokens_as_token_ids: logprob tokens (and top_logprobs keys / tokens, their
+    bytes) are "token_id:{id}"."""
+    base = {"max_tokens": 3, "temperature": 0, "allowed_token_ids": [97, 98, 99],
+            "return_tokens_as_token_ids": True}
+    ch = http.post("/v1/completions", json={"prompt": "hi", "logprobs": 1, **base}
+                   ).json()["choices"][0]
+    assert all(t in ("token_id:97", "token_id:98", "token_id:99")
+               for t in ch["logprobs"]["tokens"])
+    assert all(k.startswith("token_id:") for top in ch["logprobs"]["top_logprobs"] for k in top)
+    assert ch["text"] and not ch["text"].startswith("token_id")  # the text itself is text
+    c = http.post("/v1/chat/completions", json={"messages": CHAT, "logprobs": True,
+                                                "top_logprobs": 1, **base}
+                  ).json()["choices"][0]["logprobs"]["content"][0]
+    assert c["token"].startswith("token_id:") and c["bytes"] == list(c["token"].encode())

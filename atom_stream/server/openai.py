@@ -415,7 +415,7 @@ class OpenAIServing:
         if req.echo and messages[-1].get("role") == "assistant":
             echo = messages[-1]["content"]
         ctx = openai_stream.StreamContext(rid, int(time.time()), model, self.engine.tokenizer,
-                                          params.logprobs)
+                                          params.logprobs, req.return_tokens_as_token_ids)
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.chat_stream(
@@ -468,7 +468,8 @@ class OpenAIServing:
             if req.echo:
                 c.prompt_text = p if isinstance(p, str) else tok.decode(
                     p, skip_special_tokens=False)
-        ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs)
+        ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs,
+                                          req.return_tokens_as_token_ids)
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.completion_stream(

@@ -60,21 +60,26 @@ _MIN_LOGPROB = -9999.0  # OpenAI's floor; JSON has no -inf
 
 
 class StreamContext:
-    __slots__ = ("_strs", "created", "logprobs", "model", "rid", "tokenizer")
+    __slots__ = ("_strs", "as_ids", "created", "logprobs", "model", "rid", "tokenizer")
 
-    def __init__(self, rid: str, created: int, model: str, tokenizer: Any, logprobs: int | None):
+    def __init__(self, rid: str, created: int, model: str, tokenizer: Any, logprobs: int | None,
+                 as_ids: bool = False):
         self.rid = rid
         self.created = created
         self.model = model
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.as_ids = as_ids  # return_tokens_as_token_ids
         self._strs: dict[int, str] = {}
 
     def token_str(self, tid: int) -> str:
         """A token's text as vLLM reports it in logprobs: the token decoded on its own (" hello",
         not the vocabulary's "Ġhello"; a partial UTF-8 sequence decodes to U+FFFD), specials
-        as their text. Its "bytes" are this string's UTF-8."""
+        as their text; "token_id:{id}" with return_tokens_as_token_ids. Its "bytes" are this
+        string's UTF-8."""
         s = self._strs.get(tid)
+        if s is None and self.as_ids:
+            s = self._strs[tid] = f"token_id:{tid}"
         if s is None:
             s = self.tokenizer.decode([tid], skip_special_tokens=False)
             try:
