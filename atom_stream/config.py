@@ -80,6 +80,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3's MTP layers (in the checkpoint, not served)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_position_embeddings: int = 4096
@@ -129,14 +130,26 @@ class ModelConfig:
         try:
             with open(cfg_path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"model: {cfg_path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
+            # a field of the wrong type or shape ("abc" for a size, a string for a dict)
+            raise ConfigError(f"model: {cfg_path} has a malformed field ({type(e).__name__}: "
+                              f"{e})") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Parse a raw config.json dict (flat DeepseekV3 or Kimi-K2.5 nested)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model: config.json must be a JSON object, got "
+                              f"{type(raw).__name__}")
         archs = raw.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
         arch = archs[0] if archs else None
         text = raw
         if "text_config" in raw:
@@ -212,6 +225,7 @@ class ModelConfig:
             routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)),
             scoring_func=text.get("scoring_func", "sigmoid"),
             topk_method=text.get("topk_method", "noaux_tc"),
+            num_nextn_predict_layers=int(text.get("num_nextn_predict_layers") or 0),
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rope_scaling=rope,
             max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
@@ -229,6 +243,31 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                     "moe_layer_freq"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model: config.json field {name} must be a positive integer "
+                                  f"(got {v!r})")
+        if self.q_lora_rank is not None and (
+                not isinstance(self.q_lora_rank, int) or isinstance(self.q_lora_rank, bool)
+                or self.q_lora_rank < 1):
+            raise ConfigError(f"model: config.json field q_lora_rank must be a positive integer "
+                              f"or null (got {self.q_lora_rank!r})")
+        if self.quantization_config is not None and not isinstance(self.quantization_config,
+                                                                   dict):
+            raise ConfigError(f"model: config.json field quantization_config must be an object "
+                              f"(got {self.quantization_config!r})")
+        if self.n_routed_experts and self.moe_intermediate_size < 1:
+            raise ConfigError("model: config.json field moe_intermediate_size must be a positive "
+                              "integer with routed experts")
+        # transformers' DeepseekV3 always routes with the correction bias (noaux_tc); an
+        # unknown method would silently route differently here
+        if self.topk_method not in ("noaux_tc", "greedy"):
+            raise ConfigError(f"model: topk_method {self.topk_method!r} is not supported "
+                              f"(noaux_tc, greedy)")
         if self.hidden_act != "silu":
             raise ConfigError(f"model: hidden_act {self.hidden_act!r} is not supported (silu only)")
         if self.scoring_func not in ("sigmoid", "softmax"):

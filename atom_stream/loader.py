@@ -75,8 +75,10 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def iter_checkpoint(path: str, progress: bool = True) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple]]:
-    """Yields (normalized name, lazy tensor getter, shape) for each tensor to load."""
+def iter_checkpoint(path: str, progress: bool = True, with_file: bool = False
+                    ) -> Iterator[tuple]:
+    """Yields (normalized name, lazy tensor getter, shape) for each tensor to load, plus the
+    shard's basename with `with_file`."""
     from safetensors import safe_open
 
     files = checkpoint_files(path)
@@ -105,7 +107,7 @@ def iter_checkpoint(path: str, progress: bool = True) -> Iterator[tuple[str, Cal
                 shape = tuple(handle.get_slice(key).get_shape())
             except Exception as e:
                 raise CheckpointError(f"{file}: tensor {key!r} is unreadable ({e})") from None
-            yield name, get, shape
+            yield (name, get, shape, os.path.basename(file)) if with_file else (name, get, shape)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -118,13 +120,19 @@ class WeightLoader:
     Quantization methods extend `targets` (layers/quant): for a name they return the parameter
     and an optional slice to copy into, or a custom loader."""
 
-    def __init__(self, model: nn.Module, num_layers: int, tp_info: TPInfo | None = None):
+    def __init__(self, model: nn.Module, num_layers: int, tp_info: TPInfo | None = None,
+                 mtp_layers: int | None = None):
         self.model = model
+        # layers num_layers .. num_layers + mtp_layers - 1: DeepSeek-V3's multi-token-prediction
+        # layers, skipped quietly; layers past them are reported as unused (None: any layer
+        # past num_layers is skipped quietly)
+        self.mtp_layers = mtp_layers
         self.tp = tp_info or tp()
         self.num_layers = num_layers
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
         self.custom: list[Callable[[str, Callable, tuple], bool]] = []
+        self.ignored: list[str] = []  # checkpoint tensors no part of the model takes
 
     def _copy(self, pname: str, tensor: torch.Tensor, index: tuple = (), src: str = "",
               part: str = "") -> None:
@@ -132,8 +140,22 @@ class WeightLoader:
         if param is None:
             raise CheckpointError(f"{src}: no parameter {pname!r} in the model")
         dst = param.data[index] if index else param.data
+        if dst.dtype.is_floating_point and dst.dtype.itemsize > 1 and (
+                not tensor.dtype.is_floating_point or tensor.dtype.itemsize == 1):
+            # an integer / bool / 8-bit float tensor where the model holds real values: a
+            # quantized checkpoint whose config.json lacks quantization_config, or a broken file
+            hint = (" (quantized weights: does config.json carry its quantization_config?)"
+                    if tensor.dtype.itemsize == 1 else "")
+            raise CheckpointError(f"{src}: checkpoint tensor is {tensor.dtype}, the model "
+                                  f"expects {dst.dtype} values{hint}")
         dim = getattr(param, "tp_dim", None)
         if self.tp.size > 1 and dim is not None and tensor.dim() > dim:
+            want = list(dst.shape)
+            want[dim] *= self.tp.size  # the whole tensor, checked before this rank's slice
+            if tuple(tensor.shape) != tuple(want):
+                raise CheckpointError(
+                    f"{src}: shape mismatch, checkpoint has {tuple(tensor.shape)}, model "
+                    f"expects {tuple(want)} (split {self.tp.size} ways on dim {dim})")
             local = tensor.shape[dim] // self.tp.size
             tensor = tensor.narrow(dim, self.tp.rank * local, local)
         if tuple(dst.shape) != tuple(tensor.shape):
@@ -145,8 +167,11 @@ class WeightLoader:
 
     def load_one(self, name: str, get: Callable[[], torch.Tensor], shape: tuple) -> None:
         m = _LAYER_RE.match(name)
-        if m and int(m.group(1)) >= self.num_layers:
-            return  # MTP / next-n layers are not part of the served model
+        if m and int(m.group(1)) >= self.num_layers:  # not part of the served model
+            if self.mtp_layers is not None and int(m.group(1)) >= (
+                    self.num_layers + self.mtp_layers):
+                self.ignored.append(name)  # not an MTP layer either: warned about
+            return
         for hook in self.custom:
             if hook(name, get, shape):
                 return
@@ -186,7 +211,7 @@ class WeightLoader:
             return
         if name.endswith(("k_scale", "v_scale", "kv_scale")):
             return  # KV scales are read by the KV-cache setup, not parameters
-        logger.debug("ignoring checkpoint tensor %s", name)
+        self.ignored.append(name)
 
     def check_complete(self, tie_word_embeddings: bool) -> None:
         """Raise naming the first checkpoint tensor that never arrived."""
@@ -220,15 +245,23 @@ def _expert_range(model: nn.Module, base: str, w13: torch.Tensor) -> tuple[int, 
 
 
 def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embeddings: bool,
+                    mtp_layers: int | None = None,
                     extra_hooks: list | None = None) -> None:
-    loader = WeightLoader(model, num_layers)
+    loader = WeightLoader(model, num_layers, mtp_layers=mtp_layers)
     loader.custom.extend(extra_hooks or [])
     n = 0
-    for name, get, shape in iter_checkpoint(path):
+    seen: dict[str, str] = {}  # normalized name -> file
+    for name, get, shape, file in iter_checkpoint(path, with_file=True):
+        if name in seen:  # a stale model.safetensors beside newer shards, a repeated tensor
+            raise CheckpointError(f"{path}: tensor {name!r} is in both {seen[name]} and {file}")
+        seen[name] = os.path.basename(file)
         loader.load_one(name, get, shape)
         n += 1
     if n == 0:
         raise CheckpointError(f"{path}: no tensors found")
+    if loader.ignored:
+        logger.warning("%d checkpoint tensors not used by the model (e.g. %s)",
+                       len(loader.ignored), ", ".join(loader.ignored[:3]))
     loader.check_complete(tie_word_embeddings)
     for hook in extra_hooks or []:  # quant hooks (layers/quant) check their own tensors arrived
         getattr(hook, "check_complete", lambda: None)()

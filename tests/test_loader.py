@@ -187,3 +187,100 @@ def test_no_weights_is_one_clear_error(hf_ckpt, tmp_path):
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     with pytest.raises(CheckpointError, match="no .safetensors files"):
         build(str(tmp_path))
+
+
+def build_served(path: str):
+    """As the model runner loads: MTP layers from config.json skipped, other extras reported."""
+    cfg = ModelConfig.from_pretrained(path)
+    model = MODEL_REGISTRY[cfg.architecture](cfg, 256, torch.float32)
+    load_checkpoint(model, path, cfg.num_hidden_layers, cfg.tie_word_embeddings,
+                    mtp_layers=cfg.num_nextn_predict_layers)
+    return cfg, model
+
+
+@pytest.mark.parametrize("bad", ["int32", "bool", "fp8"])
+def test_a_non_float_tensor_for_real_values_is_an_error(hf_ckpt, tmp_path, bad):
+    # an int/bool tensor, or fp8 weights under a config without quantization_config, used to
+    # be cast silently (garbage out)
+    src, _ = hf_ckpt
+    name = "model.layers.0.self_attn.o_proj.weight"
+
+    def mutate(c, t):
+        w = t[name]
+        t[name] = {"int32": (w * 100).to(torch.int32), "bool": w > 0,
+                   "fp8": w.to(torch.float8_e4m3fn)}[bad]
+
+    _copy_ckpt(src, str(tmp_path), mutate)
+    match = "quantization_config" if bad == "fp8" else "o_proj.weight: checkpoint tensor is"
+    with pytest.raises(CheckpointError, match=match):
+        build(str(tmp_path))
+
+
+def test_a_tensor_in_two_shards_is_an_error(hf_ckpt, tmp_path):
+    src, _ = hf_ckpt
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    save_file(tensors, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"model.norm.weight": torch.zeros_like(tensors["model.norm.weight"])},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight.*in both "
+                                              r"model-00001-of-00002.*model-00002-of-00002"):
+        build(str(tmp_path))
+
+
+def test_tp_checks_the_whole_shape_before_slicing():
+    # a row too many along the split dimension used to be rounded away at TP > 1
+    from atom_stream.layers.parallel import TPInfo
+    from atom_stream.loader import WeightLoader
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(3, 4), requires_grad=False)
+    m.w.tp_dim = 0
+    loader = WeightLoader(m, 1, tp_info=TPInfo(rank=1, size=2))
+    with pytest.raises(CheckpointError, match=r"\(7, 4\).*\(6, 4\).*split 2 ways"):
+        loader._copy("w", torch.randn(7, 4), src="w")
+    full = torch.randn(6, 4)
+    loader._copy("w", full, src="w")
+    assert torch.equal(m.w, full[3:])
+
+
+def test_extra_layers_past_the_mtp_layers_are_reported(hf_ckpt, tmp_path, caplog):
+    src, _ = hf_ckpt
+    with open(os.path.join(src, "config.json")) as f:
+        n = json.load(f)["num_hidden_layers"]
+
+    def mutate(c, t):
+        c["num_nextn_predict_layers"] = 1
+        t[f"model.layers.{n}.eh_proj.weight"] = torch.randn(4, 4)  # the MTP layer: quiet
+        t[f"model.layers.{n + 1}.eh_proj.weight"] = torch.randn(4, 4)  # past it: reported
+
+    _copy_ckpt(src, str(tmp_path), mutate)
+    with caplog.at_level("WARNING", logger="atom_stream.loader"):
+        build_served(str(tmp_path))
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert f"model.layers.{n + 1}.eh_proj.weight" in msg and f"layers.{n}." not in msg
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_size", "abc", "malformed field"), ("num_attention_heads", 0, "num_attention_heads"),
+    ("num_hidden_layers", 0, "num_hidden_layers"), ("topk_method", "noaux_tc_typo",
+                                                    "topk_method"),
+    ("quantization_config", "fp8", "quantization_config"), ("q_lora_rank", "32", "q_lora_rank"),
+    ("max_position_embeddings", 0, "max_position_embeddings")])
+def test_malformed_config_fields_are_config_errors(hf_ckpt, tmp_path, field, value, match):
+    src, _ = hf_ckpt
+    _copy_ckpt(src, str(tmp_path), lambda c, t: c.__setitem__(field, value))
+    with pytest.raises(ConfigError, match=match):
+        build(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        ModelConfig.from_pretrained(str(tmp_path))
+
+
+def test_a_model_path_that_is_a_file_is_an_error(hf_ckpt):
+    from atom_stream import LLM
+    src, _ = hf_ckpt
+    with pytest.raises(ConfigError, match="is a file; give the checkpoint directory"):
+        LLM(os.path.join(src, "config.json"), device="cpu", dtype="float32", num_kv_blocks=16)

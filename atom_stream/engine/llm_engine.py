@@ -103,6 +103,10 @@ class LLMEngine:
         if runner is None:
             from atom_stream.engine.distributed import make_executor
             config.model = resolve_model_path(config.model, config.load_format)  # hub ids
+            if tokenizer is None and not skip_tokenizer_init:
+                # before the weights (minutes for a real checkpoint) and the TP workers: a
+                # missing tokenizer is an error at once, with nothing to tear down
+                tokenizer = load_engine_tokenizer(config)
             runner = make_executor(config)
         self.runner = runner
         self.model_config = runner.model_config

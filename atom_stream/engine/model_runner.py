@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from itertools import chain
 
@@ -128,6 +129,9 @@ def load_model_config(config: EngineConfig) -> ModelConfig:
     from atom_stream.models.presets import PRESETS  # bench presets: full shapes, dummy weights
     if config.model in PRESETS:
         return ModelConfig.from_dict(PRESETS[config.model])
+    if os.path.isfile(config.model):  # not a checkpoint: would serve random weights
+        raise ConfigError(f"model: {config.model!r} is a file; give the checkpoint directory "
+                          f"(config.json, *.safetensors, tokenizer files)")
     return ModelConfig.from_pretrained(config.model)
 
 
@@ -168,7 +172,8 @@ class ModelRunner:
                 init_dummy_weights(self.model, DEMO_SEED if config.is_demo else config.seed)
             else:
                 load_checkpoint(self.model, config.model, cfg.num_hidden_layers,
-                                cfg.tie_word_embeddings, extra_hooks=quant_hooks)
+                                cfg.tie_word_embeddings, extra_hooks=quant_hooks,
+                                mtp_layers=cfg.num_nextn_predict_layers)
         self.model.process_weights_after_loading()
         self.model.eval()
         logger.info("model %s loaded in %.2fs (%s, %s)", config.model or "demo",
@@ -512,5 +517,4 @@ class ModelRunner:
 
 
 def _is_dir(path: str | None) -> bool:
-    import os
     return bool(path) and os.path.isdir(path)

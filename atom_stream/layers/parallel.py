@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from atom_stream.config import ConfigError  # a ValueError: one line per TP rank at start-up
+
 
 @dataclass(frozen=True)
 class TPInfo:
@@ -53,7 +55,7 @@ class TPInfo:
     def expert_range(self, num_experts: int) -> tuple[int, int]:
         """(first global expert id, count) of the routed experts this rank holds."""
         if num_experts % self.ep_size:
-            raise ValueError(f"enable_expert_parallel: n_routed_experts ({num_experts}) is not "
+            raise ConfigError(f"enable_expert_parallel: n_routed_experts ({num_experts}) is not "
                              f"divisible by tensor_parallel_size {self.ep_size}")
         n = num_experts // self.ep_size
         return self.ep_rank * n, n
@@ -61,7 +63,7 @@ class TPInfo:
     def shard(self, full: int, what: str) -> int:
         """The local size of a dimension of `full` split over the ranks (must divide evenly)."""
         if full % self.size:
-            raise ValueError(f"tensor_parallel_size: {what} ({full}) is not divisible by "
+            raise ConfigError(f"tensor_parallel_size: {what} ({full}) is not divisible by "
                              f"{self.size}")
         return full // self.size
 
