@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from atom_stream import envs
-from atom_stream.config import ConfigError, EngineConfig
+from atom_stream.config import _DTYPE_ALIASES, _DTYPES, ConfigError, EngineConfig
 
 logger = logging.getLogger("atom_stream.cli")
 
@@ -121,7 +121,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"].default,
                    choices=["auto", "bf16", "fp8", "fp8_e4m3"])
     g.add_argument("--dtype", default=d["dtype"].default,
-                   choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+                   choices=[*_DTYPES, *_DTYPE_ALIASES])
     g.add_argument("--device", default=d["device"].default, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--block-size", type=int, default=d["block_size"].default)
     g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)

@@ -248,7 +248,7 @@ class ModelConfig:
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                      "moe_layer_freq"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"model: config.json field {name} must be a positive integer "
                                   f"(got {v!r})")
         if self.q_lora_rank is not None and (
@@ -305,11 +305,7 @@ def resolve_model_path(model: str | None, load_format: str = "auto") -> str | No
     download with HF_HUB_OFFLINE=1). Local paths, "demo" and bench presets pass through.
     Raises ConfigError naming the model when it cannot be resolved. Called where an engine
     starts (LLMEngine, a multi-node worker node), not when a config is parsed."""
-    if (not model or model == "demo" or os.path.exists(model) or not _HUB_ID.match(model)
-            or model.startswith((".", "/"))):
-        return model
-    from atom_stream.models.presets import PRESETS
-    if model in PRESETS:
+    if not model or os.path.exists(model) or not _HUB_ID.match(model):  # "owner/name" only
         return model
     try:
         from huggingface_hub import snapshot_download

@@ -75,10 +75,10 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def iter_checkpoint(path: str, progress: bool = True, with_file: bool = False
-                    ) -> Iterator[tuple]:
-    """Yields (normalized name, lazy tensor getter, shape) for each tensor to load, plus the
-    shard's basename with `with_file`."""
+def iter_checkpoint(path: str, progress: bool = True
+                    ) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple, str]]:
+    """Yields (normalized name, lazy tensor getter, shape, shard file basename) for each tensor
+    to load."""
     from safetensors import safe_open
 
     files = checkpoint_files(path)
@@ -107,7 +107,7 @@ def iter_checkpoint(path: str, progress: bool = True, with_file: bool = False
                 shape = tuple(handle.get_slice(key).get_shape())
             except Exception as e:
                 raise CheckpointError(f"{file}: tensor {key!r} is unreadable ({e})") from None
-            yield (name, get, shape, os.path.basename(file)) if with_file else (name, get, shape)
+            yield name, get, shape, os.path.basename(file)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -251,10 +251,10 @@ def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embed
     loader.custom.extend(extra_hooks or [])
     n = 0
     seen: dict[str, str] = {}  # normalized name -> file
-    for name, get, shape, file in iter_checkpoint(path, with_file=True):
+    for name, get, shape, file in iter_checkpoint(path):
         if name in seen:  # a stale model.safetensors beside newer shards, a repeated tensor
             raise CheckpointError(f"{path}: tensor {name!r} is in both {seen[name]} and {file}")
-        seen[name] = os.path.basename(file)
+        seen[name] = file
         loader.load_one(name, get, shape)
         n += 1
     if n == 0:

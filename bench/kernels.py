@@ -153,7 +153,8 @@ def _call_moe(copy_gbps):
         return []
     if "cset" not in inspect.signature(fn).parameters:
         return list(fn(copy_gbps))
-    tile = int(os.environ.get("ATOM_STREAM_MOE_W13_TILE", "16"))
+    from atom_stream.layers.quant.common import w13_tile_rows
+    tile = w13_tile_rows()
     return (list(fn(copy_gbps, formats=("int4", "mxfp4", "mxfp4_w4a4"), cset="default",
                     w13_tiles=(tile,)))
             + list(fn(copy_gbps, formats=("bf16", "fp8", "w4a8"), cset="default")))

@@ -454,19 +454,28 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
 
 def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
                   kv_dtype: torch.dtype, q_dtype: torch.dtype, device, max_batch: int) -> int:
-    """Run `mla_decode` once at every batch size 1..max_batch on a tiny cache, so that each
-    Triton variant the decode attention compiles (per batch size: tile config, split count,
-    merge mode) exists before serving: an eager step (decodes beside a prefill chunk, at a
-    batch size no CUDA graph covers) would otherwise compile on a request's path. Returns the
-    number of calls; the outputs are discarded."""
+    """Run `mla_decode` on a tiny cache once per distinct launch variant over batch sizes
+    1..max_batch (tile config, split count, merge mode), so that each Triton variant the
+    decode attention compiles exists before serving: an eager step (decodes beside a prefill
+    chunk, at a batch size no CUDA graph covers) would otherwise compile on a request's path.
+    Returns the number of calls; the outputs are discarded."""
     dev = torch.device(device)
     cache = torch.zeros(2, block_size, kv_lora_rank + rope_dim, device=dev).to(kv_dtype)
+    variant = resolve_variant(DEFAULT_VARIANT, kv_dtype)[0]
+    seen = set()
     for b in range(1, max_batch + 1):
+        # what a launch's compiled variant depends on: the split count (merge mode, merge
+        # tile) and, for v3, the per-batch tile config; one call per distinct key
+        key = (decode_num_splits(b, num_heads, None, dev, variant),
+               _v3_cfg(kv_dtype, b, 1) if variant == "v3" else None)
+        if key in seen:
+            continue
+        seen.add(key)
         q = torch.zeros(b, num_heads, kv_lora_rank, dtype=q_dtype, device=dev)
         qp = torch.zeros(b, num_heads, rope_dim, dtype=q_dtype, device=dev)
         mla_decode(q, qp, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev),
                    torch.ones(b, dtype=torch.int32, device=dev), 1.0, rope_dim=rope_dim)
-    return max_batch
+    return len(seen)
 
 
 def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,

@@ -72,6 +72,7 @@ M1_KERNEL = envs.flag("ATOM_STREAM_MOE_M1_KERNEL")
 # (bench/RESULTS.md session 4): kernel 1.12-1.42x at M = 2..8, a tie at 16 (int4; MXFP4 0.88x),
 # 0.77x at 32; decode step B=4 9.14 -> 8.14 ms, B=8 13.32 -> 10.62 ms. 1 = off.
 PAIR_M_MAX = envs.integer("ATOM_STREAM_MOE_PAIR_M_MAX")
+_INTERP = envs.triton_interpreted()  # read once (tests reload kernel modules per mode)
 
 
 def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
@@ -194,7 +195,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     mc = cfg.get("MC") or min(triton.next_power_of_2(max(M, 1)), 64)  # token chunk, id scans
     pc = cfg.get("PC") or min(triton.next_power_of_2(max(P, 2)), 256)  # pair chunk
     kp2 = triton.next_power_of_2(kp)
-    pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not envs.triton_interpreted() else 0
+    pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not _INTERP else 0
     stop = cfg.get("stop_after") == "gate_up"
     if m1:
         from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used

@@ -177,7 +177,7 @@ def test_loader_reads_only_local_experts(ckpts, which):
     loader = WeightLoader(model, cfg.num_hidden_layers, info)
     loader.custom.extend(hooks)
     read: list[str] = []
-    for name, get, shape in iter_checkpoint(path):
+    for name, get, shape, _file in iter_checkpoint(path):
         def spy(get=get, name=name):
             read.append(name)
             return get()

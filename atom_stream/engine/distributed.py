@@ -71,8 +71,9 @@ def _free_port(tries: int = 64) -> int:
     ports cannot collide that way. Falls back to an ephemeral port when none is found."""
     import random
 
-    low = max(1025, min(_ephemeral_low(), 65536) - 12000)
-    high = max(low + 1, min(_ephemeral_low(), 65536) - 1)
+    eph = min(_ephemeral_low(), 65536)
+    low = max(1025, eph - 12000)
+    high = max(low + 1, eph - 1)
     for port in random.Random().sample(range(low, high), min(tries, high - low)):
         with socket.socket() as s:
             try:

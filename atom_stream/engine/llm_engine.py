@@ -99,6 +99,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, runner: Any = None, tokenizer: Any = None,
                  skip_tokenizer_init: bool = False):
         self.config = config
+        self._shut_down = False
         explicit_len = config.max_model_len is not None  # the runner may fill it in
         if runner is None:
             from atom_stream.engine.distributed import make_executor
@@ -488,7 +489,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Abort every request and stop the runner (TP workers, KV pool); a second call does
         nothing."""
-        if getattr(self, "_shut_down", False):
+        if self._shut_down:
             return
         self._shut_down = True
         self.abort_all()

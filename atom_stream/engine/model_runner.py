@@ -194,7 +194,7 @@ class ModelRunner:
             self._capture_graphs()
         if self.device.type == "cuda":
             self._decode_attention_warmup()
-        if self.device.type == "cuda":  # from here on a Triton compile is a request's wait
+            # from here on a Triton compile is a request's wait
             from atom_stream.engine import compile_watch
             compile_watch.watch()
 
@@ -211,7 +211,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         n = warmup_decode(attn.num_heads, attn.r, attn.rope, self.block_size, self.kv_dtype,
                           self.dtype, self.device, self.config.max_num_seqs)
-        logger.info("decode attention warm-up: %d batch sizes in %.1fs", n,
+        logger.info("decode attention warm-up: %d launch variants in %.1fs", n,
                     time.perf_counter() - t0)
 
     def _capture_graphs(self) -> None:

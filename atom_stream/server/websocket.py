@@ -65,8 +65,9 @@ from atom_stream.server.responses import HTTPError
 logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
-# n: one choice per request id; prompt_logprobs: delta/done frames have no field for them
-_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n", "prompt_logprobs"}
+# n: one choice per request id (prompt_logprobs is refused with its own message)
+_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n"}
+_PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 # generate-frame fields an error may name as they are (everything else is under "params.")
 _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
                            "chat_template_kwargs"})
@@ -257,13 +258,12 @@ class _Connection:
             self.error(cid, 429, f"too many live requests on this connection "
                        f"(limit {self.cfg.ws_max_requests})")
             return
-        given = [x is not None for x in (frame.prompt, frame.prompt_token_ids, frame.messages)]
-        field = ("prompt", "prompt_token_ids", "messages")[given.index(True)] if any(
-            given) else "prompt"
-        if sum(given) != 1:
+        given = [f for f in _PROMPT_FIELDS if getattr(frame, f) is not None]
+        if len(given) != 1:
             self.error(cid, 400, "give exactly one of prompt, prompt_token_ids, messages",
                        "prompt")
             return
+        field = given[0]
         try:
             if "prompt_logprobs" in frame.params:
                 raise HTTPError(400, "prompt_logprobs is not served over the WebSocket (no "
@@ -273,11 +273,9 @@ class _Connection:
             if unknown:
                 raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
             params = SamplingParams(**frame.params)
-            prompt: Any = frame.prompt
-            if frame.prompt_token_ids is not None:
-                prompt = frame.prompt_token_ids
-            elif frame.messages is not None:
-                prompt = messages_to_dicts(frame.messages)
+            prompt: Any = getattr(frame, field)
+            if field == "messages":
+                prompt = messages_to_dicts(prompt)
             kwargs = frame.chat_template_kwargs
             if frame.messages is not None and self.cfg.default_chat_template_kwargs:
                 kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
