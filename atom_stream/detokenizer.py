@@ -100,13 +100,23 @@ class _TextDetokenizer(IncrementalDetokenizer):
         prefix_text = self._tok.decode(ids[p:r], skip_special_tokens=self._skip)
         new_text = self._tok.decode(ids[p:], skip_special_tokens=self._skip)
         stuck = len(ids) - r >= _MAX_PENDING  # bound the re-decoded window
+        end = len(ids)
         if len(new_text) <= len(prefix_text):
             if not stuck:
                 return ""
             new_text = prefix_text  # nothing visible (e.g. skipped specials): move on
-        elif not (force or stuck) and new_text.endswith(_REPLACEMENT):
-            return ""  # possibly an unfinished multi-byte character
-        self._prefix, self._read = r, len(ids)
+        elif not force and new_text.endswith(_REPLACEMENT):
+            if not stuck:
+                return ""  # possibly an unfinished multi-byte character
+            # bounded window: emit up to the last token boundary whose text is complete, so a
+            # character still being built is not streamed as U+FFFD (only bytes that stay
+            # invalid for the whole window come out as U+FFFD)
+            for k in range(len(ids) - 1, r, -1):
+                text = self._tok.decode(ids[p:k], skip_special_tokens=self._skip)
+                if len(text) > len(prefix_text) and not text.endswith(_REPLACEMENT):
+                    new_text, end = text, k
+                    break
+        self._prefix, self._read = r, end
         if self._prefix > 4 * _PREFIX_CONTEXT:  # keep the id list short
             drop = self._prefix
             del ids[:drop]

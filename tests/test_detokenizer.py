@@ -88,6 +88,20 @@ def test_random_text_random_chunks(tokenizers, text, rnd, name):
     assert so_far + flushed == text
 
 
+def test_text_path_bounded_window_never_streams_a_partial_character(tokenizers):
+    # 32 tokens held (every chunk ends inside a 4-byte character): the bounded window emits
+    # only up to the last complete character (it used to stream the unfinished one as U+FFFD;
+    # found by the hypothesis test above in a CI run)
+    text = "00\U00010000\x80\x80\U00010000\U000100000\x80\U00010000\U00010000\U00010000"
+    ids = encode(tokenizers, "demo-text", text)
+    deltas, flushed = stream(tokenizers["demo-text"], ids, [4, 1, 4, 2, 4, 1, 4, 4, 4, 2, 2, 1])
+    so_far = ""
+    for d in deltas:
+        so_far += d
+        assert text.startswith(so_far), so_far
+    assert so_far + flushed == text
+
+
 @FAST
 @given(st.binary(max_size=40), st.sampled_from(["demo", "demo-text"]))
 def test_invalid_bytes_match_full_decode(tokenizers, data, name):
