@@ -347,7 +347,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                k_scale: float = 1.0, *, out: torch.Tensor | None = None,
                num_splits: int | None = None, max_seq_len: int | None = None,
                workspace: tuple[torch.Tensor, ...] | None = None,
-               rope_dim: int = 64, config: tuple[int, int, int] | None = None,
+               rope_dim: int = 64, config: tuple[int, ...] | None = None,
                chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
                fp8_mode: int = 1, fp8_path: str = "regs") -> torch.Tensor:
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
@@ -385,7 +385,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         S = num_splits
         if merge is None:
             merge = "fused" if S <= V3_FUSED_MAX_S else "kernel"
-        block_n, warps, stages = config or _v3_cfg(kv_cache.dtype, B, path)
+        # config (BLOCK_N, num_warps, num_stages[, maxnreg]): maxnreg caps registers per thread
+        # (NVIDIA; more CTAs per SM at the price of spills), None = the compiler's choice
+        block_n, warps, stages, *cap = config or _v3_cfg(kv_cache.dtype, B, path)
         ws = None
         if S > 1:
             ws = workspace or _v3_workspace(B, H, R, S, q_nope.device)
@@ -394,7 +396,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out,
             float(scale) * _LOG2E * float(k_scale), float(k_scale), S, ws, f16=fp8,
             fp8_path=path, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n,
-            warps=warps, stages=stages, chunk=chunk, min_split=MIN_SPLIT)
+            warps=warps, stages=stages, chunk=chunk, min_split=MIN_SPLIT,
+            maxnreg=cap[0] if cap else None)
     block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
     if variant == "v2":
         P = num_splits

@@ -279,8 +279,9 @@ def alloc_v3_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits
 
 def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, f16, fp8_path, merge, block_h, block_n, warps, stages,
-              chunk, min_split):
-    """Launch the v3 kernel(s); scales already folded by the caller (see the module docstring)."""
+              chunk, min_split, maxnreg=None):
+    """Launch the v3 kernel(s); scales already folded by the caller (see the module docstring).
+    maxnreg: cap on registers per thread for the attention kernel (NVIDIA only; None = none)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
@@ -309,6 +310,7 @@ def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         R=R, DR=DR, CH=chunk, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
         MERGE=int(merge), F16=f16, FP8_PATH=fp8_path, BLOCK_S=bs, MC=mc,
         num_warps=warps, num_stages=stages,
+        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge:
         block_s = triton.next_power_of_2(S)
