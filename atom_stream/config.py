@@ -10,6 +10,15 @@ checkpoints actually ship it:
 - `q_lora_rank: null` (no q LoRA; Moonlight / DeepSeek-V2-Lite style).
 - DeepSeek-V3's MTP layer (`num_nextn_predict_layers`) is ignored: layers >= num_hidden_layers
   are never built or loaded.
+
+Missing keys take transformers' `DeepseekV3Config` defaults (`_HF_DEFAULTS`; tests/test_config.py
+checks them against the installed transformers), so a checkpoint that omits a field gives the
+tokens transformers gives. A key present with value null keeps its own meaning (`q_lora_rank:
+null` is no q LoRA; `n_routed_experts: null` a dense model; `n_group` / `topk_group: null` no
+group limit; `norm_topk_prob: null` false, as transformers' truthiness test reads it). The
+shape fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+num_attention_heads, kv_lora_rank, qk_*_head_dim, v_head_dim) stay required: a checkpoint
+without them is malformed, and an error is better than guessing its shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +38,27 @@ SUPPORTED_ARCHITECTURES = (
     "KimiK2ForCausalLM",
 )
 _TEXT_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+# transformers' DeepseekV3Config defaults (checked against 5.x) for the optional keys read here.
+# DeepSeek's own remote-code config had others (n_shared_experts None, routed_scaling_factor 1.0,
+# first_k_dense_replace 0); transformers is the reference the parity tests hold us to.
+_HF_DEFAULTS: dict[str, Any] = {
+    "moe_intermediate_size": 2048,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "routed_scaling_factor": 2.5,
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "q_lora_rank": 1536,
+    "num_nextn_predict_layers": 1,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
 
 
 class ConfigError(ValueError):
@@ -54,6 +84,53 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+def _parse_rope(text: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling]:
+    """(rope_theta, RopeScaling) as transformers reads them (modeling_rope_utils): the rope dict
+    is `rope_scaling` (legacy) or else `rope_parameters` (transformers >= 5), its rope_theta over
+    the top-level one (10000 when neither). YaRN: `factor` is required (transformers rejects a
+    YaRN dict without it); a missing original_max_position_embeddings is max_position_embeddings;
+    beta_fast / beta_slow missing, null or 0 are 32 / 1. What layers/rotary.py cannot compute as
+    transformers does is refused rather than served differently."""
+    # transformers rotates interleaved pairs only when rope_interleave is truthy (the default);
+    # otherwise NeoX halves, which layers/rotary.py does not implement (model_spec.md §3)
+    if not text.get("rope_interleave", True):
+        raise ConfigError("model: rope_interleave false (NeoX-order RoPE) is not supported; "
+                          "DeepseekV3 checkpoints use interleaved RoPE")
+    raw = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    theta = raw.get("rope_theta", text.get("rope_theta"))
+    theta = float(theta if theta is not None else _HF_DEFAULTS["rope_theta"])
+    rtype = raw.get("rope_type", raw.get("type", "default"))
+    if rtype == "default":
+        return theta, RopeScaling()
+    if rtype not in ("yarn", "deepseek_yarn"):
+        raise ConfigError(f"model: rope_scaling type {rtype!r} is not supported")
+    if raw.get("factor") is None:
+        raise ConfigError("model: rope_scaling of type yarn lacks its factor")
+    if raw.get("attention_factor") is not None:
+        raise ConfigError("model: rope_scaling attention_factor is not supported")
+    if not raw.get("truncate", True):
+        raise ConfigError("model: rope_scaling truncate false is not supported")
+    # cos/sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim): transformers
+    # does so only when both are set and non-zero, else by mscale(factor, 1); DeepSeek's code and
+    # vLLM always take the ratio (mscale 1 and mscale_all_dim 0 when missing). They agree when
+    # both are set, or mscale_all_dim is unset / 0 and mscale unset / 1; anything else is refused.
+    mscale, mscale_all_dim = raw.get("mscale"), raw.get("mscale_all_dim")
+    if not ((mscale and mscale_all_dim) or (not mscale_all_dim and mscale in (None, 1))):
+        raise ConfigError(f"model: rope_scaling mscale {mscale!r} with mscale_all_dim "
+                          f"{mscale_all_dim!r} is not supported (set both, or mscale_all_dim "
+                          f"unset and mscale unset or 1)")
+    return theta, RopeScaling(
+        type="yarn",
+        factor=float(raw["factor"]),
+        original_max_position_embeddings=int(raw.get("original_max_position_embeddings",
+                                                      max_pos)),
+        beta_fast=float(raw.get("beta_fast") or 32.0),
+        beta_slow=float(raw.get("beta_slow") or 1.0),
+        mscale=float(mscale if mscale is not None else 1.0),
+        mscale_all_dim=float(mscale_all_dim or 0.0),
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a DeepseekV3-style text model (the fields of its config.json)."""
@@ -72,15 +149,16 @@ class ModelConfig:
     n_routed_experts: int
     n_shared_experts: int
     num_experts_per_tok: int
-    first_k_dense_replace: int = 0
+    # defaults: transformers' DeepseekV3Config (as `_HF_DEFAULTS`, which from_dict applies)
+    first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
-    n_group: int = 1
-    topk_group: int = 1
+    n_group: int = 8
+    topk_group: int = 4
     norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 2.5
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
-    num_nextn_predict_layers: int = 0  # DeepSeek-V3's MTP layers (in the checkpoint, not served)
+    num_nextn_predict_layers: int = 1  # DeepSeek-V3's MTP layers (in the checkpoint, not served)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_position_embeddings: int = 4096
@@ -173,65 +251,51 @@ class ModelConfig:
                 raise ConfigError(f"model: config.json lacks required field {name!r}")
             return text[name]
 
-        rope_theta = text.get("rope_theta")
-        rope_raw = text.get("rope_scaling")
-        params = text.get("rope_parameters")
-        if params:
-            rope_theta = params.get("rope_theta", rope_theta)
-            if rope_raw is None and params.get("rope_type", params.get("type")) not in (
-                None,
-                "default",
-            ):
-                rope_raw = params
-        rope = RopeScaling()
-        if rope_raw:
-            rtype = rope_raw.get("rope_type", rope_raw.get("type", "default"))
-            if rtype not in ("yarn", "default", "deepseek_yarn"):
-                raise ConfigError(f"model: rope_scaling type {rtype!r} is not supported")
-            rope = RopeScaling(
-                type="yarn" if rtype != "default" else "default",
-                factor=float(rope_raw.get("factor", 1.0)),
-                original_max_position_embeddings=int(
-                    rope_raw.get("original_max_position_embeddings", 4096)
-                ),
-                beta_fast=float(rope_raw.get("beta_fast", 32)),
-                beta_slow=float(rope_raw.get("beta_slow", 1)),
-                mscale=float(rope_raw.get("mscale", 1.0)),
-                mscale_all_dim=float(rope_raw.get("mscale_all_dim", 0.0)),
-            )
+        def opt(name: str) -> Any:
+            """The key's value (null included: callers give null its meaning), or, when the
+            key is missing, transformers' DeepseekV3Config default."""
+            return text[name] if name in text else _HF_DEFAULTS[name]
+
+        max_pos = int(opt("max_position_embeddings"))
+        rope_theta, rope = _parse_rope(text, max_pos)
         eos = text.get("eos_token_id")
-        eos_t: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        n_routed = int(text.get("n_routed_experts") or 0)
+        eos_t: tuple[int, ...] = (() if eos is None else tuple(eos) if isinstance(eos, list)
+                                  else (eos,))
+        # transformers reads `num_mtp_layers` as an alias (attribute_map)
+        mtp = (text["num_nextn_predict_layers"] if "num_nextn_predict_layers" in text
+               else text.get("num_mtp_layers", _HF_DEFAULTS["num_nextn_predict_layers"]))
         cfg = cls(
             vocab_size=int(req("vocab_size")),
             hidden_size=int(req("hidden_size")),
             intermediate_size=int(req("intermediate_size")),
-            moe_intermediate_size=int(text.get("moe_intermediate_size") or 0),
+            moe_intermediate_size=int(opt("moe_intermediate_size") or 0),
             num_hidden_layers=int(req("num_hidden_layers")),
             num_attention_heads=int(req("num_attention_heads")),
-            q_lora_rank=text.get("q_lora_rank"),
+            q_lora_rank=opt("q_lora_rank"),  # null: no q LoRA (transformers: the same)
             kv_lora_rank=int(req("kv_lora_rank")),
             qk_nope_head_dim=int(req("qk_nope_head_dim")),
             qk_rope_head_dim=int(req("qk_rope_head_dim")),
             v_head_dim=int(req("v_head_dim")),
-            n_routed_experts=n_routed,
-            n_shared_experts=int(text.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(text.get("num_experts_per_tok") or 0),
-            first_k_dense_replace=int(text.get("first_k_dense_replace", 0)),
+            n_routed_experts=int(opt("n_routed_experts") or 0),  # null / 0: a dense model
+            n_shared_experts=int(opt("n_shared_experts") or 0),
+            num_experts_per_tok=int(opt("num_experts_per_tok") or 0),
+            first_k_dense_replace=int(opt("first_k_dense_replace")),
+            # not a transformers key: its MoE layers are every layer from first_k_dense_replace
             moe_layer_freq=int(text.get("moe_layer_freq", 1)),
-            n_group=int(text.get("n_group") or 1),
-            topk_group=int(text.get("topk_group") or 1),
-            norm_topk_prob=bool(text.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)),
+            n_group=int(opt("n_group") or 1),  # null: no group limit
+            topk_group=int(opt("topk_group") or 1),
+            norm_topk_prob=bool(opt("norm_topk_prob")),  # null: false (transformers' `if`)
+            routed_scaling_factor=float(opt("routed_scaling_factor")),
+            # not in transformers, whose DeepseekV3 always scores by sigmoid with the bias
             scoring_func=text.get("scoring_func", "sigmoid"),
             topk_method=text.get("topk_method", "noaux_tc"),
-            num_nextn_predict_layers=int(text.get("num_nextn_predict_layers") or 0),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            num_nextn_predict_layers=int(mtp or 0),
+            rope_theta=rope_theta,
             rope_scaling=rope,
-            max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            hidden_act=text.get("hidden_act", "silu"),
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(opt("rms_norm_eps")),
+            hidden_act=opt("hidden_act"),
+            tie_word_embeddings=bool(opt("tie_word_embeddings")),
             bos_token_id=text.get("bos_token_id"),
             eos_token_id=eos_t,
             pad_token_id=text.get("pad_token_id"),
