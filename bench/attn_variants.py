@@ -25,14 +25,9 @@ def set_variants(name, B, merge_kernel=False):
         v += [("v3 cpasync 32,4,2" + sfx,
                dict(variant="v3", fp8_path="cpasync", config=(32, 4, 2), **mk)),
               ("v3 regs 32,4,1" + sfx, dict(variant="v3", config=(32, 4, 1), **mk))]
-        # register caps (4th config value = maxnreg): the regs path's (64, 8, 1) compiles to
-        # ~247 registers (offline sm_90 ptxas): 1 CTA of 8 warps per SM; a cap buys CTAs per SM
-        # with spills
-        v += [(f"v3 {p} {','.join(map(str, c))}" + sfx,
-               dict(variant="v3", fp8_path=p, config=c, **mk))
-              for p, c in (("regs", (64, 8, 1, 128)), ("regs", (32, 4, 1, 168)),
-                           ("regs", (32, 4, 1, 128)), ("regs", (64, 4, 1, 168)),
-                           ("cpasync", (32, 4, 2, 128)), ("cpasync", (64, 8, 2, 128)))]
+    # v4 (kernels/mla_decode_v4.py: transposed dots, warpgroup MMAs), both caches
+    v += [(f"v4 {','.join(map(str, c))}", dict(variant="v4", config=c))
+          for c in ((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (64, 8, 1))]
     if not merge_kernel:
         v.append(("v3 merge=kernel", dict(variant="v3", merge="kernel")))
     return v
