@@ -63,8 +63,8 @@ for what in "${sections[@]}"; do case $what in
       sec smsweep ${T_MOE:-150} python3 bench/moe_small_m.py --sweep --budget-s 110 \
       --out "$OUT/moe-small-m-sweep-h200.json" ;;
   probe) sec probe ${T_PROBE:-90} python3 bench/moe_read_probe.py --out "$OUT/moe-read-probe-h200.json" ;;
-  mlafp8) sec mlafp8 ${T_ATTN:-170} python3 bench/kernels_attention.py --set variants --dtypes fp8 \
-      --merge-kernel --budget-s 130 --out "$OUT/kernels-attn-v3mk-h200.json" ;;
+  mlafp8) sec mlafp8 ${T_ATTN:-170} python3 bench/kernels_attention.py --set variants --dtypes ${MLA_DTYPES:-fp8} \
+      --merge-kernel --budget-s ${MLA_BUDGET:-130} --out "$OUT/kernels-attn-v3mk-h200.json" ;;
   ladder) sec ladder ${T_LADDER:-150} python3 bench/moe_gemv_ladder.py --budget-s 95 \
       --out "$OUT/moe-gemv-ladder-h200.json" ;;  # TAIL=60 for the whole table
   mlaladder) sec mlaladder ${T_MLALADDER:-170} python3 bench/mla_decode_ladder.py --budget-s 100 \
