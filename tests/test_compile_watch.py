@@ -137,3 +137,45 @@ def test_metrics_expose_the_compile_counts(fresh):
     text = generate_latest(m.registry).decode()
     assert 'atom_stream:triton_compiles_total{engine="0",model_name="demo"} 2.0' in text
     assert 'atom_stream:triton_compile_seconds_total{engine="0",model_name="demo"} 1.75' in text
+
+
+def test_compiles_on_a_thread_in_startup_are_not_counted(fresh):
+    """A data-parallel replica still starting on its own thread compiles after another replica
+    called watch(): those are start-up compiles; the same compile on another thread counts."""
+    import threading
+
+    assert compile_watch.watch()
+    inside = threading.Event()
+    go = threading.Event()
+
+    def replica_starting():
+        with compile_watch.startup(), compile_watch.startup():  # nests
+            inside.set()
+            go.wait(5)
+            _compile_event(fresh, "startup_kernel[num_warps=4]()")
+        _compile_event(fresh, "after_startup_kernel[num_warps=4]()")  # ready: counted
+
+    t = threading.Thread(target=replica_starting)
+    t.start()
+    assert inside.wait(5)
+    _compile_event(fresh, "request_kernel[num_warps=4]()")  # another thread: a request's path
+    go.set()
+    t.join(5)
+    assert compile_watch.stats.count == 2
+
+
+def test_dp_metrics_count_process_wide_compiles_once(fresh):
+    """Every replica's registry reports the same process-wide counts: the merged registry
+    keeps replica 0's, so a sum over engine="i" is the process's compile count."""
+    from prometheus_client import generate_latest
+
+    from atom_stream.engine.dp import DPMetrics
+    from atom_stream.engine.metrics import EngineMetrics
+
+    dp = DPMetrics([EngineMetrics("demo"), EngineMetrics("demo")])
+    compile_watch.stats.add("k", 2.0)
+    text = generate_latest(dp.registry).decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("atom_stream:triton_compiles_total")]
+    assert lines == ['atom_stream:triton_compiles_total{engine="0",model_name="demo"} 1.0'], lines
+    # per-replica series are still there for both engines
+    assert 'atom_stream:num_requests_running{engine="1",model_name="demo"}' in text

@@ -7,6 +7,12 @@ or inter-token outlier that serving benchmarks show only as a P99. `watch()` (ca
 runner is ready) makes each such compile a WARNING naming the kernel, its specialization and
 the seconds it took, and counts it in `stats`; tools (bench/, tests) read `stats`.
 
+Compiles on a thread inside `startup()` are not counted: a runner's own start-up (profiling,
+warm-ups, graph capture) wraps itself in it, so the replicas of a data-parallel engine, which
+start concurrently on their own threads in one process, do not count each other's start-up
+compiles once the first of them has called `watch()`. `stats` is process-wide: every engine in
+the process reads the same counts.
+
 Uses triton.knobs.runtime's jit_cache_hook (called before a kernel is compiled for a key not in
 its in-memory cache) and jit_post_compile_hook (after); any hook already installed keeps being
 called. Where the installed Triton lacks those knobs, `watch()` returns False and does nothing.
@@ -42,6 +48,20 @@ stats = CompileStats()
 _lock = threading.Lock()
 _started: dict[tuple[int, str], float] = {}  # (thread, kernel repr) -> start time
 _installed = False
+_local = threading.local()  # .startups: start-ups in progress on this thread
+
+
+class startup:  # lower case: used as a context manager, like contextlib's
+    """`with compile_watch.startup():` compiles on this thread inside the block are start-up
+    compiles (not counted, not logged). Nests."""
+
+    def __enter__(self):
+        _local.startups = getattr(_local, "startups", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        _local.startups -= 1
+        return False
 
 
 def _name(kw: dict) -> str:
@@ -75,7 +95,7 @@ def _describe(kw: dict) -> str:
 
 def _before(prev):
     def hook(**kw):
-        if not kw.get("is_manual_warmup"):
+        if not kw.get("is_manual_warmup") and not getattr(_local, "startups", 0):
             with _lock:
                 _started[(threading.get_ident(), str(kw.get("repr")))] = time.perf_counter()
         return prev(**kw) if prev is not None else None

@@ -81,8 +81,14 @@ def replica_configs(config: EngineConfig) -> list[EngineConfig]:
             for _ in range(dp)]
 
 
+# process-wide counts (engine/compile_watch.stats) every replica's registry reports alike:
+# merged from replica 0 only, or a sum over engine="i" would count each compile N times
+_PROCESS_WIDE = ("atom_stream:triton_compile",)
+
+
 class _MergedCollector:
-    """Every replica registry's families, each sample labelled engine="i"."""
+    """Every replica registry's families, each sample labelled engine="i" (process-wide
+    families: replica 0's only)."""
 
     def __init__(self, registries: list[CollectorRegistry]):
         self.registries = registries
@@ -94,6 +100,8 @@ class _MergedCollector:
         merged: dict[str, Metric] = {}
         for i, reg in enumerate(self.registries):
             for fam in reg.collect():
+                if i and fam.name.startswith(_PROCESS_WIDE):
+                    continue
                 out = merged.get(fam.name)
                 if out is None:
                     out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type,

@@ -139,6 +139,14 @@ class ModelRunner:
     """`tp_info`: this process's tensor-parallel rank (None: single rank)."""
 
     def __init__(self, config: EngineConfig, tp_info: TPInfo | None = None):
+        from atom_stream.engine import compile_watch
+        with compile_watch.startup():  # this thread's compiles until ready are start-up's
+            self._init(config, tp_info)
+        if self.device.type == "cuda":
+            # from here on a Triton compile is a request's wait
+            compile_watch.watch()
+
+    def _init(self, config: EngineConfig, tp_info: TPInfo | None) -> None:
         self.config = config
         self.tp_info = tp_info or TPInfo()
         if config.enable_expert_parallel and not self.tp_info.ep:  # EP group = TP group (issue 9)
@@ -194,9 +202,6 @@ class ModelRunner:
             self._capture_graphs()
         if self.device.type == "cuda":
             self._decode_attention_warmup()
-            # from here on a Triton compile is a request's wait
-            from atom_stream.engine import compile_watch
-            compile_watch.watch()
 
     def _decode_attention_warmup(self) -> None:
         """Eager steps (decodes beside a prefill chunk; every step with --enforce-eager) run the
