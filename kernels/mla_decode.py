@@ -395,6 +395,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device, variant)
     fp8 = kv_cache.dtype in _FP8
     if variant == "v4":
+        # config (BLOCK_N, num_warps, num_stages[, maxnreg[, qk8]])
         block_n, warps, stages, *cap = config or _v4_cfg(kv_cache.dtype)
         S = num_splits
         ws = None
@@ -404,7 +405,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out,
             float(scale) * _LOG2E * float(k_scale), float(k_scale), S, ws, f16=fp8,
             block_h=BLOCK_H, block_n=block_n, warps=warps, stages=stages, chunk=chunk,
-            min_split=MIN_SPLIT, maxnreg=cap[0] if cap else None)
+            min_split=MIN_SPLIT, maxnreg=cap[0] if cap else None,
+            qk8=bool(cap[1]) if len(cap) > 1 else False)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0

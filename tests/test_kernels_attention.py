@@ -259,17 +259,21 @@ def test_decode_v3_interpreted(merge, q_dtype, kv_dtype, fp8_path):
     (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, FP8),
     (torch.float16, torch.float8_e4m3fnuz)])
 @pytest.mark.parametrize("S", [1, 6])
-def test_decode_v4_interpreted(q_dtype, kv_dtype, S):
+@pytest.mark.parametrize("qk8", [0, 1])
+def test_decode_v4_interpreted(q_dtype, kv_dtype, S, qk8):
     """v4 (transposed dots): odd batch, H=3, page 8 < BLOCK_N, lengths 0 / 1 / odd / long; S=6
     runs the merge kernel (700 -> 6 splits, 260 -> 5), S=1 writes every sequence directly."""
     lens = [0, 1, 37, 700, 5, 260, 9]
     fp8 = kv_dtype in (FP8, torch.float8_e4m3fnuz)
-    seed = hash(("v4", str(q_dtype), str(kv_dtype), S)) % 2**31
+    if qk8 and not fp8:
+        pytest.skip("qk8 applies to fp8 caches only")
+    seed = hash(("v4", str(q_dtype), str(kv_dtype), S, qk8)) % 2**31
     out, ref = run_decode(7, 3, 32, 16, 8, lens, q_dtype, kv_dtype, S, "cpu", seed=seed,
-                          k_scale=0.37 if fp8 else 1.25, chunk=16, config=(16, 4, 1),
+                          k_scale=0.37 if fp8 else 1.25, chunk=16, config=(16, 4, 1, 0, qk8),
                           variant="v4")
     assert torch.all(out[0] == 0), "empty sequence must give 0"
-    tol = 2e-6 if q_dtype == torch.float32 and not fp8 else 2e-3
+    # qk8: q in two fp8 halves (~7 significant bits) for QK^T
+    tol = 2e-6 if q_dtype == torch.float32 and not fp8 else (1e-2 if qk8 else 2e-3)
     assert rel_err(out, ref) < tol
 
 
@@ -515,11 +519,13 @@ def test_decode_v3_gpu(kv_dtype, fp8_path, merge, cfg, S):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
-@pytest.mark.parametrize("cfg", [None, (64, 8, 2), (128, 8, 2), (64, 4, 1)])
+@pytest.mark.parametrize("cfg", [None, (64, 8, 2), (64, 8, 2, 0, 1), (64, 4, 2, 0, 1)])
 @pytest.mark.parametrize("S", [1, 16, 40])
 def test_decode_v4_gpu(kv_dtype, cfg, S):
     """v4 at the real widths (Kimi TP8: H=8, page 64) and its sweep's launch configs: odd batch,
-    empty and long sequences, direct and split (merge kernel) paths."""
+    empty and long sequences, direct and split (merge kernel) paths; qk8 (5th value) on fp8."""
+    if cfg and len(cfg) > 4 and kv_dtype != FP8:
+        pytest.skip("qk8 applies to fp8 caches only")
     gen = torch.Generator().manual_seed(S)
     lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
     B, H = len(lens), 8
