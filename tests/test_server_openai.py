@@ -242,8 +242,10 @@ def test_batched_completion_prompts(http):
 
 
 def test_small_routes(http, srv):
-    assert http.get("/health").json() == {"status": "ok"}
-    assert http.get("/ping").json() == http.post("/ping").json() == {"status": "ok"}
+    # vLLM's health(): Response(status_code=200), an empty body; /ping (SageMaker) calls it
+    for r in (http.get("/health"), http.get("/ping"), http.post("/ping")):
+        assert r.status_code == 200 and r.content == b"", r.content
+        assert r.headers["content-length"] == "0" and "content-type" not in r.headers
     assert http.get("/load").json() == {"server_load": 0}
     assert "version" in http.get("/version").json()
     models = http.get("/v1/models").json()
@@ -385,8 +387,8 @@ def test_overload_503_retry_after_and_dead_health(tiny):
 
     srv.call(kill(RuntimeError("simulated crash")))
     try:
-        r = httpx.get(srv.url + "/health")
-        assert r.status_code == 503 and r.json()["error"]["code"] == 503
+        for r in (httpx.get(srv.url + "/health"), httpx.post(srv.url + "/ping")):
+            assert r.status_code == 503 and r.content == b""  # vLLM: Response(status_code=503)
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert r.status_code == 503
     finally:
@@ -492,7 +494,7 @@ def test_request_id_is_prefixed_and_schema_errors_are_bad_request(http):
 
 def test_logit_bias_and_allowed_token_ids(http):
     """OpenAI's logit_bias (token id strings -> [-100, 100]) and vLLM's allowed_token_ids steer
-    sampling; out-of-vocabulary ids and out-of-range values are 400s naming the field."""
+    sampling; out-of-vocabulary ids are 400s naming the field, values past +-100 are clamped."""
     body = {"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     r = http.post("/v1/completions", json={**body, "logit_bias": {"65": 100}})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AAAA", r.text
@@ -502,8 +504,9 @@ def test_logit_bias_and_allowed_token_ids(http):
     vocab = 1 << 20
     assert_error(http.post("/v1/completions", json={**body, "logit_bias": {str(vocab): 1}}),
                  400, "logit_bias")
-    assert_error(http.post("/v1/completions", json={**body, "logit_bias": {"65": 101}}),
-                 400, "logit_bias")
+    # values past +-100 are clamped, as vLLM's SamplingParams.from_optional does
+    r = http.post("/v1/completions", json={**body, "logit_bias": {"65": 101}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AAAA", r.text
     assert_error(http.post("/v1/chat/completions", json={
         "messages": CHAT, "max_tokens": 2, "allowed_token_ids": []}), 400, "allowed_token_ids")
 
@@ -524,6 +527,35 @@ def test_structured_output_and_tool_choice_are_clear_400s(http):
         assert r.status_code == 200, (extra, r.text)
     assert_error(http.post("/v1/completions", json={
         "prompt": "x", "response_format": {"type": "json_schema"}}), 400, "response_format")
+
+
+def test_echo_logprobs_text_offset_streamed_and_not(http):
+    """vLLM's completion_stream_generator: the echo chunk (prompt + first token) has offsets from
+    previous_text_lens = 0; every later chunk starts at previous_text_lens, which adds only
+    len(output.text), never the echoed prompt. Non-streamed: from 0 over prompt and output."""
+    body = {"prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "echo": True, "logprobs": 1}
+
+    def running(toks: list[str], start: int) -> list[int]:
+        offs = [start]
+        for t in toks[:-1]:
+            offs.append(offs[-1] + len(t))
+        return offs[:len(toks)]
+
+    raw = http.post("/v1/completions", json={**body, "stream": True}).content
+    choices = [json.loads(e)["choices"][0] for e in sse_events(raw)[:-1]]
+    assert choices[0]["text"].startswith("hello") and len(choices) >= 2
+    assert choices[0]["logprobs"]["tokens"][:5] == list("hello")
+    out_len = 0  # the output's text so far
+    for k, c in enumerate(choices):
+        lp = c["logprobs"]
+        assert lp["text_offset"] == running(lp["tokens"], out_len), (k, lp)
+        out_len += len(c["text"]) - (len("hello") if k == 0 else 0)
+    assert sum(len(c["logprobs"]["tokens"]) for c in choices) == 5 + 6
+    r = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert r["text"] == "".join(c["text"] for c in choices)
+    lp = r["logprobs"]
+    assert len(lp["tokens"]) == 11 and lp["text_offset"] == running(lp["tokens"], 0)
 
 
 def test_logprob_tokens_are_decoded_text(http):

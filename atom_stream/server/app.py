@@ -8,9 +8,9 @@ starts the engine there, so the engine loop task, HTTP handlers and WebSocket co
 that loop and no IPC sits between the front end and the scheduler.
 
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; WebSocket /v1/ws; GET /health
-(200 `{"status":"ok"}`, 503 when the engine is dead or not started), /version, /metrics
-(Prometheus text), POST /tokenize, /detokenize. Unknown routes and methods answer with the OpenAI
-error body (404/405). `--api-key` guards /v1/* (auth.py).
+and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
+/version, /metrics (Prometheus text), POST /tokenize, /detokenize. Unknown routes and methods
+answer with the OpenAI error body (404/405). `--api-key` guards /v1/* (auth.py).
 
 Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
 `shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
@@ -134,11 +134,9 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
                 await eng.shutdown(drain=True, timeout=config.shutdown_timeout)
 
     async def health(request: Request) -> Response:
+        # vLLM's health(): Response(status_code=200), or 503 on EngineDeadError; empty bodies
         eng = state.engine
-        if eng is None or eng.is_dead:
-            what = "not started" if eng is None else "dead"
-            return HTTPError(503, f"the engine is {what}").response()
-        return json_response({"status": "ok"})
+        return Response(status_code=503 if eng is None or eng.is_dead else 200)
 
     async def load(request: Request) -> Response:
         """vLLM's /load: the requests in flight (streams the engine serves now)."""

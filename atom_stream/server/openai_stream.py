@@ -238,7 +238,7 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
     n = len(choices)
     prompt_tokens = [len(c.first.prompt_token_ids or ()) for c in choices]
     completion = [0] * n
-    text_len = [0] * n
+    text_len = [0] * n  # text_offset of the next chunk's first token
     echoed = [not echo] * n
     fast = ctx.logprobs is None and not continuous
     templates: dict[int, tuple[bytes, bytes]] = {}
@@ -277,12 +277,13 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                                 rid, COMPLETION_OBJECT, created, model,
                                 [CompletionStreamChoice(i, _MARK)]))
                         yield t[0] + _ENC.encode(text) + t[1]
-                        text_len[i] += len(text)
                     continue
                 if out.finish_reason is None:
                     if text or ids:
                         yield chunk(i, text, ids, lps)
-                        text_len[i] += len(text)
+                        # vLLM's previous_text_lens: the output's text only, so offsets after
+                        # the echo chunk do not count the echoed prompt
+                        text_len[i] += len(out.text)
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
