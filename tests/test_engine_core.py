@@ -138,7 +138,9 @@ def test_llm_wrapper_demo_model_in_input_order():
     for o in outs:
         assert o.outputs[0] is o and o.finish_reason in ("stop", "length")
         assert 1 <= len(o.token_ids) <= 8
-        assert o.text == llm.tokenizer.decode(o.token_ids) or o.finish_reason == "stop"
+        # a trailing U+FFFD (an unfinished character) is dropped, as vLLM's detokenizer does
+        assert o.text == llm.tokenizer.decode(o.token_ids).rstrip("\ufffd") or (
+            o.finish_reason == "stop")
     again = llm.generate(prompt_token_ids=prompts[1], sampling_params=GREEDY)
     assert again[0].token_ids == outs[1].token_ids
     texts = llm.generate(["Hello", "world!"], SamplingParams(max_tokens=4))
@@ -425,3 +427,30 @@ def test_max_model_len_above_the_kv_pool(caplog):
     assert limit > 64 and eng.max_model_len == 64
     assert any(f"max_model_len {limit} (the model's) lowered to 64" in r.getMessage()
                for r in caplog.records)
+
+
+def test_min_tokens_bans_eos_even_with_ignore_eos_end_to_end():
+    """vLLM: min_tokens bans the model's EOS ids whatever ignore_eos says (all_stop_token_ids);
+    ignore_eos only keeps EOS from stopping. The demo model biased hard towards EOS (257)."""
+    eng = demo_engine()
+    eos = set(eng.eos_token_ids)
+    p = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, ignore_eos=True,
+                       logit_bias={257: 100})
+    merged, _ = run(eng, [("a", [1, 2, 3], p)])
+    toks = merged["a"].token_ids
+    assert not eos & set(toks[:3]), toks
+    assert toks[3:] == [257, 257, 257] and merged["a"].finish_reason == "length", toks
+    # without ignore_eos the first EOS after min_tokens stops
+    p2 = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, logit_bias={257: 100})
+    merged, _ = run(eng, [("b", [1, 2, 3], p2)])
+    assert merged["b"].token_ids[3:] == [257] and merged["b"].finish_reason == "stop"
+
+
+def test_out_of_vocab_stop_token_ids_are_refused():
+    """vLLM's processor: 'stop_token_ids contain out-of-vocab token ids' -> 400."""
+    eng = demo_engine()
+    vocab = eng.model_config.vocab_size
+    with pytest.raises(InvalidRequestError) as e:
+        eng.add_request("x", [1, 2], SamplingParams(max_tokens=2, stop_token_ids=[vocab]))
+    assert e.value.param == "stop_token_ids"
+    assert eng.block_manager.num_used == 0 and not eng.has_unfinished_requests()

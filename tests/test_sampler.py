@@ -36,29 +36,37 @@ def meta(seqs, V, device="cpu") -> SamplingMetadata:
 # ---------------------------------------------------------------- scalar references (float64)
 
 def ref_penalize(row: list[float], s: Sequence) -> list[float]:
+    """vLLM's order (v1 Sampler.apply_logits_processors): allowed_token_ids, min_tokens bans
+    (EOS even under ignore_eos: all_stop_token_ids), logit_bias, then repetition, frequency and
+    presence penalties."""
     p, out = s.params, list(row)
+    if p.allowed_token_ids:
+        allowed = set(p.allowed_token_ids)
+        out = [v if t in allowed else -math.inf for t, v in enumerate(out)]
+    if s.num_output_tokens < p.min_tokens:
+        for t in set(p.stop_token_ids) | set(EOS):
+            out[t] = -math.inf
+    for t, b in (p.logit_bias or {}).items():
+        out[t] += b
     if p.repetition_penalty != 1.0:
         for t in set(s.token_ids):
             out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
     for t, c in Counter(s.output_token_ids).items():
         out[t] -= p.frequency_penalty * c + p.presence_penalty
-    for t, b in (p.logit_bias or {}).items():
-        out[t] += b
-    if p.allowed_token_ids:
-        allowed = set(p.allowed_token_ids)
-        out = [v if t in allowed else -math.inf for t, v in enumerate(out)]
-    if s.num_output_tokens < p.min_tokens:
-        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(EOS)):
-            out[t] = -math.inf
     return out
 
 
 def ref_keep(row: list[float], p: SamplingParams) -> tuple[set[int], float]:
-    """The tokens a sampling row may draw, and how close the top-p/min-p cuts came to flipping."""
+    """The tokens a sampling row may draw (vLLM's order: temperature, min-p, top-k, then top-p
+    over what they kept), and how close the min-p/top-p cuts came to flipping."""
     x = [v / p.temperature for v in row]
     order = sorted(range(len(x)), key=lambda i: -x[i])
     kept = set(range(len(x)))
     margin = math.inf
+    if p.min_p > 0.0:
+        m = max(x)
+        margin = min(margin, *(abs(x[i] - m - math.log(p.min_p)) for i in kept))
+        kept = {i for i in kept if x[i] - m >= math.log(p.min_p)}
     if 0 < p.top_k < len(x):
         kth = x[order[p.top_k - 1]]
         kept = {i for i in kept if x[i] >= kth}
@@ -75,10 +83,6 @@ def ref_keep(row: list[float], p: SamplingParams) -> tuple[set[int], float]:
                 thr = x[i]
             cum += w[i] / z
         kept = {i for i in kept if x[i] >= thr}
-    if p.min_p > 0.0:
-        m = max(x)
-        margin = min(margin, *(abs(x[i] - m - math.log(p.min_p)) for i in kept))
-        kept = {i for i in kept if x[i] - m >= math.log(p.min_p)}
     return kept, margin
 
 

@@ -9,9 +9,9 @@ in its worker thread) -> `postprocess(batch, output)`:
   `min_tokens` outputs exist; the stop token stays in token_ids, its text is dropped unless
   `include_stop_str_in_output`), `max_tokens` or `max_model_len` -> "length";
 - incremental detokenization, then text-level stop strings (held back until ruled out, trimmed
-  when matched: "stop" with `stop_reason` = the string; checked from output token
-  min_tokens + 1 on, as vLLM's `len(output_token_ids) > min_tokens`; earlier text streams
-  unchecked; not on the text of a token that stopped the request);
+  when matched: "stop" with `stop_reason` = the string; a match must end in the text of output
+  token min_tokens + 1 or later, as vLLM's `len(output_token_ids) > min_tokens`, but may begin
+  earlier; not on the text of a token that stopped the request);
 - one RequestOutput delta per sampled sequence; finished sequences free their blocks at once.
 
 An exception from `execute` fails exactly the sequences of that batch (finish_reason "error",
@@ -187,7 +187,8 @@ class LLMEngine:
         ids = list(prompt_token_ids)
         vocab = self.model_config.vocab_size
         for name, toks in (("logit_bias", params.logit_bias or ()),
-                           ("allowed_token_ids", params.allowed_token_ids or ())):
+                           ("allowed_token_ids", params.allowed_token_ids or ()),
+                           ("stop_token_ids", params.stop_token_ids or ())):
             bad = next((t for t in toks if t >= vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"{name}: {bad} is not a token id in [0, {vocab})",
@@ -211,8 +212,9 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({max_tokens}: "
                 f"the context left after the {len(ids)}-token prompt)", "min_tokens")
-        eos = () if params.ignore_eos else self.eos_token_ids
-        seq = Sequence(request_id, ids, params, max_tokens, eos)
+        # the EOS ids ride along even with ignore_eos: min_tokens bans them regardless (vLLM's
+        # all_stop_token_ids always holds the model's EOS); only the stop check skips them
+        seq = Sequence(request_id, ids, params, max_tokens, self.eos_token_ids)
         detok = stop = None
         if self._detok_cls is not None:
             detok = self._detok_cls(self.tokenizer, prompt_token_ids=ids,
@@ -379,11 +381,11 @@ class LLMEngine:
             reason = None
             stop_reason = None
             hide = False
+            is_eos = not params.ignore_eos and tok in seq.eos_token_ids
             if nout >= params.min_tokens and (
-                    tok in seq.eos_token_ids
-                    or (params.stop_token_ids and tok in params.stop_token_ids)):
+                    is_eos or (params.stop_token_ids and tok in params.stop_token_ids)):
                 reason = "stop"
-                if tok not in seq.eos_token_ids:
+                if not is_eos:
                     stop_reason = tok
                 hide = not params.include_stop_str_in_output
             elif nout >= seq.max_tokens or n_known >= max_len:
@@ -401,10 +403,11 @@ class LLMEngine:
                     # ended by a stop token: its text (include_stop_str_in_output) is not
                     # searched for stop strings (vLLM: stop_terminated); held text goes out
                     text = stop.flush() + text
-                elif stop is not None and nout > params.min_tokens:
-                    # stop strings count from the token after min_tokens, as vLLM's
-                    # len(output_token_ids) > min_tokens
-                    text, matched = stop.feed(text)
+                elif stop is not None:
+                    # stop strings are checked from the token after min_tokens (vLLM:
+                    # len(output_token_ids) > min_tokens) but may begin in the text before it
+                    # (its window reaches back len(stop) - 1 chars), so that text is fed too
+                    text, matched = stop.feed(text, nout > params.min_tokens)
                     if matched is not None:
                         reason = "stop"
                         stop_reason = matched

@@ -10,17 +10,18 @@ Contract (ModelRunner.execute, rank 0, once per step):
 Semantics (vLLM's), all in float32:
   1. Logprobs are of the RAW model distribution (log_softmax of the unmodified logits, vLLM's
      default "raw_logprobs"): the sampled token's, and the top k sorted by value.
-  2. Penalties on the raw logits: repetition (tokens in prompt or output: positive logits divided
-     by r, negative ones multiplied), then frequency (- count * f) and presence (- p if count > 0)
-     over OUTPUT tokens; then logit_bias (added) and allowed_token_ids (every other id -inf).
-     Rows below `min_tokens` get their stop tokens (eos unless ignore_eos, and stop_token_ids)
-     set to -inf, greedy rows included.
-  3. Greedy rows (temperature < 1e-5): argmax of the penalized logits (first index on ties).
+  2. Logit processing in vLLM's order (v1 Sampler.apply_logits_processors): allowed_token_ids
+     (every other id -inf); rows below `min_tokens` get their stop tokens (`seq.eos_token_ids`,
+     whatever ignore_eos says, as vLLM's all_stop_token_ids, and stop_token_ids) set to -inf;
+     logit_bias (added); then the penalties: repetition (tokens in prompt or output: positive
+     logits divided by r, others multiplied; it scales the biased logit), frequency
+     (- count * f) and presence (- p if count > 0) over OUTPUT tokens. Greedy rows included.
+  3. Greedy rows (temperature < 1e-5): argmax of the processed logits (first index on ties).
   4. Other rows: logits / temperature, then one keep-threshold per row (values equal to it are
-     kept, so ties never split): top-k (>= the k-th largest), top-p on the top-k-renormalized
-     distribution (rank r is kept iff the mass of the ranks before it is < top_p: the smallest
-     prefix with mass >= top_p; the top token always), min-p (prob >= min_p * max prob; a ratio, so
-     the renormalizations before it do not change it). The kept set is the intersection.
+     kept, so ties never split), in vLLM's order: min-p (prob >= min_p * max prob), top-k
+     (>= the k-th largest), then top-p on the distribution renormalized over what min-p and
+     top-k kept (rank r is kept iff the mass of the ranks before it is < top_p: the smallest
+     prefix with mass >= top_p; the top token always). The kept set is the intersection.
   5. Exponential race: token = argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. draws exactly from p
      (p = exp(x - max) needs no normalization). Unseeded rows draw E in one batched call on the
      sampler's generator; a seeded row draws its own [V] vector (indexed by token id) from a
@@ -157,9 +158,8 @@ class SamplingMetadata:
             if p.repetition_penalty != 1.0:
                 seen_rows.append(torch.tensor(seq.token_ids, dtype=torch.int64) + i * V)
             if seq.num_output_tokens < p.min_tokens:
-                stops = set(p.stop_token_ids)
-                if not p.ignore_eos:
-                    stops.update(seq.eos_token_ids)
+                # vLLM bans all_stop_token_ids: the EOS ids even under ignore_eos
+                stops = set(p.stop_token_ids) | set(seq.eos_token_ids)
                 banned.extend(i * V + t for t in stops if t < V)
             if p.logit_bias:
                 bias_pos.extend(i * V + t for t in p.logit_bias)
@@ -365,10 +365,13 @@ class Sampler:
             vals = x.topk(md.max_top_k, dim=-1).values
 
         thr = torch.full((R,), _NEG_INF, device=x.device)
+        if not md.no_min_p:  # before top-p (vLLM): top-p's mass is over what min-p keeps
+            row_max = vals[:, 0] if vals is not None else x.amax(-1)
+            thr = row_max + sel(md.min_p).log()  # min_p 0: -inf
         if not md.no_top_k:
             k = sel(md.top_k)
             kth = vals.gather(1, (k - 1).clamp(0, vals.shape[1] - 1)[:, None])[:, 0]
-            thr = torch.where(k > 0, kth, thr)
+            thr = torch.where(k > 0, torch.maximum(thr, kth), thr)
         if not md.no_top_p:
             p = sel(md.top_p)
             if ncand is not None:
@@ -379,9 +382,6 @@ class Sampler:
                 sv = xs.sort(dim=-1, descending=True).values
                 tp = torch.maximum(tk, self._top_p_threshold(xs, sv, tk, ps))
                 thr = tp if pr is None else thr.index_copy(0, pr, tp)
-        if not md.no_min_p:
-            row_max = vals[:, 0] if vals is not None else x.amax(-1)
-            thr = torch.maximum(thr, row_max + sel(md.min_p).log())
         return thr, vals, idx
 
     def _sample(self, x: Tensor, md: SamplingMetadata, rows: Tensor | None) -> Tensor:
@@ -413,7 +413,8 @@ class Sampler:
         return tokens
 
     def _top_p_threshold(self, x: Tensor, vals: Tensor, thr_k: Tensor, p: Tensor) -> Tensor:
-        """Top-p keep-threshold [R] (-inf where top_p >= 1) for x [R, V] after top-k (thr_k).
+        """Top-p keep-threshold [R] (-inf where top_p >= 1) for x [R, V] after min-p and top-k
+        (thr_k: their combined threshold).
         vals [R, K0]: the K0 largest values of each row, sorted; K0 < V needs the CPU policy."""
         R, V = x.shape
         K0 = vals.shape[1]
@@ -469,10 +470,19 @@ class Sampler:
 
 
 def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
-    """In-place penalties, logit_bias, allowed_token_ids and min_tokens bans on x [B, V]
-    float32 (see the module docstring), in that order."""
+    """In-place allowed_token_ids, min_tokens bans, logit_bias, then the repetition, frequency
+    and presence penalties on x [B, V] float32: vLLM's order (see the module docstring). Only
+    the repetition penalty does not commute with the others (it scales the biased logit)."""
     V = x.shape[1]
     flat = x.view(-1)
+    if md.allow_rows is not None:
+        kept = flat[md.allow_pos]
+        x[md.allow_rows] = _NEG_INF
+        flat[md.allow_pos] = kept
+    if md.banned_pos is not None:
+        flat[md.banned_pos] = _NEG_INF
+    if md.bias_pos is not None:
+        flat.index_add_(0, md.bias_pos, md.bias_val)
     if md.seen_pos is not None:
         # duplicates in seen_pos are harmless: every copy writes the same value
         r = md.repetition_penalty[md.seen_pos // V]
@@ -481,14 +491,6 @@ def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
     if md.out_pos is not None:
         row = md.out_pos // V
         flat[md.out_pos] -= md.frequency_penalty[row] * md.out_count + md.presence_penalty[row]
-    if md.bias_pos is not None:
-        flat.index_add_(0, md.bias_pos, md.bias_val)
-    if md.allow_rows is not None:
-        kept = flat[md.allow_pos]
-        x[md.allow_rows] = _NEG_INF
-        flat[md.allow_pos] = kept
-    if md.banned_pos is not None:
-        flat[md.banned_pos] = _NEG_INF
 
 
 def _top_p_cut(vals: Tensor, thr_k: Tensor, lse: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:

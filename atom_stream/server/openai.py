@@ -330,10 +330,7 @@ class OpenAIServing:
         gens = []
         for p_idx, prompt in enumerate(prompts):
             for i in range(n):
-                child = params
-                if n > 1:
-                    seed = None if params.seed is None else params.seed + i
-                    child = msgspec.structs.replace(params, n=1, seed=seed)
+                child = params.child(i) if n > 1 else params
                 child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
                 gens.append(engine.generate(prompt, child, child_id,
                                             chat_template_kwargs=template_kwargs,
