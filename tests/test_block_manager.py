@@ -115,6 +115,25 @@ def test_duplicate_content_is_not_registered_twice():
     bm.check_invariants([])
 
 
+def test_allocate_with_prefix_is_all_or_nothing_and_keeps_lru_order():
+    bm = BlockManager(4, BS)
+    cached = seq(list(range(8)) + [0], "c")
+    compute(bm, cached, 9)
+    table = list(cached.block_table)
+    bm.free(cached)  # 2 cached blocks (the tail one released first), 2 plain free
+    lru = list(bm._cached)
+    assert lru == table[1::-1]
+    s = seq(list(range(8)) + list(range(50, 60)), "s")  # hits 2 blocks, needs 3 more
+    prefix = bm.find_prefix(s)
+    assert prefix == table[:2] and s.block_table == []
+    assert not bm.allocate(s, 10, prefix)  # 3 new + 2 evictable hits > 4 allocatable
+    assert s.block_table == [] and s.num_computed_tokens == 0 and list(bm._cached) == lru
+    assert bm.allocate(s, 8, prefix)  # 2 new blocks fit beside the 2 hits
+    assert s.block_table[:2] == prefix and s.num_computed_tokens == 8
+    assert s.num_registered_blocks == 2 and bm.num_cached_blocks == 0
+    bm.check_invariants([s])
+
+
 def test_prefix_caching_disabled():
     bm = BlockManager(8, BS, enable_prefix_caching=False)
     a = seq(list(range(12)), "a")
@@ -134,6 +153,27 @@ def test_hash_is_stable_and_chained():
     assert hash_block(b"", [1, 2, 3, 4]) != hash_block(b"", [1, 2, 3, 5])
 
 
+def test_cache_salt_separates_prefixes():
+    """vLLM: cache_salt joins the first block's hash, so only requests with the same salt share
+    (SamplingParams has no such field yet: a stand-in params object carries it here)."""
+    from types import SimpleNamespace
+
+    def salted(salt, rid):
+        return Sequence(rid, list(range(9)), SimpleNamespace(cache_salt=salt), max_tokens=4)
+
+    bm = BlockManager(16, BS)
+    a = salted("tenant-a", "a")
+    compute(bm, a, 9)
+    assert bm.match_prefix(salted("tenant-b", "b")) == 0
+    assert bm.match_prefix(seq(list(range(9)), "plain")) == 0  # unsalted: another chain too
+    same = salted("tenant-a", "a2")
+    assert bm.match_prefix(same) == 8 and same.block_table == a.block_table[:2]
+    plain = seq(list(range(9)), "p")
+    compute(bm, plain, 9)  # an unsalted copy is registered on its own chain
+    assert bm.match_prefix(salted(None, "n")) == 8  # no salt == unsalted
+    bm.check_invariants()
+
+
 def test_reset_prefix_cache():
     bm = BlockManager(8, BS)
     a = seq(list(range(8)), "a")
@@ -145,7 +185,7 @@ def test_reset_prefix_cache():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 9)),
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 5), st.integers(1, 9)),
                 min_size=1, max_size=60))
 def test_random_operations_keep_exact_accounting(ops):
     """Random allocate / compute / match / free on 6 sequences over a tiny shared vocabulary."""
@@ -158,6 +198,18 @@ def test_random_operations_keep_exact_accounting(ops):
         elif op == 1:
             n = min(n, s.num_tokens - s.num_computed_tokens)
             if n and bm.allocate(s, n):
+                s.num_computed_tokens += n
+                bm.register_computed(s)
+        elif op == 4 and not s.block_table:
+            # the scheduler's admission: lookup, then hits + new blocks all or nothing
+            before = (list(bm._cached), list(bm._free), list(bm.ref_counts))
+            prefix = bm.find_prefix(s)
+            n = min(n, s.num_tokens - len(prefix) * BS)
+            if not bm.allocate(s, n, prefix):
+                assert (list(bm._cached), list(bm._free), list(bm.ref_counts)) == before
+                assert s.block_table == [] and s.num_computed_tokens == 0
+            else:
+                assert s.block_table[:len(prefix)] == prefix
                 s.num_computed_tokens += n
                 bm.register_computed(s)
         elif op == 2:

@@ -14,10 +14,19 @@ plain free block first and evicts the least recently released cached block last;
 
 Prefix caching: the content hash of full block i is blake2b(hash of block i-1 || token ids of block
 i) (128 bits, stable across processes), so equal hashes imply equal prefixes. Only FULL blocks whose
-KV has been computed are registered (`register_computed`). `match_prefix` maps the longest chain of
-registered blocks into a fresh sequence's table, but always leaves at least the last known token to
-compute, so the step that finishes the prefill has logits to sample from. A sequence never writes
-into a matched block: matching stops at a block boundary and new tokens go to new blocks.
+KV has been computed are registered (`register_computed`). `find_prefix` looks up the longest chain
+of registered blocks for a fresh sequence, always leaving at least the last known token to compute
+(vLLM: max_cache_hit_length = num_tokens - 1), so the step that finishes the prefill has logits to
+sample from; `allocate(seq, n, prefix)` takes those blocks and the new ones all or nothing, so a
+request that cannot be admitted leaves the LRU order as it was (vLLM checks capacity before it
+touches hit blocks). A sequence never writes into a matched block: matching stops at a block
+boundary and new tokens go to new blocks.
+
+Eviction differs from vLLM's on purpose: vLLM keeps ONE LRU queue of every free block
+(block_pool.py: get_new_blocks pops its head, evicting whatever hash it holds), while this pool
+hands out never-hashed free blocks before evicting any cached one, so cached prefixes survive
+longer (hit rates can be higher than vLLM's on the same traffic); among cached blocks the order is
+the same LRU (a sequence's tail released first, evicted first).
 """
 
 from __future__ import annotations
@@ -32,6 +41,16 @@ from atom_stream.engine.sequence import Sequence
 def hash_block(prev: bytes, tokens: list[int]) -> bytes:
     """Chained content hash of one full block (stable: no process-dependent hash seed)."""
     return hashlib.blake2b(prev + array.array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+def salt_root(cache_salt: str | None) -> bytes:
+    """The parent hash of block 0: empty, or a digest of the request's `cache_salt` (vLLM:
+    kv_cache_utils.generate_block_hash_extra_keys adds cache_salt to the FIRST block's keys
+    only; every later block inherits it through the chain), so requests with different salts
+    never share a block."""
+    if not cache_salt:
+        return b""
+    return hashlib.blake2b(b"cache_salt\0" + cache_salt.encode(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -107,12 +126,23 @@ class BlockManager:
         capacity = (len(seq.block_table) + self.num_free_blocks) * self.block_size
         return capacity - seq.num_computed_tokens
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
         """Grow `seq.block_table` to cover `num_new_tokens` more tokens; False (and no change)
-        if the pool cannot."""
-        need = self.blocks_needed(seq, num_new_tokens)
-        if need > len(self._free) + len(self._cached):
-            return False
+        if the pool cannot. `prefix`: cached blocks from `find_prefix` for an EMPTY table, taken
+        together with the new blocks, all or nothing (they become the table's head and count as
+        computed). A failed call leaves the LRU order untouched, as vLLM, whose allocate_slots
+        checks capacity (evictable hit blocks included) before it touches the hit blocks."""
+        if prefix:
+            bs = self.block_size
+            need = -(-(len(prefix) * bs + num_new_tokens) // bs) - len(prefix)
+            evictable = sum(1 for bid in prefix if self.ref_counts[bid] == 0)
+            if need + evictable > len(self._free) + len(self._cached):
+                return False
+            self._share(seq, prefix)
+        else:
+            need = self.blocks_needed(seq, num_new_tokens)
+            if need > len(self._free) + len(self._cached):
+                return False
         table = seq.block_table
         for _ in range(need):
             table.append(self._take())
@@ -135,26 +165,33 @@ class BlockManager:
         toks = seq.token_ids
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if i else b"", toks[i * bs:(i + 1) * bs]))
+            # cache_salt: a field only when the request API carries one (read where present)
+            prev = hashes[-1] if i else salt_root(getattr(seq.params, "cache_salt", None))
+            hashes.append(hash_block(prev, toks[i * bs:(i + 1) * bs]))
         return hashes
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Map cached blocks into an empty table; set and return num_computed_tokens.
-
-        Leaves at least one token to compute. The caller rolls back with `free` if it cannot
-        schedule the sequence after all."""
+    def find_prefix(self, seq: Sequence) -> list[int]:
+        """The longest chain of cached blocks for the head of an empty table (a lookup only:
+        nothing is referenced or reordered). Leaves at least the last token to compute (vLLM:
+        max_cache_hit_length = num_tokens - 1), so the step that ends the prefill samples."""
         if not self.enable_prefix_caching or seq.block_table or not self._hash_to_block:
-            return 0
+            return []
         limit = (seq.num_tokens - 1) // self.block_size
         if limit <= 0:
-            return 0
-        hashes = self._hashes(seq, limit)
-        table = seq.block_table
+            return []
         lookup = self._hash_to_block
-        for i in range(limit):
-            bid = lookup.get(hashes[i])
+        found = []
+        for h in self._hashes(seq, limit):
+            bid = lookup.get(h)
             if bid is None:
                 break
+            found.append(bid)
+        return found
+
+    def _share(self, seq: Sequence, prefix: list[int]) -> None:
+        """Reference `prefix` (cached blocks) as the head of the empty table of `seq`."""
+        table = seq.block_table
+        for bid in prefix:
             if self.ref_counts[bid] == 0:
                 del self._cached[bid]
                 self.num_used += 1
@@ -162,6 +199,14 @@ class BlockManager:
             table.append(bid)
         seq.num_registered_blocks = len(table)
         seq.num_computed_tokens = len(table) * self.block_size
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Map cached blocks into an empty table at once; set and return num_computed_tokens.
+        (The scheduler uses `find_prefix` + `allocate(..., prefix)` instead, all or nothing.)"""
+        prefix = self.find_prefix(seq)
+        if not prefix:
+            return 0
+        self._share(seq, prefix)
         return seq.num_computed_tokens
 
     def register_computed(self, seq: Sequence) -> None:

@@ -8,8 +8,10 @@ in the step) and `max_num_seqs` (running sequences):
 2. running sequences still in their prompt (chunked prefill), oldest first: as many tokens as the
    budget and the pool allow;
 3. waiting sequences, FCFS (preempted ones sit at the front): a prefix-cache lookup, then the
-   first chunk of their prompt, while the budgets and the pool allow. Nothing is admitted in a
-   step that had to preempt.
+   first chunk of their prompt, taken with the hit blocks all or nothing, while the budgets and
+   the pool allow. Nothing is admitted in a step that had to preempt. As vLLM, the hit-rate
+   counts a request once, at its first admission, and only if it looked the cache up (not with
+   prompt_logprobs or caching off); a resumed (preempted) request is not counted.
 
 When a running sequence needs a block and the pool is empty, the NEWEST running sequence is
 preempted by recompute: its blocks are freed, `num_computed_tokens = 0`, it goes back to the
@@ -175,18 +177,19 @@ class Scheduler:
                 if seq.num_placeholders:  # its prompt+outputs are not all on the host yet
                     break
                 first_admission = seq.num_preemptions == 0
-                cached = 0
-                if seq.params.prompt_logprobs is None:  # prompt logprobs need every position
-                    cached = bm.match_prefix(seq)
-                n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-                if not bm.allocate(seq, n):
-                    bm.free(seq)  # roll back the prefix match
-                    seq.num_computed_tokens = 0
+                # prompt logprobs need every position computed: no lookup, and (vLLM:
+                # record_prefix_cache_stats) a request that skipped the lookup is not counted
+                lookup = bm.enable_prefix_caching and seq.params.prompt_logprobs is None
+                prefix = bm.find_prefix(seq) if lookup else []
+                cached = len(prefix) * bs
+                n = min(len(seq.token_ids) - seq.num_computed_tokens - cached, budget)
+                if not bm.allocate(seq, n, prefix):  # all or nothing: the LRU is untouched
                     break
                 waiting.popleft()
-                if first_admission:
+                if first_admission:  # vLLM counts resumed requests apart (preempted_*)
                     seq.num_cached_tokens = cached
-                    bm.record_query(seq.num_tokens, cached)
+                    if lookup:
+                        bm.record_query(seq.num_tokens, cached)
                 seq.status = _RUNNING
                 running.append(seq)
                 scheduled[seq] = n
