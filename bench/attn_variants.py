@@ -25,13 +25,6 @@ def set_variants(name, B, merge_kernel=False):
         v += [("v3 cpasync 32,4,2" + sfx,
                dict(variant="v3", fp8_path="cpasync", config=(32, 4, 2), **mk)),
               ("v3 regs 32,4,1" + sfx, dict(variant="v3", config=(32, 4, 1), **mk))]
-    # v4 (kernels/mla_decode_v4.py: transposed dots, warpgroup MMAs), both caches; configs
-    # (BLOCK_N, warps, stages[, maxnreg, qk8]); (128, 8, 2) needs 317 KB of shared memory with
-    # bf16, (64, 4, 1) hit an illegal address with bf16 on the H200 (session 10)
-    cfgs = [(64, 4, 2), (64, 8, 2)]
-    if name == "fp8":  # + QK^T on fp8 MMAs (q in two fp8 halves)
-        cfgs += [(64, 4, 3), (64, 8, 2, 0, 1), (64, 4, 2, 0, 1)]
-    v += [(f"v4 {','.join(map(str, c))}", dict(variant="v4", config=c)) for c in cfgs]
     if not merge_kernel:
         v.append(("v3 merge=kernel", dict(variant="v3", merge="kernel")))
     return v

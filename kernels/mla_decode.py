@@ -53,7 +53,6 @@ import triton
 import triton.language as tl
 from atom_stream.kernels import mla_decode_sched as _v2
 from atom_stream.kernels import mla_decode_v3 as _v3
-from atom_stream.kernels import mla_decode_v4 as _v4
 
 from .. import envs
 
@@ -61,8 +60,6 @@ if _v2.INTERPRET != envs.triton_interpreted():
     _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
 if _v3.INTERPRET != envs.triton_interpreted():
     _v3 = importlib.reload(_v3)
-if _v4.INTERPRET != envs.triton_interpreted() or _v4._load_tile is not _v3._load_tile:
-    _v4 = importlib.reload(_v4)  # after v3: it takes v3's jit helpers
 # one definition of the split length and the paged tile load, shared by v1 and v3 (decorated in
 # the current interpreter mode by the reload above)
 _split_len, _load_tile = _v3._split_len, _v3._load_tile
@@ -84,7 +81,7 @@ FUSED_MAX_S = 16
 # (V3_FUSED_MAX_S, 2 * V3_FUSED_MAX_S) is lowered to V3_FUSED_MAX_S (B=16 @8K: 17 -> 16).
 V3_FUSED_MAX_S = 16
 CPU_SMS = 8  # the "SM count" the split heuristics assume off-GPU (interpreter: small grids)
-VARIANTS = ("auto", "v1", "v2", "v3", "v4")
+VARIANTS = ("auto", "v1", "v2", "v3")
 # v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
 # TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
 # >= 512K (B=256@1K 141 vs 167 us, B=64@8K 313 vs 364 us), which one captured graph per batch
@@ -102,8 +99,8 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
         return variant, None
     forced = envs.text("ATOM_STREAM_MLA_DECODE")  # developer A/B switch (atom_stream/envs.py)
     if forced != "auto":
-        if forced not in ("v1", "v3", "v4"):
-            raise ValueError(f"ATOM_STREAM_MLA_DECODE must be auto, v1, v3 or v4, got {forced!r}")
+        if forced not in ("v1", "v3"):
+            raise ValueError(f"ATOM_STREAM_MLA_DECODE must be auto, v1 or v3, got {forced!r}")
         return forced, ("kernel" if forced == "v3" else None)
     if kv_dtype is None:
         raise ValueError("variant='auto' needs kv_dtype (the cache's dtype) to resolve")
@@ -283,8 +280,7 @@ def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_sp
                            kv_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
     v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros);
-    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros);
-    v4: as v1.
+    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros).
     "auto" resolves with kv_dtype (resolve_variant): pass the cache's dtype."""
     variant = resolve_variant(variant, kv_dtype)[0]
     if variant == "v2":
@@ -332,12 +328,6 @@ def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int,
     return 32, 4, 2
 
 
-def _v4_cfg(kv_dtype: torch.dtype) -> tuple[int, int, int]:
-    """v4 (BLOCK_N, num_warps, num_stages): one warpgroup, 64 tokens (the MMA M of S^T).
-    UNMEASURED default (offline sm_90 compile only)."""
-    return 64, 4, 2
-
-
 _V3_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -373,7 +363,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     assert variant in VARIANTS, variant
     variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
     merge = merge or auto_merge
-    want = 2 if variant in ("v1", "v4") else 3
+    want = 2 if variant == "v1" else 3
     if workspace is not None and len(workspace) != want:
         raise ValueError(f"mla_decode: a {variant} workspace has {want} tensors, got "
                          f"{len(workspace)} (allocate it with the same variant / kv_dtype)")
@@ -394,19 +384,6 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     if num_splits is None:
         num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device, variant)
     fp8 = kv_cache.dtype in _FP8
-    if variant == "v4":
-        # config (BLOCK_N, num_warps, num_stages[, maxnreg[, qk8]])
-        block_n, warps, stages, *cap = config or _v4_cfg(kv_cache.dtype)
-        S = num_splits
-        ws = None
-        if S > 1:
-            ws = workspace or alloc_decode_workspace(B, H, R, S, q_nope.device, variant="v4")
-        return _v4.launch_v4(
-            q_nope, q_pe, kv_cache, block_tables, seq_lens, out,
-            float(scale) * _LOG2E * float(k_scale), float(k_scale), S, ws, f16=fp8,
-            block_h=BLOCK_H, block_n=block_n, warps=warps, stages=stages, chunk=chunk,
-            min_split=MIN_SPLIT, maxnreg=cap[0] if cap else None,
-            qk8=bool(cap[1]) if len(cap) > 1 else False)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0

@@ -255,29 +255,6 @@ def test_decode_v3_interpreted(merge, q_dtype, kv_dtype, fp8_path):
 
 
 @cpu_only
-@pytest.mark.parametrize("q_dtype,kv_dtype", [
-    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, FP8),
-    (torch.float16, torch.float8_e4m3fnuz)])
-@pytest.mark.parametrize("S", [1, 6])
-@pytest.mark.parametrize("qk8", [0, 1])
-def test_decode_v4_interpreted(q_dtype, kv_dtype, S, qk8):
-    """v4 (transposed dots): odd batch, H=3, page 8 < BLOCK_N, lengths 0 / 1 / odd / long; S=6
-    runs the merge kernel (700 -> 6 splits, 260 -> 5), S=1 writes every sequence directly."""
-    lens = [0, 1, 37, 700, 5, 260, 9]
-    fp8 = kv_dtype in (FP8, torch.float8_e4m3fnuz)
-    if qk8 and not fp8:
-        pytest.skip("qk8 applies to fp8 caches only")
-    seed = hash(("v4", str(q_dtype), str(kv_dtype), S, qk8)) % 2**31
-    out, ref = run_decode(7, 3, 32, 16, 8, lens, q_dtype, kv_dtype, S, "cpu", seed=seed,
-                          k_scale=0.37 if fp8 else 1.25, chunk=16, config=(16, 4, 1, 0, qk8),
-                          variant="v4")
-    assert torch.all(out[0] == 0), "empty sequence must give 0"
-    # qk8: q in two fp8 halves (~7 significant bits) for QK^T
-    tol = 2e-6 if q_dtype == torch.float32 and not fp8 else (1e-2 if qk8 else 2e-3)
-    assert rel_err(out, ref) < tol
-
-
-@cpu_only
 def test_decode_v3_many_heads_direct_and_splits():
     """H=20 (two head groups, one counter each), fused q, R=64 in 4 chunks; then S=1 (no
     workspace at all) and the heuristic's split counts."""
@@ -410,7 +387,7 @@ def test_prefill_interpreted(dtype, Dqk):
 @pytest.mark.parametrize("H", [8, 16, 128])
 @pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("splits", [None, 1, 7])
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3", "v4"])
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
 def test_decode_gpu(kv_dtype, H, page, splits, variant):
     lens = [1, 0, 700, 4097, 33]
     B = len(lens)
@@ -450,7 +427,7 @@ def test_decode_v2_gpu(kv_dtype, fp8_mode, merge, cfg):
 @needs_gpu
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
 @pytest.mark.parametrize("variant,merge", [("v1", None), ("v2", "fused"), ("v2", "kernel"),
-                                           ("v3", "fused"), ("v3", "kernel"), ("v4", None)])
+                                           ("v3", "fused"), ("v3", "kernel")])
 def test_decode_cuda_graph(kv_dtype, variant, merge):
     """Capture once, then replay with new lengths / tables / queries written into the buffers
     (v2 fused: the counters reset inside the graph)."""
@@ -514,26 +491,6 @@ def test_decode_v3_gpu(kv_dtype, fp8_path, merge, cfg, S):
         assert rel_err(out, ref) < 1e-2
         path = 1 if fp8_path == "regs" else 0
         check_v3_scratch(ws, lens, S, (cfg or dec._v3_cfg(kv_dtype, B, path))[0])
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8])
-@pytest.mark.parametrize("cfg", [None, (64, 8, 2), (64, 8, 2, 0, 1), (64, 4, 2, 0, 1)])
-@pytest.mark.parametrize("S", [1, 16, 40])
-def test_decode_v4_gpu(kv_dtype, cfg, S):
-    """v4 at the real widths (Kimi TP8: H=8, page 64) and its sweep's launch configs: odd batch,
-    empty and long sequences, direct and split (merge kernel) paths; qk8 (5th value) on fp8."""
-    if cfg and len(cfg) > 4 and kv_dtype != FP8:
-        pytest.skip("qk8 applies to fp8 caches only")
-    gen = torch.Generator().manual_seed(S)
-    lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
-    B, H = len(lens), 8
-    out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
-                          seed=S + 7, k_scale=0.5 if kv_dtype == FP8 else 1.0, variant="v4",
-                          config=cfg)
-    assert torch.all(out[0] == 0)
-    assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
