@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import msgspec
 
@@ -12,6 +13,8 @@ SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy
 MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: positive temperatures below it are raised to it
 MAX_TEMPERATURE = 2.0  # vLLM's _verify_args (PR #44965) and OpenAI: [0, 2]
 MAX_LOGIT_BIAS = 100.0  # vLLM's from_optional clamps logit_bias values to [-100, 100]
+MAX_NUM_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS: token sequences per request
+MAX_BAD_WORDS_TOTAL_TOKENS = 1024  # vLLM's VLLM_MAX_BAD_WORDS_TOTAL_TOKENS
 
 
 class SamplingParamsError(ValueError):
@@ -38,6 +41,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     - `logit_bias`: token id (JSON: its string) -> a number added to its logit, clamped to
       [-100, 100] as vLLM's OpenAI server does; `allowed_token_ids`: sample only among these ids
       (OpenAI / vLLM).
+    - `bad_words`: words never to generate (vLLM): the engine tokenizes them
+      (`tokenize_bad_words`, into `bad_words_token_ids`); at each step the last token of a
+      sequence is banned when the output so far ends with the rest of it (a one-token word is
+      always banned). Duplicates are dropped, empty strings refused.
     """
 
     n: int = 1
@@ -60,10 +67,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = msgspec.field(default_factory=list)
+    # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
+    # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
+    _bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.bad_words is None:
+            self.bad_words = []
+        elif isinstance(self.bad_words, list) and all(isinstance(w, str) for w in self.bad_words):
+            self.bad_words = list(dict.fromkeys(self.bad_words))  # vLLM: duplicates dropped
+        self._bad_words_token_ids = None
         if isinstance(self.logit_bias, dict):  # JSON keys are strings: "50256" -> 50256
             bias = {}
             for k, v in self.logit_bias.items():
@@ -149,6 +165,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                        for t in self.allowed_token_ids)):
             raise SamplingParamsError("allowed_token_ids",
                                       "must be a non-empty list of non-negative ints")
+        bw = self.bad_words
+        if not isinstance(bw, list) or any(not isinstance(w, str) for w in bw):
+            raise SamplingParamsError("bad_words", "must be a list of strings")
+        if any(not w for w in bw):  # vLLM's _verify_args
+            raise SamplingParamsError("bad_words", "cannot contain an empty string")
+        if len(bw) > MAX_NUM_BAD_WORDS:
+            # each word tokenizes to >= 1 sequence: vLLM refuses these after tokenizing
+            raise SamplingParamsError("bad_words", f"at most {MAX_NUM_BAD_WORDS} words (vLLM's "
+                                      f"limit of {MAX_NUM_BAD_WORDS} token sequences)")
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """The tokenized bad_words (None until the engine tokenized them, or none given)."""
+        return self._bad_words_token_ids
 
     @property
     def uses_penalties(self) -> bool:
@@ -168,3 +198,41 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.seed is not None:
             c.seed = (self.seed + index + 2**63) % 2**64 - 2**63
         return c
+
+
+def tokenize_bad_words(words: list[str], encode: Callable[[str], list[int]],
+                       vocab_size: int) -> list[list[int]]:
+    """vLLM's SamplingParams.update_from_tokenizer: the token-id sequences that bad_words ban.
+
+    `encode(text)` must tokenize without special tokens (add_special_tokens=False). Each word is
+    left-stripped and encoded as is, then with a leading space; the space form is kept only when
+    it is a different word token of the same length (first id differs, same number of ids), so a
+    tokenizer whose space is its own token (byte-level) keeps only the bare form. Raises
+    SamplingParamsError("bad_words") for a word without tokens, more than MAX_NUM_BAD_WORDS
+    sequences or MAX_BAD_WORDS_TOTAL_TOKENS ids, or an id outside [0, vocab_size).
+    """
+    seqs: list[list[int]] = []
+    for word in words:
+        for add_prefix_space in (False, True):
+            ids = list(encode((" " if add_prefix_space else "") + word.lstrip()))
+            if not ids:
+                if not add_prefix_space:
+                    raise SamplingParamsError(
+                        "bad_words", f"entries must tokenize to at least one token, {word!r} "
+                        "does not")
+                continue  # the bare form is still enforceable
+            if not add_prefix_space or (ids[0] != seqs[-1][0] and len(ids) == len(seqs[-1])):
+                seqs.append(ids)
+                if len(seqs) > MAX_NUM_BAD_WORDS:
+                    raise SamplingParamsError(
+                        "bad_words", f"too many bad words after tokenization: {len(seqs)}; the "
+                        f"max number is {MAX_NUM_BAD_WORDS}")
+    total = sum(len(ids) for ids in seqs)
+    if total > MAX_BAD_WORDS_TOTAL_TOKENS:
+        raise SamplingParamsError("bad_words", f"too many total bad word tokens: {total}; the "
+                                  f"max is {MAX_BAD_WORDS_TOTAL_TOKENS}")
+    invalid = [t for ids in seqs for t in ids if not 0 <= t < vocab_size]
+    if invalid:
+        raise SamplingParamsError("bad_words", f"the model vocabulary size is {vocab_size}, but "
+                                  f"these tokens were specified as bad: {invalid}")
+    return seqs

@@ -35,6 +35,8 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from atom_stream.config import ConfigError, EngineConfig, resolve_model_path
 from atom_stream.engine.block_manager import BlockManager
 from atom_stream.engine.metrics import EngineMetrics
@@ -47,7 +49,7 @@ from atom_stream.errors import (
     MaxTokensTooLargeError,
     PromptTooLongError,
 )
-from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError, tokenize_bad_words
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +195,7 @@ class LLMEngine:
             if bad is not None:
                 raise InvalidRequestError(f"{name}: {bad} is not a token id in [0, {vocab})",
                                           name)
+        params = self._tokenize_bad_words(params, vocab)
         if not ids:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
         for t in ids:
@@ -224,6 +227,27 @@ class LLMEngine:
         self.scheduler.add(seq)  # may raise EngineOverloadedError
         self.requests[request_id] = _Request(seq, detok, stop)
         return seq
+
+    def _tokenize_bad_words(self, params: SamplingParams, vocab: int) -> SamplingParams:
+        """params with `bad_words_token_ids` set (vLLM's update_from_tokenizer), on a copy: the
+        caller's object stays as given (vLLM clones it first) and may serve other requests."""
+        if not params.bad_words:
+            if params.bad_words_token_ids is None:
+                return params  # the common case: no work
+            return msgspec.structs.replace(params)  # construction drops a stray value
+        if self.tokenizer is None:
+            # vLLM skips update_from_tokenizer without a tokenizer, so the words would be ignored
+            # silently; refused here as stop strings are
+            raise InvalidRequestError("bad_words: bad words need a tokenizer", "bad_words")
+        tok = self.tokenizer
+        try:
+            seqs = tokenize_bad_words(
+                params.bad_words, lambda text: tok.encode(text, add_special_tokens=False), vocab)
+        except SamplingParamsError as e:
+            raise InvalidRequestError(str(e), e.param) from None
+        params = msgspec.structs.replace(params)
+        params._bad_words_token_ids = seqs
+        return params
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a live request now, freeing its blocks. Returns its final ("abort") delta, or

@@ -11,7 +11,10 @@ Semantics (vLLM's), all in float32:
   1. Logprobs are of the RAW model distribution (log_softmax of the unmodified logits, vLLM's
      default "raw_logprobs"): the sampled token's, and the top k sorted by value.
   2. Logit processing in vLLM's order (v1 Sampler.apply_logits_processors): allowed_token_ids
-     (every other id -inf); rows below `min_tokens` get their stop tokens (`seq.eos_token_ids`,
+     (every other id -inf); bad words (vLLM's apply_bad_words: for each token-id sequence of
+     `params.bad_words_token_ids`, its last id is -inf when the row's OUTPUT tokens end with the
+     rest of it; a one-token sequence always; prompt tokens never count); rows below
+     `min_tokens` get their stop tokens (`seq.eos_token_ids`,
      whatever ignore_eos says, as vLLM's all_stop_token_ids, and stop_token_ids) set to -inf;
      logit_bias (added); then the penalties: repetition (tokens in prompt or output: positive
      logits divided by r, others multiplied; it scales the biased logit), frequency
@@ -58,10 +61,27 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def needs_host_tokens(p) -> bool:
-    """Whether sampling for params `p` reads the values of earlier tokens (the penalties), so an
-    async-scheduled step must wait until the previous step's token is on the host."""
+    """Whether sampling for params `p` reads the values of earlier tokens (the penalties, bad
+    words of more than one token), so an async-scheduled step must wait until the previous
+    step's token is on the host."""
     return (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            or p.repetition_penalty != 1.0)
+            or p.repetition_penalty != 1.0
+            or (p._bad_words_token_ids is not None
+                and any(len(w) > 1 for w in p._bad_words_token_ids)))
+
+
+def bad_word_bans(token_ids: list[int], num_output: int, words: list[list[int]]) -> list[int]:
+    """The token ids that bad words ban next for a sequence whose tokens are `token_ids` (prompt
+    + the last `num_output` outputs): vLLM's _apply_bad_words_single_batch. A word's last id is
+    banned when the outputs end with the rest of the word (a one-token word: always); the
+    prompt never completes a prefix. Repeats are possible (harmless: each writes -inf)."""
+    n = len(token_ids)
+    bans = []
+    for w in words:
+        k = len(w) - 1
+        if k == 0 or (k <= num_output and token_ids[n - k:] == w[:k]):
+            bans.append(w[k])
+    return bans
 
 
 def _splitmix64(z: int) -> int:
@@ -83,7 +103,8 @@ class SamplingMetadata:
     Sparse penalties use flat positions `row * V + token` (a COO form of the [B, V] tensors):
     `out_pos`/`out_count` are the distinct output tokens of rows with frequency/presence penalties
     and their counts; `seen_pos` the prompt + output tokens of rows with a repetition penalty
-    (duplicates allowed); `banned_pos` the stop tokens of rows below min_tokens.
+    (duplicates allowed); `bad_pos` the tokens bad words ban now; `banned_pos` the stop tokens
+    of rows below min_tokens.
     """
 
     vocab_size: int
@@ -100,6 +121,7 @@ class SamplingMetadata:
     out_pos: Tensor | None = None
     out_count: Tensor | None = None  # [U] f32
     seen_pos: Tensor | None = None
+    bad_pos: Tensor | None = None
     banned_pos: Tensor | None = None
     bias_pos: Tensor | None = None  # logit_bias: flat positions and their values [N] f32
     bias_val: Tensor | None = None
@@ -107,7 +129,7 @@ class SamplingMetadata:
     allow_pos: Tensor | None = None
     all_greedy: bool = False
     all_random: bool = True
-    no_penalties: bool = True  # nothing in 2. (min_tokens bans included)
+    no_penalties: bool = True  # nothing in 2. (bad words and min_tokens bans included)
     no_temperature: bool = True  # every sampling row has temperature 1
     no_top_k: bool = True  # these three flags look at sampling rows only
     no_top_p: bool = True
@@ -129,6 +151,7 @@ class SamplingMetadata:
         out_rows: list[Tensor] = []
         seen_rows: list[Tensor] = []
         banned: list[int] = []
+        bad: list[int] = []
         bias_pos: list[int] = []
         bias_val: list[float] = []
         allow_rows: list[int] = []
@@ -157,6 +180,10 @@ class SamplingMetadata:
                 out_rows.append(torch.tensor(seq.output_token_ids, dtype=torch.int64) + i * V)
             if p.repetition_penalty != 1.0:
                 seen_rows.append(torch.tensor(seq.token_ids, dtype=torch.int64) + i * V)
+            bw = p._bad_words_token_ids
+            if bw:
+                bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
+                                                            seq.num_output_tokens, bw))
             if seq.num_output_tokens < p.min_tokens:
                 # vLLM bans all_stop_token_ids: the EOS ids even under ignore_eos
                 stops = set(p.stop_token_ids) | set(seq.eos_token_ids)
@@ -203,6 +230,8 @@ class SamplingMetadata:
             md.out_pos, md.out_count = dev(pos), dev(count.to(torch.float32))
         if seen_rows:
             md.seen_pos = dev(torch.cat(seen_rows))
+        if bad:
+            md.bad_pos = dev(torch.tensor(bad, dtype=torch.int64))
         if banned:
             md.banned_pos = dev(torch.tensor(banned, dtype=torch.int64))
         if bias_pos:
@@ -212,7 +241,8 @@ class SamplingMetadata:
             md.allow_rows = dev(torch.tensor(allow_rows, dtype=torch.int64))
             md.allow_pos = dev(torch.tensor(allow_pos, dtype=torch.int64))
         md.no_penalties = (md.out_pos is None and md.seen_pos is None and md.banned_pos is None
-                           and md.bias_pos is None and md.allow_rows is None)
+                           and md.bias_pos is None and md.allow_rows is None
+                           and md.bad_pos is None)
         return md
 
 
@@ -470,15 +500,18 @@ class Sampler:
 
 
 def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
-    """In-place allowed_token_ids, min_tokens bans, logit_bias, then the repetition, frequency
-    and presence penalties on x [B, V] float32: vLLM's order (see the module docstring). Only
-    the repetition penalty does not commute with the others (it scales the biased logit)."""
+    """In-place allowed_token_ids, bad words, min_tokens bans, logit_bias, then the repetition,
+    frequency and presence penalties on x [B, V] float32: vLLM's order (see the module
+    docstring). Only the repetition penalty does not commute with the others (it scales the
+    biased logit); a banned -inf stays -inf through all of them."""
     V = x.shape[1]
     flat = x.view(-1)
     if md.allow_rows is not None:
         kept = flat[md.allow_pos]
         x[md.allow_rows] = _NEG_INF
         flat[md.allow_pos] = kept
+    if md.bad_pos is not None:
+        flat[md.bad_pos] = _NEG_INF
     if md.banned_pos is not None:
         flat[md.banned_pos] = _NEG_INF
     if md.bias_pos is not None:

@@ -166,6 +166,8 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
         kw["logit_bias"] = dict(req.logit_bias)
     if req.allowed_token_ids is not None:
         kw["allowed_token_ids"] = list(req.allowed_token_ids)
+    if req.bad_words:
+        kw["bad_words"] = list(req.bad_words)
     refuse_structured_output(req)
     if chat:
         if req.max_completion_tokens is not None:

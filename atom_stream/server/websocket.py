@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
 # n: one choice per request id (prompt_logprobs is refused with its own message)
-_PARAM_NAMES = frozenset(SamplingParams.__struct_fields__) - {"n"}
+_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_")) - {"n"}
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 # generate-frame fields an error may name as they are (everything else is under "params.")
 _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
