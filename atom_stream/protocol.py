@@ -120,21 +120,6 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     add_special_tokens: bool = True  # vLLM's extra field: the tokenizer's own prefix (BOS)
 
 
-class TokenizeRequest(Struct, kw_only=True):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-class DetokenizeRequest(Struct, kw_only=True):
-    model: str | None = None
-    tokens: list[int]
-
-
 # ----------------------------------------------------------------------------------------------
 # OpenAI responses
 # ----------------------------------------------------------------------------------------------
@@ -294,17 +279,6 @@ class ModelCard(Struct):
 class ModelList(Struct):
     data: list[ModelCard]
     object: str = "list"
-
-
-class TokenizeResponse(Struct):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | UnsetType = UNSET
-
-
-class DetokenizeResponse(Struct):
-    prompt: str
 
 
 class ErrorInfo(Struct):

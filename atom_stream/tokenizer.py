@@ -100,22 +100,34 @@ class Tokenizer(ABC):
         return self.id_to_str(token_id)
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
                             **chat_template_kwargs: Any) -> str:
         """OpenAI-style messages -> the prompt string. Extra keywords (e.g. `thinking`, `tools`)
-        reach the template."""
+        reach the template. `continue_final_message`: the prompt ends inside the last message
+        (rendered without a generation prompt, cut right after that message's content, as
+        transformers' apply_chat_template does); both it and `add_generation_prompt` -> a
+        ValueError (vLLM's check_generation_prompt)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and "
+                             "`add_generation_prompt` to True.")
         try:
             if self._chat_template is not None:
-                return self._render_override(messages, add_generation_prompt,
-                                             chat_template_kwargs)
-            return self._render_chat(messages, add_generation_prompt, **chat_template_kwargs)
+                rendered = self._render_override(messages, add_generation_prompt,
+                                                 chat_template_kwargs)
+            else:
+                rendered = self._render_chat(messages, add_generation_prompt,
+                                             **chat_template_kwargs)
         except Exception as e:
             # a jinja TemplateError (the template's raise_exception, an undefined name) is the
             # request's fault: a ValueError (400, as vLLM answers it), not an internal error
             if type(e).__module__.split(".", 1)[0] == "jinja2":
                 raise ValueError(f"chat template error: {e}") from None
             raise
+        if continue_final_message:
+            rendered = cut_after_final_message(rendered, messages)
+        return rendered
 
     def _render_override(self, messages: list[Message], add_generation_prompt: bool,
                          kwargs: dict[str, Any]) -> str:
@@ -123,9 +135,14 @@ class Tokenizer(ABC):
                             self._template_vars(), kwargs)
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False,
                     **chat_template_kwargs: Any) -> list[int]:
+        """The rendered chat prompt's ids. `add_special_tokens` (vLLM's chat default: false, the
+        template holds the specials) adds the tokenizer's own prefix (an HF BOS) on top."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt,
-                                                    **chat_template_kwargs))
+                                                    continue_final_message,
+                                                    **chat_template_kwargs),
+                           add_special_tokens=add_special_tokens)
 
     def _template_vars(self) -> dict[str, Any]:
         bos = self.bos_token_id
@@ -161,10 +178,30 @@ class Tokenizer(ABC):
         return ids
 
 
+def cut_after_final_message(rendered: str, messages: list[Message]) -> str:
+    """transformers' continue_final_message: cut `rendered` right after the last message's
+    content (its last text part for list content), so the model continues that message."""
+    final = messages[-1].get("content") if messages else None
+    if isinstance(final, (list, tuple)):
+        texts = [p["text"] for p in final if isinstance(p, dict) and "text" in p]
+        if not texts:
+            raise ValueError("continue_final_message is set but we could not find any text to "
+                             "continue in the final message!")
+        final = texts[-1]
+    if not isinstance(final, str) or final.strip() not in rendered:
+        raise ValueError("continue_final_message is set but the final message does not appear "
+                         "in the chat after applying the chat template!")
+    loc = rendered.rindex(final.strip())
+    if rendered[loc:loc + len(final.lstrip())] == final:
+        return rendered[:loc + len(final.lstrip())]
+    return rendered[:loc + len(final.strip())]  # the template trimmed trailing spacing
+
+
 # ------------------------------------------------------------------------------------ demo
 DEMO_SPECIALS = {256: "<|bos|>", 257: "<|eos|>", 258: "<|im_user|>", 259: "<|im_assistant|>",
                  260: "<|im_system|>", 261: "<|im_middle|>", 262: "<|im_end|>"}
 DEMO_SPECIALS.update({i: f"<|reserved_{i}|>" for i in range(263, 320)})
+_GIL_SLICE = 1 << 16  # bytes per C-level step of a long encode (see DemoTokenizer.encode)
 
 
 def special_splitter(names: Iterable[str]) -> re.Pattern:
@@ -189,7 +226,14 @@ class DemoTokenizer(Tokenizer):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         prefix: list[int] = []  # Kimi-like: no BOS even with add_special_tokens
         if "<|" not in text:  # fast path: no special names possible
-            return prefix + list(text.encode())
+            data = text.encode()
+            if len(data) <= _GIL_SLICE:
+                return list(data)
+            # one C call over megabytes holds the GIL for tens of ms: the event loop thread
+            # (which this runs beside, in the executor) gets a turn between slices
+            for i in range(0, len(data), _GIL_SLICE):
+                prefix.extend(data[i:i + _GIL_SLICE])
+            return prefix
         ids = prefix
         for i, part in enumerate(self._split.split(text)):
             if i % 2:

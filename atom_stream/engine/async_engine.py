@@ -25,7 +25,8 @@ the consuming task, or `await engine.abort(id)` aborts the request and frees its
 Errors: InvalidRequestError / PromptTooLongError / EngineOverloadedError are raised by the first
 `__anext__` (before anything is yielded); a failed model step raises GenerationError from the
 affected requests' iterators only; if the loop itself dies, every stream raises EngineDeadError
-and `is_dead` turns true. Long prompts are tokenized in the default thread pool, off the loop.
+and `is_dead` turns true. Long text prompts and every chat prompt (template rendering plus
+tokenization) are tokenized in the default thread pool, off the loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from atom_stream.errors import (
     EngineDeadError,
     GenerationError,
     InvalidRequestError,
+    PromptTooLongError,
 )
 from atom_stream.sampling_params import SamplingParams
 
@@ -250,21 +252,31 @@ class AsyncEngine:
                        request_id: str | None = None, *,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
-                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+                       add_special_tokens: bool = True,
+                       add_generation_prompt: bool = True,
+                       continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield RequestOutput deltas until the final one (finish_reason set).
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
         the context left after the prompt instead of capping it (the OpenAI server's rule).
         `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
-        tokenizer's BOS; nothing for Kimi), as vLLM's completions by default."""
+        tokenizer's BOS; nothing for Kimi), as vLLM's completions by default; for messages it is
+        ignored (vLLM's chat default: the template holds the specials).
+        `add_generation_prompt` / `continue_final_message` (messages only): vLLM's chat options;
+        keys of the same names in `chat_template_kwargs` override them, as in vLLM."""
         core = self._check_alive()
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        ids = await self._tokenize(prompt, chat_template_kwargs, add_special_tokens)
+        ids = await self._tokenize(prompt, chat_template_kwargs, add_special_tokens,
+                                   add_generation_prompt, continue_final_message)
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        if len(ids) >= core.max_model_len:
+            # the core's answer too, but only after checking every id on the loop thread (a
+            # 6 MB prompt: ~0.4 s of event-loop stall); too long needs no per-id look
+            raise PromptTooLongError(len(ids), core.max_model_len)
         core.add_request(request_id, ids, params,  # raises for bad/too long/overloaded
                          strict_max_tokens=strict_max_tokens)
         slot = self._slots[request_id] = _Slot()
@@ -307,7 +319,11 @@ class AsyncEngine:
         self._check_idle()
 
     async def _tokenize(self, prompt: Prompt, chat_template_kwargs: dict | None,
-                        add_special_tokens: bool = True) -> list[int]:
+                        add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False) -> list[int]:
+        """Text is tokenized in the default thread pool when long; a chat prompt always is:
+        rendering reads more than the contents (tools, tool calls, template kwargs), so its
+        size says nothing about its cost (a megabyte of tool schemas beside a "hi")."""
         if isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return prompt
@@ -318,9 +334,13 @@ class AsyncEngine:
                                    add_special_tokens=add_special_tokens)
             size = len(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            kw = dict(chat_template_kwargs or {})
+            # vLLM updates its template kwargs with the request's chat_template_kwargs last
+            agp = bool(kw.pop("add_generation_prompt", add_generation_prompt))
+            cfm = bool(kw.pop("continue_final_message", continue_final_message))
             fn = functools.partial(self._need_tokenizer().encode_chat, prompt,
-                                   add_generation_prompt=True, **(chat_template_kwargs or {}))
-            size = sum(len(str(m.get("content", ""))) for m in prompt)
+                                   add_generation_prompt=agp, continue_final_message=cfm, **kw)
+            size = _OFFLOOP_CHARS + 1  # always off the loop (see the docstring)
         else:
             raise InvalidRequestError(
                 "prompt: must be a non-empty string, list of token ids or list of messages",

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -34,10 +36,12 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from atom_stream.config import EngineConfig
+from atom_stream.errors import InvalidRequestError
+from atom_stream.protocol import ChatMessage, validation_param
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
-from atom_stream.server.openai import OpenAIServing
-from atom_stream.server.responses import HTTPError, json_response
+from atom_stream.server.openai import OpenAIServing, messages_to_dicts
+from atom_stream.server.responses import VALIDATION_TYPE, HTTPError, json_response, read_body
 from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
 
 logger = logging.getLogger("atom_stream.server")
@@ -98,6 +102,145 @@ class ServerState:
         self.started = int(time.time())
 
 
+class TokenizeBody(msgspec.Struct, kw_only=True):
+    """vLLM's TokenizeCompletionRequest | TokenizeChatRequest in one Struct (v0.10
+    protocol.py): `prompt` (add_special_tokens default true) or `messages` (add_special_tokens
+    default false: the template holds the specials; add_generation_prompt default true,
+    continue_final_message, chat_template_kwargs, tools for the template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeResult(msgspec.Struct):
+    """vLLM's TokenizeResponse.model_dump(): token_strs is null unless asked for."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResult(msgspec.Struct):
+    prompt: str
+
+
+_DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (TokenizeBody, DetokenizeBody)}
+_OFFLOOP = 2048  # texts / id lists longer than this are (de)tokenized in the thread pool
+
+
+class Tokenization:
+    """POST /tokenize and /detokenize as vLLM's OpenAIServingTokenization: errors are 400s;
+    rendering, tokenizing, token strings and decoding run in the default thread pool (chat
+    always, text when long), never on the event loop."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def _check_model(self, name: str | None) -> None:
+        if name and name not in self.state.model_names:
+            raise HTTPError(404, f"The model `{name}` does not exist.", "model")
+
+    async def _body(self, request: Request, cls: type) -> Any:
+        body = await read_body(request, self.state.config.max_body_bytes)
+        req = _decode(_DECODERS[cls], body)
+        self._check_model(req.model)
+        return req
+
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            req = await self._body(request, TokenizeBody)
+            engine = self.state.engine
+            tok = engine.tokenizer
+            if req.messages is not None:
+                if req.continue_final_message and req.add_generation_prompt:
+                    raise InvalidRequestError("Cannot set both `continue_final_message` and "
+                                              "`add_generation_prompt` to True.")
+                messages = messages_to_dicts(req.messages)
+                kwargs = {**self.state.config.default_chat_template_kwargs,
+                          **({"tools": req.tools} if req.tools else {}),
+                          **(req.chat_template_kwargs or {})}
+                agp = bool(kwargs.pop("add_generation_prompt", req.add_generation_prompt))
+                cfm = bool(kwargs.pop("continue_final_message", req.continue_final_message))
+                fn = functools.partial(tok.encode_chat, messages, add_generation_prompt=agp,
+                                       continue_final_message=cfm,
+                                       add_special_tokens=bool(req.add_special_tokens),
+                                       **kwargs)
+                size = _OFFLOOP + 1  # rendering reads tools and kwargs too: always off the loop
+            elif req.prompt is not None:
+                add = True if req.add_special_tokens is None else req.add_special_tokens
+                fn = functools.partial(tok.encode, req.prompt, add_special_tokens=add)
+                size = len(req.prompt)
+            else:
+                raise InvalidRequestError("either `prompt` or `messages` is required", "prompt")
+            strs = bool(req.return_token_strs)
+
+            def work() -> tuple[list[int], list[str] | None]:
+                ids = list(fn())
+                return ids, ([tok.id_to_str(t) for t in ids] if strs else None)
+
+            ids, token_strs = await _maybe_offloop(work, size)
+            result = TokenizeResult(len(ids), engine.max_model_len, ids, token_strs)
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            return self._error("/tokenize", e)
+        return json_response(result)
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            req = await self._body(request, DetokenizeBody)
+            engine = self.state.engine
+            vocab = engine.model_config.vocab_size
+            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
+            # vLLM: tokenizer.decode(ids), HF's default keeps special tokens
+            fn = functools.partial(engine.tokenizer.decode, req.tokens,
+                                   skip_special_tokens=False)
+            result = DetokenizeResult(await _maybe_offloop(fn, len(req.tokens)))
+        except Exception as e:  # noqa: BLE001
+            return self._error("/detokenize", e)
+        return json_response(result)
+
+    def _error(self, route: str, exc: BaseException) -> Response:
+        err = HTTPError.from_exception(exc)
+        self.state.metrics.request(route, err.status)
+        return err.response()
+
+
+def _decode(decoder: Any, body: bytes) -> Any:
+    """openai.decode_request's mapping: a schema error is a 400 "Bad Request" naming the
+    JSON path."""
+    if not body:
+        raise HTTPError(400, "the request body is empty; expected a JSON object",
+                        type=VALIDATION_TYPE)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as e:
+        raise HTTPError(400, f"invalid request: {e}", validation_param(e),
+                        type=VALIDATION_TYPE) from None
+    except msgspec.DecodeError as e:
+        raise HTTPError(400, f"the request body is not valid JSON: {e}",
+                        type=VALIDATION_TYPE) from None
+
+
+async def _maybe_offloop(fn: Any, size: int) -> Any:
+    if size > _OFFLOOP:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+    return fn()
+
+
 def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *,
               engine: Any = None) -> Starlette:
     """The ASGI app. `engine`: an already started AsyncEngine to serve (not shut down by the
@@ -147,6 +290,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
     async def version(request: Request) -> Response:
         return json_response({"version": package_version()})
 
+    tokenization = Tokenization(state)
+
     async def metrics(request: Request) -> Response:
         eng = state.engine
         registry = eng.metrics.registry if eng is not None else None
@@ -169,8 +314,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/load", load, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/tokenize", serving.tokenize, methods=["POST"]),
-        Route("/detokenize", serving.detokenize, methods=["POST"]),
+        Route("/tokenize", tokenization.tokenize, methods=["POST"]),
+        Route("/detokenize", tokenization.detokenize, methods=["POST"]),
     ]
     middleware = []
     if state.key_checker:

@@ -36,15 +36,11 @@ from atom_stream.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
     ModelCard,
     ModelList,
     ModelPermission,
     PromptTokensDetails,
     ResponseMessage,
-    TokenizeRequest,
-    TokenizeResponse,
     UsageInfo,
     validation_param,
 )
@@ -62,7 +58,7 @@ from atom_stream.server.responses import (
 
 _DECODERS = {
     cls: msgspec.json.Decoder(cls)
-    for cls in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+    for cls in (ChatCompletionRequest, CompletionRequest)
 }
 _OFFLOOP_CHARS = 2048  # tokenize longer texts in a thread (never block the loop)
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -138,7 +134,7 @@ def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> l
                     raise HTTPError(400, f"content part type {part.type!r} is not supported; "
                                     "this server serves text only", f"{param}[{i}].content")
                 texts.append(part.text)
-            content = "".join(texts)
+            content = "\n".join(texts)  # vLLM's "string" content format
         d = msgspec.to_builtins(m)
         d["content"] = content if content is not None else ""
         out.append(d)
@@ -316,8 +312,8 @@ class OpenAIServing:
         return fn()
 
     async def _start(self, prompts: list[Any], params: SamplingParams, rid: str,
-                     template_kwargs: dict | None, add_special_tokens: bool = True
-                     ) -> list[Choice]:
+                     template_kwargs: dict | None, add_special_tokens: bool = True,
+                     chat_options: dict | None = None) -> list[Choice]:
         """Submit every child request and await each one's first delta (errors surface here)."""
         engine = self.engine
         n = params.n
@@ -337,7 +333,8 @@ class OpenAIServing:
                 gens.append(engine.generate(prompt, child, child_id,
                                             chat_template_kwargs=template_kwargs,
                                             strict_max_tokens=True,
-                                            add_special_tokens=add_special_tokens))
+                                            add_special_tokens=add_special_tokens,
+                                            **(chat_options or {})))
         if total == 1:
             firsts: list[Any] = [await _first(gens[0])]
         else:
@@ -395,30 +392,28 @@ class OpenAIServing:
             messages = messages_to_dicts(req.messages)
             kwargs = {**self.state.config.default_chat_template_kwargs,
                       **(req.chat_template_kwargs or {}), **chat_tools_kwargs(req)} or None
-            if req.continue_final_message:
-                raise HTTPError(400, "continue_final_message is not supported",
-                                "continue_final_message")
-            prompt: Any = messages
-            if not req.add_generation_prompt:
-                tok = self.engine.tokenizer
-                size = sum(len(m["content"]) for m in messages)
-                prompt = await self._offloop(
-                    lambda: tok.encode_chat(messages, add_generation_prompt=False,
-                                            **(kwargs or {})), size)
+            if req.continue_final_message and req.add_generation_prompt:
+                raise HTTPError(400, "Cannot set both `continue_final_message` and "
+                                "`add_generation_prompt` to True.", type=VALIDATION_TYPE)
             rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"  # vLLM's prefixing
-            choices = await self._start([prompt], params, rid, kwargs)
+            # the engine renders the template off the loop (always, whatever the size)
+            choices = await self._start([messages], params, rid, kwargs, chat_options={
+                "add_generation_prompt": req.add_generation_prompt,
+                "continue_final_message": req.continue_final_message})
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(route, e)
         self.state.metrics.request(route, 200)
+        # vLLM's get_chat_request_role: the last message's role without a generation prompt
+        role = "assistant" if req.add_generation_prompt else messages[-1]["role"]
         echo = ""
-        if req.echo and messages[-1].get("role") == "assistant":
+        if req.echo and messages[-1].get("role") == role:
             echo = messages[-1]["content"]
         ctx = openai_stream.StreamContext(rid, int(time.time()), model, self.engine.tokenizer,
                                           params.logprobs, req.return_tokens_as_token_ids)
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.chat_stream(
-                ctx, choices, echo, *stream_usage(opts)))
+                ctx, choices, echo, *stream_usage(opts), role=role))
         results = await self._collect_or_error(request, route, choices)
         if isinstance(results, Response):
             return results
@@ -426,7 +421,7 @@ class OpenAIServing:
         for i, r in enumerate(results):
             lp = (openai_stream.chat_logprobs(ctx, r.token_ids, r.logprobs)
                   if params.logprobs is not None else None)
-            out.append(ChatChoice(i, ResponseMessage("assistant", echo + "".join(r.text)), lp,
+            out.append(ChatChoice(i, ResponseMessage(role, echo + "".join(r.text)), lp,
                                   r.finish_reason, r.stop_reason))
         return json_response(ChatCompletionResponse(rid, "chat.completion", ctx.created, model,
                                                     out, self._usage(choices, results)))
@@ -500,46 +495,6 @@ class OpenAIServing:
                                self.state.started)])
                  for name in self.state.model_names]
         return json_response(ModelList(cards))
-
-    async def tokenize(self, request: Request) -> Response:
-        try:
-            req = decode_request(TokenizeRequest, await read_body(
-                request, self.state.config.max_body_bytes))
-            self._model(req.model)
-            tok = self.engine.tokenizer
-            if req.messages is not None:
-                messages = messages_to_dicts(req.messages)
-                kwargs = {**self.state.config.default_chat_template_kwargs,
-                          **(req.chat_template_kwargs or {})}
-                size = sum(len(m["content"]) for m in messages)
-                ids = await self._offloop(lambda: tok.encode_chat(
-                    messages, add_generation_prompt=req.add_generation_prompt, **kwargs), size)
-            elif req.prompt is not None:
-                ids = await self._offloop(lambda: tok.encode(
-                    req.prompt, add_special_tokens=req.add_special_tokens), len(req.prompt))
-            else:
-                raise HTTPError(400, "give either prompt or messages", "prompt")
-            resp = TokenizeResponse(len(ids), self.engine.max_model_len, list(ids))
-            if req.return_token_strs:
-                resp.token_strs = [tok.id_to_str(t) for t in ids]
-        except Exception as e:  # noqa: BLE001
-            return self._error("/tokenize", e)
-        return json_response(resp)
-
-    async def detokenize(self, request: Request) -> Response:
-        try:
-            req = decode_request(DetokenizeRequest, await read_body(
-                request, self.state.config.max_body_bytes))
-            self._model(req.model)
-            vocab = self.engine.model_config.vocab_size
-            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
-            tok = self.engine.tokenizer
-            text = await self._offloop(lambda: tok.decode(req.tokens), len(req.tokens) * 4)
-        except Exception as e:  # noqa: BLE001
-            return self._error("/detokenize", e)
-        return json_response(DetokenizeResponse(text))
 
 
 async def _first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:

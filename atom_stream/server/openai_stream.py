@@ -162,7 +162,7 @@ def completion_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list
 
 
 async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usage: bool,
-                      continuous: bool) -> AsyncIterator[bytes]:
+                      continuous: bool, role: str = "assistant") -> AsyncIterator[bytes]:
     from atom_stream.server.openai import iterate  # circular: openai imports this module
 
     rid, created, model = ctx.rid, ctx.created, ctx.model
@@ -185,7 +185,7 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
     tail: list[bytes] = []
     try:
         # vLLM: every choice's role chunk, then every choice's echo chunk
-        head = [chunk(c.index, DeltaMessage(role="assistant", content="")) for c in choices]
+        head = [chunk(c.index, DeltaMessage(role=role, content="")) for c in choices]
         if echo:
             head += [chunk(c.index, DeltaMessage(content=echo)) for c in choices]
         yield b"".join(head)
