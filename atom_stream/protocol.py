@@ -83,6 +83,7 @@ class _SamplingRequest(Struct, kw_only=True):
     # vLLM: chat and (since vLLM PR #46793) completions; list[str] (null and a bare string are
     # refused with 400, as vLLM's pydantic field list[str] = [])
     bad_words: list[str] = msgspec.field(default_factory=list)
+    cache_salt: str | None = None  # vLLM: salts the prefix cache (SamplingParams.cache_salt)
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:{id}"
     # structured output: accepted so a request asking for it gets a clear 400 (not served)
     response_format: dict[str, Any] | None = None

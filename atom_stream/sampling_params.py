@@ -68,6 +68,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = msgspec.field(default_factory=list)
+    # vLLM's cache_salt: prefix-cache hits only between requests with the same salt (it enters
+    # the first block's hash: engine/block_manager.salt_root); None = unsalted
+    cache_salt: str | None = None
     # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
     # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
     _bad_words_token_ids: list[list[int]] | None = None
@@ -165,6 +168,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                        for t in self.allowed_token_ids)):
             raise SamplingParamsError("allowed_token_ids",
                                       "must be a non-empty list of non-negative ints")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not self.cache_salt):
+            # vLLM's protocol validator, word for word
+            raise SamplingParamsError(
+                "cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
         bw = self.bad_words
         if not isinstance(bw, list) or any(not isinstance(w, str) for w in bw):
             raise SamplingParamsError("bad_words", "must be a list of strings")

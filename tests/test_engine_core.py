@@ -324,6 +324,21 @@ def test_metrics_in_own_registry_with_design_names():
     assert "m1" not in generate_latest(e2.metrics.registry).decode()
 
 
+def test_prefix_cache_query_and_hit_counters():
+    """vLLM v1's prefix_cache_queries / prefix_cache_hits as token counters: a 3-block prompt
+    twice -> the second lookup hits 2 full blocks (the last token is always recomputed)."""
+    eng = fake_engine(block_size=4, enable_prefix_caching=True)
+    prompt = list(range(1, 13))
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    run(eng, [("a", prompt, p)])
+    run(eng, [("b", prompt, p)])
+    text = generate_latest(eng.metrics.registry).decode()
+    bm = eng.block_manager
+    assert bm.prefix_queries == 24 and bm.prefix_hits == 8, (bm.prefix_queries, bm.prefix_hits)
+    assert 'atom_stream:prefix_cache_queries_total{engine="0",model_name="demo"} 24.0' in text
+    assert 'atom_stream:prefix_cache_hits_total{engine="0",model_name="demo"} 8.0' in text
+
+
 # ---------------------------------------------------------------- state machine
 class EngineMachine(RuleBasedStateMachine):
     """Random add / step / abort / failing step / run-to-finish against the fake KV runner:

@@ -686,3 +686,21 @@ def test_return_tokens_as_token_ids(http):
                                                 "top_logprobs": 1, **base}
                   ).json()["choices"][0]["logprobs"]["content"][0]
     assert c["token"].startswith("token_id:") and c["bytes"] == list(c["token"].encode())
+
+
+def test_cache_salt_separates_prefix_cache_hits(http):
+    """vLLM's cache_salt: the same long prompt hits the prefix cache only under the same salt
+    (usage.prompt_tokens_details.cached_tokens); an empty salt is a 400 with vLLM's message."""
+    body = {"prompt": "x" * 200, "max_tokens": 1, "temperature": 0}
+
+    def cached(**kw):
+        r = http.post("/v1/completions", json={**body, **kw})
+        assert r.status_code == 200, r.text
+        details = r.json()["usage"].get("prompt_tokens_details") or {}
+        return details.get("cached_tokens", 0)
+
+    cached(cache_salt="alice")
+    assert cached(cache_salt="alice") > 0
+    assert cached(cache_salt="bob") == 0
+    r = http.post("/v1/completions", json={**body, "cache_salt": ""})
+    assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"], r.text

@@ -165,7 +165,7 @@ class BlockManager:
         toks = seq.token_ids
         while len(hashes) < num_blocks:
             i = len(hashes)
-            # cache_salt: a field only when the request API carries one (read where present)
+            # getattr: tests drive the block manager with bare params stand-ins
             prev = hashes[-1] if i else salt_root(getattr(seq.params, "cache_salt", None))
             hashes.append(hash_block(prev, toks[i * bs:(i + 1) * bs]))
         return hashes

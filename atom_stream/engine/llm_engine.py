@@ -487,7 +487,8 @@ class LLMEngine:
         self._seen_preemptions = sched.num_preemptions
         m.record_step(num_running=sched.num_running, num_waiting=sched.num_waiting,
                       kv_usage=bm.usage, hit_rate=bm.hit_rate, prompt_tokens=n_prompt,
-                      generation_tokens=n_gen, preemptions=new_preemptions)
+                      generation_tokens=n_gen, preemptions=new_preemptions,
+                      prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:

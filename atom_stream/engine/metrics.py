@@ -6,7 +6,9 @@ DPEngine's merged registry: the replica index, as vLLM's data-parallel ranks):
 - gauges `atom_stream:num_requests_running`, `atom_stream:num_requests_waiting`,
   `atom_stream:kv_cache_usage_perc` (0..1), `atom_stream:prefix_cache_hit_rate` (0..1, tokens);
 - counters `atom_stream:prompt_tokens_total`, `atom_stream:generation_tokens_total`,
-  `atom_stream:request_success_total{finished_reason}`, `atom_stream:num_preemptions_total`;
+  `atom_stream:request_success_total{finished_reason}`, `atom_stream:num_preemptions_total`,
+  `atom_stream:prefix_cache_queries_total` / `atom_stream:prefix_cache_hits_total` (tokens;
+  vLLM v1's prefix_cache_queries / prefix_cache_hits);
 - histograms `atom_stream:time_to_first_token_seconds`, `atom_stream:inter_token_latency_seconds`,
   `atom_stream:e2e_request_latency_seconds`;
 - counters `atom_stream:triton_compiles_total` / `atom_stream:triton_compile_seconds_total`:
@@ -117,6 +119,12 @@ class EngineMetrics:
         self.prompt_tokens = counter("prompt_tokens_total", "Prefilled prompt tokens.")
         self.generation_tokens = counter("generation_tokens_total", "Generated tokens.")
         self.preemptions = counter("num_preemptions_total", "Preemptions by recompute.")
+        # vLLM v1's prefix_cache_queries / prefix_cache_hits (tokens): a rate over any window
+        self.prefix_queries = counter("prefix_cache_queries_total",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits_total",
+                                   "Prompt tokens served from the prefix cache.")
+        self._seen_queries = self._seen_hits = 0
         success = Counter(p + "request_success_total", "Finished requests by finish reason.",
                           ["model_name", "engine", "finished_reason"], registry=reg)
         self._success = {r: success.labels(model_name, "0", r) for r in FINISH_REASONS}
@@ -137,8 +145,16 @@ class EngineMetrics:
 
     def record_step(self, *, num_running: int, num_waiting: int, kv_usage: float,
                     hit_rate: float, prompt_tokens: int, generation_tokens: int,
-                    preemptions: int) -> None:
+                    preemptions: int, prefix_queries: int = 0, prefix_hits: int = 0) -> None:
+        """prefix_queries / prefix_hits: the block manager's running totals (the counters
+        advance by the difference)."""
         self.num_running.set(num_running)
+        if prefix_queries > self._seen_queries:
+            self.prefix_queries.inc(prefix_queries - self._seen_queries)
+            self._seen_queries = prefix_queries
+        if prefix_hits > self._seen_hits:
+            self.prefix_hits.inc(prefix_hits - self._seen_hits)
+            self._seen_hits = prefix_hits
         self.num_waiting.set(num_waiting)
         self.kv_usage.set(kv_usage)
         self.hit_rate.set(hit_rate)

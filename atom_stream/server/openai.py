@@ -164,6 +164,8 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
         kw["allowed_token_ids"] = list(req.allowed_token_ids)
     if req.bad_words:
         kw["bad_words"] = list(req.bad_words)
+    if req.cache_salt is not None:
+        kw["cache_salt"] = req.cache_salt
     refuse_structured_output(req)
     if chat:
         if req.max_completion_tokens is not None:
