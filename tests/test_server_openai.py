@@ -704,3 +704,39 @@ def test_cache_salt_separates_prefix_cache_hits(http):
     assert cached(cache_salt="bob") == 0
     r = http.post("/v1/completions", json={**body, "cache_salt": ""})
     assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"], r.text
+
+
+def test_multi_choice_stream_merges_deltas_for_a_slow_reader():
+    """n > 1 / batched prompts: while the consumer is not reading, each choice's deltas merge
+    into one pending delta (no per-token queue), in order, and every choice still finishes."""
+    import asyncio
+
+    from atom_stream.engine.outputs import RequestOutput
+    from atom_stream.server.openai import Choice, iterate
+
+    N = 200
+
+    async def gen(i: int):
+        for k in range(1, N):
+            yield RequestOutput(f"r{i}", [k], str(k % 10),
+                                finish_reason="length" if k == N - 1 else None)
+            await asyncio.sleep(0)
+
+    async def main():
+        choices = [Choice(i, RequestOutput(f"r{i}", [0], "0"), gen(i)) for i in range(3)]
+        it = iterate(choices)
+        got: dict[int, list] = {0: [], 1: [], 2: []}
+        first = await it.__anext__()
+        got[first[0]].append(first[1])
+        await asyncio.sleep(0.05)  # a stalled reader: the pumps run to completion meanwhile
+        async for i, out in it:
+            got[i].append(out)
+        return got
+
+    got = asyncio.run(main())
+    for i, outs in got.items():
+        tokens = [t for o in outs for t in o.token_ids]
+        assert tokens == list(range(N)), i
+        assert "".join(o.text for o in outs) == "".join(str(k % 10) for k in range(N))
+        assert outs[-1].finish_reason == "length"
+        assert len(outs) <= 3, len(outs)  # merged, not one delta per token

@@ -51,7 +51,12 @@ class RequestOutput(msgspec.Struct):
         if later.token_ids:
             self.token_ids.extend(later.token_ids)
         if later.text:
-            self.text += later.text
+            # the attribute dropped first: `text` is then the string's only reference and
+            # CPython grows it in place (`self.text += ...` copied the whole text every merge:
+            # quadratic for a long stream behind a stalled reader)
+            text, self.text = self.text, ""
+            text += later.text
+            self.text = text
         if later.logprobs:
             if self.logprobs is None:
                 self.logprobs = []

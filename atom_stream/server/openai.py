@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
-from atom_stream.errors import GenerationError, InvalidRequestError
+from atom_stream.errors import GenerationError
 from atom_stream.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -249,28 +249,46 @@ async def iterate(choices: list[Choice]) -> AsyncIterator[tuple[int, RequestOutp
         finally:
             await c.gen.aclose()  # type: ignore[attr-defined]  # aborts if unfinished
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # one pending (merged) delta per choice, not a queue of every delta: a client that reads
+    # slower than the engine produces gets coalesced chunks and memory stays bounded by the
+    # choices' own lengths (as the single-choice path's output slot does)
+    pending: dict[int, Any] = {}
+    wake = asyncio.Event()
+
+    def put(i: int, item: Any) -> None:
+        cur = pending.get(i)
+        if cur is None or isinstance(item, BaseException):
+            pending[i] = item
+        elif not isinstance(cur, BaseException):
+            cur.merge(item)
+        wake.set()
 
     async def pump(c: Choice) -> None:
         try:
-            queue.put_nowait((c.index, c.first))
+            put(c.index, c.first)
             if c.first.finish_reason is None:
                 async for out in c.gen:
-                    queue.put_nowait((c.index, out))
+                    put(c.index, out)
         except Exception as e:  # noqa: BLE001 - surfaced to the consumer
-            queue.put_nowait((c.index, e))
+            put(c.index, e)
 
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(pump(c)) for c in choices]
     remaining = len(choices)
     try:
         while remaining:
-            i, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item
-            if item.finish_reason is not None:
-                remaining -= 1
+            if not pending:
+                wake.clear()
+                await wake.wait()
+                continue
+            items = list(pending.items())
+            pending.clear()
+            for i, item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                yield i, item
+                if item.finish_reason is not None:
+                    remaining -= 1
     finally:
         for t in tasks:
             t.cancel()
@@ -459,11 +477,15 @@ class OpenAIServing:
             return self._error(route, e)
         self.state.metrics.request(route, 200)
         tok = self.engine.tokenizer
-        for c in choices:
-            p = prompts[c.index // params.n]
-            if req.echo:
-                c.prompt_text = p if isinstance(p, str) else tok.decode(
-                    p, skip_special_tokens=False)
+        if req.echo:  # each token-id prompt decoded once (n choices share it), long ones off-loop
+            texts: dict[int, str] = {}
+            for c in choices:
+                k = c.index // params.n
+                if k not in texts:
+                    p = prompts[k]
+                    texts[k] = p if isinstance(p, str) else await self._offloop(
+                        lambda p=p: tok.decode(p, skip_special_tokens=False), 4 * len(p))
+                c.prompt_text = texts[k]
         ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs,
                                           req.return_tokens_as_token_ids)
         if req.stream:
