@@ -1,0 +1,239 @@
+"""The sampler's per-step inputs and its logit processing (layers/sampler.py's module
+docstring states the semantics, vLLM's, and the order; Sampler re-exports these names).
+
+- `SamplingMetadata.from_sequences(seqs, vocab_size, device)`: the per-step tensors of the B
+  sampled rows, built on the host once per step (sparse COO positions for the penalties, bans
+  and biases; flags that let the sampler skip what no row asks for).
+- `apply_penalties(x, md)`: allowed_token_ids, bad words, min_tokens bans, logit_bias, then the
+  repetition / frequency / presence penalties on x [B, V] float32, in place.
+- `seed_key(seed, output_index)`: a seeded row's generator seed for one output position.
+- `needs_host_tokens(params)` / `bad_word_bans(...)`: helpers of the async pipeline and of the
+  bad-words ban.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from atom_stream.engine.sequence import Sequence
+
+GREEDY_TEMPERATURE = 1e-5
+_MASK64 = (1 << 64) - 1
+_NEG_INF = float("-inf")
+
+
+def needs_host_tokens(p) -> bool:
+    """Whether sampling for params `p` reads the values of earlier tokens (the penalties, bad
+    words of more than one token), so an async-scheduled step must wait until the previous
+    step's token is on the host."""
+    return (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or p.repetition_penalty != 1.0
+            or (p._bad_words_token_ids is not None
+                and any(len(w) > 1 for w in p._bad_words_token_ids)))
+
+
+def bad_word_bans(token_ids: list[int], num_output: int, words: list[list[int]]) -> list[int]:
+    """The token ids that bad words ban next for a sequence whose tokens are `token_ids` (prompt
+    + the last `num_output` outputs): vLLM's _apply_bad_words_single_batch. A word's last id is
+    banned when the outputs end with the rest of the word (a one-token word: always); the
+    prompt never completes a prefix. Repeats are possible (harmless: each writes -inf)."""
+    n = len(token_ids)
+    bans = []
+    for w in words:
+        k = len(w) - 1
+        if k == 0 or (k <= num_output and token_ids[n - k:] == w[:k]):
+            bans.append(w[k])
+    return bans
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def seed_key(seed: int, output_index: int) -> int:
+    """Generator seed (63-bit) for output token `output_index` of a request seeded `seed`."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ output_index) >> 1
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step tensors for the B sampled rows (on the logits' device) and host-side flags.
+
+    Sparse penalties use flat positions `row * V + token` (a COO form of the [B, V] tensors):
+    `out_pos`/`out_count` are the distinct output tokens of rows with frequency/presence penalties
+    and their counts; `seen_pos` the prompt + output tokens of rows with a repetition penalty
+    (duplicates allowed); `bad_pos` the tokens bad words ban now; `banned_pos` the stop tokens
+    of rows below min_tokens.
+    """
+
+    vocab_size: int
+    temperature: Tensor  # [B] f32; 1.0 on greedy rows
+    top_p: Tensor  # [B] f32; 1.0 = off
+    top_k: Tensor  # [B] int64; 0 = off (-1, 0 and k >= V are stored as 0)
+    min_p: Tensor  # [B] f32; 0 = off
+    presence_penalty: Tensor  # [B] f32
+    frequency_penalty: Tensor  # [B] f32
+    repetition_penalty: Tensor  # [B] f32
+    greedy: Tensor  # [B] bool
+    random_rows: Tensor | None  # [R] int64: the sampling rows when greedy rows are mixed in
+    seeded: list[tuple[int, int]]  # (index among the sampling rows, generator seed)
+    out_pos: Tensor | None = None
+    out_count: Tensor | None = None  # [U] f32
+    seen_pos: Tensor | None = None
+    bad_pos: Tensor | None = None
+    banned_pos: Tensor | None = None
+    bias_pos: Tensor | None = None  # logit_bias: flat positions and their values [N] f32
+    bias_val: Tensor | None = None
+    allow_rows: Tensor | None = None  # rows with allowed_token_ids, and their allowed positions
+    allow_pos: Tensor | None = None
+    all_greedy: bool = False
+    all_random: bool = True
+    no_penalties: bool = True  # nothing in 2. (bad words and min_tokens bans included)
+    no_temperature: bool = True  # every sampling row has temperature 1
+    no_top_k: bool = True  # these three flags look at sampling rows only
+    no_top_p: bool = True
+    no_min_p: bool = True
+    max_top_k: int = 0
+    max_logprobs: int | None = None
+    logprob_rows: Tensor | None = None  # [L] rows asking logprobs, when not all do
+    top_p_rows: Tensor | None = None  # [P] sampling-row indices with top_p < 1, when not all
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int,
+                       device: torch.device | str) -> SamplingMetadata:
+        V = vocab_size
+        floats: list[list[float]] = [[] for _ in range(6)]  # T, top_p, min_p, pres, freq, rep
+        top_k: list[int] = []
+        greedy: list[bool] = []
+        random_rows: list[int] = []
+        seeded: list[tuple[int, int]] = []
+        out_rows: list[Tensor] = []
+        seen_rows: list[Tensor] = []
+        banned: list[int] = []
+        bad: list[int] = []
+        bias_pos: list[int] = []
+        bias_val: list[float] = []
+        allow_rows: list[int] = []
+        allow_pos: list[int] = []
+        max_lp = None
+        lp_rows: list[int] = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            g = p.temperature < GREEDY_TEMPERATURE
+            greedy.append(g)
+            k = p.top_k if 0 < p.top_k < V else 0
+            top_k.append(k)
+            for col, v in zip(floats, (1.0 if g else p.temperature, p.top_p, p.min_p,
+                                       p.presence_penalty, p.frequency_penalty,
+                                       p.repetition_penalty)):
+                col.append(v)
+            if not g:
+                if p.seed is not None:
+                    seeded.append((len(random_rows), seed_key(p.seed, seq.num_output_tokens)))
+                random_rows.append(i)
+            if seq.num_placeholders and needs_host_tokens(p):
+                # async scheduling drains the pipeline first (engine/pipeline.py); a placeholder
+                # (-1) here would silently penalize the previous row's last token
+                raise ValueError(f"{seq.request_id}: penalties over a token still on the device")
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                out_rows.append(torch.tensor(seq.output_token_ids, dtype=torch.int64) + i * V)
+            if p.repetition_penalty != 1.0:
+                seen_rows.append(torch.tensor(seq.token_ids, dtype=torch.int64) + i * V)
+            bw = p._bad_words_token_ids
+            if bw:
+                bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
+                                                            seq.num_output_tokens, bw))
+            if seq.num_output_tokens < p.min_tokens:
+                # vLLM bans all_stop_token_ids: the EOS ids even under ignore_eos
+                stops = set(p.stop_token_ids) | set(seq.eos_token_ids)
+                banned.extend(i * V + t for t in stops if t < V)
+            if p.logit_bias:
+                bias_pos.extend(i * V + t for t in p.logit_bias)
+                bias_val.extend(float(v) for v in p.logit_bias.values())
+            if p.allowed_token_ids:
+                allow_rows.append(i)
+                allow_pos.extend(i * V + t for t in p.allowed_token_ids)
+            if p.logprobs is not None:
+                lp_rows.append(i)
+                max_lp = p.logprobs if max_lp is None else max(max_lp, p.logprobs)
+
+        def dev(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        f = dev(torch.tensor(floats, dtype=torch.float32).reshape(6, len(seqs)))
+        samp = [seqs[i].params for i in random_rows]
+        md = cls(
+            vocab_size=V, temperature=f[0], top_p=f[1], min_p=f[2], presence_penalty=f[3],
+            frequency_penalty=f[4], repetition_penalty=f[5],
+            top_k=dev(torch.tensor(top_k, dtype=torch.int64)),
+            greedy=dev(torch.tensor(greedy, dtype=torch.bool)),
+            random_rows=None, seeded=seeded,
+            all_greedy=not random_rows, all_random=len(random_rows) == len(seqs),
+            no_temperature=all(p.temperature == 1.0 for p in samp),
+            no_top_k=not any(top_k[i] for i in random_rows),
+            no_top_p=all(p.top_p >= 1.0 for p in samp),
+            no_min_p=all(p.min_p <= 0.0 for p in samp),
+            max_top_k=max((top_k[i] for i in random_rows), default=0),
+            max_logprobs=max_lp,
+        )
+        if random_rows and not md.all_random:
+            md.random_rows = dev(torch.tensor(random_rows, dtype=torch.int64))
+        p_rows = [j for j, p in enumerate(samp) if p.top_p < 1.0]
+        if p_rows and len(p_rows) < len(samp):
+            md.top_p_rows = dev(torch.tensor(p_rows, dtype=torch.int64))
+        if lp_rows and len(lp_rows) < len(seqs):
+            md.logprob_rows = dev(torch.tensor(lp_rows, dtype=torch.int64))
+        out_tokens = [t for t in out_rows if t.numel()]
+        if out_tokens:
+            pos, count = torch.unique(torch.cat(out_tokens), return_counts=True)
+            md.out_pos, md.out_count = dev(pos), dev(count.to(torch.float32))
+        if seen_rows:
+            md.seen_pos = dev(torch.cat(seen_rows))
+        if bad:
+            md.bad_pos = dev(torch.tensor(bad, dtype=torch.int64))
+        if banned:
+            md.banned_pos = dev(torch.tensor(banned, dtype=torch.int64))
+        if bias_pos:
+            md.bias_pos = dev(torch.tensor(bias_pos, dtype=torch.int64))
+            md.bias_val = dev(torch.tensor(bias_val, dtype=torch.float32))
+        if allow_rows:
+            md.allow_rows = dev(torch.tensor(allow_rows, dtype=torch.int64))
+            md.allow_pos = dev(torch.tensor(allow_pos, dtype=torch.int64))
+        md.no_penalties = (md.out_pos is None and md.seen_pos is None and md.banned_pos is None
+                           and md.bias_pos is None and md.allow_rows is None
+                           and md.bad_pos is None)
+        return md
+
+
+
+def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
+    """In-place allowed_token_ids, bad words, min_tokens bans, logit_bias, then the repetition,
+    frequency and presence penalties on x [B, V] float32: vLLM's order (see the module
+    docstring). Only the repetition penalty does not commute with the others (it scales the
+    biased logit); a banned -inf stays -inf through all of them."""
+    V = x.shape[1]
+    flat = x.view(-1)
+    if md.allow_rows is not None:
+        kept = flat[md.allow_pos]
+        x[md.allow_rows] = _NEG_INF
+        flat[md.allow_pos] = kept
+    if md.bad_pos is not None:
+        flat[md.bad_pos] = _NEG_INF
+    if md.banned_pos is not None:
+        flat[md.banned_pos] = _NEG_INF
+    if md.bias_pos is not None:
+        flat.index_add_(0, md.bias_pos, md.bias_val)
+    if md.seen_pos is not None:
+        # duplicates in seen_pos are harmless: every copy writes the same value
+        r = md.repetition_penalty[md.seen_pos // V]
+        v = flat[md.seen_pos]
+        flat[md.seen_pos] = torch.where(v > 0, v / r, v * r)
+    if md.out_pos is not None:
+        row = md.out_pos // V
+        flat[md.out_pos] -= md.frequency_penalty[row] * md.out_count + md.presence_penalty[row]
