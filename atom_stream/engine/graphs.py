@@ -97,7 +97,11 @@ class DecodeGraphRunner:
                     self._forward(B)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                # thread_local: an AsyncEngine captures on its step thread while the caller's
+                # thread may free CUDA objects of earlier engines (a graph's destructor is an
+                # unsafe call during a global-mode capture: the capture is invalidated)
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream,
+                                      capture_error_mode="thread_local"):
                     logits = self._forward(B)
                     top = logits.argmax(dim=-1)
                 if self.pool is None:
