@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.async_engine import AsyncEngine
-from atom_stream.engine.outputs import RequestOutput, Usage
+from atom_stream.engine.outputs import CompletionOutput, MultiChoiceOutput, RequestOutput, Usage
 from atom_stream.llm import LLM
 from atom_stream.sampling_params import SamplingParams
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "RequestOutput", "SamplingParams", "Usage"]
+__all__ = [
+    "LLM", "AsyncEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "MultiChoiceOutput",
+    "SamplingParams", "Usage",
+]
 __version__ = "0.1.0"

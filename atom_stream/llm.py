@@ -8,6 +8,16 @@
 (every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
 stop_reason, usage, logprobs`. A request whose model step failed comes back with
 finish_reason "error" and `error` set (the batch's other results are kept). No event loop needed.
+
+`SamplingParams(n=k)`, k > 1 (greedy refuses it, as vLLM): as vLLM's ParentRequest, the prompt fans
+out into k child requests `f"{i}_{request_id}"` with `params.child(i)` (n = 1; a seed becomes
+seed + i, so choice i's tokens equal the same params run alone with seed + i), and their finished
+outputs come back as ONE `MultiChoiceOutput` for the prompt, in input order: `.outputs` holds the
+k `CompletionOutput`s (index 0..k-1) and the top-level `.token_ids` / `.text` / `.finish_reason`
+are choice 0's (engine/outputs.py says what each field means). n == 1 outputs are unchanged.
+As in vLLM each child is a whole request: with prompt_logprobs every child computes them (the
+output carries them once).
+
 `shutdown()` (or `with LLM(...) as llm:`) stops the engine: TP worker processes, their shared
 memory, the KV pool; it also runs at interpreter exit, and a second call does nothing.
 """
@@ -21,9 +31,9 @@ from typing import Any
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine
-from atom_stream.engine.outputs import RequestOutput
+from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.errors import InvalidRequestError
-from atom_stream.sampling_params import SamplingParams
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 
 
 class LLM:
@@ -129,9 +139,24 @@ class LLM:
         engine = self.engine
         if engine.has_unfinished_requests():
             raise InvalidRequestError("the engine is busy with other requests", "prompts")
-        ids = [f"llm-{next(self._ids)}" for _ in range(n)]
-        index = {rid: i for i, rid in enumerate(ids)}
-        results: list[RequestOutput | None] = [None] * n
+        # the engine requests: (id, prompt index, choice index, params); a prompt with n > 1
+        # fans out into its children (vLLM's ParentRequest.get_child_info), all checked first
+        parent_ids = [f"llm-{next(self._ids)}" for _ in range(n)]
+        reqs: list[tuple[str, int, int, Any]] = []
+        multi = [False] * n
+        for i, p in enumerate(params):
+            kids = _children(p)
+            if kids is None:
+                reqs.append((parent_ids[i], i, 0, p))
+            else:
+                multi[i] = True
+                reqs.extend((f"{c}_{parent_ids[i]}", i, c, kp) for c, kp in enumerate(kids))
+        index = {rid: j for j, (rid, *_) in enumerate(reqs)}
+        results: list[RequestOutput | None] = [None] * len(reqs)
+        left = [0] * n  # unfinished engine requests per prompt
+        for _, i, _, _ in reqs:
+            left[i] += 1
+        last = [0] * n  # the choice that finished last (vLLM takes prompt-level fields from it)
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -139,23 +164,56 @@ class LLM:
         max_waiting = engine.config.max_waiting_requests
         nxt = 0
         try:
-            while nxt < n or engine.has_unfinished_requests():
+            while nxt < len(reqs) or engine.has_unfinished_requests():
                 # feed the waiting queue up to its bound instead of failing with overload
-                while nxt < n and engine.scheduler.num_waiting < max_waiting:
-                    engine.add_request(ids[nxt], token_lists[nxt], params[nxt])
+                while nxt < len(reqs) and engine.scheduler.num_waiting < max_waiting:
+                    rid, i, _, p = reqs[nxt]
+                    engine.add_request(rid, token_lists[i], p)
                     nxt += 1
                 for out in engine.step():
-                    i = index[out.request_id]
-                    if results[i] is None:
-                        results[i] = out
+                    j = index[out.request_id]
+                    if results[j] is None:
+                        results[j] = out
                     else:
-                        results[i].merge(out)
-                    if out.finish_reason is not None and bar is not None:
-                        bar.update(1)
+                        results[j].merge(out)
+                    if out.finish_reason is not None:
+                        _, i, c, _ = reqs[j]
+                        left[i] -= 1
+                        last[i] = c
+                        if left[i] == 0 and bar is not None:
+                            bar.update(1)
         except BaseException:
             engine.abort_all()
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return results  # type: ignore[return-value]
+        outs: list[RequestOutput | None] = [None] * n
+        choices: list[list[RequestOutput]] = [[] for _ in range(n)]
+        for (_, i, _, _), r in zip(reqs, results):
+            if multi[i]:
+                choices[i].append(r)  # type: ignore[arg-type]  # reqs hold choices in order
+            else:
+                outs[i] = r
+        for i in range(n):
+            if multi[i]:
+                outs[i] = MultiChoiceOutput.gather(parent_ids[i], choices[i], last[i])
+        return outs  # type: ignore[return-value]
+
+
+def _children(p: Any) -> list[SamplingParams] | None:
+    """The n child params of an n > 1 request (checked whole first: a child has n = 1, so the
+    engine's own check could no longer see a greedy n > 1); None for n == 1, or for an n the
+    engine's checks refuse (not an int, < 1), so those answer exactly as before."""
+    n = p.get("n", 1) if isinstance(p, dict) else p.n if isinstance(p, SamplingParams) else 1
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 1:
+        return None
+    try:
+        if isinstance(p, dict):  # the engine's dict form, with its errors
+            p = SamplingParams(**p)
+        p.validate()
+    except SamplingParamsError as e:
+        raise InvalidRequestError(str(e), e.param) from None
+    except TypeError as e:  # an unknown field in a dict
+        raise InvalidRequestError(f"params: {e}", "params") from None
+    return [p.child(c) for c in range(p.n)]

@@ -183,7 +183,8 @@ class LLMEngine:
             raise InvalidRequestError(f"params: {e}", "params") from None
         if params.n != 1:
             raise InvalidRequestError("n: the engine core generates one choice per request; "
-                                      "submit n requests", "n")
+                                      "use LLM.generate (it fans n > 1 out) or submit n "
+                                      "requests (SamplingParams.child(i))", "n")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop: stop strings need a tokenizer", "stop")
         ids = list(prompt_token_ids)

@@ -11,6 +11,15 @@ failed step (finish_reason "error").
 `merge(later)` folds a later delta into this one in place; the per-request output slot uses it when
 the consumer reads slower than the engine produces, so a slow reader gets coalesced chunks and
 memory stays bounded by the request's own length.
+
+n > 1 (`LLM.generate` only; the engine core runs one choice per request): each prompt's n child
+requests come back gathered into one `MultiChoiceOutput`, a RequestOutput whose `outputs` are the
+n `CompletionOutput`s (vLLM's CompletionOutput: a child's whole output plus `index` 0..n-1) and
+whose own `token_ids`, `text`, `finish_reason`, `stop_reason`, `logprobs` and `error` are those of
+choice 0 (vLLM's RequestOutput has none; DESIGN.md requires them on every output). Its
+`prompt_token_ids` / `prompt_logprobs` belong to the prompt and `usage` to the whole request: the
+prompt counted once, completion tokens summed over the choices (the OpenAI `usage` of n choices).
+A one-choice output is its own only choice (`outputs == [self]`, `index == 0`).
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ class RequestOutput(msgspec.Struct):
         """vLLM-style alias: `out.outputs[0].text` / `.token_ids` / `.finish_reason`."""
         return [self]
 
+    @property
+    def index(self) -> int:
+        """vLLM's CompletionOutput.index: a one-choice output is choice 0 (a property, so the
+        msgspec layout the server and WebSocket encode is unchanged)."""
+        return 0
+
     def merge(self, later: RequestOutput) -> RequestOutput:
         """Append a later delta of the same request (in place); returns self."""
         if later.token_ids:
@@ -71,3 +86,52 @@ class RequestOutput(msgspec.Struct):
             self.usage = later.usage
             self.error = later.error
         return self
+
+
+class CompletionOutput(RequestOutput):
+    """Choice `index` of an n > 1 request (vLLM's CompletionOutput): the whole output of its
+    child request, whose engine id (`request_id`) is vLLM's `f"{index}_{parent_id}"`. Unlike
+    vLLM's `finished()` method, `finished` is the property every RequestOutput has."""
+
+    index: int = 0
+
+
+class MultiChoiceOutput(RequestOutput):
+    """One prompt's n > 1 choices gathered (vLLM's aggregated RequestOutput): see the module
+    docstring for what the top-level fields mean. Built whole by `gather`; not a stream delta."""
+
+    choices: list[CompletionOutput] = msgspec.field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:  # type: ignore[override]
+        """The n choices, in index order (vLLM's `RequestOutput.outputs`)."""
+        return self.choices
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        raise TypeError("a MultiChoiceOutput is gathered whole from its finished choices; "
+                        "merge the deltas of each choice instead")
+
+    @classmethod
+    def gather(cls, request_id: str, choices: list[RequestOutput],
+               last: int) -> MultiChoiceOutput:
+        """`choices[k]`: choice k's whole (merged) output; `last`: the index of the choice that
+        finished last. As vLLM's ParentRequest / OutputProcessor, the prompt-level fields
+        (prompt_logprobs, the cached-token count) come from the child whose finish completed
+        the request; its prompt_logprobs equal every other child's (same prompt, same model)."""
+        outs = [CompletionOutput(**msgspec.structs.asdict(c), index=k)
+                for k, c in enumerate(choices)]
+        first, src = outs[0], outs[last]
+        usage = None
+        usages = [c.usage for c in outs if c.usage is not None]
+        if usages:
+            base = src.usage or usages[-1]
+            completion = sum(u.completion_tokens for u in usages)
+            usage = Usage(base.prompt_tokens, completion, base.prompt_tokens + completion,
+                          base.cached_tokens)
+        prompt_ids = next((c.prompt_token_ids for c in (src, *outs)
+                           if c.prompt_token_ids is not None), None)
+        return cls(request_id=request_id, token_ids=first.token_ids, text=first.text,
+                   finish_reason=first.finish_reason, stop_reason=first.stop_reason,
+                   usage=usage, logprobs=first.logprobs, error=first.error,
+                   prompt_token_ids=prompt_ids, prompt_logprobs=src.prompt_logprobs,
+                   choices=outs)
