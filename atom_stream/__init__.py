@@ -13,7 +13,13 @@ from atom_stream.llm import LLM
 from atom_stream.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "AsyncEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "MultiChoiceOutput",
-    "SamplingParams", "Usage",
+    "LLM",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "MultiChoiceOutput",
+    "RequestOutput",
+    "SamplingParams",
+    "Usage",
 ]
 __version__ = "0.1.0"
