@@ -85,6 +85,11 @@ class _SamplingRequest(Struct, kw_only=True):
     bad_words: list[str] = msgspec.field(default_factory=list)
     cache_salt: str | None = None  # vLLM: salts the prefix cache (SamplingParams.cache_salt)
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:{id}"
+    # vLLM: keep only the last N prompt tokens (-1: as many as fit; validated by the handler)
+    truncate_prompt_tokens: int | None = None
+    # vLLM: choices carry `token_ids` (and the prompt's `prompt_token_ids`)
+    return_token_ids: bool | None = None
+    use_beam_search: bool = False  # vLLM runs beam search; refused here with a 400
     # structured output: accepted so a request asking for it gets a clear 400 (not served)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
@@ -103,6 +108,7 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused (vLLM's default: untrusted request template)
     # tools are rendered into the prompt by the chat template; tool calls are not parsed, so
     # tool_choice other than "none" is refused
     tools: list[dict[str, Any]] | None = None
@@ -135,6 +141,19 @@ class UsageInfo(Struct):
     total_tokens: int
     completion_tokens: int
     prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+
+
+class PromptLogprob(Struct):
+    """vLLM's Logprob as its prompt_logprobs serialize it (keyed by token id)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# vLLM's `list[dict[int, Logprob] | None]`: None for the first prompt token, then per position
+# the prompt token and the top-N
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class TopLogprob(Struct):
@@ -172,6 +191,7 @@ class ChatStreamChoice(Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None | UnsetType = UNSET
+    token_ids: list[int] | UnsetType = UNSET  # return_token_ids
 
 
 class ChatCompletionChunk(Struct):
@@ -181,6 +201,7 @@ class ChatCompletionChunk(Struct):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | UnsetType = UNSET
+    prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids: first chunk only
 
 
 class CompletionStreamChoice(Struct):
@@ -189,6 +210,9 @@ class CompletionStreamChoice(Struct):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # return_token_ids (vLLM: prompt_token_ids on a choice's first chunk, token_ids on each)
+    prompt_token_ids: list[int] | UnsetType = UNSET
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class CompletionChunk(Struct):
@@ -222,6 +246,7 @@ class ChatChoice(Struct):
     logprobs: ChatLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None
+    token_ids: list[int] | UnsetType = UNSET  # return_token_ids
 
 
 class ChatCompletionResponse(Struct):
@@ -231,14 +256,22 @@ class ChatCompletionResponse(Struct):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: on the response, not the choice
+    prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids
 
 
 class CompletionChoice(Struct):
+    """vLLM's CompletionResponseChoice field order; token_ids / prompt_token_ids only with
+    return_token_ids, prompt_logprobs always (null unless asked for, as vLLM dumps it)."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None
+    token_ids: list[int] | UnsetType = UNSET
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | UnsetType = UNSET
 
 
 class CompletionResponse(Struct):

@@ -309,13 +309,14 @@ def test_errors_then_serves_normally(http, srv):
 
 
 def test_error_after_stream_start_is_event_then_done(http, srv):
-    rid = "cmpl-abort-me"  # the engine's id: vLLM's "cmpl-" + the request's request_id
     body = {"prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True,
             "request_id": "abort-me"}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         it = r.iter_raw()
         next(it)
+        # the engine's id: vLLM's "cmpl-" + request_id + "-" + 8 random characters
+        rid = next(k for k in srv.engine._slots if k.startswith("cmpl-abort-me-"))
         srv.call(srv.engine.abort(rid))  # e.g. shutdown: the request ends under our feet
         raw = b"".join(it)
     events = sse_events(raw)
@@ -688,22 +689,44 @@ def test_return_tokens_as_token_ids(http):
     assert c["token"].startswith("token_id:") and c["bytes"] == list(c["token"].encode())
 
 
-def test_cache_salt_separates_prefix_cache_hits(http):
+def details_server():
+    """A server with --enable-prompt-tokens-details (vLLM's default is off: usage then has no
+    prompt_tokens_details). Until ServerConfig has the field, it is set on the live config
+    (the handlers read it per request with getattr)."""
+    import dataclasses
+
+    from atom_stream.server.app import ServerConfig
+
+    has_field = any(f.name == "enable_prompt_tokens_details"
+                    for f in dataclasses.fields(ServerConfig))
+    kw = {"enable_prompt_tokens_details": True} if has_field else {}
+    cm = running_server(**kw)
+    s = cm.__enter__()
+    if not has_field:
+        s.state.config.enable_prompt_tokens_details = True
+    return cm, s
+
+
+def test_cache_salt_separates_prefix_cache_hits():
     """vLLM's cache_salt: the same long prompt hits the prefix cache only under the same salt
-    (usage.prompt_tokens_details.cached_tokens); an empty salt is a 400 with vLLM's message."""
+    (usage.prompt_tokens_details.cached_tokens, served with --enable-prompt-tokens-details);
+    an empty salt is a 400 with vLLM's message."""
     body = {"prompt": "x" * 200, "max_tokens": 1, "temperature": 0}
+    cm, s = details_server()
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as http:
+            def cached(**kw):
+                r = http.post("/v1/completions", json={**body, **kw})
+                assert r.status_code == 200, r.text
+                return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-    def cached(**kw):
-        r = http.post("/v1/completions", json={**body, **kw})
-        assert r.status_code == 200, r.text
-        details = r.json()["usage"].get("prompt_tokens_details") or {}
-        return details.get("cached_tokens", 0)
-
-    cached(cache_salt="alice")
-    assert cached(cache_salt="alice") > 0
-    assert cached(cache_salt="bob") == 0
-    r = http.post("/v1/completions", json={**body, "cache_salt": ""})
-    assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"], r.text
+            cached(cache_salt="alice")
+            assert cached(cache_salt="alice") > 0
+            assert cached(cache_salt="bob") == 0
+            r = http.post("/v1/completions", json={**body, "cache_salt": ""})
+            assert r.status_code == 400 and "cache_salt" in r.json()["error"]["message"], r.text
+    finally:
+        cm.__exit__(None, None, None)
 
 
 def test_multi_choice_stream_merges_deltas_for_a_slow_reader():

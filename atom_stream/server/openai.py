@@ -32,8 +32,6 @@ from atom_stream.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -44,8 +42,18 @@ from atom_stream.protocol import (
     UsageInfo,
     validation_param,
 )
-from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.sampling_params import SamplingParams
 from atom_stream.server import openai_stream
+from atom_stream.server.openai_params import (  # noqa: F401 - re-exported (app, websocket)
+    _invalid,
+    build_sampling_params,
+    completion_prompts,
+    echo_without_generation,
+    messages_to_dicts,
+    refuse_structured_output,
+    truncate_prompts,
+)
+from atom_stream.server.request_ids import base_request_id, engine_request_id
 from atom_stream.server.responses import (
     VALIDATION_TYPE,
     ClientGone,
@@ -61,13 +69,6 @@ _DECODERS = {
     for cls in (ChatCompletionRequest, CompletionRequest)
 }
 _OFFLOOP_CHARS = 2048  # tokenize longer texts in a thread (never block the loop)
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "prompt_logprobs")
-
-
-def _invalid(message: str, param: str | None = None) -> HTTPError:
-    """A request-schema error (vLLM's RequestValidationError: 400, type "Bad Request")."""
-    return HTTPError(400, message, param, type=VALIDATION_TYPE)
 
 
 def decode_request(cls: type, body: bytes) -> Any:
@@ -81,20 +82,6 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise _invalid(f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # issue 10 fuzzing: deeply nested arrays in Any fields were a 500
         raise _invalid("the request body is nested too deeply") from None
-
-
-def refuse_structured_output(req: Any) -> None:
-    """Structured output (response_format json_object / json_schema, guided_*) is not served:
-    a clear 400 rather than unconstrained text under a 200."""
-    rf = req.response_format
-    if rf is not None and rf.get("type", "text") != "text":
-        raise HTTPError(400, f"response_format {rf.get('type')!r} is not supported: this "
-                        "server has no structured-output decoding; use type 'text'",
-                        "response_format")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            raise HTTPError(400, f"{name} is not supported: this server has no "
-                            "structured-output decoding", name)
 
 
 def chat_tools_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
@@ -117,101 +104,6 @@ def stream_usage(opts: Any) -> tuple[bool, bool]:
         return False, False
     include = bool(opts.include_usage)
     return include, include and bool(opts.continuous_usage_stats)
-
-
-def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
-    """ChatMessage Structs -> the plain dicts chat templates take (text parts joined)."""
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type == "text" and part.text is None:
-                    raise HTTPError(400, "a content part of type 'text' needs a 'text' string",
-                                    f"{param}[{i}].content")
-                if part.type != "text":
-                    raise HTTPError(400, f"content part type {part.type!r} is not supported; "
-                                    "this server serves text only", f"{param}[{i}].content")
-                texts.append(part.text)
-            content = "\n".join(texts)  # vLLM's "string" content format
-        d = msgspec.to_builtins(m)
-        d["content"] = content if content is not None else ""
-        out.append(d)
-    if not out:
-        raise HTTPError(400, "messages must not be empty", param)
-    return out
-
-
-def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool
-                          ) -> SamplingParams:
-    """Request fields -> SamplingParams; errors name the request's field, not ours."""
-    kw: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
-                          "skip_special_tokens": req.skip_special_tokens,
-                          "include_stop_str_in_output": req.include_stop_str_in_output}
-    renames: dict[str, str] = {}
-    for name in _SAMPLING_FIELDS:
-        value = getattr(req, name)
-        if value is not None:
-            kw[name] = value
-    if req.stop is not None:
-        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
-    if req.stop_token_ids:
-        kw["stop_token_ids"] = list(req.stop_token_ids)
-    if req.logit_bias:
-        kw["logit_bias"] = dict(req.logit_bias)
-    if req.allowed_token_ids is not None:
-        kw["allowed_token_ids"] = list(req.allowed_token_ids)
-    if req.bad_words:
-        kw["bad_words"] = list(req.bad_words)
-    if req.cache_salt is not None:
-        kw["cache_salt"] = req.cache_salt
-    refuse_structured_output(req)
-    if chat:
-        if req.max_completion_tokens is not None:
-            kw["max_tokens"] = req.max_completion_tokens
-            renames["max_tokens"] = "max_completion_tokens"
-        else:
-            kw["max_tokens"] = req.max_tokens
-        if req.logprobs:
-            kw["logprobs"] = req.top_logprobs or 0
-            renames["logprobs"] = "top_logprobs"
-        elif req.top_logprobs:
-            raise _invalid("top_logprobs requires logprobs to be true", "top_logprobs")
-    else:
-        kw["max_tokens"] = req.max_tokens
-        if req.logprobs is not None:
-            kw["logprobs"] = req.logprobs
-            if req.echo and req.prompt_logprobs is None:
-                kw["prompt_logprobs"] = req.logprobs
-    if req.stream_options is not None and not req.stream:
-        raise _invalid("stream_options can only be set when stream is true", "stream_options")
-    if req.stream and req.prompt_logprobs is not None:
-        raise _invalid("prompt_logprobs is not supported when stream is true",
-                       "prompt_logprobs")
-    try:
-        return SamplingParams(**kw)
-    except SamplingParamsError as e:
-        param = renames.get(e.param, e.param)
-        raise HTTPError(400, str(e).replace(f"{e.param}:", f"{param}:", 1), param) from None
-
-
-def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
-    """str | [int] | [str] | [[int]] -> a list of engine prompts (a batch of one or more)."""
-    def is_ids(x: Any) -> bool:
-        return isinstance(x, list) and bool(x) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-    if isinstance(prompt, str):
-        return [prompt]
-    if is_ids(prompt):
-        return [prompt]
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if prompt and all(is_ids(p) for p in prompt):
-        return list(prompt)
-    raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a "
-                    "list of token-id lists (non-empty)", "prompt")
 
 
 @dataclass
@@ -350,7 +242,7 @@ class OpenAIServing:
             for i in range(n):
                 child = params.child(i) if n > 1 else params
                 child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
-                gens.append(engine.generate(prompt, child, child_id,
+                gens.append(engine.generate(prompt, child, engine_request_id(child_id),
                                             chat_template_kwargs=template_kwargs,
                                             strict_max_tokens=True,
                                             add_special_tokens=add_special_tokens,
@@ -389,16 +281,27 @@ class OpenAIServing:
             await close_choices(choices)
         return results
 
-    @staticmethod
-    def _usage(choices: list[Choice], results: list[Collected]) -> UsageInfo:
+    def _usage(self, choices: list[Choice], results: list[Collected]) -> UsageInfo:
         first = {c.prompt_key: r.usage for c, r in zip(choices, results) if r.usage}
         prompt_tokens = sum(u.prompt_tokens for u in first.values())
         completion = sum(r.usage.completion_tokens for r in results if r.usage)
         usage = UsageInfo(prompt_tokens, prompt_tokens + completion, completion)
-        cached = sum(u.cached_tokens for u in first.values())
-        if cached:
-            usage.prompt_tokens_details = PromptTokensDetails(cached)
+        if self._details and first:
+            # vLLM: only with --enable-prompt-tokens-details; the last prompt's cached tokens
+            # (completion/serving.py: last_final_res.num_cached_tokens)
+            usage.prompt_tokens_details = PromptTokensDetails(first[max(first)].cached_tokens)
         return usage
+
+    @property
+    def _details(self) -> bool:
+        return bool(getattr(self.state.config, "enable_prompt_tokens_details", False))
+
+    def _context(self, rid: str, model: str, params: SamplingParams, req: Any,
+                 echo_only: bool = False) -> openai_stream.StreamContext:
+        return openai_stream.StreamContext(
+            rid, int(time.time()), model, self.engine.tokenizer, params.logprobs,
+            req.return_tokens_as_token_ids, return_token_ids=bool(req.return_token_ids),
+            details=self._details, echo_only=echo_only)
 
     # ---------------------------------------------------------------- chat
     async def chat_completions(self, request: Request) -> Response:
@@ -415,11 +318,14 @@ class OpenAIServing:
             if req.continue_final_message and req.add_generation_prompt:
                 raise HTTPError(400, "Cannot set both `continue_final_message` and "
                                 "`add_generation_prompt` to True.", type=VALIDATION_TYPE)
-            rid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"  # vLLM's prefixing
-            # the engine renders the template off the loop (always, whatever the size)
-            choices = await self._start([messages], params, rid, kwargs, chat_options={
-                "add_generation_prompt": req.add_generation_prompt,
-                "continue_final_message": req.continue_final_message})
+            rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
+            opts = {"add_generation_prompt": req.add_generation_prompt,
+                    "continue_final_message": req.continue_final_message}
+            # the engine renders the template off the loop (always, whatever the size); with
+            # truncate_prompt_tokens it is rendered here and the ids are cut
+            prompts = await truncate_prompts(self.engine, [messages], req, params.max_tokens,
+                                             chat_kwargs=kwargs, chat_options=opts)
+            choices = await self._start(prompts, params, rid, kwargs, chat_options=opts)
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(route, e)
         self.state.metrics.request(route, 200)
@@ -428,8 +334,7 @@ class OpenAIServing:
         echo = ""
         if req.echo and messages[-1].get("role") == role:
             echo = messages[-1]["content"]
-        ctx = openai_stream.StreamContext(rid, int(time.time()), model, self.engine.tokenizer,
-                                          params.logprobs, req.return_tokens_as_token_ids)
+        ctx = self._context(rid, model, params, req)
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.chat_stream(
@@ -443,8 +348,12 @@ class OpenAIServing:
                   if params.logprobs is not None else None)
             out.append(ChatChoice(i, ResponseMessage(role, echo + "".join(r.text)), lp,
                                   r.finish_reason, r.stop_reason))
-        return json_response(ChatCompletionResponse(rid, "chat.completion", ctx.created, model,
-                                                    out, self._usage(choices, results)))
+            if ctx.return_token_ids:
+                out[-1].token_ids = r.token_ids
+        resp = ChatCompletionResponse(rid, "chat.completion", ctx.created, model, out,
+                                      self._usage(choices, results))
+        openai_stream.add_prompt_extras(ctx, resp, results[0], params.prompt_logprobs)
+        return json_response(resp)
 
     def _sse(self, frames) -> SSEResponse:
         return SSEResponse(frames, on_disconnect=self.state.metrics.http_disconnects.inc,
@@ -470,8 +379,9 @@ class OpenAIServing:
             if req.suffix:
                 raise HTTPError(400, "suffix is not supported", "suffix")
             params = build_sampling_params(req, chat=False)
-            prompts = completion_prompts(req.prompt)
-            rid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
+            prompts = await truncate_prompts(self.engine, completion_prompts(req.prompt), req,
+                                             params.max_tokens)
+            rid = f"cmpl-{base_request_id(request.headers, req.request_id)}"
             choices = await self._start(prompts, params, rid, None, req.add_special_tokens)
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
@@ -486,8 +396,7 @@ class OpenAIServing:
                     texts[k] = p if isinstance(p, str) else await self._offloop(
                         lambda p=p: tok.decode(p, skip_special_tokens=False), 4 * len(p))
                 c.prompt_text = texts[k]
-        ctx = openai_stream.StreamContext(rid, int(time.time()), model, tok, params.logprobs,
-                                          req.return_tokens_as_token_ids)
+        ctx = self._context(rid, model, params, req, echo_only=echo_without_generation(req))
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.completion_stream(
@@ -495,17 +404,9 @@ class OpenAIServing:
         results = await self._collect_or_error(request, route, choices)
         if isinstance(results, Response):
             return results
-        out = []
-        for c, r in zip(choices, results):
-            text = "".join(r.text)
-            ids, lps = r.token_ids, r.logprobs
-            if req.echo:
-                text = (c.prompt_text or "") + text
-                ids = (r.prompt_ids or []) + ids
-                lps = openai_stream.pad_prompt_logprobs(r.prompt_logprobs, r.prompt_ids) + lps
-            lp = (openai_stream.completion_logprobs(ctx, ids, lps, 0)
-                  if params.logprobs is not None else None)
-            out.append(CompletionChoice(c.index, text, lp, r.finish_reason, r.stop_reason))
+        out = [openai_stream.completion_choice(ctx, c.index, c.prompt_text, r, req.echo,
+                                               params.prompt_logprobs)
+               for c, r in zip(choices, results)]
         return json_response(CompletionResponse(rid, "text_completion", ctx.created, model, out,
                                                 self._usage(choices, results)))
 

@@ -23,6 +23,13 @@ Hot path: a content chunk without logprobs or running usage is `prefix + json(te
 where prefix/suffix are cut once per choice from the msgspec encoding of the same chunk Struct,
 so the bytes are the Struct's by construction and each token costs one string encode. The tail of
 a stream (finish chunk, usage chunk, [DONE]) leaves in a single write (`FinalChunk`).
+
+vLLM extras carried by StreamContext: `return_token_ids` (completions: `prompt_token_ids` on a
+choice's first chunk and `token_ids` on each; chat: `prompt_token_ids` on the role chunks and
+`token_ids` on the choices; the fast path is off), `details` (`--enable-prompt-tokens-details`:
+the usage chunk carries `prompt_tokens_details.cached_tokens`), `echo_only` (completions echo with
+max_tokens 0: the echo chunk is the prompt alone). `prompt_logprobs_json` formats prompt logprobs
+as vLLM's `list[dict[int, Logprob] | None]`.
 """
 
 from __future__ import annotations
@@ -40,11 +47,14 @@ from atom_stream.protocol import (
     ChatLogprobs,
     ChatLogprobToken,
     ChatStreamChoice,
+    CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionStreamChoice,
     CompletionUsageChunk,
     DeltaMessage,
+    PromptLogprob,
+    PromptTokensDetails,
     TopLogprob,
     UsageInfo,
 )
@@ -60,10 +70,15 @@ _MIN_LOGPROB = -9999.0  # OpenAI's floor; JSON has no -inf
 
 
 class StreamContext:
-    __slots__ = ("_strs", "as_ids", "created", "logprobs", "model", "rid", "tokenizer")
+    __slots__ = ("_strs", "as_ids", "created", "details", "echo_only", "logprobs", "model",
+                 "return_token_ids", "rid", "tokenizer")
 
     def __init__(self, rid: str, created: int, model: str, tokenizer: Any, logprobs: int | None,
-                 as_ids: bool = False):
+                 as_ids: bool = False, *, return_token_ids: bool = False, details: bool = False,
+                 echo_only: bool = False):
+        self.return_token_ids = return_token_ids
+        self.details = details  # --enable-prompt-tokens-details
+        self.echo_only = echo_only
         self.rid = rid
         self.created = created
         self.model = model
@@ -131,6 +146,54 @@ def chat_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list | Non
     return ChatLogprobs(content)
 
 
+def decode_token(tokenizer: Any, tid: int) -> str:
+    """A token decoded on its own (vLLM's Logprob.decoded_token), JSON-safe."""
+    s = tokenizer.decode([tid], skip_special_tokens=False)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    return s
+
+
+def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: list | None
+                         ) -> list:
+    """Engine prompt logprobs (`(logprob, [(id, logprob), ...top-k])` for prompt positions
+    1..n-1) -> vLLM's response `prompt_logprobs`: None for the first token, then per position a
+    dict keyed by token id, the prompt token first, then the top-k with ranks 1..k (vLLM v1's
+    LogprobsProcessor._make_logprob_dict: a prompt token inside the top-k keeps its first place
+    and takes the top-k entry). -inf is -9999.0 (vLLM's clamp_prompt_logprobs). The engine does
+    not compute the rank of a prompt token outside the top-k: it is null there."""
+    cache: dict[int, str] = {}
+
+    def entry(tid: int, lp: float, rank: int | None) -> PromptLogprob:
+        s = cache.get(tid)
+        if s is None:
+            s = cache[tid] = decode_token(tokenizer, tid)
+        return PromptLogprob(-9999.0 if lp == float("-inf") else lp, rank, s)
+
+    out: list = []
+    for tid, lp in zip(prompt_ids or (), pad_prompt_logprobs(plps, prompt_ids)):
+        if lp is None:
+            out.append(None)
+            continue
+        chosen, tops = lp
+        rank = next((r for r, (t, _) in enumerate(tops, 1) if t == tid), None)
+        d = {tid: entry(tid, chosen, rank)}
+        for r, (t, v) in enumerate(tops, 1):
+            d[t] = entry(t, v, r)
+        out.append(d)
+    return out
+
+
+def usage_info(ctx: StreamContext, prompt: int, completion: int, cached: int) -> UsageInfo:
+    """Final usage; `prompt_tokens_details` only with --enable-prompt-tokens-details (vLLM)."""
+    u = UsageInfo(prompt, prompt + completion, completion)
+    if ctx.details:
+        u.prompt_tokens_details = PromptTokensDetails(cached)
+    return u
+
+
 def pad_prompt_logprobs(plps: list | None, prompt_ids: list[int] | None) -> list:
     """Prompt logprobs aligned with the prompt ids (the first position has none)."""
     n = len(prompt_ids or ())
@@ -167,10 +230,13 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
 
     rid, created, model = ctx.rid, ctx.created, ctx.model
     n = len(choices)
-    prompt_tokens = len(choices[0].first.prompt_token_ids or ())
+    pids = choices[0].first.prompt_token_ids or []
+    prompt_tokens = len(pids)
     completion = [0] * n
-    fast = ctx.logprobs is None and not continuous
+    rti = ctx.return_token_ids
+    fast = ctx.logprobs is None and not continuous and not rti
     templates: dict[int, tuple[bytes, bytes]] = {}
+    cached = 0
 
     def usage(i: int) -> Any:
         if not continuous:
@@ -178,14 +244,23 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
         return UsageInfo(prompt_tokens, prompt_tokens + completion[i], completion[i])
 
     def chunk(i: int, delta: DeltaMessage, lp: Any = None, finish: Any = None,
-              stop: Any = UNSET) -> bytes:
+              stop: Any = UNSET, ids: Any = UNSET) -> bytes:
         return sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model,
-                                       [ChatStreamChoice(i, delta, lp, finish, stop)], usage(i)))
+                                       [ChatStreamChoice(i, delta, lp, finish, stop, ids)],
+                                       usage(i)))
+
+    def role_chunk(i: int) -> bytes:
+        if not rti:
+            return chunk(i, DeltaMessage(role=role, content=""))
+        # vLLM: prompt_token_ids on the role chunks ("the first chunk ever")
+        return sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model,
+                                       [ChatStreamChoice(i, DeltaMessage(role=role, content=""))],
+                                       usage(i), prompt_token_ids=list(pids)))
 
     tail: list[bytes] = []
     try:
         # vLLM: every choice's role chunk, then every choice's echo chunk
-        head = [chunk(c.index, DeltaMessage(role=role, content="")) for c in choices]
+        head = [role_chunk(c.index) for c in choices]
         if echo:
             head += [chunk(c.index, DeltaMessage(content=echo)) for c in choices]
         yield b"".join(head)
@@ -205,14 +280,17 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                     elif out.text or out.token_ids:
                         lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
                               if ctx.logprobs is not None else None)
-                        yield chunk(i, DeltaMessage(content=out.text), lp)
+                        yield chunk(i, DeltaMessage(content=out.text), lp,
+                                    ids=list(out.token_ids) if rti else UNSET)
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
+                if i == 0 and out.usage is not None:
+                    cached = out.usage.cached_tokens
                 lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
                       if ctx.logprobs is not None else None)
                 last = chunk(i, DeltaMessage(content=out.text), lp, out.finish_reason,
-                             out.stop_reason)
+                             out.stop_reason, list(out.token_ids) if rti else UNSET)
                 finished += 1
                 if finished == n:
                     tail.append(last)
@@ -222,10 +300,8 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
         yield FinalChunk(b"".join(tail) + error_event(e) + DONE)
         return
     if include_usage:
-        total = sum(completion)
-        tail.append(sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model, [],
-                                            UsageInfo(prompt_tokens, prompt_tokens + total,
-                                                      total))))
+        tail.append(sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model, [], usage_info(
+            ctx, prompt_tokens, sum(completion), cached))))
     tail.append(DONE)
     yield FinalChunk(b"".join(tail))
 
@@ -240,19 +316,27 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
     completion = [0] * n
     text_len = [0] * n  # text_offset of the next chunk's first token
     echoed = [not echo] * n
-    fast = ctx.logprobs is None and not continuous
+    rti = ctx.return_token_ids
+    sent_prompt_ids = [not rti] * n
+    fast = ctx.logprobs is None and not continuous and not rti
     templates: dict[int, tuple[bytes, bytes]] = {}
+    cached = 0
 
     def chunk(i: int, text: str, ids: list[int], lps: list | None, finish: Any = None,
-              stop: Any = None) -> bytes:
+              stop: Any = None, out: Any = None) -> bytes:
         lp = None
         if ctx.logprobs is not None:
             lp = completion_logprobs(ctx, ids, lps or [None] * len(ids), text_len[i])
         use = None
         if continuous:
             use = UsageInfo(prompt_tokens[i], prompt_tokens[i] + completion[i], completion[i])
-        return sse(CompletionChunk(rid, COMPLETION_OBJECT, created, model,
-                                   [CompletionStreamChoice(i, text, lp, finish, stop)], use))
+        choice = CompletionStreamChoice(i, text, lp, finish, stop)
+        if rti and out is not None:  # vLLM: prompt ids on the first chunk, delta ids on each
+            if not sent_prompt_ids[i]:
+                sent_prompt_ids[i] = True
+                choice.prompt_token_ids = list(out.prompt_token_ids or ())
+            choice.token_ids = list(out.token_ids)
+        return sse(CompletionChunk(rid, COMPLETION_OBJECT, created, model, [choice], use))
 
     tail: list[bytes] = []
     try:
@@ -263,12 +347,16 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                 text, ids, lps = out.text, out.token_ids, out.logprobs
                 if not echoed[i]:
                     echoed[i] = True
-                    c = choices[i]
-                    text = (c.prompt_text or "") + text
+                    # vLLM: with return_token_ids the echoed prompt text is ""; with
+                    # max_tokens 0 (echo_only) the chunk is the prompt alone
+                    ptext = "" if rti else (choices[i].prompt_text or "")
                     pids = out.prompt_token_ids or []
-                    ids = pids + ids
-                    lps = pad_prompt_logprobs(out.prompt_logprobs, pids) + (
-                        lps or [None] * len(out.token_ids))
+                    plps = pad_prompt_logprobs(out.prompt_logprobs, pids)
+                    if ctx.echo_only:
+                        text, ids, lps = ptext, pids, plps
+                    else:
+                        text, ids = ptext + text, pids + ids
+                        lps = plps + (lps or [None] * len(out.token_ids))
                 elif out.finish_reason is None and fast:
                     if text or ids:  # vLLM sends "" when a token adds no text yet
                         t = templates.get(i)
@@ -280,14 +368,16 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                     continue
                 if out.finish_reason is None:
                     if text or ids:
-                        yield chunk(i, text, ids, lps)
+                        yield chunk(i, text, ids, lps, out=out)
                         # vLLM's previous_text_lens: the output's text only, so offsets after
                         # the echo chunk do not count the echoed prompt
                         text_len[i] += len(out.text)
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
-                last = chunk(i, text, ids, lps, out.finish_reason, out.stop_reason)
+                if i == 0 and out.usage is not None:
+                    cached = out.usage.cached_tokens
+                last = chunk(i, text, ids, lps, out.finish_reason, out.stop_reason, out)
                 finished += 1
                 if finished == n:
                     tail.append(last)
@@ -298,9 +388,8 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
         return
     if include_usage:
         p = _prompt_total(choices, prompt_tokens)
-        total = sum(completion)
         tail.append(sse(CompletionUsageChunk(rid, COMPLETION_OBJECT, created, model, [],
-                                             UsageInfo(p, p + total, total))))
+                                             usage_info(ctx, p, sum(completion), cached))))
     tail.append(DONE)
     yield FinalChunk(b"".join(tail))
 
@@ -309,3 +398,41 @@ def _prompt_total(choices: list, prompt_tokens: list[int]) -> int:
     """Prompt tokens counted once per distinct prompt (n choices share one prompt)."""
     seen = {c.prompt_key: p for c, p in zip(choices, prompt_tokens)}
     return sum(seen.values())
+
+
+def completion_choice(ctx: StreamContext, index: int, prompt_text: str | None, r: Any,
+                      echo: bool, prompt_logprobs: int | None) -> CompletionChoice:
+    """One non-streamed /v1/completions choice from a collected result, as vLLM's
+    request_output_to_completion_response builds it: echo prepends the prompt ("" with
+    return_token_ids); echo with max_tokens 0 (ctx.echo_only) shows the prompt alone (text, ids
+    and logprobs) while token_ids / finish_reason / usage stay the one token run internally;
+    prompt_logprobs whenever the engine computed them (asked for, or echo with logprobs)."""
+    text, ids, lps = "".join(r.text), r.token_ids, r.logprobs
+    if echo:
+        ptext = "" if ctx.return_token_ids else (prompt_text or "")
+        pids = r.prompt_ids or []
+        plps = pad_prompt_logprobs(r.prompt_logprobs, pids)
+        if ctx.echo_only:
+            text, ids, lps = ptext, pids, plps
+        else:
+            text, ids, lps = ptext + text, pids + ids, plps + lps
+    lp = completion_logprobs(ctx, ids, lps, 0) if ctx.logprobs is not None else None
+    choice = CompletionChoice(index, text, lp, r.finish_reason, r.stop_reason)
+    if prompt_logprobs is not None:
+        choice.prompt_logprobs = prompt_logprobs_json(ctx.tokenizer, r.prompt_ids,
+                                                      r.prompt_logprobs)
+    if ctx.return_token_ids:
+        choice.token_ids = list(r.token_ids)
+        choice.prompt_token_ids = list(r.prompt_ids or ())
+    return choice
+
+
+def add_prompt_extras(ctx: StreamContext, resp: Any, r: Any, prompt_logprobs: int | None
+                      ) -> None:
+    """Chat (vLLM's ChatCompletionResponse): prompt_logprobs and, with return_token_ids,
+    prompt_token_ids sit on the response, not on the choices."""
+    if prompt_logprobs is not None:
+        resp.prompt_logprobs = prompt_logprobs_json(ctx.tokenizer, r.prompt_ids,
+                                                    r.prompt_logprobs)
+    if ctx.return_token_ids:
+        resp.prompt_token_ids = list(r.prompt_ids or ())

@@ -1,0 +1,231 @@
+"""Request -> engine inputs for the OpenAI routes: SamplingParams, prompts, messages, and the
+vLLM request fields that change what is sent to the engine.
+
+- `build_sampling_params(req, chat)`: request fields -> SamplingParams; a 400 names the request's
+  field (`max_completion_tokens`, `top_logprobs`), not ours. `/v1/completions` with `echo: true`
+  and `max_tokens: 0` runs with max_tokens 1 (vLLM's echo_without_generation); the handlers show
+  only the prompt.
+- `refuse_unsupported(req, chat)`: fields vLLM acts on that this server does not serve are a 400
+  naming them (never silently ignored): `use_beam_search: true`; a request `chat_template`
+  (top-level or in `chat_template_kwargs`) gets vLLM's refusal, as vLLM without
+  `--trust-request-chat-template` (its default).
+- `truncation_size(value, max_model_len, max_tokens)` / `truncate_ids(ids, n)`: vLLM's
+  `truncate_prompt_tokens` (keep the LAST n prompt tokens; -1 = as many as fit).
+- `completion_prompts(prompt)`: str | [int] | [str] | [[int]] -> a list of engine prompts.
+- `messages_to_dicts(messages)`: ChatMessage Structs -> the dicts chat templates take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import msgspec
+
+from atom_stream.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "prompt_logprobs")
+# vLLM's OpenAIServing._validate_chat_template (serving_engine.py), verbatim
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template "
+                      "is not set. Refused request with untrusted chat template.")
+
+
+def _invalid(message: str, param: str | None = None) -> HTTPError:
+    """A request-schema error (vLLM's RequestValidationError: 400, type "Bad Request")."""
+    return HTTPError(400, message, param, type=VALIDATION_TYPE)
+
+
+def echo_without_generation(req: Any) -> bool:
+    """vLLM's `echo_without_generation = self.echo and self.max_tokens == 0` (completions)."""
+    return bool(getattr(req, "echo", False)) and req.max_tokens == 0
+
+
+def refuse_structured_output(req: Any) -> None:
+    """Structured output (response_format json_object / json_schema, guided_*) is not served:
+    a clear 400 rather than unconstrained text under a 200."""
+    rf = req.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise HTTPError(400, f"response_format {rf.get('type')!r} is not supported: this "
+                        "server has no structured-output decoding; use type 'text'",
+                        "response_format")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            raise HTTPError(400, f"{name} is not supported: this server has no "
+                            "structured-output decoding", name)
+
+
+
+def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
+    """ChatMessage Structs -> the plain dicts chat templates take (text parts joined)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type == "text" and part.text is None:
+                    raise HTTPError(400, "a content part of type 'text' needs a 'text' string",
+                                    f"{param}[{i}].content")
+                if part.type != "text":
+                    raise HTTPError(400, f"content part type {part.type!r} is not supported; "
+                                    "this server serves text only", f"{param}[{i}].content")
+                texts.append(part.text)
+            content = "\n".join(texts)  # vLLM's "string" content format
+        d = msgspec.to_builtins(m)
+        d["content"] = content if content is not None else ""
+        out.append(d)
+    if not out:
+        raise HTTPError(400, "messages must not be empty", param)
+    return out
+
+
+def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool
+                          ) -> SamplingParams:
+    """Request fields -> SamplingParams; errors name the request's field, not ours."""
+    kw: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
+                          "skip_special_tokens": req.skip_special_tokens,
+                          "include_stop_str_in_output": req.include_stop_str_in_output}
+    renames: dict[str, str] = {}
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.stop_token_ids:
+        kw["stop_token_ids"] = list(req.stop_token_ids)
+    if req.logit_bias:
+        kw["logit_bias"] = dict(req.logit_bias)
+    if req.allowed_token_ids is not None:
+        kw["allowed_token_ids"] = list(req.allowed_token_ids)
+    if req.bad_words:
+        kw["bad_words"] = list(req.bad_words)
+    if req.cache_salt is not None:
+        kw["cache_salt"] = req.cache_salt
+    refuse_structured_output(req)
+    refuse_unsupported(req, chat)
+    if chat:
+        if req.max_completion_tokens is not None:
+            kw["max_tokens"] = req.max_completion_tokens
+            renames["max_tokens"] = "max_completion_tokens"
+        else:
+            kw["max_tokens"] = req.max_tokens
+        if req.logprobs:
+            kw["logprobs"] = req.top_logprobs or 0
+            renames["logprobs"] = "top_logprobs"
+        elif req.top_logprobs:
+            raise _invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    else:
+        # vLLM (completion/protocol.py, to_sampling_params): echo_without_generation = echo and
+        # max_tokens == 0 -> runs with max_tokens 1; the response shows the prompt only
+        kw["max_tokens"] = 1 if echo_without_generation(req) else req.max_tokens
+        if req.logprobs is not None:
+            kw["logprobs"] = req.logprobs
+            if req.echo and req.prompt_logprobs is None:
+                kw["prompt_logprobs"] = req.logprobs
+    if req.stream_options is not None and not req.stream:
+        raise _invalid("stream_options can only be set when stream is true", "stream_options")
+    if req.stream and req.prompt_logprobs is not None:
+        raise _invalid("prompt_logprobs is not supported when stream is true",
+                       "prompt_logprobs")
+    try:
+        return SamplingParams(**kw)
+    except SamplingParamsError as e:
+        param = renames.get(e.param, e.param)
+        raise HTTPError(400, str(e).replace(f"{e.param}:", f"{param}:", 1), param) from None
+
+
+def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
+    """str | [int] | [str] | [[int]] -> a list of engine prompts (a batch of one or more)."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(is_ids(p) for p in prompt):
+        return list(prompt)
+    raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids or a "
+                    "list of token-id lists (non-empty)", "prompt")
+
+
+def refuse_unsupported(req: Any, chat: bool) -> None:
+    """vLLM fields this server cannot honour: a 400 naming them instead of a silent 200."""
+    if req.use_beam_search:
+        # vLLM runs beam search (completion/protocol.py to_beam_search_params); not built here
+        raise HTTPError(400, "use_beam_search is not supported: this server has no beam "
+                        "search; use n / best-of sampling instead", "use_beam_search")
+    if chat:
+        kwargs = req.chat_template_kwargs or {}
+        if req.chat_template is not None or kwargs.get("chat_template") is not None:
+            # vLLM: create_error_response(...) -> 400 BadRequestError, param None
+            raise HTTPError(400, UNTRUSTED_TEMPLATE)
+
+
+def truncation_size(value: int | None, max_model_len: int, max_tokens: int | None
+                    ) -> int | None:
+    """vLLM's truncate_prompt_tokens checks: None = no truncation; -1 = the most prompt tokens
+    that leave room for max_tokens (vLLM's renderer: max_model_len - max_tokens); a value
+    above max_model_len is refused with `_validate_truncation_size`'s message; 0 and values
+    below -1 are refused (SamplingParams: ">= 1 or -1")."""
+    if value is None:
+        return None
+    if value == 0 or value < -1:
+        raise _invalid(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {value}",
+                       "truncate_prompt_tokens")
+    if value == -1:
+        return max(1, max_model_len - (max_tokens or 0))
+    if value > max_model_len:
+        raise HTTPError(400, f"truncate_prompt_tokens value ({value}) is greater than "
+                        f"max_model_len ({max_model_len}). Please, select a smaller "
+                        "truncation size.", "truncate_prompt_tokens")
+    return value
+
+
+def truncate_ids(ids: list[int], n: int) -> list[int]:
+    """The last n ids (vLLM's default truncation side "left": `tokens[-max_length:]`)."""
+    return ids if n >= len(ids) else ids[-n:]
+
+
+async def truncate_prompts(engine: Any, prompts: list[Any], req: Any, max_tokens: int | None,
+                           chat_kwargs: dict | None = None, chat_options: dict | None = None
+                           ) -> list[Any]:
+    """Apply `truncate_prompt_tokens` (None: the prompts unchanged). Text prompts are tokenized
+    (completions: with add_special_tokens) and chat messages rendered here, off the loop, as
+    the engine would, then cut to their last N ids; token-id prompts are cut directly (vLLM's
+    renderer truncates after tokenizing: `tokens[-max_length:]`)."""
+    size = truncation_size(req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
+    if size is None:
+        return prompts
+    tok = engine.tokenizer
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            fn = functools.partial(tok.encode, p, add_special_tokens=req.add_special_tokens)
+        elif p and isinstance(p[0], dict):
+            kw = dict(chat_kwargs or {})
+            opts = chat_options or {}
+            # as the engine: keys in chat_template_kwargs override the request's options
+            agp = bool(kw.pop("add_generation_prompt", opts.get("add_generation_prompt", True)))
+            cfm = bool(kw.pop("continue_final_message",
+                              opts.get("continue_final_message", False)))
+            fn = functools.partial(tok.encode_chat, p, add_generation_prompt=agp,
+                                   continue_final_message=cfm, **kw)
+        else:
+            out.append(truncate_ids(list(p), size))
+            continue
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(None, fn)
+        except (ValueError, TypeError, KeyError) as e:
+            field = "prompt" if isinstance(p, str) else "messages"
+            raise HTTPError(400, f"{field}: {e}", field) from None
+        out.append(truncate_ids(ids, size))
+    return out
