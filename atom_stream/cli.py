@@ -13,10 +13,13 @@ FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake
 internal engine port, unused, and HTTP is `--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--shutdown-timeout`, `--log-level`, `--timeout-keep-alive`,
-`--disable-uvicorn-access-log`, WebSocket limits. ATOM flags that select features this engine
-always has or does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are
-accepted and logged (`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means
-`--load-format dummy`. No `--model`: the demo model.
+`--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags (`--allowed-origins`,
+`--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]'; `--[no-]allow-credentials`)
+and `--[no-]enable-prompt-tokens-details`. `atom-stream -v | --version` prints the version (as
+`vllm --version`). ATOM flags that select features this engine always has or does not offer
+(`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are accepted and logged
+(`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means `--load-format dummy`.
+No `--model`: the demo model.
 """
 
 from __future__ import annotations
@@ -77,6 +80,19 @@ def _json_dict(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _json_str_list(text: str) -> list[str]:
+    """vLLM's `type=json.loads` for --allowed-origins/methods/headers, kept to lists of strings
+    (a bare string would reach CORSMiddleware and be read character by character)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON list such as '[\"*\"]': {e}"
+                                         ) from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
     return value
 
 
@@ -192,6 +208,18 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    # vLLM's FrontendArgs (cli_args.py): CORS lists are JSON (type=json.loads there), bools are
+    # BooleanOptionalAction (its get_kwargs), so --no-allow-credentials exists too
+    g.add_argument("--allowed-origins", type=_json_str_list, default=["*"],
+                   help='CORS allowed origins, a JSON list (default: \'["*"]\')')
+    g.add_argument("--allowed-methods", type=_json_str_list, default=["*"],
+                   help='CORS allowed methods, a JSON list (default: \'["*"]\')')
+    g.add_argument("--allowed-headers", type=_json_str_list, default=["*"],
+                   help='CORS allowed headers, a JSON list (default: \'["*"]\')')
+    g.add_argument("--allow-credentials", action=argparse.BooleanOptionalAction, default=False,
+                   help="CORS: allow credentials")
+    g.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction,
+                   default=False, help="report usage.prompt_tokens_details (cached tokens)")
 
 
 _CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_AND_PIECEWISE", "AF_PIECEWISE")
@@ -251,6 +279,9 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
         timeout_keep_alive=args.timeout_keep_alive,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
+        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
     )
 
 
@@ -346,11 +377,37 @@ def bench(argv: Sequence[str]) -> int:
         print("atom-stream bench: atom_stream.benchmarks.benchmark_serving is not available",
               file=sys.stderr)
         return 2
-    result = bench_main(list(argv))
+    # the benchmark's parser takes its prog from sys.argv[0] (argparse's default): make its usage
+    # line read `atom-stream bench` as `serve` and `generate` read theirs
+    saved = sys.argv[0] if sys.argv else None
+    if sys.argv:
+        sys.argv[0] = "atom-stream bench"
+    else:
+        sys.argv.append("atom-stream bench")
+    try:
+        result = bench_main(list(argv))
+    finally:
+        if saved is None:
+            sys.argv.clear()
+        else:
+            sys.argv[0] = saved
     return result if isinstance(result, int) else 0
 
 
-USAGE = """usage: atom-stream {serve,generate,bench} [flags]
+def package_version() -> str:
+    """The installed distribution's version (vLLM's `importlib.metadata.version("vllm")`), or
+    the source tree's `atom_stream.__version__` when it is not installed."""
+    try:
+        from importlib.metadata import version
+
+        return version("atom-stream")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        import atom_stream
+
+        return atom_stream.__version__
+
+
+USAGE = """usage: atom-stream [-v] {serve,generate,bench} [flags]
 
   serve      OpenAI-compatible SSE + WebSocket server (atom-stream serve --help)
   generate   stream one completion in-process
@@ -364,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-v", "--version"):  # vLLM's main.py: action="version", the bare version string
+        print(package_version())
+        return 0
     if cmd == "serve":
         if rest and not rest[0].startswith("-"):  # `atom-stream serve <model>` (vLLM style)
             rest = ["--model", rest[0], *rest[1:]]

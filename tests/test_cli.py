@@ -76,6 +76,52 @@ def test_flag_spellings_and_server_flags():
         parse("--max-num-seq 4")  # no abbreviations: a typo is an error, not a guess
 
 
+def test_vllm_cors_and_prompt_tokens_details_flags():
+    """vLLM's FrontendArgs: CORS lists are JSON (json.loads), default ["*"]; the bools are
+    BooleanOptionalAction (--no-... too), default off."""
+    _, s = parse("")
+    assert (s.allowed_origins, s.allowed_methods, s.allowed_headers) == (["*"], ["*"], ["*"])
+    assert not s.allow_credentials and not s.enable_prompt_tokens_details
+    _, s = parse("--allowed-origins '[\"http://a.example\",\"http://b.example\"]' "
+                 "--allowed_methods '[\"GET\",\"POST\"]' --allowed-headers '[\"content-type\"]' "
+                 "--allow-credentials --enable_prompt_tokens_details")
+    assert s.allowed_origins == ["http://a.example", "http://b.example"]
+    assert s.allowed_methods == ["GET", "POST"] and s.allowed_headers == ["content-type"]
+    assert s.allow_credentials and s.enable_prompt_tokens_details
+    _, s = parse("--allow-credentials --no-allow-credentials --no-enable-prompt-tokens-details")
+    assert not s.allow_credentials and not s.enable_prompt_tokens_details
+    _, s = parse("--allowed-origins='[\"*\"]'")
+    assert s.allowed_origins == ["*"]
+    for bad in ("--allowed-origins http://a.example", "--allowed-origins '\"*\"'",
+                "--allowed-headers '[1]'", "--enable-prompt-tokens-details=yes"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+    # the ATOM entry point's parser has them too
+    args = cli.serve_parser(atom_ports=True).parse_args(["--enable-prompt-tokens-details"])
+    assert cli.server_config_from_args(args).enable_prompt_tokens_details
+
+
+@pytest.mark.parametrize("flag", ["--version", "-v"])
+def test_version_flag(flag, capsys):
+    """vLLM's main.py: `-v/--version` (action="version") prints the bare version, exit 0."""
+    from atom_stream.server.app import package_version
+
+    assert cli.main([flag]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == package_version() and re.fullmatch(r"\d+\.\d+\S*", out)
+
+
+def test_bench_help_names_the_subcommand(monkeypatch, capsys):
+    """`atom-stream bench --help` shows `usage: atom-stream bench ...` (as serve / generate do);
+    the real benchmark parser, and sys.argv[0] is restored after."""
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/atom-stream", "bench", "--help"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: atom-stream bench ")
+    assert sys.argv[0] == "/venv/bin/atom-stream"
+
+
 def test_bench_delegates(monkeypatch, capsys):
     seen = []
     fake = types.ModuleType("atom_stream.benchmarks.benchmark_serving")

@@ -113,3 +113,16 @@ async def test_dp2_tp2_private_groups_match_single_engine(want):
         got = await _run_all(engine, PROMPTS[:4])
         assert [r["finished"]["length"] for r in engine.stats()["replicas"]] == [2, 2]
     assert got == want[:4]
+
+
+async def test_dp2_chat_options_reach_the_replica():
+    """The OpenAI server passes AsyncEngine.generate's chat options on every chat request: a
+    DP engine forwards them (a TypeError before)."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The"}]
+    p = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    async with DPEngine(_config(data_parallel_size=2)) as engine:
+        outs = [o async for o in engine.generate(msgs, p, add_generation_prompt=False,
+                                                 continue_final_message=True)]
+    assert outs[-1].finish_reason == "length"
+    # the prompt ends inside the assistant message: no end-of-turn token after "The"
+    assert outs[0].prompt_token_ids[-3:] == list(b"The")

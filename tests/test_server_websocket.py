@@ -203,6 +203,35 @@ async def test_bad_frames_get_error_frames_and_connection_goes_on(srv):
     assert srv.wait_idle()["used_blocks"] == 0
 
 
+@pytest.mark.parametrize("proto", [JSON, MSGPACK])
+async def test_max_tokens_past_the_context_is_the_http_400(srv, proto):
+    """The reviewer's item 8: a max_tokens that does not fit was silently capped over the WS
+    (4095 tokens, then done/length) while HTTP refuses it. Now the error frame carries HTTP's
+    status and message; a max_tokens that just fits still streams."""
+    room = srv.engine.max_model_len - 1  # "x" is one token
+    async with httpx.AsyncClient(base_url=srv.url, timeout=60) as h:
+        http = await h.post("/v1/completions",
+                            json={"prompt": "x", "max_tokens": room + 1, "ignore_eos": True})
+    assert http.status_code == 400 and http.json()["error"]["param"] == "max_tokens"
+    async with connect(srv.ws_url, subprotocols=[proto]) as ws:
+        c = Conn(ws, proto)
+        for rid, max_tokens in (("over", room + 1), ("huge", 100000)):
+            await c.send({"type": "generate", "id": rid, "prompt": "x",
+                          "params": {"max_tokens": max_tokens, "ignore_eos": True}})
+            f = await c.until(lambda f, rid=rid: f["id"] == rid)
+            assert f["type"] == "error", f
+            assert (f["code"], f.get("param")) == (400, "params.max_tokens"), f
+        assert c.of("over")[-1]["message"] == http.json()["error"]["message"]
+        await c.send({"type": "generate", "id": "fits", "prompt": "x",
+                      "params": {"max_tokens": room, "ignore_eos": True}})
+        f = await c.until(lambda f: f["id"] == "fits")
+        assert f["type"] == "delta", f
+        await c.send({"type": "cancel", "id": "fits"})
+        done = await c.until(lambda f: f["id"] == "fits" and f["type"] != "delta")
+        assert done["type"] == "done" and done["finish_reason"] == "abort", done
+    assert srv.wait_idle()["used_blocks"] == 0
+
+
 async def test_unknown_subprotocol_refused(srv):
     with pytest.raises(websockets.exceptions.InvalidStatus):
         async with connect(srv.ws_url, subprotocols=["chat.v9"]):

@@ -222,8 +222,11 @@ class DPEngine:
                        request_id: str | None = None, *,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
-                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
-        """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort)."""
+                       add_special_tokens: bool = True, **chat_options: Any
+                       ) -> AsyncIterator[RequestOutput]:
+        """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort);
+        `chat_options`: AsyncEngine.generate's other keywords (add_generation_prompt,
+        continue_final_message), passed on."""
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif request_id in self._owner:
@@ -234,7 +237,8 @@ class DPEngine:
         stream = self.replicas[i].generate(prompt, params, request_id,
                                            chat_template_kwargs=chat_template_kwargs,
                                            strict_max_tokens=strict_max_tokens,
-                                           add_special_tokens=add_special_tokens)
+                                           add_special_tokens=add_special_tokens,
+                                           **chat_options)
         try:
             async for out in stream:
                 yield out

@@ -12,6 +12,13 @@ and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bo
 /version, /metrics (Prometheus text), POST /tokenize, /detokenize. Unknown routes and methods
 answer with the OpenAI error body (404/405). `--api-key` guards /v1/* (auth.py).
 
+CORS (vLLM's api_server: starlette's CORSMiddleware with `--allowed-origins`, `--allowed-methods`,
+`--allowed-headers` (JSON lists, each default ["*"]) and `--allow-credentials` (default off)): a
+browser preflight (OPTIONS + Origin + Access-Control-Request-Method) is answered 200 with the
+Access-Control-* headers, on every route. The middleware is the outermost layer, so the 401 of a
+missing API key carries the headers too and a browser client can read it (vLLM's auth middleware
+sits outside its CORS one, which leaves its 401s without them).
+
 Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
 `shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
 requests still running are aborted and their streams end with an error event.
@@ -31,6 +38,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
@@ -75,8 +83,21 @@ class ServerConfig:
     access_log: bool = True
     timeout_keep_alive: int = 5
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # CORS: vLLM's FrontendArgs names and defaults (cli_args.py)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details only when set
+    enable_prompt_tokens_details: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            # a bare string would be iterated per character by CORSMiddleware
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name}: must be a list of strings, got {value!r}")
+            setattr(self, name, list(value))
         if self.ws_max_frame_bytes is None:
             self.ws_max_frame_bytes = self.max_body_bytes
         for name in ("max_body_bytes", "ws_max_frame_bytes", "ws_max_requests"):
@@ -317,7 +338,10 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/tokenize", tokenization.tokenize, methods=["POST"]),
         Route("/detokenize", tokenization.detokenize, methods=["POST"]),
     ]
-    middleware = []
+    middleware = [Middleware(CORSMiddleware, allow_origins=config.allowed_origins,
+                             allow_credentials=config.allow_credentials,
+                             allow_methods=config.allowed_methods,
+                             allow_headers=config.allowed_headers)]  # first: outermost
     if state.key_checker:
         middleware.append(Middleware(APIKeyMiddleware, checker=state.key_checker))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,

@@ -18,9 +18,11 @@ fewer, larger delta frames) and memory stays bounded by the live requests' own o
 
 Errors never kill the connection: a malformed, unknown or oversized frame, a duplicate live id, an
 invalid parameter or an engine refusal gets an `error` frame (`code` is the HTTP status the same
-problem gets over HTTP; 429/503 for overload) and everything else goes on. `cancel` aborts the
-request in the engine; its stream ends with `done` (finish_reason "abort"). Closing the socket
-cancels every request task, which aborts the requests and frees their KV blocks.
+problem gets over HTTP; 429/503 for overload; a `max_tokens` that does not fit the context left
+after the prompt is a 400 naming `params.max_tokens`, as over HTTP) and everything else goes on.
+`cancel` aborts the request in the engine; its stream ends with `done` (finish_reason "abort").
+Closing the socket cancels every request task, which aborts the requests and frees their KV
+blocks.
 
 Auth: with `--api-key`, either the handshake carried a valid `Authorization` header (checked by
 the middleware) or the first frame must be `auth`; frames before it get 401 error frames, a wrong
@@ -206,7 +208,10 @@ class _Connection:
         metrics = self.state.metrics
         metrics.ws_streams.inc()
         try:
-            gen = engine.generate(prompt, params, rid, chat_template_kwargs=template_kwargs)
+            # strict_max_tokens: a max_tokens past the context left is a 400 error frame, as the
+            # same request gets over HTTP (the docstring's "code" rule), never a silent cap
+            gen = engine.generate(prompt, params, rid, chat_template_kwargs=template_kwargs,
+                                  strict_max_tokens=True)
             try:
                 async for out in gen:
                     if live.cancelled and out.finish_reason is None:
