@@ -12,6 +12,7 @@ harmless garbage that nothing reads.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -88,7 +89,21 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first (so the pool is sized by the largest)."""
+        """Capture every bucket, largest first (so the pool is sized by the largest).
+        The cyclic garbage collector is off meanwhile, after one collection (vLLM collects and
+        freezes it around its capture too): a collection on ANY thread can run the destructor of an earlier engine's graphs
+        or memory, a device-synchronizing call that invalidates the capture (an AsyncEngine
+        captures on its step thread while the caller's thread keeps running)."""
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _capture(self) -> None:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -97,9 +112,7 @@ class DecodeGraphRunner:
                     self._forward(B)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: an AsyncEngine captures on its step thread while the caller's
-                # thread may free CUDA objects of earlier engines (a graph's destructor is an
-                # unsafe call during a global-mode capture: the capture is invalidated)
+                # thread_local: other threads' unsafe calls do not invalidate this capture
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream,
                                       capture_error_mode="thread_local"):
                     logits = self._forward(B)
