@@ -91,9 +91,10 @@ class DecodeGraphRunner:
     def capture(self) -> None:
         """Capture every bucket, largest first (so the pool is sized by the largest).
         The cyclic garbage collector is off meanwhile, after one collection (vLLM collects and
-        freezes it around its capture too): a collection on ANY thread can run the destructor of an earlier engine's graphs
-        or memory, a device-synchronizing call that invalidates the capture (an AsyncEngine
-        captures on its step thread while the caller's thread keeps running)."""
+        freezes it around its capture too): a collection on ANY thread can run the destructor
+        of an earlier engine's graphs or memory, a device-synchronizing call that invalidates
+        the capture (an AsyncEngine captures on its step thread while the caller's thread
+        keeps running)."""
         gc.collect()
         enabled = gc.isenabled()
         gc.disable()
