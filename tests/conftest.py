@@ -1,13 +1,32 @@
-"""Shared pytest setup: the tests folder and the client SDK are importable; small torch threads."""
+"""Shared pytest setup: the tests folder and the client SDK are importable; small torch threads;
+module-scoped `srv` (a demo-model server, tests/serving_helpers.running_server) and `http` (an
+httpx client on it) fixtures: a module that needs another server defines its own `srv`, and
+`http` then talks to that one."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import httpx
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "clients", "python"))
 torch.set_num_threads(1)  # 2-core CI box: more threads only contend
+
+
+@pytest.fixture(scope="module")
+def srv():
+    from serving_helpers import running_server
+
+    with running_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield c

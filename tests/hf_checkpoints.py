@@ -54,6 +54,13 @@ def make_hf_model(flavour: str, seed: int = 0):
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(cfg).float().eval()
     model.set_experts_implementation("eager")
+    randomize_norms_and_bias(model, seed, 0.5 if flavour == "bias" else 0.1)
+    return model
+
+
+def randomize_norms_and_bias(model, seed: int, bias_scale: float = 0.1) -> None:
+    """HF's init leaves the RMSNorm weights at 1 and the routing correction bias at 0: give
+    them random values (generator seeded seed + 1; norms first, then the biases)."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -61,9 +68,7 @@ def make_hf_model(flavour: str, seed: int = 0):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                scale = 0.5 if flavour == "bias" else 0.1
-                b.copy_(scale * torch.randn(b.shape, generator=g))
-    return model
+                b.copy_(bias_scale * torch.randn(b.shape, generator=g))
 
 
 def write_hf_checkpoint(path: str, flavour: str, seed: int = 0):

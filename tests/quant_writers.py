@@ -16,7 +16,7 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_checkpoints import BASE, FLAVOURS
+from hf_checkpoints import BASE, FLAVOURS, randomize_norms_and_bias
 
 QUANT_OVERRIDES = dict(moe_intermediate_size=32, intermediate_size=96)
 
@@ -32,14 +32,7 @@ def make_tiny_hf(path: str, flavour: str = "kimi", seed: int = 0, **overrides):
     rope = dict(kw.pop("rope_scaling"), rope_theta=kw.pop("rope_theta"))
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw, rope_parameters=rope)).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    randomize_norms_and_bias(model, seed)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
 

@@ -41,14 +41,6 @@ V = 320  # demo vocab
 A, U = 97, 117  # "a", "u"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def demo_encode(text: str) -> list[int]:
     return load_tokenizer(None).encode(text, add_special_tokens=False)
 

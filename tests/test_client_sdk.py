@@ -32,12 +32,6 @@ SDK_DIR = os.path.join(ROOT, "clients", "python")
 
 
 @pytest.fixture(scope="module")
-def srv():
-    with running_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def keyed():
     with running_server(api_keys=["sdk-key"]) as s:
         yield s

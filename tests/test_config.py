@@ -250,7 +250,8 @@ def test_checkpoint_omitting_moe_keys_gives_transformers_logits(tmp_path):
     scale 2.5, 3 dense layers, a shared expert, q LoRA 1536), its config.json stripped of
     those keys: our config equals transformers' reading of the same file, and our prefill
     logits equal transformers'."""
-    from test_model_parity import PagedSeq
+    from hf_checkpoints import randomize_norms_and_bias
+    from test_model_parity import prefill_logits
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from atom_stream.loader import load_checkpoint
@@ -263,14 +264,7 @@ def test_checkpoint_omitting_moe_keys_gives_transformers_logits(tmp_path):
         bos_token_id=256, eos_token_id=257)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(hf_cfg).float().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # HF's init leaves norms at 1 and the correction bias at 0
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    randomize_norms_and_bias(model, 0)
     model.save_pretrained(str(tmp_path), safe_serialization=True)
     path = tmp_path / "config.json"
     raw = json.loads(path.read_text())
@@ -288,11 +282,7 @@ def test_checkpoint_omitting_moe_keys_gives_transformers_logits(tmp_path):
     load_checkpoint(ours, str(tmp_path), cfg.num_hidden_layers, cfg.tie_word_embeddings)
     ours.process_weights_after_loading()
     ids = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(7))
-    seq = PagedSeq(cfg)
-    pos, md = seq.step_md(len(ids), decode=False)
-    logits = ours.compute_logits(ours(ids, pos, seq.caches, md))
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
+    logits, ref = prefill_logits(ours, hf, cfg, ids)
     rel = ((logits.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, f"prefill logits differ by {rel:.2e}"
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))

@@ -28,7 +28,6 @@ from typing import Any
 import httpx
 import pytest
 import serving_helpers
-import torch
 
 ENGINE = {"dtype": "float32", "num_kv_blocks": 256, "max_model_len": 512}
 TOPOLOGIES: dict[str, dict[str, Any]] = {
@@ -198,14 +197,6 @@ def results(topo: str) -> dict:
     if topo not in _CACHE:
         _CACHE[topo] = _run_topology(TOPOLOGIES[topo])
     return _CACHE[topo]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _topos() -> list:

@@ -55,15 +55,22 @@ class PagedSeq:
         return torch.arange(start, end), md
 
 
-def test_prefill_logits_match_hf(pair):
-    name, hf, ours, cfg = pair
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, cfg.vocab_size, (37,), generator=g)
+def prefill_logits(ours, hf, cfg: ModelConfig, ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(our logits [T, V], transformers' [T, V]) for one prefill of `ids` from an empty cache."""
     seq = PagedSeq(cfg)
     pos, md = seq.step_md(len(ids), decode=False)
     logits = ours.compute_logits(ours(ids, pos, seq.caches, md))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
+    return logits, ref
+
+
+def test_prefill_logits_match_hf(pair):
+    name, hf, ours, cfg = pair
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (37,), generator=g)
+    logits, ref = prefill_logits(ours, hf, cfg, ids)
     rel = ((logits.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, f"{name}: prefill logits differ by {rel:.2e}"
 

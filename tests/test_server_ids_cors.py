@@ -16,7 +16,6 @@ import re
 
 import httpx
 import pytest
-from serving_helpers import running_server
 from starlette.testclient import TestClient
 
 from atom_stream.config import EngineConfig
@@ -25,12 +24,6 @@ from atom_stream.server.request_ids import base_request_id, engine_request_id
 
 PREFLIGHT = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "content-type,authorization"}
-
-
-@pytest.fixture(scope="module")
-def srv():
-    with running_server() as s:
-        yield s
 
 
 # ------------------------------------------------------------------------------- request ids

@@ -26,21 +26,9 @@ CHAT = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def srv():
-    with running_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def tiny():
     with running_server({"max_num_seqs": 1, "max_waiting_requests": 1}) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,6 @@ GREEDY = {"model": "demo", "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def srv():
-    with running_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def http_details():
     """--enable-prompt-tokens-details; set on the live config until ServerConfig has it."""
     from atom_stream.server.app import ServerConfig

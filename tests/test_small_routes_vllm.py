@@ -13,26 +13,12 @@ serving_tokenization.py, protocol.py TokenizeChatRequest/TokenizeCompletionReque
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from serving_helpers import running_server
 
 from atom_stream.sampling_params import SamplingParams
 
 CONT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
 PREFIX = "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
-
-
-@pytest.fixture(scope="module")
-def srv():
-    with running_server() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as c:
-        yield c
 
 
 def ids_of(srv, text: str) -> list[int]:
