@@ -149,22 +149,23 @@ class ModelConfig:
     n_routed_experts: int
     n_shared_experts: int
     num_experts_per_tok: int
-    # defaults: transformers' DeepseekV3Config (as `_HF_DEFAULTS`, which from_dict applies)
-    first_k_dense_replace: int = 3
+    # defaults: transformers' DeepseekV3Config (`_HF_DEFAULTS`, which from_dict applies too)
+    first_k_dense_replace: int = _HF_DEFAULTS["first_k_dense_replace"]
     moe_layer_freq: int = 1
-    n_group: int = 8
-    topk_group: int = 4
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 2.5
+    n_group: int = _HF_DEFAULTS["n_group"]
+    topk_group: int = _HF_DEFAULTS["topk_group"]
+    norm_topk_prob: bool = _HF_DEFAULTS["norm_topk_prob"]
+    routed_scaling_factor: float = _HF_DEFAULTS["routed_scaling_factor"]
     scoring_func: str = "sigmoid"
     topk_method: str = "noaux_tc"
-    num_nextn_predict_layers: int = 1  # DeepSeek-V3's MTP layers (in the checkpoint, not served)
-    rope_theta: float = 10000.0
+    # DeepSeek-V3's MTP layers (in the checkpoint, not served)
+    num_nextn_predict_layers: int = _HF_DEFAULTS["num_nextn_predict_layers"]
+    rope_theta: float = _HF_DEFAULTS["rope_theta"]
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
+    max_position_embeddings: int = _HF_DEFAULTS["max_position_embeddings"]
+    rms_norm_eps: float = _HF_DEFAULTS["rms_norm_eps"]
+    hidden_act: str = _HF_DEFAULTS["hidden_act"]
+    tie_word_embeddings: bool = _HF_DEFAULTS["tie_word_embeddings"]
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None

@@ -91,13 +91,17 @@ VARIANTS = ("auto", "v1", "v2", "v3")
 DEFAULT_VARIANT = "auto"
 
 
+# developer A/B switch (atom_stream/envs.py), read once at import like the other kernel switches
+FORCED_VARIANT = envs.text("ATOM_STREAM_MLA_DECODE")
+
+
 def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
     """(concrete variant, default merge) for `variant`; "auto" -> ("v3", "kernel") for e4m3fn
     caches (measured on the H200), ("v1", None) for the rest, e4m3fnuz (MI300) included until an
     A/B there. "auto" needs the cache dtype: the variants' split counts and workspaces differ."""
     if variant != "auto":
         return variant, None
-    forced = envs.text("ATOM_STREAM_MLA_DECODE")  # developer A/B switch (atom_stream/envs.py)
+    forced = FORCED_VARIANT
     if forced != "auto":
         if forced not in ("v1", "v3"):
             raise ValueError(f"ATOM_STREAM_MLA_DECODE must be auto, v1 or v3, got {forced!r}")
@@ -111,8 +115,7 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
 
 # split count, workspace strides and the block-table row stride vary with the batch: no
 # per-divisibility variants (v3 too)
-_SPLIT_ARGS = ["num_splits", "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh"]
-_TABLE_ARGS = [*_SPLIT_ARGS, "stride_bt_b"]  # the attention kernel (merges take no table)
+_SPLIT_ARGS, _TABLE_ARGS = _v3._SPLIT_ARGS, _v3._TABLE_ARGS
 
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 from engine_fakes import EOS, ScriptedRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizer_fixtures import write_hf_tokenizer, write_kimi_tokenizer
 
@@ -81,6 +81,9 @@ def test_tricky_text_token_by_token(tokenizers, name):
 @given(st.text(), st.randoms(use_true_random=False), st.sampled_from(
     ["demo", "kimi", "hf", "demo-text", "kimi-text"]))
 def test_random_text_random_chunks(tokenizers, text, rnd, name):
+    # a special token's markup ("<|im_assistant|>") encodes to that special, which decoding
+    # skips: not plain text (hypothesis found one)
+    assume("<|" not in text)
     ids = encode(tokenizers, name, text)
     chunks, left = [], len(ids)
     while left:

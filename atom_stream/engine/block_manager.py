@@ -132,17 +132,14 @@ class BlockManager:
         together with the new blocks, all or nothing (they become the table's head and count as
         computed). A failed call leaves the LRU order untouched, as vLLM, whose allocate_slots
         checks capacity (evictable hit blocks included) before it touches the hit blocks."""
+        # a prefix is whole blocks: the new tokens need the same blocks after it as from an
+        # empty table (computed before _share fills the table)
+        need = self.blocks_needed(seq, num_new_tokens)
+        evictable = sum(1 for bid in prefix if self.ref_counts[bid] == 0)  # hits now free
+        if need + evictable > self.num_free_blocks:
+            return False
         if prefix:
-            bs = self.block_size
-            need = -(-(len(prefix) * bs + num_new_tokens) // bs) - len(prefix)
-            evictable = sum(1 for bid in prefix if self.ref_counts[bid] == 0)
-            if need + evictable > len(self._free) + len(self._cached):
-                return False
             self._share(seq, prefix)
-        else:
-            need = self.blocks_needed(seq, num_new_tokens)
-            if need > len(self._free) + len(self._cached):
-                return False
         table = seq.block_table
         for _ in range(need):
             table.append(self._take())

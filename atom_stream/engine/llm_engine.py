@@ -421,8 +421,7 @@ class LLMEngine:
             if detok is not None:
                 if not hide:
                     text = detok.push([tok])
-                if reason is not None:
-                    text += detok.flush()
+                # nothing to flush at the end: an unfinished character is dropped (vLLM)
                 stop = req.stop
                 if stop is not None and reason == "stop":
                     # ended by a stop token: its text (include_stop_str_in_output) is not

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from atom_stream.engine.sequence import Sequence
+from atom_stream.sampling_params import SAMPLING_EPS
 
-GREEDY_TEMPERATURE = 1e-5
+GREEDY_TEMPERATURE = SAMPLING_EPS  # a temperature below it is greedy (SamplingParams.greedy)
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
 
@@ -29,10 +30,8 @@ def needs_host_tokens(p) -> bool:
     """Whether sampling for params `p` reads the values of earlier tokens (the penalties, bad
     words of more than one token), so an async-scheduled step must wait until the previous
     step's token is on the host."""
-    return (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            or p.repetition_penalty != 1.0
-            or (p._bad_words_token_ids is not None
-                and any(len(w) > 1 for w in p._bad_words_token_ids)))
+    return p.uses_penalties or (p._bad_words_token_ids is not None
+                                and any(len(w) > 1 for w in p._bad_words_token_ids))
 
 
 def bad_word_bans(token_ids: list[int], num_output: int, words: list[list[int]]) -> list[int]:

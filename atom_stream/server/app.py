@@ -43,25 +43,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
+from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
 from atom_stream.errors import InvalidRequestError
-from atom_stream.protocol import ChatMessage, validation_param
+from atom_stream.protocol import ChatMessage
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
-from atom_stream.server.openai import OpenAIServing, messages_to_dicts
-from atom_stream.server.responses import VALIDATION_TYPE, HTTPError, json_response, read_body
+from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
+from atom_stream.server.responses import HTTPError, json_response, read_body
 from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
 
 logger = logging.getLogger("atom_stream.server")
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("atom-stream")
-    except Exception:  # noqa: BLE001 - running from a source tree
-        return "0.1.0"
 
 
 @dataclass
@@ -158,26 +150,15 @@ class DetokenizeResult(msgspec.Struct):
     prompt: str
 
 
-_DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (TokenizeBody, DetokenizeBody)}
-_OFFLOOP = 2048  # texts / id lists longer than this are (de)tokenized in the thread pool
-
-
-class Tokenization:
+class Tokenization(OpenAIServing):
     """POST /tokenize and /detokenize as vLLM's OpenAIServingTokenization: errors are 400s;
     rendering, tokenizing, token strings and decoding run in the default thread pool (chat
-    always, text when long), never on the event loop."""
-
-    def __init__(self, state: ServerState):
-        self.state = state
-
-    def _check_model(self, name: str | None) -> None:
-        if name and name not in self.state.model_names:
-            raise HTTPError(404, f"The model `{name}` does not exist.", "model")
+    always, text when long), never on the event loop. OpenAIServing's helpers (body decoding,
+    model check, error bodies, off-loop work)."""
 
     async def _body(self, request: Request, cls: type) -> Any:
-        body = await read_body(request, self.state.config.max_body_bytes)
-        req = _decode(_DECODERS[cls], body)
-        self._check_model(req.model)
+        req = decode_request(cls, await read_body(request, self.state.config.max_body_bytes))
+        self._model(req.model)
         return req
 
     async def tokenize(self, request: Request) -> Response:
@@ -199,7 +180,7 @@ class Tokenization:
                                        continue_final_message=cfm,
                                        add_special_tokens=bool(req.add_special_tokens),
                                        **kwargs)
-                size = _OFFLOOP + 1  # rendering reads tools and kwargs too: always off the loop
+                size = None  # rendering reads tools and kwargs too: always off the loop
             elif req.prompt is not None:
                 add = True if req.add_special_tokens is None else req.add_special_tokens
                 fn = functools.partial(tok.encode, req.prompt, add_special_tokens=add)
@@ -212,7 +193,7 @@ class Tokenization:
                 ids = list(fn())
                 return ids, ([tok.id_to_str(t) for t in ids] if strs else None)
 
-            ids, token_strs = await _maybe_offloop(work, size)
+            ids, token_strs = await self._offloop(work, size)
             result = TokenizeResult(len(ids), engine.max_model_len, ids, token_strs)
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error("/tokenize", e)
@@ -229,37 +210,10 @@ class Tokenization:
             # vLLM: tokenizer.decode(ids), HF's default keeps special tokens
             fn = functools.partial(engine.tokenizer.decode, req.tokens,
                                    skip_special_tokens=False)
-            result = DetokenizeResult(await _maybe_offloop(fn, len(req.tokens)))
+            result = DetokenizeResult(await self._offloop(fn, len(req.tokens)))
         except Exception as e:  # noqa: BLE001
             return self._error("/detokenize", e)
         return json_response(result)
-
-    def _error(self, route: str, exc: BaseException) -> Response:
-        err = HTTPError.from_exception(exc)
-        self.state.metrics.request(route, err.status)
-        return err.response()
-
-
-def _decode(decoder: Any, body: bytes) -> Any:
-    """openai.decode_request's mapping: a schema error is a 400 "Bad Request" naming the
-    JSON path."""
-    if not body:
-        raise HTTPError(400, "the request body is empty; expected a JSON object",
-                        type=VALIDATION_TYPE)
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as e:
-        raise HTTPError(400, f"invalid request: {e}", validation_param(e),
-                        type=VALIDATION_TYPE) from None
-    except msgspec.DecodeError as e:
-        raise HTTPError(400, f"the request body is not valid JSON: {e}",
-                        type=VALIDATION_TYPE) from None
-
-
-async def _maybe_offloop(fn: Any, size: int) -> Any:
-    if size > _OFFLOOP:
-        return await asyncio.get_running_loop().run_in_executor(None, fn)
-    return fn()
 
 
 def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *,

@@ -72,10 +72,15 @@ _OFFLOOP_CHARS = 2048  # tokenize longer texts in a thread (never block the loop
 
 
 def decode_request(cls: type, body: bytes) -> Any:
+    """body -> cls (a msgspec Struct; its decoder made once): schema errors are 400s naming the
+    JSON path."""
     if not body:
         raise _invalid("the request body is empty; expected a JSON object")
+    dec = _DECODERS.get(cls)
+    if dec is None:
+        dec = _DECODERS[cls] = msgspec.json.Decoder(cls)
     try:
-        return _DECODERS[cls].decode(body)
+        return dec.decode(body)
     except msgspec.ValidationError as e:
         raise _invalid(f"invalid request: {e}", validation_param(e)) from None
     except msgspec.DecodeError as e:
@@ -218,8 +223,10 @@ class OpenAIServing:
         self.state.metrics.request(route, err.status)
         return err.response()
 
-    async def _offloop(self, fn: Any, size: int) -> Any:
-        if size > _OFFLOOP_CHARS:
+    async def _offloop(self, fn: Any, size: int | None) -> Any:
+        """fn() in the default thread pool when `size` (characters / ids of the input) is large
+        or None (always: its cost is not known from its input's size), else here."""
+        if size is None or size > _OFFLOOP_CHARS:
             return await asyncio.get_running_loop().run_in_executor(None, fn)
         return fn()
 

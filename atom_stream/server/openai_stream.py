@@ -96,12 +96,7 @@ class StreamContext:
         if s is None and self.as_ids:
             s = self._strs[tid] = f"token_id:{tid}"
         if s is None:
-            s = self.tokenizer.decode([tid], skip_special_tokens=False)
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates cannot go into JSON
-                s = s.encode("utf-8", "replace").decode("utf-8")
-            self._strs[tid] = s
+            s = self._strs[tid] = decode_token(self.tokenizer, tid)
         return s
 
 
@@ -151,7 +146,7 @@ def decode_token(tokenizer: Any, tid: int) -> str:
     s = tokenizer.decode([tid], skip_special_tokens=False)
     try:
         s.encode("utf-8")
-    except UnicodeEncodeError:
+    except UnicodeEncodeError:  # lone surrogates cannot go into JSON
         s = s.encode("utf-8", "replace").decode("utf-8")
     return s
 
