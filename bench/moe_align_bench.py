@@ -33,6 +33,8 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="16,64,256,1024,4096,8192")
+    ap.add_argument("--warps", default="4",
+                    help="the parallel form's warps per program, each timed (comma list)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "moe-align-h200.json"))
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench/moe_align_bench.py needs a GPU"
@@ -51,13 +53,20 @@ def main(argv=None) -> None:
         for par, buf in zip((False, True), bufs):
             moe_align(ids, E + SHARED, BM, n_shared=SHARED, out=buf, parallel=par)
         same = all(torch.equal(a, b) for a, b in zip(bufs[0], bufs[1]))
+        for w in (int(v) for v in args.warps.split(",")):
+            moe_align(ids, E + SHARED, BM, n_shared=SHARED, out=bufs[1], parallel=True, warps=w)
+            same = same and all(torch.equal(a, b) for a, b in zip(bufs[0], bufs[1]))
         t = {}
         for i, par in enumerate((False, True)):
             t[par] = time_calls([lambda s=s, par=par, i=i: moe_align(
                 s[0], E + SHARED, BM, n_shared=SHARED, out=s[1][i], parallel=par)
                 for s in sets])
+        tw = {w: time_calls([lambda s=s, w=w: moe_align(
+            s[0], E + SHARED, BM, n_shared=SHARED, out=s[1][1], parallel=True, warps=w)
+            for s in sets]) for w in (int(v) for v in args.warps.split(","))}
         rows.append({"m": M, "pairs": P, "one_program_us": round(t[False], 2),
                      "parallel_us": round(t[True], 2), "speedup": round(t[False] / t[True], 2),
+                     "parallel_us_by_warps": {w: round(v, 2) for w, v in tw.items()},
                      "identical": same})
         print(json.dumps(rows[-1]), flush=True)
     save_rows(args.out, rows)

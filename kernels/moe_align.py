@@ -156,6 +156,7 @@ def par_scan(num_pairs: int) -> int:
     return SMALL_SCAN if num_pairs <= SMALL_SCAN else PAR_SCAN
 ALIGN_PAR = envs.flag("ATOM_STREAM_MOE_ALIGN_PAR")
 PAR_CHUNK = 128
+PAR_WARPS = 4
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -164,10 +165,11 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_shared: int = 0,
               out: tuple[torch.Tensor, torch.Tensor] | None = None, parallel: bool | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32.
     `parallel`: the one-launch multi-program form (None: ATOM_STREAM_MOE_ALIGN_PAR); same
-    output either way."""
+    output either way. `warps`: the parallel form's warps per program (None: PAR_WARPS); its
+    histograms' cost per warp falls with more warps (each holds fewer of the scanned ids)."""
     M, top_k = topk_ids.shape
     kp = top_k + n_shared
     P = M * kp
@@ -189,7 +191,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
             TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
             BM=block_m, CHUNK=PAR_CHUNK, SCAN=par_scan(P),
             FILL=256,
-            num_warps=4,
+            num_warps=warps or PAR_WARPS,
         )
         return sorted_pairs, block_expert
     cursor = torch.empty(nbins, dtype=torch.int32, device=dev)
