@@ -230,11 +230,9 @@ _PF = [{}, {"stop_after": "gate_up"}, {"BM": 32}, {"BM": 64}, {"BM": 64, "stop_a
        {"BM": 64, "W1": 8, "W2": 8}, {"BM": 64, "BN1": 128, "W1": 8}, {"BM": 128, "W1": 8, "W2": 8},
        {"BM": 64, "BN2": 64}, {"BM": 64, "S1": 2, "S2": 2}]
 PREFILL_CANDIDATES = {1024: _PF, 4096: _PF, 8192: _PF}
-# --set dq4 (session 11): int4 on fp16 MMAs with the Marlin unpack (DQ 4; DQD 4: the down
-# kernel alone) and the parallel align's warps per program (AW)
-_DQ4 = [{}, {"stop_after": "gate_up"}, {"DQD": 4}, {"DQ": 4}, {"DQ": 4, "stop_after": "gate_up"},
-        {"DQD": 4, "W2": 2}, {"AW": 8}, {"AW": 16}, {"DQ": 4, "AW": 16}, {}]
-DQ4_CANDIDATES = {16: [{}, {"DQD": 4}, {"DQ": 4}, {}], 64: _DQ4, 256: _DQ4}
+# --set aw (session 11): the parallel align's warps per program (AW; default par_warps)
+_AW = [{}, {"AW": 4}, {"AW": 16}, {"stop_after": "gate_up"}, {"AW": 4, "stop_after": "gate_up"}, {}]
+AW_CANDIDATES = {64: _AW, 256: _AW, 1024: _AW}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -279,8 +277,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return DOWN_CANDIDATES.get(M, [{}])
     if cset == "prefill":
         return PREFILL_CANDIDATES.get(M, [{}])
-    if cset == "dq4":
-        return DQ4_CANDIDATES.get(M, [{}])
+    if cset == "aw":
+        return AW_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -332,7 +330,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down", "prefill", "dq4") and b is not None:
+                if cset in ("tc", "tcx", "down", "prefill", "aw") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -394,11 +392,11 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
-                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "dq4"),
+                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
-                    "dq4 = DQ4_CANDIDATES")
+                    "aw = AW_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

@@ -21,11 +21,10 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from atom_stream.kernels import fused_moe_common as fmc
 from atom_stream.kernels import fused_moe_tc as tc
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 H, I, TOPK, KP, E = 7168, 256, 8, 9, 385  # one Kimi-K2.5 TP8 rank, + the shared expert
@@ -49,20 +48,12 @@ def _sig(fn, pointers: dict, ints: list[str], cx: dict) -> tuple[dict, dict, dic
     return sig, cx, attrs
 
 
-def _mdt(cfg: dict) -> int:
-    return fmc.F16 if cfg["DQ"] == 4 else fmc.BF16  # DQ 4: fp16 MMAs (fused_moe_tc.tc_path)
-
-
-def _xdt(cfg: dict) -> str:
-    return "*fp16" if cfg["DQ"] == 4 else "*bf16"
-
-
 def down_kernel(fmt: int, cfg: dict):
     cx = {"H": H, "I": I, "TOPK": TOPK, "KP": KP, "KPP": 16, "N_ROUTED": E - 1,
           "W_ROW": I // 128 * 16, "S_ROW": I // 32, "A_ROW": I, "BM": cfg["BM"],
-          "BN": cfg["BN2"], "BK": cfg["BK2"], "FMT": fmt, "ACT_Q": 0, "MDT": _mdt(cfg),
+          "BN": cfg["BN2"], "BK": cfg["BK2"], "FMT": fmt, "ACT_Q": 0, "MDT": fmc.BF16,
           "DIRECT": 0, "OFFS": 1, "ASTATIC": 0, "DQ": cfg["DQ"], "UNROLL": cfg["DU"]}
-    ptrs = {"ACT": _xdt(cfg), "ACTS": "*bf16", "W": "*i32",
+    ptrs = {"ACT": "*bf16", "ACTS": "*bf16", "W": "*i32",
             "S": "*bf16" if fmt == fmc.INT4 else "*u8", "IDS": "*i32", "SORTED": "*i32",
             "BLKEXP": "*i32", "Y": "*bf16", "AS": "*fp32"}
     ints = ["M", "num_pairs", "stride_im", "stride_we", "stride_se"]
@@ -74,10 +65,10 @@ def gate_up_kernel(fmt: int, cfg: dict):
     wt = cfg.get("WT", 1)
     cx = {"I": I, "H": H, "TOPK": TOPK, "KP": KP, "KPP": 16, "N_ROUTED": E - 1,
           "W_ROW": H // 128 * 16, "S_ROW": H // 32, "NBI": I // 128, "BM": cfg["BM"],
-          "BN": cfg["BN1"], "BK": cfg["BK1"], "FMT": fmt, "ACT_Q": 0, "MDT": _mdt(cfg),
+          "BN": cfg["BN1"], "BK": cfg["BK1"], "FMT": fmt, "ACT_Q": 0, "MDT": fmc.BF16,
           "DIRECT": 0, "ACT_OUT": 0, "OFFS": 1, "ASTATIC": 0, "DQ": cfg["DQ"], "XM": 0,
           "WT": wt}
-    ptrs = {"X": _xdt(cfg), "XS": "*bf16", "W": "*i32",
+    ptrs = {"X": "*bf16", "XS": "*bf16", "W": "*i32",
             "S": "*bf16" if fmt == fmc.INT4 else "*u8", "IDS": "*i32", "SORTED": "*i32",
             "BLKEXP": "*i32", "ACT": "*bf16", "ACTS": "*u8", "AS": "*fp32"}
     ints = ["M", "num_pairs", "stride_xm", "stride_xsm", "stride_im", "stride_we", "stride_se"]

@@ -22,7 +22,6 @@ BF16, F16, F32 = 0, 1, 2  # MMA operand dtype (constexpr MDT)
 _SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
 _INTERP = envs.triton_interpreted()
 FP8_MAX = 448.0
-DQ4_PRESCALE = tl.constexpr(256.0)  # DQ 4: fp16 scales are s * 256; the K loop's result / 256
 
 
 @triton.jit
@@ -111,8 +110,7 @@ def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
-          DQ: tl.constexpr = 1):
+def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr):
     """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
     [R, 16] -> the scaled weights [R, 32] as 16-bit floats for one MMA with K = 32: bf16 when
     MDT == 0, else fp16 (int4 only). s [R]: the group's scale (int4: the bf16 scale; MXFP4: the
@@ -125,25 +123,8 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     e2m1 * 2^-126; the zero-exponent code lands on a subnormal, exactly), the sign to bit 15;
     times 2^63 and 2^(e - 64) (powers of two: exact for e8m0 e in [1, 191], the clamp). (Leaving
     the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
-    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md.)
-    DQ 4 (int4, fp16 only): fp16's 10 mantissa bits hold a nibble at bits 0-3 AND one at bits
-    4-7, so groups 1 and 3 need no shift of their own (Marlin's unpack): even j: 1024 + n,
-    minus 1032; odd j: 1024 + 16 n, times 1/16 minus 72 (one HFMA2): both n - 8 exactly; one
-    shift per word instead of three. s: the scale times DQ4_PRESCALE (the caller divides the
-    accumulator by it), so that scales down to 2^-22 stay normal fp16 numbers."""
-    if FMT == 2 and DQ == 4:
-        if j % 2 == 0:
-            v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400
-        else:
-            v = ((w >> (4 * (j - 1))) & 0x00F000F0) | 0x64006400
-        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
-        wj = wj.to(tl.float16, bitcast=True)
-        if j % 2 == 0:
-            wj = wj - 1032.0
-        else:
-            wj = wj * 0.0625 - 72.0
-        return wj.to(tl.float16) * s.to(tl.float16)[:, None]
-    elif FMT == 2:
+    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md.)"""
+    if FMT == 2:
         if MDT == 0:
             v = ((w >> (4 * j)) & 0x000F000F) | 0x43004300
             off = 136.0
@@ -182,9 +163,7 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
     X[k0:k0+BK, tokens] with the group scales folded into the 16-bit weight operand (`_dq16`),
     so every MMA accumulates into acc directly: no per-group fp32 partial, no per-group wait on
     the MMA and rescale of the accumulator (what DQ=0 does). DQ=1: one MMA per scale group
-    (K = 32); DQ=2: one per 128-K chunk (groups interleaved along K, x rows permuted to match);
-    DQ=4 (int4 with fp16 MMAs only): as 1 with `_dq16`'s Marlin unpack and prescaled scales
-    (the caller multiplies the K loop's result by 1 / DQ4_PRESCALE).
+    (K = 32); DQ=2: one per 128-K chunk (groups interleaved along K, x rows permuted to match).
     The 4 scales of a chunk are one [R, 4] load. CS: words between a row's consecutive 128-K
     chunks (16: the repacked [rows, K / 128, 16] layout; T * 16 for a row-tiled copy with T rows
     per tile, whose row_w then points at the row inside its tile); SCS likewise for the scales
@@ -194,10 +173,8 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
         c = k0 // 128 + cc
         w = tl.load(Wp + row_w[:, None] + c * CS + t[None, :], mask=wm[:, None], other=0)
         sg = c * SCS + tl.arange(0, 4)
-        if FMT == 2:  # bf16 scales, used as they are (DQ 4: times DQ4_PRESCALE, in fp32)
+        if FMT == 2:  # bf16 scales, used as they are
             s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=0.0)
-            if DQ == 4:
-                s4 = s4.to(tl.float32) * DQ4_PRESCALE
         else:
             s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=127)
             s4 = s4.to(tl.int32)
@@ -225,7 +202,7 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
                     sj = s2
                 else:
                     sj = s3
-                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT, DQ), x, acc, MDT)
+                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT), x, acc, MDT)
     return acc
 
 
@@ -282,8 +259,7 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                 acc = tl.dot_scaled(w, ws, "e2m1", x.to(tl.bfloat16), None, "bf16", acc)
             else:
                 acc = tl.dot_scaled(w, ws, "e2m1", _x_to_fp16(x), None, "fp16", acc)
-    elif DQ >= 1 and ACT == 0 and (MDT == 0 or (MDT == 1 and FMT == 2)) and (
-            DQ != 4 or (FMT == 2 and MDT == 1)):
+    elif DQ >= 1 and ACT == 0 and (MDT == 0 or (MDT == 1 and FMT == 2)):
         acc = _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R, BM, BK, FMT, MDT,
                        DQ, CS, SCS)
     else:  # repacked int4 / mxfp4: BK = 128 * chunks; 4 scale groups of 32 per chunk

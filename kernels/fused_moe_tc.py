@@ -25,16 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_common import (
-    DQ4_PRESCALE,
-    F16,
-    INT4,
-    _e2m1_value,
-    _mm,
-    _mx_quant,
-    _row_scale,
-    _wrow,
-)
+from .fused_moe_common import _e2m1_value, _mm, _mx_quant, _row_scale, _wrow
 from .moe_align import max_blocks, moe_align, pair_expert
 
 
@@ -117,14 +108,10 @@ def _gate_up_kernel(
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
-    if DQ == 4 and FMT == 2 and MDT == 1:
-        acc = acc * (1.0 / DQ4_PRESCALE)
     g, u = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (1, 2, 0)))
     a = g / (1.0 + tl.exp(-g)) * u  # [BN channels, BM rows]
     cols = jt * BN + tl.arange(0, BN)
     if ACT_OUT == 0:
-        if ACT.dtype.element_ty == tl.float16:  # the fp16 down (DQ 4): no inf from a cast
-            a = tl.minimum(tl.maximum(a, -65504.0), 65504.0)
         tl.store(ACT + slot[None, :] * I + cols[:, None], a.to(ACT.dtype.element_ty),
                  mask=st_ok[None, :])
     else:  # MXFP4 activations for the down GEMM (w4a4), groups of 32 channels
@@ -186,8 +173,6 @@ def _down_block_kernel(
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
-    if DQ == 4 and FMT == 2 and MDT == 1:
-        acc = acc * (1.0 / DQ4_PRESCALE)
     yv = acc.to(Y.dtype.element_ty)
     if DIRECT:
         # one store per selection column: a token that repeats e gets the result in each of
@@ -280,22 +265,10 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         sorted_pairs, block_expert = moe_align(topk_ids, E, BM, n_shared=n_shared,
                                                parallel=cfg.get("AP"), warps=cfg.get("AW"))
     slots = nblk * BM
-    # DQ 4 (int4 weight-only): fp16 MMAs with the Marlin unpack (fused_moe_common._dq16); "DQD"
-    # sets the down kernel's mode apart from the gate_up's (None: the same). The down's
-    # activations are then stored in fp16 by the gate_up; the gate_up's x is cast to fp16.
-    # Elsewhere (other formats, quantized or fp32 activations) DQ 4 means DQ 1.
-    dq_up, dq_down = cfg["DQ"], cfg.get("DQD") or cfg["DQ"]
-    f16_ok = (fmt == INT4 and act == 0 and act_out == 0
-              and x.dtype in (torch.bfloat16, torch.float16))
-    f16_up, f16_down = f16_ok and dq_up == 4, f16_ok and dq_down == 4
-    dq_up, dq_down = (1 if d == 4 and not f16_ok else d for d in (dq_up, dq_down))
-    if f16_up and x.dtype != torch.float16:
-        x = x.float().clamp_(-65504.0, 65504.0).to(torch.float16)
     if act_out == 2:
         a_buf, a_row = empty((slots, I // 2), torch.uint8, dev, poison), I // 2
     else:
-        a_buf = empty((slots, I), torch.float16 if act_out or f16_down else out.dtype, dev,
-                      poison)
+        a_buf = empty((slots, I), torch.float16 if act_out else out.dtype, dev, poison)
         a_row = I
     a_sc = empty((slots, I // 32), torch.uint8, dev, poison) if act_out else a_buf
     common = {"TOPK": top_k, "KP": kp, "N_ROUTED": E - n_shared,
@@ -310,7 +283,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
         ACT_OUT=act_out, XM=cfg["XM"], WT=wt, num_warps=cfg["W1"], num_stages=cfg["S1"],
-        **(common | ({"MDT": F16} if f16_up else {}) | {"DQ": dq_up}))
+        **common)
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
     y = empty((P, H), out.dtype, dev, poison)
@@ -319,7 +292,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
         A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
         num_stages=cfg["S2"],
-        **(common | ({"MDT": F16} if f16_down else {}) | {"DQ": dq_down}))
+        **common)
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_weights.stride(0), out.stride(0),
                                  H=H, TOPK=top_k, KP=kp, BH=bh, num_warps=4)

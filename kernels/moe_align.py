@@ -156,7 +156,15 @@ def par_scan(num_pairs: int) -> int:
     return SMALL_SCAN if num_pairs <= SMALL_SCAN else PAR_SCAN
 ALIGN_PAR = envs.flag("ATOM_STREAM_MOE_ALIGN_PAR")
 PAR_CHUNK = 128
-PAR_WARPS = 4
+
+
+def par_warps(num_pairs: int) -> int:
+    """The parallel align's warps per program, tied to its scan class (no extra compiled
+    variant): 16 for the wide scan (each warp then holds a quarter of the ids the histograms
+    walk), 4 for the small one. H200, session 11 (bench/RESULTS.md): align alone M=256 17.8 ->
+    15.6 us, M=1024 39.4 -> 33.4 us; the whole int4 MoE at M=256 449 -> 420 us; at M=64 (small
+    scan) 16 warps were slower (8.3 -> 12.7 us)."""
+    return 16 if par_scan(num_pairs) == PAR_SCAN else 4
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -168,8 +176,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
               warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring. `out`: preallocated (sorted_pairs, block_expert) int32.
     `parallel`: the one-launch multi-program form (None: ATOM_STREAM_MOE_ALIGN_PAR); same
-    output either way. `warps`: the parallel form's warps per program (None: PAR_WARPS); its
-    histograms' cost per warp falls with more warps (each holds fewer of the scanned ids)."""
+    output either way. `warps`: the parallel form's warps per program (None: `par_warps`)."""
     M, top_k = topk_ids.shape
     kp = top_k + n_shared
     P = M * kp
@@ -191,7 +198,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, n_share
             TOPK=top_k, KP=kp, N_ROUTED=num_experts - n_shared, E=num_experts, NBINS=nbins,
             BM=block_m, CHUNK=PAR_CHUNK, SCAN=par_scan(P),
             FILL=256,
-            num_warps=warps or PAR_WARPS,
+            num_warps=warps or par_warps(P),
         )
         return sorted_pairs, block_expert
     cursor = torch.empty(nbins, dtype=torch.int32, device=dev)

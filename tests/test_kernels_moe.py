@@ -288,18 +288,6 @@ def test_fused_moe_dq_variants(dq, fmt, xdt, tol, M):
 
 
 @cpu_only
-@pytest.mark.parametrize("dq", [{"DQ": 4}, {"DQ": 1, "DQD": 4}], ids=["both", "down"])
-@pytest.mark.parametrize("M", [5, 19])  # direct mode (gemv_max=0) at 5, sorted at 19
-def test_fused_moe_dq4_fp16_marlin_unpack(dq, M):
-    # DQ 4: int4 on fp16 MMAs with the Marlin unpack (odd scale groups from bits 4-7 by one
-    # HFMA2), scales prescaled by 256; the down kernel's activations stored in fp16 (DQD 4:
-    # the down alone). Repeated ids, poisoned intermediates. (bf16 x, cast to fp16 first: the
-    # GPU test test_fused_moe_gpu_real_shape_dq; bf16 runs ~50 s per case in the interpreter.)
-    check_fused("int4_g32", None, torch.float16, 5e-3, M, E=8, H=256, I=128, k=3, seed=60 + M,
-                repeat=True, config=dict(FAST, gemv_max=0, poison=True, **dq))
-
-
-@cpu_only
 @pytest.mark.parametrize("fmt,aq,xdt,tol", CASES)
 def test_fused_moe_direct_mode_routed_rows_only(fmt, aq, xdt, tol):
     # XM=1: direct-mode gate_up loads only the rows of tokens routed to its expert (the others
@@ -580,10 +568,8 @@ def real_experts(fmt):
     {}, {"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "DU": 0, "BK2": 128, "S2": 3},
     {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64},
     {"AP": True, "BN2": 128, "W2": 8}, {"AP": True, "BN2": 256, "W2": 8},
-    {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1},
-    {"DQ": 4}, {"DQD": 4}],
-    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk", "dq4",
-         "dq4down"])
+    {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1}],
+    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk"])
 def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
     # bf16 activations through the bf16 DQ branches (int4 scaled in bf16, MXFP4 exact in bf16),
     # both tensor-core modes (direct at M=16), a token repeating an expert at weight 0 and > 0,
