@@ -6,8 +6,9 @@
 
 `generate` returns one RequestOutput per prompt, in input order, holding the whole completion
 (every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
-stop_reason, usage, logprobs`. A request whose model step failed comes back with
-finish_reason "error" and `error` set (the batch's other results are kept). No event loop needed.
+stop_reason, usage, logprobs, cumulative_logprob, prompt_logprobs, prompt_logprob_ranks`. A
+request whose model step failed comes back with finish_reason "error" and `error` set (the
+batch's other results are kept). No event loop needed.
 
 `SamplingParams(n=k)`, k > 1 (greedy refuses it, as vLLM): as vLLM's ParentRequest, the prompt fans
 out into k child requests `f"{i}_{request_id}"` with `params.child(i)` (n = 1; a seed becomes
@@ -30,10 +31,10 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import LLMEngine
+from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.errors import InvalidRequestError
-from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.sampling_params import SamplingParams
 
 
 class LLM:
@@ -208,12 +209,5 @@ def _children(p: Any) -> list[SamplingParams] | None:
     n = p.get("n", 1) if isinstance(p, dict) else p.n if isinstance(p, SamplingParams) else 1
     if isinstance(n, bool) or not isinstance(n, int) or n <= 1:
         return None
-    try:
-        if isinstance(p, dict):  # the engine's dict form, with its errors
-            p = SamplingParams(**p)
-        p.validate()
-    except SamplingParamsError as e:
-        raise InvalidRequestError(str(e), e.param) from None
-    except TypeError as e:  # an unknown field in a dict
-        raise InvalidRequestError(f"params: {e}", "params") from None
+    p = coerce_params(p)  # add_request's own path: the dict form, the checks, their errors
     return [p.child(c) for c in range(p.n)]

@@ -154,12 +154,10 @@ def test_hash_is_stable_and_chained():
 
 
 def test_cache_salt_separates_prefixes():
-    """vLLM: cache_salt joins the first block's hash, so only requests with the same salt share
-    (SamplingParams has no such field yet: a stand-in params object carries it here)."""
-    from types import SimpleNamespace
+    """vLLM: cache_salt joins the first block's hash, so only requests with the same salt share."""
 
     def salted(salt, rid):
-        return Sequence(rid, list(range(9)), SimpleNamespace(cache_salt=salt), max_tokens=4)
+        return Sequence(rid, list(range(9)), SamplingParams(cache_salt=salt), max_tokens=4)
 
     bm = BlockManager(16, BS)
     a = salted("tenant-a", "a")

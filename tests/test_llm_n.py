@@ -204,9 +204,11 @@ def test_a_failed_choice_is_reported_on_that_choice():
 
 
 def test_request_output_layout_is_unchanged_and_composites_do_not_merge():
+    # n > 1 adds no field to the stream delta (index is a property, choices only on the gather)
     assert RequestOutput.__struct_fields__ == (
         "request_id", "token_ids", "text", "finish_reason", "stop_reason", "usage", "logprobs",
-        "error", "prompt_token_ids", "prompt_logprobs")
+        "error", "prompt_token_ids", "prompt_logprobs", "prompt_logprob_ranks",
+        "cumulative_logprob")
     wire = msgspec.json.decode(msgspec.json.encode(RequestOutput("r", [1], "x")))
     assert "index" not in wire and "choices" not in wire
     multi = MultiChoiceOutput.gather("p", [RequestOutput("0_p", [1]), RequestOutput("1_p", [2])],

@@ -12,7 +12,9 @@ in its worker thread) -> `postprocess(batch, output)`:
   when matched: "stop" with `stop_reason` = the string; a match must end in the text of output
   token min_tokens + 1 or later, as vLLM's `len(output_token_ids) > min_tokens`, but may begin
   earlier; not on the text of a token that stopped the request);
-- one RequestOutput delta per sampled sequence; finished sequences free their blocks at once.
+- one RequestOutput delta per sampled sequence (with logprobs asked for: `cumulative_logprob`,
+  the running sum of the sampled-token logprobs delivered); finished sequences free their blocks
+  at once.
 
 An exception from `execute` fails exactly the sequences of that batch (finish_reason "error",
 the message in `error`) and frees their blocks; later steps go on. `abort(id)` frees at once; the
@@ -62,6 +64,26 @@ def _detok_classes():
     return IncrementalDetokenizer, StopStringChecker
 
 
+def coerce_params(params: Any) -> SamplingParams:
+    """A request's params as the engine takes them (the one path: add_request, and LLM's n > 1
+    fan-out before it): None = the defaults, a SamplingParams, or an SGLang-style plain dict of
+    the same fields and checks; validated again (a struct may have been mutated since its
+    construction). Raises InvalidRequestError naming the field."""
+    params = _DEFAULT_PARAMS if params is None else params
+    try:
+        if isinstance(params, dict):
+            params = SamplingParams(**params)
+        elif not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: must be SamplingParams or a dict, got "
+                                      f"{type(params).__name__}", "params")
+        params.validate()
+    except SamplingParamsError as e:
+        raise InvalidRequestError(str(e), e.param) from None
+    except TypeError as e:  # an unknown field in a dict
+        raise InvalidRequestError(f"params: {e}", "params") from None
+    return params
+
+
 def load_engine_tokenizer(config: EngineConfig):
     """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
     the demo byte-level one (a bench preset gets it stretched to its vocab)."""
@@ -81,9 +103,12 @@ def load_engine_tokenizer(config: EngineConfig):
 
 
 class _Request:
-    """Engine-side state of one live request (the Sequence plus text bookkeeping)."""
+    """Engine-side state of one live request (the Sequence plus text and logprob bookkeeping).
+    `cumulative_logprob`: the running sum of the sampled-token logprobs delivered (None when
+    the request asked for none)."""
 
-    __slots__ = ("detok", "prompt_logprobs", "sent_first", "seq", "stop")
+    __slots__ = ("cumulative_logprob", "detok", "prompt_logprob_ranks", "prompt_logprobs",
+                 "sent_first", "seq", "stop")
 
     def __init__(self, seq: Sequence, detok: Any, stop: Any):
         self.seq = seq
@@ -91,6 +116,8 @@ class _Request:
         self.stop = stop
         self.sent_first = False
         self.prompt_logprobs: list | None = None
+        self.prompt_logprob_ranks: list[int] | None = None
+        self.cumulative_logprob: float | None = None if seq.params.logprobs is None else 0.0
 
 
 class LLMEngine:
@@ -104,12 +131,13 @@ class LLMEngine:
         self._shut_down = False
         explicit_len = config.max_model_len is not None  # the runner may fill it in
         if runner is None:
-            from atom_stream.engine.distributed import make_executor
             config.model = resolve_model_path(config.model, config.load_format)  # hub ids
-            if tokenizer is None and not skip_tokenizer_init:
-                # before the weights (minutes for a real checkpoint) and the TP workers: a
-                # missing tokenizer is an error at once, with nothing to tear down
-                tokenizer = load_engine_tokenizer(config)
+        if tokenizer is None and not skip_tokenizer_init:
+            # before the weights (minutes for a real checkpoint) and the TP workers: a missing
+            # tokenizer is an error at once, with nothing to tear down
+            tokenizer = load_engine_tokenizer(config)
+        if runner is None:
+            from atom_stream.engine.distributed import make_executor
             runner = make_executor(config)
         self.runner = runner
         self.model_config = runner.model_config
@@ -129,8 +157,6 @@ class LLMEngine:
                            "blocks of %d) holds no more; raise gpu_memory_utilization / "
                            "num_kv_blocks to serve longer", limit, capacity,
                            runner.num_kv_blocks, config.block_size)
-        if tokenizer is None and not skip_tokenizer_init:
-            tokenizer = load_engine_tokenizer(config)
         self.tokenizer = tokenizer
         self._detok_cls, self._stop_cls = _detok_classes() if tokenizer is not None else (None,
                                                                                         None)
@@ -169,18 +195,7 @@ class LLMEngine:
         the context left), or EngineOverloadedError (waiting queue full)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        params = _DEFAULT_PARAMS if params is None else params
-        try:
-            if isinstance(params, dict):  # SGLang-style plain dict: same fields and checks
-                params = SamplingParams(**params)
-            elif not isinstance(params, SamplingParams):
-                raise InvalidRequestError(f"params: must be SamplingParams or a dict, got "
-                                          f"{type(params).__name__}", "params")
-            params.validate()
-        except SamplingParamsError as e:
-            raise InvalidRequestError(str(e), e.param) from None
-        except TypeError as e:  # an unknown field in a dict
-            raise InvalidRequestError(f"params: {e}", "params") from None
+        params = coerce_params(params)
         if params.n != 1:
             raise InvalidRequestError("n: the engine core generates one choice per request; "
                                       "use LLM.generate (it fans n > 1 out) or submit n "
@@ -271,11 +286,13 @@ class LLMEngine:
         seq = req.seq
         out = RequestOutput(seq.request_id, toks, text, reason, stop_reason,
                             Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_tokens,
-                                  seq.num_cached_tokens), error=error)
+                                  seq.num_cached_tokens), error=error,
+                            cumulative_logprob=req.cumulative_logprob)
         if not req.sent_first:
             req.sent_first = True
             out.prompt_token_ids = seq.prompt_token_ids
             out.prompt_logprobs = req.prompt_logprobs
+            out.prompt_logprob_ranks = req.prompt_logprob_ranks
         return out
 
     # ------------------------------------------------------------------ stepping
@@ -299,7 +316,7 @@ class LLMEngine:
         for seq in batch.preempted:
             req = self.requests.get(seq.request_id)
             if req is not None and not req.sent_first:
-                req.prompt_logprobs = None  # recomputed from position 0
+                req.prompt_logprobs = req.prompt_logprob_ranks = None  # recomputed from 0
         return batch
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
@@ -349,6 +366,7 @@ class LLMEngine:
         toks = out.token_ids
         lps = out.logprobs
         plps = out.prompt_logprobs
+        pranks = out.prompt_logprob_ranks
         ttft = self.metrics.ttft
         outputs: list[RequestOutput] = []
         finished: list[_Request] = []
@@ -375,7 +393,11 @@ class LLMEngine:
             if plps is not None and i in plps and not req.sent_first:
                 if req.prompt_logprobs is None:
                     req.prompt_logprobs = []
+                    # a runner that gives no ranks (test fakes) gives none for any chunk
+                    req.prompt_logprob_ranks = None if pranks is None else []
                 req.prompt_logprobs.extend(plps[i])
+                if req.prompt_logprob_ranks is not None:
+                    req.prompt_logprob_ranks.extend(pranks[i])
             if not batch.sample[i]:
                 continue
             tok = toks[j]
@@ -407,8 +429,7 @@ class LLMEngine:
             stop_reason = None
             hide = False
             is_eos = not params.ignore_eos and tok in seq.eos_token_ids
-            if nout >= params.min_tokens and (
-                    is_eos or (params.stop_token_ids and tok in params.stop_token_ids)):
+            if nout >= params.min_tokens and (is_eos or tok in seq.stop_token_set):
                 reason = "stop"
                 if not is_eos:
                     stop_reason = tok
@@ -444,6 +465,7 @@ class LLMEngine:
                     req.sent_first = True
                     o.prompt_token_ids = seq.prompt_token_ids
                     o.prompt_logprobs = req.prompt_logprobs
+                    o.prompt_logprob_ranks = req.prompt_logprob_ranks
             else:
                 seq.finish_reason = reason
                 seq.stop_reason = stop_reason
@@ -452,6 +474,9 @@ class LLMEngine:
                 finished.append(req)
             if lp is not None:
                 o.logprobs = [lp]
+                if req.cumulative_logprob is not None:
+                    req.cumulative_logprob += lp[0]  # exactly the sum of what is delivered
+            o.cumulative_logprob = req.cumulative_logprob
             outputs.append(o)
 
         for req in finished:

@@ -74,8 +74,8 @@ class StepHandle:
     """A launched step. `rows`: each sampled Sequence -> its row of `token_ids` [n] int64 (on the
     device; the next launch gathers pending inputs from it). `host_ids`/`logprobs`/`prompt` are
     host copies, complete once `event` (None on the CPU) has fired; `lp_ks[j]` is row j's
-    `params.logprobs`; `prompt` holds (batch index, k, chosen [m], top values [m, k] | None,
-    top ids [m, k] | None) per prompt-logprob range."""
+    `params.logprobs`; `prompt` holds (batch index, k, chosen [m], ranks [m], top values
+    [m, k] | None, top ids [m, k] | None) per prompt-logprob range."""
 
     rows: dict = dataclasses.field(default_factory=dict)
     token_ids: torch.Tensor | None = None
@@ -469,10 +469,11 @@ class ModelRunner:
         them. Reads only `handle`."""
         if handle.event is not None:
             handle.event.synchronize()
-        prompt_lps = None
+        prompt_lps = prompt_ranks = None
         if handle.prompt:
-            prompt_lps = {}
-            for i, k, chosen, top_v, top_i in handle.prompt:
+            prompt_lps, prompt_ranks = {}, {}
+            for i, k, chosen, ranks, top_v, top_i in handle.prompt:
+                prompt_ranks[i] = ranks.tolist()
                 c = chosen.tolist()
                 if k:
                     tv, ti = top_v.tolist(), top_i.tolist()
@@ -480,20 +481,24 @@ class ModelRunner:
                 else:
                     prompt_lps[i] = [(x, []) for x in c]
         if handle.host_ids is None:
-            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps)
+            return StepOutput(token_ids=[], prompt_logprobs=prompt_lps,
+                              prompt_logprob_ranks=prompt_ranks)
         logprobs = None
         if handle.logprobs is not None:
             lp, top_ids, top_lps = (t.tolist() for t in handle.logprobs)
             logprobs = [None if k is None else (lp[j], list(zip(top_ids[j][:k], top_lps[j][:k])))
                         for j, k in enumerate(handle.lp_ks)]
         return StepOutput(token_ids=handle.host_ids.tolist(), logprobs=logprobs,
-                          prompt_logprobs=prompt_lps)
+                          prompt_logprobs=prompt_lps, prompt_logprob_ranks=prompt_ranks)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inp: StepInputs,
                          prompt_logits: list[torch.Tensor]) -> list:
         """For sequences asking prompt_logprobs: for each chunk position p with p+1 in the prompt,
-        the logprob of prompt token p+1 and the top k, as StepHandle.prompt entries (host copies
-        in flight; `collect` builds the (logprob, [(id, logprob)]) lists keyed by batch index)."""
+        the logprob of prompt token p+1, its rank (layers/sampler.token_ranks, vLLM's) and the
+        top k, as StepHandle.prompt entries (host copies in flight; `collect` builds the
+        (logprob, [(id, logprob)]) lists and the ranks keyed by batch index)."""
+        from atom_stream.layers.sampler import token_ranks
+
         result = []
         for (i, _, n), logits in zip(inp.prompt_ranges, prompt_logits):
             seq = batch.seqs[i]
@@ -501,12 +506,14 @@ class ModelRunner:
             start = seq.num_computed_tokens
             lps = torch.log_softmax(logits, dim=-1)
             targets = torch.tensor(seq.token_ids[start + 1:start + 1 + n], device=lps.device)
-            chosen = self._to_host(lps.gather(1, targets[:, None])[:, 0])
+            chosen = lps.gather(1, targets[:, None])[:, 0]
+            ranks = self._to_host(token_ranks(lps, chosen))
+            chosen = self._to_host(chosen)
             top_v = top_i = None
             if k:
                 top = lps.topk(k, dim=-1)
                 top_v, top_i = self._to_host(top.values), self._to_host(top.indices)
-            result.append((i, k, chosen, top_v, top_i))
+            result.append((i, k, chosen, ranks, top_v, top_i))
         return result
 
     def shutdown(self, sync: bool = True) -> None:

@@ -5,8 +5,15 @@ visible (`text`; stop strings are held back until ruled out and trimmed when mat
 final delta `finish_reason` ("stop" | "length" | "abort" | "error"), `stop_reason` (the matched
 stop string or stop token id; None for EOS) and `usage`. The first delta of a request carries
 `prompt_token_ids`. `logprobs`, when asked for, is aligned with `token_ids`: one
-`(sampled_logprob, [(token_id, logprob), ...top-k])` per token. `error` is the message of a
-failed step (finish_reason "error").
+`(sampled_logprob, [(token_id, logprob), ...top-k])` per token; `cumulative_logprob` (vLLM's
+CompletionOutput field) is then the sum of the request's sampled-token logprobs so far, the
+`sampled_logprob`s of every delta up to this one added in order (a running total, as vLLM's in
+every output kind; 0.0 before any token), and None when logprobs were not asked for.
+`prompt_logprobs` (asked for with `prompt_logprobs=k`) has one `(logprob, [(id, logprob),
+...top-k])` per prompt position 1..n-1 and `prompt_logprob_ranks` the prompt token's rank there,
+aligned with it: vLLM's Logprob.rank, the number of vocab entries whose logprob is >= the
+token's (1 + those strictly greater, when nothing ties with it); both come on the first delta.
+`error` is the message of a failed step (finish_reason "error").
 
 `merge(later)` folds a later delta into this one in place; the per-request output slot uses it when
 the consumer reads slower than the engine produces, so a slow reader gets coalesced chunks and
@@ -15,10 +22,11 @@ memory stays bounded by the request's own length.
 n > 1 (`LLM.generate` only; the engine core runs one choice per request): each prompt's n child
 requests come back gathered into one `MultiChoiceOutput`, a RequestOutput whose `outputs` are the
 n `CompletionOutput`s (vLLM's CompletionOutput: a child's whole output plus `index` 0..n-1) and
-whose own `token_ids`, `text`, `finish_reason`, `stop_reason`, `logprobs` and `error` are those of
-choice 0 (vLLM's RequestOutput has none; DESIGN.md requires them on every output). Its
-`prompt_token_ids` / `prompt_logprobs` belong to the prompt and `usage` to the whole request: the
-prompt counted once, completion tokens summed over the choices (the OpenAI `usage` of n choices).
+whose own `token_ids`, `text`, `finish_reason`, `stop_reason`, `logprobs`, `cumulative_logprob`
+and `error` are those of choice 0 (vLLM's RequestOutput has none; DESIGN.md requires them on
+every output). Its `prompt_token_ids` / `prompt_logprobs` / `prompt_logprob_ranks` belong to the
+prompt and `usage` to the whole request: the prompt counted once, completion tokens summed over
+the choices (the OpenAI `usage` of n choices).
 A one-choice output is its own only choice (`outputs == [self]`, `index == 0`).
 """
 
@@ -45,6 +53,8 @@ class RequestOutput(msgspec.Struct):
     error: str | None = None
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list | None = None
+    prompt_logprob_ranks: list[int] | None = None
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,6 +90,9 @@ class RequestOutput(msgspec.Struct):
             self.prompt_token_ids = later.prompt_token_ids
         if self.prompt_logprobs is None:
             self.prompt_logprobs = later.prompt_logprobs
+            self.prompt_logprob_ranks = later.prompt_logprob_ranks
+        if later.cumulative_logprob is not None:  # a running total: the later one holds all
+            self.cumulative_logprob = later.cumulative_logprob
         if later.finish_reason is not None:
             self.finish_reason = later.finish_reason
             self.stop_reason = later.stop_reason
@@ -134,4 +147,5 @@ class MultiChoiceOutput(RequestOutput):
                    finish_reason=first.finish_reason, stop_reason=first.stop_reason,
                    usage=usage, logprobs=first.logprobs, error=first.error,
                    prompt_token_ids=prompt_ids, prompt_logprobs=src.prompt_logprobs,
-                   choices=outs)
+                   prompt_logprob_ranks=src.prompt_logprob_ranks,
+                   cumulative_logprob=first.cumulative_logprob, choices=outs)

@@ -41,6 +41,7 @@ class Sequence:
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
         "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
         "num_placeholders", "num_uncollected", "final_token_pending", "table_epoch",
+        "stop_token_set", "min_tokens_bans",
     )
 
     def __init__(
@@ -57,6 +58,12 @@ class Sequence:
         self.params = params
         self.max_tokens = max_tokens  # resolved: min(params.max_tokens, max_model_len - prompt)
         self.eos_token_ids = eos_token_ids
+        # built once (params and EOS ids never change for a sequence): the stop check's set of
+        # params.stop_token_ids, and what rows below min_tokens ban (vLLM's all_stop_token_ids:
+        # stop_token_ids and the EOS ids, whatever ignore_eos says; empty without min_tokens)
+        self.stop_token_set = frozenset(params.stop_token_ids)
+        self.min_tokens_bans: tuple[int, ...] = (
+            tuple(self.stop_token_set.union(eos_token_ids)) if params.min_tokens else ())
         self.block_table: list[int] = []
         # bumped by BlockManager.free (table cleared): lets the runner's persistent block-table
         # copy detect a reset even if the table regrew before its next step
@@ -146,9 +153,11 @@ class StepOutput:
 
     `token_ids[j]` is the token sampled for the j-th sequence with `sample[i]` true.
     `logprobs[j]` (when that sequence asked for them) is `(sampled_logprob, [(id, logprob), ...])`.
-    `prompt_logprobs` maps a sequence index to the logprobs of the chunk's tokens (echo).
+    `prompt_logprobs` maps a sequence index to the logprobs of the chunk's tokens (echo), and
+    `prompt_logprob_ranks` (when the runner computes them) to those tokens' ranks, aligned.
     """
 
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     prompt_logprobs: dict[int, list] | None = None
+    prompt_logprob_ranks: dict[int, list[int]] | None = None

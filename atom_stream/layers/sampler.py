@@ -319,6 +319,14 @@ class Sampler:
         return idx.gather(1, p.div_(noise).argmin(-1, keepdim=True))[:, 0]
 
 
+def token_ranks(logprobs: Tensor, token_logprobs: Tensor) -> Tensor:
+    """vLLM's Logprob.rank of one token per row: how many entries of logprobs [N, V] are >= the
+    token's logprob [N] (vLLM's batched_count_greater_than, v1/sample/ops/logprobs.py): 1 + the
+    entries strictly greater when nothing ties with it; a tie counts the tied entries too.
+    int64 [N]."""
+    return (logprobs >= token_logprobs[:, None]).sum(-1)
+
+
 def _top_p_cut(vals: Tensor, thr_k: Tensor, lse: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
     """vals [R, n] sorted descending; returns (threshold [R], mass of all n [R]) under the
     distribution exp(x - lse) restricted to x >= thr_k."""

@@ -149,9 +149,9 @@ class SamplingMetadata:
                 bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
                                                             seq.num_output_tokens, bw))
             if seq.num_output_tokens < p.min_tokens:
-                # vLLM bans all_stop_token_ids: the EOS ids even under ignore_eos
-                stops = set(p.stop_token_ids) | set(seq.eos_token_ids)
-                banned.extend(i * V + t for t in stops if t < V)
+                # vLLM bans all_stop_token_ids (the EOS ids even under ignore_eos), built once
+                # per sequence
+                banned.extend(i * V + t for t in seq.min_tokens_bans if t < V)
             if p.logit_bias:
                 bias_pos.extend(i * V + t for t in p.logit_bias)
                 bias_val.extend(float(v) for v in p.logit_bias.values())
