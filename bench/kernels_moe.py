@@ -233,11 +233,6 @@ PREFILL_CANDIDATES = {1024: _PF, 4096: _PF, 8192: _PF}
 # --set aw (session 11): the parallel align's warps per program (AW; default par_warps)
 _AW = [{}, {"AW": 4}, {"AW": 16}, {"stop_after": "gate_up"}, {"AW": 4, "stop_after": "gate_up"}, {}]
 AW_CANDIDATES = {64: _AW, 256: _AW, 1024: _AW}
-# --set occ (session 11): register caps that add a CTA per SM without spilling (offline sm_90
-# compile: gate_up 121 -> 96 registers = 4 -> 5 CTAs; down 93 -> 84 = 5 -> 6 CTAs, 12 B spilled)
-_OCC = [{}, {"R1": 96}, {"R2": 84}, {"R1": 96, "R2": 84}, {"R2": 80}, {"R1": 96, "stop_after": "gate_up"},
-        {"stop_after": "gate_up"}, {}]
-OCC_CANDIDATES = {16: [{}, {"R1": 96}, {"R2": 84}, {}], 64: _OCC, 256: _OCC}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -284,8 +279,6 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return PREFILL_CANDIDATES.get(M, [{}])
     if cset == "aw":
         return AW_CANDIDATES.get(M, [{}])
-    if cset == "occ":
-        return OCC_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -337,7 +330,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down", "prefill", "aw", "occ") and b is not None:
+                if cset in ("tc", "tcx", "down", "prefill", "aw") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -399,11 +392,11 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
-                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "occ"),
+                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
-                    "aw = AW_CANDIDATES, occ = OCC_CANDIDATES")
+                    "aw = AW_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _INTERP, _e2m1_value, _mm, _mx_quant, _row_scale, _wrow
+from .fused_moe_common import _e2m1_value, _mm, _mx_quant, _row_scale, _wrow
 from .moe_align import max_blocks, moe_align, pair_expert
 
 
@@ -243,14 +243,6 @@ def act_quant_mxfp4(hidden, packed: bool):
     return x, xs
 
 
-def _regcap(cap) -> dict:
-    """Launch option capping registers per thread (cfg "R1" / "R2": more CTAs per SM when the
-    cap crosses an occupancy step, e.g. the int4 gate_up's 121 -> 96: 4 -> 5 CTAs of 4 warps,
-    no spills in the offline sm_90 compile, bench/sass_count.py); NVIDIA only (ignored on ROCm
-    and in the interpreter)."""
-    return {"maxnreg": int(cap)} if cap and not _INTERP and not torch.version.hip else {}
-
-
 def _pick(cands, n):
     return next(c for c in cands if n % c == 0)
 
@@ -291,7 +283,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
         ACT_OUT=act_out, XM=cfg["XM"], WT=wt, num_warps=cfg["W1"], num_stages=cfg["S1"],
-        **common, **_regcap(cfg.get("R1")))
+        **common)
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
     y = empty((P, H), out.dtype, dev, poison)
@@ -300,7 +292,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
         A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
         num_stages=cfg["S2"],
-        **common, **_regcap(cfg.get("R2")))
+        **common)
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_weights.stride(0), out.stride(0),
                                  H=H, TOPK=top_k, KP=kp, BH=bh, num_warps=4)
