@@ -25,8 +25,8 @@ the consuming task, or `await engine.abort(id)` aborts the request and frees its
 Errors: InvalidRequestError / PromptTooLongError / EngineOverloadedError are raised by the first
 `__anext__` (before anything is yielded); a failed model step raises GenerationError from the
 affected requests' iterators only; if the loop itself dies, every stream raises EngineDeadError
-and `is_dead` turns true. Long text prompts and every chat prompt (template rendering plus
-tokenization) are tokenized in the default thread pool, off the loop.
+and `is_dead` turns true. Prompts are tokenized by engine/prompts.py (`tokenize_prompt`, also
+`AsyncEngine.tokenize_prompt`): long text prompts and every chat prompt off the loop.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ from typing import Any
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.outputs import RequestOutput
+from atom_stream.engine.prompts import (  # noqa: F401 - resolve_chat_options: re-exported (app)
+    Prompt,
+    resolve_chat_options,
+    tokenize_prompt,
+)
 from atom_stream.errors import (
     EngineDeadError,
     GenerationError,
@@ -54,9 +59,6 @@ from atom_stream.errors import (
 from atom_stream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int] | list[dict]
-_OFFLOOP_CHARS = 2048  # tokenize longer prompts in a thread
 
 
 class _Slot:
@@ -189,7 +191,7 @@ class AsyncEngine:
         def run() -> None:
             try:
                 self._core.runner.shutdown()
-            except Exception:  # noqa: BLE001 - reported; the engine is dead anyway
+            except Exception:  # reported; the engine is dead anyway
                 logger.exception("runner shutdown failed")
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop closed after a timeout
@@ -268,8 +270,10 @@ class AsyncEngine:
             request_id = uuid.uuid4().hex
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        ids = await self._tokenize(prompt, chat_template_kwargs, add_special_tokens,
-                                   add_generation_prompt, continue_final_message)
+        ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
+                                         add_special_tokens=add_special_tokens,
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
@@ -318,46 +322,16 @@ class AsyncEngine:
             self._deliver(out)
         self._check_idle()
 
-    async def _tokenize(self, prompt: Prompt, chat_template_kwargs: dict | None,
-                        add_special_tokens: bool = True, add_generation_prompt: bool = True,
-                        continue_final_message: bool = False) -> list[int]:
-        """Text is tokenized in the default thread pool when long; a chat prompt always is:
-        rendering reads more than the contents (tools, tool calls, template kwargs), so its
-        size says nothing about its cost (a megabyte of tool schemas beside a "hi")."""
-        if isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt: must not be empty", "prompt")
-            fn = functools.partial(self._need_tokenizer().encode, prompt,
-                                   add_special_tokens=add_special_tokens)
-            size = len(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            kw = dict(chat_template_kwargs or {})
-            # vLLM updates its template kwargs with the request's chat_template_kwargs last
-            agp = bool(kw.pop("add_generation_prompt", add_generation_prompt))
-            cfm = bool(kw.pop("continue_final_message", continue_final_message))
-            fn = functools.partial(self._need_tokenizer().encode_chat, prompt,
-                                   add_generation_prompt=agp, continue_final_message=cfm, **kw)
-            size = _OFFLOOP_CHARS + 1  # always off the loop (see the docstring)
-        else:
-            raise InvalidRequestError(
-                "prompt: must be a non-empty string, list of token ids or list of messages",
-                "prompt")
-        try:
-            if size > _OFFLOOP_CHARS:
-                return await asyncio.get_running_loop().run_in_executor(None, fn)
-            return fn()
-        except (ValueError, TypeError, KeyError) as e:
-            field = "prompt" if isinstance(prompt, str) else "messages"
-            raise InvalidRequestError(f"{field}: {e}", field) from None
-
-    def _need_tokenizer(self) -> Any:
-        tok = self.core.tokenizer
-        if tok is None:
-            raise InvalidRequestError("prompt: text prompts need a tokenizer", "prompt")
-        return tok
+    async def tokenize_prompt(self, prompt: Prompt, chat_template_kwargs: dict | None = None,
+                              *, add_special_tokens: bool = True,
+                              add_generation_prompt: bool = True,
+                              continue_final_message: bool = False) -> list[int]:
+        """The token ids generate() would run for `prompt` (module-level tokenize_prompt with
+        this engine's tokenizer; same arguments as generate's)."""
+        return await tokenize_prompt(self.core.tokenizer, prompt, chat_template_kwargs,
+                                     add_special_tokens=add_special_tokens,
+                                     add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message)
 
     # ------------------------------------------------------------------ the loop task
     def _deliver(self, out: RequestOutput) -> None:

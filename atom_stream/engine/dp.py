@@ -4,11 +4,11 @@
     async with engine:
         async for out in engine.generate("Hello", SamplingParams(max_tokens=32)): ...
 
-`DPEngine` has AsyncEngine's public surface (generate/abort/stats/metrics/tokenizer/model_config/
-max_model_len/is_dead/start/shutdown, async context manager) and wraps one AsyncEngine per
-replica, all on the caller's event loop: each replica has its own engine loop task, step thread,
-scheduler, KV pool and model copy. There is no IPC hop: requests go straight to a replica's
-AsyncEngine.
+`DPEngine` has AsyncEngine's public surface (generate/abort/tokenize_prompt/stats/metrics/
+tokenizer/model_config/max_model_len/is_dead/start/shutdown, async context manager) and wraps one
+AsyncEngine per replica, all on the caller's event loop: each replica has its own engine loop
+task, step thread, scheduler, KV pool and model copy. There is no IPC hop: requests go straight
+to a replica's AsyncEngine.
 
 Placement: replica i gets device `cuda:{b + i*tp}` (b: the index in `device="cuda:b"`, else 0),
 and with tensor_parallel_size > 1 its TP ranks use GPUs [b + i*tp, b + (i+1)*tp)
@@ -36,8 +36,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from atom_stream.config import ConfigError, EngineConfig
-from atom_stream.engine.async_engine import AsyncEngine, Prompt
+from atom_stream.engine.async_engine import AsyncEngine
 from atom_stream.engine.outputs import RequestOutput
+from atom_stream.engine.prompts import Prompt
 from atom_stream.errors import EngineDeadError, InvalidRequestError
 from atom_stream.sampling_params import SamplingParams
 
@@ -252,3 +253,12 @@ class DPEngine:
         i = self._owner.get(request_id)
         if i is not None:
             await self.replicas[i].abort(request_id)
+
+    async def tokenize_prompt(self, prompt: Prompt, chat_template_kwargs: dict | None = None,
+                              *, add_special_tokens: bool = True, **chat_options: Any
+                              ) -> list[int]:
+        """AsyncEngine.tokenize_prompt of replica 0 (every replica has the same tokenizer, as
+        `tokenizer`): the token ids generate() would run for `prompt` on any replica."""
+        return await self.replicas[0].tokenize_prompt(prompt, chat_template_kwargs,
+                                                      add_special_tokens=add_special_tokens,
+                                                      **chat_options)

@@ -45,6 +45,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
+from atom_stream.engine.async_engine import resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
@@ -167,15 +168,13 @@ class Tokenization(OpenAIServing):
             engine = self.state.engine
             tok = engine.tokenizer
             if req.messages is not None:
-                if req.continue_final_message and req.add_generation_prompt:
-                    raise InvalidRequestError("Cannot set both `continue_final_message` and "
-                                              "`add_generation_prompt` to True.")
+                # the chat route's options and error (chat_template_kwargs override the fields)
+                agp, cfm, kwargs = resolve_chat_options(
+                    {**self.state.config.default_chat_template_kwargs,
+                     **({"tools": req.tools} if req.tools else {}),
+                     **(req.chat_template_kwargs or {})},
+                    req.add_generation_prompt, req.continue_final_message)
                 messages = messages_to_dicts(req.messages)
-                kwargs = {**self.state.config.default_chat_template_kwargs,
-                          **({"tools": req.tools} if req.tools else {}),
-                          **(req.chat_template_kwargs or {})}
-                agp = bool(kwargs.pop("add_generation_prompt", req.add_generation_prompt))
-                cfm = bool(kwargs.pop("continue_final_message", req.continue_final_message))
                 fn = functools.partial(tok.encode_chat, messages, add_generation_prompt=agp,
                                        continue_final_message=cfm,
                                        add_special_tokens=bool(req.add_special_tokens),

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
+from atom_stream.engine.prompts import resolve_chat_options
 from atom_stream.errors import GenerationError
 from atom_stream.protocol import (
     ChatChoice,
@@ -37,9 +38,7 @@ from atom_stream.protocol import (
     ModelCard,
     ModelList,
     ModelPermission,
-    PromptTokensDetails,
     ResponseMessage,
-    UsageInfo,
     validation_param,
 )
 from atom_stream.sampling_params import SamplingParams
@@ -55,7 +54,6 @@ from atom_stream.server.openai_params import (  # noqa: F401 - re-exported (app,
 )
 from atom_stream.server.request_ids import base_request_id, engine_request_id
 from atom_stream.server.responses import (
-    VALIDATION_TYPE,
     ClientGone,
     HTTPError,
     SSEResponse,
@@ -129,6 +127,7 @@ class Collected:
     logprobs: list = field(default_factory=list)
     prompt_ids: list[int] | None = None
     prompt_logprobs: list | None = None
+    prompt_logprob_ranks: list[int] | None = None  # aligned with prompt_logprobs
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     usage: Any = None
@@ -279,6 +278,7 @@ class OpenAIServing:
                     r.prompt_ids = out.prompt_token_ids
                 if out.prompt_logprobs is not None:
                     r.prompt_logprobs = out.prompt_logprobs
+                    r.prompt_logprob_ranks = out.prompt_logprob_ranks
                 if out.finish_reason is not None:
                     if out.finish_reason == "abort":
                         raise GenerationError("the request was aborted (server shutting down)")
@@ -287,17 +287,6 @@ class OpenAIServing:
         finally:
             await close_choices(choices)
         return results
-
-    def _usage(self, choices: list[Choice], results: list[Collected]) -> UsageInfo:
-        first = {c.prompt_key: r.usage for c, r in zip(choices, results) if r.usage}
-        prompt_tokens = sum(u.prompt_tokens for u in first.values())
-        completion = sum(r.usage.completion_tokens for r in results if r.usage)
-        usage = UsageInfo(prompt_tokens, prompt_tokens + completion, completion)
-        if self._details and first:
-            # vLLM: only with --enable-prompt-tokens-details; the last prompt's cached tokens
-            # (completion/serving.py: last_final_res.num_cached_tokens)
-            usage.prompt_tokens_details = PromptTokensDetails(first[max(first)].cached_tokens)
-        return usage
 
     @property
     def _details(self) -> bool:
@@ -321,13 +310,14 @@ class OpenAIServing:
             params = build_sampling_params(req, chat=True)
             messages = messages_to_dicts(req.messages)
             kwargs = {**self.state.config.default_chat_template_kwargs,
-                      **(req.chat_template_kwargs or {}), **chat_tools_kwargs(req)} or None
-            if req.continue_final_message and req.add_generation_prompt:
-                raise HTTPError(400, "Cannot set both `continue_final_message` and "
-                                "`add_generation_prompt` to True.", type=VALIDATION_TYPE)
+                      **(req.chat_template_kwargs or {}), **chat_tools_kwargs(req)}
+            # the options as the template gets them (chat_template_kwargs override the
+            # request's fields); both true is a 400 here, before any work
+            agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,
+                                                    req.continue_final_message)
+            kwargs = kwargs or None
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
-            opts = {"add_generation_prompt": req.add_generation_prompt,
-                    "continue_final_message": req.continue_final_message}
+            opts = {"add_generation_prompt": agp, "continue_final_message": cfm}
             # the engine renders the template off the loop (always, whatever the size); with
             # truncate_prompt_tokens it is rendered here and the ids are cut
             prompts = await truncate_prompts(self.engine, [messages], req, params.max_tokens,
@@ -357,8 +347,8 @@ class OpenAIServing:
                                   r.finish_reason, r.stop_reason))
             if ctx.return_token_ids:
                 out[-1].token_ids = r.token_ids
-        resp = ChatCompletionResponse(rid, "chat.completion", ctx.created, model, out,
-                                      self._usage(choices, results))
+        usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
+        resp = ChatCompletionResponse(rid, "chat.completion", ctx.created, model, out, usage)
         openai_stream.add_prompt_extras(ctx, resp, results[0], params.prompt_logprobs)
         return json_response(resp)
 
@@ -414,8 +404,9 @@ class OpenAIServing:
         out = [openai_stream.completion_choice(ctx, c.index, c.prompt_text, r, req.echo,
                                                params.prompt_logprobs)
                for c, r in zip(choices, results)]
+        usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         return json_response(CompletionResponse(rid, "text_completion", ctx.created, model, out,
-                                                self._usage(choices, results)))
+                                                usage))
 
     # ---------------------------------------------------------------- small routes
     async def models(self, request: Request) -> Response:

@@ -17,8 +17,6 @@ vLLM request fields that change what is sent to the engine.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from typing import Any
 
 import msgspec
@@ -56,7 +54,6 @@ def refuse_structured_output(req: Any) -> None:
         if getattr(req, name) is not None:
             raise HTTPError(400, f"{name} is not supported: this server has no "
                             "structured-output decoding", name)
-
 
 
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
@@ -198,34 +195,20 @@ def truncate_ids(ids: list[int], n: int) -> list[int]:
 async def truncate_prompts(engine: Any, prompts: list[Any], req: Any, max_tokens: int | None,
                            chat_kwargs: dict | None = None, chat_options: dict | None = None
                            ) -> list[Any]:
-    """Apply `truncate_prompt_tokens` (None: the prompts unchanged). Text prompts are tokenized
-    (completions: with add_special_tokens) and chat messages rendered here, off the loop, as
-    the engine would, then cut to their last N ids; token-id prompts are cut directly (vLLM's
-    renderer truncates after tokenizing: `tokens[-max_length:]`)."""
+    """Apply `truncate_prompt_tokens` (None: the prompts unchanged). Each prompt is tokenized
+    as the engine would (`engine.tokenize_prompt`, the engine's own path: text with the request's
+    add_special_tokens, chat messages rendered off the loop with `chat_options` and
+    `chat_kwargs`, token ids as given), then cut to its last N ids (vLLM's renderer truncates
+    after tokenizing: `tokens[-max_length:]`)."""
     size = truncation_size(req.truncate_prompt_tokens, engine.max_model_len, max_tokens)
     if size is None:
         return prompts
-    tok = engine.tokenizer
     out = []
     for p in prompts:
-        if isinstance(p, str):
-            fn = functools.partial(tok.encode, p, add_special_tokens=req.add_special_tokens)
-        elif p and isinstance(p[0], dict):
-            kw = dict(chat_kwargs or {})
-            opts = chat_options or {}
-            # as the engine: keys in chat_template_kwargs override the request's options
-            agp = bool(kw.pop("add_generation_prompt", opts.get("add_generation_prompt", True)))
-            cfm = bool(kw.pop("continue_final_message",
-                              opts.get("continue_final_message", False)))
-            fn = functools.partial(tok.encode_chat, p, add_generation_prompt=agp,
-                                   continue_final_message=cfm, **kw)
-        else:
-            out.append(truncate_ids(list(p), size))
-            continue
-        try:
-            ids = await asyncio.get_running_loop().run_in_executor(None, fn)
-        except (ValueError, TypeError, KeyError) as e:
-            field = "prompt" if isinstance(p, str) else "messages"
-            raise HTTPError(400, f"{field}: {e}", field) from None
-        out.append(truncate_ids(ids, size))
+        # the engine's own method (AsyncEngine or DPEngine); chat requests have no
+        # add_special_tokens (unused for messages)
+        ids = await engine.tokenize_prompt(
+            p, chat_kwargs, add_special_tokens=getattr(req, "add_special_tokens", True),
+            **(chat_options or {}))
+        out.append(truncate_ids(list(ids), size))
     return out

@@ -27,9 +27,10 @@ a stream (finish chunk, usage chunk, [DONE]) leaves in a single write (`FinalChu
 vLLM extras carried by StreamContext: `return_token_ids` (completions: `prompt_token_ids` on a
 choice's first chunk and `token_ids` on each; chat: `prompt_token_ids` on the role chunks and
 `token_ids` on the choices; the fast path is off), `details` (`--enable-prompt-tokens-details`:
-the usage chunk carries `prompt_tokens_details.cached_tokens`), `echo_only` (completions echo with
+the usage chunk carries `prompt_tokens_details.cached_tokens`, 0 too; `final_usage` builds the
+usage of streamed and non-streamed answers alike), `echo_only` (completions echo with
 max_tokens 0: the echo chunk is the prompt alone). `prompt_logprobs_json` formats prompt logprobs
-as vLLM's `list[dict[int, Logprob] | None]`.
+as vLLM's `list[dict[int, Logprob] | None]`, with the engine's rank of every prompt token.
 """
 
 from __future__ import annotations
@@ -151,14 +152,16 @@ def decode_token(tokenizer: Any, tid: int) -> str:
     return s
 
 
-def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: list | None
-                         ) -> list:
+def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: list | None,
+                         ranks: list[int] | None = None) -> list:
     """Engine prompt logprobs (`(logprob, [(id, logprob), ...top-k])` for prompt positions
-    1..n-1) -> vLLM's response `prompt_logprobs`: None for the first token, then per position a
-    dict keyed by token id, the prompt token first, then the top-k with ranks 1..k (vLLM v1's
-    LogprobsProcessor._make_logprob_dict: a prompt token inside the top-k keeps its first place
-    and takes the top-k entry). -inf is -9999.0 (vLLM's clamp_prompt_logprobs). The engine does
-    not compute the rank of a prompt token outside the top-k: it is null there."""
+    1..n-1) and their `ranks` (RequestOutput.prompt_logprob_ranks, aligned with `plps`: the
+    prompt token's rank in the vocabulary) -> vLLM's response `prompt_logprobs`: None for the
+    first token, then per position a dict keyed by token id, the prompt token first with its
+    rank, then the top-k with ranks 1..k (vLLM v1's LogprobsProcessor._make_logprob_dict: ranks
+    `[sampled_token_rank, 1..k]`; a prompt token inside the top-k keeps its first place and
+    takes the top-k entry). -inf is -9999.0 (vLLM's clamp_prompt_logprobs). Without `ranks`
+    (an engine that gives none) a prompt token outside the top-k has rank null."""
     cache: dict[int, str] = {}
 
     def entry(tid: int, lp: float, rank: int | None) -> PromptLogprob:
@@ -168,12 +171,16 @@ def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: lis
         return PromptLogprob(-9999.0 if lp == float("-inf") else lp, rank, s)
 
     out: list = []
-    for tid, lp in zip(prompt_ids or (), pad_prompt_logprobs(plps, prompt_ids)):
+    padded = pad_prompt_logprobs(plps, prompt_ids)
+    ranks_at = pad_prompt_logprobs(ranks, prompt_ids) if ranks is not None else None
+    for k, (tid, lp) in enumerate(zip(prompt_ids or (), padded)):
         if lp is None:
             out.append(None)
             continue
         chosen, tops = lp
-        rank = next((r for r, (t, _) in enumerate(tops, 1) if t == tid), None)
+        rank = ranks_at[k] if ranks_at is not None else None
+        if rank is None:
+            rank = next((r for r, (t, _) in enumerate(tops, 1) if t == tid), None)
         d = {tid: entry(tid, chosen, rank)}
         for r, (t, v) in enumerate(tops, 1):
             d[t] = entry(t, v, r)
@@ -181,16 +188,33 @@ def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: lis
     return out
 
 
-def usage_info(ctx: StreamContext, prompt: int, completion: int, cached: int) -> UsageInfo:
-    """Final usage; `prompt_tokens_details` only with --enable-prompt-tokens-details (vLLM)."""
-    u = UsageInfo(prompt, prompt + completion, completion)
-    if ctx.details:
-        u.prompt_tokens_details = PromptTokensDetails(cached)
-    return u
+def final_usage(ctx: StreamContext, choices: list, usages: list) -> UsageInfo:
+    """The final `usage` of a response, streamed (the usage chunk) or not, from each choice's
+    final engine Usage (`usages[k]` for `choices[k]`; None where a choice has none): prompt
+    tokens once per prompt (n choices share one), completion tokens summed over the choices.
+    `prompt_tokens_details` only with --enable-prompt-tokens-details (vLLM), and then always,
+    `cached_tokens: 0` included: vLLM main tests `num_cached_tokens is not None` (PR #44383,
+    fixing issue #44377; completion/serving.py and chat_completion/serving.py's
+    _make_prompt_tokens_details), and a v1 RequestOutput always has an int there. Releases
+    before that fix tested truthiness and left out a zero count. The count is the cached
+    tokens of the LAST prompt (vLLM's non-streamed `last_final_res.num_cached_tokens`), which
+    vLLM counts once per prompt, not per choice. Our n choices are separate engine requests
+    whose counts can differ, so the prompt's FIRST choice stands for it, in both paths alike."""
+    by_prompt: dict[int, Any] = {}
+    for c, u in zip(choices, usages):
+        if u is not None:
+            by_prompt.setdefault(c.prompt_key, u)  # choices come in index order: the first
+    prompt = sum(u.prompt_tokens for u in by_prompt.values())
+    completion = sum(u.completion_tokens for u in usages if u is not None)
+    usage = UsageInfo(prompt, prompt + completion, completion)
+    if ctx.details and by_prompt:
+        usage.prompt_tokens_details = PromptTokensDetails(by_prompt[max(by_prompt)].cached_tokens)
+    return usage
 
 
 def pad_prompt_logprobs(plps: list | None, prompt_ids: list[int] | None) -> list:
-    """Prompt logprobs aligned with the prompt ids (the first position has none)."""
+    """Prompt logprobs (or their ranks) aligned with the prompt ids (the first position has
+    none)."""
     n = len(prompt_ids or ())
     plps = list(plps or ())
     return [None] * (n - len(plps)) + plps[-n:] if n else []
@@ -231,7 +255,7 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
     rti = ctx.return_token_ids
     fast = ctx.logprobs is None and not continuous and not rti
     templates: dict[int, tuple[bytes, bytes]] = {}
-    cached = 0
+    finals: list[Any] = [None] * n  # each choice's final engine Usage (final_usage)
 
     def usage(i: int) -> Any:
         if not continuous:
@@ -280,8 +304,7 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
-                if i == 0 and out.usage is not None:
-                    cached = out.usage.cached_tokens
+                finals[i] = out.usage
                 lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
                       if ctx.logprobs is not None else None)
                 last = chunk(i, DeltaMessage(content=out.text), lp, out.finish_reason,
@@ -295,8 +318,8 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
         yield FinalChunk(b"".join(tail) + error_event(e) + DONE)
         return
     if include_usage:
-        tail.append(sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model, [], usage_info(
-            ctx, prompt_tokens, sum(completion), cached))))
+        tail.append(sse(ChatCompletionChunk(rid, CHAT_OBJECT, created, model, [],
+                                            final_usage(ctx, choices, finals))))
     tail.append(DONE)
     yield FinalChunk(b"".join(tail))
 
@@ -315,7 +338,7 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
     sent_prompt_ids = [not rti] * n
     fast = ctx.logprobs is None and not continuous and not rti
     templates: dict[int, tuple[bytes, bytes]] = {}
-    cached = 0
+    finals: list[Any] = [None] * n  # each choice's final engine Usage (final_usage)
 
     def chunk(i: int, text: str, ids: list[int], lps: list | None, finish: Any = None,
               stop: Any = None, out: Any = None) -> bytes:
@@ -370,8 +393,7 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
-                if i == 0 and out.usage is not None:
-                    cached = out.usage.cached_tokens
+                finals[i] = out.usage
                 last = chunk(i, text, ids, lps, out.finish_reason, out.stop_reason, out)
                 finished += 1
                 if finished == n:
@@ -382,17 +404,10 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
         yield FinalChunk(b"".join(tail) + error_event(e) + DONE)
         return
     if include_usage:
-        p = _prompt_total(choices, prompt_tokens)
         tail.append(sse(CompletionUsageChunk(rid, COMPLETION_OBJECT, created, model, [],
-                                             usage_info(ctx, p, sum(completion), cached))))
+                                             final_usage(ctx, choices, finals))))
     tail.append(DONE)
     yield FinalChunk(b"".join(tail))
-
-
-def _prompt_total(choices: list, prompt_tokens: list[int]) -> int:
-    """Prompt tokens counted once per distinct prompt (n choices share one prompt)."""
-    seen = {c.prompt_key: p for c, p in zip(choices, prompt_tokens)}
-    return sum(seen.values())
 
 
 def completion_choice(ctx: StreamContext, index: int, prompt_text: str | None, r: Any,
@@ -415,7 +430,8 @@ def completion_choice(ctx: StreamContext, index: int, prompt_text: str | None, r
     choice = CompletionChoice(index, text, lp, r.finish_reason, r.stop_reason)
     if prompt_logprobs is not None:
         choice.prompt_logprobs = prompt_logprobs_json(ctx.tokenizer, r.prompt_ids,
-                                                      r.prompt_logprobs)
+                                                      r.prompt_logprobs,
+                                                      r.prompt_logprob_ranks)
     if ctx.return_token_ids:
         choice.token_ids = list(r.token_ids)
         choice.prompt_token_ids = list(r.prompt_ids or ())
@@ -428,6 +444,6 @@ def add_prompt_extras(ctx: StreamContext, resp: Any, r: Any, prompt_logprobs: in
     prompt_token_ids sit on the response, not on the choices."""
     if prompt_logprobs is not None:
         resp.prompt_logprobs = prompt_logprobs_json(ctx.tokenizer, r.prompt_ids,
-                                                    r.prompt_logprobs)
+                                                    r.prompt_logprobs, r.prompt_logprob_ranks)
     if ctx.return_token_ids:
         resp.prompt_token_ids = list(r.prompt_ids or ())
