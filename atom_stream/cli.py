@@ -14,9 +14,11 @@ internal engine port, unused, and HTTP is `--server-port`), `--served-model-name
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--shutdown-timeout`, `--log-level`, `--timeout-keep-alive`,
 `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags (`--allowed-origins`,
-`--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]'; `--[no-]allow-credentials`)
-and `--[no-]enable-prompt-tokens-details`. `atom-stream -v | --version` prints the version (as
-`vllm --version`). ATOM flags that select features this engine always has or does not offer
+`--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]'; `--[no-]allow-credentials`),
+`--[no-]enable-prompt-tokens-details` and vLLM's `--enable-auto-tool-choice`,
+`--tool-call-parser {kimi_k2,deepseek_v3}`, `--reasoning-parser {kimi_k2,deepseek_r1}` (an
+unknown name is a start-up error listing the known ones). `atom-stream -v | --version` prints
+the version (as `vllm --version`). ATOM flags that select features this engine always has or does not offer
 (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are accepted and logged
 (`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means `--load-format dummy`.
 No `--model`: the demo model.
@@ -220,6 +222,13 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                    help="CORS: allow credentials")
     g.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction,
                    default=False, help="report usage.prompt_tokens_details (cached tokens)")
+    # vLLM's tool calling and reasoning flags (server/chat_parsing.py)
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='parse tool calls for tool_choice "auto" (needs --tool-call-parser)')
+    g.add_argument("--tool-call-parser", default=None,
+                   help="tool-call format of the model: kimi_k2 | deepseek_v3")
+    g.add_argument("--reasoning-parser", default=None,
+                   help="split <think> reasoning into reasoning_content: kimi_k2 | deepseek_r1")
 
 
 _CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_AND_PIECEWISE", "AF_PIECEWISE")
@@ -282,6 +291,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
 
 

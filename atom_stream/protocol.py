@@ -109,8 +109,8 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused (vLLM's default: untrusted request template)
-    # tools are rendered into the prompt by the chat template; tool calls are not parsed, so
-    # tool_choice other than "none" is refused
+    # tools are rendered into the prompt by the chat template; tool calls are parsed with
+    # --enable-auto-tool-choice --tool-call-parser (tool_choice "auto"), see chat_parsing.py
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -180,9 +180,40 @@ class CompletionLogprobs(Struct):
     top_logprobs: list[dict[str, float] | None]
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # the model's JSON text, as generated (not re-serialized)
+
+
+class ToolCall(Struct):
+    """vLLM's ToolCall (message.tool_calls[k]): id, type "function", function."""
+
+    id: str
+    type: str
+    function: FunctionCall
+
+
+class DeltaFunctionCall(Struct):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class DeltaToolCall(Struct, kw_only=True):
+    """vLLM's DeltaToolCall dumped with exclude_unset: the first delta of a call carries id,
+    type and function.name; later ones index and function.arguments (a piece of the text)."""
+
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+    index: int
+    function: DeltaFunctionCall | UnsetType = UNSET
+
+
 class DeltaMessage(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    # with --reasoning-parser / --tool-call-parser (vLLM's DeltaMessage field order)
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[DeltaToolCall] | UnsetType = UNSET
 
 
 class ChatStreamChoice(Struct):
@@ -235,9 +266,14 @@ class CompletionUsageChunk(Struct):
     usage: UsageInfo
 
 
-class ResponseMessage(Struct):
+class ResponseMessage(Struct, kw_only=True):
+    """vLLM's ChatMessage. `reasoning_content` and `tool_calls` only when the server runs a
+    reasoning / tool-call parser (then always, null / [] included, as vLLM dumps them)."""
+
     role: str
-    content: str
+    reasoning_content: str | None | UnsetType = UNSET
+    content: str | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(Struct):

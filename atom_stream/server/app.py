@@ -49,6 +49,7 @@ from atom_stream.engine.async_engine import resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
+from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
 from atom_stream.server.responses import HTTPError, json_response, read_body
@@ -83,6 +84,11 @@ class ServerConfig:
     allow_credentials: bool = False
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details only when set
     enable_prompt_tokens_details: bool = False
+    # vLLM's --enable-auto-tool-choice / --tool-call-parser / --reasoning-parser
+    # (server/chat_parsing.py; names: tool_parsers.TOOL_PARSERS, REASONING_PARSERS)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
@@ -98,6 +104,8 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be a positive integer")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
+        check_parser_names(self.tool_call_parser, self.reasoning_parser,
+                           self.enable_auto_tool_choice)
 
 
 class ServerState:

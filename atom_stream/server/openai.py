@@ -8,6 +8,8 @@ decode into the request Struct (type errors -> 400 naming the JSON path) -> mode
 engine raises before its first yield (prompt too long -> 400 `input_tokens`, overload -> 503 +
 Retry-After, bad token ids -> 400) become proper HTTP errors instead of stream events.
 
+Chat answers are split into reasoning / content / tool calls when the server runs vLLM's
+`--reasoning-parser` / `--enable-auto-tool-choice --tool-call-parser` (chat_parsing.py).
 Streaming answers are produced by `openai_stream.py` (vLLM's SSE bytes); non-streaming answers
 are collected here while a watcher cancels the work if the client disconnects (the engine stream
 is closed, which aborts the request and frees its blocks).
@@ -43,6 +45,7 @@ from atom_stream.protocol import (
 )
 from atom_stream.sampling_params import SamplingParams
 from atom_stream.server import openai_stream
+from atom_stream.server.chat_parsing import ChatParsing, ParsePlan
 from atom_stream.server.openai_params import (  # noqa: F401 - re-exported (app, websocket)
     _invalid,
     build_sampling_params,
@@ -87,16 +90,14 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise _invalid("the request body is nested too deeply") from None
 
 
-def chat_tools_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
-    """The request's tools for the chat template ({"tools": [...]}, or {}); tool_choice other
-    than "none" needs tool-call parsing, which this server does not do: a 400."""
-    choice = req.tool_choice
-    if choice is not None and choice != "none":
-        what = choice if isinstance(choice, str) else "named"
-        raise HTTPError(400, f"tool_choice {what!r} is not supported: this server does not "
-                        "parse tool calls (tool_choice 'none' renders the tools into the prompt)",
-                        "tool_choice")
-    return {"tools": req.tools} if req.tools else {}
+def chat_tools_kwargs(req: ChatCompletionRequest, parsing: ChatParsing | None = None
+                      ) -> tuple[dict[str, Any], bool]:
+    """The request's tools for the chat template ({"tools": [...]}, or {}) and whether its
+    output is parsed for tool calls. tool_choice is checked as vLLM does (chat_parsing.py):
+    "auto" needs --enable-auto-tool-choice --tool-call-parser, "required" / named functions
+    need guided decoding (not served): 400s."""
+    parse = (parsing or ChatParsing()).tool_choice(req)
+    return ({"tools": req.tools} if req.tools else {}), parse
 
 
 def stream_usage(opts: Any) -> tuple[bool, bool]:
@@ -205,6 +206,8 @@ class OpenAIServing:
 
     def __init__(self, state: Any):
         self.state = state
+        # --enable-auto-tool-choice / --tool-call-parser / --reasoning-parser
+        self.parsing = ChatParsing.from_config(state.config)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -309,13 +312,17 @@ class OpenAIServing:
             model = self._model(req.model)
             params = build_sampling_params(req, chat=True)
             messages = messages_to_dicts(req.messages)
+            tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
             kwargs = {**self.state.config.default_chat_template_kwargs,
-                      **(req.chat_template_kwargs or {}), **chat_tools_kwargs(req)}
+                      **(req.chat_template_kwargs or {}), **tools_kwargs}
             # the options as the template gets them (chat_template_kwargs override the
             # request's fields); both true is a 400 here, before any work
             agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,
                                                     req.continue_final_message)
             kwargs = kwargs or None
+            plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer)
+            if plan is not None and plan.keep_specials:
+                params.skip_special_tokens = False  # the parsers read the marker tokens
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
             opts = {"add_generation_prompt": agp, "continue_final_message": cfm}
             # the engine renders the template off the loop (always, whatever the size); with
@@ -335,7 +342,8 @@ class OpenAIServing:
         if req.stream:
             opts = req.stream_options
             return self._sse(openai_stream.chat_stream(
-                ctx, choices, echo, *stream_usage(opts), role=role))
+                ctx, choices, echo, *stream_usage(opts), role=role,
+                parser=plan.parser if plan is not None else None))
         results = await self._collect_or_error(request, route, choices)
         if isinstance(results, Response):
             return results
@@ -343,14 +351,24 @@ class OpenAIServing:
         for i, r in enumerate(results):
             lp = (openai_stream.chat_logprobs(ctx, r.token_ids, r.logprobs)
                   if params.logprobs is not None else None)
-            out.append(ChatChoice(i, ResponseMessage(role, echo + "".join(r.text)), lp,
-                                  r.finish_reason, r.stop_reason))
+            message, finish = self._message(plan, role, echo, "".join(r.text), r.finish_reason)
+            out.append(ChatChoice(i, message, lp, finish, r.stop_reason))
             if ctx.return_token_ids:
                 out[-1].token_ids = r.token_ids
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         resp = ChatCompletionResponse(rid, "chat.completion", ctx.created, model, out, usage)
         openai_stream.add_prompt_extras(ctx, resp, results[0], params.prompt_logprobs)
         return json_response(resp)
+
+    def _message(self, plan: ParsePlan | None, role: str, echo: str, text: str,
+                 finish: str | None) -> tuple[ResponseMessage, str | None]:
+        """A non-streamed choice's message and finish_reason (parsed when the request is)."""
+        if plan is not None:
+            return plan.message(role, echo, text, finish)
+        if self.parsing.enabled:  # vLLM's ChatMessage always dumps both fields
+            return ResponseMessage(role=role, reasoning_content=None, content=echo + text,
+                                   tool_calls=[]), finish
+        return ResponseMessage(role=role, content=echo + text), finish
 
     def _sse(self, frames) -> SSEResponse:
         return SSEResponse(frames, on_disconnect=self.state.metrics.http_disconnects.inc,

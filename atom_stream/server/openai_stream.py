@@ -24,6 +24,11 @@ where prefix/suffix are cut once per choice from the msgspec encoding of the sam
 so the bytes are the Struct's by construction and each token costs one string encode. The tail of
 a stream (finish chunk, usage chunk, [DONE]) leaves in a single write (`FinalChunk`).
 
+With a reasoning / tool-call parser (chat_parsing.py) a chat request's text goes through one
+parser per choice: deltas carry `reasoning_content` / `content` / `tool_calls`, steps that add
+nothing visible are skipped (vLLM), and the finish chunk carries what the parsers still held
+(`{}` when nothing) with finish_reason "tool_calls" after tool calls.
+
 vLLM extras carried by StreamContext: `return_token_ids` (completions: `prompt_token_ids` on a
 choice's first chunk and `token_ids` on each; chat: `prompt_token_ids` on the role chunks and
 `token_ids` on the choices; the fast path is off), `details` (`--enable-prompt-tokens-details`:
@@ -36,7 +41,7 @@ as vLLM's `list[dict[int, Logprob] | None]`, with the engine's rank of every pro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -244,7 +249,11 @@ def completion_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list
 
 
 async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usage: bool,
-                      continuous: bool, role: str = "assistant") -> AsyncIterator[bytes]:
+                      continuous: bool, role: str = "assistant",
+                      parser: Callable[[], Any] | None = None) -> AsyncIterator[bytes]:
+    """`parser`: a factory of chat_parsing.OutputParser (one per choice) when the request is
+    parsed for reasoning / tool calls: each step's text goes through it; a step it turns into
+    nothing sends no chunk (unless its logprobs or token ids must go out: an empty delta)."""
     from atom_stream.server.openai import iterate  # circular: openai imports this module
 
     rid, created, model = ctx.rid, ctx.created, ctx.model
@@ -253,7 +262,8 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
     prompt_tokens = len(pids)
     completion = [0] * n
     rti = ctx.return_token_ids
-    fast = ctx.logprobs is None and not continuous and not rti
+    parsers = [parser() for _ in range(n)] if parser is not None else None
+    fast = ctx.logprobs is None and not continuous and not rti and parsers is None
     templates: dict[int, tuple[bytes, bytes]] = {}
     finals: list[Any] = [None] * n  # each choice's final engine Usage (final_usage)
 
@@ -297,18 +307,29 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                                     [ChatStreamChoice(i, DeltaMessage(content=_MARK))]))
                             yield t[0] + _ENC.encode(out.text) + t[1]
                     elif out.text or out.token_ids:
+                        delta = (DeltaMessage(content=out.text) if parsers is None
+                                 else parsers[i].feed(out.text))
+                        if delta is None:
+                            if not out.token_ids or (ctx.logprobs is None and not rti):
+                                continue
+                            delta = DeltaMessage()
                         lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
                               if ctx.logprobs is not None else None)
-                        yield chunk(i, DeltaMessage(content=out.text), lp,
-                                    ids=list(out.token_ids) if rti else UNSET)
+                        yield chunk(i, delta, lp, ids=list(out.token_ids) if rti else UNSET)
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
                 finals[i] = out.usage
                 lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
                       if ctx.logprobs is not None else None)
-                last = chunk(i, DeltaMessage(content=out.text), lp, out.finish_reason,
-                             out.stop_reason, list(out.token_ids) if rti else UNSET)
+                reason = out.finish_reason
+                if parsers is None:
+                    delta = DeltaMessage(content=out.text)
+                else:  # the last text and whatever the parsers still hold
+                    delta = parsers[i].finish(out.text) or DeltaMessage()
+                    reason = parsers[i].finish_reason(reason)
+                last = chunk(i, delta, lp, reason, out.stop_reason,
+                             list(out.token_ids) if rti else UNSET)
                 finished += 1
                 if finished == n:
                     tail.append(last)

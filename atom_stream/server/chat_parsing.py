@@ -1,0 +1,261 @@
+"""Tool calls and reasoning in chat answers: vLLM's `--enable-auto-tool-choice`,
+`--tool-call-parser NAME` and `--reasoning-parser NAME` (tool_parsers.py, reasoning_parsers.py).
+
+`ChatParsing` is the server's setting; per request:
+
+- `tool_choice(req)` checks `tool_choice` as vLLM's ChatCompletionRequest validators and
+  serving_chat do, and says whether the output is parsed for tool calls:
+  - absent: with tools and auto tool choice on, "auto" (vLLM's default); otherwise the tools are
+    only rendered into the prompt (without the flags vLLM would refuse such a request; here it
+    is served as before).
+  - "none": tools rendered, nothing parsed (vLLM's default without
+    --exclude-tools-when-tool-choice-none).
+  - "auto": parsed; without --enable-auto-tool-choice and --tool-call-parser a 400 with vLLM's
+    message. Without `tools`: a 400, as vLLM ("When using `tool_choice`, `tools` must be set.").
+  - "required" / a named function: vLLM forces these with guided decoding (a JSON schema of the
+    tools), which this server does not have: a 400 saying so (after vLLM's own checks: tools
+    set, the named function among them).
+- `plan(parse_tools, template_kwargs, tokenizer)` -> a `ParsePlan` (None when nothing is
+  parsed): the per-choice `OutputParser` factory, the non-streamed `message(...)`, and
+  `keep_specials`: the markers the parsers read are special tokens that decoding would skip
+  (vLLM's tool parsers' adjust_request sets skip_special_tokens=False for them), so the request
+  runs with skip_special_tokens false; the other special tokens a model writes then show too,
+  as in vLLM. With the markers ordinary text (a tokenizer that does not mark them special)
+  nothing changes.
+
+Answers (non-streamed, vLLM's ChatMessage): with any parser on, `message` has
+`reasoning_content` (null when none) and `tool_calls` ([] when none); content is null when the
+parsers leave nothing. Streamed deltas carry `reasoning_content`, `content` and
+`tool_calls[{id, type, index, function{name}}]` / `[{index, function{arguments}}]`.
+`finish_reason` is "tool_calls" when the answer made tool calls and ended on a stop token or
+string; an answer cut by max_tokens stays "length" (vLLM says "tool_calls" there too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import UNSET
+
+from atom_stream.protocol import (
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    ResponseMessage,
+)
+from atom_stream.server.reasoning_parsers import (
+    REASONING_PARSERS,
+    ReasoningFormat,
+    Scrub,
+    ThinkStream,
+    extract_reasoning,
+)
+from atom_stream.server.responses import HTTPError
+from atom_stream.server.tool_parsers import (
+    TOOL_PARSERS,
+    ToolCallStream,
+    ToolFormat,
+    extract_tool_calls,
+)
+
+AUTO_TOOLS_MESSAGE = ('"auto" tool choice requires --enable-auto-tool-choice and '
+                      "--tool-call-parser to be set")  # vLLM's serving_chat, verbatim
+
+
+def check_parser_names(tool_call_parser: str | None, reasoning_parser: str | None,
+                       enable_auto_tool_choice: bool) -> None:
+    """Start-up check of the flags (ValueError naming the known parsers)."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"tool_call_parser: unknown parser {tool_call_parser!r}; known: "
+                         f"{', '.join(sorted(TOOL_PARSERS))}")
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser: unknown parser {reasoning_parser!r}; known: "
+                         f"{', '.join(sorted(REASONING_PARSERS))}")
+    if enable_auto_tool_choice and tool_call_parser is None:
+        # vLLM's validate_parsed_serve_args
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
+
+
+def _function_name(choice: dict) -> str:
+    fn = choice.get("function")
+    usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise HTTPError(400, f"Invalid value for `function` in `tool_choice`! {usage}",
+                        "tool_choice")
+    return fn["name"]
+
+
+class OutputParser:
+    """One choice's parsers in vLLM's order: reasoning first, then tool calls in the content.
+    `feed(text)` -> the DeltaMessage for this step's text (None: nothing to send yet);
+    `finish(text)` -> the last one (the text of the final step, then whatever is held)."""
+
+    __slots__ = ("_scrub", "_think", "_tools")
+
+    def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
+                 tools: ToolFormat | None):
+        self._think = ThinkStream(reasoning, thinking) if reasoning is not None else None
+        self._scrub = Scrub(reasoning.placeholder) if reasoning and reasoning.placeholder else None
+        self._tools = ToolCallStream(tools) if tools is not None else None
+
+    @property
+    def called_tools(self) -> bool:
+        return bool(self._tools is not None and self._tools.calls)
+
+    def feed(self, text: str) -> DeltaMessage | None:
+        return self._run(text, False)
+
+    def finish(self, text: str) -> DeltaMessage | None:
+        return self._run(text, True)
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if reason == "stop" and self.called_tools else reason
+
+    def _run(self, text: str, final: bool) -> DeltaMessage | None:
+        reasoning, content = "", text
+        if self._think is not None:
+            reasoning, content = self._think.feed(text)
+            if final:
+                r, c = self._think.finish()
+                reasoning, content = reasoning + r, content + c
+        if self._scrub is not None:
+            content = self._scrub.feed(content) + (self._scrub.finish() if final else "")
+        calls: list[DeltaToolCall] = []
+        if self._tools is not None:
+            content, calls = self._tools.feed(content)
+            if final:
+                c, more = self._tools.finish()
+                content += c
+                calls = _merge(calls, more)
+        if not (reasoning or content or calls):
+            return None
+        return DeltaMessage(content=content or UNSET, reasoning_content=reasoning or UNSET,
+                            tool_calls=calls or UNSET)
+
+
+def _merge(calls: list[DeltaToolCall], more: list[DeltaToolCall]) -> list[DeltaToolCall]:
+    """Deltas of one step: arguments of the same call in one entry."""
+    for d in more:  # finish() adds arguments only, never a new call
+        last = calls[-1] if calls else None
+        fn = d.function
+        if (last is not None and last.index == d.index and isinstance(fn, DeltaFunctionCall)
+                and isinstance(last.function, DeltaFunctionCall)
+                and isinstance(fn.arguments, str)):
+            prev = last.function.arguments
+            last.function.arguments = (prev if isinstance(prev, str) else "") + fn.arguments
+        else:
+            calls.append(d)
+    return calls
+
+
+class ParsePlan:
+    """How one request's output is parsed (see the module docstring)."""
+
+    __slots__ = ("keep_specials", "reasoning", "thinking", "tools")
+
+    def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
+                 tools: ToolFormat | None, keep_specials: bool):
+        self.reasoning = reasoning
+        self.thinking = thinking
+        self.tools = tools
+        self.keep_specials = keep_specials
+
+    def parser(self) -> OutputParser:
+        return OutputParser(self.reasoning, self.thinking, self.tools)
+
+    def message(self, role: str, echo: str, text: str, finish_reason: str | None
+                ) -> tuple[ResponseMessage, str | None]:
+        """A whole answer -> (vLLM's ChatMessage, the choice's finish_reason)."""
+        reasoning: str | None = None
+        content: str | None = text
+        if self.reasoning is not None:
+            reasoning, content = extract_reasoning(self.reasoning, text, self.thinking)
+        calls = []
+        if self.tools is not None and content is not None:
+            content, calls = extract_tool_calls(self.tools, content)
+        if echo:
+            content = echo + (content or "")
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return ResponseMessage(role=role, reasoning_content=reasoning, content=content,
+                               tool_calls=calls), finish_reason
+
+
+class ChatParsing:
+    """The server's parser flags (ServerConfig: enable_auto_tool_choice, tool_call_parser,
+    reasoning_parser; names checked at start-up by check_parser_names)."""
+
+    def __init__(self, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+        fmt = TOOL_PARSERS.get(tool_call_parser) if tool_call_parser else None
+        self.tools: ToolFormat | None = fmt if enable_auto_tool_choice else None
+        self.reasoning: ReasoningFormat | None = (REASONING_PARSERS.get(reasoning_parser)
+                                                  if reasoning_parser else None)
+        self._special: dict[str, bool] = {}  # marker -> decodes as a skipped special token
+
+    @classmethod
+    def from_config(cls, config: Any) -> ChatParsing:
+        return cls(bool(getattr(config, "enable_auto_tool_choice", False)),
+                   getattr(config, "tool_call_parser", None),
+                   getattr(config, "reasoning_parser", None))
+
+    @property
+    def enabled(self) -> bool:
+        """A parser runs: answers carry reasoning_content and tool_calls (vLLM's shape)."""
+        return self.tools is not None or self.reasoning is not None
+
+    def tool_choice(self, req: Any) -> bool:
+        """Check the request's tool_choice; True when its output is parsed for tool calls."""
+        choice, tools = req.tool_choice, req.tools
+        if choice is None:
+            return bool(tools) and self.tools is not None
+        if choice == "none":
+            return False
+        if isinstance(choice, str) and choice not in ("auto", "required"):
+            raise HTTPError(400, f"Invalid value for `tool_choice`: {choice}! Only named "
+                            'tools, "none", "auto" or "required" are supported.', "tool_choice")
+        if not tools:
+            raise HTTPError(400, "When using `tool_choice`, `tools` must be set.",
+                            "tool_choice")
+        if choice == "auto":
+            if self.tools is None:
+                raise HTTPError(400, AUTO_TOOLS_MESSAGE, "tool_choice")
+            return True
+        what = "'required'"
+        if isinstance(choice, dict):
+            name = _function_name(choice)
+            names = {(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)}
+            if name not in names:
+                raise HTTPError(400, "The tool specified in `tool_choice` does not match any "
+                                "of the specified `tools`", "tool_choice")
+            what = f"naming function {name!r}"
+        raise HTTPError(400, f"tool_choice {what} is not supported: it needs guided "
+                        "(structured-output) decoding to force a tool call, which this server "
+                        "does not have; use tool_choice 'auto' (--enable-auto-tool-choice "
+                        "--tool-call-parser) or 'none'", "tool_choice")
+
+    def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any
+             ) -> ParsePlan | None:
+        tools = self.tools if parse_tools else None
+        reasoning = self.reasoning
+        if tools is None and reasoning is None:
+            return None
+        thinking = reasoning.thinks(template_kwargs) if reasoning is not None else False
+        markers: tuple[str, ...] = tools.markers if tools is not None else ()
+        if reasoning is not None and thinking:
+            markers += (reasoning.start, reasoning.end)
+        keep = any(self._is_special(tokenizer, m) for m in markers)
+        return ParsePlan(reasoning, thinking, tools, keep)
+
+    def _is_special(self, tokenizer: Any, marker: str) -> bool:
+        hit = self._special.get(marker)
+        if hit is None:
+            hit = False
+            try:
+                ids = tokenizer.encode(marker)
+                is_special = getattr(tokenizer, "is_special", None)
+                hit = len(ids) == 1 and bool(is_special and is_special(ids[0]))
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot say: keep them
+                hit = True
+            self._special[marker] = hit
+        return hit

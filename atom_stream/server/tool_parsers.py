@@ -1,0 +1,254 @@
+"""Tool-call parsers (vLLM's `--tool-call-parser`): the model's text -> OpenAI tool calls.
+
+A format is a handful of markers (`ToolFormat`); one state machine (`ToolCallStream`) reads any
+of them from the detokenized text, streamed or whole:
+
+    content <SECTION_BEGIN> <CALL_BEGIN> header <ARGS_BEGIN> arguments <CALL_END> ...
+            <SECTION_END> content
+
+- `kimi_k2` (Kimi-K2 / K2.5): `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX
+  <|tool_call_argument_begin|>{json}<|tool_call_end|>...<|tool_calls_section_end|>`; the id is
+  the header as the model wrote it (`functions.NAME:IDX`, as vLLM's KimiK2ToolParser; Kimi's
+  chat template writes it back as "## Return of {tool_call_id}"). The singular variants
+  `<|tool_call_section_begin|>` / `_end|>` are accepted too (vLLM does).
+- `deepseek_v3` (DeepSeek-V3 / R1): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>
+  NAME\\n```json\\n{json}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`; the id is a fresh
+  `chatcmpl-tool-<hex>` (vLLM's make_tool_call_id).
+
+The arguments are the model's own JSON text (not re-serialized), whitespace around them trimmed
+(vLLM's regexes: `\\s*(...)\\s*`). Streamed, a call's first delta carries `id`, `type` and
+`function.name` (sent once the header is complete), later ones pieces of `function.arguments`
+as they are generated. Text that may be the beginning of a marker is held back until the next
+text rules it in or out, so a marker split over deltas never leaks into `content`; trailing
+whitespace of the arguments is held until more arguments follow. Text between calls inside the
+section is dropped; text after the section is content again (vLLM's streaming parser does the
+same; its non-streaming one drops it). A call whose header never completes, or whose name is
+empty, is dropped; a call cut off by the end of the output keeps the arguments it has.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from atom_stream.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+
+_HEADER_LIMIT = 1024  # characters: a longer call header is malformed output, the call dropped
+
+
+def held_suffix(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers` (the
+    text to hold back until the next delta shows whether a marker begins there)."""
+    best = 0
+    n = len(text)
+    for m in markers:
+        j = text.find(m[0], max(0, n - len(m) + 1))
+        while j != -1 and n - j > best:
+            if m.startswith(text[j:]):
+                best = n - j
+                break
+            j = text.find(m[0], j + 1)
+    return best
+
+
+def earliest(text: str, markers: tuple[str, ...]) -> tuple[int, str]:
+    """(position, marker) of the first marker in `text`, (-1, "") when none."""
+    best, which = -1, ""
+    for m in markers:
+        k = text.find(m)
+        if k != -1 and (best == -1 or k < best or (k == best and len(m) > len(which))):
+            best, which = k, m
+    return best, which
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    name: str
+    section_begin: tuple[str, ...]
+    section_end: tuple[str, ...]
+    call_begin: str
+    args_begin: str
+    call_end: tuple[str, ...]  # the first one found ends the call
+    # (header text, call index) -> (function name, tool call id)
+    parse_header: Callable[[str, int], tuple[str, str]]
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The special-token texts the parser must see (kept in the detokenized text)."""
+        return (*self.section_begin, *self.section_end, self.call_begin, self.args_begin,
+                *self.call_end)
+
+
+_KIMI_HEADER = re.compile(r"(.+?):\d+", re.DOTALL)
+
+
+def _kimi_header(header: str, index: int) -> tuple[str, str]:
+    h = header.strip()
+    m = _KIMI_HEADER.fullmatch(h)
+    name = (m[1] if m else h).removeprefix("functions.")
+    return name, (h if m else f"functions.{name}:{index}")
+
+
+_DS_SEP = "<｜tool▁sep｜>"
+
+
+def _deepseek_header(header: str, index: int) -> tuple[str, str]:
+    _, sep, name = header.partition(_DS_SEP)
+    return (name if sep else header).strip(), f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+KIMI_K2 = ToolFormat(
+    "kimi_k2",
+    section_begin=("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"),
+    section_end=("<|tool_calls_section_end|>", "<|tool_call_section_end|>"),
+    call_begin="<|tool_call_begin|>", args_begin="<|tool_call_argument_begin|>",
+    call_end=("<|tool_call_end|>",), parse_header=_kimi_header)
+
+DEEPSEEK_V3 = ToolFormat(
+    "deepseek_v3",
+    section_begin=("<｜tool▁calls▁begin｜>",), section_end=("<｜tool▁calls▁end｜>",),
+    call_begin="<｜tool▁call▁begin｜>", args_begin="```json",
+    # the closing fence belongs to the end marker; a bare end token is accepted too
+    call_end=("```<｜tool▁call▁end｜>", "<｜tool▁call▁end｜>"), parse_header=_deepseek_header)
+
+TOOL_PARSERS: dict[str, ToolFormat] = {f.name: f for f in (KIMI_K2, DEEPSEEK_V3)}
+
+_CONTENT, _SECTION, _HEADER, _ARGS, _SKIP = range(5)
+
+
+class ToolCallStream:
+    """One choice's tool-call parser. `feed(text)` -> (content, deltas) for the text this
+    step adds; `finish()` the same for the text still held at the end. `calls` holds every
+    call found so far as [id, name, [argument pieces]]; `entered` says whether a tool-call
+    section began."""
+
+    __slots__ = ("_buf", "_header", "_started", "_state", "_ws", "calls", "entered", "fmt")
+
+    def __init__(self, fmt: ToolFormat):
+        self.fmt = fmt
+        self._state = _CONTENT
+        self._buf = ""
+        self._header = ""
+        self._ws = ""  # trailing whitespace of the arguments, held until more follows
+        self._started = False  # the current call's arguments have begun
+        self.calls: list[list] = []
+        self.entered = False
+
+    def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
+        content: list[str] = []
+        deltas: list[DeltaToolCall] = []
+        self._buf += text
+        while self._buf and self._step(content, deltas):
+            pass
+        return "".join(content), deltas
+
+    def finish(self) -> tuple[str, list[DeltaToolCall]]:
+        content: list[str] = []
+        deltas: list[DeltaToolCall] = []
+        buf, self._buf = self._buf, ""
+        if self._state == _CONTENT:
+            content.append(buf)
+        elif self._state == _ARGS:
+            self._args(buf, deltas, final=True)
+        self._state = _CONTENT if self._state == _CONTENT else _SECTION
+        return "".join(content), deltas
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [ToolCall(cid, "function", FunctionCall(name, "".join(parts)))
+                for cid, name, parts in self.calls]
+
+    # ------------------------------------------------------------------ states
+    def _step(self, content: list[str], deltas: list[DeltaToolCall]) -> bool:
+        """Consume what the buffer allows; True when a marker was passed (go on)."""
+        fmt, buf, state = self.fmt, self._buf, self._state
+        if state == _CONTENT:
+            k, m = earliest(buf, fmt.section_begin)
+            if k == -1:
+                cut = len(buf) - held_suffix(buf, fmt.section_begin)
+                content.append(buf[:cut])
+                self._buf = buf[cut:]
+                return False
+            content.append(buf[:k])
+            self._buf = buf[k + len(m):]
+            self._state = _SECTION
+            self.entered = True
+            return True
+        if state == _SECTION:  # between calls: wait for the next call or the section's end
+            stops = (fmt.call_begin, *fmt.section_end)
+            k, m = earliest(buf, stops)
+            if k == -1:
+                self._buf = buf[len(buf) - held_suffix(buf, stops):]  # the rest is dropped
+                return False
+            self._buf = buf[k + len(m):]
+            if m == fmt.call_begin:
+                self._state, self._header = _HEADER, ""
+            else:
+                self._state = _CONTENT
+            return True
+        if state == _HEADER:
+            stops = (fmt.args_begin, *fmt.call_end)
+            k, m = earliest(buf, stops)
+            if k == -1:
+                cut = len(buf) - held_suffix(buf, stops)
+                self._header += buf[:cut]
+                self._buf = buf[cut:]
+                if len(self._header) > _HEADER_LIMIT:
+                    self._state = _SKIP
+                return False
+            self._buf = buf[k + len(m):]
+            if m != fmt.args_begin:  # a call without arguments marker: malformed, dropped
+                self._state = _SECTION
+                return True
+            name, cid = fmt.parse_header(self._header + buf[:k], len(self.calls))
+            if not name:
+                self._state = _SKIP
+                return True
+            self.calls.append([cid, name, []])
+            deltas.append(DeltaToolCall(id=cid, type="function", index=len(self.calls) - 1,
+                                        function=DeltaFunctionCall(name=name)))
+            self._state, self._started, self._ws = _ARGS, False, ""
+            return True
+        # _ARGS / _SKIP: up to the end of the call
+        k, m = earliest(buf, fmt.call_end)
+        if k == -1:
+            cut = len(buf) - held_suffix(buf, fmt.call_end)
+            if state == _ARGS:
+                self._args(buf[:cut], deltas, final=False)
+            self._buf = buf[cut:]
+            return False
+        if state == _ARGS:
+            self._args(buf[:k], deltas, final=True)
+        self._buf = buf[k + len(m):]
+        self._state = _SECTION
+        return True
+
+    def _args(self, piece: str, deltas: list[DeltaToolCall], final: bool) -> None:
+        piece = self._ws + piece
+        if not self._started:
+            piece = piece.lstrip()
+        keep = piece.rstrip()
+        self._ws = "" if final else piece[len(keep):]
+        if not keep:
+            return
+        self._started = True
+        index = len(self.calls) - 1
+        self.calls[index][2].append(keep)
+        last = deltas[-1] if deltas else None
+        if last is not None and last.index == index:  # its name went out in this same step
+            fn = last.function
+            fn.arguments = fn.arguments + keep if isinstance(fn.arguments, str) else keep
+        else:
+            deltas.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=keep)))
+
+
+def extract_tool_calls(fmt: ToolFormat, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole output -> (content, tool calls). Without a tool-call section the text is the
+    content unchanged; with one, content is the text outside it (None when empty)."""
+    s = ToolCallStream(fmt)
+    c1, _ = s.feed(text)
+    c2, _ = s.finish()
+    if not s.entered:
+        return text, []
+    return (c1 + c2) or None, s.tool_calls()
