@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | down2 | kernels | prefill | ttft | downladder | allreduce | pyt
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | kernels | prefill | ttft | downladder | allreduce | pyt
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -131,6 +131,13 @@ for what in "${sections[@]}"; do case $what in
   aw) sec aw ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4}" \
       --set aw --ms "${MS:-64,256}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
       --out /tmp/km-aw.json --sweep-out "$OUT/kernels-moe-aw-sweep.json" ;;
+  ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      sec ncu ${T_NCU:-240} "$NCU" --clock-control none --profile-from-start off --csv \
+      --page raw --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+      --section LaunchStats --section InstructionStats --log-file "$OUT/ncu-raw.csv" \
+      python3 bench/ncu_probe.py --what "${NCU_WHAT:-moe,mla}" --ms "${MS:-64,256}" \
+      --mla-shapes "${MLA_SHAPES:-64x8192}" ;;
   cfgab) for kv in ${CFG_AB:-base=\{\}}; do k=${kv%%=*}; v=${kv#*=}  # label=ATOM_STREAM_MOE_CFG
       ATOM_STREAM_MOE_CFG=$v sec cfgab-$k ${T_DECODE:-60} python3 bench/decode.py \
       --preset "${PRESET:-k25-tp8-rank}" --batches "${BATCHES:-16,64,256}" --ctx 1024 --iters 20 \
