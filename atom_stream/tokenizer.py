@@ -104,14 +104,17 @@ class Tokenizer(ABC):
                             **chat_template_kwargs: Any) -> str:
         """OpenAI-style messages -> the prompt string. Extra keywords (e.g. `thinking`, `tools`)
         reach the template. `continue_final_message`: the prompt ends inside the last message
-        (rendered without a generation prompt, cut right after that message's content, as
-        transformers' apply_chat_template does); both it and `add_generation_prompt` -> a
-        ValueError (vLLM's check_generation_prompt)."""
+        (rendered without a generation prompt and cut right where that message's content ends,
+        as transformers' apply_chat_template does: see `tag_final_message`); both it and
+        `add_generation_prompt` -> a ValueError (vLLM's check_generation_prompt)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts")
         if continue_final_message and add_generation_prompt:
             raise ValueError("Cannot set both `continue_final_message` and "
                              "`add_generation_prompt` to True.")
+        final_text = None
+        if continue_final_message:
+            messages, final_text = tag_final_message(messages)
         try:
             if self._chat_template is not None:
                 rendered = self._render_override(messages, add_generation_prompt,
@@ -125,8 +128,8 @@ class Tokenizer(ABC):
             if type(e).__module__.split(".", 1)[0] == "jinja2":
                 raise ValueError(f"chat template error: {e}") from None
             raise
-        if continue_final_message:
-            rendered = cut_after_final_message(rendered, messages)
+        if final_text is not None:
+            rendered = cut_at_continue_tag(rendered, final_text)
         return rendered
 
     def _render_override(self, messages: list[Message], add_generation_prompt: bool,
@@ -178,23 +181,53 @@ class Tokenizer(ABC):
         return ids
 
 
-def cut_after_final_message(rendered: str, messages: list[Message]) -> str:
-    """transformers' continue_final_message: cut `rendered` right after the last message's
-    content (its last text part for list content), so the model continues that message."""
-    final = messages[-1].get("content") if messages else None
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' continue_final_message_tag
+
+
+def tag_final_message(messages: list[Message]) -> tuple[list[Message], str]:
+    """transformers' (5.x) continue_final_message, first half: a copy of `messages` whose last
+    message has CONTINUE_TAG appended to its content (to its last text part for list content),
+    and that content's text. The prompt is rendered from the copy and cut at the tag
+    (`cut_at_continue_tag`), so it ends exactly where the template put the final content,
+    whatever else the template writes after it (`<|im_end|>` holds "end", "im", "|>" ...)."""
+    if not messages:
+        raise ValueError("continue_final_message is set but the conversation is empty!")
+    last = dict(messages[-1])
+    final = last.get("content")
+    if final is None:
+        raise ValueError('continue_final_message is set but the final message has no "content" '
+                         "to continue!")
     if isinstance(final, (list, tuple)):
-        texts = [p["text"] for p in final if isinstance(p, dict) and "text" in p]
-        if not texts:
+        parts = [dict(p) if isinstance(p, dict) else p for p in final]
+        for part in reversed(parts):
+            if isinstance(part, dict) and "text" in part:
+                text = part["text"]
+                part["text"] = f"{text}{CONTINUE_TAG}"
+                break
+        else:
             raise ValueError("continue_final_message is set but we could not find any text to "
                              "continue in the final message!")
-        final = texts[-1]
-    if not isinstance(final, str) or final.strip() not in rendered:
+        last["content"] = parts
+    elif isinstance(final, str):
+        text = final
+        last["content"] = final + CONTINUE_TAG
+    else:
+        raise ValueError("continue_final_message is set but the final message's content is "  # noqa: TRY004
+                         f"a {type(final).__name__}, not text")
+    return [*messages[:-1], last], str(text)
+
+
+def cut_at_continue_tag(rendered: str, final_text: str) -> str:
+    """The second half: `rendered` cut right before the tag (and the trailing spacing the
+    template trimmed off the tag, if it did)."""
+    tag = CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
         raise ValueError("continue_final_message is set but the final message does not appear "
                          "in the chat after applying the chat template!")
-    loc = rendered.rindex(final.strip())
-    if rendered[loc:loc + len(final.lstrip())] == final:
-        return rendered[:loc + len(final.lstrip())]
-    return rendered[:loc + len(final.strip())]  # the template trimmed trailing spacing
+    loc = rendered.rindex(tag)
+    if rendered[loc:loc + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return rendered[:loc]
+    return rendered[:loc].rstrip()  # the template trimmed trailing spacing
 
 
 # ------------------------------------------------------------------------------------ demo
@@ -286,7 +319,7 @@ class PresetTokenizer(DemoTokenizer):
             return super().encode(text, add_special_tokens)
         ids: list[int] = []  # as the demo: no BOS
         for i, part in enumerate(self._WORD.split(text)):
-            if i % 2 and 320 <= (t := int(part[2:], 16)) < self.vocab_size:
+            if i % 2 and 320 <= (t := int(part[2:], 16)) < self.vocab_size:  # noqa: FURB166
                 ids.append(t)
             elif part:
                 ids.extend(super().encode(part))

@@ -16,33 +16,48 @@ Nothing from the checkpoint is imported or executed.
   `added_tokens_decoder` entry has `"special": true`, and the bos/eos/unk/pad and
   `additional_special_tokens` names. EOS ids: [EOS], <|im_end|>, generation_config's.
 
-Chat format (`render_kimi_chat`; K2/K2.5 as in model_spec §5, no newlines between turns):
+Chat format (`render_kimi_chat`; K2/K2.5 as in model_spec §5 and the checkpoints'
+chat_template.jinja, byte for byte; no newlines between turns):
 `<|im_system|>system<|im_middle|>{..}<|im_end|><|im_user|>user<|im_middle|>{..}<|im_end|>`
 `<|im_assistant|>assistant<|im_middle|><think>{reasoning}</think>{content}[tool calls]<|im_end|>`
-- a default system message is inserted when the first message is not a system message;
-- think tags only when the vocabulary has `<think>`: every assistant turn up to the last assistant
-  message without tool calls gets an empty `<think></think>`; later ones keep `reasoning_content`
-  (`reasoning`) unless `thinking=False`; the generation prompt ends in `<think>` (thinking, the
-  default) or `<think></think>` (`chat_template_kwargs={"thinking": false}`);
+- `tools` (chat_template_kwargs / request tools) come first, in a `tool_declare` system turn:
+  deep-sorted (tokenization_kimi.py's `deep_sort_dict`), then K2.5's TypeScript-style
+  declaration (`encode_tools_typescript`, a port of its tool_declaration_ts.py) or, for K2 and
+  when that fails or is empty, compact JSON;
+- the default system turn is written when messages[0] is not a system message (before every
+  message, as the template checks messages[0] only);
+- think tags (`KimiChatFormat.think_tags`): every assistant turn up to the last assistant
+  message without tool calls gets an empty `<think></think>`; later ones keep their reasoning
+  (the first non-None of reasoning_content / thinking / reasoning, transformers' aliasing)
+  unless `thinking=False` (K2.5); the K2.5 generation prompt ends in `<think>` (thinking, the
+  default) or `<think></think>` (`chat_template_kwargs={"thinking": false}`), K2-Thinking's at
+  `<|im_middle|>`; `detect_chat_format` tells the variants apart from the checkpoint's files;
+- tool calls: `functions.{name}:{index}` when a call has no id; arguments as given when a
+  string, else JSON (`tojson`: ", " / ": " separators);
 - tool results: `<|im_system|>{name|tool}<|im_middle|>## Return of {tool_call_id}\\n{content}`;
-- `tools` (chat_template_kwargs / request tools) go first as compact sorted JSON in a
-  `tool_declare` system turn (K2's form; K2.5's TypeScript-style declaration is not reproduced);
 - a message's `name`, when set, replaces the role name in its header (as the HF template does);
 - image/audio content parts raise ValueError (text backbone only).
+With a jinja template (`trust_remote_code` or `chat_template`), the template gets what Kimi's
+own apply_chat_template passes: deep-sorted `tools` and, for K2.5, `tools_ts_str`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tiktoken
 
 from atom_stream.tokenizer import Message, Tokenizer, bytes_to_token_str
+from atom_stream.tool_declaration_ts import encode_tools_typescript
+
+logger = logging.getLogger(__name__)
 
 NUM_SPECIAL_SLOTS = 256
 WINDOW_CHARS = 400_000
@@ -125,7 +140,7 @@ class KimiTokenizer(Tokenizer):
     """Kimi's tiktoken tokenizer from `model_dir` (see the module docstring)."""
 
     def __init__(self, model_dir: str, chat_template: str | None = None,
-                 extra_eos: Sequence[int] = ()):
+                 extra_eos: Sequence[int] = (), chat_format: KimiChatFormat | None = None):
         with open(os.path.join(model_dir, "tokenizer_config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
         ranks = load_bpe_ranks(os.path.join(model_dir, "tiktoken.model"))
@@ -167,6 +182,7 @@ class KimiTokenizer(Tokenizer):
                specials.get("<|im_end|>"), *extra_eos]
         self.eos_token_ids = tuple(dict.fromkeys(e for e in eos if e is not None))
         self.has_think_tags = "<think>" in specials and "</think>" in specials
+        self.chat_format = chat_format or detect_chat_format(model_dir, self.has_think_tags)
         self._chat_template = chat_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -206,12 +222,104 @@ class KimiTokenizer(Tokenizer):
 
     def _render_chat(self, messages: list[Message], add_generation_prompt: bool,
                      **kwargs: Any) -> str:
+        fmt = self.chat_format
         return render_kimi_chat(messages, add_generation_prompt,
-                                default_system=DEFAULT_SYSTEM_PROMPT,
-                                think_tags=self.has_think_tags, template_kwargs=kwargs)
+                                default_system=DEFAULT_SYSTEM_PROMPT, think_tags=fmt.think_tags,
+                                thinking_switch=fmt.thinking_switch,
+                                typescript_tools=fmt.typescript_tools, template_kwargs=kwargs)
+
+    def _render_override(self, messages: list[Message], add_generation_prompt: bool,
+                         kwargs: dict[str, Any]) -> str:
+        """A jinja template gets the variables Kimi's own `apply_chat_template`
+        (tokenization_kimi.py) adds: `tools` deep-sorted and, for K2.5, `tools_ts_str` (the
+        TypeScript declaration, left out when it fails to convert)."""
+        tools = kwargs.get("tools")
+        if tools is not None:
+            kwargs = {**kwargs, "tools": deep_sort_dict(tools)}
+            if tools and self.chat_format.typescript_tools:
+                try:
+                    kwargs["tools_ts_str"] = encode_tools_typescript(kwargs["tools"])
+                except Exception:
+                    logger.warning("tools do not convert to Kimi's TypeScript declaration",
+                                   exc_info=True)
+        return super()._render_override(messages, add_generation_prompt, kwargs)
 
 
 # -------------------------------------------------------------------------- chat format
+@dataclass(frozen=True)
+class KimiChatFormat:
+    """Which variant of the Kimi chat template a checkpoint ships (see `detect_chat_format`).
+    - `think_tags`: assistant turns carry `<think>…</think>` (K2-Thinking, K2.5; not K2-Instruct);
+    - `thinking_switch`: the template reads `thinking` and the generation prompt ends in `<think>`
+      / `<think></think>` (K2.5; K2-Thinking's prompt ends at `<|im_middle|>` and keeps the
+      suffix reasoning whatever `thinking` says);
+    - `typescript_tools`: the tool_declare turn holds tool_declaration_ts.py's TypeScript-style
+      declarations (K2.5) instead of compact JSON (K2)."""
+
+    think_tags: bool = True
+    thinking_switch: bool = True
+    typescript_tools: bool = False
+
+
+_THINKING_SWITCH_RE = re.compile(r"\bthinking\s+is\s+(?:defined|false|true|not)\b")
+
+
+def detect_chat_format(model_dir: str, has_think_tags: bool) -> KimiChatFormat:
+    """The chat format of the checkpoint in `model_dir`, from its data files only (nothing
+    executed): K2.5 ships `tool_declaration_ts.py` (imported by its tokenization_kimi.py),
+    config.json `model_type: kimi_k25` and a chat_template.jinja that reads `tools_ts_str`; the
+    template's text says whether it writes think tags and reads `thinking`. Without a template
+    the vocabulary decides (`<think>`/`</think>` named: K2.5-style think tags and prompt)."""
+    from atom_stream.tokenizer import _checkpoint_chat_template, _read_json
+    tpl = _checkpoint_chat_template(model_dir)
+    try:
+        model_type = _read_json(os.path.join(model_dir, "config.json")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # the model loader reports a bad config
+        model_type = None
+    ts = (os.path.isfile(os.path.join(model_dir, "tool_declaration_ts.py"))
+          or model_type == "kimi_k25" or (tpl is not None and "tools_ts_str" in tpl))
+    if tpl is None:
+        return KimiChatFormat(has_think_tags, has_think_tags, ts)
+    think = has_think_tags and "<think>" in tpl
+    return KimiChatFormat(think, think and bool(_THINKING_SWITCH_RE.search(tpl)), ts)
+
+
+def deep_sort_dict(obj: Any) -> Any:
+    """Every mapping's keys sorted, recursively (lists keep their order): what Kimi's
+    tokenization_kimi.py `apply_chat_template` does to `tools` before rendering."""
+    if isinstance(obj, dict):
+        return {k: deep_sort_dict(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, list):
+        return [deep_sort_dict(v) for v in obj]
+    return obj
+
+
+def tool_declaration(tools: list[dict[str, Any]], typescript: bool = False) -> str:
+    """The tool_declare turn's body, as tokenization_kimi.py + chat_template.jinja make it: the
+    tools deep-sorted, then K2.5's TypeScript declaration (`tools_ts_str`) when it encodes to
+    something, else compact JSON (`tools | tojson(separators=(',', ':'))`)."""
+    tools = deep_sort_dict(tools)
+    if typescript:
+        try:
+            ts = encode_tools_typescript(tools)
+        except Exception:  # tokenization_kimi.py prints the error and renders JSON
+            logger.warning("tools do not convert to Kimi's TypeScript declaration; using JSON",
+                           exc_info=True)
+            ts = ""
+        if ts:
+            return ts
+    return json.dumps(tools, separators=(",", ":"), ensure_ascii=False)
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _reasoning_text(m: Message) -> Any:
+    """The message's reasoning: its first non-None of reasoning_content / thinking / reasoning
+    (transformers' `_alias_reasoning_fields`, which fills `reasoning_content` from them)."""
+    return next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), "")
+
+
 def _content_text(content: Any) -> str:
     if content is None:
         return ""
@@ -247,14 +355,23 @@ def _tool_calls_text(tool_calls: list[dict]) -> str:
     return "".join(out)
 
 
+def thinking_enabled(template_kwargs: dict[str, Any] | None) -> bool:
+    """`thinking` from the template kwargs (default True; `enable_thinking` is an alias)."""
+    kw = template_kwargs or {}
+    return bool(kw.get("thinking", kw.get("enable_thinking", True)))
+
+
 def render_kimi_chat(messages: list[Message], add_generation_prompt: bool = True, *,
                      default_system: str | None = DEFAULT_SYSTEM_PROMPT, think_tags: bool = True,
+                     thinking_switch: bool = True, typescript_tools: bool = False,
                      template_kwargs: dict[str, Any] | None = None) -> str:
-    """The Kimi prompt for OpenAI-style `messages` (see the module docstring).
-    `template_kwargs`: `thinking` (bool, default True; `enable_thinking` is an alias) and
-    `tools` (OpenAI tool list); other keys are ignored, as templates ignore unknown variables."""
+    """The Kimi prompt for OpenAI-style `messages` (see the module docstring and
+    `KimiChatFormat` for the flags). `template_kwargs`: `thinking` (bool, default True;
+    `enable_thinking` is an alias) and `tools` (OpenAI tool list); other keys are ignored, as
+    templates ignore unknown variables."""
     kw = template_kwargs or {}
-    thinking = bool(kw.get("thinking", kw.get("enable_thinking", True)))
+    # K2-Thinking's template has no `thinking` variable: the suffix keeps its reasoning
+    thinking = thinking_enabled(kw) or not thinking_switch
     tools = kw.get("tools")
     msgs = list(messages)
     for m in msgs:
@@ -262,12 +379,12 @@ def render_kimi_chat(messages: list[Message], add_generation_prompt: bool = True
             raise ValueError("each message must be a dict with a string 'role'")  # noqa: TRY004
     out = []
     if tools:
-        decl = json.dumps(tools, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-        out.append(f"<|im_system|>tool_declare<|im_middle|>{decl}<|im_end|>")
-    if default_system is not None:
-        first = 1 if msgs and msgs[0]["role"] == "tool_declare" else 0
-        if len(msgs) <= first or msgs[first]["role"] != "system":
-            msgs.insert(first, {"role": "system", "content": default_system})
+        out.append(f"<|im_system|>tool_declare<|im_middle|>"
+                   f"{tool_declaration(tools, typescript_tools)}<|im_end|>")
+    # the template checks messages[0] only: a leading tool_declare message gets the default
+    # system turn before it (`messages|length == 0 or messages[0]['role'] != 'system'`)
+    if default_system is not None and (not msgs or msgs[0]["role"] != "system"):
+        out.append(f"<|im_system|>system<|im_middle|>{default_system}<|im_end|>")
     last_plain = -1  # the last assistant message without tool calls
     for i, m in enumerate(msgs):
         if m["role"] == "assistant" and not m.get("tool_calls"):
@@ -279,8 +396,7 @@ def render_kimi_chat(messages: list[Message], add_generation_prompt: bool = True
             body = ""
             if think_tags:
                 keep = thinking and i > last_plain
-                reasoning = (m.get("reasoning_content") or m.get("reasoning") or "") if keep else ""
-                body = f"<think>{reasoning}</think>"
+                body = f"<think>{_reasoning_text(m) if keep else ''}</think>"
             body += _content_text(m.get("content"))
             if m.get("tool_calls"):
                 body += _tool_calls_text(m["tool_calls"])
@@ -296,6 +412,6 @@ def render_kimi_chat(messages: list[Message], add_generation_prompt: bool = True
                        "<|im_end|>")
     if add_generation_prompt:
         out.append("<|im_assistant|>assistant<|im_middle|>")
-        if think_tags:
+        if think_tags and thinking_switch:
             out.append("<think>" if thinking else "<think></think>")
     return "".join(out)
