@@ -22,6 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)  # first: bench/kernels.py, not the kernels/ package
+import kernels  # noqa: F401  (bench/kernels.py: cached before kernels_moe puts the root first)
 
 
 def moe_calls(ms: list[int]) -> list:
