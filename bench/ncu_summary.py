@@ -2,9 +2,9 @@
 
     python3 bench/ncu_summary.py ncu-raw.csv [--json out.json]
 
-Per kernel: duration, DRAM throughput (% of peak) and bytes read, SM throughput, issue slots
-busy, achieved occupancy, registers, shared-memory bank conflicts, and the largest warp-stall
-reasons (warps stalled per issued instruction, WarpStateStats). Metric names are matched by
+Per kernel: duration, DRAM (% of peak cycles active, GB/s), SM throughput, issue slots busy,
+achieved occupancy, registers, ALU / FMA / tensor pipe activity, warp-instructions, and the largest
+warp-stall reasons (warps stalled per issued instruction, WarpStateStats). Metric names are matched by
 pattern, so a section ncu did not collect just leaves a blank.
 """
 
@@ -18,18 +18,22 @@ import sys
 
 COLUMNS = {  # label -> metric name (exact) in the raw page
     "us": "gpu__time_duration.sum",
-    "dram%": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
-    "dram_MB": "dram__bytes_read.sum",
+    "dram%": "dram__cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "dram_GBps": "dram__bytes.sum.per_second",
     "sm%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "issue%": "smsp__issue_active.avg.pct_of_peak_sustained_active",
     "occ%": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "regs": "launch__registers_per_thread",
-    "smem_conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",
+    "alu%": "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+    "fma%": "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+    "tensor%": "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+    "Minst": "smsp__inst_executed.sum",
     "grid": "launch__grid_size",
 }
 _STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
-_UNIT_SCALE = {"usecond": 1.0, "nsecond": 1e-3, "msecond": 1e3, "byte": 1e-6, "Kbyte": 1e-3,
-               "Mbyte": 1.0, "Gbyte": 1e3}
+_SCALE = {"us": {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3},
+          "dram_GBps": {"byte/s": 1e-9, "Kbyte/s": 1e-6, "Mbyte/s": 1e-3, "Gbyte/s": 1.0},
+          "Minst": {"inst": 1e-6}}
 
 
 def _num(v: str) -> float | None:
@@ -51,8 +55,8 @@ def summarize(path: str) -> list[dict]:
         d: dict = {"kernel": rec.get("Kernel Name", "")[:48]}
         for label, name in COLUMNS.items():
             v = _num(rec.get(name, ""))
-            if v is not None and label in ("us", "dram_MB"):
-                v *= _UNIT_SCALE.get(unit.get(name, ""), 1.0)
+            if v is not None and label in _SCALE:
+                v *= _SCALE[label].get(unit.get(name, ""), 1.0)
             d[label] = v
         stalls = {m.group(1): _num(v) for k, v in rec.items() if (m := _STALL.search(k))}
         d["stalls"] = dict(sorted(((k, v) for k, v in stalls.items() if v),
@@ -68,10 +72,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rows = summarize(args.csv)
     cols = list(COLUMNS)
-    print(f"{'kernel':<48}" + "".join(f"{c:>15}" for c in cols))
+    print(f"{'kernel':<22}" + "".join(f"{c:>10}" for c in cols))
     for d in rows:
-        print(f"{d['kernel']:<48}" + "".join(
-            f"{'' if d[c] is None else format(d[c], '.1f'):>15}" for c in cols))
+        print(f"{d['kernel'][:22]:<22}" + "".join(
+            f"{'' if d[c] is None else format(d[c], '.1f'):>10}" for c in cols))
         print("    stalls/issue: " + ", ".join(f"{k} {v:.2f}" for k, v in d["stalls"].items()))
     if args.json:
         with open(args.json, "w") as f:
