@@ -94,3 +94,44 @@ def test_message_shapes():
     msg, finish = tools.message("assistant", "", "just text", "stop")
     assert (msg.reasoning_content, msg.content, msg.tool_calls, finish) == (
         None, "just text", [], "stop")
+
+
+@pytest.mark.parametrize("step", [1, 5, 10_000])
+def test_kimi_tool_section_ends_reasoning_without_think_end(step):
+    # vLLM's KimiK2ReasoningParser: `<|tool_calls_section_begin|>` ends the reasoning too
+    # (is_reasoning_end / extract_reasoning); the section is content, the tool parser's input
+    section = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+               "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>")
+    assert streamed(KIMI, "weigh" + section, step) == ("weigh", section)
+    assert extract_reasoning(KIMI, "weigh" + section) == ("weigh", section)
+    assert streamed(R1, "weigh" + section, step) == ("weigh" + section, "")  # R1: no such end
+    plan = ChatParsing(True, "kimi_k2", "kimi_k2").plan(True, None, None)
+    msg, finish = plan.message("assistant", "", "weigh" + section, "stop")
+    assert (msg.reasoning_content, msg.content, finish) == ("weigh", None, "tool_calls")
+    assert [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls] == [
+        ("functions.f:0", "f", "{}")]
+    p = OutputParser(KIMI, True, KIMI_K2)
+    text = "weigh" + section
+    deltas = [p.feed(text[k:k + step]) for k in range(0, len(text), step)] + [p.finish("")]
+    deltas = [d for d in deltas if d is not None]
+    assert "".join(d.reasoning_content for d in deltas
+                   if isinstance(d.reasoning_content, str)) == "weigh"
+    assert p.called_tools and p.finish_reason("stop") == "tool_calls"
+
+
+@pytest.mark.parametrize("step", [1, 7, 10_000])
+def test_kimi_placeholder_is_not_removed_from_tool_arguments(step):
+    # the "(no content)" placeholder is scrubbed from the content only: a tool call's arguments
+    # are the model's text as written (vLLM's tool parsers never touch them)
+    args = '{"text": "(no content)"}'
+    text = ("r</think>(no content)<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+            f"<|tool_call_argument_begin|>{args}<|tool_call_end|><|tool_calls_section_end|>")
+    plan = ChatParsing(True, "kimi_k2", "kimi_k2").plan(True, None, None)
+    msg, _ = plan.message("assistant", "", text, "stop")
+    assert (msg.content, msg.tool_calls[0].function.arguments) == (None, args)
+    p = OutputParser(KIMI, True, KIMI_K2)
+    deltas = [p.feed(text[k:k + step]) for k in range(0, len(text), step)] + [p.finish("")]
+    deltas = [d for d in deltas if d is not None]
+    assert "".join(t.function.arguments for d in deltas if isinstance(d.tool_calls, list)
+                   for t in d.tool_calls if isinstance(t.function.arguments, str)) == args
+    assert not any(isinstance(d.content, str) for d in deltas)

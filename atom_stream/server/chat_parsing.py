@@ -49,6 +49,7 @@ from atom_stream.server.reasoning_parsers import (
     Scrub,
     ThinkStream,
     extract_reasoning,
+    scrub_placeholder,
 )
 from atom_stream.server.responses import HTTPError
 from atom_stream.server.tool_parsers import (
@@ -86,7 +87,8 @@ def _function_name(choice: dict) -> str:
 
 
 class OutputParser:
-    """One choice's parsers in vLLM's order: reasoning first, then tool calls in the content.
+    """One choice's parsers in vLLM's order: reasoning first, then tool calls in the content
+    (then the reasoning format's placeholder removed from what is left as content).
     `feed(text)` -> the DeltaMessage for this step's text (None: nothing to send yet);
     `finish(text)` -> the last one (the text of the final step, then whatever is held)."""
 
@@ -118,8 +120,6 @@ class OutputParser:
             if final:
                 r, c = self._think.finish()
                 reasoning, content = reasoning + r, content + c
-        if self._scrub is not None:
-            content = self._scrub.feed(content) + (self._scrub.finish() if final else "")
         calls: list[DeltaToolCall] = []
         if self._tools is not None:
             content, calls = self._tools.feed(content)
@@ -127,6 +127,8 @@ class OutputParser:
                 c, more = self._tools.finish()
                 content += c
                 calls = _merge(calls, more)
+        if self._scrub is not None:  # the content only: tool-call arguments stay as written
+            content = self._scrub.feed(content) + (self._scrub.finish() if final else "")
         if not (reasoning or content or calls):
             return None
         return DeltaMessage(content=content or UNSET, reasoning_content=reasoning or UNSET,
@@ -169,10 +171,14 @@ class ParsePlan:
         reasoning: str | None = None
         content: str | None = text
         if self.reasoning is not None:
-            reasoning, content = extract_reasoning(self.reasoning, text, self.thinking)
+            reasoning, content = extract_reasoning(self.reasoning, text, self.thinking,
+                                                   scrub=False)
         calls = []
         if self.tools is not None and content is not None:
             content, calls = extract_tool_calls(self.tools, content)
+        if self.reasoning is not None and content is not None:
+            # the placeholder is removed from the content only (not from tool arguments)
+            content = scrub_placeholder(self.reasoning, content)
         if echo:
             content = echo + (content or "")
         if calls and finish_reason == "stop":
@@ -243,7 +249,7 @@ class ChatParsing:
         thinking = reasoning.thinks(template_kwargs) if reasoning is not None else False
         markers: tuple[str, ...] = tools.markers if tools is not None else ()
         if reasoning is not None and thinking:
-            markers += (reasoning.start, reasoning.end)
+            markers += (reasoning.start, reasoning.end, *reasoning.implicit_end)
         keep = any(self._is_special(tokenizer, m) for m in markers)
         return ParsePlan(reasoning, thinking, tools, keep)
 

@@ -7,8 +7,12 @@
 - `kimi_k2` (vLLM's KimiK2ReasoningParser): the same, unless the chat template was asked not to
   think (`chat_template_kwargs: {"thinking": false}`, request or `--default-chat-template-kwargs`;
   K2.5's instant mode, whose prompt already closes `<think></think>`): then all of it is
-  content. Kimi's "(no content)" placeholder (written before tool calls without text) is removed
-  from the content, and content left blank is null.
+  content. A tool-call section (`<|tool_calls_section_begin|>`, or the singular variant the tool
+  parser accepts) also ends the reasoning, the marker staying in the content for the tool
+  parser: Kimi K2 may start calling tools without writing `</think>` (vLLM's
+  KimiK2ReasoningParser: is_reasoning_end / extract_reasoning). Kimi's "(no content)"
+  placeholder (written before tool calls without text) is removed from the content (what the
+  tool parser leaves: never from tool-call arguments), and content left blank is null.
 
 Streamed, text that may be the beginning of a tag (or of the placeholder) is held back until the
 next delta rules it in or out, so a tag split over deltas never leaks; the concatenated deltas
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atom_stream.server.tool_parsers import held_suffix
+from atom_stream.server.tool_parsers import earliest, held_suffix
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class ReasoningFormat:
     end: str = "</think>"
     thinking_switch: bool = False  # chat_template_kwargs thinking=false: no reasoning at all
     placeholder: str | None = None  # removed from the content
+    # markers that end the reasoning without `</think>`; they begin the content
+    implicit_end: tuple[str, ...] = ()
 
     def thinks(self, template_kwargs: dict | None) -> bool:
         """Whether the output of a request with these chat-template kwargs starts reasoning
@@ -42,18 +48,21 @@ class ReasoningFormat:
 REASONING_PARSERS: dict[str, ReasoningFormat] = {
     f.name: f for f in (ReasoningFormat("deepseek_r1"),
                         ReasoningFormat("kimi_k2", thinking_switch=True,
-                                        placeholder="(no content)"))}
+                                        placeholder="(no content)",
+                                        implicit_end=("<|tool_calls_section_begin|>",
+                                                      "<|tool_call_section_begin|>")))}
 
 
 class ThinkStream:
     """One choice's reasoning/content splitter: `feed(text)` -> (reasoning, content) for the
     text this step adds, `finish()` the same for the text still held."""
 
-    __slots__ = ("_buf", "_in", "_marks", "end", "start")
+    __slots__ = ("_buf", "_ends", "_in", "_marks", "end", "start")
 
     def __init__(self, fmt: ReasoningFormat, thinking: bool = True):
         self.start, self.end = fmt.start, fmt.end
-        self._marks = (fmt.start, fmt.end)
+        self._ends = (fmt.end, *fmt.implicit_end)
+        self._marks = (fmt.start, *self._ends)
         self._in = thinking
         self._buf = ""
 
@@ -65,10 +74,12 @@ class ThinkStream:
         if not self._in:
             return "", text
         buf = self._buf + text
-        k = buf.find(self.end)
+        k, m = earliest(buf, self._ends)
         if k != -1:
             self._in, self._buf = False, ""
-            return buf[:k].replace(self.start, ""), buf[k + len(self.end):]
+            # `</think>` is dropped; an implicit end (a tool-call section) begins the content
+            rest = buf[k + len(m):] if m == self.end else buf[k:]
+            return buf[:k].replace(self.start, ""), rest
         cut = len(buf) - held_suffix(buf, self._marks)
         self._buf = buf[cut:]
         return buf[:cut].replace(self.start, ""), ""
@@ -99,17 +110,25 @@ class Scrub:
         return buf
 
 
-def extract_reasoning(fmt: ReasoningFormat, text: str, thinking: bool = True
-                      ) -> tuple[str | None, str | None]:
-    """A whole output -> (reasoning, content), as vLLM's extract_reasoning_content: reasoning
-    is None when the request does not think; content is None when empty (or, with a
+def scrub_placeholder(fmt: ReasoningFormat, content: str) -> str | None:
+    """`content` without the format's placeholder; None when that leaves it empty (or, with a
     placeholder, blank)."""
-    s = ThinkStream(fmt, thinking)
-    r1, c1 = s.feed(text)
-    r2, c2 = s.finish()
-    content = c1 + c2
     if fmt.placeholder:
         content = content.replace(fmt.placeholder, "")
         if not content.strip():
             content = ""
-    return (r1 + r2 if thinking else None), (content or None)
+    return content or None
+
+
+def extract_reasoning(fmt: ReasoningFormat, text: str, thinking: bool = True,
+                      scrub: bool = True) -> tuple[str | None, str | None]:
+    """A whole output -> (reasoning, content), as vLLM's extract_reasoning_content: reasoning
+    is None when the request does not think; content is None when empty (or, with a
+    placeholder, blank). `scrub=False` leaves the placeholder in (the caller removes it from
+    the content left after the tool calls are taken out: see chat_parsing.ParsePlan)."""
+    s = ThinkStream(fmt, thinking)
+    r1, c1 = s.feed(text)
+    r2, c2 = s.finish()
+    content = c1 + c2
+    return (r1 + r2 if thinking else None), (scrub_placeholder(fmt, content) if scrub
+                                             else content or None)
