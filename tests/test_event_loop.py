@@ -33,7 +33,7 @@ def huge_tools_chat(mb: int) -> bytes:
     tools = [{"type": "function", "function": {"name": f"f{i}", "description": desc}}
              for i in range(n)]
     return json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-                       "tools": tools}).encode()
+                       "tools": tools, "tool_choice": "none"}).encode()
 
 
 def test_health_and_a_stream_keep_going_while_a_huge_chat_prompt_is_prepared(srv):

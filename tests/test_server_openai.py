@@ -506,12 +506,13 @@ def test_structured_output_and_tool_choice_are_clear_400s(http):
     for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"guided_choice": ["a", "b"]}, "guided_choice"),
                          ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
+                         # tools without tool_choice mean "auto" (vLLM): the parser flags needed
+                         ({"tools": tools}, "tool_choice"),
                          ({"tools": tools, "tool_choice": {"type": "function",
                                                            "function": {"name": "f"}}},
                           "tool_choice")):
         assert_error(http.post("/v1/chat/completions", json={**base, **extra}), 400, param)
-    for extra in ({"response_format": {"type": "text"}}, {"tools": tools},
-                  {"tools": tools, "tool_choice": "none"}):
+    for extra in ({"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}):
         r = http.post("/v1/chat/completions", json={**base, **extra})
         assert r.status_code == 200, (extra, r.text)
     assert_error(http.post("/v1/completions", json={

@@ -131,7 +131,10 @@ def _req(tool_choice=None, tools=TOOLS):
 
 def test_tool_choice_rules():
     off, on = ChatParsing(), ChatParsing(True, "kimi_k2")
-    assert not off.tool_choice(_req()) and on.tool_choice(_req())  # absent: auto when on
+    assert on.tool_choice(_req())  # absent with tools: "auto" (vLLM's check_tool_usage)
+    with pytest.raises(HTTPError) as e:  # ... which needs the flags
+        off.tool_choice(_req())
+    assert e.value.message == AUTO_TOOLS_MESSAGE
     assert not on.tool_choice(_req(tools=None)) and not on.tool_choice(_req("none"))
     assert on.tool_choice(_req("auto"))
     with pytest.raises(HTTPError) as e:
@@ -325,16 +328,17 @@ def test_http_special_tokens_kept_for_special_markers(tmp_path):
 def test_http_without_flags_unchanged(off):
     c, engine = off
     engine.script = ["<think>x</think>", KIMI_OUT]
-    r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS})
+    r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS,
+                                             "tool_choice": "none"})
     assert r.json()["choices"][0]["message"] == {"role": "assistant",
                                                  "content": "<think>x</think>" + KIMI_OUT}
     assert engine.seen[-1][0].skip_special_tokens
     ev = events(c.post("/v1/chat/completions", json={"messages": CHAT, "stream": True}).text)
     assert [e["choices"][0]["delta"] for e in ev][1:] == [{"content": "<think>x</think>"},
                                                           {"content": KIMI_OUT}]
-    r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS,
-                                             "tool_choice": "auto"})
-    assert r.status_code == 400 and r.json()["error"]["message"] == AUTO_TOOLS_MESSAGE
+    for choice in ({"tool_choice": "auto"}, {}):  # absent with tools = "auto" (vLLM)
+        r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS, **choice})
+        assert r.status_code == 400 and r.json()["error"]["message"] == AUTO_TOOLS_MESSAGE
     r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS,
                                              "tool_choice": "required"})
     assert r.status_code == 400 and "guided" in r.json()["error"]["message"]

@@ -5,9 +5,8 @@
 
 - `tool_choice(req)` checks `tool_choice` as vLLM's ChatCompletionRequest validators and
   serving_chat do, and says whether the output is parsed for tool calls:
-  - absent: with tools and auto tool choice on, "auto" (vLLM's default); otherwise the tools are
-    only rendered into the prompt (without the flags vLLM would refuse such a request; here it
-    is served as before).
+  - absent: with tools, "auto" (vLLM's check_tool_usage default), so without the flags a 400
+    as vLLM's (a client gets told, not answered with the model's raw tool-call markup).
   - "none": tools rendered, nothing parsed (vLLM's default without
     --exclude-tools-when-tool-choice-none).
   - "auto": parsed; without --enable-auto-tool-choice and --tool-call-parser a 400 with vLLM's
@@ -214,7 +213,9 @@ class ChatParsing:
         """Check the request's tool_choice; True when its output is parsed for tool calls."""
         choice, tools = req.tool_choice, req.tools
         if choice is None:
-            return bool(tools) and self.tools is not None
+            if not tools:
+                return False
+            choice = "auto"  # vLLM's check_tool_usage: tools without tool_choice mean "auto"
         if choice == "none":
             return False
         if isinstance(choice, str) and choice not in ("auto", "required"):
