@@ -231,7 +231,8 @@ _PF = [{}, {"stop_after": "gate_up"}, {"BM": 32}, {"BM": 64}, {"BM": 64, "stop_a
        {"BM": 64, "BN2": 64}, {"BM": 64, "S1": 2, "S2": 2}]
 PREFILL_CANDIDATES = {1024: _PF, 4096: _PF, 8192: _PF}
 # --set aw (session 11): the parallel align's warps per program (AW; default par_warps)
-_AW = [{}, {"AW": 4}, {"AW": 16}, {"stop_after": "gate_up"}, {"AW": 4, "stop_after": "gate_up"}, {}]
+_AW = [{}, {"AW": 4}, {"AW": 16}, {"AW": 32}, {"stop_after": "gate_up"},
+       {"AW": 4, "stop_after": "gate_up"}, {"AW": 32, "stop_after": "gate_up"}, {}]
 AW_CANDIDATES = {64: _AW, 256: _AW, 1024: _AW}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
