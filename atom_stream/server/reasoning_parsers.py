@@ -90,7 +90,11 @@ class ThinkStream:
 
 
 class Scrub:
-    """Removes every occurrence of `word` from a text stream (holding a possible beginning)."""
+    """Removes every occurrence of `word` from a text stream (holding a possible beginning), as
+    `str.replace` on the whole text: occurrences in the text as written, not ones that removing
+    another makes (`((no content)no content)` -> `(no content)`, however it is cut). `word`
+    must not overlap itself (no proper prefix that is also a suffix), so a held beginning never
+    belongs to an occurrence already removed."""
 
     __slots__ = ("_buf", "_marks", "word")
 
@@ -100,10 +104,10 @@ class Scrub:
         self._buf = ""
 
     def feed(self, text: str) -> str:
-        buf = (self._buf + text).replace(self.word, "") if text else self._buf
+        buf = self._buf + text  # held raw: removing first could join a new occurrence
         cut = len(buf) - held_suffix(buf, self._marks)
         self._buf = buf[cut:]
-        return buf[:cut]
+        return buf[:cut].replace(self.word, "")
 
     def finish(self) -> str:
         buf, self._buf = self._buf, ""

@@ -201,7 +201,11 @@ class ToolCallStream:
             if m != fmt.args_begin:  # a call without arguments marker: malformed, dropped
                 self._state = _SECTION
                 return True
-            name, cid = fmt.parse_header(self._header + buf[:k], len(self.calls))
+            header = self._header + buf[:k]
+            if len(header) > _HEADER_LIMIT:  # whether it came in one piece or many
+                self._state = _SKIP
+                return True
+            name, cid = fmt.parse_header(header, len(self.calls))
             if not name:
                 self._state = _SKIP
                 return True
