@@ -33,8 +33,11 @@ from typing import Any
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
+from atom_stream.engine.prompts import resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import SamplingParams
+
+_CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's ChatTemplateContentFormatOption
 
 
 class LLM:
@@ -115,15 +118,51 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = False, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False, lora_request: Any = None,
+             chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None,
              ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; the chat template applied."""
+        """vLLM's LLM.chat (its arguments, in its order): one conversation (a list of message
+        dicts) or a list of them, each rendered by the model's chat template and generated with
+        `sampling_params` (one for all, or one per conversation). `tools` reach the template as
+        its `tools` variable; `chat_template_kwargs` go to the template last (as vLLM: their
+        `add_generation_prompt` / `continue_final_message` / `tools` override the arguments);
+        both options true is the HTTP routes' ChatOptionsError. A `chat_template` (argument or
+        template kwarg) is refused as the HTTP server refuses a request's; content formats
+        "auto" / "string" / "openai" are accepted (the renderer reads string and text-part
+        content alike). `lora_request` / `mm_processor_kwargs` other than None are refused
+        (no LoRA, text only). `use_tqdm` defaults to False (vLLM: True)."""
+        if lora_request is not None:
+            raise InvalidRequestError("lora_request is not supported: this engine serves no "
+                                      "LoRA adapters", "lora_request")
+        if mm_processor_kwargs is not None:
+            raise InvalidRequestError("mm_processor_kwargs is not supported: this engine "
+                                      "serves text models only", "mm_processor_kwargs")
+        if chat_template_content_format not in _CONTENT_FORMATS:
+            raise InvalidRequestError(
+                "chat_template_content_format must be 'auto', 'string' or 'openai', got "
+                f"{chat_template_content_format!r}", "chat_template_content_format")
+        kwargs = {**({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
+        if chat_template is not None or kwargs.get("chat_template") is not None:
+            from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
+            raise InvalidRequestError(UNTRUSTED_TEMPLATE)
+        # the HTTP routes' options and error (chat_template_kwargs override the arguments)
+        agp, cfm, kwargs = resolve_chat_options(kwargs, add_generation_prompt,
+                                                continue_final_message)
         tok = self.engine.tokenizer
         if tok is None:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [tok.encode_chat(c, add_generation_prompt=True,
-                                       **(chat_template_kwargs or {})) for c in convs]
+        token_lists = []
+        for c in convs:
+            try:
+                token_lists.append(tok.encode_chat(c, add_generation_prompt=agp,
+                                                   continue_final_message=cfm, **kwargs))
+            except (ValueError, TypeError, KeyError) as e:  # tokenize_prompt's error form
+                raise InvalidRequestError(f"messages: {e}", "messages") from None
         return self._run(token_lists, sampling_params, use_tqdm)
 
     def _run(self, token_lists: list[list[int]],

@@ -313,8 +313,9 @@ class OpenAIServing:
             params = build_sampling_params(req, chat=True)
             messages = messages_to_dicts(req.messages)
             tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
-            kwargs = {**self.state.config.default_chat_template_kwargs,
-                      **(req.chat_template_kwargs or {}), **tools_kwargs}
+            # vLLM's order: the request's tools, then its chat_template_kwargs over them
+            kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
+                      **(req.chat_template_kwargs or {})}
             # the options as the template gets them (chat_template_kwargs override the
             # request's fields); both true is a 400 here, before any work
             agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,

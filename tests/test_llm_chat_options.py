@@ -1,0 +1,124 @@
+"""LLM.chat takes vLLM's LLM.chat arguments (text models): tools rendered by the chat template,
+add_generation_prompt / continue_final_message (the HTTP routes' ChatOptionsError when both are
+set), chat_template refused as the HTTP server refuses a request's, content formats checked,
+one conversation or a list with one or a list of sampling params. The prompt ids are the
+engine's own `tokenize_prompt` ids for the same messages and options."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+import torch
+
+from atom_stream import LLM, SamplingParams
+from atom_stream.engine.prompts import BOTH_CHAT_OPTIONS, ChatOptionsError, tokenize_prompt
+from atom_stream.errors import InvalidRequestError
+from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
+
+KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
+MSGS = [{"role": "user", "content": "hi"}]
+CONT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the demo model is tiny: one thread is fastest
+    llm = LLM("demo", **KW)
+    yield llm
+    llm.engine.shutdown()
+    torch.set_num_threads(n)
+
+
+def sp(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 2, "temperature": 0, "ignore_eos": True, **kw})
+
+
+def engine_ids(llm, messages, template_kwargs=None, **opts) -> list[int]:
+    return asyncio.run(tokenize_prompt(llm.tokenizer, messages, template_kwargs, **opts))
+
+
+def test_signature_is_vllms_order():
+    names = list(inspect.signature(LLM.chat).parameters)[1:]
+    assert names == ["messages", "sampling_params", "use_tqdm", "lora_request", "chat_template",
+                     "chat_template_content_format", "add_generation_prompt",
+                     "continue_final_message", "tools", "chat_template_kwargs",
+                     "mm_processor_kwargs"]
+
+
+def test_tools_are_rendered_by_the_template(llm):
+    (out,) = llm.chat(MSGS, sp(), tools=TOOLS)
+    want = engine_ids(llm, MSGS, {"tools": TOOLS})
+    assert out.prompt_token_ids == want
+    assert want != engine_ids(llm, MSGS)
+    assert "get_weather" in llm.tokenizer.decode(want, skip_special_tokens=False)
+    # as tools= or as a template kwarg: one prompt; no tools is the old prompt
+    (kw,) = llm.chat(MSGS, sp(), chat_template_kwargs={"tools": TOOLS})
+    assert kw.prompt_token_ids == want
+    (plain,) = llm.chat(MSGS, sp(), tools=[])
+    assert plain.prompt_token_ids == llm.tokenizer.encode_chat(MSGS, add_generation_prompt=True)
+
+
+def test_generation_prompt_options_match_the_engine(llm):
+    (no_gen,) = llm.chat(MSGS, sp(), add_generation_prompt=False)
+    assert no_gen.prompt_token_ids == engine_ids(llm, MSGS, add_generation_prompt=False)
+    (cont,) = llm.chat(CONT, sp(), add_generation_prompt=False, continue_final_message=True)
+    want = engine_ids(llm, CONT, add_generation_prompt=False, continue_final_message=True)
+    assert cont.prompt_token_ids == want
+    assert llm.tokenizer.decode(want, skip_special_tokens=False).endswith("Hel")
+    # template kwargs override the arguments (as vLLM and the HTTP routes)
+    (over,) = llm.chat(CONT, sp(), chat_template_kwargs={"add_generation_prompt": False,
+                                                         "continue_final_message": True})
+    assert over.prompt_token_ids == want
+
+
+@pytest.mark.parametrize("kw", [
+    {"continue_final_message": True},
+    {"chat_template_kwargs": {"continue_final_message": True}},
+])
+def test_both_options_is_the_http_error(llm, kw):
+    with pytest.raises(ChatOptionsError) as e:
+        llm.chat(CONT, sp(), **kw)
+    assert str(e.value) == BOTH_CHAT_OPTIONS and e.value.type == "Bad Request"
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kw", [
+    {"chat_template": "{{ messages }}"},
+    {"chat_template_kwargs": {"chat_template": "{{ messages }}"}},
+])
+def test_a_chat_template_is_refused(llm, kw):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.chat(MSGS, sp(), **kw)
+    assert str(e.value) == UNTRUSTED_TEMPLATE
+
+
+def test_content_formats(llm):
+    want = llm.tokenizer.encode_chat(MSGS, add_generation_prompt=True)
+    for fmt in ("auto", "string", "openai"):
+        (out,) = llm.chat(MSGS, sp(), chat_template_content_format=fmt)
+        assert out.prompt_token_ids == want
+    with pytest.raises(InvalidRequestError) as e:
+        llm.chat(MSGS, sp(), chat_template_content_format="xml")
+    assert e.value.param == "chat_template_content_format"
+    for kw in ({"lora_request": object()}, {"mm_processor_kwargs": {}}):
+        with pytest.raises(InvalidRequestError):
+            llm.chat(MSGS, sp(), **kw)
+
+
+def test_conversations_with_a_list_of_params(llm):
+    convs = [MSGS, [{"role": "user", "content": "bye"}]]
+    outs = llm.chat(convs, [sp(max_tokens=1), sp(max_tokens=3)], tools=TOOLS)
+    assert [len(o.token_ids) for o in outs] == [1, 3]
+    for o, c in zip(outs, convs):
+        assert o.prompt_token_ids == engine_ids(llm, c, {"tools": TOOLS})
+    with pytest.raises(InvalidRequestError, match="sampling_params"):
+        llm.chat(convs, [sp()])
+    with pytest.raises(InvalidRequestError) as e:
+        llm.chat([[{"role": "user", "content": 3.5}]], sp())
+    assert e.value.param == "messages"
