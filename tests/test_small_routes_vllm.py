@@ -66,6 +66,11 @@ def test_tokenize_errors_are_400s(http):
         assert r.status_code == 400, (body, r.text)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert http.post("/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+    # a request chat template is refused as on the chat route (vLLM: untrusted template)
+    msgs = [{"role": "user", "content": "x"}]
+    for extra in ({"chat_template": "{{ 1 }}"}, {"chat_template_kwargs": {"chat_template": "t"}}):
+        r = http.post("/tokenize", json={"messages": msgs, **extra})
+        assert r.status_code == 400 and "untrusted chat template" in r.json()["error"]["message"]
 
 
 def test_detokenize_keeps_special_tokens_as_vllm(http):

@@ -45,11 +45,7 @@ from typing import Any
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.outputs import RequestOutput
-from atom_stream.engine.prompts import (  # noqa: F401 - resolve_chat_options: re-exported (app)
-    Prompt,
-    resolve_chat_options,
-    tokenize_prompt,
-)
+from atom_stream.engine.prompts import Prompt, tokenize_prompt
 from atom_stream.errors import (
     EngineDeadError,
     GenerationError,

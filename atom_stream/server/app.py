@@ -45,13 +45,14 @@ from starlette.routing import Route, WebSocketRoute
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
-from atom_stream.engine.async_engine import resolve_chat_options
+from atom_stream.engine.prompts import resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
+from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
 from atom_stream.server.responses import HTTPError, json_response, read_body
 from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
 
@@ -139,6 +140,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True):
     return_token_strs: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    chat_template: str | None = None  # refused, as on the chat route (untrusted template)
 
 
 class DetokenizeBody(msgspec.Struct, kw_only=True):
@@ -176,6 +178,9 @@ class Tokenization(OpenAIServing):
             engine = self.state.engine
             tok = engine.tokenizer
             if req.messages is not None:
+                if req.chat_template is not None or (req.chat_template_kwargs or {}).get(
+                        "chat_template") is not None:  # vLLM's _validate_chat_template
+                    raise HTTPError(400, UNTRUSTED_TEMPLATE)
                 # the chat route's options and error (chat_template_kwargs override the fields)
                 agp, cfm, kwargs = resolve_chat_options(
                     {**self.state.config.default_chat_template_kwargs,
