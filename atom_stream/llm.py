@@ -33,7 +33,11 @@ from typing import Any
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
-from atom_stream.engine.prompts import resolve_chat_options
+from atom_stream.engine.prompts import (
+    encode_chat_prompt,
+    refuse_request_template,
+    resolve_chat_options,
+)
 from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import SamplingParams
 
@@ -146,23 +150,14 @@ class LLM:
                 "chat_template_content_format must be 'auto', 'string' or 'openai', got "
                 f"{chat_template_content_format!r}", "chat_template_content_format")
         kwargs = {**({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
-        if chat_template is not None or kwargs.get("chat_template") is not None:
-            from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
-            raise InvalidRequestError(UNTRUSTED_TEMPLATE)
+        refuse_request_template(chat_template, kwargs)
         # the HTTP routes' options and error (chat_template_kwargs override the arguments)
-        agp, cfm, kwargs = resolve_chat_options(kwargs, add_generation_prompt,
-                                                continue_final_message)
-        tok = self.engine.tokenizer
-        if tok is None:
+        resolve_chat_options(kwargs, add_generation_prompt, continue_final_message)
+        if self.engine.tokenizer is None:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = []
-        for c in convs:
-            try:
-                token_lists.append(tok.encode_chat(c, add_generation_prompt=agp,
-                                                   continue_final_message=cfm, **kwargs))
-            except (ValueError, TypeError, KeyError) as e:  # tokenize_prompt's error form
-                raise InvalidRequestError(f"messages: {e}", "messages") from None
+        token_lists = [encode_chat_prompt(self.engine.tokenizer, c, kwargs, add_generation_prompt,
+                                          continue_final_message) for c in convs]
         return self._run(token_lists, sampling_params, use_tqdm)
 
     def _run(self, token_lists: list[list[int]],

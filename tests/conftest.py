@@ -1,7 +1,7 @@
 """Shared pytest setup: the tests folder and the client SDK are importable; small torch threads;
-module-scoped `srv` (a demo-model server, tests/serving_helpers.running_server) and `http` (an
-httpx client on it) fixtures: a module that needs another server defines its own `srv`, and
-`http` then talks to that one."""
+module-scoped `srv` (a demo-model server, tests/serving_helpers.running_server), `http` (an
+httpx client on it) and `llm` (an in-process demo-model LLM on the CPU) fixtures: a module that
+needs another server defines its own `srv`, and `http` then talks to that one; likewise `llm`."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ def srv():
 def http(srv):
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from atom_stream import LLM
+
+    with LLM("demo", device="cpu", dtype="float32", num_kv_blocks=64) as engine:
+        yield engine

@@ -20,13 +20,6 @@ from atom_stream.layers.sampling_metadata import SamplingMetadata
 KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
 
 
-@pytest.fixture(scope="module")
-def llm():
-    llm = LLM("demo", **KW)
-    yield llm
-    llm.shutdown()
-
-
 def sampled_sum(out) -> float:
     return sum(lp[0] for lp in out.logprobs)
 

@@ -10,12 +10,15 @@ import asyncio
 import inspect
 
 import pytest
-import torch
 
 from atom_stream import LLM, SamplingParams
-from atom_stream.engine.prompts import BOTH_CHAT_OPTIONS, ChatOptionsError, tokenize_prompt
+from atom_stream.engine.prompts import (
+    BOTH_CHAT_OPTIONS,
+    UNTRUSTED_TEMPLATE,
+    ChatOptionsError,
+    tokenize_prompt,
+)
 from atom_stream.errors import InvalidRequestError
-from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
 
 KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
 MSGS = [{"role": "user", "content": "hi"}]
@@ -23,16 +26,6 @@ CONT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-
-
-@pytest.fixture(scope="module")
-def llm():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the demo model is tiny: one thread is fastest
-    llm = LLM("demo", **KW)
-    yield llm
-    llm.engine.shutdown()
-    torch.set_num_threads(n)
 
 
 def sp(**kw) -> SamplingParams:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-import torch
 from engine_fakes import EOS, FakeKVRunner, ScriptedRunner
 
 from atom_stream import LLM, EngineConfig, SamplingParams
@@ -24,16 +23,6 @@ from atom_stream.sampling_params import SamplingParamsError
 from atom_stream.tokenizer import load_tokenizer
 
 KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
-
-
-@pytest.fixture(scope="module")
-def llm():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the demo model is tiny: one thread is fastest
-    llm = LLM("demo", **KW)
-    yield llm
-    llm.engine.shutdown()
-    torch.set_num_threads(n)
 
 
 def sp(**kw) -> SamplingParams:

@@ -15,13 +15,6 @@ KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
 PARAMS = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def llm():
-    llm = LLM("demo", **KW)
-    yield llm
-    llm.engine.shutdown()
-
-
 def test_prompt_forms_give_the_same_tokens(llm):
     p = SamplingParams(**PARAMS)
     want = [o.token_ids for o in llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=p)]

@@ -25,6 +25,12 @@ BOTH_CHAT_OPTIONS = ("Cannot set both `continue_final_message` and `add_generati
                      "to True.")
 
 
+# vLLM's _validate_chat_template error (a request / call chat template without
+# --trust-request-chat-template), verbatim
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template "
+                      "is not set. Refused request with untrusted chat template.")
+
+
 class ChatOptionsError(InvalidRequestError):
     """continue_final_message and add_generation_prompt both true. vLLM's check is a request
     validator, so FastAPI answers it as a RequestValidationError: 400, type "Bad Request" (the
@@ -52,6 +58,30 @@ def resolve_chat_options(chat_template_kwargs: dict | None, add_generation_promp
     return agp, cfm, kw
 
 
+def refuse_request_template(chat_template: str | None, chat_template_kwargs: dict | None
+                            ) -> None:
+    """A chat template given with a request (field or template kwarg) is refused, as vLLM does
+    without --trust-request-chat-template: InvalidRequestError (400, param null)."""
+    if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
+        raise InvalidRequestError(UNTRUSTED_TEMPLATE)
+
+
+def encode_chat_prompt(tokenizer: Any, messages: list[dict], chat_template_kwargs: dict | None,
+                       add_generation_prompt: bool = True, continue_final_message: bool = False,
+                       **encode_kw: Any) -> list[int]:
+    """Messages -> token ids through the chat template, synchronously: the options resolved
+    (`resolve_chat_options`), template errors as InvalidRequestError naming `messages`."""
+    agp, cfm, kw = resolve_chat_options(chat_template_kwargs, add_generation_prompt,
+                                        continue_final_message)
+    try:
+        return _need(tokenizer).encode_chat(messages, add_generation_prompt=agp,
+                                            continue_final_message=cfm, **encode_kw, **kw)
+    except InvalidRequestError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise InvalidRequestError(f"messages: {e}", "messages") from None
+
+
 async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: dict | None = None,
                           *, add_special_tokens: bool = True, add_generation_prompt: bool = True,
                           continue_final_message: bool = False) -> list[int]:
@@ -72,10 +102,11 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
                                add_special_tokens=add_special_tokens)
         size = len(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        agp, cfm, kw = resolve_chat_options(chat_template_kwargs, add_generation_prompt,
-                                            continue_final_message)
-        fn = functools.partial(_need(tokenizer).encode_chat, prompt,
-                               add_generation_prompt=agp, continue_final_message=cfm, **kw)
+        resolve_chat_options(chat_template_kwargs, add_generation_prompt,
+                             continue_final_message)  # the pair's error before any work
+        _need(tokenizer)
+        fn = functools.partial(encode_chat_prompt, tokenizer, prompt, chat_template_kwargs,
+                               add_generation_prompt, continue_final_message)
         size = _OFFLOOP_CHARS + 1  # always off the loop (see the docstring)
     else:
         raise InvalidRequestError(
@@ -85,6 +116,8 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
         if size > _OFFLOOP_CHARS:
             return await asyncio.get_running_loop().run_in_executor(None, fn)
         return fn()
+    except InvalidRequestError:
+        raise
     except (ValueError, TypeError, KeyError) as e:
         field = "prompt" if isinstance(prompt, str) else "messages"
         raise InvalidRequestError(f"{field}: {e}", field) from None

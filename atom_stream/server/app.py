@@ -45,14 +45,13 @@ from starlette.routing import Route, WebSocketRoute
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
-from atom_stream.engine.prompts import resolve_chat_options
+from atom_stream.engine.prompts import refuse_request_template, resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
-from atom_stream.server.openai_params import UNTRUSTED_TEMPLATE
 from atom_stream.server.responses import HTTPError, json_response, read_body
 from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
 
@@ -178,18 +177,16 @@ class Tokenization(OpenAIServing):
             engine = self.state.engine
             tok = engine.tokenizer
             if req.messages is not None:
-                if req.chat_template is not None or (req.chat_template_kwargs or {}).get(
-                        "chat_template") is not None:  # vLLM's _validate_chat_template
-                    raise HTTPError(400, UNTRUSTED_TEMPLATE)
+                refuse_request_template(req.chat_template, req.chat_template_kwargs)
                 # the chat route's options and error (chat_template_kwargs override the fields)
+                # (a template's own error keeps param null here, as vLLM's /tokenize)
                 agp, cfm, kwargs = resolve_chat_options(
                     {**self.state.config.default_chat_template_kwargs,
                      **({"tools": req.tools} if req.tools else {}),
                      **(req.chat_template_kwargs or {})},
                     req.add_generation_prompt, req.continue_final_message)
-                messages = messages_to_dicts(req.messages)
-                fn = functools.partial(tok.encode_chat, messages, add_generation_prompt=agp,
-                                       continue_final_message=cfm,
+                fn = functools.partial(tok.encode_chat, messages_to_dicts(req.messages),
+                                       add_generation_prompt=agp, continue_final_message=cfm,
                                        add_special_tokens=bool(req.add_special_tokens),
                                        **kwargs)
                 size = None  # rendering reads tools and kwargs too: always off the loop

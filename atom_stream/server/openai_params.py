@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from atom_stream.engine.prompts import refuse_request_template
 from atom_stream.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
@@ -28,8 +29,6 @@ from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "prompt_logprobs")
 # vLLM's OpenAIServing._validate_chat_template (serving_engine.py), verbatim
-UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template "
-                      "is not set. Refused request with untrusted chat template.")
 
 
 def _invalid(message: str, param: str | None = None) -> HTTPError:
@@ -160,11 +159,8 @@ def refuse_unsupported(req: Any, chat: bool) -> None:
         # vLLM runs beam search (completion/protocol.py to_beam_search_params); not built here
         raise HTTPError(400, "use_beam_search is not supported: this server has no beam "
                         "search; use n / best-of sampling instead", "use_beam_search")
-    if chat:
-        kwargs = req.chat_template_kwargs or {}
-        if req.chat_template is not None or kwargs.get("chat_template") is not None:
-            # vLLM: create_error_response(...) -> 400 BadRequestError, param None
-            raise HTTPError(400, UNTRUSTED_TEMPLATE)
+    if chat:  # vLLM: create_error_response(...) -> 400 BadRequestError, param None
+        refuse_request_template(req.chat_template, req.chat_template_kwargs)
 
 
 def truncation_size(value: int | None, max_model_len: int, max_tokens: int | None
