@@ -1,4 +1,4 @@
-"""`bench/kernels_attention.py --set variants`: MLA decode v1 vs v3 and v3's alternatives at
+"""`bench/kernels_attention.py --set variants`: MLA decode v1 vs v3 and the alternatives (fp8: v5) at
 Kimi TP8 shapes (8 heads), one table + JSON rows with "variant" (split out of
 kernels_attention.py; run through it, which loads bench/kernels.py first)."""
 
@@ -18,15 +18,14 @@ def set_variants(name, B, merge_kernel=False):
     budget guard keeps only the first two). v3 = kernels/mla_decode_v3.py. merge_kernel: every
     v3 alternative with the separate merge kernel (the fused last-CTA merge measured 25-120 µs
     slower, hiding the fp8 tile path's own speed)."""
-    mk = dict(merge="kernel") if merge_kernel else {}
+    mk = {"merge": "kernel"} if merge_kernel else {}
     sfx = " mk" if merge_kernel else ""
-    v = [("v1", dict(variant="v1")), ("v3" + sfx, dict(variant="v3", **mk))]
-    if name == "fp8":
-        v += [("v3 cpasync 32,4,2" + sfx,
-               dict(variant="v3", fp8_path="cpasync", config=(32, 4, 2), **mk)),
-              ("v3 regs 32,4,1" + sfx, dict(variant="v3", config=(32, 4, 1), **mk))]
+    v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
+    if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs) at 4 launch configs
+        v += [(f"v5 {n},{w},{st}" + sfx, dict(variant="v5", config=(n, w, st), **mk))
+              for n, w, st in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3))]
     if not merge_kernel:
-        v.append(("v3 merge=kernel", dict(variant="v3", merge="kernel")))
+        v.append(("v3 merge=kernel", {"variant": "v3", "merge": "kernel"}))
     return v
 
 

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from atom_stream.kernels import mla_decode_sched as _v2
 from atom_stream.kernels import mla_decode_v3 as _v3
+from atom_stream.kernels import mla_decode_v5 as _v5
 
 from .. import envs
 
@@ -60,6 +61,8 @@ if _v2.INTERPRET != envs.triton_interpreted():
     _v2 = importlib.reload(_v2)  # decorated under the other mode (tests switch modes)
 if _v3.INTERPRET != envs.triton_interpreted():
     _v3 = importlib.reload(_v3)
+if _v5.INTERPRET != envs.triton_interpreted():
+    _v5 = importlib.reload(_v5)  # after v3: it binds v3's split / merge functions
 # one definition of the split length and the paged tile load, shared by v1 and v3 (decorated in
 # the current interpreter mode by the reload above)
 _split_len, _load_tile = _v3._split_len, _v3._load_tile
@@ -81,7 +84,7 @@ FUSED_MAX_S = 16
 # (V3_FUSED_MAX_S, 2 * V3_FUSED_MAX_S) is lowered to V3_FUSED_MAX_S (B=16 @8K: 17 -> 16).
 V3_FUSED_MAX_S = 16
 CPU_SMS = 8  # the "SM count" the split heuristics assume off-GPU (interpreter: small grids)
-VARIANTS = ("auto", "v1", "v2", "v3")
+VARIANTS = ("auto", "v1", "v2", "v3", "v5")
 # v1 by measurement (H200, bench/RESULTS.md, session 2): v2 was slower for bf16 at every Kimi
 # TP8 shape (B=64@1K 57.7 vs 35.3 us) and for H=16/128; it won only with fp8 caches at B*ctx
 # >= 512K (B=256@1K 141 vs 167 us, B=64@8K 313 vs 364 us), which one captured graph per batch
@@ -103,9 +106,10 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
         return variant, None
     forced = FORCED_VARIANT
     if forced != "auto":
-        if forced not in ("v1", "v3"):
-            raise ValueError(f"ATOM_STREAM_MLA_DECODE must be auto, v1 or v3, got {forced!r}")
-        return forced, ("kernel" if forced == "v3" else None)
+        if forced not in ("v1", "v3", "v5"):
+            raise ValueError(f"ATOM_STREAM_MLA_DECODE must be auto, v1, v3 or v5, got "
+                             f"{forced!r}")
+        return forced, ("kernel" if forced in ("v3", "v5") else None)
     if kv_dtype is None:
         raise ValueError("variant='auto' needs kv_dtype (the cache's dtype) to resolve")
     if kv_dtype == getattr(torch, "float8_e4m3fn", None):
@@ -273,7 +277,7 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
     s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:
         s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
-    if variant == "v3" and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
+    if variant in ("v3", "v5") and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
         s = V3_FUSED_MAX_S  # one launch instead of two, ~wave-sized grid kept
     return max(1, min(s, MAX_SPLITS))
 
@@ -289,7 +293,7 @@ def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_sp
     if variant == "v2":
         return _v2.alloc_sched_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H,
                                          device)
-    if variant == "v3":
+    if variant in ("v3", "v5"):  # v5 uses v3's splits, partials and merges
         return _v3.alloc_v3_workspace(batch, num_heads, kv_lora_rank, num_splits, BLOCK_H, device)
     return (torch.empty(batch, num_heads, num_splits, kv_lora_rank, dtype=torch.float32,
                         device=device),
@@ -330,6 +334,9 @@ def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int,
         return (64, 8, 1) if fp8_path == 1 else (32, 4, 2)
     return 32, 4, 2
 
+
+# v5 (BLOCK_N, num_warps, num_stages): v1's bf16 pipeline shape (cp.async, 16-bit tiles)
+V5_CONFIG = (32, 4, 2)
 
 _V3_COUNTERS: dict[tuple, torch.Tensor] = {}
 
@@ -387,6 +394,22 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     if num_splits is None:
         num_splits = decode_num_splits(B, H, max_seq_len, q_nope.device, variant)
     fp8 = kv_cache.dtype in _FP8
+    if variant == "v5" and not (fp8 and _v5.supported(R, DR)):
+        variant = "v3"  # v5 is an fp8-cache path; v3 takes the rest with the same workspace
+    if variant == "v5":
+        S = num_splits
+        if merge is None:
+            merge = "fused" if S <= V3_FUSED_MAX_S else "kernel"
+        assert merge in ("fused", "kernel")
+        block_n, warps, stages = config or V5_CONFIG
+        ws = (workspace or _v3_workspace(B, H, R, S, q_nope.device)) if S > 1 else None
+        # k_scale (and the bit moves' fp16 factor) folded into the score and output scales
+        asm = _v5.native_cvt(kv_cache.dtype, kv_cache.device)
+        f = float(k_scale) * (1.0 if asm else 2.0 ** (15 - _fp8_bias(kv_cache.dtype)))
+        return _v5.launch_v5(
+            q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
+            S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
+            stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0

@@ -1,0 +1,109 @@
+"""MLA decode variant "v5" (kernels/mla_decode_v5.py: fp8 caches read as 16-bit pairs) against
+the torch reference, interpreted on the CPU at small widths and natively with `-m gpu` at the
+Kimi TP8 widths. The pair unpack is checked exhaustively against torch's fp8 conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_interp import interpret_without_gpu
+
+GPU = interpret_without_gpu("mla_decode_v3", "mla_decode_v5", "mla_decode")
+
+import triton
+import triton.language as tl
+from atom_stream.kernels import mla_decode as dec
+from atom_stream.kernels import mla_decode_v5 as v5
+from test_kernels_attention import FP8, check_v3_scratch, rel_err, run_decode
+
+FNUZ = torch.float8_e4m3fnuz
+cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
+
+
+@triton.jit
+def _unpack_probe(W, LO, HI, N: tl.constexpr, ASM: tl.constexpr):
+    offs = tl.program_id(0) * N + tl.arange(0, N)
+    lo, hi = v5._unpack(tl.load(W + offs), ASM)
+    tl.store(LO + offs, lo)
+    tl.store(HI + offs, hi)
+
+
+@pytest.mark.parametrize("dt,asm", [(FP8, False), (FNUZ, False), (FP8, True)])
+def test_unpack_is_exact_for_every_code_pair(dt, asm):
+    """Every (low, high) byte pair: lo / hi == the codes' fp8 values (asm: the native cvt, on
+    NVIDIA GPUs) or the values * 2^(bias - 15) (bit moves), bit-exact in fp16, NaN codes
+    skipped; so v5 sees exactly the cache's values."""
+    dev = "cuda" if GPU else "cpu"
+    if asm and not v5.native_cvt(dt, torch.device(dev)):
+        pytest.skip("the native e4m3x2 cvt needs a compiled NVIDIA launch")
+    bias = 8 if dt == FNUZ else 7
+    codes = torch.arange(256, dtype=torch.int32)
+    pairs = (codes[:, None] | (codes[None, :] << 8)).flatten()  # low | high << 8, all 65536
+    w16 = torch.where(pairs >= 32768, pairs - 65536, pairs).to(torch.int16).to(dev)
+    lo = torch.full((65536,), float("nan"), dtype=torch.float16, device=dev)
+    hi = torch.full_like(lo, float("nan"))
+    _unpack_probe[(64,)](w16, lo, hi, N=1024, ASM=int(asm))
+    vals = codes.to(torch.uint8).view(dt).float() * (1.0 if asm else 2.0 ** (bias - 15))
+    want_lo = vals[pairs & 255]
+    want_hi = vals[pairs >> 8]
+    ok_lo, ok_hi = torch.isfinite(want_lo), torch.isfinite(want_hi)
+    assert ok_lo.sum() >= 65536 - 2 * 256  # only the NaN codes are skipped
+    assert torch.equal(lo.cpu().float()[ok_lo], want_lo[ok_lo])
+    assert torch.equal(hi.cpu().float()[ok_hi], want_hi[ok_hi])
+
+
+@cpu_only
+@pytest.mark.parametrize("merge,q_dtype,kv_dtype,R,chunk", [
+    ("fused", torch.float32, FP8, 64, 32), ("kernel", torch.float32, FP8, 64, 32),
+    ("fused", torch.float16, FP8, 128, 32), ("fused", torch.float32, FNUZ, 32, 32),
+    ("kernel", torch.float32, FP8, 64, 64)])
+def test_decode_v5_interpreted(merge, q_dtype, kv_dtype, R, chunk):
+    """Odd batch, H=3, page 8 < BLOCK_N, lens with empty / direct / multi-split sequences
+    (S=6), R in 1, 2 or 4 pair chunks; twice on one workspace with fresh inputs (the fused
+    merge resets its counters); the partial slots written are exactly the active splits'."""
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    S = 6
+    ws = dec.alloc_decode_workspace(7, 3, R, S, "cpu", variant="v5")
+    for rep in range(2):
+        seed = hash((merge, str(q_dtype), str(kv_dtype), R, chunk, rep)) % 2**31
+        out, ref = run_decode(7, 3, R, 32, 8, lens, q_dtype, kv_dtype, S, "cpu", seed=seed,
+                              k_scale=0.37, chunk=chunk, config=(16, 4, 1), variant="v5",
+                              merge=merge, ws=ws)
+        assert torch.all(out[0] == 0), "empty sequence must give 0"
+        assert rel_err(out, ref) < 2e-3  # q and p rounded to fp16, as v3's fp8 path
+        assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # the merge path ran
+
+
+@cpu_only
+def test_v5_falls_back_to_v3_where_it_does_not_apply():
+    """A 16-bit cache, or rope 16 (pairs < 16), runs v3 on the same workspace: still exact."""
+    lens = [3, 90, 17]
+    for kv_dtype, DR in ((torch.float32, 32), (FP8, 16)):
+        ws = dec.alloc_decode_workspace(3, 2, 32, 2, "cpu", variant="v5")
+        out, ref = run_decode(3, 2, 32, DR, 8, lens, torch.float32, kv_dtype, 2, "cpu",
+                              seed=DR, k_scale=0.5, chunk=16, config=(16, 4, 1),
+                              variant="v5", ws=ws)
+        assert rel_err(out, ref) < (2e-6 if kv_dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype", [FP8, FNUZ])
+@pytest.mark.parametrize("merge,cfg,S", [
+    (None, None, 4), (None, None, 16), (None, None, 40), ("kernel", None, 16),
+    (None, (64, 4, 2), 16), (None, (64, 8, 2), 16), (None, (32, 4, 3), 4)])
+def test_decode_v5_gpu(kv_dtype, merge, cfg, S):
+    """v5 at the real widths (Kimi TP8: H=8, page 64, 512 + 64): odd batch, empty and long
+    sequences, both merges, twice on one workspace; partial slots = the active splits."""
+    gen = torch.Generator().manual_seed(S)
+    lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (13,), generator=gen).tolist()
+    B, H = len(lens), 8
+    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="v5")
+    for seed in (1, 2):
+        out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
+                              seed=seed, k_scale=0.5, variant="v5", merge=merge, config=cfg,
+                              ws=ws)
+        assert torch.all(out[0] == 0)
+        assert rel_err(out, ref) < 1e-2
+        check_v3_scratch(ws, lens, S, (cfg or dec.V5_CONFIG)[0])
