@@ -23,7 +23,9 @@ def set_variants(name, B, merge_kernel=False):
     v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
     if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs) at 4 launch configs
         v += [(f"v5 {n},{w},{st}" + sfx, dict(variant="v5", config=(n, w, st), **mk))
-              for n, w, st in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 3))]
+              for n, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2))]
+        v.append(("v5 64,4,2 c256" + sfx, dict(variant="v5", config=(64, 4, 2), chunk=256,
+                                                **mk)))
     if not merge_kernel:
         v.append(("v3 merge=kernel", {"variant": "v3", "merge": "kernel"}))
     return v

@@ -26,8 +26,8 @@ CUDA/HIP-graph capture: no host syncs (no .item()); the grid depends only on B, 
 num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
 (alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
 
-Variants (`variant=`, default DEFAULT_VARIANT = "auto": "v3" with the separate merge kernel for
-fp8 caches, "v1" otherwise, by the session-3 H200 measurement in bench/RESULTS.md): "v2" (kernels/mla_decode_sched.py)
+Variants (`variant=`, default DEFAULT_VARIANT = "auto": "v5" with the separate merge kernel for
+e4m3fn caches, "v1" otherwise, by the H200 measurements in bench/RESULTS.md, session 12 for v5): "v2" (kernels/mla_decode_sched.py)
 balances a work list computed on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
 in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
 caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
@@ -37,6 +37,9 @@ S <= V3_FUSED_MAX_S) and an fp8 path that loads the tile into registers and conv
 (fp8 -> fp16, k_scale folded out; fp8_path="regs", or "cpasync"). Measured on the H200: the
 fused merge is 7-113 µs slower than a merge kernel; with merge="kernel" the fp8 path is
 1.02-1.11x faster than v1's at every Kimi TP8 shape (bf16: slower than v1).
+"v5" (kernels/mla_decode_v5.py, fp8 caches): v3's splits, workspace and merges; the cache read as
+int16 pairs through v1's cp.async + ldmatrix pipeline and split in registers (1.9-2.3x faster than
+v3 at B >= 16 on the H200); 16-bit caches and rope < 32 fall back to v3.
 "v1" is the split-per-sequence kernel above. The two variants' workspaces
 differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
 buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
@@ -91,6 +94,8 @@ VARIANTS = ("auto", "v1", "v2", "v3", "v5")
 # size cannot select by context length.
 # Session 3 (bench/RESULTS.md): fp8 caches take v3 with merge="kernel" (B=64@8K 328.6 vs 362.5
 # us, B=256@8K 1072 vs 1186, B=16@8K 79.2 vs 87.3), bf16 caches keep v1.
+# Session 12: e4m3fn caches take v5 (64, 4, 2) + merge kernel (B=64@8K 169 vs v3's 342 us,
+# B=256@1K 71 vs 161, B=16@8K 40 vs 83, B=1@8K 10.3 vs 11.3).
 DEFAULT_VARIANT = "auto"
 
 
@@ -99,7 +104,7 @@ FORCED_VARIANT = envs.text("ATOM_STREAM_MLA_DECODE")
 
 
 def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
-    """(concrete variant, default merge) for `variant`; "auto" -> ("v3", "kernel") for e4m3fn
+    """(concrete variant, default merge) for `variant`; "auto" -> ("v5", "kernel") for e4m3fn
     caches (measured on the H200), ("v1", None) for the rest, e4m3fnuz (MI300) included until an
     A/B there. "auto" needs the cache dtype: the variants' split counts and workspaces differ."""
     if variant != "auto":
@@ -113,7 +118,7 @@ def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, st
     if kv_dtype is None:
         raise ValueError("variant='auto' needs kv_dtype (the cache's dtype) to resolve")
     if kv_dtype == getattr(torch, "float8_e4m3fn", None):
-        return "v3", "kernel"
+        return "v5", "kernel"
     return "v1", None
 
 
@@ -335,8 +340,10 @@ def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int,
     return 32, 4, 2
 
 
-# v5 (BLOCK_N, num_warps, num_stages): v1's bf16 pipeline shape (cp.async, 16-bit tiles)
-V5_CONFIG = (32, 4, 2)
+# v5 (BLOCK_N, num_warps, num_stages): the fastest of 4 at every Kimi TP8 shape but B=1 (H200,
+# bench/RESULTS.md session 12: (32, 4, 2) 1.2-1.4x, (64, 8, 2) 1.3-1.6x slower at B >= 16).
+# Offline sm_90: 190 registers, no spills, 72 KB shared (2 CTAs per SM).
+V5_CONFIG = (64, 4, 2)
 
 _V3_COUNTERS: dict[tuple, torch.Tensor] = {}
 

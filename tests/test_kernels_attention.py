@@ -286,20 +286,20 @@ def test_v3_split_lowering_at_h200_scale(monkeypatch):
 @cpu_only
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
 def test_decode_auto_variant_is_the_measured_choice(kv_dtype):
-    """variant="auto" (the default) == v3 with the merge kernel on fp8 caches, v1 otherwise:
+    """variant="auto" (the default) == v5 with the merge kernel on e4m3fn caches, v1 otherwise:
     same bits, same split count and workspace layout."""
     fp8 = kv_dtype == torch.float8_e4m3fn
-    want, merge = ("v3", "kernel") if fp8 else ("v1", None)
+    want, merge = ("v5", "kernel") if fp8 else ("v1", None)
     assert dec.resolve_variant("auto", kv_dtype) == (want, merge)
     assert dec.decode_num_splits(3, 4, 5000, "cpu", kv_dtype=kv_dtype) == \
         dec.decode_num_splits(3, 4, 5000, "cpu", variant=want)
     lens, S = [70, 1, 33], 3
     ws = dec.alloc_decode_workspace(3, 4, 32, S, "cpu", kv_dtype=kv_dtype)
     assert len(ws) == len(dec.alloc_decode_workspace(3, 4, 32, S, "cpu", variant=want))
-    auto, ref = run_decode(3, 4, 32, 16, 16, lens, torch.float32, kv_dtype, S, "cpu", seed=41,
-                           k_scale=0.5, variant="auto", ws=ws)
-    explicit, _ = run_decode(3, 4, 32, 16, 16, lens, torch.float32, kv_dtype, S, "cpu", seed=41,
-                             k_scale=0.5, variant=want, merge=merge)
+    auto, ref = run_decode(3, 4, 32, 32, 16, lens, torch.float32, kv_dtype, S, "cpu", seed=41,
+                           k_scale=0.5, variant="auto", ws=ws, chunk=32, config=(16, 4, 1))
+    explicit, _ = run_decode(3, 4, 32, 32, 16, lens, torch.float32, kv_dtype, S, "cpu", seed=41,
+                             k_scale=0.5, variant=want, merge=merge, chunk=32, config=(16, 4, 1))
     assert torch.equal(auto, explicit)
     assert (auto - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 1e-4
 
