@@ -263,8 +263,8 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
                       device: torch.device | str | None = None,
                       variant: str = DEFAULT_VARIANT,
                       kv_dtype: torch.dtype | None = None) -> int:
-    """v1: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
-    MIN_SPLIT). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
+    """v1 / v3: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
+    MIN_SPLIT); v5: at most one wave of WAVES * SMs programs (floor instead of ceil). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
     B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe). "auto" resolves
     with kv_dtype (resolve_variant)."""
     variant = resolve_variant(variant, kv_dtype)[0]
@@ -279,10 +279,16 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
         if max_seq_len is not None:
             p = min(p, batch * triton.cdiv(max(max_seq_len, 1), V2_MIN_CHUNK))
         return max(1, p)
-    s = triton.cdiv(WAVES * sms, batch * groups)
+    if variant == "v5":
+        # whole waves: v5 runs 2 CTAs per SM (190 registers at V5_CONFIG), so B x S <= WAVES x
+        # SMs programs where B allows; a ceil would start a second, mostly idle wave (B=64 on
+        # 132 SMs: 5 splits = 320 programs, the last 56 alone for a whole split's time)
+        s = max(1, (WAVES * sms) // (batch * groups))
+    else:
+        s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:
         s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
-    if variant in ("v3", "v5") and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
+    if variant == "v3" and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
         s = V3_FUSED_MAX_S  # one launch instead of two, ~wave-sized grid kept
     return max(1, min(s, MAX_SPLITS))
 

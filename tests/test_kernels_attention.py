@@ -284,6 +284,23 @@ def test_v3_split_lowering_at_h200_scale(monkeypatch):
 
 
 @cpu_only
+def test_v5_splits_fill_whole_waves(monkeypatch):
+    """v5's split count on a 132-SM GPU: B x S programs never exceed one wave of WAVES x SMs
+    (unless S is 1), and S is the largest such (capped by MAX_SPLITS and the length)."""
+    monkeypatch.setattr(dec, "CPU_SMS", 132)
+    wave = dec.WAVES * 132
+    assert dec.decode_num_splits(64, 8, 8192, variant="v5") == 4  # v1 / v3: 5 (320 programs)
+    assert dec.decode_num_splits(256, 8, 1024, variant="v5") == 1
+    assert dec.decode_num_splits(16, 8, 8192, variant="v5") == 16
+    assert dec.decode_num_splits(1, 8, 8192, variant="v5") == dec.MAX_SPLITS
+    assert dec.decode_num_splits(2, 8, 300, variant="v5") == 5  # the length caps it
+    for B in range(1, 600, 7):
+        S = dec.decode_num_splits(B, 8, None, variant="v5")
+        assert S == 1 or B * S <= wave
+        assert S == dec.MAX_SPLITS or B * (S + 1) > wave
+
+
+@cpu_only
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
 def test_decode_auto_variant_is_the_measured_choice(kv_dtype):
     """variant="auto" (the default) == v5 with the merge kernel on e4m3fn caches, v1 otherwise:
@@ -503,8 +520,10 @@ def test_warmup_decode_leaves_nothing_to_compile_gpu(kv_dtype, monkeypatch):
     right: the split count, workspace strides and table stride are not specialized on."""
     from atom_stream.engine import compile_watch
     knobs = pytest.importorskip("triton.knobs")
-    for hook in ("jit_cache_hook", "jit_post_compile_hook"):  # restored after the test
-        monkeypatch.setattr(knobs.runtime, hook, getattr(knobs.runtime, hook))
+    # none before the warm-up (an engine test earlier in the process may have installed the
+    # watch: it would count the warm-up's own compiles); restored after the test
+    for hook in ("jit_cache_hook", "jit_post_compile_hook"):
+        monkeypatch.setattr(knobs.runtime, hook, None)
     monkeypatch.setattr(compile_watch, "_installed", False)
     monkeypatch.setattr(compile_watch, "stats", compile_watch.CompileStats())
     dec.warmup_decode(8, 512, 64, 64, kv_dtype, torch.bfloat16, "cuda", 40)
