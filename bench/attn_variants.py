@@ -21,10 +21,12 @@ def set_variants(name, B, merge_kernel=False):
     mk = {"merge": "kernel"} if merge_kernel else {}
     sfx = " mk" if merge_kernel else ""
     v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
-    if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs) at 4 launch configs
-        v += [(f"v5 {n},{w},{st}" + sfx, dict(variant="v5", config=(n, w, st), **mk))
-              for n, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2))]
-        v.append(("v5 64,4,2 c256" + sfx, dict(variant="v5", config=(64, 4, 2), chunk=256,
+    if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs): splits, merge, registers
+        v += [("v5" + sfx, dict(variant="v5", **mk)),
+              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk)),
+              ("v5 fused", {"variant": "v5", "merge": "fused"})]
+        # 168 registers: 3 CTAs per SM (12 B spilled offline), splits for 3 CTAs per SM
+        v.append(("v5 64,4,2 r168" + sfx, dict(variant="v5", config=(64, 4, 2, 168), waves=3,
                                                 **mk)))
     if not merge_kernel:
         v.append(("v3 merge=kernel", {"variant": "v3", "merge": "kernel"}))
@@ -44,8 +46,9 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
         name = _dt_name(dt)
         setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
         for label, kw in set_variants(name, 7, merge_kernel):
+            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits")}
             for S in (3, 16, 40):
-                if not check_variant(setup, S, kw, f"{name} {label} S={S}"):
+                if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
                     bad.add((name, label))
         del setup
     print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
@@ -64,6 +67,11 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
                 kw = dict(kw)
                 v = kw["variant"]
                 S = dec.decode_num_splits(B, 8, ctx, "cuda", variant=v)
+                if kw.pop("v3_splits", False):  # the ceil heuristic v5 had before session 12
+                    S = dec.decode_num_splits(B, 8, ctx, "cuda", variant="v3")
+                if "waves" in kw:  # CTAs per SM other than the default's: whole waves of them
+                    sms = torch.cuda.get_device_properties(0).multi_processor_count
+                    S = max(1, min(dec.MAX_SPLITS, kw.pop("waves") * sms // B, -(-ctx // 64)))
                 try:
                     t, S = setup.time(S, **kw)
                 except Exception as e:  # noqa: BLE001

@@ -414,7 +414,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         if merge is None:
             merge = "fused" if S <= V3_FUSED_MAX_S else "kernel"
         assert merge in ("fused", "kernel")
-        block_n, warps, stages = config or V5_CONFIG
+        block_n, warps, stages, *cap = config or V5_CONFIG  # [, maxnreg] as v3
         ws = (workspace or _v3_workspace(B, H, R, S, q_nope.device)) if S > 1 else None
         # k_scale (and the bit moves' fp16 factor) folded into the score and output scales
         asm = _v5.native_cvt(kv_cache.dtype, kv_cache.device)
@@ -422,7 +422,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         return _v5.launch_v5(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
             S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
-            stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm)
+            stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm,
+            maxnreg=cap[0] if cap else None)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0

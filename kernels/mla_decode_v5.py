@@ -205,11 +205,11 @@ def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, merge, block_h, block_n, warps, stages, pairs,
-              min_split, asm):
+              min_split, asm, maxnreg=None):
     """Launch v5 (+ v3's merge kernel when S > 1 and not merged in-kernel). kv_cache: the fp8
     cache (viewed as int16 here); qk_scale / out_scale already hold k_scale and, without `asm`
     (native_cvt), the fp16 factor 2^(15 - bias) (mla_decode). pairs: int16 columns per chunk
-    (R / 2 / pairs in 1, 2, 4)."""
+    (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
@@ -236,6 +236,7 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         *strides, out.stride(0), out.stride(1),
         R=R, DR=DR, CP=pairs, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
         MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), num_warps=warps, num_stages=stages,
+        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge:
         block_s = triton.next_power_of_2(S)
