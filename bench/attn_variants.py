@@ -23,11 +23,10 @@ def set_variants(name, B, merge_kernel=False):
     v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
     if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs): splits, merge, registers
         v += [("v5" + sfx, dict(variant="v5", **mk)),
-              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk)),
-              ("v5 fused", {"variant": "v5", "merge": "fused"})]
-        # 168 registers: 3 CTAs per SM (12 B spilled offline), splits for 3 CTAs per SM
-        v.append(("v5 64,4,2 r168" + sfx, dict(variant="v5", config=(64, 4, 2, 168), waves=3,
-                                                **mk)))
+              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk))]
+        # measured and dropped (bench/RESULTS.md session 12): merge="fused" (1.1-36x slower),
+        # a 168-register cap with splits for 3 CTAs per SM (1.4-1.7x slower); `waves` stays for
+        # configs with another CTA count per SM: {"config": (..., maxnreg), "waves": ctas}
     if not merge_kernel:
         v.append(("v3 merge=kernel", {"variant": "v3", "merge": "kernel"}))
     return v
