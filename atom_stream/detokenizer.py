@@ -82,7 +82,8 @@ class _ByteDetokenizer(IncrementalDetokenizer):
         self._pending = dec.getstate  # ()[0]: the bytes of an unfinished character
         self._reset = dec.reset
         self._held = ""  # decoded, not emitted: it ends in U+FFFD or an unfinished character
-        self._prompt_tail = False  # the decoder holds the prompt's unfinished last character
+        # U+FFFDs the prompt's unfinished last character shows as when broken (0: none held)
+        self._prompt_tail = 0
         if prompt_token_ids:
             self._prime(prompt_token_ids)
 
@@ -98,7 +99,8 @@ class _ByteDetokenizer(IncrementalDetokenizer):
                     break
         if tail:
             self._decode(tail)  # the prompt's own text is not output
-            self._prompt_tail = bool(self._pending()[0])
+            # decode(prompt) shows broken bytes as U+FFFDs (b"\xed\xa0": two, b"\xe4\xbd": one)
+            self._prompt_tail = self._pending()[0].decode("utf-8", "replace").count(_REPLACEMENT)
 
     def push(self, token_ids: Sequence[int]) -> str:
         if len(token_ids) != 1:  # vLLM decodes token by token (emitting where it can)
@@ -108,10 +110,11 @@ class _ByteDetokenizer(IncrementalDetokenizer):
         text = self._decode(data)
         if self._prompt_tail and text:
             # the prompt's unfinished character is resolved: completed (it leads `text`), or
-            # broken: then its U+FFFD is the prompt's text (as decode(prompt) shows it)
-            self._prompt_tail = False
-            if text[0] == _REPLACEMENT:
-                text = text[1:]
+            # broken: then its U+FFFDs are the prompt's text (as decode(prompt) shows them)
+            k, self._prompt_tail = 0, min(self._prompt_tail, len(text))
+            while k < self._prompt_tail and text[k] == _REPLACEMENT:
+                k += 1
+            text, self._prompt_tail = text[k:], 0
         if self._held:
             text = self._held + text
         # vLLM emits nothing while the decoded text ends in U+FFFD, which an unfinished
@@ -125,7 +128,7 @@ class _ByteDetokenizer(IncrementalDetokenizer):
     def flush(self) -> str:
         self._reset()
         self._held = ""
-        self._prompt_tail = False
+        self._prompt_tail = 0
         return ""
 
 
