@@ -142,7 +142,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=[*_DTYPES, *_DTYPE_ALIASES])
     g.add_argument("--device", default=d["device"].default, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--block-size", type=int, default=d["block_size"].default)
-    g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
+    g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default,
+                   help=f"running sequences (default: {EngineConfig.DEFAULT_MAX_NUM_SEQS}, or "
+                   "--max-num-batched-tokens when smaller; above it: a start-up error)")
     g.add_argument("--max-num-batched-tokens", type=int,
                    default=d["max_num_batched_tokens"].default)
     g.add_argument("--max-model-len", type=int, default=None)

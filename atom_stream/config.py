@@ -29,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 SUPPORTED_ARCHITECTURES = (
     "DeepseekV3ForCausalLM",
@@ -391,7 +391,14 @@ class EngineConfig:
 
     `model`: a checkpoint directory, "demo" (or None) for the embedded tiny model, or a
     bench preset name ("k25-tp8-rank", ...) which implies dummy weights.
+
+    Step budgets as vLLM's: an unset `max_num_seqs` is min(DEFAULT_MAX_NUM_SEQS,
+    max_num_batched_tokens) (EngineArgs); a given one above `max_num_batched_tokens` is a
+    ConfigError (SchedulerConfig.verify_max_model_len). Its max_num_batched_tokens >=
+    max_model_len check guards runs without chunked prefill only: this engine always chunks.
     """
+
+    DEFAULT_MAX_NUM_SEQS: ClassVar[int] = 256
 
     model: str | None = "demo"
     tokenizer: str | None = None
@@ -410,7 +417,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     block_size: int = 16
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: min(DEFAULT_MAX_NUM_SEQS, max_num_batched_tokens)
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -440,6 +447,10 @@ class EngineConfig:
         self.dtype = _DTYPE_ALIASES.get(dt, dt) if isinstance(dt, str) else dt
         if self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little") >> 1
+        if self.max_num_seqs is None:  # a bad budget is validate()'s to refuse
+            b = self.max_num_batched_tokens
+            ok = isinstance(b, int) and not isinstance(b, bool) and b >= 1
+            self.max_num_seqs = min(self.DEFAULT_MAX_NUM_SEQS, b if ok else 1 << 30)
         self.validate()
 
     def validate(self) -> None:
@@ -461,6 +472,11 @@ class EngineConfig:
                 raise bad(name, "must be a positive integer")
         if self.block_size & (self.block_size - 1):
             raise bad("block_size", "must be a power of two")
+        if self.max_num_batched_tokens < self.max_num_seqs:  # vLLM's message, then the flags
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be greater than "
+                f"or equal to max_num_seqs ({self.max_num_seqs}): raise "
+                f"--max-num-batched-tokens or lower --max-num-seqs")
         def count(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 

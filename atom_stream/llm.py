@@ -34,14 +34,13 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.engine.prompts import (
+    apply_content_format,
     encode_chat_prompt,
     refuse_request_template,
     resolve_chat_options,
 )
 from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import SamplingParams
-
-_CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's ChatTemplateContentFormatOption
 
 
 class LLM:
@@ -135,20 +134,20 @@ class LLM:
         its `tools` variable; `chat_template_kwargs` go to the template last (as vLLM: their
         `add_generation_prompt` / `continue_final_message` / `tools` override the arguments);
         both options true is the HTTP routes' ChatOptionsError. A `chat_template` (argument or
-        template kwarg) is refused as the HTTP server refuses a request's; content formats
-        "auto" / "string" / "openai" are accepted (the renderer reads string and text-part
-        content alike). `lora_request` / `mm_processor_kwargs` other than None are refused
-        (no LoRA, text only). `use_tqdm` defaults to False (vLLM: True)."""
+        template kwarg) is refused as the HTTP server refuses a request's.
+        `chat_template_content_format` is vLLM's: "string" flattens list-of-parts content to
+        one string (text parts joined by "\n") before rendering, "openai" gives the template
+        every content as a list of text parts, "auto" passes the messages as given
+        (engine/prompts.py `apply_content_format`). `lora_request` / `mm_processor_kwargs`
+        other than None are refused (no LoRA, text only). `use_tqdm` defaults to False (vLLM:
+        True)."""
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
                                       "LoRA adapters", "lora_request")
         if mm_processor_kwargs is not None:
             raise InvalidRequestError("mm_processor_kwargs is not supported: this engine "
                                       "serves text models only", "mm_processor_kwargs")
-        if chat_template_content_format not in _CONTENT_FORMATS:
-            raise InvalidRequestError(
-                "chat_template_content_format must be 'auto', 'string' or 'openai', got "
-                f"{chat_template_content_format!r}", "chat_template_content_format")
+        apply_content_format([], chat_template_content_format)  # the name, before any work
         kwargs = {**({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
         refuse_request_template(chat_template, kwargs)
         # the HTTP routes' options and error (chat_template_kwargs override the arguments)
@@ -156,6 +155,7 @@ class LLM:
         if self.engine.tokenizer is None:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        convs = [apply_content_format(c, chat_template_content_format) for c in convs]
         token_lists = [encode_chat_prompt(self.engine.tokenizer, c, kwargs, add_generation_prompt,
                                           continue_final_message) for c in convs]
         return self._run(token_lists, sampling_params, use_tqdm)

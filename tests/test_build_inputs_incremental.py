@@ -127,9 +127,12 @@ def random_run(seed: int, pipelined: bool) -> dict:
     blocks = rng.randint(80, 160) // bs + 2  # tiny pool: preemption is frequent
     runner = CheckingRunner(blocks, bs, eos_every=rng.choice([0, 13]), pipelined=pipelined,
                             sweep=rng.choice([1, 3, 32, 32]))
+    # drawn in the old order; max_num_seqs capped by the step budget (EngineConfig
+    # refuses more, as vLLM)
+    seqs, budget = rng.randint(3, 12), rng.choice([8, 16, 40])
     cfg = EngineConfig(model="demo", block_size=bs, num_kv_blocks=blocks,
-                       max_num_seqs=rng.randint(3, 12), max_model_len=80,
-                       max_num_batched_tokens=rng.choice([8, 16, 40]))
+                       max_num_seqs=min(seqs, budget), max_model_len=80,
+                       max_num_batched_tokens=budget)
     engine = LLMEngine(cfg, runner=runner, skip_tokenizer_init=True)
     prefixes = [[rng.randrange(256) for _ in range(rng.randint(8, 40))] for _ in range(3)]
     todo, aborts, steps = 30, 0, 0

@@ -258,6 +258,20 @@ def test_atom_port_meanings_cudagraph_none_and_load_dummy_values():
         parse("--load_dummy banana")
 
 
+def test_step_budget_flags_as_vllm():
+    """--max-num-seqs above --max-num-batched-tokens is a start-up error naming both flags;
+    --max-num-batched-tokens alone caps the default --max-num-seqs (vLLM's EngineArgs); with
+    prefills always chunked, a budget below --max-model-len starts, chunking flag or not."""
+    with pytest.raises(ConfigError, match=r"--max-num-batched-tokens or lower --max-num-seqs"):
+        parse("--max-num-seqs 128 --max-num-batched-tokens 96")
+    e, _ = parse("--max_num_batched_tokens=96")
+    assert (e.max_num_seqs, e.max_num_batched_tokens) == (96, 96)
+    e, _ = parse("")
+    assert (e.max_num_seqs, e.max_num_batched_tokens) == (256, 8192)
+    e, _ = parse("--no-enable-chunked-prefill --max-model-len 8192 --max-num-batched-tokens 2048")
+    assert (e.max_model_len, e.max_num_batched_tokens, e.max_num_seqs) == (8192, 2048, 256)
+
+
 def test_start_up_failure_is_one_line_not_a_traceback():
     """A bad --model fails start-up with one error line naming the problem, no traceback."""
     r = subprocess.run([sys.executable, "-m", "atom_stream.entrypoints.openai_server",

@@ -95,6 +95,33 @@ def test_engine_config_error_names_the_field(field, value):
         EngineConfig(**{field: value})
 
 
+@pytest.mark.parametrize("seqs,budget", [(64, 48), (300, 299), (9, 8)])
+def test_more_running_sequences_than_the_step_budget_is_refused(seqs, budget):
+    """vLLM's SchedulerConfig check (verify_max_model_len), its message first, then the flags."""
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=budget)
+    assert str(e.value).startswith(f"max_num_batched_tokens ({budget}) must be greater than or "
+                                   f"equal to max_num_seqs ({seqs})")
+    assert "--max-num-batched-tokens" in str(e.value) and "--max-num-seqs" in str(e.value)
+    assert isinstance(e.value, ValueError)
+    assert EngineConfig(max_num_seqs=budget, max_num_batched_tokens=budget).max_num_seqs == budget
+
+
+def test_max_num_seqs_left_unset_fits_the_step_budget():
+    """As vLLM's EngineArgs: an unset max_num_seqs is the default capped by the budget, so
+    setting only a small budget starts; a replace() keeps the resolved value."""
+    assert EngineConfig().max_num_seqs == EngineConfig.DEFAULT_MAX_NUM_SEQS == 256
+    assert EngineConfig(max_num_batched_tokens=40).max_num_seqs == 40
+    assert EngineConfig(max_num_batched_tokens=4096).max_num_seqs == 256
+    assert EngineConfig(max_num_seqs=None, max_num_batched_tokens=7).max_num_seqs == 7
+    # chunked prefill is always on: a budget below max_model_len is fine (vLLM refuses it only
+    # without chunked prefill)
+    cfg = EngineConfig(max_model_len=4096, max_num_batched_tokens=512)
+    assert dataclasses.replace(cfg, device="cpu").max_num_seqs == 256
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0, max_num_batched_tokens=7)
+
+
 def test_engine_config_unknown_kwarg():
     with pytest.raises(ConfigError, match="max_num_seq"):
         EngineConfig.from_kwargs(max_num_seq=4)

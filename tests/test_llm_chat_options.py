@@ -2,7 +2,9 @@
 add_generation_prompt / continue_final_message (the HTTP routes' ChatOptionsError when both are
 set), chat_template refused as the HTTP server refuses a request's, content formats checked,
 one conversation or a list with one or a list of sampling params. The prompt ids are the
-engine's own `tokenize_prompt` ids for the same messages and options."""
+engine's own `tokenize_prompt` ids for the same messages and options. Content formats as vLLM:
+"string" flattens list-of-parts content before rendering, "openai" hands parts (a custom
+template that reads one form only shows which form it got)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from atom_stream.engine.prompts import (
     BOTH_CHAT_OPTIONS,
     UNTRUSTED_TEMPLATE,
     ChatOptionsError,
+    apply_content_format,
     tokenize_prompt,
 )
 from atom_stream.errors import InvalidRequestError
@@ -115,3 +118,64 @@ def test_conversations_with_a_list_of_params(llm):
     with pytest.raises(InvalidRequestError) as e:
         llm.chat([[{"role": "user", "content": 3.5}]], sp())
     assert e.value.param == "messages"
+
+
+# templates that read one content form only (vLLM's chat_template_content_format)
+STRING_ONLY = ("{% for m in messages %}{% if m['content'] is not string %}"
+               "{{ raise_exception('string content only') }}{% endif %}"
+               "<|im_user|>{{ m['content'] }}<|im_end|>{% endfor %}"
+               "{% if add_generation_prompt %}<|im_assistant|>{% endif %}")
+PARTS_ONLY = ("{% for m in messages %}{% if m['content'] is string %}"
+              "{{ raise_exception('content parts only') }}{% endif %}"
+              "<|im_user|>{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}<|im_end|>"
+              "{% endfor %}{% if add_generation_prompt %}<|im_assistant|>{% endif %}")
+PARTS = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                      {"type": "input_text", "text": "b"}]}]
+
+
+def prompt_of(llm, messages, fmt) -> str:
+    (out,) = llm.chat(messages, sp(max_tokens=1), chat_template_content_format=fmt)
+    return llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+
+
+def test_string_format_flattens_parts_for_a_string_template():
+    """"string": list-of-parts content reaches the template as one string (text parts joined
+    by a newline, as vLLM); "auto" hands the parts over as given, which this template refuses;
+    "openai" makes even string content parts."""
+    with LLM("demo", chat_template=STRING_ONLY, **KW) as llm:
+        assert prompt_of(llm, PARTS, "string") == "<|im_user|>a\nb<|im_end|><|im_assistant|>"
+        assert prompt_of(llm, MSGS, "string") == prompt_of(llm, MSGS, "auto") == (
+            "<|im_user|>hi<|im_end|><|im_assistant|>")
+        for messages, fmt in ((PARTS, "auto"), (MSGS, "openai")):
+            with pytest.raises(InvalidRequestError, match="string content only"):
+                llm.chat(messages, sp(), chat_template_content_format=fmt)
+        assert not llm.engine.has_unfinished_requests()
+
+
+def test_openai_format_keeps_parts_for_a_parts_template():
+    """"openai": content reaches the template as text parts (a string becomes one part);
+    "string" flattens them, which this template refuses."""
+    with LLM("demo", chat_template=PARTS_ONLY, **KW) as llm:
+        assert prompt_of(llm, MSGS, "openai") == "<|im_user|>[hi]<|im_end|><|im_assistant|>"
+        assert prompt_of(llm, PARTS, "openai") == prompt_of(llm, PARTS, "auto") == (
+            "<|im_user|>[a][b]<|im_end|><|im_assistant|>")
+        for messages, fmt in ((PARTS, "string"), (MSGS, "auto")):
+            with pytest.raises(InvalidRequestError, match="content parts only"):
+                llm.chat(messages, sp(), chat_template_content_format=fmt)
+
+
+def test_content_format_conversion_rules():
+    msgs = [{"role": "system", "content": None},
+            {"role": "user", "content": ["x", {"type": "refusal", "refusal": "no"},
+                                         {"type": "thinking", "thinking": "hm"},
+                                         {"type": "text", "text": None}]}]
+    copy = [dict(m) for m in msgs]
+    assert [m["content"] for m in apply_content_format(msgs, "string")] == ["", "x\nno\nhm"]
+    assert [m["content"] for m in apply_content_format(msgs, "openai")] == [
+        [], [{"type": "text", "text": t} for t in ("x", "no", "hm")]]
+    assert apply_content_format(msgs, "auto") is msgs and msgs == copy  # never changed
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]
+    for bad in (image, [{"role": "user", "content": [{"text": "t"}]}]):
+        with pytest.raises(InvalidRequestError) as e:
+            apply_content_format(bad, "string")
+        assert e.value.param == "messages"

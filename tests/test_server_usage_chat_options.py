@@ -43,7 +43,9 @@ SAMPLED = {"model": "demo", "temperature": 1.0, "seed": 7, "max_tokens": 2, "n":
 
 @pytest.fixture(scope="module")
 def srv():
-    with running_server({"max_num_batched_tokens": 16}, enable_prompt_tokens_details=True) as s:
+    # max_num_seqs within the step budget (EngineConfig refuses more, as vLLM)
+    with running_server({"max_num_batched_tokens": 16, "max_num_seqs": 16},
+                        enable_prompt_tokens_details=True) as s:
         yield s
 
 

@@ -339,9 +339,12 @@ def test_engine_workload_round_trips_through_build_inputs():
         blocks = rng.randint(80, 160) // bs + 2  # tiny pool: preemption is frequent
         runner = _CodecRunner(blocks, bs, eos_every=rng.choice([0, 13]),
                               pipelined=rng.random() < 0.5)
+        # drawn in the old order; max_num_seqs capped by the step budget (EngineConfig
+        # refuses more, as vLLM)
+        seqs, budget = rng.randint(3, 12), rng.choice([8, 16, 40])
         cfg = EngineConfig(model="demo", block_size=bs, num_kv_blocks=blocks,
-                           max_num_seqs=rng.randint(3, 12), max_model_len=80,
-                           max_num_batched_tokens=rng.choice([8, 16, 40]))
+                           max_num_seqs=min(seqs, budget), max_model_len=80,
+                           max_num_batched_tokens=budget)
         engine = LLMEngine(cfg, runner=runner, skip_tokenizer_init=True)
         prefix = [rng.randrange(256) for _ in range(24)]
         for j in range(20):

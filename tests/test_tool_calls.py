@@ -342,3 +342,73 @@ def test_http_without_flags_unchanged(off):
     r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS,
                                              "tool_choice": "required"})
     assert r.status_code == 400 and "guided" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ parallel_tool_calls false
+TWO_CALLS = ["Sure.", SB, CB, "functions.get_weather:0", AB, '{"city": "Paris"}',
+             f"{CE}{CB}functions.get_time:1{AB}{{}}", CE, SE]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_non_streamed(on):
+    """vLLM's maybe_filter_parallel_tool_calls: message.tool_calls[:1]; true / absent: all."""
+    c, engine = on
+    engine.script = ["</think>", *TWO_CALLS]
+    body = {"messages": CHAT, "tools": TOOLS}
+    first = {"id": "functions.get_weather:0", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    for flag, want in ((False, [first]), (True, 2), (None, 2)):
+        extra = {} if flag is None else {"parallel_tool_calls": flag}
+        choice = c.post("/v1/chat/completions", json={**body, **extra}).json()["choices"][0]
+        calls = choice["message"]["tool_calls"]
+        assert calls == want if isinstance(want, list) else len(calls) == want, (flag, calls)
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Sure."
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_streamed(on):
+    """Streamed: only the deltas of call index 0 go out (vLLM filters each chunk's delta to
+    index 0); a step that had only the second call's deltas sends no chunk; the finish chunk
+    still says tool_calls."""
+    c, engine = on
+    engine.script = ["</think>", *TWO_CALLS]
+    body = {"messages": CHAT, "tools": TOOLS, "stream": True}
+
+    def run(extra):
+        ev = events(c.post("/v1/chat/completions", json={**body, **extra}).text)
+        return ([e["choices"][0]["delta"] for e in ev],
+                [e["choices"][0]["finish_reason"] for e in ev])
+
+    deltas, finish = run({"parallel_tool_calls": False})
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"content": "Sure."},
+        {"tool_calls": [{"id": "functions.get_weather:0", "type": "function", "index": 0,
+                         "function": {"name": "get_weather"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
+        {}]
+    assert finish == [None] * 4 + ["tool_calls"]
+    deltas, _ = run({"parallel_tool_calls": True})
+    assert {d["index"] for x in deltas for d in x.get("tool_calls", [])} == {0, 1}
+
+
+# ------------------------------------------------------------------ a call cut by max_tokens
+@pytest.mark.parametrize("script", [
+    ["</think>", SB, CB, "functions.get_time:0", AB, '{"tz":'],  # the only call, cut
+    ["</think>", *TWO_CALLS[:5], '{"city": "Paris"}', CE, CB, "functions.get_time:1", AB, "{"],
+])
+def test_streamed_tool_call_cut_by_max_tokens_finishes_with_length(on, script):
+    """vLLM's serving_chat streaming: "tool_calls" only when the engine stopped on its own
+    (finish_reason "stop"); a call cut by max_tokens keeps "length" (vllm#46303 / #53270), also
+    after a complete first call. Non-streamed we answer "length" too (see chat_parsing.py)."""
+    c, engine = on
+    engine.script, engine.finish = script, "length"
+    try:
+        body = {"messages": CHAT, "tools": TOOLS}
+        ev = events(c.post("/v1/chat/completions", json={**body, "stream": True}).text)
+        whole = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    finally:
+        engine.finish = "stop"
+    assert [e["choices"][0]["finish_reason"] for e in ev][-1] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in ev[:-1])
+    assert any("tool_calls" in e["choices"][0]["delta"] for e in ev)  # calls were streamed
+    assert whole["finish_reason"] == "length" and whole["message"]["tool_calls"]

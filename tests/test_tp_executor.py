@@ -229,6 +229,7 @@ def test_tp2_async_scheduling_matches_sync_and_single_rank(monkeypatch):
     def run(tp: int, pipelined: bool):
         # a rank stuck without its broadcast partner fails in seconds, not the default 300
         cfg = replace(_config(tp), async_scheduling=pipelined, max_num_batched_tokens=24,
+                      max_num_seqs=24,
                       watchdog_timeout=30.0)
         engine = LLMEngine(cfg, tokenizer=TOK)
         try:

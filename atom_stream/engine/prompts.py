@@ -66,6 +66,73 @@ def refuse_request_template(chat_template: str | None, chat_template_kwargs: dic
         raise InvalidRequestError(UNTRUSTED_TEMPLATE)
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's ChatTemplateContentFormatOption
+# vLLM's text-like content parts (chat_utils._parse_chat_message_content_part)
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal", "thinking")
+
+
+def apply_content_format(messages: list[dict], content_format: str) -> list[dict]:
+    """Messages as a template of `content_format` reads them (vLLM's parse_chat_messages):
+
+    - "string": a message's content is one string; a list of parts becomes its text parts
+      joined with "\n" (plain string parts too), null content "".
+    - "openai": a message's content is a list of `{"type": "text", "text": ...}` parts; a
+      string becomes one such part, null content [].
+    - "auto": the messages as given (the built-in renderers read both forms; vLLM would guess
+      the form from the template's source, which this engine does not do).
+
+    Text-like part types are vLLM's: text, input_text, output_text, refusal, thinking (all
+    read as text); a part of any other type (image_url, ...) is an InvalidRequestError naming
+    `messages`, as this engine serves text only. The messages are copied, never changed."""
+    if content_format not in CONTENT_FORMATS:
+        raise InvalidRequestError(
+            "chat_template_content_format must be 'auto', 'string' or 'openai', got "
+            f"{content_format!r}", "chat_template_content_format")
+    if content_format == "auto":
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "content" not in m:
+            out.append(m)  # the renderer reports malformed messages
+            continue
+        texts = _content_texts(m["content"], i)
+        if texts is None:  # not text content: left for the renderer to refuse
+            out.append(m)
+            continue
+        content: Any = ("\n".join(texts) if content_format == "string"
+                        else [{"type": "text", "text": t} for t in texts])
+        out.append({**m, "content": content})
+    return out
+
+
+def _content_texts(content: Any, index: int) -> list[str] | None:
+    """The text pieces of one message's content (None when it is neither text nor parts)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, (list, tuple)):
+        return None
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind is None:  # vLLM: "Missing 'type' field in multimodal part."
+            raise InvalidRequestError(f"messages[{index}].content: a content part lacks its "
+                                      "'type'", "messages")
+        if kind not in _TEXT_PARTS:
+            raise InvalidRequestError(f"messages[{index}].content: content part type {kind!r} "
+                                      "is not supported; this engine serves text only",
+                                      "messages")
+        text = part.get("thinking" if kind == "thinking" else
+                        "refusal" if kind == "refusal" else "text")
+        if text is not None:  # vLLM skips a text / refusal part without its text
+            texts.append(str(text))
+    return texts
+
+
 def encode_chat_prompt(tokenizer: Any, messages: list[dict], chat_template_kwargs: dict | None,
                        add_generation_prompt: bool = True, continue_final_message: bool = False,
                        **encode_kw: Any) -> list[int]:

@@ -26,8 +26,17 @@ Answers (non-streamed, vLLM's ChatMessage): with any parser on, `message` has
 `reasoning_content` (null when none) and `tool_calls` ([] when none); content is null when the
 parsers leave nothing. Streamed deltas carry `reasoning_content`, `content` and
 `tool_calls[{id, type, index, function{name}}]` / `[{index, function{arguments}}]`.
+`parallel_tool_calls: false` keeps the first tool call only (vLLM's
+maybe_filter_parallel_tool_calls): non-streamed, `tool_calls[:1]`; streamed, only the deltas of
+call index 0 (a step left with nothing else to say sends no chunk, where vLLM sends
+`"tool_calls": []`); the content is what it would be otherwise. true or absent: every call.
+
 `finish_reason` is "tool_calls" when the answer made tool calls and ended on a stop token or
-string; an answer cut by max_tokens stays "length" (vLLM says "tool_calls" there too).
+string; an answer cut by max_tokens (or any other reason) keeps its own reason, "length", so a
+client can tell a truncated call from a complete one. Streamed, that is current vLLM's
+serving_chat (the `tool_calls` rewrite is gated on the engine's "stop"); non-streamed, vLLM says
+"tool_calls" whenever its parser extracted a call (complete calls before the cut; its
+parsers drop the cut one), which it tracks as a bug (vllm#58228): we keep "length" on both paths.
 """
 
 from __future__ import annotations
@@ -89,15 +98,18 @@ class OutputParser:
     """One choice's parsers in vLLM's order: reasoning first, then tool calls in the content
     (then the reasoning format's placeholder removed from what is left as content).
     `feed(text)` -> the DeltaMessage for this step's text (None: nothing to send yet);
-    `finish(text)` -> the last one (the text of the final step, then whatever is held)."""
+    `finish(text)` -> the last one (the text of the final step, then whatever is held).
+    `first_call_only` (parallel_tool_calls false): deltas of tool calls after the first are
+    dropped."""
 
-    __slots__ = ("_scrub", "_think", "_tools")
+    __slots__ = ("_first_only", "_scrub", "_think", "_tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
-                 tools: ToolFormat | None):
+                 tools: ToolFormat | None, first_call_only: bool = False):
         self._think = ThinkStream(reasoning, thinking) if reasoning is not None else None
         self._scrub = Scrub(reasoning.placeholder) if reasoning and reasoning.placeholder else None
         self._tools = ToolCallStream(tools) if tools is not None else None
+        self._first_only = first_call_only
 
     @property
     def called_tools(self) -> bool:
@@ -126,6 +138,8 @@ class OutputParser:
                 c, more = self._tools.finish()
                 content += c
                 calls = _merge(calls, more)
+            if self._first_only:  # vLLM keeps the deltas of index 0
+                calls = [d for d in calls if d.index == 0]
         if self._scrub is not None:  # the content only: tool-call arguments stay as written
             content = self._scrub.feed(content) + (self._scrub.finish() if final else "")
         if not (reasoning or content or calls):
@@ -152,17 +166,18 @@ def _merge(calls: list[DeltaToolCall], more: list[DeltaToolCall]) -> list[DeltaT
 class ParsePlan:
     """How one request's output is parsed (see the module docstring)."""
 
-    __slots__ = ("keep_specials", "reasoning", "thinking", "tools")
+    __slots__ = ("first_call_only", "keep_specials", "reasoning", "thinking", "tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
-                 tools: ToolFormat | None, keep_specials: bool):
+                 tools: ToolFormat | None, keep_specials: bool, first_call_only: bool = False):
         self.reasoning = reasoning
         self.thinking = thinking
         self.tools = tools
         self.keep_specials = keep_specials
+        self.first_call_only = first_call_only  # parallel_tool_calls false
 
     def parser(self) -> OutputParser:
-        return OutputParser(self.reasoning, self.thinking, self.tools)
+        return OutputParser(self.reasoning, self.thinking, self.tools, self.first_call_only)
 
     def message(self, role: str, echo: str, text: str, finish_reason: str | None
                 ) -> tuple[ResponseMessage, str | None]:
@@ -175,6 +190,8 @@ class ParsePlan:
         calls = []
         if self.tools is not None and content is not None:
             content, calls = extract_tool_calls(self.tools, content)
+            if self.first_call_only:
+                calls = calls[:1]
         if self.reasoning is not None and content is not None:
             # the placeholder is removed from the content only (not from tool arguments)
             content = scrub_placeholder(self.reasoning, content)
@@ -241,8 +258,10 @@ class ChatParsing:
                         "does not have; use tool_choice 'auto' (--enable-auto-tool-choice "
                         "--tool-call-parser) or 'none'", "tool_choice")
 
-    def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any
-             ) -> ParsePlan | None:
+    def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any,
+             parallel_tool_calls: bool | None = None) -> ParsePlan | None:
+        """How a request's output is parsed (None: not at all). `parallel_tool_calls`: the
+        request's field; only False (not None, vLLM's default being true) keeps one call."""
         tools = self.tools if parse_tools else None
         reasoning = self.reasoning
         if tools is None and reasoning is None:
@@ -252,7 +271,7 @@ class ChatParsing:
         if reasoning is not None and thinking:
             markers += (reasoning.start, reasoning.end, *reasoning.implicit_end)
         keep = any(self._is_special(tokenizer, m) for m in markers)
-        return ParsePlan(reasoning, thinking, tools, keep)
+        return ParsePlan(reasoning, thinking, tools, keep, parallel_tool_calls is False)
 
     def _is_special(self, tokenizer: Any, marker: str) -> bool:
         hit = self._special.get(marker)

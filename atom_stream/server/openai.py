@@ -321,7 +321,8 @@ class OpenAIServing:
             agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,
                                                     req.continue_final_message)
             kwargs = kwargs or None
-            plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer)
+            plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
+                                     req.parallel_tool_calls)
             if plan is not None and plan.keep_specials:
                 params.skip_special_tokens = False  # the parsers read the marker tokens
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
