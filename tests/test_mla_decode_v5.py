@@ -107,3 +107,19 @@ def test_decode_v5_gpu(kv_dtype, merge, cfg, S):
         assert torch.all(out[0] == 0)
         assert rel_err(out, ref) < 1e-2
         check_v3_scratch(ws, lens, S, (cfg or dec.V5_CONFIG)[0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("H", [16, 128])
+def test_decode_v5_more_heads_gpu(H):
+    """Kimi at TP4 (16 heads) and DeepSeek at TP1 (128 heads: 8 head groups, one counter
+    each) through "auto" (v5 on e4m3fn), with the model's own split count."""
+    lens = [0, 3000, 1, 700, 64, 129, 4097]
+    B = len(lens)
+    S = dec.decode_num_splits(B, H, None, "cuda", "auto", FP8)
+    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="auto", kv_dtype=FP8)
+    out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, FP8, S, "cuda", seed=H,
+                          k_scale=0.25, variant="auto", ws=ws)
+    assert torch.all(out[0] == 0)
+    assert rel_err(out, ref) < 1e-2
