@@ -10,12 +10,12 @@ nominal (compute-bound), TFLOP/s is printed. Also kv_store, add+RMSNorm, RoPE, f
 Decode (decode_rows): every variant of decode_variants() (v1; v2 fused / kernel merge, 4 launch
 configs, fp8 modes 0-3, P = 1x / 2x / 4x SMs) is first checked against the reference on a mixed
 batch (failures are not timed), then timed on every case; the rows are the best v1, the
-production path ("production": mla_decode's variant="auto", v3 + merge kernel on e4m3fn
+production path ("production": mla_decode's variant="auto", v5 + merge kernel on e4m3fn
 caches) and the best v2 per case (field "variant": label and split/item count S), and a
 v1-vs-v2 table is printed.
 Standalone (decode only, ~3 min on H200):
     python3 bench/kernels_attention.py --out $OUT/decode.json --sweep-out $OUT/decode_sweep.json
-v1 vs v3 (kernels/mla_decode_v3.py) and v3's alternatives at 7 H=8 shapes, ~3 min:
+v1 vs v3 (kernels/mla_decode_v3.py) and the alternatives (fp8: v5) at 7 H=8 shapes, ~3 min:
     python3 bench/kernels_attention.py --set variants --budget-s 120 --out $OUT/decode_v3.json
 split_sweep() times v1 split counts for information (bench/kernels.py --sweep).
 """
@@ -144,7 +144,7 @@ def decode_variants(name, B, H):
     auto = "fused" if 2 * P <= dec.FUSED_MAX_S * B else "kernel"
     other = "kernel" if auto == "fused" else "fused"
     v = [("v1", dict(variant="v1", config=cfg0)),
-         ("production", dict(variant="auto")),  # what the model runs (v3 on e4m3fn caches)
+         ("production", dict(variant="auto")),  # what the model runs (v5 on e4m3fn caches)
          (f"v2 {auto} {cfg0}", dict(variant="v2", config=cfg0)),
          (f"v2 {other} {cfg0}", dict(variant="v2", config=cfg0, merge=other))]
     cfgs = [(32, 4, 2), (64, 8, 2), (16, 4, 2), (32, 4, 3)]
@@ -193,7 +193,7 @@ def check_variant(setup, S, kw, tag: str) -> bool:
 
 def decode_rows(copy_gbps, log=None, quick: bool = False):
     """Every decode case x every variant that passed the check; rows: the best v1, the
-    production path ("auto": v3 on e4m3fn caches, else v1) and the best v2 variant per case
+    production path ("auto": v5 on e4m3fn caches, else v1) and the best v2 variant per case
     (JSON field "variant"); `log` gets every timing. quick: v1, production and the v2 default
     only (no sweep)."""
     t0 = time.time()
