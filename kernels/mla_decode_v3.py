@@ -49,6 +49,38 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constex
 
 
 @triton.jit
+def _split_range(LENS, b, s, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """Program (b, split s): (n_act active splits of sequence b, its token range [start, end),
+    direct = the sequence has <= 1 active split (then split 0 writes the output itself; length 0:
+    zeros), run = this program has work)."""
+    seq_len = tl.load(LENS + b)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    n_act = tl.cdiv(seq_len, split)
+    start = s * split
+    end = tl.minimum(start + split, seq_len)
+    direct = n_act <= 1
+    if direct:
+        run = s == 0
+    else:
+        run = s < n_act
+    return n_act, start, end, direct, run
+
+
+@triton.jit
+def _merge_if_last(CNT, OPART, LSE, OUT, b, hg, heads, hmask, n_act, stride_pb, stride_ph,
+                   stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, R: tl.constexpr,
+                   BLOCK_S: tl.constexpr, MC: tl.constexpr):
+    """The fused merge (MERGE == 1, module docstring): after this program's partial stores, the
+    last arriving split of (b, head group) merges the n_act partials and resets the counter."""
+    tl.debug_barrier()  # every warp's partial stores precede the (one-thread, release) atomic
+    cnt_ptr = CNT + b * tl.num_programs(0) + hg
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_act - 1:
+        _merge_fused(OPART + b * stride_pb, LSE + b * stride_lb, OUT + b * stride_ob, heads,
+                     hmask, n_act, stride_ph, stride_ps, stride_lh, stride_oh, R, BLOCK_S, MC)
+        tl.store(cnt_ptr, 0)  # ready for the next launch / replay
+
+
+@triton.jit
 def _load_tile(KV, bt_row, n0, end, offs_c, offs_p, R: tl.constexpr, DR: tl.constexpr,
                CH: tl.constexpr, NC: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Raw cache rows n0..n0+BLOCK_N (masked at `end`, 0 beyond): (k_pe, c chunks 0..3); chunks
@@ -172,16 +204,7 @@ def _mla_decode_v3(
     hg = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    seq_len = tl.load(LENS + b)
-    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
-    n_act = tl.cdiv(seq_len, split)
-    start = s * split
-    end = tl.minimum(start + split, seq_len)
-    direct = n_act <= 1
-    if direct:
-        run = s == 0  # split 0 writes the whole sequence (len 0: zeros)
-    else:
-        run = s < n_act
+    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT)
     if run:
         heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
@@ -228,14 +251,9 @@ def _mla_decode_v3(
             _store_o(OPART + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps
                      + offs_c[None, :], acc0, acc1, acc2, acc3, out_scale / l_i, hm, CH, NC)
             if MERGE:
-                # every warp's partial stores precede the (one-thread, release) atomic
-                tl.debug_barrier()
-                cnt_ptr = CNT + b * tl.num_programs(0) + hg
-                if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_act - 1:
-                    _merge_fused(OPART + b * stride_pb, LSE + b * stride_lb,
-                                 OUT + b * stride_ob, heads, hmask, n_act, stride_ph, stride_ps,
-                                 stride_lh, stride_oh, R, BLOCK_S, MC)
-                    tl.store(cnt_ptr, 0)  # ready for the next launch / replay
+                _merge_if_last(CNT, OPART, LSE, OUT, b, hg, heads, hmask, n_act, stride_pb,
+                               stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+                               R, BLOCK_S, MC)
 
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
@@ -277,6 +295,36 @@ def alloc_v3_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits
                         device=device))
 
 
+def split_workspace(out, seq_lens, workspace, B, H, S, R, block_h):
+    """(opart, lse, counters, their 5 strides) for a launch over S splits: with S == 1 none is
+    touched (every sequence is direct; placeholders of the right kinds)."""
+    if S == 1:
+        return out, out, seq_lens, (0, 0, 0, 0, 0)
+    opart, lse, cnt = workspace
+    assert opart.shape == (B, H, S, R) and lse.shape == (B, H, S)
+    assert cnt.numel() >= B * triton.cdiv(H, block_h) and cnt.dtype == torch.int32
+    return opart, lse, cnt, (opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
+                             lse.stride(1))
+
+
+def fused_merge_tiles(S: int, merge: bool, R: int, block_h: int) -> tuple[int, int]:
+    """(BLOCK_S, MC) of the fused merge's [BLOCK_S, block_h, MC] tile, ~2K fp32 values; BLOCK_S
+    4 or >= 16 (fewer compiles); (1, .) when not merging in-kernel."""
+    bs = (4 if S <= 4 else max(16, triton.next_power_of_2(S))) if merge else 1
+    return bs, max(16, min(R, 2048 // (bs * block_h)))
+
+
+def launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split):
+    """The separate merge kernel (MERGE == 0) over S > 1 splits of a split-per-sequence launch."""
+    R = out.shape[-1]
+    block_s = triton.next_power_of_2(S)
+    block_r = min(R, max(16, 4096 // block_s))
+    _mla_merge_v3[(out.shape[1], out.shape[0], R // block_r)](
+        opart, lse, seq_lens, out, S, *strides, out.stride(0), out.stride(1),
+        BLOCK_N=block_n, MIN_SPLIT=min_split, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
+    )
+
+
 def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, f16, fp8_path, merge, block_h, block_n, warps, stages,
               chunk, min_split, maxnreg=None):
@@ -286,20 +334,9 @@ def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
     S = num_splits
-    if S == 1:
-        opart = lse = out  # never touched: every sequence is direct
-        cnt = seq_lens
-        strides = (0, 0, 0, 0, 0)
-    else:
-        opart, lse, cnt = workspace
-        assert opart.shape == (B, H, S, R) and lse.shape == (B, H, S)
-        assert cnt.numel() >= B * triton.cdiv(H, block_h) and cnt.dtype == torch.int32
-        strides = (opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
-                   lse.stride(1))
+    opart, lse, cnt, strides = split_workspace(out, seq_lens, workspace, B, H, S, R, block_h)
     merge = bool(merge) and S > 1
-    # fused merge tile [bs, block_h, mc] of ~2K fp32 values; bs 4 or 16 (fewer compiles)
-    bs = (4 if S <= 4 else max(16, triton.next_power_of_2(S))) if merge else 1
-    mc = max(16, min(R, 2048 // (bs * block_h)))
+    bs, mc = fused_merge_tiles(S, merge, R, block_h)
     if f16 and fp8_path == 1:
         stages = 1  # the register double buffer replaces the cp.async pipeline
     _mla_decode_v3[(triton.cdiv(H, block_h), B, S)](
@@ -313,10 +350,5 @@ def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge:
-        block_s = triton.next_power_of_2(S)
-        block_r = min(R, max(16, 4096 // block_s))
-        _mla_merge_v3[(H, B, R // block_r)](
-            opart, lse, seq_lens, out, S, *strides, out.stride(0), out.stride(1),
-            BLOCK_N=block_n, MIN_SPLIT=min_split, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
-        )
+        launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split)
     return out

@@ -28,7 +28,14 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from .mla_decode_v3 import _TABLE_ARGS, _merge_fused, _mla_merge_v3, _split_len
+from .mla_decode_v3 import (
+    _TABLE_ARGS,
+    _merge_if_last,
+    _split_range,
+    fused_merge_tiles,
+    launch_merge,
+    split_workspace,
+)
 
 # mla_decode.py reloads this module when the interpreter setting changed since it was imported
 INTERPRET = envs.triton_interpreted()
@@ -108,16 +115,7 @@ def _mla_decode_v5(
     hg = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    seq_len = tl.load(LENS + b)
-    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
-    n_act = tl.cdiv(seq_len, split)
-    start = s * split
-    end = tl.minimum(start + split, seq_len)
-    direct = n_act <= 1
-    if direct:
-        run = s == 0  # split 0 writes the whole sequence (len 0: zeros)
-    else:
-        run = s < n_act
+    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT)
     if run:
         heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
@@ -181,14 +179,9 @@ def _mla_decode_v5(
             _store_o(OPART + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps, a0e,
                      a0o, a1e, a1o, a2e, a2o, a3e, a3o, out_scale / l_i, hm, CP, NC, BLOCK_H)
         if not direct and MERGE:
-            # every warp's partial stores precede the (one-thread, release) atomic
-            tl.debug_barrier()
-            cnt_ptr = CNT + b * tl.num_programs(0) + hg
-            if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_act - 1:
-                _merge_fused(OPART + b * stride_pb, LSE + b * stride_lb, OUT + b * stride_ob,
-                             heads, hmask, n_act, stride_ph, stride_ps, stride_lh, stride_oh,
-                             R, BLOCK_S, MC)
-                tl.store(cnt_ptr, 0)  # ready for the next launch / replay
+            _merge_if_last(CNT, OPART, LSE, OUT, b, hg, heads, hmask, n_act, stride_pb,
+                           stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, R,
+                           BLOCK_S, MC)
 
 
 def supported(r: int, dr: int) -> bool:
@@ -216,19 +209,9 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
     assert supported(R, DR) and (R // 2) // pairs in (1, 2, 4)
     kv16 = kv_cache.view(torch.int16)
     S = num_splits
-    if S == 1:
-        opart = lse = out  # never touched: every sequence is direct
-        cnt = seq_lens
-        strides = (0, 0, 0, 0, 0)
-    else:
-        opart, lse, cnt = workspace
-        assert opart.shape == (B, H, S, R) and lse.shape == (B, H, S)
-        assert cnt.numel() >= B * triton.cdiv(H, block_h) and cnt.dtype.itemsize == 4
-        strides = (opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
-                   lse.stride(1))
+    opart, lse, cnt, strides = split_workspace(out, seq_lens, workspace, B, H, S, R, block_h)
     merge = bool(merge) and S > 1
-    bs = (4 if S <= 4 else max(16, triton.next_power_of_2(S))) if merge else 1
-    mc = max(16, min(R, 2048 // (bs * block_h)))
+    bs, mc = fused_merge_tiles(S, merge, R, block_h)
     _mla_decode_v5[(triton.cdiv(H, block_h), B, S)](
         q_nope, q_pe, kv16, block_tables, seq_lens, opart, lse, cnt, out,
         qk_scale, out_scale, S, H,
@@ -239,10 +222,5 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge:
-        block_s = triton.next_power_of_2(S)
-        block_r = min(R, max(16, 4096 // block_s))
-        _mla_merge_v3[(H, B, R // block_r)](
-            opart, lse, seq_lens, out, S, *strides, out.stride(0), out.stride(1),
-            BLOCK_N=block_n, MIN_SPLIT=min_split, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
-        )
+        launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split)
     return out
