@@ -4,7 +4,6 @@ kernels_attention.py; run through it, which loads bench/kernels.py first)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -12,19 +11,6 @@ from kernels_attention import FP8, DecodeSetup, _dt_name, check_variant, dec, ma
 
 VARIANT_SHAPES = [(1, 1024), (1, 8192), (16, 8192), (64, 1024), (64, 8192), (256, 1024),
                   (256, 8192)]
-
-
-@contextlib.contextmanager
-def _qk_chains(n):
-    """v5's QK^T accumulator chains (kernels/mla_decode_v5.QK_CHAINS, read at each launch) set
-    to n for the block; None: unchanged."""
-    v5 = dec._v5
-    old = v5.QK_CHAINS
-    v5.QK_CHAINS = n or old
-    try:
-        yield
-    finally:
-        v5.QK_CHAINS = old
 
 
 def set_variants(name, B, merge_kernel=False):
@@ -37,8 +23,7 @@ def set_variants(name, B, merge_kernel=False):
     v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
     if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs): splits, merge, registers
         v += [("v5" + sfx, dict(variant="v5", **mk)),
-              ("v5 qk1" + sfx, dict(variant="v5", qk_chains=1, **mk)),
-              ("v5 qk2" + sfx, dict(variant="v5", qk_chains=2, **mk))]
+              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk))]
         # measured and dropped (bench/RESULTS.md session 12): merge="fused" (1.1-36x slower),
         # a 168-register cap with splits for 3 CTAs per SM (1.4-1.7x slower); `waves` stays for
         # configs with another CTA count per SM: {"config": (..., maxnreg), "waves": ctas}
@@ -60,11 +45,10 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
         name = _dt_name(dt)
         setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
         for label, kw in set_variants(name, 7, merge_kernel):
-            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits", "qk_chains")}
-            with _qk_chains(kw.get("qk_chains")):
-                for S in (3, 16, 40):
-                    if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
-                        bad.add((name, label))
+            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits")}
+            for S in (3, 16, 40):
+                if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
+                    bad.add((name, label))
         del setup
     print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
     for dt in dts:
@@ -88,8 +72,7 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
                     sms = torch.cuda.get_device_properties(0).multi_processor_count
                     S = max(1, min(dec.MAX_SPLITS, kw.pop("waves") * sms // B, -(-ctx // 64)))
                 try:
-                    with _qk_chains(kw.pop("qk_chains", None)):
-                        t, S = setup.time(S, **kw)
+                    t, S = setup.time(S, **kw)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} B={B} ctx={ctx} {label}: {type(e).__name__}: {e}",
                           flush=True)

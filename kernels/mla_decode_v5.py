@@ -39,8 +39,6 @@ from .mla_decode_v3 import (
 
 # mla_decode.py reloads this module when the interpreter setting changed since it was imported
 INTERPRET = envs.triton_interpreted()
-# QK^T accumulator chains per tile (1, 2 or 4; see the kernel): read at each launch
-QK_CHAINS = 4
 
 
 @triton.jit
@@ -109,7 +107,6 @@ def _mla_decode_v5(
     R: tl.constexpr, DR: tl.constexpr, CP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
     MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MC: tl.constexpr, ASM: tl.constexpr,
-    QKC: tl.constexpr,
 ):
     """KV: the cache as int16 [blocks, PAGE, (R + DR) / 2]; CP pairs per chunk, NC = R / 2 / CP
     chunks (1, 2 or 4), each with an even- and an odd-dim accumulator."""
@@ -149,37 +146,17 @@ def _mla_decode_v5(
             kp = tl.load(row + R // 2 + offs_p[None, :], mask=nm, other=0)
             w0 = tl.load(row + offs_c[None, :], mask=nm, other=0)
             lo, hi = _unpack(kp, ASM)
-            # QK^T in QKC independent accumulator chains (summed after): one chain is a
-            # serial run of dependent MMAs over all 576 dims (36 k-steps per tile)
-            zero = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-            qb = zero
-            qc = zero
-            qd = zero
-            qa = tl.dot(pe_o, tl.trans(hi), tl.dot(pe_e, tl.trans(lo)))
-            qa = _qk(q_c, hm, w0, qa, CP, BLOCK_H, ASM)
+            qk = tl.dot(pe_e, tl.trans(lo))
+            qk = tl.dot(pe_o, tl.trans(hi), qk)
+            qk = _qk(q_c, hm, w0, qk, CP, BLOCK_H, ASM)
             if NC > 1:
                 w1 = tl.load(row + CP + offs_c[None, :], mask=nm, other=0)
-                if QKC == 4:
-                    qb = _qk(q_c + 2 * CP, hm, w1, zero, CP, BLOCK_H, ASM)
-                else:
-                    qa = _qk(q_c + 2 * CP, hm, w1, qa, CP, BLOCK_H, ASM)
+                qk = _qk(q_c + 2 * CP, hm, w1, qk, CP, BLOCK_H, ASM)
             if NC > 2:
                 w2 = tl.load(row + 2 * CP + offs_c[None, :], mask=nm, other=0)
+                qk = _qk(q_c + 4 * CP, hm, w2, qk, CP, BLOCK_H, ASM)
                 w3 = tl.load(row + 3 * CP + offs_c[None, :], mask=nm, other=0)
-                if QKC == 1:
-                    qa = _qk(q_c + 4 * CP, hm, w2, qa, CP, BLOCK_H, ASM)
-                    qa = _qk(q_c + 6 * CP, hm, w3, qa, CP, BLOCK_H, ASM)
-                elif QKC == 2:
-                    qb = _qk(q_c + 4 * CP, hm, w2, zero, CP, BLOCK_H, ASM)
-                    qb = _qk(q_c + 6 * CP, hm, w3, qb, CP, BLOCK_H, ASM)
-                else:
-                    qc = _qk(q_c + 4 * CP, hm, w2, zero, CP, BLOCK_H, ASM)
-                    qd = _qk(q_c + 6 * CP, hm, w3, zero, CP, BLOCK_H, ASM)
-            qk = qa
-            if QKC > 1:
-                qk = qk + qb
-            if QKC > 2:
-                qk = qk + qc + qd
+                qk = _qk(q_c + 6 * CP, hm, w3, qk, CP, BLOCK_H, ASM)
             qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -221,12 +198,11 @@ def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, merge, block_h, block_n, warps, stages, pairs,
-              min_split, asm, maxnreg=None, qk_chains=None):
+              min_split, asm, maxnreg=None):
     """Launch v5 (+ v3's merge kernel when S > 1 and not merged in-kernel). kv_cache: the fp8
     cache (viewed as int16 here); qk_scale / out_scale already hold k_scale and, without `asm`
     (native_cvt), the fp16 factor 2^(15 - bias) (mla_decode). pairs: int16 columns per chunk
-    (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none).
-    qk_chains: QK^T accumulator chains, 1, 2 or 4 (None: QK_CHAINS)."""
+    (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
@@ -242,8 +218,7 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
         *strides, out.stride(0), out.stride(1),
         R=R, DR=DR, CP=pairs, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
-        MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), QKC=qk_chains or QK_CHAINS,
-        num_warps=warps, num_stages=stages,
+        MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge:
