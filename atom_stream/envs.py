@@ -33,7 +33,8 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ATOM_STREAM_FUSED_PROLOGUE", "0",
            "MLA q_a/kv_a norms, k_pe RoPE and KV store in one launch"),
     EnvVar("ATOM_STREAM_MLA_DECODE", "auto",
-           "MLA decode variant the model's 'auto' resolves to: auto (measured default) | v1 | v3 | v5"),
+           "MLA decode variant the model's 'auto' resolves to: auto (measured default) | v1 | v3 "
+           "| v5"),
     EnvVar("ATOM_STREAM_ABSORB_QB", "0", "decode-only steps: q_b with W_UK folded in, one GEMM"),
     EnvVar("ATOM_STREAM_FUSE_ROUTER_SHARED", "1",
            "router GEMM and shared expert gate/up GEMM as one GEMM"),

@@ -4,6 +4,7 @@ kernels_attention.py; run through it, which loads bench/kernels.py first)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -11,6 +12,19 @@ from kernels_attention import FP8, DecodeSetup, _dt_name, check_variant, dec, ma
 
 VARIANT_SHAPES = [(1, 1024), (1, 8192), (16, 8192), (64, 1024), (64, 8192), (256, 1024),
                   (256, 8192)]
+
+
+@contextlib.contextmanager
+def _bit_moves(on: bool):
+    """v5 unpacks with the portable bit moves (kernels/mla_decode_v5.FORCE_BIT_MOVES, read at
+    each launch) inside the block when `on`."""
+    v5 = dec._v5
+    old = v5.FORCE_BIT_MOVES
+    v5.FORCE_BIT_MOVES = old or on
+    try:
+        yield
+    finally:
+        v5.FORCE_BIT_MOVES = old
 
 
 def set_variants(name, B, merge_kernel=False):
@@ -23,7 +37,9 @@ def set_variants(name, B, merge_kernel=False):
     v = [("v1", {"variant": "v1"}), ("v3" + sfx, dict(variant="v3", **mk))]
     if name == "fp8":  # v5 (kernels/mla_decode_v5.py: 16-bit pairs): splits, merge, registers
         v += [("v5" + sfx, dict(variant="v5", **mk)),
-              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk))]
+              ("v5 v3-splits" + sfx, dict(variant="v5", v3_splits=True, **mk)),
+              # the portable unpack MI355 takes (not timed on any GPU yet)
+              ("v5 bits" + sfx, dict(variant="v5", bit_moves=True, **mk))]
         # measured and dropped (bench/RESULTS.md session 12): merge="fused" (1.1-36x slower),
         # a 168-register cap with splits for 3 CTAs per SM (1.4-1.7x slower); `waves` stays for
         # configs with another CTA count per SM: {"config": (..., maxnreg), "waves": ctas}
@@ -45,10 +61,11 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
         name = _dt_name(dt)
         setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
         for label, kw in set_variants(name, 7, merge_kernel):
-            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits")}
-            for S in (3, 16, 40):
-                if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
-                    bad.add((name, label))
+            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits", "bit_moves")}
+            with _bit_moves(kw.get("bit_moves", False)):
+                for S in (3, 16, 40):
+                    if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
+                        bad.add((name, label))
         del setup
     print(f"  checks done ({time.time() - t0:.0f} s)", flush=True)
     for dt in dts:
@@ -72,7 +89,8 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
                     sms = torch.cuda.get_device_properties(0).multi_processor_count
                     S = max(1, min(dec.MAX_SPLITS, kw.pop("waves") * sms // B, -(-ctx // 64)))
                 try:
-                    t, S = setup.time(S, **kw)
+                    with _bit_moves(kw.pop("bit_moves", False)):
+                        t, S = setup.time(S, **kw)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {name} B={B} ctx={ctx} {label}: {type(e).__name__}: {e}",
                           flush=True)

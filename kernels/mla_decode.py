@@ -27,9 +27,9 @@ num_splits; pass `num_splits` (or `max_seq_len`) and a preallocated `workspace`
 (alloc_decode_workspace) to keep the captured launch fixed and allocation-free.
 
 Variants (`variant=`, default DEFAULT_VARIANT = "auto": "v5" with the separate merge kernel for
-e4m3fn caches, "v1" otherwise, by the H200 measurements in bench/RESULTS.md, session 12 for v5): "v2" (kernels/mla_decode_sched.py)
-balances a work list computed on the device (num_splits = P, the work items per head group, ~ sum(len) / P tokens each), merges
-in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
+e4m3fn caches, "v1" otherwise, by the H200 measurements in bench/RESULTS.md, session 12 for v5):
+"v2" (kernels/mla_decode_sched.py) balances a work list computed on the device (num_splits = P,
+the work items per head group, ~ sum(len) / P tokens each), merges in the same launch (last arriver, merge="fused") or a second kernel (merge="kernel"), and on fp8
 caches folds k_scale out of the per-element path (fp8_mode 1; 0 = v1's dequant, 2 = bit moves,
 3 = bare cast).
 "v3" (kernels/mla_decode_v3.py): v1's splits with the merge in the same launch (last arriver,
@@ -39,9 +39,9 @@ fused merge is 7-113 µs slower than a merge kernel; with merge="kernel" the fp8
 1.02-1.11x faster than v1's at every Kimi TP8 shape (bf16: slower than v1).
 "v5" (kernels/mla_decode_v5.py, fp8 caches): v3's splits, workspace and merges; the cache read as
 int16 pairs through v1's cp.async + ldmatrix pipeline and split in registers (1.9-2.3x faster than
-v3 at B >= 16 on the H200); 16-bit caches and rope < 32 fall back to v3.
-"v1" is the split-per-sequence kernel above. The two variants' workspaces
-differ: allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
+v3 at B >= 16 on the H200); 16-bit caches and latent or rope widths < 32 fall back to v3.
+"v1" is the split-per-sequence kernel above. Workspaces differ by variant (v3 and v5 share
+one layout): allocate with the same `variant`. With workspace=None, v2 reuses one zeroed counter
 buffer per (device, size) (kernels leave it zero), so concurrent launches on different streams
 need their own workspace.
 """
@@ -106,7 +106,10 @@ FORCED_VARIANT = envs.text("ATOM_STREAM_MLA_DECODE")
 def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
     """(concrete variant, default merge) for `variant`; "auto" -> ("v5", "kernel") for e4m3fn
     caches (measured on the H200), ("v1", None) for the rest, e4m3fnuz (MI300) included until an
-    A/B there. "auto" needs the cache dtype: the variants' split counts and workspaces differ."""
+    A/B there. MI355 (e4m3fn) takes v5 too, through its portable bit-move unpack, which no
+    AMD GPU has timed yet (it compiles for gfx950 without spills: bench/notes_mla_decode.md):
+    A/B it there against ATOM_STREAM_MLA_DECODE=v3 / v1. "auto" needs the cache dtype: the
+    variants' split counts and workspaces differ."""
     if variant != "auto":
         return variant, None
     forced = FORCED_VARIANT
@@ -264,9 +267,11 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
                       variant: str = DEFAULT_VARIANT,
                       kv_dtype: torch.dtype | None = None) -> int:
     """v1 / v3: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
-    MIN_SPLIT); v5: at most one wave of WAVES * SMs programs (floor instead of ceil). v2: work items per head group P (V2_WAVES * SMs / head groups, capped by
-    B * max_seq_len / V2_MIN_CHUNK). Depends only on host ints (graph-safe). "auto" resolves
-    with kv_dtype (resolve_variant)."""
+    MIN_SPLIT); v5: the most splits whose B x S x head-group programs fit one wave of WAVES *
+    SMs (floor instead of ceil; at least 1, which may exceed a wave); WAVES is v5's CTAs per SM
+    at V5_CONFIG (2): a config with another count needs its own. v2: work items per head
+    group P (V2_WAVES * SMs / head groups, capped by B * max_seq_len / V2_MIN_CHUNK). Depends
+    only on host ints (graph-safe). "auto" resolves with kv_dtype (resolve_variant)."""
     variant = resolve_variant(variant, kv_dtype)[0]
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
@@ -298,7 +303,7 @@ def alloc_decode_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_sp
                            kv_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """Scratch between items and merge. v1: (partial o [B, H, S, R] fp32, lse [B, H, S] fp32);
     v2: (partial o [P + B, H, R], lse [P + B, H], counters [B * head groups] int32 zeros);
-    v3: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros).
+    v3 / v5: (partial o [B, H, S, R], lse [B, H, S], counters [B * head groups] int32 zeros).
     "auto" resolves with kv_dtype (resolve_variant): pass the cache's dtype."""
     variant = resolve_variant(variant, kv_dtype)[0]
     if variant == "v2":
@@ -381,8 +386,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
     v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);
     fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
-    v3 only: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
-    fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py)."""
+    v3: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
+    fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py).
+    v5: merge "kernel" (None; measured faster everywhere) | "fused"."""
     assert variant in VARIANTS, variant
     variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
     merge = merge or auto_merge
@@ -411,8 +417,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         variant = "v3"  # v5 is an fp8-cache path; v3 takes the rest with the same workspace
     if variant == "v5":
         S = num_splits
-        if merge is None:
-            merge = "fused" if S <= V3_FUSED_MAX_S else "kernel"
+        merge = merge or "kernel"  # the fused merge: 1.1-36x slower (RESULTS.md session 12)
         assert merge in ("fused", "kernel")
         block_n, warps, stages, *cap = config or V5_CONFIG  # [, maxnreg] as v3
         ws = (workspace or _v3_workspace(B, H, R, S, q_nope.device)) if S > 1 else None

@@ -23,6 +23,8 @@ minimum K / N); mla_decode falls back to v3 otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,7 @@ def _unpack(w, ASM: tl.constexpr):
 
 @triton.jit
 def _split_q(ptr, hm, NP: tl.constexpr, BLOCK_H: tl.constexpr):
-    """q[:, 0:2 NP] (a row pointer tile [BLOCK_H, 2 NP]) -> (even dims, odd dims) fp16 [BLOCK_H, NP]."""
+    """q[:, 0:2 NP] (a row pointer tile [BLOCK_H, 2 NP]) -> (even, odd dims) fp16 [BLOCK_H, NP]."""
     q = tl.load(ptr, mask=hm, other=0.0).to(tl.float16)
     return tl.split(tl.reshape(q, (BLOCK_H, NP, 2)))
 
@@ -189,11 +191,24 @@ def supported(r: int, dr: int) -> bool:
     return r >= 32 and dr >= 32
 
 
+# developer switch for A/Bs on NVIDIA: the portable bit moves (the path AMD GPUs take) instead of
+# the native cvt; read at each launch
+FORCE_BIT_MOVES = False
+
+
+@functools.lru_cache(maxsize=16)
+def _has_fp8_cvt(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)  # cvt ... e4m3x2: sm_89+
+
+
 def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the launch unpacks with the native e4m3x2 -> f16x2 cvt (NVIDIA, e4m3fn, compiled):
-    then the tile holds the values themselves, else value * 2^(bias - 15) (see _unpack)."""
-    return (device.type == "cuda" and torch.version.hip is None and not INTERPRET
-            and kv_dtype == torch.float8_e4m3fn)
+    """Whether the launch unpacks with the native e4m3x2 -> f16x2 cvt (NVIDIA sm_89+, e4m3fn,
+    compiled): then the tile holds the values themselves, else value * 2^(bias - 15) (see
+    _unpack)."""
+    if (FORCE_BIT_MOVES or device.type != "cuda" or torch.version.hip is not None or INTERPRET
+            or kv_dtype != torch.float8_e4m3fn):
+        return False
+    return _has_fp8_cvt(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
