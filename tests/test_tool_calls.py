@@ -193,7 +193,9 @@ def test_cli_flags_and_startup_errors():
 # ------------------------------------------------------------------------------ HTTP
 class ScriptedChat:
     """Just enough engine for the chat route: each request yields `script` (text pieces, one
-    token each, the last one ending it with `finish`); `seen` records (params, kwargs)."""
+    token each, the last one ending it with `finish`); `seen` records (params, kwargs) of
+    generate, `rendered` (chat_template_kwargs, kwargs) of tokenize_prompt (the server renders
+    and checks every prompt before it submits one)."""
 
     max_model_len = 4096
     max_live_requests = None
@@ -204,9 +206,14 @@ class ScriptedChat:
         self.script: list[str] = ["hi"]
         self.finish = "stop"
         self.seen: list = []
+        self.rendered: list = []
 
     def stats(self) -> dict:
         return {}
+
+    async def tokenize_prompt(self, prompt, chat_template_kwargs=None, **kwargs):
+        self.rendered.append((chat_template_kwargs, kwargs))
+        return [1, 2, 3]
 
     async def generate(self, prompt, params, request_id=None, **kwargs):
         self.seen.append((params, kwargs))
@@ -263,7 +270,7 @@ def test_http_tool_calls_and_reasoning_non_streamed(on):
          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
         {"id": "functions.get_time:1", "type": "function",
          "function": {"name": "get_time", "arguments": "{}"}}]
-    assert engine.seen[-1][1]["chat_template_kwargs"]["tools"] == TOOLS
+    assert engine.rendered[-1][0]["tools"] == TOOLS
     # tool_choice none: tools rendered, nothing parsed; no tools: plain content, same shape
     for extra in ({"tool_choice": "none"}, {"tools": None}):
         r = c.post("/v1/chat/completions", json={**body, **extra})

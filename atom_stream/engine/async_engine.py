@@ -23,7 +23,11 @@ engine never waits for a reader. Breaking out of `async for` (the generator is c
 the consuming task, or `await engine.abort(id)` aborts the request and frees its blocks.
 
 Errors: InvalidRequestError / PromptTooLongError / EngineOverloadedError are raised by the first
-`__anext__` (before anything is yielded); a failed model step raises GenerationError from the
+`__anext__` (before anything is yielded), and a refused request leaves nothing registered (no
+slot, no core request, no KV block). Checked in this order: engine alive, duplicate id, the
+params (`LLMEngine.check_params`; vLLM's process_inputs validates them before it tokenizes), the
+prompt's tokenization, too long (before the per-id look), the core's prompt checks, the queue
+bound. A failed model step raises GenerationError from the
 affected requests' iterators only; if the loop itself dies, every stream raises EngineDeadError
 and `is_dead` turns true. Prompts are tokenized by engine/prompts.py (`tokenize_prompt`, also
 `AsyncEngine.tokenize_prompt`): long text prompts and every chat prompt off the loop.
@@ -266,6 +270,8 @@ class AsyncEngine:
             request_id = uuid.uuid4().hex
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
+        params = core.check_params(params)
         ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
                                          add_special_tokens=add_special_tokens,
                                          add_generation_prompt=add_generation_prompt,
@@ -277,8 +283,8 @@ class AsyncEngine:
             # the core's answer too, but only after checking every id on the loop thread (a
             # 6 MB prompt: ~0.4 s of event-loop stall); too long needs no per-id look
             raise PromptTooLongError(len(ids), core.max_model_len)
-        core.add_request(request_id, ids, params,  # raises for bad/too long/overloaded
-                         strict_max_tokens=strict_max_tokens)
+        core.add_request(request_id, ids, params,  # raises for bad ids/too long/overloaded
+                         strict_max_tokens=strict_max_tokens, params_checked=True)
         slot = self._slots[request_id] = _Slot()
         self._idle.clear()
         self._wakeup.set()

@@ -186,15 +186,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.pipeline.inflight is not None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams | None = None, *,
-                    strict_max_tokens: bool = False) -> Sequence:
-        """Validate and queue a request. Raises InvalidRequestError (duplicate id, bad params or
-        token ids), PromptTooLongError, MaxTokensTooLargeError (with `strict_max_tokens`: the
-        prompt plus params.max_tokens exceed max_model_len; without it max_tokens is capped at
-        the context left), or EngineOverloadedError (waiting queue full)."""
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+    def check_params(self, params: SamplingParams | dict | None) -> SamplingParams:
+        """A request's prompt-independent checks (vLLM's `_validate_params`, run before the
+        prompt is looked at): coerced and valid, n == 1, stop / bad_words only with a
+        tokenizer, token-id fields in the vocabulary. Returns the params to run (bad words
+        tokenized, on a copy); raises InvalidRequestError naming the field."""
         params = coerce_params(params)
         if params.n != 1:
             raise InvalidRequestError("n: the engine core generates one choice per request; "
@@ -202,7 +198,6 @@ class LLMEngine:
                                       "requests (SamplingParams.child(i))", "n")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop: stop strings need a tokenizer", "stop")
-        ids = list(prompt_token_ids)
         vocab = self.model_config.vocab_size
         for name, toks in (("logit_bias", params.logit_bias or ()),
                            ("allowed_token_ids", params.allowed_token_ids or ()),
@@ -211,7 +206,24 @@ class LLMEngine:
             if bad is not None:
                 raise InvalidRequestError(f"{name}: {bad} is not a token id in [0, {vocab})",
                                           name)
-        params = self._tokenize_bad_words(params, vocab)
+        return self._tokenize_bad_words(params, vocab)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, *,
+                    strict_max_tokens: bool = False, params_checked: bool = False) -> Sequence:
+        """Validate and queue a request, all or nothing (every check runs before anything is
+        registered or allocated): duplicate id, `check_params` (`params_checked`: already
+        done, `params` is its result), then the prompt: empty, ids in the vocabulary, too long.
+        Raises InvalidRequestError (duplicate id, bad params or token ids), PromptTooLongError,
+        MaxTokensTooLargeError (with `strict_max_tokens`: the prompt plus params.max_tokens
+        exceed max_model_len; without it max_tokens is capped at the context left), or
+        EngineOverloadedError (waiting queue full)."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        if not params_checked:
+            params = self.check_params(params)
+        ids = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
         if not ids:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
         for t in ids:
@@ -252,8 +264,8 @@ class LLMEngine:
                 return params  # the common case: no work
             return msgspec.structs.replace(params)  # construction drops a stray value
         if self.tokenizer is None:
-            # vLLM skips update_from_tokenizer without a tokenizer, so the words would be ignored
-            # silently; refused here as stop strings are
+            # vLLM skips update_from_tokenizer without a tokenizer (the words are silently not
+            # enforced); refused here, as stop strings are and as vLLM refuses structured outputs
             raise InvalidRequestError("bad_words: bad words need a tokenizer", "bad_words")
         tok = self.tokenizer
         try:

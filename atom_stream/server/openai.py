@@ -4,7 +4,8 @@ Request path (both completion routes): read the body under `--max-body-bytes` (4
 decode into the request Struct (type errors -> 400 naming the JSON path) -> model name check
 (404) -> SamplingParams (400 naming the parameter) -> `engine.generate(...)` once per choice
 (n > 1 and batched completion prompts fan out into child requests `<id>-<k>`; a child's seed is
-`seed + k`, as vLLM) -> the first delta of every choice is awaited before answering, so errors the
+`seed + k`, as vLLM; every prompt is tokenized once and checked against max_model_len before any
+child is submitted) -> the first delta of every choice is awaited before answering, so errors the
 engine raises before its first yield (prompt too long -> 400 `input_tokens`, overload -> 503 +
 Retry-After, bad token ids -> 400) become proper HTTP errors instead of stream events.
 
@@ -30,7 +31,7 @@ from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
 from atom_stream.engine.prompts import resolve_chat_options
-from atom_stream.errors import GenerationError
+from atom_stream.errors import GenerationError, PromptTooLongError
 from atom_stream.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -235,7 +236,10 @@ class OpenAIServing:
     async def _start(self, prompts: list[Any], params: SamplingParams, rid: str,
                      template_kwargs: dict | None, add_special_tokens: bool = True,
                      chat_options: dict | None = None) -> list[Choice]:
-        """Submit every child request and await each one's first delta (errors surface here)."""
+        """Submit every child request and await each one's first delta (errors surface here).
+        vLLM's order (its renderer, then the engine): every prompt is tokenized once (its n
+        children share the ids) and checked against max_model_len before any child is
+        submitted, so a batch with one prompt too long registers nothing."""
         engine = self.engine
         n = params.n
         total = len(prompts) * n
@@ -246,16 +250,21 @@ class OpenAIServing:
             raise HTTPError(400, f"{len(prompts)} prompt(s) x n={n} = {total} requests exceed "
                             f"what the server holds at once ({cap}: max_num_seqs + "
                             f"max_waiting_requests)", "n" if n > 1 else "prompt")
+        token_ids = []
+        for prompt in prompts:  # the engine's own path: long text and chat off the loop
+            ids = await engine.tokenize_prompt(prompt, template_kwargs,
+                                               add_special_tokens=add_special_tokens,
+                                               **(chat_options or {}))
+            if len(ids) >= engine.max_model_len:
+                raise PromptTooLongError(len(ids), engine.max_model_len)
+            token_ids.append(ids)
         gens = []
-        for p_idx, prompt in enumerate(prompts):
+        for p_idx, ids in enumerate(token_ids):
             for i in range(n):
                 child = params.child(i) if n > 1 else params
                 child_id = rid if total == 1 else f"{rid}-{p_idx * n + i}"
-                gens.append(engine.generate(prompt, child, engine_request_id(child_id),
-                                            chat_template_kwargs=template_kwargs,
-                                            strict_max_tokens=True,
-                                            add_special_tokens=add_special_tokens,
-                                            **(chat_options or {})))
+                gens.append(engine.generate(ids, child, engine_request_id(child_id),
+                                            strict_max_tokens=True))
         if total == 1:
             firsts: list[Any] = [await _first(gens[0])]
         else:
