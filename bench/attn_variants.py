@@ -41,8 +41,7 @@ def set_variants(name, B, merge_kernel=False):
               # the portable unpack MI355 takes (not timed on any GPU yet)
               ("v5 bits" + sfx, dict(variant="v5", bit_moves=True, **mk))]
         # measured and dropped (bench/RESULTS.md session 12): merge="fused" (1.1-36x slower),
-        # a 168-register cap with splits for 3 CTAs per SM (1.4-1.7x slower); `waves` stays for
-        # configs with another CTA count per SM: {"config": (..., maxnreg), "waves": ctas}
+        # a 168-register cap with splits for 3 CTAs per SM (1.4-1.7x slower)
     if not merge_kernel:
         v.append(("v3 merge=kernel", {"variant": "v3", "merge": "kernel"}))
     return v
@@ -61,7 +60,7 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
         name = _dt_name(dt)
         setup = DecodeSetup(dt, [1000, 2047, 77, 0, 5000, 1, 333], 8)
         for label, kw in set_variants(name, 7, merge_kernel):
-            ckw = {k: a for k, a in kw.items() if k not in ("waves", "v3_splits", "bit_moves")}
+            ckw = {k: a for k, a in kw.items() if k not in ("v3_splits", "bit_moves")}
             with _bit_moves(kw.get("bit_moves", False)):
                 for S in (3, 16, 40):
                     if not check_variant(setup, S, ckw, f"{name} {label} S={S}"):
@@ -85,9 +84,6 @@ def variants_set(copy_gbps, budget_s=170.0, dtypes=("bf16", "fp8"), merge_kernel
                 S = dec.decode_num_splits(B, 8, ctx, "cuda", variant=v)
                 if kw.pop("v3_splits", False):  # the ceil heuristic v5 had before session 12
                     S = dec.decode_num_splits(B, 8, ctx, "cuda", variant="v3")
-                if "waves" in kw:  # CTAs per SM other than the default's: whole waves of them
-                    sms = torch.cuda.get_device_properties(0).multi_processor_count
-                    S = max(1, min(dec.MAX_SPLITS, kw.pop("waves") * sms // B, -(-ctx // 64)))
                 try:
                     with _bit_moves(kw.pop("bit_moves", False)):
                         t, S = setup.time(S, **kw)
