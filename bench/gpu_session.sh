@@ -131,6 +131,9 @@ for what in "${sections[@]}"; do case $what in
   aw) sec aw ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4}" \
       --set aw --ms "${MS:-64,256}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
       --out /tmp/km-aw.json --sweep-out "$OUT/kernels-moe-aw-sweep.json" ;;
+  dq) sec dq ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4}" \
+      --set dq --ms "${MS:-16,64,256}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
+      --out /tmp/km-dq.json --sweep-out "$OUT/kernels-moe-dq-sweep.json" ;;
   ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       sec ncu ${T_NCU:-240} "$NCU" --clock-control none --profile-from-start off --csv \
       --page raw --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

@@ -109,8 +109,32 @@ def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.co
     return tl.maximum(tl.math.div_rn(amax, tl.zeros((BM,), tl.float32) + 448.0), 1e-12)
 
 
+def _int4_asm(shift: int) -> str:
+    """PTX for `_int4_bf16_asm` with scale group j = shift / 4."""
+    src = "mov.b32 t, $1; " if shift == 0 else f"shr.u32 t, $1, {shift}; "
+    return ("{ .reg .b32 t, one, off, nz; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
+            "mov.b32 nz, 0x80008000; " + src + "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
+            "fma.rn.bf16x2 t, t, one, off; fma.rn.bf16x2 $0, t, $2, nz; }")
+
+
+_INT4_ASM = tl.constexpr(tuple(_int4_asm(4 * j) for j in range(4)))
+
+
 @triton.jit
-def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr):
+def _int4_bf16_asm(w, sp, j: tl.constexpr):
+    """NVIDIA sm_80+ (inline PTX): int32 words w [R, 16] (8 nibbles each) and packed bf16 scale
+    pairs sp [R, 1] -> int32 [R, 16], each the bf16 pair (n - 8) * s of scale group j's
+    nibbles (bits 4j..4j+3 and 16+4j..): one shift, one LOP3 (nibble | bf16 128), one fma
+    (- 136: exact) and one fma (* s + -0: the product rounded once, as a bf16 multiply), the
+    values `_dq16`'s portable bit moves give, in fewer instructions (no constant re-created per
+    word, subtract and scale fused into fma pairs)."""
+    return tl.inline_asm_elementwise(_INT4_ASM[j], "=r,r,r", [w, sp], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
+          ASM: tl.constexpr = False):
     """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
     [R, 16] -> the scaled weights [R, 32] as 16-bit floats for one MMA with K = 32: bf16 when
     MDT == 0, else fp16 (int4 only). s [R]: the group's scale (int4: the bf16 scale; MXFP4: the
@@ -124,7 +148,14 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     times 2^63 and 2^(e - 64) (powers of two: exact for e8m0 e in [1, 191], the clamp). (Leaving
     the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
     the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md.)"""
-    if FMT == 2:
+    if FMT == 2 and MDT == 0 and ASM:
+        sp = tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h",
+                                       [s.to(tl.bfloat16).to(tl.int16, bitcast=True)],
+                                       dtype=tl.int32, is_pure=True, pack=1)
+        v = _int4_bf16_asm(w, sp[:, None], j)
+        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+        return wj.to(tl.bfloat16, bitcast=True)
+    elif FMT == 2:
         if MDT == 0:
             v = ((w >> (4 * j)) & 0x000F000F) | 0x43004300
             off = 136.0
@@ -202,7 +233,7 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
                     sj = s2
                 else:
                     sj = s3
-                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT), x, acc, MDT)
+                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT, DQ == 3), x, acc, MDT)
     return acc
 
 

@@ -272,12 +272,13 @@ def test_fused_moe_shared_expert_and_default_tiles(M, cfg):
 # interpreter runs the int4 fp16 branch (bf16 elementwise math is broken in the interpreter; the
 # bf16 branches run in the GPU tests below). MXFP4 with fp16 activations and fp32 activations
 # ignore DQ (the checks make sure the flag does not break them).
+# DQ 3 (the int4 unpack in inline PTX) runs as DQ 1 here (tests/test_moe_int4_asm.py: the GPU).
 DQ_CFGS = [{"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "BN2": 32, "XM": 1}, {"DQ": 2},
-           {"DQ": 2, "BK1": 256, "BK2": 128}]
+           {"DQ": 2, "BK1": 256, "BK2": 128}, {"DQ": 3}]
 
 
 @cpu_only
-@pytest.mark.parametrize("dq", DQ_CFGS, ids=["dq1", "dq1w2xm", "dq2", "dq2bk"])
+@pytest.mark.parametrize("dq", DQ_CFGS, ids=["dq1", "dq1w2xm", "dq2", "dq2bk", "dq3"])
 @pytest.mark.parametrize("fmt,xdt,tol", [("int4_g32", torch.float16, 5e-3),
                                          ("int4_g32", torch.float32, 1e-5),
                                          ("mxfp4", torch.float16, 5e-3)], ids=["i4h", "i4f", "mxh"])
