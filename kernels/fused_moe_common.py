@@ -133,6 +133,13 @@ def _int4_bf16_asm(w, sp, j: tl.constexpr):
 
 
 @triton.jit
+def _bf16_pair(s16):
+    """int16 [R] -> int32 [R] holding it in both halves (one mov / PRMT; NVIDIA inline PTX)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [s16], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
           ASM: tl.constexpr = False):
     """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
@@ -147,11 +154,11 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     e2m1 * 2^-126; the zero-exponent code lands on a subnormal, exactly), the sign to bit 15;
     times 2^63 and 2^(e - 64) (powers of two: exact for e8m0 e in [1, 191], the clamp). (Leaving
     the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
-    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md.)"""
+    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md. The same moves in
+    inline PTX compiled to the same SASS, 510 vs 516 per chunk: ptxas already emits two shifts,
+    two LOP3 and two HMUL2 per pair here, so ASM is int4 only.)"""
     if FMT == 2 and MDT == 0 and ASM:
-        sp = tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h",
-                                       [s.to(tl.bfloat16).to(tl.int16, bitcast=True)],
-                                       dtype=tl.int32, is_pure=True, pack=1)
+        sp = _bf16_pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True))
         v = _int4_bf16_asm(w, sp[:, None], j)
         wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
         return wj.to(tl.bfloat16, bitcast=True)
