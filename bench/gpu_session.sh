@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | kernels | prefill | ttft | downladder | allreduce | pyt
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | dq | splits | kernels | prefill | ttft | downladder | allreduce | pyt
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -134,6 +134,8 @@ for what in "${sections[@]}"; do case $what in
   dq) sec dq ${T_MOE:-200} python3 bench/kernels_moe.py --formats "${MOE_FORMATS:-int4}" \
       --set dq --ms "${MS:-16,64,256}" --w13-tiles 16 --budget-s ${BUDGET:-150} \
       --out /tmp/km-dq.json --sweep-out "$OUT/kernels-moe-dq-sweep.json" ;;
+  splits) sec splits ${T_ATTN:-200} python3 bench/kernels_attention.py --set splits \
+      --dtypes "${MLA_DTYPES:-bf16,fp8}" --budget-s ${MLA_BUDGET:-150} --out "$OUT/kernels-attn-splits.json" ;;
   ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       sec ncu ${T_NCU:-240} "$NCU" --clock-control none --profile-from-start off --csv \
       --page raw --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \

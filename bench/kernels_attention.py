@@ -255,33 +255,36 @@ def decode_rows(copy_gbps, log=None, quick: bool = False):
     return rows
 
 
-def split_sweep(copy_gbps, out_path=None, log=None, budget_s=100.0):
-    """Informational: v1 at split counts 1, 2, 4, ... on the H=8 grid."""
+def split_sweep(copy_gbps, out_path=None, log=None, budget_s=100.0, dtypes=("bf16", "fp8")):
+    """Split counts of each cache's default kernel on the H=8 grid (bf16: v1, fp8: v5 + merge
+    kernel): 1, 2, 3, 4, 6, 8, ... up to the context's MIN_SPLIT limit and B x S <= 4096, plus
+    the heuristic's pick; prints one line per case with the fastest count."""
     t0 = time.time()
     log = log if log is not None else []
-    for dt in (torch.bfloat16, FP8):
-        name = _dt_name(dt)
-        cfg = None
+    for name in dtypes:
+        dt, variant = (torch.bfloat16, "v1") if name == "bf16" else (FP8, "v5")
         for B, ctx in GRID:
             if time.time() - t0 > budget_s:
                 print("  split sweep: budget exhausted", flush=True)
                 break
             setup = DecodeSetup(dt, [ctx] * B, 8)
-            heur = dec.decode_num_splits(B, 8, ctx, "cuda", variant="v1")
-            cands = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 128)
-                            if s <= max(1, ctx // dec.MIN_SPLIT) and B * s <= 2048} | {heur})
-            line = []
+            heur = dec.decode_num_splits(B, 8, ctx, "cuda", variant=variant)
+            cands = sorted({s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+                            if s <= max(1, ctx // dec.MIN_SPLIT) and B * s <= 4096} | {heur})
+            line, best = [], None
             for s in cands:
-                t, _ = setup.time(splits=s, config=cfg, variant="v1")
+                t, _ = setup.time(splits=s, variant=variant)
                 line.append(f"{s}:{t:.1f}")
+                best = (t, s) if best is None or t < best[0] else best
                 log.append({**make_row(f"splits_{name}", B, ctx, 8, t, setup.bytes, copy_gbps),
-                            "cfg": list(cfg) if cfg else None, "splits": s})
-            print(f"  splits {name} B={B} ctx={ctx} (heuristic {heur}): " + " ".join(line),
-                  flush=True)
+                            "variant": variant, "splits": s, "heuristic": heur})
+            print(f"  splits {name} {variant} B={B} ctx={ctx} (heuristic {heur}, best {best[1]} "
+                  f"{best[0]:.1f} us): " + " ".join(line), flush=True)
             del setup
             if out_path:
                 with open(out_path, "w") as f:
                     json.dump(log, f, indent=1)
+    return log
 
 
 def prefill_rows(copy_gbps):
@@ -413,7 +416,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="MLA decode: v1 vs v2 variants (one table)")
     ap.add_argument("--out", required=True, help="JSON rows (best v1 and best v2 per case)")
     ap.add_argument("--sweep-out", default=None, help="JSON of every timing")
-    ap.add_argument("--set", default="all", choices=["all", "variants"],
+    ap.add_argument("--set", default="all", choices=["all", "variants", "splits"],
                     help="variants: v1 vs v3 (+ v3 alternatives) at 7 shapes x bf16/fp8 only")
     ap.add_argument("--budget-s", type=float, default=120.0,
                     help="--set variants: past this many seconds rows time only v1 and v3")
@@ -432,6 +435,8 @@ def main(argv=None) -> None:
 
         rows = variants_set(copy_gbps, args.budget_s, args.dtypes.split(","), args.merge_kernel)
         log = rows
+    elif args.set == "splits":
+        rows = log = split_sweep(copy_gbps, None, None, args.budget_s, args.dtypes.split(","))
     else:
         rows = decode_rows(copy_gbps, log)
     copy_end = copy_bandwidth()

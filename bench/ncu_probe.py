@@ -41,17 +41,19 @@ def moe_calls(ms: list[int]) -> list:
 
 
 def mla_calls(shapes: list[tuple[int, int]]) -> list:
+    """Each cache's default decode kernel ("auto": v5 + merge kernel for fp8, v1 for bf16)."""
+    from atom_stream.kernels import mla_decode as dec
     from kernels_attention import FP8, DecodeSetup
     calls = []
     for B, ctx in shapes:
         for dt, name in ((FP8, "fp8"), (torch.bfloat16, "bf16")):
             s = DecodeSetup(dt, [ctx] * B, 8)
-            S = s.splits("v3")
-            from atom_stream.kernels import mla_decode as dec
-            ws = (dec.alloc_decode_workspace(s.B, s.H, 512, S, "cuda", variant="v3",
+            variant = dec.resolve_variant("auto", dt)[0]
+            S = s.splits(variant)
+            ws = (dec.alloc_decode_workspace(s.B, s.H, 512, S, "cuda", variant=variant,
                                              kv_dtype=dt) if S > 1 else None)
-            calls.append((f"mla {name} B={B} ctx={ctx} S={S}",
-                          s._call(s.tables[0], S, None, ws, variant="v3")))
+            calls.append((f"mla {name} {variant} B={B} ctx={ctx} S={S}",
+                          s._call(s.tables[0], S, None, ws, variant=variant)))
     return calls
 
 
