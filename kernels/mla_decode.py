@@ -78,6 +78,11 @@ BLOCK_H = 16
 MIN_SPLIT = 64
 MAX_SPLITS = 128
 WAVES = 2
+# v1's split count fills whole waves of V1_WAVES programs per SM: its (32, 4, 2) config runs 4
+# CTAs per SM (128 registers). H200 sweep (bench/RESULTS.md session 13, bf16 cache, us): B=16
+# @8K 17 -> 32 splits 57.7 -> 51.4, B=64 @8K 5 -> 8 192.5 -> 160.2, B=64 @1K 34.6 -> 32.6;
+# B=1 and B=256 pick the same counts as before (the length cap; 2).
+V1_WAVES = 4
 # v2: P = V2_WAVES * SMs work items per head group; the fused merge takes <= FUSED_MAX_S items per
 # sequence (above FUSED_MAX_S / 2 items per sequence on average the merge kernel is used).
 V2_WAVES = 2
@@ -266,10 +271,11 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
                       device: torch.device | str | None = None,
                       variant: str = DEFAULT_VARIANT,
                       kv_dtype: torch.dtype | None = None) -> int:
-    """v1 / v3: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
-    MIN_SPLIT); v5: the most splits whose B x S x head-group programs fit one wave of WAVES *
-    SMs (floor instead of ceil; at least 1, which may exceed a wave); WAVES is v5's CTAs per SM
-    at V5_CONFIG (2): a config with another count needs its own. v2: work items per head
+    """v3: splits per sequence (aim at WAVES * SMs programs, <= MAX_SPLITS, <= max_seq_len /
+    MIN_SPLIT); v5 / v1: the most splits whose B x S x head-group programs fit one wave of
+    WAVES * SMs / V1_WAVES * SMs (floor instead of ceil; at least 1, which may exceed a wave);
+    WAVES / V1_WAVES are v5's / v1's CTAs per SM at their default configs (2 / 4): a config with
+    another count needs its own. v2: work items per head
     group P (V2_WAVES * SMs / head groups, capped by B * max_seq_len / V2_MIN_CHUNK). Depends
     only on host ints (graph-safe). "auto" resolves with kv_dtype (resolve_variant)."""
     variant = resolve_variant(variant, kv_dtype)[0]
@@ -289,6 +295,8 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
         # SMs programs where B allows; a ceil would start a second, mostly idle wave (B=64 on
         # 132 SMs: 5 splits = 320 programs, the last 56 alone for a whole split's time)
         s = max(1, (WAVES * sms) // (batch * groups))
+    elif variant == "v1":  # likewise, at v1's 4 CTAs per SM
+        s = max(1, (V1_WAVES * sms) // (batch * groups))
     else:
         s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:

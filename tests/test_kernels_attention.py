@@ -269,18 +269,36 @@ def test_decode_v3_many_heads_direct_and_splits():
 
 @cpu_only
 def test_v3_split_lowering_at_h200_scale(monkeypatch):
-    """v3 lowers S just above V3_FUSED_MAX_S to it; otherwise v1's count. With the CPU's small
-    SM count S never exceeds 16, so the heuristic runs here as on a 132-SM GPU."""
+    """v3 aims at WAVES x SMs programs (a ceil) and lowers S just above V3_FUSED_MAX_S to it.
+    With the CPU's small SM count S never exceeds 16, so the heuristic runs here as on a
+    132-SM GPU."""
     monkeypatch.setattr(dec, "CPU_SMS", 132)
     cap = dec.V3_FUSED_MAX_S
-    assert dec.decode_num_splits(16, 8, 8192, variant="v1") == 17  # B=16 @8K on the H200
-    assert dec.decode_num_splits(16, 8, 8192, variant="v3") == cap
-    assert dec.decode_num_splits(8, 8, 8192, variant="v3") == \
-        dec.decode_num_splits(8, 8, 8192, variant="v1") == 33
+    assert dec.decode_num_splits(16, 8, 8192, variant="v3") == cap  # ceil(264 / 16) = 17
+    assert dec.decode_num_splits(8, 8, 8192, variant="v3") == 33
     for B, L in ((1, 8192), (2, 8192), (4, 300), (12, 8192), (64, 8192)):
-        s1 = dec.decode_num_splits(B, 8, L, variant="v1")
+        ceil = min(-(-dec.WAVES * 132 // B), -(-L // dec.MIN_SPLIT), dec.MAX_SPLITS)
         s3 = dec.decode_num_splits(B, 8, L, variant="v3")
-        assert s3 == (cap if cap < s1 < 2 * cap else s1)
+        assert s3 == (cap if cap < ceil < 2 * cap else ceil)
+
+
+@cpu_only
+def test_v1_splits_fill_whole_waves_of_four_ctas(monkeypatch):
+    """v1's count on a 132-SM GPU (the H200 sweep's best at B = 16 / 64, bench/RESULTS.md
+    session 13): B x S x groups programs fit V1_WAVES x SMs, S the largest such, capped by
+    MAX_SPLITS and the length."""
+    monkeypatch.setattr(dec, "CPU_SMS", 132)
+    wave = dec.V1_WAVES * 132
+    assert dec.decode_num_splits(16, 8, 8192, variant="v1") == 33
+    assert dec.decode_num_splits(64, 8, 8192, variant="v1") == 8
+    assert dec.decode_num_splits(256, 8, 1024, variant="v1") == 2
+    assert dec.decode_num_splits(1, 8, 8192, variant="v1") == dec.MAX_SPLITS
+    assert dec.decode_num_splits(1, 8, 1024, variant="v1") == 16  # the length caps it
+    assert dec.decode_num_splits(64, 128, 8192, variant="v1") == 1  # 8 head groups
+    for B in range(1, 600, 7):
+        S = dec.decode_num_splits(B, 8, None, variant="v1")
+        assert S == 1 or B * S <= wave
+        assert S == dec.MAX_SPLITS or B * (S + 1) > wave
 
 
 @cpu_only
