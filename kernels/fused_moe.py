@@ -138,10 +138,10 @@ def _nv_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def has_int4_asm(device: torch.device) -> bool:
-    """True where cfg DQ 3 (the int4 unpack in inline PTX, fused_moe_common._int4_bf16_asm)
-    compiles: NVIDIA sm_80+ (bf16x2 fma), never under the interpreter or on AMD; elsewhere DQ 3
-    runs as DQ 1 (the same values from portable bit moves)."""
+def has_dq3_asm(device: torch.device) -> bool:
+    """True where cfg DQ 3 (the 4-bit unpack in inline PTX: fused_moe_common._int4_bf16_asm,
+    _mx_bf16_asm) compiles: NVIDIA sm_80+ (bf16x2 fma), never under the interpreter or on AMD;
+    elsewhere DQ 3 runs as DQ 1 (the same sums from portable bit moves)."""
     if device.type != "cuda" or _INTERP or torch.version.hip:
         return False
     return _nv_capability(device.index if device.index is not None
@@ -202,10 +202,10 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     kernels/fused_moe_common.py): 0 = each scale group's MMA into a fresh fp32 partial, scaled
     and added (the measured default); 1 = the group scale folded into the 16-bit weight operand,
     every MMA accumulates in place (int4 then rounds q * s to bf16 once; MXFP4 stays exact, in
-    bf16 MMAs instead of fp16); 2 = as 1 with one MMA per 128-K chunk; 3 = int4 with bf16
-    activations as 1, the unpack in inline PTX (the same values; 14 % fewer SASS per K step
-    offline, bench/sass_count.py): fused_moe runs 3 as 1 where it does not compile
-    (has_int4_asm: the interpreter, AMD), and other formats ignore it. XM=1: direct mode's
+    bf16 MMAs instead of fp16); 2 = as 1 with one MMA per 128-K chunk; 3 = as 1 with the 4-bit
+    unpack in inline PTX (the same sums; int4: 14 % fewer SASS per K step offline, MXFP4 13 %
+    with the 2^63 of its bit trick applied once to the accumulator, bench/sass_count.py):
+    fused_moe runs 3 as 1 where it does not compile (has_dq3_asm: the interpreter, AMD). XM=1: direct mode's
     gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
     gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
     unrolled (1, measured) or pipelined (0, with BK2 < I). DQ/XM/W=2/DU=0 are unmeasured
@@ -388,7 +388,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if M == 0:
         return out
     cfg = default_config(fmt, M, P, E, H, I, act, wt) | ENV_CONFIG | (config or {})
-    if cfg["DQ"] == 3 and not has_int4_asm(hidden.device):
+    if cfg["DQ"] == 3 and not has_dq3_asm(hidden.device):
         cfg["DQ"] = 1
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()

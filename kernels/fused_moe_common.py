@@ -120,6 +120,20 @@ def _int4_asm(shift: int) -> str:
 _INT4_ASM = tl.constexpr(tuple(_int4_asm(4 * j) for j in range(4)))
 
 
+def _mx_asm(j: int) -> str:
+    """PTX for `_mx_bf16_asm`, scale group j: the magnitude bits 3j..3j+2 of each half move to
+    6..8 (a), the sign bit 12 + j to 15 (b), then one fma by the scale pair."""
+    a = ("shl.b32 a, $1, 6; ", "shl.b32 a, $1, 3; ", "mov.b32 a, $1; ", "shr.u32 a, $1, 3; ")[j]
+    b = ("shl.b32 b, $1, 3; ", "shl.b32 b, $1, 2; ", "shl.b32 b, $1, 1; ", "mov.b32 b, $1; ")[j]
+    return ("{ .reg .b32 a, b, nz; mov.b32 nz, 0x80008000; " + a + b
+            + "and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; "
+            "fma.rn.bf16x2 $0, a, $2, nz; }")
+
+
+_MX_ASM = tl.constexpr(tuple(_mx_asm(j) for j in range(4)))
+MX_RESCALE = tl.constexpr(9.223372036854775808e18)  # 2^63: DQ 3 MXFP4 weights leave it to the sum
+
+
 @triton.jit
 def _int4_bf16_asm(w, sp, j: tl.constexpr):
     """NVIDIA sm_80+ (inline PTX): int32 words w [R, 16] (8 nibbles each) and packed bf16 scale
@@ -129,6 +143,18 @@ def _int4_bf16_asm(w, sp, j: tl.constexpr):
     values `_dq16`'s portable bit moves give, in fewer instructions (no constant re-created per
     word, subtract and scale fused into fma pairs)."""
     return tl.inline_asm_elementwise(_INT4_ASM[j], "=r,r,r", [w, sp], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _mx_bf16_asm(w, sp, j: tl.constexpr):
+    """NVIDIA sm_80+ (inline PTX): repacked MXFP4 words w [R, 16] and packed bf16 scale pairs
+    sp [R, 1] (2^(e - 64) each) -> int32 [R, 16], each the bf16 pair of scale group j's values
+    times 2^-63: `_dq16`'s bit moves (e2m1 * 2^-126) and ONE exact multiply; the 2^63 that
+    `_dq16`'s portable path multiplies into every weight is applied once to the fp32
+    accumulator instead (`_mm`). Exact (bit-equal sums) while the scaled weights stay bf16
+    normals: e8m0 exponents e >= 65, scales >= 2^-62."""
+    return tl.inline_asm_elementwise(_MX_ASM[j], "=r,r,r", [w, sp], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
 
@@ -154,12 +180,17 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     e2m1 * 2^-126; the zero-exponent code lands on a subnormal, exactly), the sign to bit 15;
     times 2^63 and 2^(e - 64) (powers of two: exact for e8m0 e in [1, 191], the clamp). (Leaving
     the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
-    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md. The same moves in
-    inline PTX compiled to the same SASS, 510 vs 516 per chunk: ptxas already emits two shifts,
-    two LOP3 and two HMUL2 per pair here, so ASM is int4 only.)"""
+    the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md. ASM (DQ 3) does
+    that through inline PTX, `_mx_bf16_asm`: 446 vs 516 SASS per chunk; its weights are then
+    the values * 2^-63 and `_mm` scales the sum.)"""
     if FMT == 2 and MDT == 0 and ASM:
         sp = _bf16_pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True))
         v = _int4_bf16_asm(w, sp[:, None], j)
+        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+        return wj.to(tl.bfloat16, bitcast=True)
+    elif FMT == 3 and ASM:  # the weights times 2^-63: `_mm` multiplies the sum back
+        sp = _bf16_pair(((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16))
+        v = _mx_bf16_asm(w, sp[:, None], j)
         wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
         return wj.to(tl.bfloat16, bitcast=True)
     elif FMT == 2:
@@ -358,12 +389,10 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
 
 
 @triton.jit
-def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
-        K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-        FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
-        OFFS: tl.constexpr, DQ: tl.constexpr = 0, CS: tl.constexpr = 16,
-        SCS: tl.constexpr = 4):
-    """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop)."""
+def _mm_loop(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
+             K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+             FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
+             OFFS: tl.constexpr, DQ: tl.constexpr, CS: tl.constexpr, SCS: tl.constexpr):
     if UNROLL:
         for i in tl.static_range(K // BK):
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
@@ -373,3 +402,21 @@ def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
             acc = _step(acc, i * BK, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row,
                         XSC, R, BM, BK, FMT, ACT, MDT, OFFS, DQ, CS, SCS)
     return acc
+
+
+@triton.jit
+def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
+        K: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        FMT: tl.constexpr, ACT: tl.constexpr, MDT: tl.constexpr, UNROLL: tl.constexpr,
+        OFFS: tl.constexpr, DQ: tl.constexpr = 0, CS: tl.constexpr = 16,
+        SCS: tl.constexpr = 4):
+    """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop).
+    MXFP4 at DQ 3 (bf16 weight-only): the loop sums the weights * 2^-63 (`_mx_bf16_asm`) into
+    a fresh accumulator, then scaled by 2^63 (exact) and added to acc."""
+    if FMT == 3 and DQ == 3 and ACT == 0 and MDT == 0:
+        part = _mm_loop(tl.zeros((R, BM), tl.float32), Wp, Sp, row_w, row_s, wm, Xp, x_row,
+                        x_ok, XSp, xs_row, XSC, K, R, BM, BK, FMT, ACT, MDT, UNROLL, OFFS, DQ,
+                        CS, SCS)
+        return acc + part * MX_RESCALE
+    return _mm_loop(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC, K, R, BM,
+                    BK, FMT, ACT, MDT, UNROLL, OFFS, DQ, CS, SCS)
