@@ -239,10 +239,11 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     g1, gc = (8, 8) if P <= 32 else (16, 4)  # M=1: 8 rows x 8 chunks; M=16: 16 x 4 (measured)
     tc4 = {}
     if four_bit and act == 0:  # session-3 H200 A/B (bench/RESULTS.md): 1.09-1.21x at M=16..256
-        # int4: DQ 3 (the unpack in inline PTX; DQ 1 where it does not compile), H200 session
-        # 13 (bench/RESULTS.md): whole MoE M=16 / 64 / 256 141.7 -> 130.0, 307.8 -> 281.5,
-        # 418.3 -> 384.8 us; decode step B=64 24.48 -> 23.25 ms, B=256 34.60 -> 32.88
-        tc4 = {"DQ": 3 if fmt == INT4 else 1, "DU": 0, "BK2": 128, "S2": 3}
+        # DQ 3 (the unpack in inline PTX; DQ 1 where it does not compile), H200 session 13
+        # (bench/RESULTS.md), whole MoE M=16 / 64 / 256, us: int4 141.7 -> 130.0, 307.8 ->
+        # 281.5, 418.3 -> 384.8 (decode step B=64 24.48 -> 23.25 ms, B=256 34.60 -> 32.88);
+        # MXFP4 157.3 -> 149.0, 341.2 -> 326.1, 463.0 -> 442.8
+        tc4 = {"DQ": 3, "DU": 0, "BK2": 128, "S2": 3}
         if M <= 16 or fmt == MXFP4:  # mma.sync + narrow tiles won at small M and for MXFP4
             tc4.update(W1=2, W2=2, BN1=16 if fmt == INT4 else 32)
         if M <= 16:
