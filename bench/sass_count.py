@@ -54,9 +54,9 @@ def down_kernel(fmt: int, cfg: dict):
           "BN": cfg["BN2"], "BK": cfg["BK2"], "FMT": fmt, "ACT_Q": 0, "MDT": fmc.BF16,
           "DIRECT": 0, "OFFS": 1, "ASTATIC": 0, "DQ": cfg["DQ"], "UNROLL": cfg["DU"]}
     ptrs = {"ACT": "*bf16", "ACTS": "*bf16", "W": "*i32",
-            "S": "*bf16" if fmt == fmc.INT4 else "*u8", "IDS": "*i32", "SORTED": "*i32",
-            "BLKEXP": "*i32", "Y": "*bf16", "AS": "*fp32"}
-    ints = ["M", "num_pairs", "stride_im", "stride_we", "stride_se"]
+            "S": "*bf16" if fmt == fmc.INT4 else "*u8", "SORTED": "*i32",
+            "BLKEXP": "*i32", "OKM": "*i32", "Y": "*bf16", "AS": "*fp32"}
+    ints = ["M", "num_pairs", "stride_we", "stride_se"]
     return tc._down_block_kernel, _sig(tc._down_block_kernel, ptrs, ints, cx), (
         cfg["W2"], cfg["S2"], cfg["BN2"] * cfg["BK2"])
 
@@ -70,7 +70,8 @@ def gate_up_kernel(fmt: int, cfg: dict):
           "WT": wt}
     ptrs = {"X": "*bf16", "XS": "*bf16", "W": "*i32",
             "S": "*bf16" if fmt == fmc.INT4 else "*u8", "IDS": "*i32", "SORTED": "*i32",
-            "BLKEXP": "*i32", "ACT": "*bf16", "ACTS": "*u8", "AS": "*fp32"}
+            "BLKEXP": "*i32", "OKM": "*i32", "FIRST": "*i32", "ACT": "*bf16", "ACTS": "*u8",
+            "AS": "*fp32"}
     ints = ["M", "num_pairs", "stride_xm", "stride_xsm", "stride_im", "stride_we", "stride_se"]
     return tc._gate_up_kernel, _sig(tc._gate_up_kernel, ptrs, ints, cx), (
         cfg["W1"], cfg["S1"], 2 * cfg["BN1"] * cfg["BK1"])

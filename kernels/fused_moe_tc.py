@@ -4,17 +4,23 @@ top-k reduce, and the w4a4 activation-quantization kernel; `tc_path` launches th
 Blocks (grid axis 0):
 - sorted mode: block b holds up to BM pairs of one expert (moe_align's tables SORTED [nblk*BM]
   pair ids with sentinel num_pairs, BLKEXP [nblk] expert or -1);
-- direct mode (M <= BM, no align): block b = pair b; it runs only when pair b is the FIRST pair
-  of its expert (row-major over [M, KP]); its rows are all M tokens, masked by "token routes to
-  e". A token may hold the same expert in several columns (expert parallel maps other ranks'
-  picks to local 0 at weight 0): the down kernel then writes its result into EVERY such pair's
-  row of y, and the reduce weights each with its own routing weight. cfg "XM": 1 loads only
-  the routed tokens' rows of x in the gate_up (the other rows' activations are then zeros;
-  the down kernel never reads them).
+- direct mode (M <= BM <= 32, no align): block b = pair b; it runs only when pair b is the
+  FIRST pair of its expert (row-major over [M, KP]); its rows are all M tokens, masked by
+  "token routes to e". The gate_up (program jt = 0 of each block) finds that once and writes
+  the other kernels' tables: BLKEXP [P] (e, or -1 when b is not its expert's first pair), OKM
+  [P] (bit m: token m routes to e) and FIRST [E] (e's block, written only for this call's
+  experts). The down kernel then runs each block like sorted mode and writes y per row slot
+  (slot = b * BM + m, the routed rows only); the reduce finds token m's column k in slot
+  FIRST[expert(m, k)] * BM + m. A token may hold the same expert in several columns (expert
+  parallel maps other ranks' picks to local 0 at weight 0): each such column reads the same
+  slot, weighted by its own routing weight. cfg "XM": 1 loads only the routed tokens' rows of x
+  in the gate_up (the other rows' activations are then zeros; the down kernel never reads
+  them).
 K loop (kernels/fused_moe_common.py `_mm`): cfg "DQ" picks how 4-bit weights are dequantized
 (see fused_moe.default_config).
-Intermediates: the activation per row slot (slot = b * BM + row), y [P, H] per pair; the reduce
-writes out[m] = sum_k w[m, k] y[m * KP + k] in fp32. FP8C (fp8 per-channel/per-tensor weights):
+Intermediates: the activation per row slot (slot = b * BM + row), y per pair [P, H] (sorted
+mode) or per row slot [P * BM, H] (direct mode); the reduce writes out[m] = sum_k w[m, k] *
+(y row of pair (m, k)) in fp32. FP8C (fp8 per-channel/per-tensor weights):
 per-token activation scales (`_row_scale`) and the weight-row scale multiply the fp8 x fp8 dot
 after the K loop; the down kernel takes the intermediate's per-token scale over all of I.
 """
@@ -52,7 +58,7 @@ _TOKEN_ARGS = ["M", "num_pairs"]
 
 @triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _gate_up_kernel(
-    X, XS, W, S, IDS, SORTED, BLKEXP, ACT, ACTS, AS,
+    X, XS, W, S, IDS, SORTED, BLKEXP, OKM, FIRST, ACT, ACTS, AS,
     M, num_pairs, stride_xm, stride_xsm, stride_im, stride_we, stride_se,
     I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KPP: tl.constexpr,
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, NBI: tl.constexpr,
@@ -66,11 +72,17 @@ def _gate_up_kernel(
     mr = tl.arange(0, BM)
     if DIRECT:  # block b = pair b; it runs only for the first pair of its expert
         e, hit, first = _direct_hits(IDS, stride_im, b, M, TOPK, KP, KPP, N_ROUTED, BM)
+        routed = tl.sum(hit.to(tl.int32), axis=1) > 0  # token mr routes to e
+        if jt == 0:  # the down kernel's and the reduce's tables (module docstring)
+            tl.store(BLKEXP + b, tl.where(first, e, -1))
+            tl.store(OKM + b, tl.sum(tl.where(routed, 1 << mr, 0), axis=0))
+            if first:
+                tl.store(FIRST + e, b)
         if not first:
             return
         tok = mr
         if XM:  # only the tokens routed to e (the others' rows are never read: zeros)
-            x_ok = tl.sum(hit.to(tl.int32), axis=1) > 0
+            x_ok = routed
         else:
             x_ok = mr < M
         st_ok = mr < BM  # every row slot is written (rows >= M hold 0)
@@ -132,24 +144,25 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _down_block_kernel(
-    ACT, ACTS, W, S, IDS, SORTED, BLKEXP, Y, AS, M, num_pairs, stride_im, stride_we, stride_se,
+    ACT, ACTS, W, S, SORTED, BLKEXP, OKM, Y, AS, M, num_pairs, stride_we, stride_se,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KPP: tl.constexpr,
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, A_ROW: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
     ACT_Q: tl.constexpr, MDT: tl.constexpr, DIRECT: tl.constexpr, OFFS: tl.constexpr,
     ASTATIC: tl.constexpr, DQ: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """y[pair, n-tile] = down_e(act rows of block b); blocks as in _gate_up_kernel. UNROLL: the
-    K loop over I unrolled (1), or a loop the Triton pipeliner multi-buffers (0: its loads
-    are issued num_stages - 1 iterations ahead instead of one group at a time)."""
+    """y[pair (sorted) / row slot (direct), n-tile] = down_e(act rows of block b); blocks as in
+    _gate_up_kernel (direct mode: its BLKEXP / OKM tables). UNROLL: the K loop over I unrolled
+    (1), or a loop the Triton pipeliner multi-buffers (0: its loads are issued num_stages - 1
+    iterations ahead instead of one group at a time)."""
     b = tl.program_id(0)
     jt = tl.program_id(1)
     mr = tl.arange(0, BM)
     if DIRECT:
-        e, hit, first = _direct_hits(IDS, stride_im, b, M, TOPK, KP, KPP, N_ROUTED, BM)
-        if not first:
+        e = tl.load(BLKEXP + b)  # -1 unless b is its expert's first pair (the gate_up's table)
+        if e < 0:
             return
-        ok = tl.sum(hit.to(tl.int32), axis=1) > 0  # token mr routes to e (in >= 1 column)
+        ok = ((tl.load(OKM + b) >> mr) & 1) != 0  # token mr routes to e (in >= 1 column)
     else:
         e = tl.load(BLKEXP + b)
         if e < 0:
@@ -174,22 +187,18 @@ def _down_block_kernel(
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
     yv = acc.to(Y.dtype.element_ty)
-    if DIRECT:
-        # one store per selection column: a token that repeats e gets the result in each of
-        # its pairs (summing the k's of the hits would address a wrong pair and leave these
-        # rows of y unwritten)
-        k2 = tl.arange(0, KPP)[None, :]
-        for k in tl.static_range(KP):
-            hk = tl.sum((hit & (k2 == k)).to(tl.int32), axis=1) > 0
-            tl.store(Y + (mr * KP + k)[None, :].to(tl.int64) * H + n[:, None], yv,
-                     mask=hk[None, :])
+    if DIRECT:  # one row per routed token (the reduce reads it for each column holding e)
+        tl.store(Y + slot[None, :] * H + n[:, None], yv, mask=ok[None, :])
     else:
         tl.store(Y + pair[None, :].to(tl.int64) * H + n[:, None], yv, mask=ok[None, :])
 
 
 @triton.jit
-def _reduce_kernel(Y, TW, OUT, stride_tm, stride_om, H: tl.constexpr, TOPK: tl.constexpr,
-                   KP: tl.constexpr, BH: tl.constexpr):
+def _reduce_kernel(Y, TW, OUT, IDS, FIRST, stride_tm, stride_om, stride_im, H: tl.constexpr,
+                   TOPK: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr, DIRECT: tl.constexpr,
+                   BM: tl.constexpr, N_ROUTED: tl.constexpr):
+    """out[m] = sum_k w[m, k] * y row of pair (m, k): row m * KP + k (sorted mode) or the row
+    slot FIRST[expert] * BM + m of the expert's block (direct mode)."""
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     acc = tl.zeros((BH,), tl.float32)
@@ -198,7 +207,12 @@ def _reduce_kernel(Y, TW, OUT, stride_tm, stride_om, H: tl.constexpr, TOPK: tl.c
             w = tl.load(TW + m * stride_tm + k).to(tl.float32)
         else:
             w = 1.0
-        acc += w * tl.load(Y + (m * KP + k) * H + h).to(tl.float32)
+        if DIRECT:
+            e = pair_expert(IDS, stride_im, m * KP + k, True, TOPK, KP, N_ROUTED)
+            row = tl.load(FIRST + e).to(tl.int64) * BM + m
+        else:
+            row = m * KP + k
+        acc += w * tl.load(Y + row * H + h).to(tl.float32)
     tl.store(OUT + m * stride_om + h, acc.to(OUT.dtype.element_ty))
 
 
@@ -259,11 +273,17 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     dev = x.device
     poison = bool(cfg.get("poison"))
     nblk = P if direct else max_blocks(P, E, BM)
-    if direct:
-        sorted_pairs = block_expert = topk_ids  # unused
+    if direct:  # the gate_up writes the tables (module docstring)
+        if BM > 32:
+            raise ValueError(f"fused_moe: direct mode keeps a block's rows in 32 bits, BM={BM}")
+        sorted_pairs = topk_ids  # unused
+        block_expert = empty((P,), torch.int32, dev, poison)
+        ok_rows = empty((P,), torch.int32, dev, poison)
+        first = empty((E,), torch.int32, dev, poison)
     else:
         sorted_pairs, block_expert = moe_align(topk_ids, E, BM, n_shared=n_shared,
                                                parallel=cfg.get("AP"), warps=cfg.get("AW"))
+        ok_rows = first = block_expert  # unused
     slots = nblk * BM
     if act_out == 2:
         a_buf, a_row = empty((slots, I // 2), torch.uint8, dev, poison), I // 2
@@ -279,21 +299,23 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     if I % BN1 or H % BN2 or H % cfg["BK1"] or I % cfg["BK2"]:
         raise ValueError(f"fused_moe: tiles {cfg} do not divide H={H}, I={I}")
     _gate_up_kernel[(nblk, I // BN1)](
-        x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, a_buf, a_sc, a13,
+        x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, ok_rows, first, a_buf, a_sc, a13,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
         ACT_OUT=act_out, XM=cfg["XM"], WT=wt, num_warps=cfg["W1"], num_stages=cfg["S1"],
         **common)
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
-    y = empty((P, H), out.dtype, dev, poison)
+    y = empty((slots if direct else P, H), out.dtype, dev, poison)
     _down_block_kernel[(nblk, H // BN2)](
-        a_buf, a_sc, w2, s2, topk_ids, sorted_pairs, block_expert, y, a2, M, P,
-        topk_ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
+        a_buf, a_sc, w2, s2, sorted_pairs, block_expert, ok_rows, y, a2, M, P,
+        w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
         A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
         num_stages=cfg["S2"],
         **common)
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
-    _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_weights.stride(0), out.stride(0),
-                                 H=H, TOPK=top_k, KP=kp, BH=bh, num_warps=4)
+    _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_ids, first,
+                                 topk_weights.stride(0), out.stride(0), topk_ids.stride(0),
+                                 H=H, TOPK=top_k, KP=kp, BH=bh, DIRECT=direct, BM=BM,
+                                 N_ROUTED=E - n_shared, num_warps=4)
     return out
