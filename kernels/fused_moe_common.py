@@ -34,6 +34,28 @@ def _wrow(rows, NCH: tl.constexpr, WT: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _split4(t):
+    """[..., 4] (held in one thread: the 16-byte vector) -> its 4 slices [...] (no data moves)."""
+    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _sel4(a0, a1, a2, a3, j: tl.constexpr):
+    """a_j (j constexpr)."""
+    if j == 0:
+        return a0
+    elif j == 1:
+        return a1
+    elif j == 2:
+        return a2
+    else:
+        return a3
+
+
+@triton.jit
 def _dot(a, b, acc, MDT: tl.constexpr):
     if MDT == 0:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
@@ -247,9 +269,7 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
         else:
             s4 = tl.load(Sp + row_s[:, None] + sg[None, :], mask=wm[:, None], other=127)
             s4 = s4.to(tl.int32)
-        s02, s13 = tl.split(tl.reshape(s4, (R, 2, 2)))  # [R, 2]: groups (0, 2) and (1, 3)
-        s0, s2 = tl.split(s02)
-        s1, s3 = tl.split(s13)
+        s0, s1, s2, s3 = _split4(s4)  # [R] each: the chunk's 4 scale groups
         if DQ == 2:  # one MMA with K = 128 per chunk: the 4 groups interleaved along K
             # (column 4m + 2s + s2 = element m of group s + 2 s2), x rows permuted to match
             wa = tl.join(_dq16(w, 0, s0, R, FMT, MDT), _dq16(w, 1, s1, R, FMT, MDT))
@@ -263,15 +283,8 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
             for j in tl.static_range(4):
                 kx = c * 128 + 32 * j + tl.arange(0, 32)
                 x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
-                if j == 0:
-                    sj = s0
-                elif j == 1:
-                    sj = s1
-                elif j == 2:
-                    sj = s2
-                else:
-                    sj = s3
-                acc = _dot16(_dq16(w, j, sj, R, FMT, MDT, DQ == 3), x, acc, MDT)
+                acc = _dot16(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT, DQ == 3), x,
+                             acc, MDT)
     return acc
 
 

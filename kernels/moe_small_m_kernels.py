@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _wrow
+from .fused_moe_common import _sel4, _split4, _wrow
 from .moe_align import pair_expert
 
 try:  # programmatic dependent launch (config "PDL"); absent from old Triton versions
@@ -78,15 +78,6 @@ def _dq(wl, wh, j: tl.constexpr, FMT: tl.constexpr):
         q0 = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         q1 = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return q0, q1
-
-
-@triton.jit
-def _split4(t):
-    """[..., 4] (held in one thread: the 16-byte vector) -> its 4 slices [...] (no data moves)."""
-    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))
-    t0, t2 = tl.split(a)
-    t1, t3 = tl.split(b)
-    return t0, t1, t2, t3
 
 
 @triton.jit
@@ -151,18 +142,6 @@ def _bmask(idx, ok):
     """Scalar condition ok as a bool mask of idx's shape (idx >= 0, < 2^30): the interpreter
     rejects scalar / mixed-shape masks."""
     return idx < tl.where(ok, 1 << 30, -1)
-
-
-@triton.jit
-def _sel4(a0, a1, a2, a3, j: tl.constexpr):
-    if j == 0:
-        return a0
-    elif j == 1:
-        return a1
-    elif j == 2:
-        return a2
-    else:
-        return a3
 
 
 @triton.jit

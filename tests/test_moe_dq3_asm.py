@@ -97,19 +97,9 @@ def _dq_probe(W, S, OUT, R: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
     s4 = tl.load(S + r[:, None] * 4 + tl.arange(0, 4)[None, :])
     if FMT == 3:
         s4 = s4.to(tl.int32)
-    s02, s13 = tl.split(tl.reshape(s4, (R, 2, 2)))
-    s0, s2 = tl.split(s02)
-    s1, s3 = tl.split(s13)
+    s0, s1, s2, s3 = fmc._split4(s4)
     for j in tl.static_range(4):
-        if j == 0:
-            sj = s0
-        elif j == 1:
-            sj = s1
-        elif j == 2:
-            sj = s2
-        else:
-            sj = s3
-        v = fmc._dq16(w, j, sj, R, FMT, 0, ASM)
+        v = fmc._dq16(w, j, fmc._sel4(s0, s1, s2, s3, j), R, FMT, 0, ASM)
         tl.store(OUT + r[:, None] * 128 + 32 * j + tl.arange(0, 32)[None, :], v)
 
 
