@@ -213,6 +213,17 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
     M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
     AP: sorted mode's moe_align in its one-launch parallel form (None: ATOM_STREAM_MOE_ALIGN_PAR).
+    F16 (int4, bf16 activations, tensor-core path): fp16 MMAs instead of bf16 in the gate_up
+    (1) or in both GEMMs (2): their activations converted in the kernel, saturating at
+    +-65504; weights dequantized and scaled in fp16 (rounded once like DQ 1's bf16, with 3
+    more bits). 1 is the default on AMD GPUs: CDNA has packed fp16 math but no packed bf16
+    math, so the bf16 dequant compiles to fp32 arithmetic plus a software round per value;
+    the gate_up's input is the normalized hidden state (bounded far below 65504), while the
+    intermediate activation of DeepSeek-style models can carry large outliers, so the down
+    kernel keeps bf16 unless 2. Offline (Triton 3.9, gfx950 = MI355, M=256 tiles): gate_up K
+    loop 808 -> 379 instructions, down kernel 1787 -> 917 in all (gfx942 = MI300: 1032 ->
+    472, 1999 -> 954); never timed on an AMD GPU (none reachable). 0 on NVIDIA, where DQ 3's
+    bf16 unpack is the measured best.
     small_m_max (4-bit weight-only, bf16 x): M up to which kernels/moe_small_m.py runs instead of
     GEMV (0 = off); "small_m" = its config overrides. Measured H200, Kimi-K2.5 TP8 rank, CUDA-graph
     replay (bench/results/moe-small-m-h200.json, copy 4250 GB/s): int4 M=1 GEMV 31.1 us vs
@@ -270,7 +281,7 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
             "GS1": 3, "G2": 16 if fmt == MXFP4 and act != A_MXFP4 else 32, "GW2": 4, "GS2": 2,
             "FG1": 8, "FBK1": 512, "FG2": 32, "FBK2": 256, "SK": 1, "DQ": 0, "XM": 0,
             "DU": 1, "small_m_max": small_m_max() if four_bit and act == A_NONE else 0,
-            "small_m": None} | tc4
+            "small_m": None, "F16": int(fmt == INT4 and bool(torch.version.hip))} | tc4
 
 
 def _mdt(dtype: torch.dtype) -> int:
@@ -394,7 +405,12 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
-    mdt = _mdt(hidden.dtype)
+    mdt = mdt_down = _mdt(hidden.dtype)
+    if cfg.get("F16") and fmt == INT4 and act == A_NONE and hidden.dtype == torch.bfloat16:
+        # int4 on fp16 MMAs (default_config: AMD, where bf16 math is emulated): the gate_up
+        # (1), also the down kernel (2)
+        mdt = F16
+        mdt_down = F16 if cfg["F16"] >= 2 else mdt_down
     # activations entering the GEMMs
     x, xs, stride_xs, act_out = hidden, hidden, 0, 0
     if act == A_MXFP4:
@@ -421,4 +437,4 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out,
                    fmt=fmt, act=act, act_out=act_out, mdt=mdt, cfg=cfg, H=H, I=I, top_k=top_k,
                    kp=kp, E=E, n_shared=n_shared, w_row1=w_row1, s_row1=s_row1, w_row2=w_row2,
-                   s_row2=s_row2, astatic=astatic, wt=wt)
+                   s_row2=s_row2, astatic=astatic, wt=wt, mdt_down=mdt_down)

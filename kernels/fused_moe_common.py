@@ -59,6 +59,8 @@ def _sel4(a0, a1, a2, a3, j: tl.constexpr):
 def _dot(a, b, acc, MDT: tl.constexpr):
     if MDT == 0:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif MDT == 1 and b.dtype == tl.bfloat16:  # bf16 activations on fp16 MMAs (cfg F16)
+        return tl.dot(a.to(tl.float16), _x_to_fp16(b), acc)
     elif MDT == 1:
         return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
@@ -239,9 +241,12 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
 
 @triton.jit
 def _dot16(w, x, acc, MDT: tl.constexpr):
-    """acc += w @ x with 16-bit operands: bf16 (MDT 0) or fp16 (int4 with fp16 activations)."""
+    """acc += w @ x with 16-bit operands: bf16 (MDT 0) or fp16 (int4 with fp16 activations, or
+    bf16 ones converted: cfg F16; bf16 beyond fp16's range saturates at +-65504)."""
     if MDT == 0:
         return tl.dot(w, x.to(tl.bfloat16), acc)
+    elif x.dtype == tl.bfloat16:
+        return tl.dot(w, _x_to_fp16(x), acc)
     else:
         return tl.dot(w, x.to(tl.float16), acc)
 

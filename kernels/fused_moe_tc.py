@@ -263,9 +263,10 @@ def _pick(cands, n):
 
 def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, *, fmt,
             act, act_out, mdt, cfg, H, I, top_k, kp, E, n_shared, w_row1, s_row1, w_row2,
-            s_row2, astatic, wt: int = 1):
+            s_row2, astatic, wt: int = 1, mdt_down: int | None = None):
     """Launch (align,) gate_up, down, reduce; see the module docstring. wt: rows per tile of
-    the 4-bit w13 words and scales (1: row-major; fused_moe.tile_w13)."""
+    the 4-bit w13 words and scales (1: row-major; fused_moe.tile_w13). mdt / mdt_down: the
+    MMA operand dtype of the gate_up / down kernel (None: mdt)."""
     M = x.shape[0]
     P = M * kp
     BM = cfg["BM"]
@@ -312,7 +313,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
         A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
         num_stages=cfg["S2"],
-        **common)
+        **dict(common, MDT=mdt if mdt_down is None else mdt_down))
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_ids, first,
                                  topk_weights.stride(0), out.stride(0), topk_ids.stride(0),

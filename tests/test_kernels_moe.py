@@ -288,6 +288,51 @@ def test_fused_moe_dq_variants(dq, fmt, xdt, tol, M):
                 config=dict(FAST, gemv_max=0, poison=True, **dq))
 
 
+# cfg F16 (the AMD default): int4 with bf16 activations on fp16 MMAs, both tensor-core modes
+# and both DQ branches the interpreter runs (DQ 1 and DQ 0), a repeated expert
+@cpu_only
+@pytest.mark.parametrize("cfg", [{"DQ": 1, "F16": 1}, {"DQ": 1, "F16": 2}, {"DQ": 3, "F16": 2},
+                                 {"DQ": 0, "F16": 2}], ids=["dq1", "dq1both", "dq3", "dq0"])
+@pytest.mark.parametrize("M", [5, 19])
+def test_fused_moe_int4_f16_mma_with_bf16_activations(cfg, M):
+    # 1e-2: bf16 act and output roundings (the bf16 GPU tests' bound; the bf16-MMA path in the
+    # interpreter gives the same 0.009)
+    check_fused("int4_g32", None, torch.bfloat16, 1e-2, M, E=8, H=256, I=128, k=3,
+                seed=60 + M, repeat=True,
+                config=dict(FAST, gemv_max=0, small_m_max=0, poison=True, **cfg))
+
+
+@cpu_only
+@pytest.mark.parametrize("f16", [1, 2])
+def test_fused_moe_int4_f16_saturates_activations_beyond_fp16(f16):
+    """bf16 activations past fp16's range (1e5) enter the fp16 MMAs as +-65504: the expert
+    inputs (F16 1) or the inputs and the intermediate (F16 2); finite output, equal to the
+    reference that saturates the same."""
+    gen = torch.Generator().manual_seed(3)
+    kw, w13, w2 = make_experts("int4_g32", 8, 256, 128, gen)
+    x = torch.randn(6, 256, generator=gen)
+    x[1, 7], x[4, 100] = 1e5, -3e5
+    x = x.bfloat16()
+    ids = rand_ids(6, 3, 8, gen)
+    tw = torch.rand(6, 3, generator=gen) + 0.1
+    out = torch.full((6, 256), float("nan"), dtype=torch.bfloat16)
+    fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, out=out,
+              config=dict(FAST, gemv_max=0, small_m_max=0, F16=f16), **kw)
+    assert torch.isfinite(out).all()
+    ref = R.fused_moe_ref(x.float(), w13, w2, tw, ids, act_qdq=lambda t: t.clamp(-65504, 65504),
+                          act_qdq2=(lambda t: t) if f16 == 1 else None)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_f16_mma_is_the_int4_default_on_amd_only(monkeypatch):
+    from atom_stream.kernels.fused_moe import INT4, MXFP4, default_config
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert default_config(INT4, 16, 144, 385, 7168, 256)["F16"] == 0
+    monkeypatch.setattr(torch.version, "hip", "7.0.0")
+    assert default_config(INT4, 16, 144, 385, 7168, 256)["F16"] == 1  # the gate_up only
+    assert not default_config(MXFP4, 16, 144, 385, 7168, 256)["F16"]
+
+
 @cpu_only
 @pytest.mark.parametrize("fmt,aq,xdt,tol", CASES)
 def test_fused_moe_direct_mode_routed_rows_only(fmt, aq, xdt, tol):
@@ -569,8 +614,10 @@ def real_experts(fmt):
     {}, {"DQ": 1}, {"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "DU": 0, "BK2": 128, "S2": 3},
     {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64},
     {"AP": True, "BN2": 128, "W2": 8}, {"AP": True, "BN2": 256, "W2": 8},
-    {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1}],
-    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk"])
+    {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1},
+    {"F16": 1}, {"F16": 2}],
+    ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk", "f16",
+         "f16both"])
 def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
     # bf16 activations through the bf16 DQ branches (int4 scaled in bf16, MXFP4 exact in bf16),
     # both tensor-core modes (direct at M=16), a token repeating an expert at weight 0 and > 0,
