@@ -158,15 +158,12 @@ def _down_block_kernel(
     b = tl.program_id(0)
     jt = tl.program_id(1)
     mr = tl.arange(0, BM)
+    e = tl.load(BLKEXP + b)  # -1: an unused block (direct mode: b is not its expert's first)
+    if e < 0:
+        return
     if DIRECT:
-        e = tl.load(BLKEXP + b)  # -1 unless b is its expert's first pair (the gate_up's table)
-        if e < 0:
-            return
         ok = ((tl.load(OKM + b) >> mr) & 1) != 0  # token mr routes to e (in >= 1 column)
     else:
-        e = tl.load(BLKEXP + b)
-        if e < 0:
-            return
         pair = tl.load(SORTED + b * BM + mr)
         ok = pair < num_pairs
     slot = (b * BM + mr).to(tl.int64)
