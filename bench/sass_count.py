@@ -70,7 +70,7 @@ def gate_up_kernel(fmt: int, cfg: dict):
           "WT": wt}
     ptrs = {"X": "*bf16", "XS": "*bf16", "W": "*i32",
             "S": "*bf16" if fmt == fmc.INT4 else "*u8", "IDS": "*i32", "SORTED": "*i32",
-            "BLKEXP": "*i32", "OKM": "*i32", "FIRST": "*i32", "ACT": "*bf16", "ACTS": "*u8",
+            "BLKEXP": "*i32", "OKM": "*i32", "SLOT": "*i32", "ACT": "*bf16", "ACTS": "*u8",
             "AS": "*fp32"}
     ints = ["M", "num_pairs", "stride_xm", "stride_xsm", "stride_im", "stride_we", "stride_se"]
     return tc._gate_up_kernel, _sig(tc._gate_up_kernel, ptrs, ints, cx), (

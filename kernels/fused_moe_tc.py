@@ -8,12 +8,12 @@ Blocks (grid axis 0):
   FIRST pair of its expert (row-major over [M, KP]); its rows are all M tokens, masked by
   "token routes to e". The gate_up (program jt = 0 of each block) finds that once and writes
   the other kernels' tables: BLKEXP [P] (e, or -1 when b is not its expert's first pair), OKM
-  [P] (bit m: token m routes to e) and FIRST [E] (e's block, written only for this call's
-  experts). The down kernel then runs each block like sorted mode and writes y per row slot
-  (slot = b * BM + m, the routed rows only); the reduce finds token m's column k in slot
-  FIRST[expert(m, k)] * BM + m. A token may hold the same expert in several columns (expert
-  parallel maps other ranks' picks to local 0 at weight 0): each such column reads the same
-  slot, weighted by its own routing weight. cfg "XM": 1 loads only the routed tokens' rows of x
+  [P] (bit m: token m routes to e) and SLOT [P] (pair (m, k)'s row slot b * BM + m in the
+  block of its expert, written by that block). The down kernel then runs each block like
+  sorted mode and writes y per row slot (the routed rows only); the reduce reads pair p's row
+  at SLOT[p]. A token may hold the same expert in several columns (expert parallel maps other
+  ranks' picks to local 0 at weight 0): each such column's pair points at the same slot,
+  weighted by its own routing weight. cfg "XM": 1 loads only the routed tokens' rows of x
   in the gate_up (the other rows' activations are then zeros; the down kernel never reads
   them).
 K loop (kernels/fused_moe_common.py `_mm`): cfg "DQ" picks how 4-bit weights are dequantized
@@ -58,7 +58,7 @@ _TOKEN_ARGS = ["M", "num_pairs"]
 
 @triton.jit(do_not_specialize=_TOKEN_ARGS)
 def _gate_up_kernel(
-    X, XS, W, S, IDS, SORTED, BLKEXP, OKM, FIRST, ACT, ACTS, AS,
+    X, XS, W, S, IDS, SORTED, BLKEXP, OKM, SLOT, ACT, ACTS, AS,
     M, num_pairs, stride_xm, stride_xsm, stride_im, stride_we, stride_se,
     I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KPP: tl.constexpr,
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, NBI: tl.constexpr,
@@ -76,8 +76,9 @@ def _gate_up_kernel(
         if jt == 0:  # the down kernel's and the reduce's tables (module docstring)
             tl.store(BLKEXP + b, tl.where(first, e, -1))
             tl.store(OKM + b, tl.sum(tl.where(routed, 1 << mr, 0), axis=0))
-            if first:
-                tl.store(FIRST + e, b)
+            if first:  # every pair of e: its token's row in this block
+                f2 = mr[:, None] * KP + tl.arange(0, KPP)[None, :]
+                tl.store(SLOT + f2, b * BM + mr[:, None] + f2 * 0, mask=hit)
         if not first:
             return
         tok = mr
@@ -191,11 +192,10 @@ def _down_block_kernel(
 
 
 @triton.jit
-def _reduce_kernel(Y, TW, OUT, IDS, FIRST, stride_tm, stride_om, stride_im, H: tl.constexpr,
-                   TOPK: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr, DIRECT: tl.constexpr,
-                   BM: tl.constexpr, N_ROUTED: tl.constexpr):
-    """out[m] = sum_k w[m, k] * y row of pair (m, k): row m * KP + k (sorted mode) or the row
-    slot FIRST[expert] * BM + m of the expert's block (direct mode)."""
+def _reduce_kernel(Y, TW, OUT, SLOT, stride_tm, stride_om, H: tl.constexpr,
+                   TOPK: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr, DIRECT: tl.constexpr):
+    """out[m] = sum_k w[m, k] * y row of pair (m, k): row m * KP + k (sorted mode) or its row
+    slot SLOT[m * KP + k] (direct mode)."""
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     acc = tl.zeros((BH,), tl.float32)
@@ -205,8 +205,7 @@ def _reduce_kernel(Y, TW, OUT, IDS, FIRST, stride_tm, stride_om, stride_im, H: t
         else:
             w = 1.0
         if DIRECT:
-            e = pair_expert(IDS, stride_im, m * KP + k, True, TOPK, KP, N_ROUTED)
-            row = tl.load(FIRST + e).to(tl.int64) * BM + m
+            row = tl.load(SLOT + m * KP + k).to(tl.int64)
         else:
             row = m * KP + k
         acc += w * tl.load(Y + row * H + h).to(tl.float32)
@@ -277,11 +276,11 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         sorted_pairs = topk_ids  # unused
         block_expert = empty((P,), torch.int32, dev, poison)
         ok_rows = empty((P,), torch.int32, dev, poison)
-        first = empty((E,), torch.int32, dev, poison)
+        slot_of = empty((P,), torch.int32, dev, poison)
     else:
         sorted_pairs, block_expert = moe_align(topk_ids, E, BM, n_shared=n_shared,
                                                parallel=cfg.get("AP"), warps=cfg.get("AW"))
-        ok_rows = first = block_expert  # unused
+        ok_rows = slot_of = block_expert  # unused
     slots = nblk * BM
     if act_out == 2:
         a_buf, a_row = empty((slots, I // 2), torch.uint8, dev, poison), I // 2
@@ -297,7 +296,8 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     if I % BN1 or H % BN2 or H % cfg["BK1"] or I % cfg["BK2"]:
         raise ValueError(f"fused_moe: tiles {cfg} do not divide H={H}, I={I}")
     _gate_up_kernel[(nblk, I // BN1)](
-        x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, ok_rows, first, a_buf, a_sc, a13,
+        x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, ok_rows, slot_of, a_buf, a_sc,
+        a13,
         M, P, x.stride(0), stride_xs, topk_ids.stride(0), w13.stride(0), s13.stride(0),
         I=I, H=H, W_ROW=w_row1, S_ROW=s_row1, NBI=I // 128, BN=BN1, BK=cfg["BK1"],
         ACT_OUT=act_out, XM=cfg["XM"], WT=wt, num_warps=cfg["W1"], num_stages=cfg["S1"],
@@ -312,8 +312,7 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         num_stages=cfg["S2"],
         **dict(common, MDT=mdt if mdt_down is None else mdt_down))
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
-    _reduce_kernel[(M, H // bh)](y, topk_weights, out, topk_ids, first,
-                                 topk_weights.stride(0), out.stride(0), topk_ids.stride(0),
-                                 H=H, TOPK=top_k, KP=kp, BH=bh, DIRECT=direct, BM=BM,
-                                 N_ROUTED=E - n_shared, num_warps=4)
+    _reduce_kernel[(M, H // bh)](y, topk_weights, out, slot_of, topk_weights.stride(0),
+                                 out.stride(0), H=H, TOPK=top_k, KP=kp, BH=bh, DIRECT=direct,
+                                 num_warps=4)
     return out
