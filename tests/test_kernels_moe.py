@@ -303,6 +303,7 @@ def test_fused_moe_int4_f16_mma_with_bf16_activations(cfg, M):
 
 
 @cpu_only
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of a -6e4 gate: 0
 @pytest.mark.parametrize("f16", [1, 2])
 def test_fused_moe_int4_f16_saturates_activations_beyond_fp16(f16):
     """bf16 activations past fp16's range (1e5) enter the fp16 MMAs as +-65504: the expert
