@@ -64,8 +64,14 @@ def small_m_paths(monkeypatch):
     monkeypatch.setattr(SM, "PAIR_M_MAX", 3)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-@pytest.mark.parametrize("M,config", PATHS)
+# every path in int4; MXFP4 (the same tile offsets, other scale bytes) on the paths of M = 1,
+# 16 and 40 only: its small-M cases at M = 3 / 4 / 5 cost ~50 s of CI under the interpreter
+# and added no tiling logic (on the GPU every combination runs)
+FMT_PATHS = [(f, M, c) for f in ("int4", "mxfp4") for M, c in PATHS
+             if GPU or f == "int4" or M not in (3, 4, 5)]
+
+
+@pytest.mark.parametrize("fmt,M,config", FMT_PATHS)
 def test_tiled_equals_row_major(fmt, M, config):
     T = {1: 16, 3: 8, 4: 32, 5: 16, 16: 8, 40: 16}[M]
     (row, tiled), ref = run(fmt, M, 8, 256, 128, 2, T, config, seed=M + 100 * (fmt == "int4"))
