@@ -205,8 +205,8 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     bf16 MMAs instead of fp16); 2 = as 1 with one MMA per 128-K chunk; 3 = as 1 with the 4-bit
     unpack in inline PTX (the same sums; int4: 14 % fewer SASS per K step offline, MXFP4 13 %
     with the 2^63 of its bit trick applied once to the accumulator, bench/sass_count.py):
-    fused_moe runs 3 as 1 where it does not compile (has_dq3_asm: the interpreter, AMD). XM=1: direct mode's
-    gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
+    fused_moe runs 3 as 1 where it does not compile (has_dq3_asm: the interpreter, AMD).
+    XM=1: direct mode's gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
     gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
     unrolled (1, measured) or pipelined (0, with BK2 < I). DQ/XM/W=2/DU=0 are unmeasured
     candidates until session 3; measured on the H200 (bench/kernels_moe.py --set tc, bench/RESULTS.md

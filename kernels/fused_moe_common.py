@@ -56,7 +56,15 @@ def _sel4(a0, a1, a2, a3, j: tl.constexpr):
 
 
 @triton.jit
+def _halves(v, R: tl.constexpr):
+    """int32 [R, 16] -> int16 [R, 32]: each word's low then high half (element 2t + h)."""
+    return tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+
+
+@triton.jit
 def _dot(a, b, acc, MDT: tl.constexpr):
+    """acc += a @ b on bf16 (MDT 0), fp16 (1; bf16 activations b saturate at +-65504: cfg F16)
+    or fp32 (2) operands; casts of operands already in that dtype are free."""
     if MDT == 0:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif MDT == 1 and b.dtype == tl.bfloat16:  # bf16 activations on fp16 MMAs (cfg F16)
@@ -210,13 +218,11 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     if FMT == 2 and MDT == 0 and ASM:
         sp = _bf16_pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True))
         v = _int4_bf16_asm(w, sp[:, None], j)
-        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
-        return wj.to(tl.bfloat16, bitcast=True)
+        return _halves(v, R).to(tl.bfloat16, bitcast=True)
     elif FMT == 3 and ASM:  # the weights times 2^-63: `_mm` multiplies the sum back
         sp = _bf16_pair(((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16))
         v = _mx_bf16_asm(w, sp[:, None], j)
-        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
-        return wj.to(tl.bfloat16, bitcast=True)
+        return _halves(v, R).to(tl.bfloat16, bitcast=True)
     elif FMT == 2:
         if MDT == 0:
             v = ((w >> (4 * j)) & 0x000F000F) | 0x43004300
@@ -226,29 +232,17 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
             v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400
             off = 1032.0
             fdt = tl.float16
-        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32).to(fdt, bitcast=True)
+        wj = _halves(v, R).to(fdt, bitcast=True)
         return (wj - off).to(fdt) * s.to(fdt)[:, None]
     else:
         if j == 3:
             v = ((w >> 3) & 0x01C001C0) | (w & _SIGN)
         else:
             v = ((w << (6 - 3 * j)) & 0x01C001C0) | ((w << (3 - j)) & _SIGN)
-        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+        wj = _halves(v, R)
         wj = wj.to(tl.bfloat16, bitcast=True) * 9.223372036854775808e18  # 2^63, exact
         sb = ((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16)  # bf16 2^(e - 64)
         return wj * sb.to(tl.bfloat16, bitcast=True)[:, None]
-
-
-@triton.jit
-def _dot16(w, x, acc, MDT: tl.constexpr):
-    """acc += w @ x with 16-bit operands: bf16 (MDT 0) or fp16 (int4 with fp16 activations, or
-    bf16 ones converted: cfg F16; bf16 beyond fp16's range saturates at +-65504)."""
-    if MDT == 0:
-        return tl.dot(w, x.to(tl.bfloat16), acc)
-    elif x.dtype == tl.bfloat16:
-        return tl.dot(w, _x_to_fp16(x), acc)
-    else:
-        return tl.dot(w, x.to(tl.float16), acc)
 
 
 @triton.jit
@@ -283,13 +277,13 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
             kx = c * 128 + tl.arange(0, 128)
             x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
             x = tl.reshape(tl.permute(tl.reshape(x, (2, 2, 32, BM)), (2, 1, 0, 3)), (128, BM))
-            acc = _dot16(wc, x, acc, MDT)
+            acc = _dot(wc, x, acc, MDT)
         else:
             for j in tl.static_range(4):
                 kx = c * 128 + 32 * j + tl.arange(0, 32)
                 x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
-                acc = _dot16(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT, DQ == 3), x,
-                             acc, MDT)
+                acc = _dot(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT, DQ == 3), x,
+                           acc, MDT)
     return acc
 
 
@@ -377,7 +371,7 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                             v = ((w >> (4 * j)) & 0x000F000F) | 0x64006400
                             off = 1032.0
                             fdt = tl.float16
-                        wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+                        wj = _halves(v, R)
                         wj = wj.to(fdt, bitcast=True)
                         if OFFS == 1:  # exact: (magic + n) - (magic + 8) = n - 8
                             d = _dot((wj - off).to(fdt), x, tl.zeros((R, BM), tl.float32), MDT)
@@ -390,7 +384,7 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                     e8 = tl.load(Sp + row_s + c * SCS + j, mask=wm, other=127).to(tl.int32)
                     sw = _pow2(tl.minimum(e8 + 14, 254))
                     v = (((w << (9 - 3 * j)) & 0x0E000E00) | ((w << (3 - j)) & _SIGN))
-                    wj = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).reshape(R, 32)
+                    wj = _halves(v, R)
                     wj = wj.to(tl.float16, bitcast=True)
                     if MDT == 2:
                         d = _dot(wj, x, tl.zeros((R, BM), tl.float32), 2)
