@@ -400,7 +400,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if M == 0:
         return out
     cfg = default_config(fmt, M, P, E, H, I, act, wt) | ENV_CONFIG | (config or {})
-    if cfg["DQ"] == 3 and not has_dq3_asm(hidden.device):
+    if cfg["DQ"] >= 3 and not has_dq3_asm(hidden.device):
         cfg["DQ"] = 1
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()

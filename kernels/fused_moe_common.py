@@ -152,6 +152,17 @@ def _int4_asm(shift: int) -> str:
 _INT4_ASM = tl.constexpr(tuple(_int4_asm(4 * j) for j in range(4)))
 
 
+def _int4_sub_asm(shift: int) -> str:
+    """PTX for `_int4_sub_asm`, scale group j = shift / 4: the nibbles n of each half to bits
+    0..3 (the bf16 subnormal n * 2^-133), then ONE fma: n * 2^-133 * (s * 2^70) + (-s * 2^-60)."""
+    src = "" if shift == 0 else f"shr.u32 t, t, {shift}; "
+    return ("{ .reg .b32 t; mov.b32 t, $1; " + src + "and.b32 t, t, 0x000F000F; "
+            "fma.rn.bf16x2 $0, t, $2, $3; }")
+
+
+_INT4_SUB_ASM = tl.constexpr(tuple(_int4_sub_asm(4 * j) for j in range(4)))
+
+
 def _mx_asm(j: int) -> str:
     """PTX for `_mx_bf16_asm`, scale group j: the magnitude bits 3j..3j+2 of each half move to
     6..8 (a), the sign bit 12 + j to 15 (b), then one fma by the scale pair."""
@@ -179,6 +190,20 @@ def _int4_bf16_asm(w, sp, j: tl.constexpr):
 
 
 @triton.jit
+def _int4_sub_asm(w, sp, cp, j: tl.constexpr):
+    """NVIDIA sm_80+ (inline PTX): int32 words w [R, 16] (8 nibbles each), packed bf16 pairs
+    sp = (s * 2^70, s * 2^70) and cp = (-s * 2^-60, -s * 2^-60) [R, 1] -> int32 [R, 16], each
+    the bf16 pair (n - 8) * s * 2^-63 of scale group j's nibbles: one shift (none for j = 0),
+    one AND, one fma (the nibble itself is the bf16 subnormal n * 2^-133; the fma computes
+    (n - 8) * s * 2^-63 exactly and rounds once). `_mm` multiplies the fp32 sum by 2^63, so the
+    sums equal `_int4_bf16_asm`'s (DQ 3) bit for bit while 2^-63 <= |s| < 2^57 (scaled weights
+    and -s * 2^-60 stay bf16 normals, s * 2^70 finite): 3 instructions per weight pair (2 at
+    j = 0) against DQ 3's 4 (3)."""
+    return tl.inline_asm_elementwise(_INT4_SUB_ASM[j], "=r,r,r,r", [w, sp, cp], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _mx_bf16_asm(w, sp, j: tl.constexpr):
     """NVIDIA sm_80+ (inline PTX): repacked MXFP4 words w [R, 16] and packed bf16 scale pairs
     sp [R, 1] (2^(e - 64) each) -> int32 [R, 16], each the bf16 pair of scale group j's values
@@ -199,7 +224,7 @@ def _bf16_pair(s16):
 
 @triton.jit
 def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
-          ASM: tl.constexpr = False):
+          ASM: tl.constexpr = 0):
     """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
     [R, 16] -> the scaled weights [R, 32] as 16-bit floats for one MMA with K = 32: bf16 when
     MDT == 0, else fp16 (int4 only). s [R]: the group's scale (int4: the bf16 scale; MXFP4: the
@@ -214,8 +239,16 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     the 2^63 to the fp32 accumulator compiled to MORE code on sm_90: 575 vs 516 SASS per chunk,
     the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md. ASM (DQ 3) does
     that through inline PTX, `_mx_bf16_asm`: 446 vs 516 SASS per chunk; its weights are then
-    the values * 2^-63 and `_mm` scales the sum.)"""
-    if FMT == 2 and MDT == 0 and ASM:
+    the values * 2^-63 and `_mm` scales the sum.)
+    ASM: 0 the portable bit moves above; 3 (cfg DQ 3) inline PTX, `_int4_bf16_asm` /
+    `_mx_bf16_asm`; 4 (DQ 4) int4 through `_int4_sub_asm` (weights * 2^-63), MXFP4 as 3."""
+    if FMT == 2 and MDT == 0 and ASM == 4:  # the weights times 2^-63: `_mm` scales the sum
+        sf = s.to(tl.float32)
+        sp = _bf16_pair((sf * 1.1805916207174113e21).to(tl.bfloat16).to(tl.int16, bitcast=True))
+        cp = _bf16_pair((sf * -8.673617379884035e-19).to(tl.bfloat16).to(tl.int16, bitcast=True))
+        v = _int4_sub_asm(w, sp[:, None], cp[:, None], j)  # 2^70 and -2^-60 above: exact
+        return _halves(v, R).to(tl.bfloat16, bitcast=True)
+    elif FMT == 2 and MDT == 0 and ASM:
         sp = _bf16_pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True))
         v = _int4_bf16_asm(w, sp[:, None], j)
         return _halves(v, R).to(tl.bfloat16, bitcast=True)
@@ -282,8 +315,8 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
             for j in tl.static_range(4):
                 kx = c * 128 + 32 * j + tl.arange(0, 32)
                 x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
-                acc = _dot(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT, DQ == 3), x,
-                           acc, MDT)
+                acc = _dot(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT,
+                                 DQ if DQ >= 3 else 0), x, acc, MDT)
     return acc
 
 
@@ -423,9 +456,10 @@ def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
         OFFS: tl.constexpr, DQ: tl.constexpr = 0, CS: tl.constexpr = 16,
         SCS: tl.constexpr = 4):
     """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop).
-    MXFP4 at DQ 3 (bf16 weight-only): the loop sums the weights * 2^-63 (`_mx_bf16_asm`) into
-    a fresh accumulator, then scaled by 2^63 (exact) and added to acc."""
-    if FMT == 3 and DQ == 3 and ACT == 0 and MDT == 0:
+    MXFP4 at DQ 3 / 4 and int4 at DQ 4 (bf16 weight-only): the loop sums the weights * 2^-63
+    (`_mx_bf16_asm`, `_int4_sub_asm`) into a fresh accumulator, then scaled by 2^63 (exact)
+    and added to acc."""
+    if ((FMT == 3 and DQ >= 3) or (FMT == 2 and DQ == 4)) and ACT == 0 and MDT == 0:
         part = _mm_loop(tl.zeros((R, BM), tl.float32), Wp, Sp, row_w, row_s, wm, Xp, x_row,
                         x_ok, XSp, xs_row, XSC, K, R, BM, BK, FMT, ACT, MDT, UNROLL, OFFS, DQ,
                         CS, SCS)
