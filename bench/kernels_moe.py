@@ -234,11 +234,11 @@ PREFILL_CANDIDATES = {1024: _PF, 4096: _PF, 8192: _PF}
 _AW = [{}, {"AW": 4}, {"AW": 16}, {"AW": 32}, {"stop_after": "gate_up"},
        {"AW": 4, "stop_after": "gate_up"}, {"AW": 32, "stop_after": "gate_up"}, {}]
 AW_CANDIDATES = {64: _AW, 256: _AW, 1024: _AW}
-# --set dq (session 13): the int4 unpack in inline PTX (DQ 3) against the portable one (DQ 1);
-# session 14: DQ 4 (int4: the nibble as a bf16 subnormal, one fma per pair; MXFP4 runs it as
-# 3), whole MoE and gate_up alone, each twice (the repeat shows the run's noise)
-_DQ3 = [{"DQ": 3}, {"DQ": 4}, {"DQ": 3, "stop_after": "gate_up"},
-        {"DQ": 4, "stop_after": "gate_up"}, {"DQ": 3}, {"DQ": 4}]
+# --set dq (session 13): the 4-bit unpack in inline PTX (DQ 3) against the portable one (DQ 1),
+# whole MoE and gate_up alone, each twice (the repeat shows the run's noise). Session 14 ran
+# it with DQ 3 / 4 (4: today's int4 DQ 3, the nibble as a bf16 subnormal; bench/RESULTS.md)
+_DQ3 = [{"DQ": 1}, {"DQ": 3}, {"DQ": 1, "stop_after": "gate_up"},
+        {"DQ": 3, "stop_after": "gate_up"}, {"DQ": 1}, {"DQ": 3}]
 DQ_CANDIDATES = {16: _DQ3, 64: _DQ3, 256: _DQ3, 1024: _DQ3}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {

@@ -139,7 +139,7 @@ def _nv_capability(index: int) -> tuple[int, int]:
 
 
 def has_dq3_asm(device: torch.device) -> bool:
-    """True where cfg DQ 3 (the 4-bit unpack in inline PTX: fused_moe_common._int4_bf16_asm,
+    """True where cfg DQ 3 (the 4-bit unpack in inline PTX: fused_moe_common._int4_sub_asm,
     _mx_bf16_asm) compiles: NVIDIA sm_80+ (bf16x2 fma), never under the interpreter or on AMD;
     elsewhere DQ 3 runs as DQ 1 (the same sums from portable bit moves)."""
     if device.type != "cuda" or _INTERP or torch.version.hip:
@@ -203,8 +203,9 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     and added (the measured default); 1 = the group scale folded into the 16-bit weight operand,
     every MMA accumulates in place (int4 then rounds q * s to bf16 once; MXFP4 stays exact, in
     bf16 MMAs instead of fp16); 2 = as 1 with one MMA per 128-K chunk; 3 = as 1 with the 4-bit
-    unpack in inline PTX (the same sums; int4: 14 % fewer SASS per K step offline, MXFP4 13 %
-    with the 2^63 of its bit trick applied once to the accumulator, bench/sass_count.py):
+    unpack in inline PTX (the same sums, the weights times 2^-63 and the fp32 sum times 2^63;
+    int4: its nibble as a bf16 subnormal and one fma per weight pair, 26 % fewer SASS per K
+    step of the gate_up than DQ 1 offline, MXFP4 13 %; bench/sass_count.py):
     fused_moe runs 3 as 1 where it does not compile (has_dq3_asm: the interpreter, AMD).
     XM=1: direct mode's gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
     gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
@@ -400,7 +401,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if M == 0:
         return out
     cfg = default_config(fmt, M, P, E, H, I, act, wt) | ENV_CONFIG | (config or {})
-    if cfg["DQ"] >= 3 and not has_dq3_asm(hidden.device):
+    if cfg["DQ"] == 3 and not has_dq3_asm(hidden.device):
         cfg["DQ"] = 1
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()

@@ -141,17 +141,6 @@ def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.co
     return tl.maximum(tl.math.div_rn(amax, tl.zeros((BM,), tl.float32) + 448.0), 1e-12)
 
 
-def _int4_asm(shift: int) -> str:
-    """PTX for `_int4_bf16_asm` with scale group j = shift / 4."""
-    src = "mov.b32 t, $1; " if shift == 0 else f"shr.u32 t, $1, {shift}; "
-    return ("{ .reg .b32 t, one, off, nz; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
-            "mov.b32 nz, 0x80008000; " + src + "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
-            "fma.rn.bf16x2 t, t, one, off; fma.rn.bf16x2 $0, t, $2, nz; }")
-
-
-_INT4_ASM = tl.constexpr(tuple(_int4_asm(4 * j) for j in range(4)))
-
-
 def _int4_sub_asm(shift: int) -> str:
     """PTX for `_int4_sub_asm`, scale group j = shift / 4: the nibbles n of each half to bits
     0..3 (the bf16 subnormal n * 2^-133), then ONE fma: n * 2^-133 * (s * 2^70) + (-s * 2^-60)."""
@@ -174,19 +163,7 @@ def _mx_asm(j: int) -> str:
 
 
 _MX_ASM = tl.constexpr(tuple(_mx_asm(j) for j in range(4)))
-MX_RESCALE = tl.constexpr(9.223372036854775808e18)  # 2^63: DQ 3 MXFP4 weights leave it to the sum
-
-
-@triton.jit
-def _int4_bf16_asm(w, sp, j: tl.constexpr):
-    """NVIDIA sm_80+ (inline PTX): int32 words w [R, 16] (8 nibbles each) and packed bf16 scale
-    pairs sp [R, 1] -> int32 [R, 16], each the bf16 pair (n - 8) * s of scale group j's
-    nibbles (bits 4j..4j+3 and 16+4j..): one shift, one LOP3 (nibble | bf16 128), one fma
-    (- 136: exact) and one fma (* s + -0: the product rounded once, as a bf16 multiply), the
-    values `_dq16`'s portable bit moves give, in fewer instructions (no constant re-created per
-    word, subtract and scale fused into fma pairs)."""
-    return tl.inline_asm_elementwise(_INT4_ASM[j], "=r,r,r", [w, sp], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+MX_RESCALE = tl.constexpr(9.223372036854775808e18)  # 2^63: DQ 3's weights leave it to the sum
 
 
 @triton.jit
@@ -196,9 +173,10 @@ def _int4_sub_asm(w, sp, cp, j: tl.constexpr):
     the bf16 pair (n - 8) * s * 2^-63 of scale group j's nibbles: one shift (none for j = 0),
     one AND, one fma (the nibble itself is the bf16 subnormal n * 2^-133; the fma computes
     (n - 8) * s * 2^-63 exactly and rounds once). `_mm` multiplies the fp32 sum by 2^63, so the
-    sums equal `_int4_bf16_asm`'s (DQ 3) bit for bit while 2^-63 <= |s| < 2^57 (scaled weights
-    and -s * 2^-60 stay bf16 normals, s * 2^70 finite): 3 instructions per weight pair (2 at
-    j = 0) against DQ 3's 4 (3)."""
+    sums equal DQ 1's ((n - 8) * s rounded to bf16 once) bit for bit while 2^-63 <= |s| < 2^57
+    (scaled weights and -s * 2^-60 stay bf16 normals, s * 2^70 finite): 3 instructions per
+    weight pair (2 at j = 0). (Session 13's DQ 3 OR-ed the nibble into bf16 128 + n and took two
+    fmas, 4 per pair: 390 vs 335 SASS per K step of the gate_up, bench/RESULTS.md session 14.)"""
     return tl.inline_asm_elementwise(_INT4_SUB_ASM[j], "=r,r,r,r", [w, sp, cp], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
@@ -224,7 +202,7 @@ def _bf16_pair(s16):
 
 @triton.jit
 def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.constexpr,
-          ASM: tl.constexpr = 0):
+          ASM: tl.constexpr = False):
     """Scale group j (elements 32j + 2t + h of a 128-K chunk) of kernel-layout words w int32
     [R, 16] -> the scaled weights [R, 32] as 16-bit floats for one MMA with K = 32: bf16 when
     MDT == 0, else fp16 (int4 only). s [R]: the group's scale (int4: the bf16 scale; MXFP4: the
@@ -240,17 +218,13 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     the halves then get re-packed with PRMT; see bench/notes_fused_moe_tc.md. ASM (DQ 3) does
     that through inline PTX, `_mx_bf16_asm`: 446 vs 516 SASS per chunk; its weights are then
     the values * 2^-63 and `_mm` scales the sum.)
-    ASM: 0 the portable bit moves above; 3 (cfg DQ 3) inline PTX, `_int4_bf16_asm` /
-    `_mx_bf16_asm`; 4 (DQ 4) int4 through `_int4_sub_asm` (weights * 2^-63), MXFP4 as 3."""
-    if FMT == 2 and MDT == 0 and ASM == 4:  # the weights times 2^-63: `_mm` scales the sum
+    ASM (cfg DQ 3, bf16 only): inline PTX instead, `_int4_sub_asm` / `_mx_bf16_asm`, both
+    giving the weights times 2^-63 (`_mm` scales the sum back)."""
+    if FMT == 2 and MDT == 0 and ASM:
         sf = s.to(tl.float32)
         sp = _bf16_pair((sf * 1.1805916207174113e21).to(tl.bfloat16).to(tl.int16, bitcast=True))
         cp = _bf16_pair((sf * -8.673617379884035e-19).to(tl.bfloat16).to(tl.int16, bitcast=True))
         v = _int4_sub_asm(w, sp[:, None], cp[:, None], j)  # 2^70 and -2^-60 above: exact
-        return _halves(v, R).to(tl.bfloat16, bitcast=True)
-    elif FMT == 2 and MDT == 0 and ASM:
-        sp = _bf16_pair(s.to(tl.bfloat16).to(tl.int16, bitcast=True))
-        v = _int4_bf16_asm(w, sp[:, None], j)
         return _halves(v, R).to(tl.bfloat16, bitcast=True)
     elif FMT == 3 and ASM:  # the weights times 2^-63: `_mm` multiplies the sum back
         sp = _bf16_pair(((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16))
@@ -315,8 +289,8 @@ def _step4s(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, R: tl.constexpr,
             for j in tl.static_range(4):
                 kx = c * 128 + 32 * j + tl.arange(0, 32)
                 x = tl.load(Xp + x_row[None, :] + kx[:, None], mask=x_ok[None, :], other=0.0)
-                acc = _dot(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT,
-                                 DQ if DQ >= 3 else 0), x, acc, MDT)
+                acc = _dot(_dq16(w, j, _sel4(s0, s1, s2, s3, j), R, FMT, MDT, DQ == 3), x,
+                           acc, MDT)
     return acc
 
 
@@ -456,10 +430,10 @@ def _mm(acc, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
         OFFS: tl.constexpr, DQ: tl.constexpr = 0, CS: tl.constexpr = 16,
         SCS: tl.constexpr = 4):
     """acc [R, BM] += W[rows, :K] @ X[:K, tokens] (K loop of `_step`; UNROLL: static loop).
-    MXFP4 at DQ 3 / 4 and int4 at DQ 4 (bf16 weight-only): the loop sums the weights * 2^-63
-    (`_mx_bf16_asm`, `_int4_sub_asm`) into a fresh accumulator, then scaled by 2^63 (exact)
+    int4 and MXFP4 at DQ 3 (bf16 weight-only): the loop sums the weights * 2^-63
+    (`_int4_sub_asm`, `_mx_bf16_asm`) into a fresh accumulator, then scaled by 2^63 (exact)
     and added to acc."""
-    if ((FMT == 3 and DQ >= 3) or (FMT == 2 and DQ == 4)) and ACT == 0 and MDT == 0:
+    if (FMT == 2 or FMT == 3) and DQ == 3 and ACT == 0 and MDT == 0:
         part = _mm_loop(tl.zeros((R, BM), tl.float32), Wp, Sp, row_w, row_s, wm, Xp, x_row,
                         x_ok, XSp, xs_row, XSC, K, R, BM, BK, FMT, ACT, MDT, UNROLL, OFFS, DQ,
                         CS, SCS)
