@@ -240,6 +240,11 @@ AW_CANDIDATES = {64: _AW, 256: _AW, 1024: _AW}
 _DQ3 = [{"DQ": 1}, {"DQ": 3}, {"DQ": 1, "stop_after": "gate_up"},
         {"DQ": 3, "stop_after": "gate_up"}, {"DQ": 1}, {"DQ": 3}]
 DQ_CANDIDATES = {16: _DQ3, 64: _DQ3, 256: _DQ3, 1024: _DQ3}
+# --set smtc (session 14): M <= 8 on the tensor-core direct mode (the M=16 path, DQ 3) instead
+# of the small-M CUDA-core kernels (per-pair gate_up, M=1 gate_up, small-M down), twice each
+_TCD = {"small_m_max": 0, "gemv_max": 0}
+_SMTC = [{}, _TCD, dict(_TCD, BN1=32), dict(_TCD, BN2=32), {}, _TCD]
+SMTC_CANDIDATES = {m: _SMTC for m in (1, 2, 4, 8)}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -288,6 +293,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return AW_CANDIDATES.get(M, [{}])
     if cset == "dq":
         return DQ_CANDIDATES.get(M, [{}])
+    if cset == "smtc":
+        return SMTC_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -339,7 +346,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down", "prefill", "aw", "dq") and b is not None:
+                if cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc") and b is not None:
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -401,11 +408,12 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
-                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq"),
+                    choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq",
+                             "smtc"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
-                    "aw = AW_CANDIDATES, dq = DQ_CANDIDATES")
+                    "aw = AW_CANDIDATES, dq = DQ_CANDIDATES, smtc = SMTC_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",
