@@ -30,7 +30,7 @@ class EnvVar:
 
 VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ATOM_STREAM_SIDE_STREAM", "0", "shared expert's first half on a side stream"),
-    EnvVar("ATOM_STREAM_FUSED_PROLOGUE", "0",
+    EnvVar("ATOM_STREAM_FUSED_PROLOGUE", "1",
            "MLA q_a/kv_a norms, k_pe RoPE and KV store in one launch"),
     EnvVar("ATOM_STREAM_MLA_DECODE", "auto",
            "MLA decode variant the model's 'auto' resolves to: auto (measured default) | v1 | v3 "

@@ -155,6 +155,14 @@ _QUANTS = {"bf16": FLOAT, "float": FLOAT, "none": FLOAT, "fp8_block": FP8, "int4
 # M up to which 4-bit weight-only calls take kernels/moe_small_m.py (measured faster at M=1 and
 # 4); ATOM_STREAM_MOE_SMALL_M_MAX=0 turns it off for A/B runs of whole decode steps
 SMALL_M_MAX = envs.integer("ATOM_STREAM_MOE_SMALL_M_MAX")
+# Where DQ 3 compiles (NVIDIA), 4-bit weight-only calls from M = TC_FROM_M on take the
+# tensor-core direct mode, whatever small_m_max / gemv_max would allow (H200, session 14,
+# bench/kernels_moe.py --set smtc, bench/RESULTS.md): int4 M=4 57.5 -> 49.1 us, M=8 94.2 ->
+# 70.6; MXFP4 59.7 -> 51.8, 100.1 -> 80.1; decode step B=4 / 8 -6 / -16 %. The small-M kernels
+# still win at M=1 (18.8 vs 35.7 us) and 2 (30.8 vs 39.8); M=3 was not measured (the two
+# interpolations tie). An explicit config "small_m_max" / "gemv_max" (ATOM_STREAM_MOE_CFG)
+# overrides it.
+TC_FROM_M = 3
 
 
 def parse_env_config(raw: str | None) -> dict:
@@ -185,8 +193,10 @@ def small_m_max() -> int:
 
 
 def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 0,
-                   wt: int = 1) -> dict:
+                   wt: int = 1, tc_small: bool = False) -> dict:
     """Tiles and path, set from the H200 measurements in bench/RESULTS.md (2026-11-29).
+    tc_small (fused_moe: has_dq3_asm, i.e. NVIDIA): 4-bit weight-only small_m_max and gemv_max
+    capped at TC_FROM_M - 1, the tensor-core direct mode from there on.
 
     gemv: the CUDA-core path (4-bit formats, M <= gemv_max): G1/G2 weight rows per program
     (gate_up programs own G1 gate + G1 up rows), GC chunks of 128 K per iteration. Measured:
@@ -275,6 +285,8 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # 5048/3726/3040 (H200, session 7, bench/kernels_moe.py --set prefill)
         if fmt == INT4 and M > 512:
             tc4["BM"] = 64 if M > 2048 else 32
+    if tc_small and four_bit and act == A_NONE:
+        tc4.update(small_m_max=min(small_m_max(), TC_FROM_M - 1), gemv_max=TC_FROM_M - 1)
     return {"BM": 16, "BN1": bn1, "BK1": bk1, "W1": w1, "S1": 3, "BN2": bn2, "BK2": bk2, "W2": 4,
             "S2": 2, "BH": 1024, "direct": M <= 16, "OFFS": 1,
             "gemv_max": 16 if act == A_MXFP4 else 8, "G1": g1,
@@ -400,8 +412,9 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out = torch.empty(M, H, dtype=hidden.dtype, device=hidden.device)
     if M == 0:
         return out
-    cfg = default_config(fmt, M, P, E, H, I, act, wt) | ENV_CONFIG | (config or {})
-    if cfg["DQ"] == 3 and not has_dq3_asm(hidden.device):
+    dq3 = has_dq3_asm(hidden.device)
+    cfg = default_config(fmt, M, P, E, H, I, act, wt, dq3) | ENV_CONFIG | (config or {})
+    if cfg["DQ"] == 3 and not dq3:
         cfg["DQ"] = 1
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     topk_ids = topk_ids.contiguous()

@@ -334,6 +334,22 @@ def test_f16_mma_is_the_int4_default_on_amd_only(monkeypatch):
     assert not default_config(MXFP4, 16, 144, 385, 7168, 256)["F16"]
 
 
+def test_tensor_cores_take_m_from_3_where_dq3_compiles():
+    # NVIDIA (tc_small: has_dq3_asm): 4-bit weight-only M >= TC_FROM_M on the tensor-core direct
+    # mode, below it the small-M path; elsewhere (AMD, the interpreter) the small-M / GEMV caps
+    # stay; w4a4 and explicit configs are untouched
+    from atom_stream.kernels import fused_moe as F
+    for fmt in (F.INT4, F.MXFP4):
+        for M in (1, 2, 3, 4, 8):
+            nv = F.default_config(fmt, M, M * 8, 384, 7168, 256, 0, 16, True)
+            other = F.default_config(fmt, M, M * 8, 384, 7168, 256, 0, 16)
+            small = 0 < M <= nv["small_m_max"] or M <= nv["gemv_max"]
+            assert small == (M < F.TC_FROM_M) and nv["direct"]
+            assert other["small_m_max"] == F.small_m_max() and other["gemv_max"] == 8
+    w4a4 = F.default_config(F.MXFP4, 4, 32, 384, 7168, 256, F.A_MXFP4, 16, True)
+    assert w4a4["small_m_max"] == 0 and w4a4["gemv_max"] == 16
+
+
 @cpu_only
 @pytest.mark.parametrize("fmt,aq,xdt,tol", CASES)
 def test_fused_moe_direct_mode_routed_rows_only(fmt, aq, xdt, tol):

@@ -255,9 +255,9 @@ def test_switch_same_logits_interpreter(dtype, cache_dtype, spy, monkeypatch):
     run_switch(dtype, cache_dtype, "cpu", seed=31, spy=spy, monkeypatch=monkeypatch)
 
 
-def test_switch_default_off():
-    """Off unless the env var says 1 (the lead flips the default after a GPU A/B)."""
-    env = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "0")
+def test_switch_default_on():
+    """On unless the env var says 0 (flipped after the session-14 GPU A/B)."""
+    env = os.environ.get("ATOM_STREAM_FUSED_PROLOGUE", "1")
     assert mla_model.FUSED_PROLOGUE == (env == "1")
 
 

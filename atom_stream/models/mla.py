@@ -53,8 +53,9 @@ from atom_stream.models import kernel_path
 logger = logging.getLogger(__name__)
 
 # The fused MLA prologue (kernels/mla_prologue.py: q_a norm, kv_a norm, k_pe RoPE and the KV store
-# in one launch) on the kernel path: off unless ATOM_STREAM_FUSED_PROLOGUE=1, until a same-run
-# GPU A/B (bench/RESULTS.md) shows it faster. Read at import; tests flip the module attribute.
+# in one launch) on the kernel path: on unless ATOM_STREAM_FUSED_PROLOGUE=0 (H200, session 14,
+# two same-run A/Bs, bench/RESULTS.md: decode step B=1 -2.5 %, B=16 -1.8 %, B=64 -0.8 %).
+# Read at import; tests flip the module attribute.
 FUSED_PROLOGUE = envs.flag("ATOM_STREAM_FUSED_PROLOGUE")
 # Decode-only batches on the kernel path can take q_lat and q_pe from ONE GEMM over a
 # precomputed [H * (r + rope), q_lora] weight: W_UK folded into q_b's nope rows (fp32 product,
