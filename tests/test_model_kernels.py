@@ -44,6 +44,7 @@ GPU = interpret_without_gpu("kv_store", "norm_rope", "moe_routing", "mla_decode"
 from atom_stream.kernels import kv_store as kvs_mod
 from atom_stream.kernels import mla_decode as mla_mod
 from atom_stream.kernels import mla_prefill as prefill_mod
+from atom_stream.kernels import mla_prologue as prologue_mod
 from atom_stream.kernels import moe_routing as routing_mod
 from atom_stream.kernels import norm_rope as nr_mod
 from atom_stream.kernels import silu_mul as silu_mod
@@ -166,7 +167,8 @@ def spy(monkeypatch):
     calls = collections.Counter()
     for mod, name in ((nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
                       (routing_mod, "moe_routing"), (kvs_mod, "kv_store"),
-                      (mla_mod, "mla_decode"), (prefill_mod, "mla_prefill")):
+                      (mla_mod, "mla_decode"), (prefill_mod, "mla_prefill"),
+                      (prologue_mod, "mla_prologue")):
         fn = getattr(mod, name)
 
         def wrapped(*a, _fn=fn, _name=name, **k):
@@ -234,10 +236,15 @@ def run_parity(q_lora, dtype, device, seed, spy, kv_dtype=None, **dims):
             assert rel(cf[written], cr[written]) < (2e-2 if fp8 else tol), f"layer {layer} cache"
     n = cfg.num_hidden_layers
     attn = fast.model.layers[0].self_attn
+    # the fused MLA prologue (default on; needs the fused q_a / kv_a weight, i.e. q_lora, and the
+    # attention kernels' widths): both latent norms, k_pe's RoPE and the KV store in one launch
+    fused = mla_model.FUSED_PROLOGUE and attn.use_kernels and attn.w_qkv_a is not None
+    assert spy["mla_prologue"] == 2 * n * fused
     # per step: 2 norms per layer + final, and the latent norms (q_a only with q_lora)
-    assert spy["fused_add_rmsnorm"] == 2 * (2 * n + 1 + n * (2 if q_lora else 1))
+    latent = 0 if fused else n * (2 if q_lora else 1)
+    assert spy["fused_add_rmsnorm"] == 2 * (2 * n + 1) + 2 * latent
     assert spy["rope_interleaved_"] == 2 * n * attn.rope_kernel_ok
-    assert spy["kv_store"] == 2 * n * attn.use_kernels
+    assert spy["kv_store"] == 2 * n * attn.use_kernels * (not fused)
     assert spy["mla_decode"] == n * attn.use_kernels  # step 2 only
     assert spy["moe_routing"] == 2 * len(moes)
     # the Triton prefill attention: 16-bit on GPUs only (3 prompts, then 2 chunks, per layer)
@@ -310,7 +317,9 @@ def test_fused_weights_are_views():
 # torch compute ops per decoder layer of a pure decode step (kernel path), measured with the
 # dispatcher (views and allocations excluded; each Triton launch and the routed experts count
 # one). Update these when a change removes ops; a change that adds ops fails here.
-OP_BUDGET = {"dense": 15, "moe": 19}  # silu_mul: one launch for the SwiGLU activation
+# silu_mul: one launch for the SwiGLU activation; the fused MLA prologue (default since
+# session 14): one launch for both latent norms, k_pe's RoPE and the KV store (was 15 / 19)
+OP_BUDGET = {"dense": 13, "moe": 17}
 
 
 def count_decode_ops(model, pool, cfg, force: bool):
@@ -339,7 +348,7 @@ def count_decode_ops(model, pool, cfg, force: bool):
 
     patches = [(nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
                (routing_mod, "moe_routing"), (kvs_mod, "kv_store"), (mla_mod, "mla_decode"),
-               (silu_mod, "silu_mul")]
+               (silu_mod, "silu_mul"), (prologue_mod, "mla_prologue")]
     saved = [(m, n, getattr(m, n)) for m, n in patches]
     hooks = []
     try:
