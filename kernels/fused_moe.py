@@ -47,7 +47,9 @@ Paths (chosen per call from M; default_config has the measured H200 choices):
   Kimi-K2.5 TP8 rank): int4 M=1 25.2 us vs GEMV 31.1, M=4 72.4 vs 92.2; mxfp4 M=1 26.6 vs 27.2,
   M=4 71.2 vs 79.6. config "small_m": dict of moe_small_m overrides ("poison" is passed on).
   ATOM_STREAM_MOE_PAIR_M_MAX=N > 1 (default 8) raises small_m_max to N (moe_small_m's per-pair
-  gate_up at 2 <= M <= N; A/B: bench/moe_small_m.py --pair-m); 1 gives SMALL_M_MAX (4).
+  gate_up at 2 <= M <= N; A/B: bench/moe_small_m.py --pair-m); 1 gives SMALL_M_MAX (4). Where
+  cfg DQ 3 compiles (NVIDIA) small_m_max and gemv_max stop at TC_FROM_M - 1 = 2: the
+  tensor-core direct mode is faster from M = 4 (session 14).
 - GEMV (4-bit formats and FP8C, M <= gemv_max): gate_up per (token, expert) pair on CUDA cores
   in fp32, then a down kernel per (token, H tile) that sums the token's experts with the routing
   weights and writes y: 2 launches (kernels/fused_moe_gemv.py, kernels/fused_moe_fp8.py).
