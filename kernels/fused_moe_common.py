@@ -164,6 +164,8 @@ def _mx_asm(j: int) -> str:
 
 _MX_ASM = tl.constexpr(tuple(_mx_asm(j) for j in range(4)))
 MX_RESCALE = tl.constexpr(9.223372036854775808e18)  # 2^63: DQ 3's weights leave it to the sum
+INT4_SUB_S = tl.constexpr(1.1805916207174113e21)  # 2^70: `_int4_sub_asm`'s scale pair, s * 2^70
+INT4_SUB_C = tl.constexpr(-8.673617379884035e-19)  # -2^-60: its offset pair, -8 s * 2^-63
 
 
 @triton.jit
@@ -222,9 +224,9 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
     giving the weights times 2^-63 (`_mm` scales the sum back)."""
     if FMT == 2 and MDT == 0 and ASM:
         sf = s.to(tl.float32)
-        sp = _bf16_pair((sf * 1.1805916207174113e21).to(tl.bfloat16).to(tl.int16, bitcast=True))
-        cp = _bf16_pair((sf * -8.673617379884035e-19).to(tl.bfloat16).to(tl.int16, bitcast=True))
-        v = _int4_sub_asm(w, sp[:, None], cp[:, None], j)  # 2^70 and -2^-60 above: exact
+        sp = _bf16_pair((sf * INT4_SUB_S).to(tl.bfloat16).to(tl.int16, bitcast=True))
+        cp = _bf16_pair((sf * INT4_SUB_C).to(tl.bfloat16).to(tl.int16, bitcast=True))
+        v = _int4_sub_asm(w, sp[:, None], cp[:, None], j)  # powers of two: exact
         return _halves(v, R).to(tl.bfloat16, bitcast=True)
     elif FMT == 3 and ASM:  # the weights times 2^-63: `_mm` multiplies the sum back
         sp = _bf16_pair(((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16))

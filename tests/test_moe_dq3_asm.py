@@ -9,7 +9,8 @@ this process's interpreter setting). With `-m gpu` on NVIDIA: the unpack bit-equ
 portable one (DQ 1) for every code at every position and a spread of scales (times 2^-63,
 exactly, where the scaled weights stay bf16 normals), both equal to the format's values times
 the scale rounded to bf16 once, and the whole MoE bit-equal between DQ 3 and DQ 1 in direct and
-sorted mode, int4 and MXFP4.
+sorted mode, int4 and MXFP4. On the CPU too (CI): the PTX blocks' instructions run by a small
+emulator (tests/ptx_emu.py) give those values, every code at every position.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kernel_interp import interpret_without_gpu
+from ptx_emu import run_ptx
 
 GPU = interpret_without_gpu(
     "moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc", "fused_moe_gemv",
@@ -140,6 +143,42 @@ def _mx_ref(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             sign = 1.0 - 2.0 * ((half >> (12 + j)) & 1).float()
             out[:, j, :, h] = sign * mag * torch.exp2(e[:, j].float() - 127)[:, None]
     return out.reshape(R, 128).bfloat16()
+
+
+def _pairs(h16: torch.Tensor) -> np.ndarray:
+    """int16 bf16 bit patterns [R] -> uint32 [R, 16]: each in both halves (the asm's scale
+    pairs, `_bf16_pair`), repeated over a row's 16 words."""
+    h = h16.numpy().astype(np.uint32) & 0xFFFF
+    return np.repeat(((h << 16) | h)[:, None], 16, axis=1)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+def test_dq3_ptx_blocks_on_the_cpu(fmt):
+    # the inline-PTX blocks themselves (tests/ptx_emu.py runs their instructions), fed what
+    # _dq16 feeds them: every code at every position gives the format's value times the scale
+    # times 2^-63, rounded to bf16 once (exactly the GPU test's claim, checked in CI)
+    R = 64
+    gen = torch.Generator().manual_seed(11)
+    w = _words(R, gen)
+    if fmt == "int4":
+        ex = torch.randint(-63, 56, (R, 4), generator=gen)
+        s = (torch.exp2(ex.float()) * (1 + torch.rand(R, 4, generator=gen))
+             * torch.sign(torch.randn(R, 4, generator=gen))).bfloat16()
+        ref, blocks = _int4_ref(w, s), fmc._INT4_SUB_ASM.value
+        sf = s.float()
+        ins = [(_pairs((sf[:, j] * fmc.INT4_SUB_S.value).bfloat16().view(torch.int16)),
+                _pairs((sf[:, j] * fmc.INT4_SUB_C.value).bfloat16().view(torch.int16)))
+               for j in range(4)]
+    else:
+        e = torch.randint(65, 192, (R, 4), generator=gen, dtype=torch.uint8)
+        ref, blocks = _mx_ref(w, e), fmc._MX_ASM.value
+        ins = [(_pairs(((e[:, j].int().clamp(1, 191) + 63) << 7).to(torch.int16)),)
+               for j in range(4)]
+    wu = w.numpy().view(np.uint32)
+    got = np.stack([run_ptx(blocks[j], wu, *ins[j]) for j in range(4)], axis=1)  # [R, 4, 16]
+    halves = np.stack([got & 0xFFFF, got >> 16], axis=-1).reshape(R, 128).astype(np.int32)
+    vals = torch.from_numpy(halves).to(torch.int16).view(torch.bfloat16).double() * 2.0 ** 63
+    assert torch.equal(vals.bfloat16(), ref)
 
 
 @pytest.mark.gpu
