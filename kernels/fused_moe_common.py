@@ -141,7 +141,7 @@ def _row_scale(Xp, x_row, x_ok, AS, K: tl.constexpr, BM: tl.constexpr, BK: tl.co
     return tl.maximum(tl.math.div_rn(amax, tl.zeros((BM,), tl.float32) + 448.0), 1e-12)
 
 
-def _int4_sub_asm(shift: int) -> str:
+def _int4_ptx(shift: int) -> str:
     """PTX for `_int4_sub_asm`, scale group j = shift / 4: the nibbles n of each half to bits
     0..3 (the bf16 subnormal n * 2^-133), then ONE fma: n * 2^-133 * (s * 2^70) + (-s * 2^-60)."""
     src = "" if shift == 0 else f"shr.u32 t, t, {shift}; "
@@ -149,7 +149,7 @@ def _int4_sub_asm(shift: int) -> str:
             "fma.rn.bf16x2 $0, t, $2, $3; }")
 
 
-_INT4_SUB_ASM = tl.constexpr(tuple(_int4_sub_asm(4 * j) for j in range(4)))
+_INT4_SUB_ASM = tl.constexpr(tuple(_int4_ptx(4 * j) for j in range(4)))
 
 
 def _mx_asm(j: int) -> str:
