@@ -245,6 +245,9 @@ DQ_CANDIDATES = {16: _DQ3, 64: _DQ3, 256: _DQ3, 1024: _DQ3}
 _TCD = {"small_m_max": 0, "gemv_max": 0}
 _SMTC = [{}, _TCD, dict(_TCD, BN1=32), dict(_TCD, BN2=32), {}, _TCD]
 SMTC_CANDIDATES = {m: _SMTC for m in (1, 2, 4, 8)}
+# M = 3 (session 15): the default (tensor cores from TC_FROM_M = 3) against the small-M kernels
+_SM3 = {"small_m_max": 3, "gemv_max": 3}
+SMTC_CANDIDATES[3] = [{}, _SM3, {}, _SM3]
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
