@@ -248,6 +248,14 @@ SMTC_CANDIDATES = {m: _SMTC for m in (1, 2, 4, 8)}
 # M = 3 (session 15): the default (tensor cores from TC_FROM_M = 3) against the small-M kernels
 _SM3 = {"small_m_max": 3, "gemv_max": 3}
 SMTC_CANDIDATES[3] = [{}, _SM3, {}, _SM3]
+# --set m1f (session 15): M <= 2 on the small-M kernels: the down weights asked into L2 by the
+# gate_up (PF), the all-pairs down (DW), gate_up + down in one launch (FUSE, down rows BN2 /
+# warps W1), twice each where it matters
+_SMK = "small_m"
+M1F_CANDIDATES = {m: [{}, {_SMK: {"PF": 1}}, {_SMK: {"DW": 1}}, {_SMK: {"PF": 1, "DW": 1}},
+                      {_SMK: {"FUSE": 1, "BN2": 8}}, {_SMK: {"FUSE": 1, "BN2": 8, "W1": 8}},
+                      {_SMK: {"FUSE": 1, "BN2": 4}}, {}, {_SMK: {"PF": 1}},
+                      {_SMK: {"PF": 1, "DW": 1}}] for m in (1, 2)}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {
     16: [{"DQ": 1, "W1": 2, "W2": 2, "BN1": 32, "XM": 1}, dict(_NEW, BN1=32),
@@ -298,6 +306,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return DQ_CANDIDATES.get(M, [{}])
     if cset == "smtc":
         return SMTC_CANDIDATES.get(M, [{}])
+    if cset == "m1f":
+        return M1F_CANDIDATES.get(M, [{}])
     if fmt in ("int4", "mxfp4"):
         if cset in ("tc", "tcx") and M in TC_CANDIDATES:
             return TC_CANDIDATES[M] + (TC_EXTRA[M] if cset == "tcx" else [])
@@ -349,7 +359,8 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc") and b is not None:
+                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f")
+                        and b is not None):
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
                     OLDNEW.append(r)
@@ -412,11 +423,12 @@ def main(argv=None) -> None:
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
                     choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq",
-                             "smtc"),
+                             "smtc", "m1f"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
-                    "aw = AW_CANDIDATES, dq = DQ_CANDIDATES, smtc = SMTC_CANDIDATES")
+                    "aw = AW_CANDIDATES, dq = DQ_CANDIDATES, smtc = SMTC_CANDIDATES, m1f = "
+                    "M1F_CANDIDATES")
     ap.add_argument("--w13-tiles", default="1",
                     help="gate_up weight layouts to time: 1 = row-major, T = tile_w13 rows")
     ap.add_argument("--sweep-out", default=os.path.join(HERE, "results",

@@ -423,8 +423,21 @@ def _down_all_kernel(
     tile: one vector load of the ids, then every pair's weights, scales and routing weights
     requested at once (the loop version keeps one pair in flight: 8 dependent DRAM trips at
     M=1); act after griddepcontrol.wait when PDL. Columns k >= KP are masked (weight 0)."""
-    m = tl.program_id(0)
-    jt = tl.program_id(1)
+    _down_all_tile(tl.program_id(0), tl.program_id(1), ACT, W, S, IDS, TW, OUT, MAGIC,
+                   stride_im, stride_tm, stride_om, stride_we, stride_se, ACT, 0, H, I, TOPK,
+                   KP, N_ROUTED, BN, FMT, KP2, PDL)
+
+
+@triton.jit
+def _down_all_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om,
+                   stride_we, stride_se, CNT, N_READY, H: tl.constexpr, I: tl.constexpr,
+                   TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr,
+                   BN: tl.constexpr, FMT: tl.constexpr, KP2: tl.constexpr, WAIT: tl.constexpr):
+    """out[m, jt * BN: +BN] of _down_all_kernel. Every pair's weights are requested before act
+    is read; WAIT says what act waits for: 0 nothing (written by an earlier launch), 1
+    griddepcontrol.wait (PDL), 2 the int32 counter CNT reaching N_READY (kernels/
+    moe_m1_fused.py: the gate_up programs of the same launch bump it after their act stores;
+    act is then read through L2, .cg)."""
     CH: tl.constexpr = I // 128
     k = tl.arange(0, KP2)
     kok = k < KP
@@ -443,15 +456,24 @@ def _down_all_kernel(
                                 (KP2, BN, CH, 4, 4)), mask=wmask, other=0)
     wt = tl.load(TW + m.to(tl.int64) * stride_tm + k, mask=k < TOPK, other=0.0).to(tl.float32)
     wt = tl.where(kok & (k >= TOPK), 1.0, wt)[:, None, None, None]
-    if PDL:
+    if WAIT == 1:
         gdc_wait()
+    elif WAIT == 2:
+        while tl.load(CNT, volatile=True) < N_READY:
+            pass
+        tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")  # the gate_ups' act stores before
     p = (m * KP + tl.minimum(k, KP - 1)).to(tl.int64)  # k >= KP: any valid row, weight 0
     Ap = tl.broadcast_to(ACT + p[:, None, None, None, None] * I + c5 * 128 + t5,
                          (KP2, BN, CH, 4, 4))
     wl, wh = _prep(w, MAGIC, FMT)
     acc = tl.zeros((KP2, BN, CH, 4), tl.float32)
     for j in tl.static_range(4):
-        part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
-        acc += part * (_scales(s, j, FMT) * wt)
+        if WAIT == 2:
+            a0 = tl.load(Ap + 32 * j, cache_modifier=".cg")
+            a1 = tl.load(Ap + 32 * j + 16, cache_modifier=".cg")
+        else:
+            a0 = tl.load(Ap + 32 * j)
+            a1 = tl.load(Ap + 32 * j + 16)
+        acc += _dot8f(wl, wh, a0, a1, j, FMT) * (_scales(s, j, FMT) * wt)
     y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
     tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))
