@@ -14,7 +14,9 @@ m1_fused(x32, w13, s13v, w2, s2v, ids, tw, act, out, fmt_code, *, top_k, n_share
   (w13 / s13v may be row-tiled);
 - w2 int32 [E, H, I/128, 16], s2v its scales (int4 bf16 viewed as int16, MXFP4 e8m0 uint8)
   [E, H, I/32]; tw [M, top_k] fp32 routing weights (unit column stride); out [M, H] bf16 / fp32
-  (unit column stride); BN2 output rows per down program (a power of 2 dividing H).
+  (unit column stride); BN2 output rows per down program (a power of 2 dividing H); down 1:
+  each down program walks the KP pairs (as moe_small_m_kernels._down_kernel), 2: all at once
+  (as _down_all_kernel, config DW).
 Grid (G + D,): programs 0 .. G-1 are m1_gate_up's (G = M * KP * 2I / R), programs G .. G+D-1
 the down tiles (D = M * H / BN2), in that order. Deadlock freedom rests on the GPU starting
 programs in increasing id order (as decoupled look-back scans assume): a down program only
@@ -23,7 +25,7 @@ counter pair (ready, exited) is cached per device and left at zero by every laun
 down program to leave resets it): calls on different streams of one device must not overlap
 (the engine uses one stream per device). Under the Triton interpreter programs run one after
 another in id order, so the wait is always already satisfied.
-Results equal the two-launch path with DW=1 bit for bit (same per-element math and order).
+Results equal the two-launch path's (down 2: with DW=1) bit for bit (same math, same order).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import triton.language as tl
 
 from .moe_m1_gate_up import _MAGIC, _pair_rows
 from .moe_ref import w13_tile
-from .moe_small_m_kernels import _down_all_tile
+from .moe_small_m_kernels import _down_all_tile, _down_pairs_tile
 
 __all__ = ["m1_fused"]
 
@@ -47,9 +49,11 @@ def _m1_fused_kernel(X, W13, S13, W2, S2, IDS, TW, ACT, OUT, CNT, MAGIC, stride_
                      I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                      N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
                      FMT: tl.constexpr, WT: tl.constexpr, BN2: tl.constexpr,
-                     KP2: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+                     KP2: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     DOWN: tl.constexpr):
     """Grid (G + D,): see the module docstring. CNT: int32 [2] = (ready, exited), zero on entry
-    and on exit."""
+    and on exit. DOWN 1: the down tile walks the pairs (_down_pairs_tile, as _down_kernel), 2:
+    all pairs at once (_down_all_tile, as _down_all_kernel)."""
     pid = tl.program_id(0)
     if pid < G:
         _pair_rows(pid, X, W13, S13, IDS, ACT, MAGIC, stride_xm, stride_im, stride_w13,
@@ -59,9 +63,14 @@ def _m1_fused_kernel(X, W13, S13, W2, S2, IDS, TW, ACT, OUT, CNT, MAGIC, stride_
     else:
         NT: tl.constexpr = H // BN2
         d = pid - G
-        _down_all_tile(d // NT, d % NT, ACT, W2, S2, IDS, TW, OUT, MAGIC, stride_im, stride_tm,
-                       stride_om, stride_w2, stride_s2, CNT, G, H, I, TOPK, KP, N_ROUTED, BN2,
-                       FMT, KP2, 2)
+        if DOWN == 2:
+            _down_all_tile(d // NT, d % NT, ACT, W2, S2, IDS, TW, OUT, MAGIC, stride_im,
+                           stride_tm, stride_om, stride_w2, stride_s2, CNT, G, H, I, TOPK, KP,
+                           N_ROUTED, BN2, FMT, KP2, 2)
+        else:
+            _down_pairs_tile(d // NT, d % NT, ACT, W2, S2, IDS, TW, OUT, MAGIC, stride_im,
+                             stride_tm, stride_om, stride_w2, stride_s2, CNT, G, H, I, TOPK,
+                             KP, N_ROUTED, BN2, FMT, 2)
         # every down program has passed the wait once the last one gets here: reset for the
         # next launch (stream order makes the reset visible to it)
         if tl.atomic_add(CNT + 1, 1, sem="acq_rel", scope="gpu") == D - 1:
@@ -82,7 +91,8 @@ def _counters(device: torch.device) -> torch.Tensor:
 def m1_fused(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, w2: torch.Tensor,
              s2v: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, act: torch.Tensor,
              out: torch.Tensor, fmt_code: int, *, top_k: int, n_shared: int = 0, R: int = 4,
-             CH: int = 8, BN2: int = 16, warps: int = 4, stages: int = 1) -> torch.Tensor:
+             CH: int = 8, BN2: int = 16, warps: int = 4, stages: int = 1,
+             down: int = 1) -> torch.Tensor:
     """Launch the fused gate_up + down (module docstring) for the M = ids.shape[0] tokens and
     return out. No allocation after the first call per device, no host sync. The weights are
     trusted to be checked by the caller (moe_small_m._check); tiles, act and strides are checked
@@ -109,5 +119,6 @@ def m1_fused(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, w2: torch
         x32.stride(0), ids.stride(0), tw.stride(0), out.stride(0), w13.stride(0),
         s13v.stride(0), w2.stride(0), s2v.stride(0), I=I, H=H, TOPK=top_k, KP=kp,
         N_ROUTED=E - n_shared, R=R, CH=CH, FMT=fmt_code, WT=wt, BN2=BN2,
-        KP2=triton.next_power_of_2(kp), G=G, D=D, num_warps=warps, num_stages=stages)
+        KP2=triton.next_power_of_2(kp), G=G, D=D, DOWN=down, num_warps=warps,
+        num_stages=stages)
     return out

@@ -46,8 +46,8 @@ W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2);
 epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DW=1 the
 down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1 the down kernel is a
 programmatic dependent launch (its weight loads overlap the gate_up's tail; act is read after
-griddepcontrol.wait; CUDA only, never under the interpreter), FUSE=1 (with M1) the gate_up and an
-all-pairs down in one launch (kernels/moe_m1_fused.py: the down programs request their weights
+griddepcontrol.wait; CUDA only, never under the interpreter), FUSE=1 (with M1) the gate_up and the
+down (DW's all-pairs form with DW=1) in one launch (kernels/moe_m1_fused.py: the down programs request their weights
 while the gate_up runs, then wait on a device counter), PF=1 (with M1, NVIDIA) the gate_up asks
 L2 for the touched experts' down weights (moe_m1_gate_up._l2_prefetch) so that the down kernel's
 loads hit L2; "poison": True fills act with NaN
@@ -205,7 +205,7 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
         from .moe_m1_fused import m1_fused
         return m1_fused(x32, w13, v13, w2, v2, ids, tw, act, out, code, top_k=top_k,
                         n_shared=n_shared, R=cfg["MR"], CH=ch, BN2=bn2, warps=cfg["W1"],
-                        stages=cfg["S1"])
+                        stages=cfg["S1"], down=2 if cfg.get("DW") else 1)
     if m1:
         from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used
         pf = (cfg.get("PF") and not stop and dev.type == "cuda" and not _INTERP

@@ -118,21 +118,24 @@ def test_act_every_pair(fmt):
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
 @pytest.mark.parametrize("M,k,n_shared", [(1, 4, 1), (2, 3, 0), (3, 2, 1)])
 def test_fused_launch_equals_two_launches(fmt, M, k, n_shared):
-    # FUSE: gate_up and the all-pairs down in one launch, the down waiting on a device counter.
-    # Same per-element math and order as the two-launch path with DW=1: fp32 outputs equal
-    # bit for bit, both at the float64 reference; the counter pair is back at zero after
-    # every launch (the next one starts from it). PF is an NVIDIA PTX prefetch: a no-op here.
+    # FUSE: gate_up and down in one launch, the down waiting on a device counter. Same
+    # per-element math and order as the two-launch path (FUSE + DW: as DW=1's all-pairs down):
+    # fp32 outputs equal bit for bit, at the float64 reference; the counter pair is back at zero
+    # after every launch (the next one starts from it). PF is an NVIDIA PTX prefetch: a no-op
+    # here.
     from atom_stream.kernels import moe_m1_fused as MF
     base = {"M1": 1, "MR": 32, "CH": 1, "BN2": 64, "poison": True}
     for rep in range(2):
         (w13, w2, s13, s2), _, x, ids, tw = multi_token_case(fmt, M, k, n_shared, 40 + rep)
         ys = []
-        for cfg in (dict(base, FUSE=1), dict(base, DW=1), dict(base, DW=1, PF=1)):
+        for cfg in (dict(base, FUSE=1), base, dict(base, FUSE=1, DW=1), dict(base, DW=1),
+                    dict(base, DW=1, PF=1)):
             out = torch.full((M, 256), float("nan"), device=DEV)
             ys.append(SM.moe_small_m(x, w13, w2, s13, s2, tw, ids, fmt, cfg,
                                      n_shared=n_shared, out=out))
             assert int(MF._counters(out.device).abs().sum()) == 0
-        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[1], ys[2])
+        assert torch.equal(ys[0], ys[1])
+        assert torch.equal(ys[2], ys[3]) and torch.equal(ys[3], ys[4])
         ref = SM.moe_small_m_ref(x, w13, w2, s13, s2, tw, ids, fmt, n_shared=n_shared)
         assert rel_err(ys[0], ref) < 1e-5
 
@@ -311,7 +314,8 @@ H_, I_, E_, K_ = 7168, 256, 384, 8  # Kimi-K2.5 TP8 rank
 @pytest.mark.parametrize("cfg", [{}, {"MR": 2}, {"MR": 8}, {"MR": 4, "W1": 2}, {"CH": 4},
                                  {"PDL": 1}, {"PDL": 1, "DW": 1, "VT": 1}, {"PF": 1},
                                  {"PF": 1, "DW": 1}, {"FUSE": 1, "BN2": 8},
-                                 {"FUSE": 1, "BN2": 8, "W1": 8}, {"FUSE": 1}])
+                                 {"FUSE": 1, "BN2": 8, "W1": 8}, {"FUSE": 1},
+                                 {"FUSE": 1, "DW": 1, "BN2": 8}])
 def test_gpu_real_shape(fmt, cfg):
     for n_shared in (0, 1):
         y_new, y_old, ref = both_paths(fmt, E_, H_, I_, K_, cfg, seed=len(cfg) + n_shared,
