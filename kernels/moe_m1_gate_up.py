@@ -118,52 +118,17 @@ def _silu_store(ACT_ROW, y, rt, HR: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch(base, NBYTES: tl.constexpr, part, NPARTS: tl.constexpr, NL: tl.constexpr):
-    """Ask L2 to fetch (and keep: evict_last) part `part` of NPARTS of the NBYTES at base, in
-    128-byte lines, NL >= lines per part (a power of 2; the surplus repeats the last line).
-    NVIDIA PTX, no register result used: the caller's loads are not delayed."""
-    PER: tl.constexpr = (NBYTES + NPARTS - 1) // NPARTS
-    off = tl.minimum(tl.arange(0, NL) * 128, PER - 1) + part * PER
-    addr = (base.to(tl.pointer_type(tl.int8)) + tl.minimum(off, NBYTES - 1)).to(tl.int64)
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
-                              [addr], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _m1_gate_up_kernel(X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, stride_se,
-                       W2, S2, stride_w2, stride_s2,
                        I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                        N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr,
-                       FMT: tl.constexpr, PDL: tl.constexpr, WT: tl.constexpr = 1,
-                       PF: tl.constexpr = 0, W2_BYTES: tl.constexpr = 0,
-                       S2_BYTES: tl.constexpr = 0, PF_NW: tl.constexpr = 1,
-                       PF_NS: tl.constexpr = 1):
+                       FMT: tl.constexpr, PDL: tl.constexpr, WT: tl.constexpr = 1):
     """Grid (M * KP * 2I / R,). See the module docstring. PDL=1: the down kernel (a programmatic
     dependent launch) may start now; it reads act only after griddepcontrol.wait. WT: rows per
-    tile of the words / scales (1: row-major). PF=1 (NVIDIA): the 2I/R programs of a pair first
-    ask L2 for that pair's expert's DOWN weights W2[e] (W2_BYTES) and scales S2[e] (S2_BYTES),
-    one slice each (PF_NW / PF_NS lines per program), so the down kernel's loads hit L2."""
+    tile of the words / scales (1: row-major)."""
     if PDL:
         gdc_launch_dependents()
-    if PF:
-        NRT: tl.constexpr = 2 * I // R
-        pid = tl.program_id(0)
-        p = pid // NRT
-        e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
-        _l2_prefetch(W2 + e * stride_w2, W2_BYTES, pid % NRT, NRT, PF_NW)
-        _l2_prefetch(S2 + e * stride_s2, S2_BYTES, pid % NRT, NRT, PF_NS)
-    _pair_rows(tl.program_id(0), X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we,
-               stride_se, I, H, TOPK, KP, N_ROUTED, R, CH, FMT, WT)
-
-
-@triton.jit
-def _pair_rows(pid, X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, stride_se,
-               I: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-               N_ROUTED: tl.constexpr, R: tl.constexpr, CH: tl.constexpr, FMT: tl.constexpr,
-               WT: tl.constexpr):
-    """Program pid's work of _m1_gate_up_kernel (also kernels/moe_m1_fused.py's gate_up part):
-    R/2 gate + R/2 up rows of pair pid // (2I / R) over the full K, silu * up into act."""
     NRT: tl.constexpr = 2 * I // R
+    pid = tl.program_id(0)
     p = pid // NRT  # pair m * KP + k
     rt = pid % NRT
     e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
@@ -175,15 +140,12 @@ def _pair_rows(pid, X, W, S, IDS, ACT, MAGIC, stride_xm, stride_im, stride_we, s
 
 def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: torch.Tensor,
                act: torch.Tensor, fmt_code: int, *, top_k: int, n_shared: int = 0, R: int = 4,
-               CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0,
-               prefetch: tuple | None = None) -> torch.Tensor:
+               CH: int = 8, warps: int = 4, stages: int = 1, pdl: int = 0) -> torch.Tensor:
     """Launch the per-pair gate_up (module docstring) for the M = ids.shape[0] tokens and
     return act. No allocation, no host sync. Inputs are trusted to be checked by the caller
     (moe_small_m._check) except the tile, act and the unit column strides. w13 / s13v may be
     the row-tiled copies ([E, 2I / T, H / 128, T, 16] / [E, 2I / T, H / 128, T, 4]:
-    fused_moe.tile_w13). prefetch: (w2, s2) of the down kernel that follows (contiguous,
-    [E, ...]), whose touched experts the kernel asks L2 to fetch (NVIDIA only: the caller
-    decides)."""
+    fused_moe.tile_w13)."""
     wt = w13_tile(w13, s13v)
     E, nt, nc = w13.shape[:3]
     two_i = nt * wt
@@ -197,17 +159,8 @@ def m1_gate_up(x32: torch.Tensor, w13: torch.Tensor, s13v: torch.Tensor, ids: to
     if x32.shape[0] != M or x32.stride(1) != 1 or (top_k and ids.stride(1) != 1):
         raise ValueError(f"m1_gate_up: x {tuple(x32.shape)} / ids {tuple(ids.shape)}: want "
                          f"[{M}, H/2] and unit column strides")
-    pf = {}
-    w2, s2 = prefetch if prefetch is not None else (w13, s13v)
-    if prefetch is not None:
-        nrt = two_i // R
-        nb = [t.stride(0) * t.element_size() for t in (w2, s2)]
-        pf = {"PF": 1, "W2_BYTES": nb[0], "S2_BYTES": nb[1],
-              "PF_NW": triton.next_power_of_2(-(-nb[0] // (128 * nrt))),
-              "PF_NS": triton.next_power_of_2(-(-nb[1] // (128 * nrt)))}
     _m1_gate_up_kernel[(M * kp * two_i // R,)](
         x32, w13, s13v, ids, act, _MAGIC, x32.stride(0), ids.stride(0), w13.stride(0),
-        s13v.stride(0), w2, s2, w2.stride(0), s2.stride(0), I=I, H=H, TOPK=top_k, KP=kp,
-        N_ROUTED=E - n_shared, R=R, CH=CH, FMT=fmt_code, PDL=pdl, WT=wt, num_warps=warps,
-        num_stages=stages, **pf)
+        s13v.stride(0), I=I, H=H, TOPK=top_k, KP=kp, N_ROUTED=E - n_shared, R=R, CH=CH,
+        FMT=fmt_code, PDL=pdl, WT=wt, num_warps=warps, num_stages=stages)
     return act

@@ -46,11 +46,7 @@ W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2);
 epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DW=1 the
 down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1 the down kernel is a
 programmatic dependent launch (its weight loads overlap the gate_up's tail; act is read after
-griddepcontrol.wait; CUDA only, never under the interpreter), FUSE=1 (with M1) the gate_up and the
-down (DW's all-pairs form with DW=1) in one launch (kernels/moe_m1_fused.py: the down programs request their weights
-while the gate_up runs, then wait on a device counter), PF=1 (with M1, NVIDIA) the gate_up asks
-L2 for the touched experts' down weights (moe_m1_gate_up._l2_prefetch) so that the down kernel's
-loads hit L2; "poison": True fills act with NaN
+griddepcontrol.wait; CUDA only, never under the interpreter); "poison": True fills act with NaN
 first (tests); "stop_after": "gate_up" (benchmarks). out may be given in bf16 (the contract) or fp32
 (exactness checks: no final rounding).
 """
@@ -102,8 +98,12 @@ def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
     # MXFP4 at M=1)
     m1 = (M == 1 and M1_KERNEL) or 1 < M <= PAIR_M_MAX
     mr = 4 if wt == 1 else (8 if M == 1 else 16)
-    return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": 4, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr, "FUSE": 0, "PF": 0}
+    # W2 2 at M=2: the down's [32, 2, 4, 4] tile at 2 warps keeps 64 registers (4 warps: 187,
+    # 2 CTAs per SM, 1.7 waves); H200 (bench/RESULTS.md session 15, two runs): int4 30.7 / 31.3
+    # -> 29.8 / 30.3 us, MXFP4 34.3 / 34.5 -> 33.0 / 32.6; at M=1 (BN2 16) 4-8 % slower
+    w2 = 2 if M == 2 else 4
+    return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": w2, "S1": 1, "S2": 1,
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -201,18 +201,10 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
     kp2 = triton.next_power_of_2(kp)
     pdl = 1 if cfg.get("PDL") and dev.type == "cuda" and not _INTERP else 0
     stop = cfg.get("stop_after") == "gate_up"
-    if m1 and cfg.get("FUSE") and not stop:  # gate_up + down in one launch
-        from .moe_m1_fused import m1_fused
-        return m1_fused(x32, w13, v13, w2, v2, ids, tw, act, out, code, top_k=top_k,
-                        n_shared=n_shared, R=cfg["MR"], CH=ch, BN2=bn2, warps=cfg["W1"],
-                        stages=cfg["S1"], down=2 if cfg.get("DW") else 1)
     if m1:
         from .moe_m1_gate_up import m1_gate_up  # lazy: imported (decorated) only when used
-        pf = (cfg.get("PF") and not stop and dev.type == "cuda" and not _INTERP
-              and torch.version.hip is None)  # the PTX prefetch: NVIDIA only
         m1_gate_up(x32, w13, v13, ids, act, code, top_k=top_k, n_shared=n_shared, R=cfg["MR"],
-                   CH=ch, warps=cfg["W1"], stages=cfg["S1"], pdl=0 if stop else pdl,
-                   prefetch=(w2, v2) if pf else None)
+                   CH=ch, warps=cfg["W1"], stages=cfg["S1"], pdl=0 if stop else pdl)
     else:
         _gate_up_kernel[(P, I // bn, sk)](
             x32, w13, v13, ids, act, part, sem, M, _MAGIC, x32.stride(0), ids.stride(0),

@@ -378,42 +378,8 @@ def _down_kernel(
     down_e(act[pair]) in fp32 (act in the down order of _store_act), stored in OUT's dtype.
     PDL=1 (launched as a programmatic dependent of the gate_up): the first pair's weights are
     requested before griddepcontrol.wait, act only after it."""
-    _down_pairs_tile(tl.program_id(0), tl.program_id(1), ACT, W, S, IDS, TW, OUT, MAGIC,
-                     stride_im, stride_tm, stride_om, stride_we, stride_se, ACT, 0, H, I, TOPK,
-                     KP, N_ROUTED, BN, FMT, PDL)
-
-
-@triton.jit
-def _wait_ready(CNT, N_READY, WAIT: tl.constexpr):
-    """Before a down tile reads act: WAIT 0 nothing (act from an earlier launch), 1
-    griddepcontrol.wait (PDL), 2 until the int32 counter CNT reaches N_READY (kernels/
-    moe_m1_fused.py: the same launch's gate_up programs bump it after their act stores), then an
-    acquire so that the act loads after it see those stores."""
-    if WAIT == 1:
-        gdc_wait()
-    elif WAIT == 2:
-        while tl.load(CNT, volatile=True) < N_READY:
-            pass
-        tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
-def _act_load(ptrs, WAIT: tl.constexpr):
-    """act loads of a down tile: through L2 (.cg) when written by the same launch (WAIT 2)."""
-    if WAIT == 2:
-        return tl.load(ptrs, cache_modifier=".cg")
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _down_pairs_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om,
-                     stride_we, stride_se, CNT, N_READY, H: tl.constexpr, I: tl.constexpr,
-                     TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr,
-                     BN: tl.constexpr, FMT: tl.constexpr, WAIT: tl.constexpr):
-    """out[m, jt * BN: +BN] of _down_kernel: the KP pairs one after another, the next pair's
-    weights requested before this pair's math; the first pair's before act waits (_wait_ready).
-"""
+    m = tl.program_id(0)
+    jt = tl.program_id(1)
     CH: tl.constexpr = I // 128
     n = (jt * BN + tl.arange(0, BN)).to(tl.int64)
     c4 = tl.arange(0, CH)[None, :, None, None]
@@ -423,7 +389,8 @@ def _down_pairs_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm
     e = pair_expert(IDS, stride_im, p, p >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
     w_n = tl.load(W + e * stride_we + n[:, None, None, None] * (I // 8) + c4 * 16 + t4)
     s_n = tl.load(_scale_ptrs(S + e * stride_se + n * (I // 32), BN, CH))
-    _wait_ready(CNT, N_READY, WAIT)
+    if PDL:
+        gdc_wait()
     for k in tl.static_range(KP):
         p = m * KP + k
         w = w_n
@@ -439,8 +406,7 @@ def _down_pairs_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm
         wl, wh = _prep(w, MAGIC, FMT)
         Ap = tl.broadcast_to(ACT + p.to(tl.int64) * I + c4 * 128 + t4, (BN, CH, 4, 4))
         for j in tl.static_range(4):
-            part = _dot8f(wl, wh, _act_load(Ap + 32 * j, WAIT), _act_load(Ap + 32 * j + 16, WAIT),
-                          j, FMT)
+            part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
             acc += part * (_scales(s, j, FMT) * wt)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))
@@ -457,18 +423,8 @@ def _down_all_kernel(
     tile: one vector load of the ids, then every pair's weights, scales and routing weights
     requested at once (the loop version keeps one pair in flight: 8 dependent DRAM trips at
     M=1); act after griddepcontrol.wait when PDL. Columns k >= KP are masked (weight 0)."""
-    _down_all_tile(tl.program_id(0), tl.program_id(1), ACT, W, S, IDS, TW, OUT, MAGIC,
-                   stride_im, stride_tm, stride_om, stride_we, stride_se, ACT, 0, H, I, TOPK,
-                   KP, N_ROUTED, BN, FMT, KP2, PDL)
-
-
-@triton.jit
-def _down_all_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om,
-                   stride_we, stride_se, CNT, N_READY, H: tl.constexpr, I: tl.constexpr,
-                   TOPK: tl.constexpr, KP: tl.constexpr, N_ROUTED: tl.constexpr,
-                   BN: tl.constexpr, FMT: tl.constexpr, KP2: tl.constexpr, WAIT: tl.constexpr):
-    """out[m, jt * BN: +BN] of _down_all_kernel: every pair's weights are requested before act
-    waits (_wait_ready)."""
+    m = tl.program_id(0)
+    jt = tl.program_id(1)
     CH: tl.constexpr = I // 128
     k = tl.arange(0, KP2)
     kok = k < KP
@@ -487,14 +443,15 @@ def _down_all_tile(m, jt, ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, 
                                 (KP2, BN, CH, 4, 4)), mask=wmask, other=0)
     wt = tl.load(TW + m.to(tl.int64) * stride_tm + k, mask=k < TOPK, other=0.0).to(tl.float32)
     wt = tl.where(kok & (k >= TOPK), 1.0, wt)[:, None, None, None]
-    _wait_ready(CNT, N_READY, WAIT)
+    if PDL:
+        gdc_wait()
     p = (m * KP + tl.minimum(k, KP - 1)).to(tl.int64)  # k >= KP: any valid row, weight 0
     Ap = tl.broadcast_to(ACT + p[:, None, None, None, None] * I + c5 * 128 + t5,
                          (KP2, BN, CH, 4, 4))
     wl, wh = _prep(w, MAGIC, FMT)
     acc = tl.zeros((KP2, BN, CH, 4), tl.float32)
     for j in tl.static_range(4):
-        acc += (_dot8f(wl, wh, _act_load(Ap + 32 * j, WAIT), _act_load(Ap + 32 * j + 16, WAIT),
-                       j, FMT) * (_scales(s, j, FMT) * wt))
+        part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
+        acc += part * (_scales(s, j, FMT) * wt)
     y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
     tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))

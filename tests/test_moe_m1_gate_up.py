@@ -25,8 +25,8 @@ from kernel_interp import interpret_without_gpu
 
 GPU = interpret_without_gpu(  # dependencies first
     "moe_routing", "moe_align", "fused_moe_common", "fused_moe_tc", "fused_moe_gemv",
-    "fused_moe_fp8", "moe_small_m_kernels", "moe_m1_gate_up", "moe_m1_fused", "moe_gemv_ladder",
-    "moe_small_m", "fused_moe")
+    "fused_moe_fp8", "moe_small_m_kernels", "moe_m1_gate_up", "moe_gemv_ladder", "moe_small_m",
+    "fused_moe")
 
 from atom_stream.kernels import fused_moe as FM
 from atom_stream.kernels import moe_m1_gate_up as M1
@@ -112,32 +112,6 @@ def test_act_every_pair(fmt):
     h = torch.stack([d13[e].double() @ x[0].cpu().double() for e in experts])
     want = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
     assert rel_err(act_natural(act), want) < 1e-5
-
-
-@cpu_only
-@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-@pytest.mark.parametrize("M,k,n_shared", [(1, 4, 1), (2, 3, 0), (3, 2, 1)])
-def test_fused_launch_equals_two_launches(fmt, M, k, n_shared):
-    # FUSE: gate_up and down in one launch, the down waiting on a device counter. Same
-    # per-element math and order as the two-launch path (FUSE + DW: as DW=1's all-pairs down):
-    # fp32 outputs equal bit for bit, at the float64 reference; the counter pair is back at zero
-    # after every launch (the next one starts from it). PF is an NVIDIA PTX prefetch: a no-op
-    # here.
-    from atom_stream.kernels import moe_m1_fused as MF
-    base = {"M1": 1, "MR": 32, "CH": 1, "BN2": 64, "poison": True}
-    for rep in range(2):
-        (w13, w2, s13, s2), _, x, ids, tw = multi_token_case(fmt, M, k, n_shared, 40 + rep)
-        ys = []
-        for cfg in (dict(base, FUSE=1), base, dict(base, FUSE=1, DW=1), dict(base, DW=1),
-                    dict(base, DW=1, PF=1)):
-            out = torch.full((M, 256), float("nan"), device=DEV)
-            ys.append(SM.moe_small_m(x, w13, w2, s13, s2, tw, ids, fmt, cfg,
-                                     n_shared=n_shared, out=out))
-            assert int(MF._counters(out.device).abs().sum()) == 0
-        assert torch.equal(ys[0], ys[1])
-        assert torch.equal(ys[2], ys[3]) and torch.equal(ys[3], ys[4])
-        ref = SM.moe_small_m_ref(x, w13, w2, s13, s2, tw, ids, fmt, n_shared=n_shared)
-        assert rel_err(ys[0], ref) < 1e-5
 
 
 FUSED_DEFAULT = {"small_m_max": 4, "small_m": OLD,  # PAIR_M_MAX 1: small-M at M <= 4, GEMV
@@ -299,9 +273,6 @@ def test_rejects_bad_tiles():
     with pytest.raises(ValueError):  # act must be fp32 [KP, I]
         M1.m1_gate_up(x.view(torch.int32), w13, s13.view(torch.int16), ids,
                       torch.empty(3, 128), INT4, top_k=2)
-    for cfg in ({"BN2": 512}, {"MR": 3}):  # the fused launch: down rows must divide H = 256
-        with pytest.raises(ValueError):
-            SM.moe_small_m(x, w13, w2, s13, s2, tw, ids, "int4", dict(cfg, M1=1, FUSE=1))
 
 
 # ------------------------------------------------------------------------------- GPU
@@ -312,10 +283,7 @@ H_, I_, E_, K_ = 7168, 256, 384, 8  # Kimi-K2.5 TP8 rank
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
 @pytest.mark.parametrize("cfg", [{}, {"MR": 2}, {"MR": 8}, {"MR": 4, "W1": 2}, {"CH": 4},
-                                 {"PDL": 1}, {"PDL": 1, "DW": 1, "VT": 1}, {"PF": 1},
-                                 {"PF": 1, "DW": 1}, {"FUSE": 1, "BN2": 8},
-                                 {"FUSE": 1, "BN2": 8, "W1": 8}, {"FUSE": 1},
-                                 {"FUSE": 1, "DW": 1, "BN2": 8}])
+                                 {"PDL": 1}, {"PDL": 1, "DW": 1, "VT": 1}])
 def test_gpu_real_shape(fmt, cfg):
     for n_shared in (0, 1):
         y_new, y_old, ref = both_paths(fmt, E_, H_, I_, K_, cfg, seed=len(cfg) + n_shared,
@@ -364,13 +332,10 @@ def test_gpu_pair_m(fmt, M):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-@pytest.mark.parametrize("M,cfg", [(1, {"M1": 1}), (32, {"M1": 1}),
-                                   (1, {"M1": 1, "FUSE": 1, "BN2": 8}),
-                                   (2, {"M1": 1, "FUSE": 1, "BN2": 8}),
-                                   (1, {"M1": 1, "PF": 1, "DW": 1})])
-def test_gpu_cuda_graph_replay(fmt, M, cfg):
-    # FUSE: the replays also check that every launch leaves its counters at zero for the next
+@pytest.mark.parametrize("M", [1, 32])
+def test_gpu_cuda_graph_replay(fmt, M):
     (w13, w2, s13, s2), x, ids, tw, gen = real_case(fmt, M, seed=M)
+    cfg = {"M1": 1}
     SM.moe_small_m(x, w13, w2, s13, s2, tw, ids, fmt, cfg)  # compile outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
