@@ -15,13 +15,11 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from .moe_ref import MX_SIGN_SHIFT
 
 FLOAT, FP8, INT4, MXFP4, MXFP4_DS, FP8C = 0, 1, 2, 3, 4, 5  # weight formats (constexpr FMT)
 A_NONE, A_FP8, A_MXFP4 = 0, 1, 2  # activation quantization (constexpr ACT)
 BF16, F16, F32 = 0, 1, 2  # MMA operand dtype (constexpr MDT)
 _SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
-_MX_SS = tl.constexpr(MX_SIGN_SHIFT)  # group j's sign shift in the MXFP4 kernel layout
 _INTERP = envs.triton_interpreted()
 FP8_MAX = 448.0
 
@@ -154,25 +152,14 @@ def _int4_ptx(shift: int) -> str:
 _INT4_SUB_ASM = tl.constexpr(tuple(_int4_ptx(4 * j) for j in range(4)))
 
 
-def _shift_ptx(dst: str, k: int) -> str:
-    """PTX moving $1 left by k bits (right for k < 0) into dst."""
-    if k == 0:
-        return f"mov.b32 {dst}, $1; "
-    return f"shl.b32 {dst}, $1, {k}; " if k > 0 else f"shr.u32 {dst}, $1, {-k}; "
-
-
 def _mx_asm(j: int) -> str:
     """PTX for `_mx_bf16_asm`, scale group j: the magnitude bits 3j..3j+2 of each half move to
-    6..8, the sign bit (moe_ref.MX_SIGN_BITS) to 15, then one fma by the scale pair. Where one
-    shift serves both (groups 1 and 2) that is shift + AND + fma, else two shifts, AND, LOP3, fma."""
-    km, ks = 6 - 3 * j, MX_SIGN_SHIFT[j]
-    fma = "fma.rn.bf16x2 $0, a, $2, nz; }"
-    if km == ks:
-        return ("{ .reg .b32 a, nz; mov.b32 nz, 0x80008000; " + _shift_ptx("a", km)
-                + "and.b32 a, a, 0x81C081C0; " + fma)
-    return ("{ .reg .b32 a, b, nz; mov.b32 nz, 0x80008000; " + _shift_ptx("a", km)
-            + _shift_ptx("b", ks) + "and.b32 b, b, 0x80008000; "
-            "lop3.b32 a, a, 0x01C001C0, b, 0xEA; " + fma)
+    6..8 (a), the sign bit 12 + j to 15 (b), then one fma by the scale pair."""
+    a = ("shl.b32 a, $1, 6; ", "shl.b32 a, $1, 3; ", "mov.b32 a, $1; ", "shr.u32 a, $1, 3; ")[j]
+    b = ("shl.b32 b, $1, 3; ", "shl.b32 b, $1, 2; ", "shl.b32 b, $1, 1; ", "mov.b32 b, $1; ")[j]
+    return ("{ .reg .b32 a, b, nz; mov.b32 nz, 0x80008000; " + a + b
+            + "and.b32 b, b, 0x80008000; lop3.b32 a, a, 0x01C001C0, b, 0xEA; "
+            "fma.rn.bf16x2 $0, a, $2, nz; }")
 
 
 _MX_ASM = tl.constexpr(tuple(_mx_asm(j) for j in range(4)))
@@ -213,21 +200,6 @@ def _bf16_pair(s16):
     """int16 [R] -> int32 [R] holding it in both halves (one mov / PRMT; NVIDIA inline PTX)."""
     return tl.inline_asm_elementwise("mov.b32 $0, {$1, $1};", "=r,h", [s16], dtype=tl.int32,
                                      is_pure=True, pack=1)
-
-
-@triton.jit
-def _mx_bits(w, j: tl.constexpr, LOW: tl.constexpr):
-    """Kernel-layout MXFP4 words (moe_ref.repack_mxfp4) -> per 16-bit half, group j's element
-    as the 16-bit float bits of e2m1 * 2^-14 (LOW = 9: fp16, magnitude to bits 9..11) or
-    e2m1 * 2^-126 (LOW = 6: bf16, bits 6..8), its sign at bit 15; the zero-exponent codes land
-    on subnormals, exactly."""
-    if LOW == 9:
-        mag = (w << (9 - 3 * j)) & 0x0E000E00  # j <= 3: a left shift (or none)
-    elif j == 3:
-        mag = (w >> 3) & 0x01C001C0
-    else:
-        mag = (w << (6 - 3 * j)) & 0x01C001C0
-    return mag | ((w << _MX_SS[j]) & _SIGN)
 
 
 @triton.jit
@@ -272,7 +244,11 @@ def _dq16(w, j: tl.constexpr, s, R: tl.constexpr, FMT: tl.constexpr, MDT: tl.con
         wj = _halves(v, R).to(fdt, bitcast=True)
         return (wj - off).to(fdt) * s.to(fdt)[:, None]
     else:
-        wj = _halves(_mx_bits(w, j, 6), R)
+        if j == 3:
+            v = ((w >> 3) & 0x01C001C0) | (w & _SIGN)
+        else:
+            v = ((w << (6 - 3 * j)) & 0x01C001C0) | ((w << (3 - j)) & _SIGN)
+        wj = _halves(v, R)
         wj = wj.to(tl.bfloat16, bitcast=True) * 9.223372036854775808e18  # 2^63, exact
         sb = ((tl.minimum(tl.maximum(s, 1), 191) + 63) << 7).to(tl.int16)  # bf16 2^(e - 64)
         return wj * sb.to(tl.bfloat16, bitcast=True)[:, None]
@@ -416,7 +392,8 @@ def _step(acc, k0, Wp, Sp, row_w, row_s, wm, Xp, x_row, x_ok, XSp, xs_row, XSC,
                 else:  # FMT == 3: e2m1 -> fp16 bits of value * 2^-14 (subnormals for e = 0)
                     e8 = tl.load(Sp + row_s + c * SCS + j, mask=wm, other=127).to(tl.int32)
                     sw = _pow2(tl.minimum(e8 + 14, 254))
-                    wj = _halves(_mx_bits(w, j, 9), R)
+                    v = (((w << (9 - 3 * j)) & 0x0E000E00) | ((w << (3 - j)) & _SIGN))
+                    wj = _halves(v, R)
                     wj = wj.to(tl.float16, bitcast=True)
                     if MDT == 2:
                         d = _dot(wj, x, tl.zeros((R, BM), tl.float32), 2)

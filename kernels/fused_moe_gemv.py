@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _e2m1_value, _mx_bits, _mx_quant, _pow2, _wrow
+from .fused_moe_common import _SIGN, _e2m1_value, _mx_quant, _pow2, _wrow
 from .fused_moe_tc import _pick, empty
 from .moe_align import pair_expert
 
@@ -54,7 +54,7 @@ def _dq4_pair(w, wh, j: tl.constexpr, x0, x1, FMT: tl.constexpr):
         q0 = (w & keep).to(tl.float32, bitcast=True) - off
         q1 = (wh & keep).to(tl.float32, bitcast=True) - off
     else:
-        v = _mx_bits(w, j, 9)
+        v = ((w << (9 - 3 * j)) & 0x0E000E00) | ((w << (3 - j)) & _SIGN)
         q0 = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         q1 = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return q0 * x0 + q1 * x1

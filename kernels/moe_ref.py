@@ -27,13 +27,9 @@ Kernel layouts (repack at load time, still 4 bits/weight, scales unchanged):
   element k = 128c + 32j + 2t + h. So ((w >> 4j) & 0x000F000F) puts one scale group (32
   consecutive k, pairs (2t, 2t+1) in the two 16-bit halves) into 16-bit lanes at once.
 - mxfp4 "kernel" layout: int32 [..., N, K/128, 16]; same element order; in 16-bit half h the
-  element j stores its 3 magnitude bits at bits 3j..3j+2 and its sign at bit MX_SIGN_BITS[j]
-  = (13, 12, 15, 14)[j], so that ((w << (9-3j)) & 0x0E000E00) | ((w << MX_SIGN_SHIFT[j]) &
-  0x80008000) is two fp16 bit patterns equal to e2m1 * 2^-14 (the e2m1 zero-exponent codes land
-  on fp16 subnormals, exactly), and the same with (w << (6-3j)) & 0x01C001C0 two bf16 patterns
-  of e2m1 * 2^-126. The sign order makes ONE shift serve magnitude and sign for the bf16
-  patterns of groups 1 (both << 3) and 2 (both in place): fused_moe_common._mx_asm, 15 instead
-  of 18 instructions per word (session 14; the sign at 12 + j before).
+  element j stores its 3 magnitude bits at bits 3j..3j+2 and its sign at bit 12+j, so that
+  ((w << (9-3j)) & 0x0E000E00) | ((w << (3-j)) & 0x80008000) is two fp16 bit patterns equal to
+  e2m1 * 2^-14 (the e2m1 zero-exponent codes land on fp16 subnormals, exactly).
 """
 
 from __future__ import annotations
@@ -220,18 +216,13 @@ def qdq_mxfp4(x: torch.Tensor) -> torch.Tensor:
     return dequant_mxfp4(q, s)
 
 
-MX_SIGN_BITS = (13, 12, 15, 14)  # group j's sign bit inside each 16-bit half of a kernel word
-MX_SIGN_SHIFT = tuple(15 - b for b in MX_SIGN_BITS)  # left shift taking it to bit 15
-
-
 def repack_mxfp4(packed: torch.Tensor) -> torch.Tensor:
     """Quark uint8 [..., N, K/2] -> kernel layout int32 [..., N, K/128, 16]."""
     if (packed.shape[-1] * 2) % CHUNK:
         raise ValueError(f"mxfp4 kernel layout needs K % {CHUNK} == 0, got K={packed.shape[-1] * 2}")
     c = _kernel_order(unpack_fp4(packed).to(torch.int64))  # [..., C, 16, 2(h), 4(j)]
     j = torch.arange(4, device=c.device, dtype=torch.int64)
-    sb = torch.tensor(MX_SIGN_BITS, device=c.device, dtype=torch.int64)
-    half = (((c & 7) << (3 * j)) | (((c >> 3) & 1) << sb)).sum(-1)  # disjoint bits
+    half = (((c & 7) << (3 * j)) | (((c >> 3) & 1) << (12 + j))).sum(-1)  # disjoint bits
     w = half[..., 0] | (half[..., 1] << 16)
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
@@ -241,9 +232,8 @@ def unrepack_mxfp4(w: torch.Tensor) -> torch.Tensor:
     v = w.to(torch.int64) & 0xFFFFFFFF
     halves = torch.stack([v & 0xFFFF, v >> 16], -1)  # [..., C, 16, 2]
     j = torch.arange(4, device=w.device, dtype=torch.int64)
-    sb = torch.tensor(MX_SIGN_BITS, device=w.device, dtype=torch.int64)
     h = halves.unsqueeze(-1)
-    codes = ((h >> (3 * j)) & 7) | (((h >> sb) & 1) << 3)  # [..., C, 16, 2, 4]
+    codes = ((h >> (3 * j)) & 7) | (((h >> (12 + j)) & 1) << 3)  # [..., C, 16, 2, 4]
     return pack_fp4(_natural_order(codes))
 
 

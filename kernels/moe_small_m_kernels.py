@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_moe_common import _mx_bits, _sel4, _split4, _wrow
+from .fused_moe_common import _sel4, _split4, _wrow
 from .moe_align import pair_expert
 
 try:  # programmatic dependent launch (config "PDL"); absent from old Triton versions
@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
 
 INT4, MXFP4 = 2, 3
+_SIGN = tl.constexpr(-2147450880)  # 0x80008000 as int32
 _HI = tl.constexpr(-65536)  # 0xFFFF0000 as int32
 
 
@@ -73,7 +74,7 @@ def _dq(wl, wh, j: tl.constexpr, FMT: tl.constexpr):
         q0 = (wl & keep).to(tl.float32, bitcast=True) - off
         q1 = (wh & keep).to(tl.float32, bitcast=True) - off
     else:
-        v = _mx_bits(wl, j, 9)
+        v = ((wl << (9 - 3 * j)) & 0x0E000E00) | ((wl << (3 - j)) & _SIGN)
         q0 = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         q1 = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return q0, q1

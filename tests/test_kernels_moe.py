@@ -467,8 +467,10 @@ def test_mxfp4_bf16_bit_trick_matches_dequant():
     want = R.dequant_mxfp4(p, e8).unflatten(-1, (4, 16, 2))  # [row, j, t, h]
     sign = -2147450880
     for j in range(4):
-        mag = (k >> 3) if j == 3 else (k << (6 - 3 * j))
-        v = (mag & 0x01C001C0) | ((k << R.MX_SIGN_SHIFT[j]) & sign)
+        if j == 3:
+            v = ((k >> 3) & 0x01C001C0) | (k & sign)
+        else:
+            v = ((k << (6 - 3 * j)) & 0x01C001C0) | ((k << (3 - j)) & sign)
         scale = ((e8[:, j].int() + 63) << 7).to(torch.int16).view(torch.bfloat16)
         for h in range(2):
             bits = ((v >> (16 * h)) & 0xFFFF).to(torch.int32)
@@ -515,7 +517,7 @@ def test_mxfp4_pack_spec_and_round_trips():
     # the kernel's extraction gives fp16 bit patterns of e2m1 * 2^-14 for element 128c+32j+2t+h
     vals = R.e2m1_values(R.unpack_fp4(p))
     for j in range(4):
-        v = ((k << (9 - 3 * j)) & 0x0E000E00) | ((k << R.MX_SIGN_SHIFT[j]) & -2147450880)
+        v = ((k << (9 - 3 * j)) & 0x0E000E00) | ((k << (3 - j)) & -2147450880)
         for h in range(2):
             bits = ((v >> (16 * h)) & 0xFFFF).to(torch.int32)
             f16 = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(torch.float16)

@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 from atom_stream.kernels import fused_moe as fm
 from atom_stream.kernels import fused_moe_common as fmc
-from atom_stream.kernels.moe_ref import MX_SIGN_BITS
 from test_kernels_moe import rand_ids, real_experts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +132,7 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 def _mx_ref(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """The repacked MXFP4 layout (kernels/moe_ref.repack_mxfp4): per 16-bit half, group j's
-    3-bit magnitude at bits 3j.., its sign at bit MX_SIGN_BITS[j]; times 2^(e - 127) (exact)."""
+    3-bit magnitude at bits 3j.., its sign at bit 12 + j; times 2^(e - 127) (exact)."""
     R = w.shape[0]
     wl = w.long() & 0xFFFFFFFF
     out = torch.empty(R, 4, 16, 2)
@@ -141,7 +140,7 @@ def _mx_ref(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         for h in range(2):
             half = (wl >> (16 * h)) & 0xFFFF
             mag = E2M1[(half >> (3 * j)) & 7]
-            sign = 1.0 - 2.0 * ((half >> MX_SIGN_BITS[j]) & 1).float()
+            sign = 1.0 - 2.0 * ((half >> (12 + j)) & 1).float()
             out[:, j, :, h] = sign * mag * torch.exp2(e[:, j].float() - 127)[:, None]
     return out.reshape(R, 128).bfloat16()
 
