@@ -249,14 +249,14 @@ SMTC_CANDIDATES = {m: _SMTC for m in (1, 2, 4, 8)}
 _SM3 = {"small_m_max": 3, "gemv_max": 3}
 SMTC_CANDIDATES[3] = [{}, _SM3, {}, _SM3]
 # --set m1f (session 15): M <= 2 on the small-M kernels: the down's tile / warps (BN2 16 at 4
-# warps: 187 registers, 2 CTAs per SM, 448 programs in 1.7 waves; BN2 32 or 2 warps: 64) and
-# its pair loop at run time (DL: 48 registers at BN2 16, 4 warps), twice each. Round 1 of that session also timed two removed experiments (bench/RESULTS.md session 15,
+# warps: 187 registers, 2 CTAs per SM, 448 programs in 1.7 waves; BN2 32 or 2 warps: 64), twice
+# each. Round 1 of that session also timed two removed experiments (bench/RESULTS.md session 15,
 # commits f29e242 / d627f52): the gate_up asking L2 for the down weights, and gate_up + down in
 # one launch with a device-counter wait; both slower
 _SMK = "small_m"
-_M1F = [{}, {_SMK: {"DL": 1}}, {_SMK: {"DL": 1, "W2": 4}}, {_SMK: {"DL": 1, "BN2": 32}},
-        {_SMK: {"DL": 1, "BN2": 8}}, {_SMK: {"W2": 4}}, {}, {_SMK: {"DL": 1}},
-        {_SMK: {"DL": 1, "W2": 4}}, {_SMK: {"W2": 2}}]
+_M1F = [{}, {_SMK: {"W2": 2}}, {_SMK: {"BN2": 32}}, {_SMK: {"BN2": 32, "W2": 8}},
+        {_SMK: {"BN2": 8, "W2": 2}}, {_SMK: {"W2": 4}}, {}, {_SMK: {"W2": 2}},
+        {_SMK: {"BN2": 8, "W2": 2}}, {_SMK: {"W2": 4}}]
 M1F_CANDIDATES = {m: _M1F for m in (1, 2)}
 # --set tcx: TC_CANDIDATES then these (what isolates each change; a second run, same budget)
 TC_EXTRA = {

@@ -43,8 +43,7 @@ config (overrides of default_config): M1, MR (the per-pair kernel's switch, at a
 program; it also takes CH, W1, S1, PDL), BN, CH (128-K chunks per step), SK, BT, W1 (warps), BN2,
 W2, S1/S2 (num_stages), MC/PC (token / pair chunk of the id scans, powers of 2); candidates, default
 0 = off until an H200 A/B (bench/moe_small_m.py --sweep, bench/notes_moe_small_m.md): VT=1 gate_up
-epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DL=1 the
-down kernel's pair loop at run time (48 instead of 187 registers at BN2 16, 4 warps), DW=1 the
+epilogue / split-K tail read a token's ids as one vector (no chain of KP dependent loads), DW=1 the
 down kernel requests all KP pairs' weights at once (_down_all_kernel), PDL=1 the down kernel is a
 programmatic dependent launch (its weight loads overlap the gate_up's tail; act is read after
 griddepcontrol.wait; CUDA only, never under the interpreter); "poison": True fills act with NaN
@@ -104,7 +103,7 @@ def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
     # -> 29.8 / 30.3 us, MXFP4 34.3 / 34.5 -> 33.0 / 32.6; at M=1 (BN2 16) 4-8 % slower
     w2 = 2 if M == 2 else 4
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": w2, "S1": 1, "S2": 1,
-            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr, "DL": 0}
+            "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr}
 
 
 def _semaphores(n: int, device: torch.device) -> torch.Tensor:
@@ -219,8 +218,6 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
             w2.stride(0), v2.stride(0))
     meta = {"H": H, "I": I, "TOPK": top_k, "KP": kp, "N_ROUTED": E - n_shared, "BN": bn2,
             "FMT": code, "PDL": pdl, "num_warps": cfg["W2"], "num_stages": cfg["S2"]}
-    if cfg.get("DL") and not cfg.get("DW"):
-        meta["DL"] = 1
     if pdl:
         meta["launch_pdl"] = True
     if cfg.get("DW"):

@@ -374,14 +374,11 @@ def _down_kernel(
     ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om, stride_we, stride_se,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     N_ROUTED: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr, PDL: tl.constexpr = 0,
-    DL: tl.constexpr = 0,
 ):
     """Grid (M, H / BN): out[m, tile] = sum over the KP pairs of token m of weight x
     down_e(act[pair]) in fp32 (act in the down order of _store_act), stored in OUT's dtype.
     PDL=1 (launched as a programmatic dependent of the gate_up): the first pair's weights are
-    requested before griddepcontrol.wait, act only after it. DL=1: the pair loop is a run-time
-    loop (the unrolled one lets the compiler hoist every pair's loads: 187 registers at BN 16,
-    4 warps, sm_90), same math and order; the last iteration's prefetch re-reads its own tile."""
+    requested before griddepcontrol.wait, act only after it."""
     m = tl.program_id(0)
     jt = tl.program_id(1)
     CH: tl.constexpr = I // 128
@@ -395,24 +392,6 @@ def _down_kernel(
     s_n = tl.load(_scale_ptrs(S + e * stride_se + n * (I // 32), BN, CH))
     if PDL:
         gdc_wait()
-    if DL:
-        for k in range(KP):
-            p = m * KP + k
-            w = w_n
-            s = s_n
-            pn = m * KP + tl.minimum(k + 1, KP - 1)  # prefetch the next pair's tile
-            e = pair_expert(IDS, stride_im, pn, pn >= 0, TOPK, KP, N_ROUTED).to(tl.int64)
-            w_n = tl.load(W + e * stride_we + n[:, None, None, None] * (I // 8) + c4 * 16 + t4)
-            s_n = tl.load(_scale_ptrs(S + e * stride_se + n * (I // 32), BN, CH))
-            wt = tl.load(TW + m.to(tl.int64) * stride_tm + k, mask=k < TOPK, other=1.0)
-            wl, wh = _prep(w, MAGIC, FMT)
-            Ap = tl.broadcast_to(ACT + p.to(tl.int64) * I + c4 * 128 + t4, (BN, CH, 4, 4))
-            for j in tl.static_range(4):
-                part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
-                acc += part * (_scales(s, j, FMT) * wt.to(tl.float32))
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))
-        return
     for k in tl.static_range(KP):
         p = m * KP + k
         w = w_n
