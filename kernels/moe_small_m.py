@@ -98,9 +98,9 @@ def default_config(M: int, H: int, I: int, top_k: int, wt: int = 1) -> dict:
     # MXFP4 at M=1)
     m1 = (M == 1 and M1_KERNEL) or 1 < M <= PAIR_M_MAX
     mr = 4 if wt == 1 else (8 if M == 1 else 16)
-    # W2 2 at M=2: the down's [32, 2, 4, 4] tile at 2 warps keeps 64 registers (4 warps: 187,
-    # 2 CTAs per SM, 1.7 waves); H200 (bench/RESULTS.md session 15, two runs): int4 30.7 / 31.3
-    # -> 29.8 / 30.3 us, MXFP4 34.3 / 34.5 -> 33.0 / 32.6; at M=1 (BN2 16) 4-8 % slower
+    # W2 2 at M=2: the down's [32, 2, 4, 4] tile in 16 words per thread (105 registers, sm_90;
+    # 4 warps: 64); H200 (bench/RESULTS.md session 15, two runs): int4 30.7 / 31.3 -> 29.8 /
+    # 30.3 us, MXFP4 34.3 / 34.5 -> 33.0 / 32.6; at M=1 (BN2 16) 4-8 % slower
     w2 = 2 if M == 2 else 4
     return {"BN": bn, "CH": ch, "SK": sk, "BT": bt, "W1": 4, "BN2": bn2, "W2": w2, "S1": 1, "S2": 1,
             "VT": 0, "DW": 0, "PDL": 0, "M1": int(m1), "MR": mr}
