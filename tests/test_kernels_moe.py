@@ -71,6 +71,61 @@ def test_routing_matches_reference(E, top_k, n_group, topk_group, norm):
                 assert len(set((row // (E // n_group)).tolist())) <= topk_group
 
 
+def _stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim, ties in ascending index (torch.topk's tie
+    order is unspecified, so moe_routing_ref cannot check it)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_routing_ties_pick_lowest_id_first(n_group, topk_group):
+    """Exactly tied scores (few distinct logit values, no bias): experts and groups are picked
+    lowest id first, the kernel's documented order, against a stable-sort reference; also with
+    every score equal."""
+    gen = torch.Generator().manual_seed(11 + n_group)
+    E, top_k = 64, 6
+    for M in (1, 5):
+        for levels in (3, 1):
+            logits = torch.randint(0, levels, (M, E), generator=gen).float() - 1.0
+            sel = logits.sigmoid()
+            if n_group > 1:
+                g = sel.view(M, n_group, -1)
+                gscore = torch.sort(g, -1, descending=True).values[..., :2].sum(-1)
+                keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(
+                    1, _stable_topk(gscore, topk_group), True)
+                sel = sel.masked_fill(~keep.repeat_interleave(E // n_group, 1), float("-inf"))
+            rid = _stable_topk(sel, top_k)
+            tw = torch.full((M, top_k), float("nan"), device=DEV)
+            tid = torch.full((M, top_k), -1, dtype=torch.int32, device=DEV)
+            moe_routing(logits.to(DEV), None, top_k=top_k, n_group=n_group,
+                        topk_group=topk_group, out=(tw, tid))
+            assert torch.equal(tid.long().cpu(), rid)
+            rw = logits.sigmoid().gather(1, rid)
+            assert torch.allclose(tw.cpu(), rw / (rw.sum(-1, keepdim=True) + 1e-20), rtol=1e-5)
+
+
+@pytest.mark.parametrize("inter", [48, 256, 1500])
+def test_routing_fused_silu_mul(inter):
+    """act=(gu, out): the same launch writes silu_mul(gu) (kernels/silu_mul.py's kernel is the
+    reference, same rounding points) on strided views of one fp32 [M, E + 2I] GEMM output, as
+    the model's fused router + shared gate/up GEMM hands them over; routing is unchanged."""
+    from atom_stream.kernels.silu_mul import silu_mul
+    gen = torch.Generator().manual_seed(inter)
+    E, top_k, M = 64, 6, 3
+    dt = torch.float16
+    out = (torch.randn(M, E + 2 * inter, generator=gen) * 2).to(DEV)
+    logits, gu = out[:, :E], out[:, E:]
+    bias = (torch.randn(E, generator=gen) * 0.5).to(DEV)
+    act = torch.full((M, inter), float("nan"), dtype=dt, device=DEV)
+    _tw, tid = moe_routing(logits, bias, top_k=top_k, act=(gu, act))
+    _rw, rid = R.moe_routing_ref(logits, bias, top_k=top_k)
+    assert torch.equal(tid.long().cpu(), rid.cpu())
+    ref = silu_mul(gu, out=torch.empty(M, inter, dtype=dt, device=DEV))
+    assert torch.equal(act, ref)
+    with pytest.raises(ValueError):
+        moe_routing(logits, bias, top_k=top_k, act=(gu, act[:, :-1]))
+
+
 def test_routing_bias_selects_but_does_not_weight():
     logits = torch.randn(3, 16, device=DEV)
     bias = torch.zeros(16, device=DEV) - 5.0

@@ -59,7 +59,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (this rank's partial sum when reduce=False), plus `add`
-        [T, hidden] when given (the kernel path folds it into the down GEMM's epilogue)."""
+        [T, hidden] when given (the kernel path folds it into the down GEMM's epilogue and may
+        write the sum into `add` itself: pass a tensor the caller no longer needs)."""
         if self.w_gate_up is not None and kernel_path.active(x):
             return self.down_add(self.act(x), add)
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -72,10 +73,14 @@ class MLP(nn.Module):
         return silu_mul(dense_linear(x, self.w_gate_up))
 
     def down_add(self, act: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-        """Kernel path, second half: down(act) (+ add, folded into the GEMM when possible)."""
+        """Kernel path, second half: down(act) (+ add, folded into the GEMM when possible, then
+        in place: the result may be `add` itself)."""
         down = self.down_proj
         if add is not None and down.quant_method is None and not down.reduce:
-            return torch.addmm(add, act, down.weight.t())  # add + act @ W^T, one launch
+            # add += act @ W^T in place, one launch: `add` is the caller's fresh partial sum (the
+            # routed experts' output); out-of-place addmm made cuBLAS copy it first (an extra
+            # memcpy32_post kernel per layer in the B=1 profile)
+            return add.addmm_(act, down.weight.t())
         y = down(act)
         return y if add is None else add + y
 
@@ -191,15 +196,16 @@ class MoE(nn.Module):
         self.w_router_shared = fused
 
     def _router_and_shared(self, x: torch.Tensor):
-        """FUSE_ROUTER_SHARED: (logits [T, E] fp32 view, shared act [T, I] in x's dtype) from one
-        fp32-output GEMM, or None where the backend has no such GEMM (the caller's path runs)."""
+        """FUSE_ROUTER_SHARED: (logits [T, E] fp32 view, the shared expert's gate/up [T, 2I] fp32
+        view, an empty act buffer [T, I] in x's dtype) from one fp32-output GEMM, or None where
+        the backend has no such GEMM (the caller's path runs). The routing launch fills act
+        with SiLU(gate) * up (kernels/moe_routing.py, `act=`)."""
         out = kernel_path.linear_fp32_out(x, self.w_router_shared)
         if out is None:
             return None
-        from atom_stream.kernels.silu_mul import silu_mul
         E = self.cfg.n_routed_experts
         act = torch.empty(x.shape[0], (out.shape[1] - E) // 2, dtype=x.dtype, device=x.device)
-        return out[:, :E], silu_mul(out[:, E:], out=act)
+        return out[:, :E], out[:, E:], act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]: routed experts + shared expert, one TP reduction.
@@ -224,14 +230,15 @@ class MoE(nn.Module):
             fused = self._router_and_shared(x)
         if kernel_routing:
             from atom_stream.kernels.moe_routing import moe_routing
-            if fused is not None:
-                logits, act = fused
+            if fused is not None:  # the shared SiLU*mul rides in the routing launch
+                logits, gu, act = fused
             else:
                 logits = kernel_path.router_logits(x, self.gate.weight_lp, self.gate.weight)
             weights, ids = moe_routing(
                 logits, bias, top_k=cfg.num_experts_per_tok, n_group=G,
                 topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-                routed_scaling_factor=cfg.routed_scaling_factor)
+                routed_scaling_factor=cfg.routed_scaling_factor,
+                act=None if fused is None else (gu, act))
         else:
             logits = F.linear(x.float(), self.gate.weight)
             weights, ids = route(
