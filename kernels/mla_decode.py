@@ -390,8 +390,13 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                workspace: tuple[torch.Tensor, ...] | None = None,
                rope_dim: int = 64, config: tuple[int, ...] | None = None,
                chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
-               fp8_mode: int = 1, fp8_path: str = "regs") -> torch.Tensor:
-    """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R].
+               fp8_mode: int = 1, fp8_path: str = "regs",
+               uv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R], or with
+    uv = (w_uv [H, V, R], y [B, H, V]) y = o_latent @ W_UV^T per head (written into y and
+    returned; `out` then only holds some rows' o_latent): v1 / v3 / v5 fold the product into
+    their merge launch (mla_decode_v3.launch_merge_uv, also when nothing is split), v2 runs
+    a bmm after its own merge.
     v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);
     fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
     v3: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
@@ -432,11 +437,12 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         # k_scale (and the bit moves' fp16 factor) folded into the score and output scales
         asm = _v5.native_cvt(kv_cache.dtype, kv_cache.device)
         f = float(k_scale) * (1.0 if asm else 2.0 ** (15 - _fp8_bias(kv_cache.dtype)))
-        return _v5.launch_v5(
+        _v5.launch_v5(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
             S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
             stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm,
-            maxnreg=cap[0] if cap else None)
+            maxnreg=cap[0] if cap else None, defer_merge=uv is not None)
+        return _merge_uv(out, seq_lens, ws, S, block_n, uv)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0
@@ -450,12 +456,13 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         if S > 1:
             ws = workspace or _v3_workspace(B, H, R, S, q_nope.device)
         # k_scale folded out of the tile for every cache dtype: scores and output scaled once
-        return _v3.launch_v3(
+        _v3.launch_v3(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out,
             float(scale) * _LOG2E * float(k_scale), float(k_scale), S, ws, f16=fp8,
             fp8_path=path, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n,
             warps=warps, stages=stages, chunk=chunk, min_split=MIN_SPLIT,
-            maxnreg=cap[0] if cap else None)
+            maxnreg=cap[0] if cap else None, defer_merge=uv is not None)
+        return _merge_uv(out, seq_lens, ws, S, block_n, uv)
     block_n, warps, stages = config or _launch_cfg(kv_cache.dtype, H)
     if variant == "v2":
         P = num_splits
@@ -477,11 +484,15 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             elif fp8_mode == 2:  # fp16 holds fp8 * 2^(bias - 15)
                 f = float(2 ** (15 - _fp8_bias(kv_cache.dtype)))
                 qk, os_ = qk * f, os_ * f
-        return _v2.launch_v2(
+        _v2.launch_v2(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk, ks, os_, P, ws,
             f16=fp8, cvt=cvt, merge=merge == "fused" and P > 1, block_h=BLOCK_H,
             block_n=block_n, warps=warps, stages=stages, chunk=chunk, min_chunk=V2_MIN_CHUNK,
             max_s=FUSED_MAX_S if merge == "fused" else MAX_SPLITS)
+        if uv is not None:  # [H, B, R] @ [H, R, V] into y viewed as [H, B, V]
+            torch.bmm(out.transpose(0, 1), uv[0].transpose(1, 2), out=uv[1].transpose(0, 1))
+            return uv[1]
+        return out
     direct = num_splits == 1
     if direct:
         opart = lse = out  # unused
@@ -501,6 +512,11 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         R=R, DR=DR, CH=chunk, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=block_n, MIN_SPLIT=MIN_SPLIT,
         DIRECT=direct, F16=fp8, num_warps=warps, num_stages=stages,
     )
+    if uv is not None:
+        strides = (0,) * 5 if direct else (opart.stride(0), opart.stride(1), opart.stride(2),
+                                           lse.stride(0), lse.stride(1))
+        return _v3.launch_merge_uv(opart, lse, seq_lens, out, num_splits, strides, block_n,
+                                   MIN_SPLIT, *uv, v1=True)
     if not direct:
         block_s = triton.next_power_of_2(num_splits)
         block_r = min(R, max(16, 4096 // block_s))
@@ -511,6 +527,16 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             BLOCK_N=block_n, MIN_SPLIT=MIN_SPLIT, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
         )
     return out
+
+
+def _merge_uv(out, seq_lens, ws, S, block_n, uv):
+    """After a v3 / v5 launch: `out` as it is (uv None: already merged there), or the deferred
+    merge with W_UV folded in, into uv's y."""
+    if uv is None:
+        return out
+    B, H, R = out.shape
+    opart, lse, _, strides = _v3.split_workspace(out, seq_lens, ws, B, H, S, R, BLOCK_H)
+    return _v3.launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, MIN_SPLIT, *uv)
 
 
 def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,

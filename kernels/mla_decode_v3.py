@@ -285,6 +285,79 @@ def _mla_merge_v3(
         tl.store(OUT + b * stride_ob + h * stride_oh + offs_r, o.to(OUT.dtype.element_ty))
 
 
+@triton.jit
+def _mla_merge_uv(
+    OPART, LSE, LENS, OLAT, WUV, Y, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    stride_wh, stride_wv, stride_yb, stride_yh, V,
+    R: tl.constexpr, BLOCK_V: tl.constexpr, RC: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLIT: tl.constexpr, MIN_PARTS: tl.constexpr,
+):
+    """The merge with W_UV folded in: grid (B, H, cdiv(V, BLOCK_V)). Program (b, h, vb) forms
+    o_lat[b, h] (the lse-weighted sum of the active splits' partials, or the attention kernel's
+    direct output in OLAT when SPLIT is 0 or the sequence has fewer than MIN_PARTS active
+    splits: 2 after v3 / v5, which write those directly; 0 after v1, which writes partials for
+    every sequence, none for an empty one: o_lat = 0 as v1's merge makes it), rounded to
+    OLAT's dtype as the merge kernel stores it, then writes
+    Y[b, h, v] = sum_r o_lat[r] * W_UV[h, v, r] for its BLOCK_V columns (fp32 sums, Y's dtype).
+    Each (b, h) merge is recomputed by its cdiv(V, BLOCK_V) programs (cheap at decode batch
+    sizes: S x R fp32 from L2); R is walked in RC-wide chunks to bound the registers."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = offs_v < V
+    odt = OLAT.dtype.element_ty
+    use_parts = False
+    if SPLIT:
+        seq_len = tl.load(LENS + b)
+        n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
+        offs_s = tl.arange(0, BLOCK_S)
+        smask = offs_s < n_act
+        # (a direct sequence's lse slots are stale: its weights come out unused)
+        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=smask,
+                      other=float("-inf"))
+        mx = tl.max(lse, 0)
+        wgt = tl.where(smask, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
+        den = tl.sum(wgt, 0)
+        wgt = wgt / tl.where(den > 0, den, 1.0)
+        use_parts = n_act >= MIN_PARTS
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    for rc in tl.static_range(R // RC):
+        offs_r = rc * RC + tl.arange(0, RC)
+        if use_parts:
+            parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
+                            + offs_r[None, :], mask=smask[:, None], other=0.0)
+            o = tl.sum(parts * wgt[:, None], 0).to(odt).to(tl.float32)
+        else:
+            o = tl.load(OLAT + b * stride_ob + h * stride_oh + offs_r).to(tl.float32)
+        w = tl.load(WUV + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
+                    mask=vmask[:, None], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * o[None, :], 1)
+    tl.store(Y + b * stride_yb + h * stride_yh + offs_v, acc.to(Y.dtype.element_ty), mask=vmask)
+
+
+def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w_uv, y,
+                    block_v=16, v1=False):
+    """After an attention launch with the merge deferred: y [B, H, V] = merge(o_lat) @ W_UV^T
+    per head (w_uv [H, V, R], last dim contiguous; y's last dim contiguous), one launch
+    (_mla_merge_uv). `out` [B, H, R] holds the direct sequences' o_lat (and is left as the
+    attention kernel wrote it: the merged o_lat is never stored). v1: after mla_decode's v1
+    (partials for every sequence when S > 1), else after v3 / v5."""
+    B, H, R = out.shape
+    V = w_uv.shape[1]
+    assert w_uv.shape == (H, V, R) and w_uv.stride(-1) == 1 and y.stride(-1) == 1
+    assert y.shape == (B, H, V)
+    block_s = triton.next_power_of_2(S)
+    rc = min(R, max(16, 4096 // max(block_s, block_v)))
+    _mla_merge_uv[(B, H, triton.cdiv(V, block_v))](
+        opart, lse, seq_lens, out, w_uv, y, S, *strides, out.stride(0), out.stride(1),
+        w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
+        R=R, BLOCK_V=block_v, RC=rc, BLOCK_S=block_s, BLOCK_N=block_n, MIN_SPLIT=min_split,
+        SPLIT=S > 1, MIN_PARTS=0 if v1 else 2, num_warps=4,
+    )
+    return y
+
+
 def alloc_v3_workspace(batch: int, num_heads: int, kv_lora_rank: int, num_splits: int,
                        block_h: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(opart [B, H, S, R] fp32, lse [B, H, S] fp32, counters [B * head_groups] int32 zeros)."""
@@ -327,15 +400,16 @@ def launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split):
 
 def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, f16, fp8_path, merge, block_h, block_n, warps, stages,
-              chunk, min_split, maxnreg=None):
+              chunk, min_split, maxnreg=None, defer_merge=False):
     """Launch the v3 kernel(s); scales already folded by the caller (see the module docstring).
-    maxnreg: cap on registers per thread for the attention kernel (NVIDIA only; None = none)."""
+    maxnreg: cap on registers per thread for the attention kernel (NVIDIA only; None = none).
+    defer_merge: no merge at all (the caller launches launch_merge_uv next)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
     S = num_splits
     opart, lse, cnt, strides = split_workspace(out, seq_lens, workspace, B, H, S, R, block_h)
-    merge = bool(merge) and S > 1
+    merge = bool(merge) and S > 1 and not defer_merge
     bs, mc = fused_merge_tiles(S, merge, R, block_h)
     if f16 and fp8_path == 1:
         stages = 1  # the register double buffer replaces the cp.async pipeline
@@ -349,6 +423,6 @@ def launch_v3(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
-    if S > 1 and not merge:
+    if S > 1 and not merge and not defer_merge:
         launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split)
     return out

@@ -213,11 +213,12 @@ def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, merge, block_h, block_n, warps, stages, pairs,
-              min_split, asm, maxnreg=None):
+              min_split, asm, maxnreg=None, defer_merge=False):
     """Launch v5 (+ v3's merge kernel when S > 1 and not merged in-kernel). kv_cache: the fp8
     cache (viewed as int16 here); qk_scale / out_scale already hold k_scale and, without `asm`
     (native_cvt), the fp16 factor 2^(15 - bias) (mla_decode). pairs: int16 columns per chunk
-    (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none)."""
+    (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none).
+    defer_merge: no merge at all (the caller launches v3's launch_merge_uv next)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
@@ -225,7 +226,7 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
     kv16 = kv_cache.view(torch.int16)
     S = num_splits
     opart, lse, cnt, strides = split_workspace(out, seq_lens, workspace, B, H, S, R, block_h)
-    merge = bool(merge) and S > 1
+    merge = bool(merge) and S > 1 and not defer_merge
     bs, mc = fused_merge_tiles(S, merge, R, block_h)
     _mla_decode_v5[(triton.cdiv(H, block_h), B, S)](
         q_nope, q_pe, kv16, block_tables, seq_lens, opart, lse, cnt, out,
@@ -236,6 +237,6 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
-    if S > 1 and not merge:
+    if S > 1 and not merge and not defer_merge:
         launch_merge(opart, lse, seq_lens, out, S, strides, block_n, min_split)
     return out

@@ -58,7 +58,10 @@ def make_tables(lens, page, num_blocks, device, gen=None, width=None):
 
 def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, seed,
                k_scale=1.0, fused_q=False, config=None, chunk=128, variant="v1", merge=None,
-               fp8_mode=1, ws=None, fp8_path="regs"):
+               fp8_mode=1, ws=None, fp8_path="regs", uv_dim=0):
+    """(out, ref): o_latent from mla_decode and mla_decode_ref; with uv_dim > 0 the uv= form
+    instead, (y, y_ref) with a random W_UV [H, uv_dim, R] and y_ref = ref rounded to q's dtype
+    times W_UV^T per head in fp32 (the rounding points of the merge + bmm it replaces)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_blocks = len(lens) * (max(-(-n // page) for n in lens) + 1) + 3
     kv = make_cache(num_blocks, page, R + DR, kv_dtype, "cpu", k_scale, gen).to(device)
@@ -74,11 +77,19 @@ def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, s
     ws[1].fill_(float("nan"))
     kw = dict(out=out, num_splits=num_splits, workspace=ws, config=config, chunk=chunk,
               variant=variant, merge=merge, fp8_mode=fp8_mode, fp8_path=fp8_path)
+    if uv_dim:
+        w_uv = (torch.randn(H, uv_dim, R, generator=gen) * 0.2).to(q_dtype).to(device)
+        y = torch.full((B, H, uv_dim), float("nan"), dtype=q_dtype, device=device)
+        kw["uv"] = (w_uv, y)
     if fused_q:
-        dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, rope_dim=DR, **kw)
+        got = dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, rope_dim=DR, **kw)
     else:
-        dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, **kw)
+        got = dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, **kw)
     ref = dec.mla_decode_ref(qn.float(), qp.float(), kv, bt, seq_lens, scale, k_scale)
+    if uv_dim:
+        assert got is y
+        return y, torch.einsum("bhr,hvr->bhv", ref.to(q_dtype).float(), w_uv.float())
+    assert got is out
     return out, ref
 
 
@@ -252,6 +263,28 @@ def test_decode_v3_interpreted(merge, q_dtype, kv_dtype, fp8_path):
         tol = 2e-6 if q_dtype == torch.float32 and not fp8 else 2e-3
         assert rel_err(out, ref) < tol
         assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # the merge path ran
+
+
+@cpu_only
+@pytest.mark.parametrize("variant,S,kv_dtype", [
+    ("v1", 1, torch.float32), ("v1", 4, torch.float32), ("v3", 6, torch.float32),
+    ("v3", 1, torch.float32), ("v3", 6, FP8), ("v2", 4, torch.float32)])
+@pytest.mark.parametrize("uv_dim", [16, 24])
+def test_decode_merge_uv_interpreted(variant, S, kv_dtype, uv_dim):
+    """mla_decode(uv=(w_uv, y)): W_UV folded into the merge launch (v1 / v3; v2 runs a bmm)
+    equals the attention reference times W_UV, for direct, split and empty sequences (y
+    poisoned first; uv_dim 24 leaves a partial BLOCK_V tile). The attention runs with its
+    merge deferred, so v3's fused merge is never taken here."""
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    fp8 = kv_dtype == FP8
+    for rep in range(2):
+        y, ref = run_decode(7, 3, 32, 16, 8, lens, torch.float32, kv_dtype, S, "cpu",
+                            seed=hash((variant, S, str(kv_dtype), uv_dim, rep)) % 2**31,
+                            k_scale=0.37 if fp8 else 1.25, chunk=16, config=(16, 4, 1),
+                            variant=variant, merge="fused" if variant == "v3" else None,
+                            uv_dim=uv_dim)
+        assert torch.all(y[0] == 0), "empty sequence must give 0"
+        assert rel_err(y, ref) < (2e-3 if fp8 else 2e-6)
 
 
 @cpu_only

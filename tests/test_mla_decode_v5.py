@@ -78,6 +78,24 @@ def test_decode_v5_interpreted(merge, q_dtype, kv_dtype, R, chunk):
 
 
 @cpu_only
+@pytest.mark.parametrize("S", [6, 1])
+def test_decode_v5_merge_uv_interpreted(S):
+    """uv=(w_uv, y): v5 with its merge deferred to the merge + W_UV launch equals the reference
+    times W_UV (direct, split and empty sequences; y poisoned; twice on one workspace)."""
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    ws = dec.alloc_decode_workspace(7, 3, 64, S, "cpu", variant="v5")
+    for rep in range(2):
+        y, ref = run_decode(7, 3, 64, 32, 8, lens, torch.float32, FP8, S, "cpu",
+                            seed=zlib.crc32(f"uv {S} {rep}".encode()), k_scale=0.37, chunk=32,
+                            config=(16, 4, 1), variant="v5", ws=ws if S > 1 else None,
+                            uv_dim=40)
+        assert torch.all(y[0] == 0), "empty sequence must give 0"
+        assert rel_err(y, ref) < 2e-3
+        if S > 1:
+            assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # partials, no counters used
+
+
+@cpu_only
 def test_v5_falls_back_to_v3_where_it_does_not_apply():
     """A 16-bit cache, or rope 16 (pairs < 16), runs v3 on the same workspace: still exact."""
     lens = [3, 90, 17]
@@ -109,6 +127,25 @@ def test_decode_v5_gpu(kv_dtype, merge, cfg, S):
         assert torch.all(out[0] == 0)
         assert rel_err(out, ref) < 1e-2
         check_v3_scratch(ws, lens, S, (cfg or dec.V5_CONFIG)[0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant,kv_dtype", [("v5", FP8), ("v1", torch.bfloat16),
+                                              ("v3", torch.bfloat16)])
+@pytest.mark.parametrize("S", [1, 7, 40])
+def test_decode_merge_uv_gpu(variant, kv_dtype, S):
+    """uv=(W_UV, y) at the real widths (H=8, page 64, 512 + 64, v 128): the merge launch with
+    W_UV folded in equals the reference times W_UV, for empty, direct and split sequences."""
+    gen = torch.Generator().manual_seed(S)
+    lens = [0, 1, 5000, 63] + torch.randint(1, 3000, (5,), generator=gen).tolist()
+    B, H = len(lens), 8
+    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant=variant)
+    for seed in (1, 2):
+        y, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
+                            seed=seed, k_scale=0.5, variant=variant, ws=ws, uv_dim=128)
+        assert torch.all(y[0] == 0)
+        assert rel_err(y, ref) < 1e-2
 
 
 @pytest.mark.gpu

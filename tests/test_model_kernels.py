@@ -39,12 +39,14 @@ import pytest
 import torch
 from kernel_interp import interpret_without_gpu
 
-GPU = interpret_without_gpu("kv_store", "norm_rope", "moe_routing", "mla_decode", "silu_mul")
+GPU = interpret_without_gpu("kv_store", "norm_rope", "moe_routing", "mla_decode", "silu_mul",
+                            "mla_q_absorb")
 
 from atom_stream.kernels import kv_store as kvs_mod
 from atom_stream.kernels import mla_decode as mla_mod
 from atom_stream.kernels import mla_prefill as prefill_mod
 from atom_stream.kernels import mla_prologue as prologue_mod
+from atom_stream.kernels import mla_q_absorb as absorb_mod
 from atom_stream.kernels import moe_routing as routing_mod
 from atom_stream.kernels import norm_rope as nr_mod
 from atom_stream.kernels import silu_mul as silu_mod
@@ -168,7 +170,7 @@ def spy(monkeypatch):
     for mod, name in ((nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
                       (routing_mod, "moe_routing"), (kvs_mod, "kv_store"),
                       (mla_mod, "mla_decode"), (prefill_mod, "mla_prefill"),
-                      (prologue_mod, "mla_prologue")):
+                      (prologue_mod, "mla_prologue"), (absorb_mod, "mla_q_absorb")):
         fn = getattr(mod, name)
 
         def wrapped(*a, _fn=fn, _name=name, **k):
@@ -179,12 +181,20 @@ def spy(monkeypatch):
 
 
 def upcast_mla_decode(monkeypatch):
-    """CPU bf16 only: the interpreter mis-computes bf16 tl.dot; run mla_decode on fp32 copies."""
-    fn = mla_mod.mla_decode
+    """CPU bf16 only: the interpreter mis-computes bf16 tl.dot; run mla_decode and mla_q_absorb
+    on fp32 copies (q's rotated rope half copied back)."""
+    fn, fn_abs = mla_mod.mla_decode, absorb_mod.mla_q_absorb
 
     def run(q_nope, q_pe, kv_cache, *a, **k):
         return fn(q_nope.float(), q_pe.float(), kv_cache.float(), *a, **k).to(q_nope.dtype)
+
+    def run_abs(q, w_uk, *a, **k):
+        qf = q.float()
+        q_lat = fn_abs(qf, w_uk.float(), *a, **k)
+        q.copy_(qf)
+        return q_lat.to(q.dtype)
     monkeypatch.setattr(mla_mod, "mla_decode", run)
+    monkeypatch.setattr(absorb_mod, "mla_q_absorb", run_abs)
 
 
 def run_parity(q_lora, dtype, device, seed, spy, kv_dtype=None, **dims):
@@ -198,7 +208,9 @@ def run_parity(q_lora, dtype, device, seed, spy, kv_dtype=None, **dims):
     g = torch.Generator().manual_seed(seed + 2)
     moes = [(a.mlp, b.mlp) for a, b in zip(ref.model.layers, fast.model.layers)
             if isinstance(a.mlp, MoE)]
-    steps = [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2)]
+    # prefill only; decodes beside prefill chunks; decode only (the q_absorb launch)
+    steps = [([(0, 5), (1, 9), (2, 6)], 0), ([(0, 1), (1, 1), (2, 7), (3, 4)], 2),
+             ([(0, 1), (1, 1), (2, 1), (3, 1)], 4)]
     written = torch.zeros(NUM_BLOCKS * BLOCK, dtype=torch.bool)  # slots of all steps so far
     tol = TOL[dtype]
     fp8 = kv_dtype is not None and kv_dtype.itemsize == 1
@@ -239,14 +251,17 @@ def run_parity(q_lora, dtype, device, seed, spy, kv_dtype=None, **dims):
     # the fused MLA prologue (default on; needs the fused q_a / kv_a weight, i.e. q_lora, and the
     # attention kernels' widths): both latent norms, k_pe's RoPE and the KV store in one launch
     fused = mla_model.FUSED_PROLOGUE and attn.use_kernels and attn.w_qkv_a is not None
-    assert spy["mla_prologue"] == 2 * n * fused
+    assert spy["mla_prologue"] == 3 * n * fused
     # per step: 2 norms per layer + final, and the latent norms (q_a only with q_lora)
     latent = 0 if fused else n * (2 if q_lora else 1)
-    assert spy["fused_add_rmsnorm"] == 2 * (2 * n + 1) + 2 * latent
-    assert spy["rope_interleaved_"] == 2 * n * attn.rope_kernel_ok
-    assert spy["kv_store"] == 2 * n * attn.use_kernels * (not fused)
-    assert spy["mla_decode"] == n * attn.use_kernels  # step 2 only
-    assert spy["moe_routing"] == 2 * len(moes)
+    assert spy["fused_add_rmsnorm"] == 3 * (2 * n + 1) + 3 * latent
+    # the decode-only step (4 rows) rotates q_pe inside mla_q_absorb when that runs
+    q_abs = fused and mla_model.FUSED_ABSORB_MAX_B >= 4
+    assert spy["mla_q_absorb"] == n * q_abs
+    assert spy["rope_interleaved_"] == (3 - q_abs) * n * attn.rope_kernel_ok
+    assert spy["kv_store"] == 3 * n * attn.use_kernels * (not fused)
+    assert spy["mla_decode"] == 2 * n * attn.use_kernels  # steps 2 and 3
+    assert spy["moe_routing"] == 3 * len(moes)
     # the Triton prefill attention: 16-bit on GPUs only (3 prompts, then 2 chunks, per layer)
     assert spy["mla_prefill"] == (5 * n if GPU and bf16 else 0)
     if q_lora:
@@ -260,6 +275,15 @@ def test_kernel_path_matches_reference_interpreter(q_lora, dtype, spy, monkeypat
     if dtype == torch.bfloat16:
         upcast_mla_decode(monkeypatch)
     run_parity(q_lora, dtype, "cpu", seed=3 if q_lora else 4, spy=spy)
+
+
+@cpu_only
+def test_kernel_path_unfused_absorb_matches_reference_interpreter(spy, monkeypatch):
+    """mla.FUSED_ABSORB_MAX_B = 0 (the batch sizes above it): W_UK / W_UV as bmm's and q_pe's
+    RoPE in its own launch, still the reference's outputs; the fused launch is never called."""
+    monkeypatch.setattr(mla_model, "FUSED_ABSORB_MAX_B", 0)
+    run_parity(32, torch.float32, "cpu", seed=13, spy=spy)
+    assert spy["mla_q_absorb"] == 0 and spy["rope_interleaved_"] > 0
 
 
 @cpu_only
@@ -318,8 +342,9 @@ def test_fused_weights_are_views():
 # dispatcher (views and allocations excluded; each Triton launch and the routed experts count
 # one). Update these when a change removes ops; a change that adds ops fails here.
 # silu_mul: one launch for the SwiGLU activation; the fused MLA prologue (default since
-# session 14): one launch for both latent norms, k_pe's RoPE and the KV store (was 15 / 19)
-OP_BUDGET = {"dense": 13, "moe": 17}
+# session 14): one launch for both latent norms, k_pe's RoPE and the KV store (was 15 / 19);
+# session 16: W_UK + q_pe's RoPE in one launch, W_UV inside mla_decode's merge (was 13 / 17)
+OP_BUDGET = {"dense": 11, "moe": 15}
 
 
 def count_decode_ops(model, pool, cfg, force: bool):
@@ -348,7 +373,8 @@ def count_decode_ops(model, pool, cfg, force: bool):
 
     patches = [(nr_mod, "fused_add_rmsnorm"), (nr_mod, "rope_interleaved_"),
                (routing_mod, "moe_routing"), (kvs_mod, "kv_store"), (mla_mod, "mla_decode"),
-               (silu_mod, "silu_mul"), (prologue_mod, "mla_prologue")]
+               (silu_mod, "silu_mul"), (prologue_mod, "mla_prologue"),
+               (absorb_mod, "mla_q_absorb")]
     saved = [(m, n, getattr(m, n)) for m, n in patches]
     hooks = []
     try:

@@ -66,6 +66,11 @@ FUSED_PROLOGUE = envs.flag("ATOM_STREAM_FUSED_PROLOGUE")
 # TP1, 128 heads, would need 226 MB per layer). Tests flip the module attribute before loading.
 ABSORB_QB = envs.flag("ATOM_STREAM_ABSORB_QB")
 ABSORB_QB_MAX_BYTES = 64 << 20
+# Decode rows on the kernel path, up to FUSED_ABSORB_MAX_B of them: W_UV folded into the
+# attention's merge launch (mla_decode(uv=...)), and for decode-only batches with the fused
+# prologue also q_nope @ W_UK + q_pe's RoPE in one launch (kernels/mla_q_absorb.py): 4
+# launches -> 2 per layer. Above it the bmm's (weights read once per batch) are kept. 0 = off.
+FUSED_ABSORB_MAX_B = envs.integer("ATOM_STREAM_MLA_FUSED_ABSORB_MAX_B")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -227,8 +232,12 @@ class MLA(nn.Module):
         nd = md.num_decodes
         # decode-only batch with the folded weight: q comes out as [T, H, r + rope] (q_lat | q_pe)
         absorbed = self.w_q_abs is not None and nd == T
-        if FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None:
-            q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed)
+        fuse = self.use_kernels and 0 < nd <= FUSED_ABSORB_MAX_B  # W_UV in the merge
+        fused_pro = FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None
+        q_absorb = fuse and fused_pro and nd == T and not absorbed  # W_UK + q_pe RoPE
+        if fused_pro:
+            q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed,
+                                              rope_q=not q_absorb)
         else:
             q, c, k_pe = self._prologue(x, positions, kv_cache, md, absorbed)
         q_nope, q_pe = q[..., : -self.rope], q[..., -self.rope:]
@@ -236,14 +245,21 @@ class MLA(nn.Module):
         if nd:
             if absorbed:
                 q_lat = q_nope
+            elif q_absorb:  # q_pe rotated by the same launch
+                from atom_stream.kernels.mla_q_absorb import mla_q_absorb
+                q_lat = mla_q_absorb(q, self.w_uk, self.rotary.cos, self.rotary.sin, positions)
             else:  # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
                 q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
-            o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd],
-                                 self._decode_lens(md, x.device))
-            # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
-            # (o_lat is already in q's = x's dtype: the .to is a no-op, no launch)
-            torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
-                      out=out[:nd].transpose(0, 1))
+            lens = self._decode_lens(md, x.device)
+            if fuse:  # out[:nd] = o_lat @ W_UV^T from the merge launch
+                self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], lens,
+                             uv=(self.w_uv, out[:nd]))
+            else:
+                o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], lens)
+                # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
+                # (o_lat is already in q's = x's dtype: the .to is a no-op, no launch)
+                torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
+                          out=out[:nd].transpose(0, 1))
         self._prefill(out, q_nope, q_pe, c, k_pe, kv_cache, md, kernels=True)
         return self.o_proj(out.view(T, H * self.v_dim))
 
@@ -287,11 +303,12 @@ class MLA(nn.Module):
             store_kv(kv_cache, md.slot_mapping, torch.cat([c, k_pe], dim=-1), self.k_scale)
         return q, c, k_pe
 
-    def _prologue_fused(self, x, positions, kv_cache, md, absorbed=False):
+    def _prologue_fused(self, x, positions, kv_cache, md, absorbed=False, rope_q=True):
         """_prologue with the fused MLA prologue kernel (FUSED_PROLOGUE; needs the fused q_a/kv_a
         weight and the attention kernels' widths): the q_a/kv_a GEMM, ONE launch for both
         latent norms + k_pe's RoPE + the KV store (c / k_pe normed and rotated in place in
-        the GEMM output), q_b, then q_pe's RoPE in place."""
+        the GEMM output), q_b, then q_pe's RoPE in place (unless not rope_q: the caller's
+        mla_q_absorb rotates it)."""
         r, ql = self.r, self.cfg.q_lora_rank
         from atom_stream.kernels.mla_prologue import mla_prologue
         qkv = dense_linear(x, self.w_qkv_a)
@@ -301,7 +318,8 @@ class MLA(nn.Module):
                            self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
                            positions, kv_cache, md.slot_mapping, self.k_scale)
         q = self._q_b(q_n, absorbed)
-        self.rotary.rotate_(positions, q[..., -self.rope:])  # use_kernels: rope_kernel_ok too
+        if rope_q:
+            self.rotary.rotate_(positions, q[..., -self.rope:])  # use_kernels: rope_kernel_ok
         return q, kv[:, :r], kv[:, r:]
 
     @staticmethod
@@ -313,14 +331,16 @@ class MLA(nn.Module):
             return torch.tensor(md.seq_lens[:nd], dtype=torch.int32, device=device)
         return seq_lens[:nd].to(torch.int32)  # no-op for the runner's int32 buffer
 
-    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens):
+    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens, uv=None):
         """Kernel-path absorbed decode over the paged cache: the Triton kernel (split-KV,
         graph-capturable; q_lat/q_pe may be strided), or the torch reference at widths the kernel
-        does not take (static length on GPUs so graphs capture)."""
+        does not take (static length on GPUs so graphs capture). uv=(w_uv, y): the kernel only;
+        y = o_lat @ W_UV^T per head, written by the merge launch (mla_decode's uv)."""
         if self.use_kernels:
             from atom_stream.kernels.mla_decode import mla_decode
             return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens.to(torch.int32),
-                              self.scale, self.k_scale, rope_dim=self.rope)
+                              self.scale, self.k_scale, rope_dim=self.rope, uv=uv)
+        assert uv is None
         return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
                               self.k_scale, static_len=q_lat.is_cuda)
 
