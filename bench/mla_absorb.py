@@ -7,7 +7,7 @@ Rows (µs per call, CUDA-graph replays over 4 rotated input sets so weights come
 - attn_bmm:   mla_decode (+ its merge launch) + torch.bmm(o_lat, W_UV^T)
 - attn_uv:    mla_decode(uv=...): W_UV folded into the merge launch
 - routing_wN: kernels/moe_routing at N warps (384 experts, top-8, + the shared SiLU*mul, I 256)
-at decode batch B = 1 .. 64.
+at decode batch B = 1 .. 256.
 
     python3 bench/mla_absorb.py --out $OUT/mla-absorb-h200.json
 """
@@ -92,7 +92,7 @@ def routing_calls(M, dev, dt):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--out", default="bench/results/mla-absorb.json")
     args = ap.parse_args(argv)

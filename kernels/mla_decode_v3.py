@@ -290,70 +290,84 @@ def _mla_merge_uv(
     OPART, LSE, LENS, OLAT, WUV, Y, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     stride_wh, stride_wv, stride_yb, stride_yh, V,
-    R: tl.constexpr, BLOCK_V: tl.constexpr, RC: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLIT: tl.constexpr, MIN_PARTS: tl.constexpr,
+    R: tl.constexpr, BLOCK_V: tl.constexpr, VC: tl.constexpr, SC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
+    MIN_PARTS: tl.constexpr,
 ):
     """The merge with W_UV folded in: grid (B, H, cdiv(V, BLOCK_V)). Program (b, h, vb) forms
-    o_lat[b, h] (the lse-weighted sum of the active splits' partials, or the attention kernel's
-    direct output in OLAT when SPLIT is 0 or the sequence has fewer than MIN_PARTS active
-    splits: 2 after v3 / v5, which write those directly; 0 after v1, which writes partials for
-    every sequence, none for an empty one: o_lat = 0 as v1's merge makes it), rounded to
-    OLAT's dtype as the merge kernel stores it, then writes
-    Y[b, h, v] = sum_r o_lat[r] * W_UV[h, v, r] for its BLOCK_V columns (fp32 sums, Y's dtype).
-    Each (b, h) merge is recomputed by its cdiv(V, BLOCK_V) programs (cheap at decode batch
-    sizes: S x R fp32 from L2); R is walked in RC-wide chunks to bound the registers."""
+    o_lat[b, h] [R] once: the lse-weighted sum of the active splits' partials, walked SC splits
+    at a time over the whole R (one L2 round trip per SC splits: one at short contexts), or the
+    attention kernel's direct output in OLAT when SPLIT is 0 or the sequence has fewer than
+    MIN_PARTS active splits (2 after v3 / v5, which write those directly; 0 after v1, which
+    writes partials for every sequence and none for an empty one: o_lat = 0 as v1's merge
+    makes it); rounded to OLAT's dtype as the merge kernel stores it. Then
+    Y[b, h, v] = sum_r o_lat[r] * W_UV[h, v, r] for its BLOCK_V columns, VC rows of W_UV at a
+    time (fp32 sums, Y's dtype)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = offs_v < V
+    v0 = tl.program_id(2) * BLOCK_V
+    offs_r = tl.arange(0, R)
     odt = OLAT.dtype.element_ty
-    use_parts = False
+    o_direct = OLAT + b * stride_ob + h * stride_oh + offs_r
     if SPLIT:
         seq_len = tl.load(LENS + b)
         n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
-        offs_s = tl.arange(0, BLOCK_S)
-        smask = offs_s < n_act
-        # (a direct sequence's lse slots are stale: its weights come out unused)
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=smask,
-                      other=float("-inf"))
-        mx = tl.max(lse, 0)
-        wgt = tl.where(smask, tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
-        den = tl.sum(wgt, 0)
-        wgt = wgt / tl.where(den > 0, den, 1.0)
-        use_parts = n_act >= MIN_PARTS
-    acc = tl.zeros((BLOCK_V,), tl.float32)
-    for rc in tl.static_range(R // RC):
-        offs_r = rc * RC + tl.arange(0, RC)
-        if use_parts:
-            parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
-                            + offs_r[None, :], mask=smask[:, None], other=0.0)
-            o = tl.sum(parts * wgt[:, None], 0).to(odt).to(tl.float32)
+        if n_act >= MIN_PARTS:
+            lse_row = LSE + b * stride_lb + h * stride_lh
+            offs_s = tl.arange(0, BLOCK_S)
+            lse = tl.load(lse_row + offs_s, mask=offs_s < n_act, other=float("-inf"))
+            mx = tl.max(lse, 0)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            den = tl.sum(tl.exp2(lse - mx), 0)
+            den = tl.where(den > 0, den, 1.0)
+            acc = tl.zeros((R,), tl.float32)
+            part_row = OPART + b * stride_pb + h * stride_ph
+            for s0 in range(0, n_act, SC):
+                offs = s0 + tl.arange(0, SC)
+                sm = offs < n_act
+                wt = tl.exp2(tl.load(lse_row + offs, mask=sm, other=float("-inf")) - mx) / den
+                parts = tl.load(part_row + offs[:, None] * stride_ps + offs_r[None, :],
+                                mask=sm[:, None], other=0.0)
+                acc += tl.sum(parts * wt[:, None], 0)
+            o = acc.to(odt).to(tl.float32)
         else:
-            o = tl.load(OLAT + b * stride_ob + h * stride_oh + offs_r).to(tl.float32)
+            o = tl.load(o_direct).to(tl.float32)
+    else:
+        o = tl.load(o_direct).to(tl.float32)
+    for vc in tl.static_range(BLOCK_V // VC):
+        offs_v = v0 + vc * VC + tl.arange(0, VC)
+        vmask = offs_v < V
         w = tl.load(WUV + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
                     mask=vmask[:, None], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * o[None, :], 1)
-    tl.store(Y + b * stride_yb + h * stride_yh + offs_v, acc.to(Y.dtype.element_ty), mask=vmask)
+        y = tl.sum(w.to(tl.float32) * o[None, :], 1)
+        tl.store(Y + b * stride_yb + h * stride_yh + offs_v, y.to(Y.dtype.element_ty),
+                 mask=vmask)
 
 
 def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w_uv, y,
-                    block_v=16, v1=False):
+                    v1=False, block_v=None):
     """After an attention launch with the merge deferred: y [B, H, V] = merge(o_lat) @ W_UV^T
     per head (w_uv [H, V, R], last dim contiguous; y's last dim contiguous), one launch
     (_mla_merge_uv). `out` [B, H, R] holds the direct sequences' o_lat (and is left as the
     attention kernel wrote it: the merged o_lat is never stored). v1: after mla_decode's v1
-    (partials for every sequence when S > 1), else after v3 / v5."""
+    (partials for every sequence when S > 1), else after v3 / v5. block_v: W_UV rows per
+    program (default: ~128 programs in all, each (b, h) merge done by V / block_v programs)."""
     B, H, R = out.shape
     V = w_uv.shape[1]
     assert w_uv.shape == (H, V, R) and w_uv.stride(-1) == 1 and y.stride(-1) == 1
-    assert y.shape == (B, H, V)
-    block_s = triton.next_power_of_2(S)
-    rc = min(R, max(16, 4096 // max(block_s, block_v)))
+    assert y.shape == (B, H, V) and R & (R - 1) == 0
+    vc = min(16, triton.next_power_of_2(V))
+    if block_v is None:
+        per_head = max(1, min(triton.cdiv(V, vc), 128 // (B * H)))
+        block_v = triton.next_power_of_2(triton.cdiv(V, per_head))
+    block_v = max(vc, block_v)
+    sc = max(1, min(16, 8192 // R))  # [SC, R] fp32 partials per step: 8K values
     _mla_merge_uv[(B, H, triton.cdiv(V, block_v))](
         opart, lse, seq_lens, out, w_uv, y, S, *strides, out.stride(0), out.stride(1),
         w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
-        R=R, BLOCK_V=block_v, RC=rc, BLOCK_S=block_s, BLOCK_N=block_n, MIN_SPLIT=min_split,
-        SPLIT=S > 1, MIN_PARTS=0 if v1 else 2, num_warps=4,
+        R=R, BLOCK_V=block_v, VC=vc, SC=sc, BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_N=block_n, MIN_SPLIT=min_split, SPLIT=S > 1, MIN_PARTS=0 if v1 else 2,
+        num_warps=4,
     )
     return y
 

@@ -268,17 +268,19 @@ def test_decode_v3_interpreted(merge, q_dtype, kv_dtype, fp8_path):
 @cpu_only
 @pytest.mark.parametrize("variant,S,kv_dtype", [
     ("v1", 1, torch.float32), ("v1", 4, torch.float32), ("v3", 6, torch.float32),
-    ("v3", 1, torch.float32), ("v3", 6, FP8), ("v2", 4, torch.float32)])
+    ("v3", 1, torch.float32), ("v3", 6, FP8), ("v2", 4, torch.float32),
+    ("v3", 24, torch.float32), ("v1", 24, torch.float32)])
 @pytest.mark.parametrize("uv_dim", [16, 24])
 def test_decode_merge_uv_interpreted(variant, S, kv_dtype, uv_dim):
     """mla_decode(uv=(w_uv, y)): W_UV folded into the merge launch (v1 / v3; v2 runs a bmm)
     equals the attention reference times W_UV, for direct, split and empty sequences (y
     poisoned first; uv_dim 24 leaves a partial BLOCK_V tile). The attention runs with its
-    merge deferred, so v3's fused merge is never taken here."""
-    lens = [0, 1, 37, 700, 5, 260, 9]
+    merge deferred, so v3's fused merge is never taken here. S = 24: the 2000-token sequence
+    has 21 active splits, more than one 16-split step of the merge loop."""
+    lens = [0, 1, 37, 700, 5, 260, 9, 2000]
     fp8 = kv_dtype == FP8
     for rep in range(2):
-        y, ref = run_decode(7, 3, 32, 16, 8, lens, torch.float32, kv_dtype, S, "cpu",
+        y, ref = run_decode(8, 3, 32, 16, 8, lens, torch.float32, kv_dtype, S, "cpu",
                             seed=hash((variant, S, str(kv_dtype), uv_dim, rep)) % 2**31,
                             k_scale=0.37 if fp8 else 1.25, chunk=16, config=(16, 4, 1),
                             variant=variant, merge="fused" if variant == "v3" else None,

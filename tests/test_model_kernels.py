@@ -256,7 +256,7 @@ def run_parity(q_lora, dtype, device, seed, spy, kv_dtype=None, **dims):
     latent = 0 if fused else n * (2 if q_lora else 1)
     assert spy["fused_add_rmsnorm"] == 3 * (2 * n + 1) + 3 * latent
     # the decode-only step (4 rows) rotates q_pe inside mla_q_absorb when that runs
-    q_abs = fused and mla_model.FUSED_ABSORB_MAX_B >= 4
+    q_abs = fused and mla_model.Q_ABSORB_MAX_B >= 4
     assert spy["mla_q_absorb"] == n * q_abs
     assert spy["rope_interleaved_"] == (3 - q_abs) * n * attn.rope_kernel_ok
     assert spy["kv_store"] == 3 * n * attn.use_kernels * (not fused)
@@ -279,9 +279,11 @@ def test_kernel_path_matches_reference_interpreter(q_lora, dtype, spy, monkeypat
 
 @cpu_only
 def test_kernel_path_unfused_absorb_matches_reference_interpreter(spy, monkeypatch):
-    """mla.FUSED_ABSORB_MAX_B = 0 (the batch sizes above it): W_UK / W_UV as bmm's and q_pe's
-    RoPE in its own launch, still the reference's outputs; the fused launch is never called."""
-    monkeypatch.setattr(mla_model, "FUSED_ABSORB_MAX_B", 0)
+    """mla.Q_ABSORB_MAX_B = MERGE_UV_MAX_B = 0 (the batch sizes above them): W_UK / W_UV as
+    bmm's and q_pe's RoPE in its own launch, still the reference's outputs; the fused launch
+    is never called."""
+    monkeypatch.setattr(mla_model, "Q_ABSORB_MAX_B", 0)
+    monkeypatch.setattr(mla_model, "MERGE_UV_MAX_B", 0)
     run_parity(32, torch.float32, "cpu", seed=13, spy=spy)
     assert spy["mla_q_absorb"] == 0 and spy["rope_interleaved_"] > 0
 

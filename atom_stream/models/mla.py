@@ -66,11 +66,13 @@ FUSED_PROLOGUE = envs.flag("ATOM_STREAM_FUSED_PROLOGUE")
 # TP1, 128 heads, would need 226 MB per layer). Tests flip the module attribute before loading.
 ABSORB_QB = envs.flag("ATOM_STREAM_ABSORB_QB")
 ABSORB_QB_MAX_BYTES = 64 << 20
-# Decode rows on the kernel path, up to FUSED_ABSORB_MAX_B of them: W_UV folded into the
-# attention's merge launch (mla_decode(uv=...)), and for decode-only batches with the fused
-# prologue also q_nope @ W_UK + q_pe's RoPE in one launch (kernels/mla_q_absorb.py): 4
-# launches -> 2 per layer. Above it the bmm's (weights read once per batch) are kept. 0 = off.
-FUSED_ABSORB_MAX_B = envs.integer("ATOM_STREAM_MLA_FUSED_ABSORB_MAX_B")
+# Decode rows on the kernel path: up to Q_ABSORB_MAX_B of them in a decode-only batch with the
+# fused prologue, q_nope @ W_UK + q_pe's RoPE in one launch (kernels/mla_q_absorb.py) instead
+# of a bmm + the RoPE launch; up to MERGE_UV_MAX_B, W_UV folded into the attention's merge
+# launch (mla_decode(uv=...)) instead of a bmm after it. Above them the bmm's (weights read
+# once per batch) stay. 0 = off. H200 figures: bench/RESULTS.md session 16.
+Q_ABSORB_MAX_B = envs.integer("ATOM_STREAM_MLA_Q_ABSORB_MAX_B")
+MERGE_UV_MAX_B = envs.integer("ATOM_STREAM_MLA_MERGE_UV_MAX_B")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -232,9 +234,10 @@ class MLA(nn.Module):
         nd = md.num_decodes
         # decode-only batch with the folded weight: q comes out as [T, H, r + rope] (q_lat | q_pe)
         absorbed = self.w_q_abs is not None and nd == T
-        fuse = self.use_kernels and 0 < nd <= FUSED_ABSORB_MAX_B  # W_UV in the merge
+        fuse = self.use_kernels and 0 < nd <= MERGE_UV_MAX_B  # W_UV in the merge
         fused_pro = FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None
-        q_absorb = fuse and fused_pro and nd == T and not absorbed  # W_UK + q_pe RoPE
+        q_absorb = (fused_pro and 0 < nd == T <= Q_ABSORB_MAX_B
+                    and not absorbed)  # W_UK + q_pe RoPE
         if fused_pro:
             q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed,
                                               rope_q=not q_absorb)
