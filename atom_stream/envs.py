@@ -35,9 +35,9 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ATOM_STREAM_MLA_DECODE", "auto",
            "MLA decode variant the model's 'auto' resolves to: auto (measured default) | v1 | v3 "
            "| v5"),
-    EnvVar("ATOM_STREAM_MLA_Q_ABSORB_MAX_B", "64",
+    EnvVar("ATOM_STREAM_MLA_Q_ABSORB_MAX_B", "128",
            "most decode rows (decode-only steps) with q_nope @ W_UK + q_pe RoPE in one launch"),
-    EnvVar("ATOM_STREAM_MLA_MERGE_UV_MAX_B", "16",
+    EnvVar("ATOM_STREAM_MLA_MERGE_UV_MAX_B", "4",
            "most decode rows with W_UV folded into the MLA decode's merge launch (0 off)"),
     EnvVar("ATOM_STREAM_ABSORB_QB", "0", "decode-only steps: q_b with W_UK folded in, one GEMM"),
     EnvVar("ATOM_STREAM_FUSE_ROUTER_SHARED", "1",

@@ -70,7 +70,10 @@ ABSORB_QB_MAX_BYTES = 64 << 20
 # fused prologue, q_nope @ W_UK + q_pe's RoPE in one launch (kernels/mla_q_absorb.py) instead
 # of a bmm + the RoPE launch; up to MERGE_UV_MAX_B, W_UV folded into the attention's merge
 # launch (mla_decode(uv=...)) instead of a bmm after it. Above them the bmm's (weights read
-# once per batch) stay. 0 = off. H200 figures: bench/RESULTS.md session 16.
+# once per batch) stay. 0 = off. Defaults 128 / 4 by H200 kernel times (bench/mla_absorb.py,
+# bench/RESULTS.md session 16): q_absorb 3.5 vs 5.3 us at B=1 ... 5.3 vs 6.8 at B=128, but 8.0
+# vs 6.0 at B=256 (W_UK re-read per 16-row tile); merge + W_UV wins at B <= 4 (B=1: 11.8 vs
+# 13.4 us with the attention), ties at 8 and loses from 16 (28.4 vs 16.4: W_UV re-read per b).
 Q_ABSORB_MAX_B = envs.integer("ATOM_STREAM_MLA_Q_ABSORB_MAX_B")
 MERGE_UV_MAX_B = envs.integer("ATOM_STREAM_MLA_MERGE_UV_MAX_B")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
