@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom_stream import envs
 from atom_stream.layers.parallel import all_reduce, tp
 
 
@@ -67,9 +68,26 @@ def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
 
 
+# Decode batches up to this many rows (<= 4) take kernels/gemv.py on GPUs for the unquantized
+# dense projections (dense_linear, the fp32-output router / lm_head GEMMs of models/kernel_path,
+# the shared expert's down GEMM that adds into the routed output): one launch each, no split-K
+# reduce. 0 = cuBLAS everywhere. H200 A/B: bench/RESULTS.md session 16.
+GEMV_MAX_M = envs.integer("ATOM_STREAM_DENSE_GEMV_MAX_M")
+
+
+def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w^T goes to the Triton GEMV (GPU, 1..GEMV_MAX_M rows, 16-bit, w contiguous)."""
+    return (GEMV_MAX_M > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_M
+            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and w.is_contiguous() and x.stride(-1) == 1)
+
+
 def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w^T for an unquantized weight [out, in]: the skinny Triton GEMM for GPU decode sizes,
-    torch's F.linear otherwise."""
+    """x @ w^T for an unquantized weight [out, in]: the Triton GEMV or skinny GEMM for GPU
+    decode sizes where switched on, torch's F.linear otherwise."""
+    if gemv_ok(x, w):
+        from atom_stream.kernels.gemv import gemv
+        return gemv(x, w)
     if _skinny_ok(x, w):
         from atom_stream.kernels.skinny_gemm import skinny_linear
         return skinny_linear(x, w)

@@ -1,0 +1,117 @@
+"""Dense GEMV for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ add), M <= 4, one launch, no split-K.
+
+At decode batch sizes the dense projections are matrix-vector products bound by reading W once.
+cuBLAS runs the tall-K ones (hidden 7168) as split-K GEMMs plus a reduce launch (~2 µs each,
+bench/RESULTS.md session 15/16 profiles). Here every program owns BLOCK_N output columns over
+the whole K: it streams its [BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles (BLOCK_K large,
+so each thread has several 16-byte loads in flight) and keeps one fp32 partial per (row, column),
+so there is nothing to reduce across programs. The grid is cdiv(N, BLOCK_N) programs; BLOCK_N is
+picked so that there are about two programs per SM.
+
+Contract: x [M, K] (last dim contiguous), w [N, K] contiguous, same dtype (bf16 / fp16 / fp32);
+1 <= M <= MAX_M. out_dtype: the output's dtype (default x's; fp32 gives unrounded sums, e.g. the
+router logits). add [M, N] (optional, last dim contiguous): y = add + x @ W^T with the sum in fp32
+and one rounding, like cuBLAS addmm with beta 1; `out` may be `add` itself (in place). Products
+and sums in fp32. No host syncs: CUDA/HIP-graph capturable. `gemv_ref` is the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 4
+
+
+@triton.jit
+def _gemv_kernel(X, W, Y, ADD, M, N, K, stride_xm, stride_wn, stride_ym, stride_am,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_ADD: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc0 = tl.zeros((BLOCK_N,), tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = (k + offs_k) < K
+        w = tl.load(w_ptr + k, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        x0 = tl.load(X + k + offs_k, mask=kmask, other=0.0).to(tl.float32)
+        acc0 += tl.sum(w * x0[None, :], 1)
+        if BLOCK_M > 1:
+            # rows past M read row M - 1 again (valid memory; never stored)
+            x1 = tl.load(X + tl.minimum(1, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+            acc1 += tl.sum(w * x1.to(tl.float32)[None, :], 1)
+        if BLOCK_M > 2:
+            x2 = tl.load(X + tl.minimum(2, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+            acc2 += tl.sum(w * x2.to(tl.float32)[None, :], 1)
+            x3 = tl.load(X + tl.minimum(3, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+            acc3 += tl.sum(w * x3.to(tl.float32)[None, :], 1)
+    _store_row(Y, ADD, 0, acc0, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
+    if BLOCK_M > 1:
+        _store_row(Y, ADD, 1, acc1, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
+    if BLOCK_M > 2:
+        _store_row(Y, ADD, 2, acc2, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
+        _store_row(Y, ADD, 3, acc3, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
+
+
+@triton.jit
+def _store_row(Y, ADD, m, acc, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD: tl.constexpr):
+    ok = nmask & ((offs_n * 0 + m) < M)
+    if HAS_ADD:
+        acc += tl.load(ADD + m * stride_am + offs_n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + offs_n, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """BLOCK_N (about two programs per SM, 1..16), BLOCK_K (up to 2048) and warps for a shape."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    block_n = 1
+    while block_n < 16 and triton.cdiv(N, 2 * block_n) >= 2 * sms:
+        block_n *= 2
+    block_k = min(2048, triton.next_power_of_2(K), max(64, 4096 // block_n))
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+         add: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """y = x @ w^T (+ add) for 1 <= M <= MAX_M rows (see the module docstring)."""
+    M, K = x.shape
+    N = w.shape[0]
+    if (not 1 <= M <= MAX_M or w.shape[1] != K or w.stride(1) != 1 or w.stride(0) != K
+            or x.stride(1) != 1 or x.dtype != w.dtype):
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}: "
+                         f"want 1 <= M <= {MAX_M}, contiguous w, same dtype")
+    if add is not None and (add.shape != (M, N) or add.stride(1) != 1):
+        raise ValueError(f"gemv: add {tuple(add.shape)}, want ({M}, {N}) with a contiguous row")
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    assert out.shape == (M, N) and out.stride(1) == 1
+    cfg = dict(default_config(M, N, K, x.device), **(config or {}))
+    bn = cfg["BLOCK_N"]
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        x, w, out, add if add is not None else out, M, N, K, x.stride(0), w.stride(0),
+        out.stride(0), add.stride(0) if add is not None else 0,
+        BLOCK_M=1 if M == 1 else (2 if M == 2 else 4), BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        HAS_ADD=add is not None, num_warps=cfg["num_warps"])
+    return out
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 product (+ add in fp32), one rounding to out_dtype (default x's dtype)."""
+    y = x.float() @ w.float().t()
+    if add is not None:
+        y = y + add.float()
+    return y.to(out_dtype or x.dtype)
