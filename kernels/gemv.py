@@ -74,12 +74,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def default_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """BLOCK_N (about two programs per SM, 1..16), BLOCK_K (up to 2048) and warps for a shape."""
+    """BLOCK_N (about two programs per SM, 1..16), BLOCK_K (512 or K) and warps for a shape."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     block_n = 1
     while block_n < 16 and triton.cdiv(N, 2 * block_n) >= 2 * sms:
         block_n *= 2
-    block_k = min(2048, triton.next_power_of_2(K), max(64, 4096 // block_n))
+    # 512 (or K): the fastest of 256 / 512 / 1024 / 2048 at M=1 for q_b 1536x1536, o_proj
+    # 7168x1024 and the lm_head shard on the H200 (bench/dense_gemv.py, RESULTS session 16)
+    block_k = min(512, triton.next_power_of_2(K))
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
 
 

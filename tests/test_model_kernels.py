@@ -324,6 +324,7 @@ def test_kernel_path_with_dense_gemv_matches_reference_gpu(dtype, spy, monkeypat
     projections, the fp32 router / lm_head GEMMs and the shared down + add through
     kernels/gemv.py; still the reference's outputs (and the GEMV really ran)."""
     from atom_stream.kernels import gemv as gemv_mod
+
     from atom_stream.layers import linear as linear_mod
     monkeypatch.setattr(linear_mod, "GEMV_MAX_M", 4)
     calls = collections.Counter()
@@ -335,6 +336,26 @@ def test_kernel_path_with_dense_gemv_matches_reference_gpu(dtype, spy, monkeypat
     monkeypatch.setattr(gemv_mod, "gemv", counted)
     run_parity(32, dtype, "cuda", seed=21, spy=spy)
     assert calls[None, False] and calls[torch.float32, False] and calls[None, True], calls
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
+    """mla.QB_GEMV_MAX_M = 4 (default 2; the test's decode step has 4 rows): q_b through
+    kernels/gemv.py on that step only; still the reference's outputs."""
+    from atom_stream.kernels import gemv as gemv_mod
+    monkeypatch.setattr(mla_model, "QB_GEMV_MAX_M", 4)
+    calls = collections.Counter()
+    fn = gemv_mod.gemv
+
+    def counted(x, w, **k):
+        calls[tuple(w.shape)] += 1
+        return fn(x, w, **k)
+    monkeypatch.setattr(gemv_mod, "gemv", counted)
+    run_parity(32, torch.bfloat16, "cuda", seed=23, spy=spy)
+    cfg = tiny_config(32)
+    qb = (cfg.num_attention_heads * cfg.qk_head_dim, 32)
+    assert calls == {qb: cfg.num_hidden_layers}, calls
 
 
 def test_reference_path_untouched_on_cpu(spy):

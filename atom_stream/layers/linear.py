@@ -75,17 +75,20 @@ def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 GEMV_MAX_M = envs.integer("ATOM_STREAM_DENSE_GEMV_MAX_M")
 
 
-def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w^T goes to the Triton GEMV (GPU, 1..GEMV_MAX_M rows, 16-bit, w contiguous)."""
-    return (GEMV_MAX_M > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_M
+def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int | None = None) -> bool:
+    """Whether x @ w^T goes to the Triton GEMV (GPU, 1..max_m rows (default GEMV_MAX_M), 16-bit,
+    w contiguous)."""
+    max_m = GEMV_MAX_M if max_m is None else max_m
+    return (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m
             and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
-def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0) -> torch.Tensor:
     """x @ w^T for an unquantized weight [out, in]: the Triton GEMV or skinny GEMM for GPU
-    decode sizes where switched on, torch's F.linear otherwise."""
-    if gemv_ok(x, w):
+    decode sizes where switched on (GEMV: up to max(GEMV_MAX_M, gemv_max_m) rows, the caller's
+    per-shape limit), torch's F.linear otherwise."""
+    if gemv_ok(x, w, max(GEMV_MAX_M, gemv_max_m)):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, w)
     if _skinny_ok(x, w):

@@ -76,6 +76,10 @@ ABSORB_QB_MAX_BYTES = 64 << 20
 # 13.4 us with the attention), ties at 8 and loses from 16 (28.4 vs 16.4: W_UV re-read per b).
 Q_ABSORB_MAX_B = envs.integer("ATOM_STREAM_MLA_Q_ABSORB_MAX_B")
 MERGE_UV_MAX_B = envs.integer("ATOM_STREAM_MLA_MERGE_UV_MAX_B")
+# q_b (bf16, q_lora 1536 -> 8 x 192 at a Kimi TP8 rank) on up to this many rows by the Triton
+# GEMV (kernels/gemv.py) instead of cuBLAS: H200, bench/dense_gemv.py (RESULTS session 16):
+# 3.1-3.9 vs 6.5 us at M=1, 4.0 vs 5.7 at M=2, 6.2 vs 6.1 at M=4. 0 = cuBLAS.
+QB_GEMV_MAX_M = envs.integer("ATOM_STREAM_QB_GEMV_MAX_M")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -275,6 +279,9 @@ class MLA(nn.Module):
         T = q_n.shape[0]
         if absorbed:
             return dense_linear(q_n, self.w_q_abs).view(T, self.num_heads, self.r + self.rope)
+        if self.q_b_proj.quant_method is None:  # column-parallel: no reduction to add
+            q = dense_linear(q_n, self.q_b_proj.weight, gemv_max_m=QB_GEMV_MAX_M)
+            return q.view(T, self.num_heads, self.nope + self.rope)
         return self.q_b_proj(q_n).view(T, self.num_heads, self.nope + self.rope)
 
     def _prologue(self, x, positions, kv_cache, md, absorbed=False):
