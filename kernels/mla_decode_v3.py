@@ -309,6 +309,11 @@ def _mla_merge_uv(
     offs_r = tl.arange(0, R)
     odt = OLAT.dtype.element_ty
     o_direct = OLAT + b * stride_ob + h * stride_oh + offs_r
+    w_rows = WUV + h * stride_wh + offs_r[None, :]
+    # the first W_UV rows are requested before the merge so their (DRAM) latency overlaps it
+    offs_v0 = v0 + tl.arange(0, VC)
+    w_first = tl.load(w_rows + offs_v0[:, None] * stride_wv, mask=(offs_v0 < V)[:, None],
+                      other=0.0)
     if SPLIT:
         seq_len = tl.load(LENS + b)
         n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
@@ -337,8 +342,10 @@ def _mla_merge_uv(
     for vc in tl.static_range(BLOCK_V // VC):
         offs_v = v0 + vc * VC + tl.arange(0, VC)
         vmask = offs_v < V
-        w = tl.load(WUV + h * stride_wh + offs_v[:, None] * stride_wv + offs_r[None, :],
-                    mask=vmask[:, None], other=0.0)
+        if vc == 0:
+            w = w_first
+        else:
+            w = tl.load(w_rows + offs_v[:, None] * stride_wv, mask=vmask[:, None], other=0.0)
         y = tl.sum(w.to(tl.float32) * o[None, :], 1)
         tl.store(Y + b * stride_yb + h * stride_yh + offs_v, y.to(Y.dtype.element_ty),
                  mask=vmask)
