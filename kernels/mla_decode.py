@@ -540,12 +540,14 @@ def _merge_uv(out, seq_lens, ws, S, block_n, uv):
 
 
 def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
-                  kv_dtype: torch.dtype, q_dtype: torch.dtype, device, max_batch: int) -> int:
+                  kv_dtype: torch.dtype, q_dtype: torch.dtype, device, max_batch: int,
+                  v_dim: int = 0, uv_max_batch: int = 0) -> int:
     """Run `mla_decode` on a tiny cache once per distinct launch variant over batch sizes
     1..max_batch (tile config, split count, merge mode), so that each Triton variant the
     decode attention compiles exists before serving: an eager step (decodes beside a prefill
     chunk, at a batch size no CUDA graph covers) would otherwise compile on a request's path.
-    Returns the number of calls; the outputs are discarded."""
+    With v_dim, also the uv= form (merge + W_UV, models/mla.MERGE_UV_MAX_B) at every batch
+    size up to uv_max_batch. Returns the number of calls; the outputs are discarded."""
     dev = torch.device(device)
     cache = torch.zeros(2, block_size, kv_lora_rank + rope_dim, device=dev).to(kv_dtype)
     variant = resolve_variant(DEFAULT_VARIANT, kv_dtype)[0]
@@ -562,7 +564,18 @@ def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: 
         qp = torch.zeros(b, num_heads, rope_dim, dtype=q_dtype, device=dev)
         mla_decode(q, qp, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev),
                    torch.ones(b, dtype=torch.int32, device=dev), 1.0, rope_dim=rope_dim)
-    return len(seen)
+    calls = len(seen)
+    for b in range(1, min(max_batch, uv_max_batch) + 1) if v_dim else ():
+        # the merge + W_UV launch specializes on the batch (its W_UV tile) and the split count
+        q = torch.zeros(b, num_heads, kv_lora_rank, dtype=q_dtype, device=dev)
+        qp = torch.zeros(b, num_heads, rope_dim, dtype=q_dtype, device=dev)
+        w_uv = torch.zeros(num_heads, v_dim, kv_lora_rank, dtype=q_dtype, device=dev)
+        y = torch.empty(b, num_heads, v_dim, dtype=q_dtype, device=dev)
+        mla_decode(q, qp, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev),
+                   torch.ones(b, dtype=torch.int32, device=dev), 1.0, rope_dim=rope_dim,
+                   uv=(w_uv, y))
+        calls += 1
+    return calls
 
 
 def mla_decode_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,

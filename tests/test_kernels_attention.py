@@ -151,6 +151,11 @@ def test_warmup_decode_runs_every_batch_size(monkeypatch):
     assert dec.warmup_decode(2, 32, 16, 4, torch.float32, torch.float32, "cpu", 3) == 3
     assert [c[0] for c in calls] == [(b, 2, 32) for b in (1, 2, 3)]
     assert all(c[1][-1] == 16 and c[2] == torch.float32 for c in calls)
+    # the uv= form (merge + W_UV) for every batch size up to its limit, capped by max_batch
+    calls.clear()
+    assert dec.warmup_decode(2, 32, 16, 4, torch.float32, torch.float32, "cpu", 3, v_dim=8,
+                             uv_max_batch=4) == 6
+    assert [c[0] for c in calls] == [(b, 2, 32) for b in (1, 2, 3, 1, 2, 3)]
 
 
 def test_num_splits_heuristic():
@@ -579,7 +584,8 @@ def test_warmup_decode_leaves_nothing_to_compile_gpu(kv_dtype, monkeypatch):
         monkeypatch.setattr(knobs.runtime, hook, None)
     monkeypatch.setattr(compile_watch, "_installed", False)
     monkeypatch.setattr(compile_watch, "stats", compile_watch.CompileStats())
-    dec.warmup_decode(8, 512, 64, 64, kv_dtype, torch.bfloat16, "cuda", 40)
+    dec.warmup_decode(8, 512, 64, 64, kv_dtype, torch.bfloat16, "cuda", 40, v_dim=128,
+                      uv_max_batch=4)
     assert compile_watch.watch()
     for B in (7, 13, 29, 37):
         gen = torch.Generator().manual_seed(B)
@@ -589,6 +595,12 @@ def test_warmup_decode_leaves_nothing_to_compile_gpu(kv_dtype, monkeypatch):
         out, ref = run_decode(B, 8, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
                               seed=B, variant="auto", ws=ws)
         assert rel_err(out, ref) < 1e-2
+    for B in (1, 3):  # the merge + W_UV form the model takes at <= 4 decode rows
+        S = dec.decode_num_splits(B, 8, None, "cuda", "auto", kv_dtype)
+        ws = dec.alloc_decode_workspace(B, 8, 512, S, "cuda", variant="auto", kv_dtype=kv_dtype)
+        y, ref = run_decode(B, 8, 512, 64, 64, [2500, 40, 700][:B], torch.bfloat16, kv_dtype,
+                            S, "cuda", seed=B, variant="auto", ws=ws, uv_dim=128)
+        assert rel_err(y, ref) < 1e-2
     assert compile_watch.stats.count == 0, compile_watch.stats.recent[-4:]
 
 

@@ -358,6 +358,21 @@ def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
     assert calls == {qb: cfg.num_hidden_layers}, calls
 
 
+@cpu_only
+def test_runner_absorb_warmup_runs_at_the_model_widths():
+    """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb and the q_b
+    GEMV's row counts before serving) runs on the model's own weights and shapes; here on the
+    CPU (interpreter; the q_b GEMV is GPU-only, so F.linear stands in)."""
+    import types
+
+    from atom_stream.engine.model_runner import ModelRunner
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=30)
+    fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    n = ModelRunner._absorb_warmup(fake, ref.model.layers[0].self_attn)
+    assert n == 1 + min(mla_model.QB_GEMV_MAX_M, 4)
+
+
 def test_reference_path_untouched_on_cpu(spy):
     """Unforced, a CPU forward never calls a kernel (the CPU engine's reference path)."""
     cfg = tiny_config(32)

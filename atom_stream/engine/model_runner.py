@@ -208,16 +208,40 @@ class ModelRunner:
         MLA decode kernel at any batch size up to max_num_seqs, and its compiled variant
         depends on the batch size: compile them all now (kernels/mla_decode.warmup_decode;
         session 9's serving run met four such compiles, ~1 s each, on requests' paths)."""
-        from atom_stream.models.mla import MLA
-        attn = next((m for m in self.model.modules() if isinstance(m, MLA)), None)
+        from atom_stream.models import mla
+        attn = next((m for m in self.model.modules() if isinstance(m, mla.MLA)), None)
         if attn is None or not attn.use_kernels:
             return
         from atom_stream.kernels.mla_decode import warmup_decode
         t0 = time.perf_counter()
         n = warmup_decode(attn.num_heads, attn.r, attn.rope, self.block_size, self.kv_dtype,
-                          self.dtype, self.device, self.config.max_num_seqs)
+                          self.dtype, self.device, self.config.max_num_seqs,
+                          v_dim=attn.v_dim, uv_max_batch=mla.MERGE_UV_MAX_B)
+        n += self._absorb_warmup(attn)
         logger.info("decode attention warm-up: %d launch variants in %.1fs", n,
                     time.perf_counter() - t0)
+
+    def _absorb_warmup(self, attn) -> int:
+        """Compile the decode path's other batch-shaped launches that an eager decode step
+        would otherwise compile on a request's path (--enforce-eager has no graph capture to
+        do it): mla_q_absorb (one variant) and the q_b GEMV at each row count it takes."""
+        from atom_stream.models import mla
+        n = 0
+        dev, dt = self.device, self.dtype
+        if mla.Q_ABSORB_MAX_B > 0 and attn.w_uk is not None and attn.rope_kernel_ok:
+            from atom_stream.kernels.mla_q_absorb import mla_q_absorb
+            q = torch.zeros(1, attn.num_heads, attn.nope + attn.rope, dtype=dt, device=dev)
+            mla_q_absorb(q, attn.w_uk, attn.rotary.cos, attn.rotary.sin,
+                         torch.zeros(1, dtype=torch.long, device=dev))
+            n += 1
+        qb = getattr(attn, "q_b_proj", None)
+        if qb is not None and qb.quant_method is None:
+            from atom_stream.layers.linear import dense_linear
+            for m in range(1, min(mla.QB_GEMV_MAX_M, 4) + 1):
+                dense_linear(torch.zeros(m, qb.in_features, dtype=dt, device=dev), qb.weight,
+                             gemv_max_m=mla.QB_GEMV_MAX_M)
+                n += 1
+        return n
 
     def _capture_graphs(self) -> None:
         from atom_stream.engine.graphs import DecodeGraphRunner, default_capture_sizes
