@@ -22,9 +22,12 @@ k_pe in place, W_UK/W_UV are batched GEMMs over [H, T, *] views writing straight
 output, and the Triton KV store / MLA decode run when r and rope are powers of two >= 16 (their
 kernels' constraint; otherwise the torch versions, graph-capturable via static lengths). The RoPE
 kernel needs a power-of-two number of pairs (else the torch rotation is copied back in place).
-With FUSED_PROLOGUE (ATOM_STREAM_FUSED_PROLOGUE=1, default off) and the fused q_a/kv_a weight at
+With FUSED_PROLOGUE (ATOM_STREAM_FUSED_PROLOGUE, default on) and the fused q_a/kv_a weight at
 those widths, one kernel (kernels/mla_prologue.py) does both latent norms, k_pe's RoPE and the
-KV store; q_pe's RoPE stays a separate in-place launch after q_b (4 launches -> 2).
+KV store; q_pe's RoPE stays a separate in-place launch after q_b (4 launches -> 2). Small decode
+batches fold more (Q_ABSORB_MAX_B, MERGE_UV_MAX_B, QB_GEMV_MAX_M below): q_nope @ W_UK with
+q_pe's RoPE in one launch (kernels/mla_q_absorb.py), W_UV inside the attention's merge launch
+(mla_decode(uv=...)), q_b by the Triton GEMV (kernels/gemv.py).
 """
 
 from __future__ import annotations
