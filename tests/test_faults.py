@@ -241,7 +241,9 @@ def test_sigterm_drains_then_exits(tmp_path):
         results[name] = "".join(chunks)
 
     try:
-        short = threading.Thread(target=stream, args=("short", 40))
+        # 12 tokens: the short one must finish inside the 8 s drain even on a loaded CI
+        # machine (40 tokens once ran out of it beside a second test run: cut before [DONE])
+        short = threading.Thread(target=stream, args=("short", 12))
         long = threading.Thread(target=stream, args=("long", 4000))
         short.start()
         long.start()
