@@ -3,10 +3,12 @@
 At decode batch sizes the dense projections are matrix-vector products bound by reading W once.
 cuBLAS runs the tall-K ones (hidden 7168) as split-K GEMMs plus a reduce launch (~2 µs each,
 bench/RESULTS.md session 15/16 profiles). Here every program owns BLOCK_N output columns over
-the whole K: it streams its [BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles (BLOCK_K large,
-so each thread has several 16-byte loads in flight) and keeps one fp32 partial per (row, column),
-so there is nothing to reduce across programs. The grid is cdiv(N, BLOCK_N) programs; BLOCK_N is
-picked so that there are about two programs per SM.
+the whole K: it streams its [BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles and keeps one
+fp32 partial per (row, column), so there is nothing to reduce across programs. The grid is
+cdiv(N, BLOCK_N) programs; BLOCK_N is picked so that there are about two programs per SM.
+Measured on the H200 (bench/dense_gemv.py, RESULTS session 16) it beats cuBLAS only where
+cuBLAS tiles badly (q_b 1536x1536: 3.1-3.9 vs 6.5 µs at M=1) and loses on the tall-K q_a+kv_a
+(15.8 vs 12.5 µs): models/mla.py uses it for q_b alone by default.
 
 Contract: x [M, K] (last dim contiguous), w [N, K] contiguous, same dtype (bf16 / fp16 / fp32);
 1 <= M <= MAX_M. out_dtype: the output's dtype (default x's; fp32 gives unrounded sums, e.g. the
