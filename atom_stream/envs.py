@@ -39,8 +39,6 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
            "most decode rows (decode-only steps) with q_nope @ W_UK + q_pe RoPE in one launch"),
     EnvVar("ATOM_STREAM_MLA_MERGE_UV_MAX_B", "4",
            "most decode rows with W_UV folded into the MLA decode's merge launch (0 off)"),
-    EnvVar("ATOM_STREAM_DENSE_GEMV_MAX_M", "0",
-           "most rows (<= 4) of the dense projections run by the Triton GEMV (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_QB_GEMV_MAX_M", "2", "most rows of q_b run by the Triton GEMV (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_ABSORB_QB", "0", "decode-only steps: q_b with W_UK folded in, one GEMM"),
     EnvVar("ATOM_STREAM_FUSE_ROUTER_SHARED", "1",

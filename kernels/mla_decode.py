@@ -565,7 +565,8 @@ def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: 
         mla_decode(q, qp, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev),
                    torch.ones(b, dtype=torch.int32, device=dev), 1.0, rope_dim=rope_dim)
     calls = len(seen)
-    for b in range(1, min(max_batch, uv_max_batch) + 1) if v_dim else ():
+    uv_max_batch = min(max_batch, uv_max_batch) if v_dim else 0
+    for b in range(1, uv_max_batch + 1):
         # the merge + W_UV launch specializes on the batch (its W_UV tile) and the split count
         q = torch.zeros(b, num_heads, kv_lora_rank, dtype=q_dtype, device=dev)
         qp = torch.zeros(b, num_heads, rope_dim, dtype=q_dtype, device=dev)

@@ -318,28 +318,6 @@ def test_kernel_path_matches_reference_gpu(q_lora, dtype, spy):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_kernel_path_with_dense_gemv_matches_reference_gpu(dtype, spy, monkeypatch):
-    """layers/linear.GEMV_MAX_M = 4: steps of <= 4 rows (the decode-only step) run the dense
-    projections, the fp32 router / lm_head GEMMs and the shared down + add through
-    kernels/gemv.py; still the reference's outputs (and the GEMV really ran)."""
-    from atom_stream.kernels import gemv as gemv_mod
-
-    from atom_stream.layers import linear as linear_mod
-    monkeypatch.setattr(linear_mod, "GEMV_MAX_M", 4)
-    calls = collections.Counter()
-    fn = gemv_mod.gemv
-
-    def counted(*a, **k):
-        calls[k.get("out_dtype"), k.get("add") is not None] += 1
-        return fn(*a, **k)
-    monkeypatch.setattr(gemv_mod, "gemv", counted)
-    run_parity(32, dtype, "cuda", seed=21, spy=spy)
-    assert calls[None, False] and calls[torch.float32, False] and calls[None, True], calls
-
-
-@pytest.mark.gpu
-@needs_gpu
 def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
     """mla.QB_GEMV_MAX_M = 4 (default 2; the test's decode step has 4 rows): q_b through
     kernels/gemv.py on that step only; still the reference's outputs."""

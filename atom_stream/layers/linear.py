@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atom_stream import envs
 from atom_stream.layers.parallel import all_reduce, tp
 
 
@@ -68,27 +67,19 @@ def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
 
 
-# Decode batches up to this many rows (<= 4) take kernels/gemv.py on GPUs for the unquantized
-# dense projections (dense_linear, the fp32-output router / lm_head GEMMs of models/kernel_path,
-# the shared expert's down GEMM that adds into the routed output): one launch each, no split-K
-# reduce. 0 = cuBLAS everywhere. H200 A/B: bench/RESULTS.md session 16.
-GEMV_MAX_M = envs.integer("ATOM_STREAM_DENSE_GEMV_MAX_M")
-
-
-def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int | None = None) -> bool:
-    """Whether x @ w^T goes to the Triton GEMV (GPU, 1..max_m rows (default GEMV_MAX_M), 16-bit,
-    w contiguous)."""
-    max_m = GEMV_MAX_M if max_m is None else max_m
-    return (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m
+def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
+    """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m (<= 4) rows,
+    16-bit, w contiguous. The caller picks max_m per projection by measurement (models/mla.py
+    QB_GEMV_MAX_M: q_b); routing every projection through it was slower (RESULTS session 16)."""
+    return (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= min(max_m, 4)
             and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0) -> torch.Tensor:
-    """x @ w^T for an unquantized weight [out, in]: the Triton GEMV or skinny GEMM for GPU
-    decode sizes where switched on (GEMV: up to max(GEMV_MAX_M, gemv_max_m) rows, the caller's
-    per-shape limit), torch's F.linear otherwise."""
-    if gemv_ok(x, w, max(GEMV_MAX_M, gemv_max_m)):
+    """x @ w^T for an unquantized weight [out, in]: the Triton GEMV up to the caller's
+    gemv_max_m rows, the skinny GEMM where switched on, torch's F.linear otherwise."""
+    if gemv_ok(x, w, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, w)
     if _skinny_ok(x, w):

@@ -32,7 +32,7 @@ from torch import nn
 from atom_stream import envs
 from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import AttentionMetadata
-from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear, gemv_ok
+from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear
 from atom_stream.layers.moe import experts_dense_ref, experts_ref, route
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import all_gather_last, all_reduce, local_topk, tp
@@ -79,10 +79,7 @@ class MLP(nn.Module):
         if add is not None and down.quant_method is None and not down.reduce:
             # add += act @ W^T in place, one launch: `add` is the caller's fresh partial sum (the
             # routed experts' output); out-of-place addmm made cuBLAS copy it first (an extra
-            # memcpy32_post kernel per layer in the B=1 profile); decode sizes: the GEMV
-            if gemv_ok(act, down.weight):
-                from atom_stream.kernels.gemv import gemv
-                return gemv(act, down.weight, add=add, out=add)
+            # memcpy32_post kernel per layer in the B=1 profile)
             return add.addmm_(act, down.weight.t())
         y = down(act)
         return y if add is None else add + y

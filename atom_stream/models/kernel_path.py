@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from atom_stream import envs
-from atom_stream.layers.linear import gemv_ok
 
 _force = False
 
@@ -68,9 +67,6 @@ def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | Non
     mixed-output mm and x is not already float32 (the caller keeps its own path)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.linear(x, weight)
-    if gemv_ok(x, weight):
-        from atom_stream.kernels.gemv import gemv
-        return gemv(x, weight, out_dtype=torch.float32)
     if x.dtype == weight.dtype and _mm_fp32_out_ok(x.device, x.dtype):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
     return None
@@ -87,9 +83,6 @@ def router_logits(x: torch.Tensor, weight_lp: torch.Tensor, weight_fp32: torch.T
     """
     if x.dtype == torch.float32:
         return F.linear(x, weight_fp32)
-    if gemv_ok(x, weight_lp):
-        from atom_stream.kernels.gemv import gemv
-        return gemv(x, weight_lp, out_dtype=torch.float32)
     if _mm_fp32_out_ok(x.device, x.dtype):
         return torch.mm(x, weight_lp.t(), out_dtype=torch.float32)
     return F.linear(x.float(), weight_fp32)
