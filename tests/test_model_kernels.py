@@ -336,6 +336,42 @@ def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
     assert calls == {qb: cfg.num_hidden_layers}, calls
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypatch):
+    """deepseek_v3's ROUTER / SHARED_DOWN_GEMV_MAX_M = 4 (default 1): the fused router + shared
+    gate/up (fp32 out) and the shared down (adding into the routed output in place) through
+    kernels/gemv.py on the 4-row decode step only; still the reference's outputs and routing;
+    the runner's warm-up compiles each at rows 1..4."""
+    import types
+
+    from atom_stream.kernels import gemv as gemv_mod
+
+    from atom_stream.engine.model_runner import ModelRunner
+    from atom_stream.models import deepseek_v3 as dv3
+    for name in ("ROUTER_GEMV_MAX_M", "SHARED_DOWN_GEMV_MAX_M"):
+        monkeypatch.setattr(dv3, name, 4)
+    calls = collections.Counter()
+    fn = gemv_mod.gemv
+
+    def counted(x, w, **k):
+        calls[tuple(w.shape)] += 1
+        return fn(x, w, **k)
+    monkeypatch.setattr(gemv_mod, "gemv", counted)
+    run_parity(32, torch.bfloat16, "cuda", seed=29, spy=spy)
+    cfg = tiny_config(32)
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    shared_i = cfg.moe_intermediate_size * cfg.n_shared_experts
+    want = {(cfg.n_routed_experts + 2 * shared_i, cfg.hidden_size): moe_layers,
+            (cfg.hidden_size, shared_i): moe_layers}
+    assert calls == want, calls
+    calls.clear()
+    _, fast = build_models(cfg, torch.bfloat16, "cuda", seed=31)
+    fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, model=fast)
+    assert ModelRunner._gemv_warmup(fake) == 8
+    assert sum(calls.values()) == 8
+
+
 @cpu_only
 def test_runner_absorb_warmup_runs_at_the_model_widths():
     """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb and the q_b
@@ -349,6 +385,26 @@ def test_runner_absorb_warmup_runs_at_the_model_widths():
     fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
     n = ModelRunner._absorb_warmup(fake, ref.model.layers[0].self_attn)
     assert n == 1 + min(mla_model.QB_GEMV_MAX_M, 4)
+
+
+@cpu_only
+def test_runner_gemv_warmup_counts_the_switched_gemms(monkeypatch):
+    """engine/model_runner._gemv_warmup: nothing at the defaults (cuBLAS), one launch per row
+    count and switched GEMM otherwise (on the CPU the torch paths stand in for the GEMV)."""
+    import types
+
+    from atom_stream.engine.model_runner import ModelRunner
+    from atom_stream.models import deepseek_v3 as dv3
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=33)
+    fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, model=ref)
+    for name in ("ROUTER_GEMV_MAX_M", "SHARED_DOWN_GEMV_MAX_M"):
+        monkeypatch.setattr(dv3, name, 0)
+    assert ModelRunner._gemv_warmup(fake) == 0
+    monkeypatch.setattr(dv3, "ROUTER_GEMV_MAX_M", 1)
+    monkeypatch.setattr(dv3, "SHARED_DOWN_GEMV_MAX_M", 4)
+    assert any(getattr(m.mlp, "w_router_shared", None) is not None for m in ref.model.layers)
+    assert ModelRunner._gemv_warmup(fake) == 1 + 4
 
 
 def test_reference_path_untouched_on_cpu(spy):

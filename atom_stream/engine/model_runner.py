@@ -218,6 +218,7 @@ class ModelRunner:
                           self.dtype, self.device, self.config.max_num_seqs,
                           v_dim=attn.v_dim, uv_max_batch=mla.MERGE_UV_MAX_B)
         n += self._absorb_warmup(attn)
+        n += self._gemv_warmup()
         logger.info("decode attention warm-up: %d launch variants in %.1fs", n,
                     time.perf_counter() - t0)
 
@@ -240,6 +241,26 @@ class ModelRunner:
             for m in range(1, min(mla.QB_GEMV_MAX_M, 4) + 1):
                 dense_linear(torch.zeros(m, qb.in_features, dtype=dt, device=dev), qb.weight,
                              gemv_max_m=mla.QB_GEMV_MAX_M)
+                n += 1
+        return n
+
+    def _gemv_warmup(self) -> int:
+        """Compile kernels/gemv.py at each row count the MoE layers' router + shared gate/up
+        and shared down take it (models/deepseek_v3 *_GEMV_MAX_M; 0 = cuBLAS: nothing to
+        compile). Returns the number of launches."""
+        from atom_stream.models import deepseek_v3 as dv3
+        n, dev, dt = 0, self.device, self.dtype
+        moe = next((m for m in self.model.modules()
+                    if isinstance(m, dv3.MoE) and m.w_router_shared is not None), None)
+        for m in range(1, 5):
+            x = torch.zeros(m, self.model.config.hidden_size, dtype=dt, device=dev)
+            if moe is not None and m <= dv3.ROUTER_GEMV_MAX_M:
+                moe._router_and_shared(x)
+                n += 1
+            shared = moe.shared_experts if moe is not None else None
+            if shared is not None and m <= dv3.SHARED_DOWN_GEMV_MAX_M:
+                w = shared.down_proj.weight
+                shared.down_add(torch.zeros(m, w.shape[1], dtype=dt, device=dev), x.clone())
                 n += 1
         return n
 

@@ -32,7 +32,7 @@ from torch import nn
 from atom_stream import envs
 from atom_stream.config import ModelConfig
 from atom_stream.layers.attention import AttentionMetadata
-from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear
+from atom_stream.layers.linear import Linear, VocabEmbedding, dense_linear, gemv_ok
 from atom_stream.layers.moe import experts_dense_ref, experts_ref, route
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import all_gather_last, all_reduce, local_topk, tp
@@ -80,6 +80,9 @@ class MLP(nn.Module):
             # add += act @ W^T in place, one launch: `add` is the caller's fresh partial sum (the
             # routed experts' output); out-of-place addmm made cuBLAS copy it first (an extra
             # memcpy32_post kernel per layer in the B=1 profile)
+            if gemv_ok(act, down.weight, SHARED_DOWN_GEMV_MAX_M):
+                from atom_stream.kernels.gemv import gemv
+                return gemv(act, down.weight, add=add, out=add)
             return add.addmm_(act, down.weight.t())
         y = down(act)
         return y if add is None else add + y
@@ -159,6 +162,16 @@ def _fused_moe():
 # On by default (H200 same-run A/B, bench/RESULTS.md session 4: B=1 5.99 -> 5.86 ms, never
 # slower at B = 4, 8, 64); =0 keeps two GEMMs. Read at load (MoE.process_weights_after_loading).
 FUSE_ROUTER_SHARED = envs.flag("ATOM_STREAM_FUSE_ROUTER_SHARED")
+# Decode rows up to which kernels/gemv.py runs these GEMMs instead of cuBLAS (split-K kernel +
+# reduce / addmm_): the fused router + shared gate/up (fp32 out) and the shared expert's down
+# (adding into the routed output in place). Default 1 (H200, bench/RESULTS.md session 17:
+# kernel 10.3-10.4 vs 11.4-11.7 µs for router + routing, 2.97 vs 3.39 µs for the shared down;
+# decode B=1 -1.7 to -3.3 % in three alternated runs). 0 = cuBLAS.
+ROUTER_GEMV_MAX_M = envs.integer("ATOM_STREAM_ROUTER_GEMV_MAX_M")
+SHARED_DOWN_GEMV_MAX_M = envs.integer("ATOM_STREAM_SHARED_DOWN_GEMV_MAX_M")
+# H200, M=1 (bench/dense_gemv.py, RESULTS session 16): 6.88 µs at 2 x 2048 on 8 warps vs
+# cuBLAS 7.99 (split-K + reduce)
+ROUTER_GEMV_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
 
 
 class MoE(nn.Module):
@@ -197,10 +210,12 @@ class MoE(nn.Module):
 
     def _router_and_shared(self, x: torch.Tensor):
         """FUSE_ROUTER_SHARED: (logits [T, E] fp32 view, the shared expert's gate/up [T, 2I] fp32
-        view, an empty act buffer [T, I] in x's dtype) from one fp32-output GEMM, or None where
-        the backend has no such GEMM (the caller's path runs). The routing launch fills act
-        with SiLU(gate) * up (kernels/moe_routing.py, `act=`)."""
-        out = kernel_path.linear_fp32_out(x, self.w_router_shared)
+        view, an empty act buffer [T, I] in x's dtype) from one fp32-output GEMM (up to
+        ROUTER_GEMV_MAX_M rows kernels/gemv.py's), or None where the backend has no such GEMM
+        (the caller's path runs). The routing launch fills act with SiLU(gate) * up
+        (kernels/moe_routing.py, `act=`)."""
+        out = kernel_path.linear_fp32_out(x, self.w_router_shared, ROUTER_GEMV_MAX_M,
+                                          ROUTER_GEMV_CONFIG)
         if out is None:
             return None
         E = self.cfg.n_routed_experts
