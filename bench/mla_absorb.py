@@ -7,6 +7,7 @@ Rows (µs per call, CUDA-graph replays over 4 rotated input sets so weights come
 - attn_bmm:   mla_decode (+ its merge launch) + torch.bmm(o_lat, W_UV^T)
 - attn_uv:    mla_decode(uv=...): W_UV folded into the merge launch
 - routing_wN: kernels/moe_routing at N warps (384 experts, top-8, + the shared SiLU*mul, I 256)
+- q_absorb_rN (--block-r): q_absorb at latent tile N instead of 64
 at decode batch B = 1 .. 256.
 
     python3 bench/mla_absorb.py --out $OUT/mla-absorb-h200.json
@@ -33,7 +34,7 @@ H, NOPE, R, PE, V, PAGE = 8, 128, 512, 64, 128, 64
 SETS = 4
 
 
-def q_side(B, dev, dt):
+def q_side(B, dev, dt, block_r=64):
     sets = []
     for _ in range(SETS):
         q = torch.randn(B, H, NOPE + PE, device=dev, dtype=dt)
@@ -48,7 +49,7 @@ def q_side(B, dev, dt):
         rope_interleaved_(q[..., NOPE:], None, cos, sin, pos)
 
     def fused(q, w):
-        mla_q_absorb(q, w, cos, sin, pos)
+        mla_q_absorb(q, w, cos, sin, pos, block_r=block_r)
     return ([lambda s=s: unfused(*s) for s in sets], [lambda s=s: fused(*s) for s in sets])
 
 
@@ -95,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--out", default="bench/results/mla-absorb.json")
+    ap.add_argument("--block-r", default="",
+                    help="also time q_absorb at these latent tiles (e.g. 16,32,128; default 64)")
     args = ap.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
     rows = []
@@ -106,6 +109,9 @@ def main(argv=None) -> None:
         r = {"batch": B, "ctx": args.ctx, "splits": S,
              "q_bmm_rope_us": time_calls(qa), "q_absorb_us": time_calls(qb),
              "attn_bmm_us": time_calls(aa), "attn_uv_us": time_calls(ab)}
+        for br in [int(v) for v in args.block_r.split(",") if v]:
+            r[f"q_absorb_r{br}_us"] = time_calls(q_side(B, dev, dt, br)[1])
+            print(f"     q_absorb block_r {br}: {r[f'q_absorb_r{br}_us']:.2f}")
         saved = routing.NUM_WARPS
         try:
             for w in (1, 2, 4):

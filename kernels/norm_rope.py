@@ -32,6 +32,9 @@ def _add_rmsnorm_kernel(X, RES, W, OUT, RES_OUT, eps, N, stride_x, stride_r, str
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(X + t * stride_x + offs, mask=mask, other=0.0)
+    # the weight requested with x, not after the reduction: its DRAM latency then overlaps the
+    # row's (a load after the reduction's barrier waits its own round trip, ~1 µs per call)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(RES + t * stride_r + offs, mask=mask, other=0.0)
              .to(tl.float32)).to(X.dtype.element_ty)
@@ -39,7 +42,6 @@ def _add_rmsnorm_kernel(X, RES, W, OUT, RES_OUT, eps, N, stride_x, stride_r, str
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
     y = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + t * stride_o + offs, (y * w).to(OUT.dtype.element_ty), mask=mask)
 
 

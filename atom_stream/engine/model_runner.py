@@ -240,7 +240,7 @@ class ModelRunner:
             from atom_stream.layers.linear import dense_linear
             for m in range(1, min(mla.QB_GEMV_MAX_M, 4) + 1):
                 dense_linear(torch.zeros(m, qb.in_features, dtype=dt, device=dev), qb.weight,
-                             gemv_max_m=mla.QB_GEMV_MAX_M)
+                             gemv_max_m=mla.QB_GEMV_MAX_M, gemv_config=mla.QB_GEMV_CONFIG)
                 n += 1
         return n
 

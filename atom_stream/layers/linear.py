@@ -76,12 +76,14 @@ def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
-def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0) -> torch.Tensor:
+def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0,
+                 gemv_config: dict | None = None) -> torch.Tensor:
     """x @ w^T for an unquantized weight [out, in]: the Triton GEMV up to the caller's
-    gemv_max_m rows, the skinny GEMM where switched on, torch's F.linear otherwise."""
+    gemv_max_m rows (gemv_config: its tiles), the skinny GEMM where switched on, torch's
+    F.linear otherwise."""
     if gemv_ok(x, w, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
-        return gemv(x, w)
+        return gemv(x, w, config=gemv_config)
     if _skinny_ok(x, w):
         from atom_stream.kernels.skinny_gemm import skinny_linear
         return skinny_linear(x, w)

@@ -83,6 +83,9 @@ MERGE_UV_MAX_B = envs.integer("ATOM_STREAM_MLA_MERGE_UV_MAX_B")
 # GEMV (kernels/gemv.py) instead of cuBLAS: H200, bench/dense_gemv.py (RESULTS session 16):
 # 3.1-3.9 vs 6.5 us at M=1, 4.0 vs 5.7 at M=2, 6.2 vs 6.1 at M=4. 0 = cuBLAS.
 QB_GEMV_MAX_M = envs.integer("ATOM_STREAM_QB_GEMV_MAX_M")
+# its tiles: the whole K (1536) in one masked 2048-wide step on 8 warps; H200 (bench/RESULTS.md
+# session 17, bench/dense_gemv.py): 3.32 vs 3.60 us at M=1, 4.05 vs 4.71 at M=2 (default tiles)
+QB_GEMV_CONFIG = {"num_warps": 8, "BLOCK_K": 2048}
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -283,7 +286,8 @@ class MLA(nn.Module):
         if absorbed:
             return dense_linear(q_n, self.w_q_abs).view(T, self.num_heads, self.r + self.rope)
         if self.q_b_proj.quant_method is None:  # column-parallel: no reduction to add
-            q = dense_linear(q_n, self.q_b_proj.weight, gemv_max_m=QB_GEMV_MAX_M)
+            q = dense_linear(q_n, self.q_b_proj.weight, gemv_max_m=QB_GEMV_MAX_M,
+                             gemv_config=QB_GEMV_CONFIG)
             return q.view(T, self.num_heads, self.nope + self.rope)
         return self.q_b_proj(q_n).view(T, self.num_heads, self.nope + self.rope)
 
