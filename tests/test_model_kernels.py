@@ -316,13 +316,10 @@ def test_kernel_path_matches_reference_gpu(q_lora, dtype, spy):
     run_parity(q_lora, dtype, "cuda", seed=5 if q_lora else 6, spy=spy)
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
-    """mla.QB_GEMV_MAX_M = 4 (default 2; the test's decode step has 4 rows): q_b through
-    kernels/gemv.py on that step only; still the reference's outputs."""
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Counter of kernels/gemv.gemv calls by weight shape (the callers import it lazily)."""
     from atom_stream.kernels import gemv as gemv_mod
-    monkeypatch.setattr(mla_model, "QB_GEMV_MAX_M", 4)
     calls = collections.Counter()
     fn = gemv_mod.gemv
 
@@ -330,6 +327,16 @@ def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
         calls[tuple(w.shape)] += 1
         return fn(x, w, **k)
     monkeypatch.setattr(gemv_mod, "gemv", counted)
+    return calls
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch, gemv_calls):
+    """mla.QB_GEMV_MAX_M = 4 (default 2; the test's decode step has 4 rows): q_b through
+    kernels/gemv.py on that step only; still the reference's outputs."""
+    monkeypatch.setattr(mla_model, "QB_GEMV_MAX_M", 4)
+    calls = gemv_calls
     run_parity(32, torch.bfloat16, "cuda", seed=23, spy=spy)
     cfg = tiny_config(32)
     qb = (cfg.num_attention_heads * cfg.qk_head_dim, 32)
@@ -338,26 +345,18 @@ def test_kernel_path_with_q_b_gemv_matches_reference_gpu(spy, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypatch):
+def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypatch, gemv_calls):
     """deepseek_v3's ROUTER / SHARED_DOWN_GEMV_MAX_M = 4 (default 1): the fused router + shared
     gate/up (fp32 out) and the shared down (adding into the routed output in place) through
     kernels/gemv.py on the 4-row decode step only; still the reference's outputs and routing;
     the runner's warm-up compiles each at rows 1..4."""
     import types
 
-    from atom_stream.kernels import gemv as gemv_mod
-
     from atom_stream.engine.model_runner import ModelRunner
     from atom_stream.models import deepseek_v3 as dv3
     for name in ("ROUTER_GEMV_MAX_M", "SHARED_DOWN_GEMV_MAX_M"):
         monkeypatch.setattr(dv3, name, 4)
-    calls = collections.Counter()
-    fn = gemv_mod.gemv
-
-    def counted(x, w, **k):
-        calls[tuple(w.shape)] += 1
-        return fn(x, w, **k)
-    monkeypatch.setattr(gemv_mod, "gemv", counted)
+    calls = gemv_calls
     run_parity(32, torch.bfloat16, "cuda", seed=29, spy=spy)
     cfg = tiny_config(32)
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
