@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import time_calls
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -48,30 +53,13 @@ def chain(bufs, n_kernels: int, mode: str, block: int) -> None:
                     EARLY=mode == "early", num_warps=4, **kw)
 
 
-def time_mode(size: int, n_kernels: int, mode: str, reps: int = 50) -> float:
+def time_mode(size: int, n_kernels: int, mode: str) -> float:
+    """Median µs per kernel of the chain, replayed as a CUDA graph (bench/kernels.time_calls)."""
     bufs = [torch.randn(size, device="cuda").bfloat16() for _ in range(2)]
-    block = 2048
-    chain(bufs, n_kernels, mode, block)  # compile
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        chain(bufs, n_kernels, mode, block)
-    ref = bufs[0].clone()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / n_kernels)
-    # the chain is a contraction towards 0.001 / 0.001 = 1: finite and deterministic
-    assert torch.isfinite(bufs[0].float()).all() and ref.shape == bufs[0].shape
-    ts.sort()
-    return ts[len(ts) // 2]
+    t = time_calls([lambda: chain(bufs, n_kernels, mode, 2048)]) / n_kernels
+    # the chain contracts towards b / (1 - a) = 1: the output stays finite
+    assert torch.isfinite(bufs[0].float()).all()
+    return t
 
 
 def main(argv=None) -> None:

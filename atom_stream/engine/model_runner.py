@@ -252,15 +252,17 @@ class ModelRunner:
         n, dev, dt = 0, self.device, self.dtype
         moe = next((m for m in self.model.modules()
                     if isinstance(m, dv3.MoE) and m.w_router_shared is not None), None)
+        if moe is None:
+            return 0
+        shared = moe.shared_experts
         for m in range(1, 5):
             x = torch.zeros(m, self.model.config.hidden_size, dtype=dt, device=dev)
-            if moe is not None and m <= dv3.ROUTER_GEMV_MAX_M:
+            if m <= dv3.ROUTER_GEMV_MAX_M:
                 moe._router_and_shared(x)
                 n += 1
-            shared = moe.shared_experts if moe is not None else None
             if shared is not None and m <= dv3.SHARED_DOWN_GEMV_MAX_M:
                 w = shared.down_proj.weight
-                shared.down_add(torch.zeros(m, w.shape[1], dtype=dt, device=dev), x.clone())
+                shared.down_add(torch.zeros(m, w.shape[1], dtype=dt, device=dev), x)
                 n += 1
         return n
 

@@ -70,7 +70,8 @@ def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
     """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m (<= 4) rows,
     16-bit, w contiguous. The caller picks max_m per projection by measurement (models/mla.py
-    QB_GEMV_MAX_M: q_b); routing every projection through it was slower (RESULTS session 16)."""
+    QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER / SHARED_DOWN_GEMV_MAX_M); routing every
+    projection through it was slower (RESULTS session 16)."""
     return (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= min(max_m, 4)
             and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and x.stride(-1) == 1)
