@@ -35,8 +35,6 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ATOM_STREAM_MLA_DECODE", "auto",
            "MLA decode variant the model's 'auto' resolves to: auto (measured default) | v1 | v3 "
            "| v5"),
-    EnvVar("ATOM_STREAM_MLA_V5_SMALL_MAX_B", "0",
-           "most decode rows with the fp8 MLA decode (v5) on 32-token tiles and splits (0 off)"),
     EnvVar("ATOM_STREAM_MLA_Q_ABSORB_MAX_B", "128",
            "most decode rows (decode-only steps) with q_nope @ W_UK + q_pe RoPE in one launch"),
     EnvVar("ATOM_STREAM_MLA_MERGE_UV_MAX_B", "4",

@@ -300,8 +300,7 @@ def decode_num_splits(batch: int, num_heads: int, max_seq_len: int | None = None
     else:
         s = triton.cdiv(WAVES * sms, batch * groups)
     if max_seq_len is not None:
-        min_split = _v5_launch(batch)[1] if variant == "v5" else MIN_SPLIT
-        s = min(s, triton.cdiv(max(max_seq_len, 1), min_split))
+        s = min(s, triton.cdiv(max(max_seq_len, 1), MIN_SPLIT))
     if variant == "v3" and V3_FUSED_MAX_S < s < 2 * V3_FUSED_MAX_S:
         s = V3_FUSED_MAX_S  # one launch instead of two, ~wave-sized grid kept
     return max(1, min(s, MAX_SPLITS))
@@ -364,17 +363,6 @@ def _v3_cfg(kv_dtype: torch.dtype, batch: int, fp8_path: int) -> tuple[int, int,
 # bench/RESULTS.md session 12: (32, 4, 2) 1.2-1.4x, (64, 8, 2) 1.3-1.6x slower at B >= 16).
 # Offline sm_90: 190 registers, no spills, 72 KB shared (2 CTAs per SM).
 V5_CONFIG = (64, 4, 2)
-# v5 at <= V5_SMALL_MAX_B decode rows: 32-token tiles and splits of >= 32 tokens (V5_SMALL =
-# (config, min split)), so a 1K context at B=1 spreads over 32 programs instead of 16 (the
-# 64-token minimum). A developer switch (atom_stream/envs.py), 0 = off: not yet measured (the
-# session-12 sweep timed (32, 4, 2) only with 64-token splits: 8.9 vs 8.1-8.7 µs at B=1 x 1K).
-V5_SMALL_MAX_B = envs.integer("ATOM_STREAM_MLA_V5_SMALL_MAX_B")
-V5_SMALL = ((32, 4, 2), 32)
-
-
-def _v5_launch(batch: int) -> tuple[tuple[int, ...], int]:
-    """(v5 config, min split) mla_decode uses at this batch size."""
-    return V5_SMALL if batch <= V5_SMALL_MAX_B else (V5_CONFIG, MIN_SPLIT)
 
 _V3_COUNTERS: dict[tuple, torch.Tensor] = {}
 
@@ -403,8 +391,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                rope_dim: int = 64, config: tuple[int, ...] | None = None,
                chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
                fp8_mode: int = 1, fp8_path: str = "regs",
-               uv: tuple[torch.Tensor, torch.Tensor] | None = None,
-               min_split: int | None = None) -> torch.Tensor:
+               uv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R], or with
     uv = (w_uv [H, V, R], y [B, H, V]) y = o_latent @ W_UV^T per head (written into y and
     returned; `out` then only holds some rows' o_latent): v1 / v3 / v5 fold the product into
@@ -414,8 +401,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
     v3: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
     fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py).
-    v5: merge "kernel" (None; measured faster everywhere) | "fused"; config / min_split (the
-    fewest tokens per split) default to _v5_launch(B)."""
+    v5: merge "kernel" (None; measured faster everywhere) | "fused"."""
     assert variant in VARIANTS, variant
     variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
     merge = merge or auto_merge
@@ -446,9 +432,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         S = num_splits
         merge = merge or "kernel"  # the fused merge: 1.1-36x slower (RESULTS.md session 12)
         assert merge in ("fused", "kernel")
-        cfg5, min5 = _v5_launch(B)
-        min5 = min_split or min5
-        block_n, warps, stages, *cap = config or cfg5  # [, maxnreg] as v3
+        block_n, warps, stages, *cap = config or V5_CONFIG  # [, maxnreg] as v3
         ws = (workspace or _v3_workspace(B, H, R, S, q_nope.device)) if S > 1 else None
         # k_scale (and the bit moves' fp16 factor) folded into the score and output scales
         asm = _v5.native_cvt(kv_cache.dtype, kv_cache.device)
@@ -456,9 +440,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         _v5.launch_v5(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
             S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
-            stages=stages, pairs=max(16, chunk // 2), min_split=min5, asm=asm,
+            stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm,
             maxnreg=cap[0] if cap else None, defer_merge=uv is not None)
-        return _merge_uv(out, seq_lens, ws, S, block_n, uv, min5)
+        return _merge_uv(out, seq_lens, ws, S, block_n, uv)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0
@@ -545,14 +529,14 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     return out
 
 
-def _merge_uv(out, seq_lens, ws, S, block_n, uv, min_split=MIN_SPLIT):
+def _merge_uv(out, seq_lens, ws, S, block_n, uv):
     """After a v3 / v5 launch: `out` as it is (uv None: already merged there), or the deferred
-    merge with W_UV folded in, into uv's y (min_split: the attention launch's)."""
+    merge with W_UV folded in, into uv's y."""
     if uv is None:
         return out
     B, H, R = out.shape
     opart, lse, _, strides = _v3.split_workspace(out, seq_lens, ws, B, H, S, R, BLOCK_H)
-    return _v3.launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, *uv)
+    return _v3.launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, MIN_SPLIT, *uv)
 
 
 def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
@@ -572,8 +556,7 @@ def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: 
         # what a launch's compiled variant depends on: the split count (merge mode, merge
         # tile) and, for v3, the per-batch tile config; one call per distinct key
         key = (decode_num_splits(b, num_heads, None, dev, variant),
-               _v3_cfg(kv_dtype, b, 1) if variant == "v3" else
-               _v5_launch(b) if variant == "v5" else None)
+               _v3_cfg(kv_dtype, b, 1) if variant == "v3" else None)
         if key in seen:
             continue
         seen.add(key)

@@ -96,30 +96,6 @@ def test_decode_v5_merge_uv_interpreted(S):
 
 
 @cpu_only
-@pytest.mark.parametrize("uv_dim", [0, 40])
-def test_decode_v5_small_batch_tiles_interpreted(uv_dim, monkeypatch):
-    """V5_SMALL_MAX_B: batches up to it take V5_SMALL's tiles and its smaller min split (here
-    16-token tiles / splits, so the 37- and 260-token sequences split where 64 would not); the
-    merge (and merge + W_UV) walk the same split lengths: equal to the reference, partial slots =
-    the active splits at min split 16; above the limit the default min split again."""
-    monkeypatch.setattr(dec, "V5_SMALL_MAX_B", 7)
-    monkeypatch.setattr(dec, "V5_SMALL", ((16, 4, 1), 16))
-    lens = [0, 1, 37, 700, 5, 260, 9]
-    S = 6
-    assert dec._v5_launch(7) == ((16, 4, 1), 16) and dec._v5_launch(8)[1] == dec.MIN_SPLIT
-    assert dec.decode_num_splits(7, 3, 40, None, "v5") == min(
-        dec.decode_num_splits(7, 3, None, None, "v5"), 3)  # cdiv(40, 16)
-    ws = dec.alloc_decode_workspace(7, 3, 64, S, "cpu", variant="v5")
-    for rep in range(2):
-        out, ref = run_decode(7, 3, 64, 32, 8, lens, torch.float32, FP8, S, "cpu",
-                              seed=zlib.crc32(f"small {uv_dim} {rep}".encode()), k_scale=0.37,
-                              chunk=32, variant="v5", ws=ws, uv_dim=uv_dim)
-        assert torch.all(out[0] == 0)
-        assert rel_err(out, ref) < 2e-3
-        assert len(check_v3_scratch(ws, lens, S, 16, min_split=16)) == 15
-
-
-@cpu_only
 def test_v5_falls_back_to_v3_where_it_does_not_apply():
     """A 16-bit cache, or rope 16 (pairs < 16), runs v3 on the same workspace: still exact."""
     lens = [3, 90, 17]
@@ -151,27 +127,6 @@ def test_decode_v5_gpu(kv_dtype, merge, cfg, S):
         assert torch.all(out[0] == 0)
         assert rel_err(out, ref) < 1e-2
         check_v3_scratch(ws, lens, S, (cfg or dec.V5_CONFIG)[0])
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("uv_dim", [0, 128])
-def test_decode_v5_small_batch_tiles_gpu(uv_dim, monkeypatch):
-    """V5_SMALL (32-token tiles and splits) at the real widths for batches <= V5_SMALL_MAX_B,
-    with the model's split count: equal to the reference (and times W_UV), slots = the active
-    splits at min split 32."""
-    monkeypatch.setattr(dec, "V5_SMALL_MAX_B", 4)
-    lens = [0, 1000, 33, 8192]
-    B, H = len(lens), 8
-    S = dec.decode_num_splits(B, H, None, "cuda", "auto", FP8)
-    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="auto", kv_dtype=FP8)
-    for seed in (1, 2):
-        out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, FP8, S, "cuda",
-                              seed=seed, k_scale=0.5, variant="auto", ws=ws, uv_dim=uv_dim)
-        assert torch.all(out[0] == 0)
-        assert rel_err(out, ref) < 1e-2
-        if S > 1:
-            check_v3_scratch(ws, lens, S, dec.V5_SMALL[0][0], min_split=dec.V5_SMALL[1])
 
 
 @pytest.mark.gpu
