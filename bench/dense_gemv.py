@@ -28,7 +28,20 @@ SHAPES = {"qa_kva": (2112, 7168, "bf16"), "router_shared": (896, 7168, "fp32"),
           "o_proj": (7168, 1024, "bf16"), "q_b": (1536, 1536, "bf16"),
           "shared_down": (7168, 256, "add"), "lm_head": (20480, 7168, "fp32")}
 ALTERNATIVES = [{"BLOCK_K": 512}, {"BLOCK_K": 1024}, {"num_warps": 8}, {"num_warps": 2},
-                {"num_warps": 8, "BLOCK_K": 2048}]
+                {"num_warps": 8, "BLOCK_K": 2048},
+                # session 18 (bench/persistent_chain.py): rows p, p + G, ... per program
+                # (STRIDED) and the K loop unrolled (UNROLL: every step's loads in flight)
+                {"num_warps": 8, "BLOCK_K": 2048, "UNROLL": True},
+                {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True},
+                {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True, "UNROLL": True},
+                {"BLOCK_N": 2, "BLOCK_K": 8192, "num_warps": 8, "STRIDED": True},
+                {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 8, "STRIDED": True, "UNROLL": True},
+                {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "UNROLL": True},
+                {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "STRIDED": True, "UNROLL": True},
+                {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "STRIDED": True, "UNROLL": True},
+                {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "STRIDED": True, "UNROLL": True},
+                {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 8, "STRIDED": True},
+                {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "STRIDED": True}]
 
 
 def make_calls(kind, x, add, ws, cfg, cublas=False):

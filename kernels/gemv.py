@@ -6,6 +6,12 @@ bench/RESULTS.md session 15/16 profiles). Here every program owns BLOCK_N output
 the whole K: it streams its [BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles and keeps one
 fp32 partial per (row, column), so there is nothing to reduce across programs. The grid is
 cdiv(N, BLOCK_N) programs; BLOCK_N is picked so that there are about two programs per SM.
+Config "STRIDED": program p owns rows p, p + G, p + 2G, ... (G programs) instead of a block of
+BLOCK_N adjacent rows; with 4 rows x 4096 K per step on 8 warps that streamed q_a+kv_a
+(2112x7168, M=1) in 10.0 µs against 12.1 for adjacent rows at the same tile and 13.5 for cuBLAS
+(bench/persistent_chain.py --per-phase, RESULTS session 18). Config "UNROLL": the K loop
+unrolled for this K (a compile per K), so a program's loads for every K step are in flight at
+once instead of one step's per loop trip.
 Measured on the H200 (bench/dense_gemv.py, RESULTS session 16) it beats cuBLAS only where
 cuBLAS tiles badly (q_b 1536x1536: 3.1-3.9 vs 6.5 µs at M=1) and loses on the tall-K q_a+kv_a
 (15.8 vs 12.5 µs): models/mla.py uses it for q_b alone by default.
@@ -29,10 +35,33 @@ MAX_M = 4
 
 
 @triton.jit
+def _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm, acc0, acc1, acc2, acc3,
+               BLOCK_M: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] weight tile at column k into the rows' fp32 partials."""
+    kmask = (k + offs_k) < K
+    w = tl.load(w_ptr + k, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    x0 = tl.load(X + k + offs_k, mask=kmask, other=0.0).to(tl.float32)
+    acc0 += tl.sum(w * x0[None, :], 1)
+    if BLOCK_M > 1:
+        # rows past M read row M - 1 again (valid memory; never stored)
+        x1 = tl.load(X + tl.minimum(1, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+        acc1 += tl.sum(w * x1.to(tl.float32)[None, :], 1)
+    if BLOCK_M > 2:
+        x2 = tl.load(X + tl.minimum(2, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+        acc2 += tl.sum(w * x2.to(tl.float32)[None, :], 1)
+        x3 = tl.load(X + tl.minimum(3, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
+        acc3 += tl.sum(w * x3.to(tl.float32)[None, :], 1)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _gemv_kernel(X, W, Y, ADD, M, N, K, stride_xm, stride_wn, stride_ym, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_ADD: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                 HAS_ADD: tl.constexpr, STRIDED: tl.constexpr, K_UNROLL: tl.constexpr):
+    if STRIDED:  # rows pid, pid + G, pid + 2G, ... (G programs)
+        offs_n = tl.program_id(0) + tl.arange(0, BLOCK_N) * tl.num_programs(0)
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
@@ -40,20 +69,14 @@ def _gemv_kernel(X, W, Y, ADD, M, N, K, stride_xm, stride_wn, stride_ym, stride_
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
     acc2 = tl.zeros((BLOCK_N,), tl.float32)
     acc3 = tl.zeros((BLOCK_N,), tl.float32)
-    for k in range(0, K, BLOCK_K):
-        kmask = (k + offs_k) < K
-        w = tl.load(w_ptr + k, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        x0 = tl.load(X + k + offs_k, mask=kmask, other=0.0).to(tl.float32)
-        acc0 += tl.sum(w * x0[None, :], 1)
-        if BLOCK_M > 1:
-            # rows past M read row M - 1 again (valid memory; never stored)
-            x1 = tl.load(X + tl.minimum(1, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
-            acc1 += tl.sum(w * x1.to(tl.float32)[None, :], 1)
-        if BLOCK_M > 2:
-            x2 = tl.load(X + tl.minimum(2, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
-            acc2 += tl.sum(w * x2.to(tl.float32)[None, :], 1)
-            x3 = tl.load(X + tl.minimum(3, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
-            acc3 += tl.sum(w * x3.to(tl.float32)[None, :], 1)
+    if K_UNROLL > 0:  # K == K_UNROLL: the steps unrolled, so every step's loads issue at once
+        for k in tl.static_range(0, K_UNROLL, BLOCK_K):
+            acc0, acc1, acc2, acc3 = _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm,
+                                                acc0, acc1, acc2, acc3, BLOCK_M)
+    else:
+        for k in range(0, K, BLOCK_K):
+            acc0, acc1, acc2, acc3 = _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm,
+                                                acc0, acc1, acc2, acc3, BLOCK_M)
     _store_row(Y, ADD, 0, acc0, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
     if BLOCK_M > 1:
         _store_row(Y, ADD, 1, acc1, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
@@ -84,7 +107,7 @@ def default_config(M: int, N: int, K: int, device: torch.device) -> dict:
     # 512 (or K): the fastest of 256 / 512 / 1024 / 2048 at M=1 for q_b 1536x1536, o_proj
     # 7168x1024 and the lm_head shard on the H200 (bench/dense_gemv.py, RESULTS session 16)
     block_k = min(512, triton.next_power_of_2(K))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "STRIDED": False}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
@@ -108,7 +131,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = No
         x, w, out, add if add is not None else out, M, N, K, x.stride(0), w.stride(0),
         out.stride(0), add.stride(0) if add is not None else 0,
         BLOCK_M=1 if M == 1 else (2 if M == 2 else 4), BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        HAS_ADD=add is not None, num_warps=cfg["num_warps"])
+        HAS_ADD=add is not None, STRIDED=bool(cfg.get("STRIDED")),
+        K_UNROLL=K if cfg.get("UNROLL") else 0, num_warps=cfg["num_warps"])
     return out
 
 

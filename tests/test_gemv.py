@@ -4,7 +4,7 @@ Fresh random inputs for every check, outputs poisoned (NaN) first; M = 1..4 (BLO
 with masked rows), N not a multiple of BLOCK_N, K not a multiple of BLOCK_K, an fp32 output
 (the router logits), the add form in place (out is add: the shared expert's down adding into
 the routed output), strided x rows. CPU: TRITON_INTERPRET=1 in fp32 / fp16; `-m gpu`: bf16 at
-the Kimi TP8 rank's decode shapes.
+the Kimi TP8 rank's decode shapes; adjacent and strided (config STRIDED) row ownership.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def test_gemv_interpreted(M, dtype):
     check(M, 50, 96, dtype, seed=M + 10, tol=tol)  # default config
     check(M, 37, 300, dtype, seed=M + 20, tol=tol, with_add=True,
           config={"BLOCK_N": 8, "BLOCK_K": 128})
+    # strided rows (program p owns p, p + G, ...): N = 37 over G = 10 programs of 4 rows
+    check(M, 37, 300, dtype, seed=M + 30, tol=tol,
+          config={"BLOCK_N": 4, "BLOCK_K": 128, "STRIDED": True})
+    check(M, 37, 300, dtype, seed=M + 40, tol=tol, with_add=True,
+          config={"BLOCK_N": 8, "BLOCK_K": 64, "STRIDED": True})
+    # the K loop unrolled (K = 300 over 128-wide steps: the last one masked)
+    check(M, 37, 300, dtype, seed=M + 50, tol=tol,
+          config={"BLOCK_N": 4, "BLOCK_K": 128, "STRIDED": True, "UNROLL": True})
 
 
 @cpu_only
@@ -64,6 +72,7 @@ def test_gemv_fp32_out_and_bad_input():
     w = torch.randn(8, 64, device=DEV)
     with pytest.raises(ValueError):
         gemv(x, w)  # M > MAX_M
+
     with pytest.raises(ValueError):
         gemv(x[:2], w.half())  # dtype mismatch
     with pytest.raises(ValueError):
@@ -79,3 +88,10 @@ def test_gemv_gpu(M, N, K):
     check(M, N, K, torch.bfloat16, seed=N + M, tol=1e-2)
     check(M, N, K, torch.bfloat16, seed=N + M + 1, tol=1e-5, out_dtype=torch.float32)
     check(M, N, K, torch.bfloat16, seed=N + M + 2, tol=1e-2, with_add=True)
+    strided = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True}
+    check(M, N, K, torch.bfloat16, seed=N + M + 3, tol=1e-2, config=strided)
+    check(M, N, K, torch.bfloat16, seed=N + M + 4, tol=1e-5, out_dtype=torch.float32,
+          config=dict(strided, UNROLL=True))
+    check(M, N, K, torch.bfloat16, seed=N + M + 5, tol=1e-2, with_add=True,
+          config={"BLOCK_N": 8, "BLOCK_K": 2048, "STRIDED": True, "UNROLL": True})
+

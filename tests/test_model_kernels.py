@@ -372,18 +372,22 @@ def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypa
 
 
 @cpu_only
-def test_runner_absorb_warmup_runs_at_the_model_widths():
-    """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb and the q_b
-    GEMV's row counts before serving) runs on the model's own weights and shapes; here on the
-    CPU (interpreter; the q_b GEMV is GPU-only, so F.linear stands in)."""
+@pytest.mark.parametrize("qkv_max_m", [0, 2])
+def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m):
+    """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb, the q_b GEMV's
+    and the q_a + kv_a GEMV's row counts before serving) runs on the model's own weights and
+    shapes; here on the CPU (interpreter; the GEMV is GPU-only, so F.linear stands in)."""
     import types
 
     from atom_stream.engine.model_runner import ModelRunner
+    monkeypatch.setattr(mla_model, "QKV_GEMV_MAX_M", qkv_max_m)
     cfg = tiny_config(32)
     ref, _ = build_models(cfg, torch.float32, "cpu", seed=30)
+    attn = ref.model.layers[0].self_attn
     fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    n = ModelRunner._absorb_warmup(fake, ref.model.layers[0].self_attn)
-    assert n == 1 + min(mla_model.QB_GEMV_MAX_M, 4)
+    n = ModelRunner._absorb_warmup(fake, attn)
+    qkv = qkv_max_m if attn.w_qkv_a is not None else 0
+    assert n == 1 + min(mla_model.QB_GEMV_MAX_M, 4) + qkv + attn.o_proj.gemv_max_m
 
 
 @cpu_only

@@ -225,7 +225,8 @@ class ModelRunner:
     def _absorb_warmup(self, attn) -> int:
         """Compile the decode path's other batch-shaped launches that an eager decode step
         would otherwise compile on a request's path (--enforce-eager has no graph capture to
-        do it): mla_q_absorb (one variant) and the q_b GEMV at each row count it takes."""
+        do it): mla_q_absorb (one variant), the q_b, q_a + kv_a and o_proj GEMVs at each row
+        count they take."""
         from atom_stream.models import mla
         n = 0
         dev, dt = self.device, self.dtype
@@ -235,12 +236,18 @@ class ModelRunner:
             mla_q_absorb(q, attn.w_uk, attn.rotary.cos, attn.rotary.sin,
                          torch.zeros(1, dtype=torch.long, device=dev))
             n += 1
-        qb = getattr(attn, "q_b_proj", None)
+        from atom_stream.layers.linear import dense_linear
+        gemvs = []  # (weight [out, in], most GEMV rows, its config)
+        qb, o = getattr(attn, "q_b_proj", None), attn.o_proj
         if qb is not None and qb.quant_method is None:
-            from atom_stream.layers.linear import dense_linear
-            for m in range(1, min(mla.QB_GEMV_MAX_M, 4) + 1):
-                dense_linear(torch.zeros(m, qb.in_features, dtype=dt, device=dev), qb.weight,
-                             gemv_max_m=mla.QB_GEMV_MAX_M, gemv_config=mla.QB_GEMV_CONFIG)
+            gemvs.append((qb.weight, mla.QB_GEMV_MAX_M, mla.QB_GEMV_CONFIG))
+        if attn.w_qkv_a is not None:
+            gemvs.append((attn.w_qkv_a, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG))
+        if o.quant_method is None:
+            gemvs.append((o.weight, o.gemv_max_m, o.gemv_config))
+        for w, max_m, cfg in gemvs:
+            for m in range(1, min(max_m, 4) + 1):
+                dense_linear(torch.zeros(m, w.shape[1], dtype=dt, device=dev), w, max_m, cfg)
                 n += 1
         return n
 

@@ -41,12 +41,16 @@ class Linear(nn.Module):
         )
         self.weight.tp_dim = {"replicated": None, "column": 0, "row": 1}[parallel]
         self.quant_method = None  # set by layers/quant when the checkpoint quantizes this layer
+        # the Triton GEMV up to this many rows (dense_linear; the owner sets both by
+        # measurement, e.g. models/mla.py for o_proj; 0 = cuBLAS)
+        self.gemv_max_m = 0
+        self.gemv_config: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x)
         else:
-            y = dense_linear(x, self.weight)
+            y = dense_linear(x, self.weight, self.gemv_max_m, self.gemv_config)
         return all_reduce(y, self.tp) if self.reduce else y
 
     def extra_repr(self) -> str:

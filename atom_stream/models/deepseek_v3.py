@@ -169,9 +169,11 @@ FUSE_ROUTER_SHARED = envs.flag("ATOM_STREAM_FUSE_ROUTER_SHARED")
 # decode B=1 -1.7 to -3.3 % in three alternated runs). 0 = cuBLAS.
 ROUTER_GEMV_MAX_M = envs.integer("ATOM_STREAM_ROUTER_GEMV_MAX_M")
 SHARED_DOWN_GEMV_MAX_M = envs.integer("ATOM_STREAM_SHARED_DOWN_GEMV_MAX_M")
-# H200, M=1 (bench/dense_gemv.py, RESULTS session 16): 6.88 µs at 2 x 2048 on 8 warps vs
-# cuBLAS 7.99 (split-K + reduce)
-ROUTER_GEMV_CONFIG = {"BLOCK_K": 2048, "num_warps": 8}
+# H200 (bench/dense_gemv.py, RESULTS session 18): rows p, p + G, ... per program (STRIDED), 4
+# rows x 4096 K per step on 8 warps, both steps' loads in flight (UNROLL): 5.65 µs at M=1 (vs
+# 6.32 at session 17's 2 x 2048 tiles, 7.71 cuBLAS split-K + reduce), 6.98 vs 7.60 at M=2
+ROUTER_GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True,
+                      "UNROLL": True}
 
 
 class MoE(nn.Module):

@@ -84,8 +84,20 @@ MERGE_UV_MAX_B = envs.integer("ATOM_STREAM_MLA_MERGE_UV_MAX_B")
 # 3.1-3.9 vs 6.5 us at M=1, 4.0 vs 5.7 at M=2, 6.2 vs 6.1 at M=4. 0 = cuBLAS.
 QB_GEMV_MAX_M = envs.integer("ATOM_STREAM_QB_GEMV_MAX_M")
 # its tiles: the whole K (1536) in one masked 2048-wide step on 8 warps; H200 (bench/RESULTS.md
-# session 17, bench/dense_gemv.py): 3.32 vs 3.60 us at M=1, 4.05 vs 4.71 at M=2 (default tiles)
-QB_GEMV_CONFIG = {"num_warps": 8, "BLOCK_K": 2048}
+# session 17, bench/dense_gemv.py): 3.32 vs 3.60 us at M=1, 4.05 vs 4.71 at M=2 (default tiles);
+# that step unrolled (UNROLL, session 18): 2.94 vs 3.34 at M=1, 3.34 vs 3.91 at M=2
+QB_GEMV_CONFIG = {"num_warps": 8, "BLOCK_K": 2048, "UNROLL": True}
+# the fused q_a + kv_a GEMM (hidden 7168 -> 1536 + 576) on up to this many rows by the GEMV,
+# each program owning rows p, p + G, ... (STRIDED), 4 rows x 4096 K per step on 8 warps with
+# both steps' loads in flight (UNROLL): 9.65 vs 12.39 us for cuBLAS (split-K + reduce) at M=1,
+# 12.49 vs 12.79 at M=2, on the H200 (bench/dense_gemv.py, RESULTS session 18). 0 = cuBLAS.
+QKV_GEMV_MAX_M = envs.integer("ATOM_STREAM_QKV_GEMV_MAX_M")
+QKV_GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True,
+                   "UNROLL": True}
+# o_proj (8 x 128 -> 7168, row-parallel) likewise: 16 rows x 512 K, 8 warps, unrolled: 5.85 vs
+# 6.45 us at M=1 (loses at M=2: 8.0 vs 6.5). 0 = cuBLAS.
+O_PROJ_GEMV_MAX_M = envs.integer("ATOM_STREAM_O_PROJ_GEMV_MAX_M")
+O_PROJ_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "UNROLL": True}
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)
 
 
@@ -175,6 +187,7 @@ class MLA(nn.Module):
                                 parallel="column")
         self.o_proj = Linear(H * self.v_dim, cfg.hidden_size, dtype=dtype, device=device,
                              parallel="row")
+        self.o_proj.gemv_max_m, self.o_proj.gemv_config = O_PROJ_GEMV_MAX_M, O_PROJ_GEMV_CONFIG
         self.rotary = rotary
         self.k_scale = 1.0  # fp8 KV cache scale (checkpoint k_scale when present)
         # Triton KV store / MLA decode need power-of-two latent/rope widths >= 16 (512/64 in
@@ -300,7 +313,8 @@ class MLA(nn.Module):
         if self.cfg.q_lora_rank:
             ql = self.cfg.q_lora_rank
             if self.w_qkv_a is not None:  # one GEMM; q_c / kv are views of its output
-                qkv = dense_linear(x, self.w_qkv_a)
+                qkv = dense_linear(x, self.w_qkv_a, gemv_max_m=QKV_GEMV_MAX_M,
+                                   gemv_config=QKV_GEMV_CONFIG)
                 q_c, kv = qkv[:, :ql], qkv[:, ql:]
             else:
                 q_c, kv = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
@@ -331,7 +345,8 @@ class MLA(nn.Module):
         mla_q_absorb rotates it)."""
         r, ql = self.r, self.cfg.q_lora_rank
         from atom_stream.kernels.mla_prologue import mla_prologue
-        qkv = dense_linear(x, self.w_qkv_a)
+        qkv = dense_linear(x, self.w_qkv_a, gemv_max_m=QKV_GEMV_MAX_M,
+                           gemv_config=QKV_GEMV_CONFIG)
         kv = qkv[:, ql:]
         q_n = mla_prologue(qkv[:, :ql], kv, self.q_a_layernorm.weight,
                            self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
