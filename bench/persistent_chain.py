@@ -97,6 +97,20 @@ def _one_phase_kernel(X, W, Y, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr
 
 
 @triton.jit
+def _barrier_chunk(BAR, target, W, pid, G, N: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                   BK: tl.constexpr, PF: tl.constexpr):
+    """The grid barrier, then this program's first weight chunk of the next phase; PF: the
+    chunk's loads issued before the barrier (they do not depend on the previous phase)."""
+    if PF:
+        w = _chunk(W, pid, G, 0, N, K, R, BK)
+        _grid_barrier(BAR, target)
+    else:
+        _grid_barrier(BAR, target)
+        w = _chunk(W, pid, G, 0, N, K, R, BK)
+    return w
+
+
+@triton.jit
 def _chain_kernel(X, W0, Y0, W1, Y1, W2, Y2, W3, Y3, BAR,
                   N0: tl.constexpr, K0: tl.constexpr, R0: tl.constexpr, B0: tl.constexpr,
                   N1: tl.constexpr, K1: tl.constexpr, R1: tl.constexpr, B1: tl.constexpr,
@@ -111,26 +125,11 @@ def _chain_kernel(X, W0, Y0, W1, Y1, W2, Y2, W3, Y3, BAR,
         _grid_barrier(BAR, 3 * G)
     else:
         _phase(X, W0, Y0, pid, G, _chunk(W0, pid, G, 0, N0, K0, R0, B0), N0, K0, R0, B0)
-        if PF:  # the next phase's first weight chunk in flight during the barrier
-            w1 = _chunk(W1, pid, G, 0, N1, K1, R1, B1)
-            _grid_barrier(BAR, G)
-        else:
-            _grid_barrier(BAR, G)
-            w1 = _chunk(W1, pid, G, 0, N1, K1, R1, B1)
+        w1 = _barrier_chunk(BAR, G, W1, pid, G, N1, K1, R1, B1, PF)
         _phase(Y0, W1, Y1, pid, G, w1, N1, K1, R1, B1)
-        if PF:
-            w2 = _chunk(W2, pid, G, 0, N2, K2, R2, B2)
-            _grid_barrier(BAR, 2 * G)
-        else:
-            _grid_barrier(BAR, 2 * G)
-            w2 = _chunk(W2, pid, G, 0, N2, K2, R2, B2)
+        w2 = _barrier_chunk(BAR, 2 * G, W2, pid, G, N2, K2, R2, B2, PF)
         _phase(Y1, W2, Y2, pid, G, w2, N2, K2, R2, B2)
-        if PF:
-            w3 = _chunk(W3, pid, G, 0, N3, K3, R3, B3)
-            _grid_barrier(BAR, 3 * G)
-        else:
-            _grid_barrier(BAR, 3 * G)
-            w3 = _chunk(W3, pid, G, 0, N3, K3, R3, B3)
+        w3 = _barrier_chunk(BAR, 3 * G, W3, pid, G, N3, K3, R3, B3, PF)
         _phase(Y2, W3, Y3, pid, G, w3, N3, K3, R3, B3)
     # the last program to arrive resets the counter for the next launch (every program has
     # left every spin by then)
