@@ -317,19 +317,30 @@ def _mla_merge_uv(
     w_first = tl.load(w_rows + offs_v0[:, None] * stride_wv, mask=(offs_v0 < V)[:, None],
                       other=0.0)
     if SPLIT:
+        # every load that does not need the active split count is issued with the length's: the
+        # first SC splits' lse and partials (masked by the launch's split count; an inactive
+        # split's stale values are dropped by where(), never multiplied) and the direct o_lat
+        lse_row = LSE + b * stride_lb + h * stride_lh
+        part_row = OPART + b * stride_pb + h * stride_ph
         seq_len = tl.load(LENS + b)
+        offs_s = tl.arange(0, BLOCK_S)
+        lse_all = tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        offs0 = tl.arange(0, SC)
+        lse0 = tl.load(lse_row + offs0, mask=offs0 < num_splits, other=float("-inf"))
+        parts0 = tl.load(part_row + offs0[:, None] * stride_ps + offs_r[None, :],
+                         mask=(offs0 < num_splits)[:, None], other=0.0)
+        o_dir = tl.load(o_direct).to(tl.float32)
         n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
         if n_act >= MIN_PARTS:
-            lse_row = LSE + b * stride_lb + h * stride_lh
-            offs_s = tl.arange(0, BLOCK_S)
-            lse = tl.load(lse_row + offs_s, mask=offs_s < n_act, other=float("-inf"))
+            lse = tl.where(offs_s < n_act, lse_all, float("-inf"))
             mx = tl.max(lse, 0)
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             den = tl.sum(tl.exp2(lse - mx), 0)
             den = tl.where(den > 0, den, 1.0)
-            acc = tl.zeros((R,), tl.float32)
-            part_row = OPART + b * stride_pb + h * stride_ph
-            for s0 in range(0, n_act, SC):
+            sm0 = offs0 < n_act
+            wt0 = tl.where(sm0, tl.exp2(lse0 - mx) / den, 0.0)
+            acc = tl.sum(tl.where(sm0[:, None], parts0 * wt0[:, None], 0.0), 0)
+            for s0 in range(SC, n_act, SC):
                 offs = s0 + tl.arange(0, SC)
                 sm = offs < n_act
                 wt = tl.exp2(tl.load(lse_row + offs, mask=sm, other=float("-inf")) - mx) / den
@@ -338,7 +349,7 @@ def _mla_merge_uv(
                 acc += tl.sum(parts * wt[:, None], 0)
             o = acc.to(odt).to(tl.float32)
         else:
-            o = tl.load(o_direct).to(tl.float32)
+            o = o_dir
     else:
         o = tl.load(o_direct).to(tl.float32)
     for vc in tl.static_range(BLOCK_V // VC):
