@@ -7,14 +7,14 @@ the whole K: it streams its [BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles a
 fp32 partial per (row, column), so there is nothing to reduce across programs. The grid is
 cdiv(N, BLOCK_N) programs; BLOCK_N is picked so that there are about two programs per SM.
 Config "STRIDED": program p owns rows p, p + G, p + 2G, ... (G programs) instead of a block of
-BLOCK_N adjacent rows; with 4 rows x 4096 K per step on 8 warps that streamed q_a+kv_a
-(2112x7168, M=1) in 10.0 µs against 12.1 for adjacent rows at the same tile and 13.5 for cuBLAS
-(bench/persistent_chain.py --per-phase, RESULTS session 18). Config "UNROLL": the K loop
-unrolled for this K (a compile per K), so a program's loads for every K step are in flight at
-once instead of one step's per loop trip.
-Measured on the H200 (bench/dense_gemv.py, RESULTS session 16) it beats cuBLAS only where
-cuBLAS tiles badly (q_b 1536x1536: 3.1-3.9 vs 6.5 µs at M=1) and loses on the tall-K q_a+kv_a
-(15.8 vs 12.5 µs): models/mla.py uses it for q_b alone by default.
+BLOCK_N adjacent rows. Config "UNROLL": the K loop unrolled for this K (a compile per K), so a
+program's loads for every K step are in flight at once instead of one step's per loop trip.
+Measured on the H200 (bench/dense_gemv.py, RESULTS sessions 16 and 18): at the default tiles it
+beats cuBLAS only where cuBLAS tiles badly (q_b 1536x1536) and loses on the tall-K q_a+kv_a
+(15.2-15.8 vs 12.4 µs at M=1); STRIDED + UNROLL at 4 rows x 4096 K on 8 warps turn that into
+9.65 vs 12.39 µs (the unrolled form issues 20 16-byte loads per thread at once, the loop 10 per
+trip). The models run it at 1-2 rows for q_b, q_a+kv_a, o_proj, the router + shared gate/up and
+the shared down, each with its measured tiles (layers/linear.gemv_ok's callers).
 
 Contract: x [M, K] (last dim contiguous), w [N, K] contiguous, same dtype (bf16 / fp16 / fp32);
 1 <= M <= MAX_M. out_dtype: the output's dtype (default x's; fp32 gives unrounded sums, e.g. the

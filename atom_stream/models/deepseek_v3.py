@@ -164,9 +164,10 @@ def _fused_moe():
 FUSE_ROUTER_SHARED = envs.flag("ATOM_STREAM_FUSE_ROUTER_SHARED")
 # Decode rows up to which kernels/gemv.py runs these GEMMs instead of cuBLAS (split-K kernel +
 # reduce / addmm_): the fused router + shared gate/up (fp32 out) and the shared expert's down
-# (adding into the routed output in place). Default 1 (H200, bench/RESULTS.md session 17:
+# (adding into the routed output in place). Defaults 2 / 1 (H200, bench/RESULTS.md session 17:
 # kernel 10.3-10.4 vs 11.4-11.7 µs for router + routing, 2.97 vs 3.39 µs for the shared down;
-# decode B=1 -1.7 to -3.3 % in three alternated runs). 0 = cuBLAS.
+# decode B=1 -1.7 to -3.3 % in three alternated runs; the router at 2 rows since session 18's
+# tiles, below). 0 = cuBLAS.
 ROUTER_GEMV_MAX_M = envs.integer("ATOM_STREAM_ROUTER_GEMV_MAX_M")
 SHARED_DOWN_GEMV_MAX_M = envs.integer("ATOM_STREAM_SHARED_DOWN_GEMV_MAX_M")
 # H200 (bench/dense_gemv.py, RESULTS session 18): rows p, p + G, ... per program (STRIDED), 4
