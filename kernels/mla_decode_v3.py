@@ -267,21 +267,25 @@ def _mla_merge_v3(
     h = tl.program_id(0)
     b = tl.program_id(1)
     rc = tl.program_id(2)
+    # lse and partials are issued with the length, masked by the launch's split count (an
+    # inactive split's stale values are dropped by where(), never multiplied)
     seq_len = tl.load(LENS + b)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+    launched = offs_s < num_splits
+    lse_all = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=launched,
+                      other=float("-inf"))
+    parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
+                    + offs_r[None, :], mask=launched[:, None], other=0.0)
     split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
     n_act = tl.cdiv(seq_len, split)
     if n_act > 1:
-        offs_s = tl.arange(0, BLOCK_S)
         smask = offs_s < n_act
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_s, mask=smask,
-                      other=float("-inf"))
+        lse = tl.where(smask, lse_all, float("-inf"))
         m = tl.max(lse, 0)
         w = tl.where(smask, tl.exp2(lse - m), 0.0)
         w = w / tl.sum(w, 0)
-        offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
-        parts = tl.load(OPART + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
-                        + offs_r[None, :], mask=smask[:, None], other=0.0)
-        o = tl.sum(parts * w[:, None], 0)
+        o = tl.sum(tl.where(smask[:, None], parts * w[:, None], 0.0), 0)
         tl.store(OUT + b * stride_ob + h * stride_oh + offs_r, o.to(OUT.dtype.element_ty))
 
 
