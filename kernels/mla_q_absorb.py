@@ -47,6 +47,16 @@ def _q_absorb_kernel(Q, WUK, QLAT, COS, SIN, POS, T, R,
     q = tl.load(q_rows + offs_n[None, :], mask=tmask[:, None], other=0.0)
     w = tl.load(WUK + h * stride_wh + offs_n[:, None] * stride_wn + offs_r[None, :],
                 mask=rmask[None, :], other=0.0)
+    # q_pe's RoPE (programs rb == 0): its loads issued with q's and W_UK's, not after the dot
+    # (masked off elsewhere: no memory traffic)
+    pmask = tmask & ((offs_t * 0 + rb) == 0)  # a tensor: the interpreter rejects & scalar
+    j = tl.arange(0, HALF)
+    pe = q_rows + NOPE + 2 * j[None, :]
+    x0 = tl.load(pe, mask=pmask[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(pe + 1, mask=pmask[:, None], other=0.0).to(tl.float32)
+    pos = tl.load(POS + offs_t, mask=pmask, other=0).to(tl.int64)
+    cs = tl.load(COS + pos[:, None] * stride_cos + j[None, :], mask=pmask[:, None], other=0.0)
+    sn = tl.load(SIN + pos[:, None] * stride_cos + j[None, :], mask=pmask[:, None], other=0.0)
     if IEEE:
         acc = tl.dot(q, w, input_precision="ieee")
     else:
@@ -54,17 +64,9 @@ def _q_absorb_kernel(Q, WUK, QLAT, COS, SIN, POS, T, R,
     tl.store(QLAT + offs_t[:, None].to(tl.int64) * stride_lt + h * stride_lh + offs_r[None, :],
              acc.to(QLAT.dtype.element_ty), mask=tmask[:, None] & rmask[None, :])
     if rb == 0:
-        j = tl.arange(0, HALF)
-        pe = q_rows + NOPE + 2 * j[None, :]
-        x0 = tl.load(pe, mask=tmask[:, None], other=0.0).to(tl.float32)
-        x1 = tl.load(pe + 1, mask=tmask[:, None], other=0.0).to(tl.float32)
-        pos = tl.load(POS + offs_t, mask=tmask, other=0).to(tl.int64)
-        cs = tl.load(COS + pos[:, None] * stride_cos + j[None, :], mask=tmask[:, None], other=0.0)
-        sn = tl.load(SIN + pos[:, None] * stride_cos + j[None, :], mask=tmask[:, None], other=0.0)
         dt = Q.dtype.element_ty
         tl.store(pe, (x0 * cs - x1 * sn).to(dt), mask=tmask[:, None])
         tl.store(pe + 1, (x0 * sn + x1 * cs).to(dt), mask=tmask[:, None])
-
 
 def mla_q_absorb(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, out: torch.Tensor | None = None,
