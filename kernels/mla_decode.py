@@ -391,7 +391,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
                rope_dim: int = 64, config: tuple[int, ...] | None = None,
                chunk: int = 128, variant: str = DEFAULT_VARIANT, merge: str | None = None,
                fp8_mode: int = 1, fp8_path: str = "regs",
-               uv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               uv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
     """Absorbed paged MLA decode; see the module docstring. Returns o_latent [B, H, R], or with
     uv = (w_uv [H, V, R], y [B, H, V]) y = o_latent @ W_UV^T per head (written into y and
     returned; `out` then only holds some rows' o_latent): v1 / v3 / v5 fold the product into
@@ -401,7 +403,11 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
     v3: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
     fp8_path "regs" | "cpasync" (kernels/mla_decode_v3.py).
-    v5: merge "kernel" (None; measured faster everywhere) | "fused"."""
+    v5: merge "kernel" (None; measured faster everywhere) | "fused".
+    rope = (cos, sin [P, DR / 2] fp32, positions [B]): q_pe arrives unrotated and the decode
+    uses interleaved RoPE(q_pe) at each row's position (kernels/norm_rope.rope_interleaved_'s
+    math): v5 rotates it as it loads it, the other variants rotate q_pe in place first (one
+    launch); q_pe's contents afterwards are therefore either."""
     assert variant in VARIANTS, variant
     variant, auto_merge = resolve_variant(variant, kv_cache.dtype)
     merge = merge or auto_merge
@@ -428,6 +434,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     fp8 = kv_cache.dtype in _FP8
     if variant == "v5" and not (fp8 and _v5.supported(R, DR)):
         variant = "v3"  # v5 is an fp8-cache path; v3 takes the rest with the same workspace
+    if rope is not None and variant != "v5":
+        from .norm_rope import rope_interleaved_
+        rope_interleaved_(q_pe, None, *rope)
+        rope = None
     if variant == "v5":
         S = num_splits
         merge = merge or "kernel"  # the fused merge: 1.1-36x slower (RESULTS.md session 12)
@@ -441,7 +451,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
             S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
             stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm,
-            maxnreg=cap[0] if cap else None, defer_merge=uv is not None)
+            maxnreg=cap[0] if cap else None, defer_merge=uv is not None, rope=rope)
         return _merge_uv(out, seq_lens, ws, S, block_n, uv)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")

@@ -68,6 +68,23 @@ def _split_q(ptr, hm, NP: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _rope_q(ptr, hm, COS, SIN, POS, b, stride_cos, NP: tl.constexpr):
+    """q_pe rows (a row pointer tile [BLOCK_H, 1] at dim 0) rotated by interleaved RoPE at
+    position POS[b] (pairs (2j, 2j + 1), fp32 math, rounded to q's dtype as
+    kernels/norm_rope.rope_interleaved_ does) -> (even, odd dims) fp16 [BLOCK_H, NP]. Strided
+    loads instead of _split_q's reshape / split: no layout conversion."""
+    j = tl.arange(0, NP)
+    x0 = tl.load(ptr + 2 * j[None, :], mask=hm, other=0.0).to(tl.float32)
+    x1 = tl.load(ptr + 2 * j[None, :] + 1, mask=hm, other=0.0).to(tl.float32)
+    pos = tl.load(POS + b).to(tl.int64)
+    cs = tl.load(COS + pos * stride_cos + j)[None, :]
+    sn = tl.load(SIN + pos * stride_cos + j)[None, :]
+    dt = ptr.dtype.element_ty
+    return ((x0 * cs - x1 * sn).to(dt).to(tl.float16),
+            (x0 * sn + x1 * cs).to(dt).to(tl.float16))
+
+
+@triton.jit
 def _pv(p, w, acc_e, acc_o, alpha, ASM: tl.constexpr):
     lo, hi = _unpack(w, ASM)
     acc_e = tl.dot(p, lo, acc_e * alpha[:, None])
@@ -102,16 +119,18 @@ def _store_o(dst, a0e, a0o, a1e, a1o, a2e, a2o, a3e, a3o, norm, hm, CP: tl.const
 
 @triton.jit(do_not_specialize=_TABLE_ARGS)
 def _mla_decode_v5(
-    QN, QP, KV, BT, LENS, OPART, LSE, CNT, OUT,
+    QN, QP, KV, BT, LENS, OPART, LSE, CNT, OUT, COS, SIN, POS,
     qk_scale, out_scale, num_splits, H,
     stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h, stride_bt_b,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_cos,
     R: tl.constexpr, DR: tl.constexpr, CP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
     MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MC: tl.constexpr, ASM: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """KV: the cache as int16 [blocks, PAGE, (R + DR) / 2]; CP pairs per chunk, NC = R / 2 / CP
-    chunks (1, 2 or 4), each with an even- and an odd-dim accumulator."""
+    chunks (1, 2 or 4), each with an even- and an odd-dim accumulator. ROPE: q_pe arrives
+    unrotated and each program rotates its rows at POS[b] (COS / SIN [P, DR / 2] fp32)."""
     NC: tl.constexpr = R // 2 // CP
     W: tl.constexpr = (R + DR) // 2
     hg = tl.program_id(0)
@@ -126,8 +145,11 @@ def _mla_decode_v5(
         offs_p = tl.arange(0, DR // 2)
         q_row = QN + b * stride_qn_b + heads[:, None] * stride_qn_h
         q_c = q_row + tl.arange(0, 2 * CP)[None, :]
-        pe_e, pe_o = _split_q(QP + b * stride_qp_b + heads[:, None] * stride_qp_h
-                              + tl.arange(0, DR)[None, :], hm, DR // 2, BLOCK_H)
+        qp_row = QP + b * stride_qp_b + heads[:, None] * stride_qp_h
+        if ROPE:
+            pe_e, pe_o = _rope_q(qp_row, hm, COS, SIN, POS, b, stride_cos, DR // 2)
+        else:
+            pe_e, pe_o = _split_q(qp_row + tl.arange(0, DR)[None, :], hm, DR // 2, BLOCK_H)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         a0e = tl.zeros([BLOCK_H, CP], tl.float32)
@@ -213,12 +235,14 @@ def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, merge, block_h, block_n, warps, stages, pairs,
-              min_split, asm, maxnreg=None, defer_merge=False):
+              min_split, asm, maxnreg=None, defer_merge=False, rope=None):
     """Launch v5 (+ v3's merge kernel when S > 1 and not merged in-kernel). kv_cache: the fp8
     cache (viewed as int16 here); qk_scale / out_scale already hold k_scale and, without `asm`
     (native_cvt), the fp16 factor 2^(15 - bias) (mla_decode). pairs: int16 columns per chunk
     (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none).
-    defer_merge: no merge at all (the caller launches v3's launch_merge_uv next)."""
+    defer_merge: no merge at all (the caller launches v3's launch_merge_uv next).
+    rope: None, or (cos, sin [P, DR / 2] fp32 with a contiguous last dim, positions [B]): q_pe
+    is unrotated and the kernel applies interleaved RoPE as it loads it (q_pe unchanged)."""
     B, H, R = q_nope.shape
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
@@ -228,13 +252,20 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
     opart, lse, cnt, strides = split_workspace(out, seq_lens, workspace, B, H, S, R, block_h)
     merge = bool(merge) and S > 1 and not defer_merge
     bs, mc = fused_merge_tiles(S, merge, R, block_h)
+    if rope is not None:
+        cos, sin, pos = rope
+        assert (cos.shape[-1] == DR // 2 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+                and pos.shape[0] == B), "rope: cos / sin [P, DR / 2], positions [B]"
+    else:
+        cos = sin = pos = seq_lens  # unused
     _mla_decode_v5[(triton.cdiv(H, block_h), B, S)](
-        q_nope, q_pe, kv16, block_tables, seq_lens, opart, lse, cnt, out,
+        q_nope, q_pe, kv16, block_tables, seq_lens, opart, lse, cnt, out, cos, sin, pos,
         qk_scale, out_scale, S, H,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), block_tables.stride(0),
-        *strides, out.stride(0), out.stride(1),
+        *strides, out.stride(0), out.stride(1), cos.stride(0),
         R=R, DR=DR, CP=pairs, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
-        MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), num_warps=warps, num_stages=stages,
+        MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), ROPE=int(rope is not None),
+        num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge and not defer_merge:

@@ -30,6 +30,7 @@ from atom_stream.kernels.mla_prefill import (
     mla_prefill_sdpa,
     mla_prefill_triton,
 )
+from atom_stream.kernels.norm_rope import rope_interleaved_ref
 
 cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
@@ -58,10 +59,12 @@ def make_tables(lens, page, num_blocks, device, gen=None, width=None):
 
 def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, seed,
                k_scale=1.0, fused_q=False, config=None, chunk=128, variant="v1", merge=None,
-               fp8_mode=1, ws=None, fp8_path="regs", uv_dim=0):
+               fp8_mode=1, ws=None, fp8_path="regs", uv_dim=0, rope=False):
     """(out, ref): o_latent from mla_decode and mla_decode_ref; with uv_dim > 0 the uv= form
     instead, (y, y_ref) with a random W_UV [H, uv_dim, R] and y_ref = ref rounded to q's dtype
-    times W_UV^T per head in fp32 (the rounding points of the merge + bmm it replaces)."""
+    times W_UV^T per head in fp32 (the rounding points of the merge + bmm it replaces).
+    rope: mla_decode gets q_pe unrotated with rope=(cos, sin, positions) (random tables and
+    positions); the reference gets q_pe rotated by rope_interleaved_ref."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_blocks = len(lens) * (max(-(-n // page) for n in lens) + 1) + 3
     kv = make_cache(num_blocks, page, R + DR, kv_dtype, "cpu", k_scale, gen).to(device)
@@ -81,11 +84,18 @@ def run_decode(B, H, R, DR, page, lens, q_dtype, kv_dtype, num_splits, device, s
         w_uv = (torch.randn(H, uv_dim, R, generator=gen) * 0.2).to(q_dtype).to(device)
         y = torch.full((B, H, uv_dim), float("nan"), dtype=q_dtype, device=device)
         kw["uv"] = (w_uv, y)
+    qp_ref = qp.clone()
+    if rope:
+        ang = torch.rand(37, DR // 2, generator=gen) * 6.3
+        cos, sin = ang.cos().to(device), ang.sin().to(device)
+        pos = torch.randint(0, 37, (B,), generator=gen).to(device)
+        kw["rope"] = (cos, sin, pos)
+        qp_ref = rope_interleaved_ref(qp_ref, cos, sin, pos)
     if fused_q:
         got = dec.mla_decode(q, None, kv, bt, seq_lens, scale, k_scale, rope_dim=DR, **kw)
     else:
         got = dec.mla_decode(qn, qp, kv, bt, seq_lens, scale, k_scale, **kw)
-    ref = dec.mla_decode_ref(qn.float(), qp.float(), kv, bt, seq_lens, scale, k_scale)
+    ref = dec.mla_decode_ref(qn.float(), qp_ref.float(), kv, bt, seq_lens, scale, k_scale)
     if uv_dim:
         assert got is y
         return y, torch.einsum("bhr,hvr->bhv", ref.to(q_dtype).float(), w_uv.float())

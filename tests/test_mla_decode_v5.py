@@ -96,6 +96,24 @@ def test_decode_v5_merge_uv_interpreted(S):
 
 
 @cpu_only
+@pytest.mark.parametrize("variant,kv_dtype,merge,S", [
+    ("v5", FP8, "kernel", 6), ("v5", FP8, "fused", 6), ("v5", FNUZ, "kernel", 1),
+    ("v3", FP8, None, 6), ("v1", torch.float32, None, 6)])
+def test_decode_rope_interpreted(variant, kv_dtype, merge, S):
+    """rope=(cos, sin, positions): q_pe arrives unrotated; v5 rotates it as it loads it, the
+    other variants in place first; all equal the reference on the rotated q_pe (direct, split
+    and empty sequences; twice with fresh inputs and positions)."""
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    for rep in range(2):
+        out, ref = run_decode(7, 3, 64, 32, 8, lens, torch.float32, kv_dtype, S, "cpu",
+                              seed=zlib.crc32(f"rope {variant} {merge} {S} {rep}".encode()),
+                              k_scale=0.37, chunk=32, config=(16, 4, 1), variant=variant,
+                              merge=merge, rope=True)
+        assert torch.all(out[0] == 0), "empty sequence must give 0"
+        assert rel_err(out, ref) < 2e-3
+
+
+@cpu_only
 def test_v5_falls_back_to_v3_where_it_does_not_apply():
     """A 16-bit cache, or rope 16 (pairs < 16), runs v3 on the same workspace: still exact."""
     lens = [3, 90, 17]
@@ -127,6 +145,21 @@ def test_decode_v5_gpu(kv_dtype, merge, cfg, S):
         assert torch.all(out[0] == 0)
         assert rel_err(out, ref) < 1e-2
         check_v3_scratch(ws, lens, S, (cfg or dec.V5_CONFIG)[0])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kv_dtype,S,uv", [(FP8, 16, 0), (FP8, 1, 0), (FNUZ, 16, 0),
+                                           (FP8, 16, 128)])
+def test_decode_v5_rope_gpu(kv_dtype, S, uv):
+    """v5 with q_pe's RoPE in the launch at the real widths (with the merge + W_UV form too)."""
+    lens = [0, 1, 5000, 63, 700, 2048, 17]
+    B, H = len(lens), 8
+    for seed in (1, 2):
+        out, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
+                              seed=seed, k_scale=0.5, variant="v5", rope=True, uv_dim=uv)
+        assert torch.all(out[0] == 0)
+        assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -372,8 +372,8 @@ def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypa
 
 
 @cpu_only
-@pytest.mark.parametrize("qkv_max_m", [0, 2])
-def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m):
+@pytest.mark.parametrize("qkv_max_m,absorb_min_b", [(0, 8), (2, 8), (2, 1)])
+def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m, absorb_min_b):
     """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb, the q_b GEMV's
     and the q_a + kv_a GEMV's row counts before serving) runs on the model's own weights and
     shapes; here on the CPU (interpreter; the GEMV is GPU-only, so F.linear stands in)."""
@@ -381,13 +381,18 @@ def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m):
 
     from atom_stream.engine.model_runner import ModelRunner
     monkeypatch.setattr(mla_model, "QKV_GEMV_MAX_M", qkv_max_m)
+    monkeypatch.setattr(mla_model, "ABSORB_QB", True)
+    monkeypatch.setattr(mla_model, "ABSORB_QB_MIN_B", absorb_min_b)
     cfg = tiny_config(32)
     ref, _ = build_models(cfg, torch.float32, "cpu", seed=30)
     attn = ref.model.layers[0].self_attn
     fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
     n = ModelRunner._absorb_warmup(fake, attn)
     qkv = qkv_max_m if attn.w_qkv_a is not None else 0
-    assert n == 1 + min(mla_model.QB_GEMV_MAX_M, 4) + qkv + attn.o_proj.gemv_max_m
+    qb = min(mla_model.QB_GEMV_MAX_M, 4)
+    # the folded q_b (ABSORB_QB) only at the GEMV's row counts a decode step may take it
+    absorbed = max(0, qb - absorb_min_b + 1) if attn.w_q_abs is not None else 0
+    assert n == 1 + qb + absorbed + qkv + attn.o_proj.gemv_max_m
 
 
 @cpu_only
@@ -539,10 +544,12 @@ def compare_steps(ref, fast, cfg, dtype, device, seed, steps):
 
 
 def run_absorbed(dtype, device, seed, fused_prologue, monkeypatch):
-    """W_UK folded into q_b (mla.ABSORB_QB, set before loading): decode-only steps take
-    q_lat | q_pe from the folded GEMM (no W_UK bmm), mixed / prefill steps keep q_b; hidden
-    states and logits match the reference path at every step."""
+    """W_UK folded into q_b (mla.ABSORB_QB, set before loading): decode-only steps of at least
+    ABSORB_QB_MIN_B rows (3 here) take q_lat | q_pe from the folded GEMM (no W_UK bmm; with the
+    fused prologue q_pe's RoPE in the decode launch), mixed / prefill steps and a 2-row decode
+    keep q_b; hidden states and logits match the reference path at every step."""
     monkeypatch.setattr(mla_model, "ABSORB_QB", True)
+    monkeypatch.setattr(mla_model, "ABSORB_QB_MIN_B", 3)
     monkeypatch.setattr(mla_model, "FUSED_PROLOGUE", fused_prologue)
     if dtype == torch.bfloat16 and not GPU:
         upcast_mla_decode(monkeypatch)
@@ -555,10 +562,11 @@ def run_absorbed(dtype, device, seed, fused_prologue, monkeypatch):
     monkeypatch.setattr(MLA, "_q_b", lambda self, q_n, absorbed:
                         seen.append(absorbed) or real(self, q_n, absorbed))
     decode = [(s, 1) for s in range(3)]
-    steps = [([(0, 5), (1, 9), (2, 6)], 0), (decode, 3), ([(0, 1), (3, 4)], 1), (decode, 3)]
+    steps = [([(0, 5), (1, 9), (2, 6)], 0), (decode, 3), ([(0, 1), (3, 4)], 1), (decode, 3),
+             ([(0, 1), (1, 1)], 2)]
     compare_steps(ref, fast, cfg, dtype, device, seed, steps)
     n = cfg.num_hidden_layers
-    assert seen == [False] * n + [True] * n + [False] * n + [True] * n
+    assert seen == [False] * n + [True] * n + [False] * n + [True] * n + [False] * n
 
 
 @cpu_only
@@ -571,9 +579,11 @@ def test_absorbed_q_matches_reference_interpreter(dtype, fused_prologue, monkeyp
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_absorbed_q_matches_reference_gpu(dtype, monkeypatch):
-    run_absorbed(dtype, "cuda", 22, False, monkeypatch)
+@pytest.mark.parametrize("dtype,fused_prologue", [(torch.float32, False),
+                                                  (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)])
+def test_absorbed_q_matches_reference_gpu(dtype, fused_prologue, monkeypatch):
+    run_absorbed(dtype, "cuda", 22, fused_prologue, monkeypatch)
 
 
 def test_absorbed_q_weight_math_and_size_guard(monkeypatch):
@@ -593,10 +603,11 @@ def test_absorbed_q_weight_math_and_size_guard(monkeypatch):
     assert attn.w_q_abs is None
 
 
-def test_absorb_switch_default_off():
-    """Off unless ATOM_STREAM_ABSORB_QB=1 (the lead flips the default after a GPU A/B)."""
-    env = os.environ.get("ATOM_STREAM_ABSORB_QB", "0")
-    assert mla_model.ABSORB_QB == (env == "1")
+def test_absorb_switch_defaults():
+    """On unless ATOM_STREAM_ABSORB_QB=0, from 8 decode rows (H200 A/B, bench/RESULTS.md
+    session 20) unless ATOM_STREAM_ABSORB_QB_MIN_B says otherwise."""
+    assert mla_model.ABSORB_QB == (os.environ.get("ATOM_STREAM_ABSORB_QB", "1") == "1")
+    assert mla_model.ABSORB_QB_MIN_B == int(os.environ.get("ATOM_STREAM_ABSORB_QB_MIN_B", "8"))
 
 
 # --------------------------------------------------------------------------- FUSE_ROUTER_SHARED

@@ -237,16 +237,19 @@ class ModelRunner:
                          torch.zeros(1, dtype=torch.long, device=dev))
             n += 1
         from atom_stream.layers.linear import dense_linear
-        gemvs = []  # (weight [out, in], most GEMV rows, its config)
+        gemvs = []  # (weight [out, in], fewest and most GEMV rows, its config)
         qb, o = getattr(attn, "q_b_proj", None), attn.o_proj
         if qb is not None and qb.quant_method is None:
-            gemvs.append((qb.weight, mla.QB_GEMV_MAX_M, mla.QB_GEMV_CONFIG))
+            gemvs.append((qb.weight, 1, mla.QB_GEMV_MAX_M, mla.QB_GEMV_CONFIG))
+        if attn.w_q_abs is not None:  # decode-only steps of >= ABSORB_QB_MIN_B rows read it
+            gemvs.append((attn.w_q_abs, max(1, mla.ABSORB_QB_MIN_B), mla.QB_GEMV_MAX_M,
+                          mla.QB_GEMV_CONFIG))
         if attn.w_qkv_a is not None:
-            gemvs.append((attn.w_qkv_a, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG))
+            gemvs.append((attn.w_qkv_a, 1, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG))
         if o.quant_method is None:
-            gemvs.append((o.weight, o.gemv_max_m, o.gemv_config))
-        for w, max_m, cfg in gemvs:
-            for m in range(1, min(max_m, 4) + 1):
+            gemvs.append((o.weight, 1, o.gemv_max_m, o.gemv_config))
+        for w, min_m, max_m, cfg in gemvs:
+            for m in range(min_m, min(max_m, 4) + 1):
                 dense_linear(torch.zeros(m, w.shape[1], dtype=dt, device=dev), w, max_m, cfg)
                 n += 1
         return n

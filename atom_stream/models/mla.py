@@ -63,11 +63,17 @@ FUSED_PROLOGUE = envs.flag("ATOM_STREAM_FUSED_PROLOGUE")
 # Decode-only batches on the kernel path can take q_lat and q_pe from ONE GEMM over a
 # precomputed [H * (r + rope), q_lora] weight: W_UK folded into q_b's nope rows (fp32 product,
 # rounded once to the model dtype) beside q_b's rope rows. One launch fewer per layer (the W_UK
-# bmm) for ~3x q_b's bytes (Kimi TP8 rank: 14.2 MB vs 4.7 + 1 MB). Off unless
-# ATOM_STREAM_ABSORB_QB=1 until a same-run GPU A/B; read at load (process_weights_after_loading)
-# and built only when the folded weight is at most ABSORB_QB_MAX_BYTES per layer (DeepSeek at
-# TP1, 128 heads, would need 226 MB per layer). Tests flip the module attribute before loading.
+# bmm) for ~3x q_b's bytes (Kimi TP8 rank: 14.2 MB vs 4.7 + 1 MB; +0.86 GB of weights per
+# rank over 61 layers). Taken by decode-only batches of at least ABSORB_QB_MIN_B rows, where
+# the GEMM is latency-bound and the extra bytes are nearly free; with the fp8 cache's v5 decode
+# q_pe's RoPE then rides in the attention launch (mla_decode rope=), so the step loses the
+# q_absorb launch and gains nothing. H200, session 20 (bench/RESULTS.md), three alternated runs:
+# B=16 -2.1 % (1K) / -1.3 % (8K), B=64 -0.9 %, B=256 even; B=1 +3.3 % (the GEMV reads 3x the
+# bytes: hence the row minimum). Read at load (process_weights_after_loading); built only when
+# the folded weight is at most ABSORB_QB_MAX_BYTES per layer (DeepSeek at TP1, 128 heads,
+# would need 226 MB per layer). Tests flip the module attributes before loading.
 ABSORB_QB = envs.flag("ATOM_STREAM_ABSORB_QB")
+ABSORB_QB_MIN_B = envs.integer("ATOM_STREAM_ABSORB_QB_MIN_B")
 ABSORB_QB_MAX_BYTES = 64 << 20
 # Decode rows on the kernel path: up to Q_ABSORB_MAX_B of them in a decode-only batch with the
 # fused prologue, q_nope @ W_UK + q_pe's RoPE in one launch (kernels/mla_q_absorb.py) instead
@@ -259,14 +265,16 @@ class MLA(nn.Module):
         H = self.num_heads
         nd = md.num_decodes
         # decode-only batch with the folded weight: q comes out as [T, H, r + rope] (q_lat | q_pe)
-        absorbed = self.w_q_abs is not None and nd == T
+        absorbed = self.w_q_abs is not None and nd == T and T >= ABSORB_QB_MIN_B
         fuse = self.use_kernels and 0 < nd <= MERGE_UV_MAX_B  # W_UV in the merge
         fused_pro = FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None
         q_absorb = (fused_pro and 0 < nd == T <= Q_ABSORB_MAX_B
                     and not absorbed)  # W_UK + q_pe RoPE
+        # absorbed, decode-only: q_pe is only the attention's, which rotates it (mla_decode rope=)
+        rope_in_decode = fused_pro and absorbed
         if fused_pro:
             q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed,
-                                              rope_q=not q_absorb)
+                                              rope_q=not (q_absorb or rope_in_decode))
         else:
             q, c, k_pe = self._prologue(x, positions, kv_cache, md, absorbed)
         q_nope, q_pe = q[..., : -self.rope], q[..., -self.rope:]
@@ -280,11 +288,13 @@ class MLA(nn.Module):
             else:  # [H, nd, nope] @ [H, nope, r]: strided views, no permute copies
                 q_lat = torch.bmm(q_nope[:nd].transpose(0, 1), self.w_uk).transpose(0, 1)
             lens = self._decode_lens(md, x.device)
+            rope = (self.rotary.cos, self.rotary.sin, positions) if rope_in_decode else None
             if fuse:  # out[:nd] = o_lat @ W_UV^T from the merge launch
                 self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], lens,
-                             uv=(self.w_uv, out[:nd]))
+                             uv=(self.w_uv, out[:nd]), rope=rope)
             else:
-                o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], lens)
+                o_lat = self._decode(q_lat, q_pe[:nd], kv_cache, md.block_tables[:nd], lens,
+                                     rope=rope)
                 # [H, nd, r] @ [H, r, v] written straight into out[:nd] viewed as [H, nd, v]
                 # (o_lat is already in q's = x's dtype: the .to is a no-op, no launch)
                 torch.bmm(o_lat.to(x.dtype).transpose(0, 1), self.w_uv.transpose(1, 2),
@@ -297,7 +307,9 @@ class MLA(nn.Module):
         weight) [T, H, r + rope] = (q_lat | q_pe)."""
         T = q_n.shape[0]
         if absorbed:
-            return dense_linear(q_n, self.w_q_abs).view(T, self.num_heads, self.r + self.rope)
+            q = dense_linear(q_n, self.w_q_abs, gemv_max_m=QB_GEMV_MAX_M,
+                             gemv_config=QB_GEMV_CONFIG)
+            return q.view(T, self.num_heads, self.r + self.rope)
         if self.q_b_proj.quant_method is None:  # column-parallel: no reduction to add
             q = dense_linear(q_n, self.q_b_proj.weight, gemv_max_m=QB_GEMV_MAX_M,
                              gemv_config=QB_GEMV_CONFIG)
@@ -366,16 +378,18 @@ class MLA(nn.Module):
             return torch.tensor(md.seq_lens[:nd], dtype=torch.int32, device=device)
         return seq_lens[:nd].to(torch.int32)  # no-op for the runner's int32 buffer
 
-    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens, uv=None):
+    def _decode(self, q_lat, q_pe, kv_cache, block_tables, seq_lens, uv=None, rope=None):
         """Kernel-path absorbed decode over the paged cache: the Triton kernel (split-KV,
         graph-capturable; q_lat/q_pe may be strided), or the torch reference at widths the kernel
         does not take (static length on GPUs so graphs capture). uv=(w_uv, y): the kernel only;
-        y = o_lat @ W_UV^T per head, written by the merge launch (mla_decode's uv)."""
+        y = o_lat @ W_UV^T per head, written by the merge launch (mla_decode's uv).
+        rope=(cos, sin, positions): q_pe is unrotated; the kernel rotates it (mla_decode's
+        rope; q_pe may be rotated in place)."""
         if self.use_kernels:
             from atom_stream.kernels.mla_decode import mla_decode
             return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens.to(torch.int32),
-                              self.scale, self.k_scale, rope_dim=self.rope, uv=uv)
-        assert uv is None
+                              self.scale, self.k_scale, rope_dim=self.rope, uv=uv, rope=rope)
+        assert uv is None and rope is None
         return mla_decode_ref(q_lat, q_pe, kv_cache, block_tables, seq_lens, self.r, self.scale,
                               self.k_scale, static_len=q_lat.is_cuda)
 
