@@ -223,6 +223,14 @@ _DOWN = [{}, {"stop_after": "gate_up"}, {"W2": 2}, {"W2": 2, "BN2": 128}, {"W2":
          {"AP": False}, {}]
 DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"W2": 4}],
                    64: _DOWN, 256: _DOWN}
+# --set nt (session 20): the down kernel running NT2 consecutive n-tiles per program in a loop
+# the pipeliner multi-buffers (S2 stages), K unrolled inside: more weight bytes in flight per
+# program than one 64 / 128-row tile, fewer programs
+_NT16 = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 8}, {"NT2": 4, "S2": 2},
+         {"NT2": 4, "S2": 4}, {"NT2": 4, "W2": 4}, {"NT2": 8, "S2": 4}, {}]
+_NTS = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 4, "S2": 4}, {"NT2": 7},
+        {}]
+NT_CANDIDATES = {16: _NT16, 64: _NTS, 256: _NTS}
 # --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
 # mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
 # block, the MMA's N side) and the wider tiles a larger BM can feed
@@ -302,6 +310,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return DOWN_CANDIDATES.get(M, [{}])
     if cset == "prefill":
         return PREFILL_CANDIDATES.get(M, [{}])
+    if cset == "nt":
+        return NT_CANDIDATES.get(M, [{}])
     if cset == "aw":
         return AW_CANDIDATES.get(M, [{}])
     if cset == "dq":
@@ -361,7 +371,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f")
+                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f", "nt")
                         and b is not None):
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
@@ -425,7 +435,7 @@ def main(argv=None) -> None:
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
                     choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq",
-                             "smtc", "m1f"),
+                             "smtc", "m1f", "nt"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "

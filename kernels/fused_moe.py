@@ -221,7 +221,9 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
     fused_moe runs 3 as 1 where it does not compile (has_dq3_asm: the interpreter, AMD).
     XM=1: direct mode's gate_up loads only the activation rows of tokens routed to the block's expert. W1/W2 = 2
     gives Triton's mma.sync code on Hopper instead of wgmma. DU: the down kernel's K loop
-    unrolled (1, measured) or pipelined (0, with BK2 < I). DQ/XM/W=2/DU=0 are unmeasured
+    unrolled (1, measured) or pipelined (0, with BK2 < I); NT2: n-tiles of BN2 rows per down
+    program, run in a pipelined loop (1 = one; the most up to NT2 that divide H / BN2 run).
+    DQ/XM/W=2/DU=0 are unmeasured
     candidates until session 3; measured on the H200 (bench/kernels_moe.py --set tc, bench/RESULTS.md
     "Session 3"), the winners are the 4-bit weight-only defaults: DQ 1, DU 0, BK2 128, S2 3; at
     M <= 16 also W1/W2 2, BN1 16 (int4) / 32 (MXFP4), XM 1; MXFP4 at M > 16 W1/W2 2, BN1 32.
@@ -282,6 +284,12 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # 40.6 with both; bench/kernels_moe.py --set down, bench/RESULTS.md)
         if fmt == INT4 and M > 16:
             tc4["BN2"] = 128
+        # sorted mode: each down program runs 7 consecutive n-tiles (int4 896 rows, MXFP4 448)
+        # in a loop the pipeliner multi-buffers (H200, session 20, bench/kernels_moe.py --set
+        # nt, whole MoE us: int4 M=64 372-378 -> 364, M=256 495 -> 477; MXFP4 370-374 -> 366,
+        # 513-514 -> 503; direct mode (M <= 16) unchanged within the spread)
+        if M > 16:
+            tc4["NT2"] = 7
         # int4 prefill-sized M: blocks of more tokens per expert (each block re-reads its
         # expert's weights): M=1024 BM 16/32/64 801/576/735 us, M=4096 2589/1825/1740, M=8192
         # 5048/3726/3040 (H200, session 7, bench/kernels_moe.py --set prefill)

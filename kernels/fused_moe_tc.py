@@ -150,12 +150,14 @@ def _down_block_kernel(
     N_ROUTED: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr, A_ROW: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FMT: tl.constexpr,
     ACT_Q: tl.constexpr, MDT: tl.constexpr, DIRECT: tl.constexpr, OFFS: tl.constexpr,
-    ASTATIC: tl.constexpr, DQ: tl.constexpr, UNROLL: tl.constexpr,
+    ASTATIC: tl.constexpr, DQ: tl.constexpr, UNROLL: tl.constexpr, NT: tl.constexpr = 1,
 ):
     """y[pair (sorted) / row slot (direct), n-tile] = down_e(act rows of block b); blocks as in
     _gate_up_kernel (direct mode: its BLKEXP / OKM tables). UNROLL: the K loop over I unrolled
     (1), or a loop the Triton pipeliner multi-buffers (0: its loads are issued num_stages - 1
-    iterations ahead instead of one group at a time)."""
+    iterations ahead instead of one group at a time). NT > 1: each program runs NT consecutive
+    n-tiles of its block in a loop (grid axis 1 is H / (BN * NT)), the K loop unrolled, so the
+    pipeliner can issue the next tiles' weights while this one computes (cfg "NT2")."""
     b = tl.program_id(0)
     jt = tl.program_id(1)
     mr = tl.arange(0, BM)
@@ -168,27 +170,46 @@ def _down_block_kernel(
         pair = tl.load(SORTED + b * BM + mr)
         ok = pair < num_pairs
     slot = (b * BM + mr).to(tl.int64)
-    n = jt * BN + tl.arange(0, BN)
-    if FMT == 1:
-        row_s = (n // 128).to(tl.int64) * S_ROW
-    else:
-        row_s = n.to(tl.int64) * S_ROW
     e64 = e.to(tl.int64)
     if FMT == 5:
         xsc = _row_scale(ACT, slot * A_ROW, ok, AS, I, BM, BK, ASTATIC)
     else:
         xsc = tl.zeros((BM,), tl.float32)
+    if DIRECT:  # one row per routed token (the reduce reads it for each column holding e)
+        y_row = slot
+    else:
+        y_row = pair.to(tl.int64)
+    if NT == 1:
+        _down_tile(jt * BN, ACT, ACTS, W, S, Y, AS, e64, slot, ok, y_row, xsc, stride_we,
+                   stride_se, H, I, W_ROW, S_ROW, A_ROW, BM, BN, BK, FMT, ACT_Q, MDT, OFFS, DQ,
+                   UNROLL)
+    else:
+        for t in range(NT):
+            _down_tile((jt * NT + t) * BN, ACT, ACTS, W, S, Y, AS, e64, slot, ok, y_row, xsc,
+                       stride_we, stride_se, H, I, W_ROW, S_ROW, A_ROW, BM, BN, BK, FMT, ACT_Q,
+                       MDT, OFFS, DQ, 1)
+
+
+@triton.jit
+def _down_tile(n0, ACT, ACTS, W, S, Y, AS, e64, slot, ok, y_row, xsc, stride_we, stride_se,
+               H: tl.constexpr, I: tl.constexpr, W_ROW: tl.constexpr, S_ROW: tl.constexpr,
+               A_ROW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               FMT: tl.constexpr, ACT_Q: tl.constexpr, MDT: tl.constexpr, OFFS: tl.constexpr,
+               DQ: tl.constexpr, UNROLL: tl.constexpr):
+    """One n-tile [n0, n0 + BN) of _down_block_kernel: y[y_row, tile] for the ok rows."""
+    n = n0 + tl.arange(0, BN)
+    if FMT == 1:
+        row_s = (n // 128).to(tl.int64) * S_ROW
+    else:
+        row_s = n.to(tl.int64) * S_ROW
     acc = _mm(tl.zeros((BN, BM), tl.float32), W + e64 * stride_we, S + e64 * stride_se,
               n.to(tl.int64) * W_ROW, row_s, n >= 0, ACT, slot * A_ROW, ok, ACTS,
               slot * (I // 32), xsc, I, BN, BM, BK, FMT, ACT_Q, MDT, UNROLL, OFFS, DQ)
     if FMT == 5:
         ws = tl.load(S + e64 * stride_se + row_s).to(tl.float32)
         acc = acc * ws[:, None] * xsc[None, :]
-    yv = acc.to(Y.dtype.element_ty)
-    if DIRECT:  # one row per routed token (the reduce reads it for each column holding e)
-        tl.store(Y + slot[None, :] * H + n[:, None], yv, mask=ok[None, :])
-    else:
-        tl.store(Y + pair[None, :].to(tl.int64) * H + n[:, None], yv, mask=ok[None, :])
+    tl.store(Y + y_row[None, :] * H + n[:, None], acc.to(Y.dtype.element_ty),
+             mask=ok[None, :])
 
 
 @triton.jit
@@ -295,6 +316,8 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     BN1, BN2 = cfg["BN1"], cfg["BN2"]
     if I % BN1 or H % BN2 or H % cfg["BK1"] or I % cfg["BK2"]:
         raise ValueError(f"fused_moe: tiles {cfg} do not divide H={H}, I={I}")
+    # n-tiles per down program: the most up to cfg "NT2" that divide H's tiles
+    NT2 = max(d for d in range(1, max(1, cfg.get("NT2", 1)) + 1) if (H // BN2) % d == 0)
     _gate_up_kernel[(nblk, I // BN1)](
         x, xs, w13, s13, topk_ids, sorted_pairs, block_expert, ok_rows, slot_of, a_buf, a_sc,
         a13,
@@ -305,10 +328,10 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
     if cfg.get("stop_after") == "gate_up":  # benchmarking the first GEMM alone
         return out
     y = empty((slots if direct else P, H), out.dtype, dev, poison)
-    _down_block_kernel[(nblk, H // BN2)](
+    _down_block_kernel[(nblk, H // (BN2 * NT2))](
         a_buf, a_sc, w2, s2, sorted_pairs, block_expert, ok_rows, y, a2, M, P,
         w2.stride(0), s2.stride(0), H=H, I=I, W_ROW=w_row2, S_ROW=s_row2,
-        A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], num_warps=cfg["W2"],
+        A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], NT=NT2, num_warps=cfg["W2"],
         num_stages=cfg["S2"],
         **dict(common, MDT=mdt if mdt_down is None else mdt_down))
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)

@@ -425,6 +425,17 @@ def test_fused_moe_down_pipelined(fmt, aq, xdt, tol, dq):
 
 
 @cpu_only
+@pytest.mark.parametrize("fmt,aq,xdt,tol", [c for c in CASES if c[0] != "mxfp4_raw"])
+@pytest.mark.parametrize("M,nt", [(5, 2), (19, 4)])
+def test_fused_moe_down_n_tiles_per_program(fmt, aq, xdt, tol, M, nt):
+    # NT2: each down program loops over nt consecutive n-tiles of its block (direct mode at
+    # M=5, sorted at 19), repeated ids, poisoned intermediates
+    check_fused(fmt, aq, xdt, tol, M, E=8, H=256, I=128, k=3, seed=90 + nt, repeat=True,
+                config=dict(FAST, poison=True, NT2=nt, BN2=256 // (2 * nt), gemv_max=0,
+                            small_m_max=0))
+
+
+@cpu_only
 @pytest.mark.parametrize("fmt,xdt,tol", [("int4_g32", torch.float16, 5e-3),
                                          ("mxfp4", torch.float16, 5e-3),
                                          ("bf16", torch.float16, 5e-3)], ids=["i4", "mx", "bf"])
@@ -687,9 +698,9 @@ def real_experts(fmt):
     {"DQ": 1, "W1": 2, "W2": 2, "BN1": 16, "BN2": 32, "XM": 1}, {"DQ": 2, "BN1": 64},
     {"AP": True, "BN2": 128, "W2": 8}, {"AP": True, "BN2": 256, "W2": 8},
     {"AP": True, "BN2": 128, "BK2": 256, "DU": 1, "W2": 8}, {"AP": True, "BK2": 256, "DU": 1},
-    {"F16": 1}, {"F16": 2}],
+    {"F16": 1}, {"F16": 2}, {"NT2": 4}, {"NT2": 7, "S2": 4}],
     ids=["old", "dq1", "dq1w2du", "dq1w2xm", "dq2", "ap128", "ap256", "ap128k", "apk", "f16",
-         "f16both"])
+         "f16both", "nt4", "nt7"])
 def test_fused_moe_gpu_real_shape_dq(fmt, M, cfg):
     # bf16 activations through the bf16 DQ branches (int4 scaled in bf16, MXFP4 exact in bf16),
     # both tensor-core modes (direct at M=16), a token repeating an expert at weight 0 and > 0,
