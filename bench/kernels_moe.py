@@ -227,7 +227,10 @@ DOWN_CANDIDATES = {16: [{}, {"BN2": 128}, {"BN2": 32}, {"BK2": 256, "DU": 1}, {"
 # the pipeliner multi-buffers (S2 stages), K unrolled inside: more weight bytes in flight per
 # program than one 64 / 128-row tile, fewer programs
 _NT16 = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 8}, {"NT2": 4, "S2": 2},
-         {"NT2": 4, "S2": 4}, {"NT2": 4, "W2": 4}, {"NT2": 8, "S2": 4}, {}]
+         {"NT2": 4, "S2": 4}, {"NT2": 4, "W2": 4}, {"NT2": 8, "S2": 4},
+         # the sorted mode's int4 tiles (128 rows, 4 warps) in the direct mode
+         {"BN2": 128, "W2": 4}, {"BN2": 128, "W2": 4, "NT2": 7}, {"BN2": 128, "W2": 4, "NT2": 4},
+         {"BN2": 128, "NT2": 7}, {}]
 _NTS = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 4, "S2": 4}, {"NT2": 7},
         {}]
 NT_CANDIDATES = {16: _NT16, 64: _NTS, 256: _NTS}

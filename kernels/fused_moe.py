@@ -290,6 +290,12 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # 513-514 -> 503; direct mode (M <= 16) unchanged within the spread)
         if M > 16:
             tc4["NT2"] = 7
+        # int4 direct mode (M <= 16) on the sorted mode's down tiles too: 128 rows on 4 warps, 7
+        # tiles per program (H200, session 20, decode A/B in two calls, a b a b then b a b a:
+        # B=16 11.38 -> 11.07 ms at 1K, 12.86 -> 12.63 at 8K (means of 4); the whole-MoE kernel
+        # time at M=16 a tie, 113.0 / 113.9 vs 112.8 us)
+        if fmt == INT4 and M <= 16:
+            tc4.update(BN2=128, W2=4, NT2=7)
         # int4 prefill-sized M: blocks of more tokens per expert (each block re-reads its
         # expert's weights): M=1024 BM 16/32/64 801/576/735 us, M=4096 2589/1825/1740, M=8192
         # 5048/3726/3040 (H200, session 7, bench/kernels_moe.py --set prefill)

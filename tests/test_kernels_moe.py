@@ -314,9 +314,11 @@ def test_fused_moe_gemv_split_k(fmt, aq, xdt, tol, M, sk):
 
 @cpu_only
 @pytest.mark.parametrize("M,cfg", [(1, None), (18, None),
-                                   (18, {"gemv_max": 32, "G1": 64, "G2": 128})])
+                                   (18, {"gemv_max": 32, "G1": 64, "G2": 128}),
+                                   (5, {"gemv_max": 0, "small_m_max": 0})])
 def test_fused_moe_shared_expert_and_default_tiles(M, cfg):
-    # shared expert appended as 2 experts (intermediate 2 x I); default tiles; GEMV at M=18 too
+    # shared expert appended as 2 experts (intermediate 2 x I); default tiles (the down's NT2
+    # clamped to H's 2 tiles here), sorted mode at M=18, direct at 5; GEMV at M=18 too
     check_fused("int4_g32", None, torch.float16, 5e-3, M, E=10, H=256, I=128, k=2, n_shared=2,
                 config=cfg, seed=5 + M)
 
@@ -445,6 +447,19 @@ def test_fused_moe_sorted_mode_wide_blocks(fmt, xdt, tol, BM, M):
     # expert, partial last blocks, a token repeating an expert, poisoned intermediates
     check_fused(fmt, None, xdt, tol, M, E=8, H=256, I=128, k=3, seed=70 + BM, repeat=True,
                 config=dict(FAST, BM=BM, poison=True))
+
+
+def test_default_down_tiles():
+    # int4: 128-row down tiles, 7 per program on 4 warps at every tensor-core M (session 20);
+    # MXFP4: its 64-row tiles on 2 warps, 7 per program in sorted mode only
+    from atom_stream.kernels.fused_moe import default_config
+    from atom_stream.kernels.fused_moe_common import INT4, MXFP4
+
+    def down(fmt, M):
+        c = default_config(fmt, M, M * 8, 384, 7168, 256, 0, 16)
+        return c["BN2"], c["W2"], c.get("NT2", 1)
+    assert [down(INT4, M) for M in (3, 16, 64, 256)] == [(128, 4, 7)] * 4
+    assert [down(MXFP4, M) for M in (16, 64, 256)] == [(64, 2, 1), (64, 2, 7), (64, 2, 7)]
 
 
 def test_default_block_rows_grow_with_prefill_m():
