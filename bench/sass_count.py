@@ -52,7 +52,8 @@ def down_kernel(fmt: int, cfg: dict):
     cx = {"H": H, "I": I, "TOPK": TOPK, "KP": KP, "KPP": 16, "N_ROUTED": E - 1,
           "W_ROW": I // 128 * 16, "S_ROW": I // 32, "A_ROW": I, "BM": cfg["BM"],
           "BN": cfg["BN2"], "BK": cfg["BK2"], "FMT": fmt, "ACT_Q": 0, "MDT": fmc.BF16,
-          "DIRECT": 0, "OFFS": 1, "ASTATIC": 0, "DQ": cfg["DQ"], "UNROLL": cfg["DU"]}
+          "DIRECT": 0, "OFFS": 1, "ASTATIC": 0, "DQ": cfg["DQ"], "UNROLL": cfg["DU"],
+          "NT": cfg.get("NT2", 1)}
     ptrs = {"ACT": "*bf16", "ACTS": "*bf16", "W": "*i32",
             "S": "*bf16" if fmt == fmc.INT4 else "*u8", "SORTED": "*i32",
             "BLKEXP": "*i32", "OKM": "*i32", "Y": "*bf16", "AS": "*fp32"}
