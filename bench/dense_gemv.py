@@ -96,8 +96,13 @@ def main(argv=None) -> None:
                          "ratio_gemv": round(nbytes / (t_def * 1e-6) / (copy * 1e9), 4)})
             print(f"{name:<14}{M:>3}{t_ref:>9.2f}{t_def:>9.2f}{best[0]:>9.2f}  {best[1]} "
                   f"(default {cfg['BLOCK_N']}x{cfg['BLOCK_K']})")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    write_rows(args.out, copy, rows)
+
+
+def write_rows(path: str, copy: float, rows: list) -> None:
+    """The bench's JSON: {"gpu", "copy_GBps", "rows"} at `path` (folders made)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "copy_GBps": copy, "rows": rows}, f,
                   indent=1)
 

@@ -11,7 +11,6 @@ replays over 4 weight copies (no L2 reuse); ratio = weight bytes / time / copy b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,10 +18,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dense_gemv import SHAPES as GEMV_SHAPES
+from dense_gemv import write_rows
+
 from kernels import copy_bandwidth, time_calls
 
-SHAPES = {"qa_kva": (2112, 7168), "router_shared": (896, 7168), "o_proj": (7168, 1024),
-          "q_b": (1536, 1536), "shared_down": (7168, 256)}
+# dense_gemv's decode projections (bf16 weights [N, K]) but the lm_head shard
+SHAPES = {name: (N, K) for name, (N, K, _) in GEMV_SHAPES.items() if name != "lm_head"}
 
 
 def main(argv=None) -> None:
@@ -41,9 +43,9 @@ def main(argv=None) -> None:
             ref = F.linear(x, ws[0])
             got = torch.mm(ws[0], x.t()).t()
             assert torch.allclose(ref.float(), got.float(), atol=2e-2, rtol=2e-2)
-            t_lin = time_calls([lambda w=w: F.linear(x, w) for w in ws])
-            t_t = time_calls([lambda w=w: torch.mm(w, x.t()) for w in ws])
-            t_tc = time_calls([lambda w=w: torch.mm(w, x.t()).t().contiguous() for w in ws])
+            t_lin = time_calls([lambda w=w, x=x: F.linear(x, w) for w in ws])
+            t_t = time_calls([lambda w=w, x=x: torch.mm(w, x.t()) for w in ws])
+            t_tc = time_calls([lambda w=w, x=x: torch.mm(w, x.t()).t().contiguous() for w in ws])
             nbytes = N * K * 2
             r = {"shape": name, "N": N, "K": K, "m": M, "linear_us": round(t_lin, 3),
                  "mm_t_us": round(t_t, 3), "mm_t_copy_us": round(t_tc, 3), "bytes": nbytes,
@@ -53,10 +55,7 @@ def main(argv=None) -> None:
             rows.append(r)
             print(f"{name:<14}{M:>4}{t_lin:>9.2f}{t_t:>9.2f}{t_tc:>9.2f}"
                   f"{r['ratio_linear']:>7.2f}{r['ratio_mm_t']:>8.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "copy_GBps": copy, "rows": rows}, f,
-                  indent=1)
+    write_rows(args.out, copy, rows)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ class Experts(nn.Module):
         qm = self.quant_method
         if qm is not None:
             if (shared_down is not None and getattr(qm, "fuses_shared_down", False)
-                    and getattr(self, "kernel_layout", False) and _shared_down_fits(shared_down)):
+                    and getattr(self, "kernel_layout", False)
+                    and _shared_down_fits(shared_down, x)):
                 return qm.apply(self, x, topk_weights, topk_ids, shared_down=shared_down)
             y = qm.apply(self, x, topk_weights, topk_ids)
         elif x.is_cuda:
@@ -162,11 +163,14 @@ class Experts(nn.Module):
         return y
 
 
-def _shared_down_fits(shared_down) -> bool:
-    """kernels/fused_moe's shared_down shape rule: IS a power of 2 >= 16, one dtype."""
-    act, w = shared_down
-    n = act.shape[-1]
-    return n >= 16 and n & (n - 1) == 0 and act.dtype == w.dtype
+def _shared_down_fits(shared_down, x: torch.Tensor) -> bool:
+    """Whether kernels/fused_moe takes this shared_down with x [T, H] (its check_shared_down)."""
+    from atom_stream.kernels.fused_moe import check_shared_down
+    try:
+        check_shared_down(shared_down, x.shape[0], x.shape[1])
+    except ValueError:
+        return False
+    return True
 
 
 def _fused_moe():
