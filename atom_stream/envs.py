@@ -53,8 +53,6 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
            "fewest rows of a decode-only step that take the folded q_b GEMM (ABSORB_QB)"),
     EnvVar("ATOM_STREAM_FUSE_ROUTER_SHARED", "1",
            "router GEMM and shared expert gate/up GEMM as one GEMM"),
-    EnvVar("ATOM_STREAM_FUSE_SHARED_DOWN", "0",
-           "shared expert's down GEMM inside the routed experts' last launch (not yet measured)"),
     EnvVar("ATOM_STREAM_MOE_SMALL_M_MAX", "4", "largest M of the 4-bit small-M MoE path"),
     EnvVar("ATOM_STREAM_MOE_M1_KERNEL", "1", "M = 1: the one-launch per-pair gate_up"),
     EnvVar("ATOM_STREAM_MOE_W13_TILE", "16", "rows per tile of the 4-bit gate_up weights"),

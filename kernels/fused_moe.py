@@ -4,13 +4,9 @@ fused_moe(hidden [M, H], w13, w2, topk_weights [M, k] fp32, topk_ids [M, k] int3
           quant="bf16" | "fp8_block" | "int4_g32" | "mxfp4" | "fp8_tensor" | "fp8_channel",
           w13_scale=None, w2_scale=None, activation_quant=None | "mxfp4" | "fp8",
           act_quant=None, a13_scale=None, a2_scale=None, block=None, n_shared=0, out=None,
-          config=None, allow_emulated_fp4=False, shared_down=None) -> [M, H] in hidden's dtype
+          config=None, allow_emulated_fp4=False) -> [M, H] in hidden's dtype
     y[m] = sum_k topk_weights[m, k] * down_e(silu(gate_e x) * up_e x), e = topk_ids[m, k]
-          + sum of the n_shared shared experts (the last n_shared of w13/w2, weight 1.0)
-          + shared_down's act[m] @ w^T when given: (act [M, IS], w [H, IS]), a 16-bit or fp32
-          dense shared expert's down (its SiLU*mul activation computed by the caller), added
-          in the launch that writes y (the tensor-core path's reduce, the small-M down) or, on
-          the other paths, by one GEMM after it (check_shared_down: IS a power of 2 >= 16).
+          + sum of the n_shared shared experts (the last n_shared of w13/w2, weight 1.0).
 A token may repeat an expert id (expert parallel maps other ranks' picks to local 0 at weight
 0): each (token, column) pair counts once with its own weight.
 
@@ -372,11 +368,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               activation_quant: str | None = None, act_quant: bool | None = None,
               a13_scale: torch.Tensor | None = None, a2_scale: torch.Tensor | None = None,
               block=None, n_shared: int = 0, out: torch.Tensor | None = None,
-              config: dict | None = None, allow_emulated_fp4: bool = False,
-              shared_down: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              config: dict | None = None, allow_emulated_fp4: bool = False) -> torch.Tensor:
     """See the module docstring. Raises NotImplementedError for layouts/modes it does not run."""
-    if shared_down is not None:
-        check_shared_down(shared_down, hidden.shape[0], hidden.shape[1])
     fmt = _QUANTS.get(quant)
     if fmt is None:
         raise NotImplementedError(f"fused_moe: quant={quant!r}")
@@ -464,36 +457,14 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return sm.moe_small_m(hidden, w13, w2, s13, s2, topk_weights, topk_ids,
                               "int4" if fmt == INT4 else "mxfp4",
                               dict(cfg.get("small_m") or {}, **_pass_on(cfg)), n_shared=n_shared,
-                              out=out, shared_down=shared_down)
+                              out=out)
     if fmt in (INT4, MXFP4) and M <= cfg["gemv_max"]:
-        y = gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, act,
-                      act_out, fmt, cfg, H, I, top_k, kp, E - n_shared, wt)
-    elif fmt == FP8C and M <= cfg["gemv_max"]:
-        y = fp8_gemv_path(x, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, cfg, H,
-                          I, top_k, kp, E - n_shared, s_row1, s_row2, astatic)
-    else:
-        return tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
-                       out, fmt=fmt, act=act, act_out=act_out, mdt=mdt, cfg=cfg, H=H, I=I,
-                       top_k=top_k, kp=kp, E=E, n_shared=n_shared, w_row1=w_row1,
-                       s_row1=s_row1, w_row2=w_row2, s_row2=s_row2, astatic=astatic, wt=wt,
-                       mdt_down=mdt_down, shared_down=shared_down)
-    if shared_down is not None:
-        from .moe_small_m import add_shared_down_
-        add_shared_down_(y, *shared_down)
-    return y
-
-
-def check_shared_down(shared_down, M: int, H: int) -> None:
-    """fused_moe's shared_down = (act [M, IS], w [H, IS]): one floating dtype, unit last-dim
-    strides, IS a power of 2 >= 16 (the reduce launch's MMA); anything else is a ValueError."""
-    try:
-        act, w = shared_down
-    except (TypeError, ValueError):
-        raise ValueError("fused_moe: shared_down must be (act [M, IS], w [H, IS])") from None
-    IS = act.shape[-1] if act.dim() == 2 else -1
-    if (act.dim() != 2 or w.dim() != 2 or act.shape[0] != M or tuple(w.shape) != (H, IS)
-            or IS < 16 or IS & (IS - 1) or act.dtype != w.dtype or not act.is_floating_point()
-            or act.stride(1) != 1 or w.stride(1) != 1 or act.device != w.device):
-        raise ValueError(f"fused_moe: shared_down act {tuple(act.shape)} {act.dtype}, w "
-                         f"{tuple(w.shape)} {w.dtype}: want act [M={M}, IS], w [H={H}, IS], one "
-                         f"dtype, unit last-dim strides, IS a power of 2 >= 16")
+        return gemv_path(x, xs, stride_xs, w13, w2, s13, s2, topk_ids, topk_weights, out, act,
+                         act_out, fmt, cfg, H, I, top_k, kp, E - n_shared, wt)
+    if fmt == FP8C and M <= cfg["gemv_max"]:
+        return fp8_gemv_path(x, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, cfg, H,
+                             I, top_k, kp, E - n_shared, s_row1, s_row2, astatic)
+    return tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out,
+                   fmt=fmt, act=act, act_out=act_out, mdt=mdt, cfg=cfg, H=H, I=I, top_k=top_k,
+                   kp=kp, E=E, n_shared=n_shared, w_row1=w_row1, s_row1=s_row1, w_row2=w_row2,
+                   s_row2=s_row2, astatic=astatic, wt=wt, mdt_down=mdt_down)

@@ -234,40 +234,6 @@ def _reduce_kernel(Y, TW, OUT, SLOT, stride_tm, stride_om, H: tl.constexpr,
 
 
 @triton.jit
-def _reduce_shared_kernel(Y, TW, OUT, SLOT, SA, SW, M, stride_tm, stride_om, stride_sa,
-                          stride_sw, H: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                          IS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-                          DIRECT: tl.constexpr, IEEE: tl.constexpr):
-    """_reduce_kernel plus the shared expert's down, for BT tokens x BH columns per program:
-    out[m, h] = SA[m] @ SW[h]^T (one MMA, SA [M, IS], SW [H, IS]) + sum_k w[m, k] * y row of
-    pair (m, k), in fp32, stored once in OUT's dtype. SW's tile is read once per BT tokens."""
-    mt = tl.program_id(0) * BT + tl.arange(0, BT)
-    mm = mt < M
-    m = mt.to(tl.int64)
-    h = tl.program_id(1) * BH + tl.arange(0, BH)
-    i = tl.arange(0, IS)
-    a = tl.load(SA + m[:, None] * stride_sa + i[None, :], mask=mm[:, None], other=0.0)
-    w = tl.load(SW + h[None, :].to(tl.int64) * stride_sw + i[:, None])
-    if IEEE:
-        acc = tl.dot(a, w, input_precision="ieee")
-    else:
-        acc = tl.dot(a, w)
-    for k in tl.static_range(KP):
-        if k < TOPK:
-            wk = tl.load(TW + m * stride_tm + k, mask=mm, other=0.0).to(tl.float32)
-        else:
-            wk = tl.where(mm, 1.0, 0.0)
-        if DIRECT:
-            row = tl.load(SLOT + m * KP + k, mask=mm, other=0).to(tl.int64)
-        else:
-            row = m * KP + k
-        yk = tl.load(Y + row[:, None] * H + h[None, :], mask=mm[:, None], other=0.0)
-        acc += wk[:, None] * yk.to(tl.float32)
-    tl.store(OUT + m[:, None] * stride_om + h[None, :], acc.to(OUT.dtype.element_ty),
-             mask=mm[:, None])
-
-
-@triton.jit
 def _act_quant_kernel(X, XQ, XS, stride_xm, K: tl.constexpr, BK: tl.constexpr,
                       PACKED: tl.constexpr):
     """w4a4: x [M, K] -> MXFP4 activations (packed uint8 codes or fp16 e2m1 values) + e8m0."""
@@ -314,11 +280,10 @@ def _pick(cands, n):
 
 def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights, out, *, fmt,
             act, act_out, mdt, cfg, H, I, top_k, kp, E, n_shared, w_row1, s_row1, w_row2,
-            s_row2, astatic, wt: int = 1, mdt_down: int | None = None, shared_down=None):
+            s_row2, astatic, wt: int = 1, mdt_down: int | None = None):
     """Launch (align,) gate_up, down, reduce; see the module docstring. wt: rows per tile of
     the 4-bit w13 words and scales (1: row-major; fused_moe.tile_w13). mdt / mdt_down: the
-    MMA operand dtype of the gate_up / down kernel (None: mdt). shared_down = (act [M, IS],
-    w [H, IS]): act @ w^T added by the reduce launch (_reduce_shared_kernel)."""
+    MMA operand dtype of the gate_up / down kernel (None: mdt)."""
     M = x.shape[0]
     P = M * kp
     BM = cfg["BM"]
@@ -369,15 +334,6 @@ def tc_path(x, xs, stride_xs, w13, w2, s13, s2, a13, a2, topk_ids, topk_weights,
         A_ROW=a_row, BN=BN2, BK=cfg["BK2"], UNROLL=cfg["DU"], NT=NT2, num_warps=cfg["W2"],
         num_stages=cfg["S2"],
         **dict(common, MDT=mdt if mdt_down is None else mdt_down))
-    if shared_down is not None:
-        sa, sw = shared_down
-        bt = min(64, max(16, triton.next_power_of_2(M)))
-        bh = _pick([c for c in (64, 32, 16) if c <= cfg.get("BHS", 64)], H)
-        _reduce_shared_kernel[(triton.cdiv(M, bt), H // bh)](
-            y, topk_weights, out, slot_of, sa, sw, M, topk_weights.stride(0), out.stride(0),
-            sa.stride(0), sw.stride(0), H=H, TOPK=top_k, KP=kp, IS=sa.shape[1], BT=bt, BH=bh,
-            DIRECT=direct, IEEE=sa.dtype == torch.float32, num_warps=4)
-        return out
     bh = _pick([c for c in (1024, 512, 256, 128, 64, 32, 16) if c <= cfg["BH"]], H)
     _reduce_kernel[(M, H // bh)](y, topk_weights, out, slot_of, topk_weights.stride(0),
                                  out.stride(0), H=H, TOPK=top_k, KP=kp, BH=bh, DIRECT=direct,

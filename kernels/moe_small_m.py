@@ -154,10 +154,8 @@ def _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt):
 def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor,
                 s2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 fmt: str = "int4", config: dict | None = None, *, n_shared: int = 0,
-                out: torch.Tensor | None = None,
-                shared_down: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """See the module docstring. shared_down = (act [M, IS], w [H, IS]) (fused_moe's
-    check_shared_down): act @ w^T is added in the down launch (config DW: after it)."""
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring."""
     M, H, E, I, wt = _check(hidden, w13, w2, s13, s2, topk_weights, topk_ids, fmt)
     code = _FMTS[fmt]
     top_k = topk_ids.shape[1]
@@ -224,23 +222,9 @@ def moe_small_m(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: 
         meta["launch_pdl"] = True
     if cfg.get("DW"):
         _down_all_kernel[(M, H // bn2)](*args, KP2=kp2, **meta)
-        if shared_down is not None:
-            add_shared_down_(out, *shared_down)
-    elif shared_down is not None:
-        sa, sw = shared_down
-        _down_kernel[(M, H // bn2)](*args, SA=sa, SW=sw, stride_sa=sa.stride(0),
-                                    stride_sw=sw.stride(0), IS=sa.shape[1], SHARED=1, **meta)
     else:
         _down_kernel[(M, H // bn2)](*args, **meta)
     return out
-
-
-def add_shared_down_(out: torch.Tensor, act: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """out += act @ w^T (the shared expert's down) where no launch folds it in: one addmm_ (the
-    model's unfused path), or in fp32 when out's dtype differs from act's."""
-    if out.dtype == act.dtype:
-        return out.addmm_(act, w.t())
-    return out.add_((act.float() @ w.float().t()).to(out.dtype))
 
 
 def _dequant(w: torch.Tensor, s: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -374,23 +374,15 @@ def _down_kernel(
     ACT, W, S, IDS, TW, OUT, MAGIC, stride_im, stride_tm, stride_om, stride_we, stride_se,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     N_ROUTED: tl.constexpr, BN: tl.constexpr, FMT: tl.constexpr, PDL: tl.constexpr = 0,
-    SA=None, SW=None, stride_sa=0, stride_sw=0, IS: tl.constexpr = 16,
-    SHARED: tl.constexpr = 0,
 ):
     """Grid (M, H / BN): out[m, tile] = sum over the KP pairs of token m of weight x
     down_e(act[pair]) in fp32 (act in the down order of _store_act), stored in OUT's dtype.
     PDL=1 (launched as a programmatic dependent of the gate_up): the first pair's weights are
-    requested before griddepcontrol.wait, act only after it. SHARED=1: plus the shared expert's
-    down, SA [M, IS] (its SiLU*mul activation) @ SW[tile, :IS]^T, in the same fp32 sum (its
-    loads issued first: they depend on nothing the routing wrote)."""
+    requested before griddepcontrol.wait, act only after it."""
     m = tl.program_id(0)
     jt = tl.program_id(1)
     CH: tl.constexpr = I // 128
     n = (jt * BN + tl.arange(0, BN)).to(tl.int64)
-    if SHARED:
-        i_s = tl.arange(0, IS)
-        s_act = tl.load(SA + m.to(tl.int64) * stride_sa + i_s).to(tl.float32)
-        s_w = tl.load(SW + n[:, None] * stride_sw + i_s[None, :]).to(tl.float32)
     c4 = tl.arange(0, CH)[None, :, None, None]
     t4 = 4 * tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]
     acc = tl.zeros((BN, CH, 4), tl.float32)
@@ -418,8 +410,6 @@ def _down_kernel(
             part = _dot8f(wl, wh, tl.load(Ap + 32 * j), tl.load(Ap + 32 * j + 16), j, FMT)
             acc += part * (_scales(s, j, FMT) * wt)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if SHARED:
-        y += tl.sum(s_w * s_act[None, :], axis=1)
     tl.store(OUT + m.to(tl.int64) * stride_om + n, y.to(OUT.dtype.element_ty))
 
 

@@ -243,8 +243,7 @@ QDQ = {None: None, "fp8": R.qdq_fp8_act, "mxfp4": R.qdq_mxfp4}
 
 
 def check_fused(fmt, aq, xdt, tol, M, E, H, I, k, n_shared=0, config=None, seed=0,
-                repeat=False, shared_is=0):
-    """shared_is > 0: also shared_down = (act [M, shared_is], w [H, shared_is]) in x's dtype."""
+                repeat=False):
     gen = torch.Generator().manual_seed(seed)
     kw, w13, w2 = make_experts(fmt, E, H, I, gen)
     x = torch.randn(M, H, generator=gen).to(xdt).to(DEV)
@@ -256,18 +255,11 @@ def check_fused(fmt, aq, xdt, tol, M, E, H, I, k, n_shared=0, config=None, seed=
         tw[:, 2] = 0.0
         ids[0, 1] = ids[0, 0]
     out = torch.full((M, H), float("nan"), dtype=xdt, device=DEV)
-    if shared_is:
-        kw["shared_down"] = (torch.randn(M, shared_is, generator=gen).to(xdt).to(DEV),
-                             (torch.randn(H, shared_is, generator=gen) / shared_is ** 0.5)
-                             .to(xdt).to(DEV))
     y = fused_moe(x, kw.pop("w13"), kw.pop("w2"), tw, ids, activation_quant=aq,
                   n_shared=n_shared, out=out, config=config, **kw)
     assert y is out
     ref = R.fused_moe_ref(x.cpu(), w13, w2, tw.cpu(), ids.cpu(), act_qdq=QDQ[aq],
                           n_shared=n_shared)
-    if shared_is:
-        sa, sw = kw["shared_down"]
-        ref = ref + sa.cpu().float() @ sw.cpu().float().t()
     err = rel_err(y.cpu(), ref)
     assert err < tol, f"{fmt}/{aq}/{xdt}: rel err {err:.3g}"
 
@@ -432,27 +424,6 @@ def test_fused_moe_down_pipelined(fmt, aq, xdt, tol, dq):
     # with the DQ=1 K loop, 2 warps, sorted mode, repeated ids, poisoned intermediates
     check_fused(fmt, aq, xdt, tol, 19, E=8, H=256, I=256, k=3, seed=50 + dq, repeat=True,
                 config=dict(FAST, poison=True, DU=0, BK2=128, S2=3, DQ=dq, W2=2))
-
-
-@cpu_only
-@pytest.mark.parametrize("fmt,aq,xdt,tol", [c for c in CASES if c[0] in ("int4_g32", "mxfp4")])
-@pytest.mark.parametrize("M,cfg", [(5, {"gemv_max": 0, "small_m_max": 0}), (19, {}),
-                                   (3, {"small_m_max": 0}), (40, {"BHS": 32})])
-def test_fused_moe_shared_down(fmt, aq, xdt, tol, M, cfg):
-    # shared_down: added by the reduce launch (direct mode at 5, sorted at 19 and 40 with two
-    # token blocks of the reduce) or after the GEMV path (3); repeated ids, poisoned
-    check_fused(fmt, aq, xdt, tol, M, E=8, H=256, I=128, k=3, seed=110 + M, repeat=True,
-                config=dict(FAST, poison=True, **cfg), shared_is=32)
-
-
-def test_fused_moe_rejects_bad_shared_down():
-    from atom_stream.kernels.fused_moe import check_shared_down
-    a, w = torch.zeros(3, 32), torch.zeros(256, 32)
-    check_shared_down((a, w), 3, 256)
-    for bad in ((a[:2], w), (a, w[:128]), (a[:, :24], w[:, :24]), (a, w.half()), (a,),
-                (a.t().contiguous().t(), w)):
-        with pytest.raises(ValueError, match="shared_down"):
-            check_shared_down(bad, 3, 256)
 
 
 @cpu_only

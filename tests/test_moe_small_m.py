@@ -106,23 +106,16 @@ def make_routing(M, k, E, gen, repeat=True):
 
 
 def check(fmt, M, E, H, I, k, config=None, seed=0, out_dtype=torch.bfloat16, tol=1e-2,
-          n_shared=0, shared_is=0):
-    """shared_is > 0: also a dense shared expert's down (act [M, shared_is] @ w^T, bf16)."""
+          n_shared=0):
     gen = torch.Generator().manual_seed(seed)
     (w13, w2, s13, s2), (d13, d2) = make_experts(fmt, E, H, I, gen)
     x = torch.randn(M, H, generator=gen).bfloat16().to(DEV)
     ids, tw = make_routing(M, k, E - n_shared, gen)
     out = torch.full((M, H), float("nan"), dtype=out_dtype, device=DEV)
-    sd = None
-    if shared_is:
-        sd = ((torch.randn(M, shared_is, generator=gen)).bfloat16().to(DEV),
-              (torch.randn(H, shared_is, generator=gen) / shared_is ** 0.5).bfloat16().to(DEV))
     y = moe_small_m(x, w13, w2, s13, s2, tw, ids, fmt, dict(config or {}, poison=True),
-                    n_shared=n_shared, out=out, shared_down=sd)
+                    n_shared=n_shared, out=out)
     assert y is out
     ref = R.fused_moe_ref(x.cpu(), d13, d2, tw.cpu(), ids.cpu(), n_shared=n_shared)
-    if sd is not None:
-        ref = ref + sd[0].cpu().float() @ sd[1].cpu().float().t()
     err = rel_err(y, ref)
     assert err < tol, f"{fmt} M={M} {config}: rel err {err:.3g}"
     return err
@@ -130,19 +123,6 @@ def check(fmt, M, E, H, I, k, config=None, seed=0, out_dtype=torch.bfloat16, tol
 
 # few, large tiles: the interpreter runs each program in Python
 ONE = {"BN": 128, "BN2": 256, "CH": 2}
-
-
-@cpu_only
-@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-@pytest.mark.parametrize("M,cfg,out_dtype", [
-    (1, {"M1": 0, "SK": 2, "CH": 1}, torch.bfloat16), (2, {}, torch.float32),
-    (1, {"M1": 0, "DW": 1}, torch.bfloat16)])
-def test_shared_down_in_the_down_launch(fmt, M, cfg, out_dtype):
-    # shared_down: the shared expert's act @ w^T summed with the routed pairs in the down launch
-    # (DW: one GEMM after it); poisoned act, out in bf16 or fp32 (the M=1 kernel's gate_up is
-    # slow in the interpreter; the down kernel is the same at every M)
-    check(fmt, M, E=8, H=256, I=128, k=3, config=dict(ONE, **cfg), seed=60 + M,
-          out_dtype=out_dtype, shared_is=64)
 
 
 @cpu_only

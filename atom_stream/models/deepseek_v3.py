@@ -130,47 +130,21 @@ class Experts(nn.Module):
         self.w13.tp_dim, self.w2.tp_dim = (0, 1) if info.ep_size == 1 else (None, None)
         self.quant_method = None
 
-    def forward(self, x, topk_weights, topk_ids, shared_down=None):
-        """x [T, H] -> this rank's routed-experts sum [T, H]. shared_down = (act [T, IS],
-        w [H, IS]) (a dense shared expert's SiLU*mul activation and down weight): the result
-        also holds act @ w^T, added inside the fused MoE's last launch where the experts run
-        kernels/fused_moe (its shared_down; IS a power of 2 >= 16), by one GEMM after them
-        otherwise."""
+    def forward(self, x, topk_weights, topk_ids):
         if self.num_local_experts != self.num_experts:  # EP dispatch: global -> local ids
             topk_weights, topk_ids = local_topk(topk_weights, topk_ids, self.expert_start,
                                                 self.num_local_experts)
-        qm = self.quant_method
-        if qm is not None:
-            if (shared_down is not None and getattr(qm, "fuses_shared_down", False)
-                    and getattr(self, "kernel_layout", False)
-                    and _shared_down_fits(shared_down, x)):
-                return qm.apply(self, x, topk_weights, topk_ids, shared_down=shared_down)
-            y = qm.apply(self, x, topk_weights, topk_ids)
-        elif x.is_cuda:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, topk_weights, topk_ids)
+        if x.is_cuda:
             fused = _fused_moe()
             if fused is not None:
                 try:
-                    return fused(x, self.w13, self.w2, topk_weights, topk_ids,
-                                 shared_down=shared_down)
+                    return fused(x, self.w13, self.w2, topk_weights, topk_ids)
                 except (ValueError, NotImplementedError):
                     pass  # shapes the kernel's tiles do not divide (tiny test models)
-            y = experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids.long())
-        else:
-            y = experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
-        if shared_down is not None:
-            from atom_stream.kernels.moe_small_m import add_shared_down_
-            add_shared_down_(y, *shared_down)
-        return y
-
-
-def _shared_down_fits(shared_down, x: torch.Tensor) -> bool:
-    """Whether kernels/fused_moe takes this shared_down with x [T, H] (its check_shared_down)."""
-    from atom_stream.kernels.fused_moe import check_shared_down
-    try:
-        check_shared_down(shared_down, x.shape[0], x.shape[1])
-    except ValueError:
-        return False
-    return True
+            return experts_dense_ref(x, self.w13, self.w2, topk_weights, topk_ids.long())
+        return experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
 
 
 def _fused_moe():
@@ -195,12 +169,6 @@ FUSE_ROUTER_SHARED = envs.flag("ATOM_STREAM_FUSE_ROUTER_SHARED")
 # decode B=1 -1.7 to -3.3 % in three alternated runs; the router at 2 rows since session 18's
 # tiles, below). 0 = cuBLAS.
 ROUTER_GEMV_MAX_M = envs.integer("ATOM_STREAM_ROUTER_GEMV_MAX_M")
-# ATOM_STREAM_FUSE_SHARED_DOWN=1 (with the fused router + shared gate/up): the shared expert's
-# down rides in the routed experts' last launch (Experts.forward shared_down: the tensor-core
-# path's reduce, the small-M down) instead of a GEMM / GEMV of its own after them: one launch
-# fewer per MoE layer. Prepared in session 20, CPU-tested only: off until a GPU A/B. Read at
-# import.
-FUSE_SHARED_DOWN = envs.flag("ATOM_STREAM_FUSE_SHARED_DOWN")
 SHARED_DOWN_GEMV_MAX_M = envs.integer("ATOM_STREAM_SHARED_DOWN_GEMV_MAX_M")
 # H200 (bench/dense_gemv.py, RESULTS session 18): rows p, p + G, ... per program (STRIDED), 4
 # rows x 4096 K per step on 8 warps, both steps' loads in flight (UNROLL): 5.65 µs at M=1 (vs
@@ -297,11 +265,6 @@ class MoE(nn.Module):
                 routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func)
         if self.record is not None:  # bench/decode.py: the routing actually taken
             self.record.append(ids)
-        down = shared.down_proj if shared is not None else None
-        if (FUSE_SHARED_DOWN and fused is not None and down.quant_method is None
-                and not down.reduce):  # the shared down inside the experts' last launch
-            return all_reduce(self.experts(x, weights, ids, shared_down=(act, down.weight)),
-                              self.tp)
         y = self.experts(x, weights, ids)
         if side is not None:  # join: the shared expert's first half ran beside the routing
             main.wait_stream(side)

@@ -144,17 +144,12 @@ class Int4MoEMethod(MoEMethod):
         repack_for_kernel(experts, "w13_weight_packed", "w2_weight_packed", repack_int4_moe,
                           "w13_weight_scale")
 
-    # models/deepseek_v3.Experts: shared_down is passed here (kernel layout only)
-    fuses_shared_down = True
-
-    def apply(self, experts, x, topk_weights, topk_ids, shared_down=None):
+    def apply(self, experts, x, topk_weights, topk_ids):
         if getattr(experts, "kernel_layout", False):  # GPU: repacked at load
             from atom_stream.kernels.fused_moe import fused_moe
             return fused_moe(x, experts.w13_weight_packed_kernel, experts.w2_weight_packed_kernel,
                              topk_weights, topk_ids, quant=f"int4_g{self.scheme.group_size}",
-                             w13_scale=experts.w13_weight_scale, w2_scale=experts.w2_weight_scale,
-                             shared_down=shared_down)
-        assert shared_down is None, "shared_down needs the kernel layout"
+                             w13_scale=experts.w13_weight_scale, w2_scale=experts.w2_weight_scale)
         y = try_fused_moe(x, experts.w13_weight_packed, experts.w2_weight_packed, topk_weights,
                           topk_ids, quant=f"int4_g{self.scheme.group_size}",
                           w13_scale=experts.w13_weight_scale, w2_scale=experts.w2_weight_scale)

@@ -182,17 +182,13 @@ class Mxfp4MoEMethod(MoEMethod):
             repack_for_kernel(experts, "w13_weight", "w2_weight", repack_mxfp4_moe,
                               "w13_weight_scale")
 
-    # models/deepseek_v3.Experts: shared_down is passed here (kernel layout only)
-    fuses_shared_down = True
-
-    def apply(self, experts, x, topk_weights, topk_ids, shared_down=None):
+    def apply(self, experts, x, topk_weights, topk_ids):
         if getattr(experts, "kernel_layout", False):  # GPU without FP4 units: repacked at load
             from atom_stream.kernels.fused_moe import fused_moe
             return fused_moe(x, experts.w13_weight_kernel, experts.w2_weight_kernel, topk_weights,
                              topk_ids, quant="mxfp4", w13_scale=experts.w13_weight_scale,
                              w2_scale=experts.w2_weight_scale,
-                             act_quant=self.scheme.act == "mxfp4", shared_down=shared_down)
-        assert shared_down is None, "shared_down needs the kernel layout"
+                             act_quant=self.scheme.act == "mxfp4")
         y = try_fused_moe(x, experts.w13_weight, experts.w2_weight, topk_weights, topk_ids,
                           quant="mxfp4", w13_scale=experts.w13_weight_scale,
                           w2_scale=experts.w2_weight_scale, act_quant=self.scheme.act == "mxfp4")
