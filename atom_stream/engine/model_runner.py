@@ -59,6 +59,27 @@ SYMM_ALLREDUCE = envs.flag("ATOM_STREAM_SYMM_ALLREDUCE")
 WARMUP_PREFILL_LENS = (1024, 256, 64)
 
 
+def prefill_batch(n: int, max_len: int, block_size: int,
+                  device: torch.device) -> tuple[AttentionMetadata, torch.Tensor, int]:
+    """A prefill-only step of n >= 1 tokens as fresh sequences of max_len tokens (the last one
+    shorter), each in its own blocks of a scratch KV cache: the start-up forwards' batch (the
+    scheduler packs several prompts into one step when max_len < max_num_batched_tokens).
+    Returns (metadata, positions [n] int64, blocks the scratch cache needs)."""
+    lens = [max_len] * (n // max_len) + ([n % max_len] if n % max_len else [])
+    nbs = [math.ceil(x / block_size) for x in lens]
+    first = np.concatenate([[0], np.cumsum(nbs)])
+    tables = torch.zeros(len(lens), max(nbs), dtype=torch.int32)
+    for i, nb in enumerate(nbs):
+        tables[i, :nb] = torch.arange(first[i], first[i] + nb, dtype=torch.int32)
+    slots = torch.cat([torch.arange(x) + int(first[i]) * block_size for i, x in enumerate(lens)])
+    positions = torch.cat([torch.arange(x) for x in lens])
+    md = AttentionMetadata(
+        query_start_loc=[0, *np.cumsum(lens).tolist()], seq_lens=lens,
+        block_tables=tables.to(device), slot_mapping=slots.to(device), num_decodes=0,
+        block_size=block_size)
+    return md, positions.to(device), int(first[-1])
+
+
 def use_symm_allreduce(config: EngineConfig, tp_info: TPInfo, device: torch.device) -> bool:
     """Whether this TP group tries the one-shot all-reduce: several ranks on GPUs of ONE node
     (it reads peers' memory over P2P; a group spanning nodes, `nnodes` > 1, keeps NCCL/RCCL),
@@ -313,24 +334,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _prefill_warmup(self, kv_caches: list[torch.Tensor], max_tokens: int) -> list[int]:
-        """One prefill forward at each of WARMUP_PREFILL_LENS below max_tokens (KV written into
-        `kv_caches`, scratch caches of at least max_tokens slots): kernels whose compiled
-        variant depends on the token count (the MoE's expert-block rows, kernels/fused_moe
-        default_config) compile now, not at the first request of that size (a cold compile is
-        seconds of time to first token: bench/RESULTS.md session 7). Every TP rank runs the
-        same lengths (collectives inside). Returns the lengths run."""
+        """One prefill step of each of WARMUP_PREFILL_LENS tokens below max_tokens (fresh
+        sequences of at most max_model_len tokens each: prefill_batch; KV written into
+        `kv_caches`, scratch caches of at least prefill_batch's block count for max_tokens):
+        kernels whose compiled variant depends on the token count (the MoE's expert-block rows,
+        kernels/fused_moe default_config) compile now, not at the first request of that size (a
+        cold compile is seconds of time to first token: bench/RESULTS.md session 7). Every TP
+        rank runs the same lengths (collectives inside). Returns the lengths run."""
         dev = kv_caches[0].device
         lens = [w for w in WARMUP_PREFILL_LENS if w < max_tokens]
-        blocks = kv_caches[0].shape[0]
         for w in lens:
-            md = AttentionMetadata(
-                query_start_loc=[0, w], seq_lens=[w],
-                block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-                slot_mapping=torch.arange(w, device=dev), num_decodes=0,
-                block_size=self.block_size)
+            md, positions, _ = prefill_batch(w, self.max_model_len, self.block_size, dev)
             ids = torch.randint(0, self.model_config.vocab_size, (w,), device=dev)
-            self.model(ids, torch.arange(w, device=dev), kv_caches, md)
+            self.model(ids, positions, kv_caches, md)
         return lens
+
+    def largest_prefill_tokens(self) -> int:
+        """Tokens of the largest step the scheduler can form: max_num_batched_tokens, or fewer
+        where max_num_seqs sequences of max_model_len tokens cannot fill it (several prompts
+        share a step when max_model_len < max_num_batched_tokens)."""
+        return min(self.config.max_num_batched_tokens,
+                   self.config.max_num_seqs * self.max_model_len)
 
     @torch.inference_mode()
     def _profile_kv_budget(self) -> float:
@@ -339,17 +363,13 @@ class ModelRunner:
         dev = self.device
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        blocks = math.ceil(n / self.block_size) + 1
+        n = self.largest_prefill_tokens()
+        md, positions, blocks = prefill_batch(n, self.max_model_len, self.block_size, dev)
         cfg = self.model_config
-        tmp = [torch.zeros(blocks, self.block_size, cfg.kv_cache_dim, dtype=self.kv_dtype,
+        tmp = [torch.zeros(blocks + 1, self.block_size, cfg.kv_cache_dim, dtype=self.kv_dtype,
                            device=dev) for _ in range(cfg.num_hidden_layers)]
-        md = AttentionMetadata(
-            query_start_loc=[0, n], seq_lens=[n],
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
-            slot_mapping=torch.arange(n, device=dev), num_decodes=0, block_size=self.block_size)
         ids = torch.randint(0, cfg.vocab_size, (n,), device=dev)
-        hidden = self.model(ids, torch.arange(n, device=dev), tmp, md)
+        hidden = self.model(ids, positions, tmp, md)
         self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         del hidden
         self._prefill_warmup(tmp, n)  # smaller than the forward above: the peak stands
