@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | skinny | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | dq | splits | kernels | prefill | ttft | downladder | allreduce | pyt
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | dq | splits | kernels | prefill | ttft | downladder | allreduce | pyt
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -21,7 +21,7 @@ sec() {  # sec NAME LIMIT_S COMMAND...: run, keep the log, print its tail
 }
 sections=("$@"); [ ${#sections[@]} -eq 0 ] && sections=(tests decode)
 for what in "${sections[@]}"; do case $what in
-  tests) sec tests ${T_TESTS:-240} $PY -m gpu -x --maxfail=20 tests/test_skinny_gemm.py \
+  tests) sec tests ${T_TESTS:-240} $PY -m gpu -x --maxfail=20 \
       tests/test_model_kernels.py tests/test_gpu_engine.py tests/test_gpu_engine_core.py \
       tests/test_kernels_norm_rope.py tests/test_fp8_linear.py tests/test_w4a8_kernel.py \
       tests/test_kernels_moe.py tests/test_ep_kernels.py tests/test_quant_gpu.py ;;
@@ -43,7 +43,6 @@ for what in "${sections[@]}"; do case $what in
       tar czf "$OUT/serving.tgz" -C "$OUT" serving && rm -rf "$OUT/serving" ;;  # <= 8 files return
   attn) sec attn ${T_ATTN:-200} python3 bench/kernels_attention.py --out "$OUT/kernels-attn-h200.json" \
       --sweep-out "$OUT/kernels-attn-sweep-h200.json" ;;
-  skinny) sec skinny ${T_SKINNY:-150} python3 bench/skinny_gemm.py --out "$OUT/skinny-gemm-h200.json" ;;
   decode) sec decode ${T_DECODE:-240} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \
       --batches "${BATCHES:-1,16,64,256}" --ctx "${CTX:-1024,8192}" --iters 10 --out "$OUT/decode.json" ;;
   profile) sec profile ${T_PROFILE:-200} python3 bench/decode.py --preset "${PRESET:-k25-tp8-rank}" \

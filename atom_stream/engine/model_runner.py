@@ -257,6 +257,7 @@ class ModelRunner:
             mla_q_absorb(q, attn.w_uk, attn.rotary.cos, attn.rotary.sin,
                          torch.zeros(1, dtype=torch.long, device=dev))
             n += 1
+        from atom_stream.kernels.gemv import MAX_M
         from atom_stream.layers.linear import dense_linear
         gemvs = []  # (weight [out, in], fewest and most GEMV rows, its config)
         qb, o = getattr(attn, "q_b_proj", None), attn.o_proj
@@ -270,7 +271,7 @@ class ModelRunner:
         if o.quant_method is None:
             gemvs.append((o.weight, 1, o.gemv_max_m, o.gemv_config))
         for w, min_m, max_m, cfg in gemvs:
-            for m in range(min_m, min(max_m, 4) + 1):
+            for m in range(min_m, min(max_m, MAX_M) + 1):
                 dense_linear(torch.zeros(m, w.shape[1], dtype=dt, device=dev), w, max_m, cfg)
                 n += 1
         return n
@@ -279,6 +280,7 @@ class ModelRunner:
         """Compile kernels/gemv.py at each row count the MoE layers' router + shared gate/up
         and shared down take it (models/deepseek_v3 *_GEMV_MAX_M; 0 = cuBLAS: nothing to
         compile). Returns the number of launches."""
+        from atom_stream.kernels.gemv import MAX_M
         from atom_stream.models import deepseek_v3 as dv3
         n, dev, dt = 0, self.device, self.dtype
         moe = next((m for m in self.model.modules()
@@ -286,7 +288,7 @@ class ModelRunner:
         if moe is None:
             return 0
         shared = moe.shared_experts
-        for m in range(1, 5):
+        for m in range(1, MAX_M + 1):
             x = torch.zeros(m, self.model.config.hidden_size, dtype=dt, device=dev)
             if m <= dv3.ROUTER_GEMV_MAX_M:
                 moe._router_and_shared(x)

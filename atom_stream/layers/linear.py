@@ -57,41 +57,28 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
 
 
-# Decode batches up to this many rows would use kernels/skinny_gemm.py on GPUs. Off (0): on the
-# H200 cuBLAS was as fast or faster at every decode projection shape but lm_head and q_b
-# (bench/skinny_gemm.py, bench/RESULTS.md); each of these small GEMMs is launch/latency-bound
-# (4-13 us for 0.5-30 MB), not bandwidth-bound. Kept for MI355, where it is untested.
-SKINNY_MAX_M = 0
-
-
-def _skinny_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x @ w^T goes to the Triton skinny GEMM (GPU, at most SKINNY_MAX_M rows)."""
-    return (SKINNY_MAX_M > 0 and x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_M
-            and x.dtype == w.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] % 16 == 0)
-
-
 def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
-    """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m (<= 4) rows,
-    16-bit, w contiguous. The caller picks max_m per projection by measurement (models/mla.py
-    QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER / SHARED_DOWN_GEMV_MAX_M); routing every
-    projection through it was slower (RESULTS session 16)."""
-    return (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= min(max_m, 4)
-            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m rows (at most
+    its MAX_M), 16-bit, w contiguous. The caller picks max_m per projection by measurement
+    (models/mla.py QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER / SHARED_DOWN_GEMV_MAX_M);
+    routing every projection through it was slower (RESULTS session 16)."""
+    if not (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m):
+        return False
+    from atom_stream.kernels.gemv import MAX_M
+    return (x.shape[0] <= MAX_M and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0,
                  gemv_config: dict | None = None) -> torch.Tensor:
     """x @ w^T for an unquantized weight [out, in]: the Triton GEMV up to the caller's
-    gemv_max_m rows (gemv_config: its tiles), the skinny GEMM where switched on, torch's
-    F.linear otherwise."""
+    gemv_max_m rows (gemv_config: its tiles), torch's F.linear otherwise (cuBLAS / hipBLASLt;
+    a Triton split-K GEMM for 1-16 rows lost to it at every decode shape but lm_head and q_b on
+    the H200 and was removed: bench/RESULTS.md "Skinny GEMM", session 21)."""
     if gemv_ok(x, w, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, w, config=gemv_config)
-    if _skinny_ok(x, w):
-        from atom_stream.kernels.skinny_gemm import skinny_linear
-        return skinny_linear(x, w)
     return F.linear(x, w)
 
 
