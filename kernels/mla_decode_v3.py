@@ -49,12 +49,25 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constex
 
 
 @triton.jit
-def _split_range(LENS, b, s, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+def _split_len_t(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                 TARGET: tl.constexpr, LONG: tl.constexpr):
+    """_split_len, and with TARGET > 0 at least min(seq_len / TARGET, LONG) rounded up to
+    BLOCK_N: about TARGET splits until they reach LONG tokens (mla_decode.split_len_host)."""
+    n = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    if TARGET > 0:
+        t = tl.cdiv(tl.cdiv(seq_len, TARGET), BLOCK_N) * BLOCK_N
+        n = tl.maximum(n, tl.minimum(t, LONG))
+    return n
+
+
+@triton.jit
+def _split_range(LENS, b, s, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                 TARGET: tl.constexpr, LONG: tl.constexpr):
     """Program (b, split s): (n_act active splits of sequence b, its token range [start, end),
     direct = the sequence has <= 1 active split (then split 0 writes the output itself; length 0:
-    zeros), run = this program has work)."""
+    zeros), run = this program has work). TARGET / LONG: _split_len_t."""
     seq_len = tl.load(LENS + b)
-    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
+    split = _split_len_t(seq_len, num_splits, BLOCK_N, MIN_SPLIT, TARGET, LONG)
     n_act = tl.cdiv(seq_len, split)
     start = s * split
     end = tl.minimum(start + split, seq_len)
@@ -204,7 +217,8 @@ def _mla_decode_v3(
     hg = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT)
+    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT,
+                                                  0, 0)
     if run:
         heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
@@ -296,7 +310,7 @@ def _mla_merge_uv(
     stride_wh, stride_wv, stride_yb, stride_yh, V,
     R: tl.constexpr, BLOCK_V: tl.constexpr, VC: tl.constexpr, SC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
-    MIN_PARTS: tl.constexpr,
+    MIN_PARTS: tl.constexpr, TARGET: tl.constexpr, LONG: tl.constexpr,
 ):
     """The merge with W_UV folded in: grid (B, H, cdiv(V, BLOCK_V)). Program (b, h, vb) forms
     o_lat[b, h] [R] once: the lse-weighted sum of the active splits' partials, walked SC splits
@@ -306,7 +320,8 @@ def _mla_merge_uv(
     writes partials for every sequence and none for an empty one: o_lat = 0 as v1's merge
     makes it); rounded to OLAT's dtype as the merge kernel stores it. Then
     Y[b, h, v] = sum_r o_lat[r] * W_UV[h, v, r] for its BLOCK_V columns, VC rows of W_UV at a
-    time (fp32 sums, Y's dtype)."""
+    time (fp32 sums, Y's dtype). TARGET / LONG: the attention launch's split rule
+    (_split_len_t)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     v0 = tl.program_id(2) * BLOCK_V
@@ -334,7 +349,8 @@ def _mla_merge_uv(
         parts0 = tl.load(part_row + offs0[:, None] * stride_ps + offs_r[None, :],
                          mask=(offs0 < num_splits)[:, None], other=0.0)
         o_dir = tl.load(o_direct).to(tl.float32)
-        n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
+        n_act = tl.cdiv(seq_len, _split_len_t(seq_len, num_splits, BLOCK_N, MIN_SPLIT, TARGET,
+                                              LONG))
         if n_act >= MIN_PARTS:
             lse = tl.where(offs_s < n_act, lse_all, float("-inf"))
             mx = tl.max(lse, 0)
@@ -369,13 +385,14 @@ def _mla_merge_uv(
 
 
 def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w_uv, y,
-                    v1=False, block_v=None):
+                    v1=False, block_v=None, split_rule=(0, 0)):
     """After an attention launch with the merge deferred: y [B, H, V] = merge(o_lat) @ W_UV^T
     per head (w_uv [H, V, R], last dim contiguous; y's last dim contiguous), one launch
     (_mla_merge_uv). `out` [B, H, R] holds the direct sequences' o_lat (and is left as the
     attention kernel wrote it: the merged o_lat is never stored). v1: after mla_decode's v1
     (partials for every sequence when S > 1), else after v3 / v5. block_v: W_UV rows per
-    program (default: ~128 programs in all, each (b, h) merge done by V / block_v programs)."""
+    program (default: ~128 programs in all, each (b, h) merge done by V / block_v programs).
+    split_rule (TARGET, LONG): the attention launch's (_split_len_t; (0, 0) = none)."""
     B, H, R = out.shape
     V = w_uv.shape[1]
     assert w_uv.shape == (H, V, R) and w_uv.stride(-1) == 1 and y.stride(-1) == 1
@@ -391,6 +408,7 @@ def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w
         w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
         R=R, BLOCK_V=block_v, VC=vc, SC=sc, BLOCK_S=triton.next_power_of_2(S),
         BLOCK_N=block_n, MIN_SPLIT=min_split, SPLIT=S > 1, MIN_PARTS=0 if v1 else 2,
+        TARGET=split_rule[0], LONG=split_rule[1],
         num_warps=4,
     )
     return y

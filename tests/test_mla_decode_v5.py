@@ -95,6 +95,40 @@ def test_decode_v5_merge_uv_interpreted(S):
             assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # partials, no counters used
 
 
+def test_uv_split_rule_lengths():
+    """split_len_host = the kernels' split length: the plain rule (ceil(len / S) rounded up to
+    BLOCK_N, at least MIN_SPLIT), and with (TARGET, LONG) at least min(len / TARGET, LONG): at
+    the Kimi decode's S=128, BLOCK_N 64, (32, 256): 1K-2K unchanged, 8K 32 splits, 32K 128."""
+    f = dec.split_len_host
+    assert [f(n, 128, 64) for n in (1, 1024, 8192, 32768)] == [64, 64, 64, 256]
+    rule = (32, 256)
+    assert [f(n, 128, 64, 64, rule) for n in (1, 1024, 2048, 4096, 8192, 16384, 32768)] == [
+        64, 64, 64, 128, 256, 256, 256]
+    assert f(10**6, 128, 64, 64, rule) == f(10**6, 128, 64) == 7872  # S bounds the count
+    assert dec.uv_split_rule() == (0, 0)  # off by default
+
+
+@cpu_only
+@pytest.mark.parametrize("rule", [(2, 320), (4, 48)])
+def test_decode_v5_uv_split_rule_interpreted(monkeypatch, rule):
+    """UV_TARGET_SPLITS on: v5 + merge_uv split a 700-token sequence into 3 splits of 320 (rule
+    (2, 320)) instead of 6 of 128, 260 tokens into 2 instead of 5 (the attention and the merge
+    agree on the active splits: exactly those partial slots are written); still the
+    reference's result. (4, 48): LONG below the plain length changes nothing."""
+    monkeypatch.setattr(dec, "UV_TARGET_SPLITS", rule[0])
+    monkeypatch.setattr(dec, "UV_LONG_SPLIT", rule[1])
+    lens = [0, 1, 37, 700, 5, 260, 9]
+    S = 6
+    ws = dec.alloc_decode_workspace(7, 3, 64, S, "cpu", variant="v5")
+    y, ref = run_decode(7, 3, 64, 32, 8, lens, torch.float32, FP8, S, "cpu",
+                        seed=zlib.crc32(f"uv rule {rule}".encode()), k_scale=0.37, chunk=32,
+                        config=(16, 4, 1), variant="v5", ws=ws, uv_dim=40)
+    assert torch.all(y[0] == 0), "empty sequence must give 0"
+    assert rel_err(y, ref) < 2e-3
+    want = 5 if rule == (2, 320) else 11
+    assert len(check_v3_scratch(ws, lens, S, 16, rule)) == want
+
+
 @cpu_only
 @pytest.mark.parametrize("variant,kv_dtype,merge,S", [
     ("v5", FP8, "kernel", 6), ("v5", FP8, "fused", 6), ("v5", FNUZ, "kernel", 1),
