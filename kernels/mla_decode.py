@@ -575,7 +575,7 @@ def split_len_host(seq_len: int, num_splits: int, block_n: int, min_split: int =
     _split_len_t) for a sequence of seq_len over num_splits launched splits; the active splits
     are ceil(seq_len / that)."""
     def up(a: int, b: int) -> int:  # ceil(a / b), rounded up to a multiple of block_n
-        return -(-(-(-a // b)) // block_n) * block_n
+        return triton.cdiv(triton.cdiv(a, b), block_n) * block_n
 
     n = max(up(seq_len, num_splits), min_split)
     target, long = split_rule
