@@ -395,13 +395,57 @@ def small_rows(copy_gbps):
     return rows
 
 
+UV_CTX = (1024, 8192, 32768)
+V_DIM = 128  # Kimi / DeepSeek v_head_dim
+
+
+def uv_rows(copy_gbps):
+    """The small-batch production path of the decode step (models/mla.MERGE_UV_MAX_B rows):
+    the fp8 cache's v5 attention with W_UV folded into the merge launch (mla_decode uv=), B=1
+    at UV_CTX, with ATOM_STREAM_MLA_UV_TARGET_SPLITS' split rule off and at 32 (set on the
+    module here). Rows "mla_decode_fp8_uv" (bytes: the decode's plus W_UV and y), field
+    "variant" "rule 0 S=.." / "rule 32 S=..". Each is checked against the reference times W_UV
+    first (relative error printed)."""
+    rows = []
+    keep = dec.UV_TARGET_SPLITS
+    try:
+        for ctx in UV_CTX:
+            setup = DecodeSetup(FP8, [ctx], 8)
+            w_uv = torch.randn(8, V_DIM, R, dtype=torch.bfloat16, device="cuda") * 0.05
+            y = torch.empty(1, 8, V_DIM, dtype=torch.bfloat16, device="cuda")
+            nbytes = setup.bytes + (w_uv.numel() + y.numel()) * 2
+            ref = dec.mla_decode_ref(setup.q[..., :R].float(), setup.q[..., R:].float(),
+                                     setup.pool, setup.tables[0], setup.seq_lens, SCALE,
+                                     setup.k_scale)
+            y_ref = torch.einsum("bhr,hvr->bhv", ref.bfloat16().float(), w_uv.float())
+            for target in (0, 32):
+                dec.UV_TARGET_SPLITS = target
+                # as the decode step launches it: the split count from the batch alone
+                S = dec.decode_num_splits(1, 8, None, "cuda", "auto", FP8)
+                ws = dec.alloc_decode_workspace(1, 8, R, S, "cuda", variant="auto",
+                                                kv_dtype=FP8) if S > 1 else None
+                y.fill_(float("nan"))
+                setup._call(setup.tables[0], S, None, ws, variant="auto", uv=(w_uv, y))()
+                err = float((y.float() - y_ref).norm() / y_ref.norm())
+                t, S = setup.time(S, variant="auto", uv=(w_uv, y))
+                rows.append({**make_row("mla_decode_fp8_uv", 1, ctx, 8, t, nbytes, copy_gbps),
+                             "variant": f"rule {target} S={S}"})
+                print(f"  mla_decode_fp8_uv 1 x {ctx} rule {target}: {t:.2f} us "
+                      f"(ratio {rows[-1]['ratio']:.3f}), rel err {err:.2e}", flush=True)
+            del setup
+    finally:
+        dec.UV_TARGET_SPLITS = keep
+    return rows
+
+
 def attention_rows(copy_gbps, tune=True, log=None):
     """All attention rows; a section that fails is reported and skipped (the others still
     count: one bad launch must not cost a whole device run). tune=False (bench/kernels.py
     --no-tune): the decode section times v1, the production path and the v2 default only."""
     t0 = time.time()
     rows = []
-    sections = [lambda c: decode_rows(c, log, quick=not tune), prefill_rows, small_rows]
+    sections = [lambda c: decode_rows(c, log, quick=not tune), uv_rows, prefill_rows,
+                small_rows]
     for section in sections:
         try:
             rows += section(copy_gbps)
