@@ -4,6 +4,7 @@ Kimi TP8 widths. The pair unpack is checked exhaustively against torch's fp8 con
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -105,7 +106,8 @@ def test_uv_split_rule_lengths():
     assert [f(n, 128, 64, 64, rule) for n in (1, 1024, 2048, 4096, 8192, 16384, 32768)] == [
         64, 64, 64, 128, 256, 256, 256]
     assert f(10**6, 128, 64, 64, rule) == f(10**6, 128, 64) == 7872  # S bounds the count
-    assert dec.uv_split_rule() == (0, 0)  # off by default
+    env = int(os.environ.get("ATOM_STREAM_MLA_UV_TARGET_SPLITS", "0"))
+    assert dec.uv_split_rule() == ((env, 256) if env > 0 else (0, 0))  # default 0: off
 
 
 @cpu_only
@@ -213,6 +215,26 @@ def test_decode_merge_uv_gpu(variant, kv_dtype, S):
                             seed=seed, k_scale=0.5, variant=variant, ws=ws, uv_dim=128)
         assert torch.all(y[0] == 0)
         assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("rule", [(32, 256), (4, 1024)])
+def test_decode_v5_uv_split_rule_gpu(monkeypatch, rule):
+    """UV_TARGET_SPLITS' rule at the real widths (H=8, page 64, 512 + 64, v 128; S=128 as the
+    decode step launches B <= 2): the attention and merge + W_UV agree on the longer splits
+    (exactly those partial slots written) and equal the reference times W_UV."""
+    monkeypatch.setattr(dec, "UV_TARGET_SPLITS", rule[0])
+    monkeypatch.setattr(dec, "UV_LONG_SPLIT", rule[1])
+    lens = [32768, 8192, 0, 1, 700, 4097]
+    B, H, S = len(lens), 8, 128
+    ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="v5")
+    for seed in (1, 2):
+        y, ref = run_decode(B, H, 512, 64, 64, lens, torch.bfloat16, FP8, S, "cuda",
+                            seed=seed, k_scale=0.5, variant="v5", ws=ws, uv_dim=128)
+        assert torch.all(y[2] == 0)
+        assert rel_err(y, ref) < 1e-2
+        check_v3_scratch(ws, lens, S, dec.V5_CONFIG[0], rule)
 
 
 @pytest.mark.gpu

@@ -57,15 +57,21 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
 
 
+_GEMV_MAX_M: int | None = None  # kernels/gemv.MAX_M, read by gemv_ok's first GPU call
+
+
 def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
     """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m rows (at most
     its MAX_M), 16-bit, w contiguous. The caller picks max_m per projection by measurement
     (models/mla.py QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER / SHARED_DOWN_GEMV_MAX_M);
     routing every projection through it was slower (RESULTS session 16)."""
+    global _GEMV_MAX_M
     if not (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m):
         return False
-    from atom_stream.kernels.gemv import MAX_M
-    return (x.shape[0] <= MAX_M and x.dtype == w.dtype
+    if _GEMV_MAX_M is None:  # imported on the first GPU call (kernels/gemv imports Triton)
+        from atom_stream.kernels.gemv import MAX_M
+        _GEMV_MAX_M = MAX_M
+    return (x.shape[0] <= _GEMV_MAX_M and x.dtype == w.dtype
             and x.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and x.stride(-1) == 1)
 
@@ -75,7 +81,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0,
     """x @ w^T for an unquantized weight [out, in]: the Triton GEMV up to the caller's
     gemv_max_m rows (gemv_config: its tiles), torch's F.linear otherwise (cuBLAS / hipBLASLt;
     a Triton split-K GEMM for 1-16 rows lost to it at every decode shape but lm_head and q_b on
-    the H200 and was removed: bench/RESULTS.md "Skinny GEMM", session 21)."""
+    the H200 and was removed in session 21: bench/RESULTS.md "Skinny GEMM (Triton) vs cuBLAS")."""
     if gemv_ok(x, w, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, w, config=gemv_config)
