@@ -49,13 +49,17 @@ mla_decode.mla_decode_ref) and the mask of the (b, s) programs that ran.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .mla_decode import _load_tile, _mla_decode_stage2, _split_len, mla_decode_ref
+from .mla_decode import (
+    _load_tile,
+    _mla_decode_stage2,
+    _split_len,
+    mla_decode_ref,
+    split_len_host,
+)
 from .mla_decode_v3 import _attend, _cvt
 
 __all__ = ["LEVELS", "PATHS", "is_fp8", "ladder_launch", "ladder_reference", "split_bounds"]
@@ -398,9 +402,9 @@ def ladder_launch(level: int, q_nope, q_pe, kv_cache, block_tables, seq_lens, sc
 
 
 def split_bounds(n: int, num_splits: int, block_n: int, min_split: int) -> list[tuple[int, int]]:
-    """[(start, end)] of the S programs of a sequence of n tokens (v1's _split_len; empty
-    ranges where start >= end)."""
-    split = max(math.ceil(math.ceil(n / num_splits) / block_n) * block_n, min_split)
+    """[(start, end)] of the S programs of a sequence of n tokens (v1's _split_len, i.e.
+    mla_decode.split_len_host; empty ranges where start >= end)."""
+    split = split_len_host(n, num_splits, block_n, min_split)
     return [(s * split, min(s * split + split, n)) for s in range(num_splits)]
 
 
