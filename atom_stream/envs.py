@@ -39,8 +39,6 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
            "most decode rows (decode-only steps) with q_nope @ W_UK + q_pe RoPE in one launch"),
     EnvVar("ATOM_STREAM_MLA_MERGE_UV_MAX_B", "4",
            "most decode rows with W_UV folded into the MLA decode's merge launch (0 off)"),
-    EnvVar("ATOM_STREAM_MLA_UV_TARGET_SPLITS", "0",
-           "v5 with W_UV in the merge: splits of at least min(len / N, 256) tokens (0 off)"),
     EnvVar("ATOM_STREAM_QB_GEMV_MAX_M", "2", "most rows of q_b run by the Triton GEMV (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_QKV_GEMV_MAX_M", "1",
            "most rows of the fused q_a + kv_a GEMM run by the Triton GEMV (0: cuBLAS)"),

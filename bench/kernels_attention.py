@@ -399,15 +399,19 @@ UV_CTX = (1024, 8192, 32768)
 V_DIM = 128  # Kimi / DeepSeek v_head_dim
 
 
+# _mla_merge_uv's (values per step, warps) candidates timed by uv_rows; the default first
+UV_CONFIGS = ((16384, 4), (8192, 4), (16384, 8), (32768, 8))
+
+
 def uv_rows(copy_gbps):
     """The small-batch production path of the decode step (models/mla.MERGE_UV_MAX_B rows):
     the fp8 cache's v5 attention with W_UV folded into the merge launch (mla_decode uv=), B=1
-    at UV_CTX, with ATOM_STREAM_MLA_UV_TARGET_SPLITS' split rule off and at 32 (set on the
-    module here). Rows "mla_decode_fp8_uv" (bytes: the decode's plus W_UV and y), field
-    "variant" "rule 0 S=.." / "rule 32 S=..". Each is checked against the reference times W_UV
-    first (relative error printed)."""
+    at UV_CTX, for each of UV_CONFIGS as mla_decode_v3.MERGE_UV_CONFIG (set on the module
+    here). Rows "mla_decode_fp8_uv" (bytes: the decode's plus W_UV and y), field "variant"
+    "merge V/W S=..". Each is checked against the reference times W_UV first (relative error
+    printed)."""
     rows = []
-    keep = dec.UV_TARGET_SPLITS
+    keep = dec._v3.MERGE_UV_CONFIG
     try:
         for ctx in UV_CTX:
             try:
@@ -415,13 +419,13 @@ def uv_rows(copy_gbps):
             except Exception as e:  # noqa: BLE001 (one length failing keeps the others)
                 print(f"  mla_decode_fp8_uv 1 x {ctx}: FAILED {type(e).__name__}: {e}", flush=True)
     finally:
-        dec.UV_TARGET_SPLITS = keep
+        dec._v3.MERGE_UV_CONFIG = keep
     return rows
 
 
 def _uv_ctx_rows(ctx, copy_gbps):
-    """uv_rows at one context: the rule off and at 32, each checked (rel err < 2e-2) before it
-    is timed; a failed check is reported and gives no row."""
+    """uv_rows at one context: each merge config checked (rel err < 2e-2) before it is timed;
+    a failed check is reported and gives no row."""
     rows = []
     setup = DecodeSetup(FP8, [ctx], 8)
     w_uv = torch.randn(8, V_DIM, R, dtype=torch.bfloat16, device="cuda") * 0.05
@@ -431,23 +435,24 @@ def _uv_ctx_rows(ctx, copy_gbps):
                              setup.pool, setup.tables[0], setup.seq_lens, SCALE,
                              setup.k_scale)
     y_ref = torch.einsum("bhr,hvr->bhv", ref.bfloat16().float(), w_uv.float())
-    for target in (0, 32):
-        dec.UV_TARGET_SPLITS = target
-        # as the decode step launches it: the split count from the batch alone
-        S = dec.decode_num_splits(1, 8, None, "cuda", "auto", FP8)
-        ws = dec.alloc_decode_workspace(1, 8, R, S, "cuda", variant="auto",
-                                        kv_dtype=FP8) if S > 1 else None
+    # as the decode step launches it: the split count from the batch alone
+    S = dec.decode_num_splits(1, 8, None, "cuda", "auto", FP8)
+    ws = dec.alloc_decode_workspace(1, 8, R, S, "cuda", variant="auto",
+                                    kv_dtype=FP8) if S > 1 else None
+    for cfg in UV_CONFIGS:
+        dec._v3.MERGE_UV_CONFIG = cfg
+        name = "merge " + "/".join(map(str, cfg))
         y.fill_(float("nan"))
         setup._call(setup.tables[0], S, None, ws, variant="auto", uv=(w_uv, y))()
         err = float((y.float() - y_ref).norm() / y_ref.norm())
         if not err < 2e-2:  # NaN included
-            print(f"  mla_decode_fp8_uv 1 x {ctx} rule {target}: CHECK FAILED "
+            print(f"  mla_decode_fp8_uv 1 x {ctx} {name}: CHECK FAILED "
                   f"(rel err {err:.2e}), not timed", flush=True)
             continue
-        t, S = setup.time(S, variant="auto", uv=(w_uv, y))
+        t, s = setup.time(S, variant="auto", uv=(w_uv, y))
         rows.append({**make_row("mla_decode_fp8_uv", 1, ctx, 8, t, nbytes, copy_gbps),
-                     "variant": f"rule {target} S={S}"})
-        print(f"  mla_decode_fp8_uv 1 x {ctx} rule {target}: {t:.2f} us "
+                     "variant": f"{name} S={s}"})
+        print(f"  mla_decode_fp8_uv 1 x {ctx} {name}: {t:.2f} us "
               f"(ratio {rows[-1]['ratio']:.3f}), rel err {err:.2e}", flush=True)
     return rows
 

@@ -106,17 +106,6 @@ DEFAULT_VARIANT = "auto"
 
 # developer A/B switch (atom_stream/envs.py), read once at import like the other kernel switches
 FORCED_VARIANT = envs.text("ATOM_STREAM_MLA_DECODE")
-# Split rule where W_UV rides in the merge (uv=, small decode batches) on v5: every
-# _mla_merge_uv program of a (row, head) walks all of its sequence's active splits' partials (R
-# fp32 each), so many short splits make that launch long: B=1 x 8K on the H200 (128 splits of
-# 64 tokens) spends 12.3 µs per layer there vs 3.6 at 1K (16 splits), the attention 7.0 vs 6.0.
-# ATOM_STREAM_MLA_UV_TARGET_SPLITS=T > 0 makes splits at least min(len / T, UV_LONG_SPLIT)
-# tokens (mla_decode_v3._split_len_t): at T 32, 1K-2K unchanged, 8K 32 splits of 256, 32K
-# still 128 of 256. Measured as a plain cap on the split count (session 21, B=1 decode step,
-# two alternated runs): 32 splits at 8K 5.09 -> 4.84 ms; at 32K 5.46 -> 6.58 ms (32 splits of 1K
-# tokens), hence the LONG bound. Off (0) until the rule itself is measured.
-UV_TARGET_SPLITS = envs.integer("ATOM_STREAM_MLA_UV_TARGET_SPLITS")
-UV_LONG_SPLIT = 256
 
 
 def resolve_variant(variant: str, kv_dtype: torch.dtype | None) -> tuple[str, str | None]:
@@ -409,7 +398,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     uv = (w_uv [H, V, R], y [B, H, V]) y = o_latent @ W_UV^T per head (written into y and
     returned; `out` then only holds some rows' o_latent): v1 / v3 / v5 fold the product into
     their merge launch (mla_decode_v3.launch_merge_uv, also when nothing is split), v2 runs
-    a bmm after its own merge; v5 then takes UV_TARGET_SPLITS' split rule.
+    a bmm after its own merge.
     v2 only: merge "fused" | "kernel" (None: fused when num_splits / B <= FUSED_MAX_S / 2);
     fp8_mode 0 | 1 | 2 | 3 (fp8 caches; kernels/mla_decode_sched.py).
     v3: merge "fused" | "kernel" (None: fused when num_splits <= V3_FUSED_MAX_S);
@@ -457,15 +446,13 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
         ws = (workspace or _v3_workspace(B, H, R, S, q_nope.device)) if S > 1 else None
         # k_scale (and the bit moves' fp16 factor) folded into the score and output scales
         asm = _v5.native_cvt(kv_cache.dtype, kv_cache.device)
-        rule = uv_split_rule() if uv is not None and S > 1 else (0, 0)
         f = float(k_scale) * (1.0 if asm else 2.0 ** (15 - _fp8_bias(kv_cache.dtype)))
         _v5.launch_v5(
             q_nope, q_pe, kv_cache, block_tables, seq_lens, out, float(scale) * _LOG2E * f, f,
             S, ws, merge=merge == "fused", block_h=BLOCK_H, block_n=block_n, warps=warps,
             stages=stages, pairs=max(16, chunk // 2), min_split=MIN_SPLIT, asm=asm,
-            maxnreg=cap[0] if cap else None, defer_merge=uv is not None, rope=rope,
-            split_rule=rule)
-        return _merge_uv(out, seq_lens, ws, S, block_n, uv, rule)
+            maxnreg=cap[0] if cap else None, defer_merge=uv is not None, rope=rope)
+        return _merge_uv(out, seq_lens, ws, S, block_n, uv)
     if variant == "v3":
         assert fp8_path in ("regs", "cpasync") and merge in (None, "fused", "kernel")
         path = 1 if fp8_path == "regs" else 0
@@ -552,36 +539,22 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor | None, kv_cache: torch.
     return out
 
 
-def _merge_uv(out, seq_lens, ws, S, block_n, uv, split_rule=(0, 0)):
+def _merge_uv(out, seq_lens, ws, S, block_n, uv):
     """After a v3 / v5 launch: `out` as it is (uv None: already merged there), or the deferred
-    merge with W_UV folded in, into uv's y (split_rule: the attention launch's)."""
+    merge with W_UV folded in, into uv's y."""
     if uv is None:
         return out
     B, H, R = out.shape
     opart, lse, _, strides = _v3.split_workspace(out, seq_lens, ws, B, H, S, R, BLOCK_H)
-    return _v3.launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, MIN_SPLIT, *uv,
-                               split_rule=split_rule)
+    return _v3.launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, MIN_SPLIT, *uv)
 
 
-def uv_split_rule() -> tuple[int, int]:
-    """(TARGET, LONG) of v5's uv= launches (UV_TARGET_SPLITS, UV_LONG_SPLIT; (0, 0) when off).
-    Read at call time (tests set the module attribute)."""
-    return (UV_TARGET_SPLITS, UV_LONG_SPLIT) if UV_TARGET_SPLITS > 0 else (0, 0)
-
-
-def split_len_host(seq_len: int, num_splits: int, block_n: int, min_split: int = MIN_SPLIT,
-                   split_rule: tuple[int, int] = (0, 0)) -> int:
-    """The tokens per split that the kernels compute on the device (mla_decode_v3._split_len /
-    _split_len_t) for a sequence of seq_len over num_splits launched splits; the active splits
-    are ceil(seq_len / that)."""
-    def up(a: int, b: int) -> int:  # ceil(a / b), rounded up to a multiple of block_n
-        return triton.cdiv(triton.cdiv(a, b), block_n) * block_n
-
-    n = max(up(seq_len, num_splits), min_split)
-    target, long = split_rule
-    if target > 0:
-        n = max(n, min(up(seq_len, target), long))
-    return n
+def split_len_host(seq_len: int, num_splits: int, block_n: int, min_split: int = MIN_SPLIT
+                   ) -> int:
+    """The tokens per split that the kernels compute on the device (mla_decode_v3._split_len)
+    for a sequence of seq_len over num_splits launched splits: ceil(seq_len / num_splits)
+    rounded up to block_n, at least min_split; the active splits are ceil(seq_len / that)."""
+    return max(triton.cdiv(triton.cdiv(seq_len, num_splits), block_n) * block_n, min_split)
 
 
 def warmup_decode(num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,

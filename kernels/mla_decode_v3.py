@@ -39,6 +39,15 @@ from .. import envs
 
 # mla_decode.py reloads this module when the interpreter setting changed since it was imported
 INTERPRET = envs.triton_interpreted()
+# _mla_merge_uv's (fp32 partial values per step, warps): every program of a (row, head) walks
+# all active splits (128 at B=1 x 8K), a chain of dependent L2 round trips: with 8K values
+# (8 steps of 16 splits at R 512) the launch took 12.3 µs per layer there vs 3.6 at 1K (H200,
+# session 21). 16K values with 4 warps (4 steps of 32) measured best of the pairs 8K/4, 16K/4,
+# 16K/8, 32K/8, 32K/16, 64K/16, of a smaller first step, and of 32 / 16 / 8 programs instead of
+# ~128 (session 22, v5 + merge at B=1: 8K 19.7 -> 14.2 µs, 32K 28.4 -> 22.9, 1K 9.0 -> 9.1-9.9;
+# decode step, two alternated runs each: B=1 x 8K 4.96 -> 4.60 ms, x 32K 5.51 -> 5.12, B=2 x 8K
+# 6.21 -> 5.89, 1K a tie; bench/RESULTS.md session 22). The bf16 caches' v1 + merge shares it.
+MERGE_UV_CONFIG = (16384, 4)
 
 
 @triton.jit
@@ -49,25 +58,12 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constex
 
 
 @triton.jit
-def _split_len_t(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
-                 TARGET: tl.constexpr, LONG: tl.constexpr):
-    """_split_len, and with TARGET > 0 at least min(seq_len / TARGET, LONG) rounded up to
-    BLOCK_N: about TARGET splits until they reach LONG tokens (mla_decode.split_len_host)."""
-    n = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
-    if TARGET > 0:
-        t = tl.cdiv(tl.cdiv(seq_len, TARGET), BLOCK_N) * BLOCK_N
-        n = tl.maximum(n, tl.minimum(t, LONG))
-    return n
-
-
-@triton.jit
-def _split_range(LENS, b, s, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
-                 TARGET: tl.constexpr, LONG: tl.constexpr):
+def _split_range(LENS, b, s, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
     """Program (b, split s): (n_act active splits of sequence b, its token range [start, end),
     direct = the sequence has <= 1 active split (then split 0 writes the output itself; length 0:
-    zeros), run = this program has work). TARGET / LONG: _split_len_t."""
+    zeros), run = this program has work)."""
     seq_len = tl.load(LENS + b)
-    split = _split_len_t(seq_len, num_splits, BLOCK_N, MIN_SPLIT, TARGET, LONG)
+    split = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
     n_act = tl.cdiv(seq_len, split)
     start = s * split
     end = tl.minimum(start + split, seq_len)
@@ -217,8 +213,7 @@ def _mla_decode_v3(
     hg = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT,
-                                                  0, 0)
+    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT)
     if run:
         heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
@@ -310,7 +305,7 @@ def _mla_merge_uv(
     stride_wh, stride_wv, stride_yb, stride_yh, V,
     R: tl.constexpr, BLOCK_V: tl.constexpr, VC: tl.constexpr, SC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
-    MIN_PARTS: tl.constexpr, TARGET: tl.constexpr, LONG: tl.constexpr,
+    MIN_PARTS: tl.constexpr,
 ):
     """The merge with W_UV folded in: grid (B, H, cdiv(V, BLOCK_V)). Program (b, h, vb) forms
     o_lat[b, h] [R] once: the lse-weighted sum of the active splits' partials, walked SC splits
@@ -320,8 +315,7 @@ def _mla_merge_uv(
     writes partials for every sequence and none for an empty one: o_lat = 0 as v1's merge
     makes it); rounded to OLAT's dtype as the merge kernel stores it. Then
     Y[b, h, v] = sum_r o_lat[r] * W_UV[h, v, r] for its BLOCK_V columns, VC rows of W_UV at a
-    time (fp32 sums, Y's dtype). TARGET / LONG: the attention launch's split rule
-    (_split_len_t)."""
+    time (fp32 sums, Y's dtype)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     v0 = tl.program_id(2) * BLOCK_V
@@ -349,8 +343,7 @@ def _mla_merge_uv(
         parts0 = tl.load(part_row + offs0[:, None] * stride_ps + offs_r[None, :],
                          mask=(offs0 < num_splits)[:, None], other=0.0)
         o_dir = tl.load(o_direct).to(tl.float32)
-        n_act = tl.cdiv(seq_len, _split_len_t(seq_len, num_splits, BLOCK_N, MIN_SPLIT, TARGET,
-                                              LONG))
+        n_act = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))
         if n_act >= MIN_PARTS:
             lse = tl.where(offs_s < n_act, lse_all, float("-inf"))
             mx = tl.max(lse, 0)
@@ -385,31 +378,32 @@ def _mla_merge_uv(
 
 
 def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w_uv, y,
-                    v1=False, block_v=None, split_rule=(0, 0)):
+                    v1=False, block_v=None, config=None):
     """After an attention launch with the merge deferred: y [B, H, V] = merge(o_lat) @ W_UV^T
     per head (w_uv [H, V, R], last dim contiguous; y's last dim contiguous), one launch
     (_mla_merge_uv). `out` [B, H, R] holds the direct sequences' o_lat (and is left as the
     attention kernel wrote it: the merged o_lat is never stored). v1: after mla_decode's v1
     (partials for every sequence when S > 1), else after v3 / v5. block_v: W_UV rows per
     program (default: ~128 programs in all, each (b, h) merge done by V / block_v programs).
-    split_rule (TARGET, LONG): the attention launch's (_split_len_t; (0, 0) = none)."""
+    config (values, warps): each program walks the partials `values` fp32 at a time (values / R
+    splits per step) with `warps` warps (default MERGE_UV_CONFIG)."""
     B, H, R = out.shape
     V = w_uv.shape[1]
     assert w_uv.shape == (H, V, R) and w_uv.stride(-1) == 1 and y.stride(-1) == 1
     assert y.shape == (B, H, V) and R & (R - 1) == 0
+    values, warps = config or MERGE_UV_CONFIG
     vc = min(16, triton.next_power_of_2(V))
     if block_v is None:
         per_head = max(1, min(triton.cdiv(V, vc), 128 // (B * H)))
         block_v = triton.next_power_of_2(triton.cdiv(V, per_head))
     block_v = max(vc, block_v)
-    sc = max(1, min(16, 8192 // R))  # [SC, R] fp32 partials per step: 8K values
+    sc = max(1, min(triton.next_power_of_2(S), values // R))  # [SC, R] fp32 partials per step
     _mla_merge_uv[(B, H, triton.cdiv(V, block_v))](
         opart, lse, seq_lens, out, w_uv, y, S, *strides, out.stride(0), out.stride(1),
         w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
         R=R, BLOCK_V=block_v, VC=vc, SC=sc, BLOCK_S=triton.next_power_of_2(S),
         BLOCK_N=block_n, MIN_SPLIT=min_split, SPLIT=S > 1, MIN_PARTS=0 if v1 else 2,
-        TARGET=split_rule[0], LONG=split_rule[1],
-        num_warps=4,
+        num_warps=warps,
     )
     return y
 

@@ -126,7 +126,7 @@ def _mla_decode_v5(
     R: tl.constexpr, DR: tl.constexpr, CP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
     MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MC: tl.constexpr, ASM: tl.constexpr,
-    ROPE: tl.constexpr, TARGET: tl.constexpr, LONG: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """KV: the cache as int16 [blocks, PAGE, (R + DR) / 2]; CP pairs per chunk, NC = R / 2 / CP
     chunks (1, 2 or 4), each with an even- and an odd-dim accumulator. ROPE: q_pe arrives
@@ -136,8 +136,7 @@ def _mla_decode_v5(
     hg = tl.program_id(0)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT,
-                                                  TARGET, LONG)
+    n_act, start, end, direct, run = _split_range(LENS, b, s, num_splits, BLOCK_N, MIN_SPLIT)
     if run:
         heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
@@ -236,18 +235,15 @@ def native_cvt(kv_dtype: torch.dtype, device: torch.device) -> bool:
 
 def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out_scale,
               num_splits, workspace, *, merge, block_h, block_n, warps, stages, pairs,
-              min_split, asm, maxnreg=None, defer_merge=False, rope=None, split_rule=(0, 0)):
+              min_split, asm, maxnreg=None, defer_merge=False, rope=None):
     """Launch v5 (+ v3's merge kernel when S > 1 and not merged in-kernel). kv_cache: the fp8
     cache (viewed as int16 here); qk_scale / out_scale already hold k_scale and, without `asm`
     (native_cvt), the fp16 factor 2^(15 - bias) (mla_decode). pairs: int16 columns per chunk
     (R / 2 / pairs in 1, 2, 4). maxnreg: register cap per thread (NVIDIA; None = none).
     defer_merge: no merge at all (the caller launches v3's launch_merge_uv next).
     rope: None, or (cos, sin [P, DR / 2] fp32 with a contiguous last dim, positions [B]): q_pe
-    is unrotated and the kernel applies interleaved RoPE as it loads it (q_pe unchanged).
-    split_rule (TARGET, LONG): longer splits (mla_decode_v3._split_len_t; (0, 0) = none), with
-    defer_merge only: the caller's launch_merge_uv gets the same rule."""
+    is unrotated and the kernel applies interleaved RoPE as it loads it (q_pe unchanged)."""
     B, H, R = q_nope.shape
-    assert split_rule[0] == 0 or defer_merge, "a split rule needs the merge + W_UV launch"
     DR = q_pe.shape[-1]
     page = kv_cache.shape[1]
     assert supported(R, DR) and (R // 2) // pairs in (1, 2, 4)
@@ -269,7 +265,7 @@ def launch_v5(q_nope, q_pe, kv_cache, block_tables, seq_lens, out, qk_scale, out
         *strides, out.stride(0), out.stride(1), cos.stride(0),
         R=R, DR=DR, CP=pairs, PAGE=page, BLOCK_H=block_h, BLOCK_N=block_n, MIN_SPLIT=min_split,
         MERGE=int(merge), BLOCK_S=bs, MC=mc, ASM=int(asm), ROPE=int(rope is not None),
-        TARGET=split_rule[0], LONG=split_rule[1], num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
     )
     if S > 1 and not merge and not defer_merge:

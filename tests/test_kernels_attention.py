@@ -236,11 +236,11 @@ def test_decode_v2_replay_and_direct():
     assert rel_err(out, ref) < 2e-6 and torch.all(out[1] == 0)
 
 
-def check_v3_scratch(ws, lens, S, block_n, split_rule=(0, 0)):
+def check_v3_scratch(ws, lens, S, block_n):
     """Partial slots written == the active splits of multi-split sequences; counters at zero."""
     want = set()
     for b, n in enumerate(lens):
-        act = -(-n // dec.split_len_host(n, S, block_n, dec.MIN_SPLIT, split_rule))
+        act = -(-n // dec.split_len_host(n, S, block_n, dec.MIN_SPLIT))
         if act > 1:
             want |= {(b, s) for s in range(act)}
     got = {tuple(x) for x in torch.nonzero(~ws[1].isnan().all(1)).tolist()}

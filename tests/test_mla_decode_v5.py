@@ -4,7 +4,6 @@ Kimi TP8 widths. The pair unpack is checked exhaustively against torch's fp8 con
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
@@ -96,39 +95,30 @@ def test_decode_v5_merge_uv_interpreted(S):
             assert len(check_v3_scratch(ws, lens, S, 16)) == 11  # partials, no counters used
 
 
-def test_uv_split_rule_lengths():
-    """split_len_host = the kernels' split length: the plain rule (ceil(len / S) rounded up to
-    BLOCK_N, at least MIN_SPLIT), and with (TARGET, LONG) at least min(len / TARGET, LONG): at
-    the Kimi decode's S=128, BLOCK_N 64, (32, 256): 1K-2K unchanged, 8K 32 splits, 32K 128."""
+def test_split_len_host():
+    """split_len_host = the kernels' split length: ceil(len / S) rounded up to BLOCK_N, at
+    least MIN_SPLIT (the Kimi decode's S=128 at B=1, BLOCK_N 64)."""
     f = dec.split_len_host
     assert [f(n, 128, 64) for n in (1, 1024, 8192, 32768)] == [64, 64, 64, 256]
-    rule = (32, 256)
-    assert [f(n, 128, 64, 64, rule) for n in (1, 1024, 2048, 4096, 8192, 16384, 32768)] == [
-        64, 64, 64, 128, 256, 256, 256]
-    assert f(10**6, 128, 64, 64, rule) == f(10**6, 128, 64) == 7872  # S bounds the count
-    env = int(os.environ.get("ATOM_STREAM_MLA_UV_TARGET_SPLITS", "0"))
-    assert dec.uv_split_rule() == ((env, 256) if env > 0 else (0, 0))  # default 0: off
+    assert f(10**6, 128, 64) == 7872 and f(700, 6, 16, 16) == 128
 
 
 @cpu_only
-@pytest.mark.parametrize("rule", [(2, 320), (4, 48)])
-def test_decode_v5_uv_split_rule_interpreted(monkeypatch, rule):
-    """UV_TARGET_SPLITS on: v5 + merge_uv split a 700-token sequence into 3 splits of 320 (rule
-    (2, 320)) instead of 6 of 128, 260 tokens into 2 instead of 5 (the attention and the merge
-    agree on the active splits: exactly those partial slots are written); still the
-    reference's result. (4, 48): LONG below the plain length changes nothing."""
-    monkeypatch.setattr(dec, "UV_TARGET_SPLITS", rule[0])
-    monkeypatch.setattr(dec, "UV_LONG_SPLIT", rule[1])
+@pytest.mark.parametrize("config", [(128, 1), (256, 2), (64, 4)])
+def test_decode_v5_merge_uv_config_interpreted(monkeypatch, config):
+    """MERGE_UV_CONFIG (values per step, warps): the merge + W_UV walk of a 700-token
+    sequence's 6 partials in steps of values / R splits (2, 4, 1 at R 64: several steps, a
+    partial last one) equals the reference."""
+    monkeypatch.setattr(dec._v3, "MERGE_UV_CONFIG", config)
     lens = [0, 1, 37, 700, 5, 260, 9]
     S = 6
     ws = dec.alloc_decode_workspace(7, 3, 64, S, "cpu", variant="v5")
     y, ref = run_decode(7, 3, 64, 32, 8, lens, torch.float32, FP8, S, "cpu",
-                        seed=zlib.crc32(f"uv rule {rule}".encode()), k_scale=0.37, chunk=32,
-                        config=(16, 4, 1), variant="v5", ws=ws, uv_dim=40)
+                        seed=zlib.crc32(f"uv config {config}".encode()), k_scale=0.37,
+                        chunk=32, config=(16, 4, 1), variant="v5", ws=ws, uv_dim=40)
     assert torch.all(y[0] == 0), "empty sequence must give 0"
     assert rel_err(y, ref) < 2e-3
-    want = 5 if rule == (2, 320) else 11
-    assert len(check_v3_scratch(ws, lens, S, 16, rule)) == want
+    check_v3_scratch(ws, lens, S, 16)
 
 
 @cpu_only
@@ -219,13 +209,11 @@ def test_decode_merge_uv_gpu(variant, kv_dtype, S):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("rule", [(32, 256), (4, 1024)])
-def test_decode_v5_uv_split_rule_gpu(monkeypatch, rule):
-    """UV_TARGET_SPLITS' rule at the real widths (H=8, page 64, 512 + 64, v 128; S=128 as the
-    decode step launches B <= 2): the attention and merge + W_UV agree on the longer splits
-    (exactly those partial slots written) and equal the reference times W_UV."""
-    monkeypatch.setattr(dec, "UV_TARGET_SPLITS", rule[0])
-    monkeypatch.setattr(dec, "UV_LONG_SPLIT", rule[1])
+@pytest.mark.parametrize("config", [(16384, 4), (8192, 4), (16384, 8), (32768, 8)])
+def test_decode_v5_merge_uv_config_gpu(monkeypatch, config):
+    """Each MERGE_UV_CONFIG the bench times, at the real widths (H=8, page 64, 512 + 64, v 128;
+    S=128 as the decode step launches B <= 2): the reference times W_UV."""
+    monkeypatch.setattr(dec._v3, "MERGE_UV_CONFIG", config)
     lens = [32768, 8192, 0, 1, 700, 4097]
     B, H, S = len(lens), 8, 128
     ws = dec.alloc_decode_workspace(B, H, 512, S, "cuda", variant="v5")
@@ -234,7 +222,7 @@ def test_decode_v5_uv_split_rule_gpu(monkeypatch, rule):
                             seed=seed, k_scale=0.5, variant="v5", ws=ws, uv_dim=128)
         assert torch.all(y[2] == 0)
         assert rel_err(y, ref) < 1e-2
-        check_v3_scratch(ws, lens, S, dec.V5_CONFIG[0], rule)
+        check_v3_scratch(ws, lens, S, dec.V5_CONFIG[0])
 
 
 @pytest.mark.gpu
