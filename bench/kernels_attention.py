@@ -399,8 +399,8 @@ UV_CTX = (1024, 8192, 32768)
 V_DIM = 128  # Kimi / DeepSeek v_head_dim
 
 
-# _mla_merge_uv's (values per step, warps) candidates timed by uv_rows; the default first
-UV_CONFIGS = ((16384, 4), (8192, 4), (16384, 8), (32768, 8))
+# _mla_merge_uv's (splits per step, warps) candidates timed by uv_rows; the default first
+UV_CONFIGS = ((32, 4), (16, 4), (32, 8), (64, 8))
 
 
 def uv_rows(copy_gbps):

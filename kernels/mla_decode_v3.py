@@ -39,15 +39,16 @@ from .. import envs
 
 # mla_decode.py reloads this module when the interpreter setting changed since it was imported
 INTERPRET = envs.triton_interpreted()
-# _mla_merge_uv's (fp32 partial values per step, warps): every program of a (row, head) walks
-# all active splits (128 at B=1 x 8K), a chain of dependent L2 round trips: with 8K values
-# (8 steps of 16 splits at R 512) the launch took 12.3 µs per layer there vs 3.6 at 1K (H200,
-# session 21). 16K values with 4 warps (4 steps of 32) measured best of the pairs 8K/4, 16K/4,
-# 16K/8, 32K/8, 32K/16, 64K/16, of a smaller first step, and of 32 / 16 / 8 programs instead of
-# ~128 (session 22, v5 + merge at B=1: 8K 19.7 -> 14.2 µs, 32K 28.4 -> 22.9, 1K 9.0 -> 9.1-9.9;
-# decode step, two alternated runs each: B=1 x 8K 4.96 -> 4.60 ms, x 32K 5.51 -> 5.12, B=2 x 8K
-# 6.21 -> 5.89, 1K a tie; bench/RESULTS.md session 22). The bf16 caches' v1 + merge shares it.
-MERGE_UV_CONFIG = (16384, 4)
+# _mla_merge_uv's (splits per step, warps): every program of a (row, head) walks all active
+# splits (128 at B=1 x 8K), a chain of dependent L2 round trips: at 16 per step (8 steps) the
+# launch took 12.3 µs per layer there vs 3.6 at 1K (H200, session 21). 32 with 4 warps (at R 512)
+# measured best of (splits, warps) 16/4, 32/4, 32/8, 64/8, 64/16, 128/16, of a smaller first
+# step, and of 32 / 16 / 8 programs instead of ~128 (session 22, v5 + merge at B=1: 8K 19.7 ->
+# 14.2 µs, 32K 28.4 -> 22.9, 1K 9.0 -> 9.1-9.9; decode step, two alternated runs each: B=1 x 8K
+# 4.96 -> 4.60 ms, x 32K 5.51 -> 5.12, B=2 x 8K 6.21 -> 5.89, 1K a tie; bench/RESULTS.md session
+# 22). The bf16 caches' v1 + merge shares it. A constant, not capped by the launch's split count:
+# that count follows the batch size, and the sum's order must not (batch invariance).
+MERGE_UV_CONFIG = (32, 4)
 
 
 @triton.jit
@@ -385,19 +386,18 @@ def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w
     attention kernel wrote it: the merged o_lat is never stored). v1: after mla_decode's v1
     (partials for every sequence when S > 1), else after v3 / v5. block_v: W_UV rows per
     program (default: ~128 programs in all, each (b, h) merge done by V / block_v programs).
-    config (values, warps): each program walks the partials `values` fp32 at a time (values / R
-    splits per step) with `warps` warps (default MERGE_UV_CONFIG)."""
+    config (splits, warps): each program walks the partials `splits` at a time with `warps`
+    warps (default MERGE_UV_CONFIG)."""
     B, H, R = out.shape
     V = w_uv.shape[1]
     assert w_uv.shape == (H, V, R) and w_uv.stride(-1) == 1 and y.stride(-1) == 1
     assert y.shape == (B, H, V) and R & (R - 1) == 0
-    values, warps = config or MERGE_UV_CONFIG
+    sc, warps = config or MERGE_UV_CONFIG  # [SC, R] fp32 partials per step
     vc = min(16, triton.next_power_of_2(V))
     if block_v is None:
         per_head = max(1, min(triton.cdiv(V, vc), 128 // (B * H)))
         block_v = triton.next_power_of_2(triton.cdiv(V, per_head))
     block_v = max(vc, block_v)
-    sc = max(1, min(triton.next_power_of_2(S), values // R))  # [SC, R] fp32 partials per step
     _mla_merge_uv[(B, H, triton.cdiv(V, block_v))](
         opart, lse, seq_lens, out, w_uv, y, S, *strides, out.stride(0), out.stride(1),
         w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
