@@ -7,7 +7,12 @@ Inputs (flattened over S sequences):
   k/v rows cu_k[s]:cu_k[s+1], with len_k >= len_q. Its queries are the LAST len_q positions:
   query i sits at position len_k - len_q + i and attends keys 0..that position (prefix + new).
 - max_seqlen_q: host int (grid size); scale: softmax_scale (192^-0.5 * mscale^2).
-- returns o [Tq, H, Dv] in q's dtype. Softmax in fp32.
+- returns o [Tq, H, Dv] in q's dtype (or `out`'s: fp32 keeps partial results unrounded).
+  Softmax in fp32.
+- causal=False (the Triton kernel and the reference): every query sees all of its sequence's
+  keys (a chunk of an older prefix); lse [Tq, H] fp32, when given, receives each row's
+  log-sum-exp of scale * q.k (natural log) so partial results over disjoint key sets merge
+  (atom_stream/models/mla_prefix.merge_partial).
 
 mla_prefill() picks the implementation: the Triton flash-style kernel below, or torch SDPA
 per sequence (causal_lower_right mask); `PREFILL_BACKEND` holds the choice measured on H200
@@ -29,10 +34,11 @@ PREFILL_BACKEND = "triton"  # "triton" | "sdpa"
 
 @triton.jit
 def _mla_prefill_kernel(
-    Q, K, V, O, CU_Q, CU_K, qk_scale, H,
+    Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, H,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lt, stride_lh,
     DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_LSE: tl.constexpr,
 ):
     # heaviest (last) query tiles first: they see the most keys
     mb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -56,8 +62,12 @@ def _mla_prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, DV], tl.float32)
-        hi = tl.minimum(lk, (mb + 1) * BLOCK_M + lk - lq)
-        full = (mb * BLOCK_M + lk - lq) // BLOCK_N * BLOCK_N  # tiles below need no mask
+        if CAUSAL:
+            hi = tl.minimum(lk, (mb + 1) * BLOCK_M + lk - lq)
+            full = (mb * BLOCK_M + lk - lq) // BLOCK_N * BLOCK_N  # tiles below need no mask
+        else:  # every key: only the last tile's tail is masked
+            hi = lk
+            full = lk // BLOCK_N * BLOCK_N
         for n0 in range(0, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < lk
@@ -69,7 +79,10 @@ def _mla_prefill_kernel(
                 qk = tl.dot(qb, tl.trans(kb), qk)
             qk = qk * qk_scale
             if n0 >= full:
-                keep = (offs_n[None, :] <= qpos[:, None]) & nmask[None, :]
+                if CAUSAL:
+                    keep = (offs_n[None, :] <= qpos[:, None]) & nmask[None, :]
+                else:
+                    keep = nmask[None, :]
                 qk = tl.where(keep, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -82,6 +95,9 @@ def _mla_prefill_kernel(
         o = acc / l_i[:, None]
         tl.store(O + (q0 + offs_m).to(tl.int64)[:, None] * stride_ot + h * stride_oh
                  + offs_v[None, :], o.to(O.dtype.element_ty), mask=mmask[:, None])
+        if HAS_LSE:  # m_i, l_i are in the log2 domain (qk_scale holds log2(e))
+            tl.store(LSE + (q0 + offs_m).to(tl.int64) * stride_lt + h * stride_lh,
+                     (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
 
 
 def _split_dim(d: int) -> tuple[int, int]:
@@ -95,9 +111,12 @@ def _split_dim(d: int) -> tuple[int, int]:
 
 def mla_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
                        out: torch.Tensor | None = None, block_m: int = 128, block_n: int = 64,
-                       num_warps: int = 8, num_stages: int | None = None) -> torch.Tensor:
+                       num_warps: int = 8, num_stages: int | None = None, causal: bool = True,
+                       lse: torch.Tensor | None = None) -> torch.Tensor:
     """num_stages None: 3 (measured on the H200), 2 under ROCm (3 stages of the K and V tiles
-    at qk 192 / v 128 need ~168 KB of shared memory, over an MI300/MI355 CU's 160 KB LDS)."""
+    at qk 192 / v 128 need ~168 KB of shared memory, over an MI300/MI355 CU's 160 KB LDS).
+    causal / lse: the module docstring (lse [Tq, H] fp32; every sequence needs len_k >= 1 when
+    it is given)."""
     if num_stages is None:
         num_stages = 2 if torch.version.hip else 3
     Tq, H, Dqk = q.shape
@@ -108,14 +127,18 @@ def mla_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, s
     S = cu_seqlens_q.shape[0] - 1
     if out is None:
         out = torch.empty(Tq, H, Dv, dtype=q.dtype, device=q.device)
+    if lse is not None:
+        assert lse.shape == (Tq, H) and lse.dtype == torch.float32
     if Tq == 0:
         return out
     grid = (triton.cdiv(max_seqlen_q, block_m), H, S)
+    lse_arg = lse if lse is not None else out
     _mla_prefill_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, float(scale) * _LOG2E, H,
+        q, k, v, out, lse_arg, cu_seqlens_q, cu_seqlens_k, float(scale) * _LOG2E, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), DA=da, DB=db, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
+        out.stride(0), out.stride(1), lse_arg.stride(0), lse_arg.stride(1),
+        DA=da, DB=db, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+        HAS_LSE=lse is not None, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -150,8 +173,10 @@ def mla_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: f
     return mla_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, out)
 
 
-def mla_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float) -> torch.Tensor:
-    """Plain torch reference: explicit scores, fp32 softmax, per sequence and head."""
+def mla_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: bool = True,
+                    lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch reference: explicit scores, fp32 softmax, per sequence and head (causal /
+    lse: the module docstring)."""
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
@@ -160,7 +185,11 @@ def mla_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float) -> torch.
                       v[ck[s]:ck[s + 1]].float())
         lq, lk = qs.shape[0], ks.shape[0]
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if causal:
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+            scores = scores.masked_fill(~mask, float("-inf"))
         out[cq[s]:cq[s + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), vs)
+        if lse is not None:
+            lse[cq[s]:cq[s + 1]] = torch.logsumexp(scores, -1).transpose(0, 1)
     return out.to(q.dtype)
+

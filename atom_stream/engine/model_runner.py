@@ -40,7 +40,7 @@ from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
 from atom_stream.layers.parallel import TPInfo, broadcast_from_first, tp_context
 from atom_stream.layers.quant import apply_quantization, quant_init, weight_bytes_report
 from atom_stream.loader import init_dummy_weights, load_checkpoint
-from atom_stream.models import MODEL_REGISTRY
+from atom_stream.models import MODEL_REGISTRY, mla_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_kv_budget(self) -> float:
         """Bytes left for the KV pool: gpu_memory_utilization * total minus what the weights,
-        other processes and a profiling forward at the largest prefill batch use."""
+        other processes and a profiling forward at the largest prefill batch use, and the
+        prefix pieces' bound (models/mla_prefix.PREFIX_CHUNK_BYTES)."""
         dev = self.device
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -382,7 +383,10 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(dev)
         ours_now = torch.cuda.memory_allocated(dev)
         others = total - free - torch.cuda.memory_reserved(dev)
-        budget = total * self.config.gpu_memory_utilization - others - peak
+        # a prefill after a long cached prefix expands it piece by piece (models/mla_prefix.py):
+        # up to PREFIX_CHUNK_BYTES that this forward (no prefix) never reaches
+        budget = (total * self.config.gpu_memory_utilization - others - peak
+                  - mla_prefix.PREFIX_CHUNK_BYTES)
         logger.info("KV budget %.2f GiB (weights %.2f GiB, profiling peak %.2f GiB)",
                     budget / 2**30, ours_now / 2**30, peak / 2**30)
         return budget

@@ -80,10 +80,11 @@ def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, entry: torch.Te
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int,
-              dtype: torch.dtype, k_scale: float = 1.0) -> torch.Tensor:
-    """The first `length` cached entries of one sequence as [length, D] in `dtype`."""
+              dtype: torch.dtype, k_scale: float = 1.0, start: int = 0) -> torch.Tensor:
+    """One sequence's cached entries at positions [start, length) as [length - start, D] in
+    `dtype` (fp8 caches times k_scale)."""
     bs = kv_cache.shape[1]
-    pos = torch.arange(length, device=kv_cache.device)
+    pos = torch.arange(start, length, device=kv_cache.device)
     slots = block_table[pos // bs].long() * bs + pos % bs
     out = kv_cache.view(-1, kv_cache.shape[-1])[slots]
     if out.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):

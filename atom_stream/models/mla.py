@@ -51,7 +51,7 @@ from atom_stream.layers.linear import Linear, dense_linear, dense_weight
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import tp
 from atom_stream.layers.rotary import RotaryEmbedding
-from atom_stream.models import kernel_path
+from atom_stream.models import kernel_path, mla_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +410,12 @@ class MLA(nn.Module):
         chunk's cu_seqlens for the Triton kernel (AttentionMetadata.prefill_cu_seqlens)."""
         q_len = q_nope.shape[0]
         prefix = seq_len - q_len
+        chunk = mla_prefix.prefix_chunk_tokens(self, c_new.dtype)
+        if prefix > chunk:  # bounded memory whatever the prefix (models/mla_prefix.py)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            return mla_prefix.prefill_over_long_prefix(
+                self, q, c_new, k_pe_new, kv_cache, block_table, prefix, chunk,
+                lambda q, v: kernels and _prefill_kernel_ok(q, v))
         if prefix:
             cached = gather_kv(kv_cache, block_table, prefix, c_new.dtype, self.k_scale)
             c_all = torch.cat([cached[:, : self.r], c_new])
