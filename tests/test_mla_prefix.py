@@ -200,3 +200,25 @@ def test_prefix_cache_hit_through_pieces_gives_the_cold_tokens(monkeypatch):
     out = run(warm, [("b", b, p)])[0]["b"]
     assert out.usage.cached_tokens == 192
     assert out.token_ids == want
+
+
+def test_bench_mla_prefix_smoke_on_cpu(tmp_path, capsys):
+    """bench/mla_prefix.py --device cpu (the reference paths): one-pass and pieces rows, each
+    checked against the one pass; the module's PREFIX_CHUNK_BYTES restored after."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "mla_prefix.py")
+    spec = importlib.util.spec_from_file_location("bench_mla_prefix", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    keep = mla_prefix.PREFIX_CHUNK_BYTES
+    out = tmp_path / "rows.json"
+    bench.main(["--device", "cpu", "--prefix", "100", "--q", "8", "--chunk-mib", "0.3",
+                "--iters", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == ["one pass", "pieces 0.3 MiB"]
+    assert rows[1]["chunk_tokens"] < 100 and rows[1]["rel_err"] < 2e-2
+    assert mla_prefix.PREFIX_CHUNK_BYTES == keep and "wrote" in capsys.readouterr().out

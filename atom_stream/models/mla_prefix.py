@@ -41,7 +41,7 @@ def prefix_chunk_tokens(mla, dtype: torch.dtype, budget: int | None = None) -> i
     e = torch.empty((), dtype=dtype).element_size()
     latent = mla.r + mla.rope
     per_token = (e + 4) * latent + e * mla.num_heads * (2 * mla.nope + mla.v_dim + mla.rope)
-    return max(1, (budget or PREFIX_CHUNK_BYTES) // per_token)
+    return max(1, (PREFIX_CHUNK_BYTES if budget is None else budget) // per_token)
 
 
 def attention_ref_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
