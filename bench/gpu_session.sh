@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the wheels the GPU machine lacks (.whl, carried), map kernels/ to
 # atom_stream.kernels, then run the named sections, each under its own time limit, logging to
-# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | dq | splits | kernels | prefill | ttft | downladder | allreduce | pyt
+# $OUT. Sections: tests | tests2 | tests3 | sidestream | ab | serve | attn | decode | profile | moe | moetc | smallm | smsweep | probe | ladder | mlaladder | mlafp8 | tests4 | mlav3 | gtests | fp8lin | idle | m1 | mlaf8 | profseq | pairm | tcladder | tile | tilesweep | tiletests | tptests | tpdecode | tpab | topo | moeab | align | aw | cfgab | ncu | down2 | dq | splits | kernels | prefill | ttft | downladder | allreduce | pyt | prefix
 #   bash bench/gpu_session.sh tests decode        (default: tests decode)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -164,6 +164,9 @@ for what in "${sections[@]}"; do case $what in
       --out "$OUT/moe-down-ladder-h200.json" ;;
   pyt) sec pyt ${T_TESTS:-120} bash -c "$PY -m gpu $PYT" ;;  # PYT: pytest arguments, as typed
   topo) nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt" ;;
+  prefix) sec prefix-tests ${T_TESTS:-200} $PY -m gpu tests/test_mla_prefix.py \
+      tests/test_async_scheduling.py
+      sec prefix ${T_PREFIX:-200} python3 bench/mla_prefix.py --out "$OUT/mla-prefix-h200.json" ;;
   allreduce) sec allreduce ${T_AR:-90} python3 bench/allreduce_tp.py --batches "${BATCHES:-1,16,64}" \
       --out "$OUT/allreduce-tp.json" ;;
   *) echo "unknown section $what" ;;
