@@ -3,8 +3,8 @@
 The naive prefill (models/mla.MLA._prefill_one) expands the whole cached prefix through
 kv_b_proj and materializes K: ~H x (2 nope + v + rope) x 2 bytes per prefix token (7 KB for a
 Kimi-K2.5 TP8 rank, 115 KB for DeepSeek-V3 at TP1), so a chunk after a 256K-token prefix needed
-~2 GB (Kimi TP8) to ~29 GB (DeepSeek TP1) of transient memory that the KV-budget profile (run
-without a prefix) never saw. Past `prefix_chunk_tokens` of prefix, the attention runs instead
+~2 GB (Kimi TP8), after 128K ~15 GB (DeepSeek TP1), of transient memory that the KV-budget
+profile (run without a prefix) never saw. Past `prefix_chunk_tokens` of prefix, the attention runs instead
 as partial attentions merged by their log-sum-exp (as vLLM's chunked-context MLA prefill):
 
     (o, lse)  = causal attention of the chunk's queries over the chunk's own tokens
@@ -79,10 +79,12 @@ def merge_partial(o: torch.Tensor, lse: torch.Tensor, o2: torch.Tensor, lse2: to
     lse.copy_(m + torch.log(den))
 
 
-def _expand(mla, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k [n, H, nope + rope], v [n, H, v] view) from latent c [n, r] and k_pe [n, rope]."""
+def _expand(mla, w_kv_b: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k [n, H, nope + rope], v [n, H, v] view) from latent c [n, r] and k_pe [n, rope];
+    w_kv_b: kv_b_proj's dense weight [H * (nope + v), r]."""
     n = c.shape[0]
-    kv = F.linear(c, dense_weight(mla.kv_b_proj)).view(n, mla.num_heads, mla.nope + mla.v_dim)
+    kv = F.linear(c, w_kv_b).view(n, mla.num_heads, mla.nope + mla.v_dim)
     k = torch.cat([kv[..., : mla.nope], k_pe[:, None, :].expand(-1, mla.num_heads, -1)], dim=-1)
     return k, kv[..., mla.nope:]
 
@@ -113,14 +115,15 @@ def prefill_over_long_prefix(mla, q: torch.Tensor, c_new: torch.Tensor, k_pe_new
     <= `chunk` tokens at a time (module docstring). q [Lq, H, nope + rope] (q_pe rotated), c_new
     [Lq, r], k_pe_new [Lq, rope]; kernel_ok(q, v) -> whether the Triton kernel runs. Returns
     [Lq, H, v] in q's dtype."""
-    k, v = _expand(mla, c_new, k_pe_new)
+    w = dense_weight(mla.kv_b_proj)  # once: a quantized kv_b_proj dequantizes here
+    k, v = _expand(mla, w, c_new, k_pe_new)
     kernel = bool(kernel_ok(q, v))
     o, lse = _attend(mla, q, k, v, True, kernel)
     del k, v
     for a in range(0, prefix, chunk):
         cached = gather_kv(kv_cache, block_table, min(prefix, a + chunk), c_new.dtype,
                            mla.k_scale, start=a)
-        k, v = _expand(mla, cached[:, : mla.r], cached[:, mla.r:])
+        k, v = _expand(mla, w, cached[:, : mla.r], cached[:, mla.r:])
         del cached
         merge_partial(o, lse, *_attend(mla, q, k, v, False, kernel))
         del k, v
