@@ -400,7 +400,8 @@ V_DIM = 128  # Kimi / DeepSeek v_head_dim
 
 
 # _mla_merge_uv's (splits per step, warps) candidates timed by uv_rows; the default first
-UV_CONFIGS = ((32, 4), (16, 4), (32, 8), (64, 8))
+UV_CONFIGS = (dec._v3.MERGE_UV_CONFIG,
+              *[c for c in ((32, 4), (16, 4), (32, 8), (64, 8)) if c != dec._v3.MERGE_UV_CONFIG])
 
 
 def uv_rows(copy_gbps):

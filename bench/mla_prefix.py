@@ -12,8 +12,8 @@ the layer's attributes as `self`) with mla_prefix.PREFIX_CHUNK_BYTES set per row
 = a bound above the prefix (the path before session 22), "pieces N MiB" = that bound. Pieces
 are checked against the one pass first (rel err printed; > 2e-2 gives no row). Time: median
 of --iters calls, CUDA events; peak: max_memory_allocated over one call minus what was
-allocated before it (--device cpu: a smoke run of the reference paths, wall time, no peak). JSON rows {"prefix", "q", "path", "chunk_tokens", "ms", "peak_mib",
-"rel_err"}.
+allocated before it (--device cpu: a smoke run of the reference paths, wall time, no peak).
+JSON rows {"prefix", "q", "path", "chunk_tokens", "ms", "peak_mib", "rel_err"}.
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz") if 
 BLOCK_H = 16
 MIN_SPLIT = 64
 MAX_SPLITS = 128
+assert _v3.MERGE_UV_LSE_BLOCK >= MAX_SPLITS  # the merge + W_UV lse tile covers every split
 WAVES = 2
 # v1's split count fills whole waves of V1_WAVES programs per SM: its (32, 4, 2) config runs 4
 # CTAs per SM (128 registers). H200 sweep (bench/RESULTS.md session 13, bf16 cache, us): B=16

@@ -46,9 +46,14 @@ INTERPRET = envs.triton_interpreted()
 # step, and of 32 / 16 / 8 programs instead of ~128 (session 22, v5 + merge at B=1: 8K 19.7 ->
 # 14.2 µs, 32K 28.4 -> 22.9, 1K 9.0 -> 9.1-9.9; decode step, two alternated runs each: B=1 x 8K
 # 4.96 -> 4.60 ms, x 32K 5.51 -> 5.12, B=2 x 8K 6.21 -> 5.89, 1K a tie; bench/RESULTS.md session
-# 22). The bf16 caches' v1 + merge shares it. A constant, not capped by the launch's split count:
-# that count follows the batch size, and the sum's order must not (batch invariance).
+# 22). The bf16 caches' v1 + merge shares it. The reduction's shapes (SC, and the lse tile
+# MERGE_UV_LSE_BLOCK = mla_decode.MAX_SPLITS) do not follow the launch's split count, which
+# follows the batch size: a sequence whose split ranges are the same at B=1..4 (<= S x
+# MIN_SPLIT tokens) gets the same bits. (Not batch invariance in general: the ranges change
+# with S above that length, the separate merge of B > 4 shapes its tiles by S, and the dense
+# layers switch kernels by row count.)
 MERGE_UV_CONFIG = (32, 4)
+MERGE_UV_LSE_BLOCK = 128
 
 
 @triton.jit
@@ -401,7 +406,8 @@ def launch_merge_uv(opart, lse, seq_lens, out, S, strides, block_n, min_split, w
     _mla_merge_uv[(B, H, triton.cdiv(V, block_v))](
         opart, lse, seq_lens, out, w_uv, y, S, *strides, out.stride(0), out.stride(1),
         w_uv.stride(0), w_uv.stride(1), y.stride(0), y.stride(1), V,
-        R=R, BLOCK_V=block_v, VC=vc, SC=sc, BLOCK_S=triton.next_power_of_2(S),
+        R=R, BLOCK_V=block_v, VC=vc, SC=sc,
+        BLOCK_S=max(MERGE_UV_LSE_BLOCK, triton.next_power_of_2(S)),
         BLOCK_N=block_n, MIN_SPLIT=min_split, SPLIT=S > 1, MIN_PARTS=0 if v1 else 2,
         num_warps=warps,
     )

@@ -10,9 +10,9 @@ Inputs (flattened over S sequences):
 - returns o [Tq, H, Dv] in q's dtype (or `out`'s: fp32 keeps partial results unrounded).
   Softmax in fp32.
 - causal=False (the Triton kernel and the reference): every query sees all of its sequence's
-  keys (a chunk of an older prefix); lse [Tq, H] fp32, when given, receives each row's
-  log-sum-exp of scale * q.k (natural log) so partial results over disjoint key sets merge
-  (atom_stream/models/mla_prefix.merge_partial).
+  keys (a piece of an older prefix; len_k < len_q allowed, len_k >= 1); lse [Tq, H] fp32,
+  when given, receives each row's log-sum-exp of scale * q.k (natural log) so partial results
+  over disjoint key sets merge (atom_stream/models/mla_prefix.merge_partial).
 
 mla_prefill() picks the implementation: the Triton flash-style kernel below, or torch SDPA
 per sequence (causal_lower_right mask); `PREFILL_BACKEND` holds the choice measured on H200

@@ -413,12 +413,14 @@ async def test_async_engine_pipelined_failures_aborts_and_shutdown():
 # ---------------------------------------------------------------- GPU (run with -m gpu)
 @pytest.mark.gpu
 def test_gpu_graphs_pipelined_equals_sync():
-    """Pipelined == sync on the GPU with decode graphs, in float32 (the regime where the GPU
-    engine is batch invariant, as in test_gpu_engine_core). Pipelining changes the batches (48
-    requests on the CPU demo: 52 sync steps vs 57 pipelined; a stopped sequence rides one more step, admissions
-    move), and bf16 decode is not batch invariant: rows <= 1-2 take the Triton GEMVs, more take
-    cuBLAS, up to 4 fold W_UV into the MLA merge. In bf16 a sampled request (r14) drew another
-    token at a near-tie (H200, session 22; the same at the kernels of session 21)."""
+    """Pipelined == sync on the GPU with decode graphs, in float32, as test_gpu_engine_core's
+    batch-invariance test runs. Pipelining changes the batches (48 requests on the CPU demo: 52
+    sync steps vs 57 pipelined; a stopped sequence rides one more step, admissions move), and
+    the GPU's decode is not bitwise batch invariant: rows <= 1-2 take the Triton GEMVs, more
+    take cuBLAS, up to 4 fold W_UV into the MLA merge, and split lengths follow the batch above
+    S x MIN_SPLIT tokens. float32 keeps those differences far below the logit gaps that decide
+    a token; in bf16 a sampled request (r14) drew another token at a near-tie (H200, session
+    22; the same at the kernels of session 21)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA/ROCm GPU")
     reqs = mixed(48, 31, max_prompt=200, stop_ids=(EOS,), eos=True)

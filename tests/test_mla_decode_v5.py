@@ -207,13 +207,31 @@ def test_decode_merge_uv_gpu(variant, kv_dtype, S):
         assert rel_err(y, ref) < 1e-2
 
 
+class MergeUvSpy:
+    """Stands in for _v3._mla_merge_uv: records each launch's reduction constexprs (SC,
+    BLOCK_S, num_warps) and launches the real kernel."""
+
+    def __init__(self, real):
+        self.real, self.seen = real, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.seen.append((kw["SC"], kw["BLOCK_S"], kw["num_warps"]))
+            return self.real[grid](*args, **kw)
+        return launch
+
+
 @cpu_only
 @pytest.mark.parametrize("variant,config", [("v5", (32, 4)), ("v5", (4, 2)), ("v1", (4, 2))])
 def test_merge_uv_is_batch_invariant_interpreted(monkeypatch, variant, config):
     """The split count follows the batch size (decode_num_splits), so a sequence whose splits
     are MIN_SPLIT-bound (the same token ranges at S 6 and 12) must give bit-identical y from
-    attention + merge + W_UV at either count: the merge's walk may not depend on S."""
+    attention + merge + W_UV at either count, and the merge's reduction shapes (SC, BLOCK_S,
+    warps) may not depend on S: the interpreter's sums cannot show an order change, so the
+    launch constants are checked too."""
     monkeypatch.setattr(dec._v3, "MERGE_UV_CONFIG", config)
+    spy = MergeUvSpy(dec._v3._mla_merge_uv)
+    monkeypatch.setattr(dec._v3, "_mla_merge_uv", spy)
     lens = [6 * dec.MIN_SPLIT - 5, 2 * dec.MIN_SPLIT + 1, 37, 0]
     ys = []
     for S in (6, 12):
@@ -225,20 +243,25 @@ def test_merge_uv_is_batch_invariant_interpreted(monkeypatch, variant, config):
         assert rel_err(y, ref) < 2e-3
         ys.append(y)
     assert torch.equal(ys[0], ys[1])
+    assert len(spy.seen) == 2 and spy.seen[0] == spy.seen[1], spy.seen
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant,kv_dtype", [("v5", FP8), ("v1", torch.bfloat16)])
-def test_merge_uv_is_batch_invariant_gpu(variant, kv_dtype):
+@pytest.mark.parametrize("counts", [(8, 32), (64, 128)])
+def test_merge_uv_is_batch_invariant_gpu(variant, kv_dtype, counts):
     """As the interpreted test, at the real widths (H=8, 512 + 64, page 64, v 128) and split
-    counts 8 and 32 (the decode step's at different batch sizes; lengths <= 8 x MIN_SPLIT, so
-    the same token ranges): y bit-identical. The interpreter's sums cannot show an order
-    change; the GPU's tree reductions do (a split-count-capped walk broke the GPU engine's
-    pipelined == sync test in session 22)."""
-    lens = [8 * dec.MIN_SPLIT - 3, 2 * dec.MIN_SPLIT + 1, 37, 0, 300]
+    counts 8 / 32 and 64 / 128 (the counts vary over B <= 4 where there are several head
+    groups, e.g. DeepSeek at TP1: S 33 / 16 / 8 at B = 1 / 2 / 4 on the H200; lengths <= the
+    smaller count x MIN_SPLIT, so the same token ranges; 4093 tokens: 64 active splits, two
+    steps of the walk): y bit-identical. The interpreter's sums cannot show an order change; the GPU's tree
+    reductions do (a split-count-capped walk broke the GPU engine's pipelined == sync test in
+    session 22)."""
+    n = counts[0] * dec.MIN_SPLIT
+    lens = [n - 3, 2 * dec.MIN_SPLIT + 1, 37, 0, min(300, n)]
     ys = []
-    for S in (8, 32):
+    for S in counts:
         ws = dec.alloc_decode_workspace(5, 8, 512, S, "cuda", variant=variant)
         y, ref = run_decode(5, 8, 512, 64, 64, lens, torch.bfloat16, kv_dtype, S, "cuda",
                             seed=5, k_scale=0.5, variant=variant, ws=ws, uv_dim=128)

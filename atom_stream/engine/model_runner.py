@@ -361,8 +361,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_kv_budget(self) -> float:
         """Bytes left for the KV pool: gpu_memory_utilization * total minus what the weights,
-        other processes and a profiling forward at the largest prefill batch use, and the
-        prefix pieces' bound (models/mla_prefix.PREFIX_CHUNK_BYTES)."""
+        other processes and a profiling forward at the largest prefill batch use, and what a
+        prefill after a long cached prefix adds (models/mla_prefix.budget_reserve_bytes)."""
         dev = self.device
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -383,10 +383,12 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(dev)
         ours_now = torch.cuda.memory_allocated(dev)
         others = total - free - torch.cuda.memory_reserved(dev)
-        # a prefill after a long cached prefix expands it piece by piece (models/mla_prefix.py):
-        # up to PREFIX_CHUNK_BYTES that this forward (no prefix) never reaches
-        budget = (total * self.config.gpu_memory_utilization - others - peak
-                  - mla_prefix.PREFIX_CHUNK_BYTES)
+        # a prefill after a long cached prefix expands it piece by piece (models/mla_prefix.py)
+        # with fp32 partials: memory this forward (no prefix) never reaches
+        reserve = mla_prefix.budget_reserve_bytes(
+            max(1, cfg.num_attention_heads // self.tp_info.size), cfg.v_head_dim,
+            min(self.config.max_num_batched_tokens, self.max_model_len))
+        budget = total * self.config.gpu_memory_utilization - others - peak - reserve
         logger.info("KV budget %.2f GiB (weights %.2f GiB, profiling peak %.2f GiB)",
                     budget / 2**30, ours_now / 2**30, peak / 2**30)
         return budget

@@ -131,7 +131,6 @@ def _prefill_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     by the Triton flash kernel: one sequence, bottom-right causal over a cached prefix.
     cu: [0, Lq, 0, Lk] int32 on q's device (AttentionMetadata.prefill_cu_seqlens), or None
     (made here)."""
-    global _PREFILL_KERNEL_FAILED
     from triton.runtime.errors import OutOfResources
 
     from atom_stream.kernels.mla_prefill import mla_prefill
@@ -142,9 +141,17 @@ def _prefill_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     try:
         return mla_prefill(q, k, v, cu[:2], cu[2:], lq, scale)
     except OutOfResources as e:  # a GPU whose shared memory the kernel's tiles exceed
-        _PREFILL_KERNEL_FAILED = True
-        logger.warning("MLA prefill kernel does not fit this GPU (%s): torch reference", e)
+        prefill_kernel_failed(e)
         return mla_prefill_ref(q, k, v, scale)
+
+
+def prefill_kernel_failed(e: Exception) -> None:
+    """The Triton prefill did not fit this GPU: every later chunk takes the torch reference
+    (_prefill_kernel_ok turns False); warned once."""
+    global _PREFILL_KERNEL_FAILED
+    if not _PREFILL_KERNEL_FAILED:
+        logger.warning("MLA prefill kernel does not fit this GPU (%s): torch reference", e)
+    _PREFILL_KERNEL_FAILED = True
 
 
 def fuse_linear_weights(*layers: Linear) -> torch.Tensor | None:

@@ -4,8 +4,9 @@ The naive prefill (models/mla.MLA._prefill_one) expands the whole cached prefix 
 kv_b_proj and materializes K: ~H x (2 nope + v + rope) x 2 bytes per prefix token (7 KB for a
 Kimi-K2.5 TP8 rank, 115 KB for DeepSeek-V3 at TP1), so a chunk after a 256K-token prefix needed
 ~2 GB (Kimi TP8), after 128K ~15 GB (DeepSeek TP1), of transient memory that the KV-budget
-profile (run without a prefix) never saw. Past `prefix_chunk_tokens` of prefix, the attention runs instead
-as partial attentions merged by their log-sum-exp (as vLLM's chunked-context MLA prefill):
+profile (run without a prefix) never saw. Past `prefix_chunk_tokens` of prefix, the attention
+runs instead as partial attentions merged by their log-sum-exp (as vLLM's chunked-context MLA
+prefill):
 
     (o, lse)  = causal attention of the chunk's queries over the chunk's own tokens
     for each prefix piece of <= chunk tokens, oldest first:
@@ -44,6 +45,13 @@ def prefix_chunk_tokens(mla, dtype: torch.dtype, budget: int | None = None) -> i
     return max(1, (PREFIX_CHUNK_BYTES if budget is None else budget) // per_token)
 
 
+def budget_reserve_bytes(num_heads: int, v_dim: int, max_chunk_tokens: int) -> int:
+    """What a prefill chunk after a long prefix holds beyond a profiling forward without one
+    (ModelRunner's KV budget): a piece (PREFIX_CHUNK_BYTES) and the fp32 partials o, o'
+    ([T, H, v] each, T = max_chunk_tokens, H per rank) with their lse."""
+    return PREFIX_CHUNK_BYTES + 2 * max_chunk_tokens * num_heads * (v_dim + 1) * 4
+
+
 def attention_ref_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [Lq, H, dv] fp32, lse [Lq, H] fp32, natural log) of q [Lq, H, dqk] over k [Lk, H, dqk],
@@ -70,12 +78,13 @@ def attention_ref_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def merge_partial(o: torch.Tensor, lse: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
                   ) -> None:
     """Fold the attention of the same queries over another, disjoint key set into (o, lse), in
-    place: o [T, H, Dv] fp32, lse [T, H] fp32 (natural log-sum-exp), o2 / lse2 likewise (o2
-    any float dtype). o = (o e^lse + o2 e^lse2) / (e^lse + e^lse2), lse = log(e^lse + e^lse2)."""
+    place: o [T, H, Dv] fp32, lse [T, H] fp32 (natural log-sum-exp), o2 / lse2 likewise (o2 is
+    overwritten: no third [T, H, Dv] buffer). o = (o e^lse + o2 e^lse2) / (e^lse + e^lse2),
+    lse = log(e^lse + e^lse2)."""
     m = torch.maximum(lse, lse2)
     w, w2 = torch.exp(lse - m), torch.exp(lse2 - m)
     den = w + w2
-    o.mul_((w / den)[..., None]).add_(o2.float() * (w2 / den)[..., None])
+    o.mul_((w / den)[..., None]).add_(o2.mul_((w2 / den)[..., None]))
     lse.copy_(m + torch.log(den))
 
 
@@ -103,8 +112,10 @@ def _attend(mla, q, k, v, causal: bool, kernel: bool) -> tuple[torch.Tensor, tor
             mla_prefill_triton(q, k, v, cu[:2], cu[2:], lq, mla.scale, out=o, causal=causal,
                                lse=lse)
             return o, lse
-        except OutOfResources:  # tiles over this GPU's shared memory: as mla.py, the reference
-            pass
+        except OutOfResources as e:  # tiles over this GPU's shared memory: the reference
+            from atom_stream.models.mla import prefill_kernel_failed
+
+            prefill_kernel_failed(e)  # and for every later piece and chunk (kernel_ok)
     return attention_ref_lse(q, k, v, mla.scale, causal)
 
 
@@ -117,14 +128,13 @@ def prefill_over_long_prefix(mla, q: torch.Tensor, c_new: torch.Tensor, k_pe_new
     [Lq, H, v] in q's dtype."""
     w = dense_weight(mla.kv_b_proj)  # once: a quantized kv_b_proj dequantizes here
     k, v = _expand(mla, w, c_new, k_pe_new)
-    kernel = bool(kernel_ok(q, v))
-    o, lse = _attend(mla, q, k, v, True, kernel)
+    o, lse = _attend(mla, q, k, v, True, bool(kernel_ok(q, v)))
     del k, v
     for a in range(0, prefix, chunk):
         cached = gather_kv(kv_cache, block_table, min(prefix, a + chunk), c_new.dtype,
                            mla.k_scale, start=a)
         k, v = _expand(mla, w, cached[:, : mla.r], cached[:, mla.r:])
         del cached
-        merge_partial(o, lse, *_attend(mla, q, k, v, False, kernel))
+        merge_partial(o, lse, *_attend(mla, q, k, v, False, bool(kernel_ok(q, v))))
         del k, v
     return o.to(q.dtype)
