@@ -125,7 +125,7 @@ def check_pieces_equal_one_pass(device, dtype, kv_dtype, H, r, rope, nope, vd, p
     got = mla_prefix.prefill_over_long_prefix(mla, q, new[:, :r], new[:, r:], cache, table,
                                               prefix, chunk, lambda q, v: kernel)
     entries = torch.cat([gather_kv(cache, table, prefix, dtype, 0.5), new])
-    k, v = mla_prefix._expand(mla, kv_b.weight, entries[:, :r], entries[:, r:])
+    k, v = mla_prefix.expand_kv(mla, kv_b.weight, entries[:, :r], entries[:, r:])
     want = one_pass_ref(q, k, v, 0.13)
     assert got.dtype == dtype and rel_err(got, want.float()) < tol
 

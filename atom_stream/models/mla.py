@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atom_stream import envs
@@ -417,9 +416,9 @@ class MLA(nn.Module):
         chunk's cu_seqlens for the Triton kernel (AttentionMetadata.prefill_cu_seqlens)."""
         q_len = q_nope.shape[0]
         prefix = seq_len - q_len
+        q = torch.cat([q_nope, q_pe], dim=-1)
         chunk = mla_prefix.prefix_chunk_tokens(self, c_new.dtype)
         if prefix > chunk:  # bounded memory whatever the prefix (models/mla_prefix.py)
-            q = torch.cat([q_nope, q_pe], dim=-1)
             return mla_prefix.prefill_over_long_prefix(
                 self, q, c_new, k_pe_new, kv_cache, block_table, prefix, chunk,
                 lambda q, v: kernels and _prefill_kernel_ok(q, v))
@@ -429,11 +428,7 @@ class MLA(nn.Module):
             k_pe_all = torch.cat([cached[:, self.r:], k_pe_new])
         else:
             c_all, k_pe_all = c_new, k_pe_new
-        kv = F.linear(c_all, dense_weight(self.kv_b_proj))
-        kv = kv.view(seq_len, self.num_heads, self.nope + self.v_dim)
-        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
+        k, v = mla_prefix.expand_kv(self, dense_weight(self.kv_b_proj), c_all, k_pe_all)
         if kernels and _prefill_kernel_ok(q, v):
             return _prefill_attention_kernel(q, k, v, self.scale, cu)
         return mla_prefill_ref(q, k, v, self.scale)

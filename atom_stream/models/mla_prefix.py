@@ -39,7 +39,7 @@ REF_SCORE_BYTES = 256 << 20
 def prefix_chunk_tokens(mla, dtype: torch.dtype, budget: int | None = None) -> int:
     """Prefix tokens per piece: the budget (PREFIX_CHUNK_BYTES) over one token's expanded bytes
     (latent gathered in `dtype` plus its fp32 dequantization, kv_b output, K), >= 1."""
-    e = torch.empty((), dtype=dtype).element_size()
+    e = dtype.itemsize
     latent = mla.r + mla.rope
     per_token = (e + 4) * latent + e * mla.num_heads * (2 * mla.nope + mla.v_dim + mla.rope)
     return max(1, (PREFIX_CHUNK_BYTES if budget is None else budget) // per_token)
@@ -88,10 +88,11 @@ def merge_partial(o: torch.Tensor, lse: torch.Tensor, o2: torch.Tensor, lse2: to
     lse.copy_(m + torch.log(den))
 
 
-def _expand(mla, w_kv_b: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor
+def expand_kv(mla, w_kv_b: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(k [n, H, nope + rope], v [n, H, v] view) from latent c [n, r] and k_pe [n, rope];
-    w_kv_b: kv_b_proj's dense weight [H * (nope + v), r]."""
+    w_kv_b: kv_b_proj's dense weight [H * (nope + v), r]. The naive prefill's expansion (also
+    MLA._prefill_one's)."""
     n = c.shape[0]
     kv = F.linear(c, w_kv_b).view(n, mla.num_heads, mla.nope + mla.v_dim)
     k = torch.cat([kv[..., : mla.nope], k_pe[:, None, :].expand(-1, mla.num_heads, -1)], dim=-1)
@@ -127,13 +128,13 @@ def prefill_over_long_prefix(mla, q: torch.Tensor, c_new: torch.Tensor, k_pe_new
     [Lq, r], k_pe_new [Lq, rope]; kernel_ok(q, v) -> whether the Triton kernel runs. Returns
     [Lq, H, v] in q's dtype."""
     w = dense_weight(mla.kv_b_proj)  # once: a quantized kv_b_proj dequantizes here
-    k, v = _expand(mla, w, c_new, k_pe_new)
+    k, v = expand_kv(mla, w, c_new, k_pe_new)
     o, lse = _attend(mla, q, k, v, True, bool(kernel_ok(q, v)))
     del k, v
     for a in range(0, prefix, chunk):
         cached = gather_kv(kv_cache, block_table, min(prefix, a + chunk), c_new.dtype,
                            mla.k_scale, start=a)
-        k, v = _expand(mla, w, cached[:, : mla.r], cached[:, mla.r:])
+        k, v = expand_kv(mla, w, cached[:, : mla.r], cached[:, mla.r:])
         del cached
         merge_partial(o, lse, *_attend(mla, q, k, v, False, bool(kernel_ok(q, v))))
         del k, v
