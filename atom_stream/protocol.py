@@ -31,11 +31,17 @@ from msgspec import UNSET, Struct, UnsetType
 
 
 class StreamOptions(Struct, kw_only=True):
-    """vLLM's defaults: a given stream_options object asks for the usage chunk unless it says
-    include_usage false; continuous_usage_stats needs include_usage."""
+    """Current vLLM (PR #36379; engine/protocol.py `include_usage: bool | None = False`): usage
+    only when include_usage is true, so `{}` asks for nothing; continuous_usage_stats needs
+    include_usage. Fields left out stay UNSET (false) so that `empty` can tell `{}` apart: vLLM
+    refuses only a non-empty object without `stream`."""
 
-    include_usage: bool | None = True
-    continuous_usage_stats: bool | None = False
+    include_usage: bool | None | UnsetType = UNSET
+    continuous_usage_stats: bool | None | UnsetType = UNSET
+
+    @property
+    def empty(self) -> bool:
+        return self.include_usage is UNSET and self.continuous_usage_stats is UNSET
 
 
 class ContentPart(Struct, kw_only=True):

@@ -267,8 +267,9 @@ def test_errors_then_serves_normally(http, srv):
     assert_error(http.post(url, json={"prompt": [5000]}), 400, "prompt")
     assert_error(http.post(url, json={"temperature": 0}), 400, None)  # prompt missing
     assert_error(http.post(url, content=b"{not json"), 400, None)
-    assert_error(http.post(url, json={"prompt": "x", "stream_options": {}}), 400,
-                 "stream_options")
+    # vLLM refuses a non-empty stream_options without stream (`{}` passes)
+    assert_error(http.post(url, json={"prompt": "x", "stream_options": {"include_usage": True}}),
+                 400, "stream_options")
     chat = "/v1/chat/completions"
     assert_error(http.post(chat, json={"messages": CHAT, "max_completion_tokens": 0}), 400,
                  "max_completion_tokens")
@@ -447,12 +448,16 @@ def _usage_frames(http, stream_options: dict) -> list:
 
 
 def test_stream_options_defaults_follow_vllm(http):
-    """A given stream_options object means include_usage true unless it says false; per-chunk
+    """Usage only with include_usage true (current vLLM, PR #36379: `{}` gives none); per-chunk
     usage (continuous_usage_stats) only together with include_usage."""
     frames = _usage_frames(http, {})
+    assert frames[-1]["choices"] and all("usage" not in f for f in frames)
+    frames = _usage_frames(http, {"include_usage": True})
     assert frames[-1]["choices"] == [] and frames[-1]["usage"]["completion_tokens"] == 3
     assert all("usage" not in f for f in frames[:-1])
     frames = _usage_frames(http, {"continuous_usage_stats": True})
+    assert all("usage" not in f for f in frames) and frames[-1]["choices"]
+    frames = _usage_frames(http, {"include_usage": True, "continuous_usage_stats": True})
     assert frames[-1]["choices"] == [] and all("usage" in f for f in frames)
     frames = _usage_frames(http, {"include_usage": False, "continuous_usage_stats": True})
     assert all("usage" not in f for f in frames) and frames[-1]["choices"]

@@ -66,21 +66,23 @@ from atom_stream.server.responses import (
     until_disconnect,
 )
 
+# strict=False: pydantic's lax mode, as vLLM's request models validate (an integral float or a
+# numeric string for an int, a numeric string for a float, "true" / 1 for a bool)
 _DECODERS = {
-    cls: msgspec.json.Decoder(cls)
+    cls: msgspec.json.Decoder(cls, strict=False)
     for cls in (ChatCompletionRequest, CompletionRequest)
 }
 _OFFLOOP_CHARS = 2048  # tokenize longer texts in a thread (never block the loop)
 
 
 def decode_request(cls: type, body: bytes) -> Any:
-    """body -> cls (a msgspec Struct; its decoder made once): schema errors are 400s naming the
-    JSON path."""
+    """body -> cls (a msgspec Struct; its decoder made once, lax like pydantic's default mode):
+    schema errors are 400s naming the JSON path."""
     if not body:
         raise _invalid("the request body is empty; expected a JSON object")
     dec = _DECODERS.get(cls)
     if dec is None:
-        dec = _DECODERS[cls] = msgspec.json.Decoder(cls)
+        dec = _DECODERS[cls] = msgspec.json.Decoder(cls, strict=False)
     try:
         return dec.decode(body)
     except msgspec.ValidationError as e:
@@ -102,13 +104,13 @@ def chat_tools_kwargs(req: ChatCompletionRequest, parsing: ChatParsing | None = 
 
 
 def stream_usage(opts: Any) -> tuple[bool, bool]:
-    """(include_usage, continuous_usage_stats) of a request's stream_options as vLLM applies
-    them: usage only when the object is given (include_usage then defaults to true), and
-    per-chunk usage only together with include_usage."""
+    """(include_usage, continuous_usage_stats) of a request's stream_options as current vLLM
+    applies them: usage only when include_usage is true (absent or `{}`: none, vLLM PR #36379),
+    and per-chunk usage only together with include_usage."""
     if opts is None:
         return False, False
-    include = bool(opts.include_usage)
-    return include, include and bool(opts.continuous_usage_stats)
+    include = opts.include_usage is True
+    return include, include and opts.continuous_usage_stats is True
 
 
 @dataclass

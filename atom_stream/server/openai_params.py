@@ -123,9 +123,12 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
             kw["logprobs"] = req.logprobs
             if req.echo and req.prompt_logprobs is None:
                 kw["prompt_logprobs"] = req.logprobs
-    if req.stream_options is not None and not req.stream:
+    # vLLM's validators: only a non-empty stream_options object needs stream
+    # (`if data.get("stream_options") and not data.get("stream")`), and only prompt_logprobs
+    # > 0 (or -1) is refused with stream (check_logprobs); 0 is computed and not streamed
+    if req.stream_options is not None and not req.stream and not req.stream_options.empty:
         raise _invalid("stream_options can only be set when stream is true", "stream_options")
-    if req.stream and req.prompt_logprobs is not None:
+    if req.stream and req.prompt_logprobs is not None and req.prompt_logprobs != 0:
         raise _invalid("prompt_logprobs is not supported when stream is true",
                        "prompt_logprobs")
     try:

@@ -1,0 +1,92 @@
+"""Session 23 review of the OpenAI routes against current vLLM (demo model, real server).
+
+- `stream_options: {}` asks for nothing: no usage chunk (vLLM PR #36379, merged: StreamOptions
+  `include_usage` defaults to False in vllm/entrypoints/openai/engine/protocol.py; before it an
+  empty object gave usage). `{"include_usage": true}` still does, and continuous usage still
+  needs include_usage.
+- `stream_options: {}` (or null) without `stream` is accepted: vLLM's validate_stream_options
+  refuses only a truthy object (`if data.get("stream_options") and not data.get("stream")`);
+  a non-empty one without stream stays a 400 naming `stream_options`.
+- `prompt_logprobs: 0` with `stream: true` is accepted: vLLM's check_logprobs refuses only
+  `prompt_logprobs > 0` (or -1) when streaming; a positive value stays a 400.
+- Request fields are validated in pydantic's lax mode (vLLM's OpenAIBaseModel; pydantic's
+  conversion table): an integral float or a numeric string for an int field (`max_tokens: 3.0`,
+  `"3"`), a numeric string for a float, "true"/"false" for a bool are converted; `3.5` for an
+  int, or a word for a number, stays a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+CHAT = [{"role": "user", "content": "Hello there"}]
+ROUTES = [("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": "Hi"})]
+
+
+def events(raw: str) -> list[dict]:
+    assert raw.endswith("data: [DONE]\n\n")
+    return [json.loads(p[len("data: "):]) for p in raw.split("\n\n")
+            if p.startswith("data: {")]
+
+
+def stream(http, path: str, body: dict, **extra) -> list[dict]:
+    r = http.post(path, json={**body, "max_tokens": 3, "stream": True, **extra})
+    assert r.status_code == 200, r.text
+    return events(r.text)
+
+
+def assert_error(r, param: str) -> None:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == 400 and err["param"] == param and err["message"]
+
+
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_empty_stream_options_sends_no_usage(http, path, body):
+    evs = stream(http, path, body, stream_options={})
+    assert all(e["choices"] for e in evs)  # no usage-only chunk
+    assert all(not e.get("usage") for e in evs)
+    evs = stream(http, path, body, stream_options={"continuous_usage_stats": True})
+    assert all(not e.get("usage") for e in evs)  # continuous usage needs include_usage
+    evs = stream(http, path, body, stream_options={"include_usage": True})
+    assert evs[-1]["choices"] == [] and evs[-1]["usage"]["completion_tokens"] == 3
+    assert all(not e.get("usage") for e in evs[:-1])
+
+
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_empty_stream_options_without_stream_is_accepted(http, path, body):
+    for opts in ({}, None):
+        r = http.post(path, json={**body, "max_tokens": 2, "stream_options": opts})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+    r = http.post(path, json={**body, "max_tokens": 2,
+                              "stream_options": {"include_usage": False}})
+    assert_error(r, "stream_options")
+
+
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_stream_with_zero_prompt_logprobs_is_accepted(http, path, body):
+    evs = stream(http, path, body, prompt_logprobs=0)
+    assert evs[-1]["choices"][0]["finish_reason"] == "length"
+    r = http.post(path, json={**body, "max_tokens": 2, "stream": True, "prompt_logprobs": 1})
+    assert_error(r, "prompt_logprobs")
+
+
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_lax_field_types_as_pydantic(http, path, body):
+    for extra in ({"max_tokens": 3.0}, {"max_tokens": "3", "temperature": "0.5", "n": "1"},
+                  {"max_tokens": 3, "ignore_eos": "true", "seed": 7.0}):
+        r = http.post(path, json={**body, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["usage"]["completion_tokens"] == 3
+    assert_error(http.post(path, json={**body, "max_tokens": 3.5}), "max_tokens")
+    assert_error(http.post(path, json={**body, "temperature": "hot"}), "temperature")
+    assert_error(http.post(path, json={**body, "stream": "maybe"}), "stream")
+
+
+def test_server_idle_after_review_requests(http, srv):
+    """Nothing above leaves a request or a KV block behind."""
+    s = srv.wait_idle()
+    assert s["num_running"] == 0 and s["used_blocks"] == 0
