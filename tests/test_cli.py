@@ -207,10 +207,11 @@ def test_quickstart_snippets_run(tmp_path):
         assert re.search(r"\n\[(stop|length), \d+ tokens\]\n$", outs[2]), outs[2]  # in-process
         with open(os.path.join(ROOT, "clients", "python", "README.md")) as f:
             sdk_readme = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-        assert len(sdk_readme) == 1
-        r = subprocess.run([sys.executable, "-c", fix(sdk_readme[0])], capture_output=True,
-                           timeout=120, env=env, text=True, check=False)
-        assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr
+        assert len(sdk_readme) == 2  # the WebSocket SDK, then the SSE helper
+        for snippet in sdk_readme:
+            r = subprocess.run([sys.executable, "-c", fix(snippet)], capture_output=True,
+                               timeout=120, env=env, text=True, check=False)
+            assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
 def test_atom_entrypoint_serves(tmp_path):

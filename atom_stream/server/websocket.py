@@ -16,17 +16,20 @@ reader stalls only the writer: deltas keep merging into the pending entries (a s
 fewer, larger delta frames) and memory stays bounded by the live requests' own output (at most
 `--ws-max-requests` per connection).
 
-Errors never kill the connection: a malformed, unknown or oversized frame, a duplicate live id, an
-invalid parameter or an engine refusal gets an `error` frame (`code` is the HTTP status the same
-problem gets over HTTP; 429/503 for overload; a `max_tokens` that does not fit the context left
-after the prompt is a 400 naming `params.max_tokens`, as over HTTP) and everything else goes on.
+Errors never kill the connection: a malformed, unknown or oversized frame, a sampling parameter
+at the top level (they go under "params"; other unknown top-level fields are ignored), a duplicate live id, an invalid parameter or an
+engine refusal gets an `error` frame (`code` is the HTTP status the same problem gets over HTTP;
+429/503 for overload; a `max_tokens` that does not fit the context left after the prompt is a
+400 naming `params.max_tokens`, as over HTTP) and everything else goes on. An oversized frame's
+error carries the id found in the frame's head (`_sniff_id`), else null.
 `cancel` aborts the request in the engine; its stream ends with `done` (finish_reason "abort").
 Closing the socket cancels every request task, which aborts the requests and frees their KV
 blocks.
 
 Auth: with `--api-key`, either the handshake carried a valid `Authorization` header (checked by
 the middleware) or the first frame must be `auth`; frames before it get 401 error frames, a wrong
-key gets a 401 error frame and close code 1008, and no auth within `auth_timeout_s` closes (1008).
+key gets a 401 error frame and close code 1008, and no auth within `auth_timeout_s` of the
+handshake closes (1008); frames sent before `auth` do not restart that clock.
 uvicorn sends keepalive pings (`--ws-ping-interval`).
 """
 
@@ -68,8 +71,31 @@ logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
 # n: one choice per request id (prompt_logprobs is refused with its own message)
-_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_")) - {"n"}
+_PARAM_NAMES = frozenset(
+    f for f in SamplingParams.__struct_fields__ if not f.startswith("_")) - {"n"}
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
+
+
+# Client frames as first decoded here: an unknown top-level field sends the frame to
+# _Connection.refused (a sampling parameter there is an error: a `max_tokens` next to `prompt`
+# instead of under `params` was silently ignored; other unknown fields are ignored).
+class _Generate(WsGenerate, forbid_unknown_fields=True):
+    pass
+
+
+class _Cancel(WsCancel, forbid_unknown_fields=True):
+    pass
+
+
+class _Auth(WsAuth, forbid_unknown_fields=True):
+    pass
+
+
+_ClientFrame = _Generate | _Cancel | _Auth
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_SAMPLING_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_"))
+_DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
+                  UnicodeDecodeError)
 # generate-frame fields an error may name as they are (everything else is under "params.")
 _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
                            "chat_template_kwargs"})
@@ -115,11 +141,13 @@ class _Connection:
         self.binary = binary
         if binary:
             self.encode = msgspec.msgpack.Encoder().encode
-            self.decoder = msgspec.msgpack.Decoder(ClientFrame)
+            self.decoder = msgspec.msgpack.Decoder(_ClientFrame)
+            self.lenient = msgspec.msgpack.Decoder(ClientFrame)
             self.loose = msgspec.msgpack.Decoder()
         else:
             self.encode = msgspec.json.Encoder().encode
-            self.decoder = msgspec.json.Decoder(ClientFrame)
+            self.decoder = msgspec.json.Decoder(_ClientFrame)
+            self.lenient = msgspec.json.Decoder(ClientFrame)
             self.loose = msgspec.json.Decoder()
         self.prefix = f"ws{next(_conn_counter)}-"
         self.live: dict[str, _Live] = {}
@@ -140,6 +168,30 @@ class _Connection:
     # ------------------------------------------------------------------ sending
     async def send_frame(self, frame: Any) -> None:
         await self._send_raw(self.encode(frame))
+
+    def refused(self, data: bytes | str, e: Exception) -> ClientFrame | None:
+        """The strict decoder refused `data`: send its error frame and return None, or return
+        the frame when its only fault is top-level fields that are not sampling parameters
+        (ignored, as OpenAI servers ignore unknown request fields). A sampling parameter next to
+        the prompt instead of under "params" is an error naming it."""
+        raw = None
+        with contextlib.suppress(Exception):  # not decodable at all: no id to report
+            raw = self.loose.decode(data)
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        rid = rid if isinstance(rid, str) else None
+        if isinstance(e, msgspec.ValidationError) and _UNKNOWN_FIELD.search(str(e)):
+            misplaced = sorted(set(raw) & _SAMPLING_NAMES) if isinstance(raw, dict) else []
+            if misplaced:
+                self.error(rid, 400, f"unknown field {misplaced[0]!r} in the frame (sampling "
+                           "parameters go under \"params\")", misplaced[0])
+                return None
+            try:
+                return self.lenient.decode(data)
+            except _DECODE_ERRORS as e2:
+                e = e2
+        param = validation_param(e) if isinstance(e, msgspec.ValidationError) else None
+        self.error(rid, 400, f"malformed frame: {e}", param)
+        return None
 
     def error(self, rid: str | None, code: int, message: str, param: str | None = None) -> None:
         self.errors.append(WsError(rid, code, message, param if param else msgspec.UNSET))
@@ -312,17 +364,11 @@ class _Connection:
             frame = self.decoder.decode(data)
         # RecursionError: a deeply nested frame (issue 10 fuzzing) must be an error frame too;
         # UnicodeDecodeError: a MessagePack string that is not UTF-8 (msgspec raises it bare)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
-                UnicodeDecodeError) as e:
-            rid, raw = None, None
-            with contextlib.suppress(Exception):  # not decodable at all: no id to report
-                raw = self.loose.decode(data)
-            if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-                rid = raw["id"]
-            param = validation_param(e) if isinstance(e, msgspec.ValidationError) else None
-            self.error(rid, 400, f"malformed frame: {e}", param)
-            return
-        if type(frame) is WsAuth:
+        except _DECODE_ERRORS as e:
+            frame = self.refused(data, e)
+            if frame is None:
+                return
+        if isinstance(frame, WsAuth):
             checker = self.state.key_checker
             if checker and not checker.check(frame.api_key):
                 self.error(None, 401, "invalid API key")
@@ -334,7 +380,7 @@ class _Connection:
             self.error(getattr(frame, "id", None), 401,
                        "unauthorized: send {\"type\": \"auth\", \"api_key\": ...} first")
             return
-        if type(frame) is WsCancel:
+        if isinstance(frame, WsCancel):
             live = self.live.get(frame.id)
             if live is not None and not live.cancelled:
                 # the stream then ends with a "done" frame, finish_reason "abort"; a request
@@ -350,9 +396,11 @@ class _Connection:
         writer = loop.create_task(self.writer())
         metrics = self.state.metrics
         metrics.ws_connections.inc()
+        # the auth deadline runs from the handshake: frames before `auth` do not restart it
+        deadline = loop.time() + self.cfg.ws_auth_timeout_s
         try:
             while self.close_code is None:
-                timeout = None if self.authed else self.cfg.ws_auth_timeout_s
+                timeout = None if self.authed else max(0.0, deadline - loop.time())
                 try:
                     message = await asyncio.wait_for(self.receive(), timeout)
                 except TimeoutError:
@@ -389,30 +437,38 @@ class _Connection:
         writer.cancel()
 
 
-_JSON_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+# an "id" key and its JSON string, escapes included (the string is decoded by msgspec)
+_JSON_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){1,3072}")')
+_SNIFF_BYTES = 4096  # a 256-character id, \\uXXXX-escaped surrogate pairs (12 bytes each)
 
 
 def _sniff_id(data: bytes | str) -> str | None:
-    """The request id of an oversized frame, if it appears in its first KiB (the SDK and
-    msgspec put it right after "type"); the frame itself is never parsed."""
-    head = data[:1024]
+    """The request id of an oversized frame, if it appears in its first `_SNIFF_BYTES` (the SDK
+    and msgspec put it right after "type"); the frame itself is never parsed. Any valid id is
+    found: JSON escapes are decoded, MessagePack fixstr / str8 / str16 values read. None when no
+    id of 1.._MAX_ID_LEN characters is there."""
+    head = data[:_SNIFF_BYTES]
     if isinstance(head, str):
-        head = head.encode("utf-8", "replace")
+        head = head.encode("utf-8", "surrogatepass")
+    rid: str | None = None
     m = _JSON_ID.search(head)
     if m:
-        return m.group(1).decode("utf-8", "replace")
-    at = head.find(b"\xa2id")  # msgpack: fixstr "id", then a fixstr/str8 value
-    if at >= 0 and at + 3 < len(head):
-        tag = head[at + 3]
-        if 0xA0 <= tag <= 0xBF:
-            start, n = at + 4, tag - 0xA0
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            rid = msgspec.json.decode(m.group(1), type=str)
+    else:
+        at = head.find(b"\xa2id")  # msgpack: fixstr "id", then a fixstr/str8/str16 value
+        tag = head[at + 3] if 0 <= at < len(head) - 3 else None
+        start, n = at + 4, -1
+        if tag is not None and 0xA0 <= tag <= 0xBF:
+            n = tag - 0xA0
         elif tag == 0xD9 and at + 4 < len(head):
             start, n = at + 5, head[at + 4]
-        else:
-            return None
-        if start + n <= len(head):
-            return head[start:start + n].decode("utf-8", "replace")
-    return None
+        elif tag == 0xDA and at + 5 < len(head):
+            start, n = at + 6, int.from_bytes(head[at + 4:at + 6], "big")
+        if n >= 0 and start + n <= len(head):
+            with contextlib.suppress(UnicodeDecodeError):
+                rid = head[start:start + n].decode("utf-8")
+    return rid if rid and len(rid) <= _MAX_ID_LEN else None
 
 
 class WebSocketEndpoint:

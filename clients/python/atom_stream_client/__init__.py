@@ -2,7 +2,8 @@
 
 `AsyncClient` (asyncio; many concurrent streams over one socket), `Client` (synchronous wrapper),
 typed frames (`Delta`, `Done`, `Error`, ...) and exceptions (`RequestError` and subclasses,
-`ConnectionClosedError`). Depends only on websockets and msgspec.
+`ConnectionClosedError`), and an SSE helper for the OpenAI routes (`stream_sse`, `iter_sse`).
+Depends only on websockets and msgspec.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from atom_stream_client.errors import (
     ServerError,
 )
 from atom_stream_client.messages import Completion, Delta, Done, Error, Usage
+from atom_stream_client.sse import iter_sse, stream_sse
 from atom_stream_client.sync import Client
 
 __all__ = [
@@ -36,5 +38,7 @@ __all__ = [
     "ServerError",
     "Stream",
     "Usage",
+    "iter_sse",
+    "stream_sse",
 ]
 __version__ = "0.1.0"

@@ -17,8 +17,12 @@
   raises the matching `RequestError` from its iterator; a closed socket raises
   `ConnectionClosedError` from every open stream.
 - `protocol="msgpack"` (default, binary frames) or `"json"` (text frames). A URL of the form
-  `http://host:port` is turned into `ws://host:port/v1/ws`. With `api_key` the handshake carries
-  `Authorization: Bearer <key>`.
+  `http://host:port` (or the OpenAI base `http://host:port/v1`) is turned into
+  `ws://host:port/v1/ws`. With `api_key` the handshake carries `Authorization: Bearer <key>`.
+- Connection life: the first request (or `connect()` / `async with`) opens the socket. When the
+  connection drops, open streams raise `ConnectionClosedError` and the next request opens a new
+  socket. After `close()` requests raise `ConnectionClosedError` (no socket is opened behind
+  the caller's back) until `connect()` is called again.
 """
 
 from __future__ import annotations
@@ -52,10 +56,16 @@ from atom_stream_client.messages import (
 
 
 def ws_url(url: str) -> str:
+    """The socket's URL: http(s) becomes ws(s); a bare `host:port` (with or without a trailing
+    slash) and the OpenAI-style base `host:port/v1` get the path `/v1/ws`; any other path is
+    kept as given."""
     if url.startswith(("http://", "https://")):
         url = "ws" + url[4:]
-    if url.startswith(("ws://", "wss://")) and url.split("://", 1)[1].count("/") == 0:
-        url = url.rstrip("/") + "/v1/ws"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("ws", "wss"):
+        host, _, path = rest.partition("/")
+        if path.strip("/") in ("", "v1"):
+            url = f"{scheme}://{host}/v1/ws"
     return url
 
 
@@ -144,9 +154,17 @@ class AsyncClient:
         self._closed_exc: BaseException | None = None
         self._bg: set[asyncio.Task] = set()
         self._connect_lock: asyncio.Lock | None = None
+        self._closed = False  # close() was called and connect() not since
 
     # ------------------------------------------------------------------ connection
     async def connect(self) -> AsyncClient:
+        """Open the socket (a no-op while it is open); re-opens a closed client."""
+        self._closed = False
+        return await self._open()
+
+    async def _open(self) -> AsyncClient:
+        if self._closed:
+            raise ConnectionClosedError("the client is closed (call connect() to re-open it)")
         if self._ws is not None:
             return self
         if self._connect_lock is None:
@@ -170,6 +188,9 @@ class AsyncClient:
         return self
 
     async def close(self) -> None:
+        """Close the socket; open streams raise ConnectionClosedError, and so do later requests
+        until `connect()` is called again."""
+        self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
@@ -237,7 +258,7 @@ class AsyncClient:
             task.exception()  # a cancel on a closed socket is moot
 
     async def _submit(self, stream: Stream) -> None:
-        await self.connect()
+        await self._open()
         if stream.id in self._streams:
             raise AtomStreamClientError(f"request id {stream.id!r} is already live")
         self._streams[stream.id] = stream
