@@ -18,9 +18,10 @@ internal engine port, unused, and HTTP is `--server-port`), `--served-model-name
 `--[no-]enable-prompt-tokens-details` and vLLM's `--enable-auto-tool-choice`,
 `--tool-call-parser {kimi_k2,deepseek_v3}`, `--reasoning-parser {kimi_k2,deepseek_r1}` (an
 unknown name is a start-up error listing the known ones). `atom-stream -v | --version` prints
-the version (as `vllm --version`). ATOM flags that select features this engine always has or does not offer
-(`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are accepted and logged
-(`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means `--load-format dummy`.
+the version (as `vllm --version`). ATOM flags that select features this engine always has or
+does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are accepted and
+logged (`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means `--load-format
+dummy`. `--cudagraph-capture-sizes` takes ATOM's one list argument or vLLM's several.
 No `--model`: the demo model.
 """
 
@@ -60,6 +61,19 @@ class FlexibleArgumentParser(argparse.ArgumentParser):
         if args is None:
             args = sys.argv[1:]
         return super().parse_known_args(self.normalize(args), namespace)
+
+
+class _IntListAction(argparse.Action):
+    """`--cudagraph-capture-sizes` in every form users type: ATOM's one JSON-ish argument
+    (`"[1,2,4]"`, `1,2,4`, `"1 2 4"`) and vLLM's several (`1 2 4`, nargs="+"; also an unquoted
+    `[1, 2, 4]` that the shell split): the arguments are joined with spaces and read by
+    `_int_list`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, _int_list(" ".join(values)))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -153,7 +167,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     g.add_argument("--enforce-eager", action="store_true")
-    g.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None)
+    g.add_argument("--cudagraph-capture-sizes", nargs="+", action=_IntListAction, default=None,
+                   metavar="SIZE", help='decode graph batch sizes: "[1,2,4]", 1,2,4 or 1 2 4')
     g.add_argument("--load-format", default=d["load_format"].default,
                    choices=["auto", "dummy", "safetensors"])
     g.add_argument("--load-dummy", nargs="?", const="empty", default=None,

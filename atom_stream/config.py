@@ -390,7 +390,9 @@ class EngineConfig:
     """Engine settings. Keyword names match the CLI flags (`--max-num-seqs` == `max_num_seqs`).
 
     `model`: a checkpoint directory, "demo" (or None) for the embedded tiny model, or a
-    bench preset name ("k25-tp8-rank", ...) which implies dummy weights.
+    bench preset name ("k25-tp8-rank", ...) which implies dummy weights. `model` / `tokenizer`
+    may be os.PathLike (stored as str); text fields are strings or None, sizes positive integers
+    or None (`kv_cache_memory_bytes` included): anything else is a ConfigError naming the field.
 
     Step budgets as vLLM's: an unset `max_num_seqs` is min(DEFAULT_MAX_NUM_SEQS,
     max_num_batched_tokens) (EngineArgs); a given one above `max_num_batched_tokens` is a
@@ -431,7 +433,8 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     served_model_name: str | None = None
     chat_template: str | None = None
-    kv_cache_memory_bytes: int | None = None  # CPU: KV pool size in bytes when num_kv_blocks unset
+    # CPU: KV pool size in bytes when num_kv_blocks unset (a positive integer or None)
+    kv_cache_memory_bytes: int | None = None
     # the CPU runs one step behind the device (engine/pipeline.py); None = on when the runner
     # supports it (single rank), False = the synchronous loop
     async_scheduling: bool | None = None
@@ -441,6 +444,9 @@ class EngineConfig:
     watchdog_timeout: float = 300.0
 
     def __post_init__(self) -> None:
+        for name in ("model", "tokenizer"):  # a pathlib.Path is a path: read it as its string
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         dt = self.dtype
         if not isinstance(dt, str) and str(dt).startswith("torch."):  # torch.float16 etc.
             dt = str(dt)[len("torch."):]
@@ -480,9 +486,12 @@ class EngineConfig:
         def count(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
             if getattr(self, name) is not None and not count(getattr(self, name)):
                 raise bad(name, "must be a positive integer")
+        for name in ("model", "tokenizer", "served_model_name", "chat_template"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")

@@ -6,7 +6,8 @@
 
 `generate` returns one RequestOutput per prompt, in input order, holding the whole completion
 (every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
-stop_reason, usage, logprobs, cumulative_logprob, prompt_logprobs, prompt_logprob_ranks`. A
+stop_reason, usage, logprobs, cumulative_logprob, prompt_logprobs, prompt_logprob_ranks`, and
+vLLM's `prompt` (the text prompt; None for token ids; `chat`: the rendered conversation). A
 request whose model step failed comes back with finish_reason "error" and `error` set (the
 batch's other results are kept). No event loop needed.
 
@@ -80,10 +81,14 @@ class LLM:
     def generate(self, prompts: Any = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
         """`prompts`: one prompt or a list of them, each a string, a list of token ids, or
         vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by keyword
-        (`prompt_token_ids`: one list of ids or several)."""
+        (`prompt_token_ids`: one list of ids or several). `lora_request` is vLLM's argument:
+        None is accepted, anything else refused (no LoRA adapters), as `chat` does."""
+        if lora_request is not None:
+            raise InvalidRequestError("lora_request is not supported: this engine serves no "
+                                      "LoRA adapters", "lora_request")
         if prompts is not None and prompt_token_ids is not None:
             raise InvalidRequestError("pass prompts or prompt_token_ids, not both", "prompts")
         if prompts is not None:
@@ -92,13 +97,16 @@ class LLM:
                     and isinstance(prompts[0], int)):
                 prompts = [prompts]
             token_lists = [self._prompt_ids(p) for p in prompts]
+            texts = [_prompt_text(p) for p in prompts]
         elif prompt_token_ids is not None:
             if prompt_token_ids and isinstance(prompt_token_ids[0], int):
                 prompt_token_ids = [prompt_token_ids]
             token_lists = [list(p) for p in prompt_token_ids]
+            texts = [None] * len(token_lists)
         else:
             raise InvalidRequestError("pass prompts or prompt_token_ids", "prompts")
-        return self._run(token_lists, sampling_params, use_tqdm)
+        outs = self._run(token_lists, sampling_params, use_tqdm)
+        return [o.set_prompt(t) for o, t in zip(outs, texts)]
 
     def _prompt_ids(self, p: Any) -> list[int]:
         if isinstance(p, dict):
@@ -156,9 +164,13 @@ class LLM:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         convs = [apply_content_format(c, chat_template_content_format) for c in convs]
-        token_lists = [encode_chat_prompt(self.engine.tokenizer, c, kwargs, add_generation_prompt,
+        tok = self.engine.tokenizer
+        token_lists = [encode_chat_prompt(tok, c, kwargs, add_generation_prompt,
                                           continue_final_message) for c in convs]
-        return self._run(token_lists, sampling_params, use_tqdm)
+        outs = self._run(token_lists, sampling_params, use_tqdm)
+        # vLLM's output.prompt of a chat: the rendered conversation
+        return [o.set_prompt(tok.decode(ids, skip_special_tokens=False))
+                for o, ids in zip(outs, token_lists)]
 
     def _run(self, token_lists: list[list[int]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None,
@@ -234,6 +246,14 @@ class LLM:
             if multi[i]:
                 outs[i] = MultiChoiceOutput.gather(parent_ids[i], choices[i], last[i])
         return outs  # type: ignore[return-value]
+
+
+def _prompt_text(p: Any) -> str | None:
+    """A generate() prompt's text (vLLM's RequestOutput.prompt): the string of a text prompt,
+    None for token ids."""
+    if isinstance(p, dict):
+        return None if "prompt_token_ids" in p else p.get("prompt")
+    return p if isinstance(p, str) else None
 
 
 def _children(p: Any) -> list[SamplingParams] | None:

@@ -289,8 +289,13 @@ def _report_failures_and_lengths(requests, outputs, exact_ids: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark the online serving throughput "
-                                            "(ATOM/vLLM compatible; SSE and WebSocket).")
+    """The benchmark's flags. As vLLM's benchmark (its FlexibleArgumentParser) every long flag
+    is accepted in kebab-case and snake_case (`--random_input_len` == `--random-input-len`)."""
+    from atom_stream.cli import FlexibleArgumentParser
+
+    p = FlexibleArgumentParser(description="Benchmark the online serving throughput "
+                                           "(ATOM/vLLM compatible; SSE and WebSocket).",
+                               allow_abbrev=True)  # argparse's default, as before
     a = p.add_argument
     a("--backend", default="vllm", choices=list(ASYNC_REQUEST_FUNCS))
     a("--base-url", default=None, help="Server base URL (else http://HOST:PORT).")

@@ -28,6 +28,11 @@ every output). Its `prompt_token_ids` / `prompt_logprobs` / `prompt_logprob_rank
 prompt and `usage` to the whole request: the prompt counted once, completion tokens summed over
 the choices (the OpenAI `usage` of n choices).
 A one-choice output is its own only choice (`outputs == [self]`, `index == 0`).
+
+`prompt` (vLLM's RequestOutput.prompt, read by vLLM's quickstart: `output.prompt`): the prompt
+text of an `LLM.generate` output given as text (a str or {"prompt": str}), of an `LLM.chat`
+output the rendered conversation; None for token-id prompts and for stream deltas. It is kept
+outside the struct's fields (`set_prompt`), so the encoded layout is unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Usage(msgspec.Struct, gc=False):
     cached_tokens: int = 0
 
 
-class RequestOutput(msgspec.Struct):
+class RequestOutput(msgspec.Struct, dict=True):  # __dict__: `prompt`, never encoded
     request_id: str
     token_ids: list[int] = msgspec.field(default_factory=list)
     text: str = ""
@@ -59,6 +64,16 @@ class RequestOutput(msgspec.Struct):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prompt(self) -> str | None:
+        """vLLM's RequestOutput.prompt (see the module docstring); not a struct field."""
+        return self.__dict__.get("_prompt")
+
+    def set_prompt(self, prompt: str | None) -> RequestOutput:
+        """Attach the prompt text (LLM.generate / chat); returns self."""
+        self.__dict__["_prompt"] = prompt
+        return self
 
     @property
     def outputs(self) -> list[RequestOutput]:

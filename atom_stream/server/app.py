@@ -102,6 +102,12 @@ class ServerConfig:
         for name in ("max_body_bytes", "ws_max_frame_bytes", "ws_max_requests"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be a positive integer")
+        # None (ping off) where uvicorn takes it; a negative time is a typo, never a setting
+        for name in ("ws_ping_interval", "ws_ping_timeout", "ws_auth_timeout_s",
+                     "shutdown_timeout", "timeout_keep_alive"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name}: must be >= 0 seconds, got {value!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
         check_parser_names(self.tool_call_parser, self.reasoning_parser,
