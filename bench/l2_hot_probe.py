@@ -9,7 +9,8 @@ would buy: each kernel of one Kimi-K2.5 TP8 rank's decode layer is timed twice,
 
 so cold - hot is the most any L2 prefetch could save for that kernel. Kernels: the 4-bit MoE at
 M = 1 (fused_moe's dispatch on int4 g32 experts, w13 row-tiled as the model loads them: whole
-MoE, and the gate_up alone), the dense GEMV (kernels/gemv.py) at M = 1 and cuBLAS at M = 16 for
+MoE, and the gate_up alone), the dense GEMV (kernels/gemv.py at the model's configs) at M = 1 and
+cuBLAS at M = 16 for
 q_a+kv_a (2112 x 7168), o_proj (7168 x 1024), router + shared gate/up (896 x 7168).
 
     python3 bench/l2_hot_probe.py --out $OUT/l2-hot-probe-h200.json
@@ -32,7 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from kernels_moe import TOPK, E, H, I, expert_bytes, make_sets, make_weights, time_calls
 
-DENSE = {"qa_kva": (2112, 7168), "o_proj": (7168, 1024), "router_shared": (896, 7168)}
+# (N, K, the model's M=1 GEMV config name, output dtype)
+DENSE = {"qa_kva": (2112, 7168, "mla.QKV_GEMV_CONFIG", torch.bfloat16),
+         "o_proj": (7168, 1024, "mla.O_PROJ_GEMV_CONFIG", torch.bfloat16),
+         "router_shared": (896, 7168, "deepseek_v3.ROUTER_GEMV_CONFIG", torch.float32)}
 ROT = 8
 
 
@@ -68,12 +72,17 @@ def _moe_rows(dev) -> list:
 
 def _dense_rows(dev) -> list:
     from atom_stream.kernels import gemv as gv
+
+    from atom_stream.models import deepseek_v3, mla
     rows = []
-    for name, (n, k) in DENSE.items():
+    for name, (n, k, cfg_name, out_dtype) in DENSE.items():
+        mod, attr = cfg_name.split(".")
+        cfg = getattr({"mla": mla, "deepseek_v3": deepseek_v3}[mod], attr)
         ws = [torch.randn(n, k, device=dev).bfloat16() * 0.02 for _ in range(ROT)]
         for m, label in ((1, "gemv"), (16, "cublas")):
             x = torch.randn(m, k, device=dev).bfloat16()
-            fn = functools.partial(gv.gemv, x) if m == 1 else functools.partial(F.linear, x)
+            fn = (functools.partial(gv.gemv, x, out_dtype=out_dtype, config=cfg) if m == 1
+                  else functools.partial(F.linear, x))
             cold, hot = _cold_hot(fn, ws)
             rows.append({"kernel": f"{name}_{label}", "m": m, "cold_us": cold, "hot_us": hot,
                          "mb": n * k * 2 / 1e6})
