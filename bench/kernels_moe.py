@@ -234,6 +234,13 @@ _NT16 = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 8}, {"NT
 _NTS = [{}, {"stop_after": "gate_up"}, {"NT2": 2}, {"NT2": 4}, {"NT2": 4, "S2": 4}, {"NT2": 7},
         {}]
 NT_CANDIDATES = {16: _NT16, 64: _NTS, 256: _NTS}
+# --set occ (session 23): ncu at M=16 (bench/RESULTS.md session 23) has the direct-mode down at
+# 3 CTAs per SM by shared memory (64.5 KB at S2 3; registers would allow 5) over ~2.2 waves of
+# working programs, and the gate_up at ~3.3 CTAs per SM by its grid (4 KB per stage in
+# flight): fewer down stages (more CTAs per SM), wider / deeper gate_up K steps
+_OCC = [{}, {"stop_after": "gate_up"}, {"S2": 2}, {"S2": 2, "NT2": 4}, {"S2": 4}, {"NT2": 4},
+        {"S1": 4}, {"S1": 2}, {"BK1": 256, "S1": 2}, {"BK1": 256}, {}]
+OCC_CANDIDATES = {16: _OCC, 64: _OCC}
 # --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
 # mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
 # block, the MMA's N side) and the wider tiles a larger BM can feed
@@ -315,6 +322,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return PREFILL_CANDIDATES.get(M, [{}])
     if cset == "nt":
         return NT_CANDIDATES.get(M, [{}])
+    if cset == "occ":
+        return OCC_CANDIDATES.get(M, [{}])
     if cset == "aw":
         return AW_CANDIDATES.get(M, [{}])
     if cset == "dq":
@@ -374,7 +383,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f", "nt")
+                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f", "nt", "occ")
                         and b is not None):
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
@@ -438,7 +447,7 @@ def main(argv=None) -> None:
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
                     choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq",
-                             "smtc", "m1f", "nt"),
+                             "smtc", "m1f", "nt", "occ"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
