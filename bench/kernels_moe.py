@@ -241,6 +241,11 @@ NT_CANDIDATES = {16: _NT16, 64: _NTS, 256: _NTS}
 _OCC = [{}, {"stop_after": "gate_up"}, {"S2": 2}, {"S2": 2, "NT2": 4}, {"S2": 4}, {"NT2": 4},
         {"S1": 4}, {"S1": 2}, {"BK1": 256, "S1": 2}, {"BK1": 256}, {}]
 OCC_CANDIDATES = {16: _OCC, 64: _OCC}
+# its follow-up (the gate_up's stages won 3.6 % at M=64 in that sweep): stages and K step at
+# the sorted-mode sizes, both 4-bit formats
+_S1 = [{}, {"S1": 4}, {"S1": 5}, {"BK1": 256}, {"S1": 4, "BK1": 256}, {"stop_after": "gate_up"},
+       {"S1": 4, "stop_after": "gate_up"}, {}]
+OCC_CANDIDATES.update({32: _S1, 128: _S1, 256: _S1})
 # --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
 # mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
 # block, the MMA's N side) and the wider tiles a larger BM can feed
