@@ -13,7 +13,10 @@ checkpoints actually ship it:
 
 Missing keys take transformers' `DeepseekV3Config` defaults (`_HF_DEFAULTS`; tests/test_config.py
 checks them against the installed transformers), so a checkpoint that omits a field gives the
-tokens transformers gives. A key present with value null keeps its own meaning (`q_lora_rank:
+tokens transformers gives; `model_type: deepseek_v2` takes `DeepseekV2Config`'s
+(`_HF_V2_DEFAULTS`: softmax scores, greedy top-k without a correction bias).
+`attention_bias` / `mlp_bias` true are refused (the Linears have no bias).
+A key present with value null keeps its own meaning (`q_lora_rank:
 null` is no q LoRA; `n_routed_experts: null` a dense model; `n_group` / `topk_group: null` no
 group limit; `norm_topk_prob: null` false, as transformers' truthiness test reads it). The
 shape fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
@@ -58,7 +61,18 @@ _HF_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "hidden_act": "silu",
     "tie_word_embeddings": False,
+    # not DeepseekV3Config keys (its routing is always sigmoid + noaux_tc); DeepSeek's own
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
 }
+# transformers' DeepseekV2Config defaults where they differ (model_type deepseek_v2: DeepSeek-V2,
+# V2-Lite). Its router always scores by softmax (a transformers re-save writes no scoring_func)
+# and selects greedily without a correction bias; n_group / topk_group None: no group limit.
+_HF_V2_DEFAULTS: dict[str, Any] = dict(
+    _HF_DEFAULTS, moe_intermediate_size=1407, n_shared_experts=2, n_routed_experts=64,
+    num_experts_per_tok=None, routed_scaling_factor=1.0, n_group=None, topk_group=None,
+    first_k_dense_replace=0, norm_topk_prob=False, num_nextn_predict_layers=0,
+    max_position_embeddings=2048, scoring_func="softmax", topk_method="greedy")
 
 
 class ConfigError(ValueError):
@@ -129,6 +143,21 @@ def _parse_rope(text: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling]
         mscale=float(mscale if mscale is not None else 1.0),
         mscale_all_dim=float(mscale_all_dim or 0.0),
     )
+
+
+def _generation_eos(model_dir: str) -> tuple[int, ...]:
+    """eos_token_id (an int or a list) of generation_config.json in `model_dir`, if any."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model: {path} is not valid JSON: {e}") from None
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
 @dataclass(frozen=True)
@@ -203,6 +232,9 @@ class ModelConfig:
     # ----- parsing -----
     @classmethod
     def from_pretrained(cls, path: str) -> ModelConfig:
+        """config.json of a checkpoint directory (or the file itself). `eos_token_id` is
+        config.json's followed by generation_config.json's eos_token_id(s) when that file sits
+        beside it (HF generate and vLLM stop on those: Kimi-K2.5 ends a turn with <|im_end|>)."""
         cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(cfg_path):
             raise ConfigError(f"model: no config.json at {path!r}")
@@ -212,13 +244,18 @@ class ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"model: {cfg_path} is not valid JSON: {e}") from None
         try:
-            return cls.from_dict(raw)
+            cfg = cls.from_dict(raw)
+            gen_eos = _generation_eos(os.path.dirname(cfg_path))
         except ConfigError:
             raise
         except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
             # a field of the wrong type or shape ("abc" for a size, a string for a dict)
             raise ConfigError(f"model: {cfg_path} has a malformed field ({type(e).__name__}: "
                               f"{e})") from None
+        if gen_eos:  # the engine stops on these too when it runs without a tokenizer
+            cfg = dataclasses.replace(
+                cfg, eos_token_id=tuple(dict.fromkeys(cfg.eos_token_id + gen_eos)))
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -252,11 +289,19 @@ class ModelConfig:
                 raise ConfigError(f"model: config.json lacks required field {name!r}")
             return text[name]
 
+        defaults = _HF_V2_DEFAULTS if model_type == "deepseek_v2" else _HF_DEFAULTS
+
         def opt(name: str) -> Any:
             """The key's value (null included: callers give null its meaning), or, when the
-            key is missing, transformers' DeepseekV3Config default."""
-            return text[name] if name in text else _HF_DEFAULTS[name]
+            key is missing, transformers' DeepseekV3Config (DeepseekV2Config) default."""
+            return text[name] if name in text else defaults[name]
 
+        # transformers' DeepseekV3/V2 give q_a / q / kv_a / o_proj (V2: mlp_bias, the MLPs) a
+        # bias when set; our Linears have none, so such a checkpoint would serve wrong tokens
+        for key in ("attention_bias", "mlp_bias"):
+            if text.get(key):
+                raise ConfigError(f"model: {key} true (linear layers with biases) is not "
+                                  f"supported; DeepseekV3 checkpoints have none")
         max_pos = int(opt("max_position_embeddings"))
         rope_theta, rope = _parse_rope(text, max_pos)
         eos = text.get("eos_token_id")
@@ -264,7 +309,7 @@ class ModelConfig:
                                   else (eos,))
         # transformers reads `num_mtp_layers` as an alias (attribute_map)
         mtp = (text["num_nextn_predict_layers"] if "num_nextn_predict_layers" in text
-               else text.get("num_mtp_layers", _HF_DEFAULTS["num_nextn_predict_layers"]))
+               else text.get("num_mtp_layers", defaults["num_nextn_predict_layers"]))
         cfg = cls(
             vocab_size=int(req("vocab_size")),
             hidden_size=int(req("hidden_size")),
@@ -287,9 +332,9 @@ class ModelConfig:
             topk_group=int(opt("topk_group") or 1),
             norm_topk_prob=bool(opt("norm_topk_prob")),  # null: false (transformers' `if`)
             routed_scaling_factor=float(opt("routed_scaling_factor")),
-            # not in transformers, whose DeepseekV3 always scores by sigmoid with the bias
-            scoring_func=text.get("scoring_func", "sigmoid"),
-            topk_method=text.get("topk_method", "noaux_tc"),
+            # not DeepseekV3Config keys: its router always scores by sigmoid with the bias
+            scoring_func=opt("scoring_func"),
+            topk_method=opt("topk_method"),
             num_nextn_predict_layers=int(mtp or 0),
             rope_theta=rope_theta,
             rope_scaling=rope,

@@ -13,7 +13,10 @@ Name mapping (HF names; model_spec.md §2):
 - Layers >= num_hidden_layers (DeepSeek-V3's MTP layer 61) and rotary buffers are skipped.
 
 Every failure raises one `CheckpointError` that names the file or tensor: a missing tensor, a
-shape mismatch, an unreadable/corrupt file, no weights found.
+shape mismatch, an unreadable/corrupt file, no weights found, a tensor of a served layer whose
+module the model lacks (config.json and checkpoint disagree), a linear bias the model has no
+place for. Other unused tensors (outside the served layers, or extra attributes of a module the
+model has) are logged as a warning.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 SKIP_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -203,7 +207,8 @@ class WeightLoader:
                     self.load_one(f"{base}.{idx}.down_proj.weight", lambda t=full[idx]: t, ())
                 else:
                     half = full.shape[1] // 2
-                    for proj, rows in (("gate_proj", full[idx, :half]), ("up_proj", full[idx, half:])):
+                    for proj, rows in (("gate_proj", full[idx, :half]),
+                                       ("up_proj", full[idx, half:])):
                         self.load_one(f"{base}.{idx}.{proj}.weight", lambda t=rows: t, ())
             return
         if name in self.params:
@@ -211,13 +216,30 @@ class WeightLoader:
             return
         if name.endswith(("k_scale", "v_scale", "kv_scale")):
             return  # KV scales are read by the KV-cache setup, not parameters
+        if name.endswith(".bias") and name[:-len("bias")] + "weight" in self.params:
+            # a bias the model would silently drop: its outputs would be wrong
+            raise CheckpointError(f"{name}: the checkpoint has a bias for this layer, which "
+                                  f"the model does not support (config attention_bias?)")
         self.ignored.append(name)
+
+    def has_module(self, name: str) -> bool:
+        """Whether the model has parameters under the module of checkpoint tensor `name` (an
+        expert's tensors count as their experts group's)."""
+        m = _EXPERT_RE.match(name)
+        prefix = (m.group(1) if m else name.rsplit(".", 1)[0]) + "."
+        return any(p.startswith(prefix) for p in self.params)
 
     def check_complete(self, tie_word_embeddings: bool) -> None:
         """Raise naming the first checkpoint tensor that never arrived."""
         missing: list[str] = []
+        # the routing correction bias exists only where routing uses it (noaux_tc); DeepSeek-V2
+        # (greedy / softmax) checkpoints have none, and the Router's zeros stand unused
+        cfg = getattr(self.model, "config", None)
+        no_bias = getattr(cfg, "topk_method", "noaux_tc") != "noaux_tc"
         for pname, p in self.params.items():
             if pname in self.loaded or (tie_word_embeddings and pname == "lm_head.weight"):
+                continue
+            if no_bias and pname.endswith("mlp.gate.e_score_correction_bias"):
                 continue
             if pname.endswith(("experts.w13", "experts.w2")):
                 base = pname.rsplit(".", 1)[0]
@@ -259,6 +281,17 @@ def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embed
         n += 1
     if n == 0:
         raise CheckpointError(f"{path}: no tensors found")
+    served = [n for n in loader.ignored
+              if (m := _LAYER_RE.match(n)) and int(m.group(1)) < num_layers
+              and not loader.has_module(n)]
+    if served:
+        # a tensor of a served layer whose module the model does not have: config.json and the
+        # checkpoint disagree (e.g. n_shared_experts 0 beside shared-expert weights); serving
+        # without it would give wrong tokens. An extra attribute of a module the model has
+        # (an unused input_scale, ...) only warns below.
+        more = f" (and {len(served) - 1} more)" if len(served) > 1 else ""
+        raise CheckpointError(f"{path}: checkpoint tensor {served[0]!r}{more} has no place in "
+                              f"the model its config.json describes")
     if loader.ignored:
         logger.warning("%d checkpoint tensors not used by the model (e.g. %s)",
                        len(loader.ignored), ", ".join(loader.ignored[:3]))

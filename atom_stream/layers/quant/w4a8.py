@@ -71,6 +71,20 @@ def amax_scale(*ws: torch.Tensor) -> torch.Tensor:
 _PIECES = ("weight", "weight_scale", "weight_scale_2")
 
 
+def check_piece(suffix: str, t: torch.Tensor, rows: int, cols: int, name: str) -> None:
+    """A CheckpointError naming `name` unless this rank's piece fits an [rows, cols] weight:
+    weight [rows, cols / 8], weight_scale one value, weight_scale_2 `rows` values."""
+    if suffix == "weight":
+        ok, want = tuple(t.shape) == (rows, cols // 8), str((rows, cols // 8))
+    elif suffix == "weight_scale":
+        ok, want = t.numel() == 1, "one value"
+    else:
+        ok, want = t.numel() == rows, f"{rows} values"
+    if not ok:
+        raise CheckpointError(f"{name}: shape mismatch, checkpoint has {tuple(t.shape)}, model "
+                              f"expects {want}")
+
+
 def _act(scheme, input_scale: torch.Tensor | None):
     if scheme.act == "fp8_static":
         return lambda x: fp8_qdq_static(x, input_scale)
@@ -109,6 +123,7 @@ class W4A8LinearMethod(LinearMethod):
             tensor = tp_narrow(tensor.reshape(-1), 0, layer.tp, name) if dim == 0 else tensor
         elif suffix == "weight":
             tensor = tp_narrow(tensor, dim, layer.tp, name)
+        check_piece(suffix, tensor, *layer.weight.shape, name)
         stage = self._stage.setdefault(id(layer), {})
         stage[suffix] = tensor
         if all(k in stage for k in _PIECES):
@@ -173,6 +188,9 @@ class W4A8MoEMethod(MoEMethod):
         if suffix == "weight_scale_2":
             tensor = tensor.reshape(-1)
         tensor = narrow_expert(tensor, proj, experts, name)
+        shape = ((experts.hidden, experts.inter) if proj == "down_proj"
+                 else (experts.inter, experts.hidden))
+        check_piece(suffix, tensor, *shape, name)
         group = "w2" if proj == "down_proj" else "w13"
         key = (id(experts), idx, group)
         stage = self._stage.setdefault(key, {})
