@@ -296,6 +296,12 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # time at M=16 a tie, 113.0 / 113.9 vs 112.8 us)
         if fmt == INT4 and M <= 16:
             tc4.update(BN2=128, W2=4, NT2=7)
+        # int4 sorted mode at 16 < M <= 64, row-tiled w13: 4 gate_up stages instead of 3
+        # (H200, session 23, bench/kernels_moe.py --set occ, two calls: whole MoE M=64 263.4 /
+        # 265.1 / 263.3 / 264.8 -> 254.6 / 257.3 us; M=16 a tie; M=256 +1.4 %, so not there;
+        # decode step B=64 21.244 / 20.956 -> 20.849 / 20.829 ms, a b a b)
+        if fmt == INT4 and 16 < M <= 64 and wt > 1:
+            tc4["S1"] = 4
         # int4 prefill-sized M: blocks of more tokens per expert (each block re-reads its
         # expert's weights): M=1024 BM 16/32/64 801/576/735 us, M=4096 2589/1825/1740, M=8192
         # 5048/3726/3040 (H200, session 7, bench/kernels_moe.py --set prefill)

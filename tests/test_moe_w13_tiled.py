@@ -99,6 +99,16 @@ def test_tiled_real_rows_gpu(fmt, M):
     assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.skipif(not GPU, reason="real shapes natively only")
+@pytest.mark.parametrize("M", [32, 64, 128])
+def test_tiled_real_rows_default_configs_gpu(M):
+    """int4 at the real widths, each layout at its own default tiles (the row-tiled sorted mode
+    takes 4 gate_up stages at 16 < M <= 64, session 23; 3 elsewhere)."""
+    (row, tiled), ref = run("int4", M, 64, 7168, 256, 8, 16, None, seed=3 * M)
+    for out in (row, tiled):
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_tile_round_trip_and_errors():
     gen = torch.Generator().manual_seed(7)
     (w13, w2, s13, s2), _ = experts("int4", 4, 256, 128, gen)
