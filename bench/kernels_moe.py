@@ -246,6 +246,10 @@ OCC_CANDIDATES = {16: _OCC, 64: _OCC}
 _S1 = [{}, {"S1": 4}, {"S1": 5}, {"BK1": 256}, {"S1": 4, "BK1": 256}, {"stop_after": "gate_up"},
        {"S1": 4, "stop_after": "gate_up"}, {}]
 OCC_CANDIDATES.update({32: _S1, 128: _S1, 256: _S1})
+# --set bh (session 23): the top-k reduce's columns per program (BH 1024: 7 programs per token,
+# 112 at M=16 on 132 SMs; ncu: 3.9 us, 6 % occupancy, long-scoreboard bound)
+_BH = [{}, {"BH": 512}, {"BH": 256}, {"BH": 128}, {}]
+BH_CANDIDATES = {16: _BH, 64: _BH, 256: _BH}
 # --set prefill (session 7): prefill-sized M, where every expert holds many pairs and sorted
 # mode's BM-row blocks re-read each expert's weights ceil(pairs / BM) times: BM (tokens per
 # block, the MMA's N side) and the wider tiles a larger BM can feed
@@ -329,6 +333,8 @@ def _candidates(fmt: str, M: int, cset: str = "all") -> list:
         return NT_CANDIDATES.get(M, [{}])
     if cset == "occ":
         return OCC_CANDIDATES.get(M, [{}])
+    if cset == "bh":
+        return BH_CANDIDATES.get(M, [{}])
     if cset == "aw":
         return AW_CANDIDATES.get(M, [{}])
     if cset == "dq":
@@ -388,7 +394,7 @@ def moe_rows(arg=None, *, formats=("int4", "mxfp4", "mxfp4_w4a4", "bf16", "fp8")
             if best is None:
                 continue
             for tag, b in (("old", best_old), ("new", best_new)):
-                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f", "nt", "occ")
+                if (cset in ("tc", "tcx", "down", "prefill", "aw", "dq", "smtc", "m1f", "nt", "occ", "bh")
                         and b is not None):
                     r = dict(row(FORMATS[fmt] + "@" + tag, M, b[0], b[1], eb, copy_gbps),
                              config=b[2])
@@ -452,7 +458,7 @@ def main(argv=None) -> None:
                     help="stop trying alternative configs after this many seconds")
     ap.add_argument("--set", default="all",
                     choices=("all", "tc", "tcx", "default", "tile", "down", "prefill", "aw", "dq",
-                             "smtc", "m1f", "nt", "occ"),
+                             "smtc", "m1f", "nt", "occ", "bh"),
                     help="int4/mxfp4 candidates: all = CANDIDATES, tc = TC_CANDIDATES (issue 6), "
                     "tcx = TC_CANDIDATES + TC_EXTRA, default = the default config only, tile = "
                     "TILE_CANDIDATES, down = DOWN_CANDIDATES, prefill = PREFILL_CANDIDATES, "
