@@ -243,9 +243,9 @@ _OCC = [{}, {"stop_after": "gate_up"}, {"S2": 2}, {"S2": 2, "NT2": 4}, {"S2": 4}
 OCC_CANDIDATES = {16: _OCC, 64: _OCC}
 # its follow-up (the gate_up's stages won 3.6 % at M=64 in that sweep): stages and K step at
 # the sorted-mode sizes, both 4-bit formats
-_S1 = [{}, {"S1": 4}, {"S1": 5}, {"BK1": 256}, {"S1": 4, "BK1": 256}, {"stop_after": "gate_up"},
-       {"S1": 4, "stop_after": "gate_up"}, {}]
-OCC_CANDIDATES.update({32: _S1, 128: _S1, 256: _S1})
+_S1 = [{}, {"S1": 3}, {"S1": 4}, {"S1": 5}, {"BK1": 256}, {"S1": 4, "BK1": 256},
+       {"stop_after": "gate_up"}, {"S1": 4, "stop_after": "gate_up"}, {}]
+OCC_CANDIDATES.update({32: _S1, 48: _S1, 128: _S1, 256: _S1})
 # --set bh (session 23): the top-k reduce's columns per program (BH 1024: 7 programs per token,
 # 112 at M=16 on 132 SMs; ncu: 3.9 us, 6 % occupancy, long-scoreboard bound)
 _BH = [{}, {"BH": 512}, {"BH": 256}, {"BH": 128}, {}]
