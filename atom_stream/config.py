@@ -145,19 +145,50 @@ def _parse_rope(text: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling]
     )
 
 
-def _generation_eos(model_dir: str) -> tuple[int, ...]:
-    """eos_token_id (an int or a list) of generation_config.json in `model_dir`, if any."""
+def _generation_config(model_dir: str) -> dict[str, Any]:
+    """generation_config.json in `model_dir` as a dict ({} when there is none)."""
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
-        return ()
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"model: {path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _generation_eos(model_dir: str) -> tuple[int, ...]:
+    """eos_token_id (an int or a list) of generation_config.json in `model_dir`, if any."""
+    eos = _generation_config(model_dir).get("eos_token_id")
     if eos is None:
         return ()
     return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+# transformers' GenerationConfig defaults of the sampling keys vLLM reads: its
+# ModelConfig.get_diff_sampling_param takes generation_config.to_diff_dict(), which leaves out
+# every value equal to these
+_HF_GENERATION_DEFAULTS: dict[str, Any] = {"repetition_penalty": 1.0, "temperature": 1.0,
+                                           "top_k": 50, "top_p": 1.0, "min_p": None,
+                                           "max_new_tokens": None}
+
+
+def generation_sampling_defaults(model: str | None) -> dict[str, Any]:
+    """vLLM's `get_diff_sampling_param`: the sampling defaults a checkpoint's
+    generation_config.json sets (repetition_penalty, temperature, top_k, top_p, min_p, and
+    max_new_tokens as `max_tokens`), those present, not null and different from transformers'
+    GenerationConfig defaults. The OpenAI routes use them for the fields a request leaves out
+    (max_tokens as a cap, as vLLM's get_max_tokens), `LLM.generate` when given no params. {}
+    for the demo model, bench presets, or a checkpoint without the file."""
+    if not model or not os.path.isdir(model):
+        return {}
+    gen = _generation_config(model)
+    out = {k: gen[k] for k, default in _HF_GENERATION_DEFAULTS.items()
+           if gen.get(k) is not None and gen[k] != default}
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    return out
 
 
 @dataclass(frozen=True)

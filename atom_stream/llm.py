@@ -41,7 +41,7 @@ from atom_stream.engine.prompts import (
     resolve_chat_options,
 )
 from atom_stream.errors import InvalidRequestError
-from atom_stream.sampling_params import SamplingParams
+from atom_stream.sampling_params import SamplingParams, model_sampling_defaults
 
 
 class LLM:
@@ -62,6 +62,16 @@ class LLM:
         self._ids = itertools.count()
         self._finalizer = None
         return self
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's LLM.get_default_sampling_params: SamplingParams with the checkpoint's
+        generation_config.json defaults (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens as max_tokens), what `generate` / `chat` use when given no params."""
+        cached = self.__dict__.get("_default_params")
+        if cached is None:
+            cached = SamplingParams(**model_sampling_defaults(self.engine.config.model))
+            self.__dict__["_default_params"] = cached
+        return cached
 
     def shutdown(self) -> None:
         """Stop the engine (see the module docstring); idempotent."""
@@ -177,7 +187,7 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         n = len(token_lists)
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
-            params = [sampling_params or SamplingParams()] * n
+            params = [sampling_params or self.get_default_sampling_params()] * n
         else:
             params = list(sampling_params)
             if len(params) != n:

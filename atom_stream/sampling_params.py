@@ -244,3 +244,24 @@ def tokenize_bad_words(words: list[str], encode: Callable[[str], list[int]],
         raise SamplingParamsError("bad_words", f"the model vocabulary size is {vocab_size}, but "
                                   f"these tokens were specified as bad: {invalid}")
     return seqs
+
+
+def model_sampling_defaults(model: str | None) -> dict:
+    """The checkpoint's generation_config.json sampling defaults (config.
+    generation_sampling_defaults: vLLM's get_diff_sampling_param), checked once: values that
+    SamplingParams refuses are logged and dropped (a bad file must not fail every request)."""
+    import logging
+
+    from atom_stream.config import generation_sampling_defaults
+
+    defaults = generation_sampling_defaults(model)
+    log = logging.getLogger(__name__)
+    for key in list(defaults):
+        try:
+            SamplingParams(**{key: defaults[key]})
+        except (SamplingParamsError, TypeError, ValueError, msgspec.ValidationError) as e:
+            log.warning("generation_config.json: %s=%r ignored (%s)", key, defaults.pop(key), e)
+    if defaults:
+        log.info("default sampling parameters from the model's generation_config.json: %s "
+                 "(a request's own values override them)", defaults)
+    return defaults

@@ -48,6 +48,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.prompts import refuse_request_template, resolve_chat_options
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
+from atom_stream.sampling_params import model_sampling_defaults
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
@@ -128,6 +129,9 @@ class ServerState:
         self.metrics = FrontendMetrics(self.model_names[0])
         self.key_checker = KeyChecker(config.api_keys)
         self.started = int(time.time())
+        # the checkpoint's generation_config.json sampling defaults (vLLM's
+        # get_diff_sampling_param), for the fields an OpenAI request leaves out
+        self.default_sampling = model_sampling_defaults(engine_config.model)
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True):

@@ -321,7 +321,8 @@ class OpenAIServing:
             req = decode_request(ChatCompletionRequest, await read_body(
                 request, self.state.config.max_body_bytes))
             model = self._model(req.model)
-            params = build_sampling_params(req, chat=True)
+            params = build_sampling_params(req, chat=True,
+                                           defaults=self.state.default_sampling)
             messages = messages_to_dicts(req.messages)
             tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
             # vLLM's order: the request's tools, then its chat_template_kwargs over them
@@ -406,7 +407,8 @@ class OpenAIServing:
             model = self._model(req.model)
             if req.suffix:
                 raise HTTPError(400, "suffix is not supported", "suffix")
-            params = build_sampling_params(req, chat=False)
+            params = build_sampling_params(req, chat=False,
+                                           defaults=self.state.default_sampling)
             prompts = await truncate_prompts(self.engine, completion_prompts(req.prompt), req,
                                              params.max_tokens)
             rid = f"cmpl-{base_request_id(request.headers, req.request_id)}"

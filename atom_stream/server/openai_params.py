@@ -79,15 +79,21 @@ def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> l
     return out
 
 
-def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool
-                          ) -> SamplingParams:
-    """Request fields -> SamplingParams; errors name the request's field, not ours."""
+def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool,
+                          defaults: dict | None = None) -> SamplingParams:
+    """Request fields -> SamplingParams; errors name the request's field, not ours. `defaults`:
+    the model's generation_config sampling defaults (sampling_params.model_sampling_defaults),
+    taken where the request leaves a field out, `max_tokens` as a cap (vLLM's
+    get_diff_sampling_param / get_max_tokens)."""
+    defaults = defaults or {}
     kw: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
                           "skip_special_tokens": req.skip_special_tokens,
                           "include_stop_str_in_output": req.include_stop_str_in_output}
     renames: dict[str, str] = {}
     for name in _SAMPLING_FIELDS:
         value = getattr(req, name)
+        if value is None:
+            value = defaults.get(name)
         if value is not None:
             kw[name] = value
     if req.stop is not None:
@@ -123,6 +129,9 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
             kw["logprobs"] = req.logprobs
             if req.echo and req.prompt_logprobs is None:
                 kw["prompt_logprobs"] = req.logprobs
+    cap = defaults.get("max_tokens")  # vLLM's get_max_tokens: the smallest of those given
+    if cap is not None:
+        kw["max_tokens"] = cap if kw.get("max_tokens") is None else min(kw["max_tokens"], cap)
     # vLLM's validators: only a non-empty stream_options object needs stream
     # (`if data.get("stream_options") and not data.get("stream")`), and only prompt_logprobs
     # > 0 (or -1) is refused with stream (check_logprobs); 0 is computed and not streamed
