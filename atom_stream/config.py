@@ -509,7 +509,8 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     served_model_name: str | None = None
     chat_template: str | None = None
-    # CPU: KV pool size in bytes when num_kv_blocks unset (a positive integer or None)
+    # KV pool size in bytes when num_kv_blocks is unset (a positive integer or None); on a GPU
+    # it overrides gpu_memory_utilization's sizing, as vLLM's --kv-cache-memory-bytes
     kv_cache_memory_bytes: int | None = None
     # the CPU runs one step behind the device (engine/pipeline.py); None = on when the runner
     # supports it (single rank), False = the synchronous loop

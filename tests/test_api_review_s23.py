@@ -107,3 +107,26 @@ def test_server_config_refuses_negative_times(name):
     with pytest.raises(ValueError, match=name):
         ServerConfig(**{name: -1})
     assert getattr(ServerConfig(**{name: 0}), name) == 0
+
+
+@pytest.mark.parametrize("device,given,want", [("cuda", None, 10), ("cuda", 4096, 4),
+                                               ("cpu", 4096, 4)])
+def test_kv_cache_memory_bytes_sizes_the_pool_on_gpus_too(device, given, want):
+    """vLLM's --kv-cache-memory-bytes overrides gpu_memory_utilization's sizing: the pool's
+    block count follows it on a GPU as on the CPU (the profile still runs: its forwards
+    compile the kernels). Driven through ModelRunner._num_kv_blocks with a stand-in runner."""
+    import types
+
+    import torch
+
+    from atom_stream.engine.model_runner import ModelRunner
+    profiled = []
+    runner = types.SimpleNamespace(
+        config=EngineConfig(kv_cache_memory_bytes=given, max_num_seqs=64),
+        model_config=types.SimpleNamespace(kv_cache_dim=8, num_hidden_layers=4),
+        block_size=16, kv_dtype=torch.bfloat16, device=torch.device(device),
+        max_model_len=1024, tp_info=types.SimpleNamespace(size=1),
+        _profile_kv_budget=lambda: profiled.append(1) or 10 * 16 * 8 * 4 * 2)
+    # bytes per block: 16 tokens x 8 x 4 layers x 2 bytes = 1024
+    assert ModelRunner._num_kv_blocks(runner) == want
+    assert profiled == ([1] if device == "cuda" else [])

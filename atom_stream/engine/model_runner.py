@@ -322,7 +322,11 @@ class ModelRunner:
         if self.device.type == "cpu":
             budget = self.config.kv_cache_memory_bytes or CPU_KV_POOL_BYTES
         else:
-            budget = self._profile_kv_budget()
+            budget = self._profile_kv_budget()  # runs the start-up forwards in any case
+            if self.config.kv_cache_memory_bytes is not None:
+                # vLLM's --kv-cache-memory-bytes: the pool's size, gpu_memory_utilization's
+                # sizing ignored (the caller owns the fit)
+                budget = self.config.kv_cache_memory_bytes
         want = self.config.max_num_seqs * math.ceil(self.max_model_len / self.block_size)
         blocks = int(min(budget // bytes_per_block, want))
         if self.tp_info.size > 1:  # every rank must hold the same pool
