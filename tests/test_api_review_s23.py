@@ -130,3 +130,40 @@ def test_kv_cache_memory_bytes_sizes_the_pool_on_gpus_too(device, given, want):
     # bytes per block: 16 tokens x 8 x 4 layers x 2 bytes = 1024
     assert ModelRunner._num_kv_blocks(runner) == want
     assert profiled == ([1] if device == "cuda" else [])
+
+
+async def test_abort_while_the_prompt_is_tokenized_never_starts_it():
+    """AsyncEngine.abort(id) while that request's prompt is still being tokenized (off the loop
+    for long prompts) used to find no live request: the request then ran in full. Now its
+    stream ends with one "abort" delta, nothing reaches the core, and the id is free again."""
+    import asyncio
+
+    from atom_stream import AsyncEngine, SamplingParams
+    gate = asyncio.Event()
+    async with AsyncEngine(model="demo", device="cpu", num_kv_blocks=64) as engine:
+        real = engine.tokenize_prompt
+
+        async def slow(*a, **k):
+            await gate.wait()
+            return await real(*a, **k)
+
+        engine.tokenize_prompt = slow
+        outs = []
+
+        async def consume():
+            async for o in engine.generate("hello there", SamplingParams(max_tokens=8),
+                                           request_id="r1"):
+                outs.append(o)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        await engine.abort("r1")
+        gate.set()
+        await asyncio.wait_for(task, 30)
+        assert [o.finish_reason for o in outs] == ["abort"] and outs[0].token_ids == []
+        assert outs[0].usage.completion_tokens == 0 and outs[0].usage.prompt_tokens > 0
+        assert not engine.core.requests and engine.core.scheduler.bm.usage == 0
+        engine.tokenize_prompt = real
+        final = [o async for o in engine.generate("hello", SamplingParams(
+            max_tokens=3, ignore_eos=True), request_id="r1")][-1]
+        assert final.finish_reason == "length"

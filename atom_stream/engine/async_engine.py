@@ -48,7 +48,7 @@ from typing import Any
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine
-from atom_stream.engine.outputs import RequestOutput
+from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.prompts import Prompt, tokenize_prompt
 from atom_stream.errors import (
     EngineDeadError,
@@ -116,6 +116,8 @@ class AsyncEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="atom-stream-step")
         self._slots: dict[str, _Slot] = {}
+        # request id -> aborted while its prompt was being tokenized (not yet in the core)
+        self._tokenizing: dict[str, bool] = {}
         self._pending_aborts: list[str] = []
         self._in_step = False
         self._task: asyncio.Task | None = None
@@ -272,10 +274,20 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
         params = core.check_params(params)
-        ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
-                                         add_special_tokens=add_special_tokens,
-                                         add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message)
+        if request_id in self._tokenizing:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        self._tokenizing[request_id] = False
+        try:
+            ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
+                                             add_special_tokens=add_special_tokens,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
+        finally:
+            aborted = self._tokenizing.pop(request_id, False)
+        if aborted:  # abort(request_id) came while the prompt was tokenized: never started
+            yield RequestOutput(request_id, finish_reason="abort", prompt_token_ids=ids,
+                                usage=Usage(len(ids), 0, len(ids)))
+            return
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
@@ -310,7 +322,11 @@ class AsyncEngine:
                 self._abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a live request; its stream ends with a finish_reason "abort" delta."""
+        """Abort a live request; its stream ends with a finish_reason "abort" delta (also when
+        its prompt is still being tokenized: it then never starts)."""
+        if request_id in self._tokenizing:
+            self._tokenizing[request_id] = True
+            return
         self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
