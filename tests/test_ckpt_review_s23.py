@@ -151,8 +151,19 @@ def test_generation_config_eos_stops_without_a_tokenizer(tmp_path):
     assert 257 not in free
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, stop]}))
     assert ModelConfig.from_pretrained(str(tmp_path)).eos_token_id == (257, stop)
-    tokens, reason = greedy(llm_for(str(tmp_path)), n=8, ignore_eos=False)
+    llm = llm_for(str(tmp_path))
+    tokens, reason = greedy(llm, n=8, ignore_eos=False)
     assert (tokens, reason) == (free[:k + 1], "stop")
+    # vLLM (SamplingParams.update_from_generation_config): generation_config's EOS ids other
+    # than the primary one are stop tokens, so the stop_reason is the id ...
+    from atom_stream import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=8)
+    assert llm.generate(prompt_token_ids=[PROMPT], sampling_params=params)[0].stop_reason == stop
+    # ... while the primary EOS (config.json's / the tokenizer's own) has none
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), eos_token_id=stop)))
+    out = llm_for(str(tmp_path)).generate(prompt_token_ids=[PROMPT], sampling_params=params)[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (free[:k + 1], "stop", None)
 
 
 # ------------------------------------------------------------------ unused tensors of served layers

@@ -6,8 +6,10 @@ in its worker thread) -> `postprocess(batch, output)`:
 - advance every scheduled sequence (`num_computed_tokens += n`), register its newly full blocks
   in the prefix cache, append the sampled token;
 - stop checks, in order: EOS (unless `ignore_eos`) and `stop_token_ids` -> "stop" (only once
-  `min_tokens` outputs exist; the stop token stays in token_ids, its text is dropped unless
-  `include_stop_str_in_output`), `max_tokens` or `max_model_len` -> "length";
+  `min_tokens` outputs exist; `stop_reason` None for the tokenizer's own EOS, the id for a stop
+  token or another EOS id, e.g. generation_config.json's, as vLLM; the stop token stays in
+  token_ids, its text is dropped unless `include_stop_str_in_output`), `max_tokens` or
+  `max_model_len` -> "length";
 - incremental detokenization, then text-level stop strings (held back until ruled out, trimmed
   when matched: "stop" with `stop_reason` = the string; a match must end in the text of output
   token min_tokens + 1 or later, as vLLM's `len(output_token_ids) > min_tokens`, but may begin
@@ -443,7 +445,10 @@ class LLMEngine:
             is_eos = not params.ignore_eos and tok in seq.eos_token_ids
             if nout >= params.min_tokens and (is_eos or tok in seq.stop_token_set):
                 reason = "stop"
-                if not is_eos:
+                # the tokenizer's own EOS (the first id) has no stop_reason; vLLM turns the
+                # other EOS ids (generation_config.json's) into stop_token_ids
+                # (SamplingParams.update_from_generation_config): their stop_reason is the id
+                if not is_eos or tok != seq.eos_token_ids[0]:
                     stop_reason = tok
                 hide = not params.include_stop_str_in_output
             elif nout >= seq.max_tokens or n_known >= max_len:
