@@ -115,6 +115,7 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused (vLLM's default: untrusted request template)
+    include_reasoning: bool = True  # vLLM's: false drops reasoning_content (still split off)
     # tools are rendered into the prompt by the chat template; tool calls are parsed with
     # --enable-auto-tool-choice --tool-call-parser (tool_choice "auto"), see chat_parsing.py
     tools: list[dict[str, Any]] | None = None

@@ -294,6 +294,23 @@ def test_http_tool_calls_and_reasoning_non_streamed(on):
     assert choice["message"]["content"] is None and choice["message"]["reasoning_content"] == ""
 
 
+def test_http_include_reasoning_false(on):
+    """vLLM's include_reasoning false: the reasoning is split off and not sent (null in the
+    message, no reasoning delta); content and tool calls as with it."""
+    c, engine = on
+    body = {"messages": CHAT, "tools": TOOLS, "include_reasoning": False}
+    engine.script = ["Weather", " needed.", "</think>", *chunks(KIMI_OUT, 5)]
+    choice = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    msg = choice["message"]
+    assert msg["reasoning_content"] is None and msg["content"] == "Let me check."
+    assert [t["function"]["name"] for t in msg["tool_calls"]] == ["get_weather", "get_time"]
+    engine.script = ["Weather", " needed.", "</think>", *chunks(KIMI_OUT, 5)]
+    r = c.post("/v1/chat/completions", json={**body, "stream": True})
+    deltas = [ch["delta"] for e in events(r.text) for ch in e["choices"]]
+    assert not any(d.get("reasoning_content") for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me check."
+
+
 def test_http_tool_calls_and_reasoning_streamed(on):
     c, engine = on
     engine.script = ["Hmm", "</think>", "Sure.", SB, CB, "functions.get_time:0", AB, '{"tz":',

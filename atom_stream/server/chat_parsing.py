@@ -26,6 +26,9 @@ Answers (non-streamed, vLLM's ChatMessage): with any parser on, `message` has
 `reasoning_content` (null when none) and `tool_calls` ([] when none); content is null when the
 parsers leave nothing. Streamed deltas carry `reasoning_content`, `content` and
 `tool_calls[{id, type, index, function{name}}]` / `[{index, function{arguments}}]`.
+`include_reasoning: false` (vLLM's request field, default true) still splits the reasoning off
+but drops it: non-streamed `reasoning_content` null, streamed no `reasoning_content` (a step left
+with nothing else sends no chunk), as vLLM's chat_completion/serving.py.
 `parallel_tool_calls: false` keeps the first tool call only (vLLM's
 maybe_filter_parallel_tool_calls): non-streamed, `tool_calls[:1]`; streamed, only the deltas of
 call index 0 (a step left with nothing else to say sends no chunk, where vLLM sends
@@ -100,16 +103,18 @@ class OutputParser:
     `feed(text)` -> the DeltaMessage for this step's text (None: nothing to send yet);
     `finish(text)` -> the last one (the text of the final step, then whatever is held).
     `first_call_only` (parallel_tool_calls false): deltas of tool calls after the first are
-    dropped."""
+    dropped; `include_reasoning` false: the reasoning is split off and not sent."""
 
-    __slots__ = ("_first_only", "_scrub", "_think", "_tools")
+    __slots__ = ("_first_only", "_include", "_scrub", "_think", "_tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
-                 tools: ToolFormat | None, first_call_only: bool = False):
+                 tools: ToolFormat | None, first_call_only: bool = False,
+                 include_reasoning: bool = True):
         self._think = ThinkStream(reasoning, thinking) if reasoning is not None else None
         self._scrub = Scrub(reasoning.placeholder) if reasoning and reasoning.placeholder else None
         self._tools = ToolCallStream(tools) if tools is not None else None
         self._first_only = first_call_only
+        self._include = include_reasoning
 
     @property
     def called_tools(self) -> bool:
@@ -142,6 +147,8 @@ class OutputParser:
                 calls = [d for d in calls if d.index == 0]
         if self._scrub is not None:  # the content only: tool-call arguments stay as written
             content = self._scrub.feed(content) + (self._scrub.finish() if final else "")
+        if not self._include:
+            reasoning = ""
         if not (reasoning or content or calls):
             return None
         return DeltaMessage(content=content or UNSET, reasoning_content=reasoning or UNSET,
@@ -166,18 +173,22 @@ def _merge(calls: list[DeltaToolCall], more: list[DeltaToolCall]) -> list[DeltaT
 class ParsePlan:
     """How one request's output is parsed (see the module docstring)."""
 
-    __slots__ = ("first_call_only", "keep_specials", "reasoning", "thinking", "tools")
+    __slots__ = ("first_call_only", "include_reasoning", "keep_specials", "reasoning",
+                 "thinking", "tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
-                 tools: ToolFormat | None, keep_specials: bool, first_call_only: bool = False):
+                 tools: ToolFormat | None, keep_specials: bool, first_call_only: bool = False,
+                 include_reasoning: bool = True):
         self.reasoning = reasoning
         self.thinking = thinking
         self.tools = tools
         self.keep_specials = keep_specials
         self.first_call_only = first_call_only  # parallel_tool_calls false
+        self.include_reasoning = include_reasoning  # false: reasoning split off, not sent
 
     def parser(self) -> OutputParser:
-        return OutputParser(self.reasoning, self.thinking, self.tools, self.first_call_only)
+        return OutputParser(self.reasoning, self.thinking, self.tools, self.first_call_only,
+                            self.include_reasoning)
 
     def message(self, role: str, echo: str, text: str, finish_reason: str | None
                 ) -> tuple[ResponseMessage, str | None]:
@@ -195,6 +206,8 @@ class ParsePlan:
         if self.reasoning is not None and content is not None:
             # the placeholder is removed from the content only (not from tool arguments)
             content = scrub_placeholder(self.reasoning, content)
+        if not self.include_reasoning:
+            reasoning = None
         if echo:
             content = echo + (content or "")
         if calls and finish_reason == "stop":
@@ -259,9 +272,12 @@ class ChatParsing:
                         "--tool-call-parser) or 'none'", "tool_choice")
 
     def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any,
-             parallel_tool_calls: bool | None = None) -> ParsePlan | None:
+             parallel_tool_calls: bool | None = None, include_reasoning: bool = True
+             ) -> ParsePlan | None:
         """How a request's output is parsed (None: not at all). `parallel_tool_calls`: the
-        request's field; only False (not None, vLLM's default being true) keeps one call."""
+        request's field; only False (not None, vLLM's default being true) keeps one call.
+        `include_reasoning`: the request's field (vLLM's, default true); false drops the
+        reasoning from the answer (see the module docstring)."""
         tools = self.tools if parse_tools else None
         reasoning = self.reasoning
         if tools is None and reasoning is None:
@@ -271,7 +287,8 @@ class ChatParsing:
         if reasoning is not None and thinking:
             markers += (reasoning.start, reasoning.end, *reasoning.implicit_end)
         keep = any(self._is_special(tokenizer, m) for m in markers)
-        return ParsePlan(reasoning, thinking, tools, keep, parallel_tool_calls is False)
+        return ParsePlan(reasoning, thinking, tools, keep, parallel_tool_calls is False,
+                         include_reasoning)
 
     def _is_special(self, tokenizer: Any, marker: str) -> bool:
         hit = self._special.get(marker)

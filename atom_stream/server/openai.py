@@ -334,7 +334,7 @@ class OpenAIServing:
                                                     req.continue_final_message)
             kwargs = kwargs or None
             plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
-                                     req.parallel_tool_calls)
+                                     req.parallel_tool_calls, req.include_reasoning)
             if plan is not None and plan.keep_specials:
                 params.skip_special_tokens = False  # the parsers read the marker tokens
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM

@@ -9,7 +9,8 @@ of them from the detokenized text, streamed or whole:
 - `kimi_k2` (Kimi-K2 / K2.5): `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX
   <|tool_call_argument_begin|>{json}<|tool_call_end|>...<|tool_calls_section_end|>`; the id is
   the header as the model wrote it (`functions.NAME:IDX`, as vLLM's KimiK2ToolParser; Kimi's
-  chat template writes it back as "## Return of {tool_call_id}"). The singular variants
+  chat template writes it back as "## Return of {tool_call_id}"); a header without `:IDX` is
+  malformed and the call dropped, as vLLM's. The singular variants
   `<|tool_call_section_begin|>` / `_end|>` are accepted too (vLLM does).
 - `deepseek_v3` (DeepSeek-V3 / R1): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>
   NAME\\n```json\\n{json}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`; the id is a fresh
@@ -85,10 +86,13 @@ _KIMI_HEADER = re.compile(r"(.+?):\d+", re.DOTALL)
 
 
 def _kimi_header(header: str, index: int) -> tuple[str, str]:
+    """`functions.NAME:IDX` (or `NAME:IDX`) -> (NAME, the header as the id); a header without
+    the `:IDX` -> ("", "") (the call dropped: vLLM's regexes require `[^<]+:\\d+` for the id)."""
     h = header.strip()
     m = _KIMI_HEADER.fullmatch(h)
-    name = (m[1] if m else h).removeprefix("functions.")
-    return name, (h if m else f"functions.{name}:{index}")
+    if not m:
+        return "", ""
+    return m[1].removeprefix("functions."), h
 
 
 _DS_SEP = "<｜tool▁sep｜>"
