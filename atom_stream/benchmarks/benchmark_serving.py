@@ -127,8 +127,14 @@ def percentile_key(p: float) -> str:
 
 
 def format_summary(m: dict[str, Any], duration: float, max_concurrency: int | None,
-                   percentile_metrics: list[str], goodput: bool) -> tuple[str, dict[str, Any]]:
-    """vLLM/ATOM's printed table; also returns the latency keys for the result JSON."""
+                   percentile_metrics: list[str], goodput: bool,
+                   request_rate: float = float("inf"),
+                   spec: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """vLLM/ATOM's printed table; also returns the latency keys for the result JSON.
+    Rows as vLLM's serve.py: "Failed requests:" always, "Maximum request concurrency:" only with
+    --max-concurrency, "Request rate configured (RPS):" only for a finite --request-rate; then
+    ATOM's "Concurrency:" and, with speculative-decoding stats (`spec`, /debug/mtp_stats),
+    "Accept length:" / "Acceptance rate (%):"."""
     lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
 
     def row(label: str, value, fmt: str = "<10") -> None:
@@ -136,7 +142,10 @@ def format_summary(m: dict[str, Any], duration: float, max_concurrency: int | No
 
     row("Successful requests:", m["completed"])
     row("Failed requests:", m["failed"])
-    row("Maximum request concurrency:", str(max_concurrency))
+    if max_concurrency is not None:
+        row("Maximum request concurrency:", max_concurrency)
+    if request_rate != float("inf"):
+        row("Request rate configured (RPS):", request_rate, "<10.2f")
     row("Benchmark duration (s):", duration, "<10.2f")
     row("Total input tokens:", m["total_input_tokens"])
     row("Total generated tokens:", m["total_output_tokens"])
@@ -146,6 +155,12 @@ def format_summary(m: dict[str, Any], duration: float, max_concurrency: int | No
     row("Output token throughput (tok/s):", m["output_throughput"], "<10.2f")
     row("Total Token throughput (tok/s):", m["total_token_throughput"], "<10.2f")
     row("Concurrency:", m["concurrency"], "<10.2f")
+    accept_length = spec.get("average_tokens_per_forward") if spec else None
+    acceptance_rate = spec.get("acceptance_rate") if spec else None
+    if accept_length:  # ATOM prints these two as it does: truthy / not None
+        row("Accept length:", accept_length, "<10.2f")
+    if acceptance_rate is not None:
+        row("Acceptance rate (%):", acceptance_rate * 100, "<10.2f")
     keys: dict[str, Any] = {}
     for name in PERCENTILE_METRICS:
         if name not in percentile_metrics:
@@ -248,7 +263,7 @@ async def benchmark(args: argparse.Namespace, *, api_url: str, base_url: str, to
         requests, outputs, duration, tokenizer, args.percentile_metrics_list,
         args.metric_percentiles_list, goodput)
     text, latency_keys = format_summary(m, duration, max_conc, args.percentile_metrics_list,
-                                        bool(goodput))
+                                        bool(goodput), args.request_rate, spec)
     print(text)
     _report_failures_and_lengths(requests, outputs, send_ids)
     return {
@@ -334,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--random-output-len", type=int, default=128)
     a("--random-range-ratio", type=float, default=1.0)
     a("--random-prefix-len", type=int, default=0)
+    a("--use-chat-template", action="store_true",
+      help="Wrap each prompt in the chat template (one user turn + generation prompt); the "
+           "template's tokens count towards --random-input-len (ATOM's flag).")
     a("--prompt-as-text", action="store_true",
       help="Send decoded text instead of token ids (ATOM's way; length may drift).")
     a("--ws-connections", type=int, default=None,
@@ -406,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prefix_len=args.random_prefix_len, input_len=args.random_input_len,
         output_len=args.random_output_len, num_prompts=args.num_prompts,
         range_ratio=args.random_range_ratio, tokenizer=tokenizer,
-        as_text=args.backend == "openai-chat" or args.prompt_as_text)
+        as_text=args.backend == "openai-chat" or args.prompt_as_text,
+        use_chat_template=args.use_chat_template)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         result = runner.run(benchmark(args, api_url=api_url, base_url=base_url,
                                       tokenizer=tokenizer, requests=requests, goodput=goodput))

@@ -17,6 +17,14 @@ Differences from ATOM, all chosen so that the input length is exact in the model
   decode/encode repair loop; `prompt_len` is then the re-encoded length, as in ATOM.
 - Lengths are clamped to >= 1 (ATOM would ask for `max_tokens=0` when ratio is 0).
 
+`use_chat_template` (ATOM's `--use-chat-template`): the template's length, len(encode(
+apply_chat_template([user "a"], add_generation_prompt=True))) - 1, is taken off ISL before the
+lengths are drawn; each prompt is then wrapped as one user message with the generation prompt.
+Text prompts: the wrapped text, its ids re-encoded (special tokens included), as ATOM. Id prompts:
+encode(template before the content) + the drawn ids + encode(template after it), so the drawn
+ids are sent as drawn (re-encoding their decoded text could change them). `prompt_len` is the
+count of the ids; the length statistics compare it with prefix_len + the drawn (reduced) length.
+
 Tokenizers come from `atom_stream.tokenizer.load_tokenizer`; `--model demo` (or a model name that
 is not a local directory, with no --tokenizer) uses the embedded demo tokenizer.
 """
@@ -99,6 +107,7 @@ def sample_random_requests(
     range_ratio: float,
     tokenizer,
     as_text: bool = False,
+    use_chat_template: bool = False,
     verbose: bool = True,
 ) -> list[SampleRequest]:
     """Random requests; see the module docstring. Call np.random.seed(seed) first."""
@@ -106,6 +115,8 @@ def sample_random_requests(
         raise ValueError(f"--random-range-ratio must be in [0, 1], got {range_ratio}")
     if input_len < 1 or output_len < 1:
         raise ValueError("--random-input-len and --random-output-len must be >= 1")
+    if use_chat_template:  # ATOM: the template's own tokens count towards ISL
+        input_len = max(1, input_len - (len(encode(tokenizer, _chat_wrap(tokenizer, "a"))) - 1))
     vocab = int(tokenizer.vocab_size)
     allowed = allowed_token_ids(tokenizer)
     prefix_ids = allowed[np.random.randint(0, vocab, size=prefix_len) % len(allowed)].tolist()
@@ -124,12 +135,38 @@ def sample_random_requests(
         if as_text:
             prompt, ids = _repair_text_prompt(tokenizer, prompt, target, vocab, allowed)
             prompt_len = len(ids)
+        if use_chat_template:
+            if as_text:
+                prompt = _chat_wrap(tokenizer, prompt)
+                ids = encode(tokenizer, prompt)
+            else:
+                pre, post = _chat_halves(tokenizer)
+                prompt = pre + prompt + post
+                ids = encode(tokenizer, pre) + ids + encode(tokenizer, post)
+            prompt_len = len(ids)
         mismatches.append(prompt_len - target)
         requests.append(SampleRequest(prompt, ids, prompt_len, output_lens[i]))
 
     if verbose:
         _print_length_stats(requests, mismatches)
     return requests
+
+
+def _chat_wrap(tokenizer, text: str) -> str:
+    """`text` as one user message plus the generation prompt (ATOM's apply_chat_template)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True)
+
+
+_SPLIT = "\x00atom-stream-bench-content\x00"
+
+
+def _chat_halves(tokenizer) -> tuple[str, str]:
+    """The wrapped prompt's text before and after the user content."""
+    pre, sep, post = _chat_wrap(tokenizer, _SPLIT).partition(_SPLIT)
+    if not sep:
+        raise ValueError("the chat template does not show the user message's content verbatim")
+    return pre, post
 
 
 def _repair_text_prompt(tokenizer, prompt: str, target: int, vocab: int, allowed: np.ndarray):
