@@ -364,6 +364,8 @@ def generate(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
+    if args.prompt is not None and args.prompt_pos is not None:
+        p.error("give the prompt once: PROMPT or --prompt TEXT, not both")
     text = args.prompt if args.prompt is not None else args.prompt_pos
     if not text:
         p.error("give a prompt (--prompt TEXT)")
@@ -394,7 +396,14 @@ def generate(argv: Sequence[str] | None = None) -> int:
 
     import asyncio
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one line for the user, as `serve` (exit code 3)
+        logging.getLogger(__name__).debug("generate failed", exc_info=True)
+        sys.stderr.write(f"atom-stream generate: {type(e).__name__}: {e}\n")
+        return 3
     return 0
 
 

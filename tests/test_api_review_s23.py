@@ -167,3 +167,15 @@ async def test_abort_while_the_prompt_is_tokenized_never_starts_it():
         final = [o async for o in engine.generate("hello", SamplingParams(
             max_tokens=3, ignore_eos=True), request_id="r1")][-1]
         assert final.finish_reason == "length"
+
+
+def test_generate_cli_errors_are_one_line(tmp_path, capsys):
+    """`atom-stream generate` with a model that cannot load prints one line and exits 3 (as
+    serve does), and refuses a prompt given twice."""
+    from atom_stream import cli
+    assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "Hi"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ConfigError" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a", "--prompt", "b"])
+    assert "not both" in capsys.readouterr().err

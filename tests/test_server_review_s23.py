@@ -90,3 +90,21 @@ def test_server_idle_after_review_requests(http, srv):
     """Nothing above leaves a request or a KV block behind."""
     s = srv.wait_idle()
     assert s["num_running"] == 0 and s["used_blocks"] == 0
+
+
+def test_a_second_served_name_is_echoed_back():
+    """vLLM's _get_model_name: a response carries the served name the request asked for (not
+    always the first); no model field: the first name; an unknown one: 404."""
+    import httpx
+    from serving_helpers import running_server
+    with running_server(served_model_name=["kimi", "alias2"]) as s:
+        body = {"prompt": "hi", "max_tokens": 2}
+        for asked, want in (("alias2", "alias2"), ("kimi", "kimi"), (None, "kimi")):
+            r = httpx.post(s.url + "/v1/completions", json=dict(body, model=asked), timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == want, r.text
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "model": "alias2", "stream": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60)
+        assert '"model":"alias2"' in r.text
+        r = httpx.post(s.url + "/v1/completions", json=dict(body, model="other"), timeout=60)
+        assert r.status_code == 404

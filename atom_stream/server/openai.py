@@ -218,10 +218,12 @@ class OpenAIServing:
         return self.state.engine
 
     def _model(self, requested: str | None) -> str:
+        """The model name a response carries: the requested one when it is one of the served
+        names (vLLM's _get_model_name), else the first; an unknown name is a 404."""
         names = self.state.model_names
         if requested and requested not in names:
             raise HTTPError(404, f"The model `{requested}` does not exist.", "model")
-        return names[0]
+        return requested or names[0]
 
     def _error(self, route: str, exc: BaseException) -> Response:
         err = HTTPError.from_exception(exc)
