@@ -108,3 +108,53 @@ def test_a_second_served_name_is_echoed_back():
         assert '"model":"alias2"' in r.text
         r = httpx.post(s.url + "/v1/completions", json=dict(body, model="other"), timeout=60)
         assert r.status_code == 404
+
+
+def test_streams_end_cleanly_when_the_shutdown_timeout_runs_out(tmp_path):
+    """SIGTERM with a stream that outlives --shutdown-timeout: shortly before the deadline the
+    server aborts the live requests, so the stream ends with an error event and [DONE] (it was
+    cut mid-stream when uvicorn cancelled the handler, with a CancelledError traceback)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from live_server import REPO, free_port, offline_env
+
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "atom_stream.entrypoints.openai_server", "--host",
+             "127.0.0.1", "--server-port", str(port), "--shutdown-timeout", "3"],
+            cwd=REPO, env=offline_env(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.25)
+        body = {"prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        text, n = "", 0
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
+                          trust_env=False) as r:
+            for chunk in r.iter_text():
+                text += chunk
+                n += 1
+                if n == 3:
+                    proc.send_signal(signal.SIGTERM)
+        assert text.endswith("data: [DONE]\n\n"), text[-500:]
+        assert "server shutting down" in text.rsplit("data: ", 2)[-2]
+        proc.wait(timeout=30)
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

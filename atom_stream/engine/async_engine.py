@@ -329,6 +329,16 @@ class AsyncEngine:
             return
         self._abort(request_id)
 
+    async def abort_all(self) -> int:
+        """Abort every live request (each stream ends with an "abort" delta; one whose prompt
+        is still being tokenized never starts); returns how many. The engine keeps serving."""
+        for rid in self._tokenizing:
+            self._tokenizing[rid] = True
+        ids = list(self._slots)
+        for rid in ids:
+            self._abort(rid)
+        return len(ids) + len(self._tokenizing)
+
     def _abort(self, request_id: str) -> None:
         if self._core is None:
             return

@@ -254,6 +254,10 @@ class DPEngine:
         if i is not None:
             await self.replicas[i].abort(request_id)
 
+    async def abort_all(self) -> int:
+        """AsyncEngine.abort_all on every replica; returns how many requests were aborted."""
+        return sum(await asyncio.gather(*(r.abort_all() for r in self.replicas)))
+
     async def tokenize_prompt(self, prompt: Prompt, chat_template_kwargs: dict | None = None,
                               *, add_special_tokens: bool = True, **chat_options: Any
                               ) -> list[int]:

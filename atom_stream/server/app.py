@@ -132,6 +132,7 @@ class ServerState:
         # the checkpoint's generation_config.json sampling defaults (vLLM's
         # get_diff_sampling_param), for the fields an OpenAI request leaves out
         self.default_sampling = model_sampling_defaults(engine_config.model)
+        self.deadline_abort: asyncio.Task | None = None  # run_server's shutdown-deadline abort
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True):
@@ -362,10 +363,35 @@ class QuietStartupFailure:
 
 def run_server(engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM (blocking). A failed start-up exits with uvicorn's status 3
-    after one error line."""
+    after one error line. The first signal also arms _abort_before_deadline."""
     import uvicorn
 
     config = config or ServerConfig()
     app = build_app(engine_config, config)
-    server = uvicorn.Server(uvicorn_config(QuietStartupFailure(app), config))
-    server.run()
+    state: ServerState = app.state.server
+
+    class Server(uvicorn.Server):
+        armed = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.armed and state.loop is not None:
+                self.armed = True
+                state.loop.call_soon_threadsafe(_abort_before_deadline, state)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn_config(QuietStartupFailure(app), config)).run()
+
+
+def _abort_before_deadline(state: ServerState) -> None:
+    """On the loop: abort every live request a little before --shutdown-timeout runs out, so
+    each open stream ends with its "abort" finish (SSE: the finish chunk and [DONE]; WebSocket:
+    a done frame) instead of being cut when uvicorn cancels the handlers at the deadline."""
+    loop, engine = state.loop, state.engine
+    if loop is None or engine is None or not hasattr(engine, "abort_all"):
+        return
+    delay = max(0.0, state.config.shutdown_timeout - min(1.0, state.config.shutdown_timeout / 4))
+
+    def fire() -> None:
+        state.deadline_abort = loop.create_task(engine.abort_all())  # referenced: not GC'd
+
+    loop.call_later(delay, fire)
