@@ -21,7 +21,14 @@ step still running after `watchdog_timeout` seconds sets `dead` and kills the lo
 rank 0's blocked ring write, or gloo collective, fails instead of waiting forever (an NCCL/RCCL
 collective may stay blocked until that library's timeout; the engine no longer waits for it:
 AsyncEngine stops awaiting a dead runner's step and shuts the runner down beside it). Workers
-exit when rank 0 closes the ring or dies, so no orphan is left behind. `enable_expert_parallel`
+exit when rank 0 closes the ring or dies, so no orphan is left behind. Start-up: each worker
+reports over a pipe once its ModelRunner is built, or the error that stopped it; rank 0 watches
+the workers during its rendezvous (a rank that dies there raises at once, not after torch's
+30-minute timeout) and raises a rank's start-up error naming it (ConfigError/CheckpointError
+keep their type), so an engine never starts with a dead rank. A step that fails on rank 0 after
+its inputs were broadcast but before rank 0's forward finished is fail-stop (`dead`, workers
+killed): the other ranks ran the whole step and the collectives are out of step. A step error
+caused by a dead rank is raised as RuntimeError(`dead`). `enable_expert_parallel`
 reaches every rank through the config (ModelRunner sets TPInfo.ep). Replica i of a DPEngine
 passes device "cuda:{i*tp}" and data_parallel_size > 1: its ranks use GPUs i*tp + r and a
 private process group.
@@ -34,6 +41,7 @@ import os
 import socket
 import threading
 import time
+from multiprocessing.connection import wait as wait_any
 
 import torch
 import torch.multiprocessing as mp
@@ -145,26 +153,32 @@ def _close_group(group, timeout: float = GROUP_CLOSE_TIMEOUT_S, runner=None,
 
 
 def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str,
-                 ring_spec: tuple, private_group: bool = False) -> None:
+                 ring_spec: tuple, private_group: bool = False, ready=None) -> None:
     """Entry point of a non-leader rank (local rank 1..L-1 of its node): reads every step from
-    the node's ring."""
+    the node's ring. `ready` (a Connection, optional): the start-up report the leader waits for
+    (LocalWorkers.wait_ready): None once this rank's ModelRunner is built, else the error
+    "TypeName: message" that stopped it (then the process exits 1)."""
     parent = os.getppid()
     layout = NodeLayout.of(config)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // layout.local_size))
-    config = _set_device(config, local_rank)
-    group = _init_group(config, init_method, rank, layout.world, private_group)
-    if layout.nnodes > 1:
-        new_relay_group(layout)  # a collective call: every rank takes part, members or not
-    ring = ShmRing.attach(ring_spec)
-    decoder = StepDecoder()
-    runner = None
+    ring = group = runner = None
     try:
         try:
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // layout.local_size))
+            config = _set_device(config, local_rank)
+            group = _init_group(config, init_method, rank, layout.world, private_group)
+            if layout.nnodes > 1:
+                new_relay_group(layout)  # a collective call: every rank takes part, members or not
+            ring = ShmRing.attach(ring_spec)
             runner = ModelRunner(config, TPInfo(rank, layout.world, group))
-        except (ConfigError, CheckpointError) as e:
-            # rank 0 reports the same error: one line here, not one traceback per rank
-            logger.error("TP rank %d could not start: %s: %s", rank, type(e).__name__, e)
-            raise SystemExit(1) from None
+        except Exception as e:
+            _report(ready, f"{type(e).__name__}: {e}")
+            if isinstance(e, (ConfigError, CheckpointError)):
+                # the leader raises it (or its own): one line here, not a traceback per rank
+                logger.error("TP rank %d could not start: %s: %s", rank, type(e).__name__, e)
+                raise SystemExit(1) from None
+            raise
+        _report(ready, None)
+        decoder = StepDecoder()
         while True:
             try:
                 data = ring.read(local_rank - 1, timeout=1.0)
@@ -179,8 +193,23 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
                 return
             runner.run_inputs(inputs)
     finally:
-        ring.unlink()
+        if ring is not None:
+            ring.unlink()
         _close_group(group, runner=runner)  # graphs hold collectives: released before the group
+
+
+def _report(conn, what: str | None) -> None:
+    """Send a worker's start-up report to its leader, best effort (the leader may be gone)."""
+    if conn is None:
+        return
+    try:
+        conn.send(what)
+        conn.close()
+    except OSError:
+        pass
+
+
+_START_ERRORS = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}
 
 
 class LocalWorkers:
@@ -195,13 +224,18 @@ class LocalWorkers:
                             slot_bytes=RING_SLOT_BYTES) if n else None
         ctx = mp.get_context("spawn")
         first = layout.first_rank
+        self.ranks = list(range(first + 1, first + n + 1))
+        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
+        self._ready = [r for r, _ in pipes]  # start-up reports (wait_ready); None: received
         self.procs = [ctx.Process(target=_worker_main, name=f"atom-stream-tp{first + i}",
                                   args=(config, first + i, i, init_method, self.ring.spec(),
-                                        private_group),
+                                        private_group, pipes[i - 1][1]),
                                   daemon=True)
                       for i in range(1, n + 1)]
         for p in self.procs:
             p.start()
+        for _, w in pipes:
+            w.close()  # the children hold theirs: a dead child's pipe then reads EOF
         self.dead: str | None = None
 
     def poll(self) -> str | None:
@@ -212,6 +246,42 @@ class LocalWorkers:
                     self.dead = f"TP worker {p.name} died (exit code {p.exitcode})"
                     break
         return self.dead
+
+    def start_failure(self) -> str | None:
+        """Non-blocking: why a local rank could not start ("TP rank r could not start: ..."),
+        or why one died, once one did; None while all are alive and still starting or ready.
+        A dead rank's own report (or its pipe's EOF) is preferred over the bare exit."""
+        dead = self.poll()  # before the pipes: a rank dead now has its report (or EOF) there
+        for i, conn in enumerate(self._ready):
+            if conn is None or not conn.poll():
+                continue
+            try:
+                what = conn.recv()
+            except (EOFError, OSError):  # exited without a report
+                self.procs[i].join(1.0)
+                what = f"died during start-up (exit code {self.procs[i].exitcode})"
+            self._ready[i] = None
+            conn.close()
+            if what is not None:
+                why = f"TP rank {self.ranks[i]} could not start: {what}"
+                self.dead = self.dead or why
+                return why
+        return dead
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every local rank reported its ModelRunner built. A rank that reported an
+        error raises it (ConfigError and CheckpointError keep their type, others RuntimeError)
+        naming the rank; one that died or did not report within `timeout` s raises
+        RuntimeError. Never waits on a dead rank."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(c is not None for c in self._ready):
+            why = self.start_failure()
+            if why is not None:
+                raise _start_error(why)
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"TP ranks did not start within {timeout:g} s")
+            live = [c for c in self._ready if c is not None]
+            wait_any(live, timeout=0.1)
 
     def write(self, data: bytes) -> None:
         if self.ring is not None:
@@ -245,6 +315,38 @@ class LocalWorkers:
                 p.kill()
         if self.ring is not None:
             self.ring.unlink()
+
+
+def _start_error(why: str) -> Exception:
+    """The exception for a rank's start-up failure message (LocalWorkers.start_failure)."""
+    _, _, what = why.partition(" could not start: ")
+    cls = _START_ERRORS.get(what.partition(":")[0], RuntimeError)
+    return cls(why)
+
+
+def _rendezvous(config: EngineConfig, init: str, world: int, private: bool, local: LocalWorkers):
+    """Rank 0's `_init_group`, which waits for every rank to join, run in a helper thread while
+    this one watches the local workers: one that dies or fails before joining raises here at
+    once instead of leaving rank 0 blocked in the rendezvous until torch's timeout (30 min).
+    On that failure the helper thread stays blocked and is abandoned (daemon)."""
+    box: dict = {}
+
+    def join() -> None:
+        try:
+            box["group"] = _init_group(config, init, 0, world, private)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    t = threading.Thread(target=join, name="tp-rendezvous", daemon=True)
+    t.start()
+    while t.is_alive():
+        why = local.start_failure()
+        if why is not None:
+            raise _start_error(why)
+        t.join(0.05)
+    if "error" in box:
+        raise box["error"]
+    return box.get("group")
 
 
 class TPExecutor:
@@ -284,10 +386,11 @@ class TPExecutor:
         self.group = None
         try:
             config = _set_device(config, 0)
-            self.group = _init_group(config, init, 0, layout.world, private)
+            self.group = _rendezvous(config, init, layout.world, private, self.local)
             if layout.nnodes > 1:
                 self.relay = RelayLink(new_relay_group(layout))
             self.runner = ModelRunner(config, TPInfo(0, layout.world, self.group))
+            self.local.wait_ready()  # a rank that failed alone raises its error here
             if layout.nnodes > 1:
                 remote = RemoteMonitor(layout)
                 remote.check_config_digests(config)
@@ -296,6 +399,9 @@ class TPExecutor:
             self.shutdown()
             raise
         self.runner.broadcast = self._broadcast
+        self._forward = self.runner._run
+        self.runner._run = self._run_forward
+        self._stage = ""  # of the launch running now: "" | "sent" (inputs out) | "ran" (forward)
         self.model_config = self.runner.model_config
         self.num_kv_blocks = self.runner.num_kv_blocks
         self.max_model_len = self.runner.max_model_len
@@ -357,9 +463,16 @@ class TPExecutor:
                     raise RuntimeError(self.dead) from e
             if self.ring is not None:
                 self.ring.write(data, alive=self._alive)
+            self._stage = "sent"
         except BaseException:
             self._encoder.reset()  # some rank may have missed it: the next step goes whole
             raise
+
+    def _run_forward(self, inp, pending):
+        """Rank 0's forward (ModelRunner._run, collectives inside); records that it finished."""
+        out = self._forward(inp, pending)
+        self._stage = "ran"
+        return out
 
     @property
     def supports_async(self) -> bool:
@@ -372,10 +485,22 @@ class TPExecutor:
         """Async scheduling: rank 0's `ModelRunner.launch` (the inputs reach the other ranks
         through `_broadcast`; pending decode ids through a device broadcast inside the step)."""
         t0 = self._launch_t0 = time.monotonic()
+        self._stage = ""
         try:
             handle = self.runner.launch(batch, prev)
-        except Exception:
+        except Exception as e:
+            if self._stage == "sent" and self.dead is None:
+                # rank 0's forward stopped part-way while the other ranks run the whole step:
+                # they wait in a collective rank 0 left, and its next step's collectives would
+                # pair with those (wrong sums when the sizes match, else a gloo abort). The
+                # group cannot be re-synchronized: fail-stop instead of serving wrong tokens.
+                self._died(f"a TP step failed on rank 0 after its inputs reached the other "
+                           f"ranks ({type(e).__name__}: {e}); the ranks' collectives are out "
+                           f"of step")
+                self.local.kill()
             self._after_failure()
+            if self.dead:  # name the dead rank, not the collective's error
+                raise RuntimeError(self.dead) from e
             raise
         finally:
             self._launch_t0 = None
@@ -386,8 +511,10 @@ class TPExecutor:
     def collect(self, handle) -> StepOutput:
         try:
             return self.runner.collect(handle)
-        except Exception:
+        except Exception as e:
             self._after_failure()
+            if self.dead:
+                raise RuntimeError(self.dead) from e
             raise
         finally:
             self._inflight.pop(id(handle), None)
