@@ -158,8 +158,9 @@ def _generation_config(model_dir: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _generation_eos(model_dir: str) -> tuple[int, ...]:
-    """eos_token_id (an int or a list) of generation_config.json in `model_dir`, if any."""
+def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+    """eos_token_id (an int or a list) of generation_config.json in `model_dir`, if any (read
+    by ModelConfig.from_pretrained and the tokenizers' extra EOS ids)."""
     eos = _generation_config(model_dir).get("eos_token_id")
     if eos is None:
         return ()
@@ -276,7 +277,7 @@ class ModelConfig:
             raise ConfigError(f"model: {cfg_path} is not valid JSON: {e}") from None
         try:
             cfg = cls.from_dict(raw)
-            gen_eos = _generation_eos(os.path.dirname(cfg_path))
+            gen_eos = generation_eos_ids(os.path.dirname(cfg_path))
         except ConfigError:
             raise
         except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:

@@ -26,6 +26,7 @@ memory, the KV pool; it also runs at interpreter exit, and a second call does no
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections.abc import Sequence as Seq
@@ -67,11 +68,11 @@ class LLM:
         """vLLM's LLM.get_default_sampling_params: SamplingParams with the checkpoint's
         generation_config.json defaults (temperature, top_p, top_k, min_p, repetition_penalty,
         max_new_tokens as max_tokens), what `generate` / `chat` use when given no params."""
-        cached = self.__dict__.get("_default_params")
-        if cached is None:
-            cached = SamplingParams(**model_sampling_defaults(self.engine.config.model))
-            self.__dict__["_default_params"] = cached
-        return cached
+        return self._default_params
+
+    @functools.cached_property
+    def _default_params(self) -> SamplingParams:  # the file is read once per LLM
+        return SamplingParams(**model_sampling_defaults(self.engine.config.model))
 
     def shutdown(self) -> None:
         """Stop the engine (see the module docstring); idempotent."""

@@ -37,6 +37,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from atom_stream.config import generation_eos_ids
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
@@ -470,14 +472,6 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def generation_eos_ids(model_dir: str) -> list[int]:
-    """eos_token_id from generation_config.json (int or list), if any."""
-    eos = _read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-
-
 # ------------------------------------------------------------------------------ loading
 def load_tokenizer(model_path: str | None, *, trust_remote_code: bool = False,
                    chat_template: str | None = None) -> Tokenizer:
@@ -505,7 +499,7 @@ def load_tokenizer(model_path: str | None, *, trust_remote_code: bool = False,
     except Exception as e:
         raise ValueError(f"no loadable tokenizer at {model_path!r}: {type(e).__name__}: {e}"
                          ) from e
-    extra = generation_eos_ids(path) if os.path.isdir(path) else []
+    extra = generation_eos_ids(path) if os.path.isdir(path) else ()
     return _warm(HFTokenizer(tok, chat_template=template, extra_eos=extra))
 
 

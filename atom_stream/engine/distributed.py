@@ -157,7 +157,7 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
     """Entry point of a non-leader rank (local rank 1..L-1 of its node): reads every step from
     the node's ring. `ready` (a Connection, optional): the start-up report the leader waits for
     (LocalWorkers.wait_ready): None once this rank's ModelRunner is built, else the error
-    "TypeName: message" that stopped it (then the process exits 1)."""
+    (type name, message) that stopped it (then the process exits 1)."""
     parent = os.getppid()
     layout = NodeLayout.of(config)
     ring = group = runner = None
@@ -171,7 +171,7 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
             ring = ShmRing.attach(ring_spec)
             runner = ModelRunner(config, TPInfo(rank, layout.world, group))
         except Exception as e:
-            _report(ready, f"{type(e).__name__}: {e}")
+            _report(ready, (type(e).__name__, str(e)))
             if isinstance(e, (ConfigError, CheckpointError)):
                 # the leader raises it (or its own): one line here, not a traceback per rank
                 logger.error("TP rank %d could not start: %s: %s", rank, type(e).__name__, e)
@@ -198,7 +198,7 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: 
         _close_group(group, runner=runner)  # graphs hold collectives: released before the group
 
 
-def _report(conn, what: str | None) -> None:
+def _report(conn, what: tuple[str, str] | None) -> None:
     """Send a worker's start-up report to its leader, best effort (the leader may be gone)."""
     if conn is None:
         return
@@ -247,10 +247,12 @@ class LocalWorkers:
                     break
         return self.dead
 
-    def start_failure(self) -> str | None:
-        """Non-blocking: why a local rank could not start ("TP rank r could not start: ..."),
-        or why one died, once one did; None while all are alive and still starting or ready.
-        A dead rank's own report (or its pipe's EOF) is preferred over the bare exit."""
+    def start_failure(self) -> Exception | None:
+        """Non-blocking: the error to raise for a local rank that could not start ("TP rank r
+        could not start: ..."; ConfigError and CheckpointError keep their type, others
+        RuntimeError), or for one that died, once one did; None while all are alive and still
+        starting or ready. A dead rank's own report (or its pipe's EOF) is preferred over the
+        bare exit."""
         dead = self.poll()  # before the pipes: a rank dead now has its report (or EOF) there
         for i, conn in enumerate(self._ready):
             if conn is None or not conn.poll():
@@ -259,14 +261,16 @@ class LocalWorkers:
                 what = conn.recv()
             except (EOFError, OSError):  # exited without a report
                 self.procs[i].join(1.0)
-                what = f"died during start-up (exit code {self.procs[i].exitcode})"
+                what = ("", f"died during start-up (exit code {self.procs[i].exitcode})")
             self._ready[i] = None
             conn.close()
             if what is not None:
-                why = f"TP rank {self.ranks[i]} could not start: {what}"
+                name, msg = what
+                why = f"TP rank {self.ranks[i]} could not start: " + (
+                    f"{name}: {msg}" if name else msg)
                 self.dead = self.dead or why
-                return why
-        return dead
+                return _START_ERRORS.get(name, RuntimeError)(why)
+        return RuntimeError(dead) if dead is not None else None
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every local rank reported its ModelRunner built. A rank that reported an
@@ -275,9 +279,9 @@ class LocalWorkers:
         RuntimeError. Never waits on a dead rank."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(c is not None for c in self._ready):
-            why = self.start_failure()
-            if why is not None:
-                raise _start_error(why)
+            err = self.start_failure()
+            if err is not None:
+                raise err
             if deadline is not None and time.monotonic() > deadline:
                 raise RuntimeError(f"TP ranks did not start within {timeout:g} s")
             live = [c for c in self._ready if c is not None]
@@ -317,13 +321,6 @@ class LocalWorkers:
             self.ring.unlink()
 
 
-def _start_error(why: str) -> Exception:
-    """The exception for a rank's start-up failure message (LocalWorkers.start_failure)."""
-    _, _, what = why.partition(" could not start: ")
-    cls = _START_ERRORS.get(what.partition(":")[0], RuntimeError)
-    return cls(why)
-
-
 def _rendezvous(config: EngineConfig, init: str, world: int, private: bool, local: LocalWorkers):
     """Rank 0's `_init_group`, which waits for every rank to join, run in a helper thread while
     this one watches the local workers: one that dies or fails before joining raises here at
@@ -340,9 +337,9 @@ def _rendezvous(config: EngineConfig, init: str, world: int, private: bool, loca
     t = threading.Thread(target=join, name="tp-rendezvous", daemon=True)
     t.start()
     while t.is_alive():
-        why = local.start_failure()
-        if why is not None:
-            raise _start_error(why)
+        err = local.start_failure()
+        if err is not None:
+            raise err
         t.join(0.05)
     if "error" in box:
         raise box["error"]
