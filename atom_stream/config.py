@@ -38,6 +38,7 @@ SUPPORTED_ARCHITECTURES = (
     "DeepseekV3ForCausalLM",
     "DeepseekV2ForCausalLM",
     "KimiK25ForConditionalGeneration",
+    "Kimi_K25ForConditionalGeneration",  # transformers >= 5.2x's native class name
     "KimiK2ForCausalLM",
 )
 _TEXT_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
@@ -407,9 +408,9 @@ class ModelConfig:
                               "integer with routed experts")
         # transformers' DeepseekV3 always routes with the correction bias (noaux_tc); an
         # unknown method would silently route differently here
-        if self.topk_method not in ("noaux_tc", "greedy"):
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
             raise ConfigError(f"model: topk_method {self.topk_method!r} is not supported "
-                              f"(noaux_tc, greedy)")
+                              f"(noaux_tc, greedy, group_limited_greedy)")
         if self.hidden_act != "silu":
             raise ConfigError(f"model: hidden_act {self.hidden_act!r} is not supported (silu only)")
         if self.scoring_func not in ("sigmoid", "softmax"):

@@ -2,8 +2,9 @@
 into the model's parameters, or dummy weights.
 
 Name mapping (HF names; model_spec.md §2):
-- Kimi-K2.5 prefixes the text model with `language_model.`; `vision_tower.*` and `mm_projector.*`
-  are skipped without reading their bytes (safetensors reads a tensor only when asked).
+- Kimi-K2.5 prefixes the text model with `language_model.` (transformers-5's native Kimi_K25
+  layout: `model.language_model.`); `vision_tower.*` and `mm_projector.*` are skipped without
+  reading their bytes (safetensors reads a tensor only when asked).
 - Per-expert tensors `mlp.experts.E.{gate,up,down}_proj.weight` are stacked expert-major into
   `mlp.experts.w13` [E, 2I, H] (gate rows then up rows) and `mlp.experts.w2` [E, H, I];
   transformers-5 fused names `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` also load.
@@ -52,6 +53,8 @@ def normalize_name(name: str) -> str | None:
         name = name[len("language_model."):]
         if name.startswith(("layers.", "embed_tokens.", "norm.")):
             name = "model." + name
+    elif name.startswith("model.language_model."):  # transformers-5 Kimi_K25 (native layout)
+        name = "model." + name[len("model.language_model."):]
     if name.startswith(SKIP_PREFIXES):
         return None
     if "rotary_emb" in name or name.endswith(".inv_freq"):
@@ -59,33 +62,52 @@ def normalize_name(name: str) -> str | None:
     return name
 
 
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory (index order when an index exists)."""
+def _served(name: str, num_layers: int | None) -> bool:
+    """Whether checkpoint tensor `name` (its checkpoint spelling) belongs to the served model:
+    not a skipped prefix (vision tower, projector, rotary buffers) nor a layer past
+    `num_layers` (MTP). None: every layer is served."""
+    norm = normalize_name(name)
+    if norm is None:
+        return False
+    m = _LAYER_RE.match(norm)
+    return num_layers is None or not m or int(m.group(1)) < num_layers
+
+
+def checkpoint_files(path: str, num_layers: int | None = None) -> list[str]:
+    """The safetensors files of a checkpoint directory (index order when an index exists).
+    A shard the index names that is not on disk is an error naming it and one served tensor
+    it holds; a missing shard with only skipped tensors (a dropped MTP / vision shard) is
+    left out with a warning, as vLLM loads the shards it finds."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        missing = {f for f in files if not os.path.exists(os.path.join(path, f))}
+        for name, f in weight_map.items():
+            if f in missing and _served(name, num_layers):
+                raise CheckpointError(f"{path}: shard {f!r} named in the index is missing "
+                                      f"(it holds {name!r})")
         if missing:
-            raise CheckpointError(f"{path}: shard {missing[0]!r} named in the index is missing")
-        return [os.path.join(path, f) for f in files]
+            logger.warning("%s: shards %s named in the index are missing; they hold only "
+                           "tensors the served model skips", path, ", ".join(sorted(missing)))
+        return [os.path.join(path, f) for f in files if f not in missing]
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files (and no index) found")
     return [os.path.join(path, f) for f in files]
 
 
-def iter_checkpoint(path: str, progress: bool = True
+def iter_checkpoint(path: str, progress: bool = True, num_layers: int | None = None
                     ) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple, str]]:
     """Yields (normalized name, lazy tensor getter, shape, shard file basename) for each tensor
-    to load."""
+    to load (`num_layers`: the served layers, see checkpoint_files)."""
     from safetensors import safe_open
 
-    files = checkpoint_files(path)
+    files = checkpoint_files(path, num_layers)
     bar = None
     if progress and len(files) > 1:
         from tqdm import tqdm
@@ -155,13 +177,14 @@ class WeightLoader:
         dim = getattr(param, "tp_dim", None)
         if self.tp.size > 1 and dim is not None and tensor.dim() > dim:
             want = list(dst.shape)
-            want[dim] *= self.tp.size  # the whole tensor, checked before this rank's slice
+            local = want[dim]
+            # the whole tensor, checked before this rank's slice (tp_full: a padded vocab dim)
+            want[dim] = getattr(param, "tp_full", local * self.tp.size)
             if tuple(tensor.shape) != tuple(want):
                 raise CheckpointError(
                     f"{src}: shape mismatch, checkpoint has {tuple(tensor.shape)}, model "
                     f"expects {tuple(want)} (split {self.tp.size} ways on dim {dim})")
-            local = tensor.shape[dim] // self.tp.size
-            tensor = tensor.narrow(dim, self.tp.rank * local, local)
+            dst, tensor = _rank_slice(dst, tensor, dim, self.tp.rank, local)
         if tuple(dst.shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"{src}: shape mismatch, checkpoint has {tuple(tensor.shape)}, "
@@ -216,6 +239,8 @@ class WeightLoader:
             return
         if name.endswith(("k_scale", "v_scale", "kv_scale")):
             return  # KV scales are read by the KV-cache setup, not parameters
+        if 0 in shape:
+            return  # an empty tensor (transformers writes [0, H] shared experts for n_shared 0)
         if name.endswith(".bias") and name[:-len("bias")] + "weight" in self.params:
             # a bias the model would silently drop: its outputs would be wrong
             raise CheckpointError(f"{name}: the checkpoint has a bias for this layer, which "
@@ -254,6 +279,18 @@ class WeightLoader:
             raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}{more}")
 
 
+def _rank_slice(dst: torch.Tensor, full: torch.Tensor, dim: int, rank: int, local: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the part of `dst` to copy into, rank's rows [rank*local, +local) of `full` along dim).
+    Rows past the end of `full` (a padded vocab dim) are zeroed in dst and left out of both."""
+    start = rank * local
+    n = max(0, min(local, full.shape[dim] - start))
+    if n < local:
+        dst.zero_()
+        dst = dst.narrow(dim, 0, n)
+    return dst, full.narrow(dim, min(start, full.shape[dim]), n)
+
+
 def _expert_range(model: nn.Module, base: str, w13: torch.Tensor) -> tuple[int, int, int]:
     """(first global id, local count, global count) of the routed experts module at `base`
     (expert parallel: this rank's slice; else all of them)."""
@@ -273,7 +310,7 @@ def load_checkpoint(model: nn.Module, path: str, num_layers: int, tie_word_embed
     loader.custom.extend(extra_hooks or [])
     n = 0
     seen: dict[str, str] = {}  # normalized name -> file
-    for name, get, shape, file in iter_checkpoint(path):
+    for name, get, shape, file in iter_checkpoint(path, num_layers=num_layers):
         if name in seen:  # a stale model.safetensors beside newer shards, a repeated tensor
             raise CheckpointError(f"{path}: tensor {name!r} is in both {seen[name]} and {file}")
         seen[name] = file
@@ -326,7 +363,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None =
                                   if is_w13 or is_w2 else (0, 0, 0))
         shape[0] = ep_all or shape[0]  # expert parallel: draw every expert, keep ours below
         if info.size > 1 and dim is not None:
-            shape[1 if is_w13 else 2 if is_w2 else dim] *= info.size
+            d = 1 if is_w13 else 2 if is_w2 else dim
+            shape[d] = getattr(p, "tp_full", shape[d] * info.size)
         if name.endswith("e_score_correction_bias"):
             full = torch.randn(shape, generator=g, device=dev) * 0.01
         else:
@@ -341,8 +379,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, tp_info: TPInfo | None =
                                   full[:, inter + r * local:inter + (r + 1) * local]], dim=1)
             else:
                 d = 2 if is_w2 else dim
-                local = p.shape[d]
-                full = full.narrow(d, r * local, local)
+                dst, full = _rank_slice(p.data, full, d, r, p.shape[d])
+                dst.copy_(full)
+                continue
         if ep_n != ep_all:
             full = full[ep_start:ep_start + ep_n]
         p.data.copy_(full)

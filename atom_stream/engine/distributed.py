@@ -46,8 +46,8 @@ from multiprocessing.connection import wait as wait_any
 import torch
 import torch.multiprocessing as mp
 
-from atom_stream.config import ConfigError, EngineConfig
-from atom_stream.engine.model_runner import ModelRunner, StepInputs
+from atom_stream.config import ConfigError, EngineConfig, ModelConfig
+from atom_stream.engine.model_runner import ModelRunner, StepInputs, load_model_config
 from atom_stream.engine.multinode import NodeLayout, RelayLink, RemoteMonitor, new_relay_group
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.engine.shm_ring import RingClosed, ShmRing
@@ -346,12 +346,33 @@ def _rendezvous(config: EngineConfig, init: str, world: int, private: bool, loca
     return box.get("group")
 
 
+def check_tp_shapes(cfg: ModelConfig, world: int, expert_parallel: bool) -> None:
+    """Raise one ConfigError naming the first config.json dimension that `world` TP ranks
+    cannot split (the layers' own checks, run here before any rank is spawned: those fail on
+    every rank after its start-up). The vocab needs no check: it is padded (layers/linear.py)."""
+    dims = [("num_attention_heads", cfg.num_attention_heads)]
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+        dims.append(("intermediate_size", cfg.intermediate_size))
+    if cfg.n_routed_experts:
+        dims.append(("n_routed_experts", cfg.n_routed_experts) if expert_parallel
+                    else ("moe_intermediate_size", cfg.moe_intermediate_size))
+        if cfg.n_shared_experts:
+            dims.append(("moe_intermediate_size * n_shared_experts",
+                         cfg.moe_intermediate_size * cfg.n_shared_experts))
+    for name, full in dims:
+        if full % world:
+            raise ConfigError(f"tensor_parallel_size: {name} ({full}) is not divisible by "
+                              f"{world}")
+
+
 class TPExecutor:
     """The ModelRunner contract (`execute`, `num_kv_blocks`, `model_config`, `shutdown`) for
     tensor_parallel_size > 1: this process is rank 0 (node 0's leader)."""
 
     def __init__(self, config: EngineConfig):
         layout = self.layout = NodeLayout.of(config)
+        # config.json errors and shapes the ranks cannot split fail here, before any spawn
+        check_tp_shapes(load_model_config(config), layout.world, config.enable_expert_parallel)
         self.world = layout.world
         init = layout.init_method() or f"tcp://127.0.0.1:{_free_port()}"
         # a default group already in this process (the application's, or one an earlier

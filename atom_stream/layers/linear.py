@@ -7,7 +7,10 @@
   ranks (o_proj, down_proj) unless the caller defers the reduction (`reduce=False`, MoE).
 
 Each parameter carries `tp_dim` (None, 0 or 1): the dimension the loader narrows a checkpoint
-tensor along for this rank.
+tensor along for this rank. A vocab-sized dimension that the ranks do not divide (lm_head,
+embed_tokens) is padded, as vLLM pads its vocab-parallel layers: each rank holds ceil(V/tp)
+rows, the parameter carries `tp_full` = V (the checkpoint's extent), the rows past V are zero,
+and the model drops their logits after the gather.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ class Linear(nn.Module):
     """y = x @ W^T (no bias: no DeepseekV3 linear has one)."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, device=None,
-                 parallel: str = "replicated", reduce: bool = True):
+                 parallel: str = "replicated", reduce: bool = True, pad: bool = False):
+        """`pad` (column only, lm_head): out_features need not divide over the ranks; each
+        holds ceil(out/tp) rows, zero past out (see the module docstring)."""
         super().__init__()
         self.tp = tp()
         self.parallel = parallel
         self.reduce = reduce and parallel == "row"
-        if parallel == "column":
+        full_out = out_features
+        if parallel == "column" and pad:
+            out_features = padded_shard(out_features, self.tp.size)
+        elif parallel == "column":
             out_features = self.tp.shard(out_features, "output features")
         elif parallel == "row":
             in_features = self.tp.shard(in_features, "input features")
@@ -40,6 +48,8 @@ class Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
         )
         self.weight.tp_dim = {"replicated": None, "column": 0, "row": 1}[parallel]
+        if out_features * self.tp.size != full_out and parallel == "column":
+            self.weight.tp_full = full_out
         self.quant_method = None  # set by layers/quant when the checkpoint quantizes this layer
         # the Triton GEMV up to this many rows (dense_linear; the owner sets both by
         # measurement, e.g. models/mla.py for o_proj; 0 = cuBLAS)
@@ -95,18 +105,27 @@ def dense_weight(layer: Linear) -> torch.Tensor:
     return layer.weight
 
 
+def padded_shard(full: int, size: int) -> int:
+    """Rows per rank of a vocab-sized dim split over `size` ranks: ceil(full / size) (the last
+    ranks' rows past `full` are padding)."""
+    return -(-full // size)
+
+
 class VocabEmbedding(nn.Module):
-    """Vocab-parallel embedding: rank r holds rows [r*V/tp, (r+1)*V/tp); out-of-shard ids give
-    zeros locally and the all-reduce fills them in."""
+    """Vocab-parallel embedding: rank r holds rows [r*L, (r+1)*L) with L = ceil(V/tp) (rows past
+    V are zero padding, never looked up); out-of-shard ids give zeros locally and the
+    all-reduce fills them in."""
 
     def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, device=None):
         super().__init__()
         self.tp = tp()
-        self.local = self.tp.shard(vocab, "vocab_size")
+        self.local = padded_shard(vocab, self.tp.size)
         self.start = self.tp.rank * self.local
         self.weight = nn.Parameter(torch.empty(self.local, hidden, dtype=dtype, device=device),
                                    requires_grad=False)
         self.weight.tp_dim = 0
+        if self.local * self.tp.size != vocab:
+            self.weight.tp_full = vocab
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

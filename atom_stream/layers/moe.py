@@ -17,15 +17,21 @@ import torch.nn.functional as F
 
 def route(router_logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int,
           topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
-          scoring_func: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] (float32) -> (topk_weights [T, k] float32, topk_ids [T, k] int64)."""
+          scoring_func: str = "sigmoid", group_score: str = "top2_sum"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] (float32) -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
+    `group_score`: how a group is ranked for the group limit, "top2_sum" (V3's noaux_tc) or
+    "max" (DeepSeek-V2's group_limited_greedy, transformers' DeepseekV2TopkRouter)."""
     logits = router_logits.float()
     scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(-1)
     sel = scores + bias.float() if bias is not None else scores
     T, E = sel.shape
     if n_group > 1 and topk_group < n_group:
         grouped = sel.view(T, n_group, E // n_group)
-        group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(-1)
+        if group_score == "max":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(-1)
         group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)

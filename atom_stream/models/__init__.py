@@ -10,4 +10,6 @@ MODEL_REGISTRY = {
     "DeepseekV2ForCausalLM": DeepseekV3ForCausalLM,
     "KimiK2ForCausalLM": DeepseekV3ForCausalLM,
     "KimiK25ForConditionalGeneration": KimiK25ForConditionalGeneration,
+    # transformers >= 5.2x's native class name (a checkpoint it re-saved)
+    "Kimi_K25ForConditionalGeneration": KimiK25ForConditionalGeneration,
 }

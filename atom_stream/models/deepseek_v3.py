@@ -230,7 +230,8 @@ class MoE(nn.Module):
         topk ids are int64 on the reference path and int32 from the routing kernel."""
         cfg = self.cfg
         bias = self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None
-        E, G = cfg.n_routed_experts, cfg.n_group
+        # DeepSeek-V2's "greedy" ignores the groups (transformers' DeepseekV2TopkRouter)
+        E, G = cfg.n_routed_experts, 1 if cfg.topk_method == "greedy" else cfg.n_group
         fast = kernel_path.active(x) and self.gate.weight_lp is not None
         shared, side = self.shared_experts, None
         if (shared is not None and shared.w_gate_up is not None and x.is_cuda
@@ -242,7 +243,8 @@ class MoE(nn.Module):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 act = shared.act(x)
-        kernel_routing = fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2)
+        kernel_routing = (fast and cfg.scoring_func == "sigmoid" and (G == 1 or E // G >= 2)
+                          and cfg.topk_method != "group_limited_greedy")
         fused = None
         if kernel_routing and side is None and self.w_router_shared is not None:
             fused = self._router_and_shared(x)
@@ -262,7 +264,8 @@ class MoE(nn.Module):
             weights, ids = route(
                 logits, bias, top_k=cfg.num_experts_per_tok, n_group=G, topk_group=cfg.topk_group,
                 norm_topk_prob=cfg.norm_topk_prob,
-                routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func)
+                routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func,
+                group_score="max" if cfg.topk_method == "group_limited_greedy" else "top2_sum")
         if self.record is not None:  # bench/decode.py: the routing actually taken
             self.record.append(ids)
         y = self.experts(x, weights, ids)
@@ -332,7 +335,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = cfg
         self.model = DeepseekV3Model(cfg, max_positions, dtype, device)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device,
-                              parallel="column")
+                              parallel="column", pad=True)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -344,11 +347,15 @@ class DeepseekV3ForCausalLM(nn.Module):
         """hidden [N, hidden] -> float32 logits [N, vocab]. The kernel path takes them in fp32
         straight from the GEMM where the backend can (one launch, no bf16 rounding)."""
         head = self.lm_head
+        logits = None
         if kernel_path.active(hidden) and head.quant_method is None:
             logits = kernel_path.linear_fp32_out(hidden, head.weight)
-            if logits is not None:
-                return all_gather_last(logits, head.tp)
-        return all_gather_last(head(hidden).float(), head.tp)
+        if logits is None:
+            logits = head(hidden).float()
+        logits = all_gather_last(logits, head.tp)
+        V = self.config.vocab_size
+        # TP with a vocab the ranks do not divide: drop the padding rows' columns
+        return logits if logits.shape[-1] == V else logits[:, :V].contiguous()
 
     def process_weights_after_loading(self) -> None:
         if self.config.tie_word_embeddings:
