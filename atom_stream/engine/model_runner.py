@@ -240,6 +240,7 @@ class ModelRunner:
                           v_dim=attn.v_dim, uv_max_batch=mla.MERGE_UV_MAX_B)
         n += self._absorb_warmup(attn)
         n += self._gemv_warmup()
+        n += self._splitk_warmup(attn)
         logger.info("decode attention warm-up: %d launch variants in %.1fs", n,
                     time.perf_counter() - t0)
 
@@ -297,6 +298,33 @@ class ModelRunner:
                 w = shared.down_proj.weight
                 shared.down_add(torch.zeros(m, w.shape[1], dtype=dt, device=dev), x)
                 n += 1
+        return n
+
+    def _splitk_warmup(self, attn) -> int:
+        """Compile kernels/gemm_splitk.py at each padded row count (16 / 32 / 64) that the
+        projections taking it reach (models/mla QKV_SPLITK, models/deepseek_v3 ROUTER_SPLITK) and
+        allocate its workspaces. Returns the number of launches."""
+        from atom_stream.kernels.gemm_splitk import block_m
+        from atom_stream.layers.linear import dense_linear
+        from atom_stream.models import deepseek_v3 as dv3
+        from atom_stream.models import mla
+        sites = []  # (fewest rows that take split-K, most, the call on x [m, hidden])
+        if attn.w_qkv_a is not None:
+            sites.append((mla.QKV_GEMV_MAX_M + 1, mla.QKV_SPLITK[0], lambda x: dense_linear(
+                x, attn.w_qkv_a, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG, mla.QKV_SPLITK)))
+        moe = next((m for m in self.model.modules()
+                    if isinstance(m, dv3.MoE) and m.w_router_shared is not None), None)
+        if moe is not None:
+            sites.append((dv3.ROUTER_GEMV_MAX_M + 1, dv3.ROUTER_SPLITK[0],
+                          moe._router_and_shared))
+        n, hidden = 0, self.model.config.hidden_size
+        for lo, hi, call in sites:
+            done = set()
+            for m in range(max(lo, 1), hi + 1):
+                if block_m(m) not in done:
+                    done.add(block_m(m))
+                    call(torch.zeros(m, hidden, dtype=self.dtype, device=self.device))
+                    n += 1
         return n
 
     def _capture_graphs(self) -> None:

@@ -86,15 +86,31 @@ def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
             and w.is_contiguous() and x.stride(-1) == 1)
 
 
+def splitk_ok(x: torch.Tensor, w: torch.Tensor, splitk: tuple[int, dict] | None) -> bool:
+    """Whether x @ w^T goes to the Triton split-K GEMM (kernels/gemm_splitk.py): GPU, 1..max_m
+    rows of splitk = (max_m, config) (the caller's measured limit; None or 0 = off), 16-bit
+    operands of one dtype, w contiguous."""
+    if splitk is None or not (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= splitk[0]):
+        return False
+    from atom_stream.kernels.gemm_splitk import MAX_M
+    return (x.shape[0] <= MAX_M and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and w.is_contiguous() and x.stride(-1) == 1)
+
+
 def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0,
-                 gemv_config: dict | None = None) -> torch.Tensor:
+                 gemv_config: dict | None = None,
+                 splitk: tuple[int, dict] | None = None) -> torch.Tensor:
     """x @ w^T for an unquantized weight [out, in]: the Triton GEMV up to the caller's
-    gemv_max_m rows (gemv_config: its tiles), torch's F.linear otherwise (cuBLAS / hipBLASLt;
-    a Triton split-K GEMM for 1-16 rows lost to it at every decode shape but lm_head and q_b on
-    the H200 and was removed in session 21: bench/RESULTS.md "Skinny GEMM (Triton) vs cuBLAS")."""
+    gemv_max_m rows (gemv_config: its tiles), then the Triton split-K GEMM up to splitk's
+    (max_m, config), torch's F.linear otherwise (cuBLAS / hipBLASLt). Both Triton kernels run
+    only where measured faster than cuBLAS (bench/dense_gemv.py, bench/splitk_gemm.py)."""
     if gemv_ok(x, w, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, w, config=gemv_config)
+    if splitk_ok(x, w, splitk):
+        from atom_stream.kernels.gemm_splitk import gemm_splitk
+        return gemm_splitk(x, w, config=splitk[1])
     return F.linear(x, w)
 
 

@@ -175,6 +175,13 @@ SHARED_DOWN_GEMV_MAX_M = envs.integer("ATOM_STREAM_SHARED_DOWN_GEMV_MAX_M")
 # 6.32 at session 17's 2 x 2048 tiles, 7.71 cuBLAS split-K + reduce), 6.98 vs 7.60 at M=2
 ROUTER_GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True,
                       "UNROLL": True}
+# From ROUTER_GEMV_MAX_M + 1 rows up to ROUTER_SPLITK[0] the Triton split-K GEMM
+# (kernels/gemm_splitk.py): 7.4-7.7 vs cuBLAS 7.9-8.1 us at M = 4..16, H200 (bench/splitk_gemm.py,
+# RESULTS session 24; loses from 32); decode B = 4 / 16 / 32 -3.0 / -1.6 / -1.8 % with the q_a+kv_a
+# one (mla.QKV_SPLITK). Not the lm_head: 65 vs 72 us of kernel time, yet +0.3 ms per step.
+ROUTER_SPLITK = (envs.integer("ATOM_STREAM_ROUTER_SPLITK_MAX_M"),
+                 {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT": 8, "W_AS_M": True, "num_warps": 4,
+                  "num_stages": 4})
 
 
 class MoE(nn.Module):
@@ -218,7 +225,7 @@ class MoE(nn.Module):
         (the caller's path runs). The routing launch fills act with SiLU(gate) * up
         (kernels/moe_routing.py, `act=`)."""
         out = kernel_path.linear_fp32_out(x, self.w_router_shared, ROUTER_GEMV_MAX_M,
-                                          ROUTER_GEMV_CONFIG)
+                                          ROUTER_GEMV_CONFIG, splitk=ROUTER_SPLITK)
         if out is None:
             return None
         E = self.cfg.n_routed_experts

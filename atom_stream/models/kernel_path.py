@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from atom_stream import envs
-from atom_stream.layers.linear import gemv_ok
+from atom_stream.layers.linear import gemv_ok, splitk_ok
 
 _force = False
 
@@ -63,17 +63,22 @@ def _mm_fp32_out_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, gemv_max_m: int = 0,
-                    gemv_config: dict | None = None) -> torch.Tensor | None:
+                    gemv_config: dict | None = None,
+                    splitk: tuple[int, dict] | None = None) -> torch.Tensor | None:
     """x [N, K] @ weight[M, K]^T as float32 [N, M] straight from one GEMM (fp32 accumulate, no
     rounding to x's dtype; used for the lm_head logits), or None where the backend lacks a
     mixed-output mm and x is not already float32 (the caller keeps its own path). Up to
     gemv_max_m rows (the caller's measured limit) kernels/gemv.py runs it instead (one launch,
-    no split-K reduce; gemv_config: its tiles / warps)."""
+    no split-K reduce; gemv_config: its tiles / warps), then up to splitk's (max_m, config)
+    kernels/gemm_splitk.py (its split-K sums in the same launch)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.linear(x, weight)
     if gemv_ok(x, weight, gemv_max_m):
         from atom_stream.kernels.gemv import gemv
         return gemv(x, weight, out_dtype=torch.float32, config=gemv_config)
+    if splitk_ok(x, weight, splitk):
+        from atom_stream.kernels.gemm_splitk import gemm_splitk
+        return gemm_splitk(x, weight, out_dtype=torch.float32, config=splitk[1])
     if x.dtype == weight.dtype and _mm_fp32_out_ok(x.device, x.dtype):
         return torch.mm(x, weight.t(), out_dtype=torch.float32)
     return None
