@@ -212,8 +212,9 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
     else:
         g.add_argument("--port", "--server-port", dest="port", type=int, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None)
-    g.add_argument("--api-key", action="append", default=[],
-                   help="require this key (Authorization: Bearer); repeat for several keys")
+    g.add_argument("--api-key", action="extend", nargs="+", default=[],
+                   help="require this key (Authorization: Bearer); several keys as vLLM's "
+                        "--api-key K1 K2 or by repeating the flag")
     g.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None)
     g.add_argument("--max-body-bytes", type=int, default=8 << 20)
     g.add_argument("--ws-max-frame-bytes", type=int, default=None)

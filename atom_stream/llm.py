@@ -29,8 +29,11 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
+
+import msgspec
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
@@ -42,7 +45,14 @@ from atom_stream.engine.prompts import (
     resolve_chat_options,
 )
 from atom_stream.errors import InvalidRequestError
-from atom_stream.sampling_params import SamplingParams, model_sampling_defaults
+from atom_stream.sampling_params import (
+    SamplingParams,
+    SamplingParamsError,
+    model_sampling_defaults,
+)
+
+# vLLM prompt-dict keys this text-only engine cannot honour (refused unless empty)
+_MULTI_MODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
 
 
 class LLM:
@@ -89,13 +99,21 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_tokenizer(self) -> Any:
+        """vLLM's LLM.get_tokenizer: the engine's tokenizer (None with skip_tokenizer_init)."""
+        return self.engine.tokenizer
+
     def generate(self, prompts: Any = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None,
-                 use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable[..., Any] = False,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """`prompts`: one prompt or a list of them, each a string, a list of token ids, or
         vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by keyword
-        (`prompt_token_ids`: one list of ids or several). `lora_request` is vLLM's argument:
+        (`prompt_token_ids`: one list of ids or several). A dict prompt's `cache_salt` (vLLM's)
+        becomes that prompt's SamplingParams.cache_salt; its `multi_modal_data` /
+        `mm_processor_kwargs` / `multi_modal_uuids` other than empty are refused (text only);
+        other keys are ignored, as vLLM's TypedDicts do. `lora_request` is vLLM's argument:
         None is accepted, anything else refused (no LoRA adapters), as `chat` does."""
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
@@ -109,6 +127,7 @@ class LLM:
                 prompts = [prompts]
             token_lists = [self._prompt_ids(p) for p in prompts]
             texts = [_prompt_text(p) for p in prompts]
+            sampling_params = self._salted(sampling_params, prompts)
         elif prompt_token_ids is not None:
             if prompt_token_ids and isinstance(prompt_token_ids[0], int):
                 prompt_token_ids = [prompt_token_ids]
@@ -119,8 +138,38 @@ class LLM:
         outs = self._run(token_lists, sampling_params, use_tqdm)
         return [o.set_prompt(t) for o, t in zip(outs, texts)]
 
+    def _salted(self, sampling_params: Any, prompts: Seq[Any]) -> Any:
+        """`sampling_params` with each dict prompt's `cache_salt` set on that prompt's copy
+        (unchanged when no prompt has one, or when a list of params has the wrong length:
+        `_run` refuses it)."""
+        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+        if all(salt is None for salt in salts):
+            return sampling_params
+        if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                return sampling_params
+        return [p if salt is None else self._with_salt(p, salt) for p, salt in zip(params, salts)]
+
+    def _with_salt(self, params: Any, salt: Any) -> Any:
+        if isinstance(params, dict):
+            return {**params, "cache_salt": salt}  # checked with the rest by the engine
+        base = self.get_default_sampling_params() if params is None else params
+        if not isinstance(base, SamplingParams):
+            return params  # the engine's own error for a wrong type
+        try:
+            return msgspec.structs.replace(base, cache_salt=salt)
+        except SamplingParamsError as e:
+            raise InvalidRequestError(str(e), e.param) from None
+
     def _prompt_ids(self, p: Any) -> list[int]:
         if isinstance(p, dict):
+            for key in _MULTI_MODAL_KEYS:
+                if p.get(key):
+                    raise InvalidRequestError(f"{key} is not supported: this engine serves "
+                                              "text models only", key)
             if "prompt_token_ids" in p:
                 return list(p["prompt_token_ids"])
             if "prompt" in p:
@@ -140,7 +189,7 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = False, lora_request: Any = None,
+             use_tqdm: bool | Callable[..., Any] = False, lora_request: Any = None,
              chat_template: str | None = None, chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict[str, Any]] | None = None,
@@ -159,7 +208,7 @@ class LLM:
         every content as a list of text parts, "auto" passes the messages as given
         (engine/prompts.py `apply_content_format`). `lora_request` / `mm_processor_kwargs`
         other than None are refused (no LoRA, text only). `use_tqdm` defaults to False (vLLM:
-        True)."""
+        True); as in vLLM it may be a tqdm-like callable that makes the bar."""
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
                                       "LoRA adapters", "lora_request")
@@ -185,7 +234,7 @@ class LLM:
 
     def _run(self, token_lists: list[list[int]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None,
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
         n = len(token_lists)
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
             params = [sampling_params or self.get_default_sampling_params()] * n
@@ -217,8 +266,8 @@ class LLM:
         last = [0] * n  # the choice that finished last (vLLM takes prompt-level fields from it)
         bar = None
         if use_tqdm:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc="generate", unit="req")
+            make_bar = use_tqdm if callable(use_tqdm) else _tqdm()  # vLLM: a tqdm-like callable
+            bar = make_bar(total=n, desc="generate", unit="req")
         max_waiting = engine.config.max_waiting_requests
         nxt = 0
         try:
@@ -257,6 +306,12 @@ class LLM:
             if multi[i]:
                 outs[i] = MultiChoiceOutput.gather(parent_ids[i], choices[i], last[i])
         return outs  # type: ignore[return-value]
+
+
+def _tqdm() -> Callable[..., Any]:
+    from tqdm.auto import tqdm
+
+    return tqdm
 
 
 def _prompt_text(p: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -38,6 +39,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     - `prompt_logprobs`: None or k >= 0, logprobs of the prompt tokens (for echo/loglikelihood).
     - `stop`: strings matched on the detokenized text (trimmed from the output unless
       `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
+      None for either is "none" (vLLM's default), read as [].
+    - `spaces_between_special_tokens`: vLLM's; accepted and kept. It has no effect here, as in
+      vLLM with a fast tokenizer: every tokenizer this engine loads (byte-level BPE, Kimi's
+      tiktoken, the demo's bytes) joins special tokens without spaces either way.
     - `logit_bias`: token id (JSON: its string) -> a number added to its logit, clamped to
       [-100, 100] as vLLM's OpenAI server does; `allowed_token_ids`: sample only among these ids
       (OpenAI / vLLM).
@@ -65,6 +70,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = msgspec.field(default_factory=list)
@@ -78,6 +84,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif self.stop is None:  # vLLM: None (its default) is no stop strings
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if self.bad_words is None:
             self.bad_words = []
         elif isinstance(self.bad_words, list) and all(isinstance(w, str) for w in self.bad_words):
@@ -89,7 +99,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 try:
                     tid = int(k)
                 except (TypeError, ValueError):
-                    raise SamplingParamsError("logit_bias", f"key {k!r} is not a token id") from None
+                    raise SamplingParamsError("logit_bias",
+                                              f"key {k!r} is not a token id") from None
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
                     v = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(v)))  # NaN: refused below
                 bias[tid] = v
@@ -101,6 +112,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             # vLLM raises these (NaN/inf in its tensors otherwise) before deciding greedy
             self.temperature = MIN_TEMPERATURE
         self.validate()
+
+    def __repr__(self) -> str:
+        """The public fields (vLLM's repr lists them; the engine's tokenized bad words are
+        not one)."""
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__struct_fields__
+                           if not name.startswith("_"))
+        return f"SamplingParams({fields})"
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's SamplingParams.clone): changing its lists or dicts leaves this
+        one unchanged."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:
@@ -120,7 +143,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
 
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # "false" would be truthy: the opposite of the intent
                 raise SamplingParamsError(name, f"must be true or false, got {v!r}")

@@ -91,6 +91,11 @@ class Tokenizer(ABC):
 
     _chat_template: str | None = None  # a jinja override, rendered instead of _render_chat
 
+    @property
+    def eos_token_id(self) -> int | None:
+        """Hugging Face's attribute: the first EOS id (None without one)."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
     def token_bytes(self, token_id: int) -> bytes | None:
         return None
 
@@ -102,13 +107,17 @@ class Tokenizer(ABC):
         return self.id_to_str(token_id)
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False,
-                            **chat_template_kwargs: Any) -> str:
+                            continue_final_message: bool = False, tokenize: bool = False,
+                            **chat_template_kwargs: Any) -> str | list[int]:
         """OpenAI-style messages -> the prompt string. Extra keywords (e.g. `thinking`, `tools`)
         reach the template. `continue_final_message`: the prompt ends inside the last message
         (rendered without a generation prompt and cut right where that message's content ends,
         as transformers' apply_chat_template does: see `tag_final_message`); both it and
-        `add_generation_prompt` -> a ValueError (vLLM's check_generation_prompt)."""
+        `add_generation_prompt` -> a ValueError (vLLM's check_generation_prompt). `tokenize`
+        (Hugging Face's keyword; default False here): the prompt's ids instead of the string."""
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt, continue_final_message,
+                                    **chat_template_kwargs)
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts")
         if continue_final_message and add_generation_prompt:
@@ -444,15 +453,24 @@ def _has_byte_level_decoder(tok: Any) -> bool:
 
 # ------------------------------------------------------------------------------ templates
 def resolve_chat_template(chat_template: str | None) -> str | None:
-    """A file path -> its contents; a literal jinja string -> itself."""
+    """A file path -> its contents; a literal jinja string -> itself. Either must parse as
+    jinja (a ValueError naming the error otherwise): a broken --chat-template fails the start,
+    not every chat request after it."""
     if chat_template is None:
         return None
     if os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
-            return f.read()
-    if "{" not in chat_template:
+            text = f.read()
+    elif "{" not in chat_template:
         raise ValueError(f"chat_template {chat_template!r} is neither a file nor a jinja template")
-    return chat_template
+    else:
+        text = chat_template
+    import jinja2
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: not a valid jinja template ({e})") from None
+    return text
 
 
 def render_jinja(template: str, messages: list[Message], add_generation_prompt: bool,

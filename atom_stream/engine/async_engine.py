@@ -24,13 +24,17 @@ the consuming task, or `await engine.abort(id)` aborts the request and frees its
 
 Errors: InvalidRequestError / PromptTooLongError / EngineOverloadedError are raised by the first
 `__anext__` (before anything is yielded), and a refused request leaves nothing registered (no
-slot, no core request, no KV block). Checked in this order: engine alive, duplicate id, the
-params (`LLMEngine.check_params`; vLLM's process_inputs validates them before it tokenizes), the
-prompt's tokenization, too long (before the per-id look), the core's prompt checks, the queue
-bound. A failed model step raises GenerationError from the
-affected requests' iterators only; if the loop itself dies, every stream raises EngineDeadError
-and `is_dead` turns true. Prompts are tokenized by engine/prompts.py (`tokenize_prompt`, also
-`AsyncEngine.tokenize_prompt`): long text prompts and every chat prompt off the loop.
+slot, no core request, no KV block). Checked in this order: engine alive, the id (a string, not
+live), the params (`LLMEngine.check_params`; vLLM's process_inputs validates them before it
+tokenizes), room (the live requests plus those being tokenized below max_num_seqs +
+max_waiting_requests: a flood past the bound is refused before any tokenizing), the prompt's
+tokenization, too long (before the per-id look), the core's prompt checks, the queue bound.
+A request's id and stream are released when its final delta is handed to the consumer (not
+when the consumer next resumes the generator). A failed model step raises GenerationError from
+the affected requests' iterators only; if the loop itself dies, every stream raises
+EngineDeadError and `is_dead` turns true. Prompts are tokenized by engine/prompts.py
+(`tokenize_prompt`, also `AsyncEngine.tokenize_prompt`): long text prompts and every chat prompt
+off the loop; vLLM's {"prompt_token_ids": ...} / {"prompt": ...} dicts are taken too.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.prompts import Prompt, tokenize_prompt
 from atom_stream.errors import (
     EngineDeadError,
+    EngineOverloadedError,
     GenerationError,
     InvalidRequestError,
     PromptTooLongError,
@@ -270,12 +275,16 @@ class AsyncEngine:
         core = self._check_alive()
         if request_id is None:
             request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str):  # vLLM's add_request: a TypeError
+            raise InvalidRequestError(f"request_id: must be a string, got "
+                                      f"{type(request_id).__name__}", "request_id")
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
         params = core.check_params(params)
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        self.check_room()
         self._tokenizing[request_id] = False
         try:
             ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
@@ -310,6 +319,10 @@ class AsyncEngine:
                     out = await slot.get()
                 if out.finish_reason is not None:
                     done = True
+                    # ended: the id is free and the stream gone before the consumer resumes
+                    # (one holding the suspended generator must not keep either)
+                    if self._slots.get(request_id) is slot:
+                        del self._slots[request_id]
                     if out.finish_reason == "error":
                         raise GenerationError(out.error or "generation failed")
                 yield out
@@ -320,6 +333,19 @@ class AsyncEngine:
                 del self._slots[request_id]
             if not done:
                 self._abort(request_id)
+
+    def check_room(self, n: int = 1) -> None:
+        """Refuse (EngineOverloadedError, the queue's own answer) `n` more requests that could
+        not all be admitted now: the live requests plus those still being tokenized leave
+        fewer than `n` places below max_num_seqs + max_waiting_requests. generate() checks
+        this before it tokenizes, so a flood beyond the bound costs no tokenization and holds
+        no token lists (DESIGN: memory is bounded); a front end that tokenizes itself can call
+        it first for the same effect."""
+        core = self._check_alive()
+        if len(core.requests) + len(self._tokenizing) + n > self.max_live_requests:
+            raise EngineOverloadedError(f"the waiting queue is full "
+                                        f"({self.config.max_waiting_requests} requests); retry "
+                                        f"later")
 
     async def abort(self, request_id: str) -> None:
         """Abort a live request; its stream ends with a finish_reason "abort" delta (also when

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
 import msgspec
 
-from atom_stream.config import ConfigError, EngineConfig, resolve_model_path
+from atom_stream.config import ConfigError, EngineConfig, ModelConfig, resolve_model_path
 from atom_stream.engine.block_manager import BlockManager
 from atom_stream.engine.metrics import EngineMetrics
 from atom_stream.engine.outputs import RequestOutput, Usage
@@ -134,6 +135,10 @@ class LLMEngine:
         explicit_len = config.max_model_len is not None  # the runner may fill it in
         if runner is None:
             config.model = resolve_model_path(config.model, config.load_format)  # hub ids
+            if not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):
+                # config.json first (cheap): an unsupported checkpoint is that one clear
+                # error, not whatever its tokenizer files make the tokenizer loader say
+                ModelConfig.from_pretrained(os.path.expanduser(config.model))
         if tokenizer is None and not skip_tokenizer_init:
             # before the weights (minutes for a real checkpoint) and the TP workers: a missing
             # tokenizer is an error at once, with nothing to tear down
@@ -214,12 +219,16 @@ class LLMEngine:
                     params: SamplingParams | None = None, *,
                     strict_max_tokens: bool = False, params_checked: bool = False) -> Sequence:
         """Validate and queue a request, all or nothing (every check runs before anything is
-        registered or allocated): duplicate id, `check_params` (`params_checked`: already
-        done, `params` is its result), then the prompt: empty, ids in the vocabulary, too long.
-        Raises InvalidRequestError (duplicate id, bad params or token ids), PromptTooLongError,
+        registered or allocated): the id (a string, not live), `check_params`
+        (`params_checked`: already done, `params` is its result), then the prompt: empty, ids
+        in the vocabulary, too long. Raises InvalidRequestError (bad or duplicate id, bad
+        params or token ids), PromptTooLongError,
         MaxTokensTooLargeError (with `strict_max_tokens`: the prompt plus params.max_tokens
         exceed max_model_len; without it max_tokens is capped at the context left), or
         EngineOverloadedError (waiting queue full)."""
+        if not isinstance(request_id, str):  # vLLM's add_request: a TypeError
+            raise InvalidRequestError(f"request_id: must be a string, got "
+                                      f"{type(request_id).__name__}", "request_id")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         if not params_checked:

@@ -17,7 +17,7 @@ from typing import Any
 
 from atom_stream.errors import InvalidRequestError
 
-Prompt = str | list[int] | list[dict]
+Prompt = str | list[int] | list[dict] | dict
 _OFFLOOP_CHARS = 2048  # tokenize longer prompts in a thread
 # vLLM's check_generation_prompt (a model validator of ChatCompletionRequest and
 # TokenizeChatRequest), verbatim
@@ -157,8 +157,12 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     returned as given; text is tokenized in the default thread pool when long; a chat prompt
     always is: rendering reads more than the contents (tools, tool calls, template kwargs), so
     its size says nothing about its cost (a megabyte of tool schemas beside a "hi").
+    vLLM's dict forms are taken too: {"prompt_token_ids": [...]} (TokensPrompt, preferred when
+    both keys are there, as vLLM) and {"prompt": str} (TextPrompt).
     Errors are InvalidRequestError naming `prompt` / `messages` (ChatOptionsError for the
     chat option pair)."""
+    if isinstance(prompt, dict):
+        prompt = _dict_prompt(prompt)
     if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
@@ -188,6 +192,18 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     except (ValueError, TypeError, KeyError) as e:
         field = "prompt" if isinstance(prompt, str) else "messages"
         raise InvalidRequestError(f"{field}: {e}", field) from None
+
+
+def _dict_prompt(prompt: dict) -> Any:
+    """The prompt inside vLLM's TokensPrompt / TextPrompt dict (checked by the caller)."""
+    if "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if isinstance(ids, list) and all(isinstance(t, int) for t in ids):
+            return ids  # empty / bools: refused with the list forms' error
+    elif isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise InvalidRequestError("prompt: a dict prompt needs 'prompt_token_ids' (a list of token "
+                              "ids) or 'prompt' (a string)", "prompt")
 
 
 def _need(tokenizer: Any) -> Any:
