@@ -64,7 +64,9 @@ class _SamplingRequest(Struct, kw_only=True):
     """Fields shared by chat and completions (OpenAI plus vLLM's extras)."""
 
     model: str | None = None
-    n: int = 1
+    # null takes the default in the fields the OpenAI API makes nullable (n, stream, echo,
+    # logprobs; vLLM's Optional[...] fields): SDKs that dump every field send them as null
+    n: int | None = 1
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -79,7 +81,7 @@ class _SamplingRequest(Struct, kw_only=True):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     prompt_logprobs: int | None = None
     request_id: str | None = None
@@ -90,7 +92,7 @@ class _SamplingRequest(Struct, kw_only=True):
     # refused with 400, as vLLM's pydantic field list[str] = [])
     bad_words: list[str] = msgspec.field(default_factory=list)
     cache_salt: str | None = None  # vLLM: salts the prefix cache (SamplingParams.cache_salt)
-    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:{id}"
+    return_tokens_as_token_ids: bool | None = False  # vLLM: logprob tokens as "token_id:{id}"
     # vLLM: keep only the last N prompt tokens (-1: as many as fit; validated by the handler)
     truncate_prompt_tokens: int | None = None
     # vLLM: choices carry `token_ids` (and the prompt's `prompt_token_ids`)
@@ -108,9 +110,9 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -128,7 +130,7 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     # shape is checked by the handler.
     prompt: str | list[Any]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's extra field: the tokenizer's own prefix (BOS)
@@ -353,9 +355,9 @@ class ModelCard(Struct):
     permission: list[ModelPermission] = msgspec.field(default_factory=list)
 
 
-class ModelList(Struct):
-    data: list[ModelCard]
-    object: str = "list"
+class ModelList(Struct, kw_only=True):
+    object: str = "list"  # vLLM's order: object, then data
+    data: list[ModelCard] = msgspec.field(default_factory=list)
 
 
 class ErrorInfo(Struct):

@@ -254,6 +254,9 @@ class OpenAIServing:
             raise HTTPError(400, f"{len(prompts)} prompt(s) x n={n} = {total} requests exceed "
                             f"what the server holds at once ({cap}: max_num_seqs + "
                             f"max_waiting_requests)", "n" if n > 1 else "prompt")
+        check_room = getattr(engine, "check_room", None)  # AsyncEngine; DPEngine has none
+        if check_room is not None:  # a flood past the bound: 503 before any tokenizing
+            check_room(total)
         token_ids = []
         for prompt in prompts:  # the engine's own path: long text and chat off the loop
             ids = await engine.tokenize_prompt(prompt, template_kwargs,
@@ -312,7 +315,7 @@ class OpenAIServing:
                  echo_only: bool = False) -> openai_stream.StreamContext:
         return openai_stream.StreamContext(
             rid, int(time.time()), model, self.engine.tokenizer, params.logprobs,
-            req.return_tokens_as_token_ids, return_token_ids=bool(req.return_token_ids),
+            bool(req.return_tokens_as_token_ids), return_token_ids=bool(req.return_token_ids),
             details=self._details, echo_only=echo_only)
 
     # ---------------------------------------------------------------- chat
@@ -452,7 +455,7 @@ class OpenAIServing:
                                f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}",
                                self.state.started)])
                  for name in self.state.model_names]
-        return json_response(ModelList(cards))
+        return json_response(ModelList(data=cards))
 
 
 async def _first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:

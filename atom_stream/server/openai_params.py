@@ -86,7 +86,8 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
     taken where the request leaves a field out, `max_tokens` as a cap (vLLM's
     get_diff_sampling_param / get_max_tokens)."""
     defaults = defaults or {}
-    kw: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos, "min_tokens": req.min_tokens,
+    kw: dict[str, Any] = {"n": 1 if req.n is None else req.n, "ignore_eos": req.ignore_eos,
+                          "min_tokens": req.min_tokens,
                           "skip_special_tokens": req.skip_special_tokens,
                           "include_stop_str_in_output": req.include_stop_str_in_output}
     renames: dict[str, str] = {}

@@ -28,12 +28,14 @@ REQUEST_ID_HEADER = "X-Request-Id"
 
 def base_request_id(headers: Mapping[str, str] | None, default: str | None = None) -> str:
     """The client's id for a request: the `X-Request-Id` header (case-insensitive lookup on
-    starlette Headers), else `default` (the body's `request_id`), else a random hex uuid."""
+    starlette Headers; present, even empty, it wins), else `default` (the body's
+    `request_id`), else a random hex uuid; an empty `default` counts as none (vLLM's
+    `default = default or random_uuid()`)."""
     if headers is not None:
         value = headers.get(REQUEST_ID_HEADER)
         if value is not None:
             return value
-    return uuid.uuid4().hex if default is None else default
+    return default or uuid.uuid4().hex
 
 
 def engine_request_id(external_id: str) -> str:

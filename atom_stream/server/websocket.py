@@ -1,13 +1,18 @@
 """/v1/ws: the native WebSocket protocol (DESIGN.md), many requests multiplexed on one socket.
 
 Subprotocols: `atom-stream.v1.json` (text frames) and `atom-stream.v1.msgpack` (binary frames);
-a client that offers none gets JSON, one that offers only others is refused. Frames (protocol.py):
+the first of the client's offers that is one of them is chosen. A client that offers none is
+accepted and speaks JSON (the handshake then names no subprotocol); one that offers only others
+is refused at the handshake (HTTP 403). Frames (protocol.py):
 
     client -> server  {"type":"generate","id",prompt|prompt_token_ids|messages,"params":{...}}
                       {"type":"cancel","id"}   {"type":"auth","api_key"}
     server -> client  {"type":"delta","id","text","token_ids"[,"logprobs"]}
                       {"type":"done","id","finish_reason","usage":{..}[,"stop_reason"]}
                       {"type":"error","id"|null,"code","message"[,"param"]}
+
+`params` are read as the OpenAI routes read the same fields (`_sampling_kwargs`): null means the
+default, and the checkpoint's generation_config.json defaults fill what the frame leaves out.
 
 Per request a task drives `engine.generate()` and merges its deltas into the connection's outbox
 (one pending entry per live request). One writer task per connection drains the outbox in FIFO
@@ -16,12 +21,12 @@ reader stalls only the writer: deltas keep merging into the pending entries (a s
 fewer, larger delta frames) and memory stays bounded by the live requests' own output (at most
 `--ws-max-requests` per connection).
 
-Errors never kill the connection: a malformed, unknown or oversized frame, a sampling parameter
-at the top level (they go under "params"; other unknown top-level fields are ignored), a duplicate live id, an invalid parameter or an
-engine refusal gets an `error` frame (`code` is the HTTP status the same problem gets over HTTP;
-429/503 for overload; a `max_tokens` that does not fit the context left after the prompt is a
-400 naming `params.max_tokens`, as over HTTP) and everything else goes on. An oversized frame's
-error carries the id found in the frame's head (`_sniff_id`), else null.
+Errors never kill the connection: a malformed, unknown or oversized frame, a sampling parameter at
+the top level (they go under "params"; other unknown top-level fields are ignored), a duplicate
+live id, an invalid parameter or an engine refusal gets an `error` frame (`code` is the HTTP status
+the same problem gets over HTTP; 429/503 for overload; a `max_tokens` that does not fit the context
+left after the prompt is a 400 naming `params.max_tokens`, as over HTTP) and everything else goes
+on. An oversized frame's error carries the id found in the frame's head (`_sniff_id`), else null.
 `cancel` aborts the request in the engine; its stream ends with `done` (finish_reason "abort").
 Closing the socket cancels every request task, which aborts the requests and frees their KV
 blocks.
@@ -70,9 +75,9 @@ from atom_stream.server.responses import HTTPError
 logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
 _conn_counter = itertools.count()
-# n: one choice per request id (prompt_logprobs is refused with its own message)
-_PARAM_NAMES = frozenset(
-    f for f in SamplingParams.__struct_fields__ if not f.startswith("_")) - {"n"}
+# params names (n must be 1: one choice per request id; prompt_logprobs is refused with its
+# own message)
+_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_"))
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 
 
@@ -99,6 +104,35 @@ _DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
 # generate-frame fields an error may name as they are (everything else is under "params.")
 _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
                            "chat_template_kwargs"})
+
+
+_INT_PARAMS = frozenset(f.name for f in msgspec.structs.fields(SamplingParams)
+                        if f.type in (int, int | None))
+_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+
+
+def _sampling_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A generate frame's `params` -> SamplingParams keywords, as the OpenAI routes read the
+    same fields (openai_params.build_sampling_params): null means the parameter's default
+    (`max_tokens` null: as many as fit, as over HTTP); an integral float is an int (pydantic's
+    lax mode, as HTTP decodes); the checkpoint's generation_config.json `defaults` fill the
+    fields the frame leaves out, its `max_tokens` caps the frame's (vLLM's
+    get_diff_sampling_param / get_max_tokens)."""
+    kw: dict[str, Any] = {}
+    for name, value in given.items():
+        if isinstance(value, float) and name in _INT_PARAMS and value.is_integer():
+            value = int(value)
+        if value is not None or name == "max_tokens":
+            kw[name] = value
+    for name, value in defaults.items():
+        if name != "max_tokens":
+            kw.setdefault(name, value)
+    cap = defaults.get("max_tokens")
+    if cap is not None:
+        mt = kw.get("max_tokens", _DEFAULT_MAX_TOKENS)
+        if mt is None or (isinstance(mt, int) and not isinstance(mt, bool)):
+            kw["max_tokens"] = cap if mt is None else min(mt, cap)
+    return kw
 
 
 def _frame_param(param: str | None, prompt_field: str) -> str | None:
@@ -136,6 +170,8 @@ class _Connection:
         self.state = state
         self.engine = state.engine
         self.cfg = state.config
+        # the checkpoint's generation_config.json sampling defaults (as over HTTP)
+        self.defaults: dict[str, Any] = getattr(state, "default_sampling", None) or {}
         self.receive = receive
         self._send = send
         self.binary = binary
@@ -329,7 +365,11 @@ class _Connection:
             unknown = sorted(set(frame.params) - _PARAM_NAMES)
             if unknown:
                 raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
-            params = SamplingParams(**frame.params)
+            kw = _sampling_kwargs(frame.params, self.defaults)
+            if kw.get("n", 1) != 1:  # n=1 (what OpenAI-style clients send) is accepted
+                raise HTTPError(400, "n: one choice per request over the WebSocket (send one "
+                                "generate frame per choice)", "params.n")
+            params = SamplingParams(**kw)
             prompt: Any = getattr(frame, field)
             if field == "messages":
                 prompt = messages_to_dicts(prompt)

@@ -15,7 +15,9 @@
   `await stream.cancel()`.
 - One reader task demultiplexes frames by id into per-stream queues; a request's `error` frame
   raises the matching `RequestError` from its iterator; a closed socket raises
-  `ConnectionClosedError` from every open stream.
+  `ConnectionClosedError` from every open stream. Frames of an unknown type (a newer server's)
+  are skipped; an undecodable frame closes the socket (its requests are aborted server-side) and
+  fails every open stream with `ConnectionClosedError`.
 - `protocol="msgpack"` (default, binary frames) or `"json"` (text frames). A URL of the form
   `http://host:port` (or the OpenAI base `http://host:port/v1`) is turned into
   `ws://host:port/v1/ws`. With `api_key` the handshake carries `Authorization: Bearer <key>`.
@@ -28,6 +30,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,6 +56,15 @@ from atom_stream_client.messages import (
     Generate,
     ServerFrame,
 )
+
+
+class _Head(msgspec.Struct):
+    """A server frame's type alone (unknown fields ignored)."""
+
+    type: str = ""
+
+
+_KNOWN_TYPES = frozenset({"delta", "done", "error"})
 
 
 def ws_url(url: str) -> str:
@@ -144,9 +156,11 @@ class AsyncClient:
         if self.binary:
             self._encode = msgspec.msgpack.Encoder().encode
             self._decode = msgspec.msgpack.Decoder(ServerFrame).decode
+            self._peek = msgspec.msgpack.Decoder(_Head).decode
         else:
             self._encode = msgspec.json.Encoder().encode
             self._decode = msgspec.json.Decoder(ServerFrame).decode
+            self._peek = msgspec.json.Decoder(_Head).decode
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task | None = None
         self._streams: dict[str, Stream] = {}
@@ -204,13 +218,25 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _frame(self, raw: bytes | str) -> Any:
+        """The typed frame, or None for a frame of a type this SDK does not know (a newer
+        server's: skipped). Anything else undecodable raises."""
+        try:
+            return self._decode(raw)
+        except msgspec.ValidationError:
+            if self._peek(raw).type in _KNOWN_TYPES:
+                raise
+            return None
+
     async def _read_loop(self) -> None:
         ws = self._ws
         assert ws is not None
         exc: BaseException = ConnectionClosedError("the connection closed")
         try:
             async for raw in ws:
-                frame = self._decode(raw)
+                frame = self._frame(raw)
+                if frame is None:
+                    continue
                 stream = self._streams.get(frame.id) if frame.id is not None else None
                 if type(frame) is Error:
                     err = error_for(frame.code, frame.message, frame.id, frame.param)
@@ -225,6 +251,9 @@ class AsyncClient:
             exc = ConnectionClosedError(f"the connection closed: {e}")
         except Exception as e:  # noqa: BLE001 - undecodable frame: the protocol is broken
             exc = ConnectionClosedError(f"bad frame from the server: {e}")
+            # close it: the server then aborts this socket's requests (left open, they ran on)
+            with contextlib.suppress(Exception):
+                await ws.close(1002, "bad frame")
         finally:
             self._closed_exc = exc
             self._ws = None
