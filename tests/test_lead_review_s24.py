@@ -1,0 +1,47 @@
+"""Session 24's lead fixes from the review reports: Hugging Face tokenizer attributes vLLM users
+read, a broken --chat-template failing the start, an unsupported config.json named before the
+tokenizer loads, and vLLM's `--api-key K1 K2` form."""
+
+import json
+
+import pytest
+
+from atom_stream.cli import serve_parser, server_config_from_args
+from atom_stream.config import ConfigError
+from atom_stream.tokenizer import DemoTokenizer, resolve_chat_template
+
+
+def test_tokenizer_eos_token_id_and_tokenized_chat_template():
+    tok = DemoTokenizer()
+    assert tok.eos_token_id == tok.eos_token_ids[0]
+    msgs = [{"role": "user", "content": "hi there"}]
+    ids = tok.apply_chat_template(msgs, tokenize=True)
+    assert isinstance(ids, list) and ids == tok.encode_chat(msgs)
+    assert isinstance(tok.apply_chat_template(msgs), str)
+
+
+@pytest.mark.parametrize("bad", ["{{ messages", "{% for m in messages %}{{ m }}"])
+def test_broken_chat_template_is_refused_at_load(bad, tmp_path):
+    with pytest.raises(ValueError, match="not a valid jinja template"):
+        resolve_chat_template(bad)
+    path = tmp_path / "t.jinja"
+    path.write_text(bad)
+    with pytest.raises(ValueError, match="not a valid jinja template"):
+        resolve_chat_template(str(path))
+    good = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert resolve_chat_template(good) == good
+
+
+def test_unsupported_architecture_is_named_before_the_tokenizer(tmp_path):
+    from atom_stream import LLM
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="LlamaForCausalLM|llama"):
+        LLM(model=str(tmp_path))
+
+
+def test_api_key_takes_several_values_and_repeats():
+    p = serve_parser()
+    args = p.parse_args(["--api-key", "k1", "k2", "--api-key", "k3"])
+    assert server_config_from_args(args).api_keys == ["k1", "k2", "k3"]
