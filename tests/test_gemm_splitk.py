@@ -4,8 +4,7 @@ rank's shapes). Fresh random inputs per check; outputs poisoned with NaN before 
 
 import pytest
 import torch
-
-from tests.kernel_interp import interpret_without_gpu
+from kernel_interp import interpret_without_gpu
 
 GPU = interpret_without_gpu("gemm_splitk")
 
