@@ -12,8 +12,8 @@ FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake
 (127.0.0.1), `--port`/`--server-port` (8000; under the ATOM entry point `--port` is ATOM's
 internal engine port, unused, and HTTP is `--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
-`--max-body-bytes`, `--shutdown-timeout`, `--log-level`, `--timeout-keep-alive`,
-`--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags (`--allowed-origins`,
+`--max-body-bytes`, `--max-header-bytes`, `--shutdown-timeout`, `--log-level`,
+`--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags (`--allowed-origins`,
 `--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]'; `--[no-]allow-credentials`),
 `--[no-]enable-prompt-tokens-details` and vLLM's `--enable-auto-tool-choice`,
 `--tool-call-parser {kimi_k2,deepseek_v3}`, `--reasoning-parser {kimi_k2,deepseek_r1}` (an
@@ -217,6 +217,8 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                         "--api-key K1 K2 or by repeating the flag")
     g.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None)
     g.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    g.add_argument("--max-header-bytes", type=int, default=64 << 10,
+                   help="request line + headers of one HTTP request (431 beyond)")
     g.add_argument("--ws-max-frame-bytes", type=int, default=None)
     g.add_argument("--ws-max-requests", type=int, default=1024,
                    help="live requests per WebSocket connection")
@@ -300,6 +302,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
     return ServerConfig(
         host=args.host, port=args.port, api_keys=list(args.api_key),
         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
         ws_max_frame_bytes=args.ws_max_frame_bytes, ws_max_requests=args.ws_max_requests,
         ws_ping_interval=args.ws_ping_interval or None,
         ws_ping_timeout=args.ws_ping_timeout or None, shutdown_timeout=args.shutdown_timeout,

@@ -45,3 +45,9 @@ def test_api_key_takes_several_values_and_repeats():
     p = serve_parser()
     args = p.parse_args(["--api-key", "k1", "k2", "--api-key", "k3"])
     assert server_config_from_args(args).api_keys == ["k1", "k2", "k3"]
+
+
+def test_max_header_bytes_flag_reaches_the_server_config():
+    args = serve_parser().parse_args(["--max-header-bytes", "12345"])
+    assert server_config_from_args(args).max_header_bytes == 12345
+    assert server_config_from_args(serve_parser().parse_args([])).max_header_bytes == 64 << 10

@@ -19,6 +19,10 @@ Access-Control-* headers, on every route. The middleware is the outermost layer,
 missing API key carries the headers too and a browser client can read it (vLLM's auth middleware
 sits outside its CORS one, which leaves its 401s without them).
 
+Request heads (request line + headers) are bounded by `max_header_bytes` (431 beyond, as h11's
+16 KiB default does; uvicorn's httptools parser has no limit: a client could stream gigabytes of
+one header into memory). See `BoundedHttpToolsProtocol`.
+
 Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
 `shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
 requests still running are aborted and their streams end with an error event.
@@ -42,10 +46,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
-from atom_stream.engine.prompts import refuse_request_template, resolve_chat_options
+from atom_stream.engine.prompts import (
+    refuse_request_template,
+    resolve_chat_options,
+    resolve_content_format,
+)
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.sampling_params import model_sampling_defaults
@@ -68,6 +77,7 @@ class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
     served_model_name: list[str] | None = None
     max_body_bytes: int = 8 << 20
+    max_header_bytes: int = 64 << 10  # request line + headers of one HTTP request (431 beyond)
     ws_max_frame_bytes: int | None = None  # default: max_body_bytes
     ws_max_requests: int = 1024  # live requests per WebSocket connection
     ws_ping_interval: float | None = 20.0
@@ -100,7 +110,8 @@ class ServerConfig:
             setattr(self, name, list(value))
         if self.ws_max_frame_bytes is None:
             self.ws_max_frame_bytes = self.max_body_bytes
-        for name in ("max_body_bytes", "ws_max_frame_bytes", "ws_max_requests"):
+        for name in ("max_body_bytes", "max_header_bytes", "ws_max_frame_bytes",
+                     "ws_max_requests"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be a positive integer")
         # None (ping off) where uvicorn takes it; a negative time is a typo, never a setting
@@ -196,7 +207,8 @@ class Tokenization(OpenAIServing):
                      **({"tools": req.tools} if req.tools else {}),
                      **(req.chat_template_kwargs or {})},
                     req.add_generation_prompt, req.continue_final_message)
-                fn = functools.partial(tok.encode_chat, messages_to_dicts(req.messages),
+                fn = functools.partial(tok.encode_chat, messages_to_dicts(
+                    req.messages, content_format=resolve_content_format(tok)),
                                        add_generation_prompt=agp, continue_final_message=cfm,
                                        add_special_tokens=bool(req.add_special_tokens),
                                        **kwargs)
@@ -328,8 +340,10 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
     import uvicorn
 
     frame = int(config.ws_max_frame_bytes or config.max_body_bytes)
+    http = type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
+                {"max_head_bytes": int(config.max_header_bytes)})
     return uvicorn.Config(
-        app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+        app, host=config.host, port=config.port, loop="uvloop", http=http,
         ws=BatchingWebSocketProtocol, lifespan="on", log_level=config.log_level.lower(),
         access_log=config.access_log, timeout_keep_alive=config.timeout_keep_alive,
         timeout_graceful_shutdown=config.shutdown_timeout,
@@ -338,6 +352,47 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
         ws_ping_timeout=config.ws_ping_timeout,
         ws_per_message_deflate=False,  # token frames are tiny: compression costs more CPU
     )
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on each request's head: once more than
+    `max_head_bytes` arrived without the end of the headers, the client gets 431 and the
+    connection is closed. A read is counted only when it lies wholly inside one head (the head
+    was open before it, is still open after it, and no new request began in it), so a body
+    and the next pipelined head sharing a read never count; memory stays within the limit plus
+    one read (uvloop reads at most 256 KiB)."""
+
+    max_head_bytes = 64 << 10
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._head_open = True  # bytes before the first request are its head
+        self._head_bytes = 0
+        self._heads = 0  # requests begun on this connection
+
+    def data_received(self, data: bytes) -> None:
+        was_open, heads = self._head_open, self._heads
+        super().data_received(data)
+        if not (was_open and self._head_open and heads == self._heads) or self.parser is None:
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+            self.logger.warning("Request headers exceed %d bytes.", self.max_head_bytes)
+            body = f"request headers exceed {self.max_head_bytes} bytes".encode()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"connection: close\r\ncontent-length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open, self._head_bytes = True, 0
+        self._heads += 1
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
 
 
 class QuietStartupFailure:

@@ -16,6 +16,10 @@ gets a unique id.
   aborts by closing the request's own generator (disconnects, errors), which knows its engine id.
   Two live requests could still collide with probability ~n^2 / 2^33 (vLLM accepts the same);
   the engine then refuses the second with its "already live" 400.
+- Length: an id longer than `MAX_REQUEST_ID_CHARS` is a 400 (param `request_id`, or the header
+  named). vLLM takes any length; but the id is repeated in every SSE chunk, so a megabyte id
+  made each token a megabyte on the wire and slowed every other stream on the loop. Gateways'
+  ids (uuids, trace ids) are far shorter.
 """
 
 from __future__ import annotations
@@ -23,19 +27,31 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
+from atom_stream.errors import InvalidRequestError
+
 REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID_CHARS = 1024
 
 
 def base_request_id(headers: Mapping[str, str] | None, default: str | None = None) -> str:
     """The client's id for a request: the `X-Request-Id` header (case-insensitive lookup on
     starlette Headers; present, even empty, it wins), else `default` (the body's
     `request_id`), else a random hex uuid; an empty `default` counts as none (vLLM's
-    `default = default or random_uuid()`)."""
+    `default = default or random_uuid()`). InvalidRequestError (400) for an id longer than
+    MAX_REQUEST_ID_CHARS."""
     if headers is not None:
         value = headers.get(REQUEST_ID_HEADER)
         if value is not None:
-            return value
-    return default or uuid.uuid4().hex
+            return _bounded(value, None)
+    return _bounded(default, "request_id") if default else uuid.uuid4().hex
+
+
+def _bounded(value: str, param: str | None) -> str:
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        where = param or f"the {REQUEST_ID_HEADER} header"
+        raise InvalidRequestError(f"{where}: at most {MAX_REQUEST_ID_CHARS} characters, got "
+                                  f"{len(value)}", param)
+    return value
 
 
 def engine_request_id(external_id: str) -> str:
@@ -43,4 +59,5 @@ def engine_request_id(external_id: str) -> str:
     return f"{external_id}-{uuid.uuid4().hex[:8]}"
 
 
-__all__ = ["REQUEST_ID_HEADER", "base_request_id", "engine_request_id"]
+__all__ = ["MAX_REQUEST_ID_CHARS", "REQUEST_ID_HEADER", "base_request_id",
+           "engine_request_id"]

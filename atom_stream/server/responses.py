@@ -3,7 +3,10 @@
 - `HTTPError` / `error_response(...)`: the OpenAI error body `{"error": {"message", "type",
   "param", "code"}}` (code = HTTP status, as vLLM). `from_exception` maps the engine's exceptions
   (errors.py: `.status`, `.param`), `SamplingParamsError` (400 with its param) and plain
-  ValueError/TypeError (400); overload (429/503) carries `Retry-After`.
+  ValueError/TypeError (400); overload (429/503) carries `Retry-After`. A RecursionError is the
+  request's nesting (tools or chat_template_kwargs deep enough to pass the JSON decoder but not
+  the template's rendering): 400. Anything else is a 500 whose message names only the exception
+  type (its text may hold internal paths); the traceback goes to the server log.
 - `read_body(request, limit)`: refuses a declared Content-Length over the limit before reading,
   and otherwise counts bytes while reading, so an oversized body is cut off at `limit` (413) and
   never buffered whole.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -31,6 +35,7 @@ from atom_stream.errors import AtomStreamError, EngineOverloadedError
 from atom_stream.protocol import ErrorInfo, ErrorResponse
 from atom_stream.sampling_params import SamplingParamsError
 
+logger = logging.getLogger("atom_stream.server")
 _ENCODER = msgspec.json.Encoder()
 RETRY_AFTER_S = "1"
 STATUS_TYPES = {
@@ -63,7 +68,10 @@ class HTTPError(Exception):
             return cls(exc.status, exc.message, exc.param, exc.type, headers)
         if isinstance(exc, (ValueError, TypeError, OverflowError)):
             return cls(400, str(exc), getattr(exc, "param", None))
-        return cls(500, f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(exc, RecursionError):
+            return cls(400, "the request is nested too deeply", type=VALIDATION_TYPE)
+        logger.error("internal error answered with 500", exc_info=exc)
+        return cls(500, f"internal error ({type(exc).__name__}); see the server log")
 
     def body(self) -> bytes:
         return _ENCODER.encode(

@@ -11,6 +11,9 @@ is refused at the handshake (HTTP 403). Frames (protocol.py):
                       {"type":"done","id","finish_reason","usage":{..}[,"stop_reason"]}
                       {"type":"error","id"|null,"code","message"[,"param"]}
 
+A `messages` frame may carry the chat route's `chat_template_kwargs`, `add_generation_prompt`
+and `continue_final_message` beside `params`; its list-of-parts contents are read as the chat
+route reads them (engine/prompts.resolve_content_format).
 `params` are read as the OpenAI routes read the same fields (`_sampling_kwargs`): null means the
 default, and the checkpoint's generation_config.json defaults fill what the frame leaves out.
 
@@ -53,6 +56,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 
+from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
 from atom_stream.protocol import (
     WS_JSON,
     WS_MSGPACK,
@@ -74,6 +78,7 @@ from atom_stream.server.responses import HTTPError
 
 logger = logging.getLogger(__name__)
 _MAX_ID_LEN = 256
+_MAX_PENDING_ERRORS = 1024  # unsent error frames per connection before reading pauses
 _conn_counter = itertools.count()
 # params names (n must be 1: one choice per request id; prompt_logprobs is refused with its
 # own message)
@@ -103,7 +108,8 @@ _DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
                   UnicodeDecodeError)
 # generate-frame fields an error may name as they are (everything else is under "params.")
 _FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
-                           "chat_template_kwargs"})
+                           "chat_template_kwargs", "add_generation_prompt",
+                           "continue_final_message"})
 
 
 _INT_PARAMS = frozenset(f.name for f in msgspec.structs.fields(SamplingParams)
@@ -189,6 +195,10 @@ class _Connection:
         self.live: dict[str, _Live] = {}
         self.outbox: dict[_Live, None] = {}  # insertion-ordered set of entries with output
         self.errors: deque[WsError] = deque()
+        # set while fewer than _MAX_PENDING_ERRORS error frames wait for the writer: the
+        # receive loop stops reading a client that sends bad frames without reading replies
+        self.error_room = asyncio.Event()
+        self.error_room.set()
         self.wake = asyncio.Event()
         self.batch = SEND_BATCH in scope.get("extensions", {})
         self.authed = scope.get(AUTH_SCOPE_KEY) != "pending"
@@ -231,6 +241,8 @@ class _Connection:
 
     def error(self, rid: str | None, code: int, message: str, param: str | None = None) -> None:
         self.errors.append(WsError(rid, code, message, param if param else msgspec.UNSET))
+        if len(self.errors) >= _MAX_PENDING_ERRORS:
+            self.error_room.clear()
         self.wake.set()
 
     def _queue(self, live: _Live) -> None:
@@ -238,6 +250,17 @@ class _Connection:
             live.queued = True
             self.outbox[live] = None
             self.wake.set()
+
+    async def _receive_with_room(self, writer: asyncio.Task) -> Any:
+        """The next ASGI message, once the unsent error frames are below _MAX_PENDING_ERRORS
+        (TCP then pushes back on a client that floods bad frames and reads nothing)."""
+        while not self.error_room.is_set() and not writer.done():
+            room = asyncio.ensure_future(self.error_room.wait())
+            try:
+                await asyncio.wait({room, writer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                room.cancel()
+        return await self.receive()
 
     async def writer(self) -> None:
         try:
@@ -260,6 +283,7 @@ class _Connection:
             while outbox or errors:
                 frames: list[bytes] = [encode(e) for e in errors]
                 errors.clear()
+                self.error_room.set()
                 while outbox:
                     live = next(iter(outbox))
                     del outbox[live]
@@ -290,7 +314,8 @@ class _Connection:
 
     # ------------------------------------------------------------------ requests
     async def run_request(self, live: _Live, prompt: Any, params: SamplingParams,
-                          template_kwargs: dict | None, prompt_field: str = "prompt") -> None:
+                          template_kwargs: dict | None, prompt_field: str = "prompt",
+                          chat_options: dict | None = None) -> None:
         engine = self.engine
         rid = self.prefix + live.id
         metrics = self.state.metrics
@@ -299,7 +324,7 @@ class _Connection:
             # strict_max_tokens: a max_tokens past the context left is a 400 error frame, as the
             # same request gets over HTTP (the docstring's "code" rule), never a silent cap
             gen = engine.generate(prompt, params, rid, chat_template_kwargs=template_kwargs,
-                                  strict_max_tokens=True)
+                                  strict_max_tokens=True, **(chat_options or {}))
             try:
                 async for out in gen:
                     if live.cancelled and out.finish_reason is None:
@@ -371,18 +396,25 @@ class _Connection:
                                 "generate frame per choice)", "params.n")
             params = SamplingParams(**kw)
             prompt: Any = getattr(frame, field)
-            if field == "messages":
-                prompt = messages_to_dicts(prompt)
             kwargs = frame.chat_template_kwargs
-            if frame.messages is not None and self.cfg.default_chat_template_kwargs:
-                kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
+            options = {}
+            if field == "messages":
+                prompt = messages_to_dicts(prompt, content_format=resolve_content_format(
+                    getattr(self.engine, "tokenizer", None)))
+                if self.cfg.default_chat_template_kwargs:
+                    kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
+                # as the chat route: both options true is a 400 before any work
+                resolve_chat_options(kwargs, frame.add_generation_prompt,
+                                     frame.continue_final_message)
+                options = {"add_generation_prompt": frame.add_generation_prompt,
+                           "continue_final_message": frame.continue_final_message}
         except Exception as e:  # noqa: BLE001
             err = HTTPError.from_exception(e)
             self.error(cid, err.status, err.message, _frame_param(err.param, field))
             return
         live = self.live[cid] = _Live(cid)
         live.task = asyncio.get_running_loop().create_task(
-            self.run_request(live, prompt, params, kwargs, field))
+            self.run_request(live, prompt, params, kwargs, field, options))
 
     def on_frame(self, data: bytes | str) -> None:
         # the limit is in bytes: a text frame's UTF-8 size, not its character count
@@ -442,7 +474,7 @@ class _Connection:
             while self.close_code is None:
                 timeout = None if self.authed else max(0.0, deadline - loop.time())
                 try:
-                    message = await asyncio.wait_for(self.receive(), timeout)
+                    message = await asyncio.wait_for(self._receive_with_room(writer), timeout)
                 except TimeoutError:
                     self.error(None, 401, "no auth frame received in time")
                     self.close_code = 1008
@@ -554,6 +586,11 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_BATCH:
             await super().send(message)
+            if message["type"] == "websocket.http.response.body" and not message.get(
+                    "more_body"):
+                # a refused handshake (401) is finished: uvicorn would otherwise log "ASGI
+                # callable returned without completing handshake" at ERROR for every one
+                self.handshake_complete = True
             return
         await self.writable.wait()
         if self.disconnected:
