@@ -43,6 +43,7 @@ from atom_stream.engine.prompts import (
     encode_chat_prompt,
     refuse_request_template,
     resolve_chat_options,
+    resolve_content_format,
 )
 from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import (
@@ -205,10 +206,11 @@ class LLM:
         template kwarg) is refused as the HTTP server refuses a request's.
         `chat_template_content_format` is vLLM's: "string" flattens list-of-parts content to
         one string (text parts joined by "\n") before rendering, "openai" gives the template
-        every content as a list of text parts, "auto" passes the messages as given
-        (engine/prompts.py `apply_content_format`). `lora_request` / `mm_processor_kwargs`
-        other than None are refused (no LoRA, text only). `use_tqdm` defaults to False (vLLM:
-        True); as in vLLM it may be a tqdm-like callable that makes the bar."""
+        every content as a list of text parts, "auto" picks the one the chat template reads
+        (engine/prompts.py `resolve_content_format`, as the HTTP routes do). `lora_request` /
+        `mm_processor_kwargs` other than None are refused (no LoRA, text only). `use_tqdm`
+        defaults to False (vLLM: True); as in vLLM it may be a tqdm-like callable that makes
+        the bar."""
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
                                       "LoRA adapters", "lora_request")
@@ -223,8 +225,9 @@ class LLM:
         if self.engine.tokenizer is None:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        convs = [apply_content_format(c, chat_template_content_format) for c in convs]
         tok = self.engine.tokenizer
+        fmt = resolve_content_format(tok, chat_template_content_format)
+        convs = [apply_content_format(c, fmt) for c in convs]
         token_lists = [encode_chat_prompt(tok, c, kwargs, add_generation_prompt,
                                           continue_final_message) for c in convs]
         outs = self._run(token_lists, sampling_params, use_tqdm)

@@ -45,10 +45,14 @@ class StreamOptions(Struct, kw_only=True):
 
 
 class ContentPart(Struct, kw_only=True):
-    """One part of a list-valued message content; only text parts are served (text backbone)."""
+    """One part of a list-valued message content; only text-like parts are served (text
+    backbone): text / input_text / output_text (`text`), refusal (`refusal`), thinking
+    (`thinking`), as vLLM reads them."""
 
     type: str
     text: str | None = None
+    refusal: str | None = None
+    thinking: str | None = None
 
 
 class ChatMessage(Struct, kw_only=True, omit_defaults=True):
@@ -387,6 +391,9 @@ class WsGenerate(Struct, tag_field="type", tag="generate", kw_only=True):
     messages: list[ChatMessage] | None = None
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     chat_template_kwargs: dict[str, Any] | None = None
+    # messages only, as the chat route's fields (chat_template_kwargs override them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class WsCancel(Struct, tag_field="type", tag="cancel", kw_only=True):

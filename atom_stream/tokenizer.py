@@ -91,6 +91,10 @@ class Tokenizer(ABC):
 
     _chat_template: str | None = None  # a jinja override, rendered instead of _render_chat
 
+    def chat_template_source(self) -> str | None:
+        """The jinja text chats are rendered with (None: the built-in renderer)."""
+        return self._chat_template
+
     @property
     def eos_token_id(self) -> int | None:
         """Hugging Face's attribute: the first EOS id (None without one)."""
@@ -433,6 +437,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              **kwargs)
+
+    def chat_template_source(self) -> str | None:
+        src = self._chat_template or getattr(self._tok, "chat_template", None)
+        return src if isinstance(src, str) else None
 
     def _render_override(self, messages: list[Message], add_generation_prompt: bool,
                          kwargs: dict[str, Any]) -> str:

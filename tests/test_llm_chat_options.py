@@ -140,28 +140,29 @@ def prompt_of(llm, messages, fmt) -> str:
 
 def test_string_format_flattens_parts_for_a_string_template():
     """"string": list-of-parts content reaches the template as one string (text parts joined
-    by a newline, as vLLM); "auto" hands the parts over as given, which this template refuses;
-    "openai" makes even string content parts."""
+    by a newline, as vLLM); "auto" picks it for a template that does not loop over the content
+    (vLLM's detection); "openai" makes even string content parts, which this template refuses."""
     with LLM("demo", chat_template=STRING_ONLY, **KW) as llm:
-        assert prompt_of(llm, PARTS, "string") == "<|im_user|>a\nb<|im_end|><|im_assistant|>"
+        assert prompt_of(llm, PARTS, "string") == prompt_of(llm, PARTS, "auto") == (
+            "<|im_user|>a\nb<|im_end|><|im_assistant|>")
         assert prompt_of(llm, MSGS, "string") == prompt_of(llm, MSGS, "auto") == (
             "<|im_user|>hi<|im_end|><|im_assistant|>")
-        for messages, fmt in ((PARTS, "auto"), (MSGS, "openai")):
-            with pytest.raises(InvalidRequestError, match="string content only"):
-                llm.chat(messages, sp(), chat_template_content_format=fmt)
+        with pytest.raises(InvalidRequestError, match="string content only"):
+            llm.chat(MSGS, sp(), chat_template_content_format="openai")
         assert not llm.engine.has_unfinished_requests()
 
 
 def test_openai_format_keeps_parts_for_a_parts_template():
     """"openai": content reaches the template as text parts (a string becomes one part);
-    "string" flattens them, which this template refuses."""
+    "auto" picks it for a template that loops over the content (vLLM's detection); "string"
+    flattens them, which this template refuses."""
     with LLM("demo", chat_template=PARTS_ONLY, **KW) as llm:
-        assert prompt_of(llm, MSGS, "openai") == "<|im_user|>[hi]<|im_end|><|im_assistant|>"
+        assert prompt_of(llm, MSGS, "openai") == prompt_of(llm, MSGS, "auto") == (
+            "<|im_user|>[hi]<|im_end|><|im_assistant|>")
         assert prompt_of(llm, PARTS, "openai") == prompt_of(llm, PARTS, "auto") == (
             "<|im_user|>[a][b]<|im_end|><|im_assistant|>")
-        for messages, fmt in ((PARTS, "string"), (MSGS, "auto")):
-            with pytest.raises(InvalidRequestError, match="content parts only"):
-                llm.chat(messages, sp(), chat_template_content_format=fmt)
+        with pytest.raises(InvalidRequestError, match="content parts only"):
+            llm.chat(PARTS, sp(), chat_template_content_format="string")
 
 
 def test_content_format_conversion_rules():

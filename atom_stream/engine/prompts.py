@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from typing import Any
 
 from atom_stream.errors import InvalidRequestError
@@ -71,6 +72,27 @@ CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's ChatTemplateContentForm
 _TEXT_PARTS = ("text", "input_text", "output_text", "refusal", "thinking")
 
 
+# a template that loops over a message's content reads it as a list of parts (vLLM's
+# _detect_content_format looks for the same loop in the template's syntax tree)
+_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+\s*(?:\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+def resolve_content_format(tokenizer: Any, content_format: str = "auto") -> str:
+    """"string" or "openai": `content_format` itself, or for "auto" (vLLM's default) the form
+    the tokenizer's chat template reads: "openai" when its jinja loops over a message's
+    content, else "string" (also the built-in renderers: one place decides for LLM.chat, the
+    AsyncEngine, the HTTP / WebSocket routes and /tokenize, so a list of parts renders the
+    same prompt everywhere)."""
+    if content_format not in CONTENT_FORMATS:
+        raise InvalidRequestError(
+            "chat_template_content_format must be 'auto', 'string' or 'openai', got "
+            f"{content_format!r}", "chat_template_content_format")
+    if content_format != "auto":
+        return content_format
+    source = getattr(tokenizer, "chat_template_source", lambda: None)()
+    return "openai" if source and _PARTS_LOOP.search(source) else "string"
+
+
 def apply_content_format(messages: list[dict], content_format: str) -> list[dict]:
     """Messages as a template of `content_format` reads them (vLLM's parse_chat_messages):
 
@@ -78,8 +100,7 @@ def apply_content_format(messages: list[dict], content_format: str) -> list[dict
       joined with "\n" (plain string parts too), null content "".
     - "openai": a message's content is a list of `{"type": "text", "text": ...}` parts; a
       string becomes one such part, null content [].
-    - "auto": the messages as given (the built-in renderers read both forms; vLLM would guess
-      the form from the template's source, which this engine does not do).
+    - "auto": the messages as given (callers resolve "auto" first: resolve_content_format).
 
     Text-like part types are vLLM's: text, input_text, output_text, refusal, thinking (all
     read as text); a part of any other type (image_url, ...) is an InvalidRequestError naming
@@ -175,7 +196,7 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                              continue_final_message)  # the pair's error before any work
-        _need(tokenizer)
+        prompt = apply_content_format(prompt, resolve_content_format(_need(tokenizer)))
         fn = functools.partial(encode_chat_prompt, tokenizer, prompt, chat_template_kwargs,
                                add_generation_prompt, continue_final_message)
         size = _OFFLOOP_CHARS + 1  # always off the loop (see the docstring)

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
-from atom_stream.engine.prompts import resolve_chat_options
+from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
 from atom_stream.errors import GenerationError, PromptTooLongError
 from atom_stream.protocol import (
     ChatChoice,
@@ -328,7 +328,8 @@ class OpenAIServing:
             model = self._model(req.model)
             params = build_sampling_params(req, chat=True,
                                            defaults=self.state.default_sampling)
-            messages = messages_to_dicts(req.messages)
+            messages = messages_to_dicts(
+                req.messages, content_format=resolve_content_format(self.engine.tokenizer))
             tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
             # vLLM's order: the request's tools, then its chat_template_kwargs over them
             kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
@@ -357,6 +358,8 @@ class OpenAIServing:
         echo = ""
         if req.echo and messages[-1].get("role") == role:
             echo = messages[-1]["content"]
+            if isinstance(echo, list):  # "openai" content format: vLLM joins the parts
+                echo = "\n".join(p["text"] for p in echo)
         ctx = self._context(rid, model, params, req)
         if req.stream:
             opts = req.stream_options

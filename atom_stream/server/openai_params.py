@@ -55,24 +55,42 @@ def refuse_structured_output(req: Any) -> None:
                             "structured-output decoding", name)
 
 
-def messages_to_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
-    """ChatMessage Structs -> the plain dicts chat templates take (text parts joined)."""
+_TEXT_FIELD = {"text": "text", "input_text": "text", "output_text": "text",
+               "refusal": "refusal", "thinking": "thinking"}  # vLLM's text-like part types
+
+
+def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
+                      content_format: str = "string") -> list[dict]:
+    """ChatMessage Structs -> the plain dicts chat templates take, content as `content_format`
+    reads it (engine/prompts.resolve_content_format picks it from the chat template): "string"
+    joins a list's text parts with "\n" (vLLM's string format), "openai" gives every content as
+    text parts. A part that is not text-like is a 400 naming its message's content."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
+        texts: list[str] | None = None
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type == "text" and part.text is None:
-                    raise HTTPError(400, "a content part of type 'text' needs a 'text' string",
-                                    f"{param}[{i}].content")
-                if part.type != "text":
+                field = _TEXT_FIELD.get(part.type)
+                if field is None:
                     raise HTTPError(400, f"content part type {part.type!r} is not supported; "
                                     "this server serves text only", f"{param}[{i}].content")
-                texts.append(part.text)
-            content = "\n".join(texts)  # vLLM's "string" content format
+                text = getattr(part, field)
+                if text is None and part.type == "text":
+                    raise HTTPError(400, "a content part of type 'text' needs a 'text' string",
+                                    f"{param}[{i}].content")
+                if text is not None:
+                    texts.append(text)
+        elif content_format == "openai":
+            texts = [] if content is None else [content]
         d = msgspec.to_builtins(m)
-        d["content"] = content if content is not None else ""
+        if texts is None:
+            d["content"] = content if content is not None else ""
+        elif content_format == "openai":
+            d["content"] = [{"type": "text", "text": t} for t in texts]
+        else:
+            d["content"] = "\n".join(texts)
         out.append(d)
     if not out:
         raise HTTPError(400, "messages must not be empty", param)
