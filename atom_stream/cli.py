@@ -13,8 +13,9 @@ FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake
 internal engine port, unused, and HTTP is `--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--max-header-bytes`, `--shutdown-timeout`, `--log-level`,
-`--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags (`--allowed-origins`,
-`--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]'; `--[no-]allow-credentials`),
+`--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags
+(`--allowed-origins`, `--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]';
+`--[no-]allow-credentials`),
 `--[no-]enable-prompt-tokens-details` and vLLM's `--enable-auto-tool-choice`,
 `--tool-call-parser {kimi_k2,deepseek_v3}`, `--reasoning-parser {kimi_k2,deepseek_r1}` (an
 unknown name is a start-up error listing the known ones). `atom-stream -v | --version` prints

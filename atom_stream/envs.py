@@ -45,7 +45,8 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ATOM_STREAM_QKV_SPLITK_MAX_M", "32",
            "most rows of the fused q_a + kv_a GEMM run by the Triton split-K GEMM (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_ROUTER_SPLITK_MAX_M", "16",
-           "most rows of the fused router + shared gate/up GEMM run by the Triton split-K GEMM"),
+           "most rows of the fused router + shared gate/up GEMM run by the Triton split-K GEMM "
+           "(0: cuBLAS)"),
     EnvVar("ATOM_STREAM_O_PROJ_GEMV_MAX_M", "1",
            "most rows of the attention's o_proj run by the Triton GEMV (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_ROUTER_GEMV_MAX_M", "2",

@@ -39,6 +39,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.engine.prompts import (
+    MULTI_MODAL_KEYS,
     apply_content_format,
     encode_chat_prompt,
     refuse_request_template,
@@ -51,9 +52,6 @@ from atom_stream.sampling_params import (
     SamplingParamsError,
     model_sampling_defaults,
 )
-
-# vLLM prompt-dict keys this text-only engine cannot honour (refused unless empty)
-_MULTI_MODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
 
 
 class LLM:
@@ -147,7 +145,8 @@ class LLM:
         if all(salt is None for salt in salts):
             return sampling_params
         if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
-            params = [sampling_params] * len(prompts)
+            # _run's rule: none (or {}) means the checkpoint's defaults, salted or not
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -167,7 +166,7 @@ class LLM:
 
     def _prompt_ids(self, p: Any) -> list[int]:
         if isinstance(p, dict):
-            for key in _MULTI_MODAL_KEYS:
+            for key in MULTI_MODAL_KEYS:
                 if p.get(key):
                     raise InvalidRequestError(f"{key} is not supported: this engine serves "
                                               "text models only", key)

@@ -475,10 +475,23 @@ def resolve_chat_template(chat_template: str | None) -> str | None:
         text = chat_template
     import jinja2
     try:
-        jinja2.Environment().parse(text)
+        _compile_template(text)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat_template: not a valid jinja template ({e})") from None
     return text
+
+
+def _compile_template(text: str) -> None:
+    """Compile `text` in the environment that renders it (transformers' sandbox, with its
+    `{% break %}` / `{% continue %}` and `{% generation %}` tags; a plain jinja2 Environment
+    refuses templates that render fine). TemplateSyntaxError when it does not parse."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: jinja's parser with the loop controls
+        import jinja2
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        return
+    _compile_jinja_template(text)
 
 
 def render_jinja(template: str, messages: list[Message], add_generation_prompt: bool,

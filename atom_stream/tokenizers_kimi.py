@@ -184,6 +184,14 @@ class KimiTokenizer(Tokenizer):
         self.has_think_tags = "<think>" in specials and "</think>" in specials
         self.chat_format = chat_format or detect_chat_format(model_dir, self.has_think_tags)
         self._chat_template = chat_template
+        # the checkpoint's own jinja (rendered only with trust_remote_code): read for the
+        # content format "auto" resolves to (engine/prompts.resolve_content_format), as vLLM
+        # detects it from the template it serves (K2-Instruct loops over the parts)
+        from atom_stream.tokenizer import _checkpoint_chat_template
+        self._checkpoint_template = _checkpoint_chat_template(model_dir)
+
+    def chat_template_source(self) -> str | None:
+        return self._chat_template or self._checkpoint_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """add_special_tokens adds nothing: Kimi's TikTokenTokenizer has no BOS rule (HF's

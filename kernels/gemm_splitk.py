@@ -19,7 +19,7 @@ The sum order is fixed (split 0 first), so results do not depend on timing; they
 SPLIT (config) and on M's BLOCK_M bucket only through padding rows (zeros). No host syncs:
 CUDA/HIP-graph capturable once warmed up (the workspace and counters are cached per device, N
 and tiling; launches on one stream are ordered, so one workspace serves every call: do not run
-two launches of one shape concurrently on two streams).
+two launches of one N and tiling, whatever their M or K, concurrently on two streams).
 `gemm_splitk_ref` is the torch reference.
 """
 
@@ -105,7 +105,8 @@ def _buffers(device: torch.device, split: int, n: int, tiles: int
 
 
 def block_m(m: int) -> int:
-    """The launch's padded row count for m rows (one compile per value: 16, 32, 64)."""
+    """The launch's padded row count for m rows (16, 32 or 64; Triton also compiles M == 1 and
+    M % 16 == 0 apart: engine/model_runner.splitk_warmup_rows)."""
     return max(16, triton.next_power_of_2(m))
 
 

@@ -51,3 +51,25 @@ def test_max_header_bytes_flag_reaches_the_server_config():
     args = serve_parser().parse_args(["--max-header-bytes", "12345"])
     assert server_config_from_args(args).max_header_bytes == 12345
     assert server_config_from_args(serve_parser().parse_args([])).max_header_bytes == 64 << 10
+
+
+def test_kimi_content_format_follows_the_checkpoint_template(tmp_path):
+    """"auto" reads the checkpoint's jinja even where the built-in renderer renders (no
+    trust_remote_code): K2-Instruct's template loops over the parts ("openai", parts joined
+    with nothing), a template that reads the content as a string gives "string"."""
+    from tokenizer_fixtures import write_kimi_tokenizer
+
+    from atom_stream.engine.prompts import resolve_content_format
+    from atom_stream.tokenizer import load_tokenizer
+    loops = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}"
+             "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}"
+             "{% endfor %}")
+    for name, template, want in (("a", loops, "openai"),
+                                 ("b", "{% for m in messages %}{{ m.content }}{% endfor %}",
+                                  "string"), ("c", None, "string")):
+        d = tmp_path / name
+        d.mkdir()
+        write_kimi_tokenizer(str(d))
+        if template is not None:
+            (d / "chat_template.jinja").write_text(template)
+        assert resolve_content_format(load_tokenizer(str(d))) == want, name

@@ -34,7 +34,8 @@ when the consumer next resumes the generator). A failed model step raises Genera
 the affected requests' iterators only; if the loop itself dies, every stream raises
 EngineDeadError and `is_dead` turns true. Prompts are tokenized by engine/prompts.py
 (`tokenize_prompt`, also `AsyncEngine.tokenize_prompt`): long text prompts and every chat prompt
-off the loop; vLLM's {"prompt_token_ids": ...} / {"prompt": ...} dicts are taken too.
+off the loop; vLLM's {"prompt_token_ids": ...} / {"prompt": ...} dicts are taken too (their
+`cache_salt` salts the request; non-empty multi-modal keys are refused).
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgspec
+
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import LLMEngine
+from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.prompts import Prompt, tokenize_prompt
 from atom_stream.errors import (
@@ -61,7 +64,7 @@ from atom_stream.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from atom_stream.sampling_params import SamplingParams
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,22 @@ class _Slot:
         return out
 
 
+def _with_prompt_salt(params: Any, prompt: Any) -> Any:
+    """`params` with a vLLM dict prompt's `cache_salt` (vLLM's TextPrompt / TokensPrompt key:
+    the prompt's prefix-cache blocks are shared only with the same salt); unchanged otherwise.
+    Set before check_params (a struct's copy is re-validated, and its bad words re-tokenized
+    there)."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is None:
+        return params
+    if isinstance(params, dict):
+        return {**params, "cache_salt": salt}
+    try:
+        return msgspec.structs.replace(coerce_params(params), cache_salt=salt)
+    except SamplingParamsError as e:
+        raise InvalidRequestError(str(e), e.param) from None
+
+
 class AsyncEngine:
     """`config` or engine keyword arguments; `runner`/`tokenizer` inject test doubles."""
 
@@ -123,6 +142,7 @@ class AsyncEngine:
         self._slots: dict[str, _Slot] = {}
         # request id -> aborted while its prompt was being tokenized (not yet in the core)
         self._tokenizing: dict[str, bool] = {}
+        self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
         self._pending_aborts: list[str] = []
         self._in_step = False
         self._task: asyncio.Task | None = None
@@ -281,7 +301,7 @@ class AsyncEngine:
         elif request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
-        params = core.check_params(params)
+        params = core.check_params(_with_prompt_salt(params, prompt))
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         self.check_room()
@@ -336,16 +356,31 @@ class AsyncEngine:
 
     def check_room(self, n: int = 1) -> None:
         """Refuse (EngineOverloadedError, the queue's own answer) `n` more requests that could
-        not all be admitted now: the live requests plus those still being tokenized leave
-        fewer than `n` places below max_num_seqs + max_waiting_requests. generate() checks
-        this before it tokenizes, so a flood beyond the bound costs no tokenization and holds
-        no token lists (DESIGN: memory is bounded); a front end that tokenizes itself can call
-        it first for the same effect."""
+        not all be admitted now: the live requests plus those still being tokenized (by
+        generate, or under a front end's `reserve`) leave fewer than `n` places below
+        max_num_seqs + max_waiting_requests. generate() checks this before it tokenizes, so a
+        flood beyond the bound costs no tokenization and holds no token lists (DESIGN: memory
+        is bounded)."""
         core = self._check_alive()
-        if len(core.requests) + len(self._tokenizing) + n > self.max_live_requests:
+        busy = len(core.requests) + len(self._tokenizing) + self._reserved
+        if busy + n > self.max_live_requests:
             raise EngineOverloadedError(f"the waiting queue is full "
                                         f"({self.config.max_waiting_requests} requests); retry "
                                         f"later")
+
+    @contextlib.contextmanager
+    def reserve(self, n: int = 1) -> Iterator[None]:
+        """For a front end that tokenizes before it calls generate (the OpenAI routes):
+        check_room(n), then hold those n places while the block runs, so concurrent requests
+        tokenizing meanwhile count against the bound as generate's own do (a flood is refused
+        before its tokenizing, not after). Leave the block before calling generate: its own
+        check then counts the request itself."""
+        self.check_room(n)
+        self._reserved += n
+        try:
+            yield
+        finally:
+            self._reserved -= n
 
     async def abort(self, request_id: str) -> None:
         """Abort a live request; its stream ends with a finish_reason "abort" delta (also when

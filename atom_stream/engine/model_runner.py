@@ -80,6 +80,21 @@ def prefill_batch(n: int, max_len: int, block_size: int,
     return md, positions.to(device), int(first[-1])
 
 
+def splitk_warmup_rows(lo: int, hi: int) -> list[int]:
+    """One row count per compiled variant of kernels/gemm_splitk.py over lo..hi rows (capped
+    at its MAX_M; past it the callers take cuBLAS): the variant is set by the padded row count
+    (block_m) and by Triton's specialization of the integer M (M == 1 and M a multiple of 16
+    are compiles of their own), so e.g. 2..32 rows need 2, 16, 17 and 32."""
+    from atom_stream.kernels.gemm_splitk import MAX_M, block_m
+    rows, seen = [], set()
+    for m in range(max(lo, 1), min(hi, MAX_M) + 1):
+        key = (block_m(m), m == 1, m % 16 == 0)
+        if key not in seen:
+            seen.add(key)
+            rows.append(m)
+    return rows
+
+
 def use_symm_allreduce(config: EngineConfig, tp_info: TPInfo, device: torch.device) -> bool:
     """Whether this TP group tries the one-shot all-reduce: several ranks on GPUs of ONE node
     (it reads peers' memory over P2P; a group spanning nodes, `nnodes` > 1, keeps NCCL/RCCL),
@@ -301,10 +316,10 @@ class ModelRunner:
         return n
 
     def _splitk_warmup(self, attn) -> int:
-        """Compile kernels/gemm_splitk.py at each padded row count (16 / 32 / 64) that the
-        projections taking it reach (models/mla QKV_SPLITK, models/deepseek_v3 ROUTER_SPLITK) and
-        allocate its workspaces. Returns the number of launches."""
-        from atom_stream.kernels.gemm_splitk import block_m
+        """Compile kernels/gemm_splitk.py at each launch variant (`splitk_warmup_rows`) of the
+        row counts that the projections taking it reach (models/mla QKV_SPLITK,
+        models/deepseek_v3 ROUTER_SPLITK) and allocate its workspaces. Returns the number of
+        launches."""
         from atom_stream.layers.linear import dense_linear
         from atom_stream.models import deepseek_v3 as dv3
         from atom_stream.models import mla
@@ -319,12 +334,9 @@ class ModelRunner:
                           moe._router_and_shared))
         n, hidden = 0, self.model.config.hidden_size
         for lo, hi, call in sites:
-            done = set()
-            for m in range(max(lo, 1), hi + 1):
-                if block_m(m) not in done:
-                    done.add(block_m(m))
-                    call(torch.zeros(m, hidden, dtype=self.dtype, device=self.device))
-                    n += 1
+            for m in splitk_warmup_rows(lo, hi):
+                call(torch.zeros(m, hidden, dtype=self.dtype, device=self.device))
+                n += 1
         return n
 
     def _capture_graphs(self) -> None:

@@ -179,7 +179,8 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     always is: rendering reads more than the contents (tools, tool calls, template kwargs), so
     its size says nothing about its cost (a megabyte of tool schemas beside a "hi").
     vLLM's dict forms are taken too: {"prompt_token_ids": [...]} (TokensPrompt, preferred when
-    both keys are there, as vLLM) and {"prompt": str} (TextPrompt).
+    both keys are there, as vLLM) and {"prompt": str} (TextPrompt); non-empty multi-modal keys
+    are refused (MULTI_MODAL_KEYS). Their `cache_salt` is the caller's (SamplingParams).
     Errors are InvalidRequestError naming `prompt` / `messages` (ChatOptionsError for the
     chat option pair)."""
     if isinstance(prompt, dict):
@@ -196,9 +197,12 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                              continue_final_message)  # the pair's error before any work
-        prompt = apply_content_format(prompt, resolve_content_format(_need(tokenizer)))
-        fn = functools.partial(encode_chat_prompt, tokenizer, prompt, chat_template_kwargs,
-                               add_generation_prompt, continue_final_message)
+        fmt = resolve_content_format(_need(tokenizer))
+
+        def fn(messages: list[dict] = prompt) -> list[int]:  # off the loop: O(content size)
+            return encode_chat_prompt(tokenizer, apply_content_format(messages, fmt),
+                                      chat_template_kwargs, add_generation_prompt,
+                                      continue_final_message)
         size = _OFFLOOP_CHARS + 1  # always off the loop (see the docstring)
     else:
         raise InvalidRequestError(
@@ -215,8 +219,17 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
         raise InvalidRequestError(f"{field}: {e}", field) from None
 
 
+# vLLM prompt-dict keys this text-only engine cannot honour (refused unless empty)
+MULTI_MODAL_KEYS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")
+
+
 def _dict_prompt(prompt: dict) -> Any:
-    """The prompt inside vLLM's TokensPrompt / TextPrompt dict (checked by the caller)."""
+    """The prompt inside vLLM's TokensPrompt / TextPrompt dict (checked by the caller); a
+    non-empty multi-modal key is refused (text only: its data would be silently dropped)."""
+    for key in MULTI_MODAL_KEYS:
+        if prompt.get(key):
+            raise InvalidRequestError(f"{key} is not supported: this engine serves text models "
+                                      "only", key)
     if "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
         if isinstance(ids, list) and all(isinstance(t, int) for t in ids):

@@ -99,15 +99,15 @@ QB_GEMV_CONFIG = {"num_warps": 8, "BLOCK_K": 2048, "UNROLL": True}
 QKV_GEMV_MAX_M = envs.integer("ATOM_STREAM_QKV_GEMV_MAX_M")
 QKV_GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True,
                    "UNROLL": True}
-# o_proj (8 x 128 -> 7168, row-parallel) likewise: 16 rows x 512 K, 8 warps, unrolled: 5.85 vs
-# 6.45 us at M=1 (loses at M=2: 8.0 vs 6.5). 0 = cuBLAS.
-# From QKV_GEMV_MAX_M + 1 rows up to QKV_SPLITK[0], the Triton split-K GEMM (kernels/gemm_splitk.py,
-# 4 splits of 64 rows x 1792 K, the last arriver sums them): H200, bench/splitk_gemm.py (RESULTS
-# session 24), 11.4 / 11.5 / 12.3 vs cuBLAS 12.9 / 13.7 / 13.3 us at M = 4 / 16 / 32 (ties at
-# 64). 0 = cuBLAS.
+# From QKV_GEMV_MAX_M + 1 rows up to QKV_SPLITK[0], the Triton split-K GEMM
+# (kernels/gemm_splitk.py, 4 splits of 64 rows x 1792 K, the last arriver sums them): H200,
+# bench/splitk_gemm.py (RESULTS session 24), 11.4 / 11.5 / 12.3 vs cuBLAS 12.9 / 13.7 / 13.3 us
+# at M = 4 / 16 / 32 (ties at 64). 0 = cuBLAS.
 QKV_SPLITK = (envs.integer("ATOM_STREAM_QKV_SPLITK_MAX_M"),
               {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 4, "W_AS_M": True, "num_warps": 4,
                "num_stages": 6})
+# o_proj (8 x 128 -> 7168, row-parallel) likewise: 16 rows x 512 K, 8 warps, unrolled: 5.85 vs
+# 6.45 us at M=1 (loses at M=2: 8.0 vs 6.5). 0 = cuBLAS.
 O_PROJ_GEMV_MAX_M = envs.integer("ATOM_STREAM_O_PROJ_GEMV_MAX_M")
 O_PROJ_GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "UNROLL": True}
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: HF builds them without eps (pitfall 1)

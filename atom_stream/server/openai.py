@@ -19,6 +19,7 @@ is closed, which aborts the request and frees its blocks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -254,17 +255,18 @@ class OpenAIServing:
             raise HTTPError(400, f"{len(prompts)} prompt(s) x n={n} = {total} requests exceed "
                             f"what the server holds at once ({cap}: max_num_seqs + "
                             f"max_waiting_requests)", "n" if n > 1 else "prompt")
-        check_room = getattr(engine, "check_room", None)  # AsyncEngine; DPEngine has none
-        if check_room is not None:  # a flood past the bound: 503 before any tokenizing
-            check_room(total)
+        # a flood past the bound: 503 before any tokenizing, the places held while this one
+        # tokenizes (AsyncEngine.reserve; DPEngine has none: each replica's generate checks)
+        reserve = getattr(engine, "reserve", None)
         token_ids = []
-        for prompt in prompts:  # the engine's own path: long text and chat off the loop
-            ids = await engine.tokenize_prompt(prompt, template_kwargs,
-                                               add_special_tokens=add_special_tokens,
-                                               **(chat_options or {}))
-            if len(ids) >= engine.max_model_len:
-                raise PromptTooLongError(len(ids), engine.max_model_len)
-            token_ids.append(ids)
+        with reserve(total) if reserve is not None else contextlib.nullcontext():
+            for prompt in prompts:  # the engine's own path: long text and chat off the loop
+                ids = await engine.tokenize_prompt(prompt, template_kwargs,
+                                                   add_special_tokens=add_special_tokens,
+                                                   **(chat_options or {}))
+                if len(ids) >= engine.max_model_len:
+                    raise PromptTooLongError(len(ids), engine.max_model_len)
+                token_ids.append(ids)
         gens = []
         for p_idx, ids in enumerate(token_ids):
             for i in range(n):
