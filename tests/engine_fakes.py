@@ -178,3 +178,19 @@ class ScriptedRunner:
 
     def shutdown(self) -> None:
         pass
+
+
+def slow_chat_renders(tok, delay: float) -> list[int]:
+    """Make `tok.encode_chat` take `delay` seconds more (a slow chat render, as a big template
+    is; the engine renders off the loop); returns a list that gets one entry per render."""
+    calls: list[int] = []
+    lock, encode_chat = threading.Lock(), tok.encode_chat
+
+    def slow(*a, **kw):
+        with lock:
+            calls.append(1)
+        time.sleep(delay)
+        return encode_chat(*a, **kw)
+
+    tok.encode_chat = slow
+    return calls

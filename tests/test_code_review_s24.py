@@ -21,11 +21,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import httpx
 import pytest
+from engine_fakes import slow_chat_renders
 from serving_helpers import running_server
 
 from atom_stream import AsyncEngine, EngineConfig, SamplingParams
@@ -85,16 +84,7 @@ async def test_async_engine_dict_prompt_salt_and_multi_modal_keys():
 def test_http_flood_past_the_bound_is_refused_before_tokenizing():
     with running_server({"max_num_seqs": 2, "max_waiting_requests": 2,
                          "num_kv_blocks": 64}) as srv:
-        tok, calls, lock = srv.engine.tokenizer, [], threading.Lock()
-        encode_chat = tok.encode_chat
-
-        def slow_encode_chat(*a, **kw):  # a chat render that takes a while (off the loop)
-            with lock:
-                calls.append(1)
-            time.sleep(0.3)
-            return encode_chat(*a, **kw)
-
-        tok.encode_chat = slow_encode_chat
+        calls = slow_chat_renders(srv.engine.tokenizer, 0.3)
 
         async def burst() -> list[int]:
             body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],

@@ -15,11 +15,9 @@ its alone-run tokens.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 
 import pytest
-from engine_fakes import FakeKVRunner
+from engine_fakes import FakeKVRunner, slow_chat_renders
 
 from atom_stream import AsyncEngine, EngineConfig, SamplingParams
 from atom_stream.engine.llm_engine import LLMEngine
@@ -94,17 +92,7 @@ def test_llm_engine_refuses_a_non_string_id_before_anything():
 
 async def test_a_flood_past_the_live_bound_is_refused_before_tokenizing():
     tok = load_tokenizer(None)
-    calls: list[int] = []
-    lock = threading.Lock()
-    encode_chat = tok.encode_chat
-
-    def slow_encode_chat(*a, **kw):  # a chat render that takes a while (off the loop)
-        with lock:
-            calls.append(1)
-        time.sleep(0.05)
-        return encode_chat(*a, **kw)
-
-    tok.encode_chat = slow_encode_chat
+    calls = slow_chat_renders(tok, 0.05)
     runner = FakeKVRunner(32, 16, delay=0.001)
     async with engine(runner, tok, max_num_seqs=2, max_waiting_requests=2) as eng:
         assert eng.max_live_requests == 4
