@@ -60,6 +60,7 @@ class ChatMessage(Struct, kw_only=True, omit_defaults=True):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # newer vLLM's name for it; both are read (K2.5 history)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 

@@ -73,3 +73,27 @@ def test_kimi_content_format_follows_the_checkpoint_template(tmp_path):
         if template is not None:
             (d / "chat_template.jinja").write_text(template)
         assert resolve_content_format(load_tokenizer(str(d))) == want, name
+
+
+def test_history_reasoning_field_reaches_the_template(tmp_path):
+    """A history message's `reasoning` (newer vLLM's name for reasoning_content) survives the
+    request decoding and renders as reasoning_content does (Kimi-K2.5's interleaved thinking
+    keeps the reasoning of tool-call turns after the last user message)."""
+    from tokenizer_fixtures import write_kimi_tokenizer
+
+    from atom_stream.protocol import ChatCompletionRequest
+    from atom_stream.server.openai import decode_request, messages_to_dicts
+    from atom_stream.tokenizer import load_tokenizer
+    tok = load_tokenizer(write_kimi_tokenizer(str(tmp_path / "k"), think=True))
+
+    def rendered(field: str) -> str:
+        body = {"model": "m", "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", field: "because",
+             "tool_calls": [{"id": "functions.f:0", "type": "function",
+                             "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "functions.f:0", "content": "r"}]}
+        req = decode_request(ChatCompletionRequest, json.dumps(body).encode())
+        return tok.apply_chat_template(messages_to_dicts(req.messages))
+    assert "because" in rendered("reasoning_content")
+    assert rendered("reasoning") == rendered("reasoning_content")

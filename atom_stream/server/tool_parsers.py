@@ -24,7 +24,11 @@ text rules it in or out, so a marker split over deltas never leaks into `content
 whitespace of the arguments is held until more arguments follow. Text between calls inside the
 section is dropped; text after the section is content again (vLLM's streaming parser does the
 same; its non-streaming one drops it). A call whose header never completes, or whose name is
-empty, is dropped; a call cut off by the end of the output keeps the arguments it has.
+empty, is dropped; a call cut off by the end of the output keeps the arguments it has. A call
+whose end marker is missing ends at the next call's begin or at the section's end, which then
+do their own work (a new call, content again), never becoming argument text; like a call cut
+off by the end, it keeps the arguments it has (streamed, they are already sent; vLLM's
+non-streaming regex drops such a call, its streaming parser has sent it too).
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ class ToolFormat:
     call_end: tuple[str, ...]  # the first one found ends the call
     # (header text, call index) -> (function name, tool call id)
     parse_header: Callable[[str, int], tuple[str, str]]
+
+    @property
+    def interrupts(self) -> tuple[str, ...]:
+        """Markers that end an unfinished call (no call end written): the next call's begin
+        and the section's end; the call keeps what it has, the marker is not its text."""
+        return (self.call_begin, *self.section_end)
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -180,19 +190,16 @@ class ToolCallStream:
             self.entered = True
             return True
         if state == _SECTION:  # between calls: wait for the next call or the section's end
-            stops = (fmt.call_begin, *fmt.section_end)
+            stops = fmt.interrupts  # the next call's begin, the section's end
             k, m = earliest(buf, stops)
             if k == -1:
                 self._buf = buf[len(buf) - held_suffix(buf, stops):]  # the rest is dropped
                 return False
             self._buf = buf[k + len(m):]
-            if m == fmt.call_begin:
-                self._state, self._header = _HEADER, ""
-            else:
-                self._state = _CONTENT
+            self._after(m)
             return True
         if state == _HEADER:
-            stops = (fmt.args_begin, *fmt.call_end)
+            stops = (fmt.args_begin, *fmt.call_end, *fmt.interrupts)
             k, m = earliest(buf, stops)
             if k == -1:
                 cut = len(buf) - held_suffix(buf, stops)
@@ -203,7 +210,7 @@ class ToolCallStream:
                 return False
             self._buf = buf[k + len(m):]
             if m != fmt.args_begin:  # a call without arguments marker: malformed, dropped
-                self._state = _SECTION
+                self._after(m)
                 return True
             header = self._header + buf[:k]
             if len(header) > _HEADER_LIMIT:  # whether it came in one piece or many
@@ -218,10 +225,11 @@ class ToolCallStream:
                                         function=DeltaFunctionCall(name=name)))
             self._state, self._started, self._ws = _ARGS, False, ""
             return True
-        # _ARGS / _SKIP: up to the end of the call
-        k, m = earliest(buf, fmt.call_end)
+        # _ARGS / _SKIP: up to the end of the call (or a marker that cuts it short)
+        stops = (*fmt.call_end, *fmt.interrupts)
+        k, m = earliest(buf, stops)
         if k == -1:
-            cut = len(buf) - held_suffix(buf, fmt.call_end)
+            cut = len(buf) - held_suffix(buf, stops)
             if state == _ARGS:
                 self._args(buf[:cut], deltas, final=False)
             self._buf = buf[cut:]
@@ -229,8 +237,19 @@ class ToolCallStream:
         if state == _ARGS:
             self._args(buf[:k], deltas, final=True)
         self._buf = buf[k + len(m):]
-        self._state = _SECTION
+        self._after(m)
         return True
+
+    def _after(self, marker: str) -> None:
+        """The state after `marker` ends a call or the gap between calls: a call begin starts
+        the next call's header, a section end returns to content, a call end waits in the
+        section."""
+        if marker == self.fmt.call_begin:
+            self._state, self._header = _HEADER, ""
+        elif marker in self.fmt.section_end:
+            self._state = _CONTENT
+        else:
+            self._state = _SECTION
 
     def _args(self, piece: str, deltas: list[DeltaToolCall], final: bool) -> None:
         piece = self._ws + piece
