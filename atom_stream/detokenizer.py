@@ -32,7 +32,12 @@ SlowIncrementalDetokenizer on transformers_utils/detokenizer_utils.detokenize_in
   text fed with check=False, which is how vLLM treats the output up to min_tokens); of several,
   the earliest-ending one, ties by list order (vLLM). `emit` then ends right before the stop
   string (or includes it with include_stop_str_in_output) and `matched` is the string; later
-  feeds return ("", None). Fed one step's text at a time, the result is vLLM's.
+  feeds return ("", None). Fed one step's text at a time, the result is vLLM's whenever the
+  stops a step completes end at the same character (always so for one-character steps). When
+  one step's text (a multi-character token) completes several stops ending at different
+  characters, vLLM takes the first LISTED one found (stop=[" world", " wor"] and the token
+  " world": vLLM " world", here " wor"): this checker keeps the earliest-ending one, the stop
+  a character-by-character stream would have hit first.
 - `flush() -> str`: the held text, when the stream ends for another reason (length/eos).
 """
 

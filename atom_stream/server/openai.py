@@ -433,8 +433,11 @@ class OpenAIServing:
                 k = c.index // params.n
                 if k not in texts:
                     p = prompts[k]
+                    # ids past the tokenizer's vocabulary (a padded model vocab, DeepSeek-V3)
+                    # decode to "", as a Hugging Face fast tokenizer does
                     texts[k] = p if isinstance(p, str) else await self._offloop(
-                        lambda p=p: tok.decode(p, skip_special_tokens=False), 4 * len(p))
+                        lambda p=p: tok.decode([t for t in p if 0 <= t < tok.vocab_size],
+                                               skip_special_tokens=False), 4 * len(p))
                 c.prompt_text = texts[k]
         ctx = self._context(rid, model, params, req, echo_only=echo_without_generation(req))
         if req.stream:

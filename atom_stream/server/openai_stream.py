@@ -148,7 +148,14 @@ def chat_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list | Non
 
 
 def decode_token(tokenizer: Any, tid: int) -> str:
-    """A token decoded on its own (vLLM's Logprob.decoded_token), JSON-safe."""
+    """A token decoded on its own (vLLM's Logprob.decoded_token), JSON-safe. An id outside the
+    tokenizer's vocabulary (a model vocabulary padded beyond it, as DeepSeek-V3's 129,280 rows
+    over its smaller tokenizer: such ids are sampled or ranked in the top-k, often so with
+    dummy weights) is "", as a Hugging Face fast tokenizer decodes it and as the detokenizer
+    streams it (nothing), instead of the tokenizer's ValueError failing the response."""
+    n = getattr(tokenizer, "vocab_size", None)
+    if n is not None and not 0 <= tid < n:
+        return ""
     s = tokenizer.decode([tid], skip_special_tokens=False)
     try:
         s.encode("utf-8")
