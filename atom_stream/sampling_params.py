@@ -40,6 +40,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     - `stop`: strings matched on the detokenized text (trimmed from the output unless
       `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
       None for either is "none" (vLLM's default), read as [].
+    - `detokenize`: vLLM's; False returns the token ids only (text "", stop strings refused).
     - `spaces_between_special_tokens`: vLLM's; accepted and kept. It has no effect here, as in
       vLLM with a fast tokenizer: every tokenizer this engine loads (byte-level BPE, Kimi's
       tiktoken, the demo's bytes) joins special tokens without spaces either way.
@@ -71,6 +72,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    detokenize: bool = True  # vLLM's: False returns token ids only (text "", no stop strings)
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = msgspec.field(default_factory=list)
@@ -144,7 +146,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
 
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "spaces_between_special_tokens"):
+                     "spaces_between_special_tokens", "detokenize"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # "false" would be truthy: the opposite of the intent
                 raise SamplingParamsError(name, f"must be true or false, got {v!r}")

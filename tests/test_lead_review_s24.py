@@ -97,3 +97,20 @@ def test_history_reasoning_field_reaches_the_template(tmp_path):
         return tok.apply_chat_template(messages_to_dicts(req.messages))
     assert "because" in rendered("reasoning_content")
     assert rendered("reasoning") == rendered("reasoning_content")
+
+
+def test_detokenize_false_returns_ids_only():
+    """vLLM's SamplingParams.detokenize=False: the same token ids, no text; stop strings are
+    refused (they need the text), as vLLM refuses them."""
+    from atom_stream import LLM, SamplingParams
+    from atom_stream.errors import InvalidRequestError
+    with LLM("demo", max_model_len=64, num_kv_blocks=16) as llm:
+        base = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        full, ids_only = llm.generate(["hello", "hello"], [base, SamplingParams(
+            max_tokens=6, temperature=0, ignore_eos=True, detokenize=False)])
+        assert ids_only.outputs[0].token_ids == full.outputs[0].token_ids
+        assert full.outputs[0].text and ids_only.outputs[0].text == ""
+        with pytest.raises(InvalidRequestError, match="detokenize"):
+            llm.generate("hello", SamplingParams(max_tokens=2, stop=["x"], detokenize=False))
+        with pytest.raises(Exception, match="detokenize"):
+            SamplingParams(detokenize="no")

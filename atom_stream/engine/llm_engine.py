@@ -205,6 +205,9 @@ class LLMEngine:
                                       "requests (SamplingParams.child(i))", "n")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop: stop strings need a tokenizer", "stop")
+        if params.stop and not params.detokenize:  # vLLM's SamplingParams check
+            raise InvalidRequestError("stop strings are only supported when detokenize is True",
+                                      "stop")
         vocab = self.model_config.vocab_size
         for name, toks in (("logit_bias", params.logit_bias or ()),
                            ("allowed_token_ids", params.allowed_token_ids or ()),
@@ -258,7 +261,7 @@ class LLMEngine:
         # all_stop_token_ids always holds the model's EOS); only the stop check skips them
         seq = Sequence(request_id, ids, params, max_tokens, self.eos_token_ids)
         detok = stop = None
-        if self._detok_cls is not None:
+        if self._detok_cls is not None and params.detokenize:
             detok = self._detok_cls(self.tokenizer, prompt_token_ids=ids,
                                     skip_special_tokens=params.skip_special_tokens)
             if params.stop:
