@@ -126,3 +126,21 @@ async def test_dp2_chat_options_reach_the_replica():
     assert outs[-1].finish_reason == "length"
     # the prompt ends inside the assistant message: no end-of-turn token after "The"
     assert outs[0].prompt_token_ids[-3:] == list(b"The")
+
+
+async def test_dp2_reserve_holds_places_across_replicas():
+    """DPEngine.reserve (the HTTP routes hold their places while they tokenize): past the
+    replicas' summed bound a reservation is a 503 before any tokenizing, and the places come
+    back when the block ends."""
+    from atom_stream.errors import EngineOverloadedError
+    async with DPEngine(_config(data_parallel_size=2, max_num_seqs=2,
+                                max_waiting_requests=1)) as engine:
+        cap = engine.max_live_requests
+        assert cap == 6
+        with engine.reserve(cap - 1):
+            with pytest.raises(EngineOverloadedError), engine.reserve(2):
+                pass
+            with engine.reserve(1):
+                pass
+        with engine.reserve(cap):  # all free again
+            pass

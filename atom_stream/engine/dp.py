@@ -27,9 +27,10 @@ Metrics: `metrics.registry` exposes every replica's atom_stream:* series with an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -39,7 +40,7 @@ from atom_stream.config import ConfigError, EngineConfig
 from atom_stream.engine.async_engine import AsyncEngine
 from atom_stream.engine.outputs import RequestOutput
 from atom_stream.engine.prompts import Prompt
-from atom_stream.errors import EngineDeadError, InvalidRequestError
+from atom_stream.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from atom_stream.sampling_params import SamplingParams
 
 # stats() keys summed over the replicas (the others are derived or taken from replica 0)
@@ -136,6 +137,7 @@ class DPEngine:
         self.outstanding = [0] * len(self.replicas)  # live generate() calls per replica
         self._owner: dict[str, int] = {}  # live request id -> replica index
         self._next = 0  # round-robin start among the least loaded
+        self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
         self._metrics: DPMetrics | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -218,6 +220,22 @@ class DPEngine:
             raise EngineDeadError("every data-parallel replica is dead")
         self._next = (best + 1) % n
         return best
+
+    @contextlib.contextmanager
+    def reserve(self, n: int = 1) -> Iterator[None]:
+        """AsyncEngine.reserve over the replicas: `n` more requests that the outstanding ones
+        plus those held by other front ends' tokenizing leave no room for (max_live_requests,
+        the replicas' sum) are refused with EngineOverloadedError (503) before any tokenizing;
+        else the n places are held while the block runs."""
+        if sum(self.outstanding) + self._reserved + n > self.max_live_requests:
+            raise EngineOverloadedError(f"the waiting queues are full ({self.max_live_requests} "
+                                        f"requests over {len(self.replicas)} replicas); retry "
+                                        f"later")
+        self._reserved += n
+        try:
+            yield
+        finally:
+            self._reserved -= n
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,

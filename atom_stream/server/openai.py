@@ -256,7 +256,7 @@ class OpenAIServing:
                             f"what the server holds at once ({cap}: max_num_seqs + "
                             f"max_waiting_requests)", "n" if n > 1 else "prompt")
         # a flood past the bound: 503 before any tokenizing, the places held while this one
-        # tokenizes (AsyncEngine.reserve; DPEngine has none: each replica's generate checks)
+        # tokenizes (AsyncEngine.reserve / DPEngine.reserve)
         reserve = getattr(engine, "reserve", None)
         token_ids = []
         with reserve(total) if reserve is not None else contextlib.nullcontext():
