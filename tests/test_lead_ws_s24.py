@@ -5,7 +5,6 @@ stops reading it), and a refused handshake (401) logs no ERROR line."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import time
@@ -84,8 +83,6 @@ def test_error_flood_over_a_socket_leaves_the_server_serving(srv):
                     return f
 
     assert asyncio.run(flood_then_serve())["type"] == "done"
-    assert all(len(c.errors) <= wsmod._MAX_PENDING_ERRORS
-               for c in gc.get_objects() if type(c) is wsmod._Connection)
     assert srv.wait_idle()["num_streams"] == 0
 
 

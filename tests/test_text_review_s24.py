@@ -257,7 +257,16 @@ def test_echo_of_a_prompt_with_ids_past_the_tokenizers_vocabulary(srv):
         body = srv.post("/v1/completions", prompt=ids, echo=True, max_tokens=1, stream=stream)
         text = body["choices"][0]["text"] if not stream else "".join(
             c["text"] for e in body for c in e["choices"])
-        assert text.startswith("ab"), text
+        assert text.startswith("ab") and text == "ab" + srv.tok.decode(srv.runner.script[:1]), (
+            text)
+    assert srv.client.get("/load").json()["server_load"] == 0  # no choice left live
+
+
+def test_detokenize_of_ids_past_the_tokenizers_vocabulary(srv):
+    """/detokenize takes the model's ids: those the tokenizer has not decode to "" (as in the
+    logprobs and the echo), not a 500."""
+    ids = [*srv.tok.encode("ab"), srv.tok.vocab_size + 1, *srv.tok.encode("c")]
+    assert srv.post("/detokenize", tokens=ids)["prompt"] == "abc"
 
 
 # ------------------------------------------------------------------------------ tokenize

@@ -239,8 +239,10 @@ class Tokenization(OpenAIServing):
             bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
-            # vLLM: tokenizer.decode(ids), HF's default keeps special tokens
-            fn = functools.partial(engine.tokenizer.decode, req.tokens,
+            # vLLM: tokenizer.decode(ids), HF's default keeps special tokens; ids the model has
+            # past the tokenizer's vocabulary (a padded vocab) decode to "", as HF's fast does
+            tok = engine.tokenizer
+            fn = functools.partial(tok.decode, [t for t in req.tokens if t < tok.vocab_size],
                                    skip_special_tokens=False)
             result = DetokenizeResult(await self._offloop(fn, len(req.tokens)))
         except Exception as e:  # noqa: BLE001

@@ -425,20 +425,14 @@ class OpenAIServing:
             choices = await self._start(prompts, params, rid, None, req.add_special_tokens)
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
+        if req.echo:
+            try:
+                await self._echo_texts(choices, prompts, params.n)
+            except Exception as e:  # noqa: BLE001 - the started choices must not stay live
+                for c in choices:
+                    await c.gen.aclose()
+                return self._error(route, e)
         self.state.metrics.request(route, 200)
-        tok = self.engine.tokenizer
-        if req.echo:  # each token-id prompt decoded once (n choices share it), long ones off-loop
-            texts: dict[int, str] = {}
-            for c in choices:
-                k = c.index // params.n
-                if k not in texts:
-                    p = prompts[k]
-                    # ids past the tokenizer's vocabulary (a padded model vocab, DeepSeek-V3)
-                    # decode to "", as a Hugging Face fast tokenizer does
-                    texts[k] = p if isinstance(p, str) else await self._offloop(
-                        lambda p=p: tok.decode([t for t in p if 0 <= t < tok.vocab_size],
-                                               skip_special_tokens=False), 4 * len(p))
-                c.prompt_text = texts[k]
         ctx = self._context(rid, model, params, req, echo_only=echo_without_generation(req))
         if req.stream:
             opts = req.stream_options
@@ -453,6 +447,21 @@ class OpenAIServing:
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         return json_response(CompletionResponse(rid, "text_completion", ctx.created, model, out,
                                                 usage))
+
+    async def _echo_texts(self, choices: list[Choice], prompts: list, n: int) -> None:
+        """Each choice's echoed prompt text: a token-id prompt decoded once (n choices share
+        it), long ones off the loop. Ids past the tokenizer's vocabulary (a padded model vocab,
+        DeepSeek-V3) decode to "", as a Hugging Face fast tokenizer does."""
+        tok = self.engine.tokenizer
+        texts: dict[int, str] = {}
+        for c in choices:
+            k = c.index // n
+            if k not in texts:
+                p = prompts[k]
+                texts[k] = p if isinstance(p, str) else await self._offloop(
+                    lambda p=p: tok.decode([t for t in p if 0 <= t < tok.vocab_size],
+                                           skip_special_tokens=False), 4 * len(p))
+            c.prompt_text = texts[k]
 
     # ---------------------------------------------------------------- small routes
     async def models(self, request: Request) -> Response:

@@ -26,7 +26,8 @@ section is dropped; text after the section is content again (vLLM's streaming pa
 same; its non-streaming one drops it). A call whose header never completes, or whose name is
 empty, is dropped; a call cut off by the end of the output keeps the arguments it has. A call
 whose end marker is missing ends at the next call's begin or at the section's end, which then
-do their own work (a new call, content again), never becoming argument text; like a call cut
+do their own work (a new call, content again), never becoming argument text, nor does the
+arguments' closing text written before them (DeepSeek's fence "```"); like a call cut
 off by the end, it keeps the arguments it has (streamed, they are already sent; vLLM's
 non-streaming regex drops such a call, its streaming parser has sent it too).
 """
@@ -84,6 +85,15 @@ class ToolFormat:
         """Markers that end an unfinished call (no call end written): the next call's begin
         and the section's end; the call keeps what it has, the marker is not its text."""
         return (self.call_begin, *self.section_end)
+
+    @property
+    def args_interrupts(self) -> tuple[str, ...]:
+        """`interrupts` as the arguments see them: each also preceded by the text that closes
+        the arguments before the end token (a call end marker that ends in another one:
+        DeepSeek's "```" of "```<｜tool▁call▁end｜>"), so that text is not argument text."""
+        closers = {e[:-len(f)] for e in self.call_end for f in self.call_end
+                   if e != f and e.endswith(f)}
+        return (*self.interrupts, *(c + i for c in sorted(closers) for i in self.interrupts))
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -164,8 +174,8 @@ class ToolCallStream:
         buf, self._buf = self._buf, ""
         if self._state == _CONTENT:
             content.append(buf)
-        elif self._state == _ARGS:
-            self._args(buf, deltas, final=True)
+        elif self._state == _ARGS:  # cut off: a held piece of the call's end is not argument
+            self._args(buf[:len(buf) - held_suffix(buf, self.fmt.call_end)], deltas, final=True)
         self._state = _CONTENT if self._state == _CONTENT else _SECTION
         return "".join(content), deltas
 
@@ -225,8 +235,9 @@ class ToolCallStream:
                                         function=DeltaFunctionCall(name=name)))
             self._state, self._started, self._ws = _ARGS, False, ""
             return True
-        # _ARGS / _SKIP: up to the end of the call (or a marker that cuts it short)
-        stops = (*fmt.call_end, *fmt.interrupts)
+        # _ARGS / _SKIP: up to the end of the call (or a marker that cuts it short, with the
+        # arguments' closing text before it: DeepSeek's fence)
+        stops = (*fmt.call_end, *fmt.args_interrupts)
         k, m = earliest(buf, stops)
         if k == -1:
             cut = len(buf) - held_suffix(buf, stops)
@@ -244,9 +255,9 @@ class ToolCallStream:
         """The state after `marker` ends a call or the gap between calls: a call begin starts
         the next call's header, a section end returns to content, a call end waits in the
         section."""
-        if marker == self.fmt.call_begin:
+        if marker.endswith(self.fmt.call_begin):  # also with a closing text before it
             self._state, self._header = _HEADER, ""
-        elif marker in self.fmt.section_end:
+        elif marker.endswith(self.fmt.section_end):
             self._state = _CONTENT
         else:
             self._state = _SECTION
