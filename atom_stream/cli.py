@@ -350,7 +350,10 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
         return run_node(engine_config)
     from atom_stream.server.app import run_server
 
-    run_server(engine_config, server_config)
+    try:
+        run_server(engine_config, server_config)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down already; no traceback
+        return 130
     return 0
 
 

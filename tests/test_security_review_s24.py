@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -127,6 +128,18 @@ def test_oversized_header_is_431_and_bounded(srv, http):
                 got += chunk
         except OSError:
             pass
+    assert got.startswith(b"HTTP/1.1 431"), got[:200]
+    # a head over the limit that arrives whole in one write, or in two, is refused too
+    big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (2 * HEAD_LIMIT) + b"\r\n\r\n"
+    assert _raw(srv.port, big).startswith(b"HTTP/1.1 431")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(big[:HEAD_LIMIT])
+        time.sleep(0.05)
+        s.sendall(big[HEAD_LIMIT:])
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                got += chunk
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
     # a body far larger than the head limit is no head: served as before
     r = http.post("/v1/completions", json={"prompt": "a" * (4 * HEAD_LIMIT), "max_tokens": 1})

@@ -357,28 +357,33 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a bound on each request's head: once more than
-    `max_head_bytes` arrived without the end of the headers, the client gets 431 and the
-    connection is closed. A read is counted only when it lies wholly inside one head (the head
-    was open before it, is still open after it, and no new request began in it), so a body
-    and the next pipelined head sharing a read never count; memory stays within the limit plus
-    one read (uvloop reads at most 256 KiB)."""
+    """uvicorn's httptools protocol with a bound on each request's head (request line +
+    headers): a head larger than `max_head_bytes` gets 431 and the connection is closed.
+    Two counts: the parsed request target and headers (a head that completes within a read is
+    checked when its headers end, before the app sees it), and the raw reads that lie wholly
+    inside a head still open (a head that never ends, or one huge header arriving over many
+    reads, is cut off once it passes the limit; httptools buffers a header until it ends).
+    Bodies and pipelined requests never count; memory stays within the limit plus one read
+    (uvloop reads at most 256 KiB)."""
 
     max_head_bytes = 64 << 10
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._head_open = True  # bytes before the first request are its head
-        self._head_bytes = 0
+        self._head_bytes = 0  # parsed: target + headers of the current request
+        self._read_bytes = 0  # raw reads wholly inside the current head
         self._heads = 0  # requests begun on this connection
+        self._reject = False  # the current head passed the limit: answer 431
 
     def data_received(self, data: bytes) -> None:
         was_open, heads = self._head_open, self._heads
         super().data_received(data)
-        if not (was_open and self._head_open and heads == self._heads) or self.parser is None:
+        if self.parser is None or self.transport.is_closing():
             return
-        self._head_bytes += len(data)
-        if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+        if was_open and self._head_open and heads == self._heads:
+            self._read_bytes += len(data)
+        if self._reject or self._read_bytes > self.max_head_bytes:
             self.logger.warning("Request headers exceed %d bytes.", self.max_head_bytes)
             body = f"request headers exceed {self.max_head_bytes} bytes".encode()
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -389,12 +394,32 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_open, self._head_bytes = True, 0
+        self._head_open, self._head_bytes, self._read_bytes = True, 0, 0
         self._heads += 1
+        self._reject = False
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        if self._head_bytes > self.max_head_bytes:
+            self._reject = True  # the app never sees it; data_received answers
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._reject:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._reject:
+            super().on_message_complete()
 
 
 class QuietStartupFailure:
