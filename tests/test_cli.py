@@ -177,7 +177,7 @@ def test_quickstart_snippets_run(tmp_path):
     fix = lambda s: s.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace(
         "--port 8000", f"--port {port}")
     bash = _snippets("bash")
-    serve_cmd, kimi_cmd, curl = bash
+    serve_cmd, kimi_cmd, curl, shell = bash
     assert serve_cmd.startswith("atom-stream serve") and curl.startswith("curl -N")
     # the Kimi-K2.5 launch (needs the checkpoint): parses to the usage guide's settings
     kimi = shlex.split(kimi_cmd.replace("\\\n", " "))
@@ -194,8 +194,13 @@ def test_quickstart_snippets_run(tmp_path):
         assert b'"usage":{"prompt_tokens"' in out
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [os.path.join(ROOT, "clients", "python"), ROOT])}
+        for line in fix(shell).strip().splitlines():  # generate, then bench against it
+            r = subprocess.run(["bash", "-c", line], capture_output=True, timeout=300,
+                               text=True, check=False, env={**os.environ, "PATH": os.pathsep.join(
+                                   [os.path.dirname(sys.executable), os.environ["PATH"]])})
+            assert r.returncode == 0 and r.stdout.strip(), (line, r.stderr[-2000:])
         python = _snippets("python")
-        assert len(python) == 3
+        assert len(python) == 4
         outs = []
         for snippet in python:
             r = subprocess.run([sys.executable, "-c", fix(snippet)], capture_output=True,
@@ -205,6 +210,7 @@ def test_quickstart_snippets_run(tmp_path):
         assert re.search(r"\n\[\d+ tokens\]\n$", outs[0]), outs[0]  # openai: usage chunk
         assert re.search(r"\n\[8, 8, 8, 8, 8, 8, 8, 8\]\n$", outs[1]), outs[1]  # WS SDK
         assert re.search(r"\n\[(stop|length), \d+ tokens\]\n$", outs[2]), outs[2]  # in-process
+        assert outs[3].rstrip().endswith(("stop", "length")), outs[3]  # the LLM snippet
         with open(os.path.join(ROOT, "clients", "python", "README.md")) as f:
             sdk_readme = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
         assert len(sdk_readme) == 2  # the WebSocket SDK, then the SSE helper
