@@ -33,8 +33,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
-import msgspec
-
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
@@ -45,11 +43,11 @@ from atom_stream.engine.prompts import (
     refuse_request_template,
     resolve_chat_options,
     resolve_content_format,
+    with_cache_salt,
 )
 from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import (
     SamplingParams,
-    SamplingParamsError,
     model_sampling_defaults,
 )
 
@@ -154,15 +152,8 @@ class LLM:
         return [p if salt is None else self._with_salt(p, salt) for p, salt in zip(params, salts)]
 
     def _with_salt(self, params: Any, salt: Any) -> Any:
-        if isinstance(params, dict):
-            return {**params, "cache_salt": salt}  # checked with the rest by the engine
-        base = self.get_default_sampling_params() if params is None else params
-        if not isinstance(base, SamplingParams):
-            return params  # the engine's own error for a wrong type
-        try:
-            return msgspec.structs.replace(base, cache_salt=salt)
-        except SamplingParamsError as e:
-            raise InvalidRequestError(str(e), e.param) from None
+        return with_cache_salt(self.get_default_sampling_params() if params is None else params,
+                               salt)
 
     def _prompt_ids(self, p: Any) -> list[int]:
         if isinstance(p, dict):

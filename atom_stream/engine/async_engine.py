@@ -51,12 +51,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import msgspec
-
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
 from atom_stream.engine.outputs import RequestOutput, Usage
-from atom_stream.engine.prompts import Prompt, tokenize_prompt
+from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
 from atom_stream.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -64,7 +62,7 @@ from atom_stream.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +114,7 @@ def _with_prompt_salt(params: Any, prompt: Any) -> Any:
     salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
     if salt is None:
         return params
-    if isinstance(params, dict):
-        return {**params, "cache_salt": salt}
-    try:
-        return msgspec.structs.replace(coerce_params(params), cache_salt=salt)
-    except SamplingParamsError as e:
-        raise InvalidRequestError(str(e), e.param) from None
+    return with_cache_salt(params if isinstance(params, dict) else coerce_params(params), salt)
 
 
 class AsyncEngine:

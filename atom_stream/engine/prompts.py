@@ -16,7 +16,10 @@ import functools
 import re
 from typing import Any
 
+import msgspec
+
 from atom_stream.errors import InvalidRequestError
+from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 
 Prompt = str | list[int] | list[dict] | dict
 _OFFLOOP_CHARS = 2048  # tokenize longer prompts in a thread
@@ -68,8 +71,10 @@ def refuse_request_template(chat_template: str | None, chat_template_kwargs: dic
 
 
 CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's ChatTemplateContentFormatOption
-# vLLM's text-like content parts (chat_utils._parse_chat_message_content_part)
-_TEXT_PARTS = ("text", "input_text", "output_text", "refusal", "thinking")
+# vLLM's text-like content parts (chat_utils._parse_chat_message_content_part) -> the key
+# holding each one's text
+TEXT_PART_FIELD = {"text": "text", "input_text": "text", "output_text": "text",
+                   "refusal": "refusal", "thinking": "thinking"}
 
 
 # a template that loops over a message's content reads it as a list of parts (vLLM's
@@ -90,7 +95,27 @@ def resolve_content_format(tokenizer: Any, content_format: str = "auto") -> str:
     if content_format != "auto":
         return content_format
     source = getattr(tokenizer, "chat_template_source", lambda: None)()
-    return "openai" if source and _PARTS_LOOP.search(source) else "string"
+    return _template_format(source) if source else "string"
+
+
+@functools.lru_cache(maxsize=16)
+def _template_format(source: str) -> str:
+    """A jinja template's content format, scanned once per template text (every chat request
+    asks, on the event loop)."""
+    return "openai" if _PARTS_LOOP.search(source) else "string"
+
+
+def with_cache_salt(params: Any, salt: str) -> Any:
+    """`params` (SamplingParams, or a dict of its fields) with vLLM's dict-prompt `cache_salt`
+    set (a copy); any other type as given, for the engine's own type error."""
+    if isinstance(params, dict):
+        return {**params, "cache_salt": salt}  # checked with the rest by the engine
+    if not isinstance(params, SamplingParams):
+        return params
+    try:
+        return msgspec.structs.replace(params, cache_salt=salt)
+    except SamplingParamsError as e:
+        raise InvalidRequestError(str(e), e.param) from None
 
 
 def apply_content_format(messages: list[dict], content_format: str) -> list[dict]:
@@ -143,12 +168,11 @@ def _content_texts(content: Any, index: int) -> list[str] | None:
         if kind is None:  # vLLM: "Missing 'type' field in multimodal part."
             raise InvalidRequestError(f"messages[{index}].content: a content part lacks its "
                                       "'type'", "messages")
-        if kind not in _TEXT_PARTS:
+        if kind not in TEXT_PART_FIELD:
             raise InvalidRequestError(f"messages[{index}].content: content part type {kind!r} "
                                       "is not supported; this engine serves text only",
                                       "messages")
-        text = part.get("thinking" if kind == "thinking" else
-                        "refusal" if kind == "refusal" else "text")
+        text = part.get(TEXT_PART_FIELD[kind])
         if text is not None:  # vLLM skips a text / refusal part without its text
             texts.append(str(text))
     return texts

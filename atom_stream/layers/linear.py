@@ -15,6 +15,9 @@ and the model drops their logits after the gather.
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,35 +70,35 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
 
 
-_GEMV_MAX_M: int | None = None  # kernels/gemv.MAX_M, read by gemv_ok's first GPU call
+def _triton_rows_ok(x: torch.Tensor, w: torch.Tensor, max_m: int, kernel: str) -> bool:
+    """Whether x @ w^T may go to the Triton kernel module `kernel` (kernels/gemv.py or
+    kernels/gemm_splitk.py): GPU, 1..max_m rows (the caller's measured limit, at most the
+    kernel's MAX_M), 16-bit operands of one dtype, w contiguous, x rows contiguous."""
+    if not (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m):
+        return False
+    return (x.shape[0] <= _kernel_max_m(kernel) and x.dtype == w.dtype
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and w.is_contiguous() and x.stride(-1) == 1)
+
+
+@functools.cache
+def _kernel_max_m(kernel: str) -> int:
+    """The kernel module's MAX_M, imported on the first GPU call (the kernels import Triton)."""
+    return importlib.import_module(f"atom_stream.kernels.{kernel}").MAX_M
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor, max_m: int) -> bool:
-    """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py): GPU, 1..max_m rows (at most
-    its MAX_M), 16-bit, w contiguous. The caller picks max_m per projection by measurement
-    (models/mla.py QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER / SHARED_DOWN_GEMV_MAX_M);
-    routing every projection through it was slower (RESULTS session 16)."""
-    global _GEMV_MAX_M
-    if not (max_m > 0 and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_m):
-        return False
-    if _GEMV_MAX_M is None:  # imported on the first GPU call (kernels/gemv imports Triton)
-        from atom_stream.kernels.gemv import MAX_M
-        _GEMV_MAX_M = MAX_M
-    return (x.shape[0] <= _GEMV_MAX_M and x.dtype == w.dtype
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and w.is_contiguous() and x.stride(-1) == 1)
+    """Whether x @ w^T goes to the Triton GEMV (kernels/gemv.py). The caller picks max_m per
+    projection by measurement (models/mla.py QB_GEMV_MAX_M: q_b; models/deepseek_v3.py ROUTER /
+    SHARED_DOWN_GEMV_MAX_M); routing every projection through it was slower (RESULTS session
+    16)."""
+    return _triton_rows_ok(x, w, max_m, "gemv")
 
 
 def splitk_ok(x: torch.Tensor, w: torch.Tensor, splitk: tuple[int, dict] | None) -> bool:
-    """Whether x @ w^T goes to the Triton split-K GEMM (kernels/gemm_splitk.py): GPU, 1..max_m
-    rows of splitk = (max_m, config) (the caller's measured limit; None or 0 = off), 16-bit
-    operands of one dtype, w contiguous."""
-    if splitk is None or not (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= splitk[0]):
-        return False
-    from atom_stream.kernels.gemm_splitk import MAX_M
-    return (x.shape[0] <= MAX_M and x.dtype == w.dtype
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and w.is_contiguous() and x.stride(-1) == 1)
+    """Whether x @ w^T goes to the Triton split-K GEMM (kernels/gemm_splitk.py): splitk =
+    (max_m, config), the caller's measured limit (None or 0 = off)."""
+    return splitk is not None and _triton_rows_ok(x, w, splitk[0], "gemm_splitk")
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, gemv_max_m: int = 0,

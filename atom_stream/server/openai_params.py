@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from atom_stream.engine.prompts import refuse_request_template
+from atom_stream.engine.prompts import TEXT_PART_FIELD, refuse_request_template
 from atom_stream.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
@@ -55,10 +55,6 @@ def refuse_structured_output(req: Any) -> None:
                             "structured-output decoding", name)
 
 
-_TEXT_FIELD = {"text": "text", "input_text": "text", "output_text": "text",
-               "refusal": "refusal", "thinking": "thinking"}  # vLLM's text-like part types
-
-
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
                       content_format: str = "string") -> list[dict]:
     """ChatMessage Structs -> the plain dicts chat templates take, content as `content_format`
@@ -72,7 +68,7 @@ def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
         if isinstance(content, list):
             texts = []
             for part in content:
-                field = _TEXT_FIELD.get(part.type)
+                field = TEXT_PART_FIELD.get(part.type)
                 if field is None:
                     raise HTTPError(400, f"content part type {part.type!r} is not supported; "
                                     "this server serves text only", f"{param}[{i}].content")
@@ -95,6 +91,18 @@ def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
     if not out:
         raise HTTPError(400, "messages must not be empty", param)
     return out
+
+
+def cap_max_tokens(max_tokens: Any, defaults: dict) -> Any:
+    """vLLM's get_max_tokens: the checkpoint's max_new_tokens (`defaults["max_tokens"]`, see
+    build_sampling_params) caps a request's max_tokens, and is it where the request gives none
+    (None). A value that is not an integer is returned as given (SamplingParams refuses it)."""
+    cap = defaults.get("max_tokens")
+    if cap is None or max_tokens is None:
+        return cap if max_tokens is None else max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        return max_tokens
+    return min(max_tokens, cap)
 
 
 def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: bool,
@@ -148,9 +156,7 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
             kw["logprobs"] = req.logprobs
             if req.echo and req.prompt_logprobs is None:
                 kw["prompt_logprobs"] = req.logprobs
-    cap = defaults.get("max_tokens")  # vLLM's get_max_tokens: the smallest of those given
-    if cap is not None:
-        kw["max_tokens"] = cap if kw.get("max_tokens") is None else min(kw["max_tokens"], cap)
+    kw["max_tokens"] = cap_max_tokens(kw.get("max_tokens"), defaults)
     # vLLM's validators: only a non-empty stream_options object needs stream
     # (`if data.get("stream_options") and not data.get("stream")`), and only prompt_logprobs
     # > 0 (or -1) is refused with stream (check_logprobs); 0 is computed and not streamed

@@ -74,6 +74,7 @@ from atom_stream.protocol import (
 from atom_stream.sampling_params import SamplingParams
 from atom_stream.server.auth import AUTH_SCOPE_KEY
 from atom_stream.server.openai import messages_to_dicts
+from atom_stream.server.openai_params import cap_max_tokens
 from atom_stream.server.responses import HTTPError
 
 logger = logging.getLogger(__name__)
@@ -133,11 +134,8 @@ def _sampling_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[st
     for name, value in defaults.items():
         if name != "max_tokens":
             kw.setdefault(name, value)
-    cap = defaults.get("max_tokens")
-    if cap is not None:
-        mt = kw.get("max_tokens", _DEFAULT_MAX_TOKENS)
-        if mt is None or (isinstance(mt, int) and not isinstance(mt, bool)):
-            kw["max_tokens"] = cap if mt is None else min(mt, cap)
+    if defaults.get("max_tokens") is not None:
+        kw["max_tokens"] = cap_max_tokens(kw.get("max_tokens", _DEFAULT_MAX_TOKENS), defaults)
     return kw
 
 
