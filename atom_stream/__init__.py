@@ -10,7 +10,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.async_engine import AsyncEngine
 from atom_stream.engine.outputs import CompletionOutput, MultiChoiceOutput, RequestOutput, Usage
 from atom_stream.llm import LLM
-from atom_stream.sampling_params import SamplingParams
+from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
     "LLM",
@@ -19,6 +19,7 @@ __all__ = [
     "EngineConfig",
     "MultiChoiceOutput",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "Usage",
 ]

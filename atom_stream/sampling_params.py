@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 import math
 from collections.abc import Callable
 
@@ -24,6 +25,21 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's RequestOutputKind (same names and values): what `AsyncEngine.generate` yields.
+    DELTA (the default here, DESIGN.md; vLLM's default is CUMULATIVE): each output holds what
+    is new since the previous one. CUMULATIVE: each output holds everything so far.
+    FINAL_ONLY: one output, the whole request, at the end. `LLM.generate` ignores it (it
+    returns whole outputs, as vLLM's LLM does)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+_OUTPUT_KINDS = frozenset(k.value for k in RequestOutputKind)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -51,6 +67,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
       (`tokenize_bad_words`, into `bad_words_token_ids`); at each step the last token of a
       sequence is banned when the output so far ends with the rest of it (a one-token word is
       always banned). Duplicates are dropped, empty strings refused.
+    - `output_kind`: vLLM's RequestOutputKind (or its int value) for AsyncEngine streams;
+      default DELTA.
     """
 
     n: int = 1
@@ -79,6 +97,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # vLLM's cache_salt: prefix-cache hits only between requests with the same salt (it enters
     # the first block's hash: engine/block_manager.salt_root); None = unsalted
     cache_salt: str | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
     # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
     # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
     _bad_words_token_ids: list[list[int]] | None = None
@@ -107,6 +126,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                     v = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(v)))  # NaN: refused below
                 bias[tid] = v
             self.logit_bias = bias
+        kind = self.output_kind
+        if isinstance(kind, int) and not isinstance(kind, bool) and kind in _OUTPUT_KINDS:
+            self.output_kind = RequestOutputKind(kind)  # 1 (JSON) -> RequestOutputKind.DELTA
         if self.seed == -1:  # vLLM: -1 is "no seed"
             self.seed = None
         t = self.temperature
@@ -199,6 +221,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             # vLLM's protocol validator, word for word
             raise SamplingParamsError(
                 "cache_salt", "Parameter 'cache_salt' must be a non-empty string if provided.")
+        kind = self.output_kind  # an int set after construction is as good (IntEnum)
+        if isinstance(kind, bool) or not isinstance(kind, int) or kind not in _OUTPUT_KINDS:
+            raise SamplingParamsError("output_kind", f"must be a RequestOutputKind (0 "
+                                      f"CUMULATIVE, 1 DELTA, 2 FINAL_ONLY), got "
+                                      f"{self.output_kind!r}")
         bw = self.bad_words
         if not isinstance(bw, list) or any(not isinstance(w, str) for w in bw):
             raise SamplingParamsError("bad_words", "must be a list of strings")

@@ -94,9 +94,13 @@ async def test_dp2_least_outstanding_and_abort():
         c = engine.generate([8, 9], long, request_id="c")
         await c.__anext__()
         assert engine.outstanding == [1, 1]
+        # an iterable of ids (vLLM's AsyncLLM.abort), each on its own replica; unknown ignored
+        await engine.abort(["c", "nope"])
+        async for out in c:
+            last = out
+        assert last.finish_reason == "abort" and engine.outstanding == [0, 1]
         # closing a stream (client went away) aborts its request on its replica at once
         await b.aclose()
-        await c.aclose()
         assert engine.outstanding == [0, 0]
         for _ in range(100):
             s = engine.stats()

@@ -48,8 +48,10 @@ import logging
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
+
+import msgspec
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.llm_engine import LLMEngine, coerce_params
@@ -62,7 +64,7 @@ from atom_stream.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from atom_stream.sampling_params import SamplingParams
+from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,34 @@ class _Slot:
                 self.waiter = None
         out, self.out = self.out, None
         return out
+
+
+class _OutputShaper:
+    """Turns a request's delta stream into what its `output_kind` asks for (vLLM's
+    RequestOutputKind): DELTA passes each delta through; CUMULATIVE yields a fresh copy of
+    everything so far (later deltas never change an output already handed out); FINAL_ONLY
+    yields only the whole request, with its final delta."""
+
+    __slots__ = ("acc", "kind")
+
+    def __init__(self, kind: RequestOutputKind):
+        self.kind = kind
+        self.acc: RequestOutput | None = None
+
+    def shape(self, out: RequestOutput) -> RequestOutput | None:
+        """The output to yield for delta `out` (None: yield nothing now)."""
+        if self.kind == RequestOutputKind.DELTA:
+            return out
+        if self.acc is None:
+            self.acc = out  # never handed out itself: copies (CUMULATIVE) or at the end
+        else:
+            self.acc.merge(out)
+        acc = self.acc
+        if self.kind == RequestOutputKind.FINAL_ONLY:
+            return acc if acc.finish_reason is not None else None
+        return msgspec.structs.replace(
+            acc, token_ids=list(acc.token_ids),
+            logprobs=None if acc.logprobs is None else list(acc.logprobs))
 
 
 def _with_prompt_salt(params: Any, prompt: Any) -> Any:
@@ -272,12 +302,16 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
+                       sampling_params: SamplingParams | None = None,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
                        add_special_tokens: bool = True,
                        add_generation_prompt: bool = True,
                        continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
-        """Yield RequestOutput deltas until the final one (finish_reason set).
+        """Yield RequestOutput deltas until the final one (finish_reason set); with
+        `params.output_kind` CUMULATIVE each output holds everything so far instead, with
+        FINAL_ONLY only the whole final output comes (vLLM's RequestOutputKind).
+        `sampling_params`: vLLM's name for `params` (AsyncLLM.generate's keyword); pass one.
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
         the context left after the prompt instead of capping it (the OpenAI server's rule).
         `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
@@ -286,6 +320,11 @@ class AsyncEngine:
         `add_generation_prompt` / `continue_final_message` (messages only): vLLM's chat options;
         keys of the same names in `chat_template_kwargs` override them, as in vLLM."""
         core = self._check_alive()
+        if sampling_params is not None:
+            if params is not None:
+                raise InvalidRequestError("pass params or sampling_params, not both",
+                                          "sampling_params")
+            params = sampling_params
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif not isinstance(request_id, str):  # vLLM's add_request: a TypeError
@@ -322,6 +361,7 @@ class AsyncEngine:
         slot = self._slots[request_id] = _Slot()
         self._idle.clear()
         self._wakeup.set()
+        shaper = _OutputShaper(params.output_kind)
         done = False
         try:
             while True:
@@ -338,7 +378,9 @@ class AsyncEngine:
                         del self._slots[request_id]
                     if out.finish_reason == "error":
                         raise GenerationError(out.error or "generation failed")
-                yield out
+                out = shaper.shape(out)
+                if out is not None:
+                    yield out
                 if done:
                     return
         finally:
@@ -375,13 +417,16 @@ class AsyncEngine:
         finally:
             self._reserved -= n
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a live request; its stream ends with a finish_reason "abort" delta (also when
-        its prompt is still being tokenized: it then never starts)."""
-        if request_id in self._tokenizing:
-            self._tokenizing[request_id] = True
-            return
-        self._abort(request_id)
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Abort a live request, or each of an iterable of ids (vLLM's AsyncLLM.abort); each
+        stream ends with a finish_reason "abort" delta (also when its prompt is still being
+        tokenized: it then never starts). Unknown ids are ignored."""
+        ids = (request_id,) if isinstance(request_id, str) else tuple(request_id)
+        for rid in ids:
+            if rid in self._tokenizing:
+                self._tokenizing[rid] = True
+            else:
+                self._abort(rid)
 
     async def abort_all(self) -> int:
         """Abort every live request (each stream ends with an "abort" delta; one whose prompt

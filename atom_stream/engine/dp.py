@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -266,11 +266,13 @@ class DPEngine:
             self.outstanding[i] -= 1
             del self._owner[request_id]
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a live request; its stream ends with a finish_reason "abort" delta."""
-        i = self._owner.get(request_id)
-        if i is not None:
-            await self.replicas[i].abort(request_id)
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Abort a live request, or each of an iterable of ids (AsyncEngine.abort); each
+        stream ends with a finish_reason "abort" delta. Unknown ids are ignored."""
+        for rid in (request_id,) if isinstance(request_id, str) else tuple(request_id):
+            i = self._owner.get(rid)
+            if i is not None:
+                await self.replicas[i].abort(rid)
 
     async def abort_all(self) -> int:
         """AsyncEngine.abort_all on every replica; returns how many requests were aborted."""

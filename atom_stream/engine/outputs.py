@@ -76,6 +76,12 @@ class RequestOutput(msgspec.Struct, dict=True):  # __dict__: `prompt`, never enc
         return self
 
     @property
+    def num_cached_tokens(self) -> int | None:
+        """vLLM's RequestOutput.num_cached_tokens: the prompt tokens served from the prefix
+        cache (`usage.cached_tokens`); None until the final output carries the usage."""
+        return None if self.usage is None else self.usage.cached_tokens
+
+    @property
     def outputs(self) -> list[RequestOutput]:
         """vLLM-style alias: `out.outputs[0].text` / `.token_ids` / `.finish_reason`."""
         return [self]
