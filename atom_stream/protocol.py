@@ -109,6 +109,10 @@ class _SamplingRequest(Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # newer vLLM's form of the guided_* fields ({"json" | "regex" | "choice" | "grammar" | ...})
+    structured_outputs: dict[str, Any] | None = None
+    # OpenAI / vLLM V0: sample best_of, return the n best; only best_of <= n is served (400)
+    best_of: int | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):
@@ -299,12 +303,17 @@ class ChatChoice(Struct):
     token_ids: list[int] | UnsetType = UNSET  # return_token_ids
 
 
-class ChatCompletionResponse(Struct):
+class ChatCompletionResponse(Struct, kw_only=True):
+    """vLLM's field order, dumped with every field (its model_dump): service_tier and
+    system_fingerprint are the OpenAI fields vLLM leaves null."""
+
     id: str
-    object: str
+    object: str = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None  # vLLM: on the response, not the choice
     prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids
@@ -324,12 +333,16 @@ class CompletionChoice(Struct):
     prompt_token_ids: list[int] | UnsetType = UNSET
 
 
-class CompletionResponse(Struct):
+class CompletionResponse(Struct, kw_only=True):
+    """vLLM's field order and nulls, as ChatCompletionResponse."""
+
     id: str
-    object: str
+    object: str = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
     usage: UsageInfo
 
 

@@ -25,6 +25,9 @@ Interface contracts (every tokenizer):
   the vocabulary is not byte-level. `byte_table(skip)` (cached): bytes for every id, specials as
   b"" (skip) or their UTF-8 text, or None when not byte-level; the detokenizer's fast path.
 - `eos_token_ids`: tuple, the tokenizer's EOS plus `generation_config.json`'s eos_token_id(s).
+- Jinja chat templates (HF's, a `chat_template` override, Kimi's with trust_remote_code) see the
+  messages as vLLM passes them (`template_messages`): tool-call arguments given as JSON text are
+  objects; the built-in Kimi / demo renderers write such text as given.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from atom_stream.config import generation_eos_ids
@@ -434,9 +437,11 @@ class HFTokenizer(Tokenizer):
 
     def _render_chat(self, messages: list[Message], add_generation_prompt: bool,
                      **kwargs: Any) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             **kwargs)
+        def render(msgs: list[Message]) -> str:
+            return self._tok.apply_chat_template(msgs, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 **kwargs)
+        return render_template_messages(render, messages)
 
     def chat_template_source(self) -> str | None:
         src = self._chat_template or getattr(self._tok, "chat_template", None)
@@ -494,14 +499,75 @@ def _compile_template(text: str) -> None:
     _compile_jinja_template(text)
 
 
+def template_messages(messages: list[Message], objects: bool = True) -> list[Message]:
+    """`messages` as vLLM hands them to a jinja chat template (`_postprocess_messages`), copied
+    where changed: an assistant message's empty `tool_calls` list is dropped, and (`objects`)
+    each call's `function.arguments` that is JSON text of an object becomes that object (null /
+    empty ones `{}`), so `arguments | tojson` writes the object rather than a quoted string.
+    Arguments that are an object already, or text that is not a JSON object, stay as given
+    (vLLM coerces such text to `{}`)."""
+    out = []
+    for m in messages:
+        assistant = isinstance(m, dict) and m.get("role") == "assistant"
+        calls = m.get("tool_calls") if assistant else None
+        if not isinstance(calls, list):
+            out.append(m)
+        elif not calls:
+            out.append({k: v for k, v in m.items() if k != "tool_calls"})
+        elif objects:
+            out.append({**m, "tool_calls": [_object_arguments(c) for c in calls]})
+        else:
+            out.append(m)
+    return out
+
+
+def _object_arguments(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return call
+    args = fn.get("arguments")
+    if args is None or args == "":
+        obj: Any = {}
+    elif isinstance(args, str):
+        try:
+            obj = json.loads(args)
+        except ValueError:
+            return call
+        if not isinstance(obj, dict):
+            return call
+    else:
+        return call
+    return {**call, "function": {**fn, "arguments": obj}}
+
+
+def render_template_messages(render: Callable[[list[Message]], str],
+                             messages: list[Message]) -> str:
+    """`render(template_messages(messages))`, as vLLM renders. A template that can only take
+    text arguments fails on the objects with a TypeError (DeepSeek-V3's own template joins
+    `'```json\\n' + arguments`, which fails under vLLM too): it is rendered again with the
+    arguments as given, so a tool-call history still renders with it."""
+    converted = template_messages(messages)
+    try:
+        return render(converted)
+    except TypeError:
+        texts = template_messages(messages, objects=False)
+        if converted == texts:
+            raise
+        return render(texts)
+
+
 def render_jinja(template: str, messages: list[Message], add_generation_prompt: bool,
                  variables: dict[str, Any], kwargs: dict[str, Any]) -> str:
-    """Render a HF-style chat template (transformers' sandboxed jinja environment)."""
+    """Render a HF-style chat template (transformers' sandboxed jinja environment), tool-call
+    arguments as vLLM passes them (`render_template_messages`)."""
     from transformers.utils.chat_template_utils import render_jinja_template
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                        add_generation_prompt=add_generation_prompt,
-                                        **{**variables, **kwargs})
-    return rendered[0]
+
+    def render(msgs: list[Message]) -> str:
+        rendered, _ = render_jinja_template(conversations=[msgs], chat_template=template,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **{**variables, **kwargs})
+        return rendered[0]
+    return render_template_messages(render, messages)
 
 
 def _read_json(path: str) -> dict[str, Any]:

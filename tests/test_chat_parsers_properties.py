@@ -372,4 +372,4 @@ def test_thinking_off_is_all_content(parts, tools, data):
 
 # ------------------------------------------------------------------------------ sanity
 def test_reasoning_parsers_known():
-    assert set(REASONING_PARSERS) == {"deepseek_r1", "kimi_k2"}
+    assert set(REASONING_PARSERS) == {"deepseek_r1", "deepseek_v3", "kimi_k2"}

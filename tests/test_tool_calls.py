@@ -183,8 +183,8 @@ def test_cli_flags_and_startup_errors():
     assert (s.enable_auto_tool_choice, s.tool_call_parser, s.reasoning_parser) == (
         False, None, None)
     assert _server("--tool-call-parser deepseek_v3 --reasoning-parser deepseek_r1")
-    for bad, words in (("--tool-call-parser hermes", "known: deepseek_v3, kimi_k2"),
-                       ("--reasoning-parser qwen3", "known: deepseek_r1, kimi_k2"),
+    for bad, words in (("--tool-call-parser hermes", "known: deepseek_v3, deepseek_v31, kimi_k2"),
+                       ("--reasoning-parser qwen3", "known: deepseek_r1, deepseek_v3, kimi_k2"),
                        ("--enable-auto-tool-choice", "requires --tool-call-parser")):
         with pytest.raises(ValueError, match=words):
             _server(bad)

@@ -14,13 +14,18 @@
   - "required" / a named function: vLLM forces these with guided decoding (a JSON schema of the
     tools), which this server does not have: a 400 saying so (after vLLM's own checks: tools
     set, the named function among them).
-- `plan(parse_tools, template_kwargs, tokenizer)` -> a `ParsePlan` (None when nothing is
-  parsed): the per-choice `OutputParser` factory, the non-streamed `message(...)`, and
-  `keep_specials`: the markers the parsers read are special tokens that decoding would skip
-  (vLLM's tool parsers' adjust_request sets skip_special_tokens=False for them), so the request
-  runs with skip_special_tokens false; the other special tokens a model writes then show too,
-  as in vLLM. With the markers ordinary text (a tokenizer that does not mark them special)
-  nothing changes.
+- `plan(parse_tools, template_kwargs, tokenizer, ..., continued=None)` -> a `ParsePlan` (None
+  when nothing is parsed): the per-choice `OutputParser` factory, the non-streamed
+  `message(...)`, and `keep_specials`: the markers the parsers read are special tokens that
+  decoding would skip (vLLM's tool parsers' adjust_request sets skip_special_tokens=False for
+  them), so the request runs with skip_special_tokens false; the other special tokens a model
+  writes then show too, as in vLLM. With the markers ordinary text (a tokenizer that does not
+  mark them special) nothing changes. `continued`: with continue_final_message, the text of
+  the message the output continues (`continued_text`): the output goes on with that message's
+  content, so it is content, not reasoning, unless that text leaves a `<think>` open (a
+  prefilled reasoning): the state the rendered prompt ends in (vLLM's streaming path asks the
+  reasoning parser's is_reasoning_end about the prompt; K2.5's template writes
+  `<think></think>` before a continued assistant message).
 
 Answers (non-streamed, vLLM's ChatMessage): with any parser on, `message` has
 `reasoning_content` (null when none) and `tool_calls` ([] when none); content is null when the
@@ -86,6 +91,23 @@ def check_parser_names(tool_call_parser: str | None, reasoning_parser: str | Non
     if enable_auto_tool_choice and tool_call_parser is None:
         # vLLM's validate_parsed_serve_args
         raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
+
+
+def continued_text(messages: list[dict], continue_final_message: bool) -> str | None:
+    """The text the output of a continue_final_message request continues (the final message's
+    content: a string, or its text parts joined), None without the option."""
+    if not continue_final_message or not messages or not isinstance(messages[-1], dict):
+        return None
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _opens_reasoning(fmt: ReasoningFormat, text: str) -> bool:
+    """Whether `text` leaves a reasoning block open (its last start tag not closed after)."""
+    k = text.rfind(fmt.start)
+    return k != -1 and fmt.end not in text[k:]
 
 
 def _function_name(choice: dict) -> str:
@@ -272,17 +294,20 @@ class ChatParsing:
                         "--tool-call-parser) or 'none'", "tool_choice")
 
     def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any,
-             parallel_tool_calls: bool | None = None, include_reasoning: bool = True
-             ) -> ParsePlan | None:
+             parallel_tool_calls: bool | None = None, include_reasoning: bool = True,
+             continued: str | None = None) -> ParsePlan | None:
         """How a request's output is parsed (None: not at all). `parallel_tool_calls`: the
         request's field; only False (not None, vLLM's default being true) keeps one call.
         `include_reasoning`: the request's field (vLLM's, default true); false drops the
-        reasoning from the answer (see the module docstring)."""
+        reasoning from the answer. `continued`: `continued_text(...)` of a continue_final_message
+        request (see the module docstring)."""
         tools = self.tools if parse_tools else None
         reasoning = self.reasoning
         if tools is None and reasoning is None:
             return None
         thinking = reasoning.thinks(template_kwargs) if reasoning is not None else False
+        if reasoning is not None and continued is not None:
+            thinking = thinking and _opens_reasoning(reasoning, continued)
         markers: tuple[str, ...] = tools.markers if tools is not None else ()
         if reasoning is not None and thinking:
             markers += (reasoning.start, reasoning.end, *reasoning.implicit_end)

@@ -47,7 +47,7 @@ from atom_stream.protocol import (
 )
 from atom_stream.sampling_params import SamplingParams
 from atom_stream.server import openai_stream
-from atom_stream.server.chat_parsing import ChatParsing, ParsePlan
+from atom_stream.server.chat_parsing import ChatParsing, ParsePlan, continued_text
 from atom_stream.server.openai_params import (  # noqa: F401 - re-exported (app, websocket)
     _invalid,
     build_sampling_params,
@@ -342,7 +342,8 @@ class OpenAIServing:
                                                     req.continue_final_message)
             kwargs = kwargs or None
             plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
-                                     req.parallel_tool_calls, req.include_reasoning)
+                                     req.parallel_tool_calls, req.include_reasoning,
+                                     continued_text(messages, cfm))
             if plan is not None and plan.keep_specials:
                 params.skip_special_tokens = False  # the parsers read the marker tokens
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
@@ -380,7 +381,8 @@ class OpenAIServing:
             if ctx.return_token_ids:
                 out[-1].token_ids = r.token_ids
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
-        resp = ChatCompletionResponse(rid, "chat.completion", ctx.created, model, out, usage)
+        resp = ChatCompletionResponse(id=rid, created=ctx.created, model=model, choices=out,
+                                      usage=usage)
         openai_stream.add_prompt_extras(ctx, resp, results[0], params.prompt_logprobs)
         return json_response(resp)
 
@@ -445,8 +447,8 @@ class OpenAIServing:
                                                params.prompt_logprobs)
                for c, r in zip(choices, results)]
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
-        return json_response(CompletionResponse(rid, "text_completion", ctx.created, model, out,
-                                                usage))
+        return json_response(CompletionResponse(id=rid, created=ctx.created, model=model,
+                                                choices=out, usage=usage))
 
     async def _echo_texts(self, choices: list[Choice], prompts: list, n: int) -> None:
         """Each choice's echoed prompt text: a token-id prompt decoded once (n choices share

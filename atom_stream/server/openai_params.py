@@ -6,7 +6,8 @@ vLLM request fields that change what is sent to the engine.
   and `max_tokens: 0` runs with max_tokens 1 (vLLM's echo_without_generation); the handlers show
   only the prompt.
 - `refuse_unsupported(req, chat)`: fields vLLM acts on that this server does not serve are a 400
-  naming them (never silently ignored): `use_beam_search: true`; a request `chat_template`
+  naming them (never silently ignored): `use_beam_search: true`, `best_of` > n
+  (`check_best_of`); a request `chat_template`
   (top-level or in `chat_template_kwargs`) gets vLLM's refusal, as vLLM without
   `--trust-request-chat-template` (its default).
 - `truncation_size(value, max_model_len, max_tokens)` / `truncate_ids(ids, n)`: vLLM's
@@ -28,7 +29,8 @@ from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "prompt_logprobs")
-# vLLM's OpenAIServing._validate_chat_template (serving_engine.py), verbatim
+# the constraints of vLLM's StructuredOutputsParams (its other keys are options)
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def _invalid(message: str, param: str | None = None) -> HTTPError:
@@ -42,8 +44,9 @@ def echo_without_generation(req: Any) -> bool:
 
 
 def refuse_structured_output(req: Any) -> None:
-    """Structured output (response_format json_object / json_schema, guided_*) is not served:
-    a clear 400 rather than unconstrained text under a 200."""
+    """Structured output (response_format json_object / json_schema, guided_*, or newer
+    vLLM's structured_outputs with a constraint) is not served: a clear 400 rather than
+    unconstrained text under a 200."""
     rf = req.response_format
     if rf is not None and rf.get("type", "text") != "text":
         raise HTTPError(400, f"response_format {rf.get('type')!r} is not supported: this "
@@ -53,6 +56,11 @@ def refuse_structured_output(req: Any) -> None:
         if getattr(req, name) is not None:
             raise HTTPError(400, f"{name} is not supported: this server has no "
                             "structured-output decoding", name)
+    so = req.structured_outputs  # newer vLLM's spelling; options alone (backend, ...) pass
+    asked = sorted(k for k in _STRUCTURED_KEYS if so and so.get(k) not in (None, False))
+    if asked:
+        raise HTTPError(400, f"structured_outputs {', '.join(asked)} is not supported: this "
+                        "server has no structured-output decoding", "structured_outputs")
 
 
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
@@ -192,12 +200,27 @@ def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
 
 def refuse_unsupported(req: Any, chat: bool) -> None:
     """vLLM fields this server cannot honour: a 400 naming them instead of a silent 200."""
+    check_best_of(req.best_of, 1 if req.n is None else req.n)
     if req.use_beam_search:
         # vLLM runs beam search (completion/protocol.py to_beam_search_params); not built here
         raise HTTPError(400, "use_beam_search is not supported: this server has no beam "
-                        "search; use n / best-of sampling instead", "use_beam_search")
+                        "search; use n sampled choices instead", "use_beam_search")
     if chat:  # vLLM: create_error_response(...) -> 400 BadRequestError, param None
         refuse_request_template(req.chat_template, req.chat_template_kwargs)
+
+
+def check_best_of(best_of: Any, n: Any) -> None:
+    """best_of (OpenAI's completions field; vLLM V0's sampling option): None or 1 <= best_of
+    <= n is served as n samples (LangChain and ATOM's benchmark send best_of 1, with any n);
+    best_of > n asks for ranking candidates server-side, which is not built (vLLM V1 refuses it
+    too): a 400 naming best_of, never fewer-than-asked candidates under a 200."""
+    if best_of is None or not isinstance(n, int):
+        return  # a bad n is SamplingParams' 400
+    if best_of < 1:
+        raise HTTPError(400, f"best_of must be at least 1, got {best_of}", "best_of")
+    if best_of > max(n, 1):
+        raise HTTPError(400, f"best_of > n is not supported (best_of={best_of}, n={n}): this "
+                        "server does not rank candidates; ask for n choices instead", "best_of")
 
 
 def truncation_size(value: int | None, max_model_len: int, max_tokens: int | None

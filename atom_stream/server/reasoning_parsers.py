@@ -13,6 +13,10 @@
   KimiK2ReasoningParser: is_reasoning_end / extract_reasoning). Kimi's "(no content)"
   placeholder (written before tool calls without text) is removed from the content (what the
   tool parser leaves: never from tool-call arguments), and content left blank is null.
+- `deepseek_v3` (vLLM's DeepSeekV3ReasoningParser, for DeepSeek-V3.1-style templates that read
+  `thinking`): `deepseek_r1` when the request asks to think (`chat_template_kwargs: {"thinking":
+  true}`, or `enable_thinking`), else no reasoning at all (all of the output is content): the
+  default is not to think, as that template's.
 
 Streamed, text that may be the beginning of a tag (or of the placeholder) is held back until the
 next delta rules it in or out, so a tag split over deltas never leaks; the concatenated deltas
@@ -32,6 +36,7 @@ class ReasoningFormat:
     start: str = "<think>"
     end: str = "</think>"
     thinking_switch: bool = False  # chat_template_kwargs thinking=false: no reasoning at all
+    default_thinking: bool = True  # with the switch: whether a request that leaves it out thinks
     placeholder: str | None = None  # removed from the content
     # markers that end the reasoning without `</think>`; they begin the content
     implicit_end: tuple[str, ...] = ()
@@ -42,11 +47,13 @@ class ReasoningFormat:
         if not self.thinking_switch:
             return True
         kw = template_kwargs or {}
-        return bool(kw.get("thinking", kw.get("enable_thinking", True)))
+        return bool(kw.get("thinking", kw.get("enable_thinking", self.default_thinking)))
 
 
 REASONING_PARSERS: dict[str, ReasoningFormat] = {
     f.name: f for f in (ReasoningFormat("deepseek_r1"),
+                        ReasoningFormat("deepseek_v3", thinking_switch=True,
+                                        default_thinking=False),
                         ReasoningFormat("kimi_k2", thinking_switch=True,
                                         placeholder="(no content)",
                                         implicit_end=("<|tool_calls_section_begin|>",

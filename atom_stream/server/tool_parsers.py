@@ -15,6 +15,9 @@ of them from the detokenized text, streamed or whole:
 - `deepseek_v3` (DeepSeek-V3 / R1): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>
   NAME\\n```json\\n{json}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>`; the id is a fresh
   `chatcmpl-tool-<hex>` (vLLM's make_tool_call_id).
+- `deepseek_v31` (DeepSeek-V3.1, vLLM's DeepSeekV31ToolParser): the same section and call
+  markers, `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{json}<｜tool▁call▁end｜>` (no type, no
+  fence); ids as `deepseek_v3`'s.
 
 The arguments are the model's own JSON text (not re-serialized), whitespace around them trimmed
 (vLLM's regexes: `\\s*(...)\\s*`). Streamed, a call's first delta carries `id`, `type` and
@@ -137,7 +140,17 @@ DEEPSEEK_V3 = ToolFormat(
     # the closing fence belongs to the end marker; a bare end token is accepted too
     call_end=("```<｜tool▁call▁end｜>", "<｜tool▁call▁end｜>"), parse_header=_deepseek_header)
 
-TOOL_PARSERS: dict[str, ToolFormat] = {f.name: f for f in (KIMI_K2, DEEPSEEK_V3)}
+def _deepseek_v31_header(header: str, index: int) -> tuple[str, str]:
+    return header.strip(), f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+DEEPSEEK_V31 = ToolFormat(
+    "deepseek_v31",
+    section_begin=("<｜tool▁calls▁begin｜>",), section_end=("<｜tool▁calls▁end｜>",),
+    call_begin="<｜tool▁call▁begin｜>", args_begin=_DS_SEP, call_end=("<｜tool▁call▁end｜>",),
+    parse_header=_deepseek_v31_header)
+
+TOOL_PARSERS: dict[str, ToolFormat] = {f.name: f for f in (KIMI_K2, DEEPSEEK_V3, DEEPSEEK_V31)}
 
 _CONTENT, _SECTION, _HEADER, _ARGS, _SKIP = range(5)
 
