@@ -15,14 +15,16 @@ internal engine port, unused, and HTTP is `--server-port`), `--served-model-name
 `--max-body-bytes`, `--max-header-bytes`, `--shutdown-timeout`, `--log-level`,
 `--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags
 (`--allowed-origins`, `--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]';
-`--[no-]allow-credentials`),
-`--[no-]enable-prompt-tokens-details` and vLLM's `--enable-auto-tool-choice`,
-`--tool-call-parser {kimi_k2,deepseek_v3}`, `--reasoning-parser {kimi_k2,deepseek_r1}` (an
-unknown name is a start-up error listing the known ones). `atom-stream -v | --version` prints
+`--[no-]allow-credentials`), `--[no-]enable-prompt-tokens-details`,
+`--[no-]enable-request-id-headers` and vLLM's `--enable-auto-tool-choice`,
+`--tool-call-parser {kimi_k2,deepseek_v3,deepseek_v31}`,
+`--reasoning-parser {kimi_k2,deepseek_r1,deepseek_v3}` (an unknown name is a start-up error
+listing the known ones). `atom-stream -v | --version` prints
 the version (as `vllm --version`). ATOM flags that select features this engine always has or
-does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`) are accepted and
-logged (`--cudagraph-mode NONE` means `--enforce-eager`); `--load_dummy` means `--load-format
-dummy`. `--cudagraph-capture-sizes` takes ATOM's one list argument or vLLM's several.
+does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`,
+`--request-log`) are accepted and logged (`--cudagraph-mode NONE` means `--enforce-eager`);
+`--load_dummy` means `--load-format dummy`. `--cudagraph-capture-sizes` takes ATOM's one list
+argument or vLLM's several.
 No `--model`: the demo model.
 """
 
@@ -229,6 +231,9 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                    help="seconds to let in-flight requests finish on SIGTERM")
     g.add_argument("--timeout-keep-alive", type=int, default=5)
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    # ATOM's request logging switch (optionally a path): accepted and logged, the access log
+    # (--disable-uvicorn-access-log) and --log-level debug are this server's request logs
+    g.add_argument("--request-log", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     # vLLM's FrontendArgs (cli_args.py): CORS lists are JSON (type=json.loads there), bools are
@@ -241,15 +246,18 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                    help='CORS allowed headers, a JSON list (default: \'["*"]\')')
     g.add_argument("--allow-credentials", action=argparse.BooleanOptionalAction, default=False,
                    help="CORS: allow credentials")
+    g.add_argument("--enable-request-id-headers", action=argparse.BooleanOptionalAction,
+                   default=False, help="add X-Request-Id to every HTTP response (vLLM's flag)")
     g.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction,
                    default=False, help="report usage.prompt_tokens_details (cached tokens)")
     # vLLM's tool calling and reasoning flags (server/chat_parsing.py)
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='parse tool calls for tool_choice "auto" (needs --tool-call-parser)')
     g.add_argument("--tool-call-parser", default=None,
-                   help="tool-call format of the model: kimi_k2 | deepseek_v3")
+                   help="tool-call format of the model: kimi_k2 | deepseek_v3 | deepseek_v31")
     g.add_argument("--reasoning-parser", default=None,
-                   help="split <think> reasoning into reasoning_content: kimi_k2 | deepseek_r1")
+                   help="split <think> reasoning into reasoning_content: kimi_k2 | deepseek_r1 | "
+                        "deepseek_v3")
 
 
 _CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_AND_PIECEWISE", "AF_PIECEWISE")
@@ -313,6 +321,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_request_id_headers=args.enable_request_id_headers,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
@@ -339,6 +348,9 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
         logger.info("--port %d is ATOM's internal engine port: unused here; the HTTP port is "
                     "--server-port (%d)", args.atom_engine_port, args.port)
     _setup_logging(args.log_level)
+    if args.request_log is not None:
+        logger.info("--request-log accepted for ATOM compatibility; requests are logged by the "
+                    "access log (and at --log-level debug)")
     try:
         engine_config = engine_config_from_args(args)
         server_config = server_config_from_args(args)
@@ -348,7 +360,10 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
         from atom_stream.engine.multinode import run_node
 
         return run_node(engine_config)
+    from atom_stream.entrypoints import limits
     from atom_stream.server.app import run_server
+
+    limits.raise_fd_limit()  # a socket per in-flight request (vLLM's set_ulimit in `serve`)
 
     try:
         run_server(engine_config, server_config)

@@ -160,8 +160,8 @@ def served(argv: list[str], port: int, log_path) -> Iterator[str]:
             time.sleep(0.2)
         yield base
         proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal (exit status of SIGTERM)
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        # a graceful shutdown, then exit status 0 (vLLM's), not uvicorn's re-raised SIGTERM
+        assert proc.wait(timeout=60) == 0
         text = log_path.read_text()
         assert "Application shutdown complete" in text and "Traceback" not in text, text
     finally:

@@ -260,8 +260,8 @@ def test_sigterm_drains_then_exits(tmp_path):
             proc.kill()
     with open(log) as f:
         text = f.read()
-    # uvicorn re-raises the captured SIGTERM after a complete shutdown (exit status -15)
-    assert rc in (0, -signal.SIGTERM), (rc, text[-600:])
+    # exit status 0 after a complete shutdown (server/app.py: not uvicorn's re-raised SIGTERM)
+    assert rc == 0, (rc, text[-600:])
     assert "Application shutdown complete" in text and "Finished server process" in text
     # the short request was drained to completion, the long one was cut off at the timeout
     assert results["short"].endswith("data: [DONE]\n\n")

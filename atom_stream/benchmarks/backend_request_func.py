@@ -1,10 +1,10 @@
 """Per-backend request functions: one streamed request in, timings out (vLLM's definitions).
 
 Backends (`ASYNC_REQUEST_FUNCS`):
-- `vllm`, `openai`: POST /v1/completions, `stream: true, stream_options.include_usage: true`, the
-  payload ATOM's benchmark sends (model, prompt, temperature 0, best_of, max_tokens, logprobs,
-  ignore_eos). The prompt is the request's token-id list (exact input length) unless
-  `--prompt-as-text`.
+- `vllm`, `openai` (and ATOM's aliases `sglang`, `lmdeploy`, `scalellm`): POST /v1/completions,
+  `stream: true, stream_options.include_usage: true`, the payload ATOM's benchmark sends (model,
+  prompt, temperature 0, best_of, max_tokens, logprobs, ignore_eos). The prompt is the request's
+  token-id list (exact input length) unless `--prompt-as-text`.
 - `openai-chat`: POST /v1/chat/completions with one user message (text) and
   `max_completion_tokens`.
 - `atom-ws`: our WebSocket /v1/ws (subprotocol atom-stream.v1.json or .msgpack): a `generate`
@@ -385,6 +385,10 @@ ASYNC_REQUEST_FUNCS: dict[str, RequestFunc] = {
     "openai": async_request_openai_completions,
     "openai-chat": async_request_openai_chat_completions,
     "atom-ws": async_request_atom_ws,
+    # ATOM's / vLLM's other names for the same OpenAI /v1/completions client
+    "sglang": async_request_openai_completions,
+    "lmdeploy": async_request_openai_completions,
+    "scalellm": async_request_openai_completions,
 }
 # Default endpoint per backend when --endpoint is left at its default (/v1/completions).
 DEFAULT_ENDPOINTS = {"openai-chat": "/v1/chat/completions", "atom-ws": "/v1/ws"}

@@ -7,6 +7,11 @@
         --save-result --result-dir=res --result-filename=run.json \
         --percentile-metrics="ttft,tpot,itl,e2el"
 
+As ATOM's script, it raises the open-file soft limit first (a socket per in-flight request) and
+a failed warm-up request does not stop the run (the main run counts failures). vLLM's `bench
+serve` spellings work too: `--input-len`/`--output-len` (random ISL/OSL), `--temperature`,
+`--top-p`, `--top-k`, `--min-p` (sent with every request when given).
+
 `--backend atom-ws` measures our WebSocket /v1/ws instead of SSE (see backend_request_func.py for
 the protocol use and the connection policy). `main(argv=None)` is the entry point that
 `atom-stream bench` delegates to.
@@ -46,6 +51,7 @@ from atom_stream.benchmarks.datasets import (
     get_tokenizer,
     sample_random_requests,
 )
+from atom_stream.entrypoints.limits import raise_fd_limit
 
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {
@@ -212,13 +218,14 @@ async def benchmark(args: argparse.Namespace, *, api_url: str, base_url: str, to
                       ws_connections=args.ws_connections or max_conc or 1,
                       ws_encoding=args.ws_encoding)
     send_ids = args.backend != "openai-chat" and not args.prompt_as_text
+    sampling = sampling_overrides(args)
 
     def make_input(req: SampleRequest) -> RequestFuncInput:
         return RequestFuncInput(
             prompt=req.prompt_token_ids if send_ids else req.prompt, api_url=api_url,
             prompt_len=req.prompt_len, output_len=req.expected_output_len, model=args.model,
             model_name=args.served_model_name, best_of=args.best_of, logprobs=args.logprobs,
-            ignore_eos=args.ignore_eos)
+            ignore_eos=args.ignore_eos, extra_body=sampling or None)
 
     sem = asyncio.Semaphore(max_conc) if max_conc else None
 
@@ -234,9 +241,7 @@ async def benchmark(args: argparse.Namespace, *, api_url: str, base_url: str, to
             test_input = make_input(requests[0])
             warm = await asyncio.gather(*(limited(test_input, None)
                                           for _ in range(args.num_warmups)))
-            if not any(o.success for o in warm):
-                raise RuntimeError(f"Warm-up requests failed. Error: {warm[0].error}")
-            print("Warmup completed.")
+            _report_warmup(warm)
         if args.profile:
             (await session.http.post(f"{base_url}/start_profile")).release()
         distribution = "Poisson process" if args.burstiness == 1.0 else "Gamma distribution"
@@ -289,6 +294,17 @@ async def benchmark(args: argparse.Namespace, *, api_url: str, base_url: str, to
         "server_prompt_lens": [o.server_prompt_tokens for o in outputs],
         **latency_keys,
     }
+
+
+def _report_warmup(warm: list[RequestFuncOutput]) -> None:
+    """ATOM's warm-up never stops the run: a failed warm-up request (e.g. the first prompt is
+    longer than the server's context) is reported and the main run goes on; its own failures
+    are counted there."""
+    failed = [o for o in warm if not o.success]
+    if failed:
+        print(f"WARNING: {len(failed)} of {len(warm)} warm-up request(s) failed; the main run "
+              f"goes on. First error:\n{failed[0].error[:2000]}")
+    print("Warmup completed.")
 
 
 def _report_failures_and_lengths(requests, outputs, exact_ids: bool) -> None:
@@ -345,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metric-percentiles", default="99")
     a("--goodput", nargs="+", default=None, metavar="KEY:MS")
     a("--num-warmups", type=int, default=1)
-    a("--random-input-len", type=int, default=1024)
-    a("--random-output-len", type=int, default=128)
+    a("--random-input-len", "--input-len", type=int, default=1024,
+      help="ISL (vLLM's `bench serve` spelling: --input-len).")
+    a("--random-output-len", "--output-len", type=int, default=128,
+      help="OSL (vLLM's `bench serve` spelling: --output-len).")
     a("--random-range-ratio", type=float, default=1.0)
     a("--random-prefix-len", type=int, default=0)
     a("--use-chat-template", action="store_true",
@@ -354,10 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
            "template's tokens count towards --random-input-len (ATOM's flag).")
     a("--prompt-as-text", action="store_true",
       help="Send decoded text instead of token ids (ATOM's way; length may drift).")
+    # vLLM's sampling flags: sent only when given; temperature stays 0 (greedy) otherwise
+    a("--temperature", type=float, default=None)
+    a("--top-p", type=float, default=None)
+    a("--top-k", type=int, default=None)
+    a("--min-p", type=float, default=None)
     a("--ws-connections", type=int, default=None,
       help="atom-ws: sockets in the pool (default: --max-concurrency, else 1 multiplexed).")
     a("--ws-encoding", default="json", choices=["json", "msgpack"])
     return p
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's --temperature/--top-p/--top-k/--min-p: the ones given, merged into each request
+    (over the payload's temperature 0)."""
+    names = ("temperature", "top_p", "top_k", "min_p")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def _parse_goodput(pairs: list[str] | None) -> dict[str, float]:
@@ -406,6 +436,7 @@ def _loop_factory():
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (also written with --save-result)."""
     args = parse_args(argv)
+    raise_fd_limit()  # one socket per in-flight request (ATOM's set_ulimit)
     print(args)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -25,8 +25,10 @@ encode(template before the content) + the drawn ids + encode(template after it),
 ids are sent as drawn (re-encoding their decoded text could change them). `prompt_len` is the
 count of the ids; the length statistics compare it with prefix_len + the drawn (reduced) length.
 
-Tokenizers come from `atom_stream.tokenizer.load_tokenizer`; `--model demo` (or a model name that
-is not a local directory, with no --tokenizer) uses the embedded demo tokenizer.
+Tokenizers come from `atom_stream.tokenizer.load_tokenizer`; `--model demo` (or a name with "demo"
+in it that is not a local directory, with no --tokenizer) uses the embedded demo tokenizer. A
+Hugging Face hub id (`--model moonshotai/Kimi-K2.5`) is resolved to its snapshot as the server
+resolves it (config.resolve_model_path: the cache, else a download of the non-weight files).
 """
 
 from __future__ import annotations
@@ -64,14 +66,18 @@ def resolve_tokenizer_path(model: str, tokenizer: str | None) -> str | None:
 
 
 def get_tokenizer(model: str, tokenizer: str | None = None, *, trust_remote_code: bool = False):
+    from atom_stream.config import resolve_model_path
     from atom_stream.tokenizer import load_tokenizer, preset_tokenizer
 
     preset = preset_tokenizer(model) if tokenizer is None else None
     if preset is not None:  # dummy-weight bench preset: the server's own tokenizer
         return preset
-    return load_tokenizer(
-        resolve_tokenizer_path(model, tokenizer), trust_remote_code=trust_remote_code
-    )
+    path = resolve_tokenizer_path(model, tokenizer)
+    if path is not None and not os.path.exists(path):
+        # a hub id ("moonshotai/Kimi-K2.5", as the server was given it): its snapshot, found
+        # the way the server finds it (HF cache first, then a download of the small files)
+        path = resolve_model_path(path, load_format="dummy")
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def encode(tokenizer, text: str) -> list[int]:

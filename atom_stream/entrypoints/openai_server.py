@@ -6,6 +6,8 @@
 The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case,
 `--host` (127.0.0.1), plus `--api-key` and friends; as in ATOM, the HTTP port is
 `--server-port` (8000) and `--port` is ATOM's internal engine port (accepted, unused).
+As ATOM's server, it first raises the open-file soft limit (entrypoints/limits.py) so that high
+client concurrency does not run out of sockets.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import sys
 from collections.abc import Sequence
 
 from atom_stream.cli import serve
+from atom_stream.entrypoints.limits import raise_fd_limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raise_fd_limit()
     return serve(argv, prog="python -m atom_stream.entrypoints.openai_server", atom_ports=True)
 
 

@@ -25,15 +25,19 @@ one header into memory). See `BoundedHttpToolsProtocol`.
 
 Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
 `shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
-requests still running are aborted and their streams end with an error event.
+requests still running are aborted and their streams end with an error event. The process
+then exits with status 0 (SIGTERM; `vllm serve` does the same) or 130 (SIGINT, via the CLI).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +66,7 @@ from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
+from atom_stream.server.request_ids import RequestIdHeaderMiddleware
 from atom_stream.server.responses import HTTPError, json_response, read_body
 from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
 
@@ -93,6 +98,8 @@ class ServerConfig:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    # vLLM's --enable-request-id-headers: X-Request-Id on every HTTP response
+    enable_request_id_headers: bool = False
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details only when set
     enable_prompt_tokens_details: bool = False
     # vLLM's --enable-auto-tool-choice / --tool-call-parser / --reasoning-parser
@@ -255,8 +262,14 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
     """The ASGI app. `engine`: an already started AsyncEngine to serve (not shut down by the
     app); by default the lifespan builds one from `engine_config` and owns it."""
     config = config or ServerConfig()
+    if engine is None and config.served_model_name and not engine_config.served_model_name:
+        # the engine's metrics carry model_name = the first served name, as vLLM's and as the
+        # front end's series (the CLI sets both; a ServerConfig-only name must reach it too)
+        engine_config = dataclasses.replace(engine_config,
+                                            served_model_name=config.served_model_name[0])
     state = ServerState(engine_config, config)
     serving = OpenAIServing(state)
+    version_body = {"version": package_version()}  # read once: metadata lookup is file I/O
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -297,7 +310,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         return json_response({"server_load": n})
 
     async def version(request: Request) -> Response:
-        return json_response({"version": package_version()})
+        return json_response(version_body)
 
     tokenization = Tokenization(state)
 
@@ -311,7 +324,9 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         detail = getattr(exc, "detail", None) or "error"
         if status == 404:
             detail = f"no route {request.method} {request.url.path}"
-        return HTTPError(status, detail).response()
+        # starlette's own headers travel on (a 405 names the route's methods in `Allow`)
+        return HTTPError(status, detail, headers=dict(getattr(exc, "headers", None) or {})
+                         ).response()
 
     routes = [
         Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
@@ -330,6 +345,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
                              allow_credentials=config.allow_credentials,
                              allow_methods=config.allowed_methods,
                              allow_headers=config.allowed_headers)]  # first: outermost
+    if config.enable_request_id_headers:  # outside auth: a 401 carries the id too
+        middleware.append(Middleware(RequestIdHeaderMiddleware))
     if state.key_checker:
         middleware.append(Middleware(APIKeyMiddleware, checker=state.key_checker))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
@@ -445,7 +462,9 @@ class QuietStartupFailure:
 
 def run_server(engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM (blocking). A failed start-up exits with uvicorn's status 3
-    after one error line. The first signal also arms _abort_before_deadline."""
+    after one error line. The first signal also arms _abort_before_deadline. After a graceful
+    SIGTERM shutdown the process exits with status 0 (as `vllm serve`; see
+    _sigterm_exits_zero); SIGINT ends in KeyboardInterrupt (the CLI's status 130)."""
     import uvicorn
 
     config = config or ServerConfig()
@@ -461,13 +480,36 @@ def run_server(engine_config: EngineConfig, config: ServerConfig | None = None) 
                 state.loop.call_soon_threadsafe(_abort_before_deadline, state)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn_config(QuietStartupFailure(app), config)).run()
+    with _sigterm_exits_zero():
+        Server(uvicorn_config(QuietStartupFailure(app), config)).run()
+
+
+@contextlib.contextmanager
+def _sigterm_exits_zero():
+    """While serving, SIGTERM's handler outside uvicorn raises SystemExit(0). uvicorn installs
+    its own handler for the run (the graceful shutdown), then restores the one it found and
+    re-raises the signal it caught into it: with the default handler the process would die
+    of SIGTERM (status -15 / 143) after a clean shutdown; with this one it exits 0. A SIGTERM
+    before uvicorn starts serving exits 0 at once. Main thread only (signal's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_zero(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, exit_zero)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _abort_before_deadline(state: ServerState) -> None:
     """On the loop: abort every live request a little before --shutdown-timeout runs out, so
-    each open stream ends with its "abort" finish (SSE: the finish chunk and [DONE]; WebSocket:
-    a done frame) instead of being cut when uvicorn cancels the handlers at the deadline."""
+    each open SSE stream ends properly (an error event "server shutting down", then [DONE])
+    instead of being cut when uvicorn cancels the handlers at the deadline. (uvicorn closes
+    WebSocket connections with code 1012 as soon as the shutdown begins.)"""
     loop, engine = state.loop, state.engine
     if loop is None or engine is None or not hasattr(engine, "abort_all"):
         return

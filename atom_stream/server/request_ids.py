@@ -20,12 +20,16 @@ gets a unique id.
   named). vLLM takes any length; but the id is repeated in every SSE chunk, so a megabyte id
   made each token a megabyte on the wire and slowed every other stream on the loop. Gateways'
   ids (uuids, trace ids) are far shorter.
+- `RequestIdHeaderMiddleware`: vLLM's `--enable-request-id-headers` (off by default).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atom_stream.errors import InvalidRequestError
 
@@ -59,5 +63,31 @@ def engine_request_id(external_id: str) -> str:
     return f"{external_id}-{uuid.uuid4().hex[:8]}"
 
 
-__all__ = ["MAX_REQUEST_ID_CHARS", "REQUEST_ID_HEADER", "base_request_id",
-           "engine_request_id"]
+class RequestIdHeaderMiddleware:
+    """vLLM's `--enable-request-id-headers` (its `add_request_id` HTTP middleware): every HTTP
+    response carries `X-Request-Id`, the request's own header when it sent one (cut to
+    MAX_REQUEST_ID_CHARS), else a random uuid4 hex. WebSocket and lifespan scopes pass
+    through untouched."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        value = Headers(scope=scope).get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        raw = value[:MAX_REQUEST_ID_CHARS].encode("latin-1", "replace")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", raw)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+__all__ = ["MAX_REQUEST_ID_CHARS", "REQUEST_ID_HEADER", "RequestIdHeaderMiddleware",
+           "base_request_id", "engine_request_id"]
