@@ -83,7 +83,9 @@ _MAX_PENDING_ERRORS = 1024  # unsent error frames per connection before reading 
 _conn_counter = itertools.count()
 # params names (n must be 1: one choice per request id; prompt_logprobs is refused with its
 # own message)
-_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_"))
+# output_kind is the in-process API's stream shape; frames are always deltas
+_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__
+                         if not f.startswith("_")) - {"output_kind"}
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 
 

@@ -12,7 +12,12 @@
   Params are the server's sampling parameters (max_tokens, temperature, top_p, top_k, min_p, seed,
   stop, stop_token_ids, ignore_eos, logprobs, ...).
 - Leaving the `async for` early (break, exception, task cancelled) sends a `cancel` frame; so does
-  `await stream.cancel()`.
+  `await stream.cancel()`. A stream left early keeps its id until the server's `done` for the
+  cancel: a new request with that id (`id=`) waits for it, so it is never refused as a duplicate
+  live id nor sent the old request's frames. `complete()` returns a `Completion` (text,
+  token_ids, finish_reason, usage, stop_reason, and `logprobs` when asked for).
+- `messages` requests take the chat route's `chat_template_kwargs`, `add_generation_prompt` and
+  `continue_final_message` as keyword arguments beside the sampling parameters.
 - One reader task demultiplexes frames by id into per-stream queues; a request's `error` frame
   raises the matching `RequestError` from its iterator; a closed socket raises
   `ConnectionClosedError` from every open stream. Frames of an unknown type (a newer server's)
@@ -65,6 +70,7 @@ class _Head(msgspec.Struct):
 
 
 _KNOWN_TYPES = frozenset({"delta", "done", "error"})
+_RELEASE_SPINS = 32  # loop iterations _claim waits for an abandoned `async for` to be closed
 
 
 def ws_url(url: str) -> str:
@@ -90,6 +96,9 @@ class Stream:
         self._frame = frame
         self._queue: asyncio.Queue = asyncio.Queue()
         self._started = False
+        # left early: the id stays held until the server's last frame for it (_abandon)
+        self._draining = False
+        self._ended = asyncio.Event()  # set once the id is released
         self.done: Done | None = None
 
     @property
@@ -123,23 +132,30 @@ class Stream:
                     finished = True
                     raise item
         finally:
-            client._streams.pop(self.id, None)
-            if not finished:
-                client._cancel_nowait(self.id)
+            if finished:
+                client._release(self)
+            else:
+                client._abandon(self)
 
     async def cancel(self) -> None:
         """Ask the server to abort; iteration then ends with finish_reason "abort"."""
         await self.client._send(Cancel(self.id))
 
     async def collect(self) -> Completion:
+        """Iterate to the end; the whole result (`logprobs` when params.logprobs was set)."""
         text: list[str] = []
         ids: list[int] = []
+        logprobs: list[Any] | None = None
         async for d in self:
             text.append(d.text)
             ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                if logprobs is None:
+                    logprobs = []
+                logprobs.extend(d.logprobs)
         assert self.done is not None
         return Completion(self.id, "".join(text), ids, self.done.finish_reason, self.done.usage,
-                          self.done.stop_reason)
+                          self.done.stop_reason, logprobs)
 
 
 class AsyncClient:
@@ -238,6 +254,10 @@ class AsyncClient:
                 if frame is None:
                     continue
                 stream = self._streams.get(frame.id) if frame.id is not None else None
+                if stream is not None and stream._draining:
+                    if type(frame) is not Delta:  # the left stream's last frame: id free
+                        self._release(stream)
+                    continue
                 if type(frame) is Error:
                     err = error_for(frame.code, frame.message, frame.id, frame.param)
                     if stream is not None:
@@ -258,7 +278,10 @@ class AsyncClient:
             self._closed_exc = exc
             self._ws = None
             for stream in list(self._streams.values()):
-                stream._queue.put_nowait(exc)
+                if stream._draining:
+                    self._release(stream)  # the server aborts the socket's requests itself
+                else:
+                    stream._queue.put_nowait(exc)
 
     async def _send(self, frame: Any) -> None:
         ws = self._ws
@@ -269,6 +292,41 @@ class AsyncClient:
             await ws.send(data if self.binary else data.decode())
         except ConnectionClosed as e:
             raise ConnectionClosedError(f"the connection closed: {e}") from e
+
+    def _release(self, stream: Stream) -> None:
+        """Free the stream's id (for a new request of the same id)."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        stream._ended.set()
+
+    def _abandon(self, stream: Stream) -> None:
+        """The caller left the stream before its end: cancel it on the server and keep its id
+        held (frames dropped) until the server's done/error for it arrives, so that a new
+        request with the same id is neither a duplicate live id nor sent the old one's frames.
+        Released at once when that frame already came, or the socket is gone."""
+        ended = False
+        while not stream._queue.empty():
+            ended = ended or type(stream._queue.get_nowait()) is not Delta
+        if ended or self._ws is None or self._streams.get(stream.id) is not stream:
+            self._release(stream)
+            return
+        stream._draining = True
+        self._cancel_nowait(stream.id)
+
+    async def _claim(self, request_id: str) -> None:
+        """Wait until no stream holds `request_id`: one left early holds it until the server's
+        last frame for it (_abandon); an `async for` left by `break` is closed by the event
+        loop's async-generator finalizer a few loop iterations later. An id still being
+        iterated raises."""
+        for _ in range(_RELEASE_SPINS):
+            held = self._streams.get(request_id)
+            if held is None:
+                return
+            if held._draining:
+                await held._ended.wait()
+            else:
+                await asyncio.sleep(0)
+        raise AtomStreamClientError(f"request id {request_id!r} is already live")
 
     def _cancel_nowait(self, request_id: str) -> None:
         if self._ws is None:
@@ -287,8 +345,9 @@ class AsyncClient:
             task.exception()  # a cancel on a closed socket is moot
 
     async def _submit(self, stream: Stream) -> None:
+        await self._claim(stream.id)
         await self._open()
-        if stream.id in self._streams:
+        if stream.id in self._streams:  # claimed by another request while connecting
             raise AtomStreamClientError(f"request id {stream.id!r} is already live")
         self._streams[stream.id] = stream
         try:
@@ -300,13 +359,20 @@ class AsyncClient:
     # ------------------------------------------------------------------ requests
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                  messages: list[dict[str, Any]] | None = None, id: str | None = None,
-                 chat_template_kwargs: dict[str, Any] | None = None, **params: Any) -> Stream:
+                 chat_template_kwargs: dict[str, Any] | None = None,
+                 add_generation_prompt: bool = True, continue_final_message: bool = False,
+                 **params: Any) -> Stream:
+        """One request's `Stream` (nothing is sent before it is iterated). `params` are the
+        sampling parameters; `chat_template_kwargs`, `add_generation_prompt` and
+        `continue_final_message` apply to `messages`, as the chat route's fields."""
         if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
             raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
         rid = id if id is not None else f"r{next(self._ids)}"
         frame = Generate(id=rid, prompt=prompt, prompt_token_ids=prompt_token_ids,
                          messages=messages, params=params,
-                         chat_template_kwargs=chat_template_kwargs)
+                         chat_template_kwargs=chat_template_kwargs,
+                         add_generation_prompt=add_generation_prompt,
+                         continue_final_message=continue_final_message)
         return Stream(self, rid, frame)
 
     def chat(self, messages: list[dict[str, Any]], **params: Any) -> Stream:

@@ -24,6 +24,9 @@ class Generate(msgspec.Struct, tag_field="type", tag="generate", omit_defaults=T
     messages: list[dict[str, Any]] | None = None
     params: dict[str, Any] = {}
     chat_template_kwargs: dict[str, Any] | None = None
+    # messages only, as the chat route's fields (sent only when not the default)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class Cancel(msgspec.Struct, tag_field="type", tag="cancel"):
@@ -66,7 +69,7 @@ ServerFrame = Delta | Done | Error
 
 
 class Completion(msgspec.Struct):
-    """A whole result (`AsyncClient.complete`)."""
+    """A whole result (`AsyncClient.complete`); `logprobs` as in `Delta`, all tokens'."""
 
     id: str
     text: str
@@ -74,3 +77,4 @@ class Completion(msgspec.Struct):
     finish_reason: str
     usage: Usage
     stop_reason: int | str | None = None
+    logprobs: list[Any] | None = None
