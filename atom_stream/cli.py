@@ -9,8 +9,9 @@
 Engine flags are EngineConfig's field names (`--max-num-seqs` == `max_num_seqs`). As ATOM's
 FlexibleArgumentParser does, every long flag is accepted in kebab-case and snake_case
 (`--kv_cache_dtype` == `--kv-cache-dtype`, also in `--flag=value` form). Server flags: `--host`
-(127.0.0.1), `--port`/`--server-port` (8000; under the ATOM entry point `--port` is ATOM's
-internal engine port, unused, and HTTP is `--server-port`), `--served-model-name`, `--api-key`,
+(127.0.0.1; 0.0.0.0 under the ATOM entry point, as ATOM), `--port`/`--server-port` (8000; under
+the ATOM entry point `--port` is ATOM's internal engine port, unused, and HTTP is
+`--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--max-header-bytes`, `--shutdown-timeout`, `--log-level`,
 `--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags
@@ -21,10 +22,19 @@ internal engine port, unused, and HTTP is `--server-port`), `--served-model-name
 `--reasoning-parser {kimi_k2,deepseek_r1,deepseek_v3}` (an unknown name is a start-up error
 listing the known ones). `atom-stream -v | --version` prints
 the version (as `vllm --version`). ATOM flags that select features this engine always has or
-does not offer (`--level`, `--cudagraph-mode`, `--[no-]enable_chunked_prefill`,
-`--request-log`) are accepted and logged (`--cudagraph-mode NONE` means `--enforce-eager`);
-`--load_dummy` means `--load-format dummy`. `--cudagraph-capture-sizes` takes ATOM's one list
-argument or vLLM's several.
+does not offer (atom_flags.ATOM_FLAGS: `--level`, `--[no-]enable_chunked_prefill`, `-pcp`/`-dcp` 1,
+`--dcp-config`, `--dp-load-balance`, `--all2all-backend`, `--moe-backend`, `--enable-tbo`,
+`--index-cache-dtype`, `--long-prefill-token-threshold`, `--attn-prefill-chunk-size`,
+`--state-checkpoint-*`, `--scheduler-delay-factor`, log-stats knobs, `--enable-rapidserve`,
+`--disagg-*`, `--eplb-enable`, `--eplb-config`, `--torch-profiler-dir`, `--mark-trace`, and
+`--num-speculative-tokens`, `--spec-decode-acceptance-*`, `--dspark-config` without `--method`;
+also `--cudagraph-mode` and `--request-log`) are accepted and logged (`--cudagraph-mode NONE`
+means `--enforce-eager`). A value that asks for what this engine does not implement is a
+start-up error naming the flag: `-pcp`/`-dcp` other than 1, `--enable-dp-attention`,
+`--method` (speculative decoding, unless `--num-speculative-tokens 0`), `--draft-model`,
+`--fake-eplb`, and a non-empty `--online_quant_config`, `--hf-overrides` or
+`--kv-transfer-config` (`{}` is accepted). `--load_dummy` means `--load-format dummy`.
+`--cudagraph-capture-sizes` takes ATOM's one list argument or vLLM's several.
 No `--model`: the demo model.
 """
 
@@ -38,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from atom_stream import envs
+from atom_stream.atom_flags import add_atom_flags, check_atom_flags, json_dict
 from atom_stream.config import _DTYPE_ALIASES, _DTYPES, ConfigError, EngineConfig
 
 logger = logging.getLogger("atom_stream.cli")
@@ -89,16 +100,6 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}") from None
     if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
         raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}")
-    return value
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
     return value
 
 
@@ -194,20 +195,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="waiting-queue bound; beyond it requests get 503 + Retry-After")
     g.add_argument("--chat-template", default=None, help="a Jinja template file or string")
     # ATOM flags for features that are fixed here; accepted so ATOM command lines run
-    g.add_argument("--level", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--cudagraph-mode", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--enable-chunked-prefill", dest="chunked_prefill", action="store_true",
-                   default=None, help=argparse.SUPPRESS)
-    g.add_argument("--no-enable-chunked-prefill", dest="chunked_prefill",
-                   action="store_false", help=argparse.SUPPRESS)
+    add_atom_flags(g)
 
 
 def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> None:
-    """`atom_ports`: ATOM's meaning (its openai_server): the HTTP port is `--server-port` and
-    `--port` is ATOM's internal engine port (accepted, unused here); otherwise (`atom-stream
-    serve`, as `vllm serve`) `--port` and `--server-port` both name the HTTP port."""
+    """`atom_ports`: ATOM's meaning (its openai_server): the HTTP port is `--server-port`,
+    `--port` is ATOM's internal engine port (accepted, unused here) and `--host` defaults to
+    ATOM's 0.0.0.0; otherwise (`atom-stream serve`, as `vllm serve`) `--port` and
+    `--server-port` both name the HTTP port and `--host` defaults to 127.0.0.1."""
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
+    host = "0.0.0.0" if atom_ports else "127.0.0.1"  # ATOM's api_server binds all interfaces
+    g.add_argument("--host", default=host, help=f"bind address (default: {host})")
     if atom_ports:
         g.add_argument("--server-port", dest="port", type=int, default=8000)
         g.add_argument("--port", dest="atom_engine_port", type=int, default=None,
@@ -218,7 +217,7 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
     g.add_argument("--api-key", action="extend", nargs="+", default=[],
                    help="require this key (Authorization: Bearer); several keys as vLLM's "
                         "--api-key K1 K2 or by repeating the flag")
-    g.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None)
+    g.add_argument("--default-chat-template-kwargs", type=json_dict, default=None)
     g.add_argument("--max-body-bytes", type=int, default=8 << 20)
     g.add_argument("--max-header-bytes", type=int, default=64 << 10,
                    help="request line + headers of one HTTP request (431 beyond)")
@@ -271,12 +270,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise ConfigError(f"cudagraph_mode: {args.cudagraph_mode!r} is not one of "
                           f"{', '.join(_CUDAGRAPH_MODES)}")
     enforce_eager = args.enforce_eager or mode == "NONE"  # ATOM: NONE = no graphs
-    for flag, value in (("--level", args.level),
-                        ("--cudagraph-mode", args.cudagraph_mode if mode != "NONE" else None),
-                        ("--[no-]enable-chunked-prefill", args.chunked_prefill)):
-        if value is not None:
-            logger.info("%s accepted for ATOM compatibility; this engine always uses chunked "
-                        "prefill and its own decode graphs", flag)
+    check_atom_flags(args)
+    if mode and mode != "NONE":
+        logger.info("--cudagraph-mode %s accepted for ATOM compatibility; no effect here: this "
+                    "engine captures its own decode graphs", mode)
     if args.load_dummy in ("zero", "xavier"):
         logger.info("--load_dummy %s: dummy weights here are always random (seeded)",
                     args.load_dummy)

@@ -3,9 +3,11 @@
     python -m atom_stream.entrypoints.openai_server --model <path> --trust-remote-code \
         -tp 8 --kv_cache_dtype fp8
 
-The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case,
-`--host` (127.0.0.1), plus `--api-key` and friends; as in ATOM, the HTTP port is
-`--server-port` (8000) and `--port` is ATOM's internal engine port (accepted, unused).
+The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case
+(those this engine does not act on are logged, or refused at start-up when their value asks for
+a feature it lacks: cli.ATOM_FLAGS), plus `--api-key` and friends; as in ATOM, `--host`
+defaults to 0.0.0.0, the HTTP port is `--server-port` (8000) and `--port` is ATOM's internal
+engine port (accepted, unused).
 As ATOM's server, it first raises the open-file soft limit (entrypoints/limits.py) so that high
 client concurrency does not run out of sockets.
 """
