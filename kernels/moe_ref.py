@@ -44,8 +44,10 @@ FP8_MAX = 448.0
 def exact_div(x: torch.Tensor, c: float) -> torch.Tensor:
     """x / c with IEEE division on every device. (On CUDA, torch turns division by a Python
     scalar into multiplication by its reciprocal, which differs in the last bit for some x; the
-    kernels divide with div_rn, so references built this way match them bit for bit.)"""
-    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+    kernels divide with div_rn, so references built this way match them bit for bit.) The
+    divisor is filled on x's device, not copied from the host: CUDA/HIP graph capture forbids
+    that copy (a tiny FP8-block MoE on the reference loop failed the engine's capture)."""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
 GROUP = 32  # int4 and MXFP4 group size along K
 CHUNK = 128  # K channels per repacked chunk
 
