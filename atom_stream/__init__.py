@@ -1,14 +1,21 @@
 """atom-stream: a streaming inference server for DeepseekV3-style MoE + MLA models.
 
 Public API: `LLM` (synchronous, offline), `AsyncEngine` (in-process async streams),
-`SamplingParams`, `EngineConfig`, `RequestOutput`.
+`SamplingParams`, `EngineConfig`, `RequestOutput`, `Logprob` (vLLM's: one entry of
+`RequestOutput.logprobs[i]` / `prompt_logprobs[i]`, dicts keyed by token id).
 """
 
 from __future__ import annotations
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.async_engine import AsyncEngine
-from atom_stream.engine.outputs import CompletionOutput, MultiChoiceOutput, RequestOutput, Usage
+from atom_stream.engine.outputs import (
+    CompletionOutput,
+    Logprob,
+    MultiChoiceOutput,
+    RequestOutput,
+    Usage,
+)
 from atom_stream.llm import LLM
 from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
@@ -17,6 +24,7 @@ __all__ = [
     "AsyncEngine",
     "CompletionOutput",
     "EngineConfig",
+    "Logprob",
     "MultiChoiceOutput",
     "RequestOutput",
     "RequestOutputKind",

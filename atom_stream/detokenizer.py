@@ -39,6 +39,9 @@ SlowIncrementalDetokenizer on transformers_utils/detokenizer_utils.detokenize_in
   " world": vLLM " world", here " wor"): this checker keeps the earliest-ending one, the stop
   a character-by-character stream would have hit first.
 - `flush() -> str`: the held text, when the stream ends for another reason (length/eos).
+
+`decode_token(tokenizer, tid) -> str`: one token decoded on its own (vLLM's
+Logprob.decoded_token; the OpenAI servers' logprob token strings).
 """
 
 from __future__ import annotations
@@ -53,6 +56,24 @@ _PREFIX_CONTEXT = 5  # text path: tokens of left context re-decoded with the new
 _MAX_PENDING = 32  # text path: tokens held behind a trailing U+FFFD before it is emitted
 _CHAR_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so spans at most 4 tokens
 _PRIME_TOKENS = 16  # byte path: prompt tokens looked at for the prompt's last 4 bytes
+
+
+def decode_token(tokenizer: Any, tid: int) -> str:
+    """A token decoded on its own (vLLM's Logprob.decoded_token: `tokenizer.decode([tid])`,
+    special tokens as their text), JSON-safe. An id outside the tokenizer's vocabulary (a model
+    vocabulary padded beyond it, as DeepSeek-V3's 129,280 rows over its smaller tokenizer: such
+    ids are sampled or ranked in the top-k, often so with dummy weights) is "", as a Hugging
+    Face fast tokenizer decodes it and as the detokenizer streams it (nothing), instead of the
+    tokenizer's ValueError. Lone surrogates (which cannot go into JSON) become U+FFFD."""
+    n = getattr(tokenizer, "vocab_size", None)
+    if n is not None and not 0 <= tid < n:
+        return ""
+    s = tokenizer.decode([tid], skip_special_tokens=False)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    return s
 
 
 class IncrementalDetokenizer:

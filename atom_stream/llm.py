@@ -7,9 +7,11 @@
 `generate` returns one RequestOutput per prompt, in input order, holding the whole completion
 (every delta merged): `request_id, prompt_token_ids, token_ids, text, finish_reason,
 stop_reason, usage, logprobs, cumulative_logprob, prompt_logprobs, prompt_logprob_ranks`, and
-vLLM's `prompt` (the text prompt; None for token ids; `chat`: the rendered conversation). A
-request whose model step failed comes back with finish_reason "error" and `error` set (the
-batch's other results are kept). No event loop needed.
+vLLM's `prompt` (the text prompt; None for token ids; `chat`: the rendered conversation).
+`logprobs` / `prompt_logprobs` are vLLM's (`out.outputs[0].logprobs[i][tid]` is a `Logprob`
+with `.logprob`, `.rank`, `.decoded_token`; `out.prompt_logprobs[0] is None`; see
+engine/outputs.py). A request whose model step failed comes back with finish_reason "error"
+and `error` set (the batch's other results are kept). No event loop needed.
 
 `SamplingParams(n=k)`, k > 1 (greedy refuses it, as vLLM): as vLLM's ParentRequest, the prompt fans
 out into k child requests `f"{i}_{request_id}"` with `params.child(i)` (n = 1; a seed becomes

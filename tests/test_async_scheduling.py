@@ -324,9 +324,9 @@ def test_demo_penalties_drain_and_logprobs_match_sync():
     assert_same(got, want)
     assert drains  # the penalized requests forced synchronous steps
     for rid in got:
-        assert [lp[0] for lp in got[rid].logprobs] == pytest.approx(
-            [lp[0] for lp in want[rid].logprobs])
-    gp, wp = got["p1"].prompt_logprobs, want["p1"].prompt_logprobs
+        assert [lp[0] for lp in got[rid].engine_logprobs] == pytest.approx(
+            [lp[0] for lp in want[rid].engine_logprobs])
+    gp, wp = got["p1"].engine_prompt_logprobs, want["p1"].engine_prompt_logprobs
     assert len(gp) == len(wp) == len(reqs[1][1]) - 1
     assert [x[0] for x in gp] == pytest.approx([x[0] for x in wp], abs=1e-5)
     assert [x[1][0][0] for x in gp] == [x[1][0][0] for x in wp]

@@ -79,7 +79,7 @@ def via_llm(llm, prompt, p: dict, chat: dict | None) -> dict:
     else:
         (o,) = llm.chat(prompt, SamplingParams(**p), **chat)
     out = result(o.token_ids, o.text, o.finish_reason, o.stop_reason, engine_usage(o.usage),
-                 o.logprobs)
+                 o.engine_logprobs)  # the engine form (the WebSocket's); .logprobs: vLLM's
     out["prompt_ids"] = o.prompt_token_ids
     return out
 
@@ -90,7 +90,7 @@ def via_async(srv, prompt, p: dict, chat: dict | None) -> dict:
         async for o in srv.engine.generate(prompt, SamplingParams(**p), **(chat or {})):
             merged = o if merged is None else merged.merge(o)
         return result(merged.token_ids, merged.text, merged.finish_reason, merged.stop_reason,
-                      engine_usage(merged.usage), merged.logprobs)
+                      engine_usage(merged.usage), merged.engine_logprobs)
     return srv.call(run())
 
 
@@ -402,12 +402,12 @@ def test_prompt_logprob_ranks_agree_between_llm_and_http(llm, http):
         plp = where(d)["prompt_logprobs"]
         assert plp[0] is None and len(plp) == len(IDS)
         got = [(e[str(t)]["logprob"], e[str(t)]["rank"]) for e, t in zip(plp[1:], IDS[1:])]
-        assert got == [(lp, rank) for (lp, _), rank in zip(o.prompt_logprobs,
+        assert got == [(lp, rank) for (lp, _), rank in zip(o.engine_prompt_logprobs,
                                                            o.prompt_logprob_ranks)]
         tops = [[(int(t), v["logprob"]) for t, v in e.items() if v["rank"] <= 2]
                 for e in plp[1:]]
         assert [sorted(t, key=lambda x: -x[1]) for t in tops] == [
-            sorted(tp, key=lambda x: -x[1]) for _, tp in o.prompt_logprobs]
+            sorted(tp, key=lambda x: -x[1]) for _, tp in o.engine_prompt_logprobs]
     (oc,) = llm.chat(SYS, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     d = http.post("/v1/chat/completions", json={"messages": SYS, "max_tokens": 1,
                                                 "temperature": 0, "prompt_logprobs": 1}).json()

@@ -302,9 +302,11 @@ def test_logprobs_are_aligned_with_tokens_and_merge_concatenates():
     merged, deltas = run(eng, [("l", [1, 2], SamplingParams(max_tokens=5, logprobs=2,
                                                             ignore_eos=True))])
     out = merged["l"]
-    assert len(out.logprobs) == len(out.token_ids) == 5
-    assert all(len(d.logprobs) == len(d.token_ids) for d in deltas)
-    assert out.logprobs[0] == (-0.5, [(out.token_ids[0], -0.5)] * 2)
+    # the engine form (what the servers read); `logprobs` is vLLM's dicts built from it
+    assert len(out.engine_logprobs) == len(out.logprobs) == len(out.token_ids) == 5
+    assert all(len(d.engine_logprobs) == len(d.token_ids) for d in deltas)
+    assert out.engine_logprobs[0] == (-0.5, [(out.token_ids[0], -0.5)] * 2)
+    assert out.logprobs[0][out.token_ids[0]].logprob == -0.5
     assert out.prompt_token_ids == [1, 2] and out.usage.completion_tokens == 5
 
 

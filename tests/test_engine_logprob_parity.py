@@ -21,7 +21,7 @@ KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
 
 
 def sampled_sum(out) -> float:
-    return sum(lp[0] for lp in out.logprobs)
+    return sum(lp[0] for lp in out.engine_logprobs)  # the engine form's sampled logprobs
 
 
 def test_cumulative_logprob_is_the_sum_of_the_sampled_logprobs(llm):
@@ -51,7 +51,7 @@ def test_cumulative_logprob_is_a_running_total_on_every_delta(llm):
             if o.request_id == "none":
                 assert o.cumulative_logprob is None
                 continue
-            total += o.logprobs[0][0]
+            total += o.engine_logprobs[0][0]
             seen += 1
             assert o.cumulative_logprob == total
     assert seen == 5
@@ -76,13 +76,15 @@ def reference_logprobs(runner, ids: list[int]) -> torch.Tensor:
 
 def check_ranks(out, ids: list[int], ref: torch.Tensor, k: int, exact: bool) -> None:
     ranks = out.prompt_logprob_ranks
-    assert ranks is not None and len(ranks) == len(out.prompt_logprobs) == len(ids) - 1
+    assert ranks is not None and len(ranks) == len(out.engine_prompt_logprobs) == len(ids) - 1
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
     target = torch.tensor(ids[1:])
     chosen = ref.gather(1, target[:, None])
     want = (ref >= chosen).sum(-1).tolist()  # vLLM: entries with logprob >= the token's
     assert want == (ref > chosen).sum(-1).add(1).tolist()  # no ties here: 1 + strictly greater
-    for p, (rank, (lp, tops)) in enumerate(zip(ranks, out.prompt_logprobs)):
+    for p, (rank, (lp, tops)) in enumerate(zip(ranks, out.engine_prompt_logprobs)):
         assert lp == pytest.approx(chosen[p, 0].item(), abs=1e-4)
+        assert out.prompt_logprobs[p + 1][ids[p + 1]].rank == rank  # vLLM's dict: same rank
         if exact:
             assert rank == want[p], p
         else:  # chunked: other float roundings, so only values within 1e-4 may swap

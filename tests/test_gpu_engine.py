@@ -90,8 +90,8 @@ def test_bf16_top1_agrees_with_fp32(tmp_path):
     tops, lps = [], []
     for llm in (llm32, LLM(dtype="bfloat16", **kw)):
         outs = llm.generate(prompt_token_ids=full, sampling_params=sp)
-        tops.append([[e[1][0][0] for e in o.prompt_logprobs] for o in outs])
-        lps.append([lp for o in outs for e in o.prompt_logprobs for lp in [e[1][0][1]]])
+        tops.append([[e[1][0][0] for e in o.engine_prompt_logprobs] for o in outs])
+        lps.append([lp for o in outs for e in o.engine_prompt_logprobs for lp in [e[1][0][1]]])
     pairs = [(a, b) for r32, r16 in zip(*tops) for a, b in zip(r32, r16)]
     assert len(pairs) > 600
     # entry i predicts full[i + 1] from full[:i + 1]: "copy" = top-1 is the current token

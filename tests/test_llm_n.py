@@ -42,11 +42,12 @@ def close_logprobs(got: list | None, want: list | None) -> None:
     assert len(got or ()) == len(want or ())
     for g, w in zip(got or (), want or ()):
         assert (g is None) == (w is None)
-        if g is not None:
-            (lp, top), (wlp, wtop) = g, w
-            assert lp == pytest.approx(wlp, abs=1e-4)
-            assert [t for t, _ in top] == [t for t, _ in wtop]
-            assert [v for _, v in top] == pytest.approx([v for _, v in wtop], abs=1e-4)
+        if g is not None:  # vLLM's dicts: {token_id: Logprob}, in the same order
+            assert list(g) == list(w)
+            assert [(x.rank, x.decoded_token) for x in g.values()] == [
+                (x.rank, x.decoded_token) for x in w.values()]
+            assert [x.logprob for x in g.values()] == pytest.approx(
+                [x.logprob for x in w.values()], abs=1e-4)
 
 
 def same_choice(choice: RequestOutput, ref: RequestOutput) -> None:
@@ -124,7 +125,7 @@ def test_prompt_logprobs_with_n_are_the_prompts_once_on_top(llm):
     close_logprobs(out.prompt_logprobs, ref.prompt_logprobs)
     for ch in out.outputs:
         close_logprobs(ch.prompt_logprobs, ref.prompt_logprobs)
-    assert any(out.prompt_logprobs is ch.prompt_logprobs for ch in out.outputs)
+    assert any(out.engine_prompt_logprobs is ch.engine_prompt_logprobs for ch in out.outputs)
 
 
 def test_greedy_n_is_refused_as_vllm(llm):
@@ -194,10 +195,13 @@ def test_a_failed_choice_is_reported_on_that_choice():
 
 def test_request_output_layout_is_unchanged_and_composites_do_not_merge():
     # n > 1 adds no field to the stream delta (index is a property, choices only on the gather)
-    assert RequestOutput.__struct_fields__ == (
+    # (the engine-form logprobs are attributes engine_*: `logprobs` / `prompt_logprobs` are
+    # vLLM's dicts, properties; encoded, the fields keep their names)
+    assert RequestOutput.__struct_encode_fields__ == (
         "request_id", "token_ids", "text", "finish_reason", "stop_reason", "usage", "logprobs",
         "error", "prompt_token_ids", "prompt_logprobs", "prompt_logprob_ranks",
-        "cumulative_logprob")
+        "cumulative_logprob", "logprob_ranks")
+    assert RequestOutput.__struct_fields__[6] == "engine_logprobs"
     wire = msgspec.json.decode(msgspec.json.encode(RequestOutput("r", [1], "x")))
     assert "index" not in wire and "choices" not in wire
     multi = MultiChoiceOutput.gather("p", [RequestOutput("0_p", [1]), RequestOutput("1_p", [2])],

@@ -283,7 +283,7 @@ def test_logprobs_are_raw_log_softmax(device, dtype, ks):
                                repetition_penalty=1.5, presence_penalty=1.0),
                 prompt=[rng.randrange(V) for _ in range(20)], output=[5, 6, 5]) for k in ks]
     out = Sampler()(logits.to(device), meta(seqs, V, device))
-    sampled, top_ids, top_lps = (t.cpu() for t in out.logprobs)
+    sampled, top_ids, top_lps, ranks = (t.cpu() for t in out.logprobs)
     assert top_ids.shape == top_lps.shape == (B, 20) and top_ids.dtype == torch.int64
     asked = torch.tensor([k is not None for k in ks])
     assert sampled[~asked].isnan().all() and (top_ids[~asked] == -1).all()
@@ -292,6 +292,9 @@ def test_logprobs_are_raw_log_softmax(device, dtype, ks):
     tok = out.token_ids.cpu()[asked]
     torch.testing.assert_close(sampled.double(), ref.gather(1, tok[:, None])[:, 0],
                                rtol=0, atol=2e-5)
+    # the sampled token's rank in the raw distribution (ties count, as vLLM's)
+    want = (logits[asked] >= logits[asked].gather(1, tok[:, None])).sum(-1)
+    assert torch.equal(ranks[asked], want) and (ranks[asked] >= 1).all()
     ref_v, _ = ref.topk(20, dim=-1)
     torch.testing.assert_close(top_lps.double(), ref_v, rtol=0, atol=2e-5)
     torch.testing.assert_close(ref.gather(1, top_ids), ref_v, rtol=0, atol=2e-5)

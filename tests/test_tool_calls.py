@@ -222,7 +222,7 @@ class ScriptedChat:
             last = k == n - 1
             out = RequestOutput(request_id, [65], text, self.finish if last else None,
                                 usage=Usage(3, n, 3 + n) if last else None,
-                                logprobs=[(-0.5, [(65, -0.5)])] if params.logprobs else None)
+                                engine_logprobs=[(-0.5, [(65, -0.5)])] if params.logprobs else None)
             if k == 0:
                 out.prompt_token_ids = [1, 2, 3]
             yield out

@@ -131,9 +131,13 @@ class _OutputShaper:
         acc = self.acc
         if self.kind == RequestOutputKind.FINAL_ONLY:
             return acc if acc.finish_reason is not None else None
-        return msgspec.structs.replace(
+        lps, ranks = acc.engine_logprobs, acc.logprob_ranks
+        out = msgspec.structs.replace(
             acc, token_ids=list(acc.token_ids),
-            logprobs=None if acc.logprobs is None else list(acc.logprobs))
+            engine_logprobs=None if lps is None else list(lps),
+            logprob_ranks=None if ranks is None else list(ranks))
+        # the copy reuses the Logprob dicts built for the others (no rebuild per output)
+        return out.share_logprobs_with(acc) if acc.__dict__ else out
 
 
 def _with_prompt_salt(params: Any, prompt: Any) -> Any:

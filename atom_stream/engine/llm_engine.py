@@ -317,8 +317,10 @@ class LLMEngine:
         if not req.sent_first:
             req.sent_first = True
             out.prompt_token_ids = seq.prompt_token_ids
-            out.prompt_logprobs = req.prompt_logprobs
+            out.engine_prompt_logprobs = req.prompt_logprobs
             out.prompt_logprob_ranks = req.prompt_logprob_ranks
+            if req.prompt_logprobs is not None:
+                out.set_tokenizer(self.tokenizer)
         return out
 
     # ------------------------------------------------------------------ stepping
@@ -393,6 +395,7 @@ class LLMEngine:
         lps = out.logprobs
         plps = out.prompt_logprobs
         pranks = out.prompt_logprob_ranks
+        ranks = getattr(out, "logprob_ranks", None)  # the sampled tokens' ranks, if given
         ttft = self.metrics.ttft
         outputs: list[RequestOutput] = []
         finished: list[_Request] = []
@@ -493,8 +496,10 @@ class LLMEngine:
                 if not req.sent_first:
                     req.sent_first = True
                     o.prompt_token_ids = seq.prompt_token_ids
-                    o.prompt_logprobs = req.prompt_logprobs
+                    o.engine_prompt_logprobs = req.prompt_logprobs
                     o.prompt_logprob_ranks = req.prompt_logprob_ranks
+                    if req.prompt_logprobs is not None:
+                        o.set_tokenizer(self.tokenizer)
             else:
                 seq.finish_reason = reason
                 seq.stop_reason = stop_reason
@@ -502,7 +507,10 @@ class LLMEngine:
                 o = self._final(req, [tok], text, reason, stop_reason)
                 finished.append(req)
             if lp is not None:
-                o.logprobs = [lp]
+                o.engine_logprobs = [lp]
+                if ranks is not None:
+                    o.logprob_ranks = [ranks[j - 1]]
+                o.set_tokenizer(self.tokenizer)
                 if req.cumulative_logprob is not None:
                     req.cumulative_logprob += lp[0]  # exactly the sum of what is delivered
             o.cumulative_logprob = req.cumulative_logprob

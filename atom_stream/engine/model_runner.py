@@ -612,13 +612,15 @@ class ModelRunner:
         if handle.host_ids is None:
             return StepOutput(token_ids=[], prompt_logprobs=prompt_lps,
                               prompt_logprob_ranks=prompt_ranks)
-        logprobs = None
+        logprobs = ranks = None
         if handle.logprobs is not None:
-            lp, top_ids, top_lps = (t.tolist() for t in handle.logprobs)
+            lp, top_ids, top_lps, rk = (t.tolist() for t in handle.logprobs)
             logprobs = [None if k is None else (lp[j], list(zip(top_ids[j][:k], top_lps[j][:k])))
                         for j, k in enumerate(handle.lp_ks)]
+            ranks = [None if k is None else rk[j] for j, k in enumerate(handle.lp_ks)]
         return StepOutput(token_ids=handle.host_ids.tolist(), logprobs=logprobs,
-                          prompt_logprobs=prompt_lps, prompt_logprob_ranks=prompt_ranks)
+                          prompt_logprobs=prompt_lps, prompt_logprob_ranks=prompt_ranks,
+                          logprob_ranks=ranks)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inp: StepInputs,
                          prompt_logits: list[torch.Tensor]) -> list:

@@ -154,10 +154,12 @@ class StepOutput:
     `token_ids[j]` is the token sampled for the j-th sequence with `sample[i]` true.
     `logprobs[j]` (when that sequence asked for them) is `(sampled_logprob, [(id, logprob), ...])`.
     `prompt_logprobs` maps a sequence index to the logprobs of the chunk's tokens (echo), and
-    `prompt_logprob_ranks` (when the runner computes them) to those tokens' ranks, aligned.
+    `prompt_logprob_ranks` (when the runner computes them) to those tokens' ranks, aligned;
+    `logprob_ranks[j]` is the sampled token's rank (vLLM's Logprob.rank) where `logprobs[j]` is.
     """
 
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     prompt_logprobs: dict[int, list] | None = None
     prompt_logprob_ranks: dict[int, list[int]] | None = None
+    logprob_ranks: list[int | None] | None = None

@@ -69,7 +69,9 @@ _TINY = torch.finfo(torch.float32).tiny
 @dataclass
 class SamplerOutput:
     token_ids: Tensor  # [B] int64
-    logprobs: tuple[Tensor, Tensor, Tensor] | None = None  # sampled [B], top ids [B,k], lps [B,k]
+    # sampled [B], top ids [B, k], top logprobs [B, k], the sampled token's rank [B] (vLLM's
+    # Logprob.rank: entries of the raw distribution >= its own)
+    logprobs: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 class Sampler:
@@ -147,8 +149,11 @@ class Sampler:
         if lp is None:
             return SamplerOutput(tokens)
         lse, top_ids, top_lps = lp
-        sampled = logits.gather(1, tokens[:, None])[:, 0].float() - lse
-        return SamplerOutput(tokens, (sampled, top_ids, top_lps))
+        chosen = logits.gather(1, tokens[:, None])
+        sampled = chosen[:, 0].float() - lse
+        # the rank on the raw logits: the same order as the raw logprobs, no [B, V] float copy
+        ranks = token_ranks(logits, chosen[:, 0])
+        return SamplerOutput(tokens, (sampled, top_ids, top_lps, ranks))
 
     def _raw_logprobs(self, x: Tensor, md: SamplingMetadata) -> tuple[Tensor, Tensor, Tensor]:
         """(logsumexp [B], top ids [B, k], top logprobs [B, k]) of the raw logits x. Only the rows

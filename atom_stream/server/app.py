@@ -24,8 +24,11 @@ Request heads (request line + headers) are bounded by `max_header_bytes` (431 be
 one header into memory). See `BoundedHttpToolsProtocol`.
 
 Shutdown (SIGINT/SIGTERM): uvicorn stops accepting, gives open connections up to
-`shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down;
-requests still running are aborted and their streams end with an error event. The process
+`shutdown_timeout` seconds, then the lifespan drains the engine (same timeout) and shuts it down.
+Requests still running a little before that timeout are aborted (_abort_before_deadline): an SSE
+stream ends with an error event and [DONE], a WebSocket request with a 503 `error` frame. Open
+WebSocket sockets are drained too (websocket.py): new `generate` frames get 503 error frames, an
+idle socket is closed at once and a busy one once its requests end, with code 1001. The process
 then exits with status 0 (SIGTERM; `vllm serve` does the same) or 130 (SIGINT, via the CLI).
 """
 
@@ -68,7 +71,11 @@ from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
 from atom_stream.server.request_ids import RequestIdHeaderMiddleware
 from atom_stream.server.responses import HTTPError, json_response, read_body
-from atom_stream.server.websocket import BatchingWebSocketProtocol, WebSocketEndpoint
+from atom_stream.server.websocket import (
+    BatchingWebSocketProtocol,
+    WebSocketEndpoint,
+    shutdown_abort_delay,
+)
 
 logger = logging.getLogger("atom_stream.server")
 
@@ -508,12 +515,12 @@ def _sigterm_exits_zero():
 def _abort_before_deadline(state: ServerState) -> None:
     """On the loop: abort every live request a little before --shutdown-timeout runs out, so
     each open SSE stream ends properly (an error event "server shutting down", then [DONE])
-    instead of being cut when uvicorn cancels the handlers at the deadline. (uvicorn closes
-    WebSocket connections with code 1012 as soon as the shutdown begins.)"""
+    and each WebSocket request with its 503 error frame (then the socket closes with 1001),
+    instead of being cut when uvicorn cancels the handlers at the deadline."""
     loop, engine = state.loop, state.engine
     if loop is None or engine is None or not hasattr(engine, "abort_all"):
         return
-    delay = max(0.0, state.config.shutdown_timeout - min(1.0, state.config.shutdown_timeout / 4))
+    delay = shutdown_abort_delay(state.config.shutdown_timeout)
 
     def fire() -> None:
         state.deadline_abort = loop.create_task(engine.abort_all())  # referenced: not GC'd

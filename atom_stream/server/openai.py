@@ -129,9 +129,9 @@ class Choice:
 class Collected:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # RequestOutput.engine_logprobs, merged
     prompt_ids: list[int] | None = None
-    prompt_logprobs: list | None = None
+    prompt_logprobs: list | None = None  # RequestOutput.engine_prompt_logprobs
     prompt_logprob_ranks: list[int] | None = None  # aligned with prompt_logprobs
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -293,12 +293,12 @@ class OpenAIServing:
                 r = results[i]
                 r.text.append(out.text)
                 r.token_ids.extend(out.token_ids)
-                if out.logprobs:
-                    r.logprobs.extend(out.logprobs)
+                if out.engine_logprobs:
+                    r.logprobs.extend(out.engine_logprobs)
                 if out.prompt_token_ids is not None:
                     r.prompt_ids = out.prompt_token_ids
-                if out.prompt_logprobs is not None:
-                    r.prompt_logprobs = out.prompt_logprobs
+                if out.engine_prompt_logprobs is not None:
+                    r.prompt_logprobs = out.engine_prompt_logprobs
                     r.prompt_logprob_ranks = out.prompt_logprob_ranks
                 if out.finish_reason is not None:
                     if out.finish_reason == "abort":

@@ -47,6 +47,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
+from atom_stream.detokenizer import decode_token
 from atom_stream.errors import GenerationError
 from atom_stream.protocol import (
     ChatCompletionChunk,
@@ -145,23 +146,6 @@ def chat_logprobs(ctx: StreamContext, token_ids: list[int], logprobs: list | Non
             top.append(TopLogprob(ts, _clamp(v), list(ts.encode())))
         content.append(ChatLogprobToken(s, _clamp(sampled), list(s.encode()), top))
     return ChatLogprobs(content)
-
-
-def decode_token(tokenizer: Any, tid: int) -> str:
-    """A token decoded on its own (vLLM's Logprob.decoded_token), JSON-safe. An id outside the
-    tokenizer's vocabulary (a model vocabulary padded beyond it, as DeepSeek-V3's 129,280 rows
-    over its smaller tokenizer: such ids are sampled or ranked in the top-k, often so with
-    dummy weights) is "", as a Hugging Face fast tokenizer decodes it and as the detokenizer
-    streams it (nothing), instead of the tokenizer's ValueError failing the response."""
-    n = getattr(tokenizer, "vocab_size", None)
-    if n is not None and not 0 <= tid < n:
-        return ""
-    s = tokenizer.decode([tid], skip_special_tokens=False)
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates cannot go into JSON
-        s = s.encode("utf-8", "replace").decode("utf-8")
-    return s
 
 
 def prompt_logprobs_json(tokenizer: Any, prompt_ids: list[int] | None, plps: list | None,
@@ -320,14 +304,14 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                             if not out.token_ids or (ctx.logprobs is None and not rti):
                                 continue
                             delta = DeltaMessage()
-                        lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
+                        lp = (chat_logprobs(ctx, out.token_ids, out.engine_logprobs)
                               if ctx.logprobs is not None else None)
                         yield chunk(i, delta, lp, ids=list(out.token_ids) if rti else UNSET)
                     continue
                 if out.finish_reason == "abort":
                     raise GenerationError("the request was aborted (server shutting down)")
                 finals[i] = out.usage
-                lp = (chat_logprobs(ctx, out.token_ids, out.logprobs)
+                lp = (chat_logprobs(ctx, out.token_ids, out.engine_logprobs)
                       if ctx.logprobs is not None else None)
                 reason = out.finish_reason
                 if parsers is None:
@@ -390,14 +374,14 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
         async with contextlib.aclosing(iterate(choices)) as stream:
             async for i, out in stream:
                 completion[i] += len(out.token_ids)
-                text, ids, lps = out.text, out.token_ids, out.logprobs
+                text, ids, lps = out.text, out.token_ids, out.engine_logprobs
                 if not echoed[i]:
                     echoed[i] = True
                     # vLLM: with return_token_ids the echoed prompt text is ""; with
                     # max_tokens 0 (echo_only) the chunk is the prompt alone
                     ptext = "" if rti else (choices[i].prompt_text or "")
                     pids = out.prompt_token_ids or []
-                    plps = pad_prompt_logprobs(out.prompt_logprobs, pids)
+                    plps = pad_prompt_logprobs(out.engine_prompt_logprobs, pids)
                     if ctx.echo_only:
                         text, ids, lps = ptext, pids, plps
                     else:

@@ -39,6 +39,21 @@ the middleware) or the first frame must be `auth`; frames before it get 401 erro
 key gets a 401 error frame and close code 1008, and no auth within `auth_timeout_s` of the
 handshake closes (1008); frames sent before `auth` do not restart that clock.
 uvicorn sends keepalive pings (`--ws-ping-interval`).
+
+Shutdown (SIGTERM/SIGINT): the socket is drained as an SSE stream is (app.py). uvicorn's
+shutdown hook (`BatchingWebSocketProtocol.shutdown`) hands the app a `SHUTDOWN` message instead
+of closing the socket with 1012 at once. From then on a `generate` frame gets a 503 error frame
+("server shutting down", the status the engine's refusal gets over HTTP while it drains); the
+live requests stream on until they finish, or until the deadline abort (shutdown_abort_delay:
+a little before `--shutdown-timeout`; app.py's abort_all and the drain's own abort) ends each
+with an `error` frame, code 503, "the request was aborted (server shutting down)": the SSE
+path's equivalent is an error event, and a `done` frame with finish_reason "abort" is what a
+client's own `cancel` gets (still so while draining). Once the last live request has its last
+frame on the wire, the server closes the socket with code 1001 (going away; at once for
+a socket with no live request). 1001 is RFC 6455's code for "a server going down" and one of the
+two codes websockets clients report as a normal closure (ConnectionClosedOK: `async for` over
+the socket just ends); uvicorn's 1012 (IANA's "service restart") raises ConnectionClosedError,
+right for a socket cut mid-stream, wrong after a complete drain.
 """
 
 from __future__ import annotations
@@ -172,6 +187,9 @@ class _Live:
 
 
 class _Connection:
+    """One accepted /v1/ws socket: the receive loop (run), one writer task, one task per live
+    request, and at shutdown one drain task (_drain_then_close)."""
+
     def __init__(self, state: Any, scope: Any, receive: Any, send: Any, binary: bool):
         self.state = state
         self.engine = state.engine
@@ -204,12 +222,19 @@ class _Connection:
         self.authed = scope.get(AUTH_SCOPE_KEY) != "pending"
         self.closed = False
         self.close_code: int | None = None
+        self.draining = False  # the server is shutting down (the SHUTDOWN message came)
+        self.closing = False  # the writer returns once everything queued is sent
+        self._drainer: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        drain = scope.get("extensions", {}).get(SHUTDOWN)
+        if drain is not None:
+            drain["drains"] = True  # the protocol then sends SHUTDOWN instead of closing
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ sending
     async def send_frame(self, frame: Any) -> None:
@@ -278,6 +303,8 @@ class _Connection:
         outbox, errors, encode = self.outbox, self.errors, self.encode
         batch = self.batch
         while True:
+            if self.closing and not outbox and not errors:
+                return  # every queued frame is sent (_flush)
             await self.wake.wait()
             self.wake.clear()
             while outbox or errors:
@@ -331,13 +358,18 @@ class _Connection:
                         await engine.abort(rid)  # the stream ends with an "abort" delta
                     if out.token_ids:
                         live.token_ids.extend(out.token_ids)
-                        if out.logprobs is not None:
+                        if out.engine_logprobs is not None:  # the engine form
                             if live.logprobs is None:
                                 live.logprobs = []
-                            live.logprobs.extend(out.logprobs)
+                            live.logprobs.extend(out.engine_logprobs)
                     if out.text:
                         live.text.append(out.text)
-                    if out.finish_reason is not None:
+                    if (out.finish_reason == "abort" and self.draining
+                            and not live.cancelled):
+                        # the shutdown deadline's abort_all: as the SSE path's error event
+                        live.done = WsError(live.id, 503, "the request was aborted (server "
+                                            "shutting down)")
+                    elif out.finish_reason is not None:
                         u = out.usage
                         usage = (WsUsage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
                                  if u is not None else WsUsage(0, 0, 0))
@@ -367,6 +399,9 @@ class _Connection:
         if not cid or len(cid) > _MAX_ID_LEN:
             self.error(cid or None, 400, f"id must be a non-empty string of at most "
                        f"{_MAX_ID_LEN} characters", "id")
+            return
+        if self.draining:
+            self.error(cid, 503, "server shutting down: no new requests are accepted")
             return
         if cid in self.live:
             self.error(cid, 400, f"duplicate id: request {cid!r} is still live on this "
@@ -481,6 +516,9 @@ class _Connection:
                     break
                 if message["type"] == "websocket.disconnect":
                     break
+                if message["type"] == SHUTDOWN:
+                    self.begin_drain(writer)
+                    continue
                 data = message.get("bytes")
                 if data is None:
                     data = message.get("text")
@@ -494,18 +532,52 @@ class _Connection:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             metrics.ws_connections.dec()
+            if self._drainer is not None:
+                self._drainer.cancel()  # the peer left first (done, if it sent the close)
             if self.close_code is None:
                 writer.cancel()
         if self.close_code is not None:  # flush the error frame, then close
-            try:
-                await asyncio.wait_for(self._drain(writer), 2.0)
-                await self._send({"type": "websocket.close", "code": self.close_code})
-            except Exception:  # noqa: BLE001 - the peer is gone already
-                writer.cancel()
+            await self._close(writer, self.close_code)
 
-    async def _drain(self, writer: asyncio.Task) -> None:
-        while (self.errors or self.outbox) and not writer.done():
-            await asyncio.sleep(0.005)
+    def begin_drain(self, writer: asyncio.Task) -> None:
+        """The server is shutting down: refuse new requests (on_generate), let the live ones
+        finish (or be aborted at the deadline), then close with 1001 (_drain_then_close)."""
+        if not self.draining:
+            self.draining = True
+            self._drainer = self._spawn(self._drain_then_close(writer))
+
+    async def _drain_then_close(self, writer: asyncio.Task) -> None:
+        """Wait for every live request (none start while draining), send what they left
+        queued, close with 1001. uvicorn then queues the disconnect that ends run(). Requests
+        still live at shutdown_abort_delay() are aborted here (each ends with its 503 error
+        frame), as app.py's deadline abort does engine-wide: a server started without it
+        (uvicorn_config alone) drains the same way before uvicorn cancels the tasks."""
+        grace = float(self.cfg.shutdown_timeout)
+        delay = shutdown_abort_delay(grace)
+        tasks = [lv.task for lv in self.live.values() if lv.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=delay)
+            if pending:
+                await self.engine.abort([self.prefix + cid for cid in self.live])
+                await asyncio.wait(pending, timeout=(grace - delay) / 2)
+        await self._close(writer, 1001, "server shutting down")
+
+    async def _close(self, writer: asyncio.Task, code: int, reason: str = "") -> None:
+        """Send every queued frame (for at most 2 s: a client that reads nothing must not hold
+        the socket open), then the close frame."""
+        try:
+            await self._flush(writer, 2.0)
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:  # noqa: BLE001 - the peer is gone already
+            writer.cancel()
+
+    async def _flush(self, writer: asyncio.Task, timeout: float) -> None:
+        """Let the writer send everything queued and return (a frame taken from the outbox
+        is on the wire only once its send returned: never cancel the writer mid-send)."""
+        self.closing = True
+        self.wake.set()
+        if not writer.done():
+            await asyncio.wait({writer}, timeout=timeout)
         writer.cancel()
 
 
@@ -570,6 +642,15 @@ class WebSocketEndpoint:
 
 
 SEND_BATCH = "atom_stream.websocket.send_batch"
+# ASGI extension and receive-message type: the server is shutting down (see the module docstring)
+SHUTDOWN = "atom_stream.websocket.shutdown"
+
+
+def shutdown_abort_delay(shutdown_timeout: float) -> float:
+    """Seconds after a shutdown begins at which live requests are aborted: a little before
+    `shutdown_timeout` (uvicorn then cancels the handlers), so every stream gets its last frame
+    and the socket its close frame first."""
+    return max(0.0, shutdown_timeout - min(1.0, shutdown_timeout / 4))
 
 
 class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -577,11 +658,32 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
     `{"type": SEND_BATCH, "frames": [bytes, ...], "binary": bool}` sends every payload as its
     own WebSocket message (text frames for JSON) with ONE transport write. All the deltas of an
     engine step for one connection then cost one syscall instead of one per request; the wire
-    format is unchanged. Flow control and close semantics are uvicorn's."""
+    format is unchanged. Flow control is uvicorn's.
+
+    A second extension, `SHUTDOWN`, makes the server's shutdown graceful: an app that sets
+    `scope["extensions"][SHUTDOWN]["drains"] = True` receives `{"type": SHUTDOWN}` when uvicorn
+    begins shutting down, and closes the socket itself once its work is done (uvicorn cancels
+    the app at `timeout_graceful_shutdown`); any other socket is closed at once with 1012, as
+    uvicorn does."""
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        self.scope["extensions"][SEND_BATCH] = {}  # the app task has not started yet
+        if hasattr(self, "scope"):  # a refused handshake has no scope (and no app task)
+            # the app task has not started yet
+            self.scope["extensions"][SEND_BATCH] = {}
+            self.scope["extensions"][SHUTDOWN] = {}
+
+    def shutdown(self) -> None:
+        """uvicorn's Server.shutdown calls this on every connection. A socket whose app drains
+        is told so through its receive queue (after the frames already queued) and stays open;
+        keepalive pings go on, so a dead peer is still noticed."""
+        scope = getattr(self, "scope", None)
+        drains = scope is not None and scope["extensions"].get(SHUTDOWN, {}).get("drains")
+        if (drains and self.handshake_complete and not self.close_sent and not self.disconnected
+                and self.initial_response is None and not self.transport.is_closing()):
+            self.queue.put_nowait({"type": SHUTDOWN})
+            return
+        super().shutdown()
 
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_BATCH:
@@ -606,4 +708,5 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
 
 
-__all__ = ["WS_JSON", "WS_MSGPACK", "BatchingWebSocketProtocol", "WebSocketEndpoint"]
+__all__ = ["WS_JSON", "WS_MSGPACK", "BatchingWebSocketProtocol", "WebSocketEndpoint",
+           "shutdown_abort_delay"]
