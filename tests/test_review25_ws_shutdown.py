@@ -1,4 +1,4 @@
-"""Graceful shutdown of /v1/ws sockets (server/websocket.py: BatchingWebSocketProtocol.shutdown).
+"""Graceful shutdown of /v1/ws sockets (server/ws_protocol.py: BatchingWebSocketProtocol.shutdown).
 
 A real `atom_stream.cli serve` subprocess gets SIGTERM while one socket has requests in flight and
 another is idle. Before the fix uvicorn closed both at once with 1012 and the live requests got no
@@ -27,7 +27,7 @@ from test_faults import _start_subprocess_server
 from uvicorn.server import ServerState
 from websockets.asyncio.client import connect
 
-from atom_stream.server.websocket import BatchingWebSocketProtocol
+from atom_stream.server.ws_protocol import BatchingWebSocketProtocol
 
 SHUTDOWN_TIMEOUT = 8.0  # the deadline abort fires 1 s before it
 SHORT = 10  # tokens: done inside the 7 s drain even at ~0.7 s a token (a loaded CPU)

@@ -29,7 +29,7 @@ from atom_stream_client.client import ws_url
 from serving_helpers import running_server
 from websockets.asyncio.client import connect
 
-from atom_stream.server.websocket import _sniff_id
+from atom_stream.server.ws_frames import sniff_id as _sniff_id
 
 JSON, MSGPACK = "atom-stream.v1.json", "atom-stream.v1.msgpack"
 FRAME_LIMIT = 16 << 10

@@ -71,11 +71,8 @@ from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
 from atom_stream.server.request_ids import RequestIdHeaderMiddleware
 from atom_stream.server.responses import HTTPError, json_response, read_body
-from atom_stream.server.websocket import (
-    BatchingWebSocketProtocol,
-    WebSocketEndpoint,
-    shutdown_abort_delay,
-)
+from atom_stream.server.websocket import WebSocketEndpoint
+from atom_stream.server.ws_protocol import BatchingWebSocketProtocol, shutdown_abort_delay
 
 logger = logging.getLogger("atom_stream.server")
 

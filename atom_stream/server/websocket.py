@@ -14,7 +14,7 @@ is refused at the handshake (HTTP 403). Frames (protocol.py):
 A `messages` frame may carry the chat route's `chat_template_kwargs`, `add_generation_prompt`
 and `continue_final_message` beside `params`; its list-of-parts contents are read as the chat
 route reads them (engine/prompts.resolve_content_format).
-`params` are read as the OpenAI routes read the same fields (`_sampling_kwargs`): null means the
+`params` are read as the OpenAI routes read the same fields (`sampling_kwargs`): null means the
 default, and the checkpoint's generation_config.json defaults fill what the frame leaves out.
 
 Per request a task drives `engine.generate()` and merges its deltas into the connection's outbox
@@ -29,7 +29,7 @@ the top level (they go under "params"; other unknown top-level fields are ignore
 live id, an invalid parameter or an engine refusal gets an `error` frame (`code` is the HTTP status
 the same problem gets over HTTP; 429/503 for overload; a `max_tokens` that does not fit the context
 left after the prompt is a 400 naming `params.max_tokens`, as over HTTP) and everything else goes
-on. An oversized frame's error carries the id found in the frame's head (`_sniff_id`), else null.
+on. An oversized frame's error carries the id found in the frame's head (`sniff_id`), else null.
 `cancel` aborts the request in the engine; its stream ends with `done` (finish_reason "abort").
 Closing the socket cancels every request task, which aborts the requests and frees their KV
 blocks.
@@ -41,8 +41,8 @@ handshake closes (1008); frames sent before `auth` do not restart that clock.
 uvicorn sends keepalive pings (`--ws-ping-interval`).
 
 Shutdown (SIGTERM/SIGINT): the socket is drained as an SSE stream is (app.py). uvicorn's
-shutdown hook (`BatchingWebSocketProtocol.shutdown`) hands the app a `SHUTDOWN` message instead
-of closing the socket with 1012 at once. From then on a `generate` frame gets a 503 error frame
+shutdown hook (ws_protocol.BatchingWebSocketProtocol.shutdown) hands the app a `SHUTDOWN`
+message instead of closing the socket with 1012 at once. From then on a `generate` frame gets a 503 error frame
 ("server shutting down", the status the engine's refusal gets over HTTP while it drains); the
 live requests stream on until they finish, or until the deadline abort (shutdown_abort_delay:
 a little before `--shutdown-timeout`; app.py's abort_all and the drain's own abort) ends each
@@ -62,14 +62,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 from collections import deque
 from typing import Any
 
 import msgspec
 from uvicorn.protocols.utils import ClientDisconnected
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.exceptions import InvalidState
 
 from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
 from atom_stream.protocol import (
@@ -89,85 +86,24 @@ from atom_stream.protocol import (
 from atom_stream.sampling_params import SamplingParams
 from atom_stream.server.auth import AUTH_SCOPE_KEY
 from atom_stream.server.openai import messages_to_dicts
-from atom_stream.server.openai_params import cap_max_tokens
 from atom_stream.server.responses import HTTPError
+from atom_stream.server.ws_frames import (
+    DECODE_ERRORS,
+    MAX_ID_LEN,
+    PARAM_NAMES,
+    PROMPT_FIELDS,
+    SAMPLING_NAMES,
+    UNKNOWN_FIELD,
+    ClientFrameStruct,
+    frame_param,
+    sampling_kwargs,
+    sniff_id,
+)
+from atom_stream.server.ws_protocol import SEND_BATCH, SHUTDOWN, shutdown_abort_delay
 
 logger = logging.getLogger(__name__)
-_MAX_ID_LEN = 256
 _MAX_PENDING_ERRORS = 1024  # unsent error frames per connection before reading pauses
 _conn_counter = itertools.count()
-# params names (n must be 1: one choice per request id; prompt_logprobs is refused with its
-# own message)
-# output_kind is the in-process API's stream shape; frames are always deltas
-_PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__
-                         if not f.startswith("_")) - {"output_kind"}
-_PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
-
-
-# Client frames as first decoded here: an unknown top-level field sends the frame to
-# _Connection.refused (a sampling parameter there is an error: a `max_tokens` next to `prompt`
-# instead of under `params` was silently ignored; other unknown fields are ignored).
-class _Generate(WsGenerate, forbid_unknown_fields=True):
-    pass
-
-
-class _Cancel(WsCancel, forbid_unknown_fields=True):
-    pass
-
-
-class _Auth(WsAuth, forbid_unknown_fields=True):
-    pass
-
-
-_ClientFrame = _Generate | _Cancel | _Auth
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-_SAMPLING_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_"))
-_DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
-                  UnicodeDecodeError)
-# generate-frame fields an error may name as they are (everything else is under "params.")
-_FRAME_FIELDS = frozenset({"id", "prompt", "prompt_token_ids", "messages",
-                           "chat_template_kwargs", "add_generation_prompt",
-                           "continue_final_message"})
-
-
-_INT_PARAMS = frozenset(f.name for f in msgspec.structs.fields(SamplingParams)
-                        if f.type in (int, int | None))
-_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
-
-
-def _sampling_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A generate frame's `params` -> SamplingParams keywords, as the OpenAI routes read the
-    same fields (openai_params.build_sampling_params): null means the parameter's default
-    (`max_tokens` null: as many as fit, as over HTTP); an integral float is an int (pydantic's
-    lax mode, as HTTP decodes); the checkpoint's generation_config.json `defaults` fill the
-    fields the frame leaves out, its `max_tokens` caps the frame's (vLLM's
-    get_diff_sampling_param / get_max_tokens)."""
-    kw: dict[str, Any] = {}
-    for name, value in given.items():
-        if isinstance(value, float) and name in _INT_PARAMS and value.is_integer():
-            value = int(value)
-        if value is not None or name == "max_tokens":
-            kw[name] = value
-    for name, value in defaults.items():
-        if name != "max_tokens":
-            kw.setdefault(name, value)
-    if defaults.get("max_tokens") is not None:
-        kw["max_tokens"] = cap_max_tokens(kw.get("max_tokens", _DEFAULT_MAX_TOKENS), defaults)
-    return kw
-
-
-def _frame_param(param: str | None, prompt_field: str) -> str | None:
-    """An error's param as the generate frame names it: sampling parameters under "params.",
-    the engine's "prompt" as the prompt field the frame gave (prompt / prompt_token_ids /
-    messages), frame fields and vLLM's "input_tokens" (prompt too long) as they are."""
-    if not param:
-        return param
-    root = param.split("[", 1)[0].split(".", 1)[0]
-    if root == "prompt":
-        return prompt_field + param[len("prompt"):]
-    if root == "params" or root in _FRAME_FIELDS or root == "input_tokens":  # vLLM's name
-        return param
-    return f"params.{param}"
 
 
 class _Live:
@@ -201,12 +137,12 @@ class _Connection:
         self.binary = binary
         if binary:
             self.encode = msgspec.msgpack.Encoder().encode
-            self.decoder = msgspec.msgpack.Decoder(_ClientFrame)
+            self.decoder = msgspec.msgpack.Decoder(ClientFrameStruct)
             self.lenient = msgspec.msgpack.Decoder(ClientFrame)
             self.loose = msgspec.msgpack.Decoder()
         else:
             self.encode = msgspec.json.Encoder().encode
-            self.decoder = msgspec.json.Decoder(_ClientFrame)
+            self.decoder = msgspec.json.Decoder(ClientFrameStruct)
             self.lenient = msgspec.json.Decoder(ClientFrame)
             self.loose = msgspec.json.Decoder()
         self.prefix = f"ws{next(_conn_counter)}-"
@@ -250,15 +186,15 @@ class _Connection:
             raw = self.loose.decode(data)
         rid = raw.get("id") if isinstance(raw, dict) else None
         rid = rid if isinstance(rid, str) else None
-        if isinstance(e, msgspec.ValidationError) and _UNKNOWN_FIELD.search(str(e)):
-            misplaced = sorted(set(raw) & _SAMPLING_NAMES) if isinstance(raw, dict) else []
+        if isinstance(e, msgspec.ValidationError) and UNKNOWN_FIELD.search(str(e)):
+            misplaced = sorted(set(raw) & SAMPLING_NAMES) if isinstance(raw, dict) else []
             if misplaced:
                 self.error(rid, 400, f"unknown field {misplaced[0]!r} in the frame (sampling "
                            "parameters go under \"params\")", misplaced[0])
                 return None
             try:
                 return self.lenient.decode(data)
-            except _DECODE_ERRORS as e2:
+            except DECODE_ERRORS as e2:
                 e = e2
         param = validation_param(e) if isinstance(e, msgspec.ValidationError) else None
         self.error(rid, 400, f"malformed frame: {e}", param)
@@ -387,7 +323,7 @@ class _Connection:
             err = HTTPError.from_exception(e)
             # after any delta still pending for this id, in place of its done frame
             live.done = WsError(live.id, err.status, err.message,
-                                _frame_param(err.param, prompt_field) or msgspec.UNSET)
+                                frame_param(err.param, prompt_field) or msgspec.UNSET)
             self._queue(live)
         finally:
             metrics.ws_streams.dec()
@@ -396,9 +332,9 @@ class _Connection:
 
     def on_generate(self, frame: WsGenerate) -> None:
         cid = frame.id
-        if not cid or len(cid) > _MAX_ID_LEN:
+        if not cid or len(cid) > MAX_ID_LEN:
             self.error(cid or None, 400, f"id must be a non-empty string of at most "
-                       f"{_MAX_ID_LEN} characters", "id")
+                       f"{MAX_ID_LEN} characters", "id")
             return
         if self.draining:
             self.error(cid, 503, "server shutting down: no new requests are accepted")
@@ -411,7 +347,7 @@ class _Connection:
             self.error(cid, 429, f"too many live requests on this connection "
                        f"(limit {self.cfg.ws_max_requests})")
             return
-        given = [f for f in _PROMPT_FIELDS if getattr(frame, f) is not None]
+        given = [f for f in PROMPT_FIELDS if getattr(frame, f) is not None]
         if len(given) != 1:
             self.error(cid, 400, "give exactly one of prompt, prompt_token_ids, messages",
                        "prompt")
@@ -422,10 +358,10 @@ class _Connection:
                 raise HTTPError(400, "prompt_logprobs is not served over the WebSocket (no "
                                 "frame carries them): use /v1/completions with echo",
                                 "params.prompt_logprobs")
-            unknown = sorted(set(frame.params) - _PARAM_NAMES)
+            unknown = sorted(set(frame.params) - PARAM_NAMES)
             if unknown:
                 raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
-            kw = _sampling_kwargs(frame.params, self.defaults)
+            kw = sampling_kwargs(frame.params, self.defaults)
             if kw.get("n", 1) != 1:  # n=1 (what OpenAI-style clients send) is accepted
                 raise HTTPError(400, "n: one choice per request over the WebSocket (send one "
                                 "generate frame per choice)", "params.n")
@@ -445,7 +381,7 @@ class _Connection:
                            "continue_final_message": frame.continue_final_message}
         except Exception as e:  # noqa: BLE001
             err = HTTPError.from_exception(e)
-            self.error(cid, err.status, err.message, _frame_param(err.param, field))
+            self.error(cid, err.status, err.message, frame_param(err.param, field))
             return
         live = self.live[cid] = _Live(cid)
         live.task = asyncio.get_running_loop().create_task(
@@ -456,7 +392,7 @@ class _Connection:
         size = len(data) if isinstance(data, bytes) or data.isascii() else len(
             data.encode("utf-8", "surrogatepass"))
         if size > self.cfg.ws_max_frame_bytes:
-            self.error(_sniff_id(data), 413, f"frame of {size} bytes exceeds the limit of "
+            self.error(sniff_id(data), 413, f"frame of {size} bytes exceeds the limit of "
                        f"{self.cfg.ws_max_frame_bytes} bytes")
             return
         if self.binary and isinstance(data, str):
@@ -471,7 +407,7 @@ class _Connection:
             frame = self.decoder.decode(data)
         # RecursionError: a deeply nested frame (issue 10 fuzzing) must be an error frame too;
         # UnicodeDecodeError: a MessagePack string that is not UTF-8 (msgspec raises it bare)
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             frame = self.refused(data, e)
             if frame is None:
                 return
@@ -581,40 +517,6 @@ class _Connection:
         writer.cancel()
 
 
-# an "id" key and its JSON string, escapes included (the string is decoded by msgspec)
-_JSON_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){1,3072}")')
-_SNIFF_BYTES = 4096  # a 256-character id, \\uXXXX-escaped surrogate pairs (12 bytes each)
-
-
-def _sniff_id(data: bytes | str) -> str | None:
-    """The request id of an oversized frame, if it appears in its first `_SNIFF_BYTES` (the SDK
-    and msgspec put it right after "type"); the frame itself is never parsed. Any valid id is
-    found: JSON escapes are decoded, MessagePack fixstr / str8 / str16 values read. None when no
-    id of 1.._MAX_ID_LEN characters is there."""
-    head = data[:_SNIFF_BYTES]
-    if isinstance(head, str):
-        head = head.encode("utf-8", "surrogatepass")
-    rid: str | None = None
-    m = _JSON_ID.search(head)
-    if m:
-        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-            rid = msgspec.json.decode(m.group(1), type=str)
-    else:
-        at = head.find(b"\xa2id")  # msgpack: fixstr "id", then a fixstr/str8/str16 value
-        tag = head[at + 3] if 0 <= at < len(head) - 3 else None
-        start, n = at + 4, -1
-        if tag is not None and 0xA0 <= tag <= 0xBF:
-            n = tag - 0xA0
-        elif tag == 0xD9 and at + 4 < len(head):
-            start, n = at + 5, head[at + 4]
-        elif tag == 0xDA and at + 5 < len(head):
-            start, n = at + 6, int.from_bytes(head[at + 4:at + 6], "big")
-        if n >= 0 and start + n <= len(head):
-            with contextlib.suppress(UnicodeDecodeError):
-                rid = head[start:start + n].decode("utf-8")
-    return rid if rid and len(rid) <= _MAX_ID_LEN else None
-
-
 class WebSocketEndpoint:
     """The raw ASGI app mounted at /v1/ws."""
 
@@ -641,72 +543,4 @@ class WebSocketEndpoint:
         await conn.run()
 
 
-SEND_BATCH = "atom_stream.websocket.send_batch"
-# ASGI extension and receive-message type: the server is shutting down (see the module docstring)
-SHUTDOWN = "atom_stream.websocket.shutdown"
-
-
-def shutdown_abort_delay(shutdown_timeout: float) -> float:
-    """Seconds after a shutdown begins at which live requests are aborted: a little before
-    `shutdown_timeout` (uvicorn then cancels the handlers), so every stream gets its last frame
-    and the socket its close frame first."""
-    return max(0.0, shutdown_timeout - min(1.0, shutdown_timeout / 4))
-
-
-class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol plus one ASGI extension, `SEND_BATCH`:
-    `{"type": SEND_BATCH, "frames": [bytes, ...], "binary": bool}` sends every payload as its
-    own WebSocket message (text frames for JSON) with ONE transport write. All the deltas of an
-    engine step for one connection then cost one syscall instead of one per request; the wire
-    format is unchanged. Flow control is uvicorn's.
-
-    A second extension, `SHUTDOWN`, makes the server's shutdown graceful: an app that sets
-    `scope["extensions"][SHUTDOWN]["drains"] = True` receives `{"type": SHUTDOWN}` when uvicorn
-    begins shutting down, and closes the socket itself once its work is done (uvicorn cancels
-    the app at `timeout_graceful_shutdown`); any other socket is closed at once with 1012, as
-    uvicorn does."""
-
-    def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
-        if hasattr(self, "scope"):  # a refused handshake has no scope (and no app task)
-            # the app task has not started yet
-            self.scope["extensions"][SEND_BATCH] = {}
-            self.scope["extensions"][SHUTDOWN] = {}
-
-    def shutdown(self) -> None:
-        """uvicorn's Server.shutdown calls this on every connection. A socket whose app drains
-        is told so through its receive queue (after the frames already queued) and stays open;
-        keepalive pings go on, so a dead peer is still noticed."""
-        scope = getattr(self, "scope", None)
-        drains = scope is not None and scope["extensions"].get(SHUTDOWN, {}).get("drains")
-        if (drains and self.handshake_complete and not self.close_sent and not self.disconnected
-                and self.initial_response is None and not self.transport.is_closing()):
-            self.queue.put_nowait({"type": SHUTDOWN})
-            return
-        super().shutdown()
-
-    async def send(self, message: Any) -> None:
-        if message["type"] != SEND_BATCH:
-            await super().send(message)
-            if message["type"] == "websocket.http.response.body" and not message.get(
-                    "more_body"):
-                # a refused handshake (401) is finished: uvicorn would otherwise log "ASGI
-                # callable returned without completing handshake" at ERROR for every one
-                self.handshake_complete = True
-            return
-        await self.writable.wait()
-        if self.disconnected:
-            raise ClientDisconnected()
-        if not self.handshake_complete or self.close_sent or self.initial_response:
-            raise RuntimeError(f"{SEND_BATCH} before accept or after close")
-        put = self.conn.send_binary if message["binary"] else self.conn.send_text
-        try:
-            for data in message["frames"]:
-                put(data)
-        except InvalidState:
-            raise ClientDisconnected() from None
-        self.transport.write(b"".join(self.conn.data_to_send()))
-
-
-__all__ = ["WS_JSON", "WS_MSGPACK", "BatchingWebSocketProtocol", "WebSocketEndpoint",
-           "shutdown_abort_delay"]
+__all__ = ["WS_JSON", "WS_MSGPACK", "WebSocketEndpoint"]
