@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from multiprocessing.connection import wait as wait_any
@@ -58,7 +59,7 @@ from atom_stream.loader import CheckpointError
 logger = logging.getLogger(__name__)
 
 RING_SLOTS = 4
-RING_SLOT_BYTES = 8 << 20
+RING_SLOT_BYTES = 8 << 20  # a larger step (many long prefix-cached rows) spans several slots
 
 
 def _ephemeral_low() -> int:
@@ -209,6 +210,18 @@ def _report(conn, what: tuple[str, str] | None) -> None:
         pass
 
 
+def _spawn_hint(exitcode: int | None) -> str:
+    """For a rank that exited 1 before reporting, started from a script: the usual cause. A
+    spawned rank re-imports the main script; one that builds the engine at import time starts
+    ranks from inside that import, which multiprocessing refuses (vLLM asks for the same)."""
+    main = sys.modules.get("__main__")
+    if exitcode != 1 or not getattr(main, "__file__", None):
+        return ""
+    return (f" (if {os.path.basename(main.__file__)} builds the engine at import time, put that "
+            f"code under `if __name__ == '__main__':`: each TP rank's process imports the "
+            f"script)")
+
+
 _START_ERRORS = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}
 
 
@@ -221,7 +234,7 @@ class LocalWorkers:
                  private_group: bool = False):
         n = layout.local_size - 1
         self.ring = ShmRing(None, num_readers=n, num_slots=RING_SLOTS,
-                            slot_bytes=RING_SLOT_BYTES) if n else None
+                            slot_bytes=RING_SLOT_BYTES, chunked=True) if n else None
         ctx = mp.get_context("spawn")
         first = layout.first_rank
         self.ranks = list(range(first + 1, first + n + 1))
@@ -232,11 +245,18 @@ class LocalWorkers:
                                         private_group, pipes[i - 1][1]),
                                   daemon=True)
                       for i in range(1, n + 1)]
-        for p in self.procs:
-            p.start()
-        for _, w in pipes:
-            w.close()  # the children hold theirs: a dead child's pipe then reads EOF
         self.dead: str | None = None
+        try:
+            for p in self.procs:
+                p.start()
+        except BaseException:  # e.g. this is a spawned child importing an unguarded script
+            self.kill()
+            if self.ring is not None:
+                self.ring.unlink()
+            raise
+        finally:
+            for _, w in pipes:
+                w.close()  # the children hold theirs: a dead child's pipe then reads EOF
 
     def poll(self) -> str | None:
         """A message naming the first local worker that exited, else None (sticky)."""
@@ -261,7 +281,8 @@ class LocalWorkers:
                 what = conn.recv()
             except (EOFError, OSError):  # exited without a report
                 self.procs[i].join(1.0)
-                what = ("", f"died during start-up (exit code {self.procs[i].exitcode})")
+                code = self.procs[i].exitcode
+                what = ("", f"died during start-up (exit code {code}){_spawn_hint(code)}")
             self._ready[i] = None
             conn.close()
             if what is not None:
@@ -507,6 +528,9 @@ class TPExecutor:
         try:
             handle = self.runner.launch(batch, prev)
         except Exception as e:
+            # first a peer that died (its collective's error is what rank 0 saw): the death
+            # is the cause to report, not rank 0's failure
+            self._after_failure()
             if self._stage == "sent" and self.dead is None:
                 # rank 0's forward stopped part-way while the other ranks run the whole step:
                 # they wait in a collective rank 0 left, and its next step's collectives would
@@ -516,7 +540,6 @@ class TPExecutor:
                            f"ranks ({type(e).__name__}: {e}); the ranks' collectives are out "
                            f"of step")
                 self.local.kill()
-            self._after_failure()
             if self.dead:  # name the dead rank, not the collective's error
                 raise RuntimeError(self.dead) from e
             raise
