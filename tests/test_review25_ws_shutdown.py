@@ -29,8 +29,8 @@ from websockets.asyncio.client import connect
 
 from atom_stream.server.ws_protocol import BatchingWebSocketProtocol
 
-SHUTDOWN_TIMEOUT = 8.0  # the deadline abort fires 1 s before it
-SHORT = 10  # tokens: done inside the 7 s drain even at ~0.7 s a token (a loaded CPU)
+SHUTDOWN_TIMEOUT = 8.0  # the deadline abort fires 2 s before it (ws_protocol.shutdown_abort_delay)
+SHORT = 10  # tokens: done inside the 6 s drain even at ~0.6 s a token (a loaded CPU)
 
 
 def _gen(rid: str, max_tokens: int) -> str:
