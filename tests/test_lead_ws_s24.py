@@ -50,7 +50,12 @@ def test_error_queue_is_bounded_while_the_writer_is_blocked(srv):
 
         conn = wsmod._Connection(srv.state, {"extensions": {}}, receive, send, binary=False)
         task = asyncio.create_task(conn.run())
-        await asyncio.sleep(0.5)
+        # wait for the flood to reach the bound (seconds on a loaded 2-core CI host), then a
+        # little longer: reading must have stopped there
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(conn.errors) < limit - 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
         out = (fed, len(conn.errors))
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
