@@ -111,9 +111,6 @@ ATOM_FLAGS: tuple[AtomFlag, ...] = (
     AtomFlag(("--online-quant-config",), _JSON, "an empty config quantizes nothing",
              _unless(lambda v: not v, "online quantization is not implemented (the "
                      "checkpoint's quantization_config is used as it is)")),
-    AtomFlag(("--hf-overrides",), _JSON, "an empty object overrides nothing",
-             _unless(lambda v: not v, "overriding config.json fields is not implemented "
-                     "(edit the checkpoint's config.json)")),
     AtomFlag(("--kv-transfer-config",), _JSON, "an empty config transfers nothing",
              _unless(lambda v: not v, "KV transfer (prefill/decode disaggregation) is not "
                      "implemented")),

@@ -32,8 +32,10 @@ also `--cudagraph-mode` and `--request-log`) are accepted and logged (`--cudagra
 means `--enforce-eager`). A value that asks for what this engine does not implement is a
 start-up error naming the flag: `-pcp`/`-dcp` other than 1, `--enable-dp-attention`,
 `--method` (speculative decoding, unless `--num-speculative-tokens 0`), `--draft-model`,
-`--fake-eplb`, and a non-empty `--online_quant_config`, `--hf-overrides` or
+`--fake-eplb`, and a non-empty `--online_quant_config` or
 `--kv-transfer-config` (`{}` is accepted). `--load_dummy` means `--load-format dummy`.
+vLLM's `--hf-overrides JSON` overrides config.json fields (config.apply_hf_overrides), and
+`--scheduling-policy fcfs` is accepted (`priority` is a start-up error: not implemented).
 `--cudagraph-capture-sizes` takes ATOM's one list argument or vLLM's several.
 No `--model`: the demo model.
 """
@@ -190,6 +192,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="TP: seconds a step may take before a rank counts as hung and the "
                    "engine is marked dead")
     g.add_argument("--seed", type=int, default=d["seed"].default)
+    g.add_argument("--hf-overrides", type=json_dict, default=None, metavar="JSON",
+                   help="config.json fields to override, a JSON object (vLLM's): "
+                   '\'{"num_hidden_layers": 1}\'; a text-model key reaches Kimi-K2.5\'s '
+                   "text_config too")
+    g.add_argument("--scheduling-policy", default=d["scheduling_policy"].default,
+                   choices=["fcfs", "priority"],
+                   help="request order (vLLM's flag): fcfs, the only policy implemented")
     g.add_argument("--max-waiting-requests", type=int,
                    default=d["max_waiting_requests"].default,
                    help="waiting-queue bound; beyond it requests get 503 + Retry-After")
@@ -293,6 +302,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         trust_remote_code=args.trust_remote_code,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         async_scheduling=args.async_scheduling, watchdog_timeout=args.watchdog_timeout,
+        hf_overrides=args.hf_overrides or None, scheduling_policy=args.scheduling_policy,
         nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.dist_init_addr[0] if args.dist_init_addr else args.master_addr,
         master_port=args.dist_init_addr[1] if args.dist_init_addr else args.master_port,

@@ -16,6 +16,8 @@ checks them against the installed transformers), so a checkpoint that omits a fi
 tokens transformers gives; `model_type: deepseek_v2` takes `DeepseekV2Config`'s
 (`_HF_V2_DEFAULTS`: softmax scores, greedy top-k without a correction bias).
 `attention_bias` / `mlp_bias` true are refused (the Linears have no bias).
+`hf_overrides` (vLLM's `hf_overrides` / `--hf-overrides`; `apply_hf_overrides`) are applied to
+the raw config.json before it is parsed and validated.
 A key present with value null keeps its own meaning (`q_lora_rank:
 null` is no q LoRA; `n_routed_experts: null` a dense model; `n_group` / `topk_group: null` no
 group limit; `norm_topk_prob: null` false, as transformers' truthiness test reads it). The
@@ -26,6 +28,7 @@ without them is malformed, and an error is better than guessing its shapes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -78,6 +81,64 @@ _HF_V2_DEFAULTS: dict[str, Any] = dict(
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the offending field."""
+
+
+# the nested configs of a config.json (transformers' sub-configs, vLLM merges overrides into
+# them) and the top-level keys of a nested (Kimi-K2.5) config that are not the text model's
+_SUB_CONFIGS = ("text_config", "vision_config")
+_TOP_LEVEL_ONLY = ("architectures", "model_type", "auto_map", "transformers_version",
+                   *_SUB_CONFIGS)
+
+
+def check_hf_overrides(overrides: Any) -> None:
+    """hf_overrides is None or a dict (vLLM also takes a callable on its PretrainedConfig;
+    there is no PretrainedConfig here, so that is refused)."""
+    if overrides is not None and not isinstance(overrides, dict):
+        kind = "a callable" if callable(overrides) else type(overrides).__name__
+        raise ConfigError(f"hf_overrides: must be a dict (a JSON object) of config.json fields, "
+                          f"got {kind}")
+
+
+def _merge(target: dict[str, Any], updates: dict[str, Any]) -> None:
+    """vLLM's `_update_nested`: a dict value merges into a dict already there, anything else
+    is set."""
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def apply_hf_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None
+                       ) -> dict[str, Any]:
+    """config.json `raw` with vLLM's `hf_overrides` applied (a new dict; `raw` is untouched).
+
+    As vLLM (ModelConfig._apply_dict_overrides): a key naming a nested config (`text_config`,
+    `vision_config`) merges into it, dicts inside merging recursively; any other key is set,
+    a dict value replacing the old one (`rope_scaling`, `quantization_config`). Kimi-K2.5's
+    nested layout: the text model in `text_config` is what is served, so a flat key also
+    sets the text model's value (`{"num_hidden_layers": 1}` works on every checkpoint), the
+    top-level-only keys (architectures, model_type, auto_map, the sub-configs) aside. A flat
+    checkpoint has no `text_config`: that form merges into the top level, its text model."""
+    check_hf_overrides(overrides)
+    if not overrides:
+        return raw
+    out = copy.deepcopy(raw)
+    text = out.get("text_config")
+    for key, value in overrides.items():
+        if key in _SUB_CONFIGS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"hf_overrides: {key} must be a dict of its fields (it "
+                                  f"merges into the checkpoint's {key}), got {value!r}")
+            target = out.get(key)
+            if not isinstance(target, dict):
+                target = out if key == "text_config" else out.setdefault(key, {})
+            _merge(target, value)
+            continue
+        out[key] = copy.deepcopy(value)
+        if isinstance(text, dict) and key not in _TOP_LEVEL_ONLY:
+            text[key] = copy.deepcopy(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -264,10 +325,12 @@ class ModelConfig:
 
     # ----- parsing -----
     @classmethod
-    def from_pretrained(cls, path: str) -> ModelConfig:
-        """config.json of a checkpoint directory (or the file itself). `eos_token_id` is
-        config.json's followed by generation_config.json's eos_token_id(s) when that file sits
-        beside it (HF generate and vLLM stop on those: Kimi-K2.5 ends a turn with <|im_end|>)."""
+    def from_pretrained(cls, path: str, hf_overrides: dict[str, Any] | None = None
+                        ) -> ModelConfig:
+        """config.json of a checkpoint directory (or the file itself), `hf_overrides` applied
+        (see from_dict). `eos_token_id` is config.json's followed by generation_config.json's
+        eos_token_id(s) when that file sits beside it (HF generate and vLLM stop on those:
+        Kimi-K2.5 ends a turn with <|im_end|>)."""
         cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(cfg_path):
             raise ConfigError(f"model: no config.json at {path!r}")
@@ -277,7 +340,7 @@ class ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"model: {cfg_path} is not valid JSON: {e}") from None
         try:
-            cfg = cls.from_dict(raw)
+            cfg = cls.from_dict(raw, hf_overrides)
             gen_eos = generation_eos_ids(os.path.dirname(cfg_path))
         except ConfigError:
             raise
@@ -291,11 +354,30 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Parse a raw config.json dict (flat DeepseekV3 or Kimi-K2.5 nested)."""
+    def from_dict(cls, raw: dict[str, Any], hf_overrides: dict[str, Any] | None = None
+                  ) -> ModelConfig:
+        """Parse a raw config.json dict (flat DeepseekV3 or Kimi-K2.5 nested) with
+        `hf_overrides` applied first (apply_hf_overrides), so an override that makes the config
+        unsupported or malformed is the same ConfigError a checkpoint with it would get."""
         if not isinstance(raw, dict):
             raise ConfigError(f"model: config.json must be a JSON object, got "
                               f"{type(raw).__name__}")
+        check_hf_overrides(hf_overrides)
+        if not hf_overrides:
+            return cls._parse(raw)
+        raw = apply_hf_overrides(raw, hf_overrides)
+        try:
+            return cls._parse(raw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
+            shown = json.dumps(hf_overrides, default=repr)
+            raise ConfigError(f"model: config.json with hf_overrides {shown} has a malformed "
+                              f"field ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any]) -> ModelConfig:
+        """from_dict's parse of the (overridden) dict."""
         archs = raw.get("architectures") or []
         if isinstance(archs, str):
             archs = [archs]
@@ -521,6 +603,12 @@ class EngineConfig:
     # stuck, e.g. inside a collective): the engine is marked dead, its requests fail, /health
     # turns 503 and the local workers are killed (SGLang's --watchdog-timeout, same default)
     watchdog_timeout: float = 300.0
+    # vLLM's hf_overrides: config.json fields to override (a dict; apply_hf_overrides), applied
+    # wherever the model config is read (the engine, every TP rank, DP replica, worker node)
+    hf_overrides: dict[str, Any] | None = None
+    # vLLM's --scheduling-policy: only "fcfs" (first come, first served) is implemented;
+    # "priority" is a ConfigError, and so is a request priority other than 0
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):  # a pathlib.Path is a path: read it as its string
@@ -585,6 +673,12 @@ class EngineConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "must be an integer or null (random)")
         self._validate_nodes(bad)
+        check_hf_overrides(self.hf_overrides)
+        if self.scheduling_policy == "priority":
+            raise ConfigError("scheduling_policy: priority scheduling is not implemented "
+                              "(--scheduling-policy priority); only fcfs, the default, is")
+        if self.scheduling_policy != "fcfs":
+            raise bad("scheduling_policy", "must be fcfs (the only policy implemented)")
         if self.async_scheduling not in (None, True, False):
             raise bad("async_scheduling", "must be true, false or null (auto)")
         if (isinstance(self.watchdog_timeout, bool)

@@ -67,3 +67,21 @@ class GenerationError(AtomStreamError):
 
     status = 500
     type = "InternalServerError"
+
+
+class ServerShuttingDownError(AtomStreamError):
+    """The server shut down while the request ran: it was aborted at the drain deadline (503,
+    as the WebSocket's error frame for the same event)."""
+
+    status = 503
+    type = "ServiceUnavailableError"
+
+    def __init__(self, message: str = "the request was aborted (server shutting down)"):
+        super().__init__(message)
+
+
+def priority_error(priority: object) -> str:
+    """vLLM's refusal of a non-zero request priority without --scheduling-policy priority
+    (clients match on its wording), and why (the HTTP routes and LLM.generate)."""
+    return (f"Got priority {priority} but Priority scheduling is not enabled. (This server "
+            "implements only --scheduling-policy fcfs.)")

@@ -113,6 +113,9 @@ class _SamplingRequest(Struct, kw_only=True):
     structured_outputs: dict[str, Any] | None = None
     # OpenAI / vLLM V0: sample best_of, return the n best; only best_of <= n is served (400)
     best_of: int | None = None
+    # vLLM: the request's priority under --scheduling-policy priority; only FCFS is served,
+    # so 0 (or null) only, as vLLM's default policy (openai_params.check_priority)
+    priority: int | None = 0
 
 
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):

@@ -1,7 +1,7 @@
 """ATOM's server command line (atom.md section 2, ATOM's arg_utils.py) through both entry points:
 tuning/debug flags parse in kebab and snake case and are logged as accepted with no effect;
 values asking for a feature this engine lacks (context parallelism above 1, DP attention,
-speculative decoding, online quantization, HF config overrides, KV transfer, fake EPLB) stop
+speculative decoding, online quantization, KV transfer, fake EPLB) stop
 start-up with an error naming the flag, while their default / no-op values are accepted;
 `--host` defaults to ATOM's 0.0.0.0 under the ATOM entry point and 127.0.0.1 for `serve`.
 """
@@ -45,7 +45,6 @@ ACCEPTED = [
     ("--spec-decode-acceptance-length 2.5", "--spec-decode-acceptance-length"),
     ("--dspark-config '{\"ragged\": true}'", "--dspark-config"),
     ("--online_quant_config '{}'", "--online-quant-config"),
-    ("--hf-overrides '{}'", "--hf-overrides"),
     ("--kv-transfer-config '{}'", "--kv-transfer-config"),
     ("--enable-rapidserve --disagg-constrained", "--enable-rapidserve"),
     ("--eplb-enable", "--eplb-enable/--enable-eplb"),
@@ -65,7 +64,6 @@ REFUSED = [
     ("--draft-model /models/draft", "--draft-model /models/draft"),
     ("--online_quant_config '{\"global_quant_config\": \"ptpc_fp8\"}'",
      "--online-quant-config"),
-    ("--hf-overrides '{\"num_hidden_layers\": 2}'", "--hf-overrides"),
     ("--kv-transfer-config '{\"kv_role\": \"kv_producer\"}'", "--kv-transfer-config"),
     ("--fake-eplb", "--fake-eplb"),
 ]

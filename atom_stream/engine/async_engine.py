@@ -63,6 +63,7 @@ from atom_stream.errors import (
     GenerationError,
     InvalidRequestError,
     PromptTooLongError,
+    priority_error,
 )
 from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
@@ -307,6 +308,7 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
                        sampling_params: SamplingParams | None = None,
+                       priority: int = 0,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
                        add_special_tokens: bool = True,
@@ -316,6 +318,7 @@ class AsyncEngine:
         `params.output_kind` CUMULATIVE each output holds everything so far instead, with
         FINAL_ONLY only the whole final output comes (vLLM's RequestOutputKind).
         `sampling_params`: vLLM's name for `params` (AsyncLLM.generate's keyword); pass one.
+        `priority`: vLLM's; only 0 (FCFS scheduling), anything else is an InvalidRequestError.
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
         the context left after the prompt instead of capping it (the OpenAI server's rule).
         `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
@@ -324,6 +327,8 @@ class AsyncEngine:
         `add_generation_prompt` / `continue_final_message` (messages only): vLLM's chat options;
         keys of the same names in `chat_template_kwargs` override them, as in vLLM."""
         core = self._check_alive()
+        if priority != 0:
+            raise InvalidRequestError(priority_error(priority), "priority")
         if sampling_params is not None:
             if params is not None:
                 raise InvalidRequestError("pass params or sampling_params, not both",

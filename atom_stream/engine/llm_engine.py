@@ -138,7 +138,8 @@ class LLMEngine:
             if not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):
                 # config.json first (cheap): an unsupported checkpoint is that one clear
                 # error, not whatever its tokenizer files make the tokenizer loader say
-                ModelConfig.from_pretrained(os.path.expanduser(config.model))
+                ModelConfig.from_pretrained(os.path.expanduser(config.model),
+                                            config.hf_overrides)
         if tokenizer is None and not skip_tokenizer_init:
             # before the weights (minutes for a real checkpoint) and the TP workers: a missing
             # tokenizer is an error at once, with nothing to tear down

@@ -159,16 +159,19 @@ def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> to
 
 
 def load_model_config(config: EngineConfig) -> ModelConfig:
+    """The model config `config` names (the demo's, a bench preset's or a checkpoint's
+    config.json) with `config.hf_overrides` applied: every rank and replica reads it here."""
+    overrides = config.hf_overrides
     if config.is_demo:
         from atom_stream.models.demo import DEMO_CONFIG
-        return ModelConfig.from_dict(DEMO_CONFIG)
+        return ModelConfig.from_dict(DEMO_CONFIG, overrides)
     from atom_stream.models.presets import PRESETS  # bench presets: full shapes, dummy weights
     if config.model in PRESETS:
-        return ModelConfig.from_dict(PRESETS[config.model])
+        return ModelConfig.from_dict(PRESETS[config.model], overrides)
     if os.path.isfile(config.model):  # not a checkpoint: would serve random weights
         raise ConfigError(f"model: {config.model!r} is a file; give the checkpoint directory "
                           f"(config.json, *.safetensors, tokenizer files)")
-    return ModelConfig.from_pretrained(config.model)
+    return ModelConfig.from_pretrained(config.model, overrides)
 
 
 class ModelRunner:

@@ -13,7 +13,9 @@ Chat answers are split into reasoning / content / tool calls when the server run
 `--reasoning-parser` / `--enable-auto-tool-choice --tool-call-parser` (chat_parsing.py).
 Streaming answers are produced by `openai_stream.py` (vLLM's SSE bytes); non-streaming answers
 are collected here while a watcher cancels the work if the client disconnects (the engine stream
-is closed, which aborts the request and frees its blocks).
+is closed, which aborts the request and frees its blocks). A request still running when the
+server aborts it at shutdown is a 503 ServiceUnavailableError (errors.ServerShuttingDownError;
+a stream: its error event, then [DONE]), as the WebSocket's error frame for the same event.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
 from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
-from atom_stream.errors import GenerationError, PromptTooLongError
+from atom_stream.errors import (
+    GenerationError,
+    PromptTooLongError,
+    ServerShuttingDownError,
+)
 from atom_stream.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -302,7 +308,7 @@ class OpenAIServing:
                     r.prompt_logprob_ranks = out.prompt_logprob_ranks
                 if out.finish_reason is not None:
                     if out.finish_reason == "abort":
-                        raise GenerationError("the request was aborted (server shutting down)")
+                        raise ServerShuttingDownError()
                     r.finish_reason, r.stop_reason, r.usage = (out.finish_reason,
                                                                out.stop_reason, out.usage)
         finally:

@@ -7,7 +7,8 @@ vLLM request fields that change what is sent to the engine.
   only the prompt.
 - `refuse_unsupported(req, chat)`: fields vLLM acts on that this server does not serve are a 400
   naming them (never silently ignored): `use_beam_search: true`, `best_of` > n
-  (`check_best_of`); a request `chat_template`
+  (`check_best_of`), a non-zero `priority` (`check_priority`; FCFS only); a request
+  `chat_template`
   (top-level or in `chat_template_kwargs`) gets vLLM's refusal, as vLLM without
   `--trust-request-chat-template` (its default).
 - `truncation_size(value, max_model_len, max_tokens)` / `truncate_ids(ids, n)`: vLLM's
@@ -23,6 +24,7 @@ from typing import Any
 import msgspec
 
 from atom_stream.engine.prompts import TEXT_PART_FIELD, refuse_request_template
+from atom_stream.errors import priority_error
 from atom_stream.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError
 from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
@@ -201,12 +203,20 @@ def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
 def refuse_unsupported(req: Any, chat: bool) -> None:
     """vLLM fields this server cannot honour: a 400 naming them instead of a silent 200."""
     check_best_of(req.best_of, 1 if req.n is None else req.n)
+    check_priority(req.priority)
     if req.use_beam_search:
         # vLLM runs beam search (completion/protocol.py to_beam_search_params); not built here
         raise HTTPError(400, "use_beam_search is not supported: this server has no beam "
                         "search; use n sampled choices instead", "use_beam_search")
     if chat:  # vLLM: create_error_response(...) -> 400 BadRequestError, param None
         refuse_request_template(req.chat_template, req.chat_template_kwargs)
+
+
+def check_priority(priority: int | None) -> None:
+    """vLLM's `priority` under its default --scheduling-policy fcfs: 0 (null: the default) is
+    served, anything else is refused with vLLM's message (a 400 naming priority)."""
+    if priority:
+        raise HTTPError(400, priority_error(priority), "priority")
 
 
 def check_best_of(best_of: Any, n: Any) -> None:

@@ -48,7 +48,7 @@ import msgspec
 from msgspec import UNSET
 
 from atom_stream.detokenizer import decode_token
-from atom_stream.errors import GenerationError
+from atom_stream.errors import ServerShuttingDownError
 from atom_stream.protocol import (
     ChatCompletionChunk,
     ChatLogprobs,
@@ -309,7 +309,7 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
                         yield chunk(i, delta, lp, ids=list(out.token_ids) if rti else UNSET)
                     continue
                 if out.finish_reason == "abort":
-                    raise GenerationError("the request was aborted (server shutting down)")
+                    raise ServerShuttingDownError()
                 finals[i] = out.usage
                 lp = (chat_logprobs(ctx, out.token_ids, out.engine_logprobs)
                       if ctx.logprobs is not None else None)
@@ -404,7 +404,7 @@ async def completion_stream(ctx: StreamContext, choices: list, echo: bool, inclu
                         text_len[i] += len(out.text)
                     continue
                 if out.finish_reason == "abort":
-                    raise GenerationError("the request was aborted (server shutting down)")
+                    raise ServerShuttingDownError()
                 finals[i] = out.usage
                 last = chunk(i, text, ids, lps, out.finish_reason, out.stop_reason, out)
                 finished += 1
