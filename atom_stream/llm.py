@@ -47,7 +47,7 @@ from atom_stream.engine.prompts import (
     resolve_content_format,
     with_cache_salt,
 )
-from atom_stream.errors import InvalidRequestError
+from atom_stream.errors import EngineDeadError, InvalidRequestError, priority_error
 from atom_stream.sampling_params import (
     SamplingParams,
     model_sampling_defaults,
@@ -106,14 +106,17 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None,
                  use_tqdm: bool | Callable[..., Any] = False,
-                 lora_request: Any = None) -> list[RequestOutput]:
+                 lora_request: Any = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """`prompts`: one prompt or a list of them, each a string, a list of token ids, or
         vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by keyword
         (`prompt_token_ids`: one list of ids or several). A dict prompt's `cache_salt` (vLLM's)
         becomes that prompt's SamplingParams.cache_salt; its `multi_modal_data` /
         `mm_processor_kwargs` / `multi_modal_uuids` other than empty are refused (text only);
         other keys are ignored, as vLLM's TypedDicts do. `lora_request` is vLLM's argument:
-        None is accepted, anything else refused (no LoRA adapters), as `chat` does."""
+        None is accepted, anything else refused (no LoRA adapters), as `chat` does.
+        `priority` is vLLM's too (one int per prompt): only FCFS is implemented, so all zeros
+        (or None) are served and a non-zero one is vLLM's ValueError, before any work."""
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
                                       "LoRA adapters", "lora_request")
@@ -134,6 +137,7 @@ class LLM:
             texts = [None] * len(token_lists)
         else:
             raise InvalidRequestError("pass prompts or prompt_token_ids", "prompts")
+        _check_priority(priority, len(token_lists))
         outs = self._run(token_lists, sampling_params, use_tqdm)
         return [o.set_prompt(t) for o, t in zip(outs, texts)]
 
@@ -266,6 +270,7 @@ class LLM:
         max_waiting = engine.config.max_waiting_requests
         nxt = 0
         try:
+            _raise_if_dead(engine)
             while nxt < len(reqs) or engine.has_unfinished_requests():
                 # feed the waiting queue up to its bound instead of failing with overload
                 while nxt < len(reqs) and engine.scheduler.num_waiting < max_waiting:
@@ -284,6 +289,7 @@ class LLM:
                         last[i] = c
                         if left[i] == 0 and bar is not None:
                             bar.update(1)
+                _raise_if_dead(engine)  # its failed step ended the requests with "error"
         except BaseException:
             engine.abort_all()
             raise
@@ -301,6 +307,22 @@ class LLM:
             if multi[i]:
                 outs[i] = MultiChoiceOutput.gather(parent_ids[i], choices[i], last[i])
         return outs  # type: ignore[return-value]
+
+
+def _check_priority(priority: Seq[int] | None, n: int) -> None:
+    """LLM.generate's `priority`: None, or n ints all 0 (FCFS); otherwise an
+    InvalidRequestError (a ValueError, as vLLM's) naming priority."""
+    if priority is None:
+        return
+    if isinstance(priority, (str, bytes)) or not isinstance(priority, Seq):
+        raise InvalidRequestError(f"priority must be a list of ints, one per prompt, got "
+                                  f"{type(priority).__name__}", "priority")
+    if len(priority) != n:
+        raise InvalidRequestError(f"priority: {len(priority)} given for {n} prompts",
+                                  "priority")
+    for p in priority:
+        if p:
+            raise InvalidRequestError(priority_error(p), "priority")
 
 
 def _tqdm() -> Callable[..., Any]:
@@ -326,3 +348,11 @@ def _children(p: Any) -> list[SamplingParams] | None:
         return None
     p = coerce_params(p)  # add_request's own path: the dict form, the checks, their errors
     return [p.child(c) for c in range(p.n)]
+
+
+def _raise_if_dead(engine: Any) -> None:
+    """EngineDeadError when the model runner has died (a TP worker rank exited): nothing more
+    will be served, and vLLM's LLM.generate raises then too (AsyncEngine does the same)."""
+    dead = getattr(engine.runner, "dead", None)
+    if dead:
+        raise EngineDeadError(f"the model runner died: {dead}")

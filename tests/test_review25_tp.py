@@ -219,6 +219,25 @@ async def test_worker_killed_mid_step_is_named_as_the_cause(tp_config):
     assert all(not p.is_alive() for p in ex.procs)
 
 
+def test_llm_generate_raises_once_a_worker_died(tp_config):
+    """LLM.generate after a TP worker died raises EngineDeadError naming it (vLLM's LLM raises
+    too), also for a call made after the death; it does not return "error" outputs."""
+    from atom_stream.errors import EngineDeadError
+
+    llm = LLM(**{**KW, "tensor_parallel_size": 2})
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        assert llm.generate([[1, 2, 3]], params)[0].token_ids
+        proc = llm.engine.runner.procs[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        for _ in range(2):  # the step that finds the death, then a later call
+            with pytest.raises(EngineDeadError, match="TP worker atom-stream-tp1 died"):
+                llm.generate([[4, 5, 6]], params)
+    finally:
+        llm.shutdown()
+
+
 def test_unguarded_script_gets_a_clear_start_error(tmp_path):
     """A script that builds a TP engine at import time (no `if __name__ == '__main__':`): each
     spawned rank re-imports it and exits 1. The error says so (it used to be a bare "died during
