@@ -112,7 +112,7 @@ def test_unsupported_atom_feature_values_fail_start_up(line, flag):
 @pytest.mark.parametrize("line,flag", REFUSED[:4])
 def test_serve_exits_with_the_flag_named_before_starting(line, flag, monkeypatch, capsys):
     """serve() (both entry points) stops with a usage error naming the flag; no server runs."""
-    import atom_stream.server.app as app
+    from atom_stream.server import app
 
     monkeypatch.setattr(app, "run_server", lambda *a: pytest.fail("server started"))
     for entry in (openai_server.main, lambda argv: cli.main(["serve", *argv])):
@@ -135,7 +135,7 @@ def test_invalid_json_and_unknown_choices_are_usage_errors(capsys):
 def test_host_defaults_atom_entry_point_all_interfaces_serve_loopback(monkeypatch):
     """ATOM's api_server binds 0.0.0.0 by default; `atom-stream serve` keeps 127.0.0.1 (vLLM's
     flag, here loopback); an explicit --host wins in both."""
-    import atom_stream.server.app as app
+    from atom_stream.server import app
 
     seen = []
     monkeypatch.setattr(app, "run_server", lambda engine, server: seen.append(server.host))

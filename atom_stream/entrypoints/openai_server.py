@@ -5,7 +5,7 @@
 
 The same flags as `atom-stream serve` (cli.py): ATOM's engine flags in kebab or snake case
 (those this engine does not act on are logged, or refused at start-up when their value asks for
-a feature it lacks: cli.ATOM_FLAGS), plus `--api-key` and friends; as in ATOM, `--host`
+a feature it lacks: atom_flags.ATOM_FLAGS), plus `--api-key` and friends; as in ATOM, `--host`
 defaults to 0.0.0.0, the HTTP port is `--server-port` (8000) and `--port` is ATOM's internal
 engine port (accepted, unused).
 As ATOM's server, it first raises the open-file soft limit (entrypoints/limits.py) so that high

@@ -509,7 +509,8 @@ class _Connection:
 
     async def _flush(self, writer: asyncio.Task, timeout: float) -> None:
         """Let the writer send everything queued and return (a frame taken from the outbox
-        is on the wire only once its send returned: never cancel the writer mid-send)."""
+        is on the wire only once its send returned, so the writer is not cancelled mid-send
+        unless `timeout` runs out first: a peer that reads nothing)."""
         self.closing = True
         self.wake.set()
         if not writer.done():
