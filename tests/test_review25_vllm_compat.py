@@ -200,6 +200,12 @@ async def test_async_engine_generate_priority():
         with pytest.raises(InvalidRequestError, match="Got priority 2 but Priority"):
             async for _ in engine.generate([1, 2, 3], params, priority=2):
                 pass
+        # vLLM's lora_request keyword: None runs, an adapter is refused (none are served)
+        outs = [o async for o in engine.generate([1, 2], params, lora_request=None)]
+        assert outs[-1].finish_reason == "length"
+        with pytest.raises(InvalidRequestError, match="lora_request"):
+            async for _ in engine.generate([1, 2], params, lora_request=object()):
+                pass
         assert engine.stats()["num_running"] == 0
 
 

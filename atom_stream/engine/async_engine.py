@@ -309,6 +309,7 @@ class AsyncEngine:
                        request_id: str | None = None, *,
                        sampling_params: SamplingParams | None = None,
                        priority: int = 0,
+                       lora_request: Any = None,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
                        add_special_tokens: bool = True,
@@ -319,6 +320,7 @@ class AsyncEngine:
         FINAL_ONLY only the whole final output comes (vLLM's RequestOutputKind).
         `sampling_params`: vLLM's name for `params` (AsyncLLM.generate's keyword); pass one.
         `priority`: vLLM's; only 0 (FCFS scheduling), anything else is an InvalidRequestError.
+        `lora_request`: vLLM's; only None (no LoRA adapters are served), as LLM.generate.
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
         the context left after the prompt instead of capping it (the OpenAI server's rule).
         `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
@@ -329,6 +331,9 @@ class AsyncEngine:
         core = self._check_alive()
         if priority != 0:
             raise InvalidRequestError(priority_error(priority), "priority")
+        if lora_request is not None:
+            raise InvalidRequestError("lora_request is not supported: this engine serves no "
+                                      "LoRA adapters", "lora_request")
         if sampling_params is not None:
             if params is not None:
                 raise InvalidRequestError("pass params or sampling_params, not both",
@@ -370,7 +375,8 @@ class AsyncEngine:
         slot = self._slots[request_id] = _Slot()
         self._idle.clear()
         self._wakeup.set()
-        shaper = _OutputShaper(params.output_kind)
+        kind = params.output_kind  # DELTA (the servers' kind): no shaper, no per-token call
+        shaper = None if kind == RequestOutputKind.DELTA else _OutputShaper(kind)
         done = False
         try:
             while True:
@@ -387,7 +393,8 @@ class AsyncEngine:
                         del self._slots[request_id]
                     if out.finish_reason == "error":
                         raise GenerationError(out.error or "generation failed")
-                out = shaper.shape(out)
+                if shaper is not None:
+                    out = shaper.shape(out)
                 if out is not None:
                     yield out
                 if done:

@@ -122,6 +122,15 @@ class _Request:
         self.prompt_logprob_ranks: list[int] | None = None
         self.cumulative_logprob: float | None = None if seq.params.logprobs is None else 0.0
 
+    def first_prompt_logprobs(self) -> list | None:
+        """The engine prompt logprobs the request's first output carries: None when not asked
+        for; [] when asked for but no position has any (a one-token prompt: vLLM's
+        prompt_logprobs is then [None])."""
+        plps = self.prompt_logprobs
+        if plps is None and self.seq.params.prompt_logprobs is not None:
+            return []
+        return plps
+
 
 class LLMEngine:
     """`runner`: anything with the ModelRunner contract (tests pass fakes); default: the real
@@ -318,9 +327,9 @@ class LLMEngine:
         if not req.sent_first:
             req.sent_first = True
             out.prompt_token_ids = seq.prompt_token_ids
-            out.engine_prompt_logprobs = req.prompt_logprobs
+            out.engine_prompt_logprobs = plps = req.first_prompt_logprobs()
             out.prompt_logprob_ranks = req.prompt_logprob_ranks
-            if req.prompt_logprobs is not None:
+            if plps is not None:
                 out.set_tokenizer(self.tokenizer)
         return out
 
@@ -497,9 +506,9 @@ class LLMEngine:
                 if not req.sent_first:
                     req.sent_first = True
                     o.prompt_token_ids = seq.prompt_token_ids
-                    o.engine_prompt_logprobs = req.prompt_logprobs
+                    o.engine_prompt_logprobs = first = req.first_prompt_logprobs()
                     o.prompt_logprob_ranks = req.prompt_logprob_ranks
-                    if req.prompt_logprobs is not None:
+                    if first is not None:
                         o.set_tokenizer(self.tokenizer)
             else:
                 seq.finish_reason = reason

@@ -4,8 +4,9 @@ Contract (ModelRunner.execute, rank 0, once per step):
     md = SamplingMetadata.from_sequences(seqs, vocab_size, device)  # host work, once per step
     out = sampler(logits, md)                   # logits [B, V] any float dtype, row i = seqs[i]
     out.token_ids  [B] int64 on logits.device
-    out.logprobs   None, or (sampled [B] f32, top_ids [B, k] int64, top_lps [B, k] f32), k = the
-                   largest `params.logprobs` in the batch (a row asking j <= k takes the first j)
+    out.logprobs   None, or (sampled [B] f32, top_ids [B, k] int64, top_lps [B, k] f32,
+                   ranks [B] int64: the sampled token's vLLM Logprob.rank), k = the largest
+                   `params.logprobs` in the batch (a row asking j <= k takes the first j)
 
 Semantics (vLLM's), all in float32:
   1. Logprobs are of the RAW model distribution (log_softmax of the unmodified logits, vLLM's
