@@ -81,9 +81,15 @@ def test_deepseek_v3_reasoning_only_when_thinking_is_asked():
     text = "清楚</think>答案"
     msg, _ = parsing.plan(False, None, None).message("assistant", "", "直接答案", "stop")
     assert (msg.reasoning_content, msg.content) == (None, "直接答案")
-    for kw in ({"thinking": True}, {"enable_thinking": True}):
+    # either key on turns it on, as vLLM's DeepSeekV3ReasoningParser (thinking or enable_thinking)
+    for kw in ({"thinking": True}, {"enable_thinking": True},
+               {"thinking": False, "enable_thinking": True},
+               {"thinking": True, "enable_thinking": False}):
         msg, _ = parsing.plan(False, kw, None).message("assistant", "", text, "stop")
         assert (msg.reasoning_content, msg.content) == ("清楚", "答案")
+    msg, _ = parsing.plan(False, {"thinking": False, "enable_thinking": False}, None).message(
+        "assistant", "", "直接答案", "stop")
+    assert (msg.reasoning_content, msg.content) == (None, "直接答案")
 
 
 V31 = ("Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"

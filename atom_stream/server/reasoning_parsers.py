@@ -47,6 +47,8 @@ class ReasoningFormat:
         if not self.thinking_switch:
             return True
         kw = template_kwargs or {}
+        if not self.default_thinking:  # off unless asked (vLLM's deepseek_v3: either key on)
+            return bool(kw.get("thinking")) or bool(kw.get("enable_thinking"))
         return bool(kw.get("thinking", kw.get("enable_thinking", self.default_thinking)))
 
 
