@@ -1,5 +1,6 @@
 """ATOM's engine flags (its arg_utils.py, as reference/atom.md lists them) that this engine
-parses but does not act on: one table (ATOM_FLAGS), registered on the CLI's parser by
+parses but does not act on (besides --online_quant_config, which a non-empty value passes on
+to EngineConfig.online_quant_config): one table (ATOM_FLAGS), registered on the CLI's parser by
 `add_atom_flags` and checked by `check_atom_flags` (a value asking for behaviour this engine
 does not implement is a start-up error naming the flag; any other given flag is logged as
 accepted with no effect)."""
@@ -35,12 +36,14 @@ class AtomFlag(NamedTuple):
     `kwargs`: ATOM's add_argument type/nargs/choices/action (the default is always None, so a
     flag left out is never logged); `note`: why it has no effect here (logged when given);
     `refuse(value, args)`: why the given value asks for behaviour this engine does not
-    implement (a start-up error), or None when the value is a no-op here."""
+    implement (a start-up error), or None when the value is a no-op here; `acts(value)`: the
+    engine acts on this value (passed on to EngineConfig, so it is not logged as a no-op)."""
 
     flags: tuple[str, ...]
     kwargs: dict[str, Any]
     note: str
     refuse: Callable[[Any, argparse.Namespace], str | None] | None = None
+    acts: Callable[[Any], bool] | None = None  # True: this value is acted on (not logged)
 
 
 def _unless(ok: Callable[[Any], bool], why: str) -> Callable[[Any, Any], str | None]:
@@ -53,6 +56,25 @@ def _speculative(value: Any, args: argparse.Namespace) -> str | None:
     (default 1) is above 0 (EngineArgs._get_engine_kwargs)."""
     tokens = 1 if args.num_speculative_tokens is None else args.num_speculative_tokens
     return "speculative decoding is not implemented" if tokens > 0 else None
+
+
+def _online_quant_refusal(value: Any) -> str | None:
+    """Why an --online_quant_config cannot run here (EngineConfig.online_quant_config, parsed
+    by layers/quant/online.py: mxfp4 / mxfp8 targets, malformed fields), or None."""
+    from atom_stream.layers.quant.online import parse_online_quant_config
+
+    try:
+        parse_online_quant_config(value)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _online_quant_acts(value: Any) -> bool:
+    """A config that quantizes some layer is acted on (`{}` / no target: a logged no-op)."""
+    from atom_stream.layers.quant.online import parse_online_quant_config
+
+    return parse_online_quant_config(value) is not None
 
 
 _INT, _FLOAT, _JSON = {"type": int}, {"type": float}, {"type": json_dict}
@@ -109,8 +131,7 @@ ATOM_FLAGS: tuple[AtomFlag, ...] = (
     AtomFlag(("--spec-decode-acceptance-rate",), _FLOAT, _NO_SPEC),
     AtomFlag(("--dspark-config",), _JSON, _NO_SPEC),
     AtomFlag(("--online-quant-config",), _JSON, "an empty config quantizes nothing",
-             _unless(lambda v: not v, "online quantization is not implemented (the "
-                     "checkpoint's quantization_config is used as it is)")),
+             lambda v, _args: _online_quant_refusal(v), _online_quant_acts),
     AtomFlag(("--kv-transfer-config",), _JSON, "an empty config transfers nothing",
              _unless(lambda v: not v, "KV transfer (prefill/decode disaggregation) is not "
                      "implemented")),
@@ -148,6 +169,8 @@ def check_atom_flags(args: argparse.Namespace) -> None:
                 json.dumps(value) if isinstance(value, dict) else str(value))
             raise ConfigError(f"{'/'.join(spec.flags)}{shown}: unsupported: {why}")
     for spec, value in given:
+        if spec.acts is not None and spec.acts(value):
+            continue
         logger.info("%s accepted for ATOM compatibility; no effect here: %s",
                     "/".join(spec.flags), spec.note)
 

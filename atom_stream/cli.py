@@ -32,8 +32,10 @@ also `--cudagraph-mode` and `--request-log`) are accepted and logged (`--cudagra
 means `--enforce-eager`). A value that asks for what this engine does not implement is a
 start-up error naming the flag: `-pcp`/`-dcp` other than 1, `--enable-dp-attention`,
 `--method` (speculative decoding, unless `--num-speculative-tokens 0`), `--draft-model`,
-`--fake-eplb`, and a non-empty `--online_quant_config` or
-`--kv-transfer-config` (`{}` is accepted). `--load_dummy` means `--load-format dummy`.
+`--fake-eplb`, and a non-empty `--kv-transfer-config` (`{}` is accepted).
+ATOM's `--online_quant_config JSON` quantizes the checkpoint's unquantized Linear layers at load
+(ptpc_fp8 / per_block_fp8; layers/quant/online.py; mxfp4 / mxfp8 targets are a start-up
+error). `--load_dummy` means `--load-format dummy`.
 vLLM's `--hf-overrides JSON` overrides config.json fields (config.apply_hf_overrides), and
 `--scheduling-policy fcfs` is accepted (`priority` is a start-up error: not implemented).
 `--cudagraph-capture-sizes` takes ATOM's one list argument or vLLM's several.
@@ -303,6 +305,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         async_scheduling=args.async_scheduling, watchdog_timeout=args.watchdog_timeout,
         hf_overrides=args.hf_overrides or None, scheduling_policy=args.scheduling_policy,
+        online_quant_config=args.online_quant_config or None,
         nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.dist_init_addr[0] if args.dist_init_addr else args.master_addr,
         master_port=args.dist_init_addr[1] if args.dist_init_addr else args.master_port,

@@ -609,6 +609,10 @@ class EngineConfig:
     # vLLM's --scheduling-policy: only "fcfs" (first come, first served) is implemented;
     # "priority" is a ConfigError, and so is a request priority other than 0
     scheduling_policy: str = "fcfs"
+    # ATOM's --online_quant_config: {"global_quant_config", "layer_quant_config",
+    # "exclude_layer"} (a dict, or its JSON text); the unquantized Linear layers it selects are
+    # quantized at load (ptpc_fp8 / per_block_fp8; layers/quant/online.py). None / {}: none
+    online_quant_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):  # a pathlib.Path is a path: read it as its string
@@ -674,6 +678,7 @@ class EngineConfig:
             raise bad("seed", "must be an integer or null (random)")
         self._validate_nodes(bad)
         check_hf_overrides(self.hf_overrides)
+        self._validate_online_quant()
         if self.scheduling_policy == "priority":
             raise ConfigError("scheduling_policy: priority scheduling is not implemented "
                               "(--scheduling-policy priority); only fcfs, the default, is")
@@ -685,6 +690,18 @@ class EngineConfig:
                 or not isinstance(self.watchdog_timeout, (int, float))
                 or not self.watchdog_timeout > 0):
             raise bad("watchdog_timeout", "must be a positive number of seconds")
+
+    def _validate_online_quant(self) -> None:
+        """online_quant_config: a JSON text becomes its dict; a malformed one, an unknown key or
+        an unsupported target (mxfp4 / mxfp8) is a ConfigError naming it."""
+        raw = self.online_quant_config
+        if raw is None:
+            return
+        from atom_stream.layers.quant.online import parse_online_quant_config
+
+        parse_online_quant_config(raw)
+        if isinstance(raw, str):
+            self.online_quant_config = json.loads(raw) if raw.strip() else None
 
     def _validate_nodes(self, bad) -> None:
         """Multi-node fields (engine/multinode.py)."""

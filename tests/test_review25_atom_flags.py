@@ -62,7 +62,7 @@ REFUSED = [
     ("--method mtp", "--method mtp"),
     ("--method eagle3 --num-speculative-tokens 3", "--method eagle3"),
     ("--draft-model /models/draft", "--draft-model /models/draft"),
-    ("--online_quant_config '{\"global_quant_config\": \"ptpc_fp8\"}'",
+    ("--online_quant_config '{\"global_quant_config\": \"mxfp8\"}'",
      "--online-quant-config"),
     ("--kv-transfer-config '{\"kv_role\": \"kv_producer\"}'", "--kv-transfer-config"),
     ("--fake-eplb", "--fake-eplb"),

@@ -212,7 +212,8 @@ class ModelRunner:
             model_cls = MODEL_REGISTRY[cfg.architecture]
             with quant_init(cfg):  # layers/quant (issue 8): quantized weights never built dense
                 self.model = model_cls(cfg, self.max_model_len, self.dtype, self.device)
-            quant_hooks = apply_quantization(self.model, cfg)  # packed buffers + loader hooks
+            quant_hooks = apply_quantization(  # packed buffers + loader hooks
+                self.model, cfg, online_quant_config=config.online_quant_config)
             dummy = config.is_demo or config.load_format == "dummy" or not _is_dir(config.model)
             if dummy:
                 from atom_stream.models.demo import DEMO_SEED

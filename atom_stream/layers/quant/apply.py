@@ -5,7 +5,8 @@ Runner sequence (engine/model_runner.py):
 
     with quant_init(cfg):                      # quantizable weights are built on `meta`
         model = model_cls(cfg, max_len, dtype, device)
-    hooks = apply_quantization(model, cfg)     # swap in packed buffers; materialize the rest
+    hooks = apply_quantization(model, cfg, online_quant_config=config.online_quant_config)
+                                               # swap in packed buffers; materialize the rest
     load_checkpoint(model, path, ..., extra_hooks=hooks)   (or init_dummy_weights)
     logger.info(weight_bytes_report(model))
 
@@ -29,11 +30,13 @@ from atom_stream.config import ModelConfig
 from atom_stream.layers.linear import Linear
 from atom_stream.layers.parallel import TPInfo, tp
 from atom_stream.layers.quant import config as qc
-from atom_stream.layers.quant.common import CheckpointError, real_device
+from atom_stream.layers.quant.common import CheckpointError, log_once, real_device
 from atom_stream.layers.quant.fp8_block import Fp8BlockLinearMethod, Fp8BlockMoEMethod
 from atom_stream.layers.quant.int4_pack import Int4LinearMethod, Int4MoEMethod
 from atom_stream.layers.quant.kv_cache import KvScaleHook
 from atom_stream.layers.quant.mxfp4 import Mxfp4LinearMethod, Mxfp4MoEMethod
+from atom_stream.layers.quant.online import PTPC_FP8, OnlineQuantConfig, parse_online_quant_config
+from atom_stream.layers.quant.ptpc_fp8 import OnlineFp8BlockLinearMethod, PtpcFp8LinearMethod
 from atom_stream.layers.quant.w4a8 import W4A8LinearMethod, W4A8MoEMethod
 from atom_stream.models.deepseek_v3 import Experts
 
@@ -45,6 +48,8 @@ METHODS = {
     qc.W4A8: (W4A8LinearMethod, W4A8MoEMethod),
     qc.FP8_BLOCK: (Fp8BlockLinearMethod, Fp8BlockMoEMethod),
 }
+# online_quant_config targets (layers/quant/online.py): Linear methods fed from float weights
+ONLINE_METHODS = {PTPC_FP8: PtpcFp8LinearMethod, qc.FP8_BLOCK: OnlineFp8BlockLinearMethod}
 _EXPERT_RE = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 
 
@@ -147,43 +152,82 @@ def _materialize(model: nn.Module) -> None:
 
 
 def apply_quantization(model: nn.Module, model_config: ModelConfig,
-                       tp_info: TPInfo | None = None) -> list:
+                       tp_info: TPInfo | None = None, online_quant_config=None) -> list:
     """Swap the layers the checkpoint quantizes for their packed buffers (filled with valid dummy
     values) and return the loader hooks for `load_checkpoint(..., extra_hooks=...)`: the
-    quantized-tensor loader (when anything is quantized) and the KV k_scale reader (always)."""
+    quantized-tensor loader (when anything is quantized) and the KV k_scale reader (always).
+
+    `online_quant_config` (EngineConfig.online_quant_config, ATOM's --online_quant_config; see
+    layers/quant/online.py): the Linear layers the checkpoint leaves unquantized and the config
+    selects get an online method (ptpc_fp8 / per_block_fp8) whose loader quantizes the float
+    checkpoint weight; checkpoint-quantized layers keep their method."""
     info = tp_info or tp()
     cfg = qc.parse_quant_config(model_config.quantization_config)
+    online = parse_online_quant_config(online_quant_config)
     loader = QuantLoader()
     methods: dict[tuple, object] = {}
-    if cfg is not None:
+    if cfg is not None or online is not None:
         for name, module in list(model.named_modules()):
-            if isinstance(module, Linear):
-                scheme = cfg.scheme(name)
-                kind = 0
-            elif isinstance(module, Experts):
-                scheme = cfg.experts_scheme(name, module.num_experts)
-                kind = 1
-            else:
-                continue
+            kind, scheme = _layer_scheme(cfg, online, name, module)
             if scheme is None:
                 continue
             key = (kind, scheme)
             if key not in methods:
-                methods[key] = METHODS[scheme.format][kind](scheme)
-            if kind == 0:
-                methods[key].create(module, name)
-                loader.linears[name] = module
-            else:
+                methods[key] = (ONLINE_METHODS[scheme.format] if kind == 2
+                                else METHODS[scheme.format][kind])(scheme)
+            if kind == 1:
                 methods[key].create(module, name, info)
                 loader.experts[name] = module
-        logger.info("quantization %s: %d MoE layers and %d linears quantized (%s)", cfg.method,
-                    len(loader.experts), len(loader.linears),
-                    ", ".join(sorted({m.format for m in methods.values()})) or "none")
+            else:
+                methods[key].create(module, name)
+                loader.linears[name] = module
+        _log_methods(cfg, online, loader, methods)
     _materialize(model)
     hooks: list = [KvScaleHook(model)]
     if loader.linears or loader.experts:
         hooks.insert(0, loader)
     return hooks
+
+
+def _layer_scheme(cfg, online: OnlineQuantConfig | None, name: str, module: nn.Module):
+    """(kind, scheme) of one module: kind 0 a Linear the checkpoint quantizes, 1 routed experts,
+    2 a Linear the checkpoint leaves unquantized (scheme: its online target); scheme None: the
+    module stays as built."""
+    if isinstance(module, Linear):
+        scheme = cfg.scheme(name) if cfg is not None else None
+        if scheme is not None:
+            return 0, scheme
+        return 2, online.scheme(name) if online is not None else None
+    if isinstance(module, Experts):
+        scheme = cfg.experts_scheme(name, module.num_experts) if cfg is not None else None
+        if scheme is None and online is not None:
+            _online_experts(online, name)
+        return 1, scheme
+    return 0, None
+
+
+def _online_experts(online: OnlineQuantConfig, name: str) -> None:
+    """Routed experts the online config selects stay in the model dtype (Linear layers only)."""
+    scheme = online.scheme(name)
+    if scheme is not None:
+        log_once("online-experts", "online_quant_config selects the routed experts (e.g. %s) "
+                 "for %s: online quantization covers Linear layers only here, the unquantized "
+                 "experts stay in the model dtype (exclude them, e.g. \"*expert*\", to "
+                 "silence this)", name, scheme.format)
+
+
+def _log_methods(cfg, online, loader: QuantLoader, methods: dict) -> None:
+    """One line: the checkpoint's quantized layers, then the online-quantized linears."""
+    def formats(online_kind: bool) -> str:
+        return ", ".join(sorted({m.format for (k, _), m in methods.items()
+                                 if (k == 2) == online_kind})) or "none"
+
+    n_online = sum(1 for lyr in loader.linears.values() if lyr.quant_method.online)
+    tail = (f"; online_quant_config {online.describe()}: {n_online} linears quantized at load "
+            f"({formats(True)})" if online is not None else "")
+    logger.info("quantization %s: %d MoE layers and %d linears quantized (%s)%s",
+                cfg.method if cfg is not None else "none", len(loader.experts),
+                len(loader.linears) - n_online, formats(False), tail)
 
 
 def weight_bytes_report(model: nn.Module) -> dict[str, int]:

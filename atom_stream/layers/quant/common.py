@@ -87,6 +87,7 @@ class LinearMethod:
     format = ""
     suffixes: tuple[str, ...] = ()   # checkpoint tensors each layer must have
     optional: tuple[str, ...] = ()   # accepted and ignored when present
+    online = False  # quantizes a float checkpoint weight as it loads (online_quant_config)
 
     def __init__(self, scheme):
         self.scheme = scheme
