@@ -298,3 +298,19 @@ def test_mi300_fnuz_weights_dequantize_the_same():
         deq[dt] = lin.quant_method.dequantize(lin)
     assert torch.equal(deq[FN], deq[torch.float8_e4m3fnuz])
     assert torch.equal(deq[FN], channel_qdq(w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a GPU")
+def test_ptpc_on_the_gpu_matches_the_cpu(dense):
+    """The GPU path (kernels/fp8_linear in w8a8 mode, the weights quantized at load on the
+    device) gives the CPU path's logits and tokens on the same checkpoint and config."""
+    gpu = ModelRunner(EngineConfig(model=dense, device="cuda", dtype="float32",
+                                   num_kv_blocks=32, block_size=4, enforce_eager=True,
+                                   online_quant_config=ATTN))
+    lin = gpu.model.model.layers[0].self_attn.o_proj
+    assert isinstance(lin.quant_method, ptpc_fp8.PtpcFp8LinearMethod)
+    assert lin.weight.dtype == FN and lin.weight.is_cuda
+    got_logits, got = run(gpu, PROMPT, n_decode=10)
+    ref_logits, ref = run(build(dense, online_quant_config=ATTN), PROMPT, n_decode=10)
+    assert got == ref and rel(got_logits.cpu(), ref_logits) < 2e-3
