@@ -149,10 +149,12 @@ class _Connection:
         self.live: dict[str, _Live] = {}
         self.outbox: dict[_Live, None] = {}  # insertion-ordered set of entries with output
         self.errors: deque[WsError] = deque()
-        # set while fewer than _MAX_PENDING_ERRORS error frames wait for the writer: the
-        # receive loop stops reading a client that sends bad frames without reading replies
-        self.error_room = asyncio.Event()
-        self.error_room.set()
+        # set while fewer than _MAX_PENDING_ERRORS error frames and fewer than ws_max_requests
+        # entries with unsent output wait for the writer: the receive loop stops reading a
+        # client that sends frames without reading the replies (a finished request leaves
+        # `live` at once, but its output stays queued until the stalled send takes it)
+        self.room = asyncio.Event()
+        self.room.set()
         self.wake = asyncio.Event()
         self.batch = SEND_BATCH in scope.get("extensions", {})
         self.authed = scope.get(AUTH_SCOPE_KEY) != "pending"
@@ -203,20 +205,23 @@ class _Connection:
     def error(self, rid: str | None, code: int, message: str, param: str | None = None) -> None:
         self.errors.append(WsError(rid, code, message, param if param else msgspec.UNSET))
         if len(self.errors) >= _MAX_PENDING_ERRORS:
-            self.error_room.clear()
+            self.room.clear()
         self.wake.set()
 
     def _queue(self, live: _Live) -> None:
         if not live.queued:
             live.queued = True
             self.outbox[live] = None
+            if len(self.outbox) >= self.cfg.ws_max_requests:
+                self.room.clear()
             self.wake.set()
 
     async def _receive_with_room(self, writer: asyncio.Task) -> Any:
         """The next ASGI message, once the unsent error frames are below _MAX_PENDING_ERRORS
-        (TCP then pushes back on a client that floods bad frames and reads nothing)."""
-        while not self.error_room.is_set() and not writer.done():
-            room = asyncio.ensure_future(self.error_room.wait())
+        and the entries with unsent output below ws_max_requests (TCP then pushes back on a
+        client that keeps sending and reads nothing)."""
+        while not self.room.is_set() and not writer.done():
+            room = asyncio.ensure_future(self.room.wait())
             try:
                 await asyncio.wait({room, writer}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -246,7 +251,6 @@ class _Connection:
             while outbox or errors:
                 frames: list[bytes] = [encode(e) for e in errors]
                 errors.clear()
-                self.error_room.set()
                 while outbox:
                     live = next(iter(outbox))
                     del outbox[live]
@@ -262,6 +266,7 @@ class _Connection:
                     if done is not None:
                         live.done = None
                         frames.append(encode(done))
+                self.room.set()  # both queues are empty: the frames are in this batch
                 if batch:
                     await self._send({"type": SEND_BATCH, "frames": frames,
                                       "binary": self.binary})
