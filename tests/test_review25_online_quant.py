@@ -262,7 +262,7 @@ def test_cli_errors_name_the_flag(capsys):
 
 @pytest.mark.skipif(GPU, reason="interpreter test: runs where there is no GPU")
 @pytest.mark.parametrize("n,k", [(48, 64), (40, 96)])
-def test_gpu_kernel_path_matches_torch_path(n, k, monkeypatch):
+def test_gpu_kernel_path_matches_torch_path(n, k):
     """The same PtpcFp8LinearMethod forward through kernels/fp8_linear (w8a8, block (1, Kp))
     as the GPU takes it, under the Triton interpreter, vs its CPU torch path."""
     from atom_stream.layers.parallel import TPInfo, tp_context
@@ -276,9 +276,10 @@ def test_gpu_kernel_path_matches_torch_path(n, k, monkeypatch):
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(n))
     torch_y = lin(x)
     assert rel(torch_y, token_qdq(x) @ channel_qdq(w).T) < 1e-5
-    monkeypatch.setattr(ptpc_fp8, "kernel_path", type("K", (), {"active": lambda x: True}))
-    assert method.kernel_mode(x) == "w8a8"
-    assert rel(lin(x), torch_y) < 1e-5
+    from atom_stream.models import kernel_path
+    with kernel_path.force_kernels(True):
+        assert method.kernel_mode(x) == "w8a8"
+        assert rel(lin(x), torch_y) < 1e-5
 
 
 def test_mi300_fnuz_weights_dequantize_the_same():

@@ -110,6 +110,27 @@ class _ActQuant:
         return fp8_qdq_group(x, self.scheme.block[1], self.scheme.ue8m0)
 
 
+def fp8_kernel_mode(x: torch.Tensor, act_quant: bool, what: str,
+                    tiles_ok: bool = True) -> str | None:
+    """How kernels/fp8_linear runs an FP8-weight linear's forward over `x`: "w8a8" (FP8
+    activations) / "weight_only" (the GPU has no FP8 dot, or no activation quantization), or
+    None for the torch reference (CPU, tiles the kernel does not take, an activation dtype it
+    does not take, no kernel). `what` names the layers in the one-time log lines."""
+    if (not tiles_ok or not kernel_path.active(x)
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        return None
+    kern = fp8_linear_kernel()
+    if kern is None:
+        log_once(f"nofp8linear:{what}", "kernels/fp8_linear unavailable: %s dequantize per "
+                 "forward", what)
+        return None
+    if act_quant and not kern.fp8_dot_supported(x.device):
+        log_once(f"fp8wonly:{what}", "no fp8 dot on %s: %s run weight-only (activations not "
+                 "quantized)", x.device, what)
+        return "weight_only"
+    return "w8a8" if act_quant else "weight_only"
+
+
 class Fp8BlockLinearMethod(_ActQuant, LinearMethod):
     format = "fp8_block"
     suffixes = ("weight", "weight_scale_inv")
@@ -139,19 +160,8 @@ class Fp8BlockLinearMethod(_ActQuant, LinearMethod):
         """"w8a8" / "weight_only" when kernels/fp8_linear runs this forward, None: the torch
         reference (CPU, or a block the kernel does not tile: bk must be a power of two >= 16)."""
         bk = self.scheme.block[1]
-        if (not kernel_path.active(x) or bk < 16 or bk & (bk - 1)
-                or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
-            return None
-        kern = fp8_linear_kernel()
-        if kern is None:
-            log_once("nofp8linear", "kernels/fp8_linear unavailable: FP8 block linears "
-                     "dequantize per forward")
-            return None
-        if self.act_quant and not kern.fp8_dot_supported(x.device):
-            log_once("fp8wonly", "no fp8 dot on %s: FP8 block linears run weight-only (bf16 "
-                     "activations, not quantized)", x.device)
-            return "weight_only"
-        return "w8a8" if self.act_quant else "weight_only"
+        return fp8_kernel_mode(x, self.act_quant, "FP8 block linears",
+                               bk >= 16 and not bk & (bk - 1))
 
     def apply(self, layer, x):
         mode = self.kernel_mode(x)

@@ -27,10 +27,13 @@ import torch.nn.functional as F
 from atom_stream.kernels.moe_ref import exact_div
 from atom_stream.layers.quant.common import (
     FP8, FP8_MAX, CheckpointError, LinearMethod, copy_into, fp8_qdq_group, fp8_to_platform,
-    log_once, platform_fp8_dtype, tp_narrow,
+    platform_fp8_dtype, tp_narrow,
 )
-from atom_stream.layers.quant.fp8_block import Fp8BlockLinearMethod, fp8_linear_kernel
-from atom_stream.models import kernel_path
+from atom_stream.layers.quant.fp8_block import (
+    Fp8BlockLinearMethod,
+    fp8_kernel_mode,
+    fp8_linear_kernel,
+)
 
 
 def _pow2(n: int) -> int:
@@ -97,19 +100,7 @@ class PtpcFp8LinearMethod(LinearMethod):
     def kernel_mode(self, x: torch.Tensor) -> str | None:
         """"w8a8" / "weight_only" when kernels/fp8_linear runs this forward; None: the torch
         reference (CPU, or an activation dtype the kernel does not take)."""
-        if not kernel_path.active(x) or x.dtype not in (torch.bfloat16, torch.float16,
-                                                         torch.float32):
-            return None
-        kern = fp8_linear_kernel()
-        if kern is None:
-            log_once("nofp8linear:ptpc", "kernels/fp8_linear unavailable: ptpc_fp8 linears "
-                     "dequantize per forward")
-            return None
-        if self.act_quant and not kern.fp8_dot_supported(x.device):
-            log_once("fp8wonly:ptpc", "no fp8 dot on %s: ptpc_fp8 linears run weight-only "
-                     "(activations not quantized)", x.device)
-            return "weight_only"
-        return "w8a8" if self.act_quant else "weight_only"
+        return fp8_kernel_mode(x, self.act_quant, "ptpc_fp8 linears")
 
     def apply(self, layer, x):
         mode = self.kernel_mode(x)
