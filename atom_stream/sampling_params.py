@@ -47,15 +47,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     - `max_tokens=None`: fill the context up to max_model_len.
     - `top_k <= 0`: no top-k (-1 and 0 alike). `temperature`: in [0, 2]; 0 = greedy (and then
-      n must be 1, as vLLM); 0 < t < 0.01 is raised to 0.01 (vLLM's _MAX_TEMP), so only 0 is
-      greedy.
+      n must be 1, as vLLM; top_p / top_k / min_p are validated and then ignored);
+      0 < t < 0.01 is raised to 0.01 (vLLM's _MAX_TEMP), so only 0 is greedy.
     - `seed`: per-request generator; the same seed gives the same tokens alone or in any batch.
       -1 means no seed (vLLM).
-    - `logprobs`: None = none; k >= 0 = the sampled token's logprob plus the top k (k <= 20).
-    - `prompt_logprobs`: None or k >= 0, logprobs of the prompt tokens (for echo/loglikelihood).
+    - `logprobs`: None = none; k >= 0 = the sampled token's logprob plus the top k (k <= 20);
+      True is read as 1 (vLLM).
+    - `prompt_logprobs`: None or k >= 0 (True = 1), logprobs of the prompt tokens.
     - `stop`: strings matched on the detokenized text (trimmed from the output unless
       `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
-      None for either is "none" (vLLM's default), read as [].
+      None for either is "none" (vLLM's default), read as []; stop_token_ids are deduplicated.
     - `detokenize`: vLLM's; False returns the token ids only (text "", stop strings refused).
     - `spaces_between_special_tokens`: vLLM's; accepted and kept. It has no effect here, as in
       vLLM with a fast tokenizer: every tokenizer this engine loads (byte-level BPE, Kimi's
@@ -131,11 +132,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.output_kind = RequestOutputKind(kind)  # 1 (JSON) -> RequestOutputKind.DELTA
         if self.seed == -1:  # vLLM: -1 is "no seed"
             self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # vLLM's __post_init__: True is 1
+                setattr(self, name, 1)
         t = self.temperature
         if isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t < MIN_TEMPERATURE:
             # vLLM raises these (NaN/inf in its tensors otherwise) before deciding greedy
             self.temperature = MIN_TEMPERATURE
         self.validate()
+        self._normalize_valid()
+
+    def _normalize_valid(self) -> None:
+        """vLLM's __post_init__ step after _verify_args: stop_token_ids deduplicated (first
+        occurrence kept; after validation, so that True never merges into 1). Greedy rows
+        ignore top_p / top_k / min_p (the sampler skips them) but, unlike vLLM, keep them."""
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
 
     def __repr__(self) -> str:
         """The public fields (vLLM's repr lists them; the engine's tokenized bad words are
@@ -181,29 +192,33 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.greedy and self.n > 1:  # vLLM's _verify_greedy_sampling
             raise SamplingParamsError("n", f"must be 1 when using greedy sampling, got {self.n}")
         if not 0.0 < num("top_p") <= 1.0:
-            raise SamplingParamsError("top_p", "must be in (0, 1]")
+            raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         integer("top_k", -1, 2**31 - 1)
         if not 0.0 <= num("min_p") <= 1.0:
-            raise SamplingParamsError("min_p", "must be in [0, 1]")
+            raise SamplingParamsError("min_p", f"must be in [0, 1], got {self.min_p!r}")
         integer("seed", -(2**63), _INT64_MAX, optional=True)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= num(name) <= 2.0:
-                raise SamplingParamsError(name, "must be in [-2, 2]")
+                raise SamplingParamsError(name, f"must be in [-2, 2], got {getattr(self, name)!r}")
         if not 0.0 < num("repetition_penalty"):  # vLLM: any finite value > 0
-            raise SamplingParamsError("repetition_penalty", "must be > 0")
+            raise SamplingParamsError("repetition_penalty", f"must be greater than zero, got "
+                                      f"{self.repetition_penalty!r}")
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)
         integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
         if not isinstance(self.stop, list) or any(not isinstance(s, str) for s in self.stop):
             raise SamplingParamsError("stop", "must be a string or a list of strings")
         # bounded (the stop matcher's work per token grows with them), looser than before
-        if len(self.stop) > 64 or any(not s or len(s) > 1024 for s in self.stop):
-            raise SamplingParamsError("stop", "at most 64 non-empty strings of <= 1024 chars")
+        if any(not s for s in self.stop):  # vLLM's _verify_args
+            raise SamplingParamsError("stop", "cannot contain an empty string")
+        if len(self.stop) > 64 or any(len(s) > 1024 for s in self.stop):
+            raise SamplingParamsError("stop", "at most 64 strings of <= 1024 chars")
         if not isinstance(self.stop_token_ids, list) or any(
             isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids
         ):
             raise SamplingParamsError("stop_token_ids", "must be a list of non-negative ints")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise SamplingParamsError("min_tokens", "must not exceed max_tokens")
+            raise SamplingParamsError("min_tokens", f"must be less than or equal to "
+                                      f"max_tokens={self.max_tokens}, got {self.min_tokens}")
         if self.logit_bias is not None and (not isinstance(self.logit_bias, dict) or any(
                 isinstance(k, bool) or not isinstance(k, int) or k < 0
                 or isinstance(v, bool) or not isinstance(v, (int, float))

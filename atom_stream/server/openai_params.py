@@ -179,7 +179,10 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
         return SamplingParams(**kw)
     except SamplingParamsError as e:
         param = renames.get(e.param, e.param)
-        raise HTTPError(400, str(e).replace(f"{e.param}:", f"{param}:", 1), param) from None
+        text = str(e).replace(f"{e.param}:", f"{param}:", 1)
+        if "max_tokens" in renames:  # a message quoting max_tokens names the client's field
+            text = text.replace("max_tokens=", f"{renames['max_tokens']}=")
+        raise HTTPError(400, text, param) from None
 
 
 def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
