@@ -38,7 +38,12 @@ from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
 from atom_stream.layers.parallel import TPInfo, broadcast_from_first, tp_context
-from atom_stream.layers.quant import apply_quantization, quant_init, weight_bytes_report
+from atom_stream.layers.quant import (
+    apply_quantization,
+    init_online_dummy_weights,
+    quant_init,
+    weight_bytes_report,
+)
 from atom_stream.loader import init_dummy_weights, load_checkpoint
 from atom_stream.models import MODEL_REGISTRY, mla_prefix
 
@@ -217,7 +222,9 @@ class ModelRunner:
             dummy = config.is_demo or config.load_format == "dummy" or not _is_dir(config.model)
             if dummy:
                 from atom_stream.models.demo import DEMO_SEED
-                init_dummy_weights(self.model, DEMO_SEED if config.is_demo else config.seed)
+                seed = DEMO_SEED if config.is_demo else config.seed
+                init_dummy_weights(self.model, seed)
+                init_online_dummy_weights(self.model, seed)  # quantized from those weights
             else:
                 load_checkpoint(self.model, config.model, cfg.num_hidden_layers,
                                 cfg.tie_word_embeddings, extra_hooks=quant_hooks,

@@ -232,7 +232,11 @@ class MLA(nn.Module):
     def _absorbed_q_weight(self) -> torch.Tensor | None:
         """[H * (r + rope), q_lora] in the model dtype: per head, W_UK^T @ q_b's nope rows
         (q_lat = W_UK^T q_nope, so q_lat = that @ q_c), then q_b's rope rows unchanged. None
-        when it would exceed ABSORB_QB_MAX_BYTES."""
+        when it would exceed ABSORB_QB_MAX_BYTES, and when q_b is quantized (its method may
+        quantize its activations, which a folded bf16 GEMM would skip: a decode batch's
+        numerics would then depend on its size; ATOM never folds q_b either)."""
+        if self.q_b_proj.quant_method is not None:
+            return None
         H, n, r, pe = self.num_heads, self.nope, self.r, self.rope
         wq = dense_weight(self.q_b_proj)
         ql, dt = wq.shape[1], self.w_uk.dtype

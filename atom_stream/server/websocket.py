@@ -150,11 +150,14 @@ class _Connection:
         self.outbox: dict[_Live, None] = {}  # insertion-ordered set of entries with output
         self.errors: deque[WsError] = deque()
         # set while fewer than _MAX_PENDING_ERRORS error frames and fewer than ws_max_requests
-        # entries with unsent output wait for the writer: the receive loop stops reading a
+        # finished requests' outputs wait for the writer: the receive loop stops reading a
         # client that sends frames without reading the replies (a finished request leaves
-        # `live` at once, but its output stays queued until the stalled send takes it)
+        # `live` at once, but its output stays queued until the stalled send takes it). Live
+        # requests' output does not pause reading: ws_max_requests bounds it already, and
+        # their `cancel` frames must still be read.
         self.room = asyncio.Event()
         self.room.set()
+        self.unsent_final = 0  # outbox entries whose request ended (their last frame waits)
         self.wake = asyncio.Event()
         self.batch = SEND_BATCH in scope.get("extensions", {})
         self.authed = scope.get(AUTH_SCOPE_KEY) != "pending"
@@ -208,18 +211,22 @@ class _Connection:
             self.room.clear()
         self.wake.set()
 
-    def _queue(self, live: _Live) -> None:
+    def _queue(self, live: _Live, final: bool = False) -> None:
+        """Put `live` in the outbox (once until the writer takes it); `final`: its request
+        ended (live.done is set), which counts toward the read pause."""
+        if final:
+            self.unsent_final += 1
+            if self.unsent_final >= self.cfg.ws_max_requests:
+                self.room.clear()
         if not live.queued:
             live.queued = True
             self.outbox[live] = None
-            if len(self.outbox) >= self.cfg.ws_max_requests:
-                self.room.clear()
             self.wake.set()
 
     async def _receive_with_room(self, writer: asyncio.Task) -> Any:
         """The next ASGI message, once the unsent error frames are below _MAX_PENDING_ERRORS
-        and the entries with unsent output below ws_max_requests (TCP then pushes back on a
-        client that keeps sending and reads nothing)."""
+        and the finished requests with unsent output below ws_max_requests (TCP then pushes
+        back on a client that keeps sending and reads nothing)."""
         while not self.room.is_set() and not writer.done():
             room = asyncio.ensure_future(self.room.wait())
             try:
@@ -266,6 +273,7 @@ class _Connection:
                     if done is not None:
                         live.done = None
                         frames.append(encode(done))
+                self.unsent_final = 0
                 self.room.set()  # both queues are empty: the frames are in this batch
                 if batch:
                     await self._send({"type": SEND_BATCH, "frames": frames,
@@ -317,7 +325,7 @@ class _Connection:
                         live.done = WsDone(live.id, out.finish_reason, usage,
                                            out.stop_reason if out.stop_reason is not None
                                            else msgspec.UNSET)
-                    self._queue(live)
+                    self._queue(live, out.finish_reason is not None)
             finally:
                 await gen.aclose()  # aborts in the engine if unfinished
         except asyncio.CancelledError:
@@ -329,7 +337,7 @@ class _Connection:
             # after any delta still pending for this id, in place of its done frame
             live.done = WsError(live.id, err.status, err.message,
                                 frame_param(err.param, prompt_field) or msgspec.UNSET)
-            self._queue(live)
+            self._queue(live, True)
         finally:
             metrics.ws_streams.dec()
             if self.live.get(live.id) is live:

@@ -9,9 +9,14 @@ ATOM's --online_quant_config (`online`) quantizes unquantized Linear weights as 
 from __future__ import annotations
 
 from atom_stream.layers.quant.apply import (
-    QuantLoader, apply_quantization, quant_init, set_activation_quant, weight_bytes_report,
+    QuantLoader,
+    apply_quantization,
+    init_online_dummy_weights,
+    quant_init,
+    set_activation_quant,
+    weight_bytes_report,
 )
 from atom_stream.layers.quant.config import QuantScheme, parse_quant_config
 
-__all__ = ["QuantLoader", "QuantScheme", "apply_quantization", "parse_quant_config",
-           "quant_init", "set_activation_quant", "weight_bytes_report"]
+__all__ = ["QuantLoader", "QuantScheme", "apply_quantization", "init_online_dummy_weights",
+           "parse_quant_config", "quant_init", "set_activation_quant", "weight_bytes_report"]

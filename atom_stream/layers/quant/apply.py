@@ -7,7 +7,8 @@ Runner sequence (engine/model_runner.py):
         model = model_cls(cfg, max_len, dtype, device)
     hooks = apply_quantization(model, cfg, online_quant_config=config.online_quant_config)
                                                # swap in packed buffers; materialize the rest
-    load_checkpoint(model, path, ..., extra_hooks=hooks)   (or init_dummy_weights)
+    load_checkpoint(model, path, ..., extra_hooks=hooks)   (or init_dummy_weights, then
+                                               init_online_dummy_weights)
     logger.info(weight_bytes_report(model))
 
 `quant_init` matters for full-size models: without it every routed expert would first be
@@ -228,6 +229,28 @@ def _log_methods(cfg, online, loader: QuantLoader, methods: dict) -> None:
     logger.info("quantization %s: %d MoE layers and %d linears quantized (%s)%s",
                 cfg.method if cfg is not None else "none", len(loader.experts),
                 len(loader.linears) - n_online, formats(False), tail)
+
+
+@torch.no_grad()
+def init_online_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Dummy weights (load_format dummy, the demo) of the online-quantized Linears: each one
+    quantizes the float weight loader.init_dummy_weights gives the same Linear unquantized
+    (generator seed + crc32 of `{layer}.weight`, the whole [out, in] tensor N(0, 1/sqrt(in)) in
+    float32, rounded to the model dtype; the method's `load` keeps this rank's shard), so an
+    online_quant_config on a dummy model quantizes that model. Call after init_dummy_weights."""
+    import zlib
+
+    for name, layer in model.named_modules():
+        method = getattr(layer, "quant_method", None)
+        if not (isinstance(layer, Linear) and getattr(method, "online", False)):
+            continue
+        pname = f"{name}.weight"
+        dev = layer.weight.device
+        g = torch.Generator(device=dev).manual_seed(seed + zlib.crc32(pname.encode()))
+        shape = method.full_shape(layer)
+        full = torch.empty(shape, dtype=torch.float32, device=dev).normal_(
+            0.0, shape[-1] ** -0.5, generator=g)
+        method.load(layer, "weight", full.to(layer.quant_dtype), pname)
 
 
 def weight_bytes_report(model: nn.Module) -> dict[str, int]:
