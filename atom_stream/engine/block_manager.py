@@ -22,6 +22,15 @@ request that cannot be admitted leaves the LRU order as it was (vLLM checks capa
 touches hit blocks). A sequence never writes into a matched block: matching stops at a block
 boundary and new tokens go to new blocks.
 
+Sharing within one step (vLLM caches a block's hash when it ALLOCATES it for scheduled tokens,
+so a request admitted in the same step as another with the same prefix already hits it): while
+the scheduler builds a batch, `add_pending` offers the unregistered full blocks that the batch
+writes in full (their KV is stored for the whole batch before any attention reads the cache),
+and `find_prefix` continues its chain through them. They are only known during that
+`schedule()` call (`begin_step` / `end_step`): a request that shares one is in the same batch as
+its writer, so a failed step fails both, and nothing outside the batch ever reads a block whose
+KV is not computed yet. The global registration still happens when the KV has been computed.
+
 Eviction differs from vLLM's on purpose: vLLM keeps ONE LRU queue of every free block
 (block_pool.py: get_new_blocks pops its head, evicting whatever hash it holds), while this pool
 hands out never-hashed free blocks before evicting any cached one, so cached prefixes survive
@@ -69,6 +78,7 @@ class BlockManager:
         self.num_used = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens served from cached blocks
+        self._pending: dict[bytes, int] | None = None  # this step's shareable blocks (or None)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -171,30 +181,66 @@ class BlockManager:
         """The longest chain of cached blocks for the head of an empty table (a lookup only:
         nothing is referenced or reordered). Leaves at least the last token to compute (vLLM:
         max_cache_hit_length = num_tokens - 1), so the step that ends the prefill samples."""
-        if not self.enable_prefix_caching or seq.block_table or not self._hash_to_block:
+        if (not self.enable_prefix_caching or seq.block_table
+                or not (self._hash_to_block or self._pending)):
             return []
         limit = (seq.num_tokens - 1) // self.block_size
         if limit <= 0:
             return []
         lookup = self._hash_to_block
+        pending = self._pending or {}
         found = []
         for h in self._hashes(seq, limit):
             bid = lookup.get(h)
             if bid is None:
-                break
+                bid = pending.get(h)  # written in full by this step's batch
+                if bid is None:
+                    break
             found.append(bid)
         return found
+
+    def begin_step(self) -> None:
+        """A batch is being built: `add_pending` blocks are shareable until `end_step`."""
+        self._pending = {} if self.enable_prefix_caching else None
+
+    def end_step(self) -> None:
+        self._pending = None
+
+    def add_pending(self, seq: Sequence, num_new_tokens: int) -> None:
+        """`seq` computes its next `num_new_tokens` in the batch being built: offer the full
+        blocks that this step writes in FULL (none of their tokens computed before, so no earlier
+        step's KV that might still fail is involved) and that are not registered yet."""
+        pending = self._pending
+        if pending is None:
+            return
+        bs = self.block_size
+        first = -(-seq.num_computed_tokens // bs)
+        full = (seq.num_computed_tokens + num_new_tokens) // bs
+        if full <= first:
+            return
+        hashes = self._hashes(seq, full)
+        table = seq.block_table
+        lookup = self._hash_to_block
+        for i in range(first, full):
+            h = hashes[i]
+            if h not in lookup and h not in pending:
+                pending[h] = table[i]
 
     def _share(self, seq: Sequence, prefix: list[int]) -> None:
         """Reference `prefix` (cached blocks) as the head of the empty table of `seq`."""
         table = seq.block_table
+        registered = 0  # the leading blocks known to the cache (the rest: this step's pending)
         for bid in prefix:
             if self.ref_counts[bid] == 0:
                 del self._cached[bid]
                 self.num_used += 1
             self.ref_counts[bid] += 1
+            if registered == len(table) and self.block_hash[bid] is not None:
+                registered += 1
             table.append(bid)
-        seq.num_registered_blocks = len(table)
+        # a pending block is registered by its writer once computed, or by `seq` if the writer
+        # ended first (register_computed skips blocks that already carry a hash)
+        seq.num_registered_blocks = registered
         seq.num_computed_tokens = len(table) * self.block_size
 
     def match_prefix(self, seq: Sequence) -> int:
@@ -225,13 +271,20 @@ class BlockManager:
         seq.num_registered_blocks = full
 
     def reset_prefix_cache(self) -> int:
-        """Forget every cached (unreferenced) block; returns how many were dropped."""
+        """Forget every registered prefix (vLLM's reset_prefix_cache): no later lookup hits a
+        block computed before the call. Cached (unreferenced) blocks become plain free blocks;
+        blocks that running sequences hold stay theirs (nothing in use is dropped or moved) and
+        only lose their hash, so they are freed plainly when released. (vLLM refuses the
+        reset while any block is in use, unless it may preempt the running requests.) Returns
+        how many cached blocks were freed."""
         n = len(self._cached)
         while self._cached:
             bid, _ = self._cached.popitem(last=False)
-            del self._hash_to_block[self.block_hash[bid]]
             self.block_hash[bid] = None
             self._free.append(bid)
+        for bid in self._hash_to_block.values():  # the rest are in use
+            self.block_hash[bid] = None
+        self._hash_to_block.clear()
         return n
 
     # ------------------------------------------------------------------ checks

@@ -7,8 +7,9 @@ in the step) and `max_num_seqs` (running sequences):
    never starves behind long prompts;
 2. running sequences still in their prompt (chunked prefill), oldest first: as many tokens as the
    budget and the pool allow;
-3. waiting sequences, FCFS (preempted ones sit at the front): a prefix-cache lookup, then the
-   first chunk of their prompt, taken with the hit blocks all or nothing, while the budgets and
+3. waiting sequences, FCFS (preempted ones sit at the front): a prefix-cache lookup (which also
+   sees the blocks this batch writes in full: vLLM's same-step hits), then the first chunk of
+   their prompt, taken with the hit blocks all or nothing, while the budgets and
    the pool allow. Nothing is admitted in a step that had to preempt. As vLLM, the hit-rate
    counts a request once, at its first admission, and only if it looked the cache up (not with
    prompt_logprobs or caching off); a resumed (preempted) request is not counted.
@@ -166,6 +167,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
+        """One step's batch. While it is built, the blocks its prefill chunks write in full are
+        shareable by the requests it admits (BlockManager.add_pending; vLLM caches blocks at
+        allocation, so requests admitted together with a common prefix hit it at once)."""
+        self.bm.begin_step()
+        try:
+            return self._schedule()
+        finally:
+            self.bm.end_step()
+
+    def _schedule(self) -> ScheduledBatch:
         if self._running_dirty:
             self._compact()
         bm = self.bm
@@ -215,6 +226,7 @@ class Scheduler:
                         continue
                 scheduled[seq] = n
                 state[0] -= n
+                bm.add_pending(seq, n)  # read only by admissions (none if anything preempted)
 
         # 3. admissions, FCFS, only in a step that did not have to preempt
         budget = state[0]
@@ -242,6 +254,7 @@ class Scheduler:
                 running.append(seq)
                 scheduled[seq] = n
                 budget -= n
+                bm.add_pending(seq, n)  # later admissions of this step may share its blocks
 
         batch = ScheduledBatch(preempted=preempted)
         nd = state[1]

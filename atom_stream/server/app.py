@@ -9,7 +9,8 @@ that loop and no IPC sits between the front end and the scheduler.
 
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; WebSocket /v1/ws; GET /health
 and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
-/version, /metrics (Prometheus text), POST /tokenize, /detokenize. Unknown routes and methods
+/version, /metrics (Prometheus text), POST /tokenize, /detokenize, /reset_prefix_cache (vLLM's
+dev-mode route: forget the cached prefix blocks). Unknown routes and methods
 answer with the OpenAI error body (404/405). `--api-key` guards /v1/* (auth.py).
 
 CORS (vLLM's api_server: starlette's CORSMiddleware with `--allowed-origins`, `--allowed-methods`,
@@ -323,6 +324,23 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         registry = eng.metrics.registry if eng is not None else None
         return Response(state.metrics.render(registry), media_type=CONTENT_TYPE)
 
+    async def reset_prefix_cache(request: Request) -> Response:
+        """vLLM's POST /reset_prefix_cache (a dev-mode route there): every replica forgets its
+        cached prefix blocks, on this loop thread (the engine core's thread). Blocks of running
+        requests stay theirs and only stop being shared. 200 with an empty body, as vLLM; the
+        API key is required where one is set (it is not under /v1); 503 without an engine."""
+        checker = state.key_checker
+        if checker and not checker.check_header(request.headers.get("authorization", "")):
+            return HTTPError(401, "a valid API key is required", type="AuthenticationError",
+                             headers={"WWW-Authenticate": "Bearer"}).response()
+        eng = state.engine
+        if eng is None or eng.is_dead:
+            return Response(status_code=503)
+        for replica in getattr(eng, "replicas", None) or [eng]:  # DPEngine: each replica
+            n = replica.core.block_manager.reset_prefix_cache()
+            logger.info("prefix cache reset: %d cached blocks freed", n)
+        return Response(status_code=200)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         detail = getattr(exc, "detail", None) or "error"
@@ -342,6 +360,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/load", load, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
         Route("/tokenize", tokenization.tokenize, methods=["POST"]),
         Route("/detokenize", tokenization.detokenize, methods=["POST"]),
     ]
