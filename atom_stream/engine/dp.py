@@ -16,7 +16,13 @@ and with tensor_parallel_size > 1 its TP ranks use GPUs [b + i*tp, b + (i+1)*tp)
 process hosts rank 0 of every replica). On the CPU every replica uses the CPU.
 
 Balancing: a new request goes to the live replica with the fewest outstanding requests (admitted
-and not yet finished, counted here); ties go round robin. Request ids are unique across replicas.
+and not yet finished, counted here); ties go round robin. `generate(..., data_parallel_rank=i)`
+(vLLM's keyword) puts a request on replica i instead. Request ids are unique across replicas.
+Sampling: replica i draws unseeded requests' noise from a generator seeded `seed + i`
+(replica 0: `seed`, a single engine's draws). One seed for all would make replicas draw the same
+noise in lock step, so concurrent sampled requests on two replicas (an `n=2` request's choices)
+would come out identical. Requests with their own `seed` are unaffected (their own generators:
+the same tokens on any replica), and so are the model weights (dummy weights included).
 Health: `is_dead` is true as soon as any replica is dead (its requests fail with an error; new
 requests go to the live replicas until the server is restarted, as for a dead TP rank).
 
@@ -81,6 +87,22 @@ def replica_configs(config: EngineConfig) -> list[EngineConfig]:
             raise ConfigError(f"device: {dev!r} requested but no CUDA/ROCm GPU is available")
     return [dataclasses.replace(config, device="cpu" if dev == "auto" else dev)
             for _ in range(dp)]
+
+
+def _seed_replica_sampler(replica: AsyncEngine, index: int) -> None:
+    """Give replica `index` > 0 a sampler seeded `config.seed + index` (module docstring,
+    "Sampling"; Megatron-LM's per-DP-rank rule). Rank 0's ModelRunner samples (a TPExecutor
+    holds it as `.runner`); its sampler is created lazily, so setting it before the first
+    request replaces nothing drawn yet. A runner without a sampler (test doubles) is left as
+    it is."""
+    if index == 0:  # config.seed is an int here (a null seed is drawn once, in EngineConfig)
+        return
+    runner = replica.core.runner
+    runner = getattr(runner, "runner", runner)
+    if hasattr(runner, "sampler"):
+        from atom_stream.layers.sampler import Sampler
+
+        runner.sampler = Sampler(seed=replica.config.seed + index)
 
 
 # process-wide counts (engine/compile_watch.stats) every replica's registry reports alike:
@@ -150,6 +172,8 @@ class DPEngine:
             await asyncio.gather(*(r.shutdown() for r in self.replicas),
                                  return_exceptions=True)
             raise errors[0]
+        for i, replica in enumerate(self.replicas):
+            _seed_replica_sampler(replica, i)
         return self
 
     async def __aenter__(self) -> DPEngine:  # noqa: PYI034
@@ -160,7 +184,12 @@ class DPEngine:
 
     async def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
         """Shut every replica down (concurrently; `drain`/`timeout` as AsyncEngine.shutdown)."""
-        await asyncio.gather(*(r.shutdown(drain=drain, timeout=timeout) for r in self.replicas))
+        results = await asyncio.gather(
+            *(r.shutdown(drain=drain, timeout=timeout) for r in self.replicas),
+            return_exceptions=True)  # one replica's failure must not leave the others running
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            raise errors[0]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -221,16 +250,32 @@ class DPEngine:
         self._next = (best + 1) % n
         return best
 
-    @contextlib.contextmanager
-    def reserve(self, n: int = 1) -> Iterator[None]:
-        """AsyncEngine.reserve over the replicas: `n` more requests that the outstanding ones
-        plus those held by other front ends' tokenizing leave no room for (max_live_requests,
-        the replicas' sum) are refused with EngineOverloadedError (503) before any tokenizing;
-        else the n places are held while the block runs."""
+    def check_room(self, n: int = 1) -> None:
+        """AsyncEngine.check_room over the replicas: EngineDeadError when no replica is alive,
+        EngineOverloadedError (503) when the outstanding
+        requests plus the places held by front ends' tokenizing leave fewer than `n` places
+        below max_live_requests (the replicas' sum)."""
+        if all(r.is_dead for r in self.replicas):
+            raise EngineDeadError("every data-parallel replica is dead")
         if sum(self.outstanding) + self._reserved + n > self.max_live_requests:
             raise EngineOverloadedError(f"the waiting queues are full ({self.max_live_requests} "
                                         f"requests over {len(self.replicas)} replicas); retry "
                                         f"later")
+
+    def _rank(self, rank: Any) -> int:
+        """A caller's data_parallel_rank, checked as vLLM checks it (its own replica's
+        errors, a dead one's included, come from that replica's generate)."""
+        n = len(self.replicas)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < n:
+            raise InvalidRequestError(f"data_parallel_rank {rank!r} is out of range [0, {n})",
+                                      "data_parallel_rank")
+        return rank
+
+    @contextlib.contextmanager
+    def reserve(self, n: int = 1) -> Iterator[None]:
+        """AsyncEngine.reserve over the replicas: check_room(n) before any tokenizing, then
+        the n places are held while the block runs."""
+        self.check_room(n)
         self._reserved += n
         try:
             yield
@@ -241,16 +286,21 @@ class DPEngine:
                        request_id: str | None = None, *,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
-                       add_special_tokens: bool = True, **chat_options: Any
+                       add_special_tokens: bool = True,
+                       data_parallel_rank: int | None = None, **chat_options: Any
                        ) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort);
-        `chat_options`: AsyncEngine.generate's other keywords (add_generation_prompt,
-        continue_final_message), passed on."""
+        `data_parallel_rank`: vLLM's AsyncLLM.generate keyword, run on that replica instead
+        (in [0, data_parallel_size), else InvalidRequestError); `chat_options`: AsyncEngine.
+        generate's other keywords (add_generation_prompt, continue_final_message), passed on."""
         if request_id is None:
             request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str):  # AsyncEngine's answer (a list is unhashable)
+            raise InvalidRequestError(f"request_id: must be a string, got "
+                                      f"{type(request_id).__name__}", "request_id")
         elif request_id in self._owner:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        i = self._pick()
+        i = self._pick() if data_parallel_rank is None else self._rank(data_parallel_rank)
         self._owner[request_id] = i
         self.outstanding[i] += 1
         stream = self.replicas[i].generate(prompt, params, request_id,
