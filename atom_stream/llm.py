@@ -36,7 +36,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import LLMEngine, coerce_params
+from atom_stream.engine.llm_engine import LLMEngine, coerce_params, warn_one_replica
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.engine.prompts import (
     MULTI_MODAL_KEYS,
@@ -58,6 +58,7 @@ class LLM:
     def __init__(self, model: str | None = "demo", *, skip_tokenizer_init: bool = False,
                  **engine_kwargs: Any):
         config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
+        warn_one_replica(config, "LLM")
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
         self._ids = itertools.count()
         # call-once: shutdown(), or at exit (a TP engine's workers and shared memory)

@@ -174,3 +174,29 @@ def test_ep_expert_count_not_divisible_is_a_startup_error(tmp_path):
     qw.make_tiny_hf(path, "kimi", seed=1, n_routed_experts=6)
     with pytest.raises(ConfigError, match=r"n_routed_experts \(6\).*divisible by.*4"):
         _llm_tokens(path, tensor_parallel_size=4, enable_expert_parallel=True)
+
+
+def test_llm_with_data_parallel_warns_it_runs_one_engine(caplog):
+    """LLM(data_parallel_size=2) runs one engine (DP is the server's DPEngine) and says so;
+    AsyncEngine.generate takes vLLM's data_parallel_rank, 0 or None only."""
+    import logging
+
+    from atom_stream import LLM, AsyncEngine, EngineConfig, SamplingParams
+    from atom_stream.errors import InvalidRequestError
+
+    with caplog.at_level(logging.WARNING), LLM(model="demo", device="cpu",
+                                               data_parallel_size=2, num_kv_blocks=32) as llm:
+        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))
+    assert len(out[0].token_ids) == 2
+    assert "LLM runs one engine: data_parallel_size=2 is ignored" in caplog.text
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=2)
+        async with AsyncEngine(EngineConfig(device="cpu", num_kv_blocks=32)) as engine:
+            outs = [o async for o in engine.generate([1, 2], params, data_parallel_rank=0)]
+            assert outs[-1].finish_reason == "length"
+            with pytest.raises(InvalidRequestError, match="data_parallel_rank"):
+                async for _ in engine.generate([1, 2], params, data_parallel_rank=1):
+                    pass
+
+    asyncio.run(run())

@@ -310,6 +310,7 @@ class AsyncEngine:
                        sampling_params: SamplingParams | None = None,
                        priority: int = 0,
                        lora_request: Any = None,
+                       data_parallel_rank: int | None = None,
                        chat_template_kwargs: dict | None = None,
                        strict_max_tokens: bool = False,
                        add_special_tokens: bool = True,
@@ -321,6 +322,7 @@ class AsyncEngine:
         `sampling_params`: vLLM's name for `params` (AsyncLLM.generate's keyword); pass one.
         `priority`: vLLM's; only 0 (FCFS scheduling), anything else is an InvalidRequestError.
         `lora_request`: vLLM's; only None (no LoRA adapters are served), as LLM.generate.
+        `data_parallel_rank`: vLLM's; one engine is replica 0 (None or 0; DPEngine places).
         `strict_max_tokens`: refuse (MaxTokensTooLargeError) a max_tokens that does not fit
         the context left after the prompt instead of capping it (the OpenAI server's rule).
         `add_special_tokens`: a text prompt gets the tokenizer's own prefix (an HF DeepSeek
@@ -334,6 +336,9 @@ class AsyncEngine:
         if lora_request is not None:
             raise InvalidRequestError("lora_request is not supported: this engine serves no "
                                       "LoRA adapters", "lora_request")
+        if data_parallel_rank not in (None, 0):
+            raise InvalidRequestError(f"data_parallel_rank {data_parallel_rank!r} is out of "
+                                      "range [0, 1)", "data_parallel_rank")
         if sampling_params is not None:
             if params is not None:
                 raise InvalidRequestError("pass params or sampling_params, not both",

@@ -382,6 +382,9 @@ def check_tp_shapes(cfg: ModelConfig, world: int, expert_parallel: bool) -> None
                          cfg.moe_intermediate_size * cfg.n_shared_experts))
     for name, full in dims:
         if full % world:
+            if name == "n_routed_experts":  # only expert parallelism splits the experts
+                raise ConfigError(f"enable_expert_parallel: n_routed_experts ({full}) is not "
+                                  f"divisible by the EP size {world} (= tensor_parallel_size)")
             raise ConfigError(f"tensor_parallel_size: {name} ({full}) is not divisible by "
                               f"{world}")
 

@@ -595,3 +595,12 @@ class LLMEngine:
         self.abort_all()
         self.runner.shutdown()
 
+
+def warn_one_replica(config: EngineConfig, who: str) -> None:
+    """data_parallel_size > 1 is a server setting (engine/dp.DPEngine: `atom-stream serve -dp
+    N`, dp.make_async_engine); `who` (LLM) runs one engine and says so. (AsyncEngine does not
+    warn: DPEngine's replicas are AsyncEngines whose configs keep the replica count.)"""
+    if config.data_parallel_size > 1:
+        logger.warning("%s runs one engine: data_parallel_size=%d is ignored here (use "
+                       "`atom-stream serve -dp N` or atom_stream.engine.dp.make_async_engine)",
+                       who, config.data_parallel_size)
