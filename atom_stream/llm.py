@@ -84,6 +84,10 @@ class LLM:
     def _default_params(self) -> SamplingParams:  # the file is read once per LLM
         return SamplingParams(**model_sampling_defaults(self.engine.config.model))
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's LLM.reset_prefix_cache: later requests hit no prefix computed before."""
+        return self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the engine (see the module docstring); idempotent."""
         if self._finalizer is not None:

@@ -154,3 +154,27 @@ def test_a_failed_step_leaves_no_shared_block_registered():
         outs = eng.step()
     assert outs[-1].usage.cached_tokens == 0 and runner.corruptions == 0
     eng.block_manager.check_invariants([])
+
+
+async def test_in_process_reset_prefix_cache():
+    """vLLM's LLM.reset_prefix_cache / AsyncLLM.reset_prefix_cache: True, and the next request
+    with a cached prompt hits nothing (then hits again once recomputed)."""
+    from atom_stream import AsyncEngine
+
+    kw = {"model": "demo", "device": "cpu", "dtype": "float32", "block_size": 16,
+          "num_kv_blocks": 64}
+    prompt = {"prompt_token_ids": SYSTEM + [7]}
+    params = SamplingParams(max_tokens=2, temperature=0)
+    with LLM(**kw) as llm:
+        assert llm.generate([prompt], params)[0].num_cached_tokens == 0
+        assert llm.generate([prompt], params)[0].num_cached_tokens == 96
+        assert llm.reset_prefix_cache() is True
+        assert llm.generate([prompt], params)[0].num_cached_tokens == 0
+        llm.engine.block_manager.check_invariants()
+    async with AsyncEngine(EngineConfig(**kw)) as engine:
+        async def cached() -> int:
+            outs = [o async for o in engine.generate(SYSTEM + [7], params)]
+            return outs[-1].usage.cached_tokens
+        assert [await cached(), await cached()] == [0, 96]
+        assert await engine.reset_prefix_cache() is True
+        assert await cached() == 0

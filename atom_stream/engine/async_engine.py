@@ -459,6 +459,12 @@ class AsyncEngine:
             self._abort(rid)
         return len(ids) + len(self._tokenizing)
 
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's AsyncLLM.reset_prefix_cache: later requests hit no prefix computed before the
+        call. Running requests keep their blocks (they only stop being shared), so
+        `reset_running_requests` (vLLM: preempt them first) changes nothing here."""
+        return self._check_alive().reset_prefix_cache()
+
     def _abort(self, request_id: str) -> None:
         if self._core is None:
             return

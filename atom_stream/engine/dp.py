@@ -324,6 +324,10 @@ class DPEngine:
             if i is not None:
                 await self.replicas[i].abort(rid)
 
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """AsyncEngine.reset_prefix_cache on every replica."""
+        return all([await r.reset_prefix_cache(reset_running_requests) for r in self.replicas])
+
     async def abort_all(self) -> int:
         """AsyncEngine.abort_all on every replica; returns how many requests were aborted."""
         return sum(await asyncio.gather(*(r.abort_all() for r in self.replicas)))

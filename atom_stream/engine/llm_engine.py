@@ -586,6 +586,14 @@ class LLMEngine:
     def abort_all(self) -> list[RequestOutput]:
         return [o for rid in list(self.requests) if (o := self.abort(rid)) is not None]
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's reset_prefix_cache: no later request hits a prefix computed before the call
+        (BlockManager.reset_prefix_cache: blocks in use stay theirs). On the engine's thread;
+        safe while a step runs (it frees only blocks no sequence holds). Returns True."""
+        n = self.block_manager.reset_prefix_cache()
+        logger.info("prefix cache reset: %d cached blocks freed", n)
+        return True
+
     def shutdown(self) -> None:
         """Abort every request and stop the runner (TP workers, KV pool); a second call does
         nothing."""

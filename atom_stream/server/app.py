@@ -336,9 +336,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         eng = state.engine
         if eng is None or eng.is_dead:
             return Response(status_code=503)
-        for replica in getattr(eng, "replicas", None) or [eng]:  # DPEngine: each replica
-            n = replica.core.block_manager.reset_prefix_cache()
-            logger.info("prefix cache reset: %d cached blocks freed", n)
+        await eng.reset_prefix_cache()  # DPEngine: every replica
         return Response(status_code=200)
 
     async def http_error(request: Request, exc: Exception) -> Response:
