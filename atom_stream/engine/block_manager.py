@@ -29,7 +29,9 @@ writes in full (their KV is stored for the whole batch before any attention read
 and `find_prefix` continues its chain through them. They are only known during that
 `schedule()` call (`begin_step` / `end_step`): a request that shares one is in the same batch as
 its writer, so a failed step fails both, and nothing outside the batch ever reads a block whose
-KV is not computed yet. The global registration still happens when the KV has been computed.
+KV is not computed yet. A writer with an uncollected step (async scheduling) offers nothing: its
+blocks' KV depends on that step's, whose failure would fail the writer but not the reader. The
+global registration still happens when the KV has been computed.
 
 Eviction differs from vLLM's on purpose: vLLM keeps ONE LRU queue of every free block
 (block_pool.py: get_new_blocks pops its head, evicting whatever hash it holds), while this pool
@@ -208,10 +210,12 @@ class BlockManager:
 
     def add_pending(self, seq: Sequence, num_new_tokens: int) -> None:
         """`seq` computes its next `num_new_tokens` in the batch being built: offer the full
-        blocks that this step writes in FULL (none of their tokens computed before, so no earlier
-        step's KV that might still fail is involved) and that are not registered yet."""
+        blocks that this step writes in FULL (none of their tokens computed before) and that are
+        not registered yet. Not while `seq` has an uncollected step (async scheduling): past the
+        first layer these blocks' KV depends on its earlier KV, which that step may still fail
+        to produce (its failure fails `seq`, not a reader admitted in this step)."""
         pending = self._pending
-        if pending is None:
+        if pending is None or seq.num_uncollected:
             return
         bs = self.block_size
         first = -(-seq.num_computed_tokens // bs)
