@@ -178,3 +178,16 @@ async def test_in_process_reset_prefix_cache():
         assert [await cached(), await cached()] == [0, 96]
         assert await engine.reset_prefix_cache() is True
         assert await cached() == 0
+
+
+def test_n_choices_report_the_prompt_hits_of_their_siblings(srv):
+    """n=2 on a cold prompt: choice 0 writes its full blocks, choice 1 hits them in the same
+    step; the usage reports the prompt's count as the largest of its choices' (vLLM reports
+    the child that completes the output), not choice 0's 0."""
+    prompt = [(i * 17) % 300 + 5 for i in range(40)]  # 2 full blocks of 16 + 8
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=srv.url, timeout=60, headers=auth) as c:
+        r = c.post("/v1/completions", json={"model": "demo", "prompt": prompt, "n": 2,
+                                            "max_tokens": 2, "temperature": 0.8, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 32

@@ -325,8 +325,11 @@ class DPEngine:
                 await self.replicas[i].abort(rid)
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
-        """AsyncEngine.reset_prefix_cache on every replica."""
-        return all([await r.reset_prefix_cache(reset_running_requests) for r in self.replicas])
+        """AsyncEngine.reset_prefix_cache on every live replica (EngineDeadError when none is)."""
+        live = [r for r in self.replicas if not r.is_dead]
+        if not live:
+            raise EngineDeadError("every data-parallel replica is dead")
+        return all([await r.reset_prefix_cache(reset_running_requests) for r in live])
 
     async def abort_all(self) -> int:
         """AsyncEngine.abort_all on every replica; returns how many requests were aborted."""

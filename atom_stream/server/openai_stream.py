@@ -194,17 +194,21 @@ def final_usage(ctx: StreamContext, choices: list, usages: list) -> UsageInfo:
     _make_prompt_tokens_details), and a v1 RequestOutput always has an int there. Releases
     before that fix tested truthiness and left out a zero count. The count is the cached
     tokens of the LAST prompt (vLLM's non-streamed `last_final_res.num_cached_tokens`), which
-    vLLM counts once per prompt, not per choice. Our n choices are separate engine requests
-    whose counts can differ, so the prompt's FIRST choice stands for it, in both paths alike."""
+    vLLM counts once per prompt, not per choice, from the child that completes the output. Our
+    n choices are separate engine requests whose counts can differ (on a cold cache choice 0
+    writes the prompt's blocks and the others hit them in the same step), so the prompt's
+    count is the largest of its choices', in both paths alike."""
     by_prompt: dict[int, Any] = {}
+    cached: dict[int, int] = {}
     for c, u in zip(choices, usages):
         if u is not None:
             by_prompt.setdefault(c.prompt_key, u)  # choices come in index order: the first
+            cached[c.prompt_key] = max(cached.get(c.prompt_key, 0), u.cached_tokens)
     prompt = sum(u.prompt_tokens for u in by_prompt.values())
     completion = sum(u.completion_tokens for u in usages if u is not None)
     usage = UsageInfo(prompt, prompt + completion, completion)
     if ctx.details and by_prompt:
-        usage.prompt_tokens_details = PromptTokensDetails(by_prompt[max(by_prompt)].cached_tokens)
+        usage.prompt_tokens_details = PromptTokensDetails(cached[max(by_prompt)])
     return usage
 
 
