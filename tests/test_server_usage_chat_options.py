@@ -123,13 +123,14 @@ def test_n2_usage_is_the_same_streamed_and_not(http, path, field, make):
     assert set(streamed["prompt_tokens_details"]) == {"cached_tokens"}
 
 
-def test_final_usage_takes_the_first_choice_of_the_last_prompt():
+def test_final_usage_takes_the_largest_cached_count_of_the_last_prompt():
     ctx = StreamContext("r", 0, "m", None, None, details=True)
     choices = [SimpleNamespace(prompt_key=k // 2) for k in range(4)]  # 2 prompts x n=2
     usages = [Usage(10, 3, 13, 0), Usage(10, 2, 12, 8), Usage(7, 1, 8, 4), Usage(7, 5, 12, 6)]
     u = final_usage(ctx, choices, usages)
     assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (17, 11, 28)
-    assert u.prompt_tokens_details.cached_tokens == 4
+    # the last prompt's choices cached 4 and 6: its siblings may hit what choice 0 wrote
+    assert u.prompt_tokens_details.cached_tokens == 6
     plain = final_usage(StreamContext("r", 0, "m", None, None), choices, usages)
     assert plain.prompt_tokens_details is msgspec.UNSET  # vLLM's default: no details
 
