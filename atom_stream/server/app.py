@@ -7,7 +7,8 @@ One process, one event loop (DESIGN.md): uvicorn runs the lifespan on its (uv)lo
 starts the engine there, so the engine loop task, HTTP handlers and WebSocket connections share
 that loop and no IPC sits between the front end and the scheduler.
 
-Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; WebSocket /v1/ws; GET /health
+Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models, /v1/models/{model};
+WebSocket /v1/ws; GET /health
 and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
 /version, /metrics (Prometheus text), POST /tokenize, /detokenize, /reset_prefix_cache (vLLM's
 dev-mode route: forget the cached prefix blocks). Unknown routes and methods
@@ -352,6 +353,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
         Route("/v1/completions", serving.completions, methods=["POST"]),
         Route("/v1/models", serving.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", serving.retrieve_model, methods=["GET"]),
         WebSocketRoute("/v1/ws", WebSocketEndpoint(state)),
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # SageMaker's health route (vLLM)

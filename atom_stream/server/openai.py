@@ -7,7 +7,9 @@ decode into the request Struct (type errors -> 400 naming the JSON path) -> mode
 `seed + k`, as vLLM; every prompt is tokenized once and checked against max_model_len before any
 child is submitted) -> the first delta of every choice is awaited before answering, so errors the
 engine raises before its first yield (prompt too long -> 400 `input_tokens`, overload -> 503 +
-Retry-After, bad token ids -> 400) become proper HTTP errors instead of stream events.
+Retry-After, bad token ids -> 400) become proper HTTP errors instead of stream events. That wait
+(tokenizing, queueing, prefill) is raced against the client's disconnect, as vLLM's
+`with_cancellation`: a client that leaves while its request is queued aborts it at once.
 
 Chat answers are split into reasoning / content / tool calls when the server runs vLLM's
 `--reasoning-parser` / `--enable-auto-tool-choice --tool-call-parser` (chat_parsing.py).
@@ -358,7 +360,10 @@ class OpenAIServing:
             # truncate_prompt_tokens it is rendered here and the ids are cut
             prompts = await truncate_prompts(self.engine, [messages], req, params.max_tokens,
                                              chat_kwargs=kwargs, chat_options=opts)
-            choices = await self._start(prompts, params, rid, kwargs, chat_options=opts)
+            choices = await until_disconnect(request, self._start(
+                prompts, params, rid, kwargs, chat_options=opts))
+        except ClientGone:
+            return self._gone()
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(route, e)
         self.state.metrics.request(route, 200)
@@ -411,10 +416,15 @@ class OpenAIServing:
         try:
             return await until_disconnect(request, self._collect(choices))
         except ClientGone:
-            self.state.metrics.http_disconnects.inc()
-            return Response(status_code=499)
+            return self._gone()
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
+
+    def _gone(self) -> Response:
+        """The answer to a client that left (499, which nobody reads); its requests are
+        already aborted (until_disconnect cancelled the work holding their streams)."""
+        self.state.metrics.http_disconnects.inc()
+        return Response(status_code=499)
 
     # ---------------------------------------------------------------- completions
     async def completions(self, request: Request) -> Response:
@@ -430,7 +440,10 @@ class OpenAIServing:
             prompts = await truncate_prompts(self.engine, completion_prompts(req.prompt), req,
                                              params.max_tokens)
             rid = f"cmpl-{base_request_id(request.headers, req.request_id)}"
-            choices = await self._start(prompts, params, rid, None, req.add_special_tokens)
+            choices = await until_disconnect(request, self._start(
+                prompts, params, rid, None, req.add_special_tokens))
+        except ClientGone:
+            return self._gone()
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
         if req.echo:
@@ -472,15 +485,25 @@ class OpenAIServing:
             c.prompt_text = texts[k]
 
     # ---------------------------------------------------------------- small routes
-    async def models(self, request: Request) -> Response:
-        engine = self.engine
+    def _card(self, name: str) -> ModelCard:
         root = self.state.engine_config.model or "demo"
-        cards = [ModelCard(id=name, created=self.state.started, root=root,
-                           max_model_len=engine.max_model_len, permission=[ModelPermission(
-                               f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}",
-                               self.state.started)])
-                 for name in self.state.model_names]
-        return json_response(ModelList(data=cards))
+        return ModelCard(id=name, created=self.state.started, root=root,
+                         max_model_len=self.engine.max_model_len, permission=[ModelPermission(
+                             f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}",
+                             self.state.started)])
+
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: a card per served model name."""
+        return json_response(ModelList(data=[self._card(n) for n in self.state.model_names]))
+
+    async def retrieve_model(self, request: Request) -> Response:
+        """GET /v1/models/{model:path} (the OpenAI SDK's models.retrieve; SGLang serves it): the
+        served name's card, as /v1/models lists it; another name is vLLM's 404 (param "model").
+        The route: Route("/v1/models/{model:path}", serving.retrieve_model, methods=["GET"])."""
+        name = request.path_params["model"]
+        if name not in self.state.model_names:
+            return HTTPError(404, f"The model `{name}` does not exist.", "model").response()
+        return json_response(self._card(name))
 
 
 async def _first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
