@@ -3,7 +3,7 @@ place, no environment-variable sprawl).
 
 Serving is configured by EngineConfig and the CLI flags, never by these. What is here:
 - developer switches: A/B toggles of kernel and model paths that bench/gpu_session.sh flips to
-  measure a default before changing it (README "Developer switches" lists each with its
+  measure a default before changing it (README "Environment switches" lists each with its
   measurement), and a debug check;
 - conventions other tools own: TRITON_INTERPRET (Triton's interpreter: kernels pick their
   interpreter-safe forms), MASTER_ADDR / MASTER_PORT (torch.distributed's rendezvous defaults

@@ -7,8 +7,8 @@
 - An exception injected into one model step fails only that step's requests; the engine
   recovers and serves the next request (health 200).
 - SIGTERM on a subprocess server drains in-flight requests up to --shutdown-timeout, then the
-  process exits cleanly (lifespan shutdown complete; uvicorn re-raises SIGTERM, so the status is
-  0 or -SIGTERM); a request longer than the timeout is cut off, not waited for.
+  process exits cleanly with status 0 (lifespan shutdown complete; server/app.py turns uvicorn's
+  re-raised SIGTERM into exit 0); a request longer than the timeout is cut off, not waited for.
 """
 
 from __future__ import annotations
