@@ -28,7 +28,13 @@ from hypothesis import strategies as st
 
 from atom_stream.server.chat_parsing import ChatParsing
 from atom_stream.server.reasoning_parsers import REASONING_PARSERS, scrub_placeholder
-from atom_stream.server.tool_parsers import _HEADER_LIMIT, DEEPSEEK_V3, KIMI_K2, TOOL_PARSERS
+from atom_stream.server.tool_parsers import (
+    _HEADER_LIMIT,
+    DEEPSEEK_V3,
+    DEEPSEEK_V31,
+    KIMI_K2,
+    TOOL_PARSERS,
+)
 
 THINK, UNTHINK, PLACEHOLDER = "<think>", "</think>", "(no content)"
 K_SB, K_SE = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
@@ -145,7 +151,7 @@ def whole(plan, text: str):
 
 
 def same_ids(plan, a: list, b: list) -> bool:
-    if plan.tools is DEEPSEEK_V3:  # fresh ids: compare their shape and that they differ
+    if plan.tools in (DEEPSEEK_V3, DEEPSEEK_V31):  # fresh ids: their shape, and all differ
         ids = [c[0] for c in a] + [c[0] for c in b]
         return (all(re.fullmatch(r"chatcmpl-tool-[0-9a-f]{32}", i) for i in ids)
                 and len(set(ids)) == len(ids))

@@ -140,6 +140,7 @@ DEEPSEEK_V3 = ToolFormat(
     # the closing fence belongs to the end marker; a bare end token is accepted too
     call_end=("```<｜tool▁call▁end｜>", "<｜tool▁call▁end｜>"), parse_header=_deepseek_header)
 
+
 def _deepseek_v31_header(header: str, index: int) -> tuple[str, str]:
     return header.strip(), f"chatcmpl-tool-{uuid.uuid4().hex}"
 
