@@ -77,9 +77,10 @@ piece = st.one_of(text_piece, st.sampled_from(ALL_MARKERS), st.sampled_from(_pre
 output_pieces = st.lists(piece, max_size=24)
 
 # parser configurations: (reasoning parser, thinking, tool parser); at least one parser on
-CONFIGS = [(r, t, tp) for r in (None, "deepseek_r1", "kimi_k2") for t in (True, False)
-           for tp in (None, "kimi_k2", "deepseek_v3")
-           if (r or tp) and (r == "kimi_k2" or t)]  # only Kimi's reasoning can be switched off
+CONFIGS = [(r, t, tp) for r in (None, "deepseek_r1", "kimi_k2", "deepseek_v3")
+           for t in (True, False) for tp in (None, "kimi_k2", "deepseek_v3", "deepseek_v31")
+           # only Kimi's and DeepSeek-V3's reasoning follow the thinking switch
+           if (r or tp) and (r in ("kimi_k2", "deepseek_v3") or t)]
 config = st.sampled_from(CONFIGS)
 
 
@@ -264,6 +265,20 @@ def well_formed(draw, tools_name: str | None, reasoning_name: str | None, thinki
                     ids.append(header)
             parts.append(draw(st.sampled_from(WS)))
             mark(draw(st.sampled_from([K_SE, K_SE1])))
+        elif tools_name == "deepseek_v31":  # NAME<sep>ARGS per call, no type, no fence
+            mark(D_SB)
+            for _ in range(draw(st.integers(0, 3))):
+                n, a = draw(name), draw(args)
+                parts.append(draw(st.sampled_from(WS)))
+                mark(D_CB)
+                parts.append(n)
+                mark(D_SEP)
+                parts.append(a)
+                mark(D_CE)
+                if len(n) <= _HEADER_LIMIT and n.strip():
+                    expect_calls.append((n.strip(), a.strip()))
+            parts.append(draw(st.sampled_from(WS)))
+            mark(D_SE)
         else:
             mark(D_SB)
             for _ in range(draw(st.integers(0, 3))):
@@ -310,7 +325,7 @@ def test_well_formed_markup_never_leaks(data):
               if (plan.tools is not None and m in plan.tools.markers)
               or (plan.reasoning is not None and plan.thinking and m in (THINK, UNTHINK))
               or (plan.reasoning is not None and m == plan.reasoning.placeholder)]
-    if plan.tools is DEEPSEEK_V3:
+    if plan.tools in (DEEPSEEK_V3, DEEPSEEK_V31):
         parsed.append(D_SEP)
     for m in parsed:
         assert m not in (c_w or ""), (m, c_w)
