@@ -80,6 +80,14 @@ class ServerShuttingDownError(AtomStreamError):
         super().__init__(message)
 
 
+def refuse_lora(lora_request: object) -> None:
+    """vLLM's `lora_request` argument (LLM.generate / chat, AsyncEngine.generate): only None;
+    this engine serves no LoRA adapters."""
+    if lora_request is not None:
+        raise InvalidRequestError("lora_request is not supported: this engine serves no LoRA "
+                                  "adapters", "lora_request")
+
+
 def priority_error(priority: object) -> str:
     """vLLM's refusal of a non-zero request priority without --scheduling-policy priority
     (clients match on its wording), and why (the HTTP routes and LLM.generate)."""

@@ -47,7 +47,7 @@ from atom_stream.engine.prompts import (
     resolve_content_format,
     with_cache_salt,
 )
-from atom_stream.errors import EngineDeadError, InvalidRequestError, priority_error
+from atom_stream.errors import EngineDeadError, InvalidRequestError, priority_error, refuse_lora
 from atom_stream.sampling_params import (
     SamplingParams,
     model_sampling_defaults,
@@ -122,9 +122,7 @@ class LLM:
         None is accepted, anything else refused (no LoRA adapters), as `chat` does.
         `priority` is vLLM's too (one int per prompt): only FCFS is implemented, so all zeros
         (or None) are served and a non-zero one is vLLM's ValueError, before any work."""
-        if lora_request is not None:
-            raise InvalidRequestError("lora_request is not supported: this engine serves no "
-                                      "LoRA adapters", "lora_request")
+        refuse_lora(lora_request)
         if prompts is not None and prompt_token_ids is not None:
             raise InvalidRequestError("pass prompts or prompt_token_ids, not both", "prompts")
         if prompts is not None:
@@ -212,9 +210,7 @@ class LLM:
         `mm_processor_kwargs` other than None are refused (no LoRA, text only). `use_tqdm`
         defaults to False (vLLM: True); as in vLLM it may be a tqdm-like callable that makes
         the bar."""
-        if lora_request is not None:
-            raise InvalidRequestError("lora_request is not supported: this engine serves no "
-                                      "LoRA adapters", "lora_request")
+        refuse_lora(lora_request)
         if mm_processor_kwargs is not None:
             raise InvalidRequestError("mm_processor_kwargs is not supported: this engine "
                                       "serves text models only", "mm_processor_kwargs")

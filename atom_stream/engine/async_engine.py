@@ -64,6 +64,7 @@ from atom_stream.errors import (
     InvalidRequestError,
     PromptTooLongError,
     priority_error,
+    refuse_lora,
 )
 from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
@@ -109,11 +110,23 @@ class _Slot:
         return out
 
 
+@contextlib.contextmanager
+def hold_places(engine: Any, n: int) -> Iterator[None]:
+    """`reserve(n)` of AsyncEngine and DPEngine: `engine.check_room(n)`, then n places counted
+    in `engine._reserved` while the block runs."""
+    engine.check_room(n)
+    engine._reserved += n
+    try:
+        yield
+    finally:
+        engine._reserved -= n
+
+
 class _OutputShaper:
     """Turns a request's delta stream into what its `output_kind` asks for (vLLM's
-    RequestOutputKind): DELTA passes each delta through; CUMULATIVE yields a fresh copy of
-    everything so far (later deltas never change an output already handed out); FINAL_ONLY
-    yields only the whole request, with its final delta."""
+    RequestOutputKind; DELTA streams, the default, take no shaper): CUMULATIVE yields a fresh
+    copy of everything so far (later deltas never change an output already handed out);
+    FINAL_ONLY yields only the whole request, with its final delta."""
 
     __slots__ = ("acc", "kind")
 
@@ -123,8 +136,6 @@ class _OutputShaper:
 
     def shape(self, out: RequestOutput) -> RequestOutput | None:
         """The output to yield for delta `out` (None: yield nothing now)."""
-        if self.kind == RequestOutputKind.DELTA:
-            return out
         if self.acc is None:
             self.acc = out  # never handed out itself: copies (CUMULATIVE) or at the end
         else:
@@ -333,9 +344,7 @@ class AsyncEngine:
         core = self._check_alive()
         if priority != 0:
             raise InvalidRequestError(priority_error(priority), "priority")
-        if lora_request is not None:
-            raise InvalidRequestError("lora_request is not supported: this engine serves no "
-                                      "LoRA adapters", "lora_request")
+        refuse_lora(lora_request)
         if data_parallel_rank not in (None, 0):
             raise InvalidRequestError(f"data_parallel_rank {data_parallel_rank!r} is out of "
                                       "range [0, 1)", "data_parallel_rank")
@@ -424,19 +433,13 @@ class AsyncEngine:
                                         f"({self.config.max_waiting_requests} requests); retry "
                                         f"later")
 
-    @contextlib.contextmanager
-    def reserve(self, n: int = 1) -> Iterator[None]:
+    def reserve(self, n: int = 1) -> contextlib.AbstractContextManager[None]:
         """For a front end that tokenizes before it calls generate (the OpenAI routes):
         check_room(n), then hold those n places while the block runs, so concurrent requests
         tokenizing meanwhile count against the bound as generate's own do (a flood is refused
         before its tokenizing, not after). Leave the block before calling generate: its own
         check then counts the request itself."""
-        self.check_room(n)
-        self._reserved += n
-        try:
-            yield
-        finally:
-            self._reserved -= n
+        return hold_places(self, n)
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a live request, or each of an iterable of ids (vLLM's AsyncLLM.abort); each

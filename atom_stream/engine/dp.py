@@ -36,14 +36,14 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from atom_stream.config import ConfigError, EngineConfig
-from atom_stream.engine.async_engine import AsyncEngine
+from atom_stream.engine.async_engine import AsyncEngine, hold_places
 from atom_stream.engine.outputs import RequestOutput
 from atom_stream.engine.prompts import Prompt
 from atom_stream.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
@@ -271,16 +271,10 @@ class DPEngine:
                                       "data_parallel_rank")
         return rank
 
-    @contextlib.contextmanager
-    def reserve(self, n: int = 1) -> Iterator[None]:
+    def reserve(self, n: int = 1) -> contextlib.AbstractContextManager[None]:
         """AsyncEngine.reserve over the replicas: check_room(n) before any tokenizing, then
         the n places are held while the block runs."""
-        self.check_room(n)
-        self._reserved += n
-        try:
-            yield
-        finally:
-            self._reserved -= n
+        return hold_places(self, n)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None, *,
