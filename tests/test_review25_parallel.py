@@ -21,19 +21,12 @@ import pytest
 import quant_writers as qw
 import torch
 from serving_helpers import running_server
+from test_dp import _one_torch_thread  # noqa: F401 - autouse, module scope: one torch thread
 
 from atom_stream import AsyncEngine, EngineConfig, SamplingParams
 from atom_stream.config import ConfigError
 from atom_stream.engine.dp import DPEngine
 from atom_stream.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _config(**kw) -> EngineConfig:
