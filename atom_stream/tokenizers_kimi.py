@@ -187,8 +187,8 @@ class KimiTokenizer(Tokenizer):
         # the checkpoint's own jinja (rendered only with trust_remote_code): read for the
         # content format "auto" resolves to (engine/prompts.resolve_content_format), as vLLM
         # detects it from the template it serves (K2-Instruct loops over the parts)
-        from atom_stream.tokenizer import _checkpoint_chat_template
-        self._checkpoint_template = _checkpoint_chat_template(model_dir)
+        from atom_stream.chat_template import checkpoint_chat_template
+        self._checkpoint_template = checkpoint_chat_template(model_dir)
 
     def chat_template_source(self) -> str | None:
         return self._chat_template or self._checkpoint_template
@@ -278,10 +278,10 @@ def detect_chat_format(model_dir: str, has_think_tags: bool) -> KimiChatFormat:
     config.json `model_type: kimi_k25` and a chat_template.jinja that reads `tools_ts_str`; the
     template's text says whether it writes think tags and reads `thinking`. Without a template
     the vocabulary decides (`<think>`/`</think>` named: K2.5-style think tags and prompt)."""
-    from atom_stream.tokenizer import _checkpoint_chat_template, _read_json
-    tpl = _checkpoint_chat_template(model_dir)
+    from atom_stream.chat_template import checkpoint_chat_template, read_json
+    tpl = checkpoint_chat_template(model_dir)
     try:
-        model_type = _read_json(os.path.join(model_dir, "config.json")).get("model_type")
+        model_type = read_json(os.path.join(model_dir, "config.json")).get("model_type")
     except (OSError, ValueError, AttributeError):  # the model loader reports a bad config
         model_type = None
     ts = (os.path.isfile(os.path.join(model_dir, "tool_declaration_ts.py"))
