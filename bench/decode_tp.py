@@ -194,7 +194,7 @@ def _rank_main(rank: int, world: int, init: str, args, out: str) -> None:
     except BaseException:  # noqa: BLE001 - reported, then this rank exits non-zero
         traceback.print_exc()
         os._exit(1)  # a peer left waiting in a collective is ended by the parent's join
-    from atom_stream.engine.distributed import _close_group
+    from atom_stream.engine.tp_workers import _close_group
     t0 = time.perf_counter()
     _close_group(None, timeout=20.0, runner=runner)
     if lead:

@@ -58,7 +58,7 @@ def _single_rank(prompts) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tp_config(monkeypatch_module):
-    import atom_stream.engine.distributed as dist
+    import atom_stream.engine.tp_workers as dist
 
     monkeypatch_module.setattr(dist, "RING_SLOT_BYTES", SLOT)
     return EngineConfig(tensor_parallel_size=2, **KW)

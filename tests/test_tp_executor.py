@@ -279,7 +279,7 @@ def test_rendezvous_port_is_below_the_ephemeral_range():
     (a worker connecting early cannot self-connect on it), and it is free."""
     import socket
 
-    from atom_stream.engine.distributed import _ephemeral_low, _free_port
+    from atom_stream.engine.tp_workers import _ephemeral_low, _free_port
 
     for _ in range(5):
         port = _free_port()

@@ -234,9 +234,9 @@ def run_node(config: EngineConfig) -> int:
     spawn the node's other ranks, relay rank 0's steps to them until rank 0 shuts down (exit 0)
     or a rank dies (exit 1). Blocks."""
     from atom_stream.config import resolve_model_path
-    from atom_stream.engine.distributed import LocalWorkers, _close_group, _init_group, _set_device
     from atom_stream.engine.model_runner import ModelRunner
     from atom_stream.engine.step_codec import StepDecoder
+    from atom_stream.engine.tp_workers import LocalWorkers, _close_group, _init_group, _set_device
     from atom_stream.layers.parallel import TPInfo
 
     config.model = resolve_model_path(config.model, config.load_format)  # hub ids
