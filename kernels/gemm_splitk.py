@@ -108,7 +108,7 @@ def _buffers(device: torch.device, split: int, n: int, tiles: int
 
 def block_m(m: int) -> int:
     """The launch's padded row count for m rows (16, 32 or 64; Triton also compiles M == 1 and
-    M % 16 == 0 apart: engine/model_runner.splitk_warmup_rows)."""
+    M % 16 == 0 apart: engine/kernel_warmup.splitk_warmup_rows)."""
     return max(16, triton.next_power_of_2(m))
 
 

@@ -107,7 +107,7 @@ def test_splitk_warmup_rows_cover_every_launch_variant():
     from atom_stream.kernels.gemm_splitk import MAX_M, block_m
     from triton.backends.compiler import BaseBackend
 
-    from atom_stream.engine.model_runner import splitk_warmup_rows
+    from atom_stream.engine.kernel_warmup import splitk_warmup_rows
 
     def variant(m: int):  # what Triton compiles separately for the launch's M
         return block_m(m), specialize(BaseBackend, m, False, True, True)

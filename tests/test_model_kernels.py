@@ -352,7 +352,7 @@ def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypa
     the runner's warm-up compiles each at rows 1..4."""
     import types
 
-    from atom_stream.engine.model_runner import ModelRunner
+    from atom_stream.engine import kernel_warmup
     from atom_stream.models import deepseek_v3 as dv3
     for name in ("ROUTER_GEMV_MAX_M", "SHARED_DOWN_GEMV_MAX_M"):
         monkeypatch.setattr(dv3, name, 4)
@@ -367,19 +367,19 @@ def test_kernel_path_with_router_shared_gemv_matches_reference_gpu(spy, monkeypa
     calls.clear()
     _, fast = build_models(cfg, torch.bfloat16, "cuda", seed=31)
     fake = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, model=fast)
-    assert ModelRunner._gemv_warmup(fake) == 8
+    assert kernel_warmup.gemv_warmup(fake) == 8
     assert sum(calls.values()) == 8
 
 
 @cpu_only
 @pytest.mark.parametrize("qkv_max_m,absorb_min_b", [(0, 8), (2, 8), (2, 1)])
 def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m, absorb_min_b):
-    """engine/model_runner._absorb_warmup (GPU start-up: compiles mla_q_absorb, the q_b GEMV's
+    """engine/kernel_warmup.absorb_warmup (GPU start-up: compiles mla_q_absorb, the q_b GEMV's
     and the q_a + kv_a GEMV's row counts before serving) runs on the model's own weights and
     shapes; here on the CPU (interpreter; the GEMV is GPU-only, so F.linear stands in)."""
     import types
 
-    from atom_stream.engine.model_runner import ModelRunner
+    from atom_stream.engine import kernel_warmup
     monkeypatch.setattr(mla_model, "QKV_GEMV_MAX_M", qkv_max_m)
     monkeypatch.setattr(mla_model, "ABSORB_QB", True)
     monkeypatch.setattr(mla_model, "ABSORB_QB_MIN_B", absorb_min_b)
@@ -387,7 +387,7 @@ def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m, a
     ref, _ = build_models(cfg, torch.float32, "cpu", seed=30)
     attn = ref.model.layers[0].self_attn
     fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
-    n = ModelRunner._absorb_warmup(fake, attn)
+    n = kernel_warmup.absorb_warmup(fake, attn)
     qkv = qkv_max_m if attn.w_qkv_a is not None else 0
     qb = min(mla_model.QB_GEMV_MAX_M, 4)
     # the folded q_b (ABSORB_QB) only at the GEMV's row counts a decode step may take it
@@ -397,22 +397,22 @@ def test_runner_absorb_warmup_runs_at_the_model_widths(monkeypatch, qkv_max_m, a
 
 @cpu_only
 def test_runner_gemv_warmup_counts_the_switched_gemms(monkeypatch):
-    """engine/model_runner._gemv_warmup: nothing at the defaults (cuBLAS), one launch per row
+    """engine/kernel_warmup.gemv_warmup: nothing at the defaults (cuBLAS), one launch per row
     count and switched GEMM otherwise (on the CPU the torch paths stand in for the GEMV)."""
     import types
 
-    from atom_stream.engine.model_runner import ModelRunner
+    from atom_stream.engine import kernel_warmup
     from atom_stream.models import deepseek_v3 as dv3
     cfg = tiny_config(32)
     ref, _ = build_models(cfg, torch.float32, "cpu", seed=33)
     fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, model=ref)
     for name in ("ROUTER_GEMV_MAX_M", "SHARED_DOWN_GEMV_MAX_M"):
         monkeypatch.setattr(dv3, name, 0)
-    assert ModelRunner._gemv_warmup(fake) == 0
+    assert kernel_warmup.gemv_warmup(fake) == 0
     monkeypatch.setattr(dv3, "ROUTER_GEMV_MAX_M", 1)
     monkeypatch.setattr(dv3, "SHARED_DOWN_GEMV_MAX_M", 4)
     assert any(getattr(m.mlp, "w_router_shared", None) is not None for m in ref.model.layers)
-    assert ModelRunner._gemv_warmup(fake) == 1 + 4
+    assert kernel_warmup.gemv_warmup(fake) == 1 + 4
 
 
 def test_reference_path_untouched_on_cpu(spy):
