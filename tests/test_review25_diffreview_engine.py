@@ -49,7 +49,7 @@ async def test_delta_streams_do_not_go_through_the_output_shaper(monkeypatch):
             raise AssertionError(f"a {kind!r} stream built an output shaper")
 
     async with AsyncEngine(EngineConfig(**KW)) as engine:
-        monkeypatch.setattr(async_engine, "_OutputShaper", NoShaper)
+        monkeypatch.setattr(async_engine, "OutputShaper", NoShaper)
         outs = [o async for o in engine.generate([5, 6, 7], _params())]
         assert [len(o.token_ids) for o in outs] == [1, 1, 1]
         assert outs[-1].finish_reason == "length"
