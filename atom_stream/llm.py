@@ -103,6 +103,11 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's LLM.llm_engine: the engine core this LLM steps (`engine`)."""
+        return self.engine
+
     def get_tokenizer(self) -> Any:
         """vLLM's LLM.get_tokenizer: the engine's tokenizer (None with skip_tokenizer_init)."""
         return self.engine.tokenizer
@@ -113,15 +118,15 @@ class LLM:
                  use_tqdm: bool | Callable[..., Any] = False,
                  lora_request: Any = None,
                  priority: list[int] | None = None) -> list[RequestOutput]:
-        """`prompts`: one prompt or a list of them, each a string, a list of token ids, or
-        vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by keyword
-        (`prompt_token_ids`: one list of ids or several). A dict prompt's `cache_salt` (vLLM's)
-        becomes that prompt's SamplingParams.cache_salt; its `multi_modal_data` /
+        """`prompts`: one prompt or a list (any iterable) of them, each a string, a list of token
+        ids, or vLLM's dict forms {"prompt": str} / {"prompt_token_ids": [int]}; or the ids by
+        keyword (`prompt_token_ids`: one list of ids or several). A dict prompt's `cache_salt`
+        (vLLM's) becomes that prompt's SamplingParams.cache_salt; its `multi_modal_data` /
         `mm_processor_kwargs` / `multi_modal_uuids` other than empty are refused (text only);
-        other keys are ignored, as vLLM's TypedDicts do. `lora_request` is vLLM's argument:
-        None is accepted, anything else refused (no LoRA adapters), as `chat` does.
-        `priority` is vLLM's too (one int per prompt): only FCFS is implemented, so all zeros
-        (or None) are served and a non-zero one is vLLM's ValueError, before any work."""
+        other keys are ignored, as vLLM's TypedDicts do. `lora_request` is vLLM's argument: None
+        is accepted, anything else refused (no LoRA adapters), as `chat` does. `priority` is
+        vLLM's too (one int per prompt): only FCFS is implemented, so all zeros (or None) are
+        served and a non-zero one is vLLM's ValueError, before any work."""
         refuse_lora(lora_request)
         if prompts is not None and prompt_token_ids is not None:
             raise InvalidRequestError("pass prompts or prompt_token_ids, not both", "prompts")
@@ -130,6 +135,8 @@ class LLM:
                     isinstance(prompts, (list, tuple)) and prompts
                     and isinstance(prompts[0], int)):
                 prompts = [prompts]
+            elif not isinstance(prompts, (list, tuple)):
+                prompts = list(prompts)  # a generator: walked more than once below
             token_lists = [self._prompt_ids(p) for p in prompts]
             texts = [_prompt_text(p) for p in prompts]
             sampling_params = self._salted(sampling_params, prompts)

@@ -52,8 +52,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     - `seed`: per-request generator; the same seed gives the same tokens alone or in any batch.
       -1 means no seed (vLLM).
     - `logprobs`: None = none; k >= 0 = the sampled token's logprob plus the top k (k <= 20);
-      True is read as 1 (vLLM).
-    - `prompt_logprobs`: None or k >= 0 (True = 1), logprobs of the prompt tokens.
+      True is read as 1 and False as 0 (the sampled token's logprob only), as in vLLM, where a
+      bool is an int.
+    - `prompt_logprobs`: None or k >= 0 (True = 1, False = 0), logprobs of the prompt tokens.
     - `stop`: strings matched on the detokenized text (trimmed from the output unless
       `include_stop_str_in_output`); `stop_token_ids`: extra stop tokens (kept in token_ids).
       None for either is "none" (vLLM's default), read as []; stop_token_ids are deduplicated.
@@ -133,8 +134,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.seed == -1:  # vLLM: -1 is "no seed"
             self.seed = None
         for name in ("logprobs", "prompt_logprobs"):
-            if getattr(self, name) is True:  # vLLM's __post_init__: True is 1
-                setattr(self, name, 1)
+            v = getattr(self, name)
+            if isinstance(v, bool):  # vLLM: a bool is an int there (True is 1, False is 0)
+                setattr(self, name, int(v))
         t = self.temperature
         if isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t < MIN_TEMPERATURE:
             # vLLM raises these (NaN/inf in its tensors otherwise) before deciding greedy

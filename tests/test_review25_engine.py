@@ -130,7 +130,7 @@ async def test_num_cached_tokens_like_vllm():
     async with fake_engine() as engine:
         first = await collect(engine.generate(prompt, greedy(3)))
         again = await collect(engine.generate(prompt, greedy(3)))
-        # the usage (and so the count) comes with the final output
-        assert all(o.num_cached_tokens is None for o in first if not o.finished)
+        # vLLM: the count is on every output of the request, not only the final one
+        assert all(o.num_cached_tokens == 0 for o in first)
         assert first[-1].num_cached_tokens == 0
         assert again[-1].num_cached_tokens == 32 == again[-1].usage.cached_tokens

@@ -17,7 +17,10 @@ process hosts rank 0 of every replica). On the CPU every replica uses the CPU.
 
 Balancing: a new request goes to the live replica with the fewest outstanding requests (admitted
 and not yet finished, counted here); ties go round robin. `generate(..., data_parallel_rank=i)`
-(vLLM's keyword) puts a request on replica i instead. Request ids are unique across replicas.
+(vLLM's keyword) puts a request on replica i instead. A replica that refuses a request it was
+given as full (EngineOverloadedError: its own count can lag ours, e.g. an abort it has not applied
+yet) hands it, once, to the least loaded other replica with room; only when none has room is the
+refusal (503) the caller's. Request ids are unique across replicas.
 Sampling: replica i draws unseeded requests' noise from a generator seeded `seed + i`
 (replica 0: `seed`, a single engine's draws). One seed for all would make replicas draw the same
 noise in lock step, so concurrent sampled requests on two replicas (an `n=2` request's choices)
@@ -285,8 +288,10 @@ class DPEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """AsyncEngine.generate on the least loaded replica (same deltas, errors, abort);
         `data_parallel_rank`: vLLM's AsyncLLM.generate keyword, run on that replica instead
-        (in [0, data_parallel_size), else InvalidRequestError); `chat_options`: AsyncEngine.
-        generate's other keywords (add_generation_prompt, continue_final_message), passed on."""
+        (in [0, data_parallel_size), else InvalidRequestError; never moved when that replica
+        is full); `chat_options`: AsyncEngine.generate's other keywords
+        (add_generation_prompt, continue_final_message), passed on. A full replica's
+        refusal moves the request once (module docstring, "Balancing")."""
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif not isinstance(request_id, str):  # AsyncEngine's answer (a list is unhashable)
@@ -295,20 +300,60 @@ class DPEngine:
         elif request_id in self._owner:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         i = self._pick() if data_parallel_rank is None else self._rank(data_parallel_rank)
-        self._owner[request_id] = i
-        self.outstanding[i] += 1
-        stream = self.replicas[i].generate(prompt, params, request_id,
-                                           chat_template_kwargs=chat_template_kwargs,
-                                           strict_max_tokens=strict_max_tokens,
-                                           add_special_tokens=add_special_tokens,
-                                           **chat_options)
+        kwargs = dict(chat_template_kwargs=chat_template_kwargs,
+                      strict_max_tokens=strict_max_tokens,
+                      add_special_tokens=add_special_tokens, **chat_options)
+        self._place(request_id, i)
+        stream = self.replicas[i].generate(prompt, params, request_id, **kwargs)
         try:
+            try:
+                first = await stream.__anext__()
+            except EngineOverloadedError:
+                # the chosen replica is full (e.g. an abort it has not applied yet still
+                # counts there): once, the least loaded other replica with room takes it
+                j = None if data_parallel_rank is not None else self._other_with_room(i)
+                if j is None:
+                    raise
+                self._unplace(request_id, i)
+                i = j
+                self._place(request_id, i)
+                stream = self.replicas[j].generate(prompt, params, request_id, **kwargs)
+                first = await stream.__anext__()
+            yield first
             async for out in stream:
                 yield out
         finally:
             await stream.aclose()  # a closed/cancelled consumer aborts the request at once
-            self.outstanding[i] -= 1
-            del self._owner[request_id]
+            self._unplace(request_id, i)
+
+    def _place(self, request_id: str, i: int) -> None:
+        """Count live request `request_id` on replica `i`."""
+        self._owner[request_id] = i
+        self.outstanding[i] += 1
+
+    def _unplace(self, request_id: str, i: int) -> None:
+        """Undo `_place(request_id, i)`."""
+        self.outstanding[i] -= 1
+        del self._owner[request_id]
+
+    def _other_with_room(self, refused: int) -> int | None:
+        """The live replica other than `refused` with the fewest outstanding requests (ties:
+        round robin, as `_pick`) whose own check_room admits one more request; None when no
+        other replica has room."""
+        n = len(self.replicas)
+        best = None
+        for j in range(n):
+            k = (self._next + j) % n
+            if k == refused or self.replicas[k].is_dead:
+                continue
+            if best is not None and self.outstanding[k] >= self.outstanding[best]:
+                continue
+            try:
+                self.replicas[k].check_room()
+            except (EngineOverloadedError, EngineDeadError):
+                continue
+            best = k
+        return best
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a live request, or each of an iterable of ids (AsyncEngine.abort); each

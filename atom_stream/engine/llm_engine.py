@@ -502,7 +502,8 @@ class LLMEngine:
                         text += stop.flush()
 
             if reason is None:
-                o = RequestOutput(seq.request_id, [tok], text)
+                o = RequestOutput(seq.request_id, [tok], text).set_num_cached_tokens(
+                    seq.num_cached_tokens)  # vLLM: on every output, not only the final one
                 if not req.sent_first:
                     req.sent_first = True
                     o.prompt_token_ids = seq.prompt_token_ids

@@ -145,11 +145,14 @@ class RequestOutput(msgspec.Struct, dict=True):  # __dict__: prompt, logprob cac
 
     def share_logprobs_with(self, other: RequestOutput) -> RequestOutput:
         """Let this output (a copy of `other` whose `engine_logprobs` is a prefix of
-        `other`'s) reuse the Logprob dicts built for `other`'s lineage, and its tokenizer;
-        returns self. `other` must only grow by `merge` afterwards."""
+        `other`'s) reuse the Logprob dicts built for `other`'s lineage, and take its tokenizer
+        and num_cached_tokens (attributes a struct copy drops); returns self. `other` must
+        only grow by `merge` afterwards."""
         d, od = self.__dict__, other.__dict__
         if "_tokenizer" in od:
             d["_tokenizer"] = od["_tokenizer"]
+        if "_num_cached" in od:  # not logprobs, but lost by the same struct copy
+            d["_num_cached"] = od["_num_cached"]
         if other.engine_logprobs is not None:
             d["_lp_pool"] = od.setdefault("_lp_pool", [])
         return self
@@ -209,8 +212,18 @@ class RequestOutput(msgspec.Struct, dict=True):  # __dict__: prompt, logprob cac
     @property
     def num_cached_tokens(self) -> int | None:
         """vLLM's RequestOutput.num_cached_tokens: the prompt tokens served from the prefix
-        cache (`usage.cached_tokens`); None until the final output carries the usage."""
-        return None if self.usage is None else self.usage.cached_tokens
+        cache. As vLLM's, it is on every output of a request once its prompt was scheduled:
+        `usage.cached_tokens` on the final output, the count the engine set at admission
+        (`set_num_cached_tokens`) on the others; None on an output that has neither."""
+        if self.usage is not None:
+            return self.usage.cached_tokens
+        return self.__dict__.get("_num_cached")
+
+    def set_num_cached_tokens(self, n: int) -> RequestOutput:
+        """Attach the request's prefix-cache hit count to a non-final delta (kept outside the
+        struct's fields, as `prompt`: the encoded layout is unchanged); returns self."""
+        self.__dict__["_num_cached"] = n
+        return self
 
     @property
     def outputs(self) -> list[RequestOutput]:
@@ -245,6 +258,8 @@ class RequestOutput(msgspec.Struct, dict=True):  # __dict__: prompt, logprob cac
             self._take_tokenizer(later)
         if self.prompt_token_ids is None:
             self.prompt_token_ids = later.prompt_token_ids
+        if "_num_cached" in later.__dict__:
+            self.__dict__.setdefault("_num_cached", later.__dict__["_num_cached"])
         if self.engine_prompt_logprobs is None and later.engine_prompt_logprobs is not None:
             self.engine_prompt_logprobs = later.engine_prompt_logprobs
             self.prompt_logprob_ranks = later.prompt_logprob_ranks
