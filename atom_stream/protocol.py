@@ -288,16 +288,24 @@ class CompletionUsageChunk(Struct):
 
 
 class ResponseMessage(Struct, kw_only=True):
-    """vLLM's ChatMessage. `reasoning_content` and `tool_calls` only when the server runs a
-    reasoning / tool-call parser (then always, null / [] included, as vLLM dumps them)."""
+    """vLLM's ChatMessage (about v0.10), dumped as its model_dump(): every field, always, in
+    its declaration order, parsers or not. refusal, annotations, audio and function_call are
+    OpenAI fields vLLM leaves null; tool_calls is [] and reasoning_content null when no parser
+    produced them."""
 
     role: str
-    reasoning_content: str | None | UnsetType = UNSET
     content: str | None = None
-    tool_calls: list[ToolCall] | UnsetType = UNSET
+    refusal: str | None = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: FunctionCall | None = None
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    reasoning_content: str | None = None  # vLLM's own field (not in the OpenAI spec)
 
 
 class ChatChoice(Struct):
+    """vLLM's ChatCompletionResponseChoice field order; token_ids only with return_token_ids."""
+
     index: int
     message: ResponseMessage
     logprobs: ChatLogprobs | None

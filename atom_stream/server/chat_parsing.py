@@ -27,9 +27,9 @@
   reasoning parser's is_reasoning_end about the prompt; K2.5's template writes
   `<think></think>` before a continued assistant message).
 
-Answers (non-streamed, vLLM's ChatMessage): with any parser on, `message` has
-`reasoning_content` (null when none) and `tool_calls` ([] when none); content is null when the
-parsers leave nothing. Streamed deltas carry `reasoning_content`, `content` and
+Answers (non-streamed, vLLM's ChatMessage, every field whether a parser runs or not):
+`reasoning_content` is null and `tool_calls` [] when none; content is null when the parsers
+leave nothing. Streamed deltas carry `reasoning_content`, `content` and
 `tool_calls[{id, type, index, function{name}}]` / `[{index, function{arguments}}]`.
 `include_reasoning: false` (vLLM's request field, default true) still splits the reasoning off
 but drops it: non-streamed `reasoning_content` null, streamed no `reasoning_content` (a step left
@@ -255,11 +255,6 @@ class ChatParsing:
         return cls(bool(getattr(config, "enable_auto_tool_choice", False)),
                    getattr(config, "tool_call_parser", None),
                    getattr(config, "reasoning_parser", None))
-
-    @property
-    def enabled(self) -> bool:
-        """A parser runs: answers carry reasoning_content and tool_calls (vLLM's shape)."""
-        return self.tools is not None or self.reasoning is not None
 
     def tool_choice(self, req: Any) -> bool:
         """Check the request's tool_choice; True when its output is parsed for tool calls."""

@@ -399,12 +399,10 @@ class OpenAIServing:
 
     def _message(self, plan: ParsePlan | None, role: str, echo: str, text: str,
                  finish: str | None) -> tuple[ResponseMessage, str | None]:
-        """A non-streamed choice's message and finish_reason (parsed when the request is)."""
+        """A non-streamed choice's message and finish_reason (parsed when the request is).
+        The message carries every field of vLLM's ChatMessage whether or not a parser ran."""
         if plan is not None:
             return plan.message(role, echo, text, finish)
-        if self.parsing.enabled:  # vLLM's ChatMessage always dumps both fields
-            return ResponseMessage(role=role, reasoning_content=None, content=echo + text,
-                                   tool_calls=[]), finish
         return ResponseMessage(role=role, content=echo + text), finish
 
     def _sse(self, frames) -> SSEResponse:
