@@ -158,10 +158,29 @@ class PromptTokensDetails(Struct):
 
 
 class UsageInfo(Struct):
+    """A streamed chunk's usage (vLLM streams with exclude_unset: no prompt_tokens_details key
+    unless --enable-prompt-tokens-details sets it)."""
+
     prompt_tokens: int
     total_tokens: int
     completion_tokens: int
     prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+
+    def for_body(self) -> BodyUsage:
+        """The same usage in a whole (non-streamed) body."""
+        details = self.prompt_tokens_details
+        return BodyUsage(self.prompt_tokens, self.total_tokens, self.completion_tokens,
+                         None if details is UNSET else details)
+
+
+class BodyUsage(Struct):
+    """A whole body's usage: vLLM dumps it with model_dump, `prompt_tokens_details` null
+    included."""
+
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class PromptLogprob(Struct):
@@ -325,9 +344,10 @@ class ChatCompletionResponse(Struct, kw_only=True):
     choices: list[ChatChoice]
     service_tier: str | None = None
     system_fingerprint: str | None = None
-    usage: UsageInfo
+    usage: BodyUsage
     prompt_logprobs: PromptLogprobs | None = None  # vLLM: on the response, not the choice
     prompt_token_ids: list[int] | UnsetType = UNSET  # return_token_ids
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's (disaggregated prefill): null
 
 
 class CompletionChoice(Struct):
@@ -354,7 +374,8 @@ class CompletionResponse(Struct, kw_only=True):
     choices: list[CompletionChoice]
     service_tier: str | None = None
     system_fingerprint: str | None = None
-    usage: UsageInfo
+    usage: BodyUsage
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's (disaggregated prefill): null
 
 
 class ModelPermission(Struct):

@@ -18,14 +18,18 @@ def test_non_streamed_bodies_carry_vllm_null_fields_in_order(http):
     assert chat.status_code == 200, chat.text
     body = chat.json()
     assert list(body) == ["id", "object", "created", "model", "choices", "service_tier",
-                          "system_fingerprint", "usage", "prompt_logprobs"]
+                          "system_fingerprint", "usage", "prompt_logprobs",
+                          "kv_transfer_params"]
+    assert body["kv_transfer_params"] is None
     assert body["service_tier"] is None and body["system_fingerprint"] is None
     cmpl = http.post("/v1/completions", json={"prompt": "Review", "max_tokens": 2, "n": 2,
                                               "seed": 25})
     assert cmpl.status_code == 200, cmpl.text
     body = cmpl.json()
     assert list(body) == ["id", "object", "created", "model", "choices", "service_tier",
-                          "system_fingerprint", "usage"]
+                          "system_fingerprint", "usage", "kv_transfer_params"]
+    assert list(body["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens",
+                                   "prompt_tokens_details"]
     assert body["object"] == "text_completion" and body["system_fingerprint"] is None
     assert [c["index"] for c in body["choices"]] == [0, 1]
 

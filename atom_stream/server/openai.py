@@ -393,7 +393,7 @@ class OpenAIServing:
                 out[-1].token_ids = r.token_ids
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         resp = ChatCompletionResponse(id=rid, created=ctx.created, model=model, choices=out,
-                                      usage=usage)
+                                      usage=usage.for_body())
         openai_stream.add_prompt_extras(ctx, resp, results[0], params.prompt_logprobs)
         return json_response(resp)
 
@@ -465,7 +465,7 @@ class OpenAIServing:
                for c, r in zip(choices, results)]
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         return json_response(CompletionResponse(id=rid, created=ctx.created, model=model,
-                                                choices=out, usage=usage))
+                                                choices=out, usage=usage.for_body()))
 
     async def _echo_texts(self, choices: list[Choice], prompts: list, n: int) -> None:
         """Each choice's echoed prompt text: a token-id prompt decoded once (n choices share
