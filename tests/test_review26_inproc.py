@@ -5,6 +5,8 @@ refusal moved to another replica with room, and LLM.generate over a generator of
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from test_dp import _config, _one_torch_thread  # noqa: F401  (the DP module's fixtures)
 from test_review25_engine import collect, fake_engine, greedy
@@ -98,3 +100,15 @@ def test_llm_generate_takes_a_generator_of_prompts(llm):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.prompt for o in got] == ["ab", "cd"]
     assert llm.llm_engine is llm.engine  # vLLM's attribute name
+
+
+async def test_async_engine_takes_a_tuple_of_token_ids():
+    """LLM.generate takes a tuple of ids; AsyncEngine.generate refused one before."""
+    from atom_stream import AsyncEngine
+    from atom_stream.config import EngineConfig
+    ids = tuple(random.Random().randrange(5, 250) for _ in range(6))
+    async with AsyncEngine(EngineConfig(num_kv_blocks=64)) as engine:
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        got = [t async for o in engine.generate(ids, params) for t in o.token_ids]
+        want = [t async for o in engine.generate(list(ids), params) for t in o.token_ids]
+    assert len(got) == 3 and got == want

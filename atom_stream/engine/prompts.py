@@ -209,9 +209,9 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     chat option pair)."""
     if isinstance(prompt, dict):
         prompt = _dict_prompt(prompt)
-    if isinstance(prompt, list) and prompt and all(
+    if isinstance(prompt, (list, tuple)) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+        return list(prompt)  # a tuple of ids too, as LLM.generate takes it
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
