@@ -38,22 +38,32 @@ Auth: with `--api-key`, either the handshake carried a valid `Authorization` hea
 the middleware) or the first frame must be `auth`; frames before it get 401 error frames, a wrong
 key gets a 401 error frame and close code 1008, and no auth within `auth_timeout_s` of the
 handshake closes (1008); frames sent before `auth` do not restart that clock.
-uvicorn sends keepalive pings (`--ws-ping-interval`).
+uvicorn sends keepalive pings (`--ws-ping-interval`); a peer that misses the pong while its
+socket's buffers are full is dropped (ws_protocol), which aborts its requests.
+
+A client that sends and reads nothing: reading pauses (`_next_message`) while
+_MAX_PENDING_ERRORS error frames or ws_max_requests finished requests' output wait unsent. The
+socket is still received from meanwhile, so a close frame (the disconnect) ends the connection
+and aborts its requests at once and uvicorn answers pings; a `cancel` is acted on at once, other
+frames are held in order (ws_frames.ReadAhead: at most 64 frames / 1 MiB, then TCP pushes back)
+until reading resumes. A text frame that is not valid UTF-8 is a malformed frame (400 error
+frame, the connection goes on), not uvicorn's close 1007.
 
 Shutdown (SIGTERM/SIGINT): the socket is drained as an SSE stream is (app.py). uvicorn's
 shutdown hook (ws_protocol.BatchingWebSocketProtocol.shutdown) hands the app a `SHUTDOWN`
-message instead of closing the socket with 1012 at once. From then on a `generate` frame gets a 503 error frame
-("server shutting down", the status the engine's refusal gets over HTTP while it drains); the
-live requests stream on until they finish, or until the deadline abort (shutdown_abort_delay:
-a little before `--shutdown-timeout`; app.py's abort_all and the drain's own abort) ends each
-with an `error` frame, code 503, "the request was aborted (server shutting down)": the SSE
-path's equivalent is an error event, and a `done` frame with finish_reason "abort" is what a
-client's own `cancel` gets (still so while draining). Once the last live request has its last
-frame on the wire, the server closes the socket with code 1001 (going away; at once for
-a socket with no live request). 1001 is RFC 6455's code for "a server going down" and one of the
-two codes websockets clients report as a normal closure (ConnectionClosedOK: `async for` over
-the socket just ends); uvicorn's 1012 (IANA's "service restart") raises ConnectionClosedError,
-right for a socket cut mid-stream, wrong after a complete drain.
+message instead of closing the socket with 1012 at once. From then on a `generate` frame gets a
+503 error frame ("server shutting down", the status the engine's refusal gets over HTTP while it
+drains); the live requests stream on until they finish, or until the deadline abort
+(shutdown_abort_delay: a little before `--shutdown-timeout`; app.py's abort_all and the drain's
+own abort) ends each with an `error` frame, code 503, "the request was aborted (server shutting
+down)": the SSE path's equivalent is an error event, and a `done` frame with finish_reason
+"abort" is what a client's own `cancel` gets (still so while draining). Once the last live
+request has its last frame on the wire, the server closes the socket with code 1001 (going
+away; at once for a socket with no live request). 1001 is RFC 6455's code for "a server going
+down" and one of the two codes websockets clients report as a normal closure
+(ConnectionClosedOK: `async for` over the socket just ends); uvicorn's 1012 (IANA's "service
+restart") raises ConnectionClosedError, right for a socket cut mid-stream, wrong after a
+complete drain.
 """
 
 from __future__ import annotations
@@ -95,14 +105,23 @@ from atom_stream.server.ws_frames import (
     SAMPLING_NAMES,
     UNKNOWN_FIELD,
     ClientFrameStruct,
+    LenientFrameStruct,
+    ReadAhead,
     frame_param,
+    frame_size,
     sampling_kwargs,
     sniff_id,
 )
-from atom_stream.server.ws_protocol import SEND_BATCH, SHUTDOWN, shutdown_abort_delay
+from atom_stream.server.ws_protocol import (
+    INVALID_UTF8,
+    SEND_BATCH,
+    SHUTDOWN,
+    shutdown_abort_delay,
+)
 
 logger = logging.getLogger(__name__)
 _MAX_PENDING_ERRORS = 1024  # unsent error frames per connection before reading pauses
+_EARLY_CANCEL_BYTES = 1024  # a cancel frame acted on while reading is paused is this small
 _conn_counter = itertools.count()
 
 
@@ -138,12 +157,12 @@ class _Connection:
         if binary:
             self.encode = msgspec.msgpack.Encoder().encode
             self.decoder = msgspec.msgpack.Decoder(ClientFrameStruct)
-            self.lenient = msgspec.msgpack.Decoder(ClientFrame)
+            self.lenient = msgspec.msgpack.Decoder(LenientFrameStruct)
             self.loose = msgspec.msgpack.Decoder()
         else:
             self.encode = msgspec.json.Encoder().encode
             self.decoder = msgspec.json.Decoder(ClientFrameStruct)
-            self.lenient = msgspec.json.Decoder(ClientFrame)
+            self.lenient = msgspec.json.Decoder(LenientFrameStruct)
             self.loose = msgspec.json.Decoder()
         self.prefix = f"ws{next(_conn_counter)}-"
         self.live: dict[str, _Live] = {}
@@ -157,6 +176,10 @@ class _Connection:
         # their `cancel` frames must still be read.
         self.room = asyncio.Event()
         self.room.set()
+        # while reading is paused: the messages received meanwhile, and the receive in flight
+        self.ahead = ReadAhead()
+        self.receiving: asyncio.Future | None = None
+        self.peer_gone = False  # a send found the client gone (the writer ended)
         self.unsent_final = 0  # outbox entries whose request ended (their last frame waits)
         self.wake = asyncio.Event()
         self.batch = SEND_BATCH in scope.get("extensions", {})
@@ -223,23 +246,71 @@ class _Connection:
             self.outbox[live] = None
             self.wake.set()
 
-    async def _receive_with_room(self, writer: asyncio.Task) -> Any:
-        """The next ASGI message, once the unsent error frames are below _MAX_PENDING_ERRORS
-        and the finished requests with unsent output below ws_max_requests (TCP then pushes
-        back on a client that keeps sending and reads nothing)."""
-        while not self.room.is_set() and not writer.done():
-            room = asyncio.ensure_future(self.room.wait())
-            try:
-                await asyncio.wait({room, writer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                room.cancel()
-        return await self.receive()
+    async def _next_message(self, writer: asyncio.Task) -> Any:
+        """The next ASGI message to act on. Reading pauses while _MAX_PENDING_ERRORS error
+        frames or ws_max_requests finished requests' output wait unsent (a client that sends
+        and reads nothing). Receiving goes on while paused, into `self.ahead` (bounded; once
+        full TCP pushes back on the client): a disconnect or close frame still ends the
+        connection at once, uvicorn still answers pings, and a cancel frame is acted on at
+        once (_cancel_early); the other frames wait there, in order, until reading resumes."""
+        while True:
+            if self.peer_gone:
+                return {"type": "websocket.disconnect", "code": 1006}
+            if self.room.is_set() or writer.done():  # not paused
+                if self.ahead:
+                    return self.ahead.pop()
+                if self.receiving is None:
+                    return await self.receive()  # the common case: nothing held or in flight
+                await asyncio.wait({self.receiving})  # a cancel (auth deadline) spares it
+            else:
+                if self.receiving is None and not self.ahead.full():
+                    self.receiving = asyncio.ensure_future(self.receive())
+                await self._wait_paused(writer)
+            if self.receiving is None or not self.receiving.done():
+                continue
+            message, self.receiving = self.receiving.result(), None
+            if message["type"] != "websocket.receive":
+                return message  # a disconnect, or SHUTDOWN: acted on at once
+            paused = not self.room.is_set() and not writer.done()
+            if not paused and not self.ahead:
+                return message
+            if not (paused and self._cancel_early(message)):
+                self.ahead.push(message, _payload(message))
+
+    async def _wait_paused(self, writer: asyncio.Task) -> None:
+        """Until the receive in flight (if any) has a message, or room, or the writer ended.
+        Never cancels the receive: a later call takes its message."""
+        room = asyncio.ensure_future(self.room.wait())
+        waits = {room, writer} if self.receiving is None else {room, writer, self.receiving}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+
+    def _cancel_early(self, message: dict) -> bool:
+        """Act on a small, valid `cancel` frame received while reading is paused: it adds no
+        output beyond the live requests' own, and it overtakes no held frame that may start
+        its id (ReadAhead.may_overtake). False (the frame is held) for anything else."""
+        data = _payload(message)
+        if (data is None or not self.authed or message.get(INVALID_UTF8)
+                or isinstance(data, bytes) != self.binary
+                or frame_size(data) > min(_EARLY_CANCEL_BYTES, self.cfg.ws_max_frame_bytes)):
+            return False
+        try:
+            frame = self.decoder.decode(data)
+        except DECODE_ERRORS:
+            return False
+        if not isinstance(frame, WsCancel) or not self.ahead.may_overtake(frame.id):
+            return False
+        self.cancel(frame.id)
+        return True
 
     async def writer(self) -> None:
         try:
             await self._write_loop()
         except ClientDisconnected:
-            pass  # the receive loop sees the disconnect and aborts every request
+            # the receive loop ends at once (_next_message), aborting every request
+            self.peer_gone = True
         except Exception:  # a bug must not leave a silent, half-dead connection
             logger.exception("websocket writer failed; closing the connection")
             with contextlib.suppress(Exception):
@@ -367,14 +438,15 @@ class _Connection:
             return
         field = given[0]
         try:
-            if "prompt_logprobs" in frame.params:
+            given_params = frame.params or {}  # "params": null is the defaults, as omitted
+            if "prompt_logprobs" in given_params:
                 raise HTTPError(400, "prompt_logprobs is not served over the WebSocket (no "
                                 "frame carries them): use /v1/completions with echo",
                                 "params.prompt_logprobs")
-            unknown = sorted(set(frame.params) - PARAM_NAMES)
+            unknown = sorted(set(given_params) - PARAM_NAMES)
             if unknown:
                 raise HTTPError(400, f"unknown parameter {unknown[0]!r}", f"params.{unknown[0]}")
-            kw = sampling_kwargs(frame.params, self.defaults)
+            kw = sampling_kwargs(given_params, self.defaults)
             if kw.get("n", 1) != 1:  # n=1 (what OpenAI-style clients send) is accepted
                 raise HTTPError(400, "n: one choice per request over the WebSocket (send one "
                                 "generate frame per choice)", "params.n")
@@ -401,9 +473,7 @@ class _Connection:
             self.run_request(live, prompt, params, kwargs, field, options))
 
     def on_frame(self, data: bytes | str) -> None:
-        # the limit is in bytes: a text frame's UTF-8 size, not its character count
-        size = len(data) if isinstance(data, bytes) or data.isascii() else len(
-            data.encode("utf-8", "surrogatepass"))
+        size = frame_size(data)  # in bytes: a text frame's UTF-8 size, not its length
         if size > self.cfg.ws_max_frame_bytes:
             self.error(sniff_id(data), 413, f"frame of {size} bytes exceeds the limit of "
                        f"{self.cfg.ws_max_frame_bytes} bytes")
@@ -437,14 +507,18 @@ class _Connection:
                        "unauthorized: send {\"type\": \"auth\", \"api_key\": ...} first")
             return
         if isinstance(frame, WsCancel):
-            live = self.live.get(frame.id)
-            if live is not None and not live.cancelled:
-                # the stream then ends with a "done" frame, finish_reason "abort"; a request
-                # not yet in the engine is aborted at its first delta (run_request)
-                live.cancelled = True
-                self._spawn(self.engine.abort(self.prefix + live.id))
+            self.cancel(frame.id)
             return
         self.on_generate(frame)
+
+    def cancel(self, cid: str) -> None:
+        """Abort live request `cid` (an unknown or finished id is ignored): its stream then
+        ends with a "done" frame, finish_reason "abort"; a request not yet in the engine is
+        aborted at its first delta (run_request)."""
+        live = self.live.get(cid)
+        if live is not None and not live.cancelled:
+            live.cancelled = True
+            self._spawn(self.engine.abort(self.prefix + live.id))
 
     # ------------------------------------------------------------------ the connection
     async def run(self) -> None:
@@ -458,7 +532,7 @@ class _Connection:
             while self.close_code is None:
                 timeout = None if self.authed else max(0.0, deadline - loop.time())
                 try:
-                    message = await asyncio.wait_for(self._receive_with_room(writer), timeout)
+                    message = await asyncio.wait_for(self._next_message(writer), timeout)
                 except TimeoutError:
                     self.error(None, 401, "no auth frame received in time")
                     self.close_code = 1008
@@ -468,13 +542,15 @@ class _Connection:
                 if message["type"] == SHUTDOWN:
                     self.begin_drain(writer)
                     continue
-                data = message.get("bytes")
-                if data is None:
-                    data = message.get("text")
-                if data is not None:
+                data = _payload(message)
+                if message.get(INVALID_UTF8):  # ws_protocol: a text frame that is not UTF-8
+                    self.error(sniff_id(data), 400, "malformed frame: text that is not UTF-8")
+                elif data is not None:
                     self.on_frame(data)
         finally:
             self.closed = True
+            if self.receiving is not None:
+                self.receiving.cancel()  # uvicorn's receive is a queue get: safe to cancel
             tasks = [lv.task for lv in self.live.values() if lv.task is not None]
             for t in tasks:
                 t.cancel()  # closing the socket aborts every request of the connection
@@ -529,6 +605,12 @@ class _Connection:
         if not writer.done():
             await asyncio.wait({writer}, timeout=timeout)
         writer.cancel()
+
+
+def _payload(message: dict) -> bytes | str | None:
+    """A websocket.receive message's frame: bytes, or text, or None."""
+    data = message.get("bytes")
+    return message.get("text") if data is None else data
 
 
 class WebSocketEndpoint:

@@ -1,13 +1,14 @@
 """Client frames of `/v1/ws` as the connection (server/websocket.py) first reads them: the
 frame structs that refuse unknown top-level fields, a generate frame's `params` read as the
 OpenAI routes read the same fields (`sampling_kwargs`), an error's `param` named as the frame
-names it (`frame_param`), and the request id of an oversized frame found without parsing it
-(`sniff_id`)."""
+names it (`frame_param`), the request id of an oversized frame found without parsing it
+(`sniff_id`), and the frames read ahead while the connection's reading is paused (`ReadAhead`)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
+from collections import Counter, deque
 from typing import Any
 
 import msgspec
@@ -29,7 +30,12 @@ PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 # Client frames as first decoded here: an unknown top-level field sends the frame to
 # _Connection.refused (a sampling parameter there is an error: a `max_tokens` next to `prompt`
 # instead of under `params` was silently ignored; other unknown fields are ignored).
-class StrictGenerate(WsGenerate, forbid_unknown_fields=True):
+class LenientGenerate(WsGenerate):
+    # null is the defaults, as an omitted "params" (JSON clients that send every key)
+    params: dict[str, Any] | None = msgspec.field(default_factory=dict)
+
+
+class StrictGenerate(LenientGenerate, forbid_unknown_fields=True):
     pass
 
 
@@ -42,6 +48,7 @@ class StrictAuth(WsAuth, forbid_unknown_fields=True):
 
 
 ClientFrameStruct = StrictGenerate | StrictCancel | StrictAuth
+LenientFrameStruct = LenientGenerate | WsCancel | WsAuth  # unknown top-level fields ignored
 UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 SAMPLING_NAMES = frozenset(f for f in SamplingParams.__struct_fields__ if not f.startswith("_"))
 DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError,
@@ -60,7 +67,8 @@ _DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 def sampling_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A generate frame's `params` -> SamplingParams keywords, as the OpenAI routes read the
     same fields (openai_params.build_sampling_params): null means the parameter's default
-    (`max_tokens` null: as many as fit, as over HTTP); an integral float is an int (pydantic's
+    (`max_tokens` null: as many as fit, as over HTTP), `logprobs` / `prompt_logprobs` false
+    means none; an integral float is an int (pydantic's
     lax mode, as HTTP decodes); the checkpoint's generation_config.json `defaults` fill the
     fields the frame leaves out, its `max_tokens` caps the frame's (vLLM's
     get_diff_sampling_param / get_max_tokens)."""
@@ -68,6 +76,8 @@ def sampling_kwargs(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     for name, value in given.items():
         if isinstance(value, float) and name in _INT_PARAMS and value.is_integer():
             value = int(value)
+        if value is False and name in ("logprobs", "prompt_logprobs"):
+            value = None  # off, as a client means it (in-process, vLLM reads False as 0)
         if value is not None or name == "max_tokens":
             kw[name] = value
     for name, value in defaults.items():
@@ -95,6 +105,56 @@ def frame_param(param: str | None, prompt_field: str) -> str | None:
 # an "id" key and its JSON string, escapes included (the string is decoded by msgspec)
 _JSON_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){1,3072}")')
 _SNIFF_BYTES = 4096  # a 256-character id, \\uXXXX-escaped surrogate pairs (12 bytes each)
+
+
+def frame_size(data: bytes | str) -> int:
+    """A frame's size in bytes: a text frame's UTF-8 size, not its character count."""
+    if isinstance(data, bytes) or data.isascii():
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))
+
+
+class ReadAhead:
+    """Client messages received while the connection's reading is paused (its client reads
+    nothing and too much output waits), kept in order until reading resumes. Receiving goes on
+    meanwhile so that a close frame (the disconnect behind these messages) ends the connection
+    at once and uvicorn answers pings; it stops once `full()` (MAX_FRAMES messages or MAX_BYTES
+    of payload, plus the one message that crossed it): TCP then pushes back on the client.
+
+    `may_overtake(rid)`: a frame for `rid` may be acted on before the held ones, as no held frame
+    names `rid` or has an id not found by `sniff_id`."""
+
+    MAX_FRAMES = 64
+    MAX_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._held: deque[tuple[dict, int, str | None]] = deque()
+        self._bytes = 0
+        self._ids: Counter[str | None] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def full(self) -> bool:
+        return len(self._held) >= self.MAX_FRAMES or self._bytes >= self.MAX_BYTES
+
+    def push(self, message: dict, data: bytes | str | None) -> None:
+        size = 0 if data is None else frame_size(data)
+        rid = None if data is None else sniff_id(data)
+        self._held.append((message, size, rid))
+        self._bytes += size
+        self._ids[rid] += 1
+
+    def pop(self) -> dict:
+        message, size, rid = self._held.popleft()
+        self._bytes -= size
+        self._ids[rid] -= 1
+        if not self._ids[rid]:
+            del self._ids[rid]
+        return message
+
+    def may_overtake(self, rid: str) -> bool:
+        return rid not in self._ids and None not in self._ids
 
 
 def sniff_id(data: bytes | str) -> str | None:

@@ -1,7 +1,9 @@
 """The uvicorn side of `/v1/ws` (server/websocket.py is the app side): the WebSocket protocol
 class the server runs (`BatchingWebSocketProtocol`, uvicorn's sans-I/O one plus two ASGI
 extensions: one transport write per batch of frames, and a graceful shutdown that lets the app
-drain its live requests), and the shutdown deadline shared with the HTTP side
+drain its live requests; a text message that is not UTF-8 reaches the app flagged
+(`INVALID_UTF8`) instead of failing the connection; a peer that fails the keepalive is
+dropped), and the shutdown deadline shared with the HTTP side
 (`shutdown_abort_delay`)."""
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from websockets.exceptions import InvalidState
 SEND_BATCH = "atom_stream.websocket.send_batch"
 # ASGI extension and receive-message type: the server is shutting down (see the module docstring)
 SHUTDOWN = "atom_stream.websocket.shutdown"
+# key of a websocket.receive message whose text frame is not valid UTF-8 (its raw "bytes" given)
+INVALID_UTF8 = "atom_stream.websocket.invalid_utf8"
 
 
 def shutdown_abort_delay(shutdown_timeout: float) -> float:
@@ -37,7 +41,15 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
     `scope["extensions"][SHUTDOWN]["drains"] = True` receives `{"type": SHUTDOWN}` when uvicorn
     begins shutting down, and closes the socket itself once its work is done (uvicorn cancels
     the app at `timeout_graceful_shutdown`); any other socket is closed at once with 1012, as
-    uvicorn does."""
+    uvicorn does.
+
+    A text message that is not valid UTF-8 is handed to the app as
+    `{"type": "websocket.receive", "bytes": raw, INVALID_UTF8: True}` (send_receive_event_to_app).
+    A peer that does not answer a keepalive ping in time is dropped (`keepalive_timeout`)."""
+
+    # seconds a connection failed by the keepalive gets to send its close frame before the
+    # transport is aborted
+    KEEPALIVE_ABORT_S = 2.0
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -57,6 +69,40 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
             self.queue.put_nowait({"type": SHUTDOWN})
             return
         super().shutdown()
+
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn fails the connection on a text message that is not valid UTF-8 (close 1007,
+        an ERROR log with a traceback per such frame), which ends every request of the socket;
+        /v1/ws answers it as any malformed frame (an error frame; the connection goes on, as
+        for a MessagePack string that is not UTF-8), so it is handed over flagged. Text is
+        checked only when it is not ASCII (uvicorn then decodes it again)."""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            if not data.isascii():
+                try:
+                    data.decode()
+                except UnicodeDecodeError:
+                    self.frames = []
+                    self.queue.put_nowait({"type": "websocket.receive", "bytes": bytes(data),
+                                           INVALID_UTF8: True})
+                    if not self.read_paused:
+                        self.read_paused = True
+                        self.transport.pause_reading()
+                    return
+        super().send_receive_event_to_app()
+
+    def keepalive_timeout(self) -> None:
+        """uvicorn fails the connection (close 1011) and closes the transport, but a close
+        waits for the write buffer to drain: for a peer that reads nothing (the very peer that
+        misses pongs) never, and the app is told nothing, so its requests ran on and the socket
+        stayed open. The transport is aborted KEEPALIVE_ABORT_S later if still open;
+        connection_lost then gives the app its disconnect (which aborts the requests)."""
+        super().keepalive_timeout()
+        self.loop.call_later(self.KEEPALIVE_ABORT_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
 
     async def send(self, message: Any) -> None:
         if message["type"] != SEND_BATCH:
@@ -81,4 +127,5 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
 
 
-__all__ = ["SEND_BATCH", "SHUTDOWN", "BatchingWebSocketProtocol", "shutdown_abort_delay"]
+__all__ = ["INVALID_UTF8", "SEND_BATCH", "SHUTDOWN", "BatchingWebSocketProtocol",
+           "shutdown_abort_delay"]
