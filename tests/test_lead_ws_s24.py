@@ -1,5 +1,5 @@
 """WebSocket limits from the session-24 security review, on a live server: a client that floods
-bad frames and reads nothing has at most _MAX_PENDING_ERRORS error frames queued (the server
+bad frames and reads nothing has at most ws_io.MAX_PENDING_ERRORS error frames queued (the server
 stops reading it ReadAhead.MAX_FRAMES frames after that), and a refused handshake (401) logs no ERROR line."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 
 from atom_stream.server import websocket as wsmod
 from atom_stream.server.ws_frames import ReadAhead
+from atom_stream.server.ws_io import MAX_PENDING_ERRORS
 
 KEY = "sk-ws-s24"
 JSON = "atom-stream.v1.json"
@@ -29,11 +30,11 @@ def srv():
 
 def test_error_queue_is_bounded_while_the_writer_is_blocked(srv):
     """A client that sends bad frames and reads nothing: every send stalls, so the error frames
-    queue up; at _MAX_PENDING_ERRORS queued the connection holds at most ReadAhead.MAX_FRAMES
+    queue up; at MAX_PENDING_ERRORS queued the connection holds at most ReadAhead.MAX_FRAMES
     more frames unprocessed, then stops reading (TCP then pushes back
     on the client) instead of queueing one per frame without end. At most one more batch sits
     in the stalled writer's send."""
-    limit = wsmod._MAX_PENDING_ERRORS
+    limit = MAX_PENDING_ERRORS
 
     async def go() -> tuple[int, int]:
         fed = 0
