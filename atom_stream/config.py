@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +37,54 @@ _LOAD_FORMATS = ("auto", "dummy", "safetensors")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a text-only engine reads from a checkpoint (weights skipped for dummy loads)
 _HUB_FILES = ["*.json", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is(*values: Any) -> Any:
+    return lambda v: v in values
+
+
+def _at_most(limit: float) -> Any:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit
+
+
+# vLLM engine keywords (EngineArgs) that vLLM scripts pass to LLM(...) / AsyncLLM and that have no
+# effect here: name -> (the values that are a no-op here, why). Other values ask for behaviour
+# this engine does not implement: a ConfigError naming the keyword.
+_VLLM_NOOP_KWARGS: dict[str, tuple[Any, str]] = {
+    "disable_log_stats": (_is(True, False), "statistics are in stats() and on /metrics"),
+    "enable_chunked_prefill": (_is(True, False, None), "prefill is always chunked here"),
+    "swap_space": (_at_most(float("inf")), "preemption recomputes; nothing is swapped"),
+    "cpu_offload_gb": (_at_most(0), "weights are not offloaded to the CPU here"),
+    "disable_custom_all_reduce": (_is(True, False), "collectives are torch.distributed's"),
+    "max_seq_len_to_capture": (_at_most(float("inf")), "graph sizes: cudagraph_capture_sizes"),
+    "tokenizer_mode": (_is("auto", "hf", None), "the tokenizer is the checkpoint's own"),
+    "quantization": (_is(None), "the checkpoint's quantization_config decides"),
+    "revision": (_is(None), "pass a local directory to pin a revision"),
+    "tokenizer_revision": (_is(None), "pass a local directory to pin a revision"),
+    "code_revision": (_is(None), "pass a local directory to pin a revision"),
+    "download_dir": (_is(None), "hub models go to the Hugging Face cache"),
+    "max_logprobs": (_at_most(20), "logprobs are served up to 20 per token"),
+    "distributed_executor_backend": (_is(None, "mp", "uni"), "TP ranks are spawned processes"),
+    "pipeline_parallel_size": (_is(1), "pipeline parallelism is not implemented (only 1)"),
+}
+
+
+def _drop_vllm_noop_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the _VLLM_NOOP_KWARGS keywords (each given one logged as accepted with
+    no effect); a value that asks for more than a no-op is a ConfigError naming the keyword."""
+    rest = {}
+    for name, value in kwargs.items():
+        spec = _VLLM_NOOP_KWARGS.get(name)
+        if spec is None:
+            rest[name] = value
+            continue
+        ok, why = spec
+        if not ok(value):
+            raise ConfigError(f"{name}: {value!r} is not supported here ({why})")
+        logger.info("%s=%r accepted for vLLM compatibility; no effect here: %s", name, value, why)
+    return rest
 
 
 def resolve_model_path(model: str | None, load_format: str = "auto") -> str | None:
@@ -255,7 +304,10 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Build from keyword arguments, rejecting unknown names with a clear error."""
+        """Build from keyword arguments, rejecting unknown names with a clear error. vLLM's
+        engine keywords that have no effect here (_VLLM_NOOP_KWARGS) are accepted with a log
+        line at their no-op values and refused by name otherwise."""
+        kwargs = _drop_vllm_noop_kwargs(kwargs)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:

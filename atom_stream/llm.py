@@ -22,6 +22,10 @@ are choice 0's (engine/outputs.py says what each field means). n == 1 outputs ar
 As in vLLM each child is a whole request: with prompt_logprobs every child computes them (the
 output carries them once).
 
+A checkpoint directory holding no tokenizer file at all (a bare `save_pretrained` of a model,
+no `tokenizer=` given) runs as `skip_tokenizer_init=True` with a warning: token-id prompts work,
+text prompts are an InvalidRequestError. Tokenizer files that fail to load stay an error.
+
 `shutdown()` (or `with LLM(...) as llm:`) stops the engine: TP worker processes, their shared
 memory, the KV pool; it also runs at interpreter exit, and a second call does nothing.
 """
@@ -36,7 +40,13 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import LLMEngine, coerce_params, warn_one_replica
+from atom_stream.engine.llm_engine import (
+    LLMEngine,
+    checkpoint_lacks_tokenizer,
+    coerce_params,
+    warn_no_tokenizer,
+    warn_one_replica,
+)
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.engine.prompts import (
     MULTI_MODAL_KEYS,
@@ -59,6 +69,9 @@ class LLM:
                  **engine_kwargs: Any):
         config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
         warn_one_replica(config, "LLM")
+        if not skip_tokenizer_init and checkpoint_lacks_tokenizer(config):
+            warn_no_tokenizer(config)
+            skip_tokenizer_init = True
         self.engine = LLMEngine(config, skip_tokenizer_init=skip_tokenizer_init)
         self._ids = itertools.count()
         # call-once: shutdown(), or at exit (a TP engine's workers and shared memory)

@@ -52,7 +52,12 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import LLMEngine, coerce_params
+from atom_stream.engine.llm_engine import (
+    LLMEngine,
+    checkpoint_lacks_tokenizer,
+    coerce_params,
+    warn_no_tokenizer,
+)
 from atom_stream.engine.output_slots import OutputShaper, OutputSlot, hold_places
 from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
@@ -91,6 +96,9 @@ class AsyncEngine:
         elif engine_kwargs:
             raise TypeError("pass either an EngineConfig or engine keyword arguments")
         self.config = config
+        if tokenizer is None and not skip_tokenizer_init and checkpoint_lacks_tokenizer(config):
+            warn_no_tokenizer(config)
+            skip_tokenizer_init = True
         self._core_args = {"runner": runner, "tokenizer": tokenizer,
                            "skip_tokenizer_init": skip_tokenizer_init}
         self._core: LLMEngine | None = None
@@ -101,6 +109,8 @@ class AsyncEngine:
         self._tokenizing: dict[str, bool] = {}
         self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
         self._pending_aborts: list[str] = []
+        # set once the deferred aborts are applied (an `await abort()` made mid-step waits)
+        self._aborts_applied: asyncio.Future | None = None
         self._in_step = False
         self._task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
@@ -362,23 +372,44 @@ class AsyncEngine:
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Abort a live request, or each of an iterable of ids (vLLM's AsyncLLM.abort); each
         stream ends with a finish_reason "abort" delta (also when its prompt is still being
-        tokenized: it then never starts). Unknown ids are ignored."""
+        tokenized: it then never starts). Unknown ids are ignored. When this returns, the
+        requests' KV blocks are free: an abort that lands while a step runs (applied when the
+        step returns) is waited for."""
         ids = (request_id,) if isinstance(request_id, str) else tuple(request_id)
         for rid in ids:
             if rid in self._tokenizing:
                 self._tokenizing[rid] = True
             else:
                 self._abort(rid)
+        if self._pending_aborts:
+            await self._wait_aborts_applied()
+
+    async def _wait_aborts_applied(self) -> None:
+        """Wait until the loop applies the deferred aborts (after the running step), or ends."""
+        if self._task is None or self._task.done():
+            return  # no loop to apply them (shutdown's abort_all frees what is left)
+        if self._aborts_applied is None:
+            self._aborts_applied = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._aborts_applied)  # a cancelled caller leaves it to others
+
+    def _release_abort_waiters(self) -> None:
+        fut, self._aborts_applied = self._aborts_applied, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def abort_all(self) -> int:
         """Abort every live request (each stream ends with an "abort" delta; one whose prompt
-        is still being tokenized never starts); returns how many. The engine keeps serving."""
+        is still being tokenized never starts); returns how many. The engine keeps serving.
+        When this returns, their KV blocks are free (as abort)."""
         for rid in self._tokenizing:
             self._tokenizing[rid] = True
         ids = list(self._slots)
         for rid in ids:
             self._abort(rid)
-        return len(ids) + len(self._tokenizing)
+        count = len(ids) + len(self._tokenizing)
+        if self._pending_aborts:
+            await self._wait_aborts_applied()
+        return count
 
     async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
         """vLLM's AsyncLLM.reset_prefix_cache: later requests hit no prefix computed before the
@@ -512,6 +543,7 @@ class AsyncEngine:
                     aborts, self._pending_aborts = self._pending_aborts, []
                     for rid in aborts:
                         self._abort(rid)
+                self._release_abort_waiters()
                 if core.is_dead:
                     raise EngineDeadError(f"the model runner died: {core.runner.dead}")
                 self._check_idle()
@@ -531,3 +563,6 @@ class AsyncEngine:
             for slot in self._slots.values():
                 slot.fail(err)
             self._idle.set()
+        finally:
+            self._pending_aborts.clear()  # nothing will apply them now (shutdown's abort_all
+            self._release_abort_waiters()  # frees what is left): do not hang callers

@@ -105,6 +105,29 @@ def load_engine_tokenizer(config: EngineConfig):
                           chat_template=config.chat_template)
 
 
+# files any tokenizer loader reads (HF fast/slow, sentencepiece, BPE, Kimi's tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "tiktoken.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model")
+
+
+def checkpoint_lacks_tokenizer(config: EngineConfig) -> bool:
+    """True when the tokenizer would come from a local checkpoint directory (no explicit
+    `tokenizer`) that holds no tokenizer file at all (e.g. a bare save_pretrained of a model).
+    A directory with tokenizer files that fail to load is not this case: that stays an error."""
+    if config.tokenizer is not None or config.is_demo or config.model is None:
+        return False
+    path = os.path.expanduser(config.model)
+    if not os.path.isdir(path):
+        return False
+    return not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def warn_no_tokenizer(config: EngineConfig) -> None:
+    """The in-process APIs (LLM, AsyncEngine) run such a checkpoint as skip_tokenizer_init."""
+    logger.warning("no tokenizer files in %s: token-id prompts only (pass tokenizer=PATH for "
+                   "text)", config.model)
+
+
 class _Request:
     """Engine-side state of one live request (the Sequence plus text and logprob bookkeeping).
     `cumulative_logprob`: the running sum of the sampled-token logprobs delivered (None when
