@@ -14,6 +14,8 @@ the ATOM entry point `--port` is ATOM's internal engine port, unused, and HTTP i
 `--server-port`), `--served-model-name`, `--api-key`,
 `--chat-template`, `--default-chat-template-kwargs` (JSON), `--max-waiting-requests`,
 `--max-body-bytes`, `--max-header-bytes`, `--shutdown-timeout`, `--log-level`,
+`--uvicorn-log-level` (uvicorn's own; default `--log-level`), vLLM's no-op `--disable-log-stats`,
+`--[disable|enable]-log-requests`, `--[no-]enable-server-load-tracking` (/load always tracks),
 `--timeout-keep-alive`, `--disable-uvicorn-access-log`, WebSocket limits, vLLM's CORS flags
 (`--allowed-origins`, `--allowed-methods`, `--allowed-headers`: JSON lists, default '["*"]';
 `--[no-]allow-credentials`), `--[no-]enable-prompt-tokens-details`,
@@ -246,6 +248,15 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
     g.add_argument("--request-log", nargs="?", const="", default=None, help=argparse.SUPPRESS)
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (vLLM's flag; default: --log-level)")
+    # vLLM launch flags with nothing to switch here: /load always tracks, statistics are on
+    # /metrics, requests are in the access log (accepted so vLLM command lines run as written)
+    for flag in ("--disable-log-stats", "--disable-log-requests", "--enable-log-requests"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--enable-server-load-tracking", action=argparse.BooleanOptionalAction,
+                   default=True, help=argparse.SUPPRESS)
     # vLLM's FrontendArgs (cli_args.py): CORS lists are JSON (type=json.loads there), bools are
     # BooleanOptionalAction (its get_kwargs), so --no-allow-credentials exists too
     g.add_argument("--allowed-origins", type=_json_str_list, default=["*"],
@@ -325,7 +336,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         ws_max_frame_bytes=args.ws_max_frame_bytes, ws_max_requests=args.ws_max_requests,
         ws_ping_interval=args.ws_ping_interval or None,
         ws_ping_timeout=args.ws_ping_timeout or None, shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
+        log_level=args.uvicorn_log_level or args.log_level,
+        access_log=not args.disable_uvicorn_access_log,
         timeout_keep_alive=args.timeout_keep_alive,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
