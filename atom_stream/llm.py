@@ -40,13 +40,13 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import (
-    LLMEngine,
+from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
     coerce_params,
     warn_no_tokenizer,
     warn_one_replica,
 )
+from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.outputs import MultiChoiceOutput, RequestOutput
 from atom_stream.engine.prompts import (
     MULTI_MODAL_KEYS,

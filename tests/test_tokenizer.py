@@ -378,7 +378,7 @@ def test_preset_tokenizer_streams_every_id_of_a_preset_vocab():
 
     from atom_stream.config import EngineConfig
     from atom_stream.detokenizer import IncrementalDetokenizer
-    from atom_stream.engine.llm_engine import load_engine_tokenizer
+    from atom_stream.engine.engine_setup import load_engine_tokenizer
     from atom_stream.tokenizer import PresetTokenizer
 
     tok = load_engine_tokenizer(EngineConfig(model="k25-tp8-rank", load_format="dummy"))

@@ -52,12 +52,12 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from atom_stream.config import EngineConfig
-from atom_stream.engine.llm_engine import (
-    LLMEngine,
+from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
     coerce_params,
     warn_no_tokenizer,
 )
+from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.output_slots import OutputShaper, OutputSlot, hold_places
 from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
