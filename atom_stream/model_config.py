@@ -1,7 +1,7 @@
 """`ModelConfig`: a checkpoint's config.json, parsed and validated.
 
-Config is read here and nowhere else. `ModelConfig.from_dict` accepts the DeepseekV3 family as
-checkpoints actually ship it:
+Config is read here and in config.py (EngineConfig), nowhere else. `ModelConfig.from_dict`
+accepts the DeepseekV3 family as checkpoints actually ship it:
 
 - DeepSeek-V3/R1, Kimi-K2: a flat DeepseekV3 config (`rope_scaling` + `rope_theta`).
 - transformers >= 5 re-saves: `rope_parameters` (with `rope_theta` and `rope_type` inside).

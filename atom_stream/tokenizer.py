@@ -26,8 +26,8 @@ Interface contracts (every tokenizer):
   b"" (skip) or their UTF-8 text, or None when not byte-level; the detokenizer's fast path.
 - `eos_token_ids`: tuple, the tokenizer's EOS plus `generation_config.json`'s eos_token_id(s).
 - Jinja chat templates (HF's, a `chat_template` override, Kimi's with trust_remote_code) see the
-  messages as vLLM passes them (`chat_template.template_messages`): tool-call arguments given as JSON text are
-  objects; the built-in Kimi / demo renderers write such text as given.
+  messages as vLLM passes them (`chat_template.template_messages`): tool-call arguments given
+  as JSON text are objects; the built-in Kimi / demo renderers write such text as given.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """WebSocket limits from the session-24 security review, on a live server: a client that floods
-bad frames and reads nothing has at most ws_io.MAX_PENDING_ERRORS error frames queued (the server
-stops reading it ReadAhead.MAX_FRAMES frames after that), and a refused handshake (401) logs no ERROR line."""
+bad frames and reads nothing has at most ws_io.MAX_PENDING_ERRORS error frames queued (the
+server stops reading it ReadAhead.MAX_FRAMES frames after that), and a refused handshake (401)
+logs no ERROR line."""
 
 from __future__ import annotations
 

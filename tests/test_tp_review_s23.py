@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     import os, sys, time
     MODE = sys.argv[1] if len(sys.argv) > 1 else os.environ["TP_FAIL_MODE"]
     if __name__ == "__mp_main__":
-        import atom_stream.engine.distributed as d
+        import atom_stream.engine.tp_workers as d
         from atom_stream.loader import CheckpointError
         if MODE == "die_before_rendezvous":
             def fail(*a, **k):
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
             d.ModelRunner = fail
     if __name__ == "__main__":
         import multiprocessing
-        import atom_stream.engine.distributed as d
+        import atom_stream.engine.tp_workers as d
         names = []
         class Ring(d.ShmRing):
             def __init__(self, *a, **k):

@@ -1,4 +1,5 @@
-"""Tensor-parallel execution: worker processes for ranks 1..N-1 and the step broadcast.
+"""Tensor-parallel execution: rank 0's `TPExecutor` and the step broadcast (the worker
+processes of ranks 1..N-1, the group start and teardown: engine/tp_workers.py).
 
 Rank 0 (the engine's process) and every worker build the same `ModelRunner` over their shard
 (torch.distributed: NCCL on CUDA, RCCL on ROCm, gloo on the CPU). Each step rank 0 flattens the

@@ -41,8 +41,6 @@ def coerce_params(params: Any) -> SamplingParams:
 def load_engine_tokenizer(config: EngineConfig):
     """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
     the demo byte-level one (a bench preset gets it stretched to its vocab)."""
-    import os
-
     from atom_stream.tokenizer import load_tokenizer
     path = config.tokenizer
     if path is None and not config.is_demo and os.path.isdir(os.path.expanduser(config.model)):

@@ -9,7 +9,7 @@ headless entry point of nodes 1..nnodes-1 (issue 9).
 Layout: world = tensor_parallel_size ranks, L = world / nnodes per node; node k hosts global
 ranks [k*L, (k+1)*L) on its local GPUs 0..L-1. Rank k*L, the node's *leader*, is the process the
 command runs in (on node 0: the server); the leader spawns its node's other L-1 ranks as worker
-processes (engine/distributed.LocalWorkers) and feeds them through the node's shared-memory ring.
+processes (engine/tp_workers.LocalWorkers) and feeds them through the node's shared-memory ring.
 Every rank joins one torch.distributed group (NCCL/RCCL on GPUs, gloo on the CPU) by TCP
 rendezvous at MASTER_ADDR:MASTER_PORT (the store is served by rank 0); the model's collectives
 span the nodes.

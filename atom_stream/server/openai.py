@@ -435,6 +435,7 @@ class OpenAIServing:
                 raise HTTPError(400, "suffix is not supported", "suffix")
             params = build_sampling_params(req, chat=False,
                                            defaults=self.state.default_sampling)
+            self._refuse_token_text_without_tokenizer(req, params)
             prompts = await truncate_prompts(self.engine, completion_prompts(req.prompt), req,
                                              params.max_tokens)
             rid = f"cmpl-{base_request_id(request.headers, req.request_id)}"
@@ -466,6 +467,27 @@ class OpenAIServing:
         usage = openai_stream.final_usage(ctx, choices, [r.usage for r in results])
         return json_response(CompletionResponse(id=rid, created=ctx.created, model=model,
                                                 choices=out, usage=usage.for_body()))
+
+    def _refuse_token_text_without_tokenizer(self, req: CompletionRequest,
+                                             params: SamplingParams) -> None:
+        """A model served without a tokenizer (a checkpoint directory with no tokenizer file:
+        token-id prompts only, engine/engine_setup.py): the completion fields whose answer
+        needs token text are a 400 naming the field, as vLLM's ValueError ("Unable to get
+        tokenizer because skip_tokenizer_init is True"). Logprobs reported as "token_id:N"
+        (`return_tokens_as_token_ids`) need no text and are served."""
+        if self.engine.tokenizer is not None:
+            return
+        if req.echo:
+            field = "echo"
+        elif params.prompt_logprobs is not None:
+            field = "prompt_logprobs"
+        elif params.logprobs is not None and not req.return_tokens_as_token_ids:
+            field = "logprobs"
+        else:
+            return
+        raise HTTPError(400, f"{field} needs a tokenizer, and this model is served without "
+                        "one (token-id prompts only; return_tokens_as_token_ids gives logprobs "
+                        "as token ids)", field)
 
     async def _echo_texts(self, choices: list[Choice], prompts: list, n: int) -> None:
         """Each choice's echoed prompt text: a token-id prompt decoded once (n choices share
