@@ -357,7 +357,7 @@ def serve_parser(prog: str = "atom-stream serve", atom_ports: bool = False
     return p
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     lvl = logging.DEBUG if level in ("debug", "trace") else getattr(logging, level.upper())
     logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -369,7 +369,7 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
     if getattr(args, "atom_engine_port", None) is not None:
         logger.info("--port %d is ATOM's internal engine port: unused here; the HTTP port is "
                     "--server-port (%d)", args.atom_engine_port, args.port)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     if args.request_log is not None:
         logger.info("--request-log accepted for ATOM compatibility; requests are logged by the "
                     "access log (and at --log-level debug)")
@@ -391,64 +391,6 @@ def serve(argv: Sequence[str] | None = None, prog: str = "atom-stream serve",
         run_server(engine_config, server_config)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down already; no traceback
         return 130
-    return 0
-
-
-def generate(argv: Sequence[str] | None = None) -> int:
-    p = FlexibleArgumentParser(prog="atom-stream generate",
-                               description="stream one completion in-process (no server)")
-    add_engine_args(p)
-    p.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--log-level", default="warning")
-    args = p.parse_args(argv)
-    _setup_logging(args.log_level)
-    if args.prompt is not None and args.prompt_pos is not None:
-        p.error("give the prompt once: PROMPT or --prompt TEXT, not both")
-    text = args.prompt if args.prompt is not None else args.prompt_pos
-    if not text:
-        p.error("give a prompt (--prompt TEXT)")
-    try:
-        config = engine_config_from_args(args)
-        from atom_stream.sampling_params import SamplingParams
-
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, ignore_eos=args.ignore_eos,
-                                seed=args.seed)
-    except (ConfigError, ValueError) as e:
-        p.error(str(e))
-    prompt: Any = [{"role": "user", "content": text}] if args.chat else text
-
-    async def run() -> None:
-        from atom_stream.engine.dp import make_async_engine
-
-        async with make_async_engine(config) as engine:
-            async for out in engine.generate(prompt, params):
-                sys.stdout.write(out.text)
-                sys.stdout.flush()
-                if out.finish_reason is not None:
-                    u = out.usage
-                    sys.stdout.write("\n")
-                    sys.stderr.write(f"[finish_reason={out.finish_reason} prompt_tokens="
-                                     f"{u.prompt_tokens} completion_tokens="
-                                     f"{u.completion_tokens}]\n")
-
-    import asyncio
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # one line for the user, as `serve` (exit code 3)
-        logging.getLogger(__name__).debug("generate failed", exc_info=True)
-        sys.stderr.write(f"atom-stream generate: {type(e).__name__}: {e}\n")
-        return 3
     return 0
 
 
@@ -511,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rest = ["--model", rest[0], *rest[1:]]
         return serve(rest)
     if cmd == "generate":
+        from atom_stream.cli_generate import generate
         return generate(rest)
     if cmd == "bench":
         return bench(rest)
