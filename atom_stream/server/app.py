@@ -59,11 +59,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
-from atom_stream.engine.prompts import (
-    refuse_request_template,
-    resolve_chat_options,
-    resolve_content_format,
-)
+from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.sampling_params import model_sampling_defaults
@@ -71,6 +67,7 @@ from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
+from atom_stream.server.openai_params import refuse_template_kwargs
 from atom_stream.server.request_ids import RequestIdHeaderMiddleware
 from atom_stream.server.responses import HTTPError, json_response, read_body
 from atom_stream.server.websocket import WebSocketEndpoint
@@ -212,7 +209,7 @@ class Tokenization(OpenAIServing):
             engine = self.state.engine
             tok = engine.tokenizer
             if req.messages is not None:
-                refuse_request_template(req.chat_template, req.chat_template_kwargs)
+                refuse_template_kwargs(req.chat_template, req.chat_template_kwargs)
                 # the chat route's options and error (chat_template_kwargs override the fields)
                 # (a template's own error keeps param null here, as vLLM's /tokenize)
                 agp, cfm, kwargs = resolve_chat_options(
@@ -220,10 +217,13 @@ class Tokenization(OpenAIServing):
                      **({"tools": req.tools} if req.tools else {}),
                      **(req.chat_template_kwargs or {})},
                     req.add_generation_prompt, req.continue_final_message)
+                # a template kwarg of that name sets the flag, as on the chat route (the
+                # engine's encode_chat_prompt), instead of a duplicate-keyword TypeError
+                kwargs["add_special_tokens"] = bool(kwargs.get("add_special_tokens",
+                                                               req.add_special_tokens))
                 fn = functools.partial(tok.encode_chat, messages_to_dicts(
                     req.messages, content_format=resolve_content_format(tok)),
                                        add_generation_prompt=agp, continue_final_message=cfm,
-                                       add_special_tokens=bool(req.add_special_tokens),
                                        **kwargs)
                 size = None  # rendering reads tools and kwargs too: always off the loop
             elif req.prompt is not None:

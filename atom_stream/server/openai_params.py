@@ -10,7 +10,8 @@ vLLM request fields that change what is sent to the engine.
   (`check_best_of`), a non-zero `priority` (`check_priority`; FCFS only); a request
   `chat_template`
   (top-level or in `chat_template_kwargs`) gets vLLM's refusal, as vLLM without
-  `--trust-request-chat-template` (its default).
+  `--trust-request-chat-template` (its default); so does a `tokenize` template kwarg
+  (`refuse_template_kwargs`).
 - `truncation_size(value, max_model_len, max_tokens)` / `truncate_ids(ids, n)`: vLLM's
   `truncate_prompt_tokens` (keep the LAST n prompt tokens; -1 = as many as fit).
 - `completion_prompts(prompt)`: str | [int] | [str] | [[int]] -> a list of engine prompts.
@@ -212,7 +213,19 @@ def refuse_unsupported(req: Any, chat: bool) -> None:
         raise HTTPError(400, "use_beam_search is not supported: this server has no beam "
                         "search; use n sampled choices instead", "use_beam_search")
     if chat:  # vLLM: create_error_response(...) -> 400 BadRequestError, param None
-        refuse_request_template(req.chat_template, req.chat_template_kwargs)
+        refuse_template_kwargs(req.chat_template, req.chat_template_kwargs)
+
+
+def refuse_template_kwargs(chat_template: str | None, chat_template_kwargs: Any) -> None:
+    """A request's own chat template is refused (refuse_request_template), and so is a
+    `tokenize` key in its chat_template_kwargs: an argument of apply_chat_template, not a
+    template variable, that would turn the rendered prompt into ids. vLLM's
+    resolve_chat_template_kwargs raises "Found unexpected chat template kwargs from request:
+    {'tokenize'}" (a ValueError: 400, param null)."""
+    refuse_request_template(chat_template, chat_template_kwargs)
+    if isinstance(chat_template_kwargs, dict) and "tokenize" in chat_template_kwargs:
+        raise HTTPError(400, "Found unexpected chat template kwargs from request: "
+                        "{'tokenize'}")
 
 
 def check_priority(priority: int | None) -> None:
