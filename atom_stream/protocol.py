@@ -88,7 +88,8 @@ class _SamplingRequest(Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    prompt_logprobs: int | None = None
+    # vLLM's pydantic (lax mode) reads true / false as 1 / 0 (__post_init__)
+    prompt_logprobs: int | bool | None = None
     request_id: str | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -117,6 +118,10 @@ class _SamplingRequest(Struct, kw_only=True):
     # so 0 (or null) only, as vLLM's default policy (openai_params.check_priority)
     priority: int | None = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt_logprobs, bool):
+            self.prompt_logprobs = int(self.prompt_logprobs)
+
 
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     messages: list[ChatMessage]
@@ -143,9 +148,14 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     prompt: str | list[Any]
     max_tokens: int | None = 16
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | bool | None = None  # true / false: 1 / 0, as vLLM's pydantic reads them
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's extra field: the tokenizer's own prefix (BOS)
+
+    def __post_init__(self) -> None:
+        _SamplingRequest.__post_init__(self)
+        if isinstance(self.logprobs, bool):
+            self.logprobs = int(self.logprobs)
 
 
 # ----------------------------------------------------------------------------------------------

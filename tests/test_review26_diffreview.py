@@ -54,3 +54,15 @@ def test_logprobs_as_token_ids_need_no_tokenizer(http):
     assert len(lp["tokens"]) == 2 and all(t.startswith("token_id:") for t in lp["tokens"])
     # the engine keeps serving after the refusals above
     assert _post(http, {}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {"prompt": "hello"}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+    ("/detokenize", {"tokens": [5, 6]}, "tokens"),
+])
+def test_tokenize_routes_without_a_tokenizer_are_a_400(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text  # was a 500 (None has no encode / decode)
+    err = r.json()["error"]
+    assert err["param"] == param and "tokenizer" in err["message"], err

@@ -55,6 +55,9 @@ def resolve_chat_options(chat_template_kwargs: dict | None, add_generation_promp
     ChatOptionsError (vLLM refuses the request's own pair; the template would refuse the
     overridden one)."""
     kw = dict(chat_template_kwargs or {})
+    if "tokenize" in kw:  # the template would return ids where text is expected (vLLM's 400)
+        raise InvalidRequestError(
+            "Found unexpected chat template kwargs from request: {'tokenize'}")
     agp = bool(kw.pop("add_generation_prompt", add_generation_prompt))
     cfm = bool(kw.pop("continue_final_message", continue_final_message))
     if (add_generation_prompt and continue_final_message) or (agp and cfm):

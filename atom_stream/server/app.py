@@ -207,7 +207,7 @@ class Tokenization(OpenAIServing):
         try:
             req = await self._body(request, TokenizeBody)
             engine = self.state.engine
-            tok = engine.tokenizer
+            tok = _need_tokenizer(engine, "prompt")
             if req.messages is not None:
                 refuse_template_kwargs(req.chat_template, req.chat_template_kwargs)
                 # the chat route's options and error (chat_template_kwargs override the fields)
@@ -254,13 +254,22 @@ class Tokenization(OpenAIServing):
                 raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
             # vLLM: tokenizer.decode(ids), HF's default keeps special tokens; ids the model has
             # past the tokenizer's vocabulary (a padded vocab) decode to "", as HF's fast does
-            tok = engine.tokenizer
+            tok = _need_tokenizer(engine, "tokens")
             fn = functools.partial(tok.decode, [t for t in req.tokens if t < tok.vocab_size],
                                    skip_special_tokens=False)
             result = DetokenizeResult(await self._offloop(fn, len(req.tokens)))
         except Exception as e:  # noqa: BLE001
             return self._error("/detokenize", e)
         return json_response(result)
+
+
+def _need_tokenizer(engine: Any, param: str) -> Any:
+    """The engine's tokenizer; a 400 naming `param` for a model served without one (a
+    checkpoint with no tokenizer file: token-id prompts only, engine/engine_setup.py)."""
+    if engine.tokenizer is None:
+        raise InvalidRequestError("this model is served without a tokenizer (token-id prompts "
+                                  "only)", param)
+    return engine.tokenizer
 
 
 def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *,
