@@ -730,7 +730,7 @@ def test_multi_choice_stream_merges_deltas_for_a_slow_reader():
     import asyncio
 
     from atom_stream.engine.outputs import RequestOutput
-    from atom_stream.server.openai import Choice, iterate
+    from atom_stream.server.choices import Choice, iterate
 
     N = 200
 

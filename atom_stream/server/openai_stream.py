@@ -65,6 +65,7 @@ from atom_stream.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from atom_stream.server.choices import iterate
 from atom_stream.server.responses import FinalChunk, HTTPError
 
 DONE = b"data: [DONE]\n\n"
@@ -249,7 +250,6 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
     """`parser`: a factory of chat_parsing.OutputParser (one per choice) when the request is
     parsed for reasoning / tool calls: each step's text goes through it; a step it turns into
     nothing sends no chunk (unless its logprobs or token ids must go out: an empty delta)."""
-    from atom_stream.server.openai import iterate  # circular: openai imports this module
 
     rid, created, model = ctx.rid, ctx.created, ctx.model
     n = len(choices)
@@ -342,7 +342,6 @@ async def chat_stream(ctx: StreamContext, choices: list, echo: str, include_usag
 
 async def completion_stream(ctx: StreamContext, choices: list, echo: bool, include_usage: bool,
                             continuous: bool) -> AsyncIterator[bytes]:
-    from atom_stream.server.openai import iterate
 
     rid, created, model = ctx.rid, ctx.created, ctx.model
     n = len(choices)
