@@ -24,14 +24,24 @@ from atom_stream.errors import PromptTooLongError
 # ---------------------------------------------------------------- abort frees blocks at once
 
 
+async def _until_in_step(engine, timeout: float = 5.0) -> None:
+    """Return while a step runs in the step thread (polled: a loaded host may be slow to
+    start the next one); the caller then acts before yielding to the loop again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not engine._in_step:
+        assert loop.time() < deadline, "no step started"
+        await asyncio.sleep(0.005)
+
+
 async def test_abort_mid_step_returns_with_the_blocks_free():
     async with fake_engine(num_kv_blocks=32, delay=0.08) as engine:
         bm = engine.core.block_manager
         idle = bm.num_free_blocks
         stream = engine.generate(list(range(40, 63)), greedy(64), "mid-step")
         await stream.__anext__()
-        await asyncio.sleep(0.02)  # the next step is running in the step thread now
-        assert engine._in_step and bm.num_used > 0
+        await _until_in_step(engine)  # the next step is running in the step thread now
+        assert bm.num_used > 0
         await engine.abort("mid-step")
         assert bm.num_used == 0 and bm.num_free_blocks == idle  # DESIGN: abort frees them
         rest = [o async for o in stream]
@@ -44,8 +54,7 @@ async def test_abort_all_mid_step_returns_with_the_blocks_free():
         streams = [engine.generate([7 + i] * 20, greedy(64), f"all-{i}") for i in range(2)]
         for s in streams:
             await s.__anext__()
-        await asyncio.sleep(0.02)
-        assert engine._in_step
+        await _until_in_step(engine)
         assert await engine.abort_all() == 2
         assert bm.num_used == 0
         for s in streams:
@@ -56,8 +65,7 @@ async def test_abort_mid_step_returns_when_the_loop_dies_in_that_step():
     async with fake_engine(num_kv_blocks=32, delay=0.08) as engine:
         stream = engine.generate(list(range(10, 30)), greedy(64), "dies")
         await stream.__anext__()
-        await asyncio.sleep(0.02)
-        assert engine._in_step
+        await _until_in_step(engine)
 
         def broken(*_a, **_kw):
             raise RuntimeError("postprocess broke")
