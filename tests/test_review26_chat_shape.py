@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
-from test_tool_calls import CHAT, KIMI_OUT, MESSAGE_NULLS, TOOLS, ScriptedChat, _client, chunks
+from test_tool_calls import (  # noqa: F401 - on: the parser server fixture
+    CHAT,
+    KIMI_OUT,
+    MESSAGE_NULLS,
+    TOOLS,
+    ScriptedChat,
+    _client,
+    chunks,
+    on,
+)
 
 MESSAGE_KEYS = ["role", "content", "refusal", "annotations", "audio", "function_call",
                 "tool_calls", "reasoning_content"]
@@ -85,16 +93,8 @@ def test_completion_choice_fields(http):
 
 
 # --------------------------------------------------------------- parsers (scripted engine)
-@pytest.fixture(scope="module")
-def parsed():
-    engine = ScriptedChat()
-    with _client(engine, enable_auto_tool_choice=True, tool_call_parser="kimi_k2",
-                 reasoning_parser="kimi_k2") as c:
-        yield c, engine
-
-
-def test_tool_calls_and_reasoning_in_vllm_order(parsed):
-    c, engine = parsed
+def test_tool_calls_and_reasoning_in_vllm_order(on):  # noqa: F811 - the imported fixture
+    c, engine = on
     engine.script = ["Checking", "</think>", *chunks(KIMI_OUT, 7)]
     r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS, "n": 2})
     assert r.status_code == 200, r.text
@@ -105,8 +105,8 @@ def test_tool_calls_and_reasoning_in_vllm_order(parsed):
     assert sdk.tool_calls[0].function.arguments == '{"city": "Paris"}'
 
 
-def test_parsers_without_a_call_keep_the_shape(parsed):
-    c, engine = parsed
+def test_parsers_without_a_call_keep_the_shape(on):  # noqa: F811
+    c, engine = on
     engine.script = ["Plain", " answer"]
     r = c.post("/v1/chat/completions", json={
         "messages": CHAT, "chat_template_kwargs": {"thinking": False}})
