@@ -73,8 +73,10 @@ def test_error_queue_is_bounded_while_the_writer_is_blocked(srv):
 def test_error_flood_over_a_socket_leaves_the_server_serving(srv):
     async def flood_then_serve() -> dict:
         hdr = {"Authorization": f"Bearer {KEY}"}
+        # close_timeout: the server's close reply waits behind error frames this client never
+        # reads, so the client's own close handshake would wait out its default 10 s
         async with connect(srv.ws_url, subprotocols=[JSON], additional_headers=hdr,
-                           max_queue=1) as ws:
+                           max_queue=1, close_timeout=1) as ws:
             async def send_forever() -> None:
                 while True:
                     await ws.send("x" * 2000)
