@@ -80,8 +80,13 @@ def test_tiled_equals_row_major(fmt, M, config):
     assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-@pytest.mark.parametrize("M", [1, 16, 40])
+# on the CPU one format per M (alternating; ~20 s of interpreted CI time saved: the default
+# tiles differ by layout, not by format); on the GPU every combination
+DEFAULT_CASES = [(f, M) for M in (1, 16, 40) for f in ("int4", "mxfp4")
+                 if GPU or (f == "int4") == (M != 16)]
+
+
+@pytest.mark.parametrize("fmt,M", DEFAULT_CASES)
 def test_tiled_default_configs(fmt, M):
     """Each layout with its own default tiles (fused_moe / moe_small_m default_config's wt)."""
     (row, tiled), ref = run(fmt, M, 8, 256, 128, 2, 16, None, seed=7 * M)
