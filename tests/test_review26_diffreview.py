@@ -58,7 +58,7 @@ def test_logprobs_as_token_ids_need_no_tokenizer(http):
 
 @pytest.mark.parametrize("path,body,param", [
     ("/tokenize", {"prompt": "hello"}, "prompt"),
-    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),
     ("/detokenize", {"tokens": [5, 6]}, "tokens"),
 ])
 def test_tokenize_routes_without_a_tokenizer_are_a_400(http, path, body, param):

@@ -189,8 +189,8 @@ def encode_chat_prompt(tokenizer: Any, messages: list[dict], chat_template_kwarg
     agp, cfm, kw = resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                                         continue_final_message)
     try:
-        return _need(tokenizer).encode_chat(messages, add_generation_prompt=agp,
-                                            continue_final_message=cfm, **encode_kw, **kw)
+        return _need(tokenizer, "messages").encode_chat(
+            messages, add_generation_prompt=agp, continue_final_message=cfm, **encode_kw, **kw)
     except InvalidRequestError:
         raise
     except (ValueError, TypeError, KeyError) as e:
@@ -224,7 +224,7 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                              continue_final_message)  # the pair's error before any work
-        fmt = resolve_content_format(_need(tokenizer))
+        fmt = resolve_content_format(_need(tokenizer, "messages"))
 
         def fn(messages: list[dict] = prompt) -> list[int]:  # off the loop: O(content size)
             return encode_chat_prompt(tokenizer, apply_content_format(messages, fmt),
@@ -267,7 +267,12 @@ def _dict_prompt(prompt: dict) -> Any:
                               "ids) or 'prompt' (a string)", "prompt")
 
 
-def _need(tokenizer: Any) -> Any:
+def _need(tokenizer: Any, field: str = "prompt") -> Any:
+    """`tokenizer`, or for an engine without one (skip_tokenizer_init, a checkpoint with no
+    tokenizer file: token-id prompts only) an InvalidRequestError naming `field`: "prompt"
+    for text, "messages" for a chat prompt."""
     if tokenizer is None:
-        raise InvalidRequestError("prompt: text prompts need a tokenizer", "prompt")
+        what = "chat messages" if field == "messages" else "text prompts"
+        raise InvalidRequestError(f"{field}: {what} need a tokenizer (token-id prompts only "
+                                  "without one)", field)
     return tokenizer

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, ...
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (/tokenize and
+/detokenize: tokenization.py; a request's n child streams: choices.py).
 
 Request path (both completion routes): read the body under `--max-body-bytes` (413) -> msgspec
 decode into the request Struct (type errors -> 400 naming the JSON path) -> model name check

@@ -71,7 +71,7 @@ class Tokenization(OpenAIServing):
         try:
             req = await self._body(request, TokenizeBody)
             engine = self.state.engine
-            tok = _need_tokenizer(engine, "prompt")
+            tok = _need_tokenizer(engine, "messages" if req.messages is not None else "prompt")
             if req.messages is not None:
                 refuse_template_kwargs(req.chat_template, req.chat_template_kwargs)
                 # the chat route's options and error (chat_template_kwargs override the fields)
