@@ -17,22 +17,12 @@ import sys
 
 import httpx
 import pytest
-from hf_checkpoints import write_hf_checkpoint
-from serving_helpers import running_server
+from test_review26_diffreview import srv  # noqa: F401 - the server without a tokenizer
 
 from atom_stream.errors import InvalidRequestError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HI = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("diffreview26b-no-tokenizer"))
-    write_hf_checkpoint(path, "kimi", seed=2602)
-    with running_server({"model": path, "device": "cpu", "dtype": "float32",
-                         "num_kv_blocks": 64, "max_num_seqs": 8}) as s:
-        yield s
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -44,7 +34,7 @@ def test_chat_without_a_tokenizer_is_a_400_naming_messages(http, stream):
     assert err["param"] == "messages" and "tokenizer" in err["message"], err  # was "prompt"
 
 
-def test_engine_chat_prompt_without_a_tokenizer_names_messages(srv):
+def test_engine_chat_prompt_without_a_tokenizer_names_messages(srv):  # noqa: F811
     with pytest.raises(InvalidRequestError, match="tokenizer") as chat:
         srv.call(srv.engine.tokenize_prompt(HI))
     assert chat.value.param == "messages"
