@@ -189,7 +189,7 @@ def encode_chat_prompt(tokenizer: Any, messages: list[dict], chat_template_kwarg
     agp, cfm, kw = resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                                         continue_final_message)
     try:
-        return _need(tokenizer, "messages").encode_chat(
+        return need_tokenizer(tokenizer, "messages").encode_chat(
             messages, add_generation_prompt=agp, continue_final_message=cfm, **encode_kw, **kw)
     except InvalidRequestError:
         raise
@@ -218,13 +218,13 @@ async def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template_kwargs: 
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
-        fn = functools.partial(_need(tokenizer).encode, prompt,
+        fn = functools.partial(need_tokenizer(tokenizer).encode, prompt,
                                add_special_tokens=add_special_tokens)
         size = len(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         resolve_chat_options(chat_template_kwargs, add_generation_prompt,
                              continue_final_message)  # the pair's error before any work
-        fmt = resolve_content_format(_need(tokenizer, "messages"))
+        fmt = resolve_content_format(need_tokenizer(tokenizer, "messages"))
 
         def fn(messages: list[dict] = prompt) -> list[int]:  # off the loop: O(content size)
             return encode_chat_prompt(tokenizer, apply_content_format(messages, fmt),
@@ -267,12 +267,19 @@ def _dict_prompt(prompt: dict) -> Any:
                               "ids) or 'prompt' (a string)", "prompt")
 
 
-def _need(tokenizer: Any, field: str = "prompt") -> Any:
+_NEEDS_TEXT = {"prompt": "text prompts need", "messages": "chat messages need",
+               "tokens": "detokenizing needs", "echo": "echoing the prompt needs",
+               "prompt_logprobs": "prompt logprob texts need",
+               "logprobs": "logprob texts (without return_tokens_as_token_ids) need"}
+
+
+def need_tokenizer(tokenizer: Any, field: str = "prompt") -> Any:
     """`tokenizer`, or for an engine without one (skip_tokenizer_init, a checkpoint with no
-    tokenizer file: token-id prompts only) an InvalidRequestError naming `field`: "prompt"
-    for text, "messages" for a chat prompt."""
+    tokenizer file: token-id prompts only) an InvalidRequestError naming `field` (the request
+    field whose answer needs token text: "prompt", "messages", "tokens", "echo", ...). The one
+    check every path (engine, /tokenize, /detokenize, completions) makes."""
     if tokenizer is None:
-        what = "chat messages" if field == "messages" else "text prompts"
-        raise InvalidRequestError(f"{field}: {what} need a tokenizer (token-id prompts only "
+        what = _NEEDS_TEXT.get(field, "needs")
+        raise InvalidRequestError(f"{field}: {what} a tokenizer (token-id prompts only "
                                   "without one)", field)
     return tokenizer

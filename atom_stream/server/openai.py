@@ -35,7 +35,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from atom_stream.engine.outputs import RequestOutput
-from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
+from atom_stream.engine.prompts import (
+    need_tokenizer,
+    resolve_chat_options,
+    resolve_content_format,
+)
 from atom_stream.errors import (
     GenerationError,
     PromptTooLongError,
@@ -400,9 +404,7 @@ class OpenAIServing:
             field = "logprobs"
         else:
             return
-        raise HTTPError(400, f"{field} needs a tokenizer, and this model is served without "
-                        "one (token-id prompts only; return_tokens_as_token_ids gives logprobs "
-                        "as token ids)", field)
+        need_tokenizer(self.engine.tokenizer, field)
 
     async def _echo_texts(self, choices: list[Choice], prompts: list, n: int) -> None:
         """Each choice's echoed prompt text: a token-id prompt decoded once (n choices share

@@ -12,7 +12,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from atom_stream.engine.prompts import resolve_chat_options, resolve_content_format
+from atom_stream.engine.prompts import (
+    need_tokenizer,
+    resolve_chat_options,
+    resolve_content_format,
+)
 from atom_stream.errors import InvalidRequestError
 from atom_stream.protocol import ChatMessage
 from atom_stream.server.openai import OpenAIServing, decode_request, messages_to_dicts
@@ -71,7 +75,8 @@ class Tokenization(OpenAIServing):
         try:
             req = await self._body(request, TokenizeBody)
             engine = self.state.engine
-            tok = _need_tokenizer(engine, "messages" if req.messages is not None else "prompt")
+            tok = need_tokenizer(engine.tokenizer,
+                                 "messages" if req.messages is not None else "prompt")
             if req.messages is not None:
                 refuse_template_kwargs(req.chat_template, req.chat_template_kwargs)
                 # the chat route's options and error (chat_template_kwargs override the fields)
@@ -118,19 +123,10 @@ class Tokenization(OpenAIServing):
                 raise InvalidRequestError(f"token id {bad} is not in [0, {vocab})", "tokens")
             # vLLM: tokenizer.decode(ids), HF's default keeps special tokens; ids the model has
             # past the tokenizer's vocabulary (a padded vocab) decode to "", as HF's fast does
-            tok = _need_tokenizer(engine, "tokens")
+            tok = need_tokenizer(engine.tokenizer, "tokens")
             fn = functools.partial(tok.decode, [t for t in req.tokens if t < tok.vocab_size],
                                    skip_special_tokens=False)
             result = DetokenizeResult(await self._offloop(fn, len(req.tokens)))
         except Exception as e:  # noqa: BLE001
             return self._error("/detokenize", e)
         return json_response(result)
-
-
-def _need_tokenizer(engine: Any, param: str) -> Any:
-    """The engine's tokenizer; a 400 naming `param` for a model served without one (a
-    checkpoint with no tokenizer file: token-id prompts only, engine/engine_setup.py)."""
-    if engine.tokenizer is None:
-        raise InvalidRequestError("this model is served without a tokenizer (token-id prompts "
-                                  "only)", param)
-    return engine.tokenizer
