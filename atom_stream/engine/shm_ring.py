@@ -9,7 +9,10 @@ Layout (all little-endian int64 unless noted):
 A message travels as one or more chunks, each in its own slot with its own `seq` (`more` is 1
 on every chunk but the last). `write(payload)` waits, per chunk, until every reader has consumed
 the chunk that last used the slot, copies the chunk in, then publishes `seq` (slot header
-first, then write_seq). Readers spin briefly, then sleep in growing steps, on `write_seq`, and
+first, then write_seq). Every int64 cell is read and written through a memoryview cast to
+"q": one aligned 8-byte load or store (`struct` goes byte by byte, and a read racing such a
+store could see a mix of old and new bytes). Readers spin briefly, then sleep in growing steps,
+on `write_seq`, and
 join the chunks; a reader releases each slot as it copies it out, so a message may be larger
 than the whole ring. A ring made with `chunked=False` refuses (ValueError) a message larger
 than one slot instead. Python's GIL and the ordering of these plain stores are enough on x86-64
@@ -19,11 +22,9 @@ and on the CPUs MI355 hosts use; `seq` is written last.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from multiprocessing import shared_memory
 
-_I64 = struct.Struct("<q")
 _SLOT_HEAD = 24  # seq, length, more
 SPIN_S = 0.05  # busy-wait window before sleeping
 
@@ -43,7 +44,7 @@ class ShmRing:
         self.slot_bytes = slot_bytes
         self.chunked = chunked
         self.header_bytes = 8 * (2 + num_readers)
-        self.slot_stride = _SLOT_HEAD + slot_bytes
+        self.slot_stride = _SLOT_HEAD + -(-slot_bytes // 8) * 8  # every slot head 8-aligned
         size = self.header_bytes + num_slots * self.slot_stride
         if create:
             self.shm = shared_memory.SharedMemory(name=name, create=True, size=size)
@@ -55,6 +56,7 @@ class ShmRing:
             self.shm = shared_memory.SharedMemory(name=name, create=False)
         self.name = self.shm.name
         self.buf = self.shm.buf
+        self._cells = self.buf[:size].cast("q")  # int64 cells (offset // 8): atomic loads/stores
         self.owner = create
         self._next = 1  # next sequence number (chunk) to write / read
         self._parts: list[bytes] = []  # a reader's chunks of a message not yet complete
@@ -70,10 +72,10 @@ class ShmRing:
 
     # ---------------------------------------------------------------- helpers
     def _get(self, off: int) -> int:
-        return _I64.unpack_from(self.buf, off)[0]
+        return self._cells[off >> 3]
 
     def _set(self, off: int, value: int) -> None:
-        _I64.pack_into(self.buf, off, value)
+        self._cells[off >> 3] = value
 
     def _slot_off(self, i: int) -> int:
         return self.header_bytes + i * self.slot_stride
@@ -121,6 +123,7 @@ class ShmRing:
 
     def unlink(self) -> None:
         try:
+            self._cells.release()
             self.buf.release()
         except Exception:  # noqa: BLE001 - exported views may still exist at shutdown
             pass
@@ -150,7 +153,10 @@ class ShmRing:
         """The next chunk and whether more of its message follow; releases its slot."""
         seq = self._next
         self._wait(lambda: self._get(0) >= seq or self.closed, timeout, None)
-        if self._get(0) < seq:
+        # closed only by the flag: the writer sets it after its last store, so write_seq read
+        # after it is final (a second read of write_seq alone, racing the writer's next store,
+        # once saw a mix of bytes below `seq` and ended a TP worker mid-run)
+        if self.closed and self._get(0) < seq:
             raise RingClosed()
         off = self._slot_off(seq % self.num_slots)
         assert self._get(off) == seq, "ring overrun: a reader fell a full ring behind"
