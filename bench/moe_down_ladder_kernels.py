@@ -159,8 +159,9 @@ def prod_down(act, w2, s2, ids, sorted_pairs, block_expert, y, *, num_pairs: int
     I, H = act.shape[1], y.shape[1]
     top_k = ids.shape[1]
     return lambda: _down_block_kernel[(block_expert.numel(), H // BN)](
-        act, act, w2, s2, ids, sorted_pairs, block_expert, y, act, ids.shape[0], num_pairs,
-        ids.stride(0), w2.stride(0), s2.stride(0), H=H, I=I, TOPK=top_k, KP=top_k,
+        # OKM (direct mode's row mask) is not read in sorted mode: block_expert stands in
+        act, act, w2, s2, sorted_pairs, block_expert, block_expert, y, act, ids.shape[0],
+        num_pairs, w2.stride(0), s2.stride(0), H=H, I=I, TOPK=top_k, KP=top_k,
         KPP=triton.next_power_of_2(top_k), N_ROUTED=w2.shape[0], W_ROW=I // 8, S_ROW=I // 32,
         A_ROW=I, BM=BM, BN=BN, BK=128, FMT=INT4, ACT_Q=0, MDT=BF16, DIRECT=False, OFFS=1,
         ASTATIC=False, DQ=1, UNROLL=0, num_warps=warps, num_stages=stages)
