@@ -1,7 +1,7 @@
 """LLM.generate with SamplingParams(n > 1), as vLLM's LLM: one output per prompt (input order)
 whose `.outputs` are the n choices (index 0..n-1), each the child request vLLM's ParentRequest
 makes (n = 1, seed + index); top-level token_ids / text / finish_reason are choice 0's. n == 1
-outputs are unchanged; greedy n > 1 is refused; AsyncEngine.generate refuses n > 1."""
+outputs are unchanged; greedy n > 1 is refused (AsyncEngine's n > 1: test_async_n.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from engine_fakes import EOS, FakeKVRunner, ScriptedRunner
 
 from atom_stream import LLM, EngineConfig, SamplingParams
-from atom_stream.engine.async_engine import AsyncEngine
 from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.outputs import (
     CompletionOutput,
@@ -208,12 +207,3 @@ def test_request_output_layout_is_unchanged_and_composites_do_not_merge():
                                      1)
     with pytest.raises(TypeError, match="gathered whole"):
         multi.merge(RequestOutput("p", [3]))
-
-
-async def test_async_engine_refuses_n_naming_it():
-    async with AsyncEngine(EngineConfig(model="demo", **KW)) as eng:
-        with pytest.raises(InvalidRequestError, match="submit n requests") as e:
-            async for _ in eng.generate([5, 6], sp(n=2)):
-                pass
-        assert e.value.param == "n"
-        assert eng.stats()["used_blocks"] == 0

@@ -97,7 +97,7 @@ async def test_refused_requests_leave_nothing_registered_and_others_run_on():
     (SamplingParams(max_tokens=4, logit_bias={999: 1.0}), "logit_bias"),
     (SamplingParams(max_tokens=4, allowed_token_ids=[1, 400]), "allowed_token_ids"),
     ({"temperature": -1}, "temperature"),
-    (SamplingParams(n=2, temperature=1.0), "n"),
+    ({"n": 0, "temperature": 1.0}, "n"),
 ])
 async def test_params_are_checked_before_the_prompt(params, param):
     """vLLM's process_inputs order: bad params are the answer even for a too-long prompt, and

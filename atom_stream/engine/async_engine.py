@@ -51,6 +51,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import msgspec
+
 from atom_stream.config import EngineConfig
 from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
@@ -60,6 +62,7 @@ from atom_stream.engine.engine_setup import (
 from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.output_slots import OutputShaper, OutputSlot, hold_places
 from atom_stream.engine.outputs import RequestOutput, Usage
+from atom_stream.engine.parallel_sampling import child_id, generate_n
 from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
 from atom_stream.errors import (
     EngineDeadError,
@@ -108,6 +111,11 @@ class AsyncEngine:
         # request id -> aborted while its prompt was being tokenized (not yet in the core)
         self._tokenizing: dict[str, bool] = {}
         self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
+        # n > 1 (engine/parallel_sampling.py): parent id -> its children's ids, child id ->
+        # parent id, and the parents aborted (a child not yet started then never starts)
+        self._parents: dict[str, list[str]] = {}
+        self._parent_of: dict[str, str] = {}
+        self._aborted_parents: set[str] = set()
         self._pending_aborts: list[str] = []
         # set once the deferred aborts are applied (an `await abort()` made mid-step waits)
         self._aborts_applied: asyncio.Future | None = None
@@ -286,13 +294,15 @@ class AsyncEngine:
         elif not isinstance(request_id, str):  # vLLM's add_request: a TypeError
             raise InvalidRequestError(f"request_id: must be a string, got "
                                       f"{type(request_id).__name__}", "request_id")
-        elif request_id in self._slots:
+        elif request_id in self._slots or request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
-        params = core.check_params(_with_prompt_salt(params, prompt))
+        params = coerce_params(_with_prompt_salt(params, prompt))
+        n = params.n  # n > 1: checked as its children (n = 1) are, then fanned out
+        params = core.check_params(msgspec.structs.replace(params, n=1) if n > 1 else params)
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        self.check_room()
+        self.check_room(n)
         self._tokenizing[request_id] = False
         try:
             ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
@@ -301,9 +311,16 @@ class AsyncEngine:
                                              continue_final_message=continue_final_message)
         finally:
             aborted = self._tokenizing.pop(request_id, False)
+        # a child whose parent was aborted before the child started never starts either
+        aborted = aborted or self._parent_of.get(request_id) in self._aborted_parents
         if aborted:  # abort(request_id) came while the prompt was tokenized: never started
             yield RequestOutput(request_id, finish_reason="abort", prompt_token_ids=ids,
                                 usage=Usage(len(ids), 0, len(ids)))
+            return
+        if n > 1:
+            async for out in self._fan_out(ids, msgspec.structs.replace(params, n=n),
+                                           request_id, strict_max_tokens):
+                yield out
             return
         core = self._check_alive()
         if request_id in self._slots:
@@ -347,6 +364,24 @@ class AsyncEngine:
             if not done:
                 self._abort(request_id)
 
+    async def _fan_out(self, ids: list[int], params: SamplingParams, request_id: str,
+                       strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
+        """An n > 1 request's stream (engine/parallel_sampling.generate_n), its children
+        registered under `request_id` while it runs."""
+        if request_id in self._parents or request_id in self._slots:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        kids = [child_id(i, request_id) for i in range(params.n)]
+        self._parents[request_id] = kids
+        self._parent_of.update(dict.fromkeys(kids, request_id))
+        try:
+            async for out in generate_n(self, ids, params, request_id, strict_max_tokens):
+                yield out
+        finally:
+            del self._parents[request_id]
+            for kid in kids:
+                self._parent_of.pop(kid, None)
+            self._aborted_parents.discard(request_id)
+
     def check_room(self, n: int = 1) -> None:
         """Refuse (EngineOverloadedError, the queue's own answer) `n` more requests that could
         not all be admitted now: the live requests plus those still being tokenized (by
@@ -377,10 +412,14 @@ class AsyncEngine:
         step returns) is waited for."""
         ids = (request_id,) if isinstance(request_id, str) else tuple(request_id)
         for rid in ids:
-            if rid in self._tokenizing:
-                self._tokenizing[rid] = True
-            else:
-                self._abort(rid)
+            kids = self._parents.get(rid)
+            if kids is not None:  # an n > 1 request: every child
+                self._aborted_parents.add(rid)
+            for one in (rid, *(kids or ())):
+                if one in self._tokenizing:
+                    self._tokenizing[one] = True
+                else:
+                    self._abort(one)
         if self._pending_aborts:
             await self._wait_aborts_applied()
 
@@ -403,6 +442,7 @@ class AsyncEngine:
         When this returns, their KV blocks are free (as abort)."""
         for rid in self._tokenizing:
             self._tokenizing[rid] = True
+        self._aborted_parents.update(self._parents)
         ids = list(self._slots)
         for rid in ids:
             self._abort(rid)

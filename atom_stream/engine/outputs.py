@@ -35,8 +35,9 @@ logprobs come on the first delta.
 the consumer reads slower than the engine produces, so a slow reader gets coalesced chunks and
 memory stays bounded by the request's own length.
 
-n > 1 (`LLM.generate` only; the engine core runs one choice per request): each prompt's n child
-requests come back gathered into one `MultiChoiceOutput`, a RequestOutput whose `outputs` are the
+n > 1 (the engine core runs one choice per request; LLM.generate and AsyncEngine.generate fan
+out, see engine/parallel_sampling.py for the streamed form): each prompt's n child requests
+come back gathered into one `MultiChoiceOutput`, a RequestOutput whose `outputs` are the
 n `CompletionOutput`s (vLLM's CompletionOutput: a child's whole output plus `index` 0..n-1) and
 whose own `token_ids`, `text`, `finish_reason`, `stop_reason`, logprobs, `cumulative_logprob`
 and `error` are those of choice 0 (vLLM's RequestOutput has none; DESIGN.md requires them on
@@ -313,13 +314,7 @@ class MultiChoiceOutput(RequestOutput):
         outs = [CompletionOutput(**msgspec.structs.asdict(c), index=k).share_logprobs_with(c)
                 for k, c in enumerate(choices)]
         first, src = outs[0], outs[last]
-        usage = None
-        usages = [c.usage for c in outs if c.usage is not None]
-        if usages:
-            base = src.usage or usages[-1]
-            completion = sum(u.completion_tokens for u in usages)
-            usage = Usage(base.prompt_tokens, completion, base.prompt_tokens + completion,
-                          base.cached_tokens)
+        usage = combined_usage(outs, src)
         prompt_ids = next((c.prompt_token_ids for c in (src, *outs)
                            if c.prompt_token_ids is not None), None)
         return cls(request_id=request_id, token_ids=first.token_ids, text=first.text,
@@ -330,3 +325,16 @@ class MultiChoiceOutput(RequestOutput):
                    prompt_logprob_ranks=src.prompt_logprob_ranks,
                    cumulative_logprob=first.cumulative_logprob,
                    logprob_ranks=first.logprob_ranks, choices=outs).share_logprobs_with(first)
+
+
+def combined_usage(finals: list[RequestOutput], src: RequestOutput) -> Usage | None:
+    """The usage of an n > 1 request from its choices' final outputs: the prompt counted once
+    (and its cached tokens) from `src` (the choice that finished last), completion tokens
+    summed over the choices (the OpenAI `usage` of n choices); None when none has usage."""
+    usages = [c.usage for c in finals if c.usage is not None]
+    if not usages:
+        return None
+    base = src.usage or usages[-1]
+    completion = sum(u.completion_tokens for u in usages)
+    return Usage(base.prompt_tokens, completion, base.prompt_tokens + completion,
+                 base.cached_tokens)

@@ -1,0 +1,106 @@
+"""n > 1 through AsyncEngine.generate: one request fanned out into n child requests (vLLM's
+ParentRequest, vllm/v1/engine/parallel_sampling.py), streamed back as one.
+
+    async for out in engine.generate(prompt, SamplingParams(n=3, temperature=0.8)):
+        choice = out.outputs[0]            # the one choice this output carries
+        print(choice.index, choice.text)
+
+The prompt is tokenized once; child i runs as request `f"{i}_{request_id}"` with
+`params.child(i)` (n = 1; seed + i when seeded). What comes out, by `params.output_kind`:
+- DELTA / CUMULATIVE (vLLM's streaming): one output per child output, in the order the engine
+  makes them: a MultiChoiceOutput with `request_id` the parent's and `outputs` ==
+  [CompletionOutput(index=i)] (that child's delta, or its whole output so far, with its own
+  finish_reason when it ends). The top-level `token_ids`, `text`, logprobs are that choice's; the
+  top-level `finish_reason` / `stop_reason` / `usage` stay None until the output that ends the
+  last choice: it carries that choice's finish and the whole request's usage (the prompt
+  counted once, completion tokens summed over the n choices). So `finished` is True only on
+  the last output, as vLLM's.
+- FINAL_ONLY: one MultiChoiceOutput at the end with all n choices (what LLM.generate returns).
+
+`abort(request_id)` aborts every child; breaking out of the loop closes them all (their blocks
+freed as for one request). A child's error (GenerationError, or a refusal raised by its first
+step such as PromptTooLongError) is raised from the parent's iterator after the others are
+closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from atom_stream.engine.outputs import (
+    CompletionOutput,
+    MultiChoiceOutput,
+    RequestOutput,
+    Usage,
+    combined_usage,
+)
+from atom_stream.sampling_params import RequestOutputKind, SamplingParams
+
+
+def child_id(index: int, request_id: str) -> str:
+    """Child `index`'s engine request id (vLLM's `f"{index}_{parent_id}"`)."""
+    return f"{index}_{request_id}"
+
+
+def _as_choice(parent_id: str, index: int, out: RequestOutput,
+               final_usage: Usage | None) -> MultiChoiceOutput:
+    """One child's output as the parent's streamed output (see the module docstring);
+    `final_usage`: set only on the output that ends the last choice."""
+    choice = CompletionOutput(**msgspec.structs.asdict(out), index=index).share_logprobs_with(out)
+    last = final_usage is not None
+    return MultiChoiceOutput(
+        request_id=parent_id, token_ids=out.token_ids, text=out.text,
+        finish_reason=out.finish_reason if last else None,
+        stop_reason=out.stop_reason if last else None, usage=final_usage,
+        engine_logprobs=out.engine_logprobs, prompt_token_ids=out.prompt_token_ids,
+        engine_prompt_logprobs=out.engine_prompt_logprobs,
+        prompt_logprob_ranks=out.prompt_logprob_ranks,
+        cumulative_logprob=out.cumulative_logprob, logprob_ranks=out.logprob_ranks,
+        choices=[choice]).share_logprobs_with(out)
+
+
+async def generate_n(engine: Any, ids: list[int], params: SamplingParams, request_id: str,
+                     strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
+    """The parent stream of an n > 1 request whose prompt is already the token ids `ids` and
+    whose `params` are checked (AsyncEngine.generate does both, and registers `request_id`
+    in `engine._parents` with the children's ids before calling this)."""
+    n = params.n
+    gens = [engine.generate(ids, params.child(i), child_id(i, request_id),
+                            strict_max_tokens=strict_max_tokens) for i in range(n)]
+    pending: dict[asyncio.Future, int] = {
+        asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}
+    final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+    finals: dict[int, RequestOutput] = {}  # each choice's final output
+    last_done = 0  # the choice that finished last
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=pending.__getitem__):  # the same order every run
+                i = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(gens[i]))] = i
+                if out.finish_reason is not None:
+                    finals[i], last_done = out, i
+                if final_only:
+                    continue
+                last = len(finals) == n and out.finish_reason is not None
+                yield _as_choice(request_id, i, out,
+                                 combined_usage([finals[k] for k in range(n)], out)
+                                 if last else None)
+        if final_only:
+            yield MultiChoiceOutput.gather(request_id, [finals[k] for k in range(n)],
+                                           last=last_done)
+    finally:
+        for fut in pending:
+            fut.cancel()
+        if pending:  # let each cancelled step leave its generator before closing it
+            await asyncio.gather(*pending, return_exceptions=True)
+        for g in gens:
+            await g.aclose()
