@@ -200,6 +200,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="config.json fields to override, a JSON object (vLLM's): "
                    '\'{"num_hidden_layers": 1}\'; a text-model key reaches Kimi-K2.5\'s '
                    "text_config too")
+    g.add_argument("-q", "--quantization", default=None,
+                   help="vLLM's flag: unset (the checkpoint's quantization_config decides) or "
+                   "the checkpoint's own method, e.g. compressed-tensors; others are refused")
     g.add_argument("--scheduling-policy", default=d["scheduling_policy"].default,
                    choices=["fcfs", "priority"],
                    help="request order (vLLM's flag): fcfs, the only policy implemented")
@@ -316,7 +319,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         async_scheduling=args.async_scheduling, watchdog_timeout=args.watchdog_timeout,
         hf_overrides=args.hf_overrides or None, scheduling_policy=args.scheduling_policy,
-        online_quant_config=args.online_quant_config or None,
+        online_quant_config=args.online_quant_config or None, quantization=args.quantization,
         nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.dist_init_addr[0] if args.dist_init_addr else args.master_addr,
         master_port=args.dist_init_addr[1] if args.dist_init_addr else args.master_port,

@@ -60,7 +60,6 @@ _VLLM_NOOP_KWARGS: dict[str, tuple[Any, str]] = {
     "disable_custom_all_reduce": (_is(True, False), "collectives are torch.distributed's"),
     "max_seq_len_to_capture": (_at_most(float("inf")), "graph sizes: cudagraph_capture_sizes"),
     "tokenizer_mode": (_is("auto", "hf", None), "the tokenizer is the checkpoint's own"),
-    "quantization": (_is(None), "the checkpoint's quantization_config decides"),
     "revision": (_is(None), "pass a local directory to pin a revision"),
     "tokenizer_revision": (_is(None), "pass a local directory to pin a revision"),
     "code_revision": (_is(None), "pass a local directory to pin a revision"),
@@ -176,6 +175,10 @@ class EngineConfig:
     # "exclude_layer"} (a dict, or its JSON text); the unquantized Linear layers it selects are
     # quantized at load (ptpc_fp8 / per_block_fp8; layers/quant/online.py). None / {}: none
     online_quant_config: dict[str, Any] | None = None
+    # vLLM's quantization: None (the checkpoint's quantization_config decides), or the
+    # checkpoint's own quant_method ("compressed-tensors", "fp8", "quark"), checked where the
+    # model config is read (layers/quant/config.check_requested_method); else a ConfigError
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):  # a pathlib.Path is a path: read it as its string
@@ -229,6 +232,9 @@ class EngineConfig:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if self.quantization is not None and (not isinstance(self.quantization, str)
+                                              or not self.quantization.strip()):
+            raise bad("quantization", "must be a quantization method name or null")
         gmu = self.gpu_memory_utilization
         if isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0.0 < gmu <= 1.0:
             raise bad("gpu_memory_utilization", "must be a number in (0, 1]")

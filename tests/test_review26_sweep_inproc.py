@@ -234,7 +234,7 @@ def test_vllm_engine_keywords_without_effect_here_are_accepted(caplog):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("pipeline_parallel_size", 2), ("quantization", "fp8"), ("revision", "main"),
+    ("pipeline_parallel_size", 2), ("revision", "main"),
     ("distributed_executor_backend", "ray"), ("cpu_offload_gb", 8), ("max_logprobs", 50),
     ("tokenizer_mode", "mistral"), ("no_such_argument", 1),
 ])

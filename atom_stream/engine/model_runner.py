@@ -150,7 +150,15 @@ def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> to
 
 def load_model_config(config: EngineConfig) -> ModelConfig:
     """The model config `config` names (the demo's, a bench preset's or a checkpoint's
-    config.json) with `config.hf_overrides` applied: every rank and replica reads it here."""
+    config.json) with `config.hf_overrides` applied: every rank and replica reads it here,
+    and checks `config.quantization` (vLLM's argument) against it."""
+    from atom_stream.layers.quant.config import check_requested_method
+    mc = _read_model_config(config)
+    check_requested_method(config.quantization, mc.quantization_config)
+    return mc
+
+
+def _read_model_config(config: EngineConfig) -> ModelConfig:
     overrides = config.hf_overrides
     if config.is_demo:
         from atom_stream.models.demo import DEMO_CONFIG

@@ -215,6 +215,30 @@ class Fp8BlockConfig(QuantConfig):
         return self.s
 
 
+def check_requested_method(requested: str | None, raw: dict | None) -> None:
+    """vLLM's `quantization` engine argument against the checkpoint's quantization_config
+    (`raw`): None, or the checkpoint's own quant_method (case, "-" / "_" ignored), passes, as
+    in vLLM (ModelConfig._verify_quantization); a different method, or any method for an
+    unquantized checkpoint (vLLM would quantize it online; here online_quant_config does), is
+    a ConfigError naming `quantization`."""
+    if requested is None:
+        return
+    have = (raw or {}).get("quant_method")
+    if have is None:
+        raise ConfigError(f"quantization: {requested!r} asks for online quantization of an "
+                          f"unquantized checkpoint, which this engine does through "
+                          f"online_quant_config (ATOM's --online_quant_config: ptpc_fp8, "
+                          f"per_block_fp8)")
+
+    def norm(method: str) -> str:
+        return str(method).strip().lower().replace("_", "-")
+
+    if norm(requested) != norm(have):
+        raise ConfigError(f"quantization: the checkpoint's quantization_config has quant_method "
+                          f"{have!r}, which does not match the quantization argument "
+                          f"{requested!r} (leave it unset: the checkpoint decides)")
+
+
 def parse_quant_config(raw: dict | None) -> QuantConfig | None:
     """The QuantConfig of a checkpoint's quantization_config (None: unquantized)."""
     if not raw:
