@@ -188,6 +188,10 @@ class EngineConfig:
         if not isinstance(dt, str) and str(dt).startswith("torch."):  # torch.float16 etc.
             dt = str(dt)[len("torch."):]
         self.dtype = _DTYPE_ALIASES.get(dt, dt) if isinstance(dt, str) else dt
+        for name in _BOOL_FIELDS:  # 0 / 1 read as false / true (vLLM's EngineArgs takes them)
+            value = getattr(self, name)
+            if type(value) is int and value in (0, 1):
+                setattr(self, name, bool(value))
         if self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little") >> 1
         if self.max_num_seqs is None:  # a bad budget is validate()'s to refuse

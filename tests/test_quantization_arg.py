@@ -1,4 +1,5 @@
-"""vLLM's `quantization` engine argument (LLM(quantization=...), EngineConfig, `-q /
+"""EngineConfig as vLLM's EngineArgs takes it: the boolean fields read 0 / 1 as false / true.
+vLLM's `quantization` engine argument (LLM(quantization=...), EngineConfig, `-q /
 --quantization`): unset, or the checkpoint's own quant_method, serves; another method, or any
 method for an unquantized checkpoint, is a start-up ConfigError naming `quantization` (it was
 refused for every value but None, even the checkpoint's own)."""
@@ -67,3 +68,13 @@ def test_int4_checkpoint_serves_with_its_own_method_and_refuses_another(tmp_path
         assert out.token_ids == want  # the argument changes nothing when it agrees
     with pytest.raises(ConfigError, match="quant_method 'compressed-tensors'.*'fp8'"):
         LLM(quantization="fp8", **kw)
+
+
+@pytest.mark.parametrize("name", ["enforce_eager", "trust_remote_code", "enable_prefix_caching",
+                                  "enable_expert_parallel"])
+def test_bool_fields_take_0_and_1_as_vllm_does(name):
+    for v in (0, 1):
+        assert getattr(EngineConfig(**{name: v}), name) is bool(v)
+    for bad in (2, -1, "yes", 1.0, None):
+        with pytest.raises(ConfigError, match=f"^{name}: must be true or false"):
+            EngineConfig(**{name: bad})
