@@ -128,18 +128,33 @@ class AsyncEngine:
         self._idle: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineConfig | None = None,
+                         **kwargs: Any) -> AsyncEngine:
+        """vLLM's AsyncLLM.from_engine_args: an engine whose model is loaded when this returns
+        (it blocks, as vLLM's); its loop starts with the first generate() (or `await start()`).
+        Stop it with `await engine.shutdown()`, or use it in `async with`."""
+        engine = cls(engine_args, **kwargs)
+        engine._core = engine._executor.submit(engine._new_core).result()
+        return engine
+
+    def _new_core(self) -> LLMEngine:
+        return LLMEngine(self.config, **self._core_args)
+
     async def start(self) -> AsyncEngine:
         if self._task is not None:
             return self
+        if self._closed:
+            raise EngineDeadError("the engine is shut down")
         loop = asyncio.get_running_loop()
         # The step thread runs Python model code between torch ops and holds the GIL meanwhile;
         # a 1 ms switch interval (CPython's default is 5 ms) lets the loop thread in sooner,
         # which keeps streaming latency low while a long prefill runs.
         if sys.getswitchinterval() > 0.001:
             sys.setswitchinterval(0.001)
-        # model loading blocks: do it on the step thread (torch state then lives there too)
-        self._core = await loop.run_in_executor(
-            self._executor, functools.partial(LLMEngine, self.config, **self._core_args))
+        if self._core is None:  # from_engine_args loaded it already
+            # model loading blocks: do it on the step thread (torch state then lives there too)
+            self._core = await loop.run_in_executor(self._executor, self._new_core)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -244,6 +259,29 @@ class AsyncEngine:
         return s
 
     # ------------------------------------------------------------------ requests
+    @property
+    def is_running(self) -> bool:
+        """vLLM's AsyncLLM.is_running: the loop runs and the engine is not dead or closing."""
+        return (self._task is not None and not self._task.done() and not self._closed
+                and not self.is_dead)
+
+    @property
+    def errored(self) -> bool:
+        """vLLM's AsyncLLM.errored: the engine is dead (is_dead)."""
+        return self.is_dead
+
+    async def check_health(self) -> None:
+        """vLLM's AsyncLLM.check_health: EngineDeadError when the engine is dead."""
+        if self.is_dead:
+            raise EngineDeadError("the engine is dead")
+
+    async def get_tokenizer(self) -> Any:
+        """vLLM's AsyncLLM.get_tokenizer (None with skip_tokenizer_init)."""
+        return self.core.tokenizer
+
+    async def get_model_config(self) -> Any:
+        return self.core.model_config
+
     def _check_alive(self) -> LLMEngine:
         core = self.core
         if self.is_dead:
@@ -289,6 +327,8 @@ class AsyncEngine:
                 raise InvalidRequestError("pass params or sampling_params, not both",
                                           "sampling_params")
             params = sampling_params
+        if self._task is None:  # loaded by from_engine_args: the loop starts now
+            await self.start()
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif not isinstance(request_id, str):  # vLLM's add_request: a TypeError
@@ -404,12 +444,12 @@ class AsyncEngine:
         check then counts the request itself."""
         return hold_places(self, n)
 
-    async def abort(self, request_id: str | Iterable[str]) -> None:
+    async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         """Abort a live request, or each of an iterable of ids (vLLM's AsyncLLM.abort); each
         stream ends with a finish_reason "abort" delta (also when its prompt is still being
         tokenized: it then never starts). Unknown ids are ignored. When this returns, the
         requests' KV blocks are free: an abort that lands while a step runs (applied when the
-        step returns) is waited for."""
+        step returns) is waited for. `internal`: vLLM's keyword, no effect here."""
         ids = (request_id,) if isinstance(request_id, str) else tuple(request_id)
         for rid in ids:
             kids = self._parents.get(rid)
