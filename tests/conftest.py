@@ -18,6 +18,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "clients", "python"))
 torch.set_num_threads(1)  # 2-core CI box: more threads only contend
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Every module starts with one intra-op thread (a test that changed it is undone): the
+    demo model is tiny, and 2 spinning OpenMP threads on a loaded 2-core box make each op
+    10-50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def srv():
     from serving_helpers import running_server

@@ -9,7 +9,6 @@ import random
 import time
 
 import pytest
-import torch
 import uvloop
 from engine_fakes import FakeKVRunner
 
@@ -22,14 +21,6 @@ from atom_stream.errors import (
     PromptTooLongError,
 )
 from atom_stream.tokenizer import load_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_engine_core: tiny model, loaded 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_engine(runner=None, **kw) -> AsyncEngine:

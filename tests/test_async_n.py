@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from atom_stream import LLM, AsyncEngine, EngineConfig, SamplingParams
 from atom_stream.errors import InvalidRequestError, PromptTooLongError
@@ -18,14 +17,6 @@ from atom_stream.sampling_params import RequestOutputKind, SamplingParamsError
 KW = {"model": "demo", "device": "cpu", "dtype": "float32", "num_kv_blocks": 96,
       "block_size": 4, "max_model_len": 128}
 PROMPT = [5, 17, 33, 2, 9, 41, 7]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _params(n=3, kind=RequestOutputKind.DELTA, max_tokens=6, seed=11) -> SamplingParams:

@@ -26,14 +26,6 @@ from atom_stream.tokenizer import load_tokenizer
 TOK = load_tokenizer(None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model, loaded 2-core box (see test_engine_core)
-    yield
-    torch.set_num_threads(n)
-
-
 def fake_core(pipelined: bool, num_kv_blocks: int = 64, eos_every: int = 0,
               **kw) -> LLMEngine:
     runner = FakeKVRunner(num_kv_blocks, kw.get("block_size", 16), eos_every=eos_every,

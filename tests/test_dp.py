@@ -16,14 +16,6 @@ from atom_stream.engine.dp import DPEngine, make_async_engine
 from atom_stream.errors import InvalidRequestError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(**kw) -> EngineConfig:
     return EngineConfig(model="demo", device="cpu", dtype="float32", num_kv_blocks=96,
                         block_size=16, max_model_len=256, **kw)

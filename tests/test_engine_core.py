@@ -8,7 +8,6 @@ import logging
 import random
 
 import pytest
-import torch
 from engine_fakes import (
     EOS,
     FakeKVRunner,
@@ -30,16 +29,6 @@ from atom_stream.errors import (
 from atom_stream.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The demo model is tiny: one intra-op thread is fastest, and 2 spinning OpenMP threads
-    on a loaded 2-core box make each op 10-50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_engine(runner=None, **kw) -> LLMEngine:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from engine_fakes import FakeKVRunner
 
 from atom_stream import EngineConfig, SamplingParams
@@ -23,14 +22,6 @@ from atom_stream.tokenizer import load_tokenizer
 
 TOK = load_tokenizer(None)
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny demo model on a loaded box (see test_engine_core)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake(num_kv_blocks=16, block_size=4, pipelined=False, **kw) -> LLMEngine:
