@@ -71,6 +71,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
       always banned). Duplicates are dropped, empty strings refused.
     - `output_kind`: vLLM's RequestOutputKind (or its int value) for AsyncEngine streams;
       default DELTA.
+    - `truncate_prompt_tokens`: vLLM's; None, or keep only the LAST k prompt tokens (k >= 1;
+      -1: as many as leave room for max_tokens); k above max_model_len is refused by the
+      engine (`truncate_prompt`).
     """
 
     n: int = 1
@@ -100,6 +103,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # the first block's hash: engine/block_manager.salt_root); None = unsalted
     cache_salt: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.DELTA
+    truncate_prompt_tokens: int | None = None
     # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
     # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
     _bad_words_token_ids: list[list[int]] | None = None
@@ -162,6 +166,17 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         one unchanged."""
         return copy.deepcopy(self)
 
+    def truncate_prompt(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt a request runs: the last `truncate_prompt_tokens` of `ids` (vLLM's left
+        truncation; -1: max_model_len - max_tokens of them, at least 1, as vLLM's renderer);
+        `ids` itself when unset or already that short."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            k = max(1, max_model_len - (self.max_tokens or 0))
+        return ids if k >= len(ids) else ids[-k:]
+
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
@@ -188,6 +203,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         integer("n", 1, 128)
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k == 0
+                              or k < -1):
+            raise SamplingParamsError("truncate_prompt_tokens",
+                                      f"must be an integer >= 1 or -1, got {k!r}")
         if not 0.0 <= num("temperature") <= MAX_TEMPERATURE:
             raise SamplingParamsError("temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got "
                                       f"{self.temperature!r}")

@@ -365,6 +365,7 @@ class AsyncEngine:
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        ids = params.truncate_prompt(ids, core.max_model_len)
         if len(ids) >= core.max_model_len:
             # the core's answer too, but only after checking every id on the loop thread (a
             # 6 MB prompt: ~0.4 s of event-loop stall); too long needs no per-id look

@@ -186,6 +186,11 @@ class LLMEngine:
             if bad is not None:
                 raise InvalidRequestError(f"{name}: {bad} is not a token id in [0, {vocab})",
                                           name)
+        k = params.truncate_prompt_tokens
+        if k is not None and k > self.max_model_len:  # vLLM's _validate_truncation_size
+            raise InvalidRequestError(f"truncate_prompt_tokens value ({k}) is greater than "
+                                      f"max_model_len ({self.max_model_len}). Please, select "
+                                      f"a smaller truncation size.", "truncate_prompt_tokens")
         return self._tokenize_bad_words(params, vocab)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -206,7 +211,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         if not params_checked:
             params = self.check_params(params)
-        ids = list(prompt_token_ids)
+        ids = params.truncate_prompt(list(prompt_token_ids), self.max_model_len)
         vocab = self.model_config.vocab_size
         if not ids:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
