@@ -6,12 +6,15 @@ refused for every value but None, even the checkpoint's own)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import quant_writers as qw
 
 from atom_stream import LLM, SamplingParams
 from atom_stream.cli import engine_config_from_args, serve_parser
 from atom_stream.config import ConfigError, EngineConfig
+from atom_stream.layers.quant.apply import weight_bytes_report
 from atom_stream.layers.quant.config import check_requested_method
 
 CT = {"quant_method": "compressed-tensors"}
@@ -53,19 +56,20 @@ def test_demo_model_refuses_a_method_at_start_up():
 
 
 def test_int4_checkpoint_serves_with_its_own_method_and_refuses_another(tmp_path):
-    src, dst = str(tmp_path / "src"), str(tmp_path / "int4")
-    qw.make_tiny_hf(src)
-    qw.write_quantized(src, dst, "int4")
-    kw = {"model": dst, "device": "cpu", "dtype": "float32", "num_kv_blocks": 32}
-    want = None
-    for q in (None, "compressed-tensors"):
-        with LLM(quantization=q, **kw) as llm:
-            out = llm.generate(prompt_token_ids=[[3, 5, 7]],
-                               sampling_params=SamplingParams(max_tokens=4, temperature=0,
-                                                              ignore_eos=True))[0]
-        assert len(out.token_ids) == 4
-        want = want or out.token_ids
-        assert out.token_ids == want  # the argument changes nothing when it agrees
+    """A checkpoint directory whose config.json carries the compressed-tensors INT4 config (the
+    demo model's shapes, dummy weights: the check reads the config, the model runs its INT4
+    experts either way)."""
+    from atom_stream.models.demo import DEMO_CONFIG
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(DEMO_CONFIG, quantization_config=qw.CT_INT4_CONFIG), f)
+    kw = {"model": str(tmp_path), "load_format": "dummy", "device": "cpu", "dtype": "float32",
+          "num_kv_blocks": 32}
+    with LLM(quantization="compressed-tensors", **kw) as llm:
+        out = llm.generate(prompt_token_ids=[[3, 5, 7]], sampling_params=SamplingParams(
+            max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert "int4_pack" in weight_bytes_report(llm.llm_engine.runner.model)  # INT4 experts
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
     with pytest.raises(ConfigError, match="quant_method 'compressed-tensors'.*'fp8'"):
         LLM(quantization="fp8", **kw)
 
