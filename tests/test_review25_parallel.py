@@ -21,7 +21,6 @@ import pytest
 import quant_writers as qw
 import torch
 from serving_helpers import running_server
-from test_dp import _one_torch_thread  # noqa: F401 - autouse, module scope: one torch thread
 
 from atom_stream import AsyncEngine, EngineConfig, SamplingParams
 from atom_stream.config import ConfigError

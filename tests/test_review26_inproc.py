@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_dp import _config, _one_torch_thread  # noqa: F401  (the DP module's fixtures)
+from test_dp import _config
 from test_review25_engine import collect, fake_engine, greedy
 
 from atom_stream import SamplingParams
