@@ -163,3 +163,18 @@ async def test_refusals_leave_nothing_and_other_requests_run():
         one = [o async for o in engine.generate(PROMPT, SamplingParams(max_tokens=3,
                                                                        ignore_eos=True))]
         assert one[-1].usage.completion_tokens == 3 and one[-1].outputs == [one[-1]]
+
+
+async def test_dp_counts_an_n_request_as_n_places_and_aborts_it_by_the_parent_id():
+    from atom_stream.engine.dp import DPEngine
+
+    async with DPEngine(EngineConfig(**KW, data_parallel_size=2)) as dp:
+        agen = dp.generate(PROMPT, _params(n=3, max_tokens=200), request_id="dp")
+        first = await agen.__anext__()
+        assert first.outputs[0].index in (0, 1, 2)
+        assert sorted(dp.outstanding) == [0, 3]
+        await dp.abort("dp", internal=True)
+        outs = [first] + await _collect(agen)
+        assert outs[-1].finish_reason == "abort"
+        assert dp.outstanding == [0, 0] and not dp.errored
+        await dp.check_health()

@@ -15,7 +15,7 @@ KW = {"model": "demo", "device": "cpu", "dtype": "float32", "num_kv_blocks": 64}
 async def test_from_engine_args_serves_without_start_and_reports_state():
     engine = AsyncEngine.from_engine_args(EngineConfig(**KW))
     try:
-        assert engine.core is not None and not engine.is_running  # loaded, loop not yet
+        assert engine.core is not None and engine.is_running  # vLLM: running from the load on
         outs = [o async for o in engine.generate([1, 2, 3], SamplingParams(
             max_tokens=3, temperature=0, ignore_eos=True), request_id="r")]
         assert outs[-1].usage.completion_tokens == 3

@@ -130,10 +130,14 @@ class AsyncEngine:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def from_engine_args(cls, engine_args: EngineConfig | None = None,
-                         **kwargs: Any) -> AsyncEngine:
+                         start_engine_loop: bool = True, usage_context: Any = None,
+                         stat_loggers: Any = None, enable_log_requests: bool = False,
+                         disable_log_stats: bool = False, **kwargs: Any) -> AsyncEngine:
         """vLLM's AsyncLLM.from_engine_args: an engine whose model is loaded when this returns
         (it blocks, as vLLM's); its loop starts with the first generate() (or `await start()`).
-        Stop it with `await engine.shutdown()`, or use it in `async with`."""
+        Stop it with `await engine.shutdown()`, or use it in `async with`. vLLM's other
+        keywords (start_engine_loop, usage_context, stat_loggers, enable_log_requests,
+        disable_log_stats) are taken and change nothing (stats() and /metrics report)."""
         engine = cls(engine_args, **kwargs)
         engine._core = engine._executor.submit(engine._new_core).result()
         return engine
@@ -194,11 +198,17 @@ class AsyncEngine:
                 await self._shutdown_dead_runner(loop)
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 return
-            try:
-                await loop.run_in_executor(self._executor, self._core.runner.shutdown)
-            except Exception:
-                logger.exception("runner shutdown failed")
+            await self._shutdown_runner(loop)
+        elif self._core is not None:  # loaded by from_engine_args, never started
+            await self._shutdown_runner(loop)
         await loop.run_in_executor(None, functools.partial(self._executor.shutdown, wait=True))
+
+    async def _shutdown_runner(self, loop) -> None:
+        """runner.shutdown on the step thread (TP workers, shared memory); failures logged."""
+        try:
+            await loop.run_in_executor(self._executor, self._core.runner.shutdown)
+        except Exception:
+            logger.exception("runner shutdown failed")
 
     async def _shutdown_dead_runner(self, loop, timeout: float = 30.0) -> None:
         """runner.shutdown on a daemon thread (it kills the workers, which also fails a
@@ -261,19 +271,33 @@ class AsyncEngine:
     # ------------------------------------------------------------------ requests
     @property
     def is_running(self) -> bool:
-        """vLLM's AsyncLLM.is_running: the loop runs and the engine is not dead or closing."""
-        return (self._task is not None and not self._task.done() and not self._closed
-                and not self.is_dead)
+        """vLLM's AsyncLLM.is_running: the model is loaded and the engine is not `errored`
+        (true from from_engine_args on, as vLLM's before its loop starts)."""
+        return self._core is not None and not self.errored
 
     @property
     def errored(self) -> bool:
-        """vLLM's AsyncLLM.errored: the engine is dead (is_dead)."""
-        return self.is_dead
+        """vLLM's AsyncLLM.errored: dead, shut down (or shutting down), or its loop ended."""
+        return (self.is_dead or self._closed
+                or (self._task is not None and self._task.done()))
+
+    @property
+    def is_stopped(self) -> bool:
+        """vLLM's AsyncLLM.is_stopped: `errored`."""
+        return self.errored
+
+    @property
+    def dead_error(self) -> BaseException:
+        """vLLM's AsyncLLM.dead_error: what check_health raises."""
+        if self.is_dead:
+            return EngineDeadError(f"the engine is dead: {self._dead or self._core.runner.dead}")
+        return EngineDeadError("the engine is shut down")
 
     async def check_health(self) -> None:
-        """vLLM's AsyncLLM.check_health: EngineDeadError when the engine is dead."""
-        if self.is_dead:
-            raise EngineDeadError("the engine is dead")
+        """vLLM's AsyncLLM.check_health: raises `dead_error` (EngineDeadError) when `errored`
+        (dead or shut down)."""
+        if self.errored:
+            raise self.dead_error
 
     async def get_tokenizer(self) -> Any:
         """vLLM's AsyncLLM.get_tokenizer (None with skip_tokenizer_init)."""
@@ -351,21 +375,23 @@ class AsyncEngine:
                                              continue_final_message=continue_final_message)
         finally:
             aborted = self._tokenizing.pop(request_id, False)
+        ids = params.truncate_prompt(ids, core.max_model_len)  # the prompt that runs (or not)
         # a child whose parent was aborted before the child started never starts either
         aborted = aborted or self._parent_of.get(request_id) in self._aborted_parents
         if aborted:  # abort(request_id) came while the prompt was tokenized: never started
             yield RequestOutput(request_id, finish_reason="abort", prompt_token_ids=ids,
                                 usage=Usage(len(ids), 0, len(ids)))
             return
-        if n > 1:
-            async for out in self._fan_out(ids, msgspec.structs.replace(params, n=n),
-                                           request_id, strict_max_tokens):
-                yield out
+        if n > 1:  # closed here, not by the GC: a closed parent frees its children at once
+            async with contextlib.aclosing(self._fan_out(
+                    ids, msgspec.structs.replace(params, n=n), request_id,
+                    strict_max_tokens)) as fanned:
+                async for out in fanned:
+                    yield out
             return
         core = self._check_alive()
         if request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        ids = params.truncate_prompt(ids, core.max_model_len)
         if len(ids) >= core.max_model_len:
             # the core's answer too, but only after checking every id on the loop thread (a
             # 6 MB prompt: ~0.4 s of event-loop stall); too long needs no per-id look
@@ -408,20 +434,37 @@ class AsyncEngine:
     async def _fan_out(self, ids: list[int], params: SamplingParams, request_id: str,
                        strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
         """An n > 1 request's stream (engine/parallel_sampling.generate_n), its children
-        registered under `request_id` while it runs."""
+        registered under `request_id` until its final output is handed over. Closed or
+        cancelled before that, it returns once the children's aborts are applied (their ids
+        and KV blocks free, as `await abort(request_id)`)."""
         if request_id in self._parents or request_id in self._slots:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         kids = [child_id(i, request_id) for i in range(params.n)]
         self._parents[request_id] = kids
         self._parent_of.update(dict.fromkeys(kids, request_id))
+        ended = False
         try:
-            async for out in generate_n(self, ids, params, request_id, strict_max_tokens):
-                yield out
+            async with contextlib.aclosing(
+                    generate_n(self, ids, params, request_id, strict_max_tokens)) as outs:
+                async for out in outs:
+                    if out.finished:  # the id is free once the final output is handed over
+                        ended = True
+                        self._release_parent(request_id, kids)
+                    yield out
         finally:
-            del self._parents[request_id]
-            for kid in kids:
-                self._parent_of.pop(kid, None)
-            self._aborted_parents.discard(request_id)
+            self._release_parent(request_id, kids)
+            if not ended and self._pending_aborts:  # closed children aborted mid-step
+                await self._wait_aborts_applied()
+
+    def _release_parent(self, request_id: str, kids: list[str]) -> None:
+        """Forget n > 1 request `request_id` (registered with the list `kids`); a no-op when
+        done already, also when a new request has reused the id since."""
+        if self._parents.get(request_id) is not kids:
+            return
+        del self._parents[request_id]
+        for kid in kids:
+            self._parent_of.pop(kid, None)
+        self._aborted_parents.discard(request_id)
 
     def check_room(self, n: int = 1) -> None:
         """Refuse (EngineOverloadedError, the queue's own answer) `n` more requests that could

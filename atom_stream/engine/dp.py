@@ -159,8 +159,9 @@ class DPEngine:
             raise TypeError("pass either an EngineConfig or engine keyword arguments")
         self.config = config
         self.replicas = [AsyncEngine(c) for c in replica_configs(config)]
-        self.outstanding = [0] * len(self.replicas)  # live generate() calls per replica
+        self.outstanding = [0] * len(self.replicas)  # places held per replica (n per request)
         self._owner: dict[str, int] = {}  # live request id -> replica index
+        self._places: dict[str, int] = {}  # live request id -> places it holds (its n)
         self._next = 0  # round-robin start among the least loaded
         self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
         self._metrics: DPMetrics | None = None
@@ -220,6 +221,26 @@ class DPEngine:
     @property
     def is_dead(self) -> bool:
         return any(r.is_dead for r in self.replicas)
+
+    @property
+    def errored(self) -> bool:
+        """vLLM's AsyncLLM.errored: a replica errored (AsyncEngine.errored)."""
+        return any(r.errored for r in self.replicas)
+
+    @property
+    def is_running(self) -> bool:
+        return all(r.is_running for r in self.replicas)
+
+    async def check_health(self) -> None:
+        """vLLM's AsyncLLM.check_health: each replica's (EngineDeadError when one errored)."""
+        for r in self.replicas:
+            await r.check_health()
+
+    async def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    async def get_model_config(self) -> Any:
+        return self.model_config
 
     def stats(self) -> dict[str, Any]:
         per = [r.stats() for r in self.replicas]
@@ -303,7 +324,8 @@ class DPEngine:
         kwargs = dict(chat_template_kwargs=chat_template_kwargs,
                       strict_max_tokens=strict_max_tokens,
                       add_special_tokens=add_special_tokens, **chat_options)
-        self._place(request_id, i)
+        places = _choices(params)
+        self._place(request_id, i, places)
         stream = self.replicas[i].generate(prompt, params, request_id, **kwargs)
         try:
             try:
@@ -316,7 +338,7 @@ class DPEngine:
                     raise
                 self._unplace(request_id, i)
                 i = j
-                self._place(request_id, i)
+                self._place(request_id, i, places)
                 stream = self.replicas[j].generate(prompt, params, request_id, **kwargs)
                 first = await stream.__anext__()
             yield first
@@ -326,14 +348,16 @@ class DPEngine:
             await stream.aclose()  # a closed/cancelled consumer aborts the request at once
             self._unplace(request_id, i)
 
-    def _place(self, request_id: str, i: int) -> None:
-        """Count live request `request_id` on replica `i`."""
+    def _place(self, request_id: str, i: int, places: int = 1) -> None:
+        """Count live request `request_id` on replica `i`, as `places` requests (an n > 1
+        request holds n places there: its n child requests)."""
         self._owner[request_id] = i
-        self.outstanding[i] += 1
+        self._places[request_id] = places
+        self.outstanding[i] += places
 
     def _unplace(self, request_id: str, i: int) -> None:
-        """Undo `_place(request_id, i)`."""
-        self.outstanding[i] -= 1
+        """Undo `_place(request_id, i, ...)`."""
+        self.outstanding[i] -= self._places.pop(request_id)
         del self._owner[request_id]
 
     def _other_with_room(self, refused: int) -> int | None:
@@ -355,9 +379,10 @@ class DPEngine:
             best = k
         return best
 
-    async def abort(self, request_id: str | Iterable[str]) -> None:
+    async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         """Abort a live request, or each of an iterable of ids (AsyncEngine.abort); each
-        stream ends with a finish_reason "abort" delta. Unknown ids are ignored."""
+        stream ends with a finish_reason "abort" delta. Unknown ids are ignored. `internal`:
+        vLLM's keyword, no effect here."""
         for rid in (request_id,) if isinstance(request_id, str) else tuple(request_id):
             i = self._owner.get(rid)
             if i is not None:
@@ -382,3 +407,10 @@ class DPEngine:
         return await self.replicas[0].tokenize_prompt(prompt, chat_template_kwargs,
                                                       add_special_tokens=add_special_tokens,
                                                       **chat_options)
+
+
+def _choices(params: Any) -> int:
+    """How many places a request's params hold on its replica: n (1 when unset or not a valid
+    count; the replica refuses a bad n itself)."""
+    n = params.get("n", 1) if isinstance(params, dict) else getattr(params, "n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
