@@ -39,7 +39,7 @@ async def _idle(engine: AsyncEngine) -> None:
     are applied after the running step)."""
     for _ in range(200):
         if (not engine.core.requests and engine.stats()["used_blocks"] == 0
-                and not engine._parents and not engine._parent_of and not engine._slots):
+                and not engine._parents and not engine._slots):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"not idle: {engine.stats()}, parents {engine._parents}")

@@ -35,8 +35,7 @@ def _n(n: int = 3, max_tokens: int = 200, **kw) -> SamplingParams:
 
 def _nothing_left(engine: AsyncEngine) -> None:
     assert not engine.core.requests and engine.stats()["used_blocks"] == 0
-    assert not engine._slots and not engine._parents and not engine._parent_of
-    assert not engine._aborted_parents and not engine._tokenizing
+    assert not engine._slots and not engine._parents and not engine._tokenizing
 
 
 async def test_closing_the_parent_frees_every_child_before_aclose_returns():
@@ -89,7 +88,7 @@ async def test_a_failed_step_and_a_dead_loop_end_every_choice():
         with pytest.raises(EngineDeadError):
             async for _ in agen:
                 pass
-        assert not engine._parents and not engine._parent_of and not engine._slots
+        assert not engine._parents and not engine._slots
         assert engine.errored and not engine.is_running
         with pytest.raises(EngineDeadError):
             await engine.check_health()

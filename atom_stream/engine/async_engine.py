@@ -54,6 +54,7 @@ from typing import Any
 import msgspec
 
 from atom_stream.config import EngineConfig
+from atom_stream.engine.engine_loop import EngineLoop
 from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
     coerce_params,
@@ -62,7 +63,7 @@ from atom_stream.engine.engine_setup import (
 from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.output_slots import OutputShaper, OutputSlot, hold_places
 from atom_stream.engine.outputs import RequestOutput, Usage
-from atom_stream.engine.parallel_sampling import child_id, generate_n
+from atom_stream.engine.parallel_sampling import ParentRequests, fan_out
 from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
 from atom_stream.errors import (
     EngineDeadError,
@@ -89,7 +90,7 @@ def _with_prompt_salt(params: Any, prompt: Any) -> Any:
     return with_cache_salt(params if isinstance(params, dict) else coerce_params(params), salt)
 
 
-class AsyncEngine:
+class AsyncEngine(EngineLoop):
     """`config` or engine keyword arguments; `runner`/`tokenizer` inject test doubles."""
 
     def __init__(self, config: EngineConfig | None = None, *, runner: Any = None,
@@ -111,11 +112,7 @@ class AsyncEngine:
         # request id -> aborted while its prompt was being tokenized (not yet in the core)
         self._tokenizing: dict[str, bool] = {}
         self._reserved = 0  # places held by front ends tokenizing before generate (reserve)
-        # n > 1 (engine/parallel_sampling.py): parent id -> its children's ids, child id ->
-        # parent id, and the parents aborted (a child not yet started then never starts)
-        self._parents: dict[str, list[str]] = {}
-        self._parent_of: dict[str, str] = {}
-        self._aborted_parents: set[str] = set()
+        self._parents = ParentRequests()  # n > 1 requests (engine/parallel_sampling.py)
         self._pending_aborts: list[str] = []
         # set once the deferred aborts are applied (an `await abort()` made mid-step waits)
         self._aborts_applied: asyncio.Future | None = None
@@ -358,7 +355,7 @@ class AsyncEngine:
         elif not isinstance(request_id, str):  # vLLM's add_request: a TypeError
             raise InvalidRequestError(f"request_id: must be a string, got "
                                       f"{type(request_id).__name__}", "request_id")
-        elif request_id in self._slots or request_id in self._parents:
+        elif request_id in self._slots or request_id in self._parents.kids:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
         params = coerce_params(_with_prompt_salt(params, prompt))
@@ -377,14 +374,14 @@ class AsyncEngine:
             aborted = self._tokenizing.pop(request_id, False)
         ids = params.truncate_prompt(ids, core.max_model_len)  # the prompt that runs (or not)
         # a child whose parent was aborted before the child started never starts either
-        aborted = aborted or self._parent_of.get(request_id) in self._aborted_parents
+        aborted = aborted or self._parents.child_aborted(request_id)
         if aborted:  # abort(request_id) came while the prompt was tokenized: never started
             yield RequestOutput(request_id, finish_reason="abort", prompt_token_ids=ids,
                                 usage=Usage(len(ids), 0, len(ids)))
             return
         if n > 1:  # closed here, not by the GC: a closed parent frees its children at once
-            async with contextlib.aclosing(self._fan_out(
-                    ids, msgspec.structs.replace(params, n=n), request_id,
+            async with contextlib.aclosing(fan_out(
+                    self, ids, msgspec.structs.replace(params, n=n), request_id,
                     strict_max_tokens)) as fanned:
                 async for out in fanned:
                     yield out
@@ -431,41 +428,6 @@ class AsyncEngine:
             if not done:
                 self._abort(request_id)
 
-    async def _fan_out(self, ids: list[int], params: SamplingParams, request_id: str,
-                       strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
-        """An n > 1 request's stream (engine/parallel_sampling.generate_n), its children
-        registered under `request_id` until its final output is handed over. Closed or
-        cancelled before that, it returns once the children's aborts are applied (their ids
-        and KV blocks free, as `await abort(request_id)`)."""
-        if request_id in self._parents or request_id in self._slots:
-            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
-        kids = [child_id(i, request_id) for i in range(params.n)]
-        self._parents[request_id] = kids
-        self._parent_of.update(dict.fromkeys(kids, request_id))
-        ended = False
-        try:
-            async with contextlib.aclosing(
-                    generate_n(self, ids, params, request_id, strict_max_tokens)) as outs:
-                async for out in outs:
-                    if out.finished:  # the id is free once the final output is handed over
-                        ended = True
-                        self._release_parent(request_id, kids)
-                    yield out
-        finally:
-            self._release_parent(request_id, kids)
-            if not ended and self._pending_aborts:  # closed children aborted mid-step
-                await self._wait_aborts_applied()
-
-    def _release_parent(self, request_id: str, kids: list[str]) -> None:
-        """Forget n > 1 request `request_id` (registered with the list `kids`); a no-op when
-        done already, also when a new request has reused the id since."""
-        if self._parents.get(request_id) is not kids:
-            return
-        del self._parents[request_id]
-        for kid in kids:
-            self._parent_of.pop(kid, None)
-        self._aborted_parents.discard(request_id)
-
     def check_room(self, n: int = 1) -> None:
         """Refuse (EngineOverloadedError, the queue's own answer) `n` more requests that could
         not all be admitted now: the live requests plus those still being tokenized (by
@@ -496,10 +458,7 @@ class AsyncEngine:
         step returns) is waited for. `internal`: vLLM's keyword, no effect here."""
         ids = (request_id,) if isinstance(request_id, str) else tuple(request_id)
         for rid in ids:
-            kids = self._parents.get(rid)
-            if kids is not None:  # an n > 1 request: every child
-                self._aborted_parents.add(rid)
-            for one in (rid, *(kids or ())):
+            for one in (rid, *self._parents.abort(rid)):  # an n > 1 request: every child
                 if one in self._tokenizing:
                     self._tokenizing[one] = True
                 else:
@@ -507,26 +466,13 @@ class AsyncEngine:
         if self._pending_aborts:
             await self._wait_aborts_applied()
 
-    async def _wait_aborts_applied(self) -> None:
-        """Wait until the loop applies the deferred aborts (after the running step), or ends."""
-        if self._task is None or self._task.done():
-            return  # no loop to apply them (shutdown's abort_all frees what is left)
-        if self._aborts_applied is None:
-            self._aborts_applied = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._aborts_applied)  # a cancelled caller leaves it to others
-
-    def _release_abort_waiters(self) -> None:
-        fut, self._aborts_applied = self._aborts_applied, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
     async def abort_all(self) -> int:
         """Abort every live request (each stream ends with an "abort" delta; one whose prompt
         is still being tokenized never starts); returns how many. The engine keeps serving.
         When this returns, their KV blocks are free (as abort)."""
         for rid in self._tokenizing:
             self._tokenizing[rid] = True
-        self._aborted_parents.update(self._parents)
+        self._parents.abort_all()
         ids = list(self._slots)
         for rid in ids:
             self._abort(rid)
@@ -562,131 +508,3 @@ class AsyncEngine:
                                      add_special_tokens=add_special_tokens,
                                      add_generation_prompt=add_generation_prompt,
                                      continue_final_message=continue_final_message)
-
-    # ------------------------------------------------------------------ the loop task
-    def _deliver(self, out: RequestOutput) -> None:
-        slot = self._slots.get(out.request_id)
-        if slot is not None:
-            slot.put(out)
-
-    def _check_idle(self) -> None:
-        if not self._core.requests:
-            self._idle.set()
-
-    async def _runner_call(self, fn, *args):
-        """fn(*args) on the runner's executor thread. With a TP executor (it has a step
-        watchdog), a runner that turns dead while fn is stuck (a hung rank) raises
-        EngineDeadError here instead of waiting for the thread."""
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        core = self._core
-        if getattr(core.runner, "watchdog_timeout", None) is None:
-            return await fut
-        while True:
-            done, _ = await asyncio.wait({fut}, timeout=0.25)
-            if done:
-                return fut.result()
-            if core.is_dead:
-                # the thread ends when the killed workers fail its collective; nobody waits
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-                raise EngineDeadError(f"the model runner died: {core.runner.dead}")
-
-    async def _step_sync(self, core: LLMEngine) -> None:
-        batch = core.schedule()
-        if not batch.seqs:  # nothing schedulable now; never spin the loop
-            await asyncio.sleep(0.001)
-            return
-        self._in_step = True
-        try:
-            step_out = await self._runner_call(core.execute, batch)
-        except Exception as e:  # noqa: BLE001 - fails this batch's requests only
-            outputs = core.fail(batch, e)
-        else:
-            outputs = core.postprocess(batch, step_out)
-        finally:
-            self._in_step = False
-        for out in outputs:
-            self._deliver(out)
-
-    async def _step_pipelined(self, core: LLMEngine) -> None:
-        """Schedule and launch N+1, then collect and postprocess N (engine/pipeline.py)."""
-        pipe = core.pipeline
-        if pipe.must_drain():
-            await self._collect(pipe.take())
-        prev = pipe.take()
-        batch = core.schedule()
-        error: Exception | None = None
-        if batch.seqs:
-            self._in_step = True  # launch reads the sequences: defer aborts
-            try:
-                handle = await self._runner_call(
-                    core.launch, batch, prev.handle if prev is not None else None)
-            except Exception as e:  # noqa: BLE001 - fails this batch's requests only
-                error = e
-            else:
-                pipe.launched(batch, handle)
-            finally:
-                self._in_step = False
-        if prev is not None:
-            await self._collect(prev)  # the device runs N+1 meanwhile
-        if error is not None:
-            for out in core.fail(batch, error):
-                self._deliver(out)
-        if not batch.seqs and prev is None:  # nothing schedulable now; never spin the loop
-            await asyncio.sleep(0.001)
-
-    async def _collect(self, inflight) -> None:
-        """Collect a launched step in the executor (waits for its event off the loop), then
-        postprocess it on the loop and deliver. Aborts may run meanwhile: `collect` reads only
-        the handle, and a row of a request that ended is discarded."""
-        if inflight is None:
-            return
-        core = self._core
-        try:
-            out = await self._runner_call(core.collect, inflight.handle)
-        except Exception as e:  # noqa: BLE001 - fails that step's requests only
-            out = e
-        for o in core.pipeline.finish(inflight, out):
-            self._deliver(o)
-
-    async def _run(self) -> None:
-        core = self._core
-        wakeup = self._wakeup
-        pipelined = core.async_scheduling
-        try:
-            while not self._stopping:
-                if not core.requests and core.pipeline.inflight is None:
-                    self._idle.set()
-                    wakeup.clear()
-                    await wakeup.wait()
-                    continue
-                if pipelined:
-                    await self._step_pipelined(core)
-                else:
-                    await self._step_sync(core)
-                if self._pending_aborts:
-                    aborts, self._pending_aborts = self._pending_aborts, []
-                    for rid in aborts:
-                        self._abort(rid)
-                self._release_abort_waiters()
-                if core.is_dead:
-                    raise EngineDeadError(f"the model runner died: {core.runner.dead}")
-                self._check_idle()
-                await asyncio.sleep(0)  # let consumers, new requests and aborts in
-            await self._collect(core.pipeline.take())  # stopping: nothing left on the device
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            logger.exception("engine loop died")
-            self._dead = e
-            self._in_step = False
-            err = e if isinstance(e, EngineDeadError) else EngineDeadError(
-                f"the engine loop died: {type(e).__name__}: {e}")
-            with contextlib.suppress(Exception):
-                core.pipeline.take()  # drop an in-flight step (its requests are aborted next)
-                core.abort_all()
-            for slot in self._slots.values():
-                slot.fail(err)
-            self._idle.set()
-        finally:
-            self._pending_aborts.clear()  # nothing will apply them now (shutdown's abort_all
-            self._release_abort_waiters()  # frees what is left): do not hang callers

@@ -26,6 +26,7 @@ closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,12 +39,83 @@ from atom_stream.engine.outputs import (
     Usage,
     combined_usage,
 )
+from atom_stream.errors import InvalidRequestError
 from atom_stream.sampling_params import RequestOutputKind, SamplingParams
 
 
 def child_id(index: int, request_id: str) -> str:
     """Child `index`'s engine request id (vLLM's `f"{index}_{parent_id}"`)."""
     return f"{index}_{request_id}"
+
+
+class ParentRequests:
+    """An AsyncEngine's live n > 1 requests: parent id -> its children's ids (`kids`), child
+    id -> parent id, and the parents aborted (a child not started yet then never starts)."""
+
+    def __init__(self) -> None:
+        self.kids: dict[str, list[str]] = {}
+        self.parent_of: dict[str, str] = {}
+        self.aborted: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.kids or self.parent_of or self.aborted)
+
+    def register(self, request_id: str, n: int) -> list[str]:
+        kids = [child_id(i, request_id) for i in range(n)]
+        self.kids[request_id] = kids
+        self.parent_of.update(dict.fromkeys(kids, request_id))
+        return kids
+
+    def release(self, request_id: str, kids: list[str]) -> None:
+        """Forget `request_id` (registered with the list `kids`); a no-op when done already,
+        also when a new request has reused the id since."""
+        if self.kids.get(request_id) is not kids:
+            return
+        del self.kids[request_id]
+        for kid in kids:
+            self.parent_of.pop(kid, None)
+        self.aborted.discard(request_id)
+
+    def abort(self, request_id: str) -> list[str]:
+        """Mark `request_id` aborted when it is an n > 1 request; its children's ids (else
+        [])."""
+        kids = self.kids.get(request_id)
+        if kids is None:
+            return []
+        self.aborted.add(request_id)
+        return kids
+
+    def abort_all(self) -> None:
+        self.aborted.update(self.kids)
+
+    def child_aborted(self, request_id: str) -> bool:
+        """Whether `request_id` is a child of an aborted parent."""
+        return self.parent_of.get(request_id) in self.aborted
+
+
+async def fan_out(engine: Any, ids: list[int], params: SamplingParams, request_id: str,
+                  strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
+    """AsyncEngine.generate's n > 1 stream (generate_n), its children registered in
+    `engine._parents` until its final output is handed over. Closed or cancelled before that,
+    it returns once the children's aborts are applied (their ids and KV blocks free, as
+    `await engine.abort(request_id)`)."""
+    parents: ParentRequests = engine._parents
+    if request_id in parents.kids or request_id in engine._slots:
+        raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+    kids = parents.register(request_id, params.n)
+    ended = False
+    try:
+        async with contextlib.aclosing(
+                generate_n(engine, ids, params, request_id, strict_max_tokens)) as outs:
+            async for out in outs:
+                if out.finished:  # the id is free once the final output is handed over
+                    ended = True
+                    parents.release(request_id, kids)
+                yield out
+    finally:
+        parents.release(request_id, kids)
+        if not ended and engine._pending_aborts:  # closed children aborted mid-step
+            await engine._wait_aborts_applied()
 
 
 def _as_choice(parent_id: str, index: int, out: RequestOutput,
@@ -66,8 +138,8 @@ def _as_choice(parent_id: str, index: int, out: RequestOutput,
 async def generate_n(engine: Any, ids: list[int], params: SamplingParams, request_id: str,
                      strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
     """The parent stream of an n > 1 request whose prompt is already the token ids `ids` and
-    whose `params` are checked (AsyncEngine.generate does both, and registers `request_id`
-    in `engine._parents` with the children's ids before calling this)."""
+    whose `params` are checked (AsyncEngine.generate does both; `fan_out` registers
+    `request_id` and its children)."""
     n = params.n
     gens = [engine.generate(ids, params.child(i), child_id(i, request_id),
                             strict_max_tokens=strict_max_tokens) for i in range(n)]
