@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -52,6 +52,7 @@ from atom_stream.engine.prompts import (
     MULTI_MODAL_KEYS,
     apply_content_format,
     encode_chat_prompt,
+    prompt_text,
     refuse_request_template,
     resolve_chat_options,
     resolve_content_format,
@@ -90,8 +91,9 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's LLM.get_default_sampling_params: SamplingParams with the checkpoint's
         generation_config.json defaults (temperature, top_p, top_k, min_p, repetition_penalty,
-        max_new_tokens as max_tokens), what `generate` / `chat` use when given no params."""
-        return self._default_params
+        max_new_tokens as max_tokens), what `generate` / `chat` use when given no params. A new
+        object each call, as vLLM's: changing it changes nothing else."""
+        return self._default_params.clone()
 
     @functools.cached_property
     def _default_params(self) -> SamplingParams:  # the file is read once per LLM
@@ -149,9 +151,9 @@ class LLM:
                     and isinstance(prompts[0], int)):
                 prompts = [prompts]
             elif not isinstance(prompts, (list, tuple)):
-                prompts = list(prompts)  # a generator: walked more than once below
+                prompts = _listed(prompts)  # a generator: walked more than once below
             token_lists = [self._prompt_ids(p) for p in prompts]
-            texts = [_prompt_text(p) for p in prompts]
+            texts = [prompt_text(p) for p in prompts]
             sampling_params = self._salted(sampling_params, prompts)
         elif prompt_token_ids is not None:
             if prompt_token_ids and isinstance(prompt_token_ids[0], int):
@@ -352,12 +354,14 @@ def _tqdm() -> Callable[..., Any]:
     return tqdm
 
 
-def _prompt_text(p: Any) -> str | None:
-    """A generate() prompt's text (vLLM's RequestOutput.prompt): the string of a text prompt,
-    None for token ids."""
-    if isinstance(p, dict):
-        return None if "prompt_token_ids" in p else p.get("prompt")
-    return p if isinstance(p, str) else None
+def _listed(prompts: Any) -> list[Any]:
+    """An iterable of prompts as a list; anything else (an int, a float...) is the
+    InvalidRequestError naming prompts, not a bare TypeError from `list`."""
+    if not isinstance(prompts, Iterable):
+        raise InvalidRequestError(f"prompts: must be a prompt or a list of prompts, got "
+                                  f"{type(prompts).__name__}", "prompts")
+    return list(prompts)
+
 
 
 def _children(p: Any) -> list[SamplingParams] | None:

@@ -178,3 +178,10 @@ async def test_dp_counts_an_n_request_as_n_places_and_aborts_it_by_the_parent_id
         assert outs[-1].finish_reason == "abort"
         assert dp.outstanding == [0, 0] and not dp.errored
         await dp.check_health()
+
+
+async def test_text_prompt_is_every_outputs_prompt():
+    async with AsyncEngine(EngineConfig(**KW)) as engine:
+        outs = [o async for o in engine.generate("hello there", _params(max_tokens=2))]
+        assert outs and all(o.prompt == "hello there" for o in outs)
+        assert all(o.prompt_token_ids == outs[0].prompt_token_ids for o in outs)

@@ -64,7 +64,7 @@ from atom_stream.engine.llm_engine import LLMEngine
 from atom_stream.engine.output_slots import OutputShaper, OutputSlot, hold_places
 from atom_stream.engine.outputs import RequestOutput, Usage
 from atom_stream.engine.parallel_sampling import ParentRequests, fan_out
-from atom_stream.engine.prompts import Prompt, tokenize_prompt, with_cache_salt
+from atom_stream.engine.prompts import Prompt, prompt_text, tokenize_prompt, with_cache_salt
 from atom_stream.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -382,7 +382,7 @@ class AsyncEngine(EngineLoop):
         if n > 1:  # closed here, not by the GC: a closed parent frees its children at once
             async with contextlib.aclosing(fan_out(
                     self, ids, msgspec.structs.replace(params, n=n), request_id,
-                    strict_max_tokens)) as fanned:
+                    strict_max_tokens, prompt=prompt_text(prompt))) as fanned:
                 async for out in fanned:
                     yield out
             return

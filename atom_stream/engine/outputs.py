@@ -231,6 +231,29 @@ class RequestOutput(msgspec.Struct, dict=True):  # __dict__: prompt, logprob cac
         """vLLM-style alias: `out.outputs[0].text` / `.token_ids` / `.finish_reason`."""
         return [self]
 
+    # vLLM's RequestOutput / CompletionOutput fields this engine has no use for, always None
+    # here as there with their features off (no stats logger, no LoRA, decoder-only, no KV
+    # connector): properties, so the encoded layout is unchanged
+    @property
+    def metrics(self) -> None:
+        return None
+
+    @property
+    def lora_request(self) -> None:
+        return None
+
+    @property
+    def encoder_prompt(self) -> None:
+        return None
+
+    @property
+    def encoder_prompt_token_ids(self) -> None:
+        return None
+
+    @property
+    def kv_transfer_params(self) -> None:
+        return None
+
     @property
     def index(self) -> int:
         """vLLM's CompletionOutput.index: a one-choice output is choice 0 (a property, so the

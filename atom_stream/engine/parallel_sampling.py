@@ -14,7 +14,9 @@ The prompt is tokenized once; child i runs as request `f"{i}_{request_id}"` with
   top-level `finish_reason` / `stop_reason` / `usage` stay None until the output that ends the
   last choice: it carries that choice's finish and the whole request's usage (the prompt
   counted once, completion tokens summed over the n choices). So `finished` is True only on
-  the last output, as vLLM's.
+  the last output, as vLLM's. As vLLM's, every output carries the request's
+  `prompt_token_ids`, `num_cached_tokens` (the child's, once its prompt was scheduled) and
+  `prompt` (the text prompt `fan_out` was given; None for token ids).
 - FINAL_ONLY: one MultiChoiceOutput at the end with all n choices (what LLM.generate returns).
 
 `abort(request_id)` aborts every child; breaking out of the loop closes them all (their blocks
@@ -94,11 +96,13 @@ class ParentRequests:
 
 
 async def fan_out(engine: Any, ids: list[int], params: SamplingParams, request_id: str,
-                  strict_max_tokens: bool) -> AsyncIterator[RequestOutput]:
+                  strict_max_tokens: bool,
+                  prompt: str | None = None) -> AsyncIterator[RequestOutput]:
     """AsyncEngine.generate's n > 1 stream (generate_n), its children registered in
     `engine._parents` until its final output is handed over. Closed or cancelled before that,
     it returns once the children's aborts are applied (their ids and KV blocks free, as
-    `await engine.abort(request_id)`)."""
+    `await engine.abort(request_id)`). `prompt`: the text prompt, set as every output's
+    `prompt` (vLLM's RequestOutput.prompt)."""
     parents: ParentRequests = engine._parents
     if request_id in parents.kids or request_id in engine._slots:
         raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
@@ -108,6 +112,7 @@ async def fan_out(engine: Any, ids: list[int], params: SamplingParams, request_i
         async with contextlib.aclosing(
                 generate_n(engine, ids, params, request_id, strict_max_tokens)) as outs:
             async for out in outs:
+                out.set_prompt(prompt)
                 if out.finished:  # the id is free once the final output is handed over
                     ended = True
                     parents.release(request_id, kids)
@@ -118,21 +123,26 @@ async def fan_out(engine: Any, ids: list[int], params: SamplingParams, request_i
             await engine._wait_aborts_applied()
 
 
-def _as_choice(parent_id: str, index: int, out: RequestOutput,
+def _as_choice(parent_id: str, index: int, out: RequestOutput, prompt_ids: list[int],
                final_usage: Usage | None) -> MultiChoiceOutput:
     """One child's output as the parent's streamed output (see the module docstring);
-    `final_usage`: set only on the output that ends the last choice."""
+    `prompt_ids`: the request's prompt (on every output, as vLLM's); `final_usage`: set only
+    on the output that ends the last choice."""
     choice = CompletionOutput(**msgspec.structs.asdict(out), index=index).share_logprobs_with(out)
     last = final_usage is not None
-    return MultiChoiceOutput(
+    parent = MultiChoiceOutput(
         request_id=parent_id, token_ids=out.token_ids, text=out.text,
         finish_reason=out.finish_reason if last else None,
         stop_reason=out.stop_reason if last else None, usage=final_usage,
-        engine_logprobs=out.engine_logprobs, prompt_token_ids=out.prompt_token_ids,
+        engine_logprobs=out.engine_logprobs, prompt_token_ids=prompt_ids,
         engine_prompt_logprobs=out.engine_prompt_logprobs,
         prompt_logprob_ranks=out.prompt_logprob_ranks,
         cumulative_logprob=out.cumulative_logprob, logprob_ranks=out.logprob_ranks,
         choices=[choice]).share_logprobs_with(out)
+    cached = out.num_cached_tokens  # a child's final output has it in usage, not as an extra
+    if not last and cached is not None:
+        parent.set_num_cached_tokens(cached)
+    return parent
 
 
 async def generate_n(engine: Any, ids: list[int], params: SamplingParams, request_id: str,
@@ -163,7 +173,7 @@ async def generate_n(engine: Any, ids: list[int], params: SamplingParams, reques
                 if final_only:
                     continue
                 last = len(finals) == n and out.finish_reason is not None
-                yield _as_choice(request_id, i, out,
+                yield _as_choice(request_id, i, out, ids,
                                  combined_usage([finals[k] for k in range(n)], out)
                                  if last else None)
         if final_only:

@@ -283,3 +283,13 @@ def need_tokenizer(tokenizer: Any, field: str = "prompt") -> Any:
         raise InvalidRequestError(f"{field}: {what} a tokenizer (token-id prompts only "
                                   "without one)", field)
     return tokenizer
+
+
+def prompt_text(p: Any) -> str | None:
+    """A prompt's text (vLLM's RequestOutput.prompt): the string of a text prompt
+    or of a dict's "prompt" key (also beside "prompt_token_ids", vLLM's TokensPrompt), None
+    for token ids."""
+    if isinstance(p, dict):  # vLLM's TokensPrompt may carry its text as "prompt" too
+        text = p.get("prompt")
+        return text if isinstance(text, str) else None
+    return p if isinstance(p, str) else None
