@@ -43,6 +43,7 @@ from atom_stream.config import EngineConfig
 from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
     coerce_params,
+    requested_n,
     warn_no_tokenizer,
     warn_one_replica,
 )
@@ -368,8 +369,7 @@ def _children(p: Any) -> list[SamplingParams] | None:
     """The n child params of an n > 1 request (checked whole first: a child has n = 1, so the
     engine's own check could no longer see a greedy n > 1); None for n == 1, or for an n the
     engine's checks refuse (not an int, < 1), so those answer exactly as before."""
-    n = p.get("n", 1) if isinstance(p, dict) else p.n if isinstance(p, SamplingParams) else 1
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 1:
+    if requested_n(p) <= 1:
         return None
     p = coerce_params(p)  # add_request's own path: the dict form, the checks, their errors
     return [p.child(c) for c in range(p.n)]

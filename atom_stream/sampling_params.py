@@ -173,9 +173,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         k = self.truncate_prompt_tokens
         if k is None:
             return ids
-        if k == -1:
-            k = max(1, max_model_len - (self.max_tokens or 0))
-        return ids if k >= len(ids) else ids[-k:]
+        return keep_last(ids, truncation_length(k, max_model_len, self.max_tokens))
 
     @property
     def greedy(self) -> bool:
@@ -296,6 +294,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.seed is not None:
             c.seed = (self.seed + index + 2**63) % 2**64 - 2**63
         return c
+
+
+def truncation_length(k: int, max_model_len: int, max_tokens: int | None) -> int:
+    """How many prompt tokens `truncate_prompt_tokens` k keeps: k itself, or for -1 the
+    max_model_len - max_tokens that leave room for the output (at least 1; vLLM's renderer)."""
+    return max(1, max_model_len - (max_tokens or 0)) if k == -1 else k
+
+
+def keep_last(ids: list[int], k: int) -> list[int]:
+    """The last k ids (vLLM's left truncation, `tokens[-max_length:]`); `ids` itself when it
+    is no longer."""
+    return ids if k >= len(ids) else ids[-k:]
 
 
 def tokenize_bad_words(words: list[str], encode: Callable[[str], list[int]],

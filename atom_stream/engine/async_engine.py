@@ -58,6 +58,7 @@ from atom_stream.engine.engine_loop import EngineLoop
 from atom_stream.engine.engine_setup import (
     checkpoint_lacks_tokenizer,
     coerce_params,
+    requested_n,
     warn_no_tokenizer,
 )
 from atom_stream.engine.llm_engine import LLMEngine
@@ -358,9 +359,11 @@ class AsyncEngine(EngineLoop):
         elif request_id in self._slots or request_id in self._parents.kids:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         # vLLM's order (process_inputs): the params first, so a bad request costs no tokenizing
-        params = coerce_params(_with_prompt_salt(params, prompt))
-        n = params.n  # n > 1: checked as its children (n = 1) are, then fanned out
-        params = core.check_params(msgspec.structs.replace(params, n=1) if n > 1 else params)
+        params = _with_prompt_salt(params, prompt)
+        n = requested_n(params)  # n > 1: checked as its children (n = 1) are, then fanned out
+        if n > 1:
+            params = msgspec.structs.replace(coerce_params(params), n=1)
+        params = core.check_params(params)
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         self.check_room(n)

@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric
 
 from atom_stream.config import ConfigError, EngineConfig
 from atom_stream.engine.async_engine import AsyncEngine, hold_places
+from atom_stream.engine.engine_setup import requested_n
 from atom_stream.engine.outputs import RequestOutput
 from atom_stream.engine.prompts import Prompt
 from atom_stream.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
@@ -324,7 +325,7 @@ class DPEngine:
         kwargs = dict(chat_template_kwargs=chat_template_kwargs,
                       strict_max_tokens=strict_max_tokens,
                       add_special_tokens=add_special_tokens, **chat_options)
-        places = _choices(params)
+        places = requested_n(params)  # an n > 1 request holds n places on its replica
         self._place(request_id, i, places)
         stream = self.replicas[i].generate(prompt, params, request_id, **kwargs)
         try:
@@ -407,10 +408,3 @@ class DPEngine:
         return await self.replicas[0].tokenize_prompt(prompt, chat_template_kwargs,
                                                       add_special_tokens=add_special_tokens,
                                                       **chat_options)
-
-
-def _choices(params: Any) -> int:
-    """How many places a request's params hold on its replica: n (1 when unset or not a valid
-    count; the replica refuses a bad n itself)."""
-    n = params.get("n", 1) if isinstance(params, dict) else getattr(params, "n", 1)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1

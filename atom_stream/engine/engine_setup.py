@@ -38,6 +38,13 @@ def coerce_params(params: Any) -> SamplingParams:
     return params
 
 
+def requested_n(params: Any) -> int:
+    """The choices a request's params (SamplingParams, a dict or None) ask for, read without
+    validating: n, or 1 when unset or not a count >= 1 (coerce_params refuses a bad n)."""
+    n = params.get("n", 1) if isinstance(params, dict) else getattr(params, "n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
 def load_engine_tokenizer(config: EngineConfig):
     """The tokenizer for `config`: `config.tokenizer`, else the checkpoint directory's, else
     the demo byte-level one (a bench preset gets it stretched to its vocab)."""

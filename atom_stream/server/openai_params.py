@@ -12,8 +12,8 @@ vLLM request fields that change what is sent to the engine.
   (top-level or in `chat_template_kwargs`) gets vLLM's refusal, as vLLM without
   `--trust-request-chat-template` (its default); so does a `tokenize` template kwarg
   (`refuse_template_kwargs`).
-- `truncation_size(value, max_model_len, max_tokens)` / `truncate_ids(ids, n)`: vLLM's
-  `truncate_prompt_tokens` (keep the LAST n prompt tokens; -1 = as many as fit).
+- `truncation_size(value, max_model_len, max_tokens)`: vLLM's `truncate_prompt_tokens` checks
+  and size (keep the LAST n prompt tokens, sampling_params.keep_last; -1 = as many as fit).
 - `completion_prompts(prompt)`: str | [int] | [str] | [[int]] -> a list of engine prompts.
 - `messages_to_dicts(messages)`: ChatMessage Structs -> the dicts chat templates take.
 """
@@ -27,7 +27,12 @@ import msgspec
 from atom_stream.engine.prompts import TEXT_PART_FIELD, refuse_request_template
 from atom_stream.errors import priority_error
 from atom_stream.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from atom_stream.sampling_params import SamplingParams, SamplingParamsError
+from atom_stream.sampling_params import (
+    SamplingParams,
+    SamplingParamsError,
+    keep_last,
+    truncation_length,
+)
 from atom_stream.server.responses import VALIDATION_TYPE, HTTPError
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -261,17 +266,12 @@ def truncation_size(value: int | None, max_model_len: int, max_tokens: int | Non
         raise _invalid(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {value}",
                        "truncate_prompt_tokens")
     if value == -1:
-        return max(1, max_model_len - (max_tokens or 0))
+        return truncation_length(value, max_model_len, max_tokens)
     if value > max_model_len:
         raise HTTPError(400, f"truncate_prompt_tokens value ({value}) is greater than "
                         f"max_model_len ({max_model_len}). Please, select a smaller "
                         "truncation size.", "truncate_prompt_tokens")
     return value
-
-
-def truncate_ids(ids: list[int], n: int) -> list[int]:
-    """The last n ids (vLLM's default truncation side "left": `tokens[-max_length:]`)."""
-    return ids if n >= len(ids) else ids[-n:]
 
 
 async def truncate_prompts(engine: Any, prompts: list[Any], req: Any, max_tokens: int | None,
@@ -292,5 +292,5 @@ async def truncate_prompts(engine: Any, prompts: list[Any], req: Any, max_tokens
         ids = await engine.tokenize_prompt(
             p, chat_kwargs, add_special_tokens=getattr(req, "add_special_tokens", True),
             **(chat_options or {}))
-        out.append(truncate_ids(list(ids), size))
+        out.append(keep_last(list(ids), size))
     return out
