@@ -34,6 +34,7 @@ import torch
 
 from atom_stream import envs
 from atom_stream.config import ConfigError, EngineConfig, ModelConfig
+from atom_stream.engine.kv_pool import allocate_kv_caches
 from atom_stream.engine.block_rows import BlockTableRows
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
@@ -233,8 +234,8 @@ class ModelRunner:
         # one extra block at the end: the scratch block that padded rows write into
         self.scratch_block = self.num_kv_blocks
         shape = (self.num_kv_blocks + 1, self.block_size, cfg.kv_cache_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                          for _ in range(cfg.num_hidden_layers)]
+        self.kv_caches = allocate_kv_caches(cfg.num_hidden_layers, shape, self.kv_dtype,
+                                            self.device)
         self.sampler = None  # created on first use: only rank 0 samples
         self.graphs = None
         self.broadcast = None  # set by the TP executor: sends StepInputs to ranks 1..N-1
