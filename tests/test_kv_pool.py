@@ -44,8 +44,8 @@ def test_pool_pages_are_committed_only_when_written():
 
 
 def test_demo_engine_pool_starts_zero():
-    from atom_stream.engine.llm_engine import LLMEngine
     from atom_stream.config import EngineConfig
+    from atom_stream.engine.llm_engine import LLMEngine
     eng = LLMEngine(EngineConfig(model="demo", num_kv_blocks=16))
     try:
         caches = eng.runner.kv_caches

@@ -34,8 +34,8 @@ import torch
 
 from atom_stream import envs
 from atom_stream.config import ConfigError, EngineConfig, ModelConfig
-from atom_stream.engine.kv_pool import allocate_kv_caches
 from atom_stream.engine.block_rows import BlockTableRows
+from atom_stream.engine.kv_pool import allocate_kv_caches
 from atom_stream.engine.sequence import ScheduledBatch, StepOutput
 from atom_stream.layers.attention import AttentionMetadata, fp8_dtype
 from atom_stream.layers.parallel import TPInfo, broadcast_from_first, tp_context
