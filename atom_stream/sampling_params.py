@@ -6,6 +6,7 @@ import copy
 import enum
 import math
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -104,6 +105,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     cache_salt: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.DELTA
     truncate_prompt_tokens: int | None = None
+    # vLLM keywords that ported code passes, accepted with vLLM's meaning here: `extra_args`
+    # is kept for plugins and read by no sampler (as in vLLM); `skip_clone` changes nothing
+    # (the engine copies the params either way); `flat_logprobs` is vLLM's storage format of
+    # the same per-position dicts. `structured_outputs` / `guided_decoding` (vLLM's older
+    # name) must stay None: guided decoding is refused by name, as on the OpenAI routes.
+    extra_args: dict[str, Any] | None = None
+    skip_clone: bool = False
+    flat_logprobs: bool = False
+    structured_outputs: Any = None
+    guided_decoding: Any = None
     # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
     # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
     _bad_words_token_ids: list[list[int]] | None = None
@@ -198,6 +209,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             v = getattr(self, name)
             if not isinstance(v, bool):  # "false" would be truthy: the opposite of the intent
                 raise SamplingParamsError(name, f"must be true or false, got {v!r}")
+        for name in ("skip_clone", "flat_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, f"must be true or false, got "
+                                                f"{getattr(self, name)!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise SamplingParamsError("extra_args", f"must be a dict, got {self.extra_args!r}")
+        for name in ("structured_outputs", "guided_decoding"):
+            if getattr(self, name) is not None:
+                raise SamplingParamsError(name, "structured outputs (guided decoding) are not "
+                                                "supported by this engine")
         integer("n", 1, 128)
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)
