@@ -364,7 +364,6 @@ def _listed(prompts: Any) -> list[Any]:
     return list(prompts)
 
 
-
 def _children(p: Any) -> list[SamplingParams] | None:
     """The n child params of an n > 1 request (checked whole first: a child has n = 1, so the
     engine's own check could no longer see a greedy n > 1); None for n == 1, or for an n the

@@ -205,14 +205,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
 
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "spaces_between_special_tokens", "detokenize"):
+                     "spaces_between_special_tokens", "detokenize", "skip_clone",
+                     "flat_logprobs"):
             v = getattr(self, name)
             if not isinstance(v, bool):  # "false" would be truthy: the opposite of the intent
                 raise SamplingParamsError(name, f"must be true or false, got {v!r}")
-        for name in ("skip_clone", "flat_logprobs"):
-            if not isinstance(getattr(self, name), bool):
-                raise SamplingParamsError(name, f"must be true or false, got "
-                                                f"{getattr(self, name)!r}")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise SamplingParamsError("extra_args", f"must be a dict, got {self.extra_args!r}")
         for name in ("structured_outputs", "guided_decoding"):

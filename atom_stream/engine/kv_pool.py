@@ -19,7 +19,7 @@ _ALIGN = 64  # bytes: a cache line, so every layer's rows start aligned as torch
 
 def zeroed_host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A contiguous CPU tensor of `shape` / `dtype`, all zero, its pages committed lazily."""
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = torch.from_numpy(np.zeros(nbytes + _ALIGN, dtype=np.uint8))
     start = -raw.data_ptr() % _ALIGN
     return raw[start:start + nbytes].view(dtype).view(shape)
