@@ -46,7 +46,8 @@ def test_pool_pages_are_committed_only_when_written():
 def test_demo_engine_pool_starts_zero():
     from atom_stream.config import EngineConfig
     from atom_stream.engine.llm_engine import LLMEngine
-    eng = LLMEngine(EngineConfig(model="demo", num_kv_blocks=16))
+    # the CPU pool (a GPU engine writes its pool in the start-up warm-ups and graph captures)
+    eng = LLMEngine(EngineConfig(model="demo", device="cpu", num_kv_blocks=16))
     try:
         caches = eng.runner.kv_caches
         assert len(caches) == eng.runner.model_config.num_hidden_layers
