@@ -104,12 +104,13 @@ class _SamplingRequest(Struct, kw_only=True):
     # vLLM: choices carry `token_ids` (and the prompt's `prompt_token_ids`)
     return_token_ids: bool | None = None
     use_beam_search: bool = False  # vLLM runs beam search; refused here with a 400
-    # structured output: accepted so a request asking for it gets a clear 400 (not served)
+    # structured output (openai_params.structured_outputs; guided_grammar is refused)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
     # newer vLLM's form of the guided_* fields ({"json" | "regex" | "choice" | "grammar" | ...})
     structured_outputs: dict[str, Any] | None = None
     # OpenAI / vLLM V0: sample best_of, return the n best; only best_of <= n is served (400)

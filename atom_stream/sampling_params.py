@@ -108,16 +108,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # vLLM keywords that ported code passes, accepted with vLLM's meaning here: `extra_args`
     # is kept for plugins and read by no sampler (as in vLLM); `skip_clone` changes nothing
     # (the engine copies the params either way); `flat_logprobs` is vLLM's storage format of
-    # the same per-position dicts. `structured_outputs` / `guided_decoding` (vLLM's older
-    # name) must stay None: guided decoding is refused by name, as on the OpenAI routes.
+    # the same per-position dicts.
     extra_args: dict[str, Any] | None = None
     skip_clone: bool = False
     flat_logprobs: bool = False
+    # guided decoding (atom_stream.structured): a StructuredOutputsParams or a dict of its
+    # fields; `guided_decoding` is vLLM's older name of the same (either one, or both equal)
     structured_outputs: Any = None
     guided_decoding: Any = None
     # the token-id sequences of bad_words: set only by the engine (LLMEngine.add_request, on its
     # own copy, as vLLM's update_from_tokenizer on a clone); reset by every construction
     _bad_words_token_ids: list[list[int]] | None = None
+    # the compiled structured_outputs (a structured.Grammar): set only by the engine, likewise
+    _grammar: Any = None
+    # the text after which structured_outputs applies (a reasoning parser's end tag, set by
+    # the chat route when the request thinks: the reasoning itself is free, as vLLM's
+    # reasoning-aware structured outputs); None: from the first token
+    _structured_after: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -131,6 +138,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         elif isinstance(self.bad_words, list) and all(isinstance(w, str) for w in self.bad_words):
             self.bad_words = list(dict.fromkeys(self.bad_words))  # vLLM: duplicates dropped
         self._bad_words_token_ids = None
+        self._grammar = None
+        self._coerce_structured()
         if isinstance(self.logit_bias, dict):  # JSON keys are strings: "50256" -> 50256
             bias = {}
             for k, v in self.logit_bias.items():
@@ -158,6 +167,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.temperature = MIN_TEMPERATURE
         self.validate()
         self._normalize_valid()
+
+    def _coerce_structured(self) -> None:
+        """structured_outputs / guided_decoding as one StructuredOutputsParams (a dict or
+        vLLM's own object is converted; SamplingParamsError naming the field if invalid)."""
+        from atom_stream.structured.params import coerce_structured
+
+        specs = {}
+        for name in ("structured_outputs", "guided_decoding"):
+            try:
+                specs[name] = coerce_structured(getattr(self, name))
+            except ValueError as e:
+                raise SamplingParamsError(name, str(e)) from None
+        a, b = specs["structured_outputs"], specs["guided_decoding"]
+        if a is not None and b is not None and a != b:
+            raise SamplingParamsError("guided_decoding", "give structured_outputs or "
+                                      "guided_decoding (its older name), not two different ones")
+        self.structured_outputs = self.guided_decoding = a if a is not None else b
 
     def _normalize_valid(self) -> None:
         """vLLM's __post_init__ step after _verify_args: stop_token_ids deduplicated (first
@@ -212,10 +238,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise SamplingParamsError(name, f"must be true or false, got {v!r}")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise SamplingParamsError("extra_args", f"must be a dict, got {self.extra_args!r}")
-        for name in ("structured_outputs", "guided_decoding"):
-            if getattr(self, name) is not None:
-                raise SamplingParamsError(name, "structured outputs (guided decoding) are not "
-                                                "supported by this engine")
         integer("n", 1, 128)
         integer("max_tokens", 1, optional=True)
         integer("min_tokens", 0)

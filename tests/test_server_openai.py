@@ -506,16 +506,16 @@ def test_logit_bias_and_allowed_token_ids(http):
         "messages": CHAT, "max_tokens": 2, "allowed_token_ids": []}), 400, "allowed_token_ids")
 
 
-def test_structured_output_and_tool_choice_are_clear_400s(http):
+def test_unservable_structured_output_and_tool_choice_are_clear_400s(http):
     base = {"messages": CHAT, "max_tokens": 2}
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    for extra, param in (({"response_format": {"type": "structural_tag"}}, "response_format"),
+                         ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
                          ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
                          # tools without tool_choice mean "auto" (vLLM): the parser flags needed
                          ({"tools": tools}, "tool_choice"),
                          ({"tools": tools, "tool_choice": {"type": "function",
-                                                           "function": {"name": "f"}}},
+                                                           "function": {"name": "g"}}},
                           "tool_choice")):
         assert_error(http.post("/v1/chat/completions", json={**base, **extra}), 400, param)
     for extra in ({"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}):

@@ -147,14 +147,15 @@ def test_tool_choice_rules():
         ChatParsing(False, "kimi_k2").tool_choice(_req("auto"))
     for bad, words in ((_req("auto", None), "`tools` must be set"),
                        (_req("sometimes"), "Invalid value for `tool_choice`"),
-                       (_req("required"), "guided"),
-                       (_req({"type": "function", "function": {"name": "get_time"}}), "guided"),
                        (_req({"type": "function", "function": {"name": "nope"}}), "does not match"),
                        (_req({"type": "function"}), "Correct usage")):
         for parsing in (off, on):
             with pytest.raises(HTTPError) as e:
                 parsing.tool_choice(bad)
             assert e.value.status == 400 and words in e.value.message
+    for forced in (_req("required"), _req({"type": "function", "function": {"name": "get_time"}})):
+        for parsing in (off, on):  # forced by structured outputs (forced_tools.py), not parsed
+            assert parsing.tool_choice(forced) is False
 
 
 def test_markers_that_are_special_tokens_keep_specials(tmp_path):
@@ -369,7 +370,8 @@ def test_http_without_flags_unchanged(off):
         assert r.status_code == 400 and r.json()["error"]["message"] == AUTO_TOOLS_MESSAGE
     r = c.post("/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS,
                                              "tool_choice": "required"})
-    assert r.status_code == 400 and "guided" in r.json()["error"]["message"]
+    assert r.status_code == 200  # forced by structured outputs, without the parser flags
+    assert engine.seen[-1][0].structured_outputs.json["minItems"] == 1
 
 
 # ------------------------------------------------------------------ parallel_tool_calls false

@@ -56,6 +56,9 @@ from atom_stream.errors import (
     PromptTooLongError,
 )
 from atom_stream.sampling_params import SamplingParams, SamplingParamsError, tokenize_bad_words
+from atom_stream.structured.errors import GrammarError
+from atom_stream.structured.guide import GuideState
+from atom_stream.structured.params import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,7 @@ class LLMEngine:
                            "the synchronous loop")
         self.async_scheduling = supported if want is None else bool(want and supported)
         self.pipeline = Pipeline(self)
+        self._grammars: GrammarCompiler | None = None  # structured outputs, built on first use
 
     # ------------------------------------------------------------------ requests
     @property
@@ -191,7 +195,29 @@ class LLMEngine:
             raise InvalidRequestError(f"truncate_prompt_tokens value ({k}) is greater than "
                                       f"max_model_len ({self.max_model_len}). Please, select "
                                       f"a smaller truncation size.", "truncate_prompt_tokens")
-        return self._tokenize_bad_words(params, vocab)
+        return self._compile_structured(self._tokenize_bad_words(params, vocab))
+
+    def _compile_structured(self, params: SamplingParams) -> SamplingParams:
+        """params with its structured_outputs compiled (`_grammar`, on a copy); the compile
+        (regex / JSON schema -> lazy DFA) is cached per spec. InvalidRequestError if the spec
+        cannot be served."""
+        spec = params.structured_outputs
+        if spec is None:
+            return params
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured_outputs: structured outputs need a "
+                                      "tokenizer", "structured_outputs")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        try:
+            grammar = self._grammars.compile(spec)
+        except GrammarError as e:
+            raise InvalidRequestError(f"structured_outputs: {e}", "structured_outputs") from None
+        words = params._bad_words_token_ids
+        params = msgspec.structs.replace(params)  # construction resets both private fields
+        params._bad_words_token_ids = words
+        params._grammar = grammar
+        return params
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, *,
@@ -235,6 +261,10 @@ class LLMEngine:
         # the EOS ids ride along even with ignore_eos: min_tokens bans them regardless (vLLM's
         # all_stop_token_ids always holds the model's EOS); only the stop check skips them
         seq = Sequence(request_id, ids, params, max_tokens, self.eos_token_ids)
+        if params._grammar is not None:
+            seq.guide = GuideState(params._grammar,
+                                   (*self.eos_token_ids, *params.stop_token_ids),
+                                   params._structured_after)
         detok = stop = None
         if self._detok_cls is not None and params.detokenize:
             detok = self._detok_cls(self.tokenizer, prompt_token_ids=ids,

@@ -41,7 +41,7 @@ class Sequence:
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
         "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
         "num_placeholders", "num_uncollected", "final_token_pending", "table_epoch",
-        "stop_token_set", "min_tokens_bans",
+        "stop_token_set", "min_tokens_bans", "guide",
     )
 
     def __init__(
@@ -84,6 +84,9 @@ class Sequence:
         self.num_placeholders = 0  # trailing PLACEHOLDER entries of token_ids
         self.num_uncollected = 0  # of num_computed_tokens: fed by launched, uncollected steps
         self.final_token_pending = False  # the launched step samples its last token (by count)
+        # structured outputs: the request's walk through its grammar (structured.GuideState;
+        # set by the engine when params carry a compiled grammar)
+        self.guide = None
 
     def drop_placeholders(self) -> None:
         """Forget sampled-but-uncollected tokens (the request ended; they are wasted)."""

@@ -11,13 +11,15 @@ Contract (ModelRunner.execute, rank 0, once per step):
 Semantics (vLLM's), all in float32:
   1. Logprobs are of the RAW model distribution (log_softmax of the unmodified logits, vLLM's
      default "raw_logprobs"): the sampled token's, and the top k sorted by value.
-  2. Logit processing in vLLM's order (v1 Sampler.apply_logits_processors): allowed_token_ids
-     (every other id -inf); bad words (vLLM's apply_bad_words: for each token-id sequence of
-     `params.bad_words_token_ids`, its last id is -inf when the row's OUTPUT tokens end with the
-     rest of it; a one-token sequence always; prompt tokens never count); rows below
-     `min_tokens` get their stop tokens (`seq.eos_token_ids`,
-     whatever ignore_eos says, as vLLM's all_stop_token_ids, and stop_token_ids) set to -inf;
-     logit_bias (added); then the penalties: repetition (tokens in prompt or output: positive
+  2. Logit processing in vLLM's order: a structured-output grammar's mask first (vLLM applies
+     its bitmask before its sampler, so the logprobs of 1. are of the masked logits there;
+     the sampled token's rank stays on the raw logits); then (v1
+     Sampler.apply_logits_processors) allowed_token_ids (every other id -inf); bad words
+     (vLLM's apply_bad_words: for each token-id sequence of `params.bad_words_token_ids`,
+     its last id is -inf when the row's OUTPUT tokens end with the rest of it; a one-token
+     sequence always; prompt tokens never count); rows below `min_tokens` get their stop
+     tokens (`seq.eos_token_ids`, whatever ignore_eos says, as vLLM's all_stop_token_ids,
+     and stop_token_ids) set to -inf; logit_bias (added); then the penalties: repetition (tokens in prompt or output: positive
      logits divided by r, others multiplied; it scales the biased logit), frequency
      (- count * f) and presence (- p if count > 0) over OUTPUT tokens. Greedy rows included.
   3. Greedy rows (temperature < 1e-5): argmax of the processed logits (first index on ties).
@@ -57,6 +59,7 @@ from atom_stream.layers.sampling_metadata import (  # noqa: F401 (re-exported: t
     _MASK64,
     GREEDY_TEMPERATURE,
     SamplingMetadata,
+    apply_guides,
     apply_penalties,
     bad_word_bans,
     needs_host_tokens,
@@ -135,6 +138,8 @@ class Sampler:
             return SamplerOutput(logits.argmax(-1))  # nothing modifies the logits: no copy
         # our own float32 copy: the caller's logits (a graph's output buffer) stay intact
         x = self._buffer("x", (B, V), dev).copy_(logits)
+        if md.guide_rows is not None:
+            apply_guides(x, md)
         lp = self._raw_logprobs(x, md) if md.max_logprobs is not None else None
         if not md.no_penalties:
             apply_penalties(x, md)
@@ -189,6 +194,8 @@ class Sampler:
         and debugging; `__call__` never builds it."""
         with torch.inference_mode():
             x = logits.to(torch.float32, copy=True)
+            if md.guide_rows is not None:
+                apply_guides(x, md)
             if not md.no_penalties:
                 apply_penalties(x, md)
             mask = x == x.amax(-1, keepdim=True)

@@ -4,6 +4,7 @@ docstring states the semantics, vLLM's, and the order; Sampler re-exports these 
 - `SamplingMetadata.from_sequences(seqs, vocab_size, device)`: the per-step tensors of the B
   sampled rows, built on the host once per step (sparse COO positions for the penalties, bans
   and biases; flags that let the sampler skip what no row asks for).
+- `apply_guides(x, md)`: the structured-output grammars' masks (before everything else).
 - `apply_penalties(x, md)`: allowed_token_ids, bad words, min_tokens bans, logit_bias, then the
   repetition / frequency / presence penalties on x [B, V] float32, in place.
 - `seed_key(seed, output_index)`: a seeded row's generator seed for one output position.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,10 +30,10 @@ _NEG_INF = float("-inf")
 
 def needs_host_tokens(p) -> bool:
     """Whether sampling for params `p` reads the values of earlier tokens (the penalties, bad
-    words of more than one token), so an async-scheduled step must wait until the previous
-    step's token is on the host."""
-    return p.uses_penalties or (p._bad_words_token_ids is not None
-                                and any(len(w) > 1 for w in p._bad_words_token_ids))
+    words of more than one token, a structured-output grammar), so an async-scheduled step
+    must wait until the previous step's token is on the host."""
+    return p.uses_penalties or p.structured_outputs is not None or (
+        p._bad_words_token_ids is not None and any(len(w) > 1 for w in p._bad_words_token_ids))
 
 
 def bad_word_bans(token_ids: list[int], num_output: int, words: list[list[int]]) -> list[int]:
@@ -91,6 +93,8 @@ class SamplingMetadata:
     bias_val: Tensor | None = None
     allow_rows: Tensor | None = None  # rows with allowed_token_ids, and their allowed positions
     allow_pos: Tensor | None = None
+    guide_rows: Tensor | None = None  # [G] rows with a structured-output grammar, and their
+    guide_bits: Tensor | None = None  # [G, ceil(V / 8)] uint8 allowed tokens (little bit order)
     all_greedy: bool = False
     all_random: bool = True
     no_penalties: bool = True  # nothing in 2. (bad words and min_tokens bans included)
@@ -120,6 +124,8 @@ class SamplingMetadata:
         bias_val: list[float] = []
         allow_rows: list[int] = []
         allow_pos: list[int] = []
+        guide_rows: list[int] = []
+        guide_bits: list = []
         max_lp = None
         lp_rows: list[int] = []
         for i, seq in enumerate(seqs):
@@ -155,6 +161,10 @@ class SamplingMetadata:
             if p.logit_bias:
                 bias_pos.extend(i * V + t for t in p.logit_bias)
                 bias_val.extend(float(v) for v in p.logit_bias.values())
+            bits = seq.guide.bits(seq.output_token_ids) if seq.guide is not None else None
+            if bits is not None:
+                guide_rows.append(i)
+                guide_bits.append(bits)
             if p.allowed_token_ids:
                 allow_rows.append(i)
                 allow_pos.extend(i * V + t for t in p.allowed_token_ids)
@@ -204,11 +214,26 @@ class SamplingMetadata:
         if allow_rows:
             md.allow_rows = dev(torch.tensor(allow_rows, dtype=torch.int64))
             md.allow_pos = dev(torch.tensor(allow_pos, dtype=torch.int64))
-        md.no_penalties = (md.out_pos is None and md.seen_pos is None and md.banned_pos is None
+        if guide_rows:
+            md.guide_rows = dev(torch.tensor(guide_rows, dtype=torch.int64))
+            md.guide_bits = dev(torch.from_numpy(np.stack(guide_bits)))
+        md.no_penalties = (md.guide_rows is None and md.out_pos is None
+                           and md.seen_pos is None and md.banned_pos is None
                            and md.bias_pos is None and md.allow_rows is None
                            and md.bad_pos is None)
         return md
 
+
+
+def apply_guides(x: Tensor, md: SamplingMetadata) -> None:
+    """In place: -inf on x [B, V] wherever a guided row's grammar does not allow the token.
+    First of all logit processing (vLLM applies the grammar bitmask before its sampler), so
+    logprobs are those of the masked distribution, as vLLM's."""
+    bits = md.guide_bits
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, : x.shape[1]]
+    rows = md.guide_rows
+    x[rows] = x[rows].masked_fill_(allowed == 0, _NEG_INF)
 
 
 def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:

@@ -11,9 +11,9 @@
     --exclude-tools-when-tool-choice-none).
   - "auto": parsed; without --enable-auto-tool-choice and --tool-call-parser a 400 with vLLM's
     message. Without `tools`: a 400, as vLLM ("When using `tool_choice`, `tools` must be set.").
-  - "required" / a named function: vLLM forces these with guided decoding (a JSON schema of the
-    tools), which this server does not have: a 400 saying so (after vLLM's own checks: tools
-    set, the named function among them).
+  - "required" / a named function: after vLLM's checks (tools set, the named function among
+    them) not parsed by the tool parser: forced_tools.py forces the calls with structured
+    outputs (a JSON schema of the tools), and the plan's `forced` turns the content into them.
 - `plan(parse_tools, template_kwargs, tokenizer, ..., continued=None)` -> a `ParsePlan` (None
   when nothing is parsed): the per-choice `OutputParser` factory, the non-streamed
   `message(...)`, and `keep_specials`: the markers the parsers read are special tokens that
@@ -59,6 +59,7 @@ from atom_stream.protocol import (
     DeltaToolCall,
     ResponseMessage,
 )
+from atom_stream.server.forced_tools import ForcedTools, ForcedToolStream
 from atom_stream.server.reasoning_parsers import (
     REASONING_PARSERS,
     ReasoningFormat,
@@ -127,14 +128,17 @@ class OutputParser:
     `first_call_only` (parallel_tool_calls false): deltas of tool calls after the first are
     dropped; `include_reasoning` false: the reasoning is split off and not sent."""
 
-    __slots__ = ("_first_only", "_include", "_scrub", "_think", "_tools")
+    __slots__ = ("_first_only", "_forced", "_include", "_scrub", "_think", "_tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
                  tools: ToolFormat | None, first_call_only: bool = False,
-                 include_reasoning: bool = True):
+                 include_reasoning: bool = True, forced: ForcedTools | None = None):
         self._think = ThinkStream(reasoning, thinking) if reasoning is not None else None
         self._scrub = Scrub(reasoning.placeholder) if reasoning and reasoning.placeholder else None
-        self._tools = ToolCallStream(tools) if tools is not None else None
+        self._tools: ToolCallStream | ForcedToolStream | None = (
+            ForcedToolStream(forced) if forced is not None
+            else ToolCallStream(tools) if tools is not None else None)
+        self._forced = forced
         self._first_only = first_call_only
         self._include = include_reasoning
 
@@ -149,6 +153,8 @@ class OutputParser:
         return self._run(text, True)
 
     def finish_reason(self, reason: str) -> str:
+        if self._forced is not None:
+            return self._forced.finish_reason(reason, self.called_tools)
         return "tool_calls" if reason == "stop" and self.called_tools else reason
 
     def _run(self, text: str, final: bool) -> DeltaMessage | None:
@@ -195,12 +201,13 @@ def _merge(calls: list[DeltaToolCall], more: list[DeltaToolCall]) -> list[DeltaT
 class ParsePlan:
     """How one request's output is parsed (see the module docstring)."""
 
-    __slots__ = ("first_call_only", "include_reasoning", "keep_specials", "reasoning",
-                 "thinking", "tools")
+    __slots__ = ("first_call_only", "forced", "include_reasoning", "keep_specials",
+                 "reasoning", "thinking", "tools")
 
     def __init__(self, reasoning: ReasoningFormat | None, thinking: bool,
                  tools: ToolFormat | None, keep_specials: bool, first_call_only: bool = False,
-                 include_reasoning: bool = True):
+                 include_reasoning: bool = True, forced: ForcedTools | None = None):
+        self.forced = forced  # tool_choice "required" / named: the content is the calls
         self.reasoning = reasoning
         self.thinking = thinking
         self.tools = tools
@@ -210,7 +217,7 @@ class ParsePlan:
 
     def parser(self) -> OutputParser:
         return OutputParser(self.reasoning, self.thinking, self.tools, self.first_call_only,
-                            self.include_reasoning)
+                            self.include_reasoning, self.forced)
 
     def message(self, role: str, echo: str, text: str, finish_reason: str | None
                 ) -> tuple[ResponseMessage, str | None]:
@@ -221,18 +228,23 @@ class ParsePlan:
             reasoning, content = extract_reasoning(self.reasoning, text, self.thinking,
                                                    scrub=False)
         calls = []
-        if self.tools is not None and content is not None:
+        if self.forced is not None:
+            calls = self.forced.calls(content or "")
+            if calls:  # vLLM's answer to a forced call: content "", the calls
+                content = ""
+            finish_reason = self.forced.finish_reason(finish_reason, bool(calls))
+        elif self.tools is not None and content is not None:
             content, calls = extract_tool_calls(self.tools, content)
             if self.first_call_only:
                 calls = calls[:1]
-        if self.reasoning is not None and content is not None:
+        if self.reasoning is not None and content is not None and self.forced is None:
             # the placeholder is removed from the content only (not from tool arguments)
             content = scrub_placeholder(self.reasoning, content)
         if not self.include_reasoning:
             reasoning = None
         if echo:
             content = echo + (content or "")
-        if calls and finish_reason == "stop":
+        if calls and finish_reason == "stop" and self.forced is None:
             finish_reason = "tool_calls"
         return ResponseMessage(role=role, reasoning_content=reasoning, content=content,
                                tool_calls=calls), finish_reason
@@ -275,30 +287,27 @@ class ChatParsing:
             if self.tools is None:
                 raise HTTPError(400, AUTO_TOOLS_MESSAGE, "tool_choice")
             return True
-        what = "'required'"
         if isinstance(choice, dict):
             name = _function_name(choice)
             names = {(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)}
             if name not in names:
                 raise HTTPError(400, "The tool specified in `tool_choice` does not match any "
                                 "of the specified `tools`", "tool_choice")
-            what = f"naming function {name!r}"
-        raise HTTPError(400, f"tool_choice {what} is not supported: it needs guided "
-                        "(structured-output) decoding to force a tool call, which this server "
-                        "does not have; use tool_choice 'auto' (--enable-auto-tool-choice "
-                        "--tool-call-parser) or 'none'", "tool_choice")
+        return False  # forced (forced_tools.py), not parsed
 
     def plan(self, parse_tools: bool, template_kwargs: dict | None, tokenizer: Any,
              parallel_tool_calls: bool | None = None, include_reasoning: bool = True,
-             continued: str | None = None) -> ParsePlan | None:
+             continued: str | None = None, forced: ForcedTools | None = None
+             ) -> ParsePlan | None:
         """How a request's output is parsed (None: not at all). `parallel_tool_calls`: the
         request's field; only False (not None, vLLM's default being true) keeps one call.
         `include_reasoning`: the request's field (vLLM's, default true); false drops the
         reasoning from the answer. `continued`: `continued_text(...)` of a continue_final_message
-        request (see the module docstring)."""
-        tools = self.tools if parse_tools else None
+        request (see the module docstring). `forced`: forced_tools(req), the content then being
+        the forced calls (never parsed by the tool parser)."""
+        tools = self.tools if parse_tools and forced is None else None
         reasoning = self.reasoning
-        if tools is None and reasoning is None:
+        if tools is None and reasoning is None and forced is None:
             return None
         thinking = reasoning.thinks(template_kwargs) if reasoning is not None else False
         if reasoning is not None and continued is not None:
@@ -308,7 +317,7 @@ class ChatParsing:
             markers += (reasoning.start, reasoning.end, *reasoning.implicit_end)
         keep = any(self._is_special(tokenizer, m) for m in markers)
         return ParsePlan(reasoning, thinking, tools, keep, parallel_tool_calls is False,
-                         include_reasoning)
+                         include_reasoning, forced)
 
     def _is_special(self, tokenizer: Any, marker: str) -> bool:
         hit = self._special.get(marker)

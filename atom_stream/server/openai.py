@@ -66,13 +66,13 @@ from atom_stream.server.choices import (
     close_choices,
     iterate,
 )
-from atom_stream.server.openai_params import (  # noqa: F401 - re-exported (app, websocket)
+from atom_stream.server.forced_tools import force_tool_schema, forced_tools
+from atom_stream.server.openai_params import (
     _invalid,
     build_sampling_params,
     completion_prompts,
     echo_without_generation,
     messages_to_dicts,
-    refuse_structured_output,
     truncate_prompts,
 )
 from atom_stream.server.request_ids import base_request_id, engine_request_id
@@ -260,6 +260,9 @@ class OpenAIServing:
             messages = messages_to_dicts(
                 req.messages, content_format=resolve_content_format(self.engine.tokenizer))
             tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
+            forced = forced_tools(req)
+            if forced is not None:
+                params = force_tool_schema(params, forced)
             # vLLM's order: the request's tools, then its chat_template_kwargs over them
             kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
                       **(req.chat_template_kwargs or {})}
@@ -270,9 +273,13 @@ class OpenAIServing:
             kwargs = kwargs or None
             plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
                                      req.parallel_tool_calls, req.include_reasoning,
-                                     continued_text(messages, cfm))
+                                     continued_text(messages, cfm), forced)
             if plan is not None and plan.keep_specials:
                 params.skip_special_tokens = False  # the parsers read the marker tokens
+            if (params.structured_outputs is not None and plan is not None
+                    and plan.reasoning is not None and plan.thinking):
+                # vLLM's reasoning-aware structured outputs: the grammar binds the content
+                params._structured_after = plan.reasoning.end
             rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
             opts = {"add_generation_prompt": agp, "continue_final_message": cfm}
             # the engine renders the template off the loop (always, whatever the size); with

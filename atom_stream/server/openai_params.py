@@ -5,6 +5,8 @@ vLLM request fields that change what is sent to the engine.
   field (`max_completion_tokens`, `top_logprobs`), not ours. `/v1/completions` with `echo: true`
   and `max_tokens: 0` runs with max_tokens 1 (vLLM's echo_without_generation); the handlers show
   only the prompt.
+- `structured_outputs(req)`: response_format / guided_* / structured_outputs -> the
+  SamplingParams' structured_outputs fields (atom_stream.structured compiles them).
 - `refuse_unsupported(req, chat)`: fields vLLM acts on that this server does not serve are a 400
   naming them (never silently ignored): `use_beam_search: true`, `best_of` > n
   (`check_best_of`), a non-zero `priority` (`check_priority`; FCFS only); a request
@@ -51,24 +53,40 @@ def echo_without_generation(req: Any) -> bool:
     return bool(getattr(req, "echo", False)) and req.max_tokens == 0
 
 
-def refuse_structured_output(req: Any) -> None:
-    """Structured output (response_format json_object / json_schema, guided_*, or newer
-    vLLM's structured_outputs with a constraint) is not served: a clear 400 rather than
-    unconstrained text under a 200."""
+def structured_outputs(req: Any) -> dict | None:
+    """The request's structured-output constraint as StructuredOutputsParams fields (None:
+    unconstrained), from vLLM's three spellings: `structured_outputs` ({"json" | "regex" |
+    "choice" | "json_object" | ...: value, options}), the older `guided_json` /
+    `guided_regex` / `guided_choice` / `guided_grammar` (+ `guided_whitespace_pattern`), and
+    OpenAI's `response_format` (`json_object`; `json_schema` with its `schema`; `text`: none).
+    More than one constraint is a 400 (SamplingParams names it); so is a `response_format` of
+    another type."""
+    so = dict(req.structured_outputs or {})
+    guided = {k: getattr(req, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")}
+    given = [k for k, v in guided.items() if v is not None]
+    if len(given) > 1:
+        raise _invalid("You can only use one kind of guided decoding ('guided_json', "
+                       "'guided_regex', 'guided_choice' or 'guided_grammar').",
+                       f"guided_{given[1]}")
+    so.update({k: guided[k] for k in given})
+    if req.guided_whitespace_pattern is not None:
+        so.setdefault("whitespace_pattern", req.guided_whitespace_pattern)
     rf = req.response_format
-    if rf is not None and rf.get("type", "text") != "text":
-        raise HTTPError(400, f"response_format {rf.get('type')!r} is not supported: this "
-                        "server has no structured-output decoding; use type 'text'",
-                        "response_format")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            raise HTTPError(400, f"{name} is not supported: this server has no "
-                            "structured-output decoding", name)
-    so = req.structured_outputs  # newer vLLM's spelling; options alone (backend, ...) pass
-    asked = sorted(k for k in _STRUCTURED_KEYS if so and so.get(k) not in (None, False))
-    if asked:
-        raise HTTPError(400, f"structured_outputs {', '.join(asked)} is not supported: this "
-                        "server has no structured-output decoding", "structured_outputs")
+    kind = rf.get("type", "text") if rf is not None else "text"
+    if kind == "json_object":
+        so["json_object"] = True
+    elif kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise _invalid("response_format json_schema needs a 'json_schema' object with "
+                           "its 'schema'", "response_format")
+        so["json"] = js.get("schema", {})
+    elif kind != "text":
+        raise _invalid(f"response_format type {kind!r} is not supported; use 'text', "
+                       "'json_object' or 'json_schema'", "response_format")
+    if not any(so.get(k) not in (None, False) for k in _STRUCTURED_KEYS):
+        return None  # options alone (backend, ...) constrain nothing
+    return so
 
 
 def messages_to_dicts(messages: list[ChatMessage], param: str = "messages",
@@ -151,7 +169,9 @@ def build_sampling_params(req: ChatCompletionRequest | CompletionRequest, chat: 
         kw["bad_words"] = list(req.bad_words)
     if req.cache_salt is not None:
         kw["cache_salt"] = req.cache_salt
-    refuse_structured_output(req)
+    so = structured_outputs(req)
+    if so is not None:
+        kw["structured_outputs"] = so
     refuse_unsupported(req, chat)
     if chat:
         if req.max_completion_tokens is not None:

@@ -22,10 +22,12 @@ MAX_ID_LEN = 256
 # params names (n must be 1: one choice per request id; prompt_logprobs is refused with its
 # own message)
 # output_kind is the in-process API's stream shape; frames are always deltas; the vLLM
-# pass-through keywords of in-process code (plugin args, copy / storage switches, guided
-# decoding) are no frame parameters
+# pass-through keywords of in-process code (plugin args, copy / storage switches, the older
+# name of structured_outputs) are no frame parameters. `structured_outputs` is one: a dict of
+# StructuredOutputsParams fields ({"json": schema} / {"regex": ...} / {"choice": [...]} /
+# {"json_object": true})
 IN_PROCESS_ONLY = frozenset({"output_kind", "extra_args", "skip_clone", "flat_logprobs",
-                             "structured_outputs", "guided_decoding"})
+                             "guided_decoding"})
 PARAM_NAMES = frozenset(f for f in SamplingParams.__struct_fields__
                          if not f.startswith("_")) - IN_PROCESS_ONLY
 PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
