@@ -91,6 +91,14 @@ def _with_prompt_salt(params: Any, prompt: Any) -> Any:
     return with_cache_salt(params if isinstance(params, dict) else coerce_params(params), salt)
 
 
+def _structured(params: Any) -> bool:
+    """Whether `params` (a SamplingParams, a dict or None) ask for structured outputs, whose
+    compile runs off the loop (a large schema or vocabulary takes 10-600 ms)."""
+    get = params.get if isinstance(params, dict) else functools.partial(getattr, params)
+    return params is not None and any(
+        get(k, None) is not None for k in ("structured_outputs", "guided_decoding"))
+
+
 class AsyncEngine(EngineLoop):
     """`config` or engine keyword arguments; `runner`/`tokenizer` inject test doubles."""
 
@@ -363,7 +371,11 @@ class AsyncEngine(EngineLoop):
         n = requested_n(params)  # n > 1: checked as its children (n = 1) are, then fanned out
         if n > 1:
             params = msgspec.structs.replace(coerce_params(params), n=1)
-        params = core.check_params(params)
+        if _structured(params):  # a grammar compile (the first: the vocabulary's index too)
+            params = await asyncio.get_running_loop().run_in_executor(
+                None, core.check_params, params)
+        else:
+            params = core.check_params(params)
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         self.check_room(n)
