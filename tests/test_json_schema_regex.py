@@ -284,7 +284,7 @@ def test_recursive_ref_limited_by_max_depth():
 
 # ------------------------------------------------------------------------ refused keywords
 @pytest.mark.parametrize("kw,val", [
-    ("multipleOf", 2), ("patternProperties", {"a": {}}), ("uniqueItems", True),
+    ("multipleOf", 2), ("patternProperties", {"a": {}}),
     ("if", {}), ("then", {}), ("else", {}), ("not", {}), ("dependentRequired", {}),
     ("dependentSchemas", {}), ("minProperties", 1), ("maxProperties", 1),
     ("propertyNames", {}), ("contains", {}), ("unevaluatedProperties", False),
@@ -293,6 +293,12 @@ def test_recursive_ref_limited_by_max_depth():
 def test_unsupported_keywords_raise_naming_them(kw, val):
     with pytest.raises(GrammarError, match=re.escape(kw)):
         schema_to_regex({"type": "object", "properties": {"a": {"type": "string", kw: val}}})
+
+
+def test_unique_items_is_accepted_not_enforced():
+    # pydantic's set[int]: {"type": "array", "items": {...}, "uniqueItems": true}
+    assert_ok({"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+              "[1, 2]", "[1, 1]", "[]")
 
 
 def test_annotations_ignored_and_bad_values():

@@ -162,3 +162,12 @@ async def test_websocket_params_structured_outputs(srv):
                 done[f["id"]] = f
     assert done["a"]["type"] == "done" and text["a"] in CHOICES
     assert done["b"]["type"] == "error" and "structured_outputs" in done["b"]["message"]
+
+
+def test_a_complete_grammar_wins_over_min_tokens(llm):
+    """min_tokens bans the stop ids; once the grammar allows nothing else (the choice is
+    written), the row would have no token left: the grammar's stop ids stay allowed."""
+    out = llm.generate("Pick", SamplingParams(seed=3, max_tokens=20, min_tokens=15,
+                                              structured_outputs={"choice": ["ab", "cd"]}))
+    c = out[0].outputs[0]
+    assert c.text in ("ab", "cd") and c.finish_reason == "stop"

@@ -154,17 +154,19 @@ class SamplingMetadata:
             if bw:
                 bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
                                                             seq.num_output_tokens, bw))
-            if seq.num_output_tokens < p.min_tokens:
+            bits = seq.guide.bits(seq.output_token_ids) if seq.guide is not None else None
+            if bits is not None:
+                guide_rows.append(i)
+                guide_bits.append(bits)
+            if seq.num_output_tokens < p.min_tokens and not (bits is not None
+                                                            and seq.guide.only_stops):
+                # (a complete grammar that allows only the stop ids wins over min_tokens)
                 # vLLM bans all_stop_token_ids (the EOS ids even under ignore_eos), built once
                 # per sequence
                 banned.extend(i * V + t for t in seq.min_tokens_bans if t < V)
             if p.logit_bias:
                 bias_pos.extend(i * V + t for t in p.logit_bias)
                 bias_val.extend(float(v) for v in p.logit_bias.values())
-            bits = seq.guide.bits(seq.output_token_ids) if seq.guide is not None else None
-            if bits is not None:
-                guide_rows.append(i)
-                guide_bits.append(bits)
             if p.allowed_token_ids:
                 allow_rows.append(i)
                 allow_pos.extend(i * V + t for t in p.allowed_token_ids)

@@ -5,13 +5,16 @@
   - a named function: that function's `parameters` (none: an object with no properties);
   - "required": vLLM's schema of the tools: an array of at least one (exactly one with
     `parallel_tool_calls: false`) `{"name": <one tool's name>, "parameters": <its
-    parameters>}`, one anyOf branch per tool, their `$defs` merged at the top.
+    parameters>}`, one anyOf branch per tool, their `$defs` / `definitions` merged at the
+    top (a name with two schemas: 400), their other local refs ("#/properties/...", "#")
+    rebased to where the parameters now are.
 - `force_tool_schema(params, forced)`: the SamplingParams with that schema as their
   structured_outputs (a request with its own response_format / guided_* is a 400).
 - `ForcedTools.calls(content)`: a whole answer's ToolCalls (named: one call, the content as its
   arguments; required: one per array element, arguments re-serialized with
-  json.dumps(ensure_ascii=False) as vLLM). Content that does not parse (an answer cut by
-  max_tokens) gives no calls: the caller keeps it as content.
+  json.dumps(ensure_ascii=False) as vLLM). An array cut short (max_tokens) gives the calls
+  it completed, as the stream does; content with none gives no calls: the caller keeps it
+  as content.
 - `ForcedToolStream`: the same, streamed, with ToolCallStream's interface (`feed(text)` ->
   (content, deltas), `finish()`, `calls`): named, the first delta carries the call's id, type,
   name and the arguments so far, later ones argument pieces; required, each call is one delta
@@ -61,8 +64,8 @@ class ForcedTools:
                              function=FunctionCall(name=self.name, arguments=content))]
         try:
             items = json.loads(content)
-        except ValueError:
-            return []
+        except ValueError:  # cut short (max_tokens): the calls it completed, as streamed
+            items = _complete_elements(content)
         if not isinstance(items, list):
             return []
         return [_call(item) for item in items if _is_call(item)]
@@ -76,10 +79,61 @@ def _is_call(item: Any) -> bool:
     return isinstance(item, dict) and isinstance(item.get("name"), str)
 
 
+def _complete_elements(text: str) -> list:
+    """The decoded top-level elements of a JSON array's text that are complete (an array cut
+    short keeps its finished elements; one that does not decode is skipped)."""
+    out = []
+    for element in _ArrayScanner().feed(text):
+        try:
+            out.append(json.loads(element))
+        except ValueError:
+            continue
+    return out
+
+
 def _call(item: dict) -> ToolCall:
     args = json.dumps(item.get("parameters", {}), ensure_ascii=False)
     return ToolCall(id=_tool_id(), type="function",
                     function=FunctionCall(name=item["name"], arguments=args))
+
+
+_DEFS = ("$defs", "definitions")
+_VALUES = frozenset({"const", "enum", "default", "examples", "example"})  # JSON data, no refs
+_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+
+
+def _rebase(node: Any, prefix: str) -> Any:
+    """A copy of a tool's parameters schema whose root-relative `$ref`s ("#", "#/properties/
+    ...") point into its place `prefix` in the "required" schema; refs into `$defs` /
+    `definitions` stay (those are hoisted to the top, see `_hoist_defs`)."""
+    if isinstance(node, list):
+        return [_rebase(x, prefix) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#") and not any(
+                v.startswith(f"#/{d}/") for d in _DEFS):
+            out[k] = prefix + v[1:]
+        elif k in _MAPS and isinstance(v, dict):  # name -> schema: any name, even "enum"
+            out[k] = {name: _rebase(sub, prefix) for name, sub in v.items()}
+        else:
+            out[k] = v if k in _VALUES else _rebase(v, prefix)
+    return out
+
+
+def _hoist_defs(params: dict, defs: dict[str, dict[str, Any]]) -> dict:
+    """`params` without its `$defs` / `definitions`, which are merged into `defs[key]` (the
+    top of the "required" schema, where their refs point); a name defined twice with
+    different schemas is a 400, as in vLLM."""
+    for key in _DEFS:
+        table = defs.setdefault(key, {})
+        for k, v in (params.get(key) or {}).items():
+            if k in table and table[k] != v:
+                raise HTTPError(400, f"Tool definition '{k}' has multiple schemas, "
+                                "which is not supported.", "tools")
+            table[k] = v
+    return {k: v for k, v in params.items() if k not in _DEFS}
 
 
 def forced_tools(req: Any) -> ForcedTools | None:
@@ -93,26 +147,20 @@ def forced_tools(req: Any) -> ForcedTools | None:
         return ForcedTools("named", params, name)
     if choice != "required":
         return None
-    defs: dict[str, Any] = {}
+    defs: dict[str, dict[str, Any]] = {}
     branches = []
-    for name, fn in fns.items():
+    for i, (name, fn) in enumerate(fns.items()):
         params = fn.get("parameters") or _EMPTY_OBJECT
         if isinstance(params, dict):
-            for key in ("$defs", "definitions"):
-                for k, v in (params.get(key) or {}).items():
-                    if k in defs and defs[k] != v:
-                        raise HTTPError(400, f"Tool definition '{k}' has multiple schemas, "
-                                        "which is not supported.", "tools")
-                    defs[k] = v
-            params = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
+            params = _rebase(params, f"#/items/anyOf/{i}/properties/parameters")
+            params = _hoist_defs(params, defs)
         branches.append({"type": "object", "properties": {
             "name": {"type": "string", "enum": [name]}, "parameters": params},
             "required": ["name", "parameters"]})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": branches}}
     if req.parallel_tool_calls is False:
         schema["maxItems"] = 1
-    if defs:
-        schema["$defs"] = defs
+    schema.update({key: d for key, d in defs.items() if d})
     return ForcedTools("required", schema)
 
 
@@ -128,14 +176,12 @@ def force_tool_schema(params: SamplingParams, forced: ForcedTools) -> SamplingPa
 class ForcedToolStream:
     """Streamed forced tool calls (see the module docstring)."""
 
-    __slots__ = ("_buf", "_done", "_forced", "_id", "_scan", "calls")
+    __slots__ = ("_forced", "_id", "_scan", "calls")
 
     def __init__(self, forced: ForcedTools):
         self._forced = forced
         self._id: str | None = None
-        self._buf = ""  # required: the array text not yet emitted as calls
         self._scan = _ArrayScanner()
-        self._done = 0
         self.calls: list[str] = []  # the names called so far
 
     def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:

@@ -85,7 +85,10 @@ def structured_outputs(req: Any) -> dict | None:
         raise _invalid(f"response_format type {kind!r} is not supported; use 'text', "
                        "'json_object' or 'json_schema'", "response_format")
     if not any(so.get(k) not in (None, False) for k in _STRUCTURED_KEYS):
-        return None  # options alone (backend, ...) constrain nothing
+        if req.structured_outputs:  # vLLM's StructuredOutputsParams refuses options alone
+            raise _invalid("You must use one kind of structured outputs constraint but none "
+                           f"are specified: {req.structured_outputs!r}", "structured_outputs")
+        return None
     return so
 
 

@@ -113,7 +113,8 @@ class GuideState:
     applies only to what follows the first occurrence of this text in the output (a reasoning
     end tag); until then the output is free and `bits` is None."""
 
-    __slots__ = ("after", "consumed", "ended", "grammar", "seen", "state", "stop_ids")
+    __slots__ = ("after", "consumed", "ended", "grammar", "only_stops", "seen", "state",
+                 "stop_ids")
 
     def __init__(self, grammar: Grammar, stop_ids, after: str | None = None):
         self.grammar = grammar
@@ -123,6 +124,7 @@ class GuideState:
         self.ended = False  # a stop id was sampled where the text was complete
         self.after = after.encode() if after else None
         self.seen = b""  # the output so far while `after` has not appeared (its tail only)
+        self.only_stops = False  # the last `bits` allowed the stop ids only
 
     def advance(self, output_token_ids: list[int]) -> None:
         dfa, index = self.grammar.dfa, self.grammar.index
@@ -163,7 +165,8 @@ class GuideState:
         g = self.grammar
         live = not self.ended and self.state != DEAD
         base = g.allowed_bits(self.state) if live else None
-        if live and not g.dfa.accept[self.state] and base.any():
+        self.only_stops = base is None or not base.any()
+        if live and not g.dfa.accept[self.state] and not self.only_stops:
             return base
         out = np.zeros(g.index.nbytes, dtype=np.uint8) if base is None else base.copy()
         for t in self.stop_ids:

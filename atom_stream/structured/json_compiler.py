@@ -263,6 +263,8 @@ class Compiler:
     def t_string(self, schema: dict) -> str | None:
         lo, hi = count_kw(schema, "minLength") or 0, count_kw(schema, "maxLength")
         fmt, pattern = schema.get("format"), schema.get("pattern")
+        if fmt not in FORMATS:
+            fmt = None  # an annotation (JSON Schema's default for formats not enforced here)
         has_len = "minLength" in schema or "maxLength" in schema
         if fmt is not None or pattern is not None:
             if (fmt is not None and pattern is not None) or has_len:
@@ -270,9 +272,6 @@ class Compiler:
                                    "with 'minLength' / 'maxLength'")
             if pattern is not None:
                 return cat('"', pattern_content(pattern), '"')
-            if fmt not in FORMATS:
-                raise GrammarError(f"string 'format' {fmt!r} is not supported (supported: "
-                                   f"{', '.join(FORMATS)})")
             return '"' + FORMATS[fmt] + '"'
         if hi is not None and lo > hi:
             raise GrammarError(f"'minLength' {lo} is greater than 'maxLength' {hi}")
@@ -296,8 +295,13 @@ class Compiler:
         if ap is not None and not isinstance(ap, (bool, dict)):
             raise GrammarError(f"'additionalProperties' must be a schema, got {ap!r}")
         ws = self.ws
+        # `properties` present (even `{}`: a function without parameters) and no
+        # additionalProperties: the listed keys only, as xgrammar's strict mode
+        listed = "properties" in schema
+        if (ap is False or (ap is None and listed)) and not props and not required:
+            return "\\{" + ws + "\\}"
         extra_value = self.build(True if ap is None else ap)  # like `{}`: any_depth
-        allow_extra = ap is not False and (ap is not None or not props)
+        allow_extra = ap is not False and (ap is not None or not listed)
         if not props and not required:
             if ap is None or ap is True or ap == {}:
                 return _any_object(max(self.any_depth, 1), ws)

@@ -20,6 +20,7 @@ _SUPPORTED = frozenset({
     "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
     "properties", "required", "additionalProperties",
     "items", "prefixItems", "additionalItems", "minItems", "maxItems",
+    "uniqueItems",  # accepted, not enforced (see json_schema's docstring)
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 })

@@ -33,7 +33,9 @@ Supported schema subset (anything else raises GrammarError naming the keyword / 
   encoding of the characters it allows, e.g. a `"` in the pattern matches `\\"`; a repeat
   maximum above MAX_STRING_REPEAT is treated as unbounded, a minimum above it is refused, and
   regex_parse refuses any count above its MAX_REPEAT); `format`: date-time, date, time, uuid,
-  email (simple forms, see json_regex.FORMATS). `pattern` / `format` cannot be combined with
+  email (simple forms, see json_regex.FORMATS) are enforced; any other format (uri, ipv4,
+  duration, binary, ...: pydantic's AnyUrl, timedelta, bytes) is an annotation, as JSON
+  Schema's default: a plain string. An enforced `format` or a `pattern` cannot be combined with
   each other or with lengths.
 - integer: `-?(0|[1-9][0-9]*)`; minimum / maximum / exclusiveMinimum / exclusiveMaximum (draft 4
   booleans too) are enforced EXACTLY for any range by digit-range alternations.
@@ -49,7 +51,8 @@ Supported schema subset (anything else raises GrammarError naming the keyword / 
   appended as properties whose value is the additionalProperties schema (`{}` if absent).
 - array: `items` (a schema, or a list = tuple in drafts 4-7 with `additionalItems`),
   `prefixItems`, `minItems` / `maxItems` (a maxItems above MAX_ITEMS_REPEAT is treated as
-  unbounded; a minItems above it is refused). Items absent / true: the array part of
+  unbounded; a minItems above it is refused); `uniqueItems` (pydantic's set / frozenset) is
+  accepted and not enforced (no regex can), as vLLM's fallback backends. Items absent / true: the array part of
   json_value_regex(any_depth).
 - enum / const: values are emitted structurally in their compact form (keys in the given
   order) with `whitespace` allowed between tokens; a string is its json.dumps
