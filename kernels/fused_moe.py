@@ -279,6 +279,12 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # rest ties (H200, bench/kernels_moe.py --set tile, bench/RESULTS.md session 5)
         if wt > 1 and ((fmt == INT4 and M <= 16) or (fmt == MXFP4 and M > 16)):
             tc4.update(BN1=64, W1=4)
+        # int4 direct mode at 8 < M <= 16, row-tiled w13: 128-row gate_up tiles (its time is
+        # one program's serial K loop, so fewer, wider programs: gate_up alone 69.0 -> 65.2 us
+        # at 110 experts; decode step B=16 11.289 -> 10.995 ms, means of 4 alternated runs,
+        # H200 session 29, bench/moe_gate_up_waves.py, bench/RESULTS.md)
+        if wt > 1 and fmt == INT4 and 8 < M <= 16 and I % 128 == 0:
+            tc4["BN1"] = 128
         # int4 sorted mode: 128-row down tiles (H200, session 7, with the parallel align: M=64
         # 324 -> 309 us, M=256 438 -> 419; decode step B=64 28.3 -> 26.3 ms, B=256 46.8 ->
         # 40.6 with both; bench/kernels_moe.py --set down, bench/RESULTS.md)

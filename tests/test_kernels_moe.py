@@ -462,6 +462,18 @@ def test_default_down_tiles():
     assert [down(MXFP4, M) for M in (16, 64, 256)] == [(64, 2, 1), (64, 2, 7), (64, 2, 7)]
 
 
+def test_default_gate_up_tiles_of_int4_direct_mode():
+    # int4, row-tiled w13: 64-row gate_up tiles up to M=8, 128 at 8 < M <= 16 (session 29),
+    # where the expert intermediate divides into them; 64 again in sorted mode
+    from atom_stream.kernels.fused_moe import default_config
+    from atom_stream.kernels.fused_moe_common import INT4
+
+    def bn1(M, I=256, wt=16):
+        return default_config(INT4, M, M * 8, 384, 7168, I, 0, wt, True)["BN1"]
+    assert [bn1(M) for M in (4, 8, 9, 16, 17, 64)] == [64, 64, 128, 128, 64, 64]
+    assert bn1(16, I=192) == 64 and bn1(16, wt=1) == 16
+
+
 def test_default_block_rows_grow_with_prefill_m():
     # int4: 16 tokens per expert block up to M=512, then 32, then 64 above 2048 (measured);
     # MXFP4 keeps 16 (not measured)

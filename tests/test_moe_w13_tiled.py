@@ -109,10 +109,11 @@ def test_tiled_real_rows_gpu(fmt, M):
 
 
 @pytest.mark.skipif(not GPU, reason="real shapes natively only")
-@pytest.mark.parametrize("M", [32, 64, 128])
+@pytest.mark.parametrize("M", [12, 16, 32, 64, 128])
 def test_tiled_real_rows_default_configs_gpu(M):
     """int4 at the real widths, each layout at its own default tiles (the row-tiled sorted mode
-    takes 4 gate_up stages at 16 < M <= 64, session 23; 3 elsewhere)."""
+    takes 4 gate_up stages at 16 < M <= 64, session 23; 3 elsewhere; the row-tiled direct mode
+    128-row gate_up tiles at 8 < M <= 16, session 29)."""
     (row, tiled), ref = run("int4", M, 64, 7168, 256, 8, 16, None, seed=3 * M)
     for out in (row, tiled):
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
