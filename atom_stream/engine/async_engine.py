@@ -371,15 +371,22 @@ class AsyncEngine(EngineLoop):
         n = requested_n(params)  # n > 1: checked as its children (n = 1) are, then fanned out
         if n > 1:
             params = msgspec.structs.replace(coerce_params(params), n=1)
+        if request_id in self._tokenizing:
+            raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
+        aborted_early = False
         if _structured(params):  # a grammar compile (the first: the vocabulary's index too)
-            params = await asyncio.get_running_loop().run_in_executor(
-                None, core.check_params, params)
+            self._tokenizing[request_id] = False  # off the loop: abort() meanwhile marks it
+            try:
+                params = await asyncio.get_running_loop().run_in_executor(
+                    None, core.check_params, params)
+            finally:
+                aborted_early = self._tokenizing.pop(request_id, False)
         else:
             params = core.check_params(params)
         if request_id in self._tokenizing:
             raise InvalidRequestError(f"request id {request_id!r} is already live", "request_id")
         self.check_room(n)
-        self._tokenizing[request_id] = False
+        self._tokenizing[request_id] = aborted_early
         try:
             ids = await self.tokenize_prompt(prompt, chat_template_kwargs,
                                              add_special_tokens=add_special_tokens,

@@ -157,7 +157,10 @@ class LLMEngine:
                            "the synchronous loop")
         self.async_scheduling = supported if want is None else bool(want and supported)
         self.pipeline = Pipeline(self)
-        self._grammars: GrammarCompiler | None = None  # structured outputs, built on first use
+        # structured outputs (construction does no work: the vocabulary's index is built at the
+        # first compile); None without a tokenizer
+        self._grammars = (GrammarCompiler(tokenizer, self.model_config.vocab_size)
+                          if tokenizer is not None else None)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -204,11 +207,9 @@ class LLMEngine:
         spec = params.structured_outputs
         if spec is None:
             return params
-        if self.tokenizer is None:
+        if self._grammars is None:
             raise InvalidRequestError("structured_outputs: structured outputs need a "
                                       "tokenizer", "structured_outputs")
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         try:
             grammar = self._grammars.compile(spec)
         except GrammarError as e:

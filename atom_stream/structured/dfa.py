@@ -28,6 +28,9 @@ MAX_DFA_STATES = 20_000
 
 
 class LazyDFA:
+    # whether a compiler retires this DFA once `worn` (JsonDFA: see there)
+    retires = False
+
     def __init__(self) -> None:
         self._ids: dict = {}
         self._keys: list = []
@@ -54,6 +57,12 @@ class LazyDFA:
     @property
     def num_states(self) -> int:
         return len(self._keys)
+
+    @property
+    def worn(self) -> bool:
+        """A retiring DFA past half of MAX_DFA_STATES: a compiler then builds a fresh one for
+        new requests (those in flight keep this one, with room left)."""
+        return self.retires and len(self._keys) >= MAX_DFA_STATES // 2
 
     def _intern(self, key) -> int:
         if key is None and self._keys:
@@ -181,7 +190,14 @@ _LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 
 class JsonDFA(LazyDFA):
     """Any JSON object or array, nested at most `max_depth` deep; `whitespace` "any" / "none"
-    (between tokens; never before the first or after the last byte)."""
+    (between tokens; never before the first or after the last byte).
+
+    Its states hold the stack of open containers, so every request (and every vocabulary walk
+    from its states) that nests in a new way adds states, without bound over a server's life:
+    shared by all json_object requests, it would reach MAX_DFA_STATES and then refuse valid
+    tokens of every later request. It `retires` (LazyDFA.worn) instead."""
+
+    retires = True
 
     def __init__(self, max_depth: int = 32, whitespace: str = "any"):
         if whitespace not in ("any", "none"):

@@ -14,7 +14,11 @@ name, is the same class here): exactly one constraint of
 backend; objects with properties never take other keys).
 
 `GrammarCompiler(tokenizer, vocab_size).compile(spec)` returns a cached Grammar (LRU, keyed by
-the spec's content); the vocabulary's TokenIndex is built on first use.
+the spec's content); the vocabulary's TokenIndex is built on first use. Compiles run on several
+threads at once (AsyncEngine's executor): one TokenIndex is built, and concurrent compiles of
+one spec wait for a single build and share its Grammar (and so its cached masks). A cached
+Grammar whose DFA is `worn` (dfa.LazyDFA.worn: the json_object DFA, shared by every such
+request, after many nestings) is replaced by a fresh build for the requests that follow.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 import msgspec
@@ -95,31 +100,56 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._index: TokenIndex | None = None
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._building: dict[str, Future] = {}  # spec key -> the build in progress
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()  # held while the index is built (once)
 
     def index(self) -> TokenIndex:
+        """The vocabulary's TokenIndex, built once (GrammarError: no byte-level tokenizer)."""
         if self._index is None:
-            table = None
-            if self.tokenizer is not None and hasattr(self.tokenizer, "byte_table"):
-                table = self.tokenizer.byte_table(True)
-            if table is None:
-                raise GrammarError("structured outputs need a byte-level tokenizer (its tokens' "
-                                   "bytes); this model's tokenizer has none")
-            self._index = TokenIndex(table, self.vocab_size, self.tokenizer.byte_table(False))
+            with self._index_lock:
+                if self._index is None:
+                    self._index = self._build_index()
         return self._index
 
+    def _build_index(self) -> TokenIndex:
+        table = None
+        if self.tokenizer is not None and hasattr(self.tokenizer, "byte_table"):
+            table = self.tokenizer.byte_table(True)
+        if table is None:
+            raise GrammarError("structured outputs need a byte-level tokenizer (its tokens' "
+                               "bytes); this model's tokenizer has none")
+        return TokenIndex(table, self.vocab_size, self.tokenizer.byte_table(False))
+
     def compile(self, spec: StructuredOutputsParams) -> Grammar:
+        """The Grammar of `spec`: cached, or built once however many threads ask at a time
+        (the others wait for it; a GrammarError reaches each of them)."""
         key = spec.cache_key()
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None:
+            if hit is not None and hit.dfa.worn:  # retired: new requests get a fresh DFA
+                del self._cache[key]
+            elif hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        grammar = Grammar(build_dfa(spec), self.index(), spec.kind)
+            building = self._building.get(key)
+            if building is None:
+                mine = self._building[key] = Future()
+        if building is not None:
+            return building.result()
+        try:
+            grammar = Grammar(build_dfa(spec), self.index(), spec.kind)
+        except BaseException as e:
+            with self._lock:
+                del self._building[key]
+            mine.set_exception(e)
+            raise
         with self._lock:
+            del self._building[key]
             self._cache[key] = grammar
             if len(self._cache) > MAX_CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
+        mine.set_result(grammar)
         return grammar
 
 
