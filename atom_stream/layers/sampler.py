@@ -19,9 +19,10 @@ Semantics (vLLM's), all in float32:
      its last id is -inf when the row's OUTPUT tokens end with the rest of it; a one-token
      sequence always; prompt tokens never count); rows below `min_tokens` get their stop
      tokens (`seq.eos_token_ids`, whatever ignore_eos says, as vLLM's all_stop_token_ids,
-     and stop_token_ids) set to -inf; logit_bias (added); then the penalties: repetition (tokens in prompt or output: positive
-     logits divided by r, others multiplied; it scales the biased logit), frequency
-     (- count * f) and presence (- p if count > 0) over OUTPUT tokens. Greedy rows included.
+     and stop_token_ids) set to -inf; logit_bias (added); then the penalties: repetition
+     (tokens in prompt or output: positive logits divided by r, others multiplied; it scales
+     the biased logit), frequency (- count * f) and presence (- p if count > 0) over OUTPUT
+     tokens. Greedy rows included.
   3. Greedy rows (temperature < 1e-5): argmax of the processed logits (first index on ties).
   4. Other rows: logits / temperature, then one keep-threshold per row (values equal to it are
      kept, so ties never split), in vLLM's order: min-p (prob >= min_p * max prob), top-k

@@ -52,8 +52,8 @@ Supported schema subset (anything else raises GrammarError naming the keyword / 
 - array: `items` (a schema, or a list = tuple in drafts 4-7 with `additionalItems`),
   `prefixItems`, `minItems` / `maxItems` (a maxItems above MAX_ITEMS_REPEAT is treated as
   unbounded; a minItems above it is refused); `uniqueItems` (pydantic's set / frozenset) is
-  accepted and not enforced (no regex can), as vLLM's fallback backends. Items absent / true: the array part of
-  json_value_regex(any_depth).
+  accepted and not enforced (no regex can), as vLLM's fallback backends. Items absent / true:
+  the array part of json_value_regex(any_depth).
 - enum / const: values are emitted structurally in their compact form (keys in the given
   order) with `whitespace` allowed between tokens; a string is its json.dumps
   (ensure_ascii=False) form, or its ASCII-escaped form when that differs. Scalar enum values
