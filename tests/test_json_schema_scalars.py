@@ -215,11 +215,45 @@ def test_number_bounds():
     check({"type": "number", "exclusiveMaximum": 0}, None, False, 0, True)
     assert_ok({"type": "number", "minimum": 0, "maximum": 1}, "0.999999", "0.25")
     assert_bad({"type": "number", "minimum": 0, "maximum": 1}, "1e-3", "1.0001", "-0.1")
-    for bad in ({"type": "number", "minimum": 0.5}, {"type": "number", "maximum": -0.25},
-                {"type": "number", "minimum": 3, "maximum": 2},
-                {"type": "number", "minimum": 2, "exclusiveMaximum": 2}):
+    check({"type": "number", "minimum": 0.5}, Decimal("0.5"), False, None, False)
+    check({"type": "number", "maximum": -0.25}, None, False, Decimal("-0.25"), False)
+    for bad in ({"type": "number", "minimum": 3, "maximum": 2},
+                {"type": "number", "minimum": 2, "exclusiveMaximum": 2},
+                {"type": "number", "maximum": 1e40}, {"type": "number", "minimum": 1e-40}):
         with pytest.raises(GrammarError):
             schema_to_regex(bad)
+
+
+def test_decimal_number_bounds_random():
+    """Decimal bounds (pydantic's Field(gt=0, le=0.5) and the like) against Decimal
+    comparisons, on many plain decimals either side of them."""
+    rng = random.Random(5)
+    marks = ["0", "0.5", "0.05", "1", "1.25", "2.5", "-0.5", "-1.75", "3", "0.999", "10.01",
+             "-0.05", "0.1", "0.125", "-2"]
+    texts = set()
+    for _ in range(300):
+        i = rng.choice([0, 1, 2, 3, 9, 10, 11, 99])
+        f = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 4)))
+        texts.update({f"{i}.{f}" if f else str(i), f"-{i}.{f}" if f else f"-{i}"})
+    for _ in range(120):
+        lo, hi = (rng.choice([None, Decimal(rng.choice(marks))]) for _ in range(2))
+        lo_x, hi_x = rng.random() < 0.5, rng.random() < 0.5
+        if (lo is None and hi is None) or (lo is not None and hi is not None and (
+                lo > hi or lo == hi and (lo_x or hi_x))):
+            continue
+        schema = {"type": "number"}
+        if lo is not None:
+            schema["exclusiveMinimum" if lo_x else "minimum"] = float(lo)
+        if hi is not None:
+            schema["exclusiveMaximum" if hi_x else "maximum"] = float(hi)
+        rx = re.compile(rx_of(schema))
+        for t in texts:
+            v = Decimal(t)
+            if t.startswith("-") and v == 0:
+                continue  # -0 forms: canonical output may omit them
+            want = (lo is None or (v > lo if lo_x else v >= lo)) and (
+                hi is None or (v < hi if hi_x else v <= hi))
+            assert (rx.fullmatch(t) is not None) == want, (schema, t)
 
 
 # ------------------------------------------------------------------------------ enum, const

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from decimal import Decimal
 from functools import lru_cache
 
 from atom_stream.structured.errors import GrammarError
@@ -77,6 +78,17 @@ def _any_object(depth: int, ws: str) -> str:
 def _any_array(depth: int, ws: str) -> str:
     """Any JSON array whose elements nest at most depth - 1 levels."""
     return _container("\\[", *_list_of(any_value_regex(depth - 1, ws), ws), "\\]", ws)
+
+
+def _decimal(v) -> Decimal | None:
+    """A bound as an exact Decimal (a float by its shortest repr: 0.1 -> 0.1)."""
+    if v is None:
+        return None
+    d = Decimal(str(v)) if isinstance(v, float) else Decimal(v)
+    if not d.is_finite() or abs(d) >= 10 ** 30 or d.normalize().as_tuple().exponent < -30:
+        raise GrammarError(f"a numeric bound {v!r} is outside what is supported (|v| < 1e30, "
+                           f"at most 30 decimals)")
+    return d
 
 
 class Compiler:
@@ -250,12 +262,7 @@ class Compiler:
         (lo, lo_x), (hi, hi_x) = bounds(schema)
         if lo is None and hi is None:
             return NUMBER
-        for name, v in (("lower", lo), ("upper", hi)):
-            if v is not None and v != int(v):
-                raise GrammarError(f"a non-integer {name} bound ({v!r}) on a 'number' is not "
-                                   f"supported (integer bounds are)")
-        lo = None if lo is None else int(lo)
-        hi = None if hi is None else int(hi)
+        lo, hi = _decimal(lo), _decimal(hi)
         if lo is not None and hi is not None and (lo > hi or lo == hi and (lo_x or hi_x)):
             raise GrammarError(f"no number satisfies the bounds of {schema!r}")
         return number_range(lo, lo_x, hi, hi_x)

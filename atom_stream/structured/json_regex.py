@@ -12,6 +12,8 @@ Code-point sets are regex_parse's Ranges (`normalize` / `complement` / `MAX_CP`)
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from atom_stream.structured.regex_parse import MAX_CP, complement, normalize
 
 # Public constants, re-exported by json_schema.
@@ -311,30 +313,70 @@ def group_or_none(s: str | None) -> str | None:
 
 
 _FRAC_ANY = r"(?:\.[0-9]+)?"
-_FRAC_ZERO = r"(?:\.0+)?"
-_FRAC_NONZERO = r"\.[0-9]*[1-9][0-9]*"
 
 
-def _magnitude(a: int, a_excl: bool, b: int | None, b_excl: bool) -> str | None:
-    """Decimals (no sign, no exponent) whose value is in the interval from a to b."""
-    if b is not None and a > b:
+def _split_decimal(v: Decimal) -> tuple[int, str]:
+    """(integer part, fraction digits without trailing zeros) of a non-negative Decimal."""
+    i = int(v)
+    frac = format(v - i, "f")
+    return i, frac.partition(".")[2].rstrip("0")
+
+
+def _frac_at(lo: str, lo_x: bool, hi: str | None, hi_x: bool, i: int, tl: bool, th: bool,
+             nz: bool) -> str | None:
+    """The rest, from digit i on, of a fraction's digits s (0.s within the bounds: `_frac`);
+    tl / th: s[:i] equals lo's / hi's first digits so far; nz: a non-zero digit must still
+    come (a strict lower bound met with equality so far)."""
+    if tl and i >= len(lo):  # s[:i] == lo: any rest is >= lo; > lo needs a non-zero digit
+        tl, nz = False, nz or lo_x
+    if th and i >= len(hi):  # s[:i] == hi: only zeros may follow, and s == hi
+        return None if hi_x or nz else ("0*" if i else "0+")
+    if not tl and not th:
+        return "[0-9]*[1-9][0-9]*" if nz else ("[0-9]*" if i else "[0-9]+")
+    parts = [] if tl or nz or not i else [""]  # s may end here (below hi, not tied to lo)
+    dl, dh = (int(lo[i]) if tl else 0), (int(hi[i]) if th else 9)
+    groups: dict[tuple, list[int]] = {}
+    for c in range(dl, dh + 1):
+        groups.setdefault((tl and c == dl, th and c == dh, nz and c == 0), []).append(c)
+    for (ntl, nth, nnz), cs in groups.items():
+        rest = _frac_at(lo, lo_x, hi, hi_x, i + 1, ntl, nth, nnz)
+        if rest is not None:
+            d = str(cs[0]) if len(cs) == 1 else f"[{cs[0]}-{cs[-1]}]"
+            parts.append(d + (group(rest) if has_top_alt(rest) else rest))
+    return alt(parts) if parts else None
+
+
+def _frac(lo: str, lo_x: bool, hi: str | None, hi_x: bool, empty_ok: bool) -> str | None:
+    """The optional fraction part (`.digits`) of a decimal whose fraction value 0.s lies from
+    0.lo to 0.hi (digit strings without trailing zeros, "" = 0; hi None: below 1; *_x:
+    exclusive); `empty_ok`: no fraction at all (the value 0) is allowed."""
+    digits = _frac_at(lo, lo_x, hi, hi_x, 0, True, hi is not None, False)
+    dotted = None if digits is None else r"\." + group_or_none(digits)
+    if empty_ok:
+        return f"(?:{dotted})?" if dotted else ""
+    return dotted
+
+
+def _magnitude(a: Decimal, a_excl: bool, b: Decimal | None, b_excl: bool) -> str | None:
+    """Decimals (no sign, no exponent) whose value is in the interval from a >= 0 to b."""
+    if b is not None and (a > b or a == b and (a_excl or b_excl)):
         return None
-    if b is not None and a == b:
-        return None if a_excl or b_excl else str(a) + _FRAC_ZERO
-    parts = []
-    start = a
-    if a_excl:
-        parts.append(str(a) + _FRAC_NONZERO)
-        start = a + 1
-    parts.append(cat(group_or_none(_nat_range(start, None if b is None else b - 1)),
-                      _FRAC_ANY))
-    if b is not None and not b_excl:
-        parts.append(str(b) + _FRAC_ZERO)
+    A, fa = _split_decimal(a)
+    B, fb = _split_decimal(b) if b is not None else (None, None)
+    a_empty = not fa and not a_excl  # the integer A itself is above the lower bound
+    if B == A:
+        return cat(str(A), _frac(fa, a_excl, fb, b_excl, a_empty and (bool(fb) or not b_excl)))
+    parts = [cat(str(A), _frac(fa, a_excl, None, False, a_empty))]
+    if B is None or A + 1 <= B - 1:
+        parts.append(cat(group_or_none(_nat_range(A + 1, None if B is None else B - 1)),
+                         _FRAC_ANY))
+    if B is not None:
+        parts.append(cat(str(B), _frac("", False, fb, b_excl, bool(fb) or not b_excl)))
     return alt(parts)
 
 
 def number_range(lo, lo_excl: bool, hi, hi_excl: bool) -> str | None:
-    """JSON numbers (plain decimal notation) in the interval; lo / hi: int or None."""
+    """JSON numbers (plain decimal notation) in the interval; lo / hi: Decimal or None."""
     parts = []
     if hi is None or hi > 0 or (hi == 0 and not hi_excl):
         a, ae = (lo, lo_excl) if lo is not None and lo >= 0 else (0, False)

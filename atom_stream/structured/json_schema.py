@@ -39,9 +39,10 @@ Supported schema subset (anything else raises GrammarError naming the keyword / 
   each other or with lengths.
 - integer: `-?(0|[1-9][0-9]*)`; minimum / maximum / exclusiveMinimum / exclusiveMaximum (draft 4
   booleans too) are enforced EXACTLY for any range by digit-range alternations.
-- number: JSON number grammar. Bounds are supported when their values are integers (e.g. 0, 1,
-  100): then the regex only allows plain decimal notation (no exponent) and is exact; a
-  non-integer bound (0.5) -> GrammarError.
+- number: JSON number grammar. Bounds (integers or decimals such as 0.5, |v| < 1e30, at most
+  30 decimals; a float bound by its shortest repr) are exact: the regex then allows plain
+  decimal notation only (no exponent), by integer-part ranges and digit-by-digit fraction
+  comparisons (json_regex._frac).
 - object: `properties` in the given order, each optional unless `required`;
   `additionalProperties` absent or false with `properties` -> no other keys (vLLM/xgrammar's
   strict behaviour); true / a schema -> more keys (any JSON string, not checked against the
