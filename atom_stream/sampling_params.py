@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from atom_stream.structured.params import coerce_structured
+
 MAX_LOGPROBS = 20
 _INT64_MAX = 2**63 - 1
 SAMPLING_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it is greedy
@@ -171,8 +173,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def _coerce_structured(self) -> None:
         """structured_outputs / guided_decoding as one StructuredOutputsParams (a dict or
         vLLM's own object is converted; SamplingParamsError naming the field if invalid)."""
-        from atom_stream.structured.params import coerce_structured
-
         specs = {}
         for name in ("structured_outputs", "guided_decoding"):
             try:

@@ -154,12 +154,12 @@ class SamplingMetadata:
             if bw:
                 bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
                                                             seq.num_output_tokens, bw))
-            bits = seq.guide.bits(seq.output_token_ids) if seq.guide is not None else None
+            g = seq.guide
+            bits = g.bits(seq.token_ids, seq.num_prompt_tokens) if g is not None else None
             if bits is not None:
                 guide_rows.append(i)
                 guide_bits.append(bits)
-            if seq.num_output_tokens < p.min_tokens and not (bits is not None
-                                                            and seq.guide.only_stops):
+            if seq.num_output_tokens < p.min_tokens and not (bits is not None and g.only_stops):
                 # (a complete grammar that allows only the stop ids wins over min_tokens)
                 # vLLM bans all_stop_token_ids (the EOS ids even under ignore_eos), built once
                 # per sequence

@@ -65,7 +65,7 @@ class ForcedTools:
         try:
             items = json.loads(content)
         except ValueError:  # cut short (max_tokens): the calls it completed, as streamed
-            items = _complete_elements(content)
+            return _decoded_calls(_ArrayScanner().feed(content))
         if not isinstance(items, list):
             return []
         return [_call(item) for item in items if _is_call(item)]
@@ -79,15 +79,17 @@ def _is_call(item: Any) -> bool:
     return isinstance(item, dict) and isinstance(item.get("name"), str)
 
 
-def _complete_elements(text: str) -> list:
-    """The decoded top-level elements of a JSON array's text that are complete (an array cut
-    short keeps its finished elements; one that does not decode is skipped)."""
+def _decoded_calls(elements: list[str]) -> list[ToolCall]:
+    """The calls among complete array elements' texts (one that does not decode, or is not
+    a {"name": ...} object, is skipped)."""
     out = []
-    for element in _ArrayScanner().feed(text):
+    for element in elements:
         try:
-            out.append(json.loads(element))
+            item = json.loads(element)
         except ValueError:
             continue
+        if _is_call(item):
+            out.append(_call(item))
     return out
 
 
@@ -196,18 +198,12 @@ class ForcedToolStream:
                                                                      arguments=text))]
             return "", [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
         deltas = []
-        for element in self._scan.feed(text):
-            try:
-                item = json.loads(element)
-            except ValueError:
-                continue
-            if _is_call(item):
-                call = _call(item)
-                deltas.append(DeltaToolCall(id=call.id, type="function", index=len(self.calls),
-                                            function=DeltaFunctionCall(
-                                                name=call.function.name,
-                                                arguments=call.function.arguments)))
-                self.calls.append(call.function.name)
+        for call in _decoded_calls(self._scan.feed(text)):
+            deltas.append(DeltaToolCall(id=call.id, type="function", index=len(self.calls),
+                                        function=DeltaFunctionCall(
+                                            name=call.function.name,
+                                            arguments=call.function.arguments)))
+            self.calls.append(call.function.name)
         return "", deltas
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:

@@ -9,8 +9,8 @@
   (packed bits, little bit order: token t is bit t % 8 of byte t // 8), so requests that share
   a spec (every json_object request) share the work. The cache is the vocabulary's, shared by
   all its grammars and bounded (MAX_CACHED_MASKS, least recently used out).
-- `GuideState(grammar, stop_ids)`: one sequence's position; `bits(output_token_ids)` advances
-  over the outputs it has not seen and returns the next step's mask. The stop ids (the EOS ids
+- `GuideState(grammar, stop_ids)`: one sequence's position; `bits(token_ids, start)` advances
+  over the outputs (token_ids[start:]) it has not seen and returns the next step's mask. The stop ids (the EOS ids
   and stop_token_ids) are allowed exactly where the DFA accepts: the text so far is complete.
   Where nothing else remains (or the DFA died: an output it did not allow), only they are.
 """
@@ -126,10 +126,12 @@ class GuideState:
         self.seen = b""  # the output so far while `after` has not appeared (its tail only)
         self.only_stops = False  # the last `bits` allowed the stop ids only
 
-    def advance(self, output_token_ids: list[int]) -> None:
+    def advance(self, token_ids: list[int], start: int = 0) -> None:
+        """Walk the outputs token_ids[start:] not walked yet (only that tail is read: the
+        engine passes a sequence's whole token list and its prompt length every step)."""
         dfa, index = self.grammar.dfa, self.grammar.index
         table = index.table
-        for t in output_token_ids[self.consumed:]:
+        for t in token_ids[start + self.consumed:]:
             if self.ended or self.state == DEAD:
                 break
             if self.after is not None:
@@ -140,7 +142,7 @@ class GuideState:
                 self.state = dfa.walk(self.state, table[t])
             else:
                 self.state = DEAD
-        self.consumed = len(output_token_ids)
+        self.consumed = len(token_ids) - start
 
     def _look_for_start(self, data: bytes) -> None:
         tag = self.after
@@ -156,10 +158,11 @@ class GuideState:
         if rest:
             self.state = self.grammar.dfa.walk(self.state, rest)
 
-    def bits(self, output_token_ids: list[int]) -> np.ndarray | None:
-        """The packed mask of the next token after `output_token_ids` (all real ids); None
+    def bits(self, token_ids: list[int], start: int = 0) -> np.ndarray | None:
+        """The packed mask of the next token after the outputs token_ids[start:] (all real
+        ids); None
         while the grammar does not apply yet (see `after`)."""
-        self.advance(output_token_ids)
+        self.advance(token_ids, start)
         if self.after is not None:
             return None
         g = self.grammar
