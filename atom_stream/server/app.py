@@ -7,7 +7,9 @@ One process, one event loop (DESIGN.md): uvicorn runs the lifespan on its (uv)lo
 starts the engine there, so the engine loop task, HTTP handlers and WebSocket connections share
 that loop and no IPC sits between the front end and the scheduler.
 
-Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models, /v1/models/{model};
+Routes: POST /v1/chat/completions, /v1/completions, /v1/messages and
+/v1/messages/count_tokens (Anthropic's Messages API, anthropic.py); GET /v1/models,
+/v1/models/{model};
 WebSocket /v1/ws; GET /health
 and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
 /version, /metrics (Prometheus text), POST /tokenize, /detokenize, /reset_prefix_cache (vLLM's
@@ -58,6 +60,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
 from atom_stream.sampling_params import model_sampling_defaults
+from atom_stream.server.anthropic import AnthropicServing
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
@@ -207,6 +210,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         return json_response(version_body)
 
     tokenization = Tokenization(state)
+    anthropic = AnthropicServing(serving)
 
     async def metrics(request: Request) -> Response:
         eng = state.engine
@@ -240,6 +244,8 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
     routes = [
         Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
         Route("/v1/completions", serving.completions, methods=["POST"]),
+        Route("/v1/messages", anthropic.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
         Route("/v1/models", serving.models, methods=["GET"]),
         Route("/v1/models/{model:path}", serving.retrieve_model, methods=["GET"]),
         WebSocketRoute("/v1/ws", WebSocketEndpoint(state)),

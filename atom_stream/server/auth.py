@@ -7,7 +7,9 @@ Contract (vLLM's `AuthenticationMiddleware`, with an OpenAI-shaped 401 body):
   early exit), so neither timing nor a memory dump reveals a key.
 - Only paths under `/v1` are guarded; `/health`, `/metrics`, `/version`, `/tokenize`, ... and
   `OPTIONS` requests are not.
-- HTTP: `Authorization: Bearer <key>` (scheme case-insensitive) or 401.
+- HTTP: `Authorization: Bearer <key>` (scheme case-insensitive), or `x-api-key: <key>` (the
+  header Anthropic's SDK and Claude Code send), or 401. Under `/v1/messages` the 401 body is
+  Anthropic's (`{"type": "error", "error": {"type": "authentication_error", ...}}`).
 - WebSocket: a wrong `Authorization` header is refused at the handshake (HTTP 401). Without a
   header the handshake proceeds with `scope["atom_stream.auth"] = "pending"`; the `/v1/ws` handler
   then requires an `{"type": "auth", "api_key": ...}` frame before it serves anything.
@@ -54,9 +56,20 @@ def _authorization(scope: Scope) -> str | None:
     return None
 
 
+def _x_api_key(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+    return None
+
+
 _UNAUTHORIZED = (
     b'{"error":{"message":"Unauthorized: a valid API key is required (Authorization: Bearer '
     b'<key>).","type":"AuthenticationError","param":null,"code":401}}'
+)
+_UNAUTHORIZED_ANTHROPIC = (
+    b'{"type":"error","error":{"type":"authentication_error","message":"Unauthorized: a valid '
+    b'API key is required (x-api-key: <key> or Authorization: Bearer <key>)."}}'
 )
 
 
@@ -80,20 +93,26 @@ class APIKeyMiddleware:
             scope[AUTH_SCOPE_KEY] = "ok"
             await self.app(scope, receive, send)
             return
+        if kind == "http" and header is None and self.checker.check(_x_api_key(scope)):
+            scope[AUTH_SCOPE_KEY] = "ok"
+            await self.app(scope, receive, send)
+            return
         if kind == "websocket" and header is None:
             scope[AUTH_SCOPE_KEY] = "pending"
             await self.app(scope, receive, send)
             return
+        body = (_UNAUTHORIZED_ANTHROPIC if scope["path"].startswith("/v1/messages")
+                else _UNAUTHORIZED)
         headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(_UNAUTHORIZED)).encode()),
+                   (b"content-length", str(len(body)).encode()),
                    (b"www-authenticate", b"Bearer")]
         if kind == "http":
             await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+            await send({"type": "http.response.body", "body": body})
             return
         await receive()  # websocket.connect
         if "websocket.http.response" in scope.get("extensions", {}):
             await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": _UNAUTHORIZED})
+            await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008})

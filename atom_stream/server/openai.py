@@ -28,7 +28,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from starlette.requests import Request
@@ -112,16 +112,6 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise _invalid("the request body is nested too deeply") from None
 
 
-def chat_tools_kwargs(req: ChatCompletionRequest, parsing: ChatParsing | None = None
-                      ) -> tuple[dict[str, Any], bool]:
-    """The request's tools for the chat template ({"tools": [...]}, or {}) and whether its
-    output is parsed for tool calls. tool_choice is checked as vLLM does (chat_parsing.py):
-    "auto" needs --enable-auto-tool-choice --tool-call-parser, "required" / named functions
-    need guided decoding (not served): 400s."""
-    parse = (parsing or ChatParsing()).tool_choice(req)
-    return ({"tools": req.tools} if req.tools else {}), parse
-
-
 def stream_usage(opts: Any) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats) of a request's stream_options as current vLLM
     applies them: usage only when include_usage is true (absent or `{}`: none, vLLM PR #36379),
@@ -130,6 +120,19 @@ def stream_usage(opts: Any) -> tuple[bool, bool]:
         return False, False
     include = opts.include_usage is True
     return include, include and opts.continuous_usage_stats is True
+
+
+class OpenChat(NamedTuple):
+    """A chat request started by OpenAIServing.open_chat: the model name it answers with, its
+    sampling params, how its output is parsed (None: not at all), its response id, its started
+    choices (their first deltas awaited) and its messages as the template got them."""
+
+    model: str
+    params: SamplingParams
+    plan: ParsePlan | None
+    rid: str
+    choices: list[Choice]
+    messages: list[dict]
 
 
 class OpenAIServing:
@@ -248,51 +251,68 @@ class OpenAIServing:
             details=self._details, echo_only=echo_only)
 
     # ---------------------------------------------------------------- chat
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[dict], dict | None, dict]:
+        """A chat request's template inputs: (messages as dicts, the template kwargs or None,
+        the add_generation_prompt / continue_final_message options)."""
+        messages = messages_to_dicts(
+            req.messages, content_format=resolve_content_format(self.engine.tokenizer))
+        tools_kwargs = {"tools": req.tools} if req.tools else {}
+        # vLLM's order: the request's tools, then its chat_template_kwargs over them
+        kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
+                  **(req.chat_template_kwargs or {})}
+        # the options as the template gets them (chat_template_kwargs override the request's
+        # fields); both true is a 400 here, before any work
+        agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,
+                                                req.continue_final_message)
+        return messages, kwargs or None, {"add_generation_prompt": agp,
+                                          "continue_final_message": cfm}
+
+    async def open_chat(self, request: Request, req: ChatCompletionRequest) -> OpenChat:
+        """A decoded chat request -> its started choices (every check, the template and the
+        first delta of each choice done; errors raise: HTTPError and the engine's, ClientGone
+        when the client leaves first). Shared by /v1/chat/completions and the Anthropic
+        /v1/messages route (anthropic.py), which converts its request into this one."""
+        model = self._model(req.model)
+        params = build_sampling_params(req, chat=True, defaults=self.state.default_sampling)
+        messages, kwargs, opts = self.chat_prompt(req)
+        # tool_choice as vLLM checks it (chat_parsing.py): "auto" needs
+        # --enable-auto-tool-choice --tool-call-parser; "required" / named are forced
+        parse_tools = self.parsing.tool_choice(req)
+        forced = forced_tools(req)
+        if forced is not None:
+            params = force_tool_schema(params, forced)
+        plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
+                                 req.parallel_tool_calls, req.include_reasoning,
+                                 continued_text(messages, opts["continue_final_message"]),
+                                 forced)
+        if plan is not None and plan.keep_specials:
+            params.skip_special_tokens = False  # the parsers read the marker tokens
+        if (params.structured_outputs is not None and plan is not None
+                and plan.reasoning is not None and plan.thinking):
+            # vLLM's reasoning-aware structured outputs: the grammar binds the content
+            params._structured_after = plan.reasoning.end
+        rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
+        # the engine renders the template off the loop (always, whatever the size); with
+        # truncate_prompt_tokens it is rendered here and the ids are cut
+        prompts = await truncate_prompts(self.engine, [messages], req, params.max_tokens,
+                                         chat_kwargs=kwargs, chat_options=opts)
+        choices = await until_disconnect(request, self._start(
+            prompts, params, rid, kwargs, chat_options=opts))
+        return OpenChat(model, params, plan, rid, choices, messages)
+
     async def chat_completions(self, request: Request) -> Response:
         route = "/v1/chat/completions"
-        choices: list[Choice] = []
         try:
             req = decode_request(ChatCompletionRequest, await read_body(
                 request, self.state.config.max_body_bytes))
-            model = self._model(req.model)
-            params = build_sampling_params(req, chat=True,
-                                           defaults=self.state.default_sampling)
-            messages = messages_to_dicts(
-                req.messages, content_format=resolve_content_format(self.engine.tokenizer))
-            tools_kwargs, parse_tools = chat_tools_kwargs(req, self.parsing)
-            forced = forced_tools(req)
-            if forced is not None:
-                params = force_tool_schema(params, forced)
-            # vLLM's order: the request's tools, then its chat_template_kwargs over them
-            kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
-                      **(req.chat_template_kwargs or {})}
-            # the options as the template gets them (chat_template_kwargs override the
-            # request's fields); both true is a 400 here, before any work
-            agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,
-                                                    req.continue_final_message)
-            kwargs = kwargs or None
-            plan = self.parsing.plan(parse_tools, kwargs, self.engine.tokenizer,
-                                     req.parallel_tool_calls, req.include_reasoning,
-                                     continued_text(messages, cfm), forced)
-            if plan is not None and plan.keep_specials:
-                params.skip_special_tokens = False  # the parsers read the marker tokens
-            if (params.structured_outputs is not None and plan is not None
-                    and plan.reasoning is not None and plan.thinking):
-                # vLLM's reasoning-aware structured outputs: the grammar binds the content
-                params._structured_after = plan.reasoning.end
-            rid = f"chatcmpl-{base_request_id(request.headers, req.request_id)}"  # as vLLM
-            opts = {"add_generation_prompt": agp, "continue_final_message": cfm}
-            # the engine renders the template off the loop (always, whatever the size); with
-            # truncate_prompt_tokens it is rendered here and the ids are cut
-            prompts = await truncate_prompts(self.engine, [messages], req, params.max_tokens,
-                                             chat_kwargs=kwargs, chat_options=opts)
-            choices = await until_disconnect(request, self._start(
-                prompts, params, rid, kwargs, chat_options=opts))
+            chat = await self.open_chat(request, req)
         except ClientGone:
             return self._gone()
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(route, e)
         self.state.metrics.request(route, 200)
+        model, params, plan, rid, choices, messages = (
+            chat.model, chat.params, chat.plan, chat.rid, chat.choices, chat.messages)
         # vLLM's get_chat_request_role: the last message's role without a generation prompt
         role = "assistant" if req.add_generation_prompt else messages[-1]["role"]
         echo = ""
