@@ -16,8 +16,11 @@ Times the gate_up alone (fused_moe stop_after="gate_up") and the whole MoE at M=
 TP8 per-rank shapes (int4, w13 row-tiled 16 as loaded), with routings of exactly D distinct
 experts (ROT of them rotated so L2 does not serve repeats), for each D and gate_up tile config.
 
-    python bench/moe_gate_up_waves.py [--ds 66,88,99,100,110,121,132] [--configs a,b]
-                                      [--json out.json]
+    python bench/moe_gate_up_waves.py [--m 16] [--ds 66,88,99,100,110,121,132]
+                                      [--configs a,b] [--json out.json]
+
+`--m` sets the tokens (4 and 8: session 30's probe of the direct mode's tiles below 16 rows;
+D <= 8 M there).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def routing(M: int, D: int, gen: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--ds", default="66,88,99,100,110,121,132")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rot", type=int, default=8)
@@ -78,7 +82,7 @@ def main() -> None:
     kw = {k: v for k, v in w.items() if k not in ("w13", "w2")}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(0)
-    M = 16
+    M = args.m
     rows = []
     print(f"copy {copy:.0f} GB/s, {sms} SMs; gate_up bytes per expert {gu_bytes}")
     print(f"{'cfg':<9} {'D':>4} {'progs/SM':>8} {'gate_up us':>10} {'ratio':>6} {'MoE us':>8}")
@@ -98,7 +102,7 @@ def main() -> None:
                     for s in sets]
                 t[part] = time_calls(calls)
             ratio = D * gu_bytes / (t["gate_up"] * 1e-6) / (copy * 1e9)
-            r = {"cfg": name, "D": D, "programs_per_sm": D * I / bn1 / sms,
+            r = {"cfg": name, "m": M, "D": D, "programs_per_sm": D * I / bn1 / sms,
                  "gate_up_us": round(t["gate_up"], 2), "gate_up_ratio": round(ratio, 3),
                  "moe_us": round(t["moe"], 2), "copy_GBps": round(copy, 1)}
             rows.append(r)
