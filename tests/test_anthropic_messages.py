@@ -368,6 +368,21 @@ def test_sdk_auth_and_errors(keyed):
                 "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
 
 
+def test_x_api_key_wins_beside_another_authorization(keyed):
+    """The SDK given both api_key and auth_token (Claude Code with both variables set) sends a
+    valid x-api-key beside an Authorization header: served. GET on the route: Anthropic's
+    405 body."""
+    r = httpx.post(f"{keyed.url}/v1/messages", json=body(max_tokens=2), headers={
+        "x-api-key": KEY, "Authorization": "Bearer something-else"})
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{keyed.url}/v1/messages", json=body(max_tokens=2), headers={
+        "x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(f"{keyed.url}/v1/messages", headers={"x-api-key": KEY})
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_dropped_stream_frees_its_request(keyed):
     with httpx.stream("POST", f"{keyed.url}/v1/messages", headers={"x-api-key": KEY},
                       json=body(max_tokens=900, stream=True, temperature=1.0,

@@ -59,7 +59,8 @@ from atom_stream.server.responses import (
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+               403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
 _ENC = msgspec.json.Encoder()
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -282,5 +283,6 @@ class AnthropicServing:
             ids = await self.chat.engine.tokenize_prompt(messages, kwargs, **opts)
         except Exception as e:  # noqa: BLE001
             return self._error(route, e)
+        self.state.metrics.request(route, 200)
         return Response(_ENC.encode({"input_tokens": len(ids)}),
                         media_type="application/json")

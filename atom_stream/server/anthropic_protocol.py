@@ -11,6 +11,12 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
   `reasoning_content` (the history the K2.5 template renders); `redacted_thinking` is skipped.
 - `tool_use` blocks (assistant) become its `tool_calls` (input serialized as JSON arguments);
   `tool_result` blocks (user) become `tool` messages, before the rest of that user turn.
+  `tool_reference` items (Claude Code's tool search) in a tool_result are the referenced
+  tool's name, one line each (the tools are all in `tools`); a top-level one is skipped, as
+  vLLM does.
+- A final assistant message with text is a prefill (Anthropic's contract): the prompt ends
+  in that text (continue_final_message, no generation prompt) and the answer continues it,
+  unless `chat_template_kwargs` sets either option itself.
 - `tools` (custom tools: name, description, input_schema) become functions; server tools
   (a `type` such as `web_search_20250305`, which run at Anthropic) are a 400.
 - `tool_choice` auto / any / tool / none -> "auto" / "required" / the named function /
@@ -147,16 +153,19 @@ def _system_text(req: CountTokensRequest) -> str:
 
 
 def _tool_result_text(b: Block, param: str) -> str:
-    """A tool_result's content as the text of a `tool` message (text blocks joined by
-    "\n"); a non-text block in it is a 400."""
+    """A tool_result's content as the text of a `tool` message (text blocks and the names of
+    tool_reference items joined by "\n"); any other block in it is a 400."""
     if b.content is None or isinstance(b.content, str):
         return b.content or ""
     texts = []
     for k, item in enumerate(b.content):
-        kind = item.get("type") if isinstance(item, dict) else None
-        if kind != "text":
+        kind = item.get("type")
+        if kind == "text":
+            text = item.get("text")
+        elif kind == "tool_reference":
+            text = item.get("tool_name") or item.get("name")
+        else:
             raise _unsupported(str(kind), f"{param}.content[{k}]")
-        text = item.get("text")
         texts.append(text if isinstance(text, str) else "")
     return "\n".join(texts)
 
@@ -175,8 +184,8 @@ def _turn(i: int, role: str, blocks: list[Block], out: list[ChatMessage]) -> Non
             parts.append(ContentPart(type="text", text=b.text))
         elif kind == "thinking":
             reasoning.append(b.thinking or "")
-        elif kind == "redacted_thinking":
-            continue  # opaque (encrypted at Anthropic): nothing a template could render
+        elif kind in ("redacted_thinking", "tool_reference"):
+            continue  # opaque / a tool search's pointer: nothing a template could render
         elif kind == "tool_use":
             if role != "assistant" or not b.name:
                 raise HTTPError(400, "a tool_use block belongs to an assistant message and "
@@ -242,6 +251,23 @@ def _template_kwargs(req: CountTokensRequest) -> dict[str, Any] | None:
     return kwargs or None
 
 
+def _is_prefill(req: CountTokensRequest, chat: ChatCompletionRequest) -> bool:
+    """Whether the request ends in an assistant prefill: its last message is the assistant's
+    and converts into text without tool calls, and `chat_template_kwargs` sets neither chat
+    option itself."""
+    if not (req.messages and chat.messages) or req.messages[-1].role != "assistant" or any(
+            k in (chat.chat_template_kwargs or {})
+            for k in ("add_generation_prompt", "continue_final_message")):
+        return False
+    last = chat.messages[-1]
+    if last.role != "assistant" or last.tool_calls:
+        return False
+    content = last.content
+    if isinstance(content, list):
+        return any(p.text for p in content)
+    return bool(content)
+
+
 def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     """An Anthropic request -> the chat completion request it runs as (module docstring)."""
     messages: list[ChatMessage] = []
@@ -263,6 +289,8 @@ def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     chat = ChatCompletionRequest(
         model=req.model, messages=messages, tools=_tools(req), tool_choice=choice,
         chat_template_kwargs=_template_kwargs(req))
+    if _is_prefill(req, chat):
+        chat.add_generation_prompt, chat.continue_final_message = False, True
     if req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use:
         chat.parallel_tool_calls = False
     if isinstance(req, MessagesRequest):

@@ -61,6 +61,7 @@ from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
 from atom_stream.sampling_params import model_sampling_defaults
 from atom_stream.server.anthropic import AnthropicServing
+from atom_stream.server.anthropic import error_response as anthropic_error_response
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
@@ -238,8 +239,10 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         if status == 404:
             detail = f"no route {request.method} {request.url.path}"
         # starlette's own headers travel on (a 405 names the route's methods in `Allow`)
-        return HTTPError(status, detail, headers=dict(getattr(exc, "headers", None) or {})
-                         ).response()
+        err = HTTPError(status, detail, headers=dict(getattr(exc, "headers", None) or {}))
+        if request.url.path.startswith("/v1/messages"):
+            return anthropic_error_response(err)  # Anthropic's body on its routes
+        return err.response()
 
     routes = [
         Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),

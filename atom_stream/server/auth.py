@@ -93,7 +93,7 @@ class APIKeyMiddleware:
             scope[AUTH_SCOPE_KEY] = "ok"
             await self.app(scope, receive, send)
             return
-        if kind == "http" and header is None and self.checker.check(_x_api_key(scope)):
+        if kind == "http" and self.checker.check(_x_api_key(scope)):
             scope[AUTH_SCOPE_KEY] = "ok"
             await self.app(scope, receive, send)
             return
