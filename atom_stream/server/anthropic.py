@@ -40,15 +40,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from atom_stream.errors import ServerShuttingDownError
 from atom_stream.protocol import DeltaMessage, ResponseMessage
 from atom_stream.server.anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
     to_chat_request,
 )
-from atom_stream.server.chat_parsing import ParsePlan
-from atom_stream.server.choices import Choice, iterate
+from atom_stream.server.chat_parsing import ParsePlan, delta_pieces, parsed_stream
+from atom_stream.server.choices import Choice
 from atom_stream.server.openai import OpenAIServing, decode_request
 from atom_stream.server.responses import (
     ClientGone,
@@ -121,12 +120,11 @@ def content_blocks(message: ResponseMessage) -> list[dict[str, Any]]:
 class BlockStream:
     """The content-block events of one streamed answer, from the chat parsers' deltas."""
 
-    __slots__ = ("called", "index", "kind", "tool_ids")
+    __slots__ = ("called", "index", "kind")
 
     def __init__(self) -> None:
         self.index = -1  # the open block's index (the count of blocks opened, minus one)
         self.kind: str | None = None  # the open block's type; None: none open
-        self.tool_ids: dict[int, str] = {}  # the chat delta's call index -> its tool_use id
         self.called = False
 
     def _open(self, block: dict[str, Any]) -> bytes:
@@ -151,74 +149,45 @@ class BlockStream:
                                                   "index": self.index})
 
     def feed(self, delta: DeltaMessage | None) -> bytes:
-        if delta is None:
-            return b""
         out = b""
-        reasoning = delta.reasoning_content
-        if isinstance(reasoning, str) and reasoning:
-            if self.kind != "thinking":
-                out += self._open({"type": "thinking", "thinking": ""})
-            out += self._delta({"type": "thinking_delta", "thinking": reasoning})
-        text = delta.content
-        if isinstance(text, str) and text:
-            if self.kind != "text":
-                out += self._open({"type": "text", "text": ""})
-            out += self._delta({"type": "text_delta", "text": text})
-        if isinstance(delta.tool_calls, list):
-            for call in delta.tool_calls:
-                out += self._call(call)
-        return out
-
-    def _call(self, call: Any) -> bytes:
-        fn = call.function if isinstance(call.function, msgspec.Struct) else None
-        out = b""
-        if isinstance(call.id, str):  # a new call: its id and name come first
-            self.tool_ids[call.index] = call.id
-            self.called = True
-            name = fn.name if fn is not None and isinstance(fn.name, str) else ""
-            out += self._open({"type": "tool_use", "id": call.id, "name": name, "input": {}})
-        args = fn.arguments if fn is not None else None
-        if (isinstance(args, str) and args and self.kind == "tool_use"
-                and self.tool_ids.get(call.index) is not None):
-            out += self._delta({"type": "input_json_delta", "partial_json": args})
+        for kind, text, name in delta_pieces(delta):
+            if kind == "reasoning":
+                if self.kind != "thinking":
+                    out += self._open({"type": "thinking", "thinking": ""})
+                out += self._delta({"type": "thinking_delta", "thinking": text})
+            elif kind == "content":
+                if self.kind != "text":
+                    out += self._open({"type": "text", "text": ""})
+                out += self._delta({"type": "text_delta", "text": text})
+            elif kind == "call":
+                self.called = True
+                out += self._open({"type": "tool_use", "id": text, "name": name, "input": {}})
+            elif self.kind == "tool_use":  # arguments of the open call
+                out += self._delta({"type": "input_json_delta", "partial_json": text})
         return out
 
 
 async def message_stream(msg_id: str, model: str, choice: Choice, plan: ParsePlan | None
                          ) -> AsyncIterator[bytes]:
     """The SSE body of a streamed /v1/messages answer (module docstring)."""
-    parser = plan.parser() if plan is not None else None
     prompt = len(choice.first.prompt_token_ids or ())
     yield event("message_start", {"type": "message_start", "message": {
         "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": prompt, "output_tokens": 0}}}) + PING
     blocks = BlockStream()
-    completion = 0
     try:
-        async with contextlib.aclosing(iterate([choice])) as stream:
-            async for _, out in stream:
-                completion += len(out.token_ids)
-                if out.finish_reason is None:
-                    if out.text:
-                        chunk = blocks.feed(parser.feed(out.text) if parser is not None
-                                            else DeltaMessage(content=out.text))
-                        if chunk:
-                            yield chunk
+        async with contextlib.aclosing(parsed_stream(choice, plan)) as stream:
+            async for delta, out, finish in stream:
+                chunk = blocks.feed(delta)
+                if finish is None:
+                    if chunk:
+                        yield chunk
                     continue
-                if out.finish_reason == "abort":
-                    raise ServerShuttingDownError()
-                if parser is not None:
-                    tail = blocks.feed(parser.finish(out.text))
-                    finish = parser.finish_reason(out.finish_reason)
-                else:
-                    tail = blocks.feed(DeltaMessage(content=out.text))
-                    finish = out.finish_reason
                 reason, sequence = stop_reason(finish, out.stop_reason, blocks.called)
                 usage = out.usage
-                if usage is not None:
-                    prompt, completion = usage.prompt_tokens, usage.completion_tokens
-                yield FinalChunk(tail + blocks.close() + event("message_delta", {
+                completion = usage.completion_tokens if usage is not None else 0
+                yield FinalChunk(chunk + blocks.close() + event("message_delta", {
                     "type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
                     "usage": {"input_tokens": prompt, "output_tokens": completion}})

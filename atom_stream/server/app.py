@@ -8,7 +8,8 @@ starts the engine there, so the engine loop task, HTTP handlers and WebSocket co
 that loop and no IPC sits between the front end and the scheduler.
 
 Routes: POST /v1/chat/completions, /v1/completions, /v1/messages and
-/v1/messages/count_tokens (Anthropic's Messages API, anthropic.py); GET /v1/models,
+/v1/messages/count_tokens (Anthropic's Messages API, anthropic.py), /v1/responses (OpenAI's
+Responses API, responses_api.py; GET / DELETE /v1/responses/{id}); GET /v1/models,
 /v1/models/{model};
 WebSocket /v1/ws; GET /health
 and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
@@ -68,6 +69,7 @@ from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing
 from atom_stream.server.request_ids import RequestIdHeaderMiddleware
 from atom_stream.server.responses import HTTPError, json_response
+from atom_stream.server.responses_api import ResponsesServing
 from atom_stream.server.tokenization import Tokenization
 from atom_stream.server.websocket import WebSocketEndpoint
 from atom_stream.server.ws_protocol import BatchingWebSocketProtocol, shutdown_abort_delay
@@ -212,6 +214,7 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
 
     tokenization = Tokenization(state)
     anthropic = AnthropicServing(serving)
+    responses_api = ResponsesServing(serving)
 
     async def metrics(request: Request) -> Response:
         eng = state.engine
@@ -248,6 +251,9 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
         Route("/v1/completions", serving.completions, methods=["POST"]),
         Route("/v1/messages", anthropic.messages, methods=["POST"]),
+        Route("/v1/responses", responses_api.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses_api.delete, methods=["DELETE"]),
         Route("/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
         Route("/v1/models", serving.models, methods=["GET"]),
         Route("/v1/models/{model:path}", serving.retrieve_model, methods=["GET"]),

@@ -49,16 +49,20 @@ parsers drop the cut one), which it tracks as a bug (vllm#58228): we keep "lengt
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from msgspec import UNSET
 
+from atom_stream.errors import ServerShuttingDownError
 from atom_stream.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
     ResponseMessage,
 )
+from atom_stream.server.choices import Choice, iterate
 from atom_stream.server.forced_tools import ForcedTools, ForcedToolStream
 from atom_stream.server.reasoning_parsers import (
     REASONING_PARSERS,
@@ -196,6 +200,50 @@ def _merge(calls: list[DeltaToolCall], more: list[DeltaToolCall]) -> list[DeltaT
         else:
             calls.append(d)
     return calls
+
+
+async def parsed_stream(choice: Choice, plan: ParsePlan | None
+                        ) -> AsyncIterator[tuple[DeltaMessage | None, Any, str | None]]:
+    """One choice's engine outputs with text, parsed: (the delta to send or None, the
+    RequestOutput, None), and last (the final delta, the final output, its finish reason after
+    the parsers: "tool_calls" where they found calls). A request the server aborts
+    (shutdown) raises ServerShuttingDownError. Closing it closes the choice's stream (an
+    unfinished request is aborted and its blocks freed)."""
+    parser = plan.parser() if plan is not None else None
+    async with contextlib.aclosing(iterate([choice])) as stream:
+        async for _, out in stream:
+            if out.finish_reason is None:
+                if out.text:
+                    yield (parser.feed(out.text) if parser is not None
+                           else DeltaMessage(content=out.text)), out, None
+                continue
+            if out.finish_reason == "abort":
+                raise ServerShuttingDownError()
+            if parser is None:
+                yield DeltaMessage(content=out.text), out, out.finish_reason
+            else:
+                yield parser.finish(out.text), out, parser.finish_reason(out.finish_reason)
+            return
+
+
+def delta_pieces(delta: DeltaMessage | None) -> list[tuple[str, str, str]]:
+    """A parsed delta as the pieces other wire formats stream (Anthropic's blocks, the
+    Responses API's items), in order: ("reasoning", text, ""), ("content", text, ""), then per
+    tool-call delta ("call", id, name) where a call starts and ("arguments", text, "")."""
+    if delta is None:
+        return []
+    out = []
+    if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
+        out.append(("reasoning", delta.reasoning_content, ""))
+    if isinstance(delta.content, str) and delta.content:
+        out.append(("content", delta.content, ""))
+    for call in delta.tool_calls if isinstance(delta.tool_calls, list) else ():
+        fn = call.function if isinstance(call.function, DeltaFunctionCall) else None
+        if isinstance(call.id, str):  # a new call: its id and name come first
+            out.append(("call", call.id, fn.name if fn and isinstance(fn.name, str) else ""))
+        if fn is not None and isinstance(fn.arguments, str) and fn.arguments:
+            out.append(("arguments", fn.arguments, ""))
+    return out
 
 
 class ParsePlan:
