@@ -137,7 +137,8 @@ def test_non_streamed_response_items(on):
         "function_call", "get_weather", "functions.get_weather:0")
     assert json.loads(call0["arguments"]) == {"city": "Paris"} and call1["name"] == "get_time"
     n = len(engine.script)
-    assert resp["usage"] == {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0},
+    assert resp["usage"] == {"input_tokens": 3, "input_tokens_details": {
+                                 "cached_tokens": 0, "cache_write_tokens": 0},
                              "output_tokens": n, "output_tokens_details": {
                                  "reasoning_tokens": 0}, "total_tokens": 3 + n}
     got = c.get(f"/v1/responses/{resp['id']}")

@@ -10,8 +10,9 @@ chat route's. The answer is a Response object:
   with --enable-auto-tool-choice --tool-call-parser, or tool_choice "required" / named).
 - `status` "completed", or "incomplete" with `incomplete_details: {"reason":
   "max_output_tokens"}` when cut by max_output_tokens.
-- `usage`: input_tokens (+ `input_tokens_details.cached_tokens`, the prefix-cache hits),
-  output_tokens (+ `output_tokens_details.reasoning_tokens`, 0 as vLLM reports it outside
+- `usage`: input_tokens (+ `input_tokens_details.cached_tokens`, the prefix-cache hits, and
+  `cache_write_tokens`, 0: a field the SDK's ResponseUsage requires), output_tokens
+  (+ `output_tokens_details.reasoning_tokens`, 0 as vLLM reports it outside
   harmony models), total_tokens.
 - Streamed (`text/event-stream`, `event: <type>\ndata: <json>`, every event with its
   `sequence_number` from 0): response.created, response.in_progress, then per item
@@ -254,7 +255,8 @@ class ResponsesServing:
             "top_p": req.top_p, "truncation": req.truncation or "disabled",
             "usage": None if usage is None else {
                 "input_tokens": usage.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+                "input_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                         "cache_write_tokens": 0},
                 "output_tokens": usage.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": usage.prompt_tokens + usage.completion_tokens},

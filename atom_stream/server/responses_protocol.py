@@ -17,7 +17,10 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
   hosted tools (web_search, file_search, code_interpreter, mcp, ...) are 400s.
 - `tool_choice` "auto" / "none" / "required" / `{"type": "function", "name"}` map to the chat
   forms; `parallel_tool_calls` as on the chat route.
-- `text.format` json_schema / json_object -> response_format (structured outputs).
+- `text.format` json_schema (its `schema` an object) / json_object -> response_format
+  (structured outputs).
+- Malformed items, parts, tools or formats, and an input with no message, are 400s naming
+  the field (`param`), never a Python error message.
 - `max_output_tokens` -> max_tokens; `temperature`, `top_p` and vLLM's extra `top_k`, `min_p`,
   `seed`, `repetition_penalty`, `stop` as on the chat route. `background` true and
   `top_logprobs` > 0 are 400s (not served); `reasoning`, `include`, `truncation`, `user`,
@@ -69,6 +72,10 @@ class ResponsesRequest(Struct, kw_only=True):
     request_id: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        if self.store is None:  # null is the default (stored), as when the field is omitted
+            self.store = True
+
 
 def _bad(message: str, param: str) -> HTTPError:
     return HTTPError(400, message, param)
@@ -93,10 +100,26 @@ def _content(item: dict[str, Any], param: str) -> str | list[ContentPart]:
     return parts
 
 
-def _reasoning_text(item: dict[str, Any]) -> str:
+def _part_texts(parts: Any, param: str) -> str:
+    """The joined `text` of a list of parts (reasoning content / summary, tool output parts);
+    parts without a text add nothing; anything but a list of objects with string texts is a
+    400 naming the part."""
+    if not isinstance(parts, list):
+        raise _bad("expected a list of parts", param)
+    texts = []
+    for k, part in enumerate(parts):
+        text = part.get("text") if isinstance(part, dict) else None
+        if text is not None and not isinstance(text, str):
+            raise _bad("a part's `text` must be a string", f"{param}[{k}]")
+        texts.append(text or "")
+    return "".join(texts)
+
+
+def _reasoning_text(item: dict[str, Any], param: str) -> str:
     """A reasoning item's text: its reasoning_text content, else its summary texts."""
-    parts = item.get("content") or item.get("summary") or []
-    return "".join(p.get("text") or "" for p in parts if isinstance(p, dict))
+    if item.get("content"):
+        return _part_texts(item["content"], f"{param}.content")
+    return _part_texts(item.get("summary") or [], f"{param}.summary")
 
 
 class _History:
@@ -122,7 +145,8 @@ class _History:
             raise _bad("an input item must be an object", param)
         kind = item.get("type", "message")
         if kind == "message":
-            role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise _bad(f"message role must be one of user, assistant, system, developer; "
                            f"got {item.get('role')!r}", f"{param}.role")
@@ -144,18 +168,20 @@ class _History:
         elif kind == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):  # output parts: their texts
-                output = "".join(p.get("text") or "" for p in output if isinstance(p, dict))
+                output = _part_texts(output, f"{param}.output")
             if not isinstance(output, str):
                 raise _bad("a function_call_output item needs an `output` string", param)
             self.messages.append(ChatMessage(role="tool", content=output,
                                              tool_call_id=str(item.get("call_id") or "")))
         elif kind == "reasoning":
-            self.reasoning = (self.reasoning or "") + _reasoning_text(item)
+            self.reasoning = (self.reasoning or "") + _reasoning_text(item, param)
         else:
             raise _bad(f"input item type {kind!r} is not supported", param)
 
 
 def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Function tools -> the chat form; `parameters` an object or null (no parameters: any
+    object), `description` a string or null; other tool types are 400s naming the tool."""
     if not tools:
         return None
     out = []
@@ -163,9 +189,16 @@ def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         if t.get("type") != "function" or not isinstance(t.get("name"), str):
             raise _bad(f"tool type {t.get('type')!r} is not supported: only function tools "
                        "(type, name, parameters) are served", f"tools[{k}]")
-        fn = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}}
-        if t.get("description") is not None:
-            fn["description"] = t["description"]
+        params, description = t.get("parameters"), t.get("description")
+        if params is not None and not isinstance(params, dict):
+            raise _bad("a function tool's `parameters` must be a JSON schema object",
+                       f"tools[{k}].parameters")
+        if description is not None and not isinstance(description, str):
+            raise _bad("a function tool's `description` must be a string",
+                       f"tools[{k}].description")
+        fn = {"name": t["name"], "parameters": params or {"type": "object"}}
+        if description is not None:
+            fn["description"] = description
         out.append({"type": "function", "function": fn})
     return out
 
@@ -180,13 +213,22 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """text.format -> the chat response_format: text (or none) -> None; json_object; and
+    json_schema, whose `schema` must be an object (OpenAI's required field)."""
     fmt = (text or {}).get("format")
-    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _bad("text.format must be an object with a `type`", "text.format")
+    if fmt.get("type") in (None, "text"):
         return None
     if fmt["type"] == "json_object":
         return {"type": "json_object"}
     if fmt["type"] == "json_schema":
-        schema = {"name": fmt.get("name") or "output", "schema": fmt.get("schema")}
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad("a json_schema text.format needs `schema`: a JSON schema object",
+                       "text.format.schema")
+        schema = {"name": fmt.get("name") or "output", "schema": fmt["schema"]}
         if fmt.get("strict") is not None:
             schema["strict"] = fmt["strict"]
         return {"type": "json_schema", "json_schema": schema}
@@ -218,6 +260,8 @@ def to_chat_request(req: ResponsesRequest, messages: list[ChatMessage]
         raise _bad("background responses are not supported", "background")
     if req.top_logprobs:
         raise _bad("top_logprobs is not supported on /v1/responses", "top_logprobs")
+    if not messages:
+        raise _bad("input must hold at least one message (or give instructions)", "input")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise _bad(f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
                    "max_output_tokens")
