@@ -200,7 +200,7 @@ def test_quickstart_snippets_run(tmp_path):
                                    [os.path.dirname(sys.executable), os.environ["PATH"]])})
             assert r.returncode == 0 and r.stdout.strip(), (line, r.stderr[-2000:])
         python = _snippets("python")
-        assert len(python) == 4
+        assert len(python) == 6
         outs = []
         for snippet in python:
             r = subprocess.run([sys.executable, "-c", fix(snippet)], capture_output=True,
@@ -208,9 +208,11 @@ def test_quickstart_snippets_run(tmp_path):
             assert r.returncode == 0, r.stderr
             outs.append(r.stdout)
         assert re.search(r"\n\[\d+ tokens\]\n$", outs[0]), outs[0]  # openai: usage chunk
-        assert re.search(r"\n\[8, 8, 8, 8, 8, 8, 8, 8\]\n$", outs[1]), outs[1]  # WS SDK
-        assert re.search(r"\n\[(stop|length), \d+ tokens\]\n$", outs[2]), outs[2]  # in-process
-        assert outs[3].rstrip().endswith(("stop", "length")), outs[3]  # the LLM snippet
+        assert re.search(r"\n\[(end_turn|max_tokens)\]\n$", outs[1]), outs[1]  # anthropic
+        assert re.search(r"(completed|incomplete) \d+\n$", outs[2]), outs[2]  # responses
+        assert re.search(r"\n\[8, 8, 8, 8, 8, 8, 8, 8\]\n$", outs[3]), outs[3]  # WS SDK
+        assert re.search(r"\n\[(stop|length), \d+ tokens\]\n$", outs[4]), outs[4]  # in-process
+        assert outs[5].rstrip().endswith(("stop", "length")), outs[5]  # the LLM snippet
         with open(os.path.join(ROOT, "clients", "python", "README.md")) as f:
             sdk_readme = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
         assert len(sdk_readme) == 2  # the WebSocket SDK, then the SSE helper
