@@ -97,9 +97,15 @@ def test_required_answer_is_the_array_of_calls(scripted):
     engine.finish = "length"  # cut: no complete call; the text stays content
     engine.script = ["</think>", '[{"name": "get_weather", "para']
     r = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+    streamed = events(c.post("/v1/chat/completions", json={**body, "stream": True}).text)
     engine.finish = "stop"
     assert r["finish_reason"] == "length" and r["message"]["tool_calls"] == []
     assert r["message"]["content"] == '[{"name": "get_weather", "para'
+    # streamed, the same answer: the cut text as content at the end, no tool call
+    deltas = [e["choices"][0]["delta"] for e in streamed]
+    assert "".join(d.get("content", "") for d in deltas) == r["message"]["content"]
+    assert not any("tool_calls" in d for d in deltas)
+    assert streamed[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_required_stream_scanner_handles_strings_and_nesting():

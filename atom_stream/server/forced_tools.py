@@ -18,7 +18,9 @@
 - `ForcedToolStream`: the same, streamed, with ToolCallStream's interface (`feed(text)` ->
   (content, deltas), `finish()`, `calls`): named, the first delta carries the call's id, type,
   name and the arguments so far, later ones argument pieces; required, each call is one delta
-  (id, type, name and all its arguments) when its array element is complete.
+  (id, type, name and all its arguments) when its array element is complete, and an answer
+  where none completed (cut by max_tokens) ends with its text as content, as `calls` leaves
+  it in the whole answer.
 - `finish_reason(reason)`: "tool_calls" for "required" when the answer stopped, otherwise the
   engine's reason ("stop" for a named function, as OpenAI and vLLM answer a forced function).
 """
@@ -178,13 +180,16 @@ def force_tool_schema(params: SamplingParams, forced: ForcedTools) -> SamplingPa
 class ForcedToolStream:
     """Streamed forced tool calls (see the module docstring)."""
 
-    __slots__ = ("_forced", "_id", "_scan", "calls")
+    __slots__ = ("_forced", "_held", "_id", "_scan", "calls")
 
     def __init__(self, forced: ForcedTools):
         self._forced = forced
         self._id: str | None = None
         self._scan = _ArrayScanner()
         self.calls: list[str] = []  # the names called so far
+        # "required": the text before the first complete call, which finish() sends as content
+        # when none completes (cut by max_tokens), as the whole answer's `calls` leaves it
+        self._held: list[str] = []
 
     def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         if not text:
@@ -197,6 +202,8 @@ class ForcedToolStream:
                                           function=DeltaFunctionCall(name=self._forced.name,
                                                                      arguments=text))]
             return "", [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
+        if not self.calls:
+            self._held.append(text)
         deltas = []
         for call in _decoded_calls(self._scan.feed(text)):
             deltas.append(DeltaToolCall(id=call.id, type="function", index=len(self.calls),
@@ -207,7 +214,9 @@ class ForcedToolStream:
         return "", deltas
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
-        return "", []
+        if self._forced.kind == "named" or self.calls:
+            return "", []
+        return "".join(self._held), []  # no call completed: the text is the content
 
 
 class _ArrayScanner:
