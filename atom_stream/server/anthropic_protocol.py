@@ -23,7 +23,8 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
   "none"; `disable_parallel_tool_use` -> parallel_tool_calls false.
 - `thinking` {type: enabled | adaptive | disabled} -> the chat template's `thinking` kwarg
   (unless `chat_template_kwargs` sets it); `budget_tokens` is accepted, not enforced.
-- `output_config.format` (json_schema) -> response_format json_schema (structured outputs).
+- `output_config.format` (json_schema) -> response_format json_schema (structured outputs);
+  `output_config.effort` -> the chat template's `reasoning_effort`, as vLLM maps it.
 - `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream` map one to one.
 - Images, documents and other non-text blocks are 400s naming the block: the server serves
   text-only models. Unknown fields are ignored, as vLLM's pydantic models do.
@@ -301,6 +302,8 @@ def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         chat.stop = req.stop_sequences
         chat.temperature, chat.top_p, chat.top_k = req.temperature, req.top_p, req.top_k
         chat.stream = bool(req.stream)
+        if req.output_config is not None and req.output_config.effort is not None:
+            chat.reasoning_effort = req.output_config.effort  # vLLM maps it the same way
         fmt = req.output_config.format if req.output_config is not None else None
         if fmt is not None:
             if fmt.type != "json_schema" or fmt.schema is None:

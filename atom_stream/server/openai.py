@@ -112,6 +112,26 @@ def decode_request(cls: type, body: bytes) -> Any:
         raise _invalid("the request body is nested too deeply") from None
 
 
+def template_fields(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The chat template variables a request sets with its own fields: vLLM's
+    `reasoning_effort` as given, ATOM's `thinking` as a bool (true / false, or {"type":
+    "enabled" | "adaptive" | "disabled"}); anything else in `thinking` is a 400."""
+    out: dict[str, Any] = {}
+    if req.reasoning_effort is not None:
+        out["reasoning_effort"] = req.reasoning_effort
+    thinking = req.thinking
+    if isinstance(thinking, dict):
+        kind = thinking.get("type")
+        thinking = {"enabled": True, "adaptive": True, "disabled": False}.get(
+            kind if isinstance(kind, str) else "")
+        if thinking is None:
+            raise HTTPError(400, "thinking must be true, false or {\"type\": \"enabled\" | "
+                            "\"disabled\"}", "thinking")
+    if thinking is not None:
+        out["thinking"] = thinking
+    return out
+
+
 def stream_usage(opts: Any) -> tuple[bool, bool]:
     """(include_usage, continuous_usage_stats) of a request's stream_options as current vLLM
     applies them: usage only when include_usage is true (absent or `{}`: none, vLLM PR #36379),
@@ -257,9 +277,10 @@ class OpenAIServing:
         messages = messages_to_dicts(
             req.messages, content_format=resolve_content_format(self.engine.tokenizer))
         tools_kwargs = {"tools": req.tools} if req.tools else {}
-        # vLLM's order: the request's tools, then its chat_template_kwargs over them
+        # vLLM's order: the request's tools (and its template fields), then its
+        # chat_template_kwargs over them
         kwargs = {**self.state.config.default_chat_template_kwargs, **tools_kwargs,
-                  **(req.chat_template_kwargs or {})}
+                  **template_fields(req), **(req.chat_template_kwargs or {})}
         # the options as the template gets them (chat_template_kwargs override the request's
         # fields); both true is a 400 here, before any work
         agp, cfm, kwargs = resolve_chat_options(kwargs, req.add_generation_prompt,

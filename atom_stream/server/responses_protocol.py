@@ -23,7 +23,8 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
   the field (`param`), never a Python error message.
 - `max_output_tokens` -> max_tokens; `temperature`, `top_p` and vLLM's extra `top_k`, `min_p`,
   `seed`, `repetition_penalty`, `stop` as on the chat route. `background` true and
-  `top_logprobs` > 0 are 400s (not served); `reasoning`, `include`, `truncation`, `user`,
+  `top_logprobs` > 0 are 400s (not served); `reasoning.effort` is the chat template's
+  `reasoning_effort` (vLLM's chat field); `include`, `truncation`, `user`,
   `metadata` (echoed back), `service_tier` and unknown fields are accepted and have no effect.
 """
 
@@ -235,6 +236,14 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     raise _bad(f"text.format type {fmt['type']!r} is not supported", "text.format")
 
 
+def _effort(reasoning: dict[str, Any] | None) -> str | None:
+    """`reasoning.effort` -> the chat template's `reasoning_effort` (vLLM's chat field)."""
+    effort = (reasoning or {}).get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise _bad("reasoning.effort must be a string", "reasoning.effort")
+    return effort
+
+
 def input_messages(req: ResponsesRequest, history: list[ChatMessage]
                    ) -> tuple[list[ChatMessage], list[ChatMessage]]:
     """(the chat messages of a request: its instructions, `history` (a previous response's
@@ -272,5 +281,6 @@ def to_chat_request(req: ResponsesRequest, messages: list[ChatMessage]
         top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         repetition_penalty=req.repetition_penalty, stop=req.stop, stream=bool(req.stream),
         request_id=req.request_id, chat_template_kwargs=req.chat_template_kwargs,
+        reasoning_effort=_effort(req.reasoning),
         response_format=_response_format(req.text))
     return chat
