@@ -138,9 +138,9 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     include_reasoning: bool = True  # vLLM's: false drops reasoning_content (still split off)
     # template variables set from request fields (chat_template_kwargs win over them):
     # vLLM's `reasoning_effort`, ATOM's `thinking` (true / false, or {"type": "enabled" |
-    # "disabled"}: K2.5's and DeepSeek's thinking switch)
+    # "disabled"}: K2.5's and DeepSeek's thinking switch; other values pass as given)
     reasoning_effort: str | None = None
-    thinking: bool | dict[str, Any] | None = None
+    thinking: Any = None
     # tools are rendered into the prompt by the chat template; tool calls are parsed with
     # --enable-auto-tool-choice --tool-call-parser (tool_choice "auto"), see chat_parsing.py
     tools: list[dict[str, Any]] | None = None

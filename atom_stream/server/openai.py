@@ -114,19 +114,16 @@ def decode_request(cls: type, body: bytes) -> Any:
 
 def template_fields(req: ChatCompletionRequest) -> dict[str, Any]:
     """The chat template variables a request sets with its own fields: vLLM's
-    `reasoning_effort` as given, ATOM's `thinking` as a bool (true / false, or {"type":
-    "enabled" | "adaptive" | "disabled"}); anything else in `thinking` is a 400."""
+    `reasoning_effort`, and ATOM's `thinking` (passed into the template as ATOM does; the
+    switch's {"type": "enabled" | "adaptive" | "disabled"} form as the bool the K2.5 and
+    DeepSeek templates read)."""
     out: dict[str, Any] = {}
     if req.reasoning_effort is not None:
         out["reasoning_effort"] = req.reasoning_effort
     thinking = req.thinking
-    if isinstance(thinking, dict):
-        kind = thinking.get("type")
+    if isinstance(thinking, dict) and isinstance(thinking.get("type"), str):
         thinking = {"enabled": True, "adaptive": True, "disabled": False}.get(
-            kind if isinstance(kind, str) else "")
-        if thinking is None:
-            raise HTTPError(400, "thinking must be true, false or {\"type\": \"enabled\" | "
-                            "\"disabled\"}", "thinking")
+            thinking["type"], thinking)
     if thinking is not None:
         out["thinking"] = thinking
     return out
