@@ -49,7 +49,11 @@ from kernels_moe import (
 
 CONFIGS = {"default": {}, "bn32w4": {"BN1": 32, "W1": 4}, "bn32w2": {"BN1": 32, "W1": 2},
            "bn128w4": {"BN1": 128, "W1": 4}, "bn64w8": {"BN1": 64, "W1": 8},
-           "s4": {"S1": 4}, "s5": {"S1": 5}}
+           "s4": {"S1": 4}, "s5": {"S1": 5}, "bk256": {"BK1": 256},
+           "bn128bk256": {"BN1": 128, "W1": 4, "BK1": 256},
+           "bk256s2": {"BK1": 256, "S1": 2}, "bk512": {"BK1": 512},
+           "bn32bk256": {"BN1": 32, "BK1": 256}, "bk256s4": {"BK1": 256, "S1": 4},
+           "bk512s2": {"BK1": 512, "S1": 2}}
 
 
 def routing(M: int, D: int, gen: torch.Generator) -> torch.Tensor:
@@ -85,7 +89,8 @@ def main() -> None:
     M = args.m
     rows = []
     print(f"copy {copy:.0f} GB/s, {sms} SMs; gate_up bytes per expert {gu_bytes}")
-    print(f"{'cfg':<9} {'D':>4} {'progs/SM':>8} {'gate_up us':>10} {'ratio':>6} {'MoE us':>8}")
+    print(f"{'cfg':<10} {'D':>4} {'progs/SM':>8} {'gate_up us':>10} {'ratio':>6} {'MoE us':>8} "
+          f"{'rel err':>8}")
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         bn1 = cfg.get("BN1", 64)
@@ -95,6 +100,12 @@ def main() -> None:
                 x = torch.randn(M, H, device="cuda").bfloat16()
                 sets.append((x, torch.rand(M, TOPK, device="cuda"), routing(M, D, gen),
                              torch.empty(M, H, device="cuda", dtype=torch.bfloat16)))
+            # each config's whole MoE checked against the default config's on the first set
+            ref = fused_moe(sets[0][0], w["w13"], w["w2"], sets[0][1], sets[0][2],
+                            config={}, **kw).float()
+            got = fused_moe(sets[0][0], w["w13"], w["w2"], sets[0][1], sets[0][2],
+                            config=dict(cfg), **kw).float()
+            err = ((got - ref).norm() / ref.norm()).item()
             t = {}
             for part, extra in (("gate_up", {"stop_after": "gate_up"}), ("moe", {})):
                 calls = [lambda s=s, c=dict(cfg, **extra): fused_moe(
@@ -104,10 +115,11 @@ def main() -> None:
             ratio = D * gu_bytes / (t["gate_up"] * 1e-6) / (copy * 1e9)
             r = {"cfg": name, "m": M, "D": D, "programs_per_sm": D * I / bn1 / sms,
                  "gate_up_us": round(t["gate_up"], 2), "gate_up_ratio": round(ratio, 3),
-                 "moe_us": round(t["moe"], 2), "copy_GBps": round(copy, 1)}
+                 "moe_us": round(t["moe"], 2), "copy_GBps": round(copy, 1),
+                 "rel_err_vs_default": err}
             rows.append(r)
-            print(f"{name:<9} {D:>4} {r['programs_per_sm']:>8.2f} {t['gate_up']:>10.2f} "
-                  f"{ratio:>6.3f} {t['moe']:>8.2f}", flush=True)
+            print(f"{name:<10} {D:>4} {r['programs_per_sm']:>8.2f} {t['gate_up']:>10.2f} "
+                  f"{ratio:>6.3f} {t['moe']:>8.2f} {err:>8.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -285,6 +285,16 @@ def default_config(fmt: int, M: int, P: int, E: int, H: int, I: int, act: int = 
         # H200 session 29, bench/moe_gate_up_waves.py, bench/RESULTS.md)
         if wt > 1 and fmt == INT4 and 8 < M <= 16 and I % 128 == 0:
             tc4["BN1"] = 128
+        # int4 direct mode at M <= 8 (the tensor cores from TC_FROM_M), row-tiled w13: 256-K
+        # gate_up steps (two 128-K chunks per load, half the serial loop's trips), and at M <= 4
+        # 32-row tiles (twice the programs at ~1 per SM). H200 session 30, bench/RESULTS.md:
+        # whole MoE M=4 D=32 50.9-51.6 -> 45.7 (BK1 256) -> 43.4 us (+ BN1 32), M=8 D=64 72.7
+        # -> 69.2 us; decode step B=4 7.015 -> 6.612 ms, B=8 8.248 -> 8.064 (means of 3), BN1 32
+        # then B=3 / 4 -1.2 / -1.9 % (-2.7 / -3.4 % against the B=2 control in the same runs)
+        if wt > 1 and fmt == INT4 and M <= 8 and H % 256 == 0:
+            tc4["BK1"] = 256
+            if M <= 4 and I % 32 == 0:
+                tc4["BN1"] = 32
         # int4 sorted mode: 128-row down tiles (H200, session 7, with the parallel align: M=64
         # 324 -> 309 us, M=256 438 -> 419; decode step B=64 28.3 -> 26.3 ms, B=256 46.8 ->
         # 40.6 with both; bench/kernels_moe.py --set down, bench/RESULTS.md)

@@ -463,15 +463,20 @@ def test_default_down_tiles():
 
 
 def test_default_gate_up_tiles_of_int4_direct_mode():
-    # int4, row-tiled w13: 64-row gate_up tiles up to M=8, 128 at 8 < M <= 16 (session 29),
-    # where the expert intermediate divides into them; 64 again in sorted mode
+    # int4, row-tiled w13: 32-row gate_up tiles up to M=4 and 64 up to M=8, both with 256-K
+    # steps (session 30), 128 rows at 8 < M <= 16 (session 29), where the expert intermediate
+    # (and for BK1 the hidden size) divides into them; 64 rows, 128-K steps in sorted mode
     from atom_stream.kernels.fused_moe import default_config
     from atom_stream.kernels.fused_moe_common import INT4
 
-    def bn1(M, I=256, wt=16):
-        return default_config(INT4, M, M * 8, 384, 7168, I, 0, wt, True)["BN1"]
-    assert [bn1(M) for M in (4, 8, 9, 16, 17, 64)] == [64, 64, 128, 128, 64, 64]
-    assert bn1(16, I=192) == 64 and bn1(16, wt=1) == 16
+    def tiles(M, I=256, wt=16, H=7168):
+        c = default_config(INT4, M, M * 8, 384, H, I, 0, wt, True)
+        return c["BN1"], c["BK1"]
+    assert [tiles(M) for M in (3, 4, 5, 8, 9, 16, 17, 64)] == [
+        (32, 256), (32, 256), (64, 256), (64, 256), (128, 128), (128, 128), (64, 128),
+        (64, 128)]
+    assert tiles(16, I=192) == (64, 128) and tiles(16, wt=1) == (16, 128)
+    assert tiles(4, H=7168 + 128) == (64, 128) and tiles(4, wt=1) == (16, 128)
 
 
 def test_default_block_rows_grow_with_prefill_m():

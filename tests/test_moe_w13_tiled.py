@@ -108,12 +108,23 @@ def test_tiled_real_rows_gpu(fmt, M):
     assert float((row.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_tiled_256_k_gate_up_steps():
+    """The row-tiled direct mode's gate_up in 256-K steps (two 128-K chunks per load, the
+    default at M <= 8 on NVIDIA since session 30) on 32-row tiles, two steps of K: the same
+    bits as the row-major layout, and the reference's sums."""
+    config = {"small_m_max": 0, "gemv_max": 0, "BK1": 256, "BN1": 32, "W1": 4}
+    (row, tiled), ref = run("int4", 4, 8, 512, 128, 2, 16, config, seed=31)
+    assert torch.isfinite(tiled).all() and torch.equal(row, tiled)
+    assert float((tiled.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.skipif(not GPU, reason="real shapes natively only")
-@pytest.mark.parametrize("M", [12, 16, 32, 64, 128])
+@pytest.mark.parametrize("M", [3, 4, 8, 12, 16, 32, 64, 128])
 def test_tiled_real_rows_default_configs_gpu(M):
     """int4 at the real widths, each layout at its own default tiles (the row-tiled sorted mode
     takes 4 gate_up stages at 16 < M <= 64, session 23; 3 elsewhere; the row-tiled direct mode
-    128-row gate_up tiles at 8 < M <= 16, session 29)."""
+    128-row gate_up tiles at 8 < M <= 16, session 29, and 256-K steps at M <= 8 (32-row tiles
+    at M <= 4), session 30)."""
     (row, tiled), ref = run("int4", M, 64, 7168, 256, 8, 16, None, seed=3 * M)
     for out in (row, tiled):
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
