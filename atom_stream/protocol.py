@@ -138,7 +138,8 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     include_reasoning: bool = True  # vLLM's: false drops reasoning_content (still split off)
     # template variables set from request fields (chat_template_kwargs win over them):
     # vLLM's `reasoning_effort`, ATOM's `thinking` (true / false, or {"type": "enabled" |
-    # "disabled"}: K2.5's and DeepSeek's thinking switch; other values pass as given)
+    # "adaptive" | "disabled"}: K2.5's and DeepSeek's thinking switch; other values pass as
+    # given; openai.py template_fields)
     reasoning_effort: str | None = None
     thinking: Any = None
     # tools are rendered into the prompt by the chat template; tool calls are parsed with

@@ -123,3 +123,14 @@ def test_prefill_prompt_on_the_demo_model():
         ids = cont["tokens"]
         text = httpx.post(f"{s.url}/detokenize", json={"tokens": ids}).json()["prompt"]
         assert text.endswith("The colour is")
+
+
+def test_count_tokens_refuses_a_request_template_as_messages_does(off):
+    """chat_template_kwargs carrying a template (or `tokenize`): the same 400 on both routes."""
+    c, _ = off
+    for kwargs in ({"chat_template": "{{ messages }}"}, {"tokenize": True}):
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                "chat_template_kwargs": kwargs}
+        r = c.post("/v1/messages/count_tokens", json=body)
+        assert r.status_code == 400, r.text
+        assert c.post("/v1/messages", json={**body, "max_tokens": 4}).status_code == 400

@@ -49,6 +49,7 @@ from atom_stream.server.anthropic_protocol import (
 from atom_stream.server.chat_parsing import ParsePlan, delta_pieces, parsed_stream
 from atom_stream.server.choices import Choice
 from atom_stream.server.openai import OpenAIServing, decode_request
+from atom_stream.server.openai_params import refuse_template_kwargs
 from atom_stream.server.responses import (
     ClientGone,
     FinalChunk,
@@ -248,6 +249,8 @@ class AnthropicServing:
                 request, self.state.config.max_body_bytes))
             chat = to_chat_request(req)
             self.chat._model(chat.model)
+            # as /v1/messages: a request template (or `tokenize`) in the kwargs is a 400
+            refuse_template_kwargs(chat.chat_template, chat.chat_template_kwargs)
             messages, kwargs, opts = self.chat.chat_prompt(chat)
             ids = await self.chat.engine.tokenize_prompt(messages, kwargs, **opts)
         except Exception as e:  # noqa: BLE001

@@ -228,16 +228,27 @@ async def parsed_stream(choice: Choice, plan: ParsePlan | None
 
 def delta_pieces(delta: DeltaMessage | None) -> list[tuple[str, str, str]]:
     """A parsed delta as the pieces other wire formats stream (Anthropic's blocks, the
-    Responses API's items), in order: ("reasoning", text, ""), ("content", text, ""), then per
-    tool-call delta ("call", id, name) where a call starts and ("arguments", text, "")."""
+    Responses API's items), in the order the text had them: ("reasoning", text, ""); the
+    ("arguments", text, "") that continue the call already open (tool-call deltas without an
+    id, before the first with one: its end may be followed by text in the same delta);
+    ("content", text, ""); then per later tool-call delta ("call", id, name) where a call
+    starts and ("arguments", text, "")."""
     if delta is None:
         return []
     out = []
     if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
         out.append(("reasoning", delta.reasoning_content, ""))
+    calls = delta.tool_calls if isinstance(delta.tool_calls, list) else []
+    first_new = next((k for k, c in enumerate(calls) if isinstance(c.id, str)), len(calls))
+    out += _call_pieces(calls[:first_new])
     if isinstance(delta.content, str) and delta.content:
         out.append(("content", delta.content, ""))
-    for call in delta.tool_calls if isinstance(delta.tool_calls, list) else ():
+    return out + _call_pieces(calls[first_new:])
+
+
+def _call_pieces(calls: list[DeltaToolCall]) -> list[tuple[str, str, str]]:
+    out = []
+    for call in calls:
         fn = call.function if isinstance(call.function, DeltaFunctionCall) else None
         if isinstance(call.id, str):  # a new call: its id and name come first
             out.append(("call", call.id, fn.name if fn and isinstance(fn.name, str) else ""))

@@ -288,8 +288,9 @@ class OpenAIServing:
     async def open_chat(self, request: Request, req: ChatCompletionRequest) -> OpenChat:
         """A decoded chat request -> its started choices (every check, the template and the
         first delta of each choice done; errors raise: HTTPError and the engine's, ClientGone
-        when the client leaves first). Shared by /v1/chat/completions and the Anthropic
-        /v1/messages route (anthropic.py), which converts its request into this one."""
+        when the client leaves first). Shared by /v1/chat/completions, Anthropic's
+        /v1/messages (anthropic.py) and /v1/responses (responses_api.py), which convert their
+        requests into this one."""
         model = self._model(req.model)
         params = build_sampling_params(req, chat=True, defaults=self.state.default_sampling)
         messages, kwargs, opts = self.chat_prompt(req)

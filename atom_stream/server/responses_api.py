@@ -21,9 +21,10 @@ chat route's. The answer is a Response object:
   response.function_call_arguments.delta), their done events and response.output_item.done;
   last response.completed (or response.incomplete). An error after the 200 is an `error`
   event `{code, message, param}` that ends the stream.
-- The store: with `store` true (the default) a finished response is kept in memory (the last
-  STORE_SIZE responses, least recently used out first) for GET /v1/responses/{id} and for a
-  later request's `previous_response_id`, which continues its conversation (input + output).
+- The store: with `store` true (the default) a finished response is kept in memory (at most
+  STORE_SIZE responses and STORE_BYTES of their JSON, least recently used out first) for GET
+  /v1/responses/{id} and for a later request's `previous_response_id`, which continues its
+  conversation (input + output).
   An unknown id is a 404; DELETE answers `{"id", "object": "response", "deleted": true}`.
 - Errors before the 200 are the chat route's OpenAI error bodies.
 """
@@ -60,6 +61,7 @@ from atom_stream.server.responses_protocol import (
 )
 
 STORE_SIZE = 512  # responses kept for GET and previous_response_id (least recently used out)
+STORE_BYTES = 64 << 20  # ... and the most bytes of JSON (bodies and conversations) they hold
 _ENC = msgspec.json.Encoder()
 
 
@@ -68,27 +70,43 @@ def _id(prefix: str) -> str:
 
 
 class ResponseStore:
-    """response id -> (its Response body, its conversation as chat messages, output included);
-    bounded to `size` entries, least recently used evicted first. Loop thread only."""
+    """response id -> (its Response body as JSON bytes, its conversation as chat messages,
+    output included); bounded to `size` entries and `max_bytes` (the body's JSON plus the
+    conversation's), least recently used evicted first (an entry larger than `max_bytes` is
+    not kept, and evicts nothing). The body is kept encoded: nothing stored shares a mutable
+    object with a request. Loop thread only."""
 
-    def __init__(self, size: int = STORE_SIZE):
+    def __init__(self, size: int = STORE_SIZE, max_bytes: int = STORE_BYTES):
         self.size = size
-        self._items: OrderedDict[str, tuple[dict, list[ChatMessage]]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[str, tuple[bytes, list[ChatMessage], int]] = OrderedDict()
 
     def put(self, rid: str, body: dict, convo: list[ChatMessage]) -> None:
-        self._items[rid] = (body, convo)
-        self._items.move_to_end(rid)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        encoded = _ENC.encode(body)
+        cost = len(encoded) + len(_ENC.encode(convo))
+        self.pop(rid)
+        if cost > self.max_bytes:
+            return  # it would push every other entry out and still not fit
+        self._items[rid] = (encoded, convo, cost)
+        self.nbytes += cost
+        while self._items and (len(self._items) > self.size or self.nbytes > self.max_bytes):
+            self.nbytes -= self._items.popitem(last=False)[1][2]
 
-    def get(self, rid: str) -> tuple[dict, list[ChatMessage]] | None:
+    def get(self, rid: str) -> tuple[bytes, list[ChatMessage]] | None:
+        """(the stored body's JSON, its conversation), or None; a hit is now the most recent."""
         hit = self._items.get(rid)
-        if hit is not None:
-            self._items.move_to_end(rid)
-        return hit
+        if hit is None:
+            return None
+        self._items.move_to_end(rid)
+        return hit[0], hit[1]
 
     def pop(self, rid: str) -> bool:
-        return self._items.pop(rid, None) is not None
+        hit = self._items.pop(rid, None)
+        if hit is None:
+            return False
+        self.nbytes -= hit[2]
+        return True
 
 
 def output_items(message: ResponseMessage) -> list[dict[str, Any]]:
@@ -128,13 +146,16 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 
 
 def output_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
-    """Output items -> the assistant chat message a later previous_response_id continues."""
+    """Output items -> the assistant chat message a later previous_response_id continues: the
+    texts of every reasoning item and of every message item joined (a streamed answer whose
+    text goes on after its tool calls has two message items), then its function calls."""
     msg = ChatMessage(role="assistant", content="")
     for item in items:
         if item["type"] == "reasoning":
-            msg.reasoning_content = "".join(c["text"] for c in item.get("content", ()))
+            msg.reasoning_content = (msg.reasoning_content or "") + "".join(
+                c["text"] for c in item.get("content", ()))
         elif item["type"] == "message":
-            msg.content = "".join(p["text"] for p in item["content"])
+            msg.content += "".join(p["text"] for p in item["content"])
         else:
             msg.tool_calls = (msg.tool_calls or []) + [{
                 "id": item["call_id"], "type": "function",
@@ -232,10 +253,12 @@ _DELTA_FIELDS: dict[str, dict[str, Any]] = {
 class ResponsesServing:
     """The /v1/responses routes over the chat route's OpenAIServing (the same state)."""
 
-    def __init__(self, chat: OpenAIServing, store_size: int = STORE_SIZE):
+    def __init__(self, chat: OpenAIServing, store_size: int = STORE_SIZE,
+                 store_bytes: int | None = None):
         self.chat = chat
         self.state = chat.state
-        self.store = ResponseStore(store_size)
+        self.store = ResponseStore(store_size,
+                                   STORE_BYTES if store_bytes is None else store_bytes)
 
     def _body(self, rid: str, created: int, model: str, req: ResponsesRequest, status: str,
               output: list, usage: Any = None, reason: str | None = None) -> dict[str, Any]:
@@ -337,7 +360,7 @@ class ResponsesServing:
         hit = self.store.get(request.path_params["response_id"])
         if hit is None:
             return self._missing(request)
-        return json_response(hit[0])
+        return Response(hit[0], media_type="application/json")
 
     async def delete(self, request: Request) -> Response:
         rid = request.path_params["response_id"]
