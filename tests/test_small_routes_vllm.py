@@ -138,3 +138,26 @@ def test_chat_text_parts_join_with_newlines(http, srv):
         "messages": [{"role": "user", "content": parts}], "max_tokens": 1}).json()
     want = len(srv.engine.tokenizer.encode_chat([{"role": "user", "content": "a\nb"}]))
     assert r["usage"]["prompt_tokens"] == want
+
+
+def test_invocations_dispatches_by_body(http):
+    """SageMaker's POST /invocations (vLLM serves it beside /ping): a chat, completion or
+    responses body answers as its own route does; another body, bad JSON or a wrong content
+    type is a 400; streaming works through it."""
+    chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 3})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    done = http.post("/invocations", json={"prompt": "hi", "max_tokens": 3})
+    assert done.status_code == 200 and done.json()["object"] == "text_completion"
+    resp = http.post("/invocations", json={"input": "hi", "max_output_tokens": 3})
+    assert resp.status_code == 200 and resp.json()["object"] == "response"
+    with http.stream("POST", "/invocations", json={"prompt": "hi", "max_tokens": 3,
+                                                   "stream": True}) as r:
+        assert r.status_code == 200 and r.read().endswith(b"data: [DONE]\n\n")
+    for kwargs in ({"json": {"nothing": 1}}, {"json": [1, 2]},
+                   {"content": b"{", "headers": {"content-type": "application/json"}},
+                   {"content": b'{"prompt": "x"}', "headers": {"content-type": "text/plain"}}):
+        r = http.post("/invocations", **kwargs)
+        assert r.status_code == 400 and r.json()["error"]["code"] == 400
+    bad = http.post("/invocations", json={"prompt": "hi", "max_tokens": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

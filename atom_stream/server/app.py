@@ -13,6 +13,7 @@ Responses API, responses_api.py; GET / DELETE /v1/responses/{id}); GET /v1/model
 /v1/models/{model};
 WebSocket /v1/ws; GET /health
 and GET|POST /ping (200, or 503 when the engine is dead or not started; empty bodies, as vLLM),
+POST /invocations (SageMaker's: dispatched by the body to chat / completions / responses),
 /version, /metrics (Prometheus text), POST /tokenize, /detokenize, /reset_prefix_cache (vLLM's
 dev-mode route: forget the cached prefix blocks). Unknown routes and methods
 answer with the OpenAI error body (404/405). `--api-key` guards /v1/* (auth.py).
@@ -65,6 +66,7 @@ from atom_stream.server.anthropic import AnthropicServing
 from atom_stream.server.anthropic import error_response as anthropic_error_response
 from atom_stream.server.auth import APIKeyMiddleware, KeyChecker
 from atom_stream.server.chat_parsing import check_parser_names
+from atom_stream.server.invocations import invocations_route
 from atom_stream.server.metrics import CONTENT_TYPE, FrontendMetrics
 from atom_stream.server.openai import OpenAIServing
 from atom_stream.server.request_ids import RequestIdHeaderMiddleware
@@ -260,6 +262,10 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
         WebSocketRoute("/v1/ws", WebSocketEndpoint(state)),
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),  # SageMaker's health route (vLLM)
+        Route("/invocations", invocations_route({  # SageMaker's inference route (vLLM)
+            "/v1/chat/completions": serving.chat_completions,
+            "/v1/completions": serving.completions,
+            "/v1/responses": responses_api.create}, config.max_body_bytes), methods=["POST"]),
         Route("/load", load, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
