@@ -53,7 +53,8 @@ CONFIGS = {"default": {}, "bn32w4": {"BN1": 32, "W1": 4}, "bn32w2": {"BN1": 32, 
            "bn128bk256": {"BN1": 128, "W1": 4, "BK1": 256},
            "bk256s2": {"BK1": 256, "S1": 2}, "bk512": {"BK1": 512},
            "bn32bk256": {"BN1": 32, "BK1": 256}, "bk256s4": {"BK1": 256, "S1": 4},
-           "bk512s2": {"BK1": 512, "S1": 2}}
+           "bk512s2": {"BK1": 512, "S1": 2}, "bn256w4": {"BN1": 256, "W1": 4},
+           "bn256w8": {"BN1": 256, "W1": 8}}
 
 
 def routing(M: int, D: int, gen: torch.Generator) -> torch.Tensor:
