@@ -11,6 +11,8 @@ process as the load generator. Modes:
   encoding the same chunk dicts (role, content, finish, usage, [DONE]) per delta.
 - `sse`:    atom-stream's server, POST /v1/chat/completions, stream + include_usage.
 - `ws-json`, `ws-msgpack`: atom-stream's server, /v1/ws, all streams on one socket.
+- `anthropic`, `responses` (not run unless named in --modes): atom-stream's server, POST
+  /v1/messages / POST /v1/responses streamed (the same messages, 64 tokens).
 
 Every mode streams the same chat request (64 ignore_eos tokens, greedy). Runs are interleaved
 (repeat x concurrency x mode) so background load hits all modes alike; the median run (by loop
@@ -192,17 +194,30 @@ async def run_level(c: int, n_requests: int, one, pid: int) -> dict:
 _USAGE = re.compile(rb'"completion_tokens":(\d+)')
 
 
-class SSEClient:
-    """Raw HTTP/1.1 keep-alive client (the client's CPU must not be the bottleneck)."""
+# the SSE routes measured: path, the request's own fields, the last event's marker, its count
+SSE_ROUTES = {
+    "sse": (b"/v1/chat/completions", {"messages": MESSAGES, "max_tokens": None,
+                                      "stream_options": {"include_usage": True}},
+            b"data: [DONE]", _USAGE),
+    "anthropic": (b"/v1/messages", {"messages": MESSAGES, "max_tokens": None},
+                  b"message_stop", re.compile(rb'"output_tokens":(\d+)')),
+    "responses": (b"/v1/responses", {"input": MESSAGES, "max_output_tokens": None},
+                  b"response.completed", re.compile(rb'"output_tokens":(\d+)')),
+}
 
-    def __init__(self, port: int, max_tokens: int):
-        body = msgspec.json.encode({"model": "demo", "messages": MESSAGES,
-                                    "max_tokens": max_tokens, "temperature": 0,
-                                    "ignore_eos": True, "stream": True,
-                                    "stream_options": {"include_usage": True}})
-        self.request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
+
+class SSEClient:
+    """Raw HTTP/1.1 keep-alive client (the client's CPU must not be the bottleneck); `route`:
+    a key of SSE_ROUTES (chat completions, Anthropic's messages, OpenAI's responses)."""
+
+    def __init__(self, port: int, max_tokens: int, route: str = "sse"):
+        path, fields, self.marker, self.usage = SSE_ROUTES[route]
+        fields = {k: (max_tokens if v is None else v) for k, v in fields.items()}
+        body = msgspec.json.encode({"model": "demo", "temperature": 0, "ignore_eos": True,
+                                    "stream": True, **fields})
+        self.request = (b"POST %s HTTP/1.1\r\nhost: bench\r\n"
                         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                        % len(body) + body)
+                        % (path, len(body)) + body)
         self.port = port
         self.conns: list = []
 
@@ -224,9 +239,9 @@ class SSEClient:
                 continue
             buf += data
         self.conns.append((reader, writer))
-        tail = bytes(buf[-600:])
-        assert b"data: [DONE]" in tail, tail
-        return int(_USAGE.findall(tail)[-1])
+        tail = bytes(buf[-3000:])
+        assert self.marker in tail, tail
+        return int(self.usage.findall(tail)[-1])
 
 
 class WSClient:
@@ -371,6 +386,8 @@ async def bench(args: argparse.Namespace, servers: dict) -> dict[str, list]:
             clients[mode] = EngineOnlyClient(port, args.max_tokens)
         elif mode in ("bare", "sse"):
             clients[mode] = SSEClient(port, args.max_tokens)
+        elif mode in SSE_ROUTES:
+            clients[mode] = SSEClient(port, args.max_tokens, mode)
         else:
             clients[mode] = WSClient(port, args.max_tokens, binary=(mode == "ws-msgpack"))
             await clients[mode].connect()
@@ -448,6 +465,11 @@ def report(results: dict[str, list], args: argparse.Namespace) -> None:
             if row["bare"]["fe_us_per_tok"]:
                 ratios[f"sse_vs_bare_fe_c{c}"] = row["sse"]["fe_us_per_tok"] / row["bare"][
                     "fe_us_per_tok"]
+        for api in ("anthropic", "responses"):
+            other = next((x for x in results.get(api, []) if x["concurrency"] == c), None)
+            if row["sse"] and other and row["sse"]["fe_us_per_tok"]:
+                ratios[f"{api}_vs_sse_fe_c{c}"] = (other["fe_us_per_tok"]
+                                                   / row["sse"]["fe_us_per_tok"])
         for ws in ("ws-json", "ws-msgpack"):
             if row["sse"] and row[ws]:
                 ratios[f"{ws}_tok_per_cpu_s_vs_sse_c{c}"] = row["sse"]["cpu_us_per_tok"] / row[

@@ -86,6 +86,8 @@ def test_history_converts_to_chat_messages():
     assert (chat.stop, chat.temperature, chat.top_p, chat.top_k, chat.max_tokens) == (
         ["END"], 0.3, 0.9, 5, 16)
     assert chat.chat_template_kwargs == {"thinking": False}
+    extras = convert(ignore_eos=True, seed=5)  # vLLM's extras, as benchmarks send them
+    assert (extras.ignore_eos, extras.seed) == (True, 5)
 
 
 @pytest.mark.parametrize(("choice", "expected"), [

@@ -84,6 +84,7 @@ def test_input_items_convert_to_chat_messages():
     assert (chat.max_tokens, chat.temperature, chat.top_p, chat.top_k, chat.seed) == (
         9, 0.5, 0.8, 4, 3)
     assert chat.parallel_tool_calls is False
+    assert convert(ignore_eos=True)[0].ignore_eos is True  # vLLM's extra, for benchmarks
     assert chat.response_format == {"type": "json_schema", "json_schema": {
         "name": "w", "schema": {"type": "object"}}}
 

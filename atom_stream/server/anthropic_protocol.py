@@ -25,7 +25,8 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
   (unless `chat_template_kwargs` sets it); `budget_tokens` is accepted, not enforced.
 - `output_config.format` (json_schema) -> response_format json_schema (structured outputs);
   `output_config.effort` -> the chat template's `reasoning_effort`, as vLLM maps it.
-- `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream` map one to one.
+- `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream` map one to one;
+  so do vLLM's extras `ignore_eos` and `seed` (not Anthropic's fields).
 - Images, documents and other non-text blocks are 400s naming the block: the server serves
   text-only models. Unknown fields are ignored, as vLLM's pydantic models do.
 """
@@ -121,6 +122,9 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
     output_config: OutputConfig | None = None
+    # vLLM's sampling extras (not Anthropic's; `extra_body` in the SDK): benchmarks' ignore_eos
+    ignore_eos: bool = False
+    seed: int | None = None
 
 
 def _unsupported(kind: str, param: str) -> HTTPError:
@@ -302,6 +306,7 @@ def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         chat.stop = req.stop_sequences
         chat.temperature, chat.top_p, chat.top_k = req.temperature, req.top_p, req.top_k
         chat.stream = bool(req.stream)
+        chat.ignore_eos, chat.seed = req.ignore_eos, req.seed
         if req.output_config is not None and req.output_config.effort is not None:
             chat.reasoning_effort = req.output_config.effort  # vLLM maps it the same way
         fmt = req.output_config.format if req.output_config is not None else None

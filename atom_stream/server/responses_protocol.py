@@ -22,10 +22,10 @@ parsers, structured outputs and every check are the chat route's. `to_chat_reque
 - Malformed items, parts, tools or formats, and an input with no message, are 400s naming
   the field (`param`), never a Python error message.
 - `max_output_tokens` -> max_tokens; `temperature`, `top_p` and vLLM's extra `top_k`, `min_p`,
-  `seed`, `repetition_penalty`, `stop` as on the chat route. `background` true and
-  `top_logprobs` > 0 are 400s (not served); `reasoning.effort` is the chat template's
-  `reasoning_effort` (vLLM's chat field); `include`, `truncation`, `user`,
-  `metadata` (echoed back), `service_tier` and unknown fields are accepted and have no effect.
+  `seed`, `repetition_penalty`, `stop`, `ignore_eos` as on the chat route. `background` true
+  and `top_logprobs` > 0 are 400s (not served); `reasoning.effort` is the chat template's
+  `reasoning_effort` (vLLM's chat field); `include`, `truncation`, `user`, `metadata` (echoed
+  back), `service_tier` and unknown fields are accepted and have no effect.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class ResponsesRequest(Struct, kw_only=True):
     seed: int | None = None
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False
     request_id: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -280,6 +281,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[ChatMessage]
         max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
         top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         repetition_penalty=req.repetition_penalty, stop=req.stop, stream=bool(req.stream),
+        ignore_eos=req.ignore_eos,
         request_id=req.request_id, chat_template_kwargs=req.chat_template_kwargs,
         reasoning_effort=_effort(req.reasoning),
         response_format=_response_format(req.text))
