@@ -399,3 +399,22 @@ def test_dropped_stream_frees_its_request(keyed):
     # the server goes on serving
     msg = _sdk(keyed).messages.create(model="demo", max_tokens=3, messages=USER)
     assert msg.usage.output_tokens <= 3
+
+
+def test_text_delta_hot_path_writes_the_generic_bytes():
+    """BlockStream's hot path (more text for the open text block) writes exactly the bytes of
+    the generic event encoding, for fresh random texts (quotes, escapes, non-ASCII)."""
+    import random
+
+    from atom_stream.protocol import DeltaMessage
+    from atom_stream.server.anthropic import BlockStream, event
+
+    rng = random.Random()
+    blocks = BlockStream()
+    blocks.feed(DeltaMessage(content="start"))
+    for _ in range(50):
+        text = "".join(rng.choice('ab"\\\n\t\u00e9\u2028\U0001f600<>/ ') for _ in range(6))
+        assert blocks.feed(DeltaMessage(content=text)) == event("content_block_delta", {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": text}})
+    assert blocks.feed(DeltaMessage(content="")) == b""

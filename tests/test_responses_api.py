@@ -297,3 +297,30 @@ def test_dropped_stream_frees_its_request(srv):
                 break  # leave mid-answer
     stats = srv.wait_idle()
     assert (stats["num_running"], stats["num_waiting"], stats["used_blocks"]) == (0, 0, 0)
+
+
+def test_text_delta_hot_path_writes_the_generic_bytes():
+    """ItemStream's hot path (more text for the open message) writes exactly event()'s bytes
+    with the next sequence number, and the message's done text holds every piece."""
+    import random
+
+    import msgspec
+
+    from atom_stream.protocol import DeltaMessage
+    from atom_stream.server.responses_api import ItemStream
+
+    rng = random.Random()
+    items = ItemStream()
+    items.feed(DeltaMessage(content="start"))
+    texts = ["start"]
+    for _ in range(50):
+        text = "".join(rng.choice('ab"\\\n\t\u00e9\u2028\U0001f600<>/ ') for _ in range(6))
+        seq = items.seq
+        got = items.feed(DeltaMessage(content=text))
+        texts.append(text)
+        assert got == b"event: response.output_text.delta\ndata: " + msgspec.json.encode({
+            "type": "response.output_text.delta", "sequence_number": seq,
+            "item_id": items._item["id"], "output_index": 0, "content_index": 0,
+            "logprobs": [], "delta": text}) + b"\n\n"
+    items.close()
+    assert items.items[0]["content"][0]["text"] == "".join(texts)

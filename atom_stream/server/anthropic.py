@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -121,17 +122,21 @@ def content_blocks(message: ResponseMessage) -> list[dict[str, Any]]:
 class BlockStream:
     """The content-block events of one streamed answer, from the chat parsers' deltas."""
 
-    __slots__ = ("called", "index", "kind")
+    __slots__ = ("_text", "called", "index", "kind")
 
     def __init__(self) -> None:
         self.index = -1  # the open block's index (the count of blocks opened, minus one)
         self.kind: str | None = None  # the open block's type; None: none open
         self.called = False
+        self._text = b""  # an open text block's text_delta event up to the text (hot path)
 
     def _open(self, block: dict[str, Any]) -> bytes:
         out = self.close()
         self.index += 1
         self.kind = block["type"]
+        if self.kind == "text":  # the bytes _delta writes, up to the text's JSON string
+            self._text = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                          b'"index":%d,"delta":{"type":"text_delta","text":' % self.index)
         return out + event("content_block_start", {"type": "content_block_start",
                                                    "index": self.index, "content_block": block})
 
@@ -150,6 +155,10 @@ class BlockStream:
                                                   "index": self.index})
 
     def feed(self, delta: DeltaMessage | None) -> bytes:
+        if (self.kind == "text" and delta is not None and isinstance(delta.content, str)
+                and delta.reasoning_content is UNSET and delta.tool_calls is UNSET):
+            # hot path, more text for the open text block: _delta's bytes, one string encode
+            return self._text + _ENC.encode(delta.content) + b"}}\n\n" if delta.content else b""
         out = b""
         for kind, text, name in delta_pieces(delta):
             if kind == "reasoning":

@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -167,7 +168,7 @@ class ItemStream:
     """The events of one streamed answer's output items, numbered from `seq`; `items` holds
     each finished item as the final Response lists it."""
 
-    __slots__ = ("_buf", "_item", "_kind", "items", "seq")
+    __slots__ = ("_buf", "_item", "_kind", "_text", "items", "seq")
 
     def __init__(self, seq: int = 0):
         self.seq = seq
@@ -175,6 +176,7 @@ class ItemStream:
         self._kind: str | None = None  # the open item's type
         self._buf: list[str] = []  # the open item's text / arguments so far
         self._item: dict[str, Any] = {}  # the open item as added (its id; a call's name)
+        self._text = b""  # an open message's output_text.delta after its sequence number
 
     def event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **fields}
@@ -196,6 +198,9 @@ class ItemStream:
         elif item["type"] == "message":
             out += self.event("response.content_part.added", **self._where, content_index=0,
                               part=_text_part(""))
+            # the bytes event() writes for its text deltas, after the sequence number
+            self._text = (b',"item_id":"%s","output_index":%d,"content_index":0,"logprobs":[],'
+                          b'"delta":' % (item["id"].encode(), len(self.items)))
         return out
 
     def close(self) -> bytes:
@@ -226,6 +231,15 @@ class ItemStream:
         return out
 
     def feed(self, delta: DeltaMessage | None) -> bytes:
+        if (self._kind == "message" and delta is not None and isinstance(delta.content, str)
+                and delta.reasoning_content is UNSET and delta.tool_calls is UNSET):
+            # hot path, more text for the open message: event()'s bytes, one string encode
+            if not delta.content:
+                return b""
+            self._buf.append(delta.content)
+            self.seq += 1
+            return (_TEXT_DELTA + str(self.seq - 1).encode() + self._text
+                    + _ENC.encode(delta.content) + b"}\n\n")
         out = b""
         for kind, text, name in delta_pieces(delta):
             if kind == "call":
@@ -242,6 +256,8 @@ class ItemStream:
         return out
 
 
+_TEXT_DELTA = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+               b'"sequence_number":')
 _DELTAS = {"reasoning": "response.reasoning_text.delta",
            "content": "response.output_text.delta",
            "arguments": "response.function_call_arguments.delta"}
