@@ -12,6 +12,7 @@ import json
 import httpx
 import openai
 import pytest
+from test_review30_diff import _capture_prompts
 from test_tool_calls import KIMI_OUT, TOOLS, chunks, off, on  # noqa: F401 - fixtures
 
 from atom_stream.server.openai import decode_request
@@ -237,20 +238,13 @@ def test_previous_response_id_renders_the_history(off):
     engine.script = ["Paris."]
     rid = c.post("/v1/responses", json={"input": "Where?", "instructions": "Be brief."}
                  ).json()["id"]
-    seen: list = []
-    original = engine.tokenize_prompt
-
-    async def tokenize_prompt(prompt, chat_template_kwargs=None, **kwargs):
-        seen.append(prompt)
-        return await original(prompt, chat_template_kwargs, **kwargs)
-
-    engine.tokenize_prompt = tokenize_prompt
+    seen, undo = _capture_prompts(engine)
     try:
         engine.script = ["Yes."]
         r = c.post("/v1/responses", json={"input": "Sure?", "previous_response_id": rid})
         assert r.status_code == 200
     finally:
-        del engine.tokenize_prompt
+        undo()
     (messages,) = seen
     assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "Where?"), ("assistant", "Paris."), ("user", "Sure?")]
