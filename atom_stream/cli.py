@@ -262,6 +262,14 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                    default=True, help=argparse.SUPPRESS)
     # vLLM's FrontendArgs (cli_args.py): CORS lists are JSON (type=json.loads there), bools are
     # BooleanOptionalAction (its get_kwargs), so --no-allow-credentials exists too
+    g.add_argument("--ssl-keyfile", default=None, help="HTTPS / WSS: the private key file")
+    g.add_argument("--ssl-certfile", default=None, help="HTTPS / WSS: the certificate file")
+    g.add_argument("--ssl-ca-certs", default=None,
+                   help="CA certificates for verifying client certificates")
+    g.add_argument("--ssl-cert-reqs", type=int, default=0,
+                   help="client certificates: 0 none, 1 optional, 2 required (ssl module)")
+    g.add_argument("--root-path", default="",
+                   help="the path prefix a reverse proxy serves the app under")
     g.add_argument("--allowed-origins", type=_json_str_list, default=["*"],
                    help='CORS allowed origins, a JSON list (default: \'["*"]\')')
     g.add_argument("--allowed-methods", type=_json_str_list, default=["*"],
@@ -349,6 +357,9 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         enable_request_id_headers=args.enable_request_id_headers,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+        root_path=args.root_path,
     )
 
 

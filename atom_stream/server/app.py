@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -113,6 +114,14 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # vLLM's --ssl-keyfile / --ssl-certfile / --ssl-ca-certs / --ssl-cert-reqs and --root-path
+    # (uvicorn's options): HTTPS and WSS with a key and certificate; ssl_cert_reqs is the ssl
+    # module's verify mode for client certificates (0 none, 1 optional, 2 required)
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0
+    root_path: str = ""
 
     def __post_init__(self) -> None:
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
@@ -137,6 +146,22 @@ class ServerConfig:
             raise ValueError(f"port: {self.port} is not a TCP port")
         check_parser_names(self.tool_call_parser, self.reasoning_parser,
                            self.enable_auto_tool_choice)
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """A clear start-up error for TLS settings uvicorn would fail on later."""
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("ssl_keyfile and ssl_certfile go together (HTTPS needs both)")
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.ssl_cert_reqs not in (0, 1, 2):
+            raise ValueError(f"ssl_cert_reqs: 0 (none), 1 (optional) or 2 (required), got "
+                             f"{self.ssl_cert_reqs!r}")
+        if self.ssl_cert_reqs and (self.ssl_ca_certs is None or self.ssl_keyfile is None):
+            raise ValueError("ssl_cert_reqs verifies client certificates: it needs "
+                             "ssl_ca_certs and HTTPS (ssl_keyfile, ssl_certfile)")
 
 
 class ServerState:
@@ -302,6 +327,9 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
         ws_max_size=2 * frame + (64 << 10), ws_ping_interval=config.ws_ping_interval,
         ws_ping_timeout=config.ws_ping_timeout,
         ws_per_message_deflate=False,  # token frames are tiny: compression costs more CPU
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+        ssl_ca_certs=config.ssl_ca_certs, ssl_cert_reqs=config.ssl_cert_reqs,
+        root_path=config.root_path,
     )
 
 
