@@ -268,6 +268,9 @@ def add_server_args(p: argparse.ArgumentParser, atom_ports: bool = False) -> Non
                    help="CA certificates for verifying client certificates")
     g.add_argument("--ssl-cert-reqs", type=int, default=0,
                    help="client certificates: 0 none, 1 optional, 2 required (ssl module)")
+    g.add_argument("--chat-template-content-format", default="auto",
+                   choices=["auto", "string", "openai"],
+                   help="message content as the chat template reads it (auto: detected)")
     g.add_argument("--root-path", default="",
                    help="the path prefix a reverse proxy serves the app under")
     g.add_argument("--allowed-origins", type=_json_str_list, default=["*"],
@@ -360,6 +363,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
         root_path=args.root_path,
+        chat_template_content_format=args.chat_template_content_format,
     )
 
 

@@ -50,3 +50,29 @@ def test_other_routes_pass_the_effort(on):
     assert engine.rendered[-1][0] == {"reasoning_effort": "medium"}
     r = c.post("/v1/responses", json={"input": "hi", "reasoning": {"effort": 3}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning.effort"
+
+
+def test_content_format_flag():
+    """vLLM's --chat-template-content-format: "openai" hands the template every message's
+    content as text parts, "string" as one string (the demo template's own format); anything
+    else is a start-up error."""
+    from test_cli import parse
+    from test_review30_diff import _capture_prompts
+    from test_tool_calls import ScriptedChat, _client
+
+    from atom_stream.server.app import ServerConfig
+
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    for fmt, expected in (("openai", parts), ("string", "a\nb"), ("auto", "a\nb")):
+        engine = ScriptedChat()
+        with _client(engine, chat_template_content_format=fmt) as c:
+            seen, undo = _capture_prompts(engine)
+            r = c.post("/v1/chat/completions", json={"messages": [
+                {"role": "user", "content": parts}]})
+            undo()
+        assert r.status_code == 200, r.text
+        assert seen[-1][0]["content"] == expected
+    with pytest.raises(ValueError, match="content_format"):
+        ServerConfig(chat_template_content_format="jinja")
+    _, server = parse("--chat-template-content-format openai")
+    assert server.chat_template_content_format == "openai"

@@ -62,6 +62,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from atom_stream.cli import package_version
 from atom_stream.config import EngineConfig
+from atom_stream.engine.prompts import CONTENT_FORMATS
 from atom_stream.sampling_params import model_sampling_defaults
 from atom_stream.server.anthropic import AnthropicServing
 from atom_stream.server.anthropic import error_response as anthropic_error_response
@@ -122,6 +123,9 @@ class ServerConfig:
     ssl_ca_certs: str | None = None
     ssl_cert_reqs: int = 0
     root_path: str = ""
+    # vLLM's --chat-template-content-format: how message content reaches the template
+    # ("auto": from the template, engine/prompts.resolve_content_format)
+    chat_template_content_format: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
@@ -146,6 +150,9 @@ class ServerConfig:
             raise ValueError(f"port: {self.port} is not a TCP port")
         check_parser_names(self.tool_call_parser, self.reasoning_parser,
                            self.enable_auto_tool_choice)
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError("chat_template_content_format: one of auto, string, openai; got "
+                             f"{self.chat_template_content_format!r}")
         self._check_tls()
 
     def _check_tls(self) -> None:

@@ -272,7 +272,8 @@ class OpenAIServing:
         """A chat request's template inputs: (messages as dicts, the template kwargs or None,
         the add_generation_prompt / continue_final_message options)."""
         messages = messages_to_dicts(
-            req.messages, content_format=resolve_content_format(self.engine.tokenizer))
+            req.messages, content_format=resolve_content_format(
+                self.engine.tokenizer, self.state.config.chat_template_content_format))
         tools_kwargs = {"tools": req.tools} if req.tools else {}
         # vLLM's order: the request's tools (and its template fields), then its
         # chat_template_kwargs over them

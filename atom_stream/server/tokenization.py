@@ -91,7 +91,8 @@ class Tokenization(OpenAIServing):
                 kwargs["add_special_tokens"] = bool(kwargs.get("add_special_tokens",
                                                                req.add_special_tokens))
                 fn = functools.partial(tok.encode_chat, messages_to_dicts(
-                    req.messages, content_format=resolve_content_format(tok)),
+                    req.messages, content_format=resolve_content_format(
+                        tok, self.state.config.chat_template_content_format)),
                                        add_generation_prompt=agp, continue_final_message=cfm,
                                        **kwargs)
                 size = None  # rendering reads tools and kwargs too: always off the loop

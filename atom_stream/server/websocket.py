@@ -264,7 +264,8 @@ class _Connection(SocketIO):
             options = {}
             if field == "messages":
                 prompt = messages_to_dicts(prompt, content_format=resolve_content_format(
-                    getattr(self.engine, "tokenizer", None)))
+                    getattr(self.engine, "tokenizer", None),
+                    self.cfg.chat_template_content_format))
                 if self.cfg.default_chat_template_kwargs:
                     kwargs = {**self.cfg.default_chat_template_kwargs, **(kwargs or {})}
                 # as the chat route: both options true is a 400 before any work
