@@ -124,6 +124,11 @@ class _SamplingRequest(Struct, kw_only=True):
             self.prompt_logprobs = int(self.prompt_logprobs)
 
 
+# the thinking switch's {"type": ...} forms as the bool the K2.5 / DeepSeek templates read
+# (ATOM's `thinking` chat field, Anthropic's `thinking` request field)
+THINKING_TYPES = {"enabled": True, "adaptive": True, "disabled": False}
+
+
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     messages: list[ChatMessage]
     max_tokens: int | None = None

@@ -38,14 +38,18 @@ from typing import Any
 
 from msgspec import Struct
 
-from atom_stream.protocol import ChatCompletionRequest, ChatMessage, ContentPart
+from atom_stream.protocol import (
+    THINKING_TYPES,
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+)
 from atom_stream.server.responses import HTTPError
 
 # Claude Code's attribution block: a per-request hash at the head of the system prompt
 BILLING_HEADER = "x-anthropic-billing-header"
 # roles newer Claude Code versions send outside Anthropic's spec (vLLM maps them the same way)
 ROLE_ALIASES = {"ctx": "user", "msg": "user"}
-THINKING_ON = {"enabled": True, "adaptive": True, "disabled": False}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
@@ -248,7 +252,7 @@ def _tool_choice(choice: ToolChoice | None) -> str | dict[str, Any] | None:
 def _template_kwargs(req: CountTokensRequest) -> dict[str, Any] | None:
     kwargs = dict(req.chat_template_kwargs or {})
     if req.thinking is not None:
-        on = THINKING_ON.get(req.thinking.type)
+        on = THINKING_TYPES.get(req.thinking.type)
         if on is None:
             raise HTTPError(400, "thinking.type must be one of enabled, adaptive, disabled; "
                             f"got {req.thinking.type!r}", "thinking")

@@ -46,6 +46,7 @@ from atom_stream.errors import (
     ServerShuttingDownError,
 )
 from atom_stream.protocol import (
+    THINKING_TYPES,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -122,8 +123,7 @@ def template_fields(req: ChatCompletionRequest) -> dict[str, Any]:
         out["reasoning_effort"] = req.reasoning_effort
     thinking = req.thinking
     if isinstance(thinking, dict) and isinstance(thinking.get("type"), str):
-        thinking = {"enabled": True, "adaptive": True, "disabled": False}.get(
-            thinking["type"], thinking)
+        thinking = THINKING_TYPES.get(thinking["type"], thinking)
     if thinking is not None:
         out["thinking"] = thinking
     return out

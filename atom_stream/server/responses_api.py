@@ -83,16 +83,18 @@ class ResponseStore:
         self.nbytes = 0
         self._items: OrderedDict[str, tuple[bytes, list[ChatMessage], int]] = OrderedDict()
 
-    def put(self, rid: str, body: dict, convo: list[ChatMessage]) -> None:
+    def put(self, rid: str, body: dict, convo: list[ChatMessage]) -> bytes:
+        """Store (evicting as needed); returns the body's JSON (the non-streamed answer)."""
         encoded = _ENC.encode(body)
         cost = len(encoded) + len(_ENC.encode(convo))
         self.pop(rid)
         if cost > self.max_bytes:
-            return  # it would push every other entry out and still not fit
+            return encoded  # it would push every other entry out and still not fit
         self._items[rid] = (encoded, convo, cost)
         self.nbytes += cost
         while self._items and (len(self._items) > self.size or self.nbytes > self.max_bytes):
             self.nbytes -= self._items.popitem(last=False)[1][2]
+        return encoded
 
     def get(self, rid: str) -> tuple[bytes, list[ChatMessage]] | None:
         """(the stored body's JSON, its conversation), or None; a hit is now the most recent."""
@@ -326,11 +328,13 @@ class ResponsesServing:
         created = int(time.time())
         choice = started.choices[0]
 
-        def finish(status: str, items: list, usage: Any, reason: str | None) -> dict:
+        def finish(status: str, items: list, usage: Any, reason: str | None
+                   ) -> tuple[dict, bytes | None]:
+            """The final Response (stored with `store`) and its JSON when the store made it."""
             body = self._body(rid, created, started.model, req, status, items, usage, reason)
-            if req.store:
-                self.store.put(rid, body, convo + output_messages(items))
-            return body
+            if not req.store:
+                return body, None
+            return body, self.store.put(rid, body, convo + output_messages(items))
 
         if req.stream:
             return self.chat._sse(self._stream(req, rid, created, started.model, choice,
@@ -344,7 +348,10 @@ class ResponsesServing:
         message, _ = self.chat._message(started.plan, "assistant", "", "".join(result.text),
                                         result.finish_reason)
         status, reason = _status(result.finish_reason)
-        return json_response(finish(status, output_items(message), result.usage, reason))
+        body, encoded = finish(status, output_items(message), result.usage, reason)
+        if encoded is None:
+            return json_response(body)
+        return Response(encoded, media_type="application/json")  # encoded once, by the store
 
     async def _stream(self, req: ResponsesRequest, rid: str, created: int, model: str,
                       choice: Choice, plan: Any, finish: Any) -> AsyncIterator[bytes]:
@@ -362,7 +369,7 @@ class ResponsesServing:
                         continue
                     chunk += items.close()
                     status, reason = _status(out.finish_reason)
-                    body = finish(status, items.items, out.usage, reason)
+                    body, _ = finish(status, items.items, out.usage, reason)
                     kind = "response.completed" if status == "completed" else (
                         "response.incomplete")
                     yield FinalChunk(chunk + items.event(kind, response=body))
