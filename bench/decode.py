@@ -9,6 +9,10 @@ run: the experts actually touched (from the step's real routing) + every non-exp
 latent KV of every sequence. ratio = floor / step.
 
     python bench/decode.py --preset k25-tp8-rank [--batches 1,16,64,256] [--ctx 1024,8192]
+    python bench/decode.py --batches 1,2 --ctx 1024 --ab atom_stream.models.kernel_path:NORM_GEMV=0,1
+
+(--ab: an in-process A/B of a switch the forward reads at call time, graphs recaptured per
+value, values alternated over --ab-rounds.)
 
 Prints a table; writes bench/results/decode-<preset>-<gpu>.json rows
 {"batch","ctx","experts_dtype","graphs","step_ms","floor_ms","ratio"}.
@@ -198,6 +202,60 @@ def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18, seq:
             prev_end = e.time_range.end
 
 
+def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed_row,
+           expert_bytes, moes) -> None:
+    """--ab MODULE:ATTR=V0,V1: for each round, each value in turn: set the attribute (a switch
+    the forward reads at call time, e.g. atom_stream.models.kernel_path:NORM_GEMV), recapture
+    the decode graphs, time every (B, ctx) by graph replay. Same process, same copy bandwidth
+    and KV contents for every value: alternated runs without a process start between them.
+    Prints each value's runs and their mean; rows carry {"ab": value, "round": r}."""
+    import gc
+    import importlib
+    import json
+    import statistics
+    target, _, raw = args.ab.partition("=")
+    mod_name, _, attr = target.partition(":")
+    mod = importlib.import_module(mod_name)
+    values = [json.loads(v) for v in raw.split(",")]
+    old = getattr(mod, attr)
+    floors = {}
+    for B, ctx in runs:
+        if (B, ctx) in fits:
+            _, eager = step_inputs(runner, B, ctx, args.block_size)
+            touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
+            floors[(B, ctx)] = 1e3 * (touched + non_expert + B * embed_row
+                                      + B * ctx * per_tok) / bw
+    rows = []
+    try:
+        for r in range(args.ab_rounds):
+            for v in values:
+                setattr(mod, attr, v)
+                runner.graphs = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                runner._capture_graphs()
+                for (B, ctx), floor_ms in floors.items():
+                    inp, _ = step_inputs(runner, B, ctx, args.block_size)
+                    ms = time_step(runner, inp, args.iters)
+                    rows.append({"batch": B, "ctx": ctx, "ab": v, "round": r, "graphs": True,
+                                 "step_ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
+                                 "ratio": round(floor_ms / ms, 4),
+                                 "copy_GBps": round(bw / 1e9, 1)})
+                    print(f"round {r} {attr}={v!r}: B={B:4d} ctx={ctx:5d} step={ms:8.3f} ms "
+                          f"ratio={floor_ms / ms:.3f}", flush=True)
+    finally:
+        setattr(mod, attr, old)
+    print(f"\n{target}: mean step ms over {args.ab_rounds} rounds (copy {bw / 1e9:.0f} GB/s)")
+    for (B, ctx) in floors:
+        means = [statistics.mean(x["step_ms"] for x in rows
+                                 if x["ab"] == v and (x["batch"], x["ctx"]) == (B, ctx))
+                 for v in values]
+        print(f"B={B:4d} ctx={ctx:5d} " + "  ".join(f"{v!r}: {m:.3f}"
+                                                     for v, m in zip(values, means)))
+    if args.out:
+        save_rows(args.out, rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="k25-tp8-rank")
@@ -213,6 +271,10 @@ def main(argv=None) -> None:
                     help="also print the top GPU kernels of one graph-replayed step per B")
     ap.add_argument("--profile-seq", type=int, default=0,
                     help="with --profile: also list the first N kernels in launch order")
+    ap.add_argument("--ab", default=None, metavar="MODULE:ATTR=V0,V1",
+                    help="in-process A/B: set the module attribute to each JSON value in turn, "
+                    "recapture the graphs and time every (B, ctx); --ab-rounds times over")
+    ap.add_argument("--ab-rounds", type=int, default=3)
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",")]
     ctxs = [int(x) for x in args.ctx.split(",")]
@@ -231,6 +293,9 @@ def main(argv=None) -> None:
     print(f"runner ready in {time.perf_counter() - t0:.1f}s; graphs={runner.graphs is not None}")
     fill_kv_random(runner)
     non_expert, embed_row, expert_bytes, moes, experts_dtype = describe_model(runner)
+    if args.ab:
+        return run_ab(runner, args, runs, fits, per_tok, bw, non_expert, embed_row,
+                      expert_bytes, moes)
     rows = []
     for B, ctx in runs:
         if (B, ctx) not in fits:

@@ -21,6 +21,8 @@ Contract: x [M, K] (last dim contiguous), w [N, K] contiguous, same dtype (bf16 
 router logits). add [M, N] (optional, last dim contiguous): y = add + x @ W^T with the sum in fp32
 and one rounding, like cuBLAS addmm with beta 1; `out` may be `add` itself (in place). Products
 and sums in fp32. No host syncs: CUDA/HIP-graph capturable. `gemv_ref` is the torch reference.
+`norm=` (one row): the decoder's add + RMSNorm before the GEMV folded into it (`gemv`;
+reference `gemv_norm_ref`), one launch and one DRAM round trip fewer per norm at B=1.
 """
 
 from __future__ import annotations
@@ -35,13 +37,25 @@ MAX_M = 4
 
 
 @triton.jit
-def _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm, acc0, acc1, acc2, acc3,
-               BLOCK_M: tl.constexpr):
-    """One [BLOCK_N, BLOCK_K] weight tile at column k into the rows' fp32 partials."""
+def _gemv_step(X, RES, NW, w_ptr, k, offs_k, nmask, M, K, stride_xm, acc0, acc1, acc2, acc3, ss,
+               BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] weight tile at column k into the rows' fp32 partials. NORM (one
+    row): x's chunk becomes r = x + residual (rounded to x's dtype, as add_rmsnorm stores it)
+    times the norm weight, and ss collects r^2 for the row's RMS (applied to the sums at the
+    end: _gemv_kernel)."""
     kmask = (k + offs_k) < K
     w = tl.load(w_ptr + k, mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    x0 = tl.load(X + k + offs_k, mask=kmask, other=0.0).to(tl.float32)
-    acc0 += tl.sum(w * x0[None, :], 1)
+    x0 = tl.load(X + k + offs_k, mask=kmask, other=0.0)
+    if NORM:
+        if HAS_RES:
+            x0 = (x0.to(tl.float32) + tl.load(RES + k + offs_k, mask=kmask, other=0.0)
+                  .to(tl.float32)).to(X.dtype.element_ty)
+        xf = x0.to(tl.float32)
+        ss += xf * xf
+        xf = xf * tl.load(NW + k + offs_k, mask=kmask, other=0.0).to(tl.float32)
+    else:
+        xf = x0.to(tl.float32)
+    acc0 += tl.sum(w * xf[None, :], 1)
     if BLOCK_M > 1:
         # rows past M read row M - 1 again (valid memory; never stored)
         x1 = tl.load(X + tl.minimum(1, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
@@ -51,13 +65,36 @@ def _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm, acc0, acc1, acc2, ac
         acc2 += tl.sum(w * x2.to(tl.float32)[None, :], 1)
         x3 = tl.load(X + tl.minimum(3, M - 1) * stride_xm + k + offs_k, mask=kmask, other=0.0)
         acc3 += tl.sum(w * x3.to(tl.float32)[None, :], 1)
-    return acc0, acc1, acc2, acc3
+    return acc0, acc1, acc2, acc3, ss
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, ADD, M, N, K, stride_xm, stride_wn, stride_ym, stride_am,
+def _norm_outputs(X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES: tl.constexpr,
+                  HAS_H: tl.constexpr, WB: tl.constexpr):
+    """NORM: this program's WB-wide slices of the new residual r = x + residual and of the
+    normed row h = (r * rstd rounded) * weight (rounded): add_rmsnorm's outputs, bit for bit
+    given the same rstd."""
+    for s in range(tl.program_id(0), tl.cdiv(K, WB), tl.num_programs(0)):
+        offs = s * WB + tl.arange(0, WB)
+        mask = offs < K
+        r = tl.load(X + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            r = (r.to(tl.float32) + tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty)
+            tl.store(RES_OUT + offs, r, mask=mask)
+        if HAS_H:
+            y = (r.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
+            nw = tl.load(NW + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(H_OUT + offs, (y * nw).to(H_OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(X, W, Y, ADD, RES, NW, RES_OUT, H_OUT, eps, M, N, K, stride_xm, stride_wn,
+                 stride_ym, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_ADD: tl.constexpr, STRIDED: tl.constexpr, K_UNROLL: tl.constexpr):
+                 HAS_ADD: tl.constexpr, STRIDED: tl.constexpr, K_UNROLL: tl.constexpr,
+                 NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+                 HAS_H: tl.constexpr = False, WB: tl.constexpr = 256):
     if STRIDED:  # rows pid, pid + G, pid + 2G, ... (G programs)
         offs_n = tl.program_id(0) + tl.arange(0, BLOCK_N) * tl.num_programs(0)
     else:
@@ -69,14 +106,22 @@ def _gemv_kernel(X, W, Y, ADD, M, N, K, stride_xm, stride_wn, stride_ym, stride_
     acc1 = tl.zeros((BLOCK_N,), tl.float32)
     acc2 = tl.zeros((BLOCK_N,), tl.float32)
     acc3 = tl.zeros((BLOCK_N,), tl.float32)
+    ss = tl.zeros((BLOCK_K,), tl.float32)
     if K_UNROLL > 0:  # K == K_UNROLL: the steps unrolled, so every step's loads issue at once
         for k in tl.static_range(0, K_UNROLL, BLOCK_K):
-            acc0, acc1, acc2, acc3 = _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm,
-                                                acc0, acc1, acc2, acc3, BLOCK_M)
+            acc0, acc1, acc2, acc3, ss = _gemv_step(X, RES, NW, w_ptr, k, offs_k, nmask, M, K,
+                                                    stride_xm, acc0, acc1, acc2, acc3, ss,
+                                                    BLOCK_M, NORM, HAS_RES)
     else:
         for k in range(0, K, BLOCK_K):
-            acc0, acc1, acc2, acc3 = _gemv_step(X, w_ptr, k, offs_k, nmask, M, K, stride_xm,
-                                                acc0, acc1, acc2, acc3, BLOCK_M)
+            acc0, acc1, acc2, acc3, ss = _gemv_step(X, RES, NW, w_ptr, k, offs_k, nmask, M, K,
+                                                    stride_xm, acc0, acc1, acc2, acc3, ss,
+                                                    BLOCK_M, NORM, HAS_RES)
+    if NORM:  # the row's RMS scales the finished sums: sum(w * r * g) * rstd
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc0 = acc0 * rstd
+        if HAS_RES or HAS_H:
+            _norm_outputs(X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES, HAS_H, WB)
     _store_row(Y, ADD, 0, acc0, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
     if BLOCK_M > 1:
         _store_row(Y, ADD, 1, acc1, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
@@ -112,8 +157,16 @@ def default_config(M: int, N: int, K: int, device: torch.device) -> dict:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None,
          add: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
-    """y = x @ w^T (+ add) for 1 <= M <= MAX_M rows (see the module docstring)."""
+         config: dict | None = None, norm: tuple | None = None) -> torch.Tensor:
+    """y = x @ w^T (+ add) for 1 <= M <= MAX_M rows (see the module docstring).
+
+    norm = (residual [1, K] | None, weight [K], eps, res_out [1, K] | None, h_out [1, K] | None),
+    one row only: y = h @ w^T with h = RMSNorm(x + residual) * weight, the add + RMSNorm that
+    would run before the GEMV folded into it (kernels/norm_rope.fused_add_rmsnorm's math; the
+    GEMV reads r * weight unrounded and scales its sums by 1 / rms, so y differs from the
+    unfused pair by h's bf16 rounding only). res_out (needed with a residual, not with None)
+    receives r = x + residual and h_out (optional) h, both as add_rmsnorm writes them; neither
+    may alias x or residual (every program reads them whole)."""
     M, K = x.shape
     N = w.shape[0]
     if (not 1 <= M <= MAX_M or w.shape[1] != K or w.stride(1) != 1 or w.stride(0) != K
@@ -122,17 +175,31 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = No
                          f"want 1 <= M <= {MAX_M}, contiguous w, same dtype")
     if add is not None and (add.shape != (M, N) or add.stride(1) != 1):
         raise ValueError(f"gemv: add {tuple(add.shape)}, want ({M}, {N}) with a contiguous row")
+    res = nw = res_out = h_out = None
+    eps = 0.0
+    if norm is not None:
+        res, nw, eps, res_out, h_out = norm
+        rows = [t for t in (res, res_out, h_out) if t is not None]
+        if (M != 1 or nw.shape != (K,) or not nw.is_contiguous()
+                or any(t.shape != (1, K) or not t.is_contiguous() or t.dtype != x.dtype
+                       for t in rows) or (res is None) != (res_out is None)):
+            raise ValueError(f"gemv norm: one row of {K}, contiguous residual / res_out / h_out "
+                             f"in x's dtype, res_out exactly with a residual (x "
+                             f"{tuple(x.shape)})")
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     assert out.shape == (M, N) and out.stride(1) == 1
     cfg = dict(default_config(M, N, K, x.device), **(config or {}))
     bn = cfg["BLOCK_N"]
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, out, add if add is not None else out, M, N, K, x.stride(0), w.stride(0),
+        x, w, out, add if add is not None else out, x if res is None else res,
+        x if nw is None else nw, x if res_out is None else res_out,
+        x if h_out is None else h_out, float(eps), M, N, K, x.stride(0), w.stride(0),
         out.stride(0), add.stride(0) if add is not None else 0,
         BLOCK_M=1 if M == 1 else (2 if M == 2 else 4), BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         HAS_ADD=add is not None, STRIDED=bool(cfg.get("STRIDED")),
-        K_UNROLL=K if cfg.get("UNROLL") else 0, num_warps=cfg["num_warps"])
+        K_UNROLL=K if cfg.get("UNROLL") else 0, NORM=norm is not None, HAS_RES=res is not None,
+        HAS_H=h_out is not None, num_warps=cfg["num_warps"])
     return out
 
 
@@ -143,3 +210,13 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None 
     if add is not None:
         y = y + add.float()
     return y.to(out_dtype or x.dtype)
+
+
+def gemv_norm_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None,
+                  weight: torch.Tensor, eps: float, *, out_dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unfused pair gemv(norm=...) replaces: (y, r, h) with h, r = the add + RMSNorm
+    reference (kernels/norm_rope.fused_add_rmsnorm_ref) and y = gemv_ref(h, w)."""
+    from .norm_rope import fused_add_rmsnorm_ref
+    h, r = fused_add_rmsnorm_ref(x, residual, weight, eps)
+    return gemv_ref(h, w, out_dtype=out_dtype), r, h

@@ -32,6 +32,7 @@ def warm_decode_kernels(runner) -> None:
                       v_dim=attn.v_dim, uv_max_batch=mla.MERGE_UV_MAX_B)
     n += absorb_warmup(runner, attn)
     n += gemv_warmup(runner)
+    n += norm_gemv_warmup(runner)
     n += splitk_warmup(runner, attn)
     logger.info("decode attention warm-up: %d launch variants in %.1fs", n,
                 time.perf_counter() - t0)
@@ -92,6 +93,31 @@ def gemv_warmup(runner) -> int:
             w = shared.down_proj.weight
             shared.down_add(torch.zeros(m, w.shape[1], dtype=dt, device=dev), x)
             n += 1
+    return n
+
+
+def norm_gemv_warmup(runner) -> int:
+    """Compile kernels/gemv.py's `norm=` variants that one-row steps take (models/kernel_path
+    NORM_GEMV): the q_a + kv_a GEMV with a residual and without (layer 0's input norm), the
+    MoE router + shared gate/up GEMV with the normed row written out. Returns the launches."""
+    from atom_stream.models import deepseek_v3 as dv3
+    from atom_stream.models import kernel_path, mla
+    layer = next((m for m in runner.model.modules() if isinstance(m, dv3.DecoderLayer)), None)
+    if not kernel_path.NORM_GEMV or layer is None:
+        return 0
+    x = torch.zeros(1, runner.model.config.hidden_size, dtype=runner.dtype, device=runner.device)
+    n, attn = 0, layer.self_attn
+    if mla.FUSED_PROLOGUE and attn.w_qkv_a is not None and attn.use_kernels:
+        for res in (None, x):
+            kernel_path.prenorm_linear(kernel_path.PreNorm(x, res, layer.input_layernorm),
+                                       attn.w_qkv_a, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG,
+                                       mla.QKV_SPLITK)
+            n += 1
+    moe = next((m for m in runner.model.modules()
+                if isinstance(m, dv3.MoE) and m.w_router_shared is not None), None)
+    if moe is not None:
+        moe._router_and_shared(kernel_path.PreNorm(x, x, layer.post_attention_layernorm))
+        n += 1
     return n
 
 

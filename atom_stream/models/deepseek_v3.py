@@ -185,6 +185,8 @@ ROUTER_SPLITK = (envs.integer("ATOM_STREAM_ROUTER_SPLITK_MAX_M"),
 
 
 class MoE(nn.Module):
+    takes_prenorm = True  # forward(x) may get a kernel_path.PreNorm (one-row steps)
+
     def __init__(self, cfg: ModelConfig, dtype, device=None):
         super().__init__()
         self.cfg = cfg
@@ -218,27 +220,33 @@ class MoE(nn.Module):
         shared.w_gate_up = fused[E:]
         self.w_router_shared = fused
 
-    def _router_and_shared(self, x: torch.Tensor):
+    def _router_and_shared(self, x):
         """FUSE_ROUTER_SHARED: (logits [T, E] fp32 view, the shared expert's gate/up [T, 2I] fp32
         view, an empty act buffer [T, I] in x's dtype) from one fp32-output GEMM (up to
         ROUTER_GEMV_MAX_M rows kernels/gemv.py's), or None where the backend has no such GEMM
         (the caller's path runs). The routing launch fills act with SiLU(gate) * up
-        (kernels/moe_routing.py, `act=`)."""
-        out = kernel_path.linear_fp32_out(x, self.w_router_shared, ROUTER_GEMV_MAX_M,
-                                          ROUTER_GEMV_CONFIG, splitk=ROUTER_SPLITK)
+        (kernels/moe_routing.py, `act=`). x may be a kernel_path.PreNorm: its add + RMSNorm then
+        run inside the GEMV where the GEMV takes the row (h materialized for the experts)."""
+        out = kernel_path.prenorm_linear(x, self.w_router_shared, ROUTER_GEMV_MAX_M,
+                                         ROUTER_GEMV_CONFIG, ROUTER_SPLITK, fp32_out=True,
+                                         need_h=True)
         if out is None:
             return None
         E = self.cfg.n_routed_experts
         act = torch.empty(x.shape[0], (out.shape[1] - E) // 2, dtype=x.dtype, device=x.device)
         return out[:, :E], out[:, E:], act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]: routed experts + shared expert, one TP reduction.
-        topk ids are int64 on the reference path and int32 from the routing kernel."""
+    def forward(self, x) -> torch.Tensor:
+        """x [T, hidden] (or a kernel_path.PreNorm of one row) -> [T, hidden]: routed experts +
+        shared expert, one TP reduction. topk ids are int64 on the reference path and int32
+        from the routing kernel."""
         cfg = self.cfg
         bias = self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None
         # DeepSeek-V2's "greedy" ignores the groups (transformers' DeepseekV2TopkRouter)
         E, G = cfg.n_routed_experts, 1 if cfg.topk_method == "greedy" else cfg.n_group
+        if isinstance(x, kernel_path.PreNorm) and (kernel_path.SIDE_STREAM
+                                                   or self.w_router_shared is None):
+            x = x.resolve()  # only the fused router GEMM below takes the norm in
         fast = kernel_path.active(x) and self.gate.weight_lp is not None
         shared, side = self.shared_experts, None
         if (shared is not None and shared.w_gate_up is not None and x.is_cuda
@@ -255,6 +263,8 @@ class MoE(nn.Module):
         fused = None
         if kernel_routing and side is None and self.w_router_shared is not None:
             fused = self._router_and_shared(x)
+        if isinstance(x, kernel_path.PreNorm):  # h: from the router's GEMV, or computed now
+            x = x.resolve()
         if kernel_routing:
             from atom_stream.kernels.moe_routing import moe_routing
             if fused is not None:  # the shared SiLU*mul rides in the routing launch
@@ -304,6 +314,13 @@ class DecoderLayer(nn.Module):
         output, the residual stream before it) -- the next RMSNorm adds them.
         Reference path: residual must be None; returns (the layer's output, None)."""
         if kernel_path.active(x):
+            if kernel_path.NORM_GEMV and x.shape[0] == 1:  # the norms ride in the GEMVs
+                pre = kernel_path.PreNorm(x, residual, self.input_layernorm)
+                h = self.self_attn(pre, positions, kv_cache, md)
+                pre = kernel_path.PreNorm(h, pre.residual_out, self.post_attention_layernorm)
+                h = self.mlp(pre if getattr(self.mlp, "takes_prenorm", False)
+                             else pre.resolve())
+                return h, pre.residual_out
             h, residual = self.input_layernorm.fused(x, residual)
             h = self.self_attn(h, positions, kv_cache, md)
             h, residual = self.post_attention_layernorm.fused(h, residual)

@@ -84,6 +84,77 @@ def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor, gemv_max_m: int = 0,
     return None
 
 
+# One-row steps (B=1 decode): each decoder layer's two add + RMSNorms folded into the GEMV that
+# reads their output (q_a + kv_a; router + shared gate/up), kernels/gemv.py `norm=`: one launch
+# and one DRAM round trip fewer per norm. ATOM_STREAM_NORM_GEMV=0 keeps the add_rmsnorm launches.
+NORM_GEMV = envs.flag("ATOM_STREAM_NORM_GEMV")
+
+
+class PreNorm:
+    """h = RMSNorm(x + residual) for a one-row step, left to the GEMV that reads h.
+
+    DecoderLayer hands this to a sublayer that takes it (`takes_prenorm`) instead of h. The
+    sublayer's first GEMM calls `prenorm_linear`: where that GEMM runs on kernels/gemv.py the
+    add + RMSNorm happen inside it (`gemv(norm=...)`), otherwise `resolve()` runs the unfused
+    add_rmsnorm kernel first. Either way `residual_out` is then the new residual stream (x +
+    residual, or x itself for layer 0's residual None) and `h` the normed row where it was
+    materialized (always after `resolve()`; after the fused GEMV when asked with need_h).
+    shape / dtype / device / is_cuda are x's, so shape checks run unchanged."""
+
+    __slots__ = ("_res_out", "h", "norm", "residual", "x")
+
+    def __init__(self, x: torch.Tensor, residual: torch.Tensor | None, norm) -> None:
+        self.x, self.residual, self.norm = x, residual, norm
+        self.h: torch.Tensor | None = None
+        self._res_out: torch.Tensor | None = None
+
+    shape = property(lambda self: self.x.shape)
+    dtype = property(lambda self: self.x.dtype)
+    device = property(lambda self: self.x.device)
+    is_cuda = property(lambda self: self.x.is_cuda)
+
+    @property
+    def residual_out(self) -> torch.Tensor:
+        if self._res_out is None:
+            raise RuntimeError("PreNorm: read residual_out before any consumer computed it")
+        return self._res_out
+
+    def resolve(self) -> torch.Tensor:
+        """h by the unfused add + RMSNorm kernel (once; later calls return the same h)."""
+        if self.h is None:
+            self.h, self._res_out = self.norm.fused(self.x, self.residual)
+        return self.h
+
+    def gemv(self, w: torch.Tensor, config: dict | None, out_dtype: torch.dtype | None = None,
+             need_h: bool = False) -> torch.Tensor:
+        """h @ w^T by kernels/gemv.py with the add + RMSNorm folded in; writes residual_out (and
+        h with need_h)."""
+        from atom_stream.kernels.gemv import gemv
+        res_out = torch.empty_like(self.x) if self.residual is not None else None
+        h = torch.empty_like(self.x) if need_h else None
+        y = gemv(self.x, w, out_dtype=out_dtype, config=config,
+                 norm=(self.residual, self.norm.weight, self.norm.eps, res_out, h))
+        self._res_out = res_out if res_out is not None else self.x
+        self.h = h
+        return y
+
+
+def prenorm_linear(x, w: torch.Tensor, gemv_max_m: int = 0, gemv_config: dict | None = None,
+                   splitk: tuple[int, dict] | None = None, *, fp32_out: bool = False,
+                   need_h: bool = False) -> torch.Tensor | None:
+    """x @ w^T where x is a tensor or a PreNorm: the add + RMSNorm go into the GEMV when it takes
+    the row (gemv_ok at gemv_max_m), else the PreNorm is resolved first. The rest as
+    layers.linear.dense_linear (fp32_out: linear_fp32_out, which may return None)."""
+    if isinstance(x, PreNorm):
+        if gemv_ok(x.x, w, gemv_max_m):
+            return x.gemv(w, gemv_config, torch.float32 if fp32_out else None, need_h)
+        x = x.resolve()
+    if fp32_out:
+        return linear_fp32_out(x, w, gemv_max_m, gemv_config, splitk=splitk)
+    from atom_stream.layers.linear import dense_linear
+    return dense_linear(x, w, gemv_max_m, gemv_config, splitk)
+
+
 def router_logits(x: torch.Tensor, weight_lp: torch.Tensor, weight_fp32: torch.Tensor
                   ) -> torch.Tensor:
     """Router logits [T, E] float32 from x [T, H] (model dtype).

@@ -248,7 +248,8 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; writes the T new latent entries into kv_cache."""
+        """x [T, hidden] -> [T, hidden]; writes the T new latent entries into kv_cache. On the
+        kernel path x may be a kernel_path.PreNorm (one-row steps: DecoderLayer)."""
         if kernel_path.active(x):
             return self._forward_kernels(x, positions, kv_cache, md)
         T = x.shape[0]
@@ -289,10 +290,12 @@ class MLA(nn.Module):
                     and not absorbed)  # W_UK + q_pe RoPE
         # absorbed, decode-only: q_pe is only the attention's, which rotates it (mla_decode rope=)
         rope_in_decode = fused_pro and absorbed
-        if fused_pro:
+        if fused_pro:  # x may be a PreNorm: its norm then rides in the q_a + kv_a GEMV
             q, c, k_pe = self._prologue_fused(x, positions, kv_cache, md, absorbed,
                                               rope_q=not (q_absorb or rope_in_decode))
         else:
+            if isinstance(x, kernel_path.PreNorm):
+                x = x.resolve()
             q, c, k_pe = self._prologue(x, positions, kv_cache, md, absorbed)
         q_nope, q_pe = q[..., : -self.rope], q[..., -self.rope:]
         out = torch.empty(T, H, self.v_dim, dtype=x.dtype, device=x.device)
@@ -374,8 +377,8 @@ class MLA(nn.Module):
         mla_q_absorb rotates it)."""
         r, ql = self.r, self.cfg.q_lora_rank
         from atom_stream.kernels.mla_prologue import mla_prologue
-        qkv = dense_linear(x, self.w_qkv_a, gemv_max_m=QKV_GEMV_MAX_M,
-                           gemv_config=QKV_GEMV_CONFIG, splitk=QKV_SPLITK)
+        qkv = kernel_path.prenorm_linear(x, self.w_qkv_a, QKV_GEMV_MAX_M, QKV_GEMV_CONFIG,
+                                         QKV_SPLITK)
         kv = qkv[:, ql:]
         q_n = mla_prologue(qkv[:, :ql], kv, self.q_a_layernorm.weight,
                            self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
