@@ -208,7 +208,10 @@ def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed
     the forward reads at call time, e.g. atom_stream.models.kernel_path:NORM_GEMV), recapture
     the decode graphs, time every (B, ctx) by graph replay. Same process, same copy bandwidth
     and KV contents for every value: alternated runs without a process start between them.
-    Prints each value's runs and their mean; rows carry {"ab": value, "round": r}."""
+    Odd rounds take the values in reverse order (a b, b a, ...): session 31 saw the first
+    value of a round run ~3 % slower at a B the switch does not touch, so a fixed order would
+    bias the means. Prints each value's runs and their mean; rows carry {"ab": value,
+    "round": r}."""
     import gc
     import importlib
     import json
@@ -228,7 +231,7 @@ def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed
     rows = []
     try:
         for r in range(args.ab_rounds):
-            for v in values:
+            for v in (values if r % 2 == 0 else values[::-1]):
                 setattr(mod, attr, v)
                 runner.graphs = None
                 gc.collect()
