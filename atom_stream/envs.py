@@ -51,6 +51,9 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
            "most rows of the attention's o_proj run by the Triton GEMV (0: cuBLAS)"),
     EnvVar("ATOM_STREAM_ROUTER_GEMV_MAX_M", "2",
            "most rows of the fused router + shared gate/up GEMM run by the Triton GEMV (0: cuBLAS)"),
+    EnvVar("ATOM_STREAM_QB_PROLOGUE", "1",
+           "one-token steps: the MLA prologue's kv part and the q_a norm ride in the q_b GEMV "
+           "launch (kernels/mla_prologue.qb_prologue)"),
     EnvVar("ATOM_STREAM_NORM_GEMV", "1",
            "one-row decode steps: each layer's add + RMSNorm folded into the GEMV that reads it "
            "(q_a + kv_a, router + shared gate/up)"),

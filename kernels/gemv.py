@@ -69,12 +69,12 @@ def _gemv_step(X, RES, NW, w_ptr, k, offs_k, nmask, M, K, stride_xm, acc0, acc1,
 
 
 @triton.jit
-def _norm_outputs(X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES: tl.constexpr,
+def _norm_outputs(pid, G, X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES: tl.constexpr,
                   HAS_H: tl.constexpr, WB: tl.constexpr):
-    """NORM: this program's WB-wide slices of the new residual r = x + residual and of the
-    normed row h = (r * rstd rounded) * weight (rounded): add_rmsnorm's outputs, bit for bit
-    given the same rstd."""
-    for s in range(tl.program_id(0), tl.cdiv(K, WB), tl.num_programs(0)):
+    """NORM: program pid's WB-wide slices (pid, pid + G, ...) of the new residual r = x +
+    residual and of the normed row h = (r * rstd rounded) * weight (rounded): add_rmsnorm's
+    outputs, bit for bit given the same rstd."""
+    for s in range(pid, tl.cdiv(K, WB), G):
         offs = s * WB + tl.arange(0, WB)
         mask = offs < K
         r = tl.load(X + offs, mask=mask, other=0.0)
@@ -95,10 +95,23 @@ def _gemv_kernel(X, W, Y, ADD, RES, NW, RES_OUT, H_OUT, eps, M, N, K, stride_xm,
                  HAS_ADD: tl.constexpr, STRIDED: tl.constexpr, K_UNROLL: tl.constexpr,
                  NORM: tl.constexpr = False, HAS_RES: tl.constexpr = False,
                  HAS_H: tl.constexpr = False, WB: tl.constexpr = 256):
+    _gemv_program(tl.program_id(0), tl.num_programs(0), X, W, Y, ADD, RES, NW, RES_OUT, H_OUT,
+                  eps, M, N, K, stride_xm, stride_wn, stride_ym, stride_am, BLOCK_M, BLOCK_N,
+                  BLOCK_K, HAS_ADD, STRIDED, K_UNROLL, NORM, HAS_RES, HAS_H, WB)
+
+
+@triton.jit
+def _gemv_program(pid, G, X, W, Y, ADD, RES, NW, RES_OUT, H_OUT, eps, M, N, K, stride_xm,
+                  stride_wn, stride_ym, stride_am, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, HAS_ADD: tl.constexpr, STRIDED: tl.constexpr,
+                  K_UNROLL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_H: tl.constexpr, WB: tl.constexpr):
+    """Program pid of G GEMV programs (kernels that add other programs to the grid call this
+    with their own G, e.g. kernels/mla_prologue's q_b + prologue launch)."""
     if STRIDED:  # rows pid, pid + G, pid + 2G, ... (G programs)
-        offs_n = tl.program_id(0) + tl.arange(0, BLOCK_N) * tl.num_programs(0)
+        offs_n = pid + tl.arange(0, BLOCK_N) * G
     else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptr = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
@@ -121,7 +134,7 @@ def _gemv_kernel(X, W, Y, ADD, RES, NW, RES_OUT, H_OUT, eps, M, N, K, stride_xm,
         rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         acc0 = acc0 * rstd
         if HAS_RES or HAS_H:
-            _norm_outputs(X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES, HAS_H, WB)
+            _norm_outputs(pid, G, X, RES, NW, RES_OUT, H_OUT, rstd, K, HAS_RES, HAS_H, WB)
     _store_row(Y, ADD, 0, acc0, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)
     if BLOCK_M > 1:
         _store_row(Y, ADD, 1, acc1, offs_n, nmask, M, stride_ym, stride_am, HAS_ADD)

@@ -1,6 +1,7 @@
 """One-row steps with each layer's add + RMSNorm folded into the GEMV that reads it
-(models/kernel_path.PreNorm, kernels/gemv.py `norm=`; ATOM_STREAM_NORM_GEMV) against the torch
-reference path and against the unfused kernel path.
+(models/kernel_path.PreNorm, kernels/gemv.py `norm=`; ATOM_STREAM_NORM_GEMV) and the MLA prologue
+inside the q_b GEMV's launch (kernels/mla_prologue.qb_prologue; ATOM_STREAM_QB_PROLOGUE)
+against the torch reference path.
 
 The tiny DeepseekV3 of test_model_kernels (dense layer 0, MoE layer 1), a sequence of steps of
 one row (a one-token prefill, decodes) between multi-row steps (which keep the add_rmsnorm
@@ -22,10 +23,12 @@ GPU = interpret_without_gpu("gemv", "kv_store", "norm_rope", "moe_routing", "mla
                             "silu_mul", "mla_q_absorb", "mla_prologue")
 
 from atom_stream.kernels import gemv as gemv_mod
+from atom_stream.kernels import mla_prologue as mp_mod
 from atom_stream.kernels import norm_rope as nr_mod
 from test_model_kernels import TOL, Pool, build_models, rel, tiny_config, upcast_mla_decode
 
 from atom_stream.models import kernel_path
+from atom_stream.models import mla as mla_model
 
 DEV = "cuda" if GPU else "cpu"
 cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
@@ -48,11 +51,20 @@ def calls(monkeypatch):
     def gemv(*a, **k):
         seen["gemv_norm" if k.get("norm") is not None else "gemv"] += 1
         return fn_gemv(*a, **k)
+    def spied(fn, name):
+        def run(*a, **k):
+            seen[name] += 1
+            return fn(*a, **k)
+        return run
     monkeypatch.setattr(nr_mod, "fused_add_rmsnorm", norm)
     monkeypatch.setattr(gemv_mod, "gemv", gemv)
+    for name in ("mla_prologue", "qb_prologue"):
+        monkeypatch.setattr(mp_mod, name, spied(getattr(mp_mod, name), name))
     if not GPU:  # let the GEMV take CPU rows of any float dtype (the interpreter runs it)
-        monkeypatch.setattr(kernel_path, "gemv_ok", lambda x, w, max_m: (
-            1 <= x.shape[0] <= min(max_m, gemv_mod.MAX_M) and x.dtype == w.dtype))
+        def cpu_ok(x, w, max_m):
+            return 1 <= x.shape[0] <= min(max_m, gemv_mod.MAX_M) and x.dtype == w.dtype
+        monkeypatch.setattr(kernel_path, "gemv_ok", cpu_ok)
+        monkeypatch.setattr(mla_model, "gemv_ok", cpu_ok)
     return seen
 
 
@@ -98,6 +110,16 @@ def test_one_row_steps_fold_the_norms(q_lora, calls, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("on", [True, False])
+def test_one_row_steps_run_the_prologue_in_the_q_b_launch(on, calls, monkeypatch):
+    monkeypatch.setattr(mla_model, "QB_PROLOGUE", on)
+    per_step = run(32, torch.float32, 31, calls, monkeypatch)
+    for (parts, _), n in zip(STEPS, per_step):
+        one = sum(t for _, t in parts) == 1 and on
+        assert n.get("qb_prologue", 0) == 2 * one and n.get("mla_prologue", 0) == 2 * (not one)
+
+
+@cpu_only
 def test_switch_off_keeps_the_launches(calls, monkeypatch):
     per_step = run(32, torch.float32, 5, calls, monkeypatch, norm_gemv=False)
     assert all(n.get("gemv_norm", 0) == 0 for n in per_step)
@@ -126,3 +148,20 @@ def test_runner_warmup_compiles_the_norm_variants(calls, monkeypatch):
     monkeypatch.setattr(kernel_path, "NORM_GEMV", True)
     assert kernel_warmup.norm_gemv_warmup(fake) == 3
     assert calls["gemv_norm"] == 3 and calls["add_rmsnorm"] == 0
+
+
+@cpu_only
+def test_runner_warmup_compiles_the_qb_prologue(calls, monkeypatch):
+    """engine/kernel_warmup.qb_prologue_warmup: one launch (a padding slot: the cache it is
+    given stays zero) where the model would take it, none with the switch off."""
+    import types
+
+    from atom_stream.engine import kernel_warmup
+    cfg = tiny_config(32)
+    ref, _ = build_models(cfg, torch.float32, "cpu", seed=45)
+    fake = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32,
+                                 kv_dtype=torch.float32, model=ref)
+    attn = ref.model.layers[0].self_attn
+    assert kernel_warmup.qb_prologue_warmup(fake, attn) == 1 and calls["qb_prologue"] == 1
+    monkeypatch.setattr(mla_model, "QB_PROLOGUE", False)
+    assert kernel_warmup.qb_prologue_warmup(fake, attn) == 0

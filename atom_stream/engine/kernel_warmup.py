@@ -69,7 +69,31 @@ def absorb_warmup(runner, attn) -> int:
         for m in range(min_m, min(max_m, MAX_M) + 1):
             dense_linear(torch.zeros(m, w.shape[1], dtype=dt, device=dev), w, max_m, cfg)
             n += 1
-    return n
+    return n + qb_prologue_warmup(runner, attn)
+
+
+def qb_prologue_warmup(runner, attn) -> int:
+    """Compile kernels/mla_prologue.qb_prologue (one-token steps, models/mla QB_PROLOGUE) for
+    the runner's cache dtype; a padding slot, so no cache entry is written. Returns 0 or 1."""
+    from atom_stream.models import mla
+    qb = getattr(attn, "q_b_proj", None)
+    if not (mla.QB_PROLOGUE and mla.FUSED_PROLOGUE and attn.use_kernels
+            and attn.w_qkv_a is not None and mla.QB_GEMV_MAX_M >= 1
+            and qb is not None and qb.quant_method is None):
+        return 0
+    dev, dt = runner.device, runner.dtype
+    ql, width = attn.cfg.q_lora_rank, attn.r + attn.rope
+    if not mla.gemv_ok(torch.zeros(1, ql, dtype=dt, device=dev), qb.weight, mla.QB_GEMV_MAX_M):
+        return 0  # the model's own condition (the GEMV takes GPU rows only)
+    from atom_stream.kernels.mla_prologue import qb_prologue
+    cache = torch.zeros(1, 1, width, dtype=runner.kv_dtype, device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    qb_prologue(torch.zeros(1, ql, dtype=dt, device=dev),
+                torch.zeros(1, width, dtype=dt, device=dev), qb.weight,
+                attn.q_a_layernorm.weight, attn.kv_a_layernorm.weight, attn.q_a_layernorm.eps,
+                attn.kv_a_layernorm.eps, attn.rotary.cos, attn.rotary.sin, zero, cache,
+                zero - 1, attn.k_scale, config=mla.QB_GEMV_CONFIG)
+    return 1
 
 
 def gemv_warmup(runner) -> int:

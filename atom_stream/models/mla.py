@@ -46,7 +46,7 @@ from atom_stream.layers.attention import (
     mla_prefill_ref,
     store_kv,
 )
-from atom_stream.layers.linear import Linear, dense_linear, dense_weight
+from atom_stream.layers.linear import Linear, dense_linear, dense_weight, gemv_ok
 from atom_stream.layers.norm import RMSNorm
 from atom_stream.layers.parallel import tp
 from atom_stream.layers.rotary import RotaryEmbedding
@@ -96,6 +96,11 @@ QB_GEMV_CONFIG = {"num_warps": 8, "BLOCK_K": 2048, "UNROLL": True}
 # each program owning rows p, p + G, ... (STRIDED), 4 rows x 4096 K per step on 8 warps with
 # both steps' loads in flight (UNROLL): 9.65 vs 12.39 us for cuBLAS (split-K + reduce) at M=1,
 # 12.49 vs 12.79 at M=2, on the H200 (bench/dense_gemv.py, RESULTS session 18). 0 = cuBLAS.
+# One-token steps (B=1 decode, one-token prefill chunks): the fused prologue's kv part (latent
+# norm, k_pe RoPE, KV store) and the q_a norm run inside the q_b GEMV's launch
+# (kernels/mla_prologue.qb_prologue: the norm folded into the GEMV, one more program for the kv
+# part) where q_b runs on the GEMV: one launch fewer per layer. 0 keeps the two launches.
+QB_PROLOGUE = envs.flag("ATOM_STREAM_QB_PROLOGUE")
 QKV_GEMV_MAX_M = envs.integer("ATOM_STREAM_QKV_GEMV_MAX_M")
 QKV_GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 8, "STRIDED": True,
                    "UNROLL": True}
@@ -374,12 +379,25 @@ class MLA(nn.Module):
         weight and the attention kernels' widths): the q_a/kv_a GEMM, ONE launch for both
         latent norms + k_pe's RoPE + the KV store (c / k_pe normed and rotated in place in
         the GEMM output), q_b, then q_pe's RoPE in place (unless not rope_q: the caller's
-        mla_q_absorb rotates it)."""
+        mla_q_absorb rotates it). One token with q_b on the GEMV (QB_PROLOGUE): the prologue
+        and q_b are one launch (kernels/mla_prologue.qb_prologue)."""
         r, ql = self.r, self.cfg.q_lora_rank
-        from atom_stream.kernels.mla_prologue import mla_prologue
+        from atom_stream.kernels.mla_prologue import mla_prologue, qb_prologue
         qkv = kernel_path.prenorm_linear(x, self.w_qkv_a, QKV_GEMV_MAX_M, QKV_GEMV_CONFIG,
                                          QKV_SPLITK)
         kv = qkv[:, ql:]
+        qb = self.q_b_proj
+        if (QB_PROLOGUE and qkv.shape[0] == 1 and not absorbed and qb.quant_method is None
+                and gemv_ok(qkv[:, :ql], qb.weight, QB_GEMV_MAX_M)):
+            q = qb_prologue(qkv[:, :ql], kv, qb.weight, self.q_a_layernorm.weight,
+                            self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
+                            self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
+                            positions, kv_cache, md.slot_mapping, self.k_scale,
+                            config=QB_GEMV_CONFIG)
+            q = q.view(1, self.num_heads, self.nope + self.rope)
+            if rope_q:
+                self.rotary.rotate_(positions, q[..., -self.rope:])
+            return q, kv[:, :r], kv[:, r:]
         q_n = mla_prologue(qkv[:, :ql], kv, self.q_a_layernorm.weight,
                            self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
                            self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
