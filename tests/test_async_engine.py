@@ -89,11 +89,11 @@ async def test_500_streams_100_aborted_midway_and_a_responsive_loop():
                 assert last.finish_reason == "abort" and 1 <= len(tokens) < 50
         assert stats["finished"]["abort"] == 200
         # one tick spans the admission of all 500 requests in one burst (~0.3 ms each on the
-        # loop: 0.16 s seen on a loaded 2-core CI box; not always the first tick: the ticker may
-        # run before the clients start); every other tick runs while the streams flow and must
-        # stay prompt
+        # loop: 0.16 s seen on a loaded 2-core CI box, 0.50 s on one running two other test
+        # processes beside it; not always the first tick: the ticker may run before the clients
+        # start); every other tick runs while the streams flow and must stay prompt
         worst = sorted(lags)
-        assert len(lags) >= 5 and worst[-1] < 0.5 and worst[-2] < 0.1, (len(lags), worst[-3:])
+        assert len(lags) >= 5 and worst[-1] < 1.0 and worst[-2] < 0.1, (len(lags), worst[-3:])
 
 
 async def test_break_and_cancel_free_blocks_at_once():
