@@ -18,16 +18,7 @@ from kernel_interp import interpret_without_gpu
 GPU = interpret_without_gpu("gemv")
 
 from atom_stream.kernels.gemv import gemv, gemv_norm_ref
-
-DEV = "cuda" if GPU else "cpu"
-cpu_only = pytest.mark.skipif(GPU, reason="interpreter tests run where there is no GPU")
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite output (unwritten element?)"
-    return float((a - b).norm() / b.norm())
+from test_gemv import DEV, cpu_only, needs_gpu, rel
 
 
 def check(N, K, dtype, seed, tol, *, residual=True, want_h=True, out_dtype=None, config=None):
