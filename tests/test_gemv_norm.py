@@ -41,8 +41,9 @@ def check(N, K, dtype, seed, tol, *, residual=True, want_h=True, out_dtype=None,
         assert torch.equal(res_out, r_ref)
     if want_h:
         assert rel(h_out, h_ref) < tol
-        # h as add_rmsnorm writes it: equal but where the RMS's last bit rounds otherwise
-        assert (h_out != h_ref).float().mean() < 0.05
+        if dtype != torch.float32:  # fp32 h shows any last-bit RMS difference everywhere
+            # h as add_rmsnorm writes it: equal but where the RMS's last bit rounds otherwise
+            assert (h_out != h_ref).float().mean() < 0.05
 
 
 @cpu_only

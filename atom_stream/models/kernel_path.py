@@ -130,8 +130,10 @@ class PreNorm:
         """h @ w^T by kernels/gemv.py with the add + RMSNorm folded in; writes residual_out (and
         h with need_h)."""
         from atom_stream.kernels.gemv import gemv
-        res_out = torch.empty_like(self.x) if self.residual is not None else None
-        h = torch.empty_like(self.x) if need_h else None
+        x = self.x  # fresh contiguous outputs, whatever x's strides (gemv's contract)
+        res_out = (torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                   if self.residual is not None else None)
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_h else None
         y = gemv(self.x, w, out_dtype=out_dtype, config=config,
                  norm=(self.residual, self.norm.weight, self.norm.eps, res_out, h))
         self._res_out = res_out if res_out is not None else self.x
