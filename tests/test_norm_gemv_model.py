@@ -110,9 +110,13 @@ def test_one_row_steps_fold_the_norms(q_lora, calls, monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("on", [True, False])
-def test_one_row_steps_run_the_prologue_in_the_q_b_launch(on, calls, monkeypatch):
+@pytest.mark.parametrize("on,absorb_min_b", [(True, 8), (False, 8), (True, 1)])
+def test_one_row_steps_run_the_prologue_in_the_q_b_launch(on, absorb_min_b, calls,
+                                                          monkeypatch):
+    """absorb_min_b 1: one-row decode steps read the q_b weight with W_UK folded in (q_lat |
+    q_pe out of the same launch); the one-token prefill keeps q_b."""
     monkeypatch.setattr(mla_model, "QB_PROLOGUE", on)
+    monkeypatch.setattr(mla_model, "ABSORB_QB_MIN_B", absorb_min_b)
     per_step = run(32, torch.float32, 31, calls, monkeypatch)
     for (parts, _), n in zip(STEPS, per_step):
         one = sum(t for _, t in parts) == 1 and on

@@ -386,15 +386,16 @@ class MLA(nn.Module):
         qkv = kernel_path.prenorm_linear(x, self.w_qkv_a, QKV_GEMV_MAX_M, QKV_GEMV_CONFIG,
                                          QKV_SPLITK)
         kv = qkv[:, ql:]
-        qb = self.q_b_proj
-        if (QB_PROLOGUE and qkv.shape[0] == 1 and not absorbed and qb.quant_method is None
-                and gemv_ok(qkv[:, :ql], qb.weight, QB_GEMV_MAX_M)):
-            q = qb_prologue(qkv[:, :ql], kv, qb.weight, self.q_a_layernorm.weight,
+        qb = self.q_b_proj  # the q_b weight this step reads: the folded one when absorbed
+        w = self.w_q_abs if absorbed else (qb.weight if qb.quant_method is None else None)
+        if (QB_PROLOGUE and qkv.shape[0] == 1 and w is not None
+                and gemv_ok(qkv[:, :ql], w, QB_GEMV_MAX_M)):
+            q = qb_prologue(qkv[:, :ql], kv, w, self.q_a_layernorm.weight,
                             self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
                             self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
                             positions, kv_cache, md.slot_mapping, self.k_scale,
                             config=QB_GEMV_CONFIG)
-            q = q.view(1, self.num_heads, self.nope + self.rope)
+            q = q.view(1, self.num_heads, (self.r if absorbed else self.nope) + self.rope)
             if rope_q:
                 self.rotary.rotate_(positions, q[..., -self.rope:])
             return q, kv[:, :r], kv[:, r:]
