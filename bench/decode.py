@@ -9,7 +9,8 @@ run: the experts actually touched (from the step's real routing) + every non-exp
 latent KV of every sequence. ratio = floor / step.
 
     python bench/decode.py --preset k25-tp8-rank [--batches 1,16,64,256] [--ctx 1024,8192]
-    python bench/decode.py --batches 1,2 --ctx 1024 --ab atom_stream.models.kernel_path:NORM_GEMV=0,1
+    python bench/decode.py --batches 1,2 --ctx 1024 \
+        --ab atom_stream.models.kernel_path:NORM_GEMV=0,1
 
 (--ab: an in-process A/B of a switch the forward reads at call time, graphs recaptured per
 value, values alternated over --ab-rounds.)
