@@ -1,4 +1,4 @@
-"""Decode-step time against the memory roofline floor (issue 7).
+r"""Decode-step time against the memory roofline floor (issue 7).
 
 Builds the model runner from a preset with dummy weights (`k25-tp8-rank`: one Kimi-K2.5 TP8
 rank at full depth, INT4 experts, bf16 rest, fp8 KV), fills the latent cache with random data,
