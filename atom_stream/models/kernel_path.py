@@ -148,7 +148,7 @@ def prenorm_linear(x, w: torch.Tensor, gemv_max_m: int = 0, gemv_config: dict | 
     the row (gemv_ok at gemv_max_m), else the PreNorm is resolved first. The rest as
     layers.linear.dense_linear (fp32_out: linear_fp32_out, which may return None)."""
     if isinstance(x, PreNorm):
-        if gemv_ok(x.x, w, gemv_max_m):
+        if x.shape[0] == 1 and gemv_ok(x.x, w, gemv_max_m):  # gemv's norm= takes one row
             return x.gemv(w, gemv_config, torch.float32 if fp32_out else None, need_h)
         x = x.resolve()
     if fp32_out:
