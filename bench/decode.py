@@ -203,6 +203,13 @@ def profile_step(runner: ModelRunner, inp, B: int, ctx: int, top: int = 18, seq:
             prev_end = e.time_range.end
 
 
+def floor_ms(touched: int, non_expert: int, embed_row: int, per_tok: int, B: int, ctx: int,
+             bw: float) -> float:
+    """The step's roofline floor, ms: the touched experts + every non-expert weight + B
+    embedding rows + the latent KV of B sequences of ctx tokens, over the copy bandwidth."""
+    return 1e3 * (touched + non_expert + B * embed_row + B * ctx * per_tok) / bw
+
+
 def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed_row,
            expert_bytes, moes) -> None:
     """--ab MODULE:ATTR=V0,V1: for each round, each value in turn: set the attribute (a switch
@@ -227,8 +234,7 @@ def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed
         if (B, ctx) in fits:
             _, eager = step_inputs(runner, B, ctx, args.block_size)
             touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
-            floors[(B, ctx)] = 1e3 * (touched + non_expert + B * embed_row
-                                      + B * ctx * per_tok) / bw
+            floors[(B, ctx)] = floor_ms(touched, non_expert, embed_row, per_tok, B, ctx, bw)
     rows = []
     try:
         for r in range(args.ab_rounds):
@@ -238,15 +244,15 @@ def run_ab(runner: ModelRunner, args, runs, fits, per_tok, bw, non_expert, embed
                 gc.collect()
                 torch.cuda.empty_cache()
                 runner._capture_graphs()
-                for (B, ctx), floor_ms in floors.items():
+                for (B, ctx), floor in floors.items():
                     inp, _ = step_inputs(runner, B, ctx, args.block_size)
                     ms = time_step(runner, inp, args.iters)
                     rows.append({"batch": B, "ctx": ctx, "ab": v, "round": r, "graphs": True,
-                                 "step_ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
-                                 "ratio": round(floor_ms / ms, 4),
+                                 "step_ms": round(ms, 4), "floor_ms": round(floor, 4),
+                                 "ratio": round(floor / ms, 4),
                                  "copy_GBps": round(bw / 1e9, 1)})
                     print(f"round {r} {attr}={v!r}: B={B:4d} ctx={ctx:5d} step={ms:8.3f} ms "
-                          f"ratio={floor_ms / ms:.3f}", flush=True)
+                          f"ratio={floor / ms:.3f}", flush=True)
     finally:
         setattr(mod, attr, old)
     print(f"\n{target}: mean step ms over {args.ab_rounds} rounds (copy {bw / 1e9:.0f} GB/s)")
@@ -308,7 +314,7 @@ def main(argv=None) -> None:
         inp, eager = step_inputs(runner, B, ctx, args.block_size)
         touched = touched_expert_bytes(runner, eager, moes, expert_bytes)
         kv = B * ctx * per_tok
-        floor_ms = 1e3 * (touched + non_expert + B * embed_row + kv) / bw
+        floor = floor_ms(touched, non_expert, embed_row, per_tok, B, ctx, bw)
         variants = [(False, eager)]
         if inp.use_graph:
             variants.append((True, inp))
@@ -317,13 +323,13 @@ def main(argv=None) -> None:
                 continue  # eager only where there is no graph, or at B=1 for the speed-up
             ms = time_step(runner, step_inp, args.iters if graphs else max(3, args.iters // 4))
             rows.append({"batch": B, "ctx": ctx, "experts_dtype": experts_dtype,
-                         "graphs": graphs, "step_ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
-                         "ratio": round(floor_ms / ms, 4),
+                         "graphs": graphs, "step_ms": round(ms, 4), "floor_ms": round(floor, 4),
+                         "ratio": round(floor / ms, 4),
                          "bytes": {"experts": touched, "weights": non_expert, "kv": kv},
                          "copy_GBps": round(bw / 1e9, 1)})
             r = rows[-1]
             print(f"B={B:4d} ctx={ctx:5d} graphs={graphs!s:5} step={ms:8.3f} ms "
-                  f"floor={floor_ms:7.3f} ms ratio={r['ratio']:.3f}", flush=True)
+                  f"floor={floor:7.3f} ms ratio={r['ratio']:.3f}", flush=True)
         if args.profile and inp.use_graph:
             profile_step(runner, inp, B, ctx, seq=args.profile_seq)
     gpu = torch.cuda.get_device_name().split()[-1].lower()

@@ -146,13 +146,10 @@ def _qb_prologue_kernel(QC, W, Y, QW, KVI, KVW, COS, SIN, POS, SLOT, KVC, eps_q,
                       256)
 
 
-def mla_prologue(q_c: torch.Tensor, kv: torch.Tensor, q_weight: torch.Tensor,
-                 kv_weight: torch.Tensor, eps_q: float, eps_kv: float, cos: torch.Tensor,
-                 sin: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, k_scale: float = 1.0,
-                 q_out: torch.Tensor | None = None) -> torch.Tensor:
-    """One launch: returns q_out [T, QL] (RMSNorm(q_c), contiguous, q_c's dtype); normalizes /
-    rotates kv [T, R + DR] in place and stores it at slot_mapping (module docstring)."""
+def _kv_args(q_c, kv, q_weight, kv_weight, cos, sin, positions, kv_cache, slot_mapping
+             ) -> dict:
+    """The kv part's checks (both wrappers) and its constexprs: R, HALF, BLOCK_R and the
+    cache's QUANT / FP8_MAX / MIN_EXP."""
     T, QL = q_c.shape
     R = kv_weight.shape[0]
     DR = kv.shape[-1] - R
@@ -163,20 +160,32 @@ def mla_prologue(q_c: torch.Tensor, kv: torch.Tensor, q_weight: torch.Tensor,
     assert cos.shape[-1] == half and cos.stride(-1) == 1 and sin.stride() == cos.stride()
     assert kv_cache.is_contiguous() and kv_cache.shape[-1] == R + DR
     assert slot_mapping.shape[0] == T and positions.shape[0] == T
+    quant = kv_cache.dtype in _FP8
+    return {"R": R, "HALF": half, "BLOCK_R": triton.next_power_of_2(R), "QUANT": quant,
+            "FP8_MAX": float(torch.finfo(kv_cache.dtype).max) if quant else 0.0,
+            "MIN_EXP": fp8_min_exp(kv_cache.dtype)}
+
+
+def mla_prologue(q_c: torch.Tensor, kv: torch.Tensor, q_weight: torch.Tensor,
+                 kv_weight: torch.Tensor, eps_q: float, eps_kv: float, cos: torch.Tensor,
+                 sin: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                 q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch: returns q_out [T, QL] (RMSNorm(q_c), contiguous, q_c's dtype); normalizes /
+    rotates kv [T, R + DR] in place and stores it at slot_mapping (module docstring)."""
+    T, QL = q_c.shape
+    kva = _kv_args(q_c, kv, q_weight, kv_weight, cos, sin, positions, kv_cache, slot_mapping)
     if q_out is None:
         q_out = torch.empty(T, QL, dtype=q_c.dtype, device=q_c.device)
     assert q_out.shape == (T, QL) and q_out.stride(-1) == 1
     if T == 0:
         return q_out
-    quant = kv_cache.dtype in _FP8
     block_q = triton.next_power_of_2(QL)
     _mla_prologue_kernel[(T,)](
         q_c, kv, q_out, q_weight, kv_weight, cos, sin, positions, slot_mapping, kv_cache,
         float(eps_q), float(eps_kv), float(k_scale), q_c.stride(0), kv.stride(0),
-        q_out.stride(0), cos.stride(0), QL=QL, R=R, HALF=half, BLOCK_Q=block_q,
-        BLOCK_R=triton.next_power_of_2(R), QUANT=quant,
-        FP8_MAX=float(torch.finfo(kv_cache.dtype).max) if quant else 0.0,
-        MIN_EXP=fp8_min_exp(kv_cache.dtype), num_warps=max(1, min(8, block_q // 512)))
+        q_out.stride(0), cos.stride(0), QL=QL, BLOCK_Q=block_q, **kva,
+        num_warps=max(1, min(8, block_q // 512)))
     return q_out
 
 
@@ -192,29 +201,19 @@ def qb_prologue(q_c: torch.Tensor, kv: torch.Tensor, w_qb: torch.Tensor, q_weigh
     plus one program for the kv part. q_c [1, QL] contiguous, w_qb [N, QL] contiguous in q_c's
     dtype; the rest as mla_prologue. Reference: qb_prologue_ref."""
     T, QL = q_c.shape
-    R = kv_weight.shape[0]
-    DR = kv.shape[-1] - R
-    half = DR // 2
     N = w_qb.shape[0]
     if (T != 1 or w_qb.shape[1] != QL or not w_qb.is_contiguous() or not q_c.is_contiguous()
             or w_qb.dtype != q_c.dtype or q_weight.shape != (QL,)):
         raise ValueError(f"qb_prologue: one contiguous q_c row and w_qb [N, {QL}] of its dtype "
                          f"(q_c {tuple(q_c.shape)}, w_qb {tuple(w_qb.shape)})")
-    assert kv.dim() == 2 and kv.shape[0] == 1 and kv.stride(-1) == 1 and kv.dtype == q_c.dtype
-    assert DR > 0 and half & (half - 1) == 0, "DR/2 must be a power of two"
-    assert cos.shape[-1] == half and cos.stride(-1) == 1 and sin.stride() == cos.stride()
-    assert kv_cache.is_contiguous() and kv_cache.shape[-1] == R + DR
-    assert slot_mapping.shape[0] == 1 and positions.shape[0] == 1
+    kva = _kv_args(q_c, kv, q_weight, kv_weight, cos, sin, positions, kv_cache, slot_mapping)
     cfg = dict(gemv_default_config(1, N, QL, q_c.device), **(config or {}))
     G = triton.cdiv(N, cfg["BLOCK_N"])
     y = torch.empty(1, N, dtype=q_c.dtype, device=q_c.device)
-    quant = kv_cache.dtype in _FP8
     _qb_prologue_kernel[(G + 1,)](
         q_c, w_qb, y, q_weight, kv, kv_weight, cos, sin, positions, slot_mapping, kv_cache,
         float(eps_q), float(eps_kv), float(k_scale), N, w_qb.stride(0), kv.stride(0),
-        cos.stride(0), G, QL=QL, R=R, HALF=half, BLOCK_R=triton.next_power_of_2(R),
-        QUANT=quant, FP8_MAX=float(torch.finfo(kv_cache.dtype).max) if quant else 0.0,
-        MIN_EXP=fp8_min_exp(kv_cache.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        cos.stride(0), G, QL=QL, **kva, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         STRIDED=bool(cfg.get("STRIDED")), K_UNROLL=QL if cfg.get("UNROLL") else 0,
         num_warps=cfg["num_warps"])
     return y

@@ -76,20 +76,18 @@ def qb_prologue_warmup(runner, attn) -> int:
     """Compile kernels/mla_prologue.qb_prologue (one-token steps, models/mla QB_PROLOGUE) for
     the runner's cache dtype; a padding slot, so no cache entry is written. Returns 0 or 1."""
     from atom_stream.models import mla
-    qb = getattr(attn, "q_b_proj", None)
-    if not (mla.QB_PROLOGUE and mla.FUSED_PROLOGUE and attn.use_kernels
-            and attn.w_qkv_a is not None and mla.QB_GEMV_MAX_M >= 1
-            and qb is not None and qb.quant_method is None):
+    if not attn.fused_prologue:
         return 0
     dev, dt = runner.device, runner.dtype
     ql, width = attn.cfg.q_lora_rank, attn.r + attn.rope
-    if not mla.gemv_ok(torch.zeros(1, ql, dtype=dt, device=dev), qb.weight, mla.QB_GEMV_MAX_M):
-        return 0  # the model's own condition (the GEMV takes GPU rows only)
+    q_c = torch.zeros(1, ql, dtype=dt, device=dev)
+    w = attn.qb_prologue_weight(q_c, absorbed=False)  # the model's own condition
+    if w is None:
+        return 0
     from atom_stream.kernels.mla_prologue import qb_prologue
     cache = torch.zeros(1, 1, width, dtype=runner.kv_dtype, device=dev)
     zero = torch.zeros(1, dtype=torch.long, device=dev)
-    qb_prologue(torch.zeros(1, ql, dtype=dt, device=dev),
-                torch.zeros(1, width, dtype=dt, device=dev), qb.weight,
+    qb_prologue(q_c, torch.zeros(1, width, dtype=dt, device=dev), w,
                 attn.q_a_layernorm.weight, attn.kv_a_layernorm.weight, attn.q_a_layernorm.eps,
                 attn.kv_a_layernorm.eps, attn.rotary.cos, attn.rotary.sin, zero, cache,
                 zero - 1, attn.k_scale, config=mla.QB_GEMV_CONFIG)
@@ -125,17 +123,15 @@ def norm_gemv_warmup(runner) -> int:
     NORM_GEMV): the q_a + kv_a GEMV with a residual and without (layer 0's input norm), the
     MoE router + shared gate/up GEMV with the normed row written out. Returns the launches."""
     from atom_stream.models import deepseek_v3 as dv3
-    from atom_stream.models import kernel_path, mla
+    from atom_stream.models import kernel_path
     layer = next((m for m in runner.model.modules() if isinstance(m, dv3.DecoderLayer)), None)
     if not kernel_path.NORM_GEMV or layer is None:
         return 0
     x = torch.zeros(1, runner.model.config.hidden_size, dtype=runner.dtype, device=runner.device)
     n, attn = 0, layer.self_attn
-    if mla.FUSED_PROLOGUE and attn.w_qkv_a is not None and attn.use_kernels:
+    if attn.fused_prologue:
         for res in (None, x):
-            kernel_path.prenorm_linear(kernel_path.PreNorm(x, res, layer.input_layernorm),
-                                       attn.w_qkv_a, mla.QKV_GEMV_MAX_M, mla.QKV_GEMV_CONFIG,
-                                       mla.QKV_SPLITK)
+            attn.qkv_a(kernel_path.PreNorm(x, res, layer.input_layernorm))
             n += 1
     moe = next((m for m in runner.model.modules()
                 if isinstance(m, dv3.MoE) and m.w_router_shared is not None), None)

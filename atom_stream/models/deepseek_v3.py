@@ -244,9 +244,8 @@ class MoE(nn.Module):
         bias = self.gate.e_score_correction_bias if cfg.topk_method == "noaux_tc" else None
         # DeepSeek-V2's "greedy" ignores the groups (transformers' DeepseekV2TopkRouter)
         E, G = cfg.n_routed_experts, 1 if cfg.topk_method == "greedy" else cfg.n_group
-        if isinstance(x, kernel_path.PreNorm) and (kernel_path.SIDE_STREAM
-                                                   or self.w_router_shared is None):
-            x = x.resolve()  # only the fused router GEMM below takes the norm in
+        if isinstance(x, kernel_path.PreNorm) and kernel_path.SIDE_STREAM:
+            x = x.resolve()  # the side stream reads h first; else the router GEMM takes it in
         fast = kernel_path.active(x) and self.gate.weight_lp is not None
         shared, side = self.shared_experts, None
         if (shared is not None and shared.w_gate_up is not None and x.is_cuda

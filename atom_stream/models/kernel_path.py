@@ -134,9 +134,9 @@ class PreNorm:
         res_out = (torch.empty(x.shape, dtype=x.dtype, device=x.device)
                    if self.residual is not None else None)
         h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_h else None
-        y = gemv(self.x, w, out_dtype=out_dtype, config=config,
+        y = gemv(x, w, out_dtype=out_dtype, config=config,
                  norm=(self.residual, self.norm.weight, self.norm.eps, res_out, h))
-        self._res_out = res_out if res_out is not None else self.x
+        self._res_out = res_out if res_out is not None else x
         self.h = h
         return y
 

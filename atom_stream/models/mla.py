@@ -224,6 +224,27 @@ class MLA(nn.Module):
         self.w_qkv_a: torch.Tensor | None = None  # [q_lora + r + rope, hidden] (kernel path)
         self.w_q_abs: torch.Tensor | None = None  # [H * (r + rope), q_lora] (ABSORB_QB)
 
+    @property
+    def fused_prologue(self) -> bool:
+        """The kernel path takes the fused prologue (FUSED_PROLOGUE, the fused q_a / kv_a weight,
+        the attention kernels' widths): _prologue_fused."""
+        return FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None
+
+    def qkv_a(self, x):
+        """The fused q_a / kv_a GEMM [T, q_lora + r + rope]; x a tensor or a kernel_path.PreNorm
+        (its norm then rides in the GEMV)."""
+        return kernel_path.prenorm_linear(x, self.w_qkv_a, QKV_GEMV_MAX_M, QKV_GEMV_CONFIG,
+                                          QKV_SPLITK)
+
+    def qb_prologue_weight(self, q_c: torch.Tensor, absorbed: bool) -> torch.Tensor | None:
+        """The weight qb_prologue multiplies q_c [T, q_lora] by (the folded q_b when absorbed),
+        or None where the step keeps mla_prologue + q_b: QB_PROLOGUE off, T != 1, a quantized
+        q_b, or the GEMV not taking the row."""
+        qb = self.q_b_proj
+        w = self.w_q_abs if absorbed else (qb.weight if qb.quant_method is None else None)
+        ok = QB_PROLOGUE and q_c.shape[0] == 1 and w is not None
+        return w if ok and gemv_ok(q_c, w, QB_GEMV_MAX_M) else None
+
     def process_weights_after_loading(self) -> None:
         """Split kv_b_proj into the absorbed W_UK / W_UV (kept in the model dtype) and fuse the
         q_a / kv_a weights for the kernel path's single GEMM."""
@@ -290,7 +311,7 @@ class MLA(nn.Module):
         # decode-only batch with the folded weight: q comes out as [T, H, r + rope] (q_lat | q_pe)
         absorbed = self.w_q_abs is not None and nd == T and T >= ABSORB_QB_MIN_B
         fuse = self.use_kernels and 0 < nd <= MERGE_UV_MAX_B  # W_UV in the merge
-        fused_pro = FUSED_PROLOGUE and self.use_kernels and self.w_qkv_a is not None
+        fused_pro = self.fused_prologue
         q_absorb = (fused_pro and 0 < nd == T <= Q_ABSORB_MAX_B
                     and not absorbed)  # W_UK + q_pe RoPE
         # absorbed, decode-only: q_pe is only the attention's, which rotates it (mla_decode rope=)
@@ -383,13 +404,10 @@ class MLA(nn.Module):
         and q_b are one launch (kernels/mla_prologue.qb_prologue)."""
         r, ql = self.r, self.cfg.q_lora_rank
         from atom_stream.kernels.mla_prologue import mla_prologue, qb_prologue
-        qkv = kernel_path.prenorm_linear(x, self.w_qkv_a, QKV_GEMV_MAX_M, QKV_GEMV_CONFIG,
-                                         QKV_SPLITK)
+        qkv = self.qkv_a(x)
         kv = qkv[:, ql:]
-        qb = self.q_b_proj  # the q_b weight this step reads: the folded one when absorbed
-        w = self.w_q_abs if absorbed else (qb.weight if qb.quant_method is None else None)
-        if (QB_PROLOGUE and qkv.shape[0] == 1 and w is not None
-                and gemv_ok(qkv[:, :ql], w, QB_GEMV_MAX_M)):
+        w = self.qb_prologue_weight(qkv[:, :ql], absorbed)
+        if w is not None:
             q = qb_prologue(qkv[:, :ql], kv, w, self.q_a_layernorm.weight,
                             self.kv_a_layernorm.weight, self.q_a_layernorm.eps,
                             self.kv_a_layernorm.eps, self.rotary.cos, self.rotary.sin,
