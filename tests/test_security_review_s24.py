@@ -131,7 +131,13 @@ def test_oversized_header_is_431_and_bounded(srv, http):
     assert got.startswith(b"HTTP/1.1 431"), got[:200]
     # a head over the limit that arrives whole in one write, or in two, is refused too
     big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (2 * HEAD_LIMIT) + b"\r\n\r\n"
-    assert _raw(srv.port, big).startswith(b"HTTP/1.1 431")
+    got = _raw(srv.port, big)
+    assert got.startswith(b"HTTP/1.1 431")
+    # the error contract's JSON body (DESIGN.md), as every other error
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert err["code"] == 431 and "exceed" in err["message"] and "param" in err, err
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
         s.sendall(big[:HEAD_LIMIT])
         time.sleep(0.05)

@@ -319,6 +319,19 @@ def build_app(engine_config: EngineConfig, config: ServerConfig | None = None, *
     return app
 
 
+# The WebSocket layer's own message cap is at least this: up to it an oversized frame gets an
+# `error` frame and the connection goes on (DESIGN.md); beyond it the layer closes the socket
+# (1009) without reading the payload. One connection buffers at most this much.
+WS_TRANSPORT_FLOOR = 64 << 20
+
+
+def ws_transport_cap(frame_limit: int) -> int:
+    """uvicorn's ws_max_size for a frame limit: twice the limit + 64 KiB, at least
+    WS_TRANSPORT_FLOOR (a small configured limit keeps the error-frame answer for any frame a
+    client is likely to send)."""
+    return max(2 * int(frame_limit) + (64 << 10), WS_TRANSPORT_FLOOR)
+
+
 def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
     import uvicorn
 
@@ -331,7 +344,7 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
         access_log=config.access_log, timeout_keep_alive=config.timeout_keep_alive,
         timeout_graceful_shutdown=config.shutdown_timeout,
         # protocol-level cap; frames between ws_max_frame_bytes and this get an error frame
-        ws_max_size=2 * frame + (64 << 10), ws_ping_interval=config.ws_ping_interval,
+        ws_max_size=ws_transport_cap(frame), ws_ping_interval=config.ws_ping_interval,
         ws_ping_timeout=config.ws_ping_timeout,
         ws_per_message_deflate=False,  # token frames are tiny: compression costs more CPU
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
@@ -369,9 +382,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._read_bytes += len(data)
         if self._reject or self._read_bytes > self.max_head_bytes:
             self.logger.warning("Request headers exceed %d bytes.", self.max_head_bytes)
-            body = f"request headers exceed {self.max_head_bytes} bytes".encode()
+            body = HTTPError(431, f"request headers exceed {self.max_head_bytes} bytes",
+                             type="RequestHeaderFieldsTooLarge").body()  # the error contract
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                 b"content-type: text/plain; charset=utf-8\r\n"
+                                 b"content-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: "
                                  + str(len(body)).encode() + b"\r\n\r\n" + body)
             self.transport.close()
