@@ -329,7 +329,7 @@ def ws_transport_cap(frame_limit: int) -> int:
     """uvicorn's ws_max_size for a frame limit: twice the limit + 64 KiB, at least
     WS_TRANSPORT_FLOOR (a small configured limit keeps the error-frame answer for any frame a
     client is likely to send)."""
-    return max(2 * int(frame_limit) + (64 << 10), WS_TRANSPORT_FLOOR)
+    return max(2 * frame_limit + (64 << 10), WS_TRANSPORT_FLOOR)
 
 
 def uvicorn_config(app: Starlette, config: ServerConfig) -> Any:
@@ -382,8 +382,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._read_bytes += len(data)
         if self._reject or self._read_bytes > self.max_head_bytes:
             self.logger.warning("Request headers exceed %d bytes.", self.max_head_bytes)
-            body = HTTPError(431, f"request headers exceed {self.max_head_bytes} bytes",
-                             type="RequestHeaderFieldsTooLarge").body()  # the error contract
+            body = HTTPError(431, f"request headers exceed {self.max_head_bytes} bytes").body()
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                                  b"content-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: "

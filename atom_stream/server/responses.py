@@ -41,6 +41,7 @@ RETRY_AFTER_S = "1"
 STATUS_TYPES = {
     400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
     405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLarge",
     500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError",
 }
 
