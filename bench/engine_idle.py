@@ -9,7 +9,11 @@ stream decodes, it records a CUDA event pair around each decode-graph replay for
 
 Everything on the GPU outside the replays (input copies, the sampler, D2H of sampled ids) and any
 gap while the GPU waits for the CPU counts as idle, so this bounds the true idle from above.
-Runs with async scheduling on and off when the engine has the switch.
+Runs with async scheduling on and off when the engine has the switch. `--penalties` gives every
+stream presence 0.5 / frequency 0.2 / repetition 1.1 (penalties over the previous step's token,
+which async scheduling keeps on the device); `--guided N` gives the first N streams of each
+batch a grammar (a regex of lowercase letters, as long as the stream), whose mask needs that
+token on the host.
 
     python bench/engine_idle.py --preset k25-tp8-rank --batches 1,16,64 --ctx 1024 --steps 40
 
@@ -62,10 +66,17 @@ class ReplayMarks:
         return len(m), busy, wall
 
 
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.2, "repetition_penalty": 1.1}
+
+
 async def run_batch(engine: AsyncEngine, B: int, ctx: int, steps: int, marks: ReplayMarks,
-                    vocab: int, tag: str) -> dict:
+                    vocab: int, tag: str, penalties: bool = False, guided: int = 0) -> dict:
     warm = 8
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=warm + steps + 8)
+    n_out = warm + steps + 8
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out,
+                            **(PENALTIES if penalties else {}))
+    grammar = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out,
+                             structured_outputs={"regex": f"[a-z]{{{n_out}}}"})
     rng = random.Random(B)
     started = 0
     all_decoding = asyncio.Event()
@@ -74,7 +85,8 @@ async def run_batch(engine: AsyncEngine, B: int, ctx: int, steps: int, marks: Re
         nonlocal started
         prompt = [rng.randrange(320, vocab) for _ in range(ctx)]
         n = 0
-        async for _ in engine.generate(prompt, params, request_id=f"{tag}-{B}-{i}"):
+        p = grammar if i < guided else params
+        async for _ in engine.generate(prompt, p, request_id=f"{tag}-{B}-{i}"):
             n += 1
             if n == warm:
                 started += 1
@@ -93,17 +105,21 @@ async def run_batch(engine: AsyncEngine, B: int, ctx: int, steps: int, marks: Re
     n, busy, wall = marks.result()
     await asyncio.gather(*tasks)
     return {"batch": B, "ctx": ctx, "async": getattr(engine.config, "async_scheduling", None),
-            "steps": n, "step_ms": round(wall / n, 4), "busy_ms": round(busy / n, 4),
+            "penalties": penalties, "guided": min(guided, B), "steps": n, "step_ms": round(wall / n, 4), "busy_ms": round(busy / n, 4),
             "idle": round(1 - busy / wall, 4), "host_step_ms": round(1e3 * host_s / n, 4)}
 
 
 async def run_mode(cfg: EngineConfig, batches: list[int], ctx: int, steps: int,
-                   marks: ReplayMarks, vocab: int, tag: str) -> list[dict]:
+                   marks: ReplayMarks, vocab: int, tag: str, penalties=(False,),
+                   guided=(0,)) -> list[dict]:
     rows = []
     async with AsyncEngine(cfg) as engine:
         for B in batches:
-            rows.append(await run_batch(engine, B, ctx, steps, marks, vocab, tag))
-            print(rows[-1], flush=True)
+            for pen in penalties:
+                for g in guided:
+                    rows.append(await run_batch(engine, B, ctx, steps, marks, vocab,
+                                                f"{tag}-{int(pen)}-{g}", pen, g))
+                    print(rows[-1], flush=True)
     return rows
 
 
@@ -114,8 +130,14 @@ def main(argv=None) -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--modes", default="async,sync", help="async scheduling on/off")
+    ap.add_argument("--penalties", choices=("off", "on", "both"), default="off",
+                    help="streams with presence / frequency / repetition penalties")
+    ap.add_argument("--guided", default="0",
+                    help="comma list: runs with that many grammar-guided streams per batch")
     ap.add_argument("--out", default="bench/results/engine-idle.json")
     args = ap.parse_args(argv)
+    guided = [int(g) for g in args.guided.split(",")]
+    pens = {"off": (False,), "on": (True,), "both": (False, True)}[args.penalties]
     from atom_stream.models.presets import PRESETS
     vocab = PRESETS[args.preset]["vocab_size"] if args.preset in PRESETS else 320
     marks = ReplayMarks()
@@ -132,11 +154,13 @@ def main(argv=None) -> None:
             print("this engine has no async_scheduling switch; sync loop only")
             continue
         rows += asyncio.run(run_mode(EngineConfig(**kw), batches, args.ctx, args.steps, marks,
-                                     vocab, mode))
+                                     vocab, mode, pens, guided))
         torch.cuda.empty_cache()
     save_rows(args.out, rows)
     print_table(rows, [("B", "batch", 4, ""), ("ctx", "ctx", 6, ""),
                        ("async", lambda r: str(r["async"]), 6, ""),
+                       ("pen", lambda r: str(r["penalties"]), 6, ""),
+                       ("guided", "guided", 7, ""),
                        ("step_ms", "step_ms", 9, ".3f"), ("busy_ms", "busy_ms", 9, ".3f"),
                        ("idle", lambda r: f"{100 * r['idle']:.1f}%", 7, "")])
 

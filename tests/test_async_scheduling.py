@@ -1,14 +1,15 @@
 """Async scheduling (engine/pipeline.py): the pipelined core and AsyncEngine loop give exactly the
 sync outputs (tokens, text, finish/stop reasons, usage, deltas) for greedy, seeded, EOS /
-stop_token_ids / stop strings, max_tokens, penalties (drain rule), preemption and chunked prefill,
-on the fake KV runner and the demo model; aborts and failures mid-pipeline leak no blocks and
-fail exactly the failing step's requests; the prefix cache registers generated blocks. A GPU
-test (graphs) is marked `gpu`."""
+stop_token_ids / stop strings, max_tokens, penalties (read on the device: no drain), preemption
+and chunked prefill, on the fake KV runner and the demo model; aborts and failures mid-pipeline
+leak no blocks and fail exactly the failing step's requests; the prefix cache registers
+generated blocks. A GPU test (graphs) is marked `gpu`."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections import defaultdict
 
 import pytest
@@ -294,7 +295,9 @@ def test_demo_pipelined_equals_sync_greedy_seeded_stops_preemption():
     assert sum(r is not None for r in gathered) > 5  # inputs gathered on the device
 
 
-def test_demo_penalties_drain_and_logprobs_match_sync():
+def test_demo_penalties_pipelined_without_drain_match_sync(monkeypatch):
+    """Penalized rows read their last token on the device: no drain, and tokens and logprobs
+    exactly the sync path's. Prompt logprobs still drain."""
     rng = random.Random(12)
     reqs = []
     for i in range(8):
@@ -305,31 +308,83 @@ def test_demo_penalties_drain_and_logprobs_match_sync():
                                     min_tokens=3 if i == 3 else 0,
                                     presence_penalty=1.5 if pen else 0.0,
                                     frequency_penalty=0.7 if pen else 0.0,
-                                    repetition_penalty=1.3 if pen else 1.0,
-                                    prompt_logprobs=1 if i == 1 else None)))
+                                    repetition_penalty=1.3 if i % 4 == 0 else 1.0)))
     want, _ = drive(demo_core(False, num_kv_blocks=32), reqs, False)
+    from atom_stream.layers.sampler import SamplingMetadata
+    build = SamplingMetadata.from_sequences.__func__
+    on_device = []
+
+    def spy(cls, *a, **kw):
+        md = build(cls, *a, **kw)
+        on_device.append(md.ph_pos is not None)
+        return md
+
+    monkeypatch.setattr(SamplingMetadata, "from_sequences", classmethod(spy))
     pipe = demo_core(True, num_kv_blocks=32)
     drains = []
     orig = pipe.pipeline.drain
     pipe.pipeline.drain = lambda: drains.append(1) or orig()
     got, _ = drive(pipe, reqs, True)
     assert_same(got, want)
-    assert drains  # the penalized requests forced synchronous steps
+    assert not drains and sum(on_device) > 4  # penalties over device tokens, no sync step
     for rid in got:
-        assert [lp[0] for lp in got[rid].engine_logprobs] == pytest.approx(
-            [lp[0] for lp in want[rid].engine_logprobs])
+        assert [lp[0] for lp in got[rid].engine_logprobs] == [
+            lp[0] for lp in want[rid].engine_logprobs]
+    # prompt logprobs in flight still drain the pipeline
+    lp_reqs = [(rid, ids, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                         prompt_logprobs=1 if rid == "p1" else None))
+               for rid, ids, _ in reqs]
+    want, _ = drive(demo_core(False, num_kv_blocks=32), lp_reqs, False)
+    lp_pipe = demo_core(True, num_kv_blocks=32)
+    lp_drains = []
+    orig2 = lp_pipe.pipeline.drain
+    lp_pipe.pipeline.drain = lambda: lp_drains.append(1) or orig2()
+    got, _ = drive(lp_pipe, lp_reqs, True)
+    assert_same(got, want)
+    assert lp_drains
     gp, wp = got["p1"].engine_prompt_logprobs, want["p1"].engine_prompt_logprobs
     assert len(gp) == len(wp) == len(reqs[1][1]) - 1
     assert [x[0] for x in gp] == pytest.approx([x[0] for x in wp], abs=1e-5)
     assert [x[1][0][0] for x in gp] == [x[1][0][0] for x in wp]
-    # without penalties the pipeline never drains
-    plain = demo_core(True, num_kv_blocks=32)
-    plain_drains = []
-    orig2 = plain.pipeline.drain
-    plain.pipeline.drain = lambda: plain_drains.append(1) or orig2()
-    drive(plain, [(rid, ids, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-                  for rid, ids, _ in reqs], True)
-    assert not plain_drains
+
+
+def test_demo_grammars_and_bad_words_pipelined_without_drain_match_sync(monkeypatch):
+    """Structured outputs and multi-token bad words read the previous token on the host: launch
+    N+1 waits for N's host copy after its forward is enqueued (no drain), and the outputs are
+    the sync path's."""
+    check_grammars_pipelined(monkeypatch, 9, num_kv_blocks=48)
+
+
+PRICE = r"-?[1-9][0-9]{0,3}\.[0-9]{2}"
+
+
+def check_grammars_pipelined(monkeypatch, n: int, **kw) -> None:
+    """n requests, a third each a price regex / a choice / free with multi-token bad words, on
+    demo_core(**kw): pipelined == sync, no drain, the host copy waited for, the regex kept."""
+    from atom_stream.engine.model_runner import ModelRunner
+    rng = random.Random(5)
+    kinds = ({"regex": PRICE}, {"choice": ["red apple", "green", "blue (x)"]}, None)
+    reqs = []
+    for i in range(n):
+        so = kinds[i % 3]
+        reqs.append((f"g{i}", [rng.randrange(256) for _ in range(rng.randint(3, 20))],
+                     SamplingParams(temperature=1.0, seed=i, max_tokens=40 if so else 10,
+                                    ignore_eos=so is None, structured_outputs=so,
+                                    bad_words=["ab cd", "e"] if so is None else None)))
+    want, _ = drive(demo_core(False, **kw), reqs, False)
+    waits = []
+    orig_host = ModelRunner.sampled_on_host
+    monkeypatch.setattr(ModelRunner, "sampled_on_host",
+                        staticmethod(lambda h: waits.append(1) or orig_host(h)))
+    pipe = demo_core(True, **kw)
+    drains = []
+    orig = pipe.pipeline.drain
+    pipe.pipeline.drain = lambda: drains.append(1) or orig()
+    got, _ = drive(pipe, reqs, True)
+    assert_same(got, want, usage=False)
+    assert not drains and len(waits) > 5
+    for i in range(0, n, 3):
+        assert re.fullmatch(PRICE, got[f"g{i}"].text), got[f"g{i}"].text
 
 
 # ---------------------------------------------------------------- AsyncEngine loop
@@ -426,3 +481,37 @@ def test_gpu_graphs_pipelined_equals_sync():
     got, got_d = drive(pipe, reqs, True)
     assert_same(got, want, usage=False)
     assert dict(got_d) == dict(want_d)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_pipelined_penalties_equal_sync():
+    """Penalties over the previous step's token on the device (prev ids gathered on the GPU,
+    searchsorted / index_add in the sampler): the same outputs as sync, with no drain."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA/ROCm GPU")
+    reqs = [(rid, ids, SamplingParams(**{**{f: getattr(p, f) for f in p.__struct_fields__},
+                                         "presence_penalty": 0.6 * (i % 3),
+                                         "frequency_penalty": 0.3 * (i % 2),
+                                         "repetition_penalty": 1.0 + 0.2 * (i % 4 == 0)}))
+            for i, (rid, ids, p) in enumerate(mixed(24, 41, max_prompt=120))]
+    kw = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64,
+          "max_num_batched_tokens": 256, "max_num_seqs": 16,
+          "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
+    want, _ = drive(demo_core(False, **kw), reqs, False)
+    pipe = demo_core(True, **kw)
+    drains = []
+    orig = pipe.pipeline.drain
+    pipe.pipeline.drain = lambda: drains.append(1) or orig()
+    got, _ = drive(pipe, reqs, True)
+    assert_same(got, want, usage=False)
+    assert not drains
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_pipelined_grammars_equal_sync(monkeypatch):
+    """Grammar masks over the previous step's token, waited for on the GPU inside launch (after
+    the graph replay is enqueued): the sync path's outputs, no drain."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA/ROCm GPU")
+    check_grammars_pipelined(monkeypatch, 15, device="cuda", dtype="float32", num_kv_blocks=64,
+                             max_num_seqs=16, cudagraph_capture_sizes=[1, 2, 4, 8, 16])

@@ -1,7 +1,7 @@
 """Structured outputs on the GPU (`pytest -m gpu` on the device): the grammar masks reach the
-sampler with graph replay and async scheduling (guided rows drain the pipeline: their next mask
-needs the token just sampled), every guided text obeys its constraint, and unguided rows in the
-same batches give the tokens they give alone."""
+sampler with graph replay, every guided text obeys its constraint, and unguided rows in the
+same batches give the tokens they give alone. (Async scheduling with grammars on the GPU:
+tests/test_async_scheduling.py's test_gpu_graphs_pipelined_grammars_equal_sync.)"""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ Async scheduling (`supports_async`): `execute` = `collect(launch(batch))`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -486,7 +487,13 @@ class ModelRunner:
             if self.sampler is None:
                 from atom_stream.layers.sampler import Sampler
                 self.sampler = Sampler(seed=self.config.seed)
-            meta = SamplingMetadata.from_sequences(sampled, logits.shape[-1], self.device)
+            # a decode's last token may still be prev's: the penalties gather it on the device,
+            # a grammar waits for prev's host copy (this step's forward is enqueued already)
+            meta = SamplingMetadata.from_sequences(
+                sampled, logits.shape[-1], self.device,
+                prev_ids=None if prev is None else prev.token_ids,
+                prev_rows=None if prev is None else prev.rows,
+                prev_host=None if prev is None else functools.partial(self.sampled_on_host, prev))
             out = self.sampler(logits, meta)
             handle.rows = {seq: j for j, seq in enumerate(sampled)}
             handle.token_ids = out.token_ids
@@ -498,6 +505,15 @@ class ModelRunner:
             handle.event = torch.cuda.Event()
             handle.event.record()
         return handle
+
+    @staticmethod
+    def sampled_on_host(handle: StepHandle) -> torch.Tensor:
+        """The step's sampled ids on the host [n] int64, once its event fired (blocking)."""
+        if handle.host_ids is None:
+            raise RuntimeError("that step sampled nothing")
+        if handle.event is not None:
+            handle.event.synchronize()
+        return handle.host_ids
 
     def collect(self, handle: StepHandle) -> StepOutput:
         """Wait for the step's host copies (blocking: call it off the event loop) and convert

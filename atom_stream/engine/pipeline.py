@@ -18,11 +18,13 @@ Rules:
   in the launched N+1. Its token_ids are cut after the stop token (the placeholder dropped), the
   request finishes and frees its blocks at once, and N+1's row for it is discarded: the wasted
   token is never seen (same outputs, usage and finish reasons as the sync path).
-- drain (that step runs synchronously): before scheduling N+1, N is collected first when it
-  sampled for a live sequence whose sampling reads earlier token VALUES on the host (presence /
-  frequency / repetition penalties: `sampler.needs_host_tokens`), or when N computed prompt
-  logprobs (a preemption while those are in flight would corrupt their bookkeeping). min_tokens
-  needs only the count and seeds only the output index; both count placeholders: no drain.
+- drain (that step runs synchronously): before scheduling N+1, N is collected first when N
+  computed prompt logprobs (a preemption while those are in flight would corrupt their
+  bookkeeping). Sampling that reads N's token VALUE does not drain: the presence / frequency /
+  repetition penalties read it on the device (SamplingMetadata's `ph_pos`); a structured-output
+  grammar or a multi-token bad word (`sampler.needs_host_tokens`) waits for N's host copy
+  inside launch N+1, after N+1's forward is enqueued. min_tokens needs only the count and seeds
+  only the output index; both count placeholders.
 - prefix cache: postprocess registers only blocks computed by collected steps
   (num_computed_tokens - num_uncollected), so a failed launched step never leaves its blocks
   in the cache.
@@ -45,7 +47,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from atom_stream.engine.sequence import PLACEHOLDER, ScheduledBatch, StepOutput
-from atom_stream.layers.sampler import needs_host_tokens
 
 if TYPE_CHECKING:
     from atom_stream.engine.llm_engine import LLMEngine
@@ -94,8 +95,6 @@ class Pipeline:
             seq.num_placeholders += 1
             if seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= max_len:
                 seq.final_token_pending = True
-            elif needs_host_tokens(seq.params):
-                drain = True
         self.inflight = InFlight(batch, handle, drain)
 
     def finish(self, inflight: InFlight, out: StepOutput | BaseException) -> list[RequestOutput]:

@@ -1,9 +1,13 @@
 """The sampler's per-step inputs and its logit processing (layers/sampler.py's module
 docstring states the semantics, vLLM's, and the order; Sampler re-exports these names).
 
-- `SamplingMetadata.from_sequences(seqs, vocab_size, device)`: the per-step tensors of the B
-  sampled rows, built on the host once per step (sparse COO positions for the penalties, bans
-  and biases; flags that let the sampler skip what no row asks for).
+- `SamplingMetadata.from_sequences(seqs, vocab_size, device, prev_ids, prev_rows, prev_host)`:
+  the per-step tensors of the B sampled rows, built on the host once per step (sparse COO positions for the
+  penalties, bans and biases; flags that let the sampler skip what no row asks for). Under async
+  scheduling a row's last token may still be on the device (a PLACEHOLDER): the penalties
+  gather it from the previous step's sampled ids on the device (`prev_ids[prev_rows[seq]]`, no
+  host sync); a grammar or a multi-token bad word reads it from their host copy (`prev_host`).
+  Neither drains the pipeline.
 - `apply_guides(x, md)`: the structured-output grammars' masks (before everything else).
 - `apply_penalties(x, md)`: allowed_token_ids, bad words, min_tokens bans, logit_bias, then the
   repetition / frequency / presence penalties on x [B, V] float32, in place.
@@ -14,6 +18,7 @@ docstring states the semantics, vLLM's, and the order; Sampler re-exports these 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +34,11 @@ _NEG_INF = float("-inf")
 
 
 def needs_host_tokens(p) -> bool:
-    """Whether sampling for params `p` reads the values of earlier tokens (the penalties, bad
-    words of more than one token, a structured-output grammar), so an async-scheduled step
-    must wait until the previous step's token is on the host."""
-    return p.uses_penalties or p.structured_outputs is not None or (
+    """Whether sampling for params `p` reads the values of earlier tokens ON THE HOST (bad words
+    of more than one token, a structured-output grammar): an async-scheduled step then waits
+    for the previous step's ids (`from_sequences`' prev_host) after enqueuing its forward. The
+    penalties read the token on the device (see `SamplingMetadata.ph_pos`)."""
+    return p.structured_outputs is not None or (
         p._bad_words_token_ids is not None and any(len(w) > 1 for w in p._bad_words_token_ids))
 
 
@@ -70,7 +76,9 @@ class SamplingMetadata:
     `out_pos`/`out_count` are the distinct output tokens of rows with frequency/presence penalties
     and their counts; `seen_pos` the prompt + output tokens of rows with a repetition penalty
     (duplicates allowed); `bad_pos` the tokens bad words ban now; `banned_pos` the stop tokens
-    of rows below min_tokens.
+    of rows below min_tokens. Those cover the tokens known on the host; `ph_pos` [P] (on the
+    device) are the flat positions of the penalized rows' last tokens still on the device
+    (rows `ph_rows`), applied by `apply_penalties` as if they were in `seen_pos` / `out_pos`.
     """
 
     vocab_size: int
@@ -95,6 +103,8 @@ class SamplingMetadata:
     allow_pos: Tensor | None = None
     guide_rows: Tensor | None = None  # [G] rows with a structured-output grammar, and their
     guide_bits: Tensor | None = None  # [G, ceil(V / 8)] uint8 allowed tokens (little bit order)
+    ph_rows: Tensor | None = None  # [P] int64 rows whose last token is on the device, and
+    ph_pos: Tensor | None = None  # [P] its flat position row * V + token (computed on the device)
     all_greedy: bool = False
     all_random: bool = True
     no_penalties: bool = True  # nothing in 2. (bad words and min_tokens bans included)
@@ -108,9 +118,35 @@ class SamplingMetadata:
     top_p_rows: Tensor | None = None  # [P] sampling-row indices with top_p < 1, when not all
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], vocab_size: int,
-                       device: torch.device | str) -> SamplingMetadata:
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device | str,
+                       prev_ids: Tensor | None = None,
+                       prev_rows: Mapping[Sequence, int] | None = None,
+                       prev_host: Callable[[], Tensor] | None = None) -> SamplingMetadata:
+        """For sequences holding a PLACEHOLDER (async scheduling: one at most, sampled by the
+        previous step): `prev_ids` [R] int64 on `device` are that step's sampled ids and
+        `prev_rows` a sequence's row in them (the penalties read the token there);
+        `prev_host()` returns them on the host, waiting for that step (a grammar or a
+        multi-token bad word walks the token there; the caller has enqueued this step's
+        forward already, so the device keeps working meanwhile)."""
         V = vocab_size
+        host: list[Tensor] = []  # prev_host()'s result, fetched at most once
+
+        def prev_row(seq: Sequence) -> int:
+            if seq.num_placeholders != 1 or prev_rows is None or seq not in prev_rows:
+                raise ValueError(f"{seq.request_id}: sampling over a token that no previous "
+                                 "step sampled")
+            return prev_rows[seq]
+
+        def resolved(seq: Sequence) -> list[int]:
+            """seq.token_ids with its placeholder replaced by the sampled id (a copy)."""
+            row = prev_row(seq)
+            if prev_host is None:
+                raise ValueError(f"{seq.request_id}: a grammar or bad words over a token "
+                                 "still on the device")
+            if not host:
+                host.append(prev_host())
+            return seq.token_ids[:-1] + [int(host[0][row])]
+
         floats: list[list[float]] = [[] for _ in range(6)]  # T, top_p, min_p, pres, freq, rep
         top_k: list[int] = []
         greedy: list[bool] = []
@@ -126,6 +162,8 @@ class SamplingMetadata:
         allow_pos: list[int] = []
         guide_rows: list[int] = []
         guide_bits: list = []
+        ph_rows: list[int] = []
+        ph_src: list[int] = []
         max_lp = None
         lp_rows: list[int] = []
         for i, seq in enumerate(seqs):
@@ -142,20 +180,28 @@ class SamplingMetadata:
                 if p.seed is not None:
                     seeded.append((len(random_rows), seed_key(p.seed, seq.num_output_tokens)))
                 random_rows.append(i)
-            if seq.num_placeholders and needs_host_tokens(p):
-                # async scheduling drains the pipeline first (engine/pipeline.py); a placeholder
-                # (-1) here would silently penalize the previous row's last token
-                raise ValueError(f"{seq.request_id}: penalties over a token still on the device")
-            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-                out_rows.append(torch.tensor(seq.output_token_ids, dtype=torch.int64) + i * V)
-            if p.repetition_penalty != 1.0:
-                seen_rows.append(torch.tensor(seq.token_ids, dtype=torch.int64) + i * V)
+            ph = seq.num_placeholders
+            # (a placeholder (-1) read as a token would silently ban / penalize the wrong one)
+            tokens = resolved(seq) if ph and needs_host_tokens(p) else seq.token_ids
+            if p.uses_penalties:
+                known = seq.token_ids
+                if ph:  # the last token is read on the device
+                    ph_src.append(prev_row(seq))
+                    if prev_ids is None:
+                        raise ValueError(f"{seq.request_id}: penalties over a token still on "
+                                         "the device")
+                    known = known[:-1]
+                    ph_rows.append(i)
+                if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                    out_rows.append(torch.tensor(known[seq.num_prompt_tokens:],
+                                                 dtype=torch.int64) + i * V)
+                if p.repetition_penalty != 1.0:
+                    seen_rows.append(torch.tensor(known, dtype=torch.int64) + i * V)
             bw = p._bad_words_token_ids
             if bw:
-                bad.extend(i * V + t for t in bad_word_bans(seq.token_ids,
-                                                            seq.num_output_tokens, bw))
+                bad.extend(i * V + t for t in bad_word_bans(tokens, seq.num_output_tokens, bw))
             g = seq.guide
-            bits = g.bits(seq.token_ids, seq.num_prompt_tokens) if g is not None else None
+            bits = g.bits(tokens, seq.num_prompt_tokens) if g is not None else None
             if bits is not None:
                 guide_rows.append(i)
                 guide_bits.append(bits)
@@ -219,7 +265,11 @@ class SamplingMetadata:
         if guide_rows:
             md.guide_rows = dev(torch.tensor(guide_rows, dtype=torch.int64))
             md.guide_bits = dev(torch.from_numpy(np.stack(guide_bits)))
-        md.no_penalties = (md.guide_rows is None and md.out_pos is None
+        if ph_rows:
+            md.ph_rows = dev(torch.tensor(ph_rows, dtype=torch.int64))
+            tokens = prev_ids.index_select(0, dev(torch.tensor(ph_src, dtype=torch.int64)))
+            md.ph_pos = md.ph_rows * V + tokens.to(torch.int64)
+        md.no_penalties = (md.guide_rows is None and md.out_pos is None and md.ph_pos is None
                            and md.seen_pos is None and md.banned_pos is None
                            and md.bias_pos is None and md.allow_rows is None
                            and md.bad_pos is None)
@@ -255,11 +305,27 @@ def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
         flat[md.banned_pos] = _NEG_INF
     if md.bias_pos is not None:
         flat.index_add_(0, md.bias_pos, md.bias_val)
-    if md.seen_pos is not None:
-        # duplicates in seen_pos are harmless: every copy writes the same value
-        r = md.repetition_penalty[md.seen_pos // V]
-        v = flat[md.seen_pos]
-        flat[md.seen_pos] = torch.where(v > 0, v / r, v * r)
+    seen = md.seen_pos
+    if md.ph_pos is not None:  # (a row without a repetition penalty has 1.0: no change)
+        seen = md.ph_pos if seen is None else torch.cat((seen, md.ph_pos))
+    if seen is not None:
+        # duplicates in seen are harmless: every copy writes the same value
+        r = md.repetition_penalty[seen // V]
+        v = flat[seen]
+        flat[seen] = torch.where(v > 0, v / r, v * r)
+    new = None  # device tokens not among their row's host-known outputs: [P] bool
+    count = md.out_count
+    if md.ph_pos is not None and md.out_pos is not None:
+        # out_pos is sorted and unique (torch.unique): a found device token counts once more
+        # there, in the one subtraction the synchronous path makes (bitwise the same result).
+        # Static shapes throughout: no host sync.
+        i = torch.searchsorted(md.out_pos, md.ph_pos).clamp_(max=md.out_pos.numel() - 1)
+        new = md.out_pos[i] != md.ph_pos
+        count = count.index_add(0, i, (~new).to(count.dtype))
     if md.out_pos is not None:
         row = md.out_pos // V
-        flat[md.out_pos] -= md.frequency_penalty[row] * md.out_count + md.presence_penalty[row]
+        flat[md.out_pos] -= md.frequency_penalty[row] * count + md.presence_penalty[row]
+    if md.ph_pos is not None:  # a new token: count 1 (a found one adds -0.0: no change)
+        row = md.ph_rows
+        cut = md.frequency_penalty[row] + md.presence_penalty[row]
+        flat.index_add_(0, md.ph_pos, -(cut if new is None else torch.where(new, cut, 0.0)))
