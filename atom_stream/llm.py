@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 import weakref
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
+
+import numpy as np
 
 from atom_stream.config import EngineConfig
 from atom_stream.engine.engine_setup import (
@@ -149,7 +152,7 @@ class LLM:
         if prompts is not None:
             if isinstance(prompts, (str, dict)) or (
                     isinstance(prompts, (list, tuple)) and prompts
-                    and isinstance(prompts[0], int)):
+                    and isinstance(prompts[0], numbers.Integral)):
                 prompts = [prompts]
             elif not isinstance(prompts, (list, tuple)):
                 prompts = _listed(prompts)  # a generator: walked more than once below
@@ -157,7 +160,7 @@ class LLM:
             texts = [prompt_text(p) for p in prompts]
             sampling_params = self._salted(sampling_params, prompts)
         elif prompt_token_ids is not None:
-            if prompt_token_ids and isinstance(prompt_token_ids[0], int):
+            if len(prompt_token_ids) and isinstance(prompt_token_ids[0], numbers.Integral):
                 prompt_token_ids = [prompt_token_ids]
             token_lists = [list(p) for p in prompt_token_ids]
             texts = [None] * len(token_lists)
@@ -205,8 +208,8 @@ class LLM:
             if tok is None:
                 raise InvalidRequestError("text prompts need a tokenizer", "prompts")
             return tok.encode(p, add_special_tokens=True)  # as vLLM: an HF DeepSeek BOS
-        if isinstance(p, (list, tuple)):
-            return list(p)  # token ids: checked by the engine
+        if isinstance(p, (list, tuple)) or (isinstance(p, np.ndarray) and p.ndim == 1):
+            return list(p)  # token ids (numpy integers included): checked by the engine
         raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, "
                                   f"got {type(p).__name__}", "prompts")
 
@@ -244,7 +247,13 @@ class LLM:
         resolve_chat_options(kwargs, add_generation_prompt, continue_final_message)
         if self.engine.tokenizer is None:
             raise InvalidRequestError("chat needs a tokenizer", "messages")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, (list, tuple)):
+            raise InvalidRequestError("messages: expected a list of message dicts or a list of "
+                                      f"conversations, got {type(messages).__name__}",
+                                      "messages")
+        if not messages:
+            return []  # no conversations (vLLM's LLM.chat([]))
+        convs = [messages] if isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         fmt = resolve_content_format(tok, chat_template_content_format)
         convs = [apply_content_format(c, fmt) for c in convs]

@@ -180,3 +180,15 @@ def test_content_format_conversion_rules():
         with pytest.raises(InvalidRequestError) as e:
             apply_content_format(bad, "string")
         assert e.value.param == "messages"
+
+
+def test_malformed_messages_are_request_errors_and_nothing_leaks(llm):
+    """A message dict instead of a list, a string, None: InvalidRequestError naming messages
+    (not a KeyError / IndexError); an empty list is no conversation (vLLM returns [])."""
+    for bad in ({"role": "user", "content": "hi"}, "hi", None, 5):
+        with pytest.raises(InvalidRequestError) as e:
+            llm.chat(bad, sp())
+        assert e.value.param == "messages", bad
+    assert llm.chat([], sp()) == []
+    assert llm.llm_engine.block_manager.num_used == 0
+    assert len(llm.chat(MSGS, sp())[0].outputs[0].token_ids) == 2  # still serves

@@ -26,6 +26,23 @@ def test_prompt_forms_give_the_same_tokens(llm):
     assert [o.token_ids for o in llm.generate([{"prompt": "abc"}], p)] == text
 
 
+def test_numpy_and_torch_integer_ids_are_token_ids(llm):
+    """vLLM compares ids with the vocabulary only: numpy integers (and 1-d arrays of them) are
+    ids; a bool and a float are not."""
+    import numpy as np
+    p = SamplingParams(**PARAMS)
+    want = [o.token_ids for o in llm.generate([[5, 6, 7]], p)]
+    for ids in ([np.int64(5), np.int32(6), 7], np.array([5, 6, 7]), [np.array([5, 6, 7])]):
+        assert [o.token_ids for o in llm.generate(prompt_token_ids=ids, sampling_params=p)] \
+            == want, ids
+    assert [o.token_ids for o in llm.generate([np.array([5, 6, 7])], p)] == want
+    assert [o.token_ids for o in llm.generate(list(np.array([5, 6, 7])), p)] == want
+    for bad in ([5, True], [5, np.float32(6.0)], [5, 10**9]):
+        with pytest.raises(InvalidRequestError, match="is not a token id"):
+            llm.generate(prompt_token_ids=[bad], sampling_params=p)
+    assert llm.llm_engine.block_manager.num_used == 0
+
+
 @pytest.mark.parametrize("prompts", [[3.5], [{"text": "x"}], [None]])
 def test_bad_prompt_forms_are_clear_errors(llm, prompts):
     with pytest.raises(InvalidRequestError, match="prompt"):

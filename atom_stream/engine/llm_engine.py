@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import time
 from typing import Any
@@ -94,6 +95,16 @@ class _Request:
             return []
         return plps
 
+
+def _integer(x: Any) -> int | None:
+    """x as a Python int when it is an integer other than a bool (numpy / torch scalars
+    included), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 class LLMEngine:
     """`runner`: anything with the ModelRunner contract (tests pass fakes); default: the real
@@ -242,10 +253,12 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if not ids:
             raise InvalidRequestError("prompt: must not be empty", "prompt")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+        for j, t in enumerate(ids):
+            v = t if type(t) is int else _integer(t)  # numpy / torch integers count (vLLM)
+            if v is None or not 0 <= v < vocab:
                 raise InvalidRequestError(
                     f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})", "prompt")
+            ids[j] = v
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len)
         max_tokens = self.max_model_len - len(ids)
