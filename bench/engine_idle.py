@@ -105,7 +105,8 @@ async def run_batch(engine: AsyncEngine, B: int, ctx: int, steps: int, marks: Re
     n, busy, wall = marks.result()
     await asyncio.gather(*tasks)
     return {"batch": B, "ctx": ctx, "async": getattr(engine.config, "async_scheduling", None),
-            "penalties": penalties, "guided": min(guided, B), "steps": n, "step_ms": round(wall / n, 4), "busy_ms": round(busy / n, 4),
+            "penalties": penalties, "guided": min(guided, B), "steps": n,
+            "step_ms": round(wall / n, 4), "busy_ms": round(busy / n, 4),
             "idle": round(1 - busy / wall, 4), "host_step_ms": round(1e3 * host_s / n, 4)}
 
 

@@ -7,6 +7,10 @@ gather), all-greedy and mixed parameters, float32 and bfloat16 logits.
 small); "flat" logits are N(0, 1) everywhere, the worst case for top-p (the kept set is ~half the
 vocab, so the candidate policy falls back to a full sort). Prints the median wall time in µs of
 SamplingMetadata.from_sequences and of Sampler.__call__ (synchronized on accelerators).
+`--penalized-out 200,2000` adds rows where every row has presence / frequency / repetition
+penalties and outputs of that length, each step one token longer (the steady state of a
+decode: the penalties' token sets are kept per sequence, layers/penalty_tokens.py), and the
+first step's cost (the sets built from the whole prompt + output).
 """
 
 from __future__ import annotations
@@ -71,15 +75,41 @@ def timed(fn, iters: int, device: str) -> tuple[float, float]:
     return statistics.median(wall) * 1e6, statistics.median(cpu) * 1e6
 
 
+def penalized_metadata(B: int, V: int, out_len: int, iters: int, dev: str) -> tuple[float, float]:
+    """(first step µs, median later step µs) of from_sequences over B penalized rows."""
+    p = SamplingParams(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.2,
+                       repetition_penalty=1.1)
+    seqs = make_seqs(B, V, False, out_len=out_len)
+    for s in seqs:
+        s.params = p
+    rng = random.Random(1)
+    t0 = time.perf_counter()
+    SamplingMetadata.from_sequences(seqs, V, torch.device(dev))
+    first = (time.perf_counter() - t0) * 1e6
+    times = []
+    for _ in range(iters):
+        for s in seqs:
+            s.token_ids.append(rng.randrange(V))
+        t0 = time.perf_counter()
+        SamplingMetadata.from_sequences(seqs, V, torch.device(dev))
+        times.append((time.perf_counter() - t0) * 1e6)
+    return first, statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=163840)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--penalized-out", default="", help="comma list of output lengths")
     a = ap.parse_args()
     B, V, dev = a.batch, a.vocab, a.device
     print(f"device={dev} B={B} V={V} torch threads={torch.get_num_threads()}")
+    for n in (int(x) for x in a.penalized_out.split(",") if x):
+        first, step = penalized_metadata(B, V, n, a.iters, dev)
+        print(f"penalized  metadata (prompt 1000 + output {n} tokens/row): first step "
+              f"{first:10.0f} us, then {step:10.0f} us per step")
     for mixed in (False, True):
         seqs = make_seqs(B, V, mixed)
         md_us, _ = timed(lambda: SamplingMetadata.from_sequences(seqs, V, torch.device(dev)),

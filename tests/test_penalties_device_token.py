@@ -117,3 +117,29 @@ def test_multi_token_bad_word_reads_the_device_token_on_the_host(last, banned):
     want = [5, V + 5] if banned else None
     assert (md.bad_pos.tolist() if md.bad_pos is not None else None) == want
     assert g.token_ids[-1] == PLACEHOLDER  # the sequence itself is not changed
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_penalty_tokens_follow_the_sequence_incrementally(trial):
+    """PenaltyTokens after any mix of one-token steps, bursts (rebuilds) and trailing
+    placeholders equals np.unique of the host-known tokens (fresh random walk each run)."""
+    import numpy as np
+
+    from atom_stream.layers.penalty_tokens import REBUILD_AT, PenaltyTokens
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    prompt = [rng.randrange(50) for _ in range(rng.randint(1, 40))]
+    tokens = list(prompt)
+    st = PenaltyTokens()
+    for _ in range(60):
+        r = rng.random()
+        k = rng.randint(REBUILD_AT + 1, 3 * REBUILD_AT) if r < 0.1 else (0 if r < 0.2 else 1)
+        tokens.extend(rng.randrange(50) for _ in range(k))
+        ph = rng.randint(0, 1)  # a trailing placeholder is not walked
+        view = tokens + [PLACEHOLDER] * ph
+        st.update(view, len(prompt), len(view) - ph)
+        known = np.asarray(tokens)
+        out, count = np.unique(known[len(prompt):], return_counts=True)
+        assert np.array_equal(st.seen, np.unique(known)), seed
+        assert np.array_equal(st.out, out) and np.array_equal(st.count, count), seed
+        assert st.count.dtype == np.float32 and st.out.dtype == np.int64

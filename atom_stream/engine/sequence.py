@@ -41,7 +41,7 @@ class Sequence:
         "arrival_time", "max_tokens", "num_preemptions", "block_hashes", "logprobs",
         "first_token_time", "last_token_time", "eos_token_ids", "num_registered_blocks",
         "num_placeholders", "num_uncollected", "final_token_pending", "table_epoch",
-        "stop_token_set", "min_tokens_bans", "guide",
+        "stop_token_set", "min_tokens_bans", "guide", "penalty_tokens",
     )
 
     def __init__(
@@ -87,6 +87,9 @@ class Sequence:
         # structured outputs: the request's walk through its grammar (structured.GuideState;
         # set by the engine when params carry a compiled grammar)
         self.guide = None
+        # the penalties' view of the host-known tokens (layers/penalty_tokens.py), made and
+        # kept current by the sampler's metadata while the request asks for penalties
+        self.penalty_tokens = None
 
     def drop_placeholders(self) -> None:
         """Forget sampled-but-uncollected tokens (the request ended; they are wasted)."""

@@ -2,8 +2,9 @@
 docstring states the semantics, vLLM's, and the order; Sampler re-exports these names).
 
 - `SamplingMetadata.from_sequences(seqs, vocab_size, device, prev_ids, prev_rows, prev_host)`:
-  the per-step tensors of the B sampled rows, built on the host once per step (sparse COO positions for the
-  penalties, bans and biases; flags that let the sampler skip what no row asks for). Under async
+  the per-step tensors of the B sampled rows, built on the host once per step (sparse COO
+  positions for the penalties, from each sequence's incrementally kept PenaltyTokens, bans and
+  biases; flags that let the sampler skip what no row asks for). Under async
   scheduling a row's last token may still be on the device (a PLACEHOLDER): the penalties
   gather it from the previous step's sampled ids on the device (`prev_ids[prev_rows[seq]]`, no
   host sync); a grammar or a multi-token bad word reads it from their host copy (`prev_host`).
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from atom_stream.engine.sequence import Sequence
+from atom_stream.layers.penalty_tokens import PenaltyTokens
 from atom_stream.sampling_params import SAMPLING_EPS
 
 GREEDY_TEMPERATURE = SAMPLING_EPS  # a temperature below it is greedy (SamplingParams.greedy)
@@ -152,8 +154,9 @@ class SamplingMetadata:
         greedy: list[bool] = []
         random_rows: list[int] = []
         seeded: list[tuple[int, int]] = []
-        out_rows: list[Tensor] = []
-        seen_rows: list[Tensor] = []
+        out_rows: list[np.ndarray] = []  # flat positions (row * V + id) of distinct ids,
+        out_counts: list[np.ndarray] = []  # their counts,
+        seen_rows: list[np.ndarray] = []  # from each row's PenaltyTokens
         banned: list[int] = []
         bad: list[int] = []
         bias_pos: list[int] = []
@@ -184,19 +187,21 @@ class SamplingMetadata:
             # (a placeholder (-1) read as a token would silently ban / penalize the wrong one)
             tokens = resolved(seq) if ph and needs_host_tokens(p) else seq.token_ids
             if p.uses_penalties:
-                known = seq.token_ids
                 if ph:  # the last token is read on the device
                     ph_src.append(prev_row(seq))
                     if prev_ids is None:
                         raise ValueError(f"{seq.request_id}: penalties over a token still on "
                                          "the device")
-                    known = known[:-1]
                     ph_rows.append(i)
-                if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-                    out_rows.append(torch.tensor(known[seq.num_prompt_tokens:],
-                                                 dtype=torch.int64) + i * V)
+                st = seq.penalty_tokens
+                if st is None:
+                    st = seq.penalty_tokens = PenaltyTokens()
+                st.update(seq.token_ids, seq.num_prompt_tokens, len(seq.token_ids) - ph)
+                if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and st.out.size:
+                    out_rows.append(st.out + i * V)
+                    out_counts.append(st.count)
                 if p.repetition_penalty != 1.0:
-                    seen_rows.append(torch.tensor(known, dtype=torch.int64) + i * V)
+                    seen_rows.append(st.seen + i * V)
             bw = p._bad_words_token_ids
             if bw:
                 bad.extend(i * V + t for t in bad_word_bans(tokens, seq.num_output_tokens, bw))
@@ -246,12 +251,11 @@ class SamplingMetadata:
             md.top_p_rows = dev(torch.tensor(p_rows, dtype=torch.int64))
         if lp_rows and len(lp_rows) < len(seqs):
             md.logprob_rows = dev(torch.tensor(lp_rows, dtype=torch.int64))
-        out_tokens = [t for t in out_rows if t.numel()]
-        if out_tokens:
-            pos, count = torch.unique(torch.cat(out_tokens), return_counts=True)
-            md.out_pos, md.out_count = dev(pos), dev(count.to(torch.float32))
+        if out_rows:  # sorted: each row's ids are, and rows are offset by row * V
+            md.out_pos = dev(torch.from_numpy(np.concatenate(out_rows)))
+            md.out_count = dev(torch.from_numpy(np.concatenate(out_counts)))
         if seen_rows:
-            md.seen_pos = dev(torch.cat(seen_rows))
+            md.seen_pos = dev(torch.from_numpy(np.concatenate(seen_rows)))
         if bad:
             md.bad_pos = dev(torch.tensor(bad, dtype=torch.int64))
         if banned:
