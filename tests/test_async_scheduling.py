@@ -70,6 +70,15 @@ def drive(engine: LLMEngine, reqs, pipelined: bool, hook=None):
     return merged, deltas
 
 
+def drive_pipelined(engine: LLMEngine, reqs, hook=None):
+    """drive(engine, reqs, True), counting the pipeline's drains: (merged, deltas, drains)."""
+    drains = []
+    orig = engine.pipeline.drain
+    engine.pipeline.drain = lambda: drains.append(1) or orig()
+    merged, deltas = drive(engine, reqs, True, hook)
+    return merged, deltas, len(drains)
+
+
 def count_preemptions_with_placeholder(engine: LLMEngine) -> list:
     """Record, per preemption, whether the victim held an uncollected token."""
     seen: list[bool] = []
@@ -320,11 +329,7 @@ def test_demo_penalties_pipelined_without_drain_match_sync(monkeypatch):
         return md
 
     monkeypatch.setattr(SamplingMetadata, "from_sequences", classmethod(spy))
-    pipe = demo_core(True, num_kv_blocks=32)
-    drains = []
-    orig = pipe.pipeline.drain
-    pipe.pipeline.drain = lambda: drains.append(1) or orig()
-    got, _ = drive(pipe, reqs, True)
+    got, _, drains = drive_pipelined(demo_core(True, num_kv_blocks=32), reqs)
     assert_same(got, want)
     assert not drains and sum(on_device) > 4  # penalties over device tokens, no sync step
     for rid in got:
@@ -335,11 +340,7 @@ def test_demo_penalties_pipelined_without_drain_match_sync(monkeypatch):
                                          prompt_logprobs=1 if rid == "p1" else None))
                for rid, ids, _ in reqs]
     want, _ = drive(demo_core(False, num_kv_blocks=32), lp_reqs, False)
-    lp_pipe = demo_core(True, num_kv_blocks=32)
-    lp_drains = []
-    orig2 = lp_pipe.pipeline.drain
-    lp_pipe.pipeline.drain = lambda: lp_drains.append(1) or orig2()
-    got, _ = drive(lp_pipe, lp_reqs, True)
+    got, _, lp_drains = drive_pipelined(demo_core(True, num_kv_blocks=32), lp_reqs)
     assert_same(got, want)
     assert lp_drains
     gp, wp = got["p1"].engine_prompt_logprobs, want["p1"].engine_prompt_logprobs
@@ -376,11 +377,7 @@ def check_grammars_pipelined(monkeypatch, n: int, **kw) -> None:
     orig_host = ModelRunner.sampled_on_host
     monkeypatch.setattr(ModelRunner, "sampled_on_host",
                         staticmethod(lambda h: waits.append(1) or orig_host(h)))
-    pipe = demo_core(True, **kw)
-    drains = []
-    orig = pipe.pipeline.drain
-    pipe.pipeline.drain = lambda: drains.append(1) or orig()
-    got, _ = drive(pipe, reqs, True)
+    got, _, drains = drive_pipelined(demo_core(True, **kw), reqs)
     assert_same(got, want, usage=False)
     assert not drains and len(waits) > 5
     for i in range(0, n, 3):
@@ -498,11 +495,7 @@ def test_gpu_graphs_pipelined_penalties_equal_sync():
           "max_num_batched_tokens": 256, "max_num_seqs": 16,
           "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
     want, _ = drive(demo_core(False, **kw), reqs, False)
-    pipe = demo_core(True, **kw)
-    drains = []
-    orig = pipe.pipeline.drain
-    pipe.pipeline.drain = lambda: drains.append(1) or orig()
-    got, _ = drive(pipe, reqs, True)
+    got, _, drains = drive_pipelined(demo_core(True, **kw), reqs)
     assert_same(got, want, usage=False)
     assert not drains
 
