@@ -106,6 +106,7 @@ def _integer(x: Any) -> int | None:
     except TypeError:
         return None
 
+
 class LLMEngine:
     """`runner`: anything with the ModelRunner contract (tests pass fakes); default: the real
     runner (`make_executor`). `tokenizer`: a Tokenizer, or None to load the config's one.
@@ -258,7 +259,8 @@ class LLMEngine:
             if v is None or not 0 <= v < vocab:
                 raise InvalidRequestError(
                     f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})", "prompt")
-            ids[j] = v
+            if v is not t:
+                ids[j] = v
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len)
         max_tokens = self.max_model_len - len(ids)

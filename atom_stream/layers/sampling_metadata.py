@@ -134,7 +134,8 @@ class SamplingMetadata:
         host: list[Tensor] = []  # prev_host()'s result, fetched at most once
 
         def prev_row(seq: Sequence) -> int:
-            if seq.num_placeholders != 1 or prev_rows is None or seq not in prev_rows:
+            if (seq.num_placeholders != 1 or prev_ids is None or prev_rows is None
+                    or seq not in prev_rows):
                 raise ValueError(f"{seq.request_id}: sampling over a token that no previous "
                                  "step sampled")
             return prev_rows[seq]
@@ -189,9 +190,6 @@ class SamplingMetadata:
             if p.uses_penalties:
                 if ph:  # the last token is read on the device
                     ph_src.append(prev_row(seq))
-                    if prev_ids is None:
-                        raise ValueError(f"{seq.request_id}: penalties over a token still on "
-                                         "the device")
                     ph_rows.append(i)
                 st = seq.penalty_tokens
                 if st is None:
@@ -271,8 +269,8 @@ class SamplingMetadata:
             md.guide_bits = dev(torch.from_numpy(np.stack(guide_bits)))
         if ph_rows:
             md.ph_rows = dev(torch.tensor(ph_rows, dtype=torch.int64))
-            tokens = prev_ids.index_select(0, dev(torch.tensor(ph_src, dtype=torch.int64)))
-            md.ph_pos = md.ph_rows * V + tokens.to(torch.int64)
+            last = prev_ids.index_select(0, dev(torch.tensor(ph_src, dtype=torch.int64)))
+            md.ph_pos = md.ph_rows * V + last.to(torch.int64)
         md.no_penalties = (md.guide_rows is None and md.out_pos is None and md.ph_pos is None
                            and md.seen_pos is None and md.banned_pos is None
                            and md.bias_pos is None and md.allow_rows is None
@@ -320,7 +318,7 @@ def apply_penalties(x: Tensor, md: SamplingMetadata) -> None:
     new = None  # device tokens not among their row's host-known outputs: [P] bool
     count = md.out_count
     if md.ph_pos is not None and md.out_pos is not None:
-        # out_pos is sorted and unique (torch.unique): a found device token counts once more
+        # out_pos is sorted and unique (PenaltyTokens): a found device token counts once more
         # there, in the one subtraction the synchronous path makes (bitwise the same result).
         # Static shapes throughout: no host sync.
         i = torch.searchsorted(md.out_pos, md.ph_pos).clamp_(max=md.out_pos.numel() - 1)
